@@ -1,0 +1,139 @@
+"""``ipcd``: start, run, stop, reload and query the daemon."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import NoReturn
+
+from ipcd import config as config_mod
+from ipcd.cli import run
+from ipcd.errors import AlreadyRunningError, ExitCode
+
+EPILOG = """exit status:
+  0 success, 1 the daemon failed to start (reason on stderr), 3 not running (status),
+  64 usage error, 69 not running (stop, reload), 73 already running, 77 permission denied,
+  78 bad configuration
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(int(ExitCode.USAGE), f"{self.prog}: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="ipcd",
+        description="The ipcd job-queue daemon.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "-c", "--config", help="configuration file (default: $IPCD_CONFIG, /etc/ipcd/ipcd.toml)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub.add_parser("start", help="detach and run in the background; returns once ready")
+    sub.add_parser("run", help="run in the foreground, logging to the terminal too")
+    sub.add_parser("stop", help="stop the daemon; waits until the job in progress is done")
+    sub.add_parser("reload", help="re-read the configuration and reopen the log (SIGHUP)")
+    sub.add_parser("status", help="say whether the daemon runs (LSB: 0 running, 3 not)")
+    sub.add_parser("check", help="validate the configuration and import every handler")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    config = config_mod.load(config_mod.locate(args.config))
+    pid_file = config.daemon.pid_file
+    # python-daemon and lockfile are imported only by the commands that need them.
+    from ipcd import daemonize
+
+    if args.command == "start":
+        return _start(config)
+    if args.command == "run":
+        return _run(config)
+    if args.command == "stop":
+        daemonize.stop(pid_file, config.daemon.stop_timeout)
+        return 0
+    if args.command == "reload":
+        daemonize.signal_daemon(pid_file, signal.SIGHUP)
+        return 0
+    if args.command == "check":
+        from ipcd import registry
+
+        registry.build(config)
+        print(f"{config.path}: ok")
+        return 0
+    pid = daemonize.running_pid(pid_file)
+    if pid is None:
+        print(f"ipcd is not running ({pid_file})")
+        return int(ExitCode.NOT_RUNNING)
+    print(f"ipcd is running (pid {pid}, up {_uptime(pid)})")
+    return 0
+
+
+def _start(config: config_mod.Config) -> int:
+    from ipcd import daemonize, server
+    from ipcd.signals import Flags
+
+    daemonize.claim_pid_file(config.daemon.pid_file)
+    prepared = server.prepare(config, console=None)
+    flags = Flags()
+    log_fd = prepared.sink.fileno()
+    daemonize.start_detached(
+        pid_file=config.daemon.pid_file,
+        workdir=config.daemon.workdir,
+        umask=config.daemon.umask,
+        flags=flags,
+        keep_fds=[] if log_fd is None else [log_fd],
+        run=lambda ready: server.Server(prepared, flags).serve(ready),
+    )
+    return 0
+
+
+def _run(config: config_mod.Config) -> int:
+    import lockfile.pidlockfile
+
+    from ipcd import daemonize, server
+    from ipcd.signals import Flags
+
+    pid_file = config.daemon.pid_file
+    daemonize.claim_pid_file(pid_file)
+    prepared = server.prepare(config, console=sys.stderr)
+    lock = lockfile.pidlockfile.PIDLockFile(str(pid_file), timeout=0)
+    try:
+        lock.acquire()
+    except lockfile.AlreadyLocked:
+        raise AlreadyRunningError(f"another ipcd holds {pid_file}") from None
+    try:
+        server.Server(prepared, Flags()).serve()
+    finally:
+        lock.release()
+    return 0
+
+
+def _uptime(pid: int) -> str:
+    """From /proc: the process's start (field 22 of stat, in clock ticks since boot)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])
+        boot = next(
+            int(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+    except (OSError, ValueError, IndexError, StopIteration):
+        return "unknown"
+    started = boot + ticks / os.sysconf("SC_CLK_TCK")
+    return f"{time.time() - started:.0f}s"
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    sys.exit(run("ipcd", main))

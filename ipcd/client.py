@@ -1,0 +1,180 @@
+"""The Python client API: submit jobs, wait for and read their results.
+
+This is the cron-facing path, so it imports only the standard library, sysv_ipc and
+ipcd's own light modules (never structlog, python-daemon or the daemon's code): its cost
+should be close to ``python3 -c 'import sysv_ipc'``.
+
+Waiting never sleep-polls.  A submitter that waits names a reply type (its PID) in the
+envelope; the daemon sends the job id to the reply queue under that type once the result
+is stored, and ``msgrcv`` on that type wakes the submitter.  Someone waiting for a job it
+did not submit waits on the result gate instead, a semaphore the daemon pulses after
+every result.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from ipcd import protocol
+from ipcd.config import Config
+from ipcd.errors import JobFailedError, NotRunningError, WaitTimeoutError
+from ipcd.ipc import Gate, Queue, QueueStats
+from ipcd.keys import Keys, derive
+from ipcd.protocol import Payload
+from ipcd.results import Header, Result
+from ipcd.resultstore import ResultStore
+
+#: Longest pause between looks at the segment while waiting on the gate: it bounds the
+#: delay when a result lands between our look and our wait (a pulse nobody saw).
+GATE_RECHECK = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """What ``ipcctl status`` shows."""
+
+    keys: Keys
+    queue: QueueStats
+    results: Header | None
+    results_size: int
+
+    def daemon_running(self) -> bool:
+        return self.results is not None and self.results.daemon_pid != 0
+
+
+class Client:
+    """One configuration's queue and result segment, opened on first use."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._keys: Keys | None = None
+        self._queue: Queue | None = None
+        self._replies: Queue | None = None
+        self._store: ResultStore | None = None
+        self._gate: Gate | None = None
+
+    @property
+    def keys(self) -> Keys:
+        if self._keys is None:
+            self._keys = derive(self.config.ipc)
+        return self._keys
+
+    @property
+    def queue(self) -> Queue:
+        if self._queue is None:
+            self._queue = Queue.open(self.keys.jobs, what="job queue")
+        return self._queue
+
+    @property
+    def store(self) -> ResultStore:
+        if self._store is None:
+            self._store = ResultStore.open(self.keys.results)
+        return self._store
+
+    def submit(
+        self,
+        handler: str | int,
+        payload: Payload = None,
+        *,
+        notify: bool = False,
+        send_timeout: float | None = None,
+    ) -> str:
+        """Queue a job and return its id; ``notify`` asks for a reply-queue wake-up.
+
+        Blocks at most ``send_timeout`` (default ``[ipc] send_timeout``) while the queue
+        is full, then raises QueueFullError: the job is either accepted or refused.
+        """
+        type_ = handler if isinstance(handler, int) else self.config.handler_type(handler)
+        job_id = protocol.new_job_id()
+        body = protocol.encode(payload, job_id=job_id, reply_to=os.getpid() if notify else None)
+        if notify:
+            self._reply_queue()  # fail before sending when no one could wake us
+        timeout = self.config.ipc.send_timeout if send_timeout is None else send_timeout
+        self.queue.send(body, type_, timeout=timeout)
+        return job_id
+
+    def call(
+        self,
+        handler: str | int,
+        payload: Payload = None,
+        *,
+        timeout: float = 30.0,
+        send_timeout: float | None = None,
+    ) -> Result:
+        """Submit and wait: the job's result (ok or error), or WaitTimeoutError."""
+        job_id = self.submit(handler, payload, notify=True, send_timeout=send_timeout)
+        return self.wait_submitted(job_id, timeout)
+
+    def wait_submitted(self, job_id: str, timeout: float) -> Result:
+        """Wait for a job this process submitted with ``notify=True``."""
+        replies = self._reply_queue()
+        deadline = time.monotonic() + timeout
+        wanted = job_id.encode("ascii")
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                body, _ = replies.receive(os.getpid(), timeout=max(left, 0.0))
+            except WaitTimeoutError:
+                result = self.result(job_id)
+                if result is not None:
+                    return result
+                raise self._timeout(job_id, timeout) from None
+            if body == wanted:
+                result = self.result(job_id)
+                if result is not None:
+                    return result
+            # a stale notification for an earlier process with our PID: keep waiting
+
+    def wait(self, job_id: str, timeout: float) -> Result:
+        """Wait for any job's result (one this process may not have submitted)."""
+        gate = self._result_gate()
+        deadline = time.monotonic() + timeout
+        while True:
+            result = self.result(job_id)
+            if result is not None:
+                return result
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise self._timeout(job_id, timeout)
+            gate.wait(min(left, GATE_RECHECK))
+
+    def result(self, job_id: str) -> Result | None:
+        """The stored result, or None while there is none (queued, running or evicted)."""
+        return self.store.get(job_id)
+
+    def status(self) -> Status:
+        queue = self.queue.stats()
+        try:
+            store = self.store
+        except NotRunningError:
+            return Status(self.keys, queue, None, 0)
+        return Status(self.keys, queue, store.header(), store.segment.size)
+
+    def _reply_queue(self) -> Queue:
+        if self._replies is None:
+            self._replies = Queue.open(self.keys.replies, what="reply queue")
+        return self._replies
+
+    def _result_gate(self) -> Gate:
+        if self._gate is None:
+            self._gate = Gate.open(self.keys.gate)
+        return self._gate
+
+    def _timeout(self, job_id: str, timeout: float) -> WaitTimeoutError:
+        hint = ""
+        try:
+            header = self.store.header()
+            if header.daemon_pid == 0:
+                hint = " (no daemon is serving the queue: the job waits for the next start)"
+        except NotRunningError:
+            pass
+        return WaitTimeoutError(f"no result for job {job_id} within {timeout:g}s{hint}")
+
+
+def raise_for_status(result: Result) -> Result:
+    """Turn an error result into JobFailedError (for scripts that want exceptions)."""
+    if not result.ok:
+        raise JobFailedError(f"job {result.job_id} failed: {result.error}")
+    return result

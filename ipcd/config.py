@@ -1,0 +1,276 @@
+"""The configuration: a TOML file read into frozen dataclasses.
+
+Both the daemon and the clients read the same file, so that a handler name typed at
+``ipcctl submit`` means the same type number the daemon dispatches on, and both derive the
+same IPC key.  The loader is a pure function of the file's text: it validates every key
+(unknown keys are typos and are refused), resolves relative paths against the file's own
+directory (so a development config works from any working directory) and never touches
+the kernel.  ``tomllib`` is in the standard library, which keeps the cron-facing client
+path free of third-party imports.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ipcd.errors import ConfigError
+
+DEFAULT_PATH = Path("/etc/ipcd/ipcd.toml")
+ENV_VAR = "IPCD_CONFIG"
+
+#: Message type reserved for ipcd's own control messages (waking a blocked receiver).
+CONTROL_TYPE = 1
+#: Largest message type: sysv_ipc passes types as C ints.
+MAX_TYPE = 2**31 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class IpcConfig:
+    """Where the kernel objects live and who may use them."""
+
+    key_path: Path | None
+    proj_id: int
+    key: int | None
+    mode: int
+    send_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    """How the daemon process runs."""
+
+    pid_file: Path
+    workdir: Path
+    umask: int
+    stop_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """Where the JSON event log goes."""
+
+    file: Path | None
+    level: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResultsConfig:
+    """The shared-memory result segment."""
+
+    size: int
+    slot_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerConfig:
+    """One handler: the name users type, the message type it serves, where its code is."""
+
+    name: str
+    type: int
+    target: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration, as read from one file."""
+
+    path: Path
+    ipc: IpcConfig
+    daemon: DaemonConfig
+    log: LogConfig
+    results: ResultsConfig
+    handlers: tuple[HandlerConfig, ...]
+
+    def handler_type(self, name_or_number: str) -> int:
+        """Turn what a user typed (a handler name or a type number) into a message type."""
+        for handler in self.handlers:
+            if handler.name == name_or_number:
+                return handler.type
+        try:
+            number = int(name_or_number, 0)
+        except ValueError:
+            names = ", ".join(h.name for h in self.handlers) or "none configured"
+            raise ConfigError(f"unknown handler {name_or_number!r} (configured: {names})") from None
+        if not CONTROL_TYPE < number <= MAX_TYPE:
+            raise ConfigError(f"message type {number} is out of range 2..{MAX_TYPE}")
+        return number
+
+    def handler_for_type(self, type_: int) -> HandlerConfig | None:
+        """The handler configured for a message type, if any."""
+        for handler in self.handlers:
+            if handler.type == type_:
+                return handler
+        return None
+
+
+def locate(explicit: str | os.PathLike[str] | None) -> Path:
+    """The config path: ``-c PATH``, else ``$IPCD_CONFIG``, else ``/etc/ipcd/ipcd.toml``."""
+    if explicit:
+        return Path(explicit)
+    from_env = os.environ.get(ENV_VAR)
+    if from_env:
+        return Path(from_env)
+    return DEFAULT_PATH
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and validate the configuration file at ``path``."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied reading configuration") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    return parse(raw, path)
+
+
+def parse(raw: Mapping[str, Any], path: Path) -> Config:
+    """Validate an already-parsed TOML document; ``path`` anchors relative paths."""
+    reader = _Reader(path)
+    reader.allow(raw, "", {"ipc", "daemon", "log", "results", "handlers"})
+    base = path.parent.absolute()
+
+    ipc = reader.table(raw, "ipc")
+    reader.allow(ipc, "ipc", {"key_path", "proj_id", "key", "mode", "send_timeout"})
+    key = reader.optional(ipc, "ipc.key", int)
+    key_path = reader.optional(ipc, "ipc.key_path", str)
+    if key is None and key_path is None:
+        raise reader.error("[ipc] needs key_path (for ftok) or an explicit numeric key")
+    if key is not None and not 0 < key <= 0xFFFFFFFF:
+        raise reader.error("ipc.key must be between 1 and 0xffffffff")
+    proj_id = reader.get(ipc, "ipc.proj_id", int, 0x49)
+    if not 1 <= proj_id <= 253:
+        # ftok uses only the low 8 bits, and ipcd also uses proj_id + 1 and + 2 (ipcd.keys).
+        raise reader.error("ipc.proj_id must be between 1 and 253")
+    mode = reader.get(ipc, "ipc.mode", int, 0o660)
+    if not 0 <= mode <= 0o777:
+        raise reader.error("ipc.mode must be a permission mode such as 0o660")
+    if mode & 0o002:
+        raise reader.error(f"ipc.mode {mode:#o} is world-writable: anyone could forge jobs")
+    ipc_config = IpcConfig(
+        key_path=_resolve(base, key_path) if key_path is not None else None,
+        proj_id=proj_id,
+        key=key,
+        mode=mode,
+        send_timeout=reader.positive(ipc, "ipc.send_timeout", 5.0),
+    )
+
+    daemon = reader.table(raw, "daemon")
+    reader.allow(daemon, "daemon", {"pid_file", "workdir", "umask", "stop_timeout"})
+    umask = reader.get(daemon, "daemon.umask", int, 0o027)
+    if not 0 <= umask <= 0o777:
+        raise reader.error("daemon.umask must be a mode such as 0o027")
+    daemon_config = DaemonConfig(
+        pid_file=_resolve(base, reader.get(daemon, "daemon.pid_file", str, "/run/ipcd/ipcd.pid")),
+        workdir=_resolve(base, reader.get(daemon, "daemon.workdir", str, "/")),
+        umask=umask,
+        stop_timeout=reader.positive(daemon, "daemon.stop_timeout", 30.0),
+    )
+
+    log = reader.table(raw, "log")
+    reader.allow(log, "log", {"file", "level"})
+    log_file = reader.optional(log, "log.file", str)
+    level = reader.get(log, "log.level", str, "info").lower()
+    if level not in {"debug", "info", "warning", "error"}:
+        raise reader.error("log.level must be one of debug, info, warning, error")
+    log_config = LogConfig(file=_resolve(base, log_file) if log_file else None, level=level)
+
+    results = reader.table(raw, "results")
+    reader.allow(results, "results", {"size", "slot_size"})
+    slot_size = reader.get(results, "results.slot_size", int, 4096)
+    size = reader.get(results, "results.size", int, 1 << 20)
+    if not 256 <= slot_size <= 1 << 24:
+        raise reader.error("results.slot_size must be between 256 bytes and 16 MiB")
+    if size < 2 * slot_size:
+        raise reader.error("results.size must hold at least two slots (2 * slot_size)")
+    results_config = ResultsConfig(size=size, slot_size=slot_size)
+
+    return Config(
+        path=path.absolute(),
+        ipc=ipc_config,
+        daemon=daemon_config,
+        log=log_config,
+        results=results_config,
+        handlers=_handlers(reader, reader.table(raw, "handlers")),
+    )
+
+
+def _handlers(reader: _Reader, table: Mapping[str, Any]) -> tuple[HandlerConfig, ...]:
+    handlers: list[HandlerConfig] = []
+    seen: dict[int, str] = {}
+    for name, entry in table.items():
+        where = f"handlers.{name}"
+        if not isinstance(entry, Mapping):
+            raise reader.error(f"[{where}] must be a table")
+        reader.allow(entry, where, {"type", "target"})
+        type_ = reader.get(entry, f"{where}.type", int, None)
+        if type_ is None:
+            raise reader.error(f"[{where}] needs a message type: type = N")
+        if not CONTROL_TYPE < type_ <= MAX_TYPE:
+            raise reader.error(
+                f"{where}.type must be between 2 and {MAX_TYPE} (1 is reserved for ipcd)"
+            )
+        if type_ in seen:
+            raise reader.error(f"{where}.type {type_} is already used by handler {seen[type_]!r}")
+        seen[type_] = name
+        target = reader.optional(entry, f"{where}.target", str)
+        if target is not None and ":" not in target:
+            raise reader.error(f"{where}.target must look like 'package.module:function'")
+        handlers.append(HandlerConfig(name=name, type=type_, target=target))
+    return tuple(handlers)
+
+
+def _resolve(base: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+class _Reader:
+    """Typed access to the TOML document with errors that name the file and the key."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def error(self, message: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {message}")
+
+    def table(self, raw: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+        value = raw.get(name, {})
+        if not isinstance(value, Mapping):
+            raise self.error(f"[{name}] must be a table")
+        return value
+
+    def allow(self, table: Mapping[str, Any], where: str, keys: set[str]) -> None:
+        unknown = sorted(set(table) - keys)
+        if unknown:
+            prefix = f"{where}." if where else ""
+            raise self.error(f"unknown setting {prefix}{unknown[0]}")
+
+    def get(self, table: Mapping[str, Any], dotted: str, kind: type, default: Any) -> Any:
+        key = dotted.rsplit(".", 1)[-1]
+        if key not in table:
+            return default
+        value = table[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self.error(f"{dotted} must be {kind.__name__}, not {type(value).__name__}")
+        return value
+
+    def optional(self, table: Mapping[str, Any], dotted: str, kind: type) -> Any:
+        return self.get(table, dotted, kind, None)
+
+    def positive(self, table: Mapping[str, Any], dotted: str, default: float) -> float:
+        value: float = self.get(table, dotted, float, default)
+        if value <= 0:
+            raise self.error(f"{dotted} must be positive")
+        return value

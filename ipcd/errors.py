@@ -1,0 +1,138 @@
+"""ipcd's exceptions and the exit statuses they map to.
+
+Every error ipcd raises on purpose is an :class:`IpcdError`.  Subclasses also inherit the
+fitting builtin (a config error is a ``ValueError``, a timeout a ``TimeoutError``) so that
+callers who only know the builtins still catch them.  Each class carries the exit status the
+command-line tools turn it into; only the CLI modules call ``sys.exit``.
+
+The statuses follow ``sysexits.h`` where it has a fitting code, so a cron script can branch
+on them; ``docs/exit-status.md`` is the table users read.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Process exit statuses of ``ipcd`` and ``ipcctl``."""
+
+    OK = 0
+    #: The job ran and its handler failed (or the job was rejected by the daemon).
+    JOB_FAILED = 1
+    #: ``ipcd status``: not running (LSB convention for status actions).
+    NOT_RUNNING = 3
+    #: Bad command line (EX_USAGE).
+    USAGE = 64
+    #: Bad input data: payload too large, unreadable stdin (EX_DATAERR).
+    DATA = 65
+    #: No result is known for that job id (EX_NOINPUT).
+    NO_RESULT = 66
+    #: The daemon or its queue is not there (EX_UNAVAILABLE).
+    UNAVAILABLE = 69
+    #: Internal error: a bug in ipcd (EX_SOFTWARE).
+    SOFTWARE = 70
+    #: ``ipcd start``: another instance holds the PID file (EX_CANTCREAT).
+    ALREADY_RUNNING = 73
+    #: The queue stayed full for the whole timeout; the job was not accepted (EX_TEMPFAIL).
+    QUEUE_FULL = 75
+    #: Permission denied on the IPC objects or files (EX_NOPERM).
+    NO_PERMISSION = 77
+    #: The configuration is invalid (EX_CONFIG).
+    CONFIG = 78
+    #: Waiting timed out (the convention of timeout(1)).
+    TIMEOUT = 124
+
+
+class IpcdError(Exception):
+    """Base of every error ipcd raises on purpose."""
+
+    exit_code: ExitCode = ExitCode.SOFTWARE
+
+
+class ConfigError(IpcdError, ValueError):
+    """The configuration file is missing, unreadable or invalid."""
+
+    exit_code = ExitCode.CONFIG
+
+
+class UsageError(IpcdError, ValueError):
+    """The command line asks for something that cannot be done as asked."""
+
+    exit_code = ExitCode.USAGE
+
+
+class PayloadError(IpcdError, ValueError):
+    """A payload or result cannot be encoded, or is too large for its carrier."""
+
+    exit_code = ExitCode.DATA
+
+
+class NotRunningError(IpcdError, ConnectionError):
+    """The daemon, its queue or its result segment is not there."""
+
+    exit_code = ExitCode.UNAVAILABLE
+
+
+class AlreadyRunningError(IpcdError, RuntimeError):
+    """Another daemon instance holds the PID file."""
+
+    exit_code = ExitCode.ALREADY_RUNNING
+
+
+class IpcPermissionError(IpcdError, PermissionError):
+    """The kernel refused access to an IPC object or a file."""
+
+    exit_code = ExitCode.NO_PERMISSION
+
+
+class UnsafeObjectError(IpcdError, PermissionError):
+    """An IPC object at ipcd's key has an owner or mode the daemon must not trust."""
+
+    exit_code = ExitCode.NO_PERMISSION
+
+
+class QueueFullError(IpcdError, BlockingIOError):
+    """The queue stayed full until the timeout: the job was not accepted."""
+
+    exit_code = ExitCode.QUEUE_FULL
+
+
+class WaitTimeoutError(IpcdError, TimeoutError):
+    """No result arrived before the timeout."""
+
+    exit_code = ExitCode.TIMEOUT
+
+
+class NoResultError(IpcdError, LookupError):
+    """The result segment holds no result for that job id."""
+
+    exit_code = ExitCode.NO_RESULT
+
+
+class JobFailedError(IpcdError, RuntimeError):
+    """The job ran (or was rejected) and ended with an error result."""
+
+    exit_code = ExitCode.JOB_FAILED
+
+
+class StartupError(IpcdError, RuntimeError):
+    """The daemon detached but could not become ready; the message says why."""
+
+    exit_code = ExitCode.JOB_FAILED
+
+
+class MessageError(IpcdError, ValueError):
+    """A message taken from the queue cannot be turned into a job.
+
+    The daemon answers it with an error result (when it knows the job id) and a log event;
+    it never stops for one.
+    """
+
+    exit_code = ExitCode.DATA
+    #: The job id, when the message was an envelope whose id could be read.
+    job_id: str | None = None
+
+
+class RefusedPayloadError(MessageError):
+    """The message is well formed but carries something ipcd refuses (a PHP object)."""

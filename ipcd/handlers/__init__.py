@@ -1,0 +1,26 @@
+"""The handler plugin API: what a handler receives, returns and raises.
+
+A handler is a plain function ``handler(job: Job) -> HandlerResult``.  It is registered
+under a name, either through the ``ipcd.handlers`` entry-point group of an installed
+package or as ``target = "package.module:function"`` in the config, and the config maps
+the name to a message type.  It returns bytes, str or a JSON-able value; whatever it
+raises fails that job with the exception's text recorded as the error, and never stops
+the daemon.  docs/handlers.md is the guide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeAlias
+
+from ipcd.protocol import Job, JSONValue, Payload
+
+HandlerResult: TypeAlias = "bytes | str | JSONValue"
+Handler: TypeAlias = Callable[[Job], HandlerResult]
+
+
+class HandlerError(Exception):
+    """Raise this from a handler to fail the job with just the message (no traceback)."""
+
+
+__all__ = ["Handler", "HandlerError", "HandlerResult", "JSONValue", "Job", "Payload"]

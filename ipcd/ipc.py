@@ -1,0 +1,565 @@
+"""The kernel border: every System V call ipcd makes goes through this module.
+
+Only this module imports ``sysv_ipc``.  It turns sysv_ipc's exceptions into ipcd's,
+bounds every blocking call (``msgrcv``, ``msgsnd`` on a full queue, ``semop``) and checks
+that objects found at ipcd's keys are safe to trust.
+
+Bounding blocking calls: sysv_ipc's ``receive()`` and blocking ``send()`` take no timeout,
+and the PyPI wheel of sysv_ipc is built without ``semtimedop``.  A blocking call is
+bounded with a one-shot ``ITIMER_REAL`` whose SIGALRM interrupts the system call (Linux
+never restarts ``msgrcv``/``msgsnd``/``semop`` after a handler, see signal(7)); sysv_ipc
+then raises its base ``Error``.  Signals can only be handled in the main thread, so in
+any other thread the call falls back to non-blocking attempts with a capped back-off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from types import FrameType
+from typing import TypeVar
+
+import sysv_ipc
+
+from ipcd.errors import (
+    IpcdError,
+    IpcPermissionError,
+    NotRunningError,
+    QueueFullError,
+    UnsafeObjectError,
+    WaitTimeoutError,
+)
+from ipcd.keys import as_key_t
+
+T = TypeVar("T")
+
+MSGMAX_PATH = "/proc/sys/kernel/msgmax"
+SYSVIPC_MSG = "/proc/sysvipc/msg"
+
+
+class Interrupted(IpcdError, InterruptedError):
+    """A blocking call was interrupted by a signal other than ipcd's own deadline."""
+
+
+def msgmax() -> int:
+    """The kernel's largest message, in bytes: the receive buffer must be this large."""
+    try:
+        with open(MSGMAX_PATH, "rb") as fh:
+            return int(fh.read())
+    except (OSError, ValueError):
+        return 8192  # Linux's default since 2.6; only reached without /proc
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """What the kernel knows about a queue (``msqid_ds``)."""
+
+    key: int
+    messages: int
+    bytes: int
+    max_bytes: int
+    mode: int
+    uid: int
+    gid: int
+    last_send_pid: int
+    last_receive_pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """Owner and mode of an IPC object, for the squatting check."""
+
+    kind: str
+    key: int
+    uid: int
+    gid: int
+    mode: int
+
+
+# --- bounding blocking calls -------------------------------------------------------------
+
+
+class _Alarm:
+    """A one-shot SIGALRM for bounding one system call; records whether it fired."""
+
+    fired = False
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        self.fired = True
+
+
+def _bounded(call: Callable[[bool], T], timeout: float | None) -> T:
+    """Run ``call(block)`` for at most ``timeout`` seconds; ``None`` waits forever.
+
+    ``call(False)`` must raise ``sysv_ipc.BusyError`` when it would block.  Raises
+    ``TimeoutError`` when the time runs out and :class:`Interrupted` for any other signal.
+    """
+    if timeout is None:
+        try:
+            return call(True)
+        except sysv_ipc.BusyError:
+            raise
+        except sysv_ipc.Error as exc:
+            if type(exc) is sysv_ipc.Error:
+                raise Interrupted(str(exc)) from None
+            raise
+    if timeout <= 0:
+        try:
+            return call(False)
+        except sysv_ipc.BusyError:
+            raise TimeoutError from None
+    if threading.current_thread() is not threading.main_thread():
+        return _bounded_by_backoff(call, timeout)
+    try:
+        return call(False)  # the common case costs no timer
+    except sysv_ipc.BusyError:
+        pass
+    alarm = _Alarm()
+    previous = signal.signal(signal.SIGALRM, alarm._handler)
+    signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        return call(True)
+    except sysv_ipc.BusyError:  # pragma: no cover - blocking calls do not raise it
+        raise TimeoutError from None
+    except sysv_ipc.Error as exc:
+        if type(exc) is not sysv_ipc.Error:
+            raise
+        if alarm.fired:
+            raise TimeoutError from None
+        raise Interrupted(str(exc)) from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _bounded_by_backoff(call: Callable[[bool], T], timeout: float) -> T:
+    deadline = time.monotonic() + timeout
+    pause = 0.0005
+    while True:
+        try:
+            return call(False)
+        except sysv_ipc.BusyError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError from None
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 0.05)
+
+
+# --- message queues -------------------------------------------------------------------------
+
+
+class Queue:
+    """A SysV message queue: the job queue or the reply queue."""
+
+    def __init__(self, mq: sysv_ipc.MessageQueue, key: int) -> None:
+        self._mq = mq
+        self.key = key
+
+    @classmethod
+    def open(cls, key: int, *, what: str = "queue") -> Queue:
+        """Open an existing queue; a missing one means the daemon never ran here."""
+        try:
+            mq = sysv_ipc.MessageQueue(as_key_t(key), 0, max_message_size=msgmax())
+        except sysv_ipc.ExistentialError:
+            raise NotRunningError(
+                f"no {what} at key {key:#010x}: is ipcd running with this configuration?"
+            ) from None
+        except sysv_ipc.PermissionsError:
+            raise IpcPermissionError(
+                f"permission denied opening the {what} at key {key:#010x} "
+                "(are you in the daemon's group?)"
+            ) from None
+        return cls(mq, key)
+
+    @classmethod
+    def create(cls, key: int, mode: int, *, what: str = "queue") -> Queue:
+        """Create the queue, or open and vet the one already there (the daemon's side)."""
+        mq = _create(
+            lambda flags: sysv_ipc.MessageQueue(
+                as_key_t(key), flags, mode, max_message_size=msgmax()
+            ),
+            what,
+            key,
+        )
+        queue = cls(mq, key)
+        check_safe(queue.info(what), mode)
+        return queue
+
+    def info(self, kind: str = "queue") -> ObjectInfo:
+        """Owner and mode, as the kernel reports them now."""
+        return ObjectInfo(kind, self.key, self._mq.uid, self._mq.gid, self._mq.mode & 0o777)
+
+    def send(self, body: bytes, type_: int, *, timeout: float | None) -> None:
+        """Send one message, waiting at most ``timeout`` seconds while the queue is full."""
+
+        def call(block: bool) -> None:
+            self._mq.send(body, block, type_)
+
+        try:
+            _bounded(call, timeout)
+        except TimeoutError:
+            raise QueueFullError(
+                f"queue {self.key:#010x} stayed full for {timeout:g}s; the job was not accepted"
+            ) from None
+        except sysv_ipc.ExistentialError:
+            raise NotRunningError(f"queue {self.key:#010x} was removed") from None
+        except sysv_ipc.PermissionsError:
+            raise IpcPermissionError(
+                f"permission denied writing to queue {self.key:#010x}"
+            ) from None
+        except ValueError as exc:
+            # sysv_ipc: "The message is too long" before msgsnd is even called.
+            raise QueueFullError(f"message refused by the kernel: {exc}") from None
+
+    def send_nowait(self, body: bytes, type_: int) -> bool:
+        """Send without waiting; ``False`` when the queue is full."""
+        try:
+            self._mq.send(body, False, type_)
+        except sysv_ipc.BusyError:
+            return False
+        return True
+
+    def receive(self, type_: int = 0, *, timeout: float | None = None) -> tuple[bytes, int]:
+        """Take one message (``msgrcv``); ``type_`` follows msgrcv(2) (0: any, -N: lowest <= N).
+
+        Raises :class:`Interrupted` when a signal arrives while blocked, ``WaitTimeoutError``
+        when ``timeout`` runs out.
+        """
+
+        def call(block: bool) -> tuple[bytes, int]:
+            return self._receive(block, type_)
+
+        try:
+            return _bounded(call, timeout)
+        except TimeoutError:
+            raise WaitTimeoutError(f"nothing arrived within {timeout:g}s") from None
+        except sysv_ipc.ExistentialError:
+            raise NotRunningError(f"queue {self.key:#010x} was removed") from None
+
+    def receive_nowait(self, type_: int = 0) -> tuple[bytes, int] | None:
+        """Take one message if there is one."""
+        try:
+            return self._receive(False, type_)
+        except sysv_ipc.BusyError:
+            return None
+
+    def _receive(self, block: bool, type_: int) -> tuple[bytes, int]:
+        try:
+            body, got = self._mq.receive(block, type_)
+        except OSError as exc:
+            if exc.errno != errno.E2BIG:
+                raise
+            # msgmax was raised after we opened the queue: a larger message now sits at
+            # the head and would jam it.  Reopen with the new maximum and take it.
+            self._mq = sysv_ipc.MessageQueue(
+                as_key_t(self.key), 0, max_message_size=max(msgmax(), 1 << 16)
+            )
+            body, got = self._mq.receive(block, type_)
+        return body, got
+
+    def stats(self) -> QueueStats:
+        """Depth and bytes from /proc (sysv_ipc does not expose ``msg_cbytes``)."""
+        messages, cbytes = _proc_queue_counts(self._mq.id)
+        return QueueStats(
+            key=self.key,
+            messages=messages if messages >= 0 else self._mq.current_messages,
+            bytes=cbytes,
+            max_bytes=self._mq.max_size,
+            mode=self._mq.mode & 0o777,
+            uid=self._mq.uid,
+            gid=self._mq.gid,
+            last_send_pid=self._mq.last_send_pid,
+            last_receive_pid=self._mq.last_receive_pid,
+        )
+
+    def remove(self) -> None:
+        """Remove the queue and every message in it."""
+        with contextlib.suppress(sysv_ipc.ExistentialError):
+            self._mq.remove()
+
+
+def _proc_queue_counts(msqid: int) -> tuple[int, int]:
+    try:
+        with open(SYSVIPC_MSG) as fh:
+            next(fh)
+            for line in fh:
+                fields = line.split()
+                if int(fields[1]) == msqid:
+                    return int(fields[4]), int(fields[3])
+    except (OSError, ValueError, IndexError, StopIteration):
+        pass
+    return -1, -1
+
+
+# --- shared memory and semaphores -----------------------------------------------------------
+
+
+class Segment:
+    """A SysV shared-memory segment, attached, with a memoryview over it."""
+
+    def __init__(self, shm: sysv_ipc.SharedMemory, key: int) -> None:
+        self._shm = shm
+        self.key = key
+        self.buf = memoryview(shm)
+        self.size = shm.size
+
+    @classmethod
+    def open(cls, key: int) -> Segment:
+        try:
+            shm = sysv_ipc.SharedMemory(as_key_t(key), 0)
+        except sysv_ipc.ExistentialError:
+            raise NotRunningError(
+                f"no result segment at key {key:#010x}: is ipcd running with this configuration?"
+            ) from None
+        except sysv_ipc.PermissionsError:
+            raise IpcPermissionError(
+                f"permission denied attaching the result segment at key {key:#010x}"
+            ) from None
+        return cls(shm, key)
+
+    @classmethod
+    def create(cls, key: int, mode: int, size: int) -> tuple[Segment, bool]:
+        """Create the segment (zero-filled) or open the existing one; says whether it is new."""
+        try:
+            shm = sysv_ipc.SharedMemory(as_key_t(key), sysv_ipc.IPC_CREX, mode, size)
+            created = True
+        except sysv_ipc.ExistentialError:
+            shm = _create(
+                lambda flags: sysv_ipc.SharedMemory(as_key_t(key), 0), "result segment", key
+            )
+            created = False
+        except sysv_ipc.PermissionsError:
+            raise IpcPermissionError(
+                f"permission denied creating the result segment at key {key:#010x}"
+            ) from None
+        segment = cls(shm, key)
+        check_safe(segment.info(), mode)
+        return segment, created
+
+    def info(self) -> ObjectInfo:
+        return ObjectInfo(
+            "result segment", self.key, self._shm.uid, self._shm.gid, self._shm.mode & 0o777
+        )
+
+    def close(self) -> None:
+        self.buf.release()
+        with contextlib.suppress(sysv_ipc.Error):
+            self._shm.detach()
+
+    def remove(self) -> None:
+        """Mark the segment for removal; the kernel frees it when the last process detaches."""
+        with contextlib.suppress(sysv_ipc.Error):
+            self._shm.remove()
+        self.close()
+
+
+class Lock:
+    """A SysV semaphore used as a mutex, with SEM_UNDO so that a dead holder releases it."""
+
+    def __init__(self, sem: sysv_ipc.Semaphore, key: int) -> None:
+        sem.undo = True
+        self._sem = sem
+        self.key = key
+
+    @classmethod
+    def open(cls, key: int) -> Lock:
+        try:
+            return cls(sysv_ipc.Semaphore(as_key_t(key), 0), key)
+        except sysv_ipc.ExistentialError:
+            raise NotRunningError(
+                f"no result semaphore at key {key:#010x}: is ipcd running?"
+            ) from None
+        except sysv_ipc.PermissionsError:
+            raise IpcPermissionError(
+                f"permission denied opening the result semaphore at key {key:#010x}"
+            ) from None
+
+    @classmethod
+    def create(cls, key: int, mode: int) -> Lock:
+        """Create the semaphore with value 1, or open and vet the existing one."""
+        try:
+            sem = sysv_ipc.Semaphore(as_key_t(key), sysv_ipc.IPC_CREX, mode, 1)
+        except sysv_ipc.ExistentialError:
+            sem = _create(lambda flags: sysv_ipc.Semaphore(as_key_t(key), 0), "semaphore", key)
+        except sysv_ipc.PermissionsError:
+            raise IpcPermissionError(
+                f"permission denied creating the semaphore at key {key:#010x}"
+            ) from None
+        lock = cls(sem, key)
+        check_safe(lock.info(), mode)
+        return lock
+
+    def info(self) -> ObjectInfo:
+        return ObjectInfo(
+            "semaphore", self.key, self._sem.uid, self._sem.gid, self._sem.mode & 0o777
+        )
+
+    @contextlib.contextmanager
+    def held(self, timeout: float) -> Iterator[None]:
+        """Hold the lock for the ``with`` block, waiting at most ``timeout`` seconds."""
+
+        def call(block: bool) -> None:
+            if block and sysv_ipc.SEMAPHORE_TIMEOUT_SUPPORTED:
+                self._sem.acquire(timeout)
+            elif block:
+                self._sem.acquire()
+            else:
+                self._sem.acquire(0)
+
+        try:
+            if sysv_ipc.SEMAPHORE_TIMEOUT_SUPPORTED:
+                call(True)
+            else:
+                _bounded(call, timeout)
+        except (TimeoutError, sysv_ipc.BusyError):
+            raise WaitTimeoutError(
+                f"result semaphore {self.key:#010x} stayed taken for {timeout:g}s"
+            ) from None
+        except sysv_ipc.ExistentialError:
+            raise NotRunningError(f"result semaphore {self.key:#010x} was removed") from None
+        try:
+            yield
+        finally:
+            self._sem.release()
+
+    def reset(self) -> None:
+        """Set the value back to 1 (the daemon does this only before anyone else may hold it)."""
+        self._sem.value = 1
+
+    def remove(self) -> None:
+        with contextlib.suppress(sysv_ipc.ExistentialError):
+            self._sem.remove()
+
+
+class Gate:
+    """A semaphore that announces "a new result is stored" to every waiting client.
+
+    It rests at 1; the daemon pulses it to 0 and back after each result.  Setting it to 0
+    completes every pending wait-for-zero at that moment (semctl(2) SETVAL updates the
+    queue of waiters), so all waiters wake and look for their job in the segment.
+    """
+
+    def __init__(self, sem: sysv_ipc.Semaphore, key: int) -> None:
+        self._sem = sem
+        self.key = key
+
+    @classmethod
+    def open(cls, key: int) -> Gate:
+        try:
+            return cls(sysv_ipc.Semaphore(as_key_t(key), 0), key)
+        except sysv_ipc.ExistentialError:
+            raise NotRunningError(f"no result gate at key {key:#010x}: is ipcd running?") from None
+        except sysv_ipc.PermissionsError:
+            raise IpcPermissionError(
+                f"permission denied opening the result gate at key {key:#010x}"
+            ) from None
+
+    @classmethod
+    def create(cls, key: int, mode: int) -> Gate:
+        try:
+            sem = sysv_ipc.Semaphore(as_key_t(key), sysv_ipc.IPC_CREX, mode, 1)
+        except sysv_ipc.ExistentialError:
+            sem = _create(lambda flags: sysv_ipc.Semaphore(as_key_t(key), 0), "result gate", key)
+        gate = cls(sem, key)
+        check_safe(gate.info(), mode)
+        sem.value = 1
+        return gate
+
+    def info(self) -> ObjectInfo:
+        return ObjectInfo(
+            "result gate", self.key, self._sem.uid, self._sem.gid, self._sem.mode & 0o777
+        )
+
+    def pulse(self) -> None:
+        self._sem.value = 0
+        self._sem.value = 1
+
+    def wait(self, timeout: float) -> bool:
+        """Wait for the next pulse, at most ``timeout`` seconds; False when none came."""
+
+        def call(block: bool) -> None:
+            if not block:
+                self._sem.Z(0)
+            elif sysv_ipc.SEMAPHORE_TIMEOUT_SUPPORTED:
+                self._sem.Z(timeout)
+            else:
+                self._sem.Z()
+
+        try:
+            if sysv_ipc.SEMAPHORE_TIMEOUT_SUPPORTED:
+                call(True)
+            else:
+                _bounded(call, timeout)
+        except (TimeoutError, sysv_ipc.BusyError):
+            return False
+        except sysv_ipc.ExistentialError:
+            raise NotRunningError(f"result gate {self.key:#010x} was removed") from None
+        return True
+
+    def remove(self) -> None:
+        with contextlib.suppress(sysv_ipc.ExistentialError):
+            self._sem.remove()
+
+
+# --- creation and vetting ------------------------------------------------------------------
+
+_O = TypeVar("_O")
+
+
+def _create(open_existing: Callable[[int], _O], what: str, key: int) -> _O:
+    try:
+        return open_existing(sysv_ipc.IPC_CREAT)
+    except sysv_ipc.PermissionsError:
+        raise IpcPermissionError(
+            f"permission denied opening the {what} at key {key:#010x}"
+        ) from None
+
+
+def check_safe(info: ObjectInfo, mode: int) -> None:
+    """Refuse an object not owned by us or more open than ``mode`` (squatting defence).
+
+    SysV messages carry no sender identity, so the object's permission bits are the only
+    access control: one pre-created by another user with 0666 would let anyone read or
+    forge jobs.
+    """
+    euid = os.geteuid()
+    if info.uid != euid:
+        raise UnsafeObjectError(
+            f"the {info.kind} at key {info.key:#010x} is owned by uid {info.uid}, not by "
+            f"ipcd's uid {euid}: refusing to use an object another user may have planted "
+            f"(remove it with ipcrm after checking who made it)"
+        )
+    if info.mode & ~mode & 0o777:
+        raise UnsafeObjectError(
+            f"the {info.kind} at key {info.key:#010x} has mode {info.mode:#o}, more open than "
+            f"the configured {mode:#o}: refusing to use it (remove it with ipcrm, or fix "
+            f"ipc.mode)"
+        )
+
+
+def remove_all(keys: tuple[int, ...]) -> list[str]:
+    """Remove every queue, segment and semaphore at these keys; for tests and ``ipcd purge``."""
+    removed: list[str] = []
+    for key in keys:
+        k = as_key_t(key)
+        for kind, remover in (
+            ("queue", sysv_ipc.MessageQueue),
+            ("segment", sysv_ipc.SharedMemory),
+            ("semaphore", sysv_ipc.Semaphore),
+        ):
+            try:
+                obj = remover(k, 0)
+            except sysv_ipc.ExistentialError:
+                continue
+            obj.remove()
+            if isinstance(obj, sysv_ipc.SharedMemory):
+                obj.detach()
+            removed.append(f"{kind} {key:#010x}")
+    return removed

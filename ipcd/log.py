@@ -1,0 +1,131 @@
+"""Structured logging: one JSON object per line in ``[log] file``, readable on a terminal.
+
+This is the only module that configures structlog.  Events are dictionaries all the way to
+the sink, which writes them twice at most: as a JSON line to the log file (for ``tail -f``
+and ``jq``) and, when ``ipcd run`` has a terminal, through structlog's console renderer.
+``reopen()`` is what SIGHUP calls after logrotate has moved the file away.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any, TextIO
+
+import structlog
+from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
+
+from ipcd.config import LogConfig
+
+Logger = FilteringBoundLogger
+
+
+class Sink:
+    """Where rendered events go; owns the log file so that it can be reopened."""
+
+    def __init__(self, path: Path | None, console: TextIO | None) -> None:
+        self.path = path
+        self.console = console
+        self._file: TextIO | None = None
+        self._lock = threading.Lock()
+        self._console_render = (
+            structlog.dev.ConsoleRenderer(colors=_wants_color(console)) if console else None
+        )
+        self.reopen()
+
+    def reopen(self) -> None:
+        """Open (again) the log file by name, so writes follow a rotation."""
+        if self.path is None:
+            return
+        fresh = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        with self._lock:
+            old, self._file = self._file, fresh
+        if old is not None:
+            old.close()
+
+    def fileno(self) -> int | None:
+        """The log file's descriptor, which the daemonizer must keep open."""
+        return self._file.fileno() if self._file is not None else None
+
+    def emit(self, method: str, event: EventDict) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.write(json.dumps(event, default=str, ensure_ascii=False) + "\n")
+            if self.console is not None and self._console_render is not None:
+                rendered = self._console_render(None, method, dict(event))
+                self.console.write(f"{rendered}\n")
+                self.console.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+
+class _SinkLogger:
+    """The wrapped logger structlog calls; each method receives the event as keywords."""
+
+    def __init__(self, sink: Sink) -> None:
+        self._sink = sink
+
+    def _method(name: str) -> Any:  # type: ignore[misc]  # a factory used in the class body
+        def emit(self: _SinkLogger, **event: Any) -> None:
+            self._sink.emit(name, event)
+
+        return emit
+
+    debug = _method("debug")
+    info = _method("info")
+    warning = _method("warning")
+    error = _method("error")
+    critical = _method("critical")
+    exception = _method("error")
+    msg = _method("info")
+
+
+def _as_keywords(logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
+    """Final processor: hand the event dict over unrendered (the sink renders it)."""
+    return event
+
+
+def configure(config: LogConfig, *, console: TextIO | None = None) -> Sink:
+    """Set up structlog for the daemon process and return the sink."""
+    sink = Sink(config.file, console)
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.dict_tracebacks,
+            _as_keywords,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[config.level.upper()]
+        ),
+        logger_factory=lambda *args: _SinkLogger(sink),
+        cache_logger_on_first_use=False,
+    )
+    return sink
+
+
+def get_logger(**context: Any) -> Logger:
+    logger: Logger = structlog.get_logger(**context)
+    return logger
+
+
+def _wants_color(stream: TextIO | None) -> bool:
+    return (
+        stream is not None
+        and stream.isatty()
+        and "NO_COLOR" not in os.environ
+        and os.environ.get("TERM") != "dumb"
+    )
+
+
+def console_for_foreground() -> TextIO | None:
+    """Where ``ipcd run`` shows events: stderr, unless the JSON file already is stderr."""
+    return sys.stderr

@@ -1,0 +1,210 @@
+"""The wire format: how a job travels as one SysV message, and how bare messages are read.
+
+An *envelope* is a UTF-8 JSON object with ``"ipcd": 1``; any language builds it with its
+standard library.  Anything else on the queue is a *bare* message: its body is the payload
+and its type selects the handler.  Bare bodies in PHP's ``serialize()`` format (what
+``msg_send`` sends by default) are decoded safely by :mod:`ipcd.phpserial`; other bodies
+are passed on as text when they are UTF-8, else as bytes.  Nothing is ever unpickled or
+evaluated.  docs/protocol.md is the contract; this module is its implementation.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+from ipcd import phpserial
+from ipcd.errors import MessageError, PayloadError, RefusedPayloadError
+
+VERSION = 1
+#: Nesting depth allowed in payloads, JSON or PHP: enough for real data, bounded for safety.
+MAX_DEPTH = 32
+
+JSONValue: TypeAlias = "bool | int | float | str | list[JSONValue] | dict[str, JSONValue] | None"
+Payload: TypeAlias = "JSONValue | bytes"
+
+_JOB_ID = re.compile(r"[0-9A-Za-z_.-]{1,16}\Z")
+_ENVELOPE_KEYS = frozenset({"ipcd", "id", "payload", "payload_b64", "submitted", "pid", "reply"})
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One unit of work, as a handler receives it."""
+
+    id: str
+    type: int
+    payload: Payload
+    attempt: int = 1
+    submitted: float = 0.0
+    sender_pid: int = 0
+    #: Reply-queue message type to notify when the result is stored (None: nobody waits).
+    reply_to: int | None = None
+    #: True when the job came as a bare message (no envelope).
+    bare: bool = False
+
+
+def new_job_id() -> str:
+    """A fresh job id: 16 hex digits from the kernel's random source."""
+    return os.urandom(8).hex()
+
+
+def encode(
+    payload: Payload,
+    *,
+    job_id: str,
+    reply_to: int | None = None,
+    submitted: float | None = None,
+    pid: int | None = None,
+) -> bytes:
+    """The envelope for one job: compact JSON, bytes payloads as base64."""
+    doc: dict[str, Any] = {
+        "ipcd": VERSION,
+        "id": job_id,
+        "submitted": round(time.time() if submitted is None else submitted, 6),
+        "pid": os.getpid() if pid is None else pid,
+    }
+    if reply_to is not None:
+        doc["reply"] = reply_to
+    if isinstance(payload, bytes | bytearray | memoryview):
+        doc["payload_b64"] = base64.b64encode(payload).decode("ascii")
+    else:
+        doc["payload"] = payload
+    try:
+        return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise PayloadError(f"payload cannot be encoded as JSON: {exc}") from None
+
+
+def decode(body: bytes, type_: int, *, received: float | None = None) -> Job:
+    """Turn one message into a Job; raises MessageError (with ``job_id`` when known)."""
+    if body[:1] == b"{":
+        doc = _json_object(body)
+        if doc is not None and "ipcd" in doc:
+            return _from_envelope(doc, type_)
+    return Job(
+        id=new_job_id(),
+        type=type_,
+        payload=_bare_payload(body),
+        submitted=time.time() if received is None else received,
+        bare=True,
+    )
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _from_envelope(doc: dict[str, Any], type_: int) -> Job:
+    raw_id = doc.get("id")
+    job_id = raw_id if isinstance(raw_id, str) and _JOB_ID.match(raw_id) else None
+    if doc["ipcd"] != VERSION:
+        raise _bad(f"unsupported envelope version {doc['ipcd']!r} (this ipcd speaks 1)", job_id)
+    if job_id is None:
+        raise _bad("envelope 'id' must be 1-16 characters of [0-9A-Za-z_.-]", None)
+    unknown = set(doc) - _ENVELOPE_KEYS
+    if unknown:
+        raise _bad(f"unknown envelope field {sorted(unknown)[0]!r}", job_id)
+    if "payload_b64" in doc:
+        if "payload" in doc:
+            raise _bad("envelope has both 'payload' and 'payload_b64'", job_id)
+        raw = doc["payload_b64"]
+        if not isinstance(raw, str):
+            raise _bad("'payload_b64' must be a base64 string", job_id)
+        try:
+            payload: Payload = base64.b64decode(raw, validate=True)
+        except (binascii.Error, ValueError):
+            raise _bad("'payload_b64' is not valid base64", job_id) from None
+    else:
+        payload = doc.get("payload")
+        if _depth(payload) > MAX_DEPTH:
+            raise _bad(f"payload nested deeper than {MAX_DEPTH} levels", job_id)
+    submitted = _number(doc.get("submitted", 0.0), "submitted", job_id)
+    pid = doc.get("pid", 0)
+    reply = doc.get("reply")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid < 0:
+        raise _bad("'pid' must be a non-negative integer", job_id)
+    if reply is not None and (
+        not isinstance(reply, int) or isinstance(reply, bool) or not 0 < reply < 2**31
+    ):
+        raise _bad("'reply' must be a positive message type", job_id)
+    return Job(
+        id=job_id,
+        type=type_,
+        payload=payload,
+        submitted=submitted,
+        sender_pid=pid,
+        reply_to=reply,
+    )
+
+
+def _bare_payload(body: bytes) -> Payload:
+    if phpserial.looks_serialized(body):
+        try:
+            return _php_to_payload(phpserial.loads(body, max_depth=MAX_DEPTH))
+        except MessageError as exc:
+            if isinstance(exc, RefusedPayloadError):
+                raise
+            # Not PHP after all ("i:am a plain string"): fall through to text or bytes.
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        return body
+
+
+def _php_to_payload(value: phpserial.PhpValue) -> Payload:
+    """PHP values as payloads; binary strings nested in arrays become latin-1 text."""
+    if isinstance(value, list):
+        return [_nested(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _nested(v) for k, v in value.items()}
+    return value
+
+
+def _nested(value: phpserial.PhpValue) -> JSONValue:
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    if isinstance(value, list):
+        return [_nested(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _nested(v) for k, v in value.items()}
+    return value
+
+
+def _depth(value: object, limit: int = MAX_DEPTH + 1) -> int:
+    """Nesting depth of a JSON value, counted only up to ``limit``."""
+    depth = 0
+    level: list[object] = [value]
+    while level and depth < limit:
+        nxt: list[object] = []
+        for item in level:
+            if isinstance(item, dict):
+                nxt.extend(item.values())
+            elif isinstance(item, list):
+                nxt.extend(item)
+        if not nxt:
+            break
+        depth += 1
+        level = nxt
+    return depth
+
+
+def _number(value: object, name: str, job_id: str | None) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _bad(f"'{name}' must be a number", job_id)
+    return float(value)
+
+
+def _bad(reason: str, job_id: str | None) -> MessageError:
+    exc = MessageError(f"malformed envelope: {reason}")
+    exc.job_id = job_id
+    return exc

@@ -1,0 +1,72 @@
+"""Finding handlers: entry points and ``module:function`` paths, mapped to message types.
+
+Everything is imported when the registry is built, which the daemon does before it
+detaches, so that a handler that fails to import is reported to the operator running
+``ipcd start`` rather than to a log nobody reads yet.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+
+from ipcd.config import Config
+from ipcd.errors import ConfigError
+from ipcd.handlers import Handler
+
+ENTRY_POINT_GROUP = "ipcd.handlers"
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """A handler bound to its name and message type."""
+
+    name: str
+    type: int
+    target: str
+    func: Handler
+
+
+@dataclass(frozen=True, slots=True)
+class Registry:
+    """Handlers by message type."""
+
+    by_type: dict[int, Registration]
+
+    def lookup(self, type_: int) -> Registration | None:
+        return self.by_type.get(type_)
+
+
+def build(config: Config) -> Registry:
+    """Import every configured handler; raises ConfigError naming the one that fails."""
+    installed = {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    by_type: dict[int, Registration] = {}
+    for handler in config.handlers:
+        target = handler.target or installed.get(handler.name)
+        if target is None:
+            known = ", ".join(sorted(installed)) or "none"
+            raise ConfigError(
+                f"handler {handler.name!r}: no target set and no installed handler of that "
+                f"name (entry points in {ENTRY_POINT_GROUP!r}: {known})"
+            )
+        by_type[handler.type] = Registration(
+            handler.name, handler.type, target, load_target(target, handler.name)
+        )
+    return Registry(by_type)
+
+
+def load_target(target: str, name: str) -> Handler:
+    """Import ``package.module:function`` and check that it is callable."""
+    module_name, _, attr_path = target.partition(":")
+    try:
+        obj: object = importlib.import_module(module_name)
+        for attr in attr_path.split("."):
+            obj = getattr(obj, attr)
+    except Exception as exc:  # any import-time failure of plugin code is a config problem
+        raise ConfigError(
+            f"handler {name!r}: cannot load {target!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not callable(obj):
+        raise ConfigError(f"handler {name!r}: {target!r} is not callable")
+    return obj

@@ -1,0 +1,202 @@
+"""Shared fixtures: a private configuration per test, real daemons, and IPC hygiene.
+
+Every test that touches the kernel gets its own key (from its own key file's inode) and
+every queue, segment and semaphore made at that key is removed when the test ends; at
+the end of the session the suite fails if any object made during the run is still there.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ipcd import config as config_mod
+from ipcd import ipc, keys
+
+BIN = Path(sys.executable).parent
+IPCD = str(BIN / "ipcd")
+IPCCTL = str(BIN / "ipcctl")
+TESTS = Path(__file__).parent
+
+
+@dataclass
+class Instance:
+    """One test's ipcd configuration and the paths it uses."""
+
+    dir: Path
+    config_path: Path
+
+    @property
+    def config(self) -> config_mod.Config:
+        return config_mod.load(self.config_path)
+
+    @property
+    def keys(self) -> keys.Keys:
+        return keys.derive(self.config.ipc, create_key_file=True)
+
+    @property
+    def pid_file(self) -> Path:
+        return self.dir / "ipcd.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.dir / "ipcd.log"
+
+    def write(self, extra: str = "", *, results: str = "", handlers: str | None = None) -> None:
+        """(Re)write the config; ``handlers`` replaces the default echo/sleep/fail set."""
+        if handlers is None:
+            handlers = DEFAULT_HANDLERS
+        self.config_path.write_text(
+            textwrap.dedent(
+                f"""
+                [ipc]
+                key_path = "ipcd.key"
+                mode = 0o660
+                send_timeout = 2.0
+
+                [daemon]
+                pid_file = "ipcd.pid"
+                workdir = "."
+                stop_timeout = 20.0
+
+                [log]
+                file = "ipcd.log"
+                level = "debug"
+
+                [results]
+                size = 262144
+                slot_size = 2048
+                {results}
+                """
+            )
+            + textwrap.dedent(handlers)
+            + textwrap.dedent(extra)
+        )
+
+    def ipcd(self, *args: str, check: bool = False, **kw: object) -> subprocess.CompletedProcess[str]:
+        return run([IPCD, "-c", str(self.config_path), *args], check=check, **kw)
+
+    def ipcctl(
+        self, *args: str, check: bool = False, **kw: object
+    ) -> subprocess.CompletedProcess[str]:
+        return run([IPCCTL, "-c", str(self.config_path), *args], check=check, **kw)
+
+    def pid(self) -> int:
+        return int(self.pid_file.read_text())
+
+    def log_events(self) -> list[dict[str, object]]:
+        import json
+
+        if not self.log_file.exists():
+            return []
+        return [json.loads(line) for line in self.log_file.read_text().splitlines() if line]
+
+
+DEFAULT_HANDLERS = """
+[handlers.echo]
+type = 2
+
+[handlers.sleep]
+type = 3
+
+[handlers.fail]
+type = 4
+"""
+
+
+def run(argv: list[str], *, check: bool = False, **kw: object) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(TESTS / "plugins")}
+    kw.setdefault("timeout", 60)
+    return subprocess.run(  # type: ignore[call-overload, no-any-return]
+        argv, capture_output=True, text=True, check=check, env=env, **kw
+    )
+
+
+def remove_objects(instance: Instance) -> None:
+    key_file = instance.dir / "ipcd.key"
+    if not key_file.exists():
+        return
+    jobs = keys.ftok(key_file, 0x49)  # not from the config, which a test may have broken
+    ipc.remove_all((jobs, jobs + keys.REPLY_KEY_OFFSET, jobs + keys.GATE_KEY_OFFSET))
+
+
+@pytest.fixture
+def instance(tmp_path: Path) -> Iterator[Instance]:
+    """A private configuration; its kernel objects are removed afterwards."""
+    inst = Instance(tmp_path, tmp_path / "ipcd.toml")
+    inst.write()
+    yield inst
+    _kill_leftover(inst)
+    remove_objects(inst)
+
+
+@pytest.fixture
+def daemon(instance: Instance) -> Iterator[Instance]:
+    """A daemon started with ``ipcd start`` on the private configuration."""
+    started = instance.ipcd("start")
+    assert started.returncode == 0, started.stderr
+    yield instance
+    _kill_leftover(instance)
+
+
+def _kill_leftover(inst: Instance) -> None:
+    """SIGTERM (then SIGKILL) a daemon the test left running, without reading the config."""
+    try:
+        pid = inst.pid()
+    except (OSError, ValueError):
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        for _ in range(250):
+            if not _running(pid):
+                return
+            time.sleep(0.02)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _sysv_objects() -> set[tuple[str, int, int]]:
+    """(kind, key, id) of every SysV object, from /proc/sysvipc."""
+    found = set()
+    for kind in ("msg", "shm", "sem"):
+        with open(f"/proc/sysvipc/{kind}") as fh:
+            next(fh)
+            for line in fh:
+                fields = line.split()
+                found.add((kind, int(fields[0]) & 0xFFFFFFFF, int(fields[1])))
+    return found
+
+
+_BEFORE: set[tuple[str, int, int]] = set()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _BEFORE.update(_sysv_objects())
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if the suite left any queue, segment or semaphore behind."""
+    left = sorted(_sysv_objects() - _BEFORE)
+    if left:
+        listing = ", ".join(f"{kind} key {key:#010x} id {id_}" for kind, key, id_ in left)
+        print(f"\nIPC objects left behind by the tests: {listing}", file=sys.stderr)
+        ipc.remove_all(tuple({key for _, key, _ in left if key}))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
