@@ -7,6 +7,10 @@ BIN     := $(VENV)/bin
 DEV_CFG := etc/ipcd/dev.toml
 STAMP   := $(VENV)/.installed
 
+# The test suite starts thousands of short ipcctl processes: let Python cache bytecode
+# even where the environment asks it not to, or each start recompiles ipcd from source.
+unexport PYTHONDONTWRITEBYTECODE
+
 .PHONY: help venv run test lint typecheck pytest format clean
 
 help:  ## list the targets

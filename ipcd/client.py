@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ipcd import protocol
 from ipcd.config import Config
@@ -31,8 +31,7 @@ from ipcd.resultstore import ResultStore
 GATE_RECHECK = 0.25
 
 
-@dataclass(frozen=True, slots=True)
-class Status:
+class Status(NamedTuple):
     """What ``ipcctl status`` shows."""
 
     keys: Keys

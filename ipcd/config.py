@@ -14,9 +14,8 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ipcd.errors import ConfigError
 
@@ -29,8 +28,7 @@ CONTROL_TYPE = 1
 MAX_TYPE = 2**31 - 1
 
 
-@dataclass(frozen=True, slots=True)
-class IpcConfig:
+class IpcConfig(NamedTuple):
     """Where the kernel objects live and who may use them."""
 
     key_path: Path | None
@@ -40,8 +38,7 @@ class IpcConfig:
     send_timeout: float
 
 
-@dataclass(frozen=True, slots=True)
-class DaemonConfig:
+class DaemonConfig(NamedTuple):
     """How the daemon process runs."""
 
     pid_file: Path
@@ -50,24 +47,21 @@ class DaemonConfig:
     stop_timeout: float
 
 
-@dataclass(frozen=True, slots=True)
-class LogConfig:
+class LogConfig(NamedTuple):
     """Where the JSON event log goes."""
 
     file: Path | None
     level: str
 
 
-@dataclass(frozen=True, slots=True)
-class ResultsConfig:
+class ResultsConfig(NamedTuple):
     """The shared-memory result segment."""
 
     size: int
     slot_size: int
 
 
-@dataclass(frozen=True, slots=True)
-class HandlerConfig:
+class HandlerConfig(NamedTuple):
     """One handler: the name users type, the message type it serves, where its code is."""
 
     name: str
@@ -75,8 +69,7 @@ class HandlerConfig:
     target: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class Config:
+class Config(NamedTuple):
     """The whole configuration, as read from one file."""
 
     path: Path
@@ -128,7 +121,7 @@ def load(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(f"{path}: configuration file not found") from None
     except PermissionError:
         raise ConfigError(f"{path}: permission denied reading configuration") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     return parse(raw, path)
 

@@ -21,9 +21,8 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from types import FrameType
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import sysv_ipc
 
@@ -56,8 +55,7 @@ def msgmax() -> int:
         return 8192  # Linux's default since 2.6; only reached without /proc
 
 
-@dataclass(frozen=True, slots=True)
-class QueueStats:
+class QueueStats(NamedTuple):
     """What the kernel knows about a queue (``msqid_ds``)."""
 
     key: int
@@ -71,8 +69,7 @@ class QueueStats:
     last_receive_pid: int
 
 
-@dataclass(frozen=True, slots=True)
-class ObjectInfo:
+class ObjectInfo(NamedTuple):
     """Owner and mode of an IPC object, for the squatting check."""
 
     kind: str

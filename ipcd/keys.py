@@ -16,7 +16,7 @@ once and never touches it again.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ipcd.config import IpcConfig
 from ipcd.errors import ConfigError, NotRunningError
@@ -27,8 +27,7 @@ REPLY_KEY_OFFSET = 0x01000000
 GATE_KEY_OFFSET = 0x02000000
 
 
-@dataclass(frozen=True, slots=True)
-class Keys:
+class Keys(NamedTuple):
     """The SysV keys of one ipcd instance, as unsigned 32-bit numbers."""
 
     jobs: int

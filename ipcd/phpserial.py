@@ -69,6 +69,7 @@ _STEPS: dict[bytes, tuple[bytes | tuple[re.Pattern[bytes], str], ...]] = {
 #: A string PHP turns into an integer key ("7", "-7"; not "07", "-0" or "+7").
 _INT_KEY = re.compile(r"0|-?[1-9][0-9]*")
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_KEY_OR_END = "an array key (i: or s:) or '}'"
 #: The shortest array entry is ``i:0;N;``; a count promising more entries than fit is a lie.
 _MIN_ENTRY = 6
 #: Significant digits beyond which a declared length cannot describe any real message.
@@ -112,9 +113,8 @@ def loads(data: bytes, *, max_depth: int = 32) -> PhpValue:
                 want_key = False
                 continue
             if len(top.items) != top.count:
-                raise _malformed(
-                    token.start(), f"array declares {top.count} entries but has {len(top.items)}"
-                )
+                found = len(top.items)
+                raise _malformed(pos - 1, f"array count {top.count} but '}}' after {found} entries")
             value = top.finish()
             key = top.parent_key
             stack.pop()
@@ -137,14 +137,14 @@ def loads(data: bytes, *, max_depth: int = 32) -> PhpValue:
             count = _to_length(token, _ARRAY, "array count")
             if len(stack) >= max_depth:
                 raise _refused(token.start(), f"arrays nested deeper than {max_depth} levels")
-            if count > (len(buf) - pos - 1) // _MIN_ENTRY:
+            if count and count > (len(buf) - pos - 1) // _MIN_ENTRY:
                 raise _malformed(pos, f"array count {count} exceeds the remaining input")
             top = _Array(count, key)
             stack.append(top)
             want_key = True
             continue
         else:
-            raise _malformed(token.start(), "expected a value, found '}'")
+            raise _malformed(pos - 1, "expected a value, found '}'")
         if top is None:
             break
         top.items[key] = value
@@ -169,7 +169,7 @@ class _Array:
         """Turn ``token`` into a key the way PHP stores it; return it and the next offset."""
         start = token.start()
         if len(self.items) == self.count:
-            raise _malformed(start, f"expected '}}' after the {self.count} entries declared")
+            raise _malformed(start, f"expected '}}' after {self.count} entries (the array count)")
         key: int | str
         if token.lastindex == _INT:
             key, end = _to_int(token), token.end()
@@ -184,7 +184,7 @@ class _Array:
             if _INT_KEY.fullmatch(key) and _INT64_MIN <= int(key) <= _INT64_MAX:
                 key = int(key)
         else:
-            raise _malformed(start, "expected an array key (i: or s:) or '}'")
+            raise _malformed(start, f"expected {_KEY_OR_END}, found {_shown(buf, start)}")
         if key in self.items:
             raise _malformed(start, f"duplicate array key {key!r}")
         self.is_list = self.is_list and key == len(self.items)
@@ -230,13 +230,11 @@ def _to_length(token: re.Match[bytes], group: int, what: str) -> int:
 def _explain(buf: bytes, pos: int, want_key: bool) -> MessageError:
     """Say why no token starts at ``pos``: the first step of PHP's grammar that fails."""
     tag = buf[pos : pos + 1]
-    wanted = "an array key (i: or s:) or '}'" if want_key else "a value"
-    if not tag:
-        return _malformed(pos, f"expected {wanted}, found end of data")
+    wanted = _KEY_OR_END if want_key else "a value"
     if tag in _REFUSED and not want_key and buf.startswith(b":", pos + 1):
         return _refused(pos, f"{_REFUSED[tag]} is never instantiated")
     if tag not in _STEPS or (want_key and tag not in b"is"):
-        return _malformed(pos, f"expected {wanted}, found {tag.decode('latin-1')!r}")
+        return _malformed(pos, f"expected {wanted}, found {_shown(buf, pos)}")
     pos += 1
     for step in _STEPS[tag]:
         if isinstance(step, bytes):
@@ -249,6 +247,11 @@ def _explain(buf: bytes, pos: int, want_key: bool) -> MessageError:
                 return _malformed(pos, f"expected {step[1]}")
             pos = found.end()
     return _malformed(pos, "invalid token")  # unreachable while _STEPS mirrors _TOKEN
+
+
+def _shown(buf: bytes, pos: int) -> str:
+    """Name the byte at ``pos`` for an error message."""
+    return repr(buf[pos : pos + 1].decode("latin-1")) if pos < len(buf) else "end of data"
 
 
 def _missing(buf: bytes, pos: int, token: bytes) -> MessageError:

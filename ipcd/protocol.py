@@ -16,11 +16,12 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
-from ipcd import phpserial
 from ipcd.errors import MessageError, PayloadError, RefusedPayloadError
+
+if TYPE_CHECKING:
+    from ipcd.phpserial import PhpValue
 
 VERSION = 1
 #: Nesting depth allowed in payloads, JSON or PHP: enough for real data, bounded for safety.
@@ -33,8 +34,7 @@ _JOB_ID = re.compile(r"[0-9A-Za-z_.-]{1,16}\Z")
 _ENVELOPE_KEYS = frozenset({"ipcd", "id", "payload", "payload_b64", "submitted", "pid", "reply"})
 
 
-@dataclass(frozen=True, slots=True)
-class Job:
+class Job(NamedTuple):
     """One unit of work, as a handler receives it."""
 
     id: str
@@ -148,6 +148,10 @@ def _from_envelope(doc: dict[str, Any], type_: int) -> Job:
 
 
 def _bare_payload(body: bytes) -> Payload:
+    # Imported here, not at the top: only the daemon decodes, and the cron-facing client
+    # path that imports this module for ``encode`` should not pay for the PHP parser.
+    from ipcd import phpserial
+
     if phpserial.looks_serialized(body):
         try:
             return _php_to_payload(phpserial.loads(body, max_depth=MAX_DEPTH))
@@ -161,7 +165,7 @@ def _bare_payload(body: bytes) -> Payload:
         return body
 
 
-def _php_to_payload(value: phpserial.PhpValue) -> Payload:
+def _php_to_payload(value: PhpValue) -> Payload:
     """PHP values as payloads; binary strings nested in arrays become latin-1 text."""
     if isinstance(value, list):
         return [_nested(v) for v in value]
@@ -170,7 +174,7 @@ def _php_to_payload(value: phpserial.PhpValue) -> Payload:
     return value
 
 
-def _nested(value: phpserial.PhpValue) -> JSONValue:
+def _nested(value: PhpValue) -> JSONValue:
     if isinstance(value, bytes):
         return value.decode("latin-1")
     if isinstance(value, list):

@@ -40,7 +40,7 @@ import enum
 import json
 import struct
 import zlib
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ipcd.errors import NoResultError
 
@@ -77,8 +77,7 @@ class Kind(enum.IntEnum):
     JSON = 2
 
 
-@dataclass(frozen=True, slots=True)
-class Result:
+class Result(NamedTuple):
     """One job's outcome as stored in (and read back from) the segment."""
 
     job_id: str
@@ -128,8 +127,7 @@ class Result:
         return out
 
 
-@dataclass(frozen=True, slots=True)
-class Header:
+class Header(NamedTuple):
     slot_count: int
     slot_size: int
     next_seq: int

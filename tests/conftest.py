@@ -82,7 +82,9 @@ class Instance:
             + textwrap.dedent(extra)
         )
 
-    def ipcd(self, *args: str, check: bool = False, **kw: object) -> subprocess.CompletedProcess[str]:
+    def ipcd(
+        self, *args: str, check: bool = False, **kw: object
+    ) -> subprocess.CompletedProcess[str]:
         return run([IPCD, "-c", str(self.config_path), *args], check=check, **kw)
 
     def ipcctl(
@@ -181,7 +183,11 @@ def _sysv_objects() -> set[tuple[str, int, int]]:
             next(fh)
             for line in fh:
                 fields = line.split()
-                found.add((kind, int(fields[0]) & 0xFFFFFFFF, int(fields[1])))
+                key = int(fields[0]) & 0xFFFFFFFF
+                if key == 0 and kind == "shm":
+                    continue  # removed but still attached by an exiting process; ipcd
+                    # never makes IPC_PRIVATE objects
+                found.add((kind, key, int(fields[1])))
     return found
 
 

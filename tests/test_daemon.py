@@ -146,8 +146,10 @@ def test_status_and_reload(daemon: Instance) -> None:
     """`ipcd status` says running; `ipcd reload` re-reads handlers and reopens the log."""
     assert daemon.ipcd("status").returncode == 0
     daemon.log_file.rename(daemon.dir / "ipcd.log.1")  # what logrotate does
-    daemon.write(handlers="[handlers.echo]\ntype = 2\n[handlers.shout]\ntype = 7\n"
-                 'target = "ipcd.handlers.builtin:echo"\n')
+    daemon.write(
+        handlers="[handlers.echo]\ntype = 2\n[handlers.shout]\ntype = 7\n"
+        'target = "ipcd.handlers.builtin:echo"\n'
+    )
     assert daemon.ipcd("reload").returncode == 0
     done = daemon.ipcctl("submit", "shout", "HI", "--wait", "--timeout", "10")
     assert (done.returncode, done.stdout) == (0, "HI\n")
