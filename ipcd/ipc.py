@@ -30,6 +30,7 @@ from ipcd.errors import (
     IpcdError,
     IpcPermissionError,
     NotRunningError,
+    PayloadError,
     QueueFullError,
     UnsafeObjectError,
     WaitTimeoutError,
@@ -199,6 +200,11 @@ class Queue:
         def call(block: bool) -> None:
             self._mq.send(body, block, type_)
 
+        limit = msgmax()
+        if len(body) > limit:
+            raise PayloadError(
+                f"message of {len(body)} bytes exceeds the kernel's msgmax of {limit} bytes"
+            )
         try:
             _bounded(call, timeout)
         except TimeoutError:
@@ -211,9 +217,8 @@ class Queue:
             raise IpcPermissionError(
                 f"permission denied writing to queue {self.key:#010x}"
             ) from None
-        except ValueError as exc:
-            # sysv_ipc: "The message is too long" before msgsnd is even called.
-            raise QueueFullError(f"message refused by the kernel: {exc}") from None
+        except ValueError as exc:  # sysv_ipc's own size check, should msgmax have shrunk
+            raise PayloadError(f"message refused: {exc}") from None
 
     def send_nowait(self, body: bytes, type_: int) -> bool:
         """Send without waiting; ``False`` when the queue is full."""

@@ -1,0 +1,196 @@
+"""Every documented exit status of ``ipcctl``, produced the way a cron script would meet it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import IPCCTL, Instance, run
+
+from ipcd.errors import ExitCode
+
+
+@pytest.fixture
+def stopped(instance: Instance) -> Instance:
+    """A configuration whose daemon ran once and was stopped: the queue exists, unserved."""
+    assert instance.ipcd("start").returncode == 0
+    assert instance.ipcd("stop").returncode == 0
+    return instance
+
+
+def test_success_is_quiet_apart_from_output(daemon: Instance) -> None:
+    """Status 0: the output on stdout and nothing on stderr."""
+    done = daemon.ipcctl("submit", "echo", "quiet", "--wait")
+    assert (done.returncode, done.stdout, done.stderr) == (0, "quiet\n", "")
+
+
+def test_job_failed_is_1(daemon: Instance) -> None:
+    """Status 1 when the handler failed, with one line on stderr naming the job."""
+    failed = daemon.ipcctl("submit", "fail", "disk full", "--wait")
+    assert failed.returncode == ExitCode.JOB_FAILED
+    assert failed.stderr.startswith("ipcctl: job ") and failed.stderr.endswith(
+        " failed: disk full\n"
+    )
+    assert failed.stderr.count("\n") == 1
+
+
+def test_usage_error_is_64(instance: Instance) -> None:
+    """Status 64 for a command line that does not parse."""
+    assert instance.ipcctl("submit").returncode == ExitCode.USAGE
+    assert instance.ipcctl("frobnicate").returncode == ExitCode.USAGE
+    assert instance.ipcctl("submit", "echo", "--timeout", "soon").returncode == ExitCode.USAGE
+
+
+def test_bad_payload_is_65(daemon: Instance) -> None:
+    """Status 65 for a payload that is not what --json promises."""
+    bad = daemon.ipcctl("submit", "echo", "{not json", "--json")
+    assert bad.returncode == ExitCode.DATA and "payload is not valid JSON" in bad.stderr
+
+
+def test_no_result_is_66(daemon: Instance) -> None:
+    """Status 66 for a job id the result segment does not know."""
+    missing = daemon.ipcctl("result", "0123456789abcdef")
+    assert missing.returncode == ExitCode.NO_RESULT
+    assert "no result for job 0123456789abcdef" in missing.stderr
+
+
+def test_daemon_never_started_is_69(instance: Instance) -> None:
+    """Status 69 when there is no key file or no queue: ipcd never ran with this config."""
+    no_key = instance.ipcctl("submit", "echo", "x")
+    assert no_key.returncode == ExitCode.UNAVAILABLE and "key file" in no_key.stderr
+    (instance.dir / "ipcd.key").touch()
+    no_queue = instance.ipcctl("submit", "echo", "x")
+    assert no_queue.returncode == ExitCode.UNAVAILABLE and "no job queue at key" in no_queue.stderr
+    assert instance.ipcctl("status").returncode == ExitCode.UNAVAILABLE
+
+
+def test_stopped_daemon_queues_and_status_says_so(stopped: Instance) -> None:
+    """With the daemon stopped, a submit is still queued; status exits 69 and says why."""
+    queued = stopped.ipcctl("submit", "echo", "for later")
+    assert queued.returncode == 0
+    status = stopped.ipcctl("status")
+    assert status.returncode == ExitCode.UNAVAILABLE
+    assert "1 messages" in status.stdout and "daemon     not running" in status.stdout
+
+
+def test_queue_full_is_75(stopped: Instance) -> None:
+    """Status 75 once the kernel queue is full for the whole send timeout; nothing is lost."""
+    payload = "p" * 4000
+    accepted = 0
+    while True:
+        sent = stopped.ipcctl("submit", "echo", payload, "--send-timeout", "0.2")
+        if sent.returncode != 0:
+            break
+        accepted += 1
+        assert accepted < 100
+    assert sent.returncode == ExitCode.QUEUE_FULL
+    assert "stayed full for 0.2s; the job was not accepted" in sent.stderr
+    assert stopped.ipcd("start").returncode == 0  # every accepted job is then served
+    try:
+        barrier = stopped.ipcctl("submit", "echo", "last", "--wait", "--timeout", "20")
+        assert barrier.stdout == "last\n"
+        done = [e for e in stopped.log_events() if e["event"] == "job.done"]
+        assert len(done) == accepted + 1
+        print(f"queue took {accepted} jobs of 4 KB before reporting full")
+    finally:
+        stopped.ipcd("stop")
+
+
+def test_timeout_is_124(daemon: Instance) -> None:
+    """Status 124 when --wait runs out of time; the job itself goes on."""
+    slow = daemon.ipcctl("submit", "sleep", "1.5", "--wait", "--timeout", "0.3")
+    assert slow.returncode == ExitCode.TIMEOUT
+    assert "within 0.3s" in slow.stderr
+
+
+def test_wait_on_stopped_daemon_says_why(stopped: Instance) -> None:
+    """A --wait with no daemon serving times out with a hint that no daemon runs."""
+    waited = stopped.ipcctl("submit", "echo", "x", "--wait", "--timeout", "0.3")
+    assert waited.returncode == ExitCode.TIMEOUT and "no daemon is serving" in waited.stderr
+
+
+def test_bad_config_is_78(instance: Instance) -> None:
+    """Status 78 for a missing or invalid configuration, naming the file."""
+    missing = run([IPCCTL, "-c", str(instance.dir / "nope.toml"), "status"])
+    assert missing.returncode == ExitCode.CONFIG and "nope.toml" in missing.stderr
+    instance.config_path.write_text("[ipc]\nmode = 0o666\nkey_path = 'k'\n")
+    bad = instance.ipcctl("status")
+    assert bad.returncode == ExitCode.CONFIG and "world-writable" in bad.stderr
+
+
+def test_unknown_handler_name_is_78(daemon: Instance) -> None:
+    """A handler name the config does not define is a configuration error (78)."""
+    unknown = daemon.ipcctl("submit", "nosuch", "x")
+    assert unknown.returncode == ExitCode.CONFIG
+    assert "unknown handler 'nosuch' (configured: echo, sleep, fail)" in unknown.stderr
+
+
+def test_config_from_environment(daemon: Instance) -> None:
+    """Without -c, ipcctl reads $IPCD_CONFIG."""
+    env = {**os.environ, "IPCD_CONFIG": str(daemon.config_path)}
+    done = subprocess.run(
+        [IPCCTL, "submit", "echo", "env", "--wait"], capture_output=True, text=True, env=env
+    )
+    assert (done.returncode, done.stdout) == (0, "env\n")
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory other users can read (pytest's tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="ipcd-perm-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def _as_nobody(argv: list[str]) -> int:
+    """Run ipcctl's main in a forked child that dropped root for uid/gid 65534 (nobody).
+
+    The interpreter lives under /root here, out of nobody's reach, so the child keeps the
+    already-imported code and only gives up its identity, as a separate login would have.
+    """
+    from ipcd.cli import ipcctl, run as run_cli
+
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 70
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            with open(os.devnull, "w") as devnull:
+                os.dup2(devnull.fileno(), 1)
+            code = run_cli("ipcctl", ipcctl.main, argv)
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_permission_denied_is_77(shared_dir: Path) -> None:
+    """Status 77 for a user outside the daemon's group: the 0660 queue refuses them."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as an unprivileged user")
+    inst = Instance(shared_dir, shared_dir / "ipcd.toml")
+    inst.write()
+    inst.config_path.chmod(0o644)
+    assert inst.ipcd("start").returncode == 0
+    try:
+        (shared_dir / "ipcd.key").chmod(0o644)
+        code = _as_nobody(["-c", str(inst.config_path), "submit", "echo", "forged"])
+        assert code == ExitCode.NO_PERMISSION
+        assert _as_nobody(["-c", str(inst.config_path), "result", "0123456789abcdef"]) == (
+            ExitCode.NO_PERMISSION
+        )
+        status = inst.ipcctl("status", "--json")
+        assert '"messages": 0' in status.stdout
+    finally:
+        inst.ipcd("stop")
+        from conftest import remove_objects
+
+        remove_objects(inst)

@@ -1,0 +1,129 @@
+"""The kernel border: bounded waits, the msgmax-sized buffer, and the squatting check."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sysv_ipc
+from conftest import Instance
+
+from ipcd import ipc, keys
+from ipcd.errors import ExitCode, PayloadError, QueueFullError, WaitTimeoutError
+from ipcd.ipc import Queue
+
+
+@pytest.fixture
+def key(tmp_path: Path) -> Iterator[int]:
+    """A fresh key from a private file; everything at it is removed afterwards."""
+    path = tmp_path / "k"
+    path.touch()
+    k = keys.ftok(path, 0x42)
+    yield k
+    ipc.remove_all((k,))
+
+
+def test_receive_times_out(key: int) -> None:
+    """A bounded receive on an empty queue raises WaitTimeoutError after about its timeout."""
+    queue = Queue.create(key, 0o600)
+    started = time.monotonic()
+    with pytest.raises(WaitTimeoutError):
+        queue.receive(0, timeout=0.2)
+    assert time.monotonic() - started >= 0.19
+
+
+def test_full_queue_send_times_out(key: int) -> None:
+    """A send to a full queue waits its timeout, then raises QueueFullError; nothing is half-sent."""
+    queue = Queue.create(key, 0o600)
+    body = b"f" * 4096
+    sent = 0
+    while queue.send_nowait(body, 2):
+        sent += 1
+    with pytest.raises(QueueFullError, match="stayed full for 0.1s"):
+        queue.send(body, 2, timeout=0.1)
+    assert queue.stats().messages == sent
+    assert queue.stats().bytes == sent * len(body)
+
+
+def test_messages_up_to_msgmax_are_received(key: int) -> None:
+    """The receive buffer is the kernel's msgmax, not sysv_ipc's 2048-byte default."""
+    queue = Queue.create(key, 0o600)
+    queue.send(b"m" * ipc.msgmax(), 5, timeout=1)
+    assert queue.receive(0, timeout=1) == (b"m" * ipc.msgmax(), 5)
+
+
+def test_raised_msgmax_does_not_jam_the_queue(key: int) -> None:
+    """A message above the msgmax seen at open (the admin raised it since) is still taken."""
+    path = Path(ipc.MSGMAX_PATH)
+    if not os.access(path, os.W_OK):
+        pytest.skip("needs write access to /proc/sys/kernel/msgmax to raise it")
+    original = path.read_text()
+    queue = Queue.create(key, 0o600)  # buffer sized to the current msgmax
+    try:
+        path.write_text(str(int(original) * 2))
+        big = b"B" * (int(original) + 100)
+        sysv_ipc.MessageQueue(key, max_message_size=len(big)).send(big, type=3)
+        assert queue.receive(0, timeout=1) == (big, 3)
+    finally:
+        path.write_text(original)
+
+
+def test_message_above_msgmax_is_a_payload_error(key: int) -> None:
+    """A message larger than the kernel accepts is refused as bad data, not as a full queue."""
+    queue = Queue.create(key, 0o600)
+    with pytest.raises(PayloadError, match=f"exceeds the kernel's msgmax of {ipc.msgmax()}"):
+        queue.send(b"x" * (ipc.msgmax() + 1), 2, timeout=1)
+
+
+def test_interrupting_signal_raises_interrupted(key: int) -> None:
+    """A signal during an unbounded receive surfaces as ipc.Interrupted, not a raw error."""
+    import signal
+
+    queue = Queue.create(key, 0o600)
+    previous = signal.signal(signal.SIGUSR1, lambda *_: None)
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            time.sleep(0.2)
+            os.kill(os.getppid(), signal.SIGUSR1)
+            os._exit(0)
+        with pytest.raises(ipc.Interrupted):
+            queue.receive(0)
+        os.waitpid(pid, 0)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_world_writable_squatter_queue_is_refused(instance: Instance) -> None:
+    """A queue pre-created at ipcd's key with mode 0666 makes start fail, naming it."""
+    (instance.dir / "ipcd.key").touch()
+    squatter = sysv_ipc.MessageQueue(instance.keys.jobs, sysv_ipc.IPC_CREX, 0o666)
+    try:
+        failed = instance.ipcd("start")
+        assert failed.returncode == ExitCode.NO_PERMISSION
+        assert f"the job queue at key {instance.keys.jobs:#010x} has mode 0o666" in failed.stderr
+        assert not instance.pid_file.exists()
+    finally:
+        squatter.remove()
+
+
+def test_foreign_owned_segment_is_refused(instance: Instance) -> None:
+    """A result segment created by another user at ipcd's key makes start fail, naming it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create an object as another user")
+    (instance.dir / "ipcd.key").touch()
+    key = instance.keys.results
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.setgid(65534)
+        os.setuid(65534)
+        sysv_ipc.SharedMemory(key, sysv_ipc.IPC_CREX, 0o600, 4096).detach()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    failed = instance.ipcd("start")
+    assert failed.returncode == ExitCode.NO_PERMISSION
+    assert f"the result segment at key {key:#010x} is owned by uid 65534" in failed.stderr

@@ -1,0 +1,68 @@
+"""A real PHP client (php-cli's sysvmsg) talking to a running daemon."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+from conftest import Instance
+
+PHP_BARE = r"""
+$key = ftok($argv[1], "I");
+$q = msg_get_queue($key);
+// PHP's defaults: serialize = true, so the body is s:5:"hello";
+if (!msg_send($q, 2, "hello", true, true, $err)) { fwrite(STDERR, "send: $err\n"); exit(1); }
+if (!msg_send($q, 2, ["a" => 1, "list" => [1, 2]], true, true, $err)) { exit(1); }
+printf("%08x\n", $key);
+"""
+
+PHP_ENVELOPE = r"""
+$key = ftok($argv[1], "I");
+$q = msg_get_queue($key);
+$replies = msg_get_queue($key + 0x01000000);
+$id = bin2hex(random_bytes(8));
+$env = json_encode(["ipcd" => 1, "id" => $id, "payload" => ["from" => "php"],
+                    "submitted" => microtime(true), "pid" => getmypid(), "reply" => getmypid()]);
+if (!msg_send($q, 2, $env, false, true, $err)) { fwrite(STDERR, "send: $err\n"); exit(1); }
+// wait for the daemon's notification: type = our pid, body = the job id
+if (!msg_receive($replies, getmypid(), $type, 64, $body, false, 0, $err)) { exit(2); }
+echo $id, " ", $body, "\n";
+"""
+
+
+def _php(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["php", "-r", script, "--", *args], capture_output=True, text=True, timeout=30
+    )
+
+
+@pytest.fixture(autouse=True)
+def _need_php() -> None:
+    if shutil.which("php") is None:
+        pytest.skip("php-cli is not installed (.ci/run installs it): cannot run PHP clients")
+
+
+def test_php_msg_send_with_defaults_reaches_handler(daemon: Instance) -> None:
+    """`msg_send($q, 2, 'hello')` with PHP's default serialization runs the echo handler."""
+    sent = _php(PHP_BARE, str(daemon.dir / "ipcd.key"))
+    assert sent.returncode == 0, sent.stderr
+    assert int(sent.stdout, 16) == daemon.keys.jobs  # PHP's ftok agrees with ipcd's key
+    daemon.ipcctl("submit", "echo", "barrier", "--wait")
+    bare = [e for e in daemon.log_events() if e["event"] == "job.done" and e.get("bare")]
+    assert [(e["handler"], e["outcome"]) for e in bare] == [("echo", "ok")] * 2
+    first = daemon.ipcctl("result", str(bare[0]["job_id"]))
+    second = daemon.ipcctl("result", str(bare[1]["job_id"]))
+    assert first.stdout == "hello\n"
+    assert json.loads(second.stdout) == {"a": 1, "list": [1, 2]}
+
+
+def test_php_envelope_and_reply_queue(daemon: Instance) -> None:
+    """A PHP client sends an envelope, is woken through the reply queue, and finds its result."""
+    done = _php(PHP_ENVELOPE, str(daemon.dir / "ipcd.key"))
+    assert done.returncode == 0, done.stderr
+    job_id, notified = done.stdout.split()
+    assert notified == job_id
+    shown = daemon.ipcctl("result", job_id)
+    assert json.loads(shown.stdout) == {"from": "php"}
