@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import threading
 from pathlib import Path
 from typing import Any, TextIO
@@ -52,11 +51,18 @@ class Sink:
         return self._file.fileno() if self._file is not None else None
 
     def emit(self, method: str, event: EventDict) -> None:
+        # When, how bad and what first, so that a line reads well before it reaches jq.
+        ordered = {
+            "timestamp": event.pop("timestamp", None),
+            "level": event.pop("level", method),
+            "event": event.pop("event", None),
+            **event,
+        }
         with self._lock:
             if self._file is not None:
-                self._file.write(json.dumps(event, default=str, ensure_ascii=False) + "\n")
+                self._file.write(json.dumps(ordered, default=str, ensure_ascii=False) + "\n")
             if self.console is not None and self._console_render is not None:
-                rendered = self._console_render(None, method, dict(event))
+                rendered = self._console_render(None, method, dict(ordered))
                 self.console.write(f"{rendered}\n")
                 self.console.flush()
 
@@ -124,8 +130,3 @@ def _wants_color(stream: TextIO | None) -> bool:
         and "NO_COLOR" not in os.environ
         and os.environ.get("TERM") != "dumb"
     )
-
-
-def console_for_foreground() -> TextIO | None:
-    """Where ``ipcd run`` shows events: stderr, unless the JSON file already is stderr."""
-    return sys.stderr

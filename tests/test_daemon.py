@@ -224,3 +224,13 @@ def test_help_lists_exit_statuses() -> None:
     """`ipcd --help` documents the exit statuses."""
     shown = run([IPCD, "--help"])
     assert shown.returncode == 0 and "exit status" in shown.stdout
+
+
+def test_control_message_only_wakes(daemon: Instance) -> None:
+    """A type-1 control message wakes the daemon but asks nothing: it keeps serving."""
+    from ipcd.ipc import Queue
+
+    Queue.open(daemon.keys.jobs).send(b"ipcd:wake", 1, timeout=1)
+    done = daemon.ipcctl("submit", "echo", "still serving", "--wait", "--timeout", "10")
+    assert done.stdout == "still serving\n"
+    assert [e["event"] for e in daemon.log_events()] == ["daemon.started", "job.done"]
