@@ -11,6 +11,7 @@ path free of third-party imports.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -121,6 +122,8 @@ def load(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(f"{path}: configuration file not found") from None
     except PermissionError:
         raise ConfigError(f"{path}: permission denied reading configuration") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     return parse(raw, path)
@@ -264,6 +267,6 @@ class _Reader:
 
     def positive(self, table: Mapping[str, Any], dotted: str, default: float) -> float:
         value: float = self.get(table, dotted, float, default)
-        if value <= 0:
-            raise self.error(f"{dotted} must be positive")
+        if not 0 < value < math.inf:
+            raise self.error(f"{dotted} must be a positive number of seconds")
         return value

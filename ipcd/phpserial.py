@@ -66,6 +66,9 @@ _STEPS: dict[bytes, tuple[bytes | tuple[re.Pattern[bytes], str], ...]] = {
     b"N": (b";",),
     b"a": (b":", (re.compile(_LENGTH_RE), "an array count"), b":{"),
 }
+#: How an object, enum or reference really starts: text such as "C:\\Windows" or "E:mail"
+#: is not refused as an object, it is malformed PHP and so travels as plain text.
+_REFUSED_HEADER = re.compile(rb'[OCE]:[0-9]+:"|[rR]:[0-9]+;')
 #: A string PHP turns into an integer key ("7", "-7"; not "07", "-0" or "+7").
 _INT_KEY = re.compile(r"0|-?[1-9][0-9]*")
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -231,7 +234,7 @@ def _explain(buf: bytes, pos: int, want_key: bool) -> MessageError:
     """Say why no token starts at ``pos``: the first step of PHP's grammar that fails."""
     tag = buf[pos : pos + 1]
     wanted = _KEY_OR_END if want_key else "a value"
-    if tag in _REFUSED and not want_key and buf.startswith(b":", pos + 1):
+    if tag in _REFUSED and not want_key and _REFUSED_HEADER.match(buf, pos):
         return _refused(pos, f"{_REFUSED[tag]} is never instantiated")
     if tag not in _STEPS or (want_key and tag not in b"is"):
         return _malformed(pos, f"expected {wanted}, found {_shown(buf, pos)}")

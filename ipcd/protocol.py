@@ -31,6 +31,7 @@ JSONValue: TypeAlias = "bool | int | float | str | list[JSONValue] | dict[str, J
 Payload: TypeAlias = "JSONValue | bytes"
 
 _JOB_ID = re.compile(r"[0-9A-Za-z_.-]{1,16}\Z")
+_ENVELOPE_ID = re.compile(rb'"id"\s*:\s*"([0-9A-Za-z_.-]{1,16})"')
 _ENVELOPE_KEYS = frozenset({"ipcd", "id", "payload", "payload_b64", "submitted", "pid", "reply"})
 
 
@@ -87,6 +88,11 @@ def decode(body: bytes, type_: int, *, received: float | None = None) -> Job:
         doc = _json_object(body)
         if doc is not None and "ipcd" in doc:
             return _from_envelope(doc, type_)
+        if doc is None and body.startswith(b'{"ipcd"'):
+            # Too deep for the JSON parser, or invalid: an envelope all the same, so the
+            # submitter learns why (when its id can be read) instead of a bare job running.
+            found = _ENVELOPE_ID.search(body, 0, 256)
+            raise _bad("not valid JSON, or nested too deeply", found and found[1].decode())
     return Job(
         id=new_job_id(),
         type=type_,
@@ -98,16 +104,21 @@ def decode(body: bytes, type_: int, *, received: float | None = None) -> Job:
 
 def _json_object(body: bytes) -> dict[str, Any] | None:
     try:
-        doc = json.loads(body)
+        doc = json.loads(body, parse_constant=_no_constants)
     except (UnicodeDecodeError, ValueError, RecursionError):
         return None
     return doc if isinstance(doc, dict) else None
 
 
+def _no_constants(name: str) -> None:
+    """Refuse NaN and Infinity, which Python's json accepts but JSON does not have."""
+    raise ValueError(f"{name} is not JSON")
+
+
 def _from_envelope(doc: dict[str, Any], type_: int) -> Job:
     raw_id = doc.get("id")
     job_id = raw_id if isinstance(raw_id, str) and _JOB_ID.match(raw_id) else None
-    if doc["ipcd"] != VERSION:
+    if type(doc["ipcd"]) is not int or doc["ipcd"] != VERSION:
         raise _bad(f"unsupported envelope version {doc['ipcd']!r} (this ipcd speaks 1)", job_id)
     if job_id is None:
         raise _bad("envelope 'id' must be 1-16 characters of [0-9A-Za-z_.-]", None)

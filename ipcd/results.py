@@ -184,6 +184,7 @@ def write_result(buf: memoryview, header: Header, result: Result) -> int:
     data = result.data
     if len(data) > capacity(header.slot_size):
         raise ValueError(f"{len(data)} bytes do not fit a {header.slot_size}-byte slot")
+    raw_id = result.job_id.encode("ascii")[:16].ljust(16, b"\0")  # fails before any write
     struct.pack_into("<I", buf, offset, SlotState.WRITING)
     struct.pack_into("<Q", buf, _NEXT_SEQ_OFFSET, seq + 1)
     RECORD.pack_into(
@@ -192,7 +193,7 @@ def write_result(buf: memoryview, header: Header, result: Result) -> int:
         SlotState.WRITING,
         0,
         seq,
-        result.job_id.encode("ascii")[:16].ljust(16, b"\0"),
+        raw_id,
         result.type,
         result.status,
         result.kind,

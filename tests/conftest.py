@@ -26,6 +26,8 @@ BIN = Path(sys.executable).parent
 IPCD = str(BIN / "ipcd")
 IPCCTL = str(BIN / "ipcctl")
 TESTS = Path(__file__).parent
+#: Keys the fixtures made objects at: the only ones the end-of-session check may remove.
+TEST_KEYS: set[int] = set()
 
 
 @dataclass
@@ -128,7 +130,9 @@ def remove_objects(instance: Instance) -> None:
     if not key_file.exists():
         return
     jobs = keys.ftok(key_file, 0x49)  # not from the config, which a test may have broken
-    ipc.remove_all((jobs, jobs + keys.REPLY_KEY_OFFSET, jobs + keys.GATE_KEY_OFFSET))
+    made = (jobs, jobs + keys.REPLY_KEY_OFFSET, jobs + keys.GATE_KEY_OFFSET)
+    TEST_KEYS.update(made)
+    ipc.remove_all(made)
 
 
 @pytest.fixture
@@ -199,10 +203,14 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Fail the run if the suite left any queue, segment or semaphore behind."""
+    """Fail the run if the suite left any queue, segment or semaphore behind.
+
+    Objects at keys the fixtures used are removed; others are only reported, since they
+    may belong to something else running on the machine meanwhile.
+    """
     left = sorted(_sysv_objects() - _BEFORE)
     if left:
         listing = ", ".join(f"{kind} key {key:#010x} id {id_}" for kind, key, id_ in left)
-        print(f"\nIPC objects left behind by the tests: {listing}", file=sys.stderr)
-        ipc.remove_all(tuple({key for _, key, _ in left if key}))
+        print(f"\nIPC objects made during the test run remain: {listing}", file=sys.stderr)
+        ipc.remove_all(tuple({key for _, key, _ in left if key in TEST_KEYS}))
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

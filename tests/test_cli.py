@@ -154,7 +154,8 @@ def _as_nobody(argv: list[str]) -> int:
     The interpreter lives under /root here, out of nobody's reach, so the child keeps the
     already-imported code and only gives up its identity, as a separate login would have.
     """
-    from ipcd.cli import ipcctl, run as run_cli
+    from ipcd.cli import ipcctl
+    from ipcd.cli import run as run_cli
 
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child

@@ -202,7 +202,9 @@ def test_thousand_jobs_from_four_shell_loops(served: Instance) -> None:
         for n in range(4)
     ]
     outputs = [p.communicate(timeout=300) for p in loops]
-    assert [(p.returncode, out) for p, (out, _) in zip(loops, outputs, strict=True)] == [(0, b"")] * 4
+    assert [(p.returncode, out) for p, (out, _) in zip(loops, outputs, strict=True)] == [
+        (0, b"")
+    ] * 4
     assert sum(e["outcome"] == "ok" for e in _job_events(served)) == 1000
     print(f"1000 jobs from 4 shell loops in {time.monotonic() - started:.1f}s")
 

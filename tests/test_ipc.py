@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import sysv_ipc
-from conftest import Instance
+from conftest import TEST_KEYS, Instance
 
 from ipcd import ipc, keys
 from ipcd.errors import ExitCode, PayloadError, QueueFullError, WaitTimeoutError
@@ -22,6 +22,7 @@ def key(tmp_path: Path) -> Iterator[int]:
     path = tmp_path / "k"
     path.touch()
     k = keys.ftok(path, 0x42)
+    TEST_KEYS.add(k)
     yield k
     ipc.remove_all((k,))
 
@@ -36,13 +37,13 @@ def test_receive_times_out(key: int) -> None:
 
 
 def test_full_queue_send_times_out(key: int) -> None:
-    """A send to a full queue waits its timeout, then raises QueueFullError; nothing is half-sent."""
+    """A send to a full queue waits its timeout, then raises QueueFullError; none half-sent."""
     queue = Queue.create(key, 0o600)
     body = b"f" * 4096
     sent = 0
     while queue.send_nowait(body, 2):
         sent += 1
-    with pytest.raises(QueueFullError, match="stayed full for 0.1s"):
+    with pytest.raises(QueueFullError, match=r"stayed full for 0\.1s"):
         queue.send(body, 2, timeout=0.1)
     assert queue.stats().messages == sent
     assert queue.stats().bytes == sent * len(body)

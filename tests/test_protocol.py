@@ -1,0 +1,377 @@
+"""Tests of ipcd.protocol: envelopes round-trip, bare messages decode, bad ones are refused."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import time
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ipcd.errors import MessageError, PayloadError, RefusedPayloadError
+from ipcd.protocol import MAX_DEPTH, Job, Payload, decode, encode, new_job_id
+
+JOB_ID_FORMAT = re.compile(r"[0-9a-f]{16}\Z")
+
+
+def envelope(**fields: Any) -> bytes:
+    """A hand-built envelope: ``{"ipcd": 1, "id": "abc"}`` updated with ``fields``."""
+    doc: dict[str, Any] = {"ipcd": 1, "id": "abc"}
+    doc.update(fields)
+    return json.dumps(doc).encode()
+
+
+def nested(depth: int) -> Any:
+    """``depth`` lists inside one another around the number 1."""
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+# --- envelopes -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "hello",
+        "",
+        "ünïcödé ✓ \x00 \n",
+        None,
+        True,
+        False,
+        0,
+        -(2**70),
+        1.5,
+        [1, "a", None, [True]],
+        {"a": {"b": [1, 2.5]}, "": "empty key"},
+        b"",
+        b"\x00\xff binary \n",
+    ],
+)
+def test_envelope_round_trip_keeps_every_field(payload: Payload) -> None:
+    """decode(encode(...)) gives back the payload (same type), id, reply_to, pid and
+    submitted, with the type the message arrived with."""
+    body = encode(payload, job_id="job-1.A_z", reply_to=7, submitted=1700000000.125, pid=4321)
+    job = decode(body, 5)
+    assert job == Job(
+        id="job-1.A_z",
+        type=5,
+        payload=payload,
+        submitted=1700000000.125,
+        sender_pid=4321,
+        reply_to=7,
+        bare=False,
+    )
+    assert type(job.payload) is type(payload)
+
+
+@pytest.mark.parametrize("payload", [b"\x01\x02", bytearray(b"\x01\x02"), memoryview(b"\x01\x02")])
+def test_binary_payloads_travel_as_base64(payload: bytes | bytearray | memoryview) -> None:
+    """bytes, bytearray and memoryview payloads are sent as ``payload_b64`` and arrive as
+    bytes."""
+    body = encode(payload, job_id="bin", submitted=1.0, pid=1)  # type: ignore[arg-type]
+    assert json.loads(body) == {
+        "ipcd": 1,
+        "id": "bin",
+        "submitted": 1.0,
+        "pid": 1,
+        "payload_b64": "AQI=",
+    }
+    assert decode(body, 2).payload == b"\x01\x02"
+
+
+def test_encode_fills_in_pid_and_submitted_and_omits_reply() -> None:
+    """Without pid, submitted and reply_to the envelope carries this process's pid, the
+    current time and no ``reply`` field."""
+    before = time.time()
+    doc = json.loads(encode({"k": "v"}, job_id="abc"))
+    after = time.time()
+    assert set(doc) == {"ipcd", "id", "submitted", "pid", "payload"}
+    assert doc["ipcd"] == 1
+    assert doc["id"] == "abc"
+    assert doc["pid"] == os.getpid()
+    assert doc["payload"] == {"k": "v"}
+    assert before - 1e-6 <= doc["submitted"] <= after + 1e-6
+
+
+def test_encode_writes_compact_utf8_json() -> None:
+    """The envelope is compact JSON with non-ASCII text as UTF-8, not escapes."""
+    body = encode("é", job_id="abc", submitted=2.0, pid=3, reply_to=9)
+    assert body == '{"ipcd":1,"id":"abc","submitted":2.0,"pid":3,"reply":9,"payload":"é"}'.encode()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        object(),
+        {"a": b"nested bytes"},
+        [1, {2, 3}],
+        float("nan"),
+        float("inf"),
+        {"x": [1.0, -float("inf")]},
+    ],
+)
+def test_encode_refuses_what_json_cannot_carry(payload: object) -> None:
+    """A payload JSON cannot represent (objects, nested bytes, sets, NaN, infinities) raises
+    PayloadError."""
+    with pytest.raises(PayloadError) as caught:
+        encode(payload, job_id="abc")  # type: ignore[arg-type]
+    assert str(caught.value).startswith("payload cannot be encoded as JSON: ")
+
+
+def test_new_job_id_is_16_random_hex_digits() -> None:
+    """new_job_id() returns 16 lower-case hex digits, different on every call, that an
+    envelope accepts as its id."""
+    ids = {new_job_id() for _ in range(100)}
+    assert len(ids) == 100
+    for job_id in ids:
+        assert JOB_ID_FORMAT.match(job_id)
+    job_id = ids.pop()
+    assert decode(encode("x", job_id=job_id), 2).id == job_id
+
+
+def test_envelope_fields_default_when_absent() -> None:
+    """An envelope with only ``ipcd`` and ``id`` is a job with a null payload, submitted 0,
+    pid 0 and nobody waiting."""
+    assert decode(b'{"ipcd":1,"id":"abc"}', 3) == Job(id="abc", type=3, payload=None)
+
+
+def test_payload_nested_to_max_depth_is_accepted() -> None:
+    """A payload nested exactly MAX_DEPTH levels deep is accepted."""
+    assert decode(envelope(payload=nested(MAX_DEPTH)), 2).payload == nested(MAX_DEPTH)
+
+
+# --- malformed envelopes ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "reason", "job_id"),
+    [
+        (envelope(ipcd=2), "unsupported envelope version 2 (this ipcd speaks 1)", "abc"),
+        (envelope(ipcd="1"), "unsupported envelope version '1' (this ipcd speaks 1)", "abc"),
+        (envelope(ipcd=None), "unsupported envelope version None (this ipcd speaks 1)", "abc"),
+        (
+            envelope(ipcd=2, id="bad id"),
+            "unsupported envelope version 2 (this ipcd speaks 1)",
+            None,
+        ),
+        (b'{"ipcd":1}', "envelope 'id' must be 1-16 characters of [0-9A-Za-z_.-]", None),
+        (envelope(id=""), "envelope 'id' must be 1-16 characters of [0-9A-Za-z_.-]", None),
+        (envelope(id="x" * 17), "envelope 'id' must be 1-16 characters of [0-9A-Za-z_.-]", None),
+        (envelope(id="a/b"), "envelope 'id' must be 1-16 characters of [0-9A-Za-z_.-]", None),
+        (envelope(id="abc\n"), "envelope 'id' must be 1-16 characters of [0-9A-Za-z_.-]", None),
+        (envelope(id=123), "envelope 'id' must be 1-16 characters of [0-9A-Za-z_.-]", None),
+        (envelope(extra=1), "unknown envelope field 'extra'", "abc"),
+        (envelope(b=1, a=2), "unknown envelope field 'a'", "abc"),
+        (
+            envelope(payload="x", payload_b64="eA=="),
+            "envelope has both 'payload' and 'payload_b64'",
+            "abc",
+        ),
+        (envelope(payload_b64=123), "'payload_b64' must be a base64 string", "abc"),
+        (envelope(payload_b64=None), "'payload_b64' must be a base64 string", "abc"),
+        (envelope(payload_b64="!!!!"), "'payload_b64' is not valid base64", "abc"),
+        (envelope(payload_b64="eA="), "'payload_b64' is not valid base64", "abc"),
+        (envelope(payload_b64="é"), "'payload_b64' is not valid base64", "abc"),
+        (envelope(pid="12"), "'pid' must be a non-negative integer", "abc"),
+        (envelope(pid=-1), "'pid' must be a non-negative integer", "abc"),
+        (envelope(pid=1.0), "'pid' must be a non-negative integer", "abc"),
+        (envelope(pid=True), "'pid' must be a non-negative integer", "abc"),
+        (envelope(pid=None), "'pid' must be a non-negative integer", "abc"),
+        (envelope(reply="7"), "'reply' must be a positive message type", "abc"),
+        (envelope(reply=0), "'reply' must be a positive message type", "abc"),
+        (envelope(reply=-7), "'reply' must be a positive message type", "abc"),
+        (envelope(reply=2**31), "'reply' must be a positive message type", "abc"),
+        (envelope(reply=True), "'reply' must be a positive message type", "abc"),
+        (envelope(reply=7.0), "'reply' must be a positive message type", "abc"),
+        (envelope(submitted="now"), "'submitted' must be a number", "abc"),
+        (envelope(submitted=True), "'submitted' must be a number", "abc"),
+        (envelope(submitted=None), "'submitted' must be a number", "abc"),
+        (
+            envelope(payload=nested(MAX_DEPTH + 1)),
+            f"payload nested deeper than {MAX_DEPTH} levels",
+            "abc",
+        ),
+        (
+            envelope(payload={"a": [{"b": nested(MAX_DEPTH)}]}),
+            f"payload nested deeper than {MAX_DEPTH} levels",
+            "abc",
+        ),
+        # Starts as an envelope but is not JSON: refused, with the id when it can be read
+        (b'{"ipcd":1', "not valid JSON, or nested too deeply", None),
+        (b'{"ipcd":1,"id":"\xff"}', "not valid JSON, or nested too deeply", None),
+        (
+            b'{"ipcd":1,"id":"deep1","payload":' + b"[" * 5000 + b"]" * 5000 + b"}",
+            "not valid JSON, or nested too deeply",
+            "deep1",
+        ),
+        (
+            b'{"ipcd":true,"id":"abc","payload":1}',
+            "unsupported envelope version True (this ipcd speaks 1)",
+            "abc",
+        ),
+        (b'{"ipcd":1,"id":"abc","submitted":NaN}', "not valid JSON, or nested too deeply", "abc"),
+    ],
+)
+def test_malformed_envelopes_raise_message_error(
+    body: bytes, reason: str, job_id: str | None
+) -> None:
+    """A malformed envelope raises MessageError saying why, with ``job_id`` set when the id
+    was readable and None when it was not."""
+    with pytest.raises(MessageError) as caught:
+        decode(body, 2)
+    assert type(caught.value) is MessageError
+    assert str(caught.value) == f"malformed envelope: {reason}"
+    assert caught.value.job_id == job_id
+
+
+def test_envelope_limits_are_inclusive() -> None:
+    """pid 0, reply 2**31-1 and a 16-character id are all accepted."""
+    job = decode(envelope(id="Z" * 16, pid=0, reply=2**31 - 1), 2)
+    assert (job.id, job.sender_pid, job.reply_to) == ("Z" * 16, 0, 2**31 - 1)
+
+
+# --- bare messages ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "payload"),
+    [
+        (b"hello world", "hello world"),
+        (b"", ""),
+        ("grüße ✓".encode(), "grüße ✓"),
+        (b"\xff\xfe\x00", b"\xff\xfe\x00"),
+        (b"caf\xe9", b"caf\xe9"),
+        # JSON that is not an envelope is just text
+        (b'{"a":1}', '{"a":1}'),
+        (b'{"IPCD":1,"id":"abc"}', '{"IPCD":1,"id":"abc"}'),
+        (b"[1, 2]", "[1, 2]"),
+        # text that merely starts like a PHP object or reference is text
+        (b"C:\\Windows\\Temp", "C:\\Windows\\Temp"),
+        (b"E:mail me", "E:mail me"),
+        (b"r:ecord 5", "r:ecord 5"),
+        # PHP's serialize() format, as msg_send sends by default
+        (b's:5:"hello";', "hello"),
+        (b's:2:"\xff\xfe";', b"\xff\xfe"),
+        (b"i:42;", 42),
+        (b"d:2.5;", 2.5),
+        (b"b:1;", True),
+        (b"N;", None),
+        (b'a:2:{i:0;s:1:"a";i:1;i:2;}', ["a", 2]),
+        (b'a:2:{s:1:"k";b:1;i:5;N;}', {"k": True, "5": None}),
+        (b'a:1:{i:0;a:1:{s:1:"x";s:1:"\xff";}}', [{"x": "\xff"}]),
+        (b"a:0:{}", []),
+        # text that merely starts like PHP serialize data
+        (b"i:am text", "i:am text"),
+        (b's:5:"hi";', 's:5:"hi";'),
+        (b"a:1:{oops", "a:1:{oops"),
+        (b"N;ot php", "N;ot php"),
+        (b"b:\xff", b"b:\xff"),
+    ],
+)
+def test_bare_messages_become_payloads(body: bytes, payload: Payload) -> None:
+    """A message that is not an envelope is a bare job whose payload is its PHP value, its
+    UTF-8 text, or else its bytes."""
+    job = decode(body, 9, received=123.5)
+    assert JOB_ID_FORMAT.match(job.id)
+    assert job == Job(id=job.id, type=9, payload=payload, submitted=123.5, bare=True)
+    assert type(job.payload) is type(payload)
+
+
+def test_bare_message_submitted_defaults_to_now() -> None:
+    """A bare message decoded without ``received`` is stamped with the current time."""
+    before = time.time()
+    job = decode(b"hello", 2)
+    assert before <= job.submitted <= time.time()
+
+
+def test_bare_messages_get_fresh_ids() -> None:
+    """Two identical bare messages become two jobs with different ids."""
+    assert decode(b"same", 2).id != decode(b"same", 2).id
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b'O:8:"stdClass":0:{}', "offset 0: PHP object (O:) is never instantiated"),
+        (b'a:1:{i:0;O:8:"stdClass":0:{}}', "offset 9: PHP object (O:) is never instantiated"),
+        (
+            b'C:11:"ArrayObject":0:{}',
+            "offset 0: PHP custom-serialized object (C:) is never instantiated",
+        ),
+        (b"a:1:{i:0;r:1;}", "offset 9: PHP reference (r:) is never instantiated"),
+        (
+            b"a:1:{i:0;" * (MAX_DEPTH + 1) + b"N;" + b"}" * (MAX_DEPTH + 1),
+            f"offset {9 * MAX_DEPTH}: arrays nested deeper than {MAX_DEPTH} levels",
+        ),
+    ],
+)
+def test_php_objects_are_refused(body: bytes, reason: str) -> None:
+    """A bare PHP object, reference or over-deep array raises RefusedPayloadError (a
+    MessageError without a job id)."""
+    with pytest.raises(RefusedPayloadError) as caught:
+        decode(body, 2)
+    assert str(caught.value) == f"refused PHP serialize data at {reason}"
+    assert caught.value.job_id is None
+
+
+# --- arbitrary input -------------------------------------------------------------------------
+
+_json_leaf = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=8)
+)
+_json_values = st.recursive(
+    _json_leaf,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+_envelope_docs = st.fixed_dictionaries(
+    {
+        "ipcd": st.one_of(st.just(1), _json_leaf),
+        "id": st.one_of(st.from_regex(r"[0-9A-Za-z_.-]{1,16}", fullmatch=True), _json_leaf),
+    },
+    optional={
+        "payload": _json_values,
+        "payload_b64": st.one_of(
+            st.binary(max_size=6).map(lambda b: base64.b64encode(b).decode()), _json_leaf
+        ),
+        "submitted": _json_leaf,
+        "pid": st.one_of(st.integers(), _json_leaf),
+        "reply": st.one_of(st.integers(), _json_leaf),
+        "x": _json_leaf,
+    },
+).map(lambda doc: json.dumps(doc).encode())
+_php_like = st.tuples(
+    st.sampled_from([b"N;", b"s:", b"i:", b"d:", b"b:", b"a:", b"O:", b"r:", b"{", b"["]),
+    st.binary(max_size=40),
+).map(b"".join)
+_messages = st.one_of(st.binary(max_size=200), _envelope_docs, _php_like)
+
+
+@settings(
+    max_examples=600,
+    deadline=timedelta(seconds=1),
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(_messages, st.integers(min_value=2, max_value=2**31 - 1))
+def test_decode_returns_a_job_or_raises_message_error(body: bytes, type_: int) -> None:
+    """Any bytes given to decode() either become a Job of that type or raise MessageError;
+    nothing else escapes."""
+    try:
+        job = decode(body, type_)
+    except MessageError:
+        return
+    assert isinstance(job, Job)
+    assert job.type == type_
+    assert re.fullmatch(r"[0-9A-Za-z_.-]{1,16}", job.id)
