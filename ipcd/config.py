@@ -25,7 +25,8 @@ ENV_VAR = "IPCD_CONFIG"
 
 #: Message type reserved for ipcd's own control messages (waking a blocked receiver).
 CONTROL_TYPE = 1
-#: Largest message type: sysv_ipc passes types as C ints.
+#: Largest message type ipcctl sends: sysv_ipc passes types as C ints.  (The daemon
+#: receives any positive C long, which is what PHP may send.)
 MAX_TYPE = 2**31 - 1
 
 
@@ -37,6 +38,8 @@ class IpcConfig(NamedTuple):
     key: int | None
     mode: int
     send_timeout: float
+    #: Raise the job queue's msg_qbytes to this at start (needs CAP_SYS_RESOURCE).
+    queue_bytes: int | None = None
 
 
 class DaemonConfig(NamedTuple):
@@ -46,6 +49,9 @@ class DaemonConfig(NamedTuple):
     workdir: Path
     umask: int
     stop_timeout: float
+    workers: int = 2
+    max_jobs_per_worker: int = 0
+    graceful_timeout: float = 20.0
 
 
 class LogConfig(NamedTuple):
@@ -62,12 +68,26 @@ class ResultsConfig(NamedTuple):
     slot_size: int
 
 
+class JobsConfig(NamedTuple):
+    """What happens to jobs that fail or whose worker dies."""
+
+    max_attempts: int = 3
+    retry_delay: float = 1.0
+    failed_size: int = 256
+    parked: int = 64
+
+
 class HandlerConfig(NamedTuple):
     """One handler: the name users type, the message type it serves, where its code is."""
 
     name: str
     type: int
     target: str | None
+    #: Seconds a job may run before it is killed with its worker (None: no limit).
+    timeout: float | None = None
+    #: Overrides [jobs] max_attempts and retry_delay for this handler.
+    max_attempts: int | None = None
+    retry_delay: float | None = None
 
 
 class Config(NamedTuple):
@@ -79,6 +99,7 @@ class Config(NamedTuple):
     log: LogConfig
     results: ResultsConfig
     handlers: tuple[HandlerConfig, ...]
+    jobs: JobsConfig = JobsConfig()
 
     def handler_type(self, name_or_number: str) -> int:
         """Turn what a user typed (a handler name or a type number) into a message type."""
@@ -132,11 +153,11 @@ def load(path: str | os.PathLike[str]) -> Config:
 def parse(raw: Mapping[str, Any], path: Path) -> Config:
     """Validate an already-parsed TOML document; ``path`` anchors relative paths."""
     reader = _Reader(path)
-    reader.allow(raw, "", {"ipc", "daemon", "log", "results", "handlers"})
+    reader.allow(raw, "", {"ipc", "daemon", "log", "results", "jobs", "handlers"})
     base = path.parent.absolute()
 
     ipc = reader.table(raw, "ipc")
-    reader.allow(ipc, "ipc", {"key_path", "proj_id", "key", "mode", "send_timeout"})
+    reader.allow(ipc, "ipc", {"key_path", "proj_id", "key", "mode", "send_timeout", "queue_bytes"})
     key = reader.optional(ipc, "ipc.key", int)
     key_path = reader.optional(ipc, "ipc.key_path", str)
     if key is None and key_path is None:
@@ -144,9 +165,9 @@ def parse(raw: Mapping[str, Any], path: Path) -> Config:
     if key is not None and not 0 < key <= 0xFFFFFFFF:
         raise reader.error("ipc.key must be between 1 and 0xffffffff")
     proj_id = reader.get(ipc, "ipc.proj_id", int, 0x49)
-    if not 1 <= proj_id <= 253:
-        # ftok uses only the low 8 bits, and ipcd also uses proj_id + 1 and + 2 (ipcd.keys).
-        raise reader.error("ipc.proj_id must be between 1 and 253")
+    if not 1 <= proj_id <= 251:
+        # ftok uses only the low 8 bits, and ipcd also uses proj_id + 1 to + 4 (ipcd.keys).
+        raise reader.error("ipc.proj_id must be between 1 and 251")
     mode = reader.get(ipc, "ipc.mode", int, 0o660)
     if not 0 <= mode <= 0o777:
         raise reader.error("ipc.mode must be a permission mode such as 0o660")
@@ -158,10 +179,23 @@ def parse(raw: Mapping[str, Any], path: Path) -> Config:
         key=key,
         mode=mode,
         send_timeout=reader.positive(ipc, "ipc.send_timeout", 5.0),
+        queue_bytes=reader.bounded(ipc, "ipc.queue_bytes", None, 1, 1 << 31),
     )
 
     daemon = reader.table(raw, "daemon")
-    reader.allow(daemon, "daemon", {"pid_file", "workdir", "umask", "stop_timeout"})
+    reader.allow(
+        daemon,
+        "daemon",
+        {
+            "pid_file",
+            "workdir",
+            "umask",
+            "stop_timeout",
+            "workers",
+            "max_jobs_per_worker",
+            "graceful_timeout",
+        },
+    )
     umask = reader.get(daemon, "daemon.umask", int, 0o027)
     if not 0 <= umask <= 0o777:
         raise reader.error("daemon.umask must be a mode such as 0o027")
@@ -170,6 +204,9 @@ def parse(raw: Mapping[str, Any], path: Path) -> Config:
         workdir=_resolve(base, reader.get(daemon, "daemon.workdir", str, "/")),
         umask=umask,
         stop_timeout=reader.positive(daemon, "daemon.stop_timeout", 30.0),
+        workers=reader.bounded(daemon, "daemon.workers", 2, 1, 256),
+        max_jobs_per_worker=reader.bounded(daemon, "daemon.max_jobs_per_worker", 0, 0, 2**31),
+        graceful_timeout=reader.positive(daemon, "daemon.graceful_timeout", 20.0),
     )
 
     log = reader.table(raw, "log")
@@ -190,6 +227,15 @@ def parse(raw: Mapping[str, Any], path: Path) -> Config:
         raise reader.error("results.size must hold at least two slots (2 * slot_size)")
     results_config = ResultsConfig(size=size, slot_size=slot_size)
 
+    jobs = reader.table(raw, "jobs")
+    reader.allow(jobs, "jobs", {"max_attempts", "retry_delay", "failed_size", "parked"})
+    jobs_config = JobsConfig(
+        max_attempts=reader.bounded(jobs, "jobs.max_attempts", 3, 1, 1000),
+        retry_delay=reader.non_negative(jobs, "jobs.retry_delay", 1.0),
+        failed_size=reader.bounded(jobs, "jobs.failed_size", 256, 1, 65536),
+        parked=reader.bounded(jobs, "jobs.parked", 64, 1, 65536),
+    )
+
     return Config(
         path=path.absolute(),
         ipc=ipc_config,
@@ -197,6 +243,7 @@ def parse(raw: Mapping[str, Any], path: Path) -> Config:
         log=log_config,
         results=results_config,
         handlers=_handlers(reader, reader.table(raw, "handlers")),
+        jobs=jobs_config,
     )
 
 
@@ -207,7 +254,7 @@ def _handlers(reader: _Reader, table: Mapping[str, Any]) -> tuple[HandlerConfig,
         where = f"handlers.{name}"
         if not isinstance(entry, Mapping):
             raise reader.error(f"[{where}] must be a table")
-        reader.allow(entry, where, {"type", "target"})
+        reader.allow(entry, where, {"type", "target", "timeout", "max_attempts", "retry_delay"})
         type_ = reader.get(entry, f"{where}.type", int, None)
         if type_ is None:
             raise reader.error(f"[{where}] needs a message type: type = N")
@@ -221,7 +268,19 @@ def _handlers(reader: _Reader, table: Mapping[str, Any]) -> tuple[HandlerConfig,
         target = reader.optional(entry, f"{where}.target", str)
         if target is not None and ":" not in target:
             raise reader.error(f"{where}.target must look like 'package.module:function'")
-        handlers.append(HandlerConfig(name=name, type=type_, target=target))
+        timeout = reader.get(entry, f"{where}.timeout", float, None)
+        if timeout is not None and not 0 < timeout < math.inf:
+            raise reader.error(f"{where}.timeout must be a positive number of seconds")
+        handlers.append(
+            HandlerConfig(
+                name=name,
+                type=type_,
+                target=target,
+                timeout=timeout,
+                max_attempts=reader.bounded(entry, f"{where}.max_attempts", None, 1, 1000),
+                retry_delay=reader.get(entry, f"{where}.retry_delay", float, None),
+            )
+        )
     return tuple(handlers)
 
 
@@ -264,6 +323,20 @@ class _Reader:
 
     def optional(self, table: Mapping[str, Any], dotted: str, kind: type) -> Any:
         return self.get(table, dotted, kind, None)
+
+    def bounded(
+        self, table: Mapping[str, Any], dotted: str, default: Any, low: int, high: int
+    ) -> Any:
+        value = self.get(table, dotted, int, default)
+        if value is not None and not low <= value <= high:
+            raise self.error(f"{dotted} must be between {low} and {high}")
+        return value
+
+    def non_negative(self, table: Mapping[str, Any], dotted: str, default: float) -> float:
+        value: float = self.get(table, dotted, float, default)
+        if not 0 <= value < math.inf:
+            raise self.error(f"{dotted} must be zero or a positive number of seconds")
+        return value
 
     def positive(self, table: Mapping[str, Any], dotted: str, default: float) -> float:
         value: float = self.get(table, dotted, float, default)

@@ -127,9 +127,10 @@ def _read_status(fd: int, timeout: float) -> bytes:
         if not readable:
             continue
         chunk = os.read(fd, 4096)
-        if not chunk:
-            return b"".join(chunks)
         chunks.append(chunk)
+        if not chunk or b"\n" in chunk:
+            # One line says it all; the daemon's children may hold the pipe open.
+            return b"".join(chunks)
 
 
 def _become_daemon(  # pragma: no cover - runs in the detached processes

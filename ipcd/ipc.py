@@ -4,6 +4,13 @@ Only this module imports ``sysv_ipc``.  It turns sysv_ipc's exceptions into ipcd
 bounds every blocking call (``msgrcv``, ``msgsnd`` on a full queue, ``semop``) and checks
 that objects found at ipcd's keys are safe to trust.
 
+Receiving into shared memory: the daemon's workers call ``msgrcv(2)`` through ctypes with
+the destination buffer inside their in-flight slot (ipcd.inflight), so the kernel itself
+copies each job into memory that outlives the worker.  No Python code runs between the
+kernel taking the message off the queue and the job being recorded, which is what lets
+ipcd promise that a worker killed at any instant loses nothing (sysv_ipc only receives
+into a private bytes object).
+
 Bounding blocking calls: sysv_ipc's ``receive()`` and blocking ``send()`` take no timeout,
 and the PyPI wheel of sysv_ipc is built without ``semtimedop``.  A blocking call is
 bounded with a one-shot ``ITIMER_REAL`` whose SIGALRM interrupts the system call (Linux
@@ -15,6 +22,7 @@ any other thread the call falls back to non-blocking attempts with a capped back
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import signal
@@ -45,6 +53,20 @@ SYSVIPC_MSG = "/proc/sysvipc/msg"
 
 class Interrupted(IpcdError, InterruptedError):
     """A blocking call was interrupted by a signal other than ipcd's own deadline."""
+
+
+class TooBigError(IpcdError, OSError):
+    """The message at the head of the queue is larger than the buffer (E2BIG)."""
+
+
+#: msgrcv's type for "lowest type first, any type": the most negative C long.  Lower
+#: types are served first, so control messages (type 1) and urgent job types overtake.
+ANY_BY_PRIORITY = -(2**63 - 1)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_msgrcv = _libc.msgrcv
+_msgrcv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_long, ctypes.c_int]
+_msgrcv.restype = ctypes.c_ssize_t
 
 
 def msgmax() -> int:
@@ -274,6 +296,35 @@ class Queue:
             body, got = self._mq.receive(block, type_)
         return body, got
 
+    def receive_into(self, address: int, size: int, type_: int = ANY_BY_PRIORITY) -> int:
+        """``msgrcv`` straight into memory at ``address`` (a ``struct msgbuf``: the C long
+        type, then up to ``size`` bytes of text); returns the text's length.
+
+        Blocks until a message comes.  Raises :class:`Interrupted` on a signal and
+        :class:`TooBigError` when the head message exceeds ``size`` (it stays queued).
+        """
+        n = _msgrcv(self._mq.id, address, size, type_, 0)
+        if n >= 0:
+            return int(n)
+        err = ctypes.get_errno()
+        if err == errno.EINTR:
+            raise Interrupted("msgrcv interrupted by a signal")
+        if err == errno.E2BIG:
+            raise TooBigError(err, "message larger than the receive buffer")
+        if err in (errno.EIDRM, errno.EINVAL):
+            raise NotRunningError(f"queue {self.key:#010x} was removed")
+        raise OSError(err, os.strerror(err))
+
+    def set_max_bytes(self, max_bytes: int) -> bool:
+        """Raise ``msg_qbytes``; False when the kernel refuses (no CAP_SYS_RESOURCE)."""
+        if self._mq.max_size >= max_bytes:
+            return True
+        try:
+            self._mq.max_size = max_bytes
+        except (sysv_ipc.PermissionsError, ValueError, OSError):
+            return False
+        return self._mq.max_size >= max_bytes
+
     def stats(self) -> QueueStats:
         """Depth and bytes from /proc (sysv_ipc does not expose ``msg_cbytes``)."""
         messages, cbytes = _proc_queue_counts(self._mq.id)
@@ -319,6 +370,8 @@ class Segment:
         self.key = key
         self.buf = memoryview(shm)
         self.size = shm.size
+        #: Where the segment is attached in this process (for receive_into).
+        self.address: int = shm.address
 
     @classmethod
     def open(cls, key: int) -> Segment:

@@ -2,10 +2,13 @@
 
 One key ``K`` names three objects, since SysV queues, segments and semaphores live in
 separate namespaces: the job queue, the result segment and the semaphore guarding it.
-The reply queue (where the daemon tells a waiting submitter that its result is ready) uses
-``K + 0x01000000``, and the semaphore that announces every new result to other waiters
-``K + 0x02000000``: exactly what ``ftok(key_path, proj_id + 1)`` and ``ftok(key_path,
-proj_id + 2)`` give, so a client that only knows ``ftok`` computes them the same way.
+The other objects use ``K + n * 0x01000000``, exactly what ``ftok(key_path, proj_id + n)``
+gives, so a client that only knows ``ftok`` computes them the same way:
+
+    n = 1  the reply queue (the daemon tells a waiting submitter its result is ready)
+    n = 2  the result gate, a semaphore pulsed after every result
+    n = 3  the in-flight table (segment) and its semaphore: jobs workers hold
+    n = 4  the failed list (segment) and its semaphore: jobs that used all attempts
 
 ``K`` is ``ftok(key_path, proj_id)`` or, when the config sets one, an explicit ``key``.
 ftok mixes the file's inode and device numbers, so the key file must never be rewritten
@@ -25,6 +28,8 @@ from ipcd.errors import ConfigError, NotRunningError
 REPLY_KEY_OFFSET = 0x01000000
 #: Distance from the job key to the result-announcement semaphore's key.
 GATE_KEY_OFFSET = 0x02000000
+INFLIGHT_KEY_OFFSET = 0x03000000
+FAILED_KEY_OFFSET = 0x04000000
 
 
 class Keys(NamedTuple):
@@ -33,6 +38,8 @@ class Keys(NamedTuple):
     jobs: int
     replies: int
     gate: int
+    inflight: int
+    failed: int
     how: str
 
     @property
@@ -42,7 +49,7 @@ class Keys(NamedTuple):
 
     def all(self) -> tuple[int, ...]:
         """Every key ipcd makes objects at (for cleaning up and for the squatting check)."""
-        return (self.jobs, self.replies, self.gate)
+        return (self.jobs, self.replies, self.gate, self.inflight, self.failed)
 
 
 def ftok(path: os.PathLike[str] | str, proj_id: int) -> int:
@@ -78,6 +85,8 @@ def derive(ipc: IpcConfig, *, create_key_file: bool = False) -> Keys:
         jobs=jobs,
         replies=(jobs + REPLY_KEY_OFFSET) & 0xFFFFFFFF,
         gate=(jobs + GATE_KEY_OFFSET) & 0xFFFFFFFF,
+        inflight=(jobs + INFLIGHT_KEY_OFFSET) & 0xFFFFFFFF,
+        failed=(jobs + FAILED_KEY_OFFSET) & 0xFFFFFFFF,
         how=how,
     )
 

@@ -32,7 +32,9 @@ Payload: TypeAlias = "JSONValue | bytes"
 
 _JOB_ID = re.compile(r"[0-9A-Za-z_.-]{1,16}\Z")
 _ENVELOPE_ID = re.compile(rb'"id"\s*:\s*"([0-9A-Za-z_.-]{1,16})"')
-_ENVELOPE_KEYS = frozenset({"ipcd", "id", "payload", "payload_b64", "submitted", "pid", "reply"})
+_ENVELOPE_KEYS = frozenset(
+    {"ipcd", "id", "payload", "payload_b64", "submitted", "pid", "reply", "attempt", "timeout"}
+)
 
 
 class Job(NamedTuple):
@@ -48,6 +50,8 @@ class Job(NamedTuple):
     reply_to: int | None = None
     #: True when the job came as a bare message (no envelope).
     bare: bool = False
+    #: Seconds this job may run (the submitter's ``--timeout-job``); None: the handler's.
+    timeout: float | None = None
 
 
 def new_job_id() -> str:
@@ -62,6 +66,8 @@ def encode(
     reply_to: int | None = None,
     submitted: float | None = None,
     pid: int | None = None,
+    attempt: int = 1,
+    timeout: float | None = None,
 ) -> bytes:
     """The envelope for one job: compact JSON, bytes payloads as base64."""
     doc: dict[str, Any] = {
@@ -72,6 +78,10 @@ def encode(
     }
     if reply_to is not None:
         doc["reply"] = reply_to
+    if attempt != 1:
+        doc["attempt"] = attempt
+    if timeout is not None:
+        doc["timeout"] = timeout
     if isinstance(payload, bytes | bytearray | memoryview):
         doc["payload_b64"] = base64.b64encode(payload).decode("ascii")
     else:
@@ -148,13 +158,34 @@ def _from_envelope(doc: dict[str, Any], type_: int) -> Job:
         not isinstance(reply, int) or isinstance(reply, bool) or not 0 < reply < 2**31
     ):
         raise _bad("'reply' must be a positive message type", job_id)
+    attempt = doc.get("attempt", 1)
+    if type(attempt) is not int or not 1 <= attempt <= 0xFFFF:
+        raise _bad("'attempt' must be an integer from 1 to 65535", job_id)
+    timeout = doc.get("timeout")
+    if timeout is not None and not 0 < _number(timeout, "timeout", job_id) < float("inf"):
+        raise _bad("'timeout' must be a positive number of seconds", job_id)
     return Job(
         id=job_id,
         type=type_,
         payload=payload,
+        attempt=attempt,
         submitted=submitted,
         sender_pid=pid,
         reply_to=reply,
+        timeout=None if timeout is None else float(timeout),
+    )
+
+
+def reencode(job: Job, *, attempt: int) -> bytes:
+    """The envelope that puts ``job`` back on the queue for another attempt."""
+    return encode(
+        job.payload,
+        job_id=job.id,
+        reply_to=job.reply_to,
+        submitted=job.submitted,
+        pid=job.sender_pid,
+        attempt=attempt,
+        timeout=job.timeout,
     )
 
 

@@ -11,7 +11,7 @@ import importlib
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
-from ipcd.config import Config
+from ipcd.config import Config, JobsConfig
 from ipcd.errors import ConfigError
 from ipcd.handlers import Handler
 
@@ -26,6 +26,21 @@ class Registration:
     type: int
     target: str
     func: Handler
+    timeout: float | None = None
+    max_attempts: int | None = None
+    retry_delay: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often a job may run, and how long to wait before attempt n + 1."""
+
+    max_attempts: int
+    base_delay: float
+
+    def delay(self, attempt: int) -> float:
+        """Exponential back-off: base, 2 * base, 4 * base ... capped at an hour."""
+        return float(min(self.base_delay * 2 ** (attempt - 1), 3600.0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +51,13 @@ class Registry:
 
     def lookup(self, type_: int) -> Registration | None:
         return self.by_type.get(type_)
+
+    def policy(self, type_: int, defaults: JobsConfig) -> RetryPolicy:
+        """The handler's retry policy, falling back to the [jobs] defaults."""
+        reg = self.by_type.get(type_)
+        attempts = reg.max_attempts if reg and reg.max_attempts else defaults.max_attempts
+        delay = reg.retry_delay if reg and reg.retry_delay is not None else defaults.retry_delay
+        return RetryPolicy(attempts, delay)
 
 
 def build(config: Config) -> Registry:
@@ -51,7 +73,13 @@ def build(config: Config) -> Registry:
                 f"name (entry points in {ENTRY_POINT_GROUP!r}: {known})"
             )
         by_type[handler.type] = Registration(
-            handler.name, handler.type, target, load_target(target, handler.name)
+            handler.name,
+            handler.type,
+            target,
+            load_target(target, handler.name),
+            timeout=handler.timeout,
+            max_attempts=handler.max_attempts,
+            retry_delay=handler.retry_delay,
         )
     return Registry(by_type)
 

@@ -227,6 +227,18 @@ def find_result(buf: memoryview, header: Header, job_id: str) -> Result | None:
     return None
 
 
+def clear_result(buf: memoryview, header: Header, job_id: str) -> int:
+    """Mark every record of ``job_id`` empty (the failed list's retry); returns how many."""
+    wanted = job_id.encode("ascii", "replace")[:16].ljust(16, b"\0")
+    cleared = 0
+    for index in range(header.slot_count):
+        offset = HEADER_SIZE + index * header.slot_size
+        if buf[offset + 16 : offset + 32] == wanted:
+            struct.pack_into("<I", buf, offset, SlotState.EMPTY)
+            cleared += 1
+    return cleared
+
+
 def read_slot(buf: memoryview, offset: int, slot_size: int) -> Result | None:
     """Decode the record at ``offset``; ``None`` for empty, torn or corrupt records."""
     state, crc, _seq, raw_id, type_, status, kind, attempt, length, submitted, finished = (

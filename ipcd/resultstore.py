@@ -41,7 +41,9 @@ class ResultStore:
         return cls(Segment.open(key), lock)
 
     @classmethod
-    def create(cls, key: int, gate_key: int, mode: int, size: int, slot_size: int) -> ResultStore:
+    def create(
+        cls, key: int, gate_key: int | None, mode: int, size: int, slot_size: int
+    ) -> ResultStore:
         """Create or reuse the segment and semaphore (the daemon side).
 
         An existing segment whose layout matches is kept, so results survive a restart;
@@ -52,7 +54,7 @@ class ResultStore:
         if not created and segment.size != size:
             segment.remove()
             segment, created = Segment.create(key, mode, size)
-        store = cls(segment, lock, Gate.create(gate_key, mode))
+        store = cls(segment, lock, None if gate_key is None else Gate.create(gate_key, mode))
         with lock.held(LOCK_TIMEOUT):
             header = results.read_header(segment.buf)
             if created or header is None or header.slot_size != slot_size:
@@ -81,6 +83,10 @@ class ResultStore:
     def get(self, job_id: str) -> Result | None:
         with self.lock.held(self.lock_timeout):
             return results.find_result(self.segment.buf, self.header(), job_id)
+
+    def clear(self, job_id: str) -> int:
+        with self.lock.held(self.lock_timeout):
+            return results.clear_result(self.segment.buf, self.header(), job_id)
 
     def all(self) -> list[Result]:
         with self.lock.held(self.lock_timeout):

@@ -1,10 +1,11 @@
-"""The worker: take a message, turn it into a job, run its handler, store the result.
+"""A worker process: take a message, run its handler, finish the job.
 
-One loop, blocking in ``msgrcv`` with no polling.  Every message ends in exactly one log
-event (``job.done`` or ``job.rejected``) and, when its job id is known, one stored result;
-no message can stop the loop.  The loop only ends when ``flags.stopping`` is set, which a
-signal handler does; the stop wakes a blocked ``msgrcv`` by interrupting it, and
-:mod:`ipcd.signals` also sends a control message so that no wake-up is lost.
+Workers are forked by the master (ipcd.arbiter) and each blocks in ``msgrcv`` on the job
+queue; the kernel hands every message to one of them, lowest type first.  The message is
+received straight into the worker's slot of the in-flight table, so it is on record
+before any Python code runs; the slot is released only once the job's outcome is stored.
+A handler's exception fails that job and never the worker; a handler that kills the whole
+process (``os._exit``, a segfault, a timeout) leaves its job in the slot for the master.
 """
 
 from __future__ import annotations
@@ -16,35 +17,46 @@ import traceback
 from collections.abc import Callable
 
 from ipcd import protocol
-from ipcd.config import CONTROL_TYPE
-from ipcd.errors import IpcdError, MessageError, RefusedPayloadError
-from ipcd.handlers import HandlerError, HandlerResult
-from ipcd.ipc import Interrupted, Queue
+from ipcd.config import CONTROL_TYPE, Config
+from ipcd.errors import MessageError, RefusedPayloadError
+from ipcd.handlers import HandlerError, HandlerResult, Retry
+from ipcd.inflight import InflightTable
+from ipcd.ipc import Interrupted, Queue, TooBigError, msgmax
 from ipcd.log import Logger
+from ipcd.outcome import Outcomes, error_result
 from ipcd.protocol import Job
 from ipcd.registry import Registry
 from ipcd.results import Kind, Result, Status
-from ipcd.resultstore import ResultStore
 from ipcd.signals import Flags
 
 
-def execute(registry: Registry, job: Job, log: Logger) -> tuple[Result, str]:
-    """Run the job's handler; returns its result and the handler's name (or "-")."""
+class Exit:
+    """Worker exit statuses, which the master reads from waitpid."""
+
+    STOPPED = 0
+    RECYCLED = 3
+    CRASHED = 70
+
+
+def execute(registry: Registry, job: Job, log: Logger) -> tuple[Result | Retry, str]:
+    """Run the job's handler: its result (or a retry request) and the handler's name."""
     registration = registry.lookup(job.type)
     if registration is None:
-        return _error(job, f"no handler for message type {job.type}"), "-"
+        return error_result(job, f"no handler for message type {job.type}"), "-"
     try:
         value = registration.func(job)
+    except Retry as retry:
+        return retry, registration.name
     except HandlerError as exc:
-        return _error(job, str(exc) or type(exc).__name__), registration.name
-    except Exception as exc:  # a plugin's bug fails its job, never the daemon
+        return error_result(job, str(exc) or type(exc).__name__), registration.name
+    except Exception as exc:  # a plugin's bug fails its job, never the worker
         log.error(
             "handler.exception",
             job_id=job.id,
             handler=registration.name,
             traceback=traceback.format_exc(),
         )
-        return _error(job, f"{type(exc).__name__}: {exc}"), registration.name
+        return error_result(job, f"{type(exc).__name__}: {exc}"), registration.name
     return _ok(job, value), registration.name
 
 
@@ -57,94 +69,113 @@ def _ok(job: Job, value: HandlerResult) -> Result:
         try:
             data = json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
         except (TypeError, ValueError) as exc:
-            return _error(job, f"handler returned a value that is not JSON-able: {exc}")
+            return error_result(job, f"handler returned a value that is not JSON-able: {exc}")
         kind = Kind.JSON
     return Result(job.id, job.type, Status.OK, kind, data, job.attempt, job.submitted, time.time())
 
 
-def _error(job: Job, message: str) -> Result:
-    return Result(
-        job.id,
-        job.type,
-        Status.ERROR,
-        Kind.TEXT,
-        message.encode("utf-8", "replace"),
-        job.attempt,
-        job.submitted,
-        time.time(),
-    )
-
-
 class Worker:
-    """Serves one queue until told to stop."""
+    """Serves the queue from one in-flight slot until told to stop."""
 
     def __init__(
         self,
         *,
+        slot: int,
+        config: Config,
         queue: Queue,
-        replies: Queue,
-        store: ResultStore,
+        table: InflightTable,
+        outcomes: Outcomes,
         registry: Registry,
         flags: Flags,
         log: Logger,
-        on_reload: Callable[[], Registry],
+        wake_master: Callable[[], None],
     ) -> None:
+        self.slot = slot
+        self.config = config
         self.queue = queue
-        self.replies = replies
-        self.store = store
+        self.table = table
+        self.outcomes = outcomes
         self.registry = registry
         self.flags = flags
         self.log = log
-        self.on_reload = on_reload
+        self.wake_master = wake_master
         self.jobs_done = 0
+        self.pid = os.getpid()
 
-    def serve(self) -> None:
-        """Receive and handle messages until ``flags.stopping`` is set."""
+    def serve(self) -> int:
+        """Receive and handle messages until stopped or recycled; returns the exit status."""
+        limit = self.config.daemon.max_jobs_per_worker
+        previous = 0
+        self.table.reset_worker(self.slot, self.pid)
+        address = self.table.msgbuf_address(self.slot)
         while not self.flags.stopping:
-            if self.flags.reload:
-                self.flags.reload = False
-                self.registry = self.on_reload()
-                continue
+            if limit and self.jobs_done >= limit:
+                return Exit.RECYCLED
+            self.table.begin_receive(self.slot, self.pid, previous)
             try:
-                body, type_ = self.queue.receive(0)
+                length = self.queue.receive_into(address, self.table.text_size)
             except Interrupted:
+                previous = 0
                 continue  # a signal: the loop condition says what to do
-            if type_ == CONTROL_TYPE:
-                continue  # a wake-up; the flags carry the request itself
-            self.handle(body, type_)
+            except TooBigError:
+                previous = 0
+                self._handle_oversized()
+                continue
+            previous = length
+            self.handle(length)
+        return Exit.STOPPED
 
-    def handle(self, body: bytes, type_: int) -> None:
-        """Everything that happens to one message, ending in one log event."""
+    def handle(self, length: int) -> None:
+        """Everything that happens to one delivered message."""
         started = time.monotonic()
+        body = bytes(self.table.text(self.slot, length))
+        type_ = self.table.received(self.slot, length, 0, "", 0.0)
+        if type_ == CONTROL_TYPE:
+            self.table.finished(self.slot)
+            return  # a wake-up; signals carry the request itself
         try:
             job = protocol.decode(body, type_, received=time.time())
         except MessageError as exc:
             self._reject(exc, body, type_)
+            self.table.finished(self.slot)
             return
-        result, handler = execute(self.registry, job, self.log)
-        stored = self._store(result)
+        registration = self.registry.lookup(job.type)
+        timeout = job.timeout or (registration and registration.timeout) or None
+        deadline = time.time() + timeout if timeout else 0.0
+        self.table.received(self.slot, length, job.attempt, job.id, deadline)
+        if deadline:
+            self.wake_master()  # the master enforces the deadline
+        outcome, handler = execute(self.registry, job, self.log)
+        if isinstance(outcome, Retry):
+            self._retry(job, body, outcome, handler, started)
+        else:
+            self.outcomes.finish(job, outcome, body=body, handler=handler, started=started)
+        self.table.finished(self.slot)
         self.jobs_done += 1
-        fields = {
-            "job_id": job.id,
-            "type": job.type,
-            "handler": handler,
-            "outcome": "ok" if result.ok else "error",
-            "ms": round((time.monotonic() - started) * 1000, 3),
-            "attempt": job.attempt,
-            "bytes_in": len(body),
-            "bytes_out": len(result.data),
-        }
-        if job.bare:
-            fields["bare"] = True
-        if job.sender_pid:
-            fields["sender_pid"] = job.sender_pid
-        if not result.ok:
-            fields["error"] = result.error
-        if not stored:
-            fields["stored"] = False
-        self.log.info("job.done", **fields)
-        if job.reply_to is not None:
-            self._notify(job.reply_to, job.id)
+
+    def _retry(self, job: Job, body: bytes, retry: Retry, handler: str, started: float) -> None:
+        policy = self.registry.policy(job.type, self.config.jobs)
+        if job.attempt >= policy.max_attempts:
+            message = f"gave up after {job.attempt} attempts: {retry.reason}"
+            self.outcomes.finish(
+                job, error_result(job, message), body=body, handler=handler, started=started
+            )
+            return
+        delay = policy.delay(job.attempt) if retry.delay is None else max(retry.delay, 0.0)
+        again = protocol.reencode(job, attempt=job.attempt + 1)
+        if not self.table.park(job.type, again, job.id, job.attempt + 1, time.time() + delay):
+            # Every parked slot is taken: queue it again at once rather than lose it.
+            self.queue.send(again, job.type, timeout=self.config.ipc.send_timeout)
+        self.wake_master()
+        self.log.info(
+            "job.retry",
+            job_id=job.id,
+            type=job.type,
+            handler=handler,
+            attempt=job.attempt,
+            delay_s=round(delay, 3),
+            reason=retry.reason,
+        )
 
     def _reject(self, exc: MessageError, body: bytes, type_: int) -> None:
         self.log.warning(
@@ -158,48 +189,27 @@ class Worker:
         )
         if exc.job_id is not None:
             job = Job(id=exc.job_id, type=type_, payload=None, submitted=time.time())
-            self._store(_error(job, str(exc)))
+            self.outcomes.finish(
+                job,
+                error_result(job, str(exc)),
+                body=body,
+                handler="-",
+                started=time.monotonic(),
+                listed=False,
+                logged=False,
+            )
 
-    def _store(self, result: Result) -> bool:
+    def _handle_oversized(self) -> None:
+        """msgmax was raised above the slot size after start: take the message unprotected."""
+        body, type_ = self.queue.receive(0, timeout=0)
+        self.log.warning("job.unprotected", type=type_, bytes_in=len(body), msgmax=msgmax())
+        started = time.monotonic()
         try:
-            self.store.put(result)
-        except IpcdError as exc:
-            # The segment was removed or its semaphore stayed wedged past the timeout:
-            # say so and go on serving; the job's outcome is in this log event.
-            self.log.error("result.store_failed", job_id=result.job_id, error=str(exc))
-            return False
-        return True
-
-    def _notify(self, reply_to: int, job_id: str) -> None:
-        """Tell a waiting client its result is stored; never block on a full reply queue."""
-        if self.replies.send_nowait(job_id.encode("ascii"), reply_to):
+            job = protocol.decode(body, type_, received=time.time())
+        except MessageError as exc:
+            self._reject(exc, body, type_)
             return
-        self._purge_replies()
-        if not self.replies.send_nowait(job_id.encode("ascii"), reply_to):
-            self.log.warning("reply.dropped", job_id=job_id, reply_to=reply_to)
-
-    def _purge_replies(self) -> None:
-        """Drop notifications nobody will read: those of clients that have exited."""
-        kept: list[tuple[bytes, int]] = []
-        dropped = 0
-        for _ in range(4096):
-            message = self.replies.receive_nowait(0)
-            if message is None:
-                break
-            if _alive(message[1]):
-                kept.append(message)
-            else:
-                dropped += 1
-        for body, type_ in kept:
-            self.replies.send_nowait(body, type_)
-        self.log.info("reply.purged", dropped=dropped, kept=len(kept))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        outcome, handler = execute(self.registry, job, self.log)
+        if isinstance(outcome, Retry):
+            outcome = error_result(job, f"retry impossible for oversized job: {outcome.reason}")
+        self.outcomes.finish(job, outcome, body=body, handler=handler, started=started)

@@ -43,6 +43,7 @@ class SharedMemory:
     gid: int
     mode: int
     size: int
+    address: int
     attached: bool
     number_attached: int
     def __init__(

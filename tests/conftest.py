@@ -13,7 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +69,7 @@ class Instance:
                 pid_file = "ipcd.pid"
                 workdir = "."
                 stop_timeout = 20.0
+                workers = 2
 
                 [log]
                 file = "ipcd.log"
@@ -96,6 +97,21 @@ class Instance:
 
     def pid(self) -> int:
         return int(self.pid_file.read_text())
+
+    def wait_events(
+        self, match: Callable[[dict[str, object]], bool], count: int, timeout: float = 20.0
+    ) -> list[dict[str, object]]:
+        """The log events that ``match``, once there are at least ``count`` of them.
+
+        With several workers, jobs finish in any order: tests wait for the events they
+        expect instead of assuming that a later job ends last.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [e for e in self.log_events() if match(e)]
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
+            time.sleep(0.02)
 
     def log_events(self) -> list[dict[str, object]]:
         import json
@@ -130,7 +146,7 @@ def remove_objects(instance: Instance) -> None:
     if not key_file.exists():
         return
     jobs = keys.ftok(key_file, 0x49)  # not from the config, which a test may have broken
-    made = (jobs, jobs + keys.REPLY_KEY_OFFSET, jobs + keys.GATE_KEY_OFFSET)
+    made = tuple(jobs + n * keys.REPLY_KEY_OFFSET for n in range(5))
     TEST_KEYS.update(made)
     ipc.remove_all(made)
 

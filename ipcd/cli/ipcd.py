@@ -80,6 +80,7 @@ def main(argv: list[str]) -> int:
 
 def _start(config: config_mod.Config) -> int:
     from ipcd import daemonize, server
+    from ipcd.arbiter import Arbiter
     from ipcd.signals import Flags
 
     daemonize.claim_pid_file(config.daemon.pid_file)
@@ -92,7 +93,7 @@ def _start(config: config_mod.Config) -> int:
         umask=config.daemon.umask,
         flags=flags,
         keep_fds=[] if log_fd is None else [log_fd],
-        run=lambda ready: server.Server(prepared, flags).serve(ready),
+        run=lambda ready: Arbiter(prepared, flags).run(ready),
     )
     return 0
 
@@ -101,6 +102,7 @@ def _run(config: config_mod.Config) -> int:
     import lockfile.pidlockfile
 
     from ipcd import daemonize, server
+    from ipcd.arbiter import Arbiter
     from ipcd.signals import Flags
 
     pid_file = config.daemon.pid_file
@@ -112,7 +114,7 @@ def _run(config: config_mod.Config) -> int:
     except lockfile.AlreadyLocked:
         raise AlreadyRunningError(f"another ipcd holds {pid_file}") from None
     try:
-        server.Server(prepared, Flags()).serve()
+        Arbiter(prepared, Flags()).run()
     finally:
         lock.release()
     return 0

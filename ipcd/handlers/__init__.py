@@ -23,4 +23,17 @@ class HandlerError(Exception):
     """Raise this from a handler to fail the job with just the message (no traceback)."""
 
 
-__all__ = ["Handler", "HandlerError", "HandlerResult", "JSONValue", "Job", "Payload"]
+class Retry(Exception):
+    """Raise this from a handler to run the job again later.
+
+    ``delay`` (seconds) overrides the handler's back-off for this retry.  When the job has
+    used all its attempts, it fails with ``reason`` instead and goes to the failed list.
+    """
+
+    def __init__(self, reason: str = "retry requested", *, delay: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.delay = delay
+
+
+__all__ = ["Handler", "HandlerError", "HandlerResult", "JSONValue", "Job", "Payload", "Retry"]

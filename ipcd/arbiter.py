@@ -1,0 +1,447 @@
+"""The master process: keeps a pool of workers alive and makes sure no job is lost.
+
+The master handles no job itself.  It forks ``[daemon] workers`` workers, each blocking in
+``msgrcv`` on the queue, and then sleeps in ``select()`` on a self-pipe that the signal
+handlers (and the workers, when they start a job with a deadline or park a retry) write
+to.  It wakes to:
+
+- reap dead workers (``waitpid(-1, WNOHANG)``), decode why they died, finish or re-run the
+  job each one held (ipcd.inflight), and fork a replacement, backing off when workers die
+  young so that a broken handler cannot fork-bomb the host;
+- kill a worker (its whole process group) whose job ran past its deadline;
+- put parked jobs back on the queue when their retry delay has passed;
+- reload (SIGHUP): fork a new generation of workers with the new configuration, then ask
+  the old ones to finish their current job and exit, so jobs keep flowing;
+- stop (SIGTERM/SIGINT): ask every worker to finish its job, wait up to
+  ``graceful_timeout``, then kill the rest and keep their jobs for the next start.
+
+Signal handlers only record (ipcd.signals.Flags) and the C-level handler writes to the
+self-pipe (``signal.set_wakeup_fd``); everything else happens in this loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import select
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType
+
+from ipcd import config as config_mod
+from ipcd import log as log_mod
+from ipcd import protocol
+from ipcd import registry as registry_mod
+from ipcd.errors import IpcdError, MessageError
+from ipcd.inflight import Held, State
+from ipcd.outcome import Outcomes, error_result
+from ipcd.protocol import Job
+from ipcd.server import Prepared
+from ipcd.signals import Flags
+from ipcd.worker import Exit, Worker
+
+#: Back-off bounds for respawning workers that die soon after they start.
+MIN_BACKOFF, MAX_BACKOFF = 0.1, 30.0
+#: A worker that lived shorter than this "died young".
+YOUNG = 1.0
+#: How often the master looks around even when nothing woke it.
+TICK = 1.0
+
+
+@dataclass
+class WorkerInfo:
+    pid: int
+    slot: int
+    generation: int
+    spawned: float
+    retiring: bool = False
+    kill_reason: str | None = None
+
+
+@dataclass
+class Pool:
+    """The master's view of its workers (pid -> info) and their free slots."""
+
+    workers: dict[int, WorkerInfo] = field(default_factory=dict)
+    free_slots: list[int] = field(default_factory=list)
+    generation: int = 0
+    backoff: float = MIN_BACKOFF
+    next_spawn: float = 0.0
+    restarts: int = 0
+
+
+class Arbiter:
+    def __init__(self, prepared: Prepared, flags: Flags) -> None:
+        self.p = prepared
+        self.flags = flags
+        self.log = log_mod.get_logger(role="master")
+        self.pool = Pool(free_slots=list(range(prepared.table.workers)))
+        self.outcomes = Outcomes(
+            store=prepared.store, failed=prepared.failed, replies=prepared.replies, log=self.log
+        )
+        self.started = time.time()
+        self._wake_r, self._wake_w = os.pipe()
+        self._notify_r, self._notify_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w, self._notify_r, self._notify_w):
+            os.set_blocking(fd, False)
+
+    # --- the main loop ------------------------------------------------------------------
+
+    def run(self, ready: Callable[[], None] = lambda: None) -> None:
+        p = self.p
+        self.flags.install()
+        signal.signal(signal.SIGCHLD, _wake_only)
+        previous_fd = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        p.store.set_daemon(os.getpid(), self.started)
+        p.table.set_master(os.getpid())
+        self._recover_leftovers()
+        self.log.info(
+            "daemon.started",
+            pid=os.getpid(),
+            config=str(p.config.path),
+            key=f"{p.keys.jobs:#010x}",
+            key_from=p.keys.how,
+            workers=p.config.daemon.workers,
+            handlers={r.name: r.type for r in p.registry.by_type.values()},
+        )
+        self._maintain()
+        ready()
+        try:
+            while not self.flags.stopping:
+                self._sleep()
+                self._reap()
+                if self.flags.stopping:
+                    break
+                if self.flags.reload:
+                    self.flags.reload = False
+                    self._reload()
+                self._enforce_deadlines()
+                self._dispatch_parked()
+                self._maintain()
+            self._shutdown()
+        except Exception:
+            self.log.critical("daemon.crashed", exc_info=True)
+            for info in self.pool.workers.values():
+                _kill_group(info.pid, signal.SIGKILL)
+            raise
+        finally:
+            signal.set_wakeup_fd(previous_fd)
+            with contextlib.suppress(IpcdError):
+                p.store.set_daemon(0, 0.0)
+            p.table.set_master(0)
+            self.log.info(
+                "daemon.stopped",
+                pid=os.getpid(),
+                signal=self.flags.signal,
+                restarts=self.pool.restarts,
+                uptime_s=round(time.time() - self.started, 3),
+            )
+            p.sink.close()
+
+    def _sleep(self) -> None:
+        timeout = max(0.0, min(self._next_event() - time.time(), TICK))
+        select.select([self._wake_r, self._notify_r], [], [], timeout)
+        for fd in (self._wake_r, self._notify_r):
+            with contextlib.suppress(BlockingIOError):
+                while os.read(fd, 4096):
+                    pass
+
+    def _next_event(self) -> float:
+        now = time.time()
+        times = [now + TICK]
+        for info in self.pool.workers.values():
+            held = self.p.table.held(info.slot)
+            if held is not None and held.state is State.RUNNING and held.deadline:
+                times.append(held.deadline)
+        times.extend(h.deadline for h in self.p.table.parked_jobs())
+        if len(self.pool.workers) < self.p.config.daemon.workers:
+            times.append(self.pool.next_spawn)
+        return min(times)
+
+    # --- workers --------------------------------------------------------------------------
+
+    def _maintain(self) -> None:
+        """Fork workers up to the configured number, respecting the back-off."""
+        wanted = self.p.config.daemon.workers
+        active = [w for w in self.pool.workers.values() if not w.retiring]
+        now = time.time()
+        for _ in range(wanted - len(active)):
+            if now < self.pool.next_spawn or not self.pool.free_slots:
+                return
+            self._spawn()
+
+    def _spawn(self) -> None:
+        slot = self.pool.free_slots.pop(0)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the worker
+            os._exit(self._worker_main(slot))
+        self.pool.workers[pid] = WorkerInfo(pid, slot, self.pool.generation, time.time())
+        self.log.info("worker.started", pid=pid, slot=slot, generation=self.pool.generation)
+
+    def _worker_main(self, slot: int) -> int:  # pragma: no cover - runs in the worker
+        """The child's side of the fork: reset what belongs to the master, then serve."""
+        code = Exit.CRASHED
+        try:
+            os.setpgid(0, 0)  # its own process group: a timeout kills what the job started
+            signal.set_wakeup_fd(-1)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            os.close(self._notify_r)
+            flags = Flags()
+            flags.install()
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the master reloads, not workers
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            self.p.sink.reopen()
+            log = log_mod.get_logger(role="worker", worker_pid=os.getpid(), slot=slot)
+            notify_w = self._notify_w
+
+            def wake_master() -> None:
+                with contextlib.suppress(OSError):
+                    os.write(notify_w, b"!")
+
+            worker = Worker(
+                slot=slot,
+                config=self.p.config,
+                queue=self.p.queue,
+                table=self.p.table,
+                outcomes=Outcomes(
+                    store=self.p.store, failed=self.p.failed, replies=self.p.replies, log=log
+                ),
+                registry=self.p.registry,
+                flags=flags,
+                log=log,
+                wake_master=wake_master,
+            )
+            code = worker.serve()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                log_mod.get_logger(role="worker").critical("worker.crashed", exc_info=True)
+        return code
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            info = self.pool.workers.pop(pid, None)
+            if info is None:
+                continue
+            self._worker_died(info, status)
+
+    def _worker_died(self, info: WorkerInfo, status: int) -> None:
+        cause = _describe(status)
+        held = self.p.table.held(info.slot)
+        if held is not None and held.state is not State.PARKED:
+            self._recover(held, cause=info.kill_reason or cause, timed_out=bool(info.kill_reason))
+        self.p.table.clear(info.slot)
+        self.pool.free_slots.append(info.slot)
+        lived = time.time() - info.spawned
+        expected = (
+            info.retiring
+            or self.flags.stopping
+            or (os.WIFEXITED(status) and os.WEXITSTATUS(status) == Exit.RECYCLED)
+        )
+        log = self.log.info if expected else self.log.warning
+        log("worker.exited", pid=info.pid, slot=info.slot, cause=cause, lived_s=round(lived, 3))
+        if expected:
+            return
+        self.pool.restarts += 1
+        if lived < YOUNG:
+            self.pool.backoff = min(self.pool.backoff * 2, MAX_BACKOFF)
+            self.pool.next_spawn = time.time() + self.pool.backoff
+            self.log.warning("worker.backoff", seconds=self.pool.backoff)
+        else:
+            self.pool.backoff = MIN_BACKOFF
+
+    # --- jobs whose worker died -------------------------------------------------------------
+
+    def _recover(self, held: Held, *, cause: str, timed_out: bool) -> None:
+        """Finish or re-run the job a dead worker held (at-least-once)."""
+        started = time.monotonic()
+        try:
+            job = protocol.decode(held.body, held.type, received=time.time())
+        except MessageError as exc:
+            self.log.warning("job.rejected", type=held.type, error=str(exc), recovered=True)
+            return
+        if job.bare and held.job_id:
+            job = job._replace(id=held.job_id)
+        existing = self.p.store.get(job.id)
+        if existing is not None and existing.attempt >= job.attempt:
+            return  # the worker stored the outcome and died before releasing the slot
+        if timed_out:
+            self.outcomes.finish(
+                job, error_result(job, cause), body=held.body, handler=_handler_name(self, job),
+                started=started, killed=True,
+            )  # fmt: skip
+            return
+        policy = self.p.registry.policy(job.type, self.p.config.jobs)
+        if job.attempt >= policy.max_attempts:
+            message = f"worker died ({cause}) on attempt {job.attempt} of {policy.max_attempts}"
+            self.outcomes.finish(
+                job, error_result(job, message), body=held.body,
+                handler=_handler_name(self, job), started=started,
+            )  # fmt: skip
+            return
+        self._requeue(job, delay=policy.delay(job.attempt), cause=cause)
+
+    def _requeue(self, job: Job, *, delay: float, cause: str) -> None:
+        again = protocol.reencode(job, attempt=job.attempt + 1)
+        due = time.time() + delay
+        if not self.p.table.park(job.type, again, job.id, job.attempt + 1, due):
+            self.p.queue.send(again, job.type, timeout=self.p.config.ipc.send_timeout)
+        self.log.warning(
+            "job.requeued", job_id=job.id, type=job.type, attempt=job.attempt + 1, cause=cause,
+            delay_s=round(delay, 3),
+        )  # fmt: skip
+
+    def _recover_leftovers(self) -> None:
+        """At start: jobs held by workers of a daemon that was killed are run again."""
+        for slot in range(self.p.table.workers):
+            held = self.p.table.held(slot)
+            if held is not None:
+                self._recover(held, cause="the daemon was killed", timed_out=False)
+            self.p.table.clear(slot)
+
+    def _dispatch_parked(self) -> None:
+        now = time.time()
+        for held in self.p.table.parked_jobs():
+            if held.deadline > now:
+                continue
+            if not self.p.queue.send_nowait(held.body, held.type):
+                return  # the queue is full: try again at the next wake-up
+            self.p.table.unpark(held.slot)
+
+    def _enforce_deadlines(self) -> None:
+        now = time.time()
+        for info in self.pool.workers.values():
+            held = self.p.table.held(info.slot)
+            if info.kill_reason or held is None or held.state is not State.RUNNING:
+                continue
+            if held.deadline and now >= held.deadline:
+                ran = now - held.started
+                info.kill_reason = f"timeout: killed after {ran:.3g}s"
+                self.log.warning(
+                    "job.timeout", job_id=held.job_id, pid=info.pid, ran_s=round(ran, 3)
+                )
+                _kill_group(info.pid, signal.SIGKILL)
+
+    # --- reload and stop ------------------------------------------------------------------
+
+    def _reload(self) -> None:
+        p = self.p
+        p.sink.reopen()
+        try:
+            fresh = config_mod.load(p.config.path)
+            registry = registry_mod.build(fresh)
+        except IpcdError as exc:
+            self.log.error("daemon.reload_failed", error=str(exc), config=str(p.config.path))
+            return
+        restart_needed = [
+            name
+            for name, old, new in (
+                ("ipc", p.config.ipc, fresh.ipc),
+                ("results", p.config.results, fresh.results),
+                ("log", p.config.log, fresh.log),
+            )
+            if old != new
+        ]
+        if fresh.daemon.workers > p.table.workers // 2:
+            restart_needed.append("daemon.workers")
+            fresh = fresh._replace(daemon=fresh.daemon._replace(workers=p.config.daemon.workers))
+        p.config, p.registry = fresh, registry
+        old = [w for w in self.pool.workers.values() if not w.retiring]
+        self.pool.generation += 1
+        self.pool.next_spawn = 0.0
+        self._maintain()  # the new generation starts taking jobs first...
+        for info in old:  # ...then the old one finishes what it holds and exits
+            info.retiring = True
+            _kill_group(info.pid, signal.SIGTERM, group=False)
+        self.log.info(
+            "daemon.reloaded",
+            handlers={r.name: r.type for r in registry.by_type.values()},
+            replaced=len(old),
+            restart_needed=restart_needed or None,
+        )
+
+    def _shutdown(self) -> None:
+        """Let every worker finish its job, up to graceful_timeout; kill the rest."""
+        deadline = time.time() + self.p.config.daemon.graceful_timeout
+        for info in self.pool.workers.values():
+            _kill_group(info.pid, signal.SIGTERM, group=False)
+        while self.pool.workers and time.time() < deadline:
+            select.select([self._wake_r], [], [], min(0.2, max(deadline - time.time(), 0)))
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._wake_r, 4096)
+            self._reap()
+            for info in self.pool.workers.values():
+                held = self.p.table.held(info.slot)
+                if held is None:
+                    # Idle in msgrcv: a SIGTERM that landed just before the call was lost.
+                    _kill_group(info.pid, signal.SIGTERM, group=False)
+        for info in list(self.pool.workers.values()):
+            info.kill_reason = None
+            self.log.warning("worker.killed_at_stop", pid=info.pid)
+            _kill_group(info.pid, signal.SIGKILL)
+        while self.pool.workers:
+            pid, _ = os.waitpid(-1, 0)
+            gone = self.pool.workers.pop(pid, None)
+            if gone is not None:
+                held = self.p.table.held(gone.slot)
+                if held is not None and held.state is not State.PARKED:
+                    self._keep_for_next_start(held, "killed at stop after graceful_timeout")
+                self.p.table.clear(gone.slot)
+
+    def _keep_for_next_start(self, held: Held, cause: str) -> None:
+        """A job interrupted by shutdown is not a failure: it runs again, same attempt."""
+        try:
+            job = protocol.decode(held.body, held.type, received=time.time())
+        except MessageError:
+            return
+        if job.bare and held.job_id:
+            job = job._replace(id=held.job_id)
+        body = protocol.reencode(job, attempt=job.attempt)
+        if not self.p.table.park(job.type, body, job.id, job.attempt, time.time()):
+            self.p.queue.send_nowait(body, job.type)
+        self.log.warning("job.requeued", job_id=job.id, attempt=job.attempt, cause=cause)
+
+
+def _handler_name(arbiter: Arbiter, job: Job) -> str:
+    reg = arbiter.p.registry.lookup(job.type)
+    return reg.name if reg else "-"
+
+
+def _kill_group(pid: int, signum: int, *, group: bool = True) -> None:
+    """Signal a worker, or its whole process group (the jobs' children with it)."""
+    try:
+        if group:
+            os.killpg(pid, signum)
+        else:
+            os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+    except PermissionError as exc:  # pragma: no cover - a setuid child
+        if exc.errno != errno.EPERM:
+            raise
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        return f"killed by {name}"
+    code = os.WEXITSTATUS(status)
+    names = {Exit.STOPPED: "stopped", Exit.RECYCLED: "recycled", Exit.CRASHED: "crashed"}
+    return f"exited with status {code}" + (f" ({names[code]})" if code in names else "")
+
+
+def _wake_only(signum: int, frame: FrameType | None) -> None:
+    """SIGCHLD: the C-level handler's write to the self-pipe is all the master needs."""

@@ -1,0 +1,104 @@
+"""The failed list: jobs that used all their attempts, kept so an operator can retry them.
+
+It is a second result ring (ipcd.results) at its own key, whose records carry the job's
+whole message besides the reason, so ``ipcctl retry`` can put the very same job back on
+the queue.  It is bounded: when full, the oldest entry goes, and ``dropped`` says how many
+went that way.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import NamedTuple
+
+from ipcd import results
+from ipcd.ipc import Lock, Segment
+from ipcd.results import Kind, Result, Status
+from ipcd.resultstore import ResultStore
+
+
+class FailedJob(NamedTuple):
+    """One entry of the failed list."""
+
+    job_id: str
+    type: int
+    attempts: int
+    error: str
+    failed_at: float
+    body: bytes
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "id": self.job_id,
+            "type": self.type,
+            "attempts": self.attempts,
+            "error": self.error,
+            "failed_at": self.failed_at,
+            "bytes": len(self.body),
+        }
+
+
+def slot_size_for(text_size: int) -> int:
+    """Room for the message in base64 inside a small JSON record, and the reason."""
+    return results.RECORD_SIZE + (text_size + 2) // 3 * 4 + 1024
+
+
+class FailedList:
+    def __init__(self, store: ResultStore) -> None:
+        self.store = store
+
+    @classmethod
+    def create(cls, key: int, mode: int, entries: int, text_size: int) -> FailedList:
+        slot = slot_size_for(text_size)
+        return cls(ResultStore.create(key, None, mode, results.HEADER_SIZE + entries * slot, slot))
+
+    @classmethod
+    def open(cls, key: int) -> FailedList:
+        return cls(ResultStore(Segment.open(key), Lock.open(key)))
+
+    def add(self, job_id: str, type_: int, body: bytes, attempts: int, error: str) -> None:
+        data = json.dumps(
+            {
+                "error": error,
+                "attempts": attempts,
+                "body_b64": base64.b64encode(body).decode("ascii"),
+            }
+        ).encode()
+        now = time.time()
+        self.store.put(Result(job_id, type_, Status.ERROR, Kind.JSON, data, attempts, now, now))
+
+    def entries(self) -> list[FailedJob]:
+        """Newest last; a job retried and failed again shows once, as it failed last."""
+        latest: dict[str, FailedJob] = {}
+        for record in self.store.all():
+            entry = _entry(record)
+            if entry is not None:
+                latest.pop(entry.job_id, None)
+                latest[entry.job_id] = entry
+        return list(latest.values())
+
+    def dropped(self) -> int:
+        header = self.store.header()
+        return max(0, header.next_seq - header.slot_count)
+
+    def take(self, job_id: str) -> FailedJob | None:
+        """Remove a job from the list and return it (for ``ipcctl retry``)."""
+        for entry in reversed(self.entries()):
+            if entry.job_id == job_id:
+                self.store.clear(job_id)
+                return entry
+        return None
+
+
+def _entry(record: Result) -> FailedJob | None:
+    try:
+        doc = json.loads(record.data)
+        body = base64.b64decode(doc["body_b64"])
+        return FailedJob(
+            record.job_id, record.type, int(doc["attempts"]), str(doc["error"]),
+            record.finished, body,
+        )  # fmt: skip
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -1,0 +1,134 @@
+"""Where every job ends: its result stored, waiters woken, failures listed, one log event.
+
+Both a worker (after running a job) and the master (for a job whose worker died) finish
+jobs, and they must do it the same way; this module is that one way.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from ipcd.errors import IpcdError
+from ipcd.failed import FailedList
+from ipcd.ipc import Queue
+from ipcd.log import Logger
+from ipcd.protocol import Job
+from ipcd.results import Kind, Result, Status
+from ipcd.resultstore import ResultStore
+
+
+def error_result(job: Job, message: str) -> Result:
+    return Result(
+        job.id, job.type, Status.ERROR, Kind.TEXT, message.encode("utf-8", "replace"),
+        job.attempt, job.submitted, time.time(),
+    )  # fmt: skip
+
+
+class Outcomes:
+    """Finishes jobs: result, failed list, reply notification, log event."""
+
+    def __init__(
+        self, *, store: ResultStore, failed: FailedList, replies: Queue, log: Logger
+    ) -> None:
+        self.store = store
+        self.failed = failed
+        self.replies = replies
+        self.log = log
+
+    def finish(
+        self,
+        job: Job,
+        result: Result,
+        *,
+        body: bytes,
+        handler: str,
+        started: float,
+        listed: bool = True,
+        logged: bool = True,
+        **fields: Any,
+    ) -> None:
+        """Store ``result`` for ``job``; a failure also goes to the failed list.
+
+        ``listed=False`` keeps a failure off the failed list (a malformed message cannot be
+        retried); ``logged=False`` skips the ``job.done`` event when the caller has already
+        logged the job's one event (``job.rejected``).
+        """
+        stored = self._store(result)
+        if not result.ok and listed:
+            self._list_failed(job, body, result.error)
+        if job.reply_to is not None:
+            self.notify(job.reply_to, job.id)
+        if not logged:
+            return
+        event: dict[str, Any] = {
+            "job_id": job.id,
+            "type": job.type,
+            "handler": handler,
+            "outcome": "ok" if result.ok else "error",
+            "ms": round((time.monotonic() - started) * 1000, 3),
+            "attempt": job.attempt,
+            "bytes_in": len(body),
+            "bytes_out": len(result.data),
+        }
+        if job.bare:
+            event["bare"] = True
+        if job.sender_pid:
+            event["sender_pid"] = job.sender_pid
+        if not result.ok:
+            event["error"] = result.error
+        if not stored:
+            event["stored"] = False
+        event.update(fields)
+        self.log.info("job.done", **event)
+
+    def _store(self, result: Result) -> bool:
+        try:
+            self.store.put(result)
+        except IpcdError as exc:
+            # The segment was removed or its semaphore stayed wedged past the timeout:
+            # say so and go on serving; the job's outcome is in the log event.
+            self.log.error("result.store_failed", job_id=result.job_id, error=str(exc))
+            return False
+        return True
+
+    def _list_failed(self, job: Job, body: bytes, error: str) -> None:
+        try:
+            self.failed.add(job.id, job.type, body, job.attempt, error)
+        except IpcdError as exc:
+            self.log.error("failed_list.unavailable", job_id=job.id, error=str(exc))
+
+    def notify(self, reply_to: int, job_id: str) -> None:
+        """Tell a waiting client its result is stored; never block on a full reply queue."""
+        if self.replies.send_nowait(job_id.encode("ascii"), reply_to):
+            return
+        self._purge_replies()
+        if not self.replies.send_nowait(job_id.encode("ascii"), reply_to):
+            self.log.warning("reply.dropped", job_id=job_id, reply_to=reply_to)
+
+    def _purge_replies(self) -> None:
+        """Drop notifications nobody will read: those of clients that have exited."""
+        kept: list[tuple[bytes, int]] = []
+        dropped = 0
+        for _ in range(4096):
+            message = self.replies.receive_nowait(0)
+            if message is None:
+                break
+            if _alive(message[1]):
+                kept.append(message)
+            else:
+                dropped += 1
+        for body, type_ in kept:
+            self.replies.send_nowait(body, type_)
+        self.log.info("reply.purged", dropped=dropped, kept=len(kept))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
