@@ -98,6 +98,7 @@ class Arbiter:
         p.store.set_daemon(os.getpid(), self.started)
         p.table.set_master(os.getpid())
         self._recover_leftovers()
+        self._raise_queue_bytes()
         self.log.info(
             "daemon.started",
             pid=os.getpid(),
@@ -140,6 +141,21 @@ class Arbiter:
                 uptime_s=round(time.time() - self.started, 3),
             )
             p.sink.close()
+
+    def _raise_queue_bytes(self) -> None:
+        """[ipc] queue_bytes: a deeper queue, where the kernel lets us (CAP_SYS_RESOURCE)."""
+        wanted = self.p.config.ipc.queue_bytes
+        if wanted is None:
+            return
+        if self.p.queue.set_max_bytes(wanted):
+            self.log.info("queue.max_bytes", bytes=self.p.queue.stats().max_bytes)
+        else:
+            self.log.warning(
+                "queue.max_bytes_refused",
+                wanted=wanted,
+                bytes=self.p.queue.stats().max_bytes,
+                reason="raising msg_qbytes above msgmnb needs CAP_SYS_RESOURCE",
+            )
 
     def _sleep(self) -> None:
         timeout = max(0.0, min(self._next_event() - time.time(), TICK))
@@ -235,14 +251,18 @@ class Arbiter:
             self._worker_died(info, status)
 
     def _worker_died(self, info: WorkerInfo, status: int) -> None:
-        cause = _describe(status)
         held = self.p.table.held(info.slot)
-        if held is not None and held.state is not State.PARKED:
+        if held is not None and held.state is State.PARKED:
+            held = None
+        # A worker that leaves while holding a job did not stop or recycle, whatever its
+        # exit status says: a handler called exit() (or os._exit) with that status.
+        cause = _describe(status, holding=held is not None)
+        if held is not None:
             self._recover(held, cause=info.kill_reason or cause, timed_out=bool(info.kill_reason))
         self.p.table.clear(info.slot)
         self.pool.free_slots.append(info.slot)
         lived = time.time() - info.spawned
-        expected = (
+        expected = held is None and (
             info.retiring
             or self.flags.stopping
             or (os.WIFEXITED(status) and os.WEXITSTATUS(status) == Exit.RECYCLED)
@@ -272,7 +292,7 @@ class Arbiter:
         if job.bare and held.job_id:
             job = job._replace(id=held.job_id)
         existing = self.p.store.get(job.id)
-        if existing is not None and existing.attempt >= job.attempt:
+        if existing is not None and existing.finished >= held.started > 0:
             return  # the worker stored the outcome and died before releasing the slot
         if timed_out:
             self.outcomes.finish(
@@ -430,7 +450,8 @@ def _kill_group(pid: int, signum: int, *, group: bool = True) -> None:
             raise
 
 
-def _describe(status: int) -> str:
+def _describe(status: int, *, holding: bool) -> str:
+    """Why a worker ended, from its wait status, for log events and error results."""
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         try:
@@ -439,6 +460,8 @@ def _describe(status: int) -> str:
             name = f"signal {sig}"
         return f"killed by {name}"
     code = os.WEXITSTATUS(status)
+    if holding:
+        return f"exited with status {code} in the middle of the job"
     names = {Exit.STOPPED: "stopped", Exit.RECYCLED: "recycled", Exit.CRASHED: "crashed"}
     return f"exited with status {code}" + (f" ({names[code]})" if code in names else "")
 

@@ -15,16 +15,21 @@ from __future__ import annotations
 
 import os
 import time
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from ipcd import protocol
 from ipcd.config import Config
-from ipcd.errors import JobFailedError, NotRunningError, WaitTimeoutError
+from ipcd.errors import JobFailedError, NoResultError, NotRunningError, WaitTimeoutError
 from ipcd.ipc import Gate, Queue, QueueStats
 from ipcd.keys import Keys, derive
 from ipcd.protocol import Payload
 from ipcd.results import Header, Result
 from ipcd.resultstore import ResultStore
+
+if TYPE_CHECKING:
+    # Imported where used: the submit path that cron scripts take does not need them.
+    from ipcd.failed import FailedJob, FailedList
+    from ipcd.inflight import WorkerView
 
 #: Longest pause between looks at the segment while waiting on the gate: it bounds the
 #: delay when a result lands between our look and our wait (a pulse nobody saw).
@@ -38,6 +43,10 @@ class Status(NamedTuple):
     queue: QueueStats
     results: Header | None
     results_size: int
+    workers: tuple[WorkerView, ...] = ()
+    parked: int = 0
+    failed: int = 0
+    failed_dropped: int = 0
 
     def daemon_running(self) -> bool:
         return self.results is not None and self.results.daemon_pid != 0
@@ -79,6 +88,7 @@ class Client:
         *,
         notify: bool = False,
         send_timeout: float | None = None,
+        job_timeout: float | None = None,
     ) -> str:
         """Queue a job and return its id; ``notify`` asks for a reply-queue wake-up.
 
@@ -87,7 +97,12 @@ class Client:
         """
         type_ = handler if isinstance(handler, int) else self.config.handler_type(handler)
         job_id = protocol.new_job_id()
-        body = protocol.encode(payload, job_id=job_id, reply_to=os.getpid() if notify else None)
+        body = protocol.encode(
+            payload,
+            job_id=job_id,
+            reply_to=os.getpid() if notify else None,
+            timeout=job_timeout,
+        )
         if notify:
             self._reply_queue()  # fail before sending when no one could wake us
         timeout = self.config.ipc.send_timeout if send_timeout is None else send_timeout
@@ -144,12 +159,56 @@ class Client:
         return self.store.get(job_id)
 
     def status(self) -> Status:
+        from ipcd.failed import FailedList
+        from ipcd.inflight import InflightTable
+
         queue = self.queue.stats()
         try:
             store = self.store
         except NotRunningError:
             return Status(self.keys, queue, None, 0)
-        return Status(self.keys, queue, store.header(), store.segment.size)
+        status = Status(self.keys, queue, store.header(), store.segment.size)
+        try:
+            table = InflightTable.open(self.keys.inflight)
+            failed = FailedList.open(self.keys.failed)
+        except NotRunningError:
+            return status
+        live = tuple(w for w in table.worker_views() if w.pid and status.daemon_running())
+        return status._replace(
+            workers=live,
+            parked=len(table.parked_jobs()),
+            failed=len(failed.entries()),
+            failed_dropped=failed.dropped(),
+        )
+
+    def failed(self) -> tuple[list[FailedJob], int]:
+        """The failed list, oldest first, and how many older entries were dropped."""
+        failed = self._failed_list()
+        return failed.entries(), failed.dropped()
+
+    def retry(self, job_id: str, send_timeout: float | None = None) -> str:
+        """Put a failed job back on the queue as it was, with fresh attempts."""
+        failed = self._failed_list()
+        entry = failed.take(job_id)
+        if entry is None:
+            raise NoResultError(f"job {job_id} is not on the failed list")
+        job = protocol.decode(entry.body, entry.type)
+        if job.bare:
+            job = job._replace(id=entry.job_id)
+        body = protocol.reencode(job, attempt=1)
+        timeout = self.config.ipc.send_timeout if send_timeout is None else send_timeout
+        self.store.clear(job.id)  # so that waiting for it waits for the new outcome
+        try:
+            self.queue.send(body, entry.type, timeout=timeout)
+        except BaseException:
+            failed.add(entry.job_id, entry.type, entry.body, entry.attempts, entry.error)
+            raise
+        return job.id
+
+    def _failed_list(self) -> FailedList:
+        from ipcd.failed import FailedList
+
+        return FailedList.open(self.keys.failed)
 
     def _reply_queue(self) -> Queue:
         if self._replies is None:

@@ -230,7 +230,7 @@ class InflightTable:
     def clear(self, index: int) -> None:
         off = self.offset(index)
         struct.pack_into("<q", self.buf, off + MSGBUF_TYPE, 0)
-        struct.pack_into("<I", self.buf, off, State.FREE)
+        struct.pack_into("<II", self.buf, off, State.FREE, 0)
 
     def worker_views(self) -> list[WorkerView]:
         views = []
@@ -239,6 +239,8 @@ class InflightTable:
                 self.buf, self.offset(index)
             )
             (mtype,) = struct.unpack_from("<q", self.buf, self.offset(index) + MSGBUF_TYPE)
+            if state == State.FREE:
+                continue
             busy = state == State.RUNNING and mtype != 0
             views.append(
                 WorkerView(

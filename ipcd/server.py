@@ -60,8 +60,6 @@ def prepare(config: Config, *, console: TextIO | None) -> Prepared:
     for held in carried:  # the table changed shape: keep what the old one held
         if not table.park(held.type, held.body, held.job_id, held.attempt, time.time()):
             queue.send_nowait(held.body, held.type)
-    if config.ipc.queue_bytes is not None:
-        queue.set_max_bytes(config.ipc.queue_bytes)
     if config.log.file is not None:
         _check_writable_dir(config.log.file)
     try:

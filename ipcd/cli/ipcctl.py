@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--json", action="store_true", help="parse the payload as JSON")
     _wait_options(submit)
     submit.add_argument(
+        "--timeout-job",
+        type=_seconds,
+        metavar="S",
+        help="kill the job if it runs longer than S seconds (default: the handler's timeout)",
+    )
+    submit.add_argument(
         "--send-timeout",
         type=_seconds,
         metavar="S",
@@ -62,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="queue depth, result segment use, daemon")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    failed = sub.add_parser("failed", help="list jobs that failed for good, and why")
+    failed.add_argument("--json", action="store_true", help="one JSON document")
+
+    retry = sub.add_parser("retry", help="put a job from the failed list back on the queue")
+    retry.add_argument("job_id")
 
     sub.add_parser("key", help="print the IPC keys and how they are derived")
     return parser
@@ -93,6 +105,11 @@ def main(argv: list[str]) -> int:
         return _result(client, args)
     if args.command == "status":
         return _status(client, args.json)
+    if args.command == "failed":
+        return _failed(client, args.json)
+    if args.command == "retry":
+        print(client.retry(args.job_id))
+        return 0
     keys = client.keys
     print(f"job queue, result segment, result semaphore: {keys.jobs:#010x}")
     print(f"reply queue:   {keys.replies:#010x}")
@@ -103,10 +120,11 @@ def main(argv: list[str]) -> int:
 
 def _submit(client: Client, args: argparse.Namespace) -> int:
     payload = _payload(args.payload, args.json)
+    options = {"send_timeout": args.send_timeout, "job_timeout": args.timeout_job}
     if not args.wait:
-        print(client.submit(args.type, payload, send_timeout=args.send_timeout))
+        print(client.submit(args.type, payload, **options))
         return 0
-    job_id = client.submit(args.type, payload, notify=True, send_timeout=args.send_timeout)
+    job_id = client.submit(args.type, payload, notify=True, **options)
     return _print_result(client.wait_submitted(job_id, args.timeout), as_json=False)
 
 
@@ -172,6 +190,12 @@ def _status(client: Client, as_json: bool) -> int:
         )
     if header is not None and header.daemon_pid:
         print(f"daemon     pid {header.daemon_pid}, up {time.time() - header.started:.0f}s")
+        now = time.time()
+        for w in status.workers:
+            doing = f"job {w.job_id} for {now - w.started:.1f}s" if w.job_id else "idle"
+            print(f"worker     pid {w.pid}: {doing}, {w.jobs_done} jobs done")
+        dropped = f" ({status.failed_dropped} older dropped)" if status.failed_dropped else ""
+        print(f"jobs       {status.parked} waiting to retry, {status.failed} failed{dropped}")
         return 0
     print("daemon     not running (jobs wait in the queue for the next start)")
     return int(ExitCode.UNAVAILABLE)
@@ -195,6 +219,19 @@ def _status_doc(status: Status) -> dict[str, object]:
             "bytes": status.results_size,
         }
     return {
+        "workers": [
+            {
+                "pid": w.pid,
+                "state": "busy" if w.job_id else "idle",
+                "job_id": w.job_id or None,
+                "running_s": round(time.time() - w.started, 3) if w.job_id else None,
+                "jobs_done": w.jobs_done,
+            }
+            for w in status.workers
+        ],
+        "parked": status.parked,
+        "failed": status.failed,
+        "failed_dropped": status.failed_dropped,
         "key": f"{status.keys.jobs:#010x}",
         "queue": {
             "messages": q.messages,
@@ -205,6 +242,19 @@ def _status_doc(status: Status) -> dict[str, object]:
         "results": results,
         "daemon": daemon,
     }
+
+
+def _failed(client: Client, as_json: bool) -> int:
+    entries, dropped = client.failed()
+    if as_json:
+        print(json.dumps({"failed": [e.as_json() for e in entries], "dropped": dropped}))
+        return 0
+    for e in entries:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.failed_at))
+        print(f"{e.job_id}  type {e.type}  {when}  attempts {e.attempts}  {e.error}")
+    if dropped:
+        print(f"({dropped} older entries were dropped: the list keeps the newest)")
+    return 0
 
 
 def entry() -> None:

@@ -36,3 +36,50 @@ def big(job: Job) -> HandlerResult:
 def not_jsonable(job: Job) -> HandlerResult:
     """Return something that cannot be a result."""
     return {"a set": {1, 2}}  # type: ignore[dict-item]
+
+
+def flaky(job: Job) -> HandlerResult:
+    """Ask for a retry until the attempt named by the payload (an int), then succeed."""
+    from ipcd.handlers import Retry
+
+    succeed_on = int(str(job.payload))
+    if job.attempt < succeed_on:
+        raise Retry(f"not yet (attempt {job.attempt})", delay=0.05)
+    return f"ok on attempt {job.attempt}"
+
+
+def exit_hard(job: Job) -> HandlerResult:
+    """Leave the process at once, as a C extension calling exit() would."""
+    os._exit(3)
+
+
+def segfault(job: Job) -> HandlerResult:
+    """Die of SIGSEGV, as a crashing C extension would."""
+    import signal
+
+    os.kill(os.getpid(), signal.SIGSEGV)
+    return "unreachable"
+
+
+def hang(job: Job) -> HandlerResult:
+    """Start a child that sleeps, then sleep forever: only a group kill ends both."""
+    import subprocess
+    import time
+
+    child = subprocess.Popen(["sleep", "600"])
+    path = str(job.payload)
+    with open(path, "w") as fh:
+        fh.write(str(child.pid))
+    while True:
+        time.sleep(1)
+
+
+def busy(job: Job) -> HandlerResult:
+    """Burn CPU for the payload's number of milliseconds (a CPU-bound handler)."""
+    import time
+
+    end = time.perf_counter() + float(str(job.payload)) / 1000
+    n = 0
+    while time.perf_counter() < end:
+        n += 1
+    return n
