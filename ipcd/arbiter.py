@@ -22,6 +22,7 @@ self-pipe (``signal.set_wakeup_fd``); everything else happens in this loop.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import select
@@ -83,6 +84,7 @@ class Arbiter:
             store=prepared.store, failed=prepared.failed, replies=prepared.replies, log=self.log
         )
         self.started = time.time()
+        self.master_pid = os.getpid()
         self._wake_r, self._wake_w = os.pipe()
         self._notify_r, self._notify_w = os.pipe()
         for fd in (self._wake_r, self._wake_w, self._notify_r, self._notify_w):
@@ -92,6 +94,7 @@ class Arbiter:
 
     def run(self, ready: Callable[[], None] = lambda: None) -> None:
         p = self.p
+        self.master_pid = os.getpid()  # after detaching, this is the daemon's own PID
         self.flags.install()
         signal.signal(signal.SIGCHLD, _wake_only)
         previous_fd = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
@@ -120,6 +123,7 @@ class Arbiter:
                     self.flags.reload = False
                     self._reload()
                 self._enforce_deadlines()
+                self._nudge_retiring()
                 self._dispatch_parked()
                 self._maintain()
             self._shutdown()
@@ -201,6 +205,11 @@ class Arbiter:
         """The child's side of the fork: reset what belongs to the master, then serve."""
         code = Exit.CRASHED
         try:
+            # If the master dies (even of SIGKILL), finish the job in hand and leave:
+            # a worker without its master would go on taking jobs nobody supervises.
+            _parent_death_signal(signal.SIGTERM)
+            if os.getppid() != self.master_pid:
+                return Exit.STOPPED  # the master died before the line above took effect
             os.setpgid(0, 0)  # its own process group: a timeout kills what the job started
             signal.set_wakeup_fd(-1)
             os.close(self._wake_r)
@@ -351,6 +360,12 @@ class Arbiter:
                 )
                 _kill_group(info.pid, signal.SIGKILL)
 
+    def _nudge_retiring(self) -> None:
+        """Repeat SIGTERM to retired workers still idle in msgrcv (a lost first signal)."""
+        for info in self.pool.workers.values():
+            if info.retiring and self.p.table.held(info.slot) is None:
+                _kill_group(info.pid, signal.SIGTERM, group=False)
+
     # --- reload and stop ------------------------------------------------------------------
 
     def _reload(self) -> None:
@@ -368,6 +383,11 @@ class Arbiter:
                 ("ipc", p.config.ipc, fresh.ipc),
                 ("results", p.config.results, fresh.results),
                 ("log", p.config.log, fresh.log),
+                ("daemon.pid_file", p.config.daemon.pid_file, fresh.daemon.pid_file),
+                ("daemon.workdir", p.config.daemon.workdir, fresh.daemon.workdir),
+                ("daemon.umask", p.config.daemon.umask, fresh.daemon.umask),
+                ("jobs.failed_size", p.config.jobs.failed_size, fresh.jobs.failed_size),
+                ("jobs.parked", p.config.jobs.parked, fresh.jobs.parked),
             )
             if old != new
         ]
@@ -464,6 +484,12 @@ def _describe(status: int, *, holding: bool) -> str:
         return f"exited with status {code} in the middle of the job"
     names = {Exit.STOPPED: "stopped", Exit.RECYCLED: "recycled", Exit.CRASHED: "crashed"}
     return f"exited with status {code}" + (f" ({names[code]})" if code in names else "")
+
+
+def _parent_death_signal(signum: int) -> None:
+    """prctl(PR_SET_PDEATHSIG): have the kernel send ``signum`` when the master exits."""
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signum, 0, 0, 0)
 
 
 def _wake_only(signum: int, frame: FrameType | None) -> None:

@@ -49,7 +49,25 @@ class Status(NamedTuple):
     failed_dropped: int = 0
 
     def daemon_running(self) -> bool:
-        return self.results is not None and self.results.daemon_pid != 0
+        """A daemon recorded its PID and that process is still there (it may have been
+        killed without the chance to clear it)."""
+        return self.results is not None and _alive(self.results.daemon_pid)
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # someone else's process: alive
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 class Client:

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ipcd.errors import ConfigError
+from ipcd.errors import ConfigError, UsageError
 
 DEFAULT_PATH = Path("/etc/ipcd/ipcd.toml")
 ENV_VAR = "IPCD_CONFIG"
@@ -40,6 +40,8 @@ class IpcConfig(NamedTuple):
     send_timeout: float
     #: Raise the job queue's msg_qbytes to this at start (needs CAP_SYS_RESOURCE).
     queue_bytes: int | None = None
+    #: Group that owns the IPC objects (with mode 0o660: the group that may submit).
+    group: str | None = None
 
 
 class DaemonConfig(NamedTuple):
@@ -52,6 +54,9 @@ class DaemonConfig(NamedTuple):
     workers: int = 2
     max_jobs_per_worker: int = 0
     graceful_timeout: float = 20.0
+    #: Started as root: the user and group to switch to before handling any job.
+    user: str | None = None
+    group: str | None = None
 
 
 class LogConfig(NamedTuple):
@@ -110,9 +115,9 @@ class Config(NamedTuple):
             number = int(name_or_number, 0)
         except ValueError:
             names = ", ".join(h.name for h in self.handlers) or "none configured"
-            raise ConfigError(f"unknown handler {name_or_number!r} (configured: {names})") from None
+            raise UsageError(f"unknown handler {name_or_number!r} (configured: {names})") from None
         if not CONTROL_TYPE < number <= MAX_TYPE:
-            raise ConfigError(f"message type {number} is out of range 2..{MAX_TYPE}")
+            raise UsageError(f"message type {number} is out of range 2..{MAX_TYPE}")
         return number
 
     def handler_for_type(self, type_: int) -> HandlerConfig | None:
@@ -180,6 +185,7 @@ def parse(raw: Mapping[str, Any], path: Path) -> Config:
         mode=mode,
         send_timeout=reader.positive(ipc, "ipc.send_timeout", 5.0),
         queue_bytes=reader.bounded(ipc, "ipc.queue_bytes", None, 1, 1 << 31),
+        group=reader.optional(ipc, "ipc.group", str),
     )
 
     daemon = reader.table(raw, "daemon")
@@ -194,6 +200,8 @@ def parse(raw: Mapping[str, Any], path: Path) -> Config:
             "workers",
             "max_jobs_per_worker",
             "graceful_timeout",
+            "user",
+            "group",
         },
     )
     umask = reader.get(daemon, "daemon.umask", int, 0o027)
@@ -207,6 +215,8 @@ def parse(raw: Mapping[str, Any], path: Path) -> Config:
         workers=reader.bounded(daemon, "daemon.workers", 2, 1, 256),
         max_jobs_per_worker=reader.bounded(daemon, "daemon.max_jobs_per_worker", 0, 0, 2**31),
         graceful_timeout=reader.positive(daemon, "daemon.graceful_timeout", 20.0),
+        user=reader.optional(daemon, "daemon.user", str),
+        group=reader.optional(daemon, "daemon.group", str),
     )
 
     log = reader.table(raw, "log")
@@ -223,8 +233,8 @@ def parse(raw: Mapping[str, Any], path: Path) -> Config:
     size = reader.get(results, "results.size", int, 1 << 20)
     if not 256 <= slot_size <= 1 << 24:
         raise reader.error("results.slot_size must be between 256 bytes and 16 MiB")
-    if size < 2 * slot_size:
-        raise reader.error("results.size must hold at least two slots (2 * slot_size)")
+    if size < 64 + 2 * slot_size:
+        raise reader.error("results.size must hold at least two slots (64 + 2 * slot_size)")
     results_config = ResultsConfig(size=size, slot_size=slot_size)
 
     jobs = reader.table(raw, "jobs")
@@ -278,7 +288,11 @@ def _handlers(reader: _Reader, table: Mapping[str, Any]) -> tuple[HandlerConfig,
                 target=target,
                 timeout=timeout,
                 max_attempts=reader.bounded(entry, f"{where}.max_attempts", None, 1, 1000),
-                retry_delay=reader.get(entry, f"{where}.retry_delay", float, None),
+                retry_delay=(
+                    reader.non_negative(entry, f"{where}.retry_delay", 0.0)
+                    if "retry_delay" in entry
+                    else None
+                ),
             )
         )
     return tuple(handlers)

@@ -87,6 +87,7 @@ def start_detached(
     flags: Flags,
     keep_fds: list[int],
     run: Callable[[Callable[[], None]], None],
+    drop_privileges: Callable[[], None] = lambda: None,
     timeout: float = 30.0,
 ) -> int:
     """Detach and run ``run(ready)`` in the daemon; returns the daemon's PID once ready.
@@ -98,7 +99,9 @@ def start_detached(
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the detached processes
         os.close(read_fd)
-        _become_daemon(pid_file, workdir, umask, flags, [*keep_fds, write_fd], write_fd, run)
+        _become_daemon(
+            pid_file, workdir, umask, flags, [*keep_fds, write_fd], write_fd, run, drop_privileges
+        )
     os.close(write_fd)
     os.waitpid(child, 0)  # exits at python-daemon's first fork
     try:
@@ -141,6 +144,7 @@ def _become_daemon(  # pragma: no cover - runs in the detached processes
     keep_fds: list[int],
     status_fd: int,
     run: Callable[[Callable[[], None]], None],
+    drop_privileges: Callable[[], None],
 ) -> None:
     """The child's path: detach, take the PID file, serve; never returns."""
     code = 0
@@ -164,6 +168,7 @@ def _become_daemon(  # pragma: no cover - runs in the detached processes
         reported = True
 
     try:
+        drop_privileges()  # before the PID file: the daemon's own user owns and removes it
         context.open()
         run(ready)
     except lockfile.AlreadyLocked:

@@ -122,6 +122,12 @@ class StartupError(IpcdError, RuntimeError):
     exit_code = ExitCode.JOB_FAILED
 
 
+class InternalError(IpcdError, RuntimeError):
+    """A bug in ipcd: an exception nobody expected reached the command line."""
+
+    exit_code = ExitCode.SOFTWARE
+
+
 class MessageError(IpcdError, ValueError):
     """A message taken from the queue cannot be turned into a job.
 
@@ -132,6 +138,8 @@ class MessageError(IpcdError, ValueError):
     exit_code = ExitCode.DATA
     #: The job id, when the message was an envelope whose id could be read.
     job_id: str | None = None
+    #: The reply type the envelope asked for, when it could be read (to wake the waiter).
+    reply_to: int | None = None
 
 
 class RefusedPayloadError(MessageError):

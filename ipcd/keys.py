@@ -22,7 +22,7 @@ import os
 from typing import NamedTuple
 
 from ipcd.config import IpcConfig
-from ipcd.errors import ConfigError, NotRunningError
+from ipcd.errors import ConfigError, IpcPermissionError, NotRunningError
 
 #: Distance from the job key to the reply-queue key: one step of ftok's proj_id byte.
 REPLY_KEY_OFFSET = 0x01000000
@@ -79,7 +79,7 @@ def derive(ipc: IpcConfig, *, create_key_file: bool = False) -> Keys:
                 "first start): is ipcd installed and started?"
             ) from None
         except PermissionError:
-            raise ConfigError(f"key file {ipc.key_path}: permission denied") from None
+            raise IpcPermissionError(f"key file {ipc.key_path}: permission denied") from None
         how = f"ftok({str(ipc.key_path)!r}, {ipc.proj_id:#04x})"
     return Keys(
         jobs=jobs,

@@ -126,6 +126,16 @@ def _no_constants(name: str) -> None:
 
 
 def _from_envelope(doc: dict[str, Any], type_: int) -> Job:
+    try:
+        return _read_envelope(doc, type_)
+    except MessageError as exc:
+        reply = doc.get("reply")
+        if type(reply) is int and 0 < reply < 2**31:
+            exc.reply_to = reply  # so that a waiting submitter hears of the rejection
+        raise
+
+
+def _read_envelope(doc: dict[str, Any], type_: int) -> Job:
     raw_id = doc.get("id")
     job_id = raw_id if isinstance(raw_id, str) and _JOB_ID.match(raw_id) else None
     if type(doc["ipcd"]) is not int or doc["ipcd"] != VERSION:

@@ -22,7 +22,8 @@ Layout (all integers little-endian; documented for other languages in docs/proto
       job_id       16s  ASCII
       type         i64  the job's message type
       status       u8   0 ok, 1 error
-      kind         u8   data is 0 bytes, 1 UTF-8 text, 2 JSON (ok) / the error message (error)
+      kind         u8   how to read data: 0 bytes, 1 UTF-8 text, 2 JSON (an error result's
+                        data is its message, kind 1)
       attempt      u16
       length       u32  bytes of data
       submitted    f64

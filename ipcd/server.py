@@ -13,14 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from ipcd import identity
+from ipcd import ipc as ipc_mod
 from ipcd import keys as keys_mod
 from ipcd import log as log_mod
 from ipcd import registry as registry_mod
 from ipcd.config import Config
-from ipcd.errors import IpcdError
+from ipcd.errors import ConfigError
 from ipcd.failed import FailedList
 from ipcd.inflight import InflightTable
-from ipcd.ipc import Queue, msgmax
+from ipcd.ipc import TRUSTED_UIDS, Queue, msgmax
 from ipcd.keys import Keys
 from ipcd.registry import Registry
 from ipcd.resultstore import ResultStore
@@ -39,11 +41,25 @@ class Prepared:
     failed: FailedList
     registry: Registry
     sink: log_mod.Sink
+    identity: identity.Identity
 
 
 def prepare(config: Config, *, console: TextIO | None) -> Prepared:
-    """Validate and open everything; any failure raises an IpcdError for the CLI."""
+    """Validate and open everything; any failure raises an IpcdError for the CLI.
+
+    What can fail without touching the kernel (handler imports, the log file) comes first,
+    so that a failed start leaves no new IPC objects behind.
+    """
     registry = registry_mod.build(config)
+    who = identity.resolve(config)
+    if who.drops and who.uid is not None:
+        TRUSTED_UIDS.add(who.uid)  # objects it owns from earlier runs are ours
+    if config.log.file is not None:
+        _check_writable_dir(config.log.file)
+    try:
+        sink = log_mod.configure(config.log, console=console)
+    except OSError as exc:
+        raise ConfigError(f"cannot open log file {config.log.file}: {exc.strerror}") from None
     keys = keys_mod.derive(config.ipc, create_key_file=True)
     mode = config.ipc.mode
     queue = Queue.create(keys.jobs, mode, what="job queue")
@@ -60,15 +76,17 @@ def prepare(config: Config, *, console: TextIO | None) -> Prepared:
     for held in carried:  # the table changed shape: keep what the old one held
         if not table.park(held.type, held.body, held.job_id, held.attempt, time.time()):
             queue.send_nowait(held.body, held.type)
+    ipc_mod.adopt_all(
+        keys.all(),
+        mode,
+        uid=who.uid if who.drops else None,
+        gid=who.object_gid if who.object_gid is not None else (who.gid if who.drops else None),
+    )
     if config.log.file is not None:
-        _check_writable_dir(config.log.file)
-    try:
-        sink = log_mod.configure(config.log, console=console)
-    except OSError as exc:
-        raise IpcdError(f"cannot open log file {config.log.file}: {exc.strerror}") from None
-    return Prepared(config, keys, queue, replies, store, table, failed, registry, sink)
+        identity.hand_over(who, [config.log.file])
+    return Prepared(config, keys, queue, replies, store, table, failed, registry, sink, who)
 
 
 def _check_writable_dir(path: Path) -> None:
     if not path.parent.is_dir():
-        raise IpcdError(f"log directory {path.parent} does not exist")
+        raise ConfigError(f"log directory {path.parent} does not exist")

@@ -188,7 +188,13 @@ class Worker:
             head=body[:64].hex(),
         )
         if exc.job_id is not None:
-            job = Job(id=exc.job_id, type=type_, payload=None, submitted=time.time())
+            job = Job(
+                id=exc.job_id,
+                type=type_,
+                payload=None,
+                submitted=time.time(),
+                reply_to=exc.reply_to,
+            )
             self.outcomes.finish(
                 job,
                 error_result(job, str(exc)),

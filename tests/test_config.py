@@ -17,7 +17,7 @@ from ipcd.config import (
     LogConfig,
     ResultsConfig,
 )
-from ipcd.errors import ConfigError, ExitCode
+from ipcd.errors import ConfigError, ExitCode, UsageError
 
 MINIMAL = '[ipc]\nkey_path = "ipcd.key"\n'
 
@@ -115,13 +115,13 @@ def test_every_setting_is_read_as_written(tmp_path: Path) -> None:
         ('[ipc]\nkey_path = "k"\nproj_id = 251', lambda c: c.ipc.proj_id, 251),
         ('[ipc]\nkey_path = "k"\nmode = 0o775', lambda c: c.ipc.mode, 0o775),
         ('[ipc]\nkey_path = "k"\nmode = 0', lambda c: c.ipc.mode, 0),
-        (MINIMAL + "[results]\nslot_size = 256\nsize = 512", lambda c: c.results.slot_size, 256),
+        (MINIMAL + "[results]\nslot_size = 256\nsize = 576", lambda c: c.results.slot_size, 256),
         (
-            MINIMAL + "[results]\nslot_size = 16777216\nsize = 33554432",
+            MINIMAL + "[results]\nslot_size = 16777216\nsize = 33554496",
             lambda c: c.results.slot_size,
             1 << 24,
         ),
-        (MINIMAL + "[results]\nslot_size = 256\nsize = 512", lambda c: c.results.size, 512),
+        (MINIMAL + "[results]\nslot_size = 256\nsize = 576", lambda c: c.results.size, 576),
         (MINIMAL + "[handlers.a]\ntype = 2", lambda c: c.handlers[0].type, 2),
         (MINIMAL + "[handlers.a]\ntype = 2147483647", lambda c: c.handlers[0].type, 2**31 - 1),
     ],
@@ -281,8 +281,8 @@ def test_locate_falls_back_to_etc(monkeypatch: pytest.MonkeyPatch, env: str | No
             "results.slot_size must be between 256 bytes and 16 MiB",
         ),
         (
-            MINIMAL + "[results]\nslot_size = 1024\nsize = 2047\n",
-            "results.size must hold at least two slots (2 * slot_size)",
+            MINIMAL + "[results]\nslot_size = 1024\nsize = 2111\n",
+            "results.size must hold at least two slots (64 + 2 * slot_size)",
         ),
         # world-writable objects would let anyone forge jobs
         (
@@ -412,15 +412,15 @@ def test_handler_type_accepts_names_and_numbers(
 
 
 def test_handler_type_refuses_an_unknown_name(with_handlers: Config) -> None:
-    """An unknown name raises ConfigError listing the configured names."""
-    with pytest.raises(ConfigError) as caught:
+    """An unknown name raises UsageError listing the configured names."""
+    with pytest.raises(UsageError) as caught:
         with_handlers.handler_type("ehco")
     assert str(caught.value) == "unknown handler 'ehco' (configured: echo, resize)"
 
 
 def test_handler_type_without_handlers_says_none_configured(tmp_path: Path) -> None:
     """With no handlers configured, an unknown name's error says so."""
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(UsageError) as caught:
         load_text(tmp_path, MINIMAL).handler_type("echo")
     assert str(caught.value) == "unknown handler 'echo' (configured: none configured)"
 
@@ -433,8 +433,8 @@ def test_handler_type_refuses_reserved_and_out_of_range_numbers(
     with_handlers: Config, typed: str, number: int
 ) -> None:
     """Type 1 (ipcd's control type), zero, negatives and numbers past 2**31-1 raise
-    ConfigError."""
-    with pytest.raises(ConfigError) as caught:
+    UsageError (exit 64)."""
+    with pytest.raises(UsageError) as caught:
         with_handlers.handler_type(typed)
     assert str(caught.value) == f"message type {number} is out of range 2..2147483647"
 

@@ -159,7 +159,7 @@ def test_status_and_reload(daemon: Instance) -> None:
     assert events.index("daemon.reloaded") < events.index("job.done")
     exits = [e for e in daemon.log_events() if e["event"] == "worker.exited"]
     assert len(exits) == 2 and all(e["level"] == "info" for e in exits)  # retired, not died
-    assert daemon.ipcctl("submit", "sleep", "0").returncode == ExitCode.CONFIG  # gone
+    assert daemon.ipcctl("submit", "sleep", "0").returncode == ExitCode.USAGE  # gone
 
 
 def test_bad_reload_keeps_running_config(daemon: Instance) -> None:

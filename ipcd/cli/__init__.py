@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import traceback
 from collections.abc import Callable
 
 from ipcd.errors import ExitCode, IpcdError
@@ -21,3 +22,7 @@ def run(prog: str, main: Callable[[list[str]], int], argv: list[str] | None = No
         # The reader of our stdout went away (``ipcctl status | head``): not an error.
         sys.stderr.close()
         return int(ExitCode.OK)
+    except Exception as exc:  # the CLI's top level: a bug, never "the job failed" (1)
+        traceback.print_exc()
+        print(f"{prog}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return int(ExitCode.SOFTWARE)

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     _wait_options(submit)
     submit.add_argument(
         "--timeout-job",
-        type=_seconds,
+        type=_positive_seconds,
         metavar="S",
         help="kill the job if it runs longer than S seconds (default: the handler's timeout)",
     )
@@ -96,6 +96,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("seconds must be more than 0")
+    return value
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     client = Client(config_mod.load(config_mod.locate(args.config)))
@@ -112,9 +119,11 @@ def main(argv: list[str]) -> int:
         return 0
     keys = client.keys
     print(f"job queue, result segment, result semaphore: {keys.jobs:#010x}")
-    print(f"reply queue:   {keys.replies:#010x}")
-    print(f"result gate:   {keys.gate:#010x}")
-    print(f"derived from:  {keys.how}")
+    print(f"reply queue:                   {keys.replies:#010x}")
+    print(f"result gate (semaphore):       {keys.gate:#010x}")
+    print(f"in-flight table and semaphore: {keys.inflight:#010x}")
+    print(f"failed list and semaphore:     {keys.failed:#010x}")
+    print(f"derived from: {keys.how}")
     return 0
 
 
@@ -188,7 +197,7 @@ def _status(client: Client, as_json: bool) -> int:
             f"results    {min(header.next_seq, header.slot_count)} of {header.slot_count} "
             f"slots used, {header.ok_count} ok / {header.error_count} errors since created"
         )
-    if header is not None and header.daemon_pid:
+    if header is not None and status.daemon_running():
         print(f"daemon     pid {header.daemon_pid}, up {time.time() - header.started:.0f}s")
         now = time.time()
         for w in status.workers:
@@ -205,7 +214,7 @@ def _status_doc(status: Status) -> dict[str, object]:
     header = status.results
     q = status.queue
     daemon: dict[str, object] = {"running": status.daemon_running()}
-    if header is not None and header.daemon_pid:
+    if header is not None and status.daemon_running():
         daemon.update(pid=header.daemon_pid, uptime_s=round(time.time() - header.started, 3))
     results: dict[str, object] | None = None
     if header is not None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from ipcd import config as config_mod
+from ipcd import identity
 from ipcd.cli import run
 from ipcd.errors import AlreadyRunningError, ExitCode
 
@@ -94,6 +95,7 @@ def _start(config: config_mod.Config) -> int:
         flags=flags,
         keep_fds=[] if log_fd is None else [log_fd],
         run=lambda ready: Arbiter(prepared, flags).run(ready),
+        drop_privileges=lambda: identity.drop(prepared.identity),
     )
     return 0
 
@@ -108,6 +110,7 @@ def _run(config: config_mod.Config) -> int:
     pid_file = config.daemon.pid_file
     daemonize.claim_pid_file(pid_file)
     prepared = server.prepare(config, console=sys.stderr)
+    identity.drop(prepared.identity)
     lock = lockfile.pidlockfile.PIDLockFile(str(pid_file), timeout=0)
     try:
         lock.acquire()

@@ -83,3 +83,22 @@ def busy(job: Job) -> HandlerResult:
     while time.perf_counter() < end:
         n += 1
     return n
+
+
+def store_then_die(job: Job) -> HandlerResult:
+    """Store this job's own ok result, then SIGKILL the worker: a worker killed in the
+    window after its result is stored and before the job is finished (event, reply).
+
+    The payload is the result segment's key.
+    """
+    import signal
+    import time
+
+    from ipcd.results import Kind, Result, Status
+    from ipcd.resultstore import ResultStore
+
+    now = time.time()
+    result = Result(job.id, job.type, Status.OK, Kind.TEXT, b"stored", job.attempt, now, now)
+    ResultStore.open(int(str(job.payload))).put(result)
+    os.kill(os.getpid(), signal.SIGKILL)
+    return "unreachable"
