@@ -162,7 +162,9 @@ def parse(raw: Mapping[str, Any], path: Path) -> Config:
     base = path.parent.absolute()
 
     ipc = reader.table(raw, "ipc")
-    reader.allow(ipc, "ipc", {"key_path", "proj_id", "key", "mode", "send_timeout", "queue_bytes"})
+    reader.allow(
+        ipc, "ipc", {"key_path", "proj_id", "key", "mode", "send_timeout", "queue_bytes", "group"}
+    )
     key = reader.optional(ipc, "ipc.key", int)
     key_path = reader.optional(ipc, "ipc.key_path", str)
     if key is None and key_path is None:

@@ -148,6 +148,13 @@ def _become_daemon(  # pragma: no cover - runs in the detached processes
 ) -> None:
     """The child's path: detach, take the PID file, serve; never returns."""
     code = 0
+    try:
+        # Before the PID file, so the daemon's own user owns (and can remove) it; and
+        # before DaemonContext, which records the ids it will set again in open().
+        drop_privileges()
+    except OSError as exc:
+        _report(status_fd, f"cannot switch to the configured user: {exc.strerror}")
+        os._exit(77)
     context = daemon.DaemonContext(
         detach_process=True,
         working_directory=str(workdir),
@@ -168,7 +175,6 @@ def _become_daemon(  # pragma: no cover - runs in the detached processes
         reported = True
 
     try:
-        drop_privileges()  # before the PID file: the daemon's own user owns and removes it
         context.open()
         run(ready)
     except lockfile.AlreadyLocked:
