@@ -82,6 +82,16 @@ class JobsConfig(NamedTuple):
     parked: int = 64
 
 
+class ExecConfig(NamedTuple):
+    """The ``exec`` handler: which commands cron users may have ipcd run, and limits."""
+
+    enabled: bool = False
+    commands: Mapping[str, tuple[str, ...]] = {}
+    allow_args: bool = False
+    timeout: float = 60.0
+    max_output: int = 65536
+
+
 class HandlerConfig(NamedTuple):
     """One handler: the name users type, the message type it serves, where its code is."""
 
@@ -105,6 +115,7 @@ class Config(NamedTuple):
     results: ResultsConfig
     handlers: tuple[HandlerConfig, ...]
     jobs: JobsConfig = JobsConfig()
+    exec: ExecConfig = ExecConfig()
 
     def handler_type(self, name_or_number: str) -> int:
         """Turn what a user typed (a handler name or a type number) into a message type."""
@@ -158,7 +169,7 @@ def load(path: str | os.PathLike[str]) -> Config:
 def parse(raw: Mapping[str, Any], path: Path) -> Config:
     """Validate an already-parsed TOML document; ``path`` anchors relative paths."""
     reader = _Reader(path)
-    reader.allow(raw, "", {"ipc", "daemon", "log", "results", "jobs", "handlers"})
+    reader.allow(raw, "", {"ipc", "daemon", "log", "results", "jobs", "exec", "handlers"})
     base = path.parent.absolute()
 
     ipc = reader.table(raw, "ipc")
@@ -249,6 +260,7 @@ def parse(raw: Mapping[str, Any], path: Path) -> Config:
     )
 
     return Config(
+        exec=_exec(reader, reader.table(raw, "exec")),
         path=path.absolute(),
         ipc=ipc_config,
         daemon=daemon_config,
@@ -298,6 +310,30 @@ def _handlers(reader: _Reader, table: Mapping[str, Any]) -> tuple[HandlerConfig,
             )
         )
     return tuple(handlers)
+
+
+def _exec(reader: _Reader, table: Mapping[str, Any]) -> ExecConfig:
+    reader.allow(table, "exec", {"enabled", "commands", "allow_args", "timeout", "max_output"})
+    commands: dict[str, tuple[str, ...]] = {}
+    for name, argv in reader.table(table, "commands").items():
+        if (
+            not isinstance(argv, list)
+            or not argv
+            or not all(isinstance(a, str) for a in argv)
+            or not argv[0].startswith("/")
+        ):
+            raise reader.error(
+                f"exec.commands.{name} must be an argv list starting with an absolute path, "
+                'such as ["/usr/local/bin/report", "--daily"]'
+            )
+        commands[name] = tuple(argv)
+    return ExecConfig(
+        enabled=reader.get(table, "exec.enabled", bool, False),
+        commands=commands,
+        allow_args=reader.get(table, "exec.allow_args", bool, False),
+        timeout=reader.positive(table, "exec.timeout", 60.0),
+        max_output=reader.bounded(table, "exec.max_output", 65536, 0, 1 << 24),
+    )
 
 
 def _resolve(base: Path, value: str) -> Path:

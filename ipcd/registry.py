@@ -7,13 +7,15 @@ detaches, so that a handler that fails to import is reported to the operator run
 
 from __future__ import annotations
 
+import functools
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
-from ipcd.config import Config, JobsConfig
+from ipcd.config import Config, ExecConfig, JobsConfig
 from ipcd.errors import ConfigError
-from ipcd.handlers import Handler
+from ipcd.handlers import Handler, HandlerResult
 
 ENTRY_POINT_GROUP = "ipcd.handlers"
 
@@ -72,16 +74,30 @@ def build(config: Config) -> Registry:
                 f"handler {handler.name!r}: no target set and no installed handler of that "
                 f"name (entry points in {ENTRY_POINT_GROUP!r}: {known})"
             )
+        func = load_target(target, handler.name)
+        wants = getattr(func, "needs_config", None)
+        if wants == "exec":
+            if not config.exec.enabled:
+                raise ConfigError(
+                    f"handler {handler.name!r} runs commands, and [exec] enabled is false: "
+                    "set it to true and list the allowed commands in [exec.commands]"
+                )
+            func = _with_config(func, config.exec)
         by_type[handler.type] = Registration(
             handler.name,
             handler.type,
             target,
-            load_target(target, handler.name),
+            func,
             timeout=handler.timeout,
             max_attempts=handler.max_attempts,
             retry_delay=handler.retry_delay,
         )
     return Registry(by_type)
+
+
+def _with_config(func: Callable[..., HandlerResult], options: ExecConfig) -> Handler:
+    """Bind a handler that declares ``needs_config`` to its section of the config."""
+    return functools.partial(func, config=options)
 
 
 def load_target(target: str, name: str) -> Handler:

@@ -176,7 +176,7 @@ def test_garbage_of_any_type_and_size_leaves_daemon_serving(served: Instance) ->
     """Random bytes of random types and sizes are each accounted for; then a job is served."""
     rng = random.Random(1234)
     queue = Queue.open(served.keys.jobs)
-    sent = 300
+    sent = 3000
     for _ in range(sent):
         body = rng.randbytes(rng.choice([1, 7, 100, 2049, msgmax()]))
         body = rng.choice([body, b"{" + body, b'{"ipcd":1,' + body, b"a:1:{" + body, b"s:9" + body])

@@ -1,0 +1,112 @@
+"""The ``exec`` handler: run one of a fixed set of commands for a job.
+
+Cron users often want "run this script when a job arrives".  Letting a queue message name
+a program would let anyone who can write to the queue run anything as the daemon, so this
+handler is off unless ``[exec] enabled = true``, runs only commands listed in
+``[exec.commands]`` (argv lists, no shell), in a new session with a scrubbed environment
+and stdin from /dev/null, kills the command's whole process group at ``[exec] timeout``,
+and keeps at most ``[exec] max_output`` bytes of its output.
+
+The payload names the command: ``"report"``, or ``{"command": "report", "args": [...]}``
+when ``[exec] allow_args = true`` (the arguments are appended to the configured argv).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import signal
+import subprocess
+import time
+
+from ipcd.config import ExecConfig
+from ipcd.handlers import HandlerError, HandlerResult, Job
+
+#: The only environment the command gets.
+SCRUBBED_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/"}
+
+
+def handler(job: Job, *, config: ExecConfig) -> HandlerResult:
+    """Run the allow-listed command the payload names; its output is the result."""
+    argv = _argv(job, config)
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**SCRUBBED_ENV, "IPCD_JOB_ID": job.id},
+        cwd="/",
+        start_new_session=True,  # its own process group, so a timeout kills it all
+        close_fds=True,
+    )
+    assert proc.stdout is not None
+    output, truncated, timed_out = _collect(proc, config, started)
+    code = proc.wait()
+    text = output.decode("utf-8", "replace")
+    if timed_out:
+        raise HandlerError(f"command {argv[0]} timed out after {config.timeout:g}s")
+    if code != 0:
+        tail = text[-500:].strip()
+        raise HandlerError(f"command {argv[0]} exited with status {code}: {tail}")
+    return {"exit": code, "output": text, "truncated": truncated}
+
+
+handler.needs_config = "exec"  # type: ignore[attr-defined]
+
+
+def _argv(job: Job, config: ExecConfig) -> list[str]:
+    if not config.enabled:
+        raise HandlerError("the exec handler is disabled ([exec] enabled = false)")
+    payload = job.payload
+    args: list[str] = []
+    name: object = payload
+    if isinstance(payload, dict):
+        name = payload.get("command")
+        raw_args = payload.get("args", [])
+        if raw_args:
+            if not config.allow_args:
+                raise HandlerError("arguments are not allowed ([exec] allow_args = false)")
+            if not isinstance(raw_args, list):
+                raise HandlerError("'args' must be a list of strings")
+            for arg in raw_args:
+                if not isinstance(arg, str):
+                    raise HandlerError("'args' must be a list of strings")
+                args.append(arg)
+    if not isinstance(name, str) or name not in config.commands:
+        allowed = ", ".join(sorted(config.commands)) or "none"
+        raise HandlerError(f"command {name!r} is not allowed (allowed: {allowed})")
+    return [*config.commands[name], *args]
+
+
+def _collect(
+    proc: subprocess.Popen[bytes], config: ExecConfig, started: float
+) -> tuple[bytes, bool, bool]:
+    """Read output up to the cap until the command ends or its time is up."""
+    assert proc.stdout is not None
+    chunks: list[bytes] = []
+    kept = 0
+    truncated = timed_out = False
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while True:
+            left = config.timeout - (time.monotonic() - started)
+            if left <= 0:
+                timed_out = True
+                break
+            if not sel.select(left):
+                continue
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            room = config.max_output - kept
+            if len(chunk) > room:
+                truncated = True
+            chunks.append(chunk[: max(room, 0)])
+            kept += min(len(chunk), max(room, 0))
+    if timed_out:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    proc.stdout.close()
+    return b"".join(chunks), truncated, timed_out

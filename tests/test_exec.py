@@ -1,0 +1,97 @@
+"""The exec handler: off by default, allow-listed argv only, scrubbed, bounded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import Instance
+
+from ipcd.config import ExecConfig
+from ipcd.errors import ExitCode
+from ipcd.handlers import HandlerError, Job
+from ipcd.handlers.exec import handler
+
+EXEC = """
+[exec]
+enabled = true
+timeout = 2.0
+max_output = 100
+
+[exec.commands]
+hello = ["/bin/echo", "hello from exec"]
+env = ["/usr/bin/env"]
+fail = ["/bin/sh", "-c", "echo broken; exit 3"]
+spam = ["/bin/sh", "-c", "yes spam | head -c 100000"]
+stall = ["/bin/sh", "-c", "sleep 60 & echo $! > \\"$0\\"; wait", "PIDFILE"]
+"""
+
+HANDLER = "\n[handlers.exec]\ntype = 20\n"
+
+
+def _run(payload: object, **options: object) -> object:
+    config = ExecConfig(
+        enabled=True,
+        commands={"hello": ("/bin/echo", "hi"), "printf": ("/usr/bin/printf", "%s|")},
+        **options,  # type: ignore[arg-type]
+    )
+    return handler(Job(id="j1", type=20, payload=payload), config=config)  # type: ignore[arg-type]
+
+
+def test_runs_an_allowed_command() -> None:
+    """A listed command runs with its configured argv; its output is the result."""
+    assert _run("hello") == {"exit": 0, "output": "hi\n", "truncated": False}
+
+
+def test_refuses_unlisted_commands_and_arguments() -> None:
+    """A name not in [exec.commands], or arguments without allow_args, are refused."""
+    with pytest.raises(HandlerError, match="'rm' is not allowed"):
+        _run("rm")
+    with pytest.raises(HandlerError, match="arguments are not allowed"):
+        _run({"command": "printf", "args": ["; rm -rf /"]})
+    with pytest.raises(HandlerError, match="'/bin/echo' is not allowed"):
+        _run("/bin/echo")
+
+
+def test_arguments_when_allowed_are_argv_not_shell() -> None:
+    """With allow_args, arguments are appended as argv entries: no shell expands them."""
+    out = _run({"command": "printf", "args": ["a b", "$(id)", ";x"]}, allow_args=True)
+    assert out == {"exit": 0, "output": "a b|$(id)|;x|", "truncated": False}
+
+
+def test_disabled_exec_refuses_even_when_called() -> None:
+    """With [exec] enabled = false the handler refuses to run anything."""
+    config = ExecConfig(enabled=False, commands={"hello": ("/bin/echo",)})
+    with pytest.raises(HandlerError, match="disabled"):
+        handler(Job(id="j", type=20, payload="hello"), config=config)
+
+
+def test_configuring_exec_without_enabling_it_fails_start(instance: Instance) -> None:
+    """Mapping the exec handler while [exec] is not enabled fails `ipcd start` (78)."""
+    instance.write(extra=HANDLER)
+    failed = instance.ipcd("start")
+    assert failed.returncode == ExitCode.CONFIG and "[exec] enabled is false" in failed.stderr
+
+
+def test_exec_through_the_daemon(instance: Instance) -> None:
+    """Through the daemon: output, scrubbed environment, failures, cap and timeout."""
+    pidfile = instance.dir / "stall.pid"
+    instance.write(extra=EXEC.replace("PIDFILE", str(pidfile)) + HANDLER)
+    assert instance.ipcd("start").returncode == 0
+    try:
+        hello = instance.ipcctl("submit", "exec", "hello", "--wait")
+        assert json.loads(hello.stdout)["output"] == "hello from exec\n"
+        env = json.loads(instance.ipcctl("submit", "exec", "env", "--wait").stdout)["output"]
+        names = sorted(line.split("=", 1)[0] for line in env.splitlines())
+        assert names == ["HOME", "IPCD_JOB_ID", "LANG", "PATH"]
+        failed = instance.ipcctl("submit", "exec", "fail", "--wait")
+        assert failed.returncode == 1 and "exited with status 3: broken" in failed.stderr
+        spam = json.loads(instance.ipcctl("submit", "exec", "spam", "--wait").stdout)
+        assert spam["truncated"] is True and len(spam["output"]) == 100
+        stalled = instance.ipcctl("submit", "exec", "stall", "--wait", "--timeout", "20")
+        assert stalled.returncode == 1 and "timed out after 2s" in stalled.stderr
+        status = Path(f"/proc/{int(pidfile.read_text())}/status")
+        assert not status.exists() or "State:\tZ" in status.read_text()  # killed with it
+    finally:
+        instance.ipcd("stop")
