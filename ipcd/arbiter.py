@@ -173,10 +173,10 @@ class Arbiter:
         now = time.time()
         times = [now + TICK]
         for info in self.pool.workers.values():
-            held = self.p.table.held(info.slot)
-            if held is not None and held.state is State.RUNNING and held.deadline:
-                times.append(held.deadline)
-        times.extend(h.deadline for h in self.p.table.parked_jobs())
+            peek = self.p.table.peek(info.slot)
+            if peek.holds_job and peek.state is State.RUNNING and peek.deadline:
+                times.append(peek.deadline)
+        times.extend(due for _, due in self.p.table.parked_due())
         if len(self.pool.workers) < self.p.config.daemon.workers:
             times.append(self.pool.next_spawn)
         return min(times)
@@ -339,8 +339,11 @@ class Arbiter:
 
     def _dispatch_parked(self) -> None:
         now = time.time()
-        for held in self.p.table.parked_jobs():
-            if held.deadline > now:
+        for slot, due in self.p.table.parked_due():
+            if due > now:
+                continue
+            held = self.p.table.held(slot)
+            if held is None:
                 continue
             if not self.p.queue.send_nowait(held.body, held.type):
                 return  # the queue is full: try again at the next wake-up
@@ -349,21 +352,21 @@ class Arbiter:
     def _enforce_deadlines(self) -> None:
         now = time.time()
         for info in self.pool.workers.values():
-            held = self.p.table.held(info.slot)
-            if info.kill_reason or held is None or held.state is not State.RUNNING:
+            peek = self.p.table.peek(info.slot)
+            if info.kill_reason or not peek.holds_job or peek.state is not State.RUNNING:
                 continue
-            if held.deadline and now >= held.deadline:
-                ran = now - held.started
+            if peek.deadline and now >= peek.deadline:
+                ran = now - peek.started
                 info.kill_reason = f"timeout: killed after {ran:.3g}s"
                 self.log.warning(
-                    "job.timeout", job_id=held.job_id, pid=info.pid, ran_s=round(ran, 3)
+                    "job.timeout", job_id=peek.job_id, pid=info.pid, ran_s=round(ran, 3)
                 )
                 _kill_group(info.pid, signal.SIGKILL)
 
     def _nudge_retiring(self) -> None:
         """Repeat SIGTERM to retired workers still idle in msgrcv (a lost first signal)."""
         for info in self.pool.workers.values():
-            if info.retiring and self.p.table.held(info.slot) is None:
+            if info.retiring and not self.p.table.peek(info.slot).holds_job:
                 _kill_group(info.pid, signal.SIGTERM, group=False)
 
     # --- reload and stop ------------------------------------------------------------------
@@ -420,8 +423,7 @@ class Arbiter:
                 os.read(self._wake_r, 4096)
             self._reap()
             for info in self.pool.workers.values():
-                held = self.p.table.held(info.slot)
-                if held is None:
+                if not self.p.table.peek(info.slot).holds_job:
                     # Idle in msgrcv: a SIGTERM that landed just before the call was lost.
                     _kill_group(info.pid, signal.SIGTERM, group=False)
         for info in list(self.pool.workers.values()):

@@ -194,7 +194,7 @@ class Client:
         live = tuple(w for w in table.worker_views() if w.pid and status.daemon_running())
         return status._replace(
             workers=live,
-            parked=len(table.parked_jobs()),
+            parked=len(table.parked_due()),
             failed=len(failed.entries()),
             failed_dropped=failed.dropped(),
         )

@@ -66,6 +66,20 @@ class Held(NamedTuple):
     deadline: float
 
 
+class Peek(NamedTuple):
+    """A slot's bookkeeping without its message: cheap enough for every master wake-up."""
+
+    state: State
+    type: int
+    started: float
+    deadline: float
+    job_id: str
+
+    @property
+    def holds_job(self) -> bool:
+        return self.type != 0 and self.state is not State.FREE
+
+
 class WorkerView(NamedTuple):
     """A worker slot as ``ipcctl status`` shows it."""
 
@@ -207,6 +221,23 @@ class InflightTable:
         self.buf[off : off + self.slot_size] = bytes(self.slot_size)
         struct.pack_into("<II", self.buf, off, State.RECEIVING, pid)
 
+    def peek(self, index: int) -> Peek:
+        off = self.offset(index)
+        state, _, _, _, started, deadline, raw_id, _, _ = SLOT.unpack_from(self.buf, off)
+        (mtype,) = struct.unpack_from("<q", self.buf, off + MSGBUF_TYPE)
+        return Peek(
+            _state(state), mtype, started, deadline, raw_id.rstrip(b"\0").decode("ascii", "replace")
+        )
+
+    def parked_due(self) -> list[tuple[int, float]]:
+        """(slot, due time) of every parked job, without copying the messages."""
+        out = []
+        for index in range(self.workers, self.workers + self.parked):
+            peek = self.peek(index)
+            if peek.state is State.PARKED and peek.type != 0:
+                out.append((index, peek.deadline))
+        return out
+
     def held(self, index: int) -> Held | None:
         """The job the slot holds, if any (a worker's delivered job, or a parked one)."""
         off = self.offset(index)
@@ -275,12 +306,8 @@ class InflightTable:
         return False
 
     def parked_jobs(self) -> list[Held]:
-        out = []
-        for index in range(self.workers, self.workers + self.parked):
-            held = self.held(index)
-            if held is not None and held.state is State.PARKED:
-                out.append(held)
-        return out
+        """Every parked job with its message (for listings and tests)."""
+        return [h for slot, _ in self.parked_due() if (h := self.held(slot)) is not None]
 
     def unpark(self, index: int) -> None:
         with self.lock.held(LOCK_TIMEOUT):
