@@ -423,137 +423,54 @@ class Segment:
         self.close()
 
 
-class Lock:
-    """A SysV semaphore used as a mutex, with SEM_UNDO so that a dead holder releases it."""
+_S = TypeVar("_S", bound="_Semaphore")
+
+
+class _Semaphore:
+    """One SysV semaphore at a key: what the lock and the gate share."""
+
+    what = "semaphore"
 
     def __init__(self, sem: sysv_ipc.Semaphore, key: int) -> None:
-        sem.undo = True
         self._sem = sem
         self.key = key
 
     @classmethod
-    def open(cls, key: int) -> Lock:
+    def open(cls: type[_S], key: int) -> _S:
         try:
             return cls(sysv_ipc.Semaphore(as_key_t(key), 0), key)
         except sysv_ipc.ExistentialError:
-            raise NotRunningError(
-                f"no result semaphore at key {key:#010x}: is ipcd running?"
-            ) from None
+            raise NotRunningError(f"no {cls.what} at key {key:#010x}: is ipcd running?") from None
         except sysv_ipc.PermissionsError:
             raise IpcPermissionError(
-                f"permission denied opening the result semaphore at key {key:#010x}"
+                f"permission denied opening the {cls.what} at key {key:#010x}"
             ) from None
 
     @classmethod
-    def create(cls, key: int, mode: int) -> Lock:
+    def create(cls: type[_S], key: int, mode: int) -> _S:
         """Create the semaphore with value 1, or open and vet the existing one."""
         try:
             sem = sysv_ipc.Semaphore(as_key_t(key), sysv_ipc.IPC_CREX, mode, 1)
         except sysv_ipc.ExistentialError:
-            sem = _create(lambda flags: sysv_ipc.Semaphore(as_key_t(key), 0), "semaphore", key)
+            sem = _create(lambda flags: sysv_ipc.Semaphore(as_key_t(key), 0), cls.what, key)
         except sysv_ipc.PermissionsError:
             raise IpcPermissionError(
-                f"permission denied creating the semaphore at key {key:#010x}"
+                f"permission denied creating the {cls.what} at key {key:#010x}"
             ) from None
-        lock = cls(sem, key)
-        check_safe(lock.info(), mode)
-        return lock
+        made = cls(sem, key)
+        check_safe(made.info(), mode)
+        return made
 
     def info(self) -> ObjectInfo:
-        return ObjectInfo(
-            "semaphore", self.key, self._sem.uid, self._sem.gid, self._sem.mode & 0o777
-        )
+        sem = self._sem
+        return ObjectInfo(self.what, self.key, sem.uid, sem.gid, sem.mode & 0o777)
 
-    @contextlib.contextmanager
-    def held(self, timeout: float) -> Iterator[None]:
-        """Hold the lock for the ``with`` block, waiting at most ``timeout`` seconds."""
-
-        def call(block: bool) -> None:
-            if block and sysv_ipc.SEMAPHORE_TIMEOUT_SUPPORTED:
-                self._sem.acquire(timeout)
-            elif block:
-                self._sem.acquire()
-            else:
-                self._sem.acquire(0)
-
-        try:
-            if sysv_ipc.SEMAPHORE_TIMEOUT_SUPPORTED:
-                call(True)
-            else:
-                _bounded(call, timeout)
-        except (TimeoutError, sysv_ipc.BusyError):
-            raise WaitTimeoutError(
-                f"result semaphore {self.key:#010x} stayed taken for {timeout:g}s"
-            ) from None
-        except sysv_ipc.ExistentialError:
-            raise NotRunningError(f"result semaphore {self.key:#010x} was removed") from None
-        try:
-            yield
-        finally:
-            self._sem.release()
-
-    def reset(self) -> None:
-        """Set the value back to 1 (the daemon does this only before anyone else may hold it)."""
-        self._sem.value = 1
-
-    def remove(self) -> None:
-        with contextlib.suppress(sysv_ipc.ExistentialError):
-            self._sem.remove()
-
-
-class Gate:
-    """A semaphore that announces "a new result is stored" to every waiting client.
-
-    It rests at 1; the daemon pulses it to 0 and back after each result.  Setting it to 0
-    completes every pending wait-for-zero at that moment (semctl(2) SETVAL updates the
-    queue of waiters), so all waiters wake and look for their job in the segment.
-    """
-
-    def __init__(self, sem: sysv_ipc.Semaphore, key: int) -> None:
-        self._sem = sem
-        self.key = key
-
-    @classmethod
-    def open(cls, key: int) -> Gate:
-        try:
-            return cls(sysv_ipc.Semaphore(as_key_t(key), 0), key)
-        except sysv_ipc.ExistentialError:
-            raise NotRunningError(f"no result gate at key {key:#010x}: is ipcd running?") from None
-        except sysv_ipc.PermissionsError:
-            raise IpcPermissionError(
-                f"permission denied opening the result gate at key {key:#010x}"
-            ) from None
-
-    @classmethod
-    def create(cls, key: int, mode: int) -> Gate:
-        try:
-            sem = sysv_ipc.Semaphore(as_key_t(key), sysv_ipc.IPC_CREX, mode, 1)
-        except sysv_ipc.ExistentialError:
-            sem = _create(lambda flags: sysv_ipc.Semaphore(as_key_t(key), 0), "result gate", key)
-        gate = cls(sem, key)
-        check_safe(gate.info(), mode)
-        sem.value = 1
-        return gate
-
-    def info(self) -> ObjectInfo:
-        return ObjectInfo(
-            "result gate", self.key, self._sem.uid, self._sem.gid, self._sem.mode & 0o777
-        )
-
-    def pulse(self) -> None:
-        self._sem.value = 0
-        self._sem.value = 1
-
-    def wait(self, timeout: float) -> bool:
-        """Wait for the next pulse, at most ``timeout`` seconds; False when none came."""
+    def _wait(self, op: Callable[[float | None], None], timeout: float) -> bool:
+        """Run a blocking semop (``op(None)`` blocks, ``op(0)`` does not) for at most
+        ``timeout`` seconds, by semtimedop where sysv_ipc has it, else by ipcd's alarm."""
 
         def call(block: bool) -> None:
-            if not block:
-                self._sem.Z(0)
-            elif sysv_ipc.SEMAPHORE_TIMEOUT_SUPPORTED:
-                self._sem.Z(timeout)
-            else:
-                self._sem.Z()
+            op(timeout if sysv_ipc.SEMAPHORE_TIMEOUT_SUPPORTED else None) if block else op(0)
 
         try:
             if sysv_ipc.SEMAPHORE_TIMEOUT_SUPPORTED:
@@ -563,12 +480,61 @@ class Gate:
         except (TimeoutError, sysv_ipc.BusyError):
             return False
         except sysv_ipc.ExistentialError:
-            raise NotRunningError(f"result gate {self.key:#010x} was removed") from None
+            raise NotRunningError(f"{self.what} {self.key:#010x} was removed") from None
         return True
 
     def remove(self) -> None:
         with contextlib.suppress(sysv_ipc.ExistentialError):
             self._sem.remove()
+
+
+class Lock(_Semaphore):
+    """A SysV semaphore used as a mutex, with SEM_UNDO so that a dead holder releases it."""
+
+    what = "lock semaphore"
+
+    def __init__(self, sem: sysv_ipc.Semaphore, key: int) -> None:
+        sem.undo = True
+        super().__init__(sem, key)
+
+    @contextlib.contextmanager
+    def held(self, timeout: float) -> Iterator[None]:
+        """Hold the lock for the ``with`` block, waiting at most ``timeout`` seconds."""
+        if not self._wait(self._sem.acquire, timeout):
+            raise WaitTimeoutError(f"{self.what} {self.key:#010x} stayed taken for {timeout:g}s")
+        try:
+            yield
+        finally:
+            self._sem.release()
+
+    def reset(self) -> None:
+        """Set the value back to 1 (the daemon does this only before anyone else may hold it)."""
+        self._sem.value = 1
+
+
+class Gate(_Semaphore):
+    """A semaphore that announces "a new result is stored" to every waiting client.
+
+    It rests at 1; the daemon pulses it to 0 and back after each result.  Setting it to 0
+    completes every pending wait-for-zero at that moment (semctl(2) SETVAL updates the
+    queue of waiters), so all waiters wake and look for their job in the segment.
+    """
+
+    what = "result gate"
+
+    @classmethod
+    def create(cls, key: int, mode: int) -> Gate:
+        gate = super().create(key, mode)
+        gate._sem.value = 1
+        return gate
+
+    def pulse(self) -> None:
+        self._sem.value = 0
+        self._sem.value = 1
+
+    def wait(self, timeout: float) -> bool:
+        """Wait for the next pulse, at most ``timeout`` seconds; False when none came."""
+        return self._wait(self._sem.Z, timeout)
 
 
 # --- creation and vetting ------------------------------------------------------------------

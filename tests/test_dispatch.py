@@ -10,22 +10,15 @@ import time
 
 import pytest
 import sysv_ipc
-from conftest import IPCCTL, Instance
+from conftest import DEFAULT_HANDLERS, IPCCTL, Instance
 
 from ipcd.client import Client
 from ipcd.ipc import Queue, msgmax
 from ipcd.results import Status
 
-PLUGINS = """
-[handlers.echo]
-type = 2
-
-[handlers.sleep]
-type = 3
-
-[handlers.fail]
-type = 4
-
+PLUGINS = (
+    DEFAULT_HANDLERS
+    + """
 [handlers.describe]
 type = 10
 target = "ipcd_test_plugins:describe"
@@ -45,6 +38,7 @@ target = "ipcd_test_plugins:big"
 type = 14
 target = "ipcd_test_plugins:not_jsonable"
 """
+)
 
 
 @pytest.fixture

@@ -6,25 +6,19 @@ import json
 import time
 from pathlib import Path
 
-from conftest import Instance
+from conftest import DEFAULT_HANDLERS, Instance
 
 from ipcd.errors import ExitCode
 from ipcd.ipc import Queue
 
-HANDLERS = """
-[handlers.echo]
-type = 2
-
-[handlers.sleep]
-type = 3
-
-[handlers.fail]
-type = 4
-
+HANDLERS = (
+    DEFAULT_HANDLERS
+    + """
 [handlers.describe]
 type = 10
 target = "ipcd_test_plugins:describe"
 """
+)
 
 
 def _start(inst: Instance, daemon_extra: str = "", extra: str = "") -> None:

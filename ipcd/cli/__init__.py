@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 import traceback
 from collections.abc import Callable
+from typing import Any, NoReturn
 
 from ipcd.errors import ExitCode, IpcdError
 
@@ -26,3 +28,25 @@ def run(prog: str, main: Callable[[list[str]], int], argv: list[str] | None = No
         traceback.print_exc()
         print(f"{prog}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return int(ExitCode.SOFTWARE)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with ipcd's conventions: usage errors exit 64 (EX_USAGE), not 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(int(ExitCode.USAGE), f"{self.prog}: {message}\n")
+
+
+def parser(prog: str, description: str, epilog: str) -> tuple[Parser, Any]:
+    """The top-level parser with -c/--config, and its subcommand registry."""
+    top = Parser(
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    top.add_argument(
+        "-c", "--config", help="configuration file (default: $IPCD_CONFIG, /etc/ipcd/ipcd.toml)"
+    )
+    return top, top.add_subparsers(dest="command", required=True, parser_class=Parser)

@@ -9,9 +9,9 @@ import argparse
 import json
 import sys
 import time
-from typing import NoReturn
 
 from ipcd import config as config_mod
+from ipcd.cli import parser as cli_parser
 from ipcd.cli import run
 from ipcd.client import Client, Status
 from ipcd.errors import ExitCode, JobFailedError, PayloadError
@@ -25,23 +25,8 @@ EPILOG = """exit status:
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(int(ExitCode.USAGE), f"{self.prog}: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="ipcctl",
-        description="Submit jobs to ipcd and read their results.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "-c", "--config", help="configuration file (default: $IPCD_CONFIG, /etc/ipcd/ipcd.toml)"
-    )
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser, sub = cli_parser("ipcctl", "Submit jobs to ipcd and read their results.", EPILOG)
 
     submit = sub.add_parser("submit", help="queue a job; prints its id (or its output with --wait)")
     submit.add_argument("type", help="handler name or message type number")

@@ -8,10 +8,10 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import NoReturn
 
 from ipcd import config as config_mod
 from ipcd import identity
+from ipcd.cli import parser as cli_parser
 from ipcd.cli import run
 from ipcd.errors import AlreadyRunningError, ExitCode
 
@@ -22,23 +22,8 @@ EPILOG = """exit status:
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(int(ExitCode.USAGE), f"{self.prog}: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="ipcd",
-        description="The ipcd job-queue daemon.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "-c", "--config", help="configuration file (default: $IPCD_CONFIG, /etc/ipcd/ipcd.toml)"
-    )
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser, sub = cli_parser("ipcd", "The ipcd job-queue daemon.", EPILOG)
     sub.add_parser("start", help="detach and run in the background; returns once ready")
     sub.add_parser("run", help="run in the foreground, logging to the terminal too")
     sub.add_parser("stop", help="stop the daemon; waits until the job in progress is done")
