@@ -22,7 +22,6 @@ any other thread the call falls back to non-blocking attempts with a capped back
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 import signal
@@ -30,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from types import FrameType
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import sysv_ipc
 
@@ -63,10 +62,35 @@ class TooBigError(IpcdError, OSError):
 #: types are served first, so control messages (type 1) and urgent job types overtake.
 ANY_BY_PRIORITY = -(2**63 - 1)
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_msgrcv = _libc.msgrcv
-_msgrcv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_long, ctypes.c_int]
-_msgrcv.restype = ctypes.c_ssize_t
+
+class _Libc:
+    """libc's msgrcv through ctypes, loaded on first use: only workers receive into memory,
+    and the cron-facing client path should not pay for ctypes."""
+
+    _msgrcv: Any = None
+
+    @classmethod
+    def msgrcv(cls) -> Any:
+        if cls._msgrcv is None:
+            import ctypes
+
+            fn = ctypes.CDLL(None, use_errno=True).msgrcv
+            fn.argtypes = [
+                ctypes.c_int,
+                ctypes.c_void_p,
+                ctypes.c_size_t,
+                ctypes.c_long,
+                ctypes.c_int,
+            ]
+            fn.restype = ctypes.c_ssize_t
+            cls._msgrcv = fn
+        return cls._msgrcv
+
+    @staticmethod
+    def errno() -> int:
+        import ctypes
+
+        return ctypes.get_errno()
 
 
 def msgmax() -> int:
@@ -189,6 +213,7 @@ class Queue:
     def __init__(self, mq: sysv_ipc.MessageQueue, key: int) -> None:
         self._mq = mq
         self.key = key
+        self._limit = msgmax()
 
     @classmethod
     def open(cls, key: int, *, what: str = "queue") -> Queue:
@@ -230,7 +255,9 @@ class Queue:
         def call(block: bool) -> None:
             self._mq.send(body, block, type_)
 
-        limit = msgmax()
+        limit = self._limit
+        if len(body) > limit:
+            limit = self._limit = msgmax()  # re-read only when a message looks too big
         if len(body) > limit:
             raise PayloadError(
                 f"message of {len(body)} bytes exceeds the kernel's msgmax of {limit} bytes"
@@ -303,10 +330,10 @@ class Queue:
         Blocks until a message comes.  Raises :class:`Interrupted` on a signal and
         :class:`TooBigError` when the head message exceeds ``size`` (it stays queued).
         """
-        n = _msgrcv(self._mq.id, address, size, type_, 0)
+        n = _Libc.msgrcv()(self._mq.id, address, size, type_, 0)
         if n >= 0:
             return int(n)
-        err = ctypes.get_errno()
+        err = _Libc.errno()
         if err == errno.EINTR:
             raise Interrupted("msgrcv interrupted by a signal")
         if err == errno.E2BIG:
@@ -497,11 +524,30 @@ class Lock(_Semaphore):
         sem.undo = True
         super().__init__(sem, key)
 
+    def acquire(self, timeout: float) -> None:
+        """Take the lock, waiting at most ``timeout`` seconds (the hot path: two per job)."""
+        if sysv_ipc.SEMAPHORE_TIMEOUT_SUPPORTED:
+            try:
+                self._sem.acquire(timeout)
+                return
+            except sysv_ipc.BusyError:
+                pass
+            except sysv_ipc.ExistentialError:
+                raise NotRunningError(f"{self.what} {self.key:#010x} was removed") from None
+            except sysv_ipc.Error:  # interrupted by a signal: finish the wait the slow way
+                if self._wait(self._sem.acquire, timeout):
+                    return
+        elif self._wait(self._sem.acquire, timeout):
+            return
+        raise WaitTimeoutError(f"{self.what} {self.key:#010x} stayed taken for {timeout:g}s")
+
+    def release(self) -> None:
+        self._sem.release()
+
     @contextlib.contextmanager
     def held(self, timeout: float) -> Iterator[None]:
         """Hold the lock for the ``with`` block, waiting at most ``timeout`` seconds."""
-        if not self._wait(self._sem.acquire, timeout):
-            raise WaitTimeoutError(f"{self.what} {self.key:#010x} stayed taken for {timeout:g}s")
+        self.acquire(timeout)
         try:
             yield
         finally:

@@ -21,6 +21,7 @@ from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
 from ipcd.config import LogConfig
 
 Logger = FilteringBoundLogger
+_ENCODER = json.JSONEncoder(default=str, ensure_ascii=False)
 
 
 class Sink:
@@ -60,7 +61,7 @@ class Sink:
         }
         with self._lock:
             if self._file is not None:
-                self._file.write(json.dumps(ordered, default=str, ensure_ascii=False) + "\n")
+                self._file.write(_ENCODER.encode(ordered) + "\n")
             if self.console is not None and self._console_render is not None:
                 rendered = self._console_render(None, method, dict(ordered))
                 self.console.write(f"{rendered}\n")
@@ -113,7 +114,7 @@ def configure(config: LogConfig, *, console: TextIO | None = None) -> Sink:
             logging.getLevelNamesMapping()[config.level.upper()]
         ),
         logger_factory=lambda *args: _SinkLogger(sink),
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=True,
     )
     return sink
 

@@ -10,7 +10,6 @@ evaluated.  docs/protocol.md is the contract; this module is its implementation.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 import os
@@ -83,11 +82,11 @@ def encode(
     if timeout is not None:
         doc["timeout"] = timeout
     if isinstance(payload, bytes | bytearray | memoryview):
-        doc["payload_b64"] = base64.b64encode(payload).decode("ascii")
+        doc["payload_b64"] = binascii.b2a_base64(payload, newline=False).decode("ascii")
     else:
         doc["payload"] = payload
     try:
-        return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+        return _ENCODER.encode(doc).encode()
     except (TypeError, ValueError) as exc:
         raise PayloadError(f"payload cannot be encoded as JSON: {exc}") from None
 
@@ -114,7 +113,7 @@ def decode(body: bytes, type_: int, *, received: float | None = None) -> Job:
 
 def _json_object(body: bytes) -> dict[str, Any] | None:
     try:
-        doc = json.loads(body, parse_constant=_no_constants)
+        doc = _DECODER.decode(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         return None
     return doc if isinstance(doc, dict) else None
@@ -123,6 +122,11 @@ def _json_object(body: bytes) -> dict[str, Any] | None:
 def _no_constants(name: str) -> None:
     """Refuse NaN and Infinity, which Python's json accepts but JSON does not have."""
     raise ValueError(f"{name} is not JSON")
+
+
+# Built once: json.dumps/loads with options build a new encoder or decoder on every call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_DECODER = json.JSONDecoder(parse_constant=_no_constants)
 
 
 def _from_envelope(doc: dict[str, Any], type_: int) -> Job:
@@ -152,7 +156,7 @@ def _read_envelope(doc: dict[str, Any], type_: int) -> Job:
         if not isinstance(raw, str):
             raise _bad("'payload_b64' must be a base64 string", job_id)
         try:
-            payload: Payload = base64.b64decode(raw, validate=True)
+            payload: Payload = _b64decode(raw)
         except (binascii.Error, ValueError):
             raise _bad("'payload_b64' is not valid base64", job_id) from None
     else:
@@ -197,6 +201,16 @@ def reencode(job: Job, *, attempt: int) -> bytes:
         attempt=attempt,
         timeout=job.timeout,
     )
+
+
+def _b64decode(text: str) -> bytes:
+    """Strict base64 (what ``base64.b64decode(validate=True)`` does, without the import)."""
+    if not _BASE64.fullmatch(text):
+        raise binascii.Error("not base64")
+    return binascii.a2b_base64(text)
+
+
+_BASE64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
 
 
 def _bare_payload(body: bytes) -> Payload:

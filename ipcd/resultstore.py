@@ -71,18 +71,24 @@ class ResultStore:
 
     def put(self, result: Result) -> int:
         """Store a result (an error result in its place if it does not fit)."""
-        with self.lock.held(self.lock_timeout):
+        self.lock.acquire(self.lock_timeout)
+        try:
             header = self.header()
             if len(result.data) > results.capacity(header.slot_size):
                 result = results.too_large(result, header.slot_size)
             seq = results.write_result(self.segment.buf, header, result)
+        finally:
+            self.lock.release()
         if self.gate is not None:
             self.gate.pulse()
         return seq
 
     def get(self, job_id: str) -> Result | None:
-        with self.lock.held(self.lock_timeout):
+        self.lock.acquire(self.lock_timeout)
+        try:
             return results.find_result(self.segment.buf, self.header(), job_id)
+        finally:
+            self.lock.release()
 
     def clear(self, job_id: str) -> int:
         with self.lock.held(self.lock_timeout):

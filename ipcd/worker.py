@@ -67,11 +67,14 @@ def _ok(job: Job, value: HandlerResult) -> Result:
         kind, data = Kind.TEXT, value.encode("utf-8", "surrogateescape")
     else:
         try:
-            data = json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+            data = _RESULT_ENCODER.encode(value).encode()
         except (TypeError, ValueError) as exc:
             return error_result(job, f"handler returned a value that is not JSON-able: {exc}")
         kind = Kind.JSON
     return Result(job.id, job.type, Status.OK, kind, data, job.attempt, job.submitted, time.time())
+
+
+_RESULT_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
 class Worker:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -25,6 +24,8 @@ def run(prog: str, main: Callable[[list[str]], int], argv: list[str] | None = No
         sys.stderr.close()
         return int(ExitCode.OK)
     except Exception as exc:  # the CLI's top level: a bug, never "the job failed" (1)
+        import traceback
+
         traceback.print_exc()
         print(f"{prog}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return int(ExitCode.SOFTWARE)

@@ -1,0 +1,187 @@
+"""A daemon for the benchmark: ``ipcd start`` on a private configuration, and back out.
+
+Each daemon gets its own directory (key file, PID file, log) and so its own keys.  It is
+stopped with ``ipcd stop`` and every object at its keys is removed with
+``ipcd.ipc.remove_all``, whatever happened in between.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+from ipcd import config as config_mod
+from ipcd import ipc
+from ipcd.client import Client
+from ipcd.keys import Keys, derive
+
+#: The repository root: the daemon imports bench.handlers from it.
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+IPCD = str(BIN / "ipcd")
+IPCCTL = str(BIN / "ipcctl")
+
+#: Message types of the handlers every bench daemon has.
+HANDLERS = """
+[handlers.echo]
+type = 2
+
+[handlers.busy]
+type = 3
+target = "bench.handlers:busy"
+
+[handlers.big]
+type = 4
+target = "bench.handlers:big"
+
+[handlers.length]
+type = 5
+target = "bench.handlers:length"
+"""
+
+
+def child_env() -> dict[str, str]:
+    """The environment for ipcd, ipcctl and python children: bytecode caching on (or each
+    start recompiles ipcd), and the repository importable for bench.handlers."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+class BenchDaemon:
+    """One running ipcd with ``workers`` workers, on a private configuration."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        workers: int,
+        results_size: int = 1 << 20,
+        slot_size: int = 4096,
+        log_level: str = "info",
+    ) -> None:
+        self.name = name
+        self.workers = workers
+        self.dir = Path(tempfile.mkdtemp(prefix=f"ipcd-bench-{name}-"))
+        self.config_path = self.dir / "ipcd.toml"
+        self.config_path.write_text(
+            textwrap.dedent(
+                f"""
+                [ipc]
+                key_path = "ipcd.key"
+                mode = 0o600
+
+                [daemon]
+                pid_file = "ipcd.pid"
+                workdir = "."
+                workers = {workers}
+                graceful_timeout = 5.0
+                stop_timeout = 10.0
+
+                [log]
+                file = "ipcd.log"
+                level = "{log_level}"
+
+                [results]
+                size = {results_size}
+                slot_size = {slot_size}
+                """
+            )
+            + HANDLERS
+        )
+        self.config = config_mod.load(self.config_path)
+        self.keys: Keys | None = None
+        self._client: Client | None = None
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = Client(self.config)
+        return self._client
+
+    def start(self) -> BenchDaemon:
+        """``ipcd start``, then wait until every worker is there and has served a job."""
+        done = self.ipcd("start")
+        self.keys = derive(self.config.ipc)  # the key file exists once start has run
+        if done.returncode != 0:
+            raise RuntimeError(f"ipcd start ({self.name}) failed: {done.stderr.strip()}")
+        deadline = time.monotonic() + 10.0
+        while len(self.worker_pids()) < self.workers:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: workers did not come up")
+            time.sleep(0.01)
+        for _ in range(self.workers * 4):
+            result = self.client.call("echo", "warm-up", timeout=10.0)
+            assert result.ok and result.value() == "warm-up", result
+        return self
+
+    def ipcd(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [IPCD, "-c", str(self.config_path), *args],
+            capture_output=True,
+            text=True,
+            env=child_env(),
+            timeout=60,
+            check=False,
+        )
+
+    def master_pid(self) -> int:
+        return int((self.dir / "ipcd.pid").read_text())
+
+    def worker_pids(self) -> list[int]:
+        """The master's children, from /proc."""
+        try:
+            master = self.master_pid()
+        except (OSError, ValueError):
+            return []
+        return children(master)
+
+    def pids(self) -> list[int]:
+        return [self.master_pid(), *self.worker_pids()]
+
+    def stop(self) -> None:
+        """``ipcd stop``, remove every object at the daemon's keys, delete the directory."""
+        try:
+            if (self.dir / "ipcd.pid").exists():
+                stopped = self.ipcd("stop")
+                if stopped.returncode != 0:
+                    print(
+                        f"bench: ipcd stop ({self.name}): {stopped.stderr.strip()}", file=sys.stderr
+                    )
+            if self.keys is None and (self.dir / "ipcd.key").exists():
+                self.keys = derive(self.config.ipc)
+        finally:
+            if self.keys is not None:
+                ipc.remove_all(self.keys.all())
+            if self._client is not None:
+                self._client.store.close()
+                self._client = None
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            return "\n".join((self.dir / "ipcd.log").read_text().splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def children(parent: int) -> list[int]:
+    """PIDs whose parent is ``parent`` (zombies excluded)."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as fh:
+                fields = fh.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent and fields[0] != b"Z":
+            found.append(int(entry.name))
+    return sorted(found)

@@ -1,0 +1,557 @@
+"""``make bench``: ipcd against the raw kernel IPC limit, measured together in one run.
+
+The steps, in the order they run:
+
+1. start a raw sysv_ipc pair (bench.raw) and three ipcd daemons with 1, 2 and 4 workers,
+   each on a private configuration, and record the daemons' idle memory;
+2. for each placement, unpinned (the scheduler's choice) and pinned (every process on
+   one CPU): round trips and fire-and-forget jobs, raw and ipcd rounds interleaved;
+3. a CPU-bound handler on 1 and 2 workers, interleaved (unpinned: pinned, two workers
+   share one core by construction);
+4. wall time of ``ipcctl submit`` and ``ipcctl submit --wait`` against
+   ``python -c 'import sysv_ipc'`` from the same virtualenv;
+5. 16 MiB: a plain copy, a raw segment write and read, and ipcd's payload and result;
+6. peers when installed: beanstalkd round trips, task-spooler against ``ipcctl``;
+7. stop everything, check that no IPC object of the bench is left, print the table and
+   write it as JSON (bench/results/latest.json).
+
+Medians of the rounds are compared; each ratio is ipcd's figure over the baseline's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import measure, peers, raw, report, startup
+from bench.daemon import IPCCTL, ROOT, BenchDaemon, child_env
+from bench.measure import interleave, median, place
+from bench.memory import Memory, memory
+from bench.report import Row, Target
+from ipcd.client import Client
+
+MIB = 1 << 20
+BIG = 16 * MIB
+#: Where the JSON goes (bench/results/ is in .gitignore).
+DEFAULT_OUTPUT = ROOT / "bench" / "results" / "latest.json"
+
+RT_TARGET = Target(">=", 0.5)
+FF_TARGET = Target(">=", 0.3)
+SUBMIT_TARGET = Target("<=", 1.3)
+WAIT_TARGET = Target("<=", 1.6)
+BIG_TARGET = Target(">=", 0.4)
+SCALING_TARGET = Target(">=", 1.7)
+IDLE_RSS_LIMIT_KIB = 30 * 1024
+
+
+def say(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+class Bench:
+    """The state of one run: what is running, and what has been measured."""
+
+    def __init__(self, args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
+        self.args = args
+        self.stack = stack
+        self.rows: list[Row] = []
+        self.extra: dict[str, Any] = {}
+        self.keys: set[int] = set()
+        self.allowed = os.sched_getaffinity(0)
+        self.one_cpu = {min(self.allowed)}
+        self.daemons: dict[int, BenchDaemon] = {}
+        self.loaded: dict[str, Memory] = {}
+
+    # --- the parts, in order ----------------------------------------------------------
+
+    def setup(self) -> None:
+        say("starting a raw sysv_ipc pair and daemons with 1, 2 and 4 workers")
+        self.raw = raw.RawPeer()
+        self.stack.callback(self.raw.close)
+        self.keys.update(self.raw.keys)
+        for workers in (1, 2, 4):
+            self.daemons[workers] = self._daemon(BenchDaemon(f"{workers}w", workers=workers))
+        self.raw.round_trips(0.05)  # warm-up
+        self.extra["memory_idle"] = self._memory()
+
+    def placements(self) -> None:
+        for placement, cpus in (("unpinned", self.allowed), ("pinned", {*self.one_cpu})):
+            self._place(cpus)
+            label = "" if placement == "unpinned" else f" on CPU {min(cpus)}"
+            say(f"round trips, {placement}{label}")
+            subjects: list[tuple[str, measure.Measure]] = [
+                ("raw", lambda: self.raw.round_trips(self.args.seconds))
+            ]
+            for workers, daemon in self.daemons.items():
+                subjects.append((f"{workers}w", self._rt(daemon)))
+            samples = interleave(subjects, self.args.rounds)
+            for workers in self.daemons:
+                self._ratio_row(
+                    f"round trip, Client.call, {_w(workers)}",
+                    placement,
+                    "raw ping-pong+shm",
+                    samples,
+                    "raw",
+                    f"{workers}w",
+                    RT_TARGET,
+                )
+
+            say(f"fire-and-forget, {placement}{label}")
+            subjects = [("raw", lambda: self.raw.one_way(self.args.seconds))]
+            for workers, daemon in self.daemons.items():
+                subjects.append((f"{workers}w", self._ff(daemon)))
+            samples = interleave(subjects, self.args.rounds)
+            for workers in self.daemons:
+                self._ratio_row(
+                    f"fire-and-forget, Client.submit, {_w(workers)}",
+                    placement,
+                    "raw one-way",
+                    samples,
+                    "raw",
+                    f"{workers}w",
+                    FF_TARGET,
+                )
+        self._place(self.allowed)
+
+    def cpu_bound(self) -> None:
+        ms, jobs = self.args.busy_ms, self.args.busy_jobs
+        say(f"CPU-bound: {jobs} jobs of {ms} ms CPU time on 1 and 2 workers (and raw processes)")
+        subjects: list[tuple[str, measure.Measure]] = []
+        for workers in (1, 2):
+            client = self.daemons[workers].client
+
+            def run(client: Client = client) -> float:
+                return measure.fire_and_forget(
+                    client, 0, handler="busy", payload=str(ms), count=jobs
+                )
+
+            def spin(processes: int = workers) -> float:
+                return raw.cpu_jobs(jobs, ms, processes)
+
+            subjects += [(f"{workers}w", run), (f"raw {workers}", spin)]
+        samples = interleave(subjects, self.args.rounds)
+        self._ratio_row(
+            "CPU-bound raw processes, 1 -> 2 (reference)",
+            "unpinned",
+            "1 process",
+            samples,
+            "raw 1",
+            "raw 2",
+            None,
+            note="what the machine's free CPUs allow right now",
+        )
+        self._ratio_row(
+            "CPU-bound jobs/s, 1 -> 2 workers",
+            "unpinned",
+            "1 worker",
+            samples,
+            "1w",
+            "2w",
+            SCALING_TARGET,
+            note=f"{ms} ms of CPU per job; pinned would share one core",
+        )
+
+    def commands(self) -> None:
+        tool = startup.tool()
+        say(f"wall time of ipcctl against python -c 'import sysv_ipc' ({tool})")
+        daemon = self.daemons[1]
+        ipcctl = [IPCCTL, "-c", str(daemon.config_path), "submit", "echo", "hello"]
+        times = startup.wall_times(
+            {
+                "python": [sys.executable, "-c", "import sysv_ipc"],
+                "submit": ipcctl,
+                "wait": [*ipcctl, "--wait"],
+            },
+            rounds=self.args.command_rounds,
+            runs=self.args.command_runs,
+            env=child_env(),
+        )
+        for name, what, target in (
+            ("submit", "wall time, ipcctl submit", SUBMIT_TARGET),
+            ("wait", "wall time, ipcctl submit --wait", WAIT_TARGET),
+        ):
+            self.rows.append(
+                Row(
+                    what,
+                    "unpinned",
+                    "python -c 'import sysv_ipc'",
+                    median(times["python"]),
+                    median(times[name]),
+                    "seconds",
+                    target,
+                    note=tool,
+                    samples={"python": times["python"], "ipcd": times[name]},
+                )
+            )
+
+    def sixteen_mib(self) -> None:
+        say("16 MiB: plain copy, raw segment, ipcd payload and result")
+        big = self._daemon(BenchDaemon("16m", workers=1, results_size=2 * BIG + 64, slot_size=BIG))
+        data = b"d" * BIG
+        segment = raw.BigSegment(BIG)
+        self.stack.callback(segment.close)
+        self.keys.update(segment.keys)
+        fits = BIG - 64  # the most a 16 MiB result slot holds
+        too_big = big.client.call("big", str(BIG), timeout=60)
+        result_note = f"the job fails: {too_big.error.split(':')[0]}"
+        call_seconds = self._big_call(big, fits)
+        subjects: list[tuple[str, measure.Measure]] = [
+            ("copy", lambda: BIG / raw.plain_copy(data)),
+            ("raw", lambda: BIG / segment.write_read(data)),
+            ("result", lambda: fits / call_seconds()),
+        ]
+        for _, warm_up in subjects:  # first touches of fresh memory are page faults
+            warm_up()
+        samples = interleave(subjects, self.args.rounds)
+        self._ratio_row(
+            "16 MiB raw shm write+read (reference)",
+            "unpinned",
+            "bytes copy",
+            samples,
+            "copy",
+            "raw",
+            None,
+            unit="bytes_rate",
+            note="issue 5 measured ~0.58x",
+        )
+        payload_note = self._big_payload(big)
+        if payload_note is None:
+            samples["payload"] = [BIG / s for s in self._payload_seconds(big)]
+            self._ratio_row(
+                "16 MiB payload through ipcd",
+                "unpinned",
+                "bytes copy",
+                samples,
+                "copy",
+                "payload",
+                BIG_TARGET,
+                unit="bytes_rate",
+            )
+        else:
+            self.rows.append(
+                Row(
+                    "16 MiB payload through ipcd",
+                    "unpinned",
+                    "bytes copy",
+                    median(samples["copy"]),
+                    None,
+                    "bytes_rate",
+                    BIG_TARGET,
+                    note=f"not supported yet: {payload_note}",
+                )
+            )
+        if too_big.ok:
+            result_note = "a full 16 MiB result is stored"
+        self.rows.append(
+            Row(
+                "16 MiB result through ipcd",
+                "unpinned",
+                "bytes copy",
+                median(samples["copy"]),
+                None,
+                "bytes_rate",
+                BIG_TARGET,
+                note=f"not supported yet: {result_note}",
+            )
+        )
+        self._ratio_row(
+            "16 MiB - 64 B result, Client.call",
+            "unpinned",
+            "bytes copy",
+            samples,
+            "copy",
+            "result",
+            BIG_TARGET,
+            unit="bytes_rate",
+            note="the largest result ipcd stores today (slot_size = 16 MiB)",
+        )
+
+    def peers(self) -> None:
+        exe = peers.beanstalkd_exe()
+        if exe is None:
+            self.skipped("beanstalkd round trip", "beanstalkd is not installed")
+        else:
+            say("peer: beanstalkd request/reply through a reply tube")
+            peer = peers.BeanstalkPeer(exe)
+            self.stack.callback(peer.close)
+            peer.round_trips(0.05)
+            for placement, cpus in (("unpinned", self.allowed), ("pinned", {*self.one_cpu})):
+                self._place(cpus, extra=peer.pids())
+                samples = interleave(
+                    [
+                        ("beanstalkd", lambda: peer.round_trips(self.args.seconds)),
+                        ("1w", self._rt(self.daemons[1])),
+                    ],
+                    self.args.peer_rounds,
+                )
+                self._ratio_row(
+                    "peer: beanstalkd round trip",
+                    placement,
+                    "beanstalkd",
+                    samples,
+                    "beanstalkd",
+                    "1w",
+                    None,
+                    note="ratio is ipcd / beanstalkd",
+                )
+            self._place(self.allowed, extra=peer.pids())
+            peer.close()
+        tsp = peers.tsp_exe()
+        if tsp is None:
+            self.skipped("peer: task-spooler jobs/s", "task-spooler (tsp) is not installed")
+            return
+        say("peer: task-spooler (tsp -n true) against ipcctl submit, one process per job")
+        ipcctl = [IPCCTL, "-c", str(self.daemons[1].config_path)]
+        jobs = self.args.shell_jobs
+        samples = interleave(
+            [
+                ("tsp", lambda: peers.tsp_jobs(tsp, jobs)),
+                ("ipcctl", lambda: peers.ipcctl_jobs(ipcctl, jobs, child_env())),
+            ],
+            self.args.peer_rounds,
+        )
+        self._ratio_row(
+            "peer: task-spooler, jobs/s from a shell",
+            "unpinned",
+            "tsp -n true",
+            samples,
+            "tsp",
+            "ipcctl",
+            None,
+            note=f"{jobs} commands then wait; ipcd: ipcctl submit",
+        )
+
+    def memory_rows(self) -> None:
+        idle: dict[str, Memory] = self.extra["memory_idle"]
+        for when, table in (("idle", idle), ("under load", self.loaded)):
+            masters = [m for name, m in table.items() if name.endswith("master")]
+            workers = [m for name, m in table.items() if not name.endswith("master")]
+            for role, found in (("master", masters), ("worker (largest)", workers)):
+                if not found:
+                    continue
+                largest = max(found, key=lambda m: m.rss)
+                self.rows.append(
+                    Row(
+                        f"RSS {role}, {when}",
+                        "unpinned",
+                        "",
+                        None,
+                        float(largest.rss),
+                        "kib",
+                        note=f"PSS {largest.pss / 1024:.1f} MiB, peak {largest.hwm / 1024:.1f} MiB"
+                        + ("" if when == "idle" else ", sampled while jobs were queued"),
+                        limit_kib=IDLE_RSS_LIMIT_KIB if when == "idle" else None,
+                    )
+                )
+
+    def teardown(self) -> list[str]:
+        """Stop everything; what is still in the kernel at the bench's keys."""
+        for daemon in self.daemons.values():
+            if daemon.keys is not None:
+                self.keys.update(daemon.keys.all())
+        self.stack.close()
+        return leftovers(self.keys)
+
+    # --- helpers ----------------------------------------------------------------------
+
+    def _daemon(self, daemon: BenchDaemon) -> BenchDaemon:
+        self.stack.callback(daemon.stop)
+        daemon.start()
+        assert daemon.keys is not None
+        self.keys.update(daemon.keys.all())
+        return daemon
+
+    def _place(self, cpus: set[int], extra: list[int] | None = None) -> None:
+        pids = [*self.raw.pids(), *(extra or [])]
+        for daemon in self.daemons.values():
+            pids += daemon.pids()
+        place(pids, cpus)
+
+    def _memory(self) -> dict[str, Memory]:
+        out: dict[str, Memory] = {}
+        for daemon in self.daemons.values():
+            out.update(self._memory_of(daemon))
+        return out
+
+    def _rt(self, daemon: BenchDaemon) -> measure.Measure:
+        return lambda: measure.round_trips(daemon.client, self.args.seconds)
+
+    def _ff(self, daemon: BenchDaemon) -> measure.Measure:
+        def sample() -> None:
+            for name, found in self._memory_of(daemon).items():
+                if name not in self.loaded or found.rss > self.loaded[name].rss:
+                    self.loaded[name] = found
+
+        return lambda: measure.fire_and_forget(daemon.client, self.args.seconds, when_loaded=sample)
+
+    def _memory_of(self, daemon: BenchDaemon) -> dict[str, Memory]:
+        found = {f"{daemon.name} master": memory(daemon.master_pid())}
+        for index, pid in enumerate(daemon.worker_pids()):
+            found[f"{daemon.name} worker {index}"] = memory(pid)
+        return found
+
+    def _big_call(self, daemon: BenchDaemon, size: int) -> Callable[[], float]:
+        client = daemon.client
+        client.call("big", str(size), timeout=60)  # the handler makes its bytes once
+
+        def seconds() -> float:
+            started = time.perf_counter()
+            result = client.call("big", str(size), timeout=60)
+            elapsed = time.perf_counter() - started
+            if not result.ok or len(result.data) != size:
+                raise RuntimeError(f"16 MiB result came back wrong: {result.error[:200]}")
+            return elapsed
+
+        return seconds
+
+    def _big_payload(self, daemon: BenchDaemon) -> str | None:
+        """None when a 16 MiB payload goes through; else why not."""
+        from ipcd.errors import IpcdError
+
+        try:
+            result = daemon.client.call("length", b"d" * BIG, timeout=60)
+        except IpcdError as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None if result.ok else f"the job failed: {result.error[:80]}"
+
+    def _payload_seconds(self, daemon: BenchDaemon) -> list[float]:
+        data = b"d" * BIG
+        out = []
+        for _ in range(self.args.rounds):
+            started = time.perf_counter()
+            daemon.client.call("length", data, timeout=60)
+            out.append(time.perf_counter() - started)
+        return out
+
+    def _ratio_row(
+        self,
+        what: str,
+        placement: str,
+        base_label: str,
+        samples: dict[str, list[float]],
+        base: str,
+        ipcd: str,
+        target: Target | None,
+        *,
+        unit: report.Unit = "rate",
+        note: str = "",
+    ) -> None:
+        low, high = min(samples[base]), max(samples[base])
+        if unit == "rate" and low > 0 and high / low > 2:
+            spread = f"{base_label} ranged {report.fmt(low, unit)} to {report.fmt(high, unit)}"
+            note = f"{note}; {spread}" if note else spread
+        self.rows.append(
+            Row(
+                what,
+                placement,
+                base_label,
+                median(samples[base]),
+                median(samples[ipcd]),
+                unit,
+                target,
+                note,
+                {"base": samples[base], "ipcd": samples[ipcd]},
+            )
+        )
+
+    def skipped(self, what: str, reason: str) -> None:
+        say(f"skipped {what}: {reason}")
+        self.rows.append(Row(what, "-", "", None, None, "none", note=f"skipped: {reason}"))
+
+
+def _w(workers: int) -> str:
+    return f"{workers} worker{'s' if workers > 1 else ''}"
+
+
+def leftovers(keys: set[int]) -> list[str]:
+    """SysV objects still at any of ``keys``, from /proc/sysvipc."""
+    found = []
+    for kind in ("msg", "shm", "sem"):
+        with open(f"/proc/sysvipc/{kind}") as fh:
+            next(fh)
+            for line in fh:
+                fields = line.split()
+                key = int(fields[0]) & 0xFFFFFFFF
+                if key in keys:
+                    found.append(f"{kind} key {key:#010x} id {fields[1]}")
+    return found
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=0.3,
+        help="length of one round trip or fire-and-forget sample",
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer and shorter rounds")
+    parser.add_argument("--no-peers", action="store_true", help="skip beanstalkd and tsp")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON file")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.seconds = 3, 0.15
+    args.busy_ms, args.busy_jobs = 10, 40
+    args.command_rounds, args.command_runs = (2, 8) if args.quick else (5, 10)
+    args.peer_rounds, args.shell_jobs = (2, 10) if args.quick else (3, 20)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # children cache bytecode
+    started = time.monotonic()
+    load_before = os.getloadavg()[0]
+    with contextlib.ExitStack() as stack:
+        bench = Bench(args, stack)
+        try:
+            bench.setup()
+            bench.placements()
+            bench.cpu_bound()
+            bench.commands()
+            bench.sixteen_mib()
+            if args.no_peers:
+                bench.skipped("peers", "--no-peers")
+            else:
+                bench.peers()
+            bench.memory_rows()
+        finally:
+            left = bench.teardown()
+    print(report.table(bench.rows))
+    elapsed = time.monotonic() - started
+    print(
+        f"\n{len(bench.rows)} rows in {elapsed:.0f}s; medians of {args.rounds} interleaved "
+        f"rounds; ratio = ipcd / baseline. {os.cpu_count()} CPUs, 1-minute load average "
+        f"{load_before:.2f} at start, {os.getloadavg()[0]:.2f} at end (other processes on the "
+        "CPUs move every figure; the ratios are taken side by side)"
+    )
+    if left:
+        print(f"IPC objects left by the bench: {', '.join(left)}", file=sys.stderr)
+    else:
+        print("ipcs: nothing left by the bench")
+    report.write_json(
+        args.output,
+        bench.rows,
+        {
+            "machine": report.machine(raw.build_info()),
+            "seconds": elapsed,
+            "rounds": args.rounds,
+            "memory_idle": bench.extra["memory_idle"],
+            "memory_under_load": bench.loaded,
+            "leftovers": left,
+        },
+    )
+    shown = args.output.relative_to(ROOT) if args.output.is_relative_to(ROOT) else args.output
+    print(f"wrote {shown}")
+    return 1 if left else 0

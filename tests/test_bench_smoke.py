@@ -1,0 +1,104 @@
+"""Smoke version of ``make bench``: a guard against slow paths, not a timing claim.
+
+Raw sysv_ipc round trips (``python -m bench.raw``, the benchmark's own baseline) and
+``Client.call`` round trips alternate for a few rounds in one run, every process pinned
+to one CPU so that both sides pay the same scheduling; the medians are compared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Instance
+
+from ipcd.client import Client
+
+ROOT = Path(__file__).resolve().parent.parent
+#: ipcd's round trip must stay above this fraction of the raw one.  Issue 5 asks for a
+#: guard at 0.2x once ipcd is fast enough; today ipcd runs at ~0.06-0.07x pinned (see
+#: `make bench`), so the guard sits at half of that, to catch an accidental slow path
+#: without failing on noise.  Raise it as the hot path gets faster.
+GUARD = 0.03
+ROUNDS = 3
+SECONDS = 0.3
+PAYLOAD = "p" * 64
+
+
+def _children(parent: int) -> list[int]:
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(f"/proc/{entry.name}/stat").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rsplit(b")", 1)[1].split()[1]) == parent:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture
+def one_cpu(daemon: Instance) -> Iterator[int]:
+    """Pin this process and the daemon's to one CPU; this process is unpinned after."""
+    before = os.sched_getaffinity(0)
+    cpu = min(before)
+    master = daemon.pid()
+    for pid in (os.getpid(), master, *_children(master)):
+        os.sched_setaffinity(pid, {cpu})
+    try:
+        yield cpu
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def _raw_round_trips(cpu: int) -> float:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.raw", "round-trips", f"--seconds={SECONDS}", f"--cpu={cpu}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    rate: float = json.loads(done.stdout)["per_s"]
+    return rate
+
+
+def _ipcd_round_trips(client: Client) -> float:
+    count = 0
+    started = now = time.perf_counter()
+    while now - started < SECONDS:
+        assert client.call("echo", PAYLOAD, timeout=10).ok
+        count += 1
+        now = time.perf_counter()
+    return count / (now - started)
+
+
+def test_round_trip_is_not_far_below_the_raw_limit(daemon: Instance, one_cpu: int) -> None:
+    """Client.call round trips reach at least GUARD times raw sysv_ipc round trips."""
+    client = Client(daemon.config)
+    for _ in range(50):  # warm-up: imports, first attach, page faults
+        assert client.call("echo", PAYLOAD, timeout=10).ok
+    raw: list[float] = []
+    ipcd: list[float] = []
+    for _ in range(ROUNDS):
+        raw.append(_raw_round_trips(one_cpu))
+        ipcd.append(_ipcd_round_trips(client))
+    raw_rate, ipcd_rate = statistics.median(raw), statistics.median(ipcd)
+    ratio = ipcd_rate / raw_rate
+    summary = (
+        f"round trips/s on CPU {one_cpu}: raw {raw_rate:.0f}, ipcd {ipcd_rate:.0f}, "
+        f"ratio {ratio:.3f} (guard {GUARD})"
+    )
+    print(summary)
+    assert ratio >= GUARD, summary
