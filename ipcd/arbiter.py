@@ -38,7 +38,7 @@ from ipcd import protocol
 from ipcd import registry as registry_mod
 from ipcd.errors import IpcdError, MessageError
 from ipcd.inflight import Held, State
-from ipcd.outcome import Outcomes, error_result
+from ipcd.outcome import Outcomes, error_result, run_again
 from ipcd.protocol import Job
 from ipcd.server import Prepared
 from ipcd.signals import Flags
@@ -267,7 +267,9 @@ class Arbiter:
         # exit status says: a handler called exit() (or os._exit) with that status.
         cause = _describe(status, holding=held is not None)
         if held is not None:
-            self._recover(held, cause=info.kill_reason or cause, timed_out=bool(info.kill_reason))
+            self._recover_safely(
+                held, cause=info.kill_reason or cause, timed_out=bool(info.kill_reason)
+            )
         self.p.table.clear(info.slot)
         self.pool.free_slots.append(info.slot)
         lived = time.time() - info.spawned
@@ -317,24 +319,41 @@ class Arbiter:
                 handler=_handler_name(self, job), started=started,
             )  # fmt: skip
             return
-        self._requeue(job, delay=policy.delay(job.attempt), cause=cause)
+        delay = policy.delay(job.attempt)
+        self._run_again(job, held.body, attempt=job.attempt + 1, delay=delay, cause=cause)
 
-    def _requeue(self, job: Job, *, delay: float, cause: str) -> None:
-        again = protocol.reencode(job, attempt=job.attempt + 1)
-        due = time.time() + delay
-        if not self.p.table.park(job.type, again, job.id, job.attempt + 1, due):
-            self.p.queue.send(again, job.type, timeout=self.p.config.ipc.send_timeout)
+    def _run_again(self, job: Job, body: bytes, *, attempt: int, delay: float, cause: str) -> None:
+        refused = run_again(
+            job, attempt=attempt, due=time.time() + delay, table=self.p.table,
+            queue=self.p.queue, send_timeout=self.p.config.ipc.send_timeout,
+        )  # fmt: skip
+        if refused is not None:
+            self.outcomes.finish(
+                job, error_result(job, f"{cause}; {refused}"), body=body,
+                handler=_handler_name(self, job), started=time.monotonic(),
+            )  # fmt: skip
+            return
         self.log.warning(
-            "job.requeued", job_id=job.id, type=job.type, attempt=job.attempt + 1, cause=cause,
+            "job.requeued", job_id=job.id, type=job.type, attempt=attempt, cause=cause,
             delay_s=round(delay, 3),
         )  # fmt: skip
+
+    def _recover_safely(self, held: Held, *, cause: str, timed_out: bool) -> None:
+        """_recover, but a failure to recover one job never takes the master down."""
+        try:
+            self._recover(held, cause=cause, timed_out=timed_out)
+        except Exception:
+            self.log.error(
+                "job.recovery_failed", type=held.type, job_id=held.job_id,
+                head=held.body[:64].hex(), exc_info=True,
+            )  # fmt: skip
 
     def _recover_leftovers(self) -> None:
         """At start: jobs held by workers of a daemon that was killed are run again."""
         for slot in range(self.p.table.workers):
             held = self.p.table.held(slot)
             if held is not None:
-                self._recover(held, cause="the daemon was killed", timed_out=False)
+                self._recover_safely(held, cause="the daemon was killed", timed_out=False)
             self.p.table.clear(slot)
 
     def _dispatch_parked(self) -> None:
@@ -447,10 +466,7 @@ class Arbiter:
             return
         if job.bare and held.job_id:
             job = job._replace(id=held.job_id)
-        body = protocol.reencode(job, attempt=job.attempt)
-        if not self.p.table.park(job.type, body, job.id, job.attempt, time.time()):
-            self.p.queue.send_nowait(body, job.type)
-        self.log.warning("job.requeued", job_id=job.id, attempt=job.attempt, cause=cause)
+        self._run_again(job, held.body, attempt=job.attempt, delay=0.0, cause=cause)
 
 
 def _handler_name(arbiter: Arbiter, job: Job) -> str:

@@ -89,7 +89,8 @@ class ExecConfig(NamedTuple):
     commands: Mapping[str, tuple[str, ...]] = {}
     allow_args: bool = False
     timeout: float = 60.0
-    max_output: int = 65536
+    #: Below the default result slot's 4032 bytes, with room for the JSON around it.
+    max_output: int = 3072
 
 
 class HandlerConfig(NamedTuple):
@@ -332,7 +333,7 @@ def _exec(reader: _Reader, table: Mapping[str, Any]) -> ExecConfig:
         commands=commands,
         allow_args=reader.get(table, "exec.allow_args", bool, False),
         timeout=reader.positive(table, "exec.timeout", 60.0),
-        max_output=reader.bounded(table, "exec.max_output", 65536, 0, 1 << 24),
+        max_output=reader.bounded(table, "exec.max_output", 3072, 0, 1 << 24),
     )
 
 

@@ -40,9 +40,14 @@ class FailedJob(NamedTuple):
         }
 
 
+#: Characters of the failure reason kept with a failed job.
+MAX_REASON = 512
+
+
 def slot_size_for(text_size: int) -> int:
-    """Room for the message in base64 inside a small JSON record, and the reason."""
-    return results.RECORD_SIZE + (text_size + 2) // 3 * 4 + 1024
+    """Room for the message in base64 inside a small JSON record, and the reason (which
+    JSON may escape to six bytes a character)."""
+    return results.RECORD_SIZE + (text_size + 2) // 3 * 4 + 6 * MAX_REASON + 256
 
 
 class FailedList:
@@ -59,6 +64,8 @@ class FailedList:
         return cls(ResultStore(Segment.open(key), Lock.open(key)))
 
     def add(self, job_id: str, type_: int, body: bytes, attempts: int, error: str) -> None:
+        if len(error) > MAX_REASON:  # the slot has room for the message and this much
+            error = error[: MAX_REASON - 15] + " [truncated]"
         data = json.dumps(
             {
                 "error": error,

@@ -28,7 +28,10 @@ class Identity(NamedTuple):
 
     @property
     def drops(self) -> bool:
-        return self.uid is not None and os.geteuid() == 0 and self.uid != 0
+        """Started as root with a user or group to become."""
+        return os.geteuid() == 0 and (
+            (self.uid is not None and self.uid != 0) or (self.gid is not None and self.gid != 0)
+        )
 
 
 def resolve(config: Config) -> Identity:
@@ -58,18 +61,22 @@ def hand_over(identity: Identity, paths: list[Path]) -> None:
         return
     for path in paths:
         if path.exists():
-            os.chown(path, identity.uid or 0, identity.gid if identity.gid is not None else -1)
+            uid = identity.uid if identity.uid is not None else -1
+            os.chown(path, uid, identity.gid if identity.gid is not None else -1)
 
 
 def drop(identity: Identity) -> None:
     """Become the configured user and group for good (supplementary groups included)."""
     if not identity.drops:
         return
-    assert identity.uid is not None and identity.user is not None
     gid = identity.gid if identity.gid is not None else os.getgid()
-    os.initgroups(identity.user, gid)
-    os.setgid(gid)
-    os.setuid(identity.uid)
+    if identity.user is not None and identity.uid is not None:
+        os.initgroups(identity.user, gid)
+        os.setgid(gid)
+        os.setuid(identity.uid)
+    else:  # [daemon] group alone: change group, stay root
+        os.setgroups([])
+        os.setgid(gid)
 
 
 def _gid(name: str | None, setting: str) -> int | None:

@@ -10,12 +10,14 @@ import os
 import time
 from typing import Any
 
+from ipcd import protocol
 from ipcd.errors import IpcdError
 from ipcd.failed import FailedList
+from ipcd.inflight import InflightTable
 from ipcd.ipc import Queue
 from ipcd.log import Logger
 from ipcd.protocol import Job
-from ipcd.results import Kind, Result, Status
+from ipcd.results import Kind, Result, Status, too_large
 from ipcd.resultstore import ResultStore
 
 
@@ -24,6 +26,30 @@ def error_result(job: Job, message: str) -> Result:
         job.id, job.type, Status.ERROR, Kind.TEXT, message.encode("utf-8", "replace"),
         job.attempt, job.submitted, time.time(),
     )  # fmt: skip
+
+
+def run_again(
+    job: Job, *, attempt: int, due: float, table: InflightTable, queue: Queue, send_timeout: float
+) -> str | None:
+    """Park the job (or queue it at once) for another run; why it cannot be, or None.
+
+    The job goes back as an envelope carrying its attempt number, which can make a message
+    that just fitted the kernel's msgmax too large: that job fails with the reason rather
+    than take the daemon down.
+    """
+    again = protocol.reencode(job, attempt=attempt)
+    if len(again) > table.text_size:
+        return (
+            f"cannot be run again: with its attempt count the job is {len(again)} bytes, "
+            f"more than the kernel's msgmax ({table.text_size})"
+        )
+    if table.park(job.type, again, job.id, attempt, due):
+        return None
+    try:  # every parked slot is taken: queue it again at once rather than lose it
+        queue.send(again, job.type, timeout=send_timeout)
+    except IpcdError as exc:
+        return f"cannot be run again: {exc}"
+    return None
 
 
 class Outcomes:
@@ -55,6 +81,9 @@ class Outcomes:
         retried); ``logged=False`` skips the ``job.done`` event when the caller has already
         logged the job's one event (``job.rejected``).
         """
+        room = self.store.capacity()
+        if room is not None and len(result.data) > room:
+            result = too_large(result, room + 64)  # decided here, so the log says error
         stored = self._store(result)
         if not result.ok and listed:
             self._list_failed(job, body, result.error)

@@ -83,6 +83,11 @@ class ResultStore:
             self.gate.pulse()
         return seq
 
+    def capacity(self) -> int | None:
+        """Bytes of data one result may have, or None if the segment is not readable."""
+        header = results.read_header(self.segment.buf)
+        return None if header is None else results.capacity(header.slot_size)
+
     def get(self, job_id: str) -> Result | None:
         self.lock.acquire(self.lock_timeout)
         try:

@@ -23,7 +23,7 @@ from ipcd.handlers import HandlerError, HandlerResult, Retry
 from ipcd.inflight import InflightTable
 from ipcd.ipc import Interrupted, Queue, TooBigError, msgmax
 from ipcd.log import Logger
-from ipcd.outcome import Outcomes, error_result
+from ipcd.outcome import Outcomes, error_result, run_again
 from ipcd.protocol import Job
 from ipcd.registry import Registry
 from ipcd.results import Kind, Result, Status
@@ -165,10 +165,19 @@ class Worker:
             )
             return
         delay = policy.delay(job.attempt) if retry.delay is None else max(retry.delay, 0.0)
-        again = protocol.reencode(job, attempt=job.attempt + 1)
-        if not self.table.park(job.type, again, job.id, job.attempt + 1, time.time() + delay):
-            # Every parked slot is taken: queue it again at once rather than lose it.
-            self.queue.send(again, job.type, timeout=self.config.ipc.send_timeout)
+        refused = run_again(
+            job,
+            attempt=job.attempt + 1,
+            due=time.time() + delay,
+            table=self.table,
+            queue=self.queue,
+            send_timeout=self.config.ipc.send_timeout,
+        )
+        if refused is not None:
+            self.outcomes.finish(
+                job, error_result(job, refused), body=body, handler=handler, started=started
+            )
+            return
         self.wake_master()
         self.log.info(
             "job.retry",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -93,5 +94,24 @@ def test_exec_through_the_daemon(instance: Instance) -> None:
         assert stalled.returncode == 1 and "timed out after 2s" in stalled.stderr
         status = Path(f"/proc/{int(pidfile.read_text())}/status")
         assert not status.exists() or "State:\tZ" in status.read_text()  # killed with it
+    finally:
+        instance.ipcd("stop")
+
+
+def test_job_timeout_kills_the_command_too(instance: Instance) -> None:
+    """When the handler's timeout kills the worker, the command it ran dies with it."""
+    pidfile = instance.dir / "cmd.pid"
+    nap = f'["/bin/sh", "-c", "echo $$ > {pidfile}; exec sleep 30"]'
+    commands = f"\n[exec]\nenabled = true\n[exec.commands]\nnap = {nap}\n"
+    instance.write(extra=commands + "\n[handlers.exec]\ntype = 20\ntimeout = 1.0\n")
+    assert instance.ipcd("start").returncode == 0
+    try:
+        killed = instance.ipcctl("submit", "exec", "nap", "--wait", "--timeout", "20")
+        assert killed.returncode == 1 and "timeout: killed after" in killed.stderr
+        status = Path(f"/proc/{int(pidfile.read_text())}/status")
+        deadline = time.monotonic() + 5
+        while status.exists() and "State:\tZ" not in status.read_text():
+            assert time.monotonic() < deadline, "the command outlived its worker"
+            time.sleep(0.05)
     finally:
         instance.ipcd("stop")

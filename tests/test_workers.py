@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -158,5 +160,45 @@ def test_queue_bytes_raised_when_privileged(instance: Instance) -> None:
             refused = [e for e in instance.log_events() if e["event"] == "queue.max_bytes_refused"]
             assert len(refused) == 1 and refused[0]["wanted"] == 1048576
             print("no CAP_SYS_RESOURCE here: checked the refusal path")
+    finally:
+        instance.ipcd("stop")
+
+
+def test_job_too_big_to_requeue_fails_instead_of_crashing(instance: Instance) -> None:
+    """A job that fitted msgmax but not with its attempt count is failed, not a crash."""
+    _start(instance, "workers = 1\n")
+    try:
+        pad = "x" * 8080  # the envelope is just under msgmax; with "attempt" it is over
+        payload = json.dumps({"seconds": 5, "pad": pad})
+        job_id = instance.ipcctl("submit", "sleep", payload, "--json").stdout.strip()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            doc = json.loads(instance.ipcctl("status", "--json").stdout)
+            busy = [w["pid"] for w in doc["workers"] if w["job_id"] == job_id]
+            if busy:
+                break
+            time.sleep(0.05)
+        assert busy, "the job never started"
+        os.kill(busy[0], signal.SIGKILL)
+        failed = instance.ipcctl("result", job_id, "--wait", "--timeout", "10")
+        assert failed.returncode == ExitCode.JOB_FAILED
+        assert "cannot be run again" in failed.stderr and "msgmax" in failed.stderr
+        assert instance.ipcd("status").returncode == 0  # the master is still there
+        ok = instance.ipcctl("submit", "echo", "after", "--wait", "--timeout", "10")
+        assert ok.stdout == "after\n"
+    finally:
+        instance.ipcd("stop")
+
+
+def test_too_large_result_is_an_error_everywhere(instance: Instance) -> None:
+    """A result too large for its slot is an error in the log and on the failed list too."""
+    _start(instance)
+    try:
+        big = instance.ipcctl("submit", "echo", "y" * 3000, "--wait")  # slots hold 1984 here
+        assert big.returncode == ExitCode.JOB_FAILED and "too large" in big.stderr
+        event = instance.wait_events(lambda e: e["event"] == "job.done", 1)[0]
+        assert event["outcome"] == "error" and "too large" in str(event["error"])
+        listed = json.loads(instance.ipcctl("failed", "--json").stdout)["failed"]
+        assert [f["id"] for f in listed] == [event["job_id"]]
     finally:
         instance.ipcd("stop")

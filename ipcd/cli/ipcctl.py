@@ -21,7 +21,7 @@ from ipcd.results import Kind, Result, require
 EPILOG = """exit status:
   0 success, 1 the job failed, 64 usage error, 65 bad payload, 66 no such result,
   69 daemon or queue not there, 75 queue full (job not accepted), 77 permission denied,
-  78 bad configuration, 124 timed out waiting
+  70 internal error (a bug: please report), 78 bad configuration, 124 timed out waiting
 """
 
 

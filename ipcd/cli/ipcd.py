@@ -18,7 +18,7 @@ from ipcd.errors import AlreadyRunningError, ExitCode
 EPILOG = """exit status:
   0 success, 1 the daemon failed to start (reason on stderr), 3 not running (status),
   64 usage error, 69 not running (stop, reload), 73 already running, 77 permission denied,
-  78 bad configuration
+  70 internal error (a bug: please report), 78 bad configuration
 """
 
 

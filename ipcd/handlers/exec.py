@@ -38,7 +38,8 @@ def handler(job: Job, *, config: ExecConfig) -> HandlerResult:
         stderr=subprocess.STDOUT,
         env={**SCRUBBED_ENV, "IPCD_JOB_ID": job.id},
         cwd="/",
-        start_new_session=True,  # its own process group, so a timeout kills it all
+        process_group=0,  # its own process group, so [exec] timeout kills all it started
+        preexec_fn=_die_with_worker,
         close_fds=True,
     )
     assert proc.stdout is not None
@@ -54,6 +55,19 @@ def handler(job: Job, *, config: ExecConfig) -> HandlerResult:
 
 
 handler.needs_config = "exec"  # type: ignore[attr-defined]
+
+
+def _die_with_worker() -> None:
+    """In the command, before exec: be killed when the worker dies (a job timeout, a stop).
+
+    Its own process group keeps the command out of the worker's group, which the master
+    kills on a timeout; PR_SET_PDEATHSIG makes the kernel follow up instead.  (Workers are
+    single-threaded, so preexec_fn is safe here.)
+    """
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
 
 
 def _argv(job: Job, config: ExecConfig) -> list[str]:
