@@ -50,6 +50,8 @@ MIN_BACKOFF, MAX_BACKOFF = 0.1, 30.0
 YOUNG = 1.0
 #: How often the master looks around even when nothing woke it.
 TICK = 1.0
+#: Why a job found in a worker's slot at start is run again.
+DAEMON_KILLED = "the daemon was killed"
 
 
 @dataclass
@@ -270,8 +272,7 @@ class Arbiter:
             self._recover_safely(
                 held, cause=info.kill_reason or cause, timed_out=bool(info.kill_reason)
             )
-        self.p.table.clear(info.slot)
-        self.pool.free_slots.append(info.slot)
+        self._release_slot(info.slot)
         lived = time.time() - info.spawned
         expected = held is None and (
             info.retiring
@@ -304,7 +305,12 @@ class Arbiter:
             job = job._replace(id=held.job_id)
         existing = self.p.store.get(job.id)
         if existing is not None and existing.finished >= held.started > 0:
-            return  # the worker stored the outcome and died before releasing the slot
+            # The worker stored the outcome and died before it said so: say it for it.
+            self.outcomes.announce(
+                job, existing, body=held.body, handler=_handler_name(self, job),
+                started=started, recovered=True,
+            )  # fmt: skip
+            return
         if timed_out:
             self.outcomes.finish(
                 job, error_result(job, cause), body=held.body, handler=_handler_name(self, job),
@@ -319,20 +325,23 @@ class Arbiter:
                 handler=_handler_name(self, job), started=started,
             )  # fmt: skip
             return
-        delay = policy.delay(job.attempt)
-        self._run_again(job, held.body, attempt=job.attempt + 1, delay=delay, cause=cause)
+        # A worker's death may be the job's doing: back off.  The daemon's is not.
+        delay = 0.0 if cause == DAEMON_KILLED else policy.delay(job.attempt)
+        self._run_again(job, held, attempt=job.attempt + 1, delay=delay, cause=cause)
 
-    def _run_again(self, job: Job, body: bytes, *, attempt: int, delay: float, cause: str) -> None:
-        refused = run_again(
-            job, attempt=attempt, due=time.time() + delay, table=self.p.table,
-            queue=self.p.queue, send_timeout=self.p.config.ipc.send_timeout,
-        )  # fmt: skip
-        if refused is not None:
+    def _run_again(self, job: Job, held: Held, *, attempt: int, delay: float, cause: str) -> None:
+        due = time.time() + delay
+        again = run_again(job, attempt=attempt, due=due, table=self.p.table, queue=self.p.queue)
+        if again.refused:
             self.outcomes.finish(
-                job, error_result(job, f"{cause}; {refused}"), body=body,
+                job, error_result(job, f"{cause}; {again.refused}"), body=held.body,
                 handler=_handler_name(self, job), started=time.monotonic(),
             )  # fmt: skip
             return
+        if not again.placed:
+            # Every parked slot is taken and the queue is full: the job stays where it is,
+            # in the dead worker's slot, parked; that slot takes no new worker meanwhile.
+            self.p.table.park_in(held.slot, job.type, again.body, job.id, attempt, due)
         self.log.warning(
             "job.requeued", job_id=job.id, type=job.type, attempt=attempt, cause=cause,
             delay_s=round(delay, 3),
@@ -348,13 +357,24 @@ class Arbiter:
                 head=held.body[:64].hex(), exc_info=True,
             )  # fmt: skip
 
+    def _release_slot(self, slot: int) -> None:
+        """A worker's slot is free again, unless the master parked its job in it."""
+        if self.p.table.peek(slot).state is State.PARKED:
+            return
+        self.p.table.clear(slot)
+        if slot not in self.pool.free_slots:
+            self.pool.free_slots.append(slot)
+
     def _recover_leftovers(self) -> None:
         """At start: jobs held by workers of a daemon that was killed are run again."""
         for slot in range(self.p.table.workers):
             held = self.p.table.held(slot)
-            if held is not None:
-                self._recover_safely(held, cause="the daemon was killed", timed_out=False)
-            self.p.table.clear(slot)
+            if held is not None and held.state is not State.PARKED:
+                self._recover_safely(held, cause=DAEMON_KILLED, timed_out=False)
+            if self.p.table.peek(slot).state is State.PARKED:
+                self.pool.free_slots.remove(slot)  # still holds a parked job
+            else:
+                self.p.table.clear(slot)
 
     def _dispatch_parked(self) -> None:
         now = time.time()
@@ -367,6 +387,8 @@ class Arbiter:
             if not self.p.queue.send_nowait(held.body, held.type):
                 return  # the queue is full: try again at the next wake-up
             self.p.table.unpark(held.slot)
+            if held.slot < self.p.table.workers:
+                self._release_slot(held.slot)
 
     def _enforce_deadlines(self) -> None:
         now = time.time()
@@ -456,7 +478,7 @@ class Arbiter:
                 held = self.p.table.held(gone.slot)
                 if held is not None and held.state is not State.PARKED:
                     self._keep_for_next_start(held, "killed at stop after graceful_timeout")
-                self.p.table.clear(gone.slot)
+                self._release_slot(gone.slot)
 
     def _keep_for_next_start(self, held: Held, cause: str) -> None:
         """A job interrupted by shutdown is not a failure: it runs again, same attempt."""
@@ -466,7 +488,7 @@ class Arbiter:
             return
         if job.bare and held.job_id:
             job = job._replace(id=held.job_id)
-        self._run_again(job, held.body, attempt=job.attempt, delay=0.0, cause=cause)
+        self._run_again(job, held, attempt=job.attempt, delay=0.0, cause=cause)
 
 
 def _handler_name(arbiter: Arbiter, job: Job) -> str:

@@ -80,6 +80,8 @@ class Client:
         self._replies: Queue | None = None
         self._store: ResultStore | None = None
         self._gate: Gate | None = None
+        #: Notifications that arrived while waiting for another of this client's jobs.
+        self._notified: set[bytes] = set()
 
     @property
     def keys(self) -> Keys:
@@ -144,6 +146,11 @@ class Client:
         replies = self._reply_queue()
         deadline = time.monotonic() + timeout
         wanted = job_id.encode("ascii")
+        if wanted in self._notified:
+            self._notified.discard(wanted)
+            result = self.result(job_id)
+            if result is not None:
+                return result
         while True:
             left = deadline - time.monotonic()
             try:
@@ -157,7 +164,10 @@ class Client:
                 result = self.result(job_id)
                 if result is not None:
                     return result
-            # a stale notification for an earlier process with our PID: keep waiting
+            elif len(self._notified) < 4096:
+                # Another job of ours (its waiter comes later), or a stale notification for
+                # an earlier process that had our PID: remember it and keep waiting.
+                self._notified.add(body)
 
     def wait(self, job_id: str, timeout: float) -> Result:
         """Wait for any job's result (one this process may not have submitted)."""

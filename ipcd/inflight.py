@@ -230,9 +230,10 @@ class InflightTable:
         )
 
     def parked_due(self) -> list[tuple[int, float]]:
-        """(slot, due time) of every parked job, without copying the messages."""
+        """(slot, due time) of every parked job, without copying the messages; a worker
+        slot can hold one too, see park_in."""
         out = []
-        for index in range(self.workers, self.workers + self.parked):
+        for index in range(self.workers + self.parked):
             peek = self.peek(index)
             if peek.state is State.PARKED and peek.type != 0:
                 out.append((index, peek.deadline))
@@ -296,14 +297,30 @@ class InflightTable:
                 off = self.offset(index)
                 if struct.unpack_from("<I", self.buf, off)[0] != State.FREE:
                     continue
-                self.buf[off + TEXT : off + TEXT + len(body)] = body
-                struct.pack_into("<q", self.buf, off + MSGBUF_TYPE, type_)
-                struct.pack_into("<IIIIdd16s", self.buf, off, State.FREE, 0, attempt,
-                                 len(body), time.time(), due,
-                                 job_id.encode("ascii", "replace")[:16])  # fmt: skip
-                struct.pack_into("<I", self.buf, off, State.PARKED)  # published last
+                self.park_in(index, type_, body, job_id, attempt, due)
                 return True
         return False
+
+    def park_in(
+        self, index: int, type_: int, body: bytes, job_id: str, attempt: int, due: float
+    ) -> None:
+        """Put a job in this very slot until ``due`` (the master keeps a dead worker's job in
+        the worker's slot when no parked slot is free).  The message is written before the
+        state that publishes it, so a crash in between leaves the slot as it was."""
+        off = self.offset(index)
+        struct.pack_into("<I", self.buf, off, State.FREE)
+        self.buf[off + TEXT : off + TEXT + len(body)] = body
+        struct.pack_into("<q", self.buf, off + MSGBUF_TYPE, type_)
+        struct.pack_into("<IIIIdd16s", self.buf, off, State.FREE, 0, attempt,
+                         len(body), time.time(), due,
+                         job_id.encode("ascii", "replace")[:16])  # fmt: skip
+        struct.pack_into("<I", self.buf, off, State.PARKED)
+
+    def rewrite(self, index: int, body: bytes, attempt: int) -> None:
+        """A worker keeps a job to run again itself: the slot holds its new envelope."""
+        off = self.offset(index)
+        self.buf[off + TEXT : off + TEXT + len(body)] = body
+        struct.pack_into("<II", self.buf, off + 8, attempt, len(body))
 
     def parked_jobs(self) -> list[Held]:
         """Every parked job with its message (for listings and tests)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from ipcd import protocol
 from ipcd.errors import IpcdError
@@ -28,28 +28,38 @@ def error_result(job: Job, message: str) -> Result:
     )  # fmt: skip
 
 
-def run_again(
-    job: Job, *, attempt: int, due: float, table: InflightTable, queue: Queue, send_timeout: float
-) -> str | None:
-    """Park the job (or queue it at once) for another run; why it cannot be, or None.
+class Again(NamedTuple):
+    """What became of a job put back for another run."""
 
-    The job goes back as an envelope carrying its attempt number, which can make a message
-    that just fitted the kernel's msgmax too large: that job fails with the reason rather
-    than take the daemon down.
+    #: Parked, or on the queue: nothing more to do.
+    placed: bool
+    #: The envelope with its new attempt number (for a caller that must keep it itself).
+    body: bytes
+    #: Why it cannot run again at all (too large with its attempt count), or "".
+    refused: str = ""
+
+
+def run_again(job: Job, *, attempt: int, due: float, table: InflightTable, queue: Queue) -> Again:
+    """Park the job for another run, or queue it at once if every parked slot is taken.
+
+    Never blocks: a caller whose job fits neither (parking full, queue full) keeps it in
+    its own slot (``placed`` is False).  The job goes back as an envelope carrying its
+    attempt number, which can make a message that just fitted the kernel's msgmax too
+    large: then ``refused`` says so and the caller fails the job rather than crash.
     """
     again = protocol.reencode(job, attempt=attempt)
     if len(again) > table.text_size:
-        return (
+        return Again(
+            False,
+            again,
             f"cannot be run again: with its attempt count the job is {len(again)} bytes, "
-            f"more than the kernel's msgmax ({table.text_size})"
+            f"more than the kernel's msgmax ({table.text_size})",
         )
     if table.park(job.type, again, job.id, attempt, due):
-        return None
-    try:  # every parked slot is taken: queue it again at once rather than lose it
-        queue.send(again, job.type, timeout=send_timeout)
-    except IpcdError as exc:
-        return f"cannot be run again: {exc}"
-    return None
+        return Again(True, again)
+    if due <= time.time() and queue.send_nowait(again, job.type):
+        return Again(True, again)
+    return Again(False, again)
 
 
 class Outcomes:
@@ -87,10 +97,31 @@ class Outcomes:
         stored = self._store(result)
         if not result.ok and listed:
             self._list_failed(job, body, result.error)
+        if not logged:
+            if job.reply_to is not None:
+                self.notify(job.reply_to, job.id)
+            return
+        if not stored:
+            fields["stored"] = False
+        self.announce(job, result, body=body, handler=handler, started=started, **fields)
+
+    def announce(
+        self,
+        job: Job,
+        result: Result,
+        *,
+        body: bytes,
+        handler: str,
+        started: float,
+        **fields: Any,
+    ) -> None:
+        """The ``job.done`` event and the waiter's wake-up, for a result already stored.
+
+        The master calls this alone for a worker that died between storing a result and
+        saying so.
+        """
         if job.reply_to is not None:
             self.notify(job.reply_to, job.id)
-        if not logged:
-            return
         event: dict[str, Any] = {
             "job_id": job.id,
             "type": job.type,
@@ -107,8 +138,6 @@ class Outcomes:
             event["sender_pid"] = job.sender_pid
         if not result.ok:
             event["error"] = result.error
-        if not stored:
-            event["stored"] = False
         event.update(fields)
         self.log.info("job.done", **event)
 

@@ -142,43 +142,56 @@ class Worker:
             self._reject(exc, body, type_)
             self.table.finished(self.slot)
             return
-        registration = self.registry.lookup(job.type)
-        timeout = job.timeout or (registration and registration.timeout) or None
-        deadline = time.time() + timeout if timeout else 0.0
-        self.table.received(self.slot, length, job.attempt, job.id, deadline)
-        if deadline:
-            self.wake_master()  # the master enforces the deadline
-        outcome, handler = execute(self.registry, job, self.log)
-        if isinstance(outcome, Retry):
-            self._retry(job, body, outcome, handler, started)
-        else:
-            self.outcomes.finish(job, outcome, body=body, handler=handler, started=started)
+        self.run(job, body, length, started)
         self.table.finished(self.slot)
         self.jobs_done += 1
 
-    def _retry(self, job: Job, body: bytes, retry: Retry, handler: str, started: float) -> None:
+    def run(self, job: Job, body: bytes, length: int, started: float) -> None:
+        """Run the job until it has an outcome, or is parked for a later retry."""
+        while True:
+            registration = self.registry.lookup(job.type)
+            timeout = job.timeout or (registration and registration.timeout) or None
+            deadline = time.time() + timeout if timeout else 0.0
+            self.table.received(self.slot, length, job.attempt, job.id, deadline)
+            if deadline:
+                self.wake_master()  # the master enforces the deadline
+            outcome, handler = execute(self.registry, job, self.log)
+            if not isinstance(outcome, Retry):
+                self.outcomes.finish(job, outcome, body=body, handler=handler, started=started)
+                return
+            kept = self._retry(job, body, outcome, handler, started)
+            if kept is None:
+                return
+            job, body, delay = kept
+            length = len(body)
+            # Nowhere to park it and the queue full: keep it in this slot (its new
+            # envelope already written there, so a crash loses nothing) and retry here.
+            time.sleep(delay)
+
+    def _retry(
+        self, job: Job, body: bytes, retry: Retry, handler: str, started: float
+    ) -> tuple[Job, bytes, float] | None:
+        """Park the job for another attempt, or fail it when it has none left.
+
+        Returns the job to run again in this worker when it could be put nowhere else.
+        """
         policy = self.registry.policy(job.type, self.config.jobs)
         if job.attempt >= policy.max_attempts:
             message = f"gave up after {job.attempt} attempts: {retry.reason}"
             self.outcomes.finish(
                 job, error_result(job, message), body=body, handler=handler, started=started
             )
-            return
+            return None
         delay = policy.delay(job.attempt) if retry.delay is None else max(retry.delay, 0.0)
-        refused = run_again(
-            job,
-            attempt=job.attempt + 1,
-            due=time.time() + delay,
-            table=self.table,
-            queue=self.queue,
-            send_timeout=self.config.ipc.send_timeout,
+        attempt = job.attempt + 1
+        again = run_again(
+            job, attempt=attempt, due=time.time() + delay, table=self.table, queue=self.queue
         )
-        if refused is not None:
+        if again.refused:
             self.outcomes.finish(
-                job, error_result(job, refused), body=body, handler=handler, started=started
+                job, error_result(job, again.refused), body=body, handler=handler, started=started
             )
-            return
-        self.wake_master()
+            return None
         self.log.info(
             "job.retry",
             job_id=job.id,
@@ -187,7 +200,13 @@ class Worker:
             attempt=job.attempt,
             delay_s=round(delay, 3),
             reason=retry.reason,
+            kept_in_worker=not again.placed,
         )
+        if again.placed:
+            self.wake_master()
+            return None
+        self.table.rewrite(self.slot, again.body, attempt)
+        return job._replace(attempt=attempt), again.body, delay
 
     def _reject(self, exc: MessageError, body: bytes, type_: int) -> None:
         self.log.warning(

@@ -1,4 +1,4 @@
-"""A load generator for the fault tests, run as its own process by tests/faults/harness.py.
+"""A load generator for the fault tests, run as its own process by tests/faults/load.py.
 
     python submitter.py CONFIG HANDLER PAYLOAD COUNT OUT STOP PAUSE
 

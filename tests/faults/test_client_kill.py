@@ -15,7 +15,8 @@ from ipcd.errors import WaitTimeoutError
 from ipcd.keys import as_key_t
 from ipcd.resultstore import LOCK_TIMEOUT, ResultStore
 
-from .harness import configure, start
+from .processes import configure, start
+from .tally import settled_events
 
 HANDLERS = """
 [handlers.echo]
@@ -68,7 +69,7 @@ def test_client_killed_holding_result_semaphore(instance: Instance) -> None:
     second = client.call("echo", "right after", timeout=5)
     second_s = time.monotonic() - right_after
     other = instance.ipcctl("submit", "echo", "another client", "--wait", "--timeout", "5")
-    events = instance.log_events()
+    events = settled_events(instance, {blocked, second.job_id})
     print(
         f"\n[client killed holding the semaphore] submitted 3, completed ok "
         f"{first.ok + second.ok + (other.returncode == 0)}, failed 0, missing 0; "

@@ -11,10 +11,11 @@ import pytest
 from conftest import IPCD, Instance
 
 from ipcd.client import Client
-from ipcd.inflight import InflightTable
 from ipcd.resultstore import ResultStore
 
-from .harness import Load, children, configure, start, tally, wait_workers
+from .load import Load
+from .processes import children, configure, start, wait_running, wait_workers
+from .tally import settled_events, tally
 
 HANDLERS = """
 [handlers.busy]
@@ -27,7 +28,7 @@ RELOADS = 6
 def test_reloads_during_a_stream_lose_and_duplicate_nothing(instance: Instance) -> None:
     """Six reloads (`ipcd reload` and SIGHUP, alternately) while 4 submitters stream jobs:
     each job has exactly one result and one job.done event, at its first attempt."""
-    configure(instance, HANDLERS)
+    configure(instance, HANDLERS, result_slots=32768)  # room for a fast machine's stream
     master = start(instance)
     first = set(children(master))
     began = time.monotonic()
@@ -59,7 +60,7 @@ def test_reloads_during_a_stream_lose_and_duplicate_nothing(instance: Instance) 
             refused_queue_full=refused,
         )
     )
-    assert accepted == len(ids) > 1000
+    assert accepted == len(ids) > 500
     assert len(reloads) == RELOADS and generations == set(range(RELOADS + 1))
     assert not first & last, "the first generation of workers is gone"
     assert result.missing == [] and result.duplicate_results == []
@@ -68,24 +69,6 @@ def test_reloads_during_a_stream_lose_and_duplicate_nothing(instance: Instance) 
     assert all(result.results[j].ok and result.results[j].attempt == 1 for j in ids)
 
 
-def _wait_running(inst: Instance, job_id: str, timeout: float = 5.0) -> None:
-    """Until a worker's in-flight slot shows ``job_id`` as its current job."""
-    table = InflightTable.open(inst.keys.inflight)
-    deadline = time.monotonic() + timeout
-    try:
-        while job_id not in {view.job_id for view in table.worker_views()}:
-            assert time.monotonic() < deadline, f"no worker took job {job_id}"
-            time.sleep(0.01)
-    finally:
-        table.segment.close()
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: SIGTERM (reload or stop) interrupts the worker's semtimedop on the result "
-    "semaphore; sysv_ipc.Error escapes Lock.held (only timeouts and removal are mapped), "
-    "the worker crashes with status 70 and its finished job is run a second time",
-)
 @pytest.mark.parametrize("command", ["reload", "stop"])
 def test_sigterm_reaching_a_worker_that_waits_for_the_result_semaphore(
     instance: Instance, command: str
@@ -98,7 +81,7 @@ def test_sigterm_reaching_a_worker_that_waits_for_the_result_semaphore(
     store = ResultStore.open(instance.keys.results)
     with store.lock.held(5):  # the worker's result write must wait for us
         job_id = client.submit("echo", "once", notify=True)
-        _wait_running(instance, job_id)
+        wait_running(instance, job_id)
         time.sleep(0.3)  # the handler is done; the worker now waits in semtimedop
         signalled = subprocess.Popen(
             [IPCD, "-c", str(instance.config_path), command],
@@ -112,7 +95,7 @@ def test_sigterm_reaching_a_worker_that_waits_for_the_result_semaphore(
     if command == "stop":
         start(instance)  # what a stop left in the in-flight table runs now
     outcome = client.wait_submitted(job_id, timeout=10)
-    events = instance.log_events()
+    events = settled_events(instance, {job_id})
     crashed = [e for e in events if e["event"] == "worker.crashed"]
     requeued = [e for e in events if e["event"] == "job.requeued"]
     print(

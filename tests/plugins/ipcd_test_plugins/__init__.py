@@ -102,3 +102,12 @@ def store_then_die(job: Job) -> HandlerResult:
     ResultStore.open(int(str(job.payload))).put(result)
     os.kill(os.getpid(), signal.SIGKILL)
     return "unreachable"
+
+
+def retry_once(job: Job) -> HandlerResult:
+    """Ask for one retry, the payload's number of seconds later; succeed at attempt 2."""
+    from ipcd.handlers import Retry
+
+    if job.attempt < 2:
+        raise Retry("once more", delay=float(str(job.payload)))
+    return f"ok on attempt {job.attempt}"
