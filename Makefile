@@ -43,8 +43,10 @@ lint: $(STAMP)  ## ruff check and ruff format --check
 typecheck: $(STAMP)  ## mypy --strict
 	$(BIN)/mypy
 
+# --hypothesis-show-statistics: the property-based (fuzz) tests say how many inputs they
+# tried; the daemon fuzz test (tests/test_dispatch.py) prints its own count.
 pytest: $(STAMP)  ## the test suite
-	$(BIN)/pytest
+	$(BIN)/pytest --hypothesis-show-statistics
 
 # Interleaved raw-vs-ipcd rounds on this machine, a few minutes (bench/run.py lists the steps).
 .PHONY: bench
