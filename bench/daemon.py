@@ -2,7 +2,7 @@
 
 Each daemon gets its own directory (key file, PID file, log) and so its own keys.  It is
 stopped with ``ipcd stop`` and every object at its keys is removed with
-``ipcd.ipc.remove_all``, whatever happened in between.
+``ipcd.vetting.remove_all``, whatever happened in between.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from ipcd import config as config_mod
-from ipcd import ipc
+from ipcd import vetting
 from ipcd.client import Client
 from ipcd.keys import Keys, derive
 
@@ -158,7 +158,7 @@ class BenchDaemon:
                 self.keys = derive(self.config.ipc)
         finally:
             if self.keys is not None:
-                ipc.remove_all(self.keys.all())
+                vetting.remove_all(self.keys.all())
             if self._client is not None:
                 self._client.store.close()
                 self._client = None

@@ -22,8 +22,6 @@ self-pipe (``signal.set_wakeup_fd``); everything else happens in this loop.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import os
 import select
 import signal
@@ -34,15 +32,14 @@ from types import FrameType
 
 from ipcd import config as config_mod
 from ipcd import log as log_mod
-from ipcd import protocol
 from ipcd import registry as registry_mod
-from ipcd.errors import IpcdError, MessageError
-from ipcd.inflight import Held, State
-from ipcd.outcome import Outcomes, error_result, run_again
-from ipcd.protocol import Job
+from ipcd.errors import IpcdError
+from ipcd.inflight import State
+from ipcd.outcome import Outcomes
+from ipcd.recovery import DAEMON_KILLED, Recovery
 from ipcd.server import Prepared
 from ipcd.signals import Flags
-from ipcd.worker import Exit, Worker
+from ipcd.worker import Exit, describe_exit, signal_worker, worker_process
 
 #: Back-off bounds for respawning workers that die soon after they start.
 MIN_BACKOFF, MAX_BACKOFF = 0.1, 30.0
@@ -50,8 +47,6 @@ MIN_BACKOFF, MAX_BACKOFF = 0.1, 30.0
 YOUNG = 1.0
 #: How often the master looks around even when nothing woke it.
 TICK = 1.0
-#: Why a job found in a worker's slot at start is run again.
-DAEMON_KILLED = "the daemon was killed"
 
 
 @dataclass
@@ -85,6 +80,7 @@ class Arbiter:
         self.outcomes = Outcomes(
             store=prepared.store, failed=prepared.failed, replies=prepared.replies, log=self.log
         )
+        self.recovery = Recovery(prepared, self.outcomes, self.log)
         self.started = time.time()
         self.master_pid = os.getpid()
         self._wake_r, self._wake_w = os.pipe()
@@ -132,7 +128,7 @@ class Arbiter:
         except Exception:
             self.log.critical("daemon.crashed", exc_info=True)
             for info in self.pool.workers.values():
-                _kill_group(info.pid, signal.SIGKILL)
+                signal_worker(info.pid, signal.SIGKILL)
             raise
         finally:
             signal.set_wakeup_fd(previous_fd)
@@ -199,54 +195,17 @@ class Arbiter:
         slot = self.pool.free_slots.pop(0)
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the worker
-            os._exit(self._worker_main(slot))
+            os._exit(
+                worker_process(
+                    self.p,
+                    slot,
+                    master_pid=self.master_pid,
+                    close=[self._wake_r, self._wake_w, self._notify_r],
+                    notify_master=self._notify_w,
+                )
+            )
         self.pool.workers[pid] = WorkerInfo(pid, slot, self.pool.generation, time.time())
         self.log.info("worker.started", pid=pid, slot=slot, generation=self.pool.generation)
-
-    def _worker_main(self, slot: int) -> int:  # pragma: no cover - runs in the worker
-        """The child's side of the fork: reset what belongs to the master, then serve."""
-        code = Exit.CRASHED
-        try:
-            # If the master dies (even of SIGKILL), finish the job in hand and leave:
-            # a worker without its master would go on taking jobs nobody supervises.
-            _parent_death_signal(signal.SIGTERM)
-            if os.getppid() != self.master_pid:
-                return Exit.STOPPED  # the master died before the line above took effect
-            os.setpgid(0, 0)  # its own process group: a timeout kills what the job started
-            signal.set_wakeup_fd(-1)
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-            os.close(self._notify_r)
-            flags = Flags()
-            flags.install()
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the master reloads, not workers
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            self.p.sink.reopen()
-            log = log_mod.get_logger(role="worker", worker_pid=os.getpid(), slot=slot)
-            notify_w = self._notify_w
-
-            def wake_master() -> None:
-                with contextlib.suppress(OSError):
-                    os.write(notify_w, b"!")
-
-            worker = Worker(
-                slot=slot,
-                config=self.p.config,
-                queue=self.p.queue,
-                table=self.p.table,
-                outcomes=Outcomes(
-                    store=self.p.store, failed=self.p.failed, replies=self.p.replies, log=log
-                ),
-                registry=self.p.registry,
-                flags=flags,
-                log=log,
-                wake_master=wake_master,
-            )
-            code = worker.serve()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                log_mod.get_logger(role="worker").critical("worker.crashed", exc_info=True)
-        return code
 
     def _reap(self) -> None:
         while True:
@@ -267,9 +226,9 @@ class Arbiter:
             held = None
         # A worker that leaves while holding a job did not stop or recycle, whatever its
         # exit status says: a handler called exit() (or os._exit) with that status.
-        cause = _describe(status, holding=held is not None)
+        cause = describe_exit(status, holding=held is not None)
         if held is not None:
-            self._recover_safely(
+            self.recovery.recover(
                 held, cause=info.kill_reason or cause, timed_out=bool(info.kill_reason)
             )
         self._release_slot(info.slot)
@@ -293,70 +252,6 @@ class Arbiter:
 
     # --- jobs whose worker died -------------------------------------------------------------
 
-    def _recover(self, held: Held, *, cause: str, timed_out: bool) -> None:
-        """Finish or re-run the job a dead worker held (at-least-once)."""
-        started = time.monotonic()
-        try:
-            job = protocol.decode(held.body, held.type, received=time.time())
-        except MessageError as exc:
-            self.log.warning("job.rejected", type=held.type, error=str(exc), recovered=True)
-            return
-        if job.bare and held.job_id:
-            job = job._replace(id=held.job_id)
-        existing = self.p.store.get(job.id)
-        if existing is not None and existing.finished >= held.started > 0:
-            # The worker stored the outcome and died before it said so: say it for it.
-            self.outcomes.announce(
-                job, existing, body=held.body, handler=_handler_name(self, job),
-                started=started, recovered=True,
-            )  # fmt: skip
-            return
-        if timed_out:
-            self.outcomes.finish(
-                job, error_result(job, cause), body=held.body, handler=_handler_name(self, job),
-                started=started, killed=True,
-            )  # fmt: skip
-            return
-        policy = self.p.registry.policy(job.type, self.p.config.jobs)
-        if job.attempt >= policy.max_attempts:
-            message = f"worker died ({cause}) on attempt {job.attempt} of {policy.max_attempts}"
-            self.outcomes.finish(
-                job, error_result(job, message), body=held.body,
-                handler=_handler_name(self, job), started=started,
-            )  # fmt: skip
-            return
-        # A worker's death may be the job's doing: back off.  The daemon's is not.
-        delay = 0.0 if cause == DAEMON_KILLED else policy.delay(job.attempt)
-        self._run_again(job, held, attempt=job.attempt + 1, delay=delay, cause=cause)
-
-    def _run_again(self, job: Job, held: Held, *, attempt: int, delay: float, cause: str) -> None:
-        due = time.time() + delay
-        again = run_again(job, attempt=attempt, due=due, table=self.p.table, queue=self.p.queue)
-        if again.refused:
-            self.outcomes.finish(
-                job, error_result(job, f"{cause}; {again.refused}"), body=held.body,
-                handler=_handler_name(self, job), started=time.monotonic(),
-            )  # fmt: skip
-            return
-        if not again.placed:
-            # Every parked slot is taken and the queue is full: the job stays where it is,
-            # in the dead worker's slot, parked; that slot takes no new worker meanwhile.
-            self.p.table.park_in(held.slot, job.type, again.body, job.id, attempt, due)
-        self.log.warning(
-            "job.requeued", job_id=job.id, type=job.type, attempt=attempt, cause=cause,
-            delay_s=round(delay, 3),
-        )  # fmt: skip
-
-    def _recover_safely(self, held: Held, *, cause: str, timed_out: bool) -> None:
-        """_recover, but a failure to recover one job never takes the master down."""
-        try:
-            self._recover(held, cause=cause, timed_out=timed_out)
-        except Exception:
-            self.log.error(
-                "job.recovery_failed", type=held.type, job_id=held.job_id,
-                head=held.body[:64].hex(), exc_info=True,
-            )  # fmt: skip
-
     def _release_slot(self, slot: int) -> None:
         """A worker's slot is free again, unless the master parked its job in it."""
         if self.p.table.peek(slot).state is State.PARKED:
@@ -370,7 +265,7 @@ class Arbiter:
         for slot in range(self.p.table.workers):
             held = self.p.table.held(slot)
             if held is not None and held.state is not State.PARKED:
-                self._recover_safely(held, cause=DAEMON_KILLED, timed_out=False)
+                self.recovery.recover(held, cause=DAEMON_KILLED, timed_out=False)
             if self.p.table.peek(slot).state is State.PARKED:
                 self.pool.free_slots.remove(slot)  # still holds a parked job
             else:
@@ -402,13 +297,13 @@ class Arbiter:
                 self.log.warning(
                     "job.timeout", job_id=peek.job_id, pid=info.pid, ran_s=round(ran, 3)
                 )
-                _kill_group(info.pid, signal.SIGKILL)
+                signal_worker(info.pid, signal.SIGKILL)
 
     def _nudge_retiring(self) -> None:
         """Repeat SIGTERM to retired workers still idle in msgrcv (a lost first signal)."""
         for info in self.pool.workers.values():
             if info.retiring and not self.p.table.peek(info.slot).holds_job:
-                _kill_group(info.pid, signal.SIGTERM, group=False)
+                signal_worker(info.pid, signal.SIGTERM, group=False)
 
     # --- reload and stop ------------------------------------------------------------------
 
@@ -445,7 +340,7 @@ class Arbiter:
         self._maintain()  # the new generation starts taking jobs first...
         for info in old:  # ...then the old one finishes what it holds and exits
             info.retiring = True
-            _kill_group(info.pid, signal.SIGTERM, group=False)
+            signal_worker(info.pid, signal.SIGTERM, group=False)
         self.log.info(
             "daemon.reloaded",
             handlers={r.name: r.type for r in registry.by_type.values()},
@@ -457,7 +352,7 @@ class Arbiter:
         """Let every worker finish its job, up to graceful_timeout; kill the rest."""
         deadline = time.time() + self.p.config.daemon.graceful_timeout
         for info in self.pool.workers.values():
-            _kill_group(info.pid, signal.SIGTERM, group=False)
+            signal_worker(info.pid, signal.SIGTERM, group=False)
         while self.pool.workers and time.time() < deadline:
             select.select([self._wake_r], [], [], min(0.2, max(deadline - time.time(), 0)))
             with contextlib.suppress(BlockingIOError):
@@ -466,70 +361,19 @@ class Arbiter:
             for info in self.pool.workers.values():
                 if not self.p.table.peek(info.slot).holds_job:
                     # Idle in msgrcv: a SIGTERM that landed just before the call was lost.
-                    _kill_group(info.pid, signal.SIGTERM, group=False)
+                    signal_worker(info.pid, signal.SIGTERM, group=False)
         for info in list(self.pool.workers.values()):
             info.kill_reason = None
             self.log.warning("worker.killed_at_stop", pid=info.pid)
-            _kill_group(info.pid, signal.SIGKILL)
+            signal_worker(info.pid, signal.SIGKILL)
         while self.pool.workers:
             pid, _ = os.waitpid(-1, 0)
             gone = self.pool.workers.pop(pid, None)
             if gone is not None:
                 held = self.p.table.held(gone.slot)
                 if held is not None and held.state is not State.PARKED:
-                    self._keep_for_next_start(held, "killed at stop after graceful_timeout")
+                    self.recovery.keep_for_next_start(held, "killed at stop after graceful_timeout")
                 self._release_slot(gone.slot)
-
-    def _keep_for_next_start(self, held: Held, cause: str) -> None:
-        """A job interrupted by shutdown is not a failure: it runs again, same attempt."""
-        try:
-            job = protocol.decode(held.body, held.type, received=time.time())
-        except MessageError:
-            return
-        if job.bare and held.job_id:
-            job = job._replace(id=held.job_id)
-        self._run_again(job, held, attempt=job.attempt, delay=0.0, cause=cause)
-
-
-def _handler_name(arbiter: Arbiter, job: Job) -> str:
-    reg = arbiter.p.registry.lookup(job.type)
-    return reg.name if reg else "-"
-
-
-def _kill_group(pid: int, signum: int, *, group: bool = True) -> None:
-    """Signal a worker, or its whole process group (the jobs' children with it)."""
-    try:
-        if group:
-            os.killpg(pid, signum)
-        else:
-            os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
-    except PermissionError as exc:  # pragma: no cover - a setuid child
-        if exc.errno != errno.EPERM:
-            raise
-
-
-def _describe(status: int, *, holding: bool) -> str:
-    """Why a worker ended, from its wait status, for log events and error results."""
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = f"signal {sig}"
-        return f"killed by {name}"
-    code = os.WEXITSTATUS(status)
-    if holding:
-        return f"exited with status {code} in the middle of the job"
-    names = {Exit.STOPPED: "stopped", Exit.RECYCLED: "recycled", Exit.CRASHED: "crashed"}
-    return f"exited with status {code}" + (f" ({names[code]})" if code in names else "")
-
-
-def _parent_death_signal(signum: int) -> None:
-    """prctl(PR_SET_PDEATHSIG): have the kernel send ``signum`` when the master exits."""
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signum, 0, 0, 0)
 
 
 def _wake_only(signum: int, frame: FrameType | None) -> None:

@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING, NamedTuple
 from ipcd import protocol
 from ipcd.config import Config
 from ipcd.errors import JobFailedError, NoResultError, NotRunningError, WaitTimeoutError
-from ipcd.ipc import Gate, Queue, QueueStats
+from ipcd.ipc import Queue, QueueStats
 from ipcd.keys import Keys, derive
 from ipcd.protocol import Payload
 from ipcd.results import Header, Result
 from ipcd.resultstore import ResultStore
+from ipcd.shm import Gate
 
 if TYPE_CHECKING:
     # Imported where used: the submit path that cron scripts take does not need them.

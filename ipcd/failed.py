@@ -14,9 +14,9 @@ import time
 from typing import NamedTuple
 
 from ipcd import results
-from ipcd.ipc import Lock, Segment
 from ipcd.results import Kind, Result, Status
 from ipcd.resultstore import ResultStore
+from ipcd.shm import Lock, Segment
 
 
 class FailedJob(NamedTuple):

@@ -30,7 +30,7 @@ import struct
 import time
 from typing import NamedTuple
 
-from ipcd.ipc import Lock, Segment
+from ipcd.shm import Lock, Segment
 
 MAGIC = b"IPCDINF\0"
 VERSION = 1

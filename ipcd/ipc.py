@@ -1,8 +1,10 @@
-"""The kernel border: every System V call ipcd makes goes through this module.
+"""The kernel border, part one: message queues, and bounding every blocking call.
 
-Only this module imports ``sysv_ipc``.  It turns sysv_ipc's exceptions into ipcd's,
-bounds every blocking call (``msgrcv``, ``msgsnd`` on a full queue, ``semop``) and checks
-that objects found at ipcd's keys are safe to trust.
+Three small modules own the kernel objects and are the only ones to import ``sysv_ipc``:
+this one (queues), ipcd.shm (the shared-memory segments and semaphores) and ipcd.vetting
+(checking, adopting and removing objects at ipcd's keys).  They turn sysv_ipc's
+exceptions into ipcd's and bound every blocking call (``msgrcv``, ``msgsnd`` on a full
+queue, ``semop``).
 
 Receiving into shared memory: the daemon's workers call ``msgrcv(2)`` through ctypes with
 the destination buffer inside their in-flight slot (ipcd.inflight), so the kernel itself
@@ -27,7 +29,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import FrameType
 from typing import Any, NamedTuple, TypeVar
 
@@ -39,10 +41,10 @@ from ipcd.errors import (
     NotRunningError,
     PayloadError,
     QueueFullError,
-    UnsafeObjectError,
     WaitTimeoutError,
 )
 from ipcd.keys import as_key_t
+from ipcd.vetting import ObjectInfo, check_safe, open_or_create
 
 T = TypeVar("T")
 
@@ -93,6 +95,11 @@ class _Libc:
         return ctypes.get_errno()
 
 
+def receive_function() -> Any:
+    """libc's msgrcv, loaded now (see _Libc)."""
+    return _Libc.msgrcv()
+
+
 def msgmax() -> int:
     """The kernel's largest message, in bytes: the receive buffer must be this large."""
     try:
@@ -116,16 +123,6 @@ class QueueStats(NamedTuple):
     last_receive_pid: int
 
 
-class ObjectInfo(NamedTuple):
-    """Owner and mode of an IPC object, for the squatting check."""
-
-    kind: str
-    key: int
-    uid: int
-    gid: int
-    mode: int
-
-
 # --- bounding blocking calls -------------------------------------------------------------
 
 
@@ -138,7 +135,7 @@ class _Alarm:
         self.fired = True
 
 
-def _bounded(call: Callable[[bool], T], timeout: float | None) -> T:
+def bounded(call: Callable[[bool], T], timeout: float | None) -> T:
     """Run ``call(block)`` for at most ``timeout`` seconds; ``None`` waits forever.
 
     ``call(False)`` must raise ``sysv_ipc.BusyError`` when it would block.  Raises
@@ -234,7 +231,7 @@ class Queue:
     @classmethod
     def create(cls, key: int, mode: int, *, what: str = "queue") -> Queue:
         """Create the queue, or open and vet the one already there (the daemon's side)."""
-        mq = _create(
+        mq = open_or_create(
             lambda flags: sysv_ipc.MessageQueue(
                 as_key_t(key), flags, mode, max_message_size=msgmax()
             ),
@@ -263,7 +260,7 @@ class Queue:
                 f"message of {len(body)} bytes exceeds the kernel's msgmax of {limit} bytes"
             )
         try:
-            _bounded(call, timeout)
+            bounded(call, timeout)
         except TimeoutError:
             raise QueueFullError(
                 f"queue {self.key:#010x} stayed full for {timeout:g}s; the job was not accepted"
@@ -296,7 +293,7 @@ class Queue:
             return self._receive(block, type_)
 
         try:
-            return _bounded(call, timeout)
+            return bounded(call, timeout)
         except TimeoutError:
             raise WaitTimeoutError(f"nothing arrived within {timeout:g}s") from None
         except sysv_ipc.ExistentialError:
@@ -384,284 +381,3 @@ def _proc_queue_counts(msqid: int) -> tuple[int, int]:
     except (OSError, ValueError, IndexError, StopIteration):
         pass
     return -1, -1
-
-
-# --- shared memory and semaphores -----------------------------------------------------------
-
-
-class Segment:
-    """A SysV shared-memory segment, attached, with a memoryview over it."""
-
-    def __init__(self, shm: sysv_ipc.SharedMemory, key: int) -> None:
-        self._shm = shm
-        self.key = key
-        self.buf = memoryview(shm)
-        self.size = shm.size
-        #: Where the segment is attached in this process (for receive_into).
-        self.address: int = shm.address
-
-    @classmethod
-    def open(cls, key: int) -> Segment:
-        try:
-            shm = sysv_ipc.SharedMemory(as_key_t(key), 0)
-        except sysv_ipc.ExistentialError:
-            raise NotRunningError(
-                f"no result segment at key {key:#010x}: is ipcd running with this configuration?"
-            ) from None
-        except sysv_ipc.PermissionsError:
-            raise IpcPermissionError(
-                f"permission denied attaching the result segment at key {key:#010x}"
-            ) from None
-        return cls(shm, key)
-
-    @classmethod
-    def create(cls, key: int, mode: int, size: int) -> tuple[Segment, bool]:
-        """Create the segment (zero-filled) or open the existing one; says whether it is new."""
-        try:
-            shm = sysv_ipc.SharedMemory(as_key_t(key), sysv_ipc.IPC_CREX, mode, size)
-            created = True
-        except sysv_ipc.ExistentialError:
-            shm = _create(
-                lambda flags: sysv_ipc.SharedMemory(as_key_t(key), 0), "result segment", key
-            )
-            created = False
-        except sysv_ipc.PermissionsError:
-            raise IpcPermissionError(
-                f"permission denied creating the result segment at key {key:#010x}"
-            ) from None
-        segment = cls(shm, key)
-        check_safe(segment.info(), mode)
-        return segment, created
-
-    def info(self) -> ObjectInfo:
-        return ObjectInfo(
-            "result segment", self.key, self._shm.uid, self._shm.gid, self._shm.mode & 0o777
-        )
-
-    def close(self) -> None:
-        self.buf.release()
-        with contextlib.suppress(sysv_ipc.Error):
-            self._shm.detach()
-
-    def remove(self) -> None:
-        """Mark the segment for removal; the kernel frees it when the last process detaches."""
-        with contextlib.suppress(sysv_ipc.Error):
-            self._shm.remove()
-        self.close()
-
-
-_S = TypeVar("_S", bound="_Semaphore")
-
-
-class _Semaphore:
-    """One SysV semaphore at a key: what the lock and the gate share."""
-
-    what = "semaphore"
-
-    def __init__(self, sem: sysv_ipc.Semaphore, key: int) -> None:
-        self._sem = sem
-        self.key = key
-
-    @classmethod
-    def open(cls: type[_S], key: int) -> _S:
-        try:
-            return cls(sysv_ipc.Semaphore(as_key_t(key), 0), key)
-        except sysv_ipc.ExistentialError:
-            raise NotRunningError(f"no {cls.what} at key {key:#010x}: is ipcd running?") from None
-        except sysv_ipc.PermissionsError:
-            raise IpcPermissionError(
-                f"permission denied opening the {cls.what} at key {key:#010x}"
-            ) from None
-
-    @classmethod
-    def create(cls: type[_S], key: int, mode: int) -> _S:
-        """Create the semaphore with value 1, or open and vet the existing one."""
-        try:
-            sem = sysv_ipc.Semaphore(as_key_t(key), sysv_ipc.IPC_CREX, mode, 1)
-        except sysv_ipc.ExistentialError:
-            sem = _create(lambda flags: sysv_ipc.Semaphore(as_key_t(key), 0), cls.what, key)
-        except sysv_ipc.PermissionsError:
-            raise IpcPermissionError(
-                f"permission denied creating the {cls.what} at key {key:#010x}"
-            ) from None
-        made = cls(sem, key)
-        check_safe(made.info(), mode)
-        return made
-
-    def info(self) -> ObjectInfo:
-        sem = self._sem
-        return ObjectInfo(self.what, self.key, sem.uid, sem.gid, sem.mode & 0o777)
-
-    def _wait(self, op: Callable[[float | None], None], timeout: float) -> bool:
-        """Run a blocking semop (``op(None)`` blocks, ``op(0)`` does not) for at most
-        ``timeout`` seconds, by semtimedop where sysv_ipc has it, else by ipcd's alarm."""
-
-        def call(block: bool) -> None:
-            op(timeout if sysv_ipc.SEMAPHORE_TIMEOUT_SUPPORTED else None) if block else op(0)
-
-        try:
-            if sysv_ipc.SEMAPHORE_TIMEOUT_SUPPORTED:
-                call(True)
-            else:
-                _bounded(call, timeout)
-        except (TimeoutError, sysv_ipc.BusyError):
-            return False
-        except sysv_ipc.ExistentialError:
-            raise NotRunningError(f"{self.what} {self.key:#010x} was removed") from None
-        return True
-
-    def remove(self) -> None:
-        with contextlib.suppress(sysv_ipc.ExistentialError):
-            self._sem.remove()
-
-
-class Lock(_Semaphore):
-    """A SysV semaphore used as a mutex, with SEM_UNDO so that a dead holder releases it."""
-
-    what = "lock semaphore"
-
-    def __init__(self, sem: sysv_ipc.Semaphore, key: int) -> None:
-        sem.undo = True
-        super().__init__(sem, key)
-
-    def acquire(self, timeout: float) -> None:
-        """Take the lock, waiting at most ``timeout`` seconds (the hot path: two per job)."""
-        if sysv_ipc.SEMAPHORE_TIMEOUT_SUPPORTED:
-            try:
-                self._sem.acquire(timeout)
-                return
-            except sysv_ipc.BusyError:
-                pass
-            except sysv_ipc.ExistentialError:
-                raise NotRunningError(f"{self.what} {self.key:#010x} was removed") from None
-            except sysv_ipc.Error:  # interrupted by a signal: finish the wait the slow way
-                if self._wait(self._sem.acquire, timeout):
-                    return
-        elif self._wait(self._sem.acquire, timeout):
-            return
-        raise WaitTimeoutError(f"{self.what} {self.key:#010x} stayed taken for {timeout:g}s")
-
-    def release(self) -> None:
-        self._sem.release()
-
-    @contextlib.contextmanager
-    def held(self, timeout: float) -> Iterator[None]:
-        """Hold the lock for the ``with`` block, waiting at most ``timeout`` seconds."""
-        self.acquire(timeout)
-        try:
-            yield
-        finally:
-            self._sem.release()
-
-    def reset(self) -> None:
-        """Set the value back to 1 (the daemon does this only before anyone else may hold it)."""
-        self._sem.value = 1
-
-
-class Gate(_Semaphore):
-    """A semaphore that announces "a new result is stored" to every waiting client.
-
-    It rests at 1; the daemon pulses it to 0 and back after each result.  Setting it to 0
-    completes every pending wait-for-zero at that moment (semctl(2) SETVAL updates the
-    queue of waiters), so all waiters wake and look for their job in the segment.
-    """
-
-    what = "result gate"
-
-    @classmethod
-    def create(cls, key: int, mode: int) -> Gate:
-        gate = super().create(key, mode)
-        gate._sem.value = 1
-        return gate
-
-    def pulse(self) -> None:
-        self._sem.value = 0
-        self._sem.value = 1
-
-    def wait(self, timeout: float) -> bool:
-        """Wait for the next pulse, at most ``timeout`` seconds; False when none came."""
-        return self._wait(self._sem.Z, timeout)
-
-
-# --- creation and vetting ------------------------------------------------------------------
-
-_O = TypeVar("_O")
-
-
-def _create(open_existing: Callable[[int], _O], what: str, key: int) -> _O:
-    try:
-        return open_existing(sysv_ipc.IPC_CREAT)
-    except sysv_ipc.PermissionsError:
-        raise IpcPermissionError(
-            f"permission denied opening the {what} at key {key:#010x}"
-        ) from None
-
-
-#: Besides ipcd's own uid, the uid a root-started daemon drops to owns its objects.
-TRUSTED_UIDS: set[int] = set()
-
-
-def check_safe(info: ObjectInfo, mode: int) -> None:
-    """Refuse an object not owned by us or more open than ``mode`` (squatting defence).
-
-    SysV messages carry no sender identity, so the object's permission bits are the only
-    access control: one pre-created by another user with 0666 would let anyone read or
-    forge jobs.
-    """
-    euid = os.geteuid()
-    if info.uid != euid and info.uid not in TRUSTED_UIDS:
-        raise UnsafeObjectError(
-            f"the {info.kind} at key {info.key:#010x} is owned by uid {info.uid}, not by "
-            f"ipcd's uid {euid}: refusing to use an object another user may have planted "
-            f"(remove it with ipcrm after checking who made it)"
-        )
-    if info.mode & ~mode & 0o777:
-        raise UnsafeObjectError(
-            f"the {info.kind} at key {info.key:#010x} has mode {info.mode:#o}, more open than "
-            f"the configured {mode:#o}: refusing to use it (remove it with ipcrm, or fix "
-            f"ipc.mode)"
-        )
-
-
-def adopt_all(keys: tuple[int, ...], mode: int, uid: int | None, gid: int | None) -> None:
-    """Give every object at these keys the configured mode, and owner and group if set.
-
-    Objects a previous daemon made stay in place (with their jobs) when the configuration
-    widens ``ipc.mode`` or names a group; ``check_safe`` already refused any more open.
-    """
-    for key in keys:
-        k = as_key_t(key)
-        for kind in (sysv_ipc.MessageQueue, sysv_ipc.SharedMemory, sysv_ipc.Semaphore):
-            try:
-                obj = kind(k, 0)
-            except sysv_ipc.ExistentialError:
-                continue
-            if obj.mode & 0o777 != mode:
-                obj.mode = mode
-            if gid is not None and obj.gid != gid:
-                obj.gid = gid
-            if uid is not None and obj.uid != uid:
-                obj.uid = uid
-            if isinstance(obj, sysv_ipc.SharedMemory):
-                obj.detach()
-
-
-def remove_all(keys: tuple[int, ...]) -> list[str]:
-    """Remove every queue, segment and semaphore at these keys; for tests and ``ipcd purge``."""
-    removed: list[str] = []
-    for key in keys:
-        k = as_key_t(key)
-        for kind, remover in (
-            ("queue", sysv_ipc.MessageQueue),
-            ("segment", sysv_ipc.SharedMemory),
-            ("semaphore", sysv_ipc.Semaphore),
-        ):
-            try:
-                obj = remover(k, 0)
-            except sysv_ipc.ExistentialError:
-                continue
-            obj.remove()
-            if isinstance(obj, sysv_ipc.SharedMemory):
-                obj.detach()
-            removed.append(f"{kind} {key:#010x}")
-    return removed

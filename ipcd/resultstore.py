@@ -10,8 +10,8 @@ import time
 
 from ipcd import results
 from ipcd.errors import NotRunningError
-from ipcd.ipc import Gate, Lock, Segment
 from ipcd.results import Header, Result
+from ipcd.shm import Gate, Lock, Segment
 
 #: How long any process waits for the semaphore before giving up: far longer than any
 #: critical section (a memcpy of one slot), far shorter than a wedge would need to last.

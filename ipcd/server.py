@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from ipcd import identity
-from ipcd import ipc as ipc_mod
+from ipcd import identity, vetting
 from ipcd import keys as keys_mod
 from ipcd import log as log_mod
 from ipcd import registry as registry_mod
@@ -22,10 +21,11 @@ from ipcd.config import Config
 from ipcd.errors import ConfigError
 from ipcd.failed import FailedList
 from ipcd.inflight import InflightTable
-from ipcd.ipc import TRUSTED_UIDS, Queue, msgmax
+from ipcd.ipc import Queue, msgmax
 from ipcd.keys import Keys
 from ipcd.registry import Registry
 from ipcd.resultstore import ResultStore
+from ipcd.vetting import TRUSTED_UIDS
 
 
 @dataclass
@@ -76,7 +76,8 @@ def prepare(config: Config, *, console: TextIO | None) -> Prepared:
     for held in carried:  # the table changed shape: keep what the old one held
         if not table.park(held.type, held.body, held.job_id, held.attempt, time.time()):
             queue.send_nowait(held.body, held.type)
-    ipc_mod.adopt_all(
+    _load_lazy_modules()
+    vetting.adopt_all(
         keys.all(),
         mode,
         uid=who.uid if who.drops else None,
@@ -85,6 +86,18 @@ def prepare(config: Config, *, console: TextIO | None) -> Prepared:
     if config.log.file is not None:
         identity.hand_over(who, [config.log.file])
     return Prepared(config, keys, queue, replies, store, table, failed, registry, sink, who)
+
+
+def _load_lazy_modules() -> None:
+    """Import now what the daemon otherwise imports on first use (the PHP parser, ctypes
+    for msgrcv and prctl): a daemon that drops privileges may no longer be able to read
+    its own installation (a Python under /root, say) when a worker first needs them."""
+    import ctypes  # noqa: F401
+
+    from ipcd import phpserial  # noqa: F401
+    from ipcd.ipc import receive_function
+
+    receive_function()
 
 
 def _check_writable_dir(path: Path) -> None:

@@ -10,12 +10,15 @@ process (``os._exit``, a segfault, a timeout) leaves its job in the slot for the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import time
 import traceback
 from collections.abc import Callable
 
+from ipcd import log as log_mod
 from ipcd import protocol
 from ipcd.config import CONTROL_TYPE, Config
 from ipcd.errors import MessageError, RefusedPayloadError
@@ -27,6 +30,7 @@ from ipcd.outcome import Outcomes, error_result, run_again
 from ipcd.protocol import Job
 from ipcd.registry import Registry
 from ipcd.results import Kind, Result, Status
+from ipcd.server import Prepared
 from ipcd.signals import Flags
 
 
@@ -250,3 +254,88 @@ class Worker:
         if isinstance(outcome, Retry):
             outcome = error_result(job, f"retry impossible for oversized job: {outcome.reason}")
         self.outcomes.finish(job, outcome, body=body, handler=handler, started=started)
+
+
+def worker_process(  # pragma: no cover - runs in the forked worker
+    prepared: Prepared, slot: int, *, master_pid: int, close: list[int], notify_master: int
+) -> int:
+    """The child's side of the master's fork: reset what belongs to the master, then serve.
+
+    Returns the exit status for ``os._exit``.
+    """
+    code = Exit.CRASHED
+    try:
+        # If the master dies (even of SIGKILL), finish the job in hand and leave: a
+        # worker without its master would go on taking jobs nobody supervises.
+        _parent_death_signal(signal.SIGTERM)
+        if os.getppid() != master_pid:
+            return Exit.STOPPED  # the master died before the line above took effect
+        os.setpgid(0, 0)  # its own process group: a timeout kills what the job started
+        signal.set_wakeup_fd(-1)
+        for fd in close:
+            os.close(fd)
+        flags = Flags()
+        flags.install()
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the master reloads, not workers
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        prepared.sink.reopen()
+        log = log_mod.get_logger(role="worker", worker_pid=os.getpid(), slot=slot)
+
+        def wake_master() -> None:
+            with contextlib.suppress(OSError):
+                os.write(notify_master, b"!")
+
+        worker = Worker(
+            slot=slot,
+            config=prepared.config,
+            queue=prepared.queue,
+            table=prepared.table,
+            outcomes=Outcomes(
+                store=prepared.store, failed=prepared.failed, replies=prepared.replies, log=log
+            ),
+            registry=prepared.registry,
+            flags=flags,
+            log=log,
+            wake_master=wake_master,
+        )
+        code = worker.serve()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            log_mod.get_logger(role="worker").critical("worker.crashed", exc_info=True)
+    return code
+
+
+def _parent_death_signal(signum: int) -> None:
+    """prctl(PR_SET_PDEATHSIG): have the kernel send ``signum`` when the master exits."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signum, 0, 0, 0)
+
+
+def signal_worker(pid: int, signum: int, *, group: bool = True) -> None:
+    """Signal a worker, or its whole process group (the jobs' children with it).
+
+    A worker already gone is no error; nor is a group member that changed its user.
+    """
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if group:
+            os.killpg(pid, signum)
+        else:
+            os.kill(pid, signum)
+
+
+def describe_exit(status: int, *, holding: bool) -> str:
+    """Why a worker ended, from its wait status, for log events and error results."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        return f"killed by {name}"
+    code = os.WEXITSTATUS(status)
+    if holding:
+        return f"exited with status {code} in the middle of the job"
+    names = {Exit.STOPPED: "stopped", Exit.RECYCLED: "recycled", Exit.CRASHED: "crashed"}
+    return f"exited with status {code}" + (f" ({names[code]})" if code in names else "")

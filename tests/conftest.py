@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from ipcd import config as config_mod
-from ipcd import ipc, keys
+from ipcd import keys, vetting
 
 BIN = Path(sys.executable).parent
 IPCD = str(BIN / "ipcd")
@@ -148,7 +148,7 @@ def remove_objects(instance: Instance) -> None:
     jobs = keys.ftok(key_file, 0x49)  # not from the config, which a test may have broken
     made = tuple(jobs + n * keys.REPLY_KEY_OFFSET for n in range(5))
     TEST_KEYS.update(made)
-    ipc.remove_all(made)
+    vetting.remove_all(made)
 
 
 @pytest.fixture
@@ -228,5 +228,5 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if left:
         listing = ", ".join(f"{kind} key {key:#010x} id {id_}" for kind, key, id_ in left)
         print(f"\nIPC objects made during the test run remain: {listing}", file=sys.stderr)
-        ipc.remove_all(tuple({key for _, key, _ in left if key in TEST_KEYS}))
+        vetting.remove_all(tuple({key for _, key, _ in left if key in TEST_KEYS}))
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

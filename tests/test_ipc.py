@@ -11,7 +11,7 @@ import pytest
 import sysv_ipc
 from conftest import TEST_KEYS, Instance
 
-from ipcd import ipc, keys
+from ipcd import ipc, keys, vetting
 from ipcd.errors import ExitCode, PayloadError, QueueFullError, WaitTimeoutError
 from ipcd.ipc import Queue
 
@@ -24,7 +24,7 @@ def key(tmp_path: Path) -> Iterator[int]:
     k = keys.ftok(path, 0x42)
     TEST_KEYS.add(k)
     yield k
-    ipc.remove_all((k,))
+    vetting.remove_all((k,))
 
 
 def test_receive_times_out(key: int) -> None:

@@ -21,7 +21,7 @@ from conftest import TEST_KEYS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ipcd import ipc, keys, results
+from ipcd import keys, results, vetting
 from ipcd.errors import NoResultError, NotRunningError, WaitTimeoutError
 from ipcd.results import (
     HEADER,
@@ -518,7 +518,7 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     finally:
         for store in made.stores:
             store.close()
-        ipc.remove_all((key, gate_key))
+        vetting.remove_all((key, gate_key))
 
 
 def test_store_put_and_get_across_two_stores(rig: Rig) -> None:

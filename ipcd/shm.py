@@ -1,0 +1,213 @@
+"""The kernel border, part two: shared-memory segments and semaphores.
+
+The result ring, the in-flight table and the failed list each live in a segment guarded
+by a semaphore used as a lock (SEM_UNDO, so a holder that dies releases it); one more
+semaphore, the result gate, announces new results to waiting clients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import sysv_ipc
+
+from ipcd.errors import IpcPermissionError, NotRunningError, WaitTimeoutError
+from ipcd.ipc import bounded
+from ipcd.keys import as_key_t
+from ipcd.vetting import ObjectInfo, check_safe, open_or_create
+
+
+class Segment:
+    """A SysV shared-memory segment, attached, with a memoryview over it."""
+
+    def __init__(self, shm: sysv_ipc.SharedMemory, key: int) -> None:
+        self._shm = shm
+        self.key = key
+        self.buf = memoryview(shm)
+        self.size = shm.size
+        #: Where the segment is attached in this process (for receive_into).
+        self.address: int = shm.address
+
+    @classmethod
+    def open(cls, key: int) -> Segment:
+        try:
+            shm = sysv_ipc.SharedMemory(as_key_t(key), 0)
+        except sysv_ipc.ExistentialError:
+            raise NotRunningError(
+                f"no result segment at key {key:#010x}: is ipcd running with this configuration?"
+            ) from None
+        except sysv_ipc.PermissionsError:
+            raise IpcPermissionError(
+                f"permission denied attaching the result segment at key {key:#010x}"
+            ) from None
+        return cls(shm, key)
+
+    @classmethod
+    def create(cls, key: int, mode: int, size: int) -> tuple[Segment, bool]:
+        """Create the segment (zero-filled) or open the existing one; says whether it is new."""
+        try:
+            shm = sysv_ipc.SharedMemory(as_key_t(key), sysv_ipc.IPC_CREX, mode, size)
+            created = True
+        except sysv_ipc.ExistentialError:
+            shm = open_or_create(
+                lambda flags: sysv_ipc.SharedMemory(as_key_t(key), 0), "result segment", key
+            )
+            created = False
+        except sysv_ipc.PermissionsError:
+            raise IpcPermissionError(
+                f"permission denied creating the result segment at key {key:#010x}"
+            ) from None
+        segment = cls(shm, key)
+        check_safe(segment.info(), mode)
+        return segment, created
+
+    def info(self) -> ObjectInfo:
+        return ObjectInfo(
+            "result segment", self.key, self._shm.uid, self._shm.gid, self._shm.mode & 0o777
+        )
+
+    def close(self) -> None:
+        self.buf.release()
+        with contextlib.suppress(sysv_ipc.Error):
+            self._shm.detach()
+
+    def remove(self) -> None:
+        """Mark the segment for removal; the kernel frees it when the last process detaches."""
+        with contextlib.suppress(sysv_ipc.Error):
+            self._shm.remove()
+        self.close()
+
+
+_S = TypeVar("_S", bound="_Semaphore")
+
+
+class _Semaphore:
+    """One SysV semaphore at a key: what the lock and the gate share."""
+
+    what = "semaphore"
+
+    def __init__(self, sem: sysv_ipc.Semaphore, key: int) -> None:
+        self._sem = sem
+        self.key = key
+
+    @classmethod
+    def open(cls: type[_S], key: int) -> _S:
+        try:
+            return cls(sysv_ipc.Semaphore(as_key_t(key), 0), key)
+        except sysv_ipc.ExistentialError:
+            raise NotRunningError(f"no {cls.what} at key {key:#010x}: is ipcd running?") from None
+        except sysv_ipc.PermissionsError:
+            raise IpcPermissionError(
+                f"permission denied opening the {cls.what} at key {key:#010x}"
+            ) from None
+
+    @classmethod
+    def create(cls: type[_S], key: int, mode: int) -> _S:
+        """Create the semaphore with value 1, or open and vet the existing one."""
+        try:
+            sem = sysv_ipc.Semaphore(as_key_t(key), sysv_ipc.IPC_CREX, mode, 1)
+        except sysv_ipc.ExistentialError:
+            sem = open_or_create(lambda flags: sysv_ipc.Semaphore(as_key_t(key), 0), cls.what, key)
+        except sysv_ipc.PermissionsError:
+            raise IpcPermissionError(
+                f"permission denied creating the {cls.what} at key {key:#010x}"
+            ) from None
+        made = cls(sem, key)
+        check_safe(made.info(), mode)
+        return made
+
+    def info(self) -> ObjectInfo:
+        sem = self._sem
+        return ObjectInfo(self.what, self.key, sem.uid, sem.gid, sem.mode & 0o777)
+
+    def _wait(self, op: Callable[[float | None], None], timeout: float) -> bool:
+        """Run a blocking semop (``op(None)`` blocks, ``op(0)`` does not) for at most
+        ``timeout`` seconds, by semtimedop where sysv_ipc has it, else by ipcd's alarm."""
+
+        def call(block: bool) -> None:
+            op(timeout if sysv_ipc.SEMAPHORE_TIMEOUT_SUPPORTED else None) if block else op(0)
+
+        try:
+            if sysv_ipc.SEMAPHORE_TIMEOUT_SUPPORTED:
+                call(True)
+            else:
+                bounded(call, timeout)
+        except (TimeoutError, sysv_ipc.BusyError):
+            return False
+        except sysv_ipc.ExistentialError:
+            raise NotRunningError(f"{self.what} {self.key:#010x} was removed") from None
+        return True
+
+    def remove(self) -> None:
+        with contextlib.suppress(sysv_ipc.ExistentialError):
+            self._sem.remove()
+
+
+class Lock(_Semaphore):
+    """A SysV semaphore used as a mutex, with SEM_UNDO so that a dead holder releases it."""
+
+    what = "lock semaphore"
+
+    def __init__(self, sem: sysv_ipc.Semaphore, key: int) -> None:
+        sem.undo = True
+        super().__init__(sem, key)
+
+    def acquire(self, timeout: float) -> None:
+        """Take the lock, waiting at most ``timeout`` seconds (the hot path: two per job)."""
+        if sysv_ipc.SEMAPHORE_TIMEOUT_SUPPORTED:
+            try:
+                self._sem.acquire(timeout)
+                return
+            except sysv_ipc.BusyError:
+                pass
+            except sysv_ipc.ExistentialError:
+                raise NotRunningError(f"{self.what} {self.key:#010x} was removed") from None
+            except sysv_ipc.Error:  # interrupted by a signal: finish the wait the slow way
+                if self._wait(self._sem.acquire, timeout):
+                    return
+        elif self._wait(self._sem.acquire, timeout):
+            return
+        raise WaitTimeoutError(f"{self.what} {self.key:#010x} stayed taken for {timeout:g}s")
+
+    def release(self) -> None:
+        self._sem.release()
+
+    @contextlib.contextmanager
+    def held(self, timeout: float) -> Iterator[None]:
+        """Hold the lock for the ``with`` block, waiting at most ``timeout`` seconds."""
+        self.acquire(timeout)
+        try:
+            yield
+        finally:
+            self._sem.release()
+
+    def reset(self) -> None:
+        """Set the value back to 1 (the daemon does this only before anyone else may hold it)."""
+        self._sem.value = 1
+
+
+class Gate(_Semaphore):
+    """A semaphore that announces "a new result is stored" to every waiting client.
+
+    It rests at 1; the daemon pulses it to 0 and back after each result.  Setting it to 0
+    completes every pending wait-for-zero at that moment (semctl(2) SETVAL updates the
+    queue of waiters), so all waiters wake and look for their job in the segment.
+    """
+
+    what = "result gate"
+
+    @classmethod
+    def create(cls, key: int, mode: int) -> Gate:
+        gate = super().create(key, mode)
+        gate._sem.value = 1
+        return gate
+
+    def pulse(self) -> None:
+        self._sem.value = 0
+        self._sem.value = 1
+
+    def wait(self, timeout: float) -> bool:
+        """Wait for the next pulse, at most ``timeout`` seconds; False when none came."""
+        return self._wait(self._sem.Z, timeout)

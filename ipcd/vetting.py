@@ -1,0 +1,111 @@
+"""The kernel border, part three: which objects at ipcd's keys may be trusted.
+
+SysV messages carry no sender identity, so an object's owner and permission bits are the
+only access control: an object another user pre-created at ipcd's key with mode 0666
+would let anyone read or forge jobs.  The daemon vets every object it finds (squatting
+defence), gives them the configured mode and group, and tests and ``ipcrm``-like clean-up
+remove them here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import NamedTuple, TypeVar
+
+import sysv_ipc
+
+from ipcd.errors import IpcPermissionError, UnsafeObjectError
+from ipcd.keys import as_key_t
+
+
+class ObjectInfo(NamedTuple):
+    """Owner and mode of an IPC object, for the squatting check."""
+
+    kind: str
+    key: int
+    uid: int
+    gid: int
+    mode: int
+
+
+_O = TypeVar("_O")
+
+
+def open_or_create(open_existing: Callable[[int], _O], what: str, key: int) -> _O:
+    try:
+        return open_existing(sysv_ipc.IPC_CREAT)
+    except sysv_ipc.PermissionsError:
+        raise IpcPermissionError(
+            f"permission denied opening the {what} at key {key:#010x}"
+        ) from None
+
+
+#: Besides ipcd's own uid, the uid a root-started daemon drops to owns its objects.
+TRUSTED_UIDS: set[int] = set()
+
+
+def check_safe(info: ObjectInfo, mode: int) -> None:
+    """Refuse an object not owned by us or more open than ``mode`` (squatting defence).
+
+    SysV messages carry no sender identity, so the object's permission bits are the only
+    access control: one pre-created by another user with 0666 would let anyone read or
+    forge jobs.
+    """
+    euid = os.geteuid()
+    if info.uid != euid and info.uid not in TRUSTED_UIDS:
+        raise UnsafeObjectError(
+            f"the {info.kind} at key {info.key:#010x} is owned by uid {info.uid}, not by "
+            f"ipcd's uid {euid}: refusing to use an object another user may have planted "
+            f"(remove it with ipcrm after checking who made it)"
+        )
+    if info.mode & ~mode & 0o777:
+        raise UnsafeObjectError(
+            f"the {info.kind} at key {info.key:#010x} has mode {info.mode:#o}, more open than "
+            f"the configured {mode:#o}: refusing to use it (remove it with ipcrm, or fix "
+            f"ipc.mode)"
+        )
+
+
+def adopt_all(keys: tuple[int, ...], mode: int, uid: int | None, gid: int | None) -> None:
+    """Give every object at these keys the configured mode, and owner and group if set.
+
+    Objects a previous daemon made stay in place (with their jobs) when the configuration
+    widens ``ipc.mode`` or names a group; ``check_safe`` already refused any more open.
+    """
+    for key in keys:
+        k = as_key_t(key)
+        for kind in (sysv_ipc.MessageQueue, sysv_ipc.SharedMemory, sysv_ipc.Semaphore):
+            try:
+                obj = kind(k, 0)
+            except sysv_ipc.ExistentialError:
+                continue
+            if obj.mode & 0o777 != mode:
+                obj.mode = mode
+            if gid is not None and obj.gid != gid:
+                obj.gid = gid
+            if uid is not None and obj.uid != uid:
+                obj.uid = uid
+            if isinstance(obj, sysv_ipc.SharedMemory):
+                obj.detach()
+
+
+def remove_all(keys: tuple[int, ...]) -> list[str]:
+    """Remove every queue, segment and semaphore at these keys; for tests and ``ipcd purge``."""
+    removed: list[str] = []
+    for key in keys:
+        k = as_key_t(key)
+        for kind, remover in (
+            ("queue", sysv_ipc.MessageQueue),
+            ("segment", sysv_ipc.SharedMemory),
+            ("semaphore", sysv_ipc.Semaphore),
+        ):
+            try:
+                obj = remover(k, 0)
+            except sysv_ipc.ExistentialError:
+                continue
+            obj.remove()
+            if isinstance(obj, sysv_ipc.SharedMemory):
+                obj.detach()
+            removed.append(f"{kind} {key:#010x}")
+    return removed
