@@ -44,7 +44,7 @@ from ipcd.errors import (
     WaitTimeoutError,
 )
 from ipcd.keys import as_key_t
-from ipcd.vetting import ObjectInfo, check_safe, open_or_create
+from ipcd.vetting import ObjectInfo, check_safe, open_or_create, refuse_world_writable
 
 T = TypeVar("T")
 
@@ -226,7 +226,9 @@ class Queue:
                 f"permission denied opening the {what} at key {key:#010x} "
                 "(are you in the daemon's group?)"
             ) from None
-        return cls(mq, key)
+        queue = cls(mq, key)
+        refuse_world_writable(queue.info(what))
+        return queue
 
     @classmethod
     def create(cls, key: int, mode: int, *, what: str = "queue") -> Queue:

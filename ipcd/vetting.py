@@ -67,6 +67,17 @@ def check_safe(info: ObjectInfo, mode: int) -> None:
         )
 
 
+def refuse_world_writable(info: ObjectInfo) -> None:
+    """The client's side of the squatting defence: ipcd never makes an object anyone may
+    write, so one that is was planted by someone else; jobs sent to it could be read or
+    forged.  (Clients cannot know the daemon's uid, so the mode is what they check.)"""
+    if info.mode & 0o002:
+        raise UnsafeObjectError(
+            f"the {info.kind} at key {info.key:#010x} is world-writable (mode {info.mode:#o}) "
+            "and ipcd never makes such objects: refusing to use it (see docs/security.md)"
+        )
+
+
 def adopt_all(keys: tuple[int, ...], mode: int, uid: int | None, gid: int | None) -> None:
     """Give every object at these keys the configured mode, and owner and group if set.
 

@@ -128,3 +128,16 @@ def test_foreign_owned_segment_is_refused(instance: Instance) -> None:
     failed = instance.ipcd("start")
     assert failed.returncode == ExitCode.NO_PERMISSION
     assert f"the result segment at key {key:#010x} is owned by uid 65534" in failed.stderr
+
+
+def test_client_refuses_a_world_writable_queue(instance: Instance) -> None:
+    """ipcctl refuses to submit to a world-writable queue at ipcd's key (77): a squatter's."""
+    (instance.dir / "ipcd.key").touch()
+    squatter = sysv_ipc.MessageQueue(instance.keys.jobs, sysv_ipc.IPC_CREX, 0o666)
+    try:
+        refused = instance.ipcctl("submit", "echo", "secret")
+        assert refused.returncode == ExitCode.NO_PERMISSION
+        assert "world-writable (mode 0o666)" in refused.stderr
+        assert squatter.current_messages == 0
+    finally:
+        squatter.remove()
