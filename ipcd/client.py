@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from ipcd import protocol
 from ipcd.config import Config
-from ipcd.errors import JobFailedError, NoResultError, NotRunningError, WaitTimeoutError
+from ipcd.errors import (
+    JobFailedError,
+    NoResultError,
+    NotRunningError,
+    PayloadError,
+    QueueFullError,
+    WaitTimeoutError,
+)
 from ipcd.ipc import Queue, QueueStats
 from ipcd.keys import Keys, derive
 from ipcd.protocol import Payload
@@ -110,11 +117,14 @@ class Client:
         notify: bool = False,
         send_timeout: float | None = None,
         job_timeout: float | None = None,
+        delay: float | None = None,
     ) -> str:
         """Queue a job and return its id; ``notify`` asks for a reply-queue wake-up.
 
         Blocks at most ``send_timeout`` (default ``[ipc] send_timeout``) while the queue
         is full, then raises QueueFullError: the job is either accepted or refused.
+        With ``delay`` the job is parked in the daemon's in-flight table (shared memory
+        that outlives every process) and the master queues it once the delay has passed.
         """
         type_ = handler if isinstance(handler, int) else self.config.handler_type(handler)
         job_id = protocol.new_job_id()
@@ -126,9 +136,26 @@ class Client:
         )
         if notify:
             self._reply_queue()  # fail before sending when no one could wake us
+        if delay:
+            self._park(type_, body, job_id, time.time() + delay)
+            return job_id
         timeout = self.config.ipc.send_timeout if send_timeout is None else send_timeout
         self.queue.send(body, type_, timeout=timeout)
         return job_id
+
+    def _park(self, type_: int, body: bytes, job_id: str, due: float) -> None:
+        from ipcd.inflight import InflightTable
+
+        self.queue  # noqa: B018 - the daemon's queue must exist, as for any submit
+        table = InflightTable.open(self.keys.inflight)
+        if len(body) > table.text_size:
+            raise PayloadError(
+                f"message of {len(body)} bytes exceeds the kernel's msgmax of {table.text_size}"
+            )
+        if not table.park(type_, body, job_id, 1, due):
+            raise QueueFullError(
+                "every parked slot is taken ([jobs] parked): the delayed job was not accepted"
+            )
 
     def call(
         self,

@@ -202,3 +202,19 @@ def test_too_large_result_is_an_error_everywhere(instance: Instance) -> None:
         assert [f["id"] for f in listed] == [event["job_id"]]
     finally:
         instance.ipcd("stop")
+
+
+def test_delayed_job_runs_no_earlier_than_asked(instance: Instance) -> None:
+    """`submit --delay S` parks the job; it runs after S seconds, not before."""
+    _start(instance)
+    try:
+        submitted = time.monotonic()
+        job_id = instance.ipcctl("submit", "echo", "later", "--delay", "1.5").stdout.strip()
+        assert json.loads(instance.ipcctl("status", "--json").stdout)["parked"] == 1
+        assert instance.ipcctl("result", job_id).returncode == ExitCode.NO_RESULT
+        waited = instance.ipcctl("result", job_id, "--wait", "--timeout", "10")
+        assert waited.stdout == "later\n"
+        assert time.monotonic() - submitted >= 1.5  # not run before its delay
+        assert instance.ipcctl("submit", "echo", "x", "--delay", "0").returncode == (ExitCode.USAGE)
+    finally:
+        instance.ipcd("stop")

@@ -40,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="kill the job if it runs longer than S seconds (default: the handler's timeout)",
     )
     submit.add_argument(
+        "--delay",
+        type=_positive_seconds,
+        metavar="S",
+        help="run the job no earlier than S seconds from now",
+    )
+    submit.add_argument(
         "--send-timeout",
         type=_seconds,
         metavar="S",
@@ -114,7 +120,11 @@ def main(argv: list[str]) -> int:
 
 def _submit(client: Client, args: argparse.Namespace) -> int:
     payload = _payload(args.payload, args.json)
-    options = {"send_timeout": args.send_timeout, "job_timeout": args.timeout_job}
+    options = {
+        "send_timeout": args.send_timeout,
+        "job_timeout": args.timeout_job,
+        "delay": args.delay,
+    }
     if not args.wait:
         print(client.submit(args.type, payload, **options))
         return 0
