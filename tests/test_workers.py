@@ -10,6 +10,7 @@ from pathlib import Path
 
 from conftest import DEFAULT_HANDLERS, Instance
 
+from ipcd.client import Client
 from ipcd.errors import ExitCode
 from ipcd.ipc import Queue
 
@@ -216,5 +217,29 @@ def test_delayed_job_runs_no_earlier_than_asked(instance: Instance) -> None:
         assert waited.stdout == "later\n"
         assert time.monotonic() - submitted >= 1.5  # not run before its delay
         assert instance.ipcctl("submit", "echo", "x", "--delay", "0").returncode == (ExitCode.USAGE)
+    finally:
+        instance.ipcd("stop")
+
+
+def test_workers_dying_young_are_respawned_with_back_off(instance: Instance) -> None:
+    """Workers that die right after starting are replaced ever more slowly (no fork bomb)."""
+    _start(
+        instance,
+        "workers = 1\n",
+        extra='\n[handlers.exit_hard]\ntype = 21\ntarget = "ipcd_test_plugins:exit_hard"\n'
+        "max_attempts = 1\n",
+    )
+    try:
+        client = Client(instance.config)
+        for _ in range(4):
+            client.wait(client.submit("exit_hard"), timeout=20)  # each kills its worker
+        backoffs = [
+            float(str(e["seconds"]))
+            for e in instance.log_events()
+            if e["event"] == "worker.backoff"
+        ]
+        assert len(backoffs) >= 3
+        assert backoffs == sorted(backoffs) and backoffs[-1] > backoffs[0]
+        assert instance.ipcctl("submit", "echo", "alive", "--wait").stdout == "alive\n"
     finally:
         instance.ipcd("stop")
