@@ -34,6 +34,7 @@ from bench.daemon import IPCCTL, ROOT, BenchDaemon, child_env
 from bench.measure import interleave, median, place
 from bench.memory import Memory, memory
 from bench.report import Row, Target
+from ipcd import vetting
 from ipcd.client import Client
 
 MIB = 1 << 20
@@ -470,17 +471,12 @@ def _w(workers: int) -> str:
 
 
 def leftovers(keys: set[int]) -> list[str]:
-    """SysV objects still at any of ``keys``, from /proc/sysvipc."""
-    found = []
-    for kind in ("msg", "shm", "sem"):
-        with open(f"/proc/sysvipc/{kind}") as fh:
-            next(fh)
-            for line in fh:
-                fields = line.split()
-                key = int(fields[0]) & 0xFFFFFFFF
-                if key in keys:
-                    found.append(f"{kind} key {key:#010x} id {fields[1]}")
-    return found
+    """SysV objects still at any of ``keys``."""
+    return [
+        f"{kind} key {key:#010x} id {id_}"
+        for kind, key, id_ in sorted(vetting.sysv_objects())
+        if key in keys
+    ]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -101,6 +101,19 @@ def adopt_all(keys: tuple[int, ...], mode: int, uid: int | None, gid: int | None
                 obj.detach()
 
 
+def sysv_objects() -> set[tuple[str, int, int]]:
+    """(kind, key, id) of every SysV object on the host, from /proc/sysvipc: for checking
+    that nothing was left behind (tests, the benchmark)."""
+    found = set()
+    for kind in ("msg", "shm", "sem"):
+        with open(f"/proc/sysvipc/{kind}") as fh:
+            next(fh)
+            for line in fh:
+                fields = line.split()
+                found.add((kind, int(fields[0]) & 0xFFFFFFFF, int(fields[1])))
+    return found
+
+
 def remove_all(keys: tuple[int, ...]) -> list[str]:
     """Remove every queue, segment and semaphore at these keys; for tests and ``ipcd purge``."""
     removed: list[str] = []

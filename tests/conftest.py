@@ -196,19 +196,9 @@ def _running(pid: int) -> bool:
 
 
 def _sysv_objects() -> set[tuple[str, int, int]]:
-    """(kind, key, id) of every SysV object, from /proc/sysvipc."""
-    found = set()
-    for kind in ("msg", "shm", "sem"):
-        with open(f"/proc/sysvipc/{kind}") as fh:
-            next(fh)
-            for line in fh:
-                fields = line.split()
-                key = int(fields[0]) & 0xFFFFFFFF
-                if key == 0 and kind == "shm":
-                    continue  # removed but still attached by an exiting process; ipcd
-                    # never makes IPC_PRIVATE objects
-                found.add((kind, key, int(fields[1])))
-    return found
+    """Every SysV object but removed segments still attached by an exiting process (key 0;
+    ipcd never makes IPC_PRIVATE objects)."""
+    return {o for o in vetting.sysv_objects() if not (o[0] == "shm" and o[1] == 0)}
 
 
 _BEFORE: set[tuple[str, int, int]] = set()
