@@ -78,7 +78,11 @@ class Arbiter:
         self.log = log_mod.get_logger(role="master")
         self.pool = Pool(free_slots=list(range(prepared.table.workers)))
         self.outcomes = Outcomes(
-            store=prepared.store, failed=prepared.failed, replies=prepared.replies, log=self.log
+            store=prepared.store,
+            failed=prepared.failed,
+            replies=prepared.replies,
+            log=self.log,
+            events=log_mod.Events(prepared.sink, prepared.config.log.level, role="master"),
         )
         self.recovery = Recovery(prepared, self.outcomes, self.log)
         self.started = time.time()

@@ -36,6 +36,8 @@ MAGIC = b"IPCDINF\0"
 VERSION = 1
 HEADER = struct.Struct("<8sIIIIIII28x")
 SLOT = struct.Struct("<IIIIdd16sQQ")
+#: The part of SLOT a worker writes when a job starts: attempt, length, started, deadline, id.
+_RECEIVED = struct.Struct("<IIdd16s")
 HEADER_SIZE = 64
 SLOT_HEADER = 64
 MSGBUF_TYPE = SLOT_HEADER  # offset of the C long mtype within a slot
@@ -194,14 +196,16 @@ class InflightTable:
         struct.pack_into("<q", self.buf, off + MSGBUF_TYPE, 0)
         struct.pack_into("<II", self.buf, off, State.RECEIVING, pid)
 
-    def received(self, index: int, length: int, attempt: int, job_id: str, deadline: float) -> int:
-        """Record what the kernel delivered; returns the message type it wrote."""
+    def received(self, index: int, length: int, attempt: int, job_id: str, deadline: float) -> None:
+        """Record what the kernel delivered and whose it is: the slot now runs a job."""
         off = self.offset(index)
-        struct.pack_into("<II", self.buf, off + 8, attempt, length)
-        struct.pack_into("<dd16s", self.buf, off + 16, time.time(), deadline,
-                         job_id.encode("ascii", "replace")[:16])  # fmt: skip
+        _RECEIVED.pack_into(self.buf, off + 8, attempt, length, time.time(), deadline,
+                            job_id.encode("ascii", "replace")[:16])  # fmt: skip
         struct.pack_into("<I", self.buf, off, State.RUNNING)
-        return int(struct.unpack_from("<q", self.buf, off + MSGBUF_TYPE)[0])
+
+    def message_type(self, index: int) -> int:
+        """The message type the kernel wrote into the slot (0: none yet)."""
+        return int(struct.unpack_from("<q", self.buf, self.offset(index) + MSGBUF_TYPE)[0])
 
     def text(self, index: int, length: int) -> memoryview:
         off = self.offset(index) + TEXT

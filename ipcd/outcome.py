@@ -15,7 +15,7 @@ from ipcd.errors import IpcdError
 from ipcd.failed import FailedList
 from ipcd.inflight import InflightTable
 from ipcd.ipc import Queue
-from ipcd.log import Logger
+from ipcd.log import Events, Logger
 from ipcd.protocol import Job
 from ipcd.results import Kind, Result, Status, too_large
 from ipcd.resultstore import ResultStore
@@ -66,12 +66,19 @@ class Outcomes:
     """Finishes jobs: result, failed list, reply notification, log event."""
 
     def __init__(
-        self, *, store: ResultStore, failed: FailedList, replies: Queue, log: Logger
+        self,
+        *,
+        store: ResultStore,
+        failed: FailedList,
+        replies: Queue,
+        log: Logger,
+        events: Events,
     ) -> None:
         self.store = store
         self.failed = failed
         self.replies = replies
         self.log = log
+        self.events = events
 
     def finish(
         self,
@@ -139,7 +146,7 @@ class Outcomes:
         if not result.ok:
             event["error"] = result.error
         event.update(fields)
-        self.log.info("job.done", **event)
+        self.events.info("job.done", event)
 
     def _store(self, result: Result) -> bool:
         try:

@@ -11,12 +11,12 @@ evaluated.  docs/protocol.md is the contract; this module is its implementation.
 from __future__ import annotations
 
 import binascii
-import json
 import os
 import re
 import time
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
+from ipcd import jsoncodec
 from ipcd.errors import MessageError, PayloadError, RefusedPayloadError
 
 if TYPE_CHECKING:
@@ -86,8 +86,8 @@ def encode(
     else:
         doc["payload"] = payload
     try:
-        return _ENCODER.encode(doc).encode()
-    except (TypeError, ValueError) as exc:
+        return _encode(doc).encode()
+    except (TypeError, ValueError, RecursionError) as exc:
         raise PayloadError(f"payload cannot be encoded as JSON: {exc}") from None
 
 
@@ -113,7 +113,7 @@ def decode(body: bytes, type_: int, *, received: float | None = None) -> Job:
 
 def _json_object(body: bytes) -> dict[str, Any] | None:
     try:
-        doc = _DECODER.decode(body.decode("utf-8"))
+        doc = _decode(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         return None
     return doc if isinstance(doc, dict) else None
@@ -124,9 +124,9 @@ def _no_constants(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
-# Built once: json.dumps/loads with options build a new encoder or decoder on every call.
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-_DECODER = json.JSONDecoder(parse_constant=_no_constants)
+# Built once (see ipcd.jsoncodec): the envelope is encoded and decoded for every job.
+_encode = jsoncodec.encoder(ensure_ascii=False, allow_nan=False)
+_decode = jsoncodec.object_decoder(_no_constants)
 
 
 def _from_envelope(doc: dict[str, Any], type_: int) -> Job:

@@ -11,15 +11,14 @@ process (``os._exit``, a segfault, a timeout) leaves its job in the slot for the
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import time
 import traceback
 from collections.abc import Callable
 
+from ipcd import jsoncodec, protocol
 from ipcd import log as log_mod
-from ipcd import protocol
 from ipcd.config import CONTROL_TYPE, Config
 from ipcd.errors import MessageError, RefusedPayloadError
 from ipcd.handlers import HandlerError, HandlerResult, Retry
@@ -71,14 +70,14 @@ def _ok(job: Job, value: HandlerResult) -> Result:
         kind, data = Kind.TEXT, value.encode("utf-8", "surrogateescape")
     else:
         try:
-            data = _RESULT_ENCODER.encode(value).encode()
-        except (TypeError, ValueError) as exc:
+            data = _encode_result(value).encode()
+        except (TypeError, ValueError, RecursionError) as exc:
             return error_result(job, f"handler returned a value that is not JSON-able: {exc}")
         kind = Kind.JSON
     return Result(job.id, job.type, Status.OK, kind, data, job.attempt, job.submitted, time.time())
 
 
-_RESULT_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_encode_result = jsoncodec.encoder(ensure_ascii=True, allow_nan=False)
 
 
 class Worker:
@@ -136,7 +135,7 @@ class Worker:
         """Everything that happens to one delivered message."""
         started = time.monotonic()
         body = bytes(self.table.text(self.slot, length))
-        type_ = self.table.received(self.slot, length, 0, "", 0.0)
+        type_ = self.table.message_type(self.slot)
         if type_ == CONTROL_TYPE:
             self.table.finished(self.slot)
             return  # a wake-up; signals carry the request itself
@@ -279,7 +278,9 @@ def worker_process(  # pragma: no cover - runs in the forked worker
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the master reloads, not workers
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         prepared.sink.reopen()
-        log = log_mod.get_logger(role="worker", worker_pid=os.getpid(), slot=slot)
+        context = {"role": "worker", "worker_pid": os.getpid(), "slot": slot}
+        log = log_mod.get_logger(**context)
+        events = log_mod.Events(prepared.sink, prepared.config.log.level, **context)
 
         def wake_master() -> None:
             with contextlib.suppress(OSError):
@@ -291,7 +292,11 @@ def worker_process(  # pragma: no cover - runs in the forked worker
             queue=prepared.queue,
             table=prepared.table,
             outcomes=Outcomes(
-                store=prepared.store, failed=prepared.failed, replies=prepared.replies, log=log
+                store=prepared.store,
+                failed=prepared.failed,
+                replies=prepared.replies,
+                log=log,
+                events=events,
             ),
             registry=prepared.registry,
             flags=flags,
