@@ -20,7 +20,8 @@ EXAMPLE_SRC = TESTS.parent / "examples" / "ipcd-example-plugin" / "src"
 
 def test_payload_arrives_as_the_worker_decodes_it() -> None:
     """The payload travels through an envelope: a tuple arrives as a list, bytes as bytes."""
-    run = run_handler(echo, {"a": (1, 2)}, type=7, attempt=3, job_id="abc", timeout=2.5)
+    sent = {"a": (1, 2)}  # a tuple, which JSON turns into a list
+    run = run_handler(echo, sent, type=7, attempt=3, job_id="abc", timeout=2.5)  # type: ignore[arg-type]
     assert run.job == Job(
         id="abc", type=7, payload={"a": [1, 2]}, attempt=3, submitted=run.job.submitted,
         sender_pid=os.getpid(), timeout=2.5,
