@@ -92,6 +92,12 @@ VENV_DEST     := $(DESTDIR)$(OPTDIR)
 # under emulation.
 VENV_FLAGS    ?=
 PIP           ?= $(VENV_DEST)/bin/python -m pip
+# The man pages and the bash completion go where man-db and bash-completion look for a
+# local install's (/usr/local/share/...). The completion file is named for ipcctl, and a
+# link named ipcd makes bash-completion load it for ipcd too.
+MANDIR        ?= $(PREFIX)/share/man
+COMPLETIONDIR ?= $(PREFIX)/share/bash-completion/completions
+MAN_PAGES     := man/ipcctl.1 man/ipcd.toml.5 man/ipcd.8
 
 install:  ## install as a system service (PREFIX=/usr/local, DESTDIR=): see README.md
 	umask 022 && $(SYSTEM_PYTHON) -m venv $(VENV_FLAGS) $(VENV_DEST)
@@ -103,7 +109,8 @@ install:  ## install as a system service (PREFIX=/usr/local, DESTDIR=): see READ
 	        | xargs -0r sed -i 's|$(VENV_DEST)|$(OPTDIR)|g'; fi
 	install -d -m 0755 $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR) \
 	    $(DESTDIR)$(TMPFILESDIR) $(DESTDIR)/etc/logrotate.d $(DESTDIR)/etc/cron.d \
-	    $(DESTDIR)/etc/ipcd $(VENV_DEST)/share/doc/ipcd
+	    $(DESTDIR)/etc/ipcd $(VENV_DEST)/share/doc/ipcd $(DESTDIR)$(COMPLETIONDIR) \
+	    $(addprefix $(DESTDIR)$(MANDIR)/man,1 5 8)
 	ln -sfn $(OPTDIR)/bin/ipcd $(DESTDIR)$(PREFIX)/bin/ipcd
 	ln -sfn $(OPTDIR)/bin/ipcctl $(DESTDIR)$(PREFIX)/bin/ipcctl
 	for unit in ipcd.service ipcd@.service; do \
@@ -115,6 +122,10 @@ install:  ## install as a system service (PREFIX=/usr/local, DESTDIR=): see READ
 	install -m 0644 etc/cron.d/ipcd-example $(DESTDIR)/etc/cron.d/ipcd-example
 	install -m 0644 README.md docs/*.md etc/ipcd/ipcd.toml etc/ipcd/instance.toml.example \
 	    $(VENV_DEST)/share/doc/ipcd/
+	for page in $(MAN_PAGES); do \
+	    install -m 0644 $$page $(DESTDIR)$(MANDIR)/man$${page##*.}/ || exit 1; done
+	install -m 0644 completion/ipcctl.bash $(DESTDIR)$(COMPLETIONDIR)/ipcctl
+	ln -sfn ipcctl $(DESTDIR)$(COMPLETIONDIR)/ipcd
 	@# Never overwrite a configuration: the shipped one is also in share/doc/ipcd.
 	@if [ -e $(DESTDIR)/etc/ipcd/ipcd.toml ]; then \
 	    echo "kept the existing $(DESTDIR)/etc/ipcd/ipcd.toml"; \
@@ -137,7 +148,10 @@ uninstall:  ## stop ipcd and remove what install put in place (keeps config, dat
 	rm -f $(DESTDIR)$(UNITDIR)/ipcd.service $(DESTDIR)$(UNITDIR)/ipcd@.service \
 	    $(DESTDIR)$(UNITDIR)/*.wants/ipcd.service $(DESTDIR)$(UNITDIR)/*.wants/ipcd@*.service \
 	    $(DESTDIR)$(SYSUSERSDIR)/ipcd.conf $(DESTDIR)$(TMPFILESDIR)/ipcd.conf \
-	    $(DESTDIR)/etc/logrotate.d/ipcd $(DESTDIR)/etc/cron.d/ipcd-example
+	    $(DESTDIR)/etc/logrotate.d/ipcd $(DESTDIR)/etc/cron.d/ipcd-example \
+	    $(DESTDIR)$(MANDIR)/man1/ipcctl.1 $(DESTDIR)$(MANDIR)/man5/ipcd.toml.5 \
+	    $(DESTDIR)$(MANDIR)/man8/ipcd.8 \
+	    $(DESTDIR)$(COMPLETIONDIR)/ipcctl $(DESTDIR)$(COMPLETIONDIR)/ipcd
 	rm -rf $(VENV_DEST)
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 	@echo "ipcd uninstalled. Kept: /etc/ipcd, /var/lib/ipcd (the key file), /var/log/ipcd," \

@@ -115,6 +115,16 @@ key_inode=$(stat -c %i /var/lib/ipcd/ipcd.key)
 expect "ipcctl linked into /usr/local/bin" /opt/ipcd/bin/ipcctl "$(readlink /usr/local/bin/ipcctl)"
 expect "ipcd linked into /usr/local/bin" /opt/ipcd/bin/ipcd "$(readlink /usr/local/bin/ipcd)"
 check "/etc/ipcd/ipcd.toml installed" test -f /etc/ipcd/ipcd.toml
+if command -v man >/dev/null; then
+    check "man -P cat ipcctl shows the installed ipcctl(1)" \
+        grep -q '^IPCCTL(1) ' <(MANWIDTH=80 man -P cat ipcctl 2>&1)
+    check "man 5 ipcd.toml and man 8 ipcd show the installed pages" \
+        grep -q '^IPCD(8) ' <(MANWIDTH=80 man -P cat 5 ipcd.toml 8 ipcd 2>&1)
+else
+    info "no man-db in the image: man pages not checked"
+fi
+check "the bash completion is installed for ipcctl and ipcd" \
+    bash -c 'source /usr/local/share/bash-completion/completions/ipcd && complete -p ipcctl ipcd'
 check "systemd-analyze verify ipcd.service" systemd-analyze verify ipcd.service
 check "systemd-analyze security ipcd.service: exposure 2.0 or lower" score_ok ipcd.service
 useradd --no-create-home --groups ipcd member
@@ -304,6 +314,8 @@ expect "ipcd is stopped" inactive "$(systemctl is-active ipcd)"
 check "/opt/ipcd is gone" test ! -e /opt/ipcd
 check "the links in /usr/local/bin are gone" test ! -e /usr/local/bin/ipcctl -a ! -L /usr/local/bin/ipcd
 check "the units are gone" test ! -e /etc/systemd/system/ipcd.service -a ! -e /etc/systemd/system/ipcd@.service
+check "the man pages and the completion are gone" test ! -e /usr/local/share/man/man1/ipcctl.1 \
+    -a ! -e /usr/local/share/bash-completion/completions/ipcctl
 check "the configuration is kept" test -f /etc/ipcd/ipcd.toml
 expect "the key file is kept (same inode)" "$key_inode" "$(stat -c %i /var/lib/ipcd/ipcd.key)"
 check "the job queue is kept" grep -q "^$k1 " <(ipcs -q)

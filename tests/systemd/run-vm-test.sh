@@ -58,8 +58,9 @@ PYTHON=${PYTHON:-python3}
 
 SUITE=bookworm
 # On top of Debian's minbase: systemd as init, the kernel, Python with venv (what `make
-# install` uses), make, logrotate (etc/logrotate.d/ipcd is tested), passwd (useradd).
-PKGS="systemd systemd-sysv udev linux-image-amd64 python3 python3-venv make logrotate passwd procps"
+# install` uses), make, logrotate (etc/logrotate.d/ipcd is tested), passwd (useradd),
+# man-db (`man ipcctl` after `make install`; the image drops Debian's own pages).
+PKGS="systemd systemd-sysv udev linux-image-amd64 python3 python3-venv make logrotate passwd procps man-db"
 IMG_SIZE=2G
 
 log() { printf '[test-systemd %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
@@ -294,7 +295,9 @@ host_install_checks() { # $1 = source copy, $2 = wheels, $3 = scratch directory
     for f in etc/systemd/system/ipcd.service etc/systemd/system/ipcd@.service \
         etc/sysusers.d/ipcd.conf etc/tmpfiles.d/ipcd.conf etc/logrotate.d/ipcd \
         etc/cron.d/ipcd-example opt/ipcd/share/doc/ipcd/security.md \
-        opt/ipcd/share/doc/ipcd/instance.toml.example; do
+        opt/ipcd/share/doc/ipcd/instance.toml.example usr/local/share/man/man1/ipcctl.1 \
+        usr/local/share/man/man5/ipcd.toml.5 usr/local/share/man/man8/ipcd.8 \
+        usr/local/share/bash-completion/completions/ipcctl; do
         hcheck "installed /$f" test -s "$stage/$f"
     done
     hcheck "installed /etc/ipcd/ipcd.toml, the shipped one" cmp -s "$src/etc/ipcd/ipcd.toml" "$stage/etc/ipcd/ipcd.toml"
@@ -311,6 +314,8 @@ host_install_checks() { # $1 = source copy, $2 = wheels, $3 = scratch directory
     hcheck "uninstall removed the links" test ! -L "$stage/usr/bin/ipcctl" -a ! -L "$stage/usr/local/bin/ipcd"
     hexpect "uninstall removed the units and the etc/ files" "" \
         "$(cd "$stage" && find etc/systemd etc/sysusers.d etc/tmpfiles.d etc/logrotate.d etc/cron.d ! -type d)"
+    hexpect "uninstall removed the man pages and the completion" "" \
+        "$(cd "$stage" && find usr/share usr/local/share ! -type d 2>/dev/null)"
     hcheck "uninstall kept the configuration" grep -q '^# a local change$' "$stage/etc/ipcd/ipcd.toml"
     if [ "$HOST_FAILED" != 0 ]; then
         log "make install/uninstall logs: $3/*.log"
