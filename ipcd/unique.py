@@ -13,7 +13,8 @@ entry may block a key for ever, so a submitter that finds its key held first ask
 whether the holder is still real (:func:`stale_reason`), and takes the key over when
 
 - the holder is CLAIMING (its submitter has not sent the job yet) and that submitter's
-  process is gone: it died between claiming and sending;
+  process is gone, or the claim is over an hour old: it died between claiming and
+  sending;
 - a result is stored for the holder's job since it claimed the key: the release was
   lost (the worker died just after storing the result, or the envelope was rejected).
 
@@ -67,6 +68,9 @@ ENTRIES = 1024
 LOCK_TIMEOUT = 5.0
 #: Claims attempted when the holder changes under us while we look at it.
 CLAIM_TRIES = 3
+#: A claim older than this whose job was never sent is stale even if a process with the
+#: claimer's PID runs (PIDs are reused); a send blocks for ``send_timeout`` at most.
+CLAIM_MAX_AGE = 3600.0
 
 assert HEADER.size == HEADER_SIZE and ENTRY.size == ENTRY_HEAD
 assert ENTRY_HEAD + MAX_UNIQUE <= ENTRY_SIZE
@@ -289,7 +293,7 @@ class UniqueTable:
 
 
 def stale_reason(
-    holder: Entry, *, alive: Callable[[int], bool], finished: float | None
+    holder: Entry, *, alive: Callable[[int], bool], finished: float | None, now: float
 ) -> str | None:
     """Why ``holder`` no longer holds its key, or None while it does.
 
@@ -298,6 +302,8 @@ def stale_reason(
     """
     if holder.state is State.CLAIMING and not alive(holder.pid):
         return f"its submitter (pid {holder.pid}) died before sending it"
+    if holder.state is State.CLAIMING and now - holder.claimed > CLAIM_MAX_AGE:
+        return f"its submitter (pid {holder.pid}) claimed it long ago and never sent it"
     if finished is not None and finished >= holder.claimed:
         return "its outcome is stored"
     return None
@@ -335,7 +341,9 @@ class Claim:
             holder = self.table.claim(self.key, self.job_id, pid)
             if holder is None:
                 return self
-            reason = stale_reason(holder, alive=self.alive, finished=self.finished(holder.job_id))
+            reason = stale_reason(
+                holder, alive=self.alive, finished=self.finished(holder.job_id), now=time.time()
+            )
             if reason is None:
                 break
             if self.table.take_over(holder, self.job_id, pid):

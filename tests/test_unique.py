@@ -21,6 +21,7 @@ import pytest
 from conftest import DEFAULT_HANDLERS, Instance
 
 from ipcd import protocol
+from ipcd.client import Client
 from ipcd.errors import (
     AlreadyQueuedError,
     ExitCode,
@@ -178,11 +179,20 @@ def test_stale_reasons() -> None:
     """A holder is stale when its claimer died before sending, or its result is stored."""
     claiming = Entry(0, State.CLAIMING, "k", "job", 123, 1000.0)
     queued = claiming._replace(state=State.QUEUED)
-    assert stale_reason(claiming, alive=_always, finished=None) is None
-    assert "died before sending" in str(stale_reason(claiming, alive=_never, finished=None))
-    assert stale_reason(queued, alive=_never, finished=None) is None
-    assert stale_reason(queued, alive=_always, finished=999.0) is None  # an older run's
-    assert stale_reason(queued, alive=_always, finished=1000.5) == "its outcome is stored"
+    now = 1001.0
+    assert stale_reason(claiming, alive=_always, finished=None, now=now) is None
+    assert stale_reason(claiming, alive=_never, finished=None, now=now) == (
+        "its submitter (pid 123) died before sending it"
+    )
+    assert stale_reason(claiming, alive=_always, finished=None, now=1000.0 + 3601) == (
+        "its submitter (pid 123) claimed it long ago and never sent it"
+    )
+    assert stale_reason(queued, alive=_never, finished=None, now=now) is None
+    assert stale_reason(queued, alive=_always, finished=None, now=1e9) is None  # delayed
+    assert stale_reason(queued, alive=_always, finished=999.0, now=now) is None  # older run
+    assert stale_reason(queued, alive=_always, finished=1000.5, now=now) == (
+        "its outcome is stored"
+    )
 
 
 def test_claim_context(table: UniqueTable) -> None:
@@ -354,6 +364,15 @@ def test_delayed_job_holds_the_key(daemon: Instance) -> None:
     assert second.stderr == _already(daemon, first.stdout.strip(), "later")
     _events(daemon, "job.done", first.stdout.strip())
     assert daemon.ipcctl("submit", "--unique", "later", "echo", "c").returncode == 0
+
+
+def test_python_client_raises_already_queued(daemon: Instance) -> None:
+    """Client.submit(unique=KEY) raises AlreadyQueuedError naming the holder."""
+    client = Client(daemon.config)
+    first = client.submit("echo", "a", unique="api", delay=30)
+    with pytest.raises(AlreadyQueuedError) as info:
+        client.submit("echo", "b", unique="api")
+    assert (info.value.job_id, info.value.key, info.value.exit_code) == (first, "api", 4)
 
 
 def test_retries_keep_the_key_and_final_failure_frees_it(instance: Instance) -> None:
