@@ -359,7 +359,10 @@ class Claim:
         tb: TracebackType | None,
     ) -> None:
         if exc_type is None:
-            self.table.confirm(self.key, self.job_id)
+            # The job is accepted whatever happens here: a confirm lost to a wedged lock
+            # leaves the claim CLAIMING, which our exit makes stale, not the submit failed.
+            with contextlib.suppress(IpcdError):
+                self.table.confirm(self.key, self.job_id)
             return
         # The send's own error is the one to report; if this release fails too, the
         # entry stays CLAIMING under our PID, and our exit makes it stale.
