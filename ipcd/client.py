@@ -13,6 +13,7 @@ every result.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import TYPE_CHECKING, NamedTuple
@@ -118,6 +119,7 @@ class Client:
         send_timeout: float | None = None,
         job_timeout: float | None = None,
         delay: float | None = None,
+        unique: str | None = None,
     ) -> str:
         """Queue a job and return its id; ``notify`` asks for a reply-queue wake-up.
 
@@ -125,6 +127,8 @@ class Client:
         is full, then raises QueueFullError: the job is either accepted or refused.
         With ``delay`` the job is parked in the daemon's in-flight table (shared memory
         that outlives every process) and the master queues it once the delay has passed.
+        With ``unique`` nothing is queued while a job with that key waits or runs: raises
+        AlreadyQueuedError (exit 4), which names that job (ipcd.unique).
         """
         type_ = handler if isinstance(handler, int) else self.config.handler_type(handler)
         job_id = protocol.new_job_id()
@@ -133,15 +137,39 @@ class Client:
             job_id=job_id,
             reply_to=os.getpid() if notify else None,
             timeout=job_timeout,
+            unique=unique,
         )
         if notify:
             self._reply_queue()  # fail before sending when no one could wake us
-        if delay:
-            self._park(type_, body, job_id, time.time() + delay)
-            return job_id
-        timeout = self.config.ipc.send_timeout if send_timeout is None else send_timeout
-        self.queue.send(body, type_, timeout=timeout)
+        with self._claim(unique, job_id):
+            if delay:
+                self._park(type_, body, job_id, time.time() + delay)
+                return job_id
+            timeout = self.config.ipc.send_timeout if send_timeout is None else send_timeout
+            self.queue.send(body, type_, timeout=timeout)
         return job_id
+
+    def _claim(self, unique: str | None, job_id: str) -> contextlib.AbstractContextManager[object]:
+        """Hold the unique key while the job is sent (nothing to hold without one)."""
+        if unique is None:
+            return contextlib.nullcontext()
+        from ipcd.unique import Claim, UniqueTable, check_key
+
+        check_key(unique)
+        self.queue  # noqa: B018 - the daemon's queue must exist, as for any submit
+        try:
+            table = UniqueTable.open(self.keys.unique)
+        except NotRunningError:
+            raise NotRunningError(
+                f"no unique-key table at key {self.keys.unique:#010x}: is ipcd running "
+                "with this configuration (and new enough for --unique)?"
+            ) from None
+        return Claim(table, unique, job_id, alive=_alive, finished=self._finished)
+
+    def _finished(self, job_id: str) -> float | None:
+        """When the job's stored result was written, or None while none is stored."""
+        result = self.result(job_id)
+        return None if result is None else result.finished
 
     def _park(self, type_: int, body: bytes, job_id: str, due: float) -> None:
         from ipcd.inflight import InflightTable
@@ -243,7 +271,11 @@ class Client:
         return failed.entries(), failed.dropped()
 
     def retry(self, job_id: str, send_timeout: float | None = None) -> str:
-        """Put a failed job back on the queue as it was, with fresh attempts."""
+        """Put a failed job back on the queue as it was, with fresh attempts.
+
+        A job with a unique key claims it again first; AlreadyQueuedError (exit 4) when
+        another job holds it by now, and the job stays on the failed list.
+        """
         failed = self._failed_list()
         entry = failed.take(job_id)
         if entry is None:
@@ -253,9 +285,10 @@ class Client:
             job = job._replace(id=entry.job_id)
         body = protocol.reencode(job, attempt=1)
         timeout = self.config.ipc.send_timeout if send_timeout is None else send_timeout
-        self.store.clear(job.id)  # so that waiting for it waits for the new outcome
         try:
-            self.queue.send(body, entry.type, timeout=timeout)
+            with self._claim(job.unique, job.id):
+                self.store.clear(job.id)  # so that waiting for it waits for the new outcome
+                self.queue.send(body, entry.type, timeout=timeout)
         except BaseException:
             failed.add(entry.job_id, entry.type, entry.body, entry.attempts, entry.error)
             raise

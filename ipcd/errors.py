@@ -22,6 +22,9 @@ class ExitCode(enum.IntEnum):
     JOB_FAILED = 1
     #: ``ipcd status``: not running (LSB convention for status actions).
     NOT_RUNNING = 3
+    #: ``ipcctl submit --unique KEY``: a job with that key is already waiting or running;
+    #: nothing was queued (not a failure: the work is already on its way).
+    ALREADY_QUEUED = 4
     #: Bad command line (EX_USAGE).
     USAGE = 64
     #: Bad input data: payload too large, unreadable stdin (EX_DATAERR).
@@ -98,6 +101,18 @@ class QueueFullError(IpcdError, BlockingIOError):
     exit_code = ExitCode.QUEUE_FULL
 
 
+class AlreadyQueuedError(IpcdError, RuntimeError):
+    """A job with the same unique key is waiting or running, so this one was not queued."""
+
+    exit_code = ExitCode.ALREADY_QUEUED
+
+    def __init__(self, job_id: str, key: str) -> None:
+        super().__init__(f"already queued as job {job_id} (unique key {key})")
+        #: The job that holds the key: ``ipcctl result ID --wait`` waits for it.
+        self.job_id = job_id
+        self.key = key
+
+
 class WaitTimeoutError(IpcdError, TimeoutError):
     """No result arrived before the timeout."""
 
@@ -140,6 +155,8 @@ class MessageError(IpcdError, ValueError):
     job_id: str | None = None
     #: The reply type the envelope asked for, when it could be read (to wake the waiter).
     reply_to: int | None = None
+    #: The envelope's unique key, when it could be read (to release it).
+    unique: str | None = None
 
 
 class RefusedPayloadError(MessageError):

@@ -10,7 +10,7 @@ import os
 import time
 from typing import Any, NamedTuple
 
-from ipcd import protocol
+from ipcd import protocol, unique
 from ipcd.errors import IpcdError
 from ipcd.failed import FailedList
 from ipcd.inflight import InflightTable
@@ -102,6 +102,7 @@ class Outcomes:
         if room is not None and len(result.data) > room:
             result = too_large(result, room + 64)  # decided here, so the log says error
         stored = self._store(result)
+        unique.release(job, self.log)
         if not result.ok and listed:
             self._list_failed(job, body, result.error)
         if not logged:

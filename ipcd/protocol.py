@@ -32,8 +32,14 @@ Payload: TypeAlias = "JSONValue | bytes"
 _JOB_ID = re.compile(r"[0-9A-Za-z_.-]{1,16}\Z")
 _ENVELOPE_ID = re.compile(rb'"id"\s*:\s*"([0-9A-Za-z_.-]{1,16})"')
 _ENVELOPE_KEYS = frozenset(
-    {"ipcd", "id", "payload", "payload_b64", "submitted", "pid", "reply", "attempt", "timeout"}
-)
+    {
+        "ipcd", "id", "payload", "payload_b64", "submitted", "pid", "reply", "attempt",
+        "timeout", "unique",
+    }
+)  # fmt: skip
+#: Longest unique key, in UTF-8 bytes: it is stored in a fixed field of the unique-key table.
+MAX_UNIQUE = 200
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class Job(NamedTuple):
@@ -51,6 +57,8 @@ class Job(NamedTuple):
     bare: bool = False
     #: Seconds this job may run (the submitter's ``--timeout-job``); None: the handler's.
     timeout: float | None = None
+    #: The submitter's unique key (``--unique``): released once the outcome is final.
+    unique: str | None = None
 
 
 def new_job_id() -> str:
@@ -67,6 +75,7 @@ def encode(
     pid: int | None = None,
     attempt: int = 1,
     timeout: float | None = None,
+    unique: str | None = None,
 ) -> bytes:
     """The envelope for one job: compact JSON, bytes payloads as base64."""
     doc: dict[str, Any] = {
@@ -81,6 +90,8 @@ def encode(
         doc["attempt"] = attempt
     if timeout is not None:
         doc["timeout"] = timeout
+    if unique is not None:
+        doc["unique"] = unique
     if isinstance(payload, bytes | bytearray | memoryview):
         doc["payload_b64"] = binascii.b2a_base64(payload, newline=False).decode("ascii")
     else:
@@ -136,6 +147,8 @@ def _from_envelope(doc: dict[str, Any], type_: int) -> Job:
         reply = doc.get("reply")
         if type(reply) is int and 0 < reply < 2**31:
             exc.reply_to = reply  # so that a waiting submitter hears of the rejection
+        if unique_key_problem(doc.get("unique")) is None:
+            exc.unique = doc["unique"]  # so that the key is released
         raise
 
 
@@ -178,6 +191,9 @@ def _read_envelope(doc: dict[str, Any], type_: int) -> Job:
     timeout = doc.get("timeout")
     if timeout is not None and not 0 < _number(timeout, "timeout", job_id) < float("inf"):
         raise _bad("'timeout' must be a positive number of seconds", job_id)
+    unique = doc.get("unique")
+    if unique is not None and (problem := unique_key_problem(unique)) is not None:
+        raise _bad(f"'unique' {problem}", job_id)
     return Job(
         id=job_id,
         type=type_,
@@ -187,6 +203,7 @@ def _read_envelope(doc: dict[str, Any], type_: int) -> Job:
         sender_pid=pid,
         reply_to=reply,
         timeout=None if timeout is None else float(timeout),
+        unique=unique,
     )
 
 
@@ -200,7 +217,24 @@ def reencode(job: Job, *, attempt: int) -> bytes:
         pid=job.sender_pid,
         attempt=attempt,
         timeout=job.timeout,
+        unique=job.unique,
     )
+
+
+def unique_key_problem(key: object) -> str | None:
+    """What is wrong with a unique key, or None: 1 to MAX_UNIQUE bytes of UTF-8 text
+    without control characters (it is printed in messages and logs)."""
+    if not isinstance(key, str) or not key:
+        return "must be a non-empty string"
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "must be valid UTF-8 text"
+    if size > MAX_UNIQUE:
+        return f"must be at most {MAX_UNIQUE} bytes of UTF-8, not {size}"
+    if _CONTROL.search(key):
+        return "must not contain control characters"
+    return None
 
 
 def _b64decode(text: str) -> bytes:

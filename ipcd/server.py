@@ -17,6 +17,7 @@ from ipcd import identity, vetting
 from ipcd import keys as keys_mod
 from ipcd import log as log_mod
 from ipcd import registry as registry_mod
+from ipcd import unique as unique_mod
 from ipcd.config import Config
 from ipcd.errors import ConfigError
 from ipcd.failed import FailedList
@@ -25,6 +26,7 @@ from ipcd.ipc import Queue, msgmax
 from ipcd.keys import Keys
 from ipcd.registry import Registry
 from ipcd.resultstore import ResultStore
+from ipcd.unique import UniqueTable
 from ipcd.vetting import TRUSTED_UIDS
 
 
@@ -42,6 +44,7 @@ class Prepared:
     registry: Registry
     sink: log_mod.Sink
     identity: identity.Identity
+    unique: UniqueTable
 
 
 def prepare(config: Config, *, console: TextIO | None) -> Prepared:
@@ -76,6 +79,7 @@ def prepare(config: Config, *, console: TextIO | None) -> Prepared:
     for held in carried:  # the table changed shape: keep what the old one held
         if not table.park(held.type, held.body, held.job_id, held.attempt, time.time()):
             queue.send_nowait(held.body, held.type)
+    unique = _unique_table(keys.unique, mode, queue, table)
     _load_lazy_modules()
     vetting.adopt_all(
         keys.all(),
@@ -85,7 +89,18 @@ def prepare(config: Config, *, console: TextIO | None) -> Prepared:
     )
     if config.log.file is not None:
         identity.hand_over(who, [config.log.file])
-    return Prepared(config, keys, queue, replies, store, table, failed, registry, sink, who)
+    return Prepared(config, keys, queue, replies, store, table, failed, registry, sink, who, unique)
+
+
+def _unique_table(key: int, mode: int, queue: Queue, table: InflightTable) -> UniqueTable:
+    """The unique-key table, without the keys of jobs that are gone (ipcd.unique), made
+    the one this daemon's outcomes release keys in."""
+    unique = UniqueTable.create(key, mode)
+    log = log_mod.get_logger(role="master")
+    for entry, reason in unique_mod.sweep_lost(unique, queue=queue, inflight=table):
+        log.warning("unique.freed", unique=entry.key, job_id=entry.job_id, reason=reason)
+    unique_mod.serve(unique)
+    return unique
 
 
 def _load_lazy_modules() -> None:

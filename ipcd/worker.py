@@ -228,6 +228,7 @@ class Worker:
                 payload=None,
                 submitted=time.time(),
                 reply_to=exc.reply_to,
+                unique=exc.unique,
             )
             self.outcomes.finish(
                 job,

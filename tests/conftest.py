@@ -146,7 +146,8 @@ def remove_objects(instance: Instance) -> None:
     if not key_file.exists():
         return
     jobs = keys.ftok(key_file, 0x49)  # not from the config, which a test may have broken
-    made = tuple(jobs + n * keys.REPLY_KEY_OFFSET for n in range(5))
+    # n = 0 to 6: every key ipcd derives (ipcd.keys), the unique-key table's (6) included.
+    made = tuple((jobs + n * keys.REPLY_KEY_OFFSET) & 0xFFFFFFFF for n in range(7))
     TEST_KEYS.update(made)
     vetting.remove_all(made)
 

@@ -19,9 +19,11 @@ from ipcd.protocol import Payload
 from ipcd.results import Kind, Result, require
 
 EPILOG = """exit status:
-  0 success, 1 the job failed, 64 usage error, 65 bad payload, 66 no such result,
-  69 daemon or queue not there, 75 queue full (job not accepted), 77 permission denied,
-  70 internal error (a bug: please report), 78 bad configuration, 124 timed out waiting
+  0 success, 1 the job failed, 4 already queued (--unique: a job with that key waits or
+  runs; its id is on stderr; nothing was queued), 64 usage error, 65 bad payload,
+  66 no such result, 69 daemon or queue not there, 75 queue full (job not accepted),
+  77 permission denied, 70 internal error (a bug: please report), 78 bad configuration,
+  124 timed out waiting
 """
 
 
@@ -44,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_seconds,
         metavar="S",
         help="run the job no earlier than S seconds from now",
+    )
+    submit.add_argument(
+        "--unique",
+        metavar="KEY",
+        help="queue nothing (exit 4) while a job with this key waits or runs (cron-safe)",
     )
     submit.add_argument(
         "--send-timeout",
@@ -114,6 +121,7 @@ def main(argv: list[str]) -> int:
     print(f"result gate (semaphore):       {keys.gate:#010x}")
     print(f"in-flight table and semaphore: {keys.inflight:#010x}")
     print(f"failed list and semaphore:     {keys.failed:#010x}")
+    print(f"unique keys and semaphore:     {keys.unique:#010x}")
     print(f"derived from: {keys.how}")
     return 0
 
@@ -124,6 +132,7 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
         "send_timeout": args.send_timeout,
         "job_timeout": args.timeout_job,
         "delay": args.delay,
+        "unique": args.unique,
     }
     if not args.wait:
         print(client.submit(args.type, payload, **options))
