@@ -83,6 +83,7 @@ class Arbiter:
             replies=prepared.replies,
             log=self.log,
             events=log_mod.Events(prepared.sink, prepared.config.log.level, role="master"),
+            unique=prepared.unique,
         )
         self.recovery = Recovery(prepared, self.outcomes, self.log)
         self.started = time.time()

@@ -19,6 +19,7 @@ from ipcd.log import Events, Logger
 from ipcd.protocol import Job
 from ipcd.results import Kind, Result, Status, too_large
 from ipcd.resultstore import ResultStore
+from ipcd.unique import UniqueTable
 
 
 def error_result(job: Job, message: str) -> Result:
@@ -73,12 +74,15 @@ class Outcomes:
         replies: Queue,
         log: Logger,
         events: Events,
+        unique: UniqueTable | None = None,
     ) -> None:
         self.store = store
         self.failed = failed
         self.replies = replies
         self.log = log
         self.events = events
+        #: The daemon's unique-key table: a final outcome frees the job's key.
+        self.unique = unique
 
     def finish(
         self,
@@ -102,7 +106,8 @@ class Outcomes:
         if room is not None and len(result.data) > room:
             result = too_large(result, room + 64)  # decided here, so the log says error
         stored = self._store(result)
-        unique.release(job, self.log)
+        if job.unique is not None and self.unique is not None:
+            unique.release(self.unique, job, self.log)
         if not result.ok and listed:
             self._list_failed(job, body, result.error)
         if not logged:

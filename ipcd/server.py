@@ -99,7 +99,6 @@ def _unique_table(key: int, mode: int, queue: Queue, table: InflightTable) -> Un
     log = log_mod.get_logger(role="master")
     for entry, reason in unique_mod.sweep_lost(unique, queue=queue, inflight=table):
         log.warning("unique.freed", unique=entry.key, job_id=entry.job_id, reason=reason)
-    unique_mod.serve(unique)
     return unique
 
 

@@ -380,23 +380,12 @@ class _Log(Protocol):
     def error(self, event: str, **fields: Any) -> Any: ...
 
 
-#: The table of the daemon this process belongs to (set by ipcd.server.prepare; forked
-#: workers inherit it).
-_served: UniqueTable | None = None
-
-
-def serve(table: UniqueTable) -> None:
-    """Make ``table`` the one :func:`release` frees keys in."""
-    global _served
-    _served = table
-
-
-def release(job: Job, log: _Log) -> None:
+def release(table: UniqueTable, job: Job, log: _Log) -> None:
     """The job's outcome is final (stored ok, or failed for good): free its unique key."""
-    if job.unique is None or _served is None:
+    if job.unique is None:
         return
     try:
-        _served.release(job.unique, job.id)
+        table.release(job.unique, job.id)
     except IpcdError as exc:
         # Wedged or removed: the next submit of the key sees the stored result instead.
         log.error("unique.release_failed", job_id=job.id, unique=job.unique, error=str(exc))

@@ -298,6 +298,7 @@ def worker_process(  # pragma: no cover - runs in the forked worker
                 replies=prepared.replies,
                 log=log,
                 events=events,
+                unique=prepared.unique,
             ),
             registry=prepared.registry,
             flags=flags,
