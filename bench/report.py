@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-Unit = Literal["rate", "seconds", "kib", "bytes_rate", "none"]
+Unit = Literal["rate", "seconds", "kib", "bytes_rate", "us", "none"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,8 @@ def fmt(value: float | None, unit: Unit) -> str:
         return f"{value * 1000:.1f} ms"
     if unit == "kib":
         return f"{value / 1024:.1f} MiB"
+    if unit == "us":
+        return f"{value:.1f} us"
     if unit == "bytes_rate":
         return f"{value / 2**30:.2f} GiB/s"
     return f"{value:g}"

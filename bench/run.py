@@ -6,13 +6,14 @@ The steps, in the order they run:
    each on a private configuration, and record the daemons' idle memory;
 2. for each placement, unpinned (the scheduler's choice) and pinned (every process on
    one CPU): round trips and fire-and-forget jobs, raw and ipcd rounds interleaved;
-3. a CPU-bound handler on 1 and 2 workers, interleaved (unpinned: pinned, two workers
+3. CPU time per round trip of each process, raw and ipcd, pinned (where the time goes);
+4. a CPU-bound handler on 1 and 2 workers, interleaved (unpinned: pinned, two workers
    share one core by construction);
-4. wall time of ``ipcctl submit`` and ``ipcctl submit --wait`` against
+5. wall time of ``ipcctl submit`` and ``ipcctl submit --wait`` against
    ``python -c 'import sysv_ipc'`` from the same virtualenv;
-5. 16 MiB: a plain copy, a raw segment write and read, and ipcd's payload and result;
-6. peers when installed: beanstalkd round trips, task-spooler against ``ipcctl``;
-7. stop everything, check that no IPC object of the bench is left, print the table and
+6. 16 MiB: a plain copy, a raw segment write and read, and ipcd's payload and result;
+7. peers when installed: beanstalkd round trips, task-spooler against ``ipcctl``;
+8. stop everything, check that no IPC object of the bench is left, print the table and
    write it as JSON (bench/results/latest.json).
 
 Medians of the rounds are compared; each ratio is ipcd's figure over the baseline's.
@@ -29,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import measure, peers, raw, report, startup
+from bench import cpu, measure, peers, raw, report, startup
 from bench.daemon import IPCCTL, ROOT, BenchDaemon, child_env
 from bench.measure import interleave, median, place
 from bench.memory import Memory, memory
@@ -118,6 +119,51 @@ class Bench:
                     f"{workers}w",
                     FF_TARGET,
                 )
+        self._place(self.allowed)
+
+    def cpu_split(self) -> None:
+        """CPU per round trip on each side, pinned: where ipcd's extra time goes."""
+        self._place(self.one_cpu)
+        say(f"CPU time per round trip on each side, pinned on CPU {min(self.one_cpu)}")
+        daemon = self.daemons[1]
+        me, worker = os.getpid(), daemon.worker_pids()[0]
+        samples: dict[str, list[float]] = {}
+
+        def raw_side() -> float:
+            client, server = cpu.per_round_trip(
+                [me, self.raw.pid], self.raw.round_trips, self.args.seconds
+            )
+            samples.setdefault("raw client", []).append(client)
+            samples.setdefault("raw server", []).append(server)
+            return client
+
+        def ipcd_side() -> float:
+            client, served = cpu.per_round_trip(
+                [me, worker],
+                lambda s: measure.round_trips(daemon.client, s),
+                self.args.seconds,
+            )
+            samples.setdefault("ipcd client", []).append(client)
+            samples.setdefault("ipcd worker", []).append(served)
+            return client
+
+        interleave([("raw", raw_side), ("ipcd", ipcd_side)], self.args.rounds)
+        for side, base, ours in (
+            ("client (Client.call)", "raw client", "ipcd client"),
+            ("serving side (1 worker)", "raw server", "ipcd worker"),
+        ):
+            self.rows.append(
+                Row(
+                    f"CPU per round trip, {side}",
+                    "pinned",
+                    base,
+                    median(samples[base]),
+                    median(samples[ours]),
+                    "us",
+                    note="schedstat run time, kernel included; ratio = how many times the raw cost",
+                    samples={"base": samples[base], "ipcd": samples[ours]},
+                )
+            )
         self._place(self.allowed)
 
     def cpu_bound(self) -> None:
@@ -514,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             bench.setup()
             bench.placements()
+            bench.cpu_split()
             bench.cpu_bound()
             bench.commands()
             bench.sixteen_mib()
