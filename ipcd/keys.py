@@ -9,6 +9,7 @@ gives, so a client that only knows ``ftok`` computes them the same way:
     n = 2  the result gate, a semaphore pulsed after every result
     n = 3  the in-flight table (segment) and its semaphore: jobs workers hold
     n = 4  the failed list (segment) and its semaphore: jobs that used all attempts
+    n = 5  the stats segment (no semaphore): job and worker counters (ipcd.stats)
 
 ``K`` is ``ftok(key_path, proj_id)`` or, when the config sets one, an explicit ``key``.
 ftok mixes the file's inode and device numbers, so the key file must never be rewritten
@@ -30,6 +31,7 @@ REPLY_KEY_OFFSET = 0x01000000
 GATE_KEY_OFFSET = 0x02000000
 INFLIGHT_KEY_OFFSET = 0x03000000
 FAILED_KEY_OFFSET = 0x04000000
+STATS_KEY_OFFSET = 0x05000000
 
 
 class Keys(NamedTuple):
@@ -40,6 +42,7 @@ class Keys(NamedTuple):
     gate: int
     inflight: int
     failed: int
+    stats: int
     how: str
 
     @property
@@ -49,7 +52,7 @@ class Keys(NamedTuple):
 
     def all(self) -> tuple[int, ...]:
         """Every key ipcd makes objects at (for cleaning up and for the squatting check)."""
-        return (self.jobs, self.replies, self.gate, self.inflight, self.failed)
+        return (self.jobs, self.replies, self.gate, self.inflight, self.failed, self.stats)
 
 
 def ftok(path: os.PathLike[str] | str, proj_id: int) -> int:
@@ -87,6 +90,7 @@ def derive(ipc: IpcConfig, *, create_key_file: bool = False) -> Keys:
         gate=(jobs + GATE_KEY_OFFSET) & 0xFFFFFFFF,
         inflight=(jobs + INFLIGHT_KEY_OFFSET) & 0xFFFFFFFF,
         failed=(jobs + FAILED_KEY_OFFSET) & 0xFFFFFFFF,
+        stats=(jobs + STATS_KEY_OFFSET) & 0xFFFFFFFF,
         how=how,
     )
 

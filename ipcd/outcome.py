@@ -19,6 +19,7 @@ from ipcd.log import Logger
 from ipcd.protocol import Job
 from ipcd.results import Kind, Result, Status, too_large
 from ipcd.resultstore import ResultStore
+from ipcd.stats import NullRecorder, Recorder
 
 
 def error_result(job: Job, message: str) -> Result:
@@ -66,12 +67,20 @@ class Outcomes:
     """Finishes jobs: result, failed list, reply notification, log event."""
 
     def __init__(
-        self, *, store: ResultStore, failed: FailedList, replies: Queue, log: Logger
+        self,
+        *,
+        store: ResultStore,
+        failed: FailedList,
+        replies: Queue,
+        log: Logger,
+        stats: Recorder | None = None,
     ) -> None:
         self.store = store
         self.failed = failed
         self.replies = replies
         self.log = log
+        #: This process's record in the stats segment (ipcd.stats).
+        self.stats = stats if stats is not None else NullRecorder()
 
     def finish(
         self,
@@ -122,6 +131,7 @@ class Outcomes:
         """
         if job.reply_to is not None:
             self.notify(job.reply_to, job.id)
+        self.stats.done(handler, result.ok, started)
         event: dict[str, Any] = {
             "job_id": job.id,
             "type": job.type,

@@ -25,6 +25,7 @@ from ipcd.ipc import Queue, msgmax
 from ipcd.keys import Keys
 from ipcd.registry import Registry
 from ipcd.resultstore import ResultStore
+from ipcd.stats import StatsSegment
 from ipcd.vetting import TRUSTED_UIDS
 
 
@@ -42,6 +43,7 @@ class Prepared:
     registry: Registry
     sink: log_mod.Sink
     identity: identity.Identity
+    stats: StatsSegment
 
 
 def prepare(config: Config, *, console: TextIO | None) -> Prepared:
@@ -76,6 +78,9 @@ def prepare(config: Config, *, console: TextIO | None) -> Prepared:
     for held in carried:  # the table changed shape: keep what the old one held
         if not table.park(held.type, held.body, held.job_id, held.attempt, time.time()):
             queue.send_nowait(held.body, held.type)
+    stats = StatsSegment.create(
+        keys.stats, mode, table.workers, [(r.name, r.type) for r in registry.by_type.values()]
+    )
     _load_lazy_modules()
     vetting.adopt_all(
         keys.all(),
@@ -85,7 +90,7 @@ def prepare(config: Config, *, console: TextIO | None) -> Prepared:
     )
     if config.log.file is not None:
         identity.hand_over(who, [config.log.file])
-    return Prepared(config, keys, queue, replies, store, table, failed, registry, sink, who)
+    return Prepared(config, keys, queue, replies, store, table, failed, registry, sink, who, stats)
 
 
 def _load_lazy_modules() -> None:

@@ -206,6 +206,7 @@ class Worker:
             reason=retry.reason,
             kept_in_worker=not again.placed,
         )
+        self.outcomes.stats.retried(handler)
         if again.placed:
             self.wake_master()
             return None
@@ -213,6 +214,7 @@ class Worker:
         return job._replace(attempt=attempt), again.body, delay
 
     def _reject(self, exc: MessageError, body: bytes, type_: int) -> None:
+        self.outcomes.stats.rejected()
         self.log.warning(
             "job.rejected",
             job_id=exc.job_id,
@@ -291,7 +293,11 @@ def worker_process(  # pragma: no cover - runs in the forked worker
             queue=prepared.queue,
             table=prepared.table,
             outcomes=Outcomes(
-                store=prepared.store, failed=prepared.failed, replies=prepared.replies, log=log
+                store=prepared.store,
+                failed=prepared.failed,
+                replies=prepared.replies,
+                log=log,
+                stats=prepared.stats.for_worker(slot),
             ),
             registry=prepared.registry,
             flags=flags,

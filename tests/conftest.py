@@ -146,7 +146,7 @@ def remove_objects(instance: Instance) -> None:
     if not key_file.exists():
         return
     jobs = keys.ftok(key_file, 0x49)  # not from the config, which a test may have broken
-    made = tuple(jobs + n * keys.REPLY_KEY_OFFSET for n in range(5))
+    made = tuple(jobs + n * keys.REPLY_KEY_OFFSET for n in range(6))
     TEST_KEYS.update(made)
     vetting.remove_all(made)
 
