@@ -80,6 +80,12 @@ MIN_COLUMNS = 64
 assert HEADER.size <= HEADER_SIZE
 
 
+def bucket_index(bounds: tuple[float, ...], seconds: float) -> int:
+    """The bucket a duration falls in: the first bound at or above it (``le``), else
+    ``len(bounds)``, the +Inf bucket."""
+    return bisect.bisect_left(bounds, seconds)
+
+
 def column_struct(bounds: int) -> struct.Struct:
     return struct.Struct(f"<{len(OUTCOMES) + bounds + 1}Qd")
 
@@ -229,7 +235,7 @@ class Recorder:
         values[OK if ok else ERROR] += 1
         if self._timed:
             seconds = time.monotonic() - started
-            values[len(OUTCOMES) + bisect.bisect_left(self._bounds, seconds)] += 1
+            values[len(OUTCOMES) + bucket_index(self._bounds, seconds)] += 1
             values[-1] += seconds
         self._write(column, values)
 

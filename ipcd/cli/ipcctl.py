@@ -13,7 +13,6 @@ import time
 from ipcd import config as config_mod
 from ipcd.cli import parser as cli_parser
 from ipcd.cli import run
-from ipcd.cli import status as status_cli
 from ipcd.client import Client
 from ipcd.errors import ExitCode, JobFailedError, PayloadError
 from ipcd.protocol import Payload
@@ -125,12 +124,8 @@ def main(argv: list[str]) -> int:
         return _submit(client, args)
     if args.command == "result":
         return _result(client, args)
-    if args.command == "status":
-        return status_cli.show_status(client, as_json=args.json, watch=args.watch)
-    if args.command == "stats":
-        return status_cli.show_stats(
-            client, as_json=args.json, prometheus=args.prometheus, output=args.output
-        )
+    if args.command in ("status", "stats"):
+        return _look(client, args)
     if args.command == "failed":
         return _failed(client, args.json)
     if args.command == "retry":
@@ -145,6 +140,17 @@ def main(argv: list[str]) -> int:
     print(f"stats segment:                 {keys.stats:#010x}")
     print(f"derived from: {keys.how}")
     return 0
+
+
+def _look(client: Client, args: argparse.Namespace) -> int:
+    """``status`` and ``stats``, imported here: not on the submit path cron scripts take."""
+    from ipcd.cli import status as status_cli
+
+    if args.command == "status":
+        return status_cli.show_status(client, as_json=args.json, watch=args.watch)
+    return status_cli.show_stats(
+        client, as_json=args.json, prometheus=args.prometheus, output=args.output
+    )
 
 
 def _submit(client: Client, args: argparse.Namespace) -> int:
