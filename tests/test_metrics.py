@@ -315,3 +315,22 @@ def test_watch_into_a_pipe_prints_frames_apart(daemon: Instance) -> None:
         else:
             frames = shown.rstrip("\n").split("\n\n")
             assert len(frames) >= 3 and all(f.startswith(frame_start) for f in frames)
+
+
+def test_a_job_whose_worker_died_counts_as_recovered_and_requeued(daemon: Instance) -> None:
+    """The master counts the job it found with a killed worker and put back for a rerun."""
+    job_id = daemon.ipcctl("submit", "sleep", "3").stdout.strip()
+    deadline = time.monotonic() + 10
+    busy: list[int] = []
+    while not busy and time.monotonic() < deadline:
+        doc = json.loads(daemon.ipcctl("status", "--json").stdout)
+        busy = [w["pid"] for w in doc["workers"] if w["job_id"] == job_id]
+        time.sleep(0.05)
+    assert busy, "the job never started"
+    os.kill(busy[0], signal.SIGKILL)
+    assert daemon.wait_events(lambda e: e["event"] == "job.requeued", 1)
+    m = scrape(daemon)
+    assert value(m, "ipcd_jobs_recovered_total") == 1
+    assert value(m, "ipcd_jobs_requeued_total") == 1
+    assert value(m, "ipcd_worker_restarts_total") == 1
+    assert value(m, "ipcd_jobs_total", type="sleep", outcome="error") == 0
