@@ -412,7 +412,7 @@ class StatsSegment:
 
     @classmethod
     def open(cls, key: int) -> StatsSegment:
-        """Attach read-only use (``ipcctl``); refuses a world-writable (planted) one."""
+        """Attach it to read (``ipcctl``); refuses a world-writable (planted) one."""
         segment = Segment.open(key, what="stats segment")
         refuse_world_writable(segment.info())
         return cls(segment)
