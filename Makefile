@@ -113,7 +113,7 @@ install:  ## install as a system service (PREFIX=/usr/local, DESTDIR=): see READ
 	    $(addprefix $(DESTDIR)$(MANDIR)/man,1 5 8)
 	ln -sfn $(OPTDIR)/bin/ipcd $(DESTDIR)$(PREFIX)/bin/ipcd
 	ln -sfn $(OPTDIR)/bin/ipcctl $(DESTDIR)$(PREFIX)/bin/ipcctl
-	for unit in ipcd.service ipcd@.service; do \
+	for unit in ipcd.service ipcd@.service ipcd-metrics.service ipcd-metrics.timer; do \
 	    sed 's|/opt/ipcd|$(OPTDIR)|g' systemd/$$unit > $(DESTDIR)$(UNITDIR)/$$unit && \
 	    chmod 0644 $(DESTDIR)$(UNITDIR)/$$unit || exit 1; done
 	install -m 0644 etc/sysusers.d/ipcd.conf $(DESTDIR)$(SYSUSERSDIR)/ipcd.conf
@@ -138,15 +138,18 @@ install:  ## install as a system service (PREFIX=/usr/local, DESTDIR=): see READ
 	    systemd-tmpfiles --create $(TMPFILESDIR)/ipcd.conf || exit 1; \
 	    if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi; \
 	    echo "ipcd installed. Next: systemctl enable --now ipcd (or restart it, if it" \
-	        "runs); usermod -aG ipcd USER for each user who submits jobs"; fi
+	        "runs); usermod -aG ipcd USER for each user who submits jobs. Metrics for" \
+	        "node_exporter: ipcd-metrics.timer (docs/operating.md, Metrics)"; fi
 
 uninstall:  ## stop ipcd and remove what install put in place (keeps config, data, logs, user)
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
-	    systemctl stop ipcd.service 'ipcd@*.service' || true; fi
+	    systemctl stop ipcd-metrics.timer ipcd.service 'ipcd@*.service' || true; fi
 	for link in $(DESTDIR)$(PREFIX)/bin/ipcd $(DESTDIR)$(PREFIX)/bin/ipcctl; do \
 	    case $$(readlink $$link) in $(OPTDIR)/bin/*) rm -f $$link ;; esac; done
 	rm -f $(DESTDIR)$(UNITDIR)/ipcd.service $(DESTDIR)$(UNITDIR)/ipcd@.service \
+	    $(DESTDIR)$(UNITDIR)/ipcd-metrics.service $(DESTDIR)$(UNITDIR)/ipcd-metrics.timer \
 	    $(DESTDIR)$(UNITDIR)/*.wants/ipcd.service $(DESTDIR)$(UNITDIR)/*.wants/ipcd@*.service \
+	    $(DESTDIR)$(UNITDIR)/*.wants/ipcd-metrics.timer \
 	    $(DESTDIR)$(SYSUSERSDIR)/ipcd.conf $(DESTDIR)$(TMPFILESDIR)/ipcd.conf \
 	    $(DESTDIR)/etc/logrotate.d/ipcd $(DESTDIR)/etc/cron.d/ipcd-example \
 	    $(DESTDIR)$(MANDIR)/man1/ipcctl.1 $(DESTDIR)$(MANDIR)/man5/ipcd.toml.5 \

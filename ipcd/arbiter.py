@@ -33,6 +33,7 @@ from types import FrameType
 from ipcd import config as config_mod
 from ipcd import log as log_mod
 from ipcd import registry as registry_mod
+from ipcd import stats as stats_mod
 from ipcd.errors import IpcdError
 from ipcd.inflight import State
 from ipcd.outcome import Outcomes
@@ -77,6 +78,7 @@ class Arbiter:
         self.flags = flags
         self.log = log_mod.get_logger(role="master")
         self.pool = Pool(free_slots=list(range(prepared.table.workers)))
+        self.stats = prepared.stats.for_master()
         self.outcomes = Outcomes(
             store=prepared.store,
             failed=prepared.failed,
@@ -84,6 +86,7 @@ class Arbiter:
             log=self.log,
             events=log_mod.Events(prepared.sink, prepared.config.log.level, role="master"),
             unique=prepared.unique,
+            stats=self.stats,
         )
         self.recovery = Recovery(prepared, self.outcomes, self.log)
         self.started = time.time()
@@ -210,6 +213,7 @@ class Arbiter:
                 )
             )
         self.pool.workers[pid] = WorkerInfo(pid, slot, self.pool.generation, time.time())
+        self.stats.bump(stats_mod.WORKERS_STARTED)
         self.log.info("worker.started", pid=pid, slot=slot, generation=self.pool.generation)
 
     def _reap(self) -> None:
@@ -248,6 +252,7 @@ class Arbiter:
         if expected:
             return
         self.pool.restarts += 1
+        self.stats.bump(stats_mod.WORKER_RESTARTS)
         if lived < YOUNG:
             self.pool.backoff = min(self.pool.backoff * 2, MAX_BACKOFF)
             self.pool.next_spawn = time.time() + self.pool.backoff
@@ -339,6 +344,7 @@ class Arbiter:
             restart_needed.append("daemon.workers")
             fresh = fresh._replace(daemon=fresh.daemon._replace(workers=p.config.daemon.workers))
         p.config, p.registry = fresh, registry
+        self._count_reload(registry)
         old = [w for w in self.pool.workers.values() if not w.retiring]
         self.pool.generation += 1
         self.pool.next_spawn = 0.0
@@ -352,6 +358,14 @@ class Arbiter:
             replaced=len(old),
             restart_needed=restart_needed or None,
         )
+
+    def _count_reload(self, registry: registry_mod.Registry) -> None:
+        """Give new handlers their stats columns before the new workers start."""
+        full = self.p.stats.register((r.name, r.type) for r in registry.by_type.values())
+        if full:
+            self.log.warning("stats.columns_full", uncounted_as="-", handlers=full)
+        self.stats.refresh()
+        self.stats.bump(stats_mod.RELOADS)
 
     def _shutdown(self) -> None:
         """Let every worker finish its job, up to graceful_timeout; kill the rest."""

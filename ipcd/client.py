@@ -33,7 +33,7 @@ from ipcd.keys import Keys, derive
 from ipcd.protocol import Payload
 from ipcd.results import Header, Result
 from ipcd.resultstore import ResultStore
-from ipcd.shm import Gate
+from ipcd.shm import Gate, Segment
 
 if TYPE_CHECKING:
     # Imported where used: the submit path that cron scripts take does not need them.
@@ -91,6 +91,8 @@ class Client:
         self._gate: Gate | None = None
         #: Notifications that arrived while waiting for another of this client's jobs.
         self._notified: set[bytes] = set()
+        #: Segments status() attached, for close().
+        self._attached: list[Segment] = []
 
     @property
     def keys(self) -> Keys:
@@ -257,6 +259,7 @@ class Client:
             failed = FailedList.open(self.keys.failed)
         except NotRunningError:
             return status
+        self._attached += [table.segment, failed.store.segment]
         live = tuple(w for w in table.worker_views() if w.pid and status.daemon_running())
         return status._replace(
             workers=live,
@@ -264,6 +267,20 @@ class Client:
             failed=len(failed.entries()),
             failed_dropped=failed.dropped(),
         )
+
+    def close(self) -> None:
+        """Detach every segment this client attached and forget the objects it opened.
+
+        The kernel keeps a segment attached until the process detaches it or exits, so a
+        long-running caller (``ipcctl status --watch``) closes after each look; the next
+        look opens the objects anew, also those a restarted daemon made.
+        """
+        if self._store is not None:
+            self._attached.append(self._store.segment)
+        for segment in self._attached:
+            segment.close()
+        self._attached.clear()
+        self._queue = self._store = None
 
     def failed(self) -> tuple[list[FailedJob], int]:
         """The failed list, oldest first, and how many older entries were dropped."""

@@ -37,6 +37,8 @@ class ExitCode(enum.IntEnum):
     SOFTWARE = 70
     #: ``ipcd start``: another instance holds the PID file (EX_CANTCREAT).
     ALREADY_RUNNING = 73
+    #: ``ipcctl stats --output``: the file cannot be written (EX_CANTCREAT).
+    CANT_CREATE = 73
     #: The queue stayed full for the whole timeout; the job was not accepted (EX_TEMPFAIL).
     QUEUE_FULL = 75
     #: Permission denied on the IPC objects or files (EX_NOPERM).
@@ -81,6 +83,12 @@ class AlreadyRunningError(IpcdError, RuntimeError):
     """Another daemon instance holds the PID file."""
 
     exit_code = ExitCode.ALREADY_RUNNING
+
+
+class OutputError(IpcdError, OSError):
+    """An output file (``ipcctl stats --output``) cannot be written."""
+
+    exit_code = ExitCode.CANT_CREATE
 
 
 class IpcPermissionError(IpcdError, PermissionError):

@@ -9,6 +9,7 @@ gives, so a client that only knows ``ftok`` computes them the same way:
     n = 2  the result gate, a semaphore pulsed after every result
     n = 3  the in-flight table (segment) and its semaphore: jobs workers hold
     n = 4  the failed list (segment) and its semaphore: jobs that used all attempts
+    n = 5  the stats segment (no semaphore): job and worker counters (ipcd.stats)
     n = 6  the unique-key table (segment) and its semaphore: keys of cron-safe jobs
            waiting or running (``ipcctl submit --unique``)
 
@@ -32,6 +33,7 @@ REPLY_KEY_OFFSET = 0x01000000
 GATE_KEY_OFFSET = 0x02000000
 INFLIGHT_KEY_OFFSET = 0x03000000
 FAILED_KEY_OFFSET = 0x04000000
+STATS_KEY_OFFSET = 0x05000000
 UNIQUE_KEY_OFFSET = 0x06000000
 
 
@@ -43,6 +45,7 @@ class Keys(NamedTuple):
     gate: int
     inflight: int
     failed: int
+    stats: int
     unique: int
     how: str
 
@@ -53,7 +56,9 @@ class Keys(NamedTuple):
 
     def all(self) -> tuple[int, ...]:
         """Every key ipcd makes objects at (for cleaning up and for the squatting check)."""
-        return (self.jobs, self.replies, self.gate, self.inflight, self.failed, self.unique)
+        return (
+            self.jobs, self.replies, self.gate, self.inflight, self.failed, self.stats, self.unique
+        )  # fmt: skip
 
 
 def ftok(path: os.PathLike[str] | str, proj_id: int) -> int:
@@ -91,6 +96,7 @@ def derive(ipc: IpcConfig, *, create_key_file: bool = False) -> Keys:
         gate=(jobs + GATE_KEY_OFFSET) & 0xFFFFFFFF,
         inflight=(jobs + INFLIGHT_KEY_OFFSET) & 0xFFFFFFFF,
         failed=(jobs + FAILED_KEY_OFFSET) & 0xFFFFFFFF,
+        stats=(jobs + STATS_KEY_OFFSET) & 0xFFFFFFFF,
         unique=(jobs + UNIQUE_KEY_OFFSET) & 0xFFFFFFFF,
         how=how,
     )

@@ -19,6 +19,7 @@ from ipcd.log import Events, Logger
 from ipcd.protocol import Job
 from ipcd.results import Kind, Result, Status, too_large
 from ipcd.resultstore import ResultStore
+from ipcd.stats import NullRecorder, Recorder
 from ipcd.unique import UniqueTable
 
 
@@ -75,6 +76,7 @@ class Outcomes:
         log: Logger,
         events: Events,
         unique: UniqueTable | None = None,
+        stats: Recorder | None = None,
     ) -> None:
         self.store = store
         self.failed = failed
@@ -83,6 +85,8 @@ class Outcomes:
         self.events = events
         #: The daemon's unique-key table: a final outcome frees the job's key.
         self.unique = unique
+        #: This process's record in the stats segment (ipcd.stats).
+        self.stats = stats if stats is not None else NullRecorder()
 
     def finish(
         self,
@@ -135,6 +139,7 @@ class Outcomes:
         """
         if job.reply_to is not None:
             self.notify(job.reply_to, job.id)
+        self.stats.done(handler, result.ok, started)
         event: dict[str, Any] = {
             "job_id": job.id,
             "type": job.type,

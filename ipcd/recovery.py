@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from ipcd import protocol
+from ipcd import protocol, stats
 from ipcd.errors import MessageError
 from ipcd.inflight import Held
 from ipcd.log import Logger
@@ -31,6 +31,7 @@ class Recovery:
     def _recover(self, held: Held, *, cause: str, timed_out: bool) -> None:
         """Finish or re-run the job a dead worker held (at-least-once)."""
         started = time.monotonic()
+        self.outcomes.stats.bump(stats.JOBS_RECOVERED)
         try:
             job = protocol.decode(held.body, held.type, received=time.time())
         except MessageError as exc:
@@ -73,6 +74,7 @@ class Recovery:
                 handler=self._handler_name(job), started=time.monotonic(),
             )  # fmt: skip
             return
+        self.outcomes.stats.bump(stats.JOBS_REQUEUED)
         if not again.placed:
             # Every parked slot is taken and the queue is full: the job stays where it is,
             # in the dead worker's slot, parked; that slot takes no new worker meanwhile.

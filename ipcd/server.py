@@ -26,6 +26,7 @@ from ipcd.ipc import Queue, msgmax
 from ipcd.keys import Keys
 from ipcd.registry import Registry
 from ipcd.resultstore import ResultStore
+from ipcd.stats import StatsSegment
 from ipcd.unique import UniqueTable
 from ipcd.vetting import TRUSTED_UIDS
 
@@ -44,6 +45,7 @@ class Prepared:
     registry: Registry
     sink: log_mod.Sink
     identity: identity.Identity
+    stats: StatsSegment
     unique: UniqueTable
 
 
@@ -80,6 +82,9 @@ def prepare(config: Config, *, console: TextIO | None) -> Prepared:
         if not table.park(held.type, held.body, held.job_id, held.attempt, time.time()):
             queue.send_nowait(held.body, held.type)
     unique = _unique_table(keys.unique, mode, queue, table)
+    stats = StatsSegment.create(
+        keys.stats, mode, table.workers, [(r.name, r.type) for r in registry.by_type.values()]
+    )
     _load_lazy_modules()
     vetting.adopt_all(
         keys.all(),
@@ -89,7 +94,9 @@ def prepare(config: Config, *, console: TextIO | None) -> Prepared:
     )
     if config.log.file is not None:
         identity.hand_over(who, [config.log.file])
-    return Prepared(config, keys, queue, replies, store, table, failed, registry, sink, who, unique)
+    return Prepared(
+        config, keys, queue, replies, store, table, failed, registry, sink, who, stats, unique
+    )  # fmt: skip
 
 
 def _unique_table(key: int, mode: int, queue: Queue, table: InflightTable) -> UniqueTable:

@@ -22,51 +22,50 @@ from ipcd.vetting import ObjectInfo, check_safe, open_or_create
 class Segment:
     """A SysV shared-memory segment, attached, with a memoryview over it."""
 
-    def __init__(self, shm: sysv_ipc.SharedMemory, key: int) -> None:
+    def __init__(self, shm: sysv_ipc.SharedMemory, key: int, what: str = "result segment") -> None:
         self._shm = shm
         self.key = key
+        self.what = what
         self.buf = memoryview(shm)
         self.size = shm.size
         #: Where the segment is attached in this process (for receive_into).
         self.address: int = shm.address
 
     @classmethod
-    def open(cls, key: int) -> Segment:
+    def open(cls, key: int, what: str = "result segment") -> Segment:
         try:
             shm = sysv_ipc.SharedMemory(as_key_t(key), 0)
         except sysv_ipc.ExistentialError:
             raise NotRunningError(
-                f"no result segment at key {key:#010x}: is ipcd running with this configuration?"
+                f"no {what} at key {key:#010x}: is ipcd running with this configuration?"
             ) from None
         except sysv_ipc.PermissionsError:
             raise IpcPermissionError(
-                f"permission denied attaching the result segment at key {key:#010x}"
+                f"permission denied attaching the {what} at key {key:#010x}"
             ) from None
-        return cls(shm, key)
+        return cls(shm, key, what)
 
     @classmethod
-    def create(cls, key: int, mode: int, size: int) -> tuple[Segment, bool]:
+    def create(
+        cls, key: int, mode: int, size: int, what: str = "result segment"
+    ) -> tuple[Segment, bool]:
         """Create the segment (zero-filled) or open the existing one; says whether it is new."""
         try:
             shm = sysv_ipc.SharedMemory(as_key_t(key), sysv_ipc.IPC_CREX, mode, size)
             created = True
         except sysv_ipc.ExistentialError:
-            shm = open_or_create(
-                lambda flags: sysv_ipc.SharedMemory(as_key_t(key), 0), "result segment", key
-            )
+            shm = open_or_create(lambda flags: sysv_ipc.SharedMemory(as_key_t(key), 0), what, key)
             created = False
         except sysv_ipc.PermissionsError:
             raise IpcPermissionError(
-                f"permission denied creating the result segment at key {key:#010x}"
+                f"permission denied creating the {what} at key {key:#010x}"
             ) from None
-        segment = cls(shm, key)
+        segment = cls(shm, key, what)
         check_safe(segment.info(), mode)
         return segment, created
 
     def info(self) -> ObjectInfo:
-        return ObjectInfo(
-            "result segment", self.key, self._shm.uid, self._shm.gid, self._shm.mode & 0o777
-        )
+        return ObjectInfo(self.what, self.key, self._shm.uid, self._shm.gid, self._shm.mode & 0o777)
 
     def close(self) -> None:
         self.buf.release()

@@ -205,6 +205,7 @@ class Worker:
             reason=retry.reason,
             kept_in_worker=not again.placed,
         )
+        self.outcomes.stats.retried(handler)
         if again.placed:
             self.wake_master()
             return None
@@ -212,6 +213,7 @@ class Worker:
         return job._replace(attempt=attempt), again.body, delay
 
     def _reject(self, exc: MessageError, body: bytes, type_: int) -> None:
+        self.outcomes.stats.rejected()
         self.log.warning(
             "job.rejected",
             job_id=exc.job_id,
@@ -299,6 +301,7 @@ def worker_process(  # pragma: no cover - runs in the forked worker
                 log=log,
                 events=events,
                 unique=prepared.unique,
+                stats=prepared.stats.for_worker(slot),
             ),
             registry=prepared.registry,
             flags=flags,

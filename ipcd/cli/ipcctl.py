@@ -13,7 +13,7 @@ import time
 from ipcd import config as config_mod
 from ipcd.cli import parser as cli_parser
 from ipcd.cli import run
-from ipcd.client import Client, Status
+from ipcd.client import Client
 from ipcd.errors import ExitCode, JobFailedError, PayloadError
 from ipcd.protocol import Payload
 from ipcd.results import Kind, Result, require
@@ -21,9 +21,10 @@ from ipcd.results import Kind, Result, require
 EPILOG = """exit status:
   0 success, 1 the job failed, 4 already queued (--unique: a job with that key waits or
   runs; its id is on stderr; nothing was queued), 64 usage error, 65 bad payload,
-  66 no such result, 69 daemon or queue not there, 75 queue full (job not accepted),
-  77 permission denied, 70 internal error (a bug: please report), 78 bad configuration,
-  124 timed out waiting
+  66 no such result, 69 daemon or queue not there (status, stats: no daemon running;
+  stats --prometheus exits 0 and prints ipcd_up 0), 73 cannot write the --output file,
+  75 queue full (job not accepted), 77 permission denied,
+  70 internal error (a bug: please report), 78 bad configuration, 124 timed out waiting
 """
 
 
@@ -64,8 +65,29 @@ def build_parser() -> argparse.ArgumentParser:
     _wait_options(result)
     result.add_argument("--json", action="store_true", help="print the whole result as JSON")
 
-    status = sub.add_parser("status", help="queue depth, result segment use, daemon")
+    status = sub.add_parser("status", help="queue depth, result segment use, daemon, workers")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "--watch",
+        type=_positive_seconds,
+        nargs="?",
+        const=1.0,
+        metavar="S",
+        help="refresh every S seconds (default 1) until Ctrl-C, like top",
+    )
+
+    stats = sub.add_parser("stats", help="job counters and gauges (--prometheus for node_exporter)")
+    form = stats.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="one JSON document")
+    form.add_argument(
+        "--prometheus", action="store_true", help="the Prometheus text format; exits 0 when down"
+    )
+    stats.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="write to FILE atomically (a temporary file renamed into place)",
+    )
 
     failed = sub.add_parser("failed", help="list jobs that failed for good, and why")
     failed.add_argument("--json", action="store_true", help="one JSON document")
@@ -108,8 +130,8 @@ def main(argv: list[str]) -> int:
         return _submit(client, args)
     if args.command == "result":
         return _result(client, args)
-    if args.command == "status":
-        return _status(client, args.json)
+    if args.command in ("status", "stats"):
+        return _look(client, args)
     if args.command == "failed":
         return _failed(client, args.json)
     if args.command == "retry":
@@ -121,9 +143,21 @@ def main(argv: list[str]) -> int:
     print(f"result gate (semaphore):       {keys.gate:#010x}")
     print(f"in-flight table and semaphore: {keys.inflight:#010x}")
     print(f"failed list and semaphore:     {keys.failed:#010x}")
+    print(f"stats segment:                 {keys.stats:#010x}")
     print(f"unique keys and semaphore:     {keys.unique:#010x}")
     print(f"derived from: {keys.how}")
     return 0
+
+
+def _look(client: Client, args: argparse.Namespace) -> int:
+    """``status`` and ``stats``, imported here: not on the submit path cron scripts take."""
+    from ipcd.cli import status as status_cli
+
+    if args.command == "status":
+        return status_cli.show_status(client, as_json=args.json, watch=args.watch)
+    return status_cli.show_stats(
+        client, as_json=args.json, prometheus=args.prometheus, output=args.output
+    )
 
 
 def _submit(client: Client, args: argparse.Namespace) -> int:
@@ -184,77 +218,6 @@ def _print_result(result: Result, *, as_json: bool) -> int:
     else:
         sys.stdout.write(json.dumps(result.value()) + "\n")
     return 0
-
-
-def _status(client: Client, as_json: bool) -> int:
-    status = client.status()
-    if as_json:
-        print(json.dumps(_status_doc(status)))
-        return 0 if status.daemon_running() else int(ExitCode.UNAVAILABLE)
-    q, header = status.queue, status.results
-    print(
-        f"queue      {status.keys.jobs:#010x}: {q.messages} messages, "
-        f"{q.bytes} of {q.max_bytes} bytes, mode {q.mode:#o}"
-    )
-    if header is not None:
-        print(
-            f"results    {min(header.next_seq, header.slot_count)} of {header.slot_count} "
-            f"slots used, {header.ok_count} ok / {header.error_count} errors since created"
-        )
-    if header is not None and status.daemon_running():
-        print(f"daemon     pid {header.daemon_pid}, up {time.time() - header.started:.0f}s")
-        now = time.time()
-        for w in status.workers:
-            doing = f"job {w.job_id} for {now - w.started:.1f}s" if w.job_id else "idle"
-            print(f"worker     pid {w.pid}: {doing}, {w.jobs_done} jobs done")
-        dropped = f" ({status.failed_dropped} older dropped)" if status.failed_dropped else ""
-        print(f"jobs       {status.parked} waiting to retry, {status.failed} failed{dropped}")
-        return 0
-    print("daemon     not running (jobs wait in the queue for the next start)")
-    return int(ExitCode.UNAVAILABLE)
-
-
-def _status_doc(status: Status) -> dict[str, object]:
-    header = status.results
-    q = status.queue
-    daemon: dict[str, object] = {"running": status.daemon_running()}
-    if header is not None and status.daemon_running():
-        daemon.update(pid=header.daemon_pid, uptime_s=round(time.time() - header.started, 3))
-    results: dict[str, object] | None = None
-    if header is not None:
-        results = {
-            "slots": header.slot_count,
-            "slot_size": header.slot_size,
-            "stored": min(header.next_seq, header.slot_count),
-            "written": header.next_seq,
-            "ok": header.ok_count,
-            "errors": header.error_count,
-            "bytes": status.results_size,
-        }
-    return {
-        "workers": [
-            {
-                "pid": w.pid,
-                "state": "busy" if w.job_id else "idle",
-                "job_id": w.job_id or None,
-                "running_s": round(time.time() - w.started, 3) if w.job_id else None,
-                "jobs_done": w.jobs_done,
-            }
-            for w in status.workers
-        ],
-        "parked": status.parked,
-        "failed": status.failed,
-        "failed_dropped": status.failed_dropped,
-        "key": f"{status.keys.jobs:#010x}",
-        "queue": {
-            "messages": q.messages,
-            "bytes": q.bytes,
-            "max_bytes": q.max_bytes,
-            "mode": f"{q.mode:#o}",
-        },
-        "results": results,
-        "daemon": daemon,
-    }
 
 
 def _failed(client: Client, as_json: bool) -> int:

@@ -1,0 +1,430 @@
+"""The stats segment: job and worker counters every process of the daemon adds to.
+
+Counters must outlive the process that counts (a worker may die at any moment) and be
+readable by ``ipcctl stats`` without asking the daemon anything, so they live in a
+shared-memory segment at ``K + 5 * 0x01000000``, next to the daemon's other objects.
+Each worker slot of the in-flight table has a record of its own and the master has one:
+every record has a single writer, so counting takes no lock, and readers add the
+records up.  A record carries a sequence number, odd while its writer updates it
+(a seqlock): a reader copies the record and keeps the copy only if the number was the
+same even value before and after.  The counts are cumulative since the segment was
+formatted, which the daemon does at each start.
+
+Layout (little-endian; docs/protocol.md has it for other languages)::
+
+    header, 64 bytes
+      magic         8s   b"IPCDSTA\\0"
+      version       u32  1
+      header_size   u32  offset of record 0 (header, bounds and handler table)
+      records       u32  record 0 is the master's, record i + 1 worker slot i's
+      columns       u32  handler columns per record; column 0 is "-" (no handler)
+      bounds        u32  B, the number of finite histogram bounds
+      record_size   u32
+      handlers      u32  columns named so far (the table grows, it never reorders)
+      name_size     u32  bytes of a name in the handler table (48)
+      created       f64  when the counting started (Unix time)
+      zeros
+    bounds: B f64 at offset 64, the upper bounds (``le``) of the duration buckets
+    handler table: ``columns`` entries of {type i64, name name_size bytes, NUL-padded}
+    record: seq u64, master counters 8 u64 (workers_started, worker_restarts,
+            jobs_recovered, jobs_requeued, reloads, 3 reserved; zero outside record 0),
+            then per column: ok, error, retried, rejected u64;
+            B + 1 bucket counts u64 (not cumulative; the last is +Inf); sum f64 seconds
+
+A handler keeps its column for the segment's life: a reload that adds handlers appends
+columns, so counts are never relabelled.
+"""
+
+from __future__ import annotations
+
+import bisect
+import struct
+import time
+from collections.abc import Iterable
+from typing import NamedTuple
+
+from ipcd.shm import Segment
+from ipcd.vetting import refuse_world_writable
+
+MAGIC = b"IPCDSTA\0"
+VERSION = 1
+HEADER = struct.Struct("<8sIIIIIIIId")
+HEADER_SIZE = 64
+NAME_SIZE = 48
+ENTRY = struct.Struct(f"<q{NAME_SIZE}s")
+SEQ = struct.Struct("<Q")
+_HANDLERS_OFFSET = 32  # of the header's ``handlers`` count
+#: Upper bounds of the job-duration buckets, in seconds (Prometheus ``le``).
+BOUNDS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0)
+#: How a job ended, in column order.  ``error`` is a final error result (the job failed
+#: for good), ``retried`` an attempt that asked for another run, ``rejected`` a message
+#: that could not be decoded (counted under "-").
+OUTCOMES = ("ok", "error", "retried", "rejected")
+OK, ERROR, RETRIED, REJECTED = range(4)
+#: The master's counters, in record order.
+MASTER_COUNTERS = (
+    "workers_started",
+    "worker_restarts",
+    "jobs_recovered",
+    "jobs_requeued",
+    "reloads",
+)
+WORKERS_STARTED, WORKER_RESTARTS, JOBS_RECOVERED, JOBS_REQUEUED, RELOADS = range(5)
+MASTER_SLOTS = 8
+MASTER = struct.Struct(f"<{MASTER_SLOTS}Q")
+#: The name of column 0: jobs no handler ran (unknown type, undecodable message).
+NO_HANDLER = "-"
+#: Handler columns a new segment has room for, at the least.
+MIN_COLUMNS = 64
+
+assert HEADER.size <= HEADER_SIZE
+
+
+def bucket_index(bounds: tuple[float, ...], seconds: float) -> int:
+    """The bucket a duration falls in: the first bound at or above it (``le``), else
+    ``len(bounds)``, the +Inf bucket."""
+    return bisect.bisect_left(bounds, seconds)
+
+
+def column_struct(bounds: int) -> struct.Struct:
+    return struct.Struct(f"<{len(OUTCOMES) + bounds + 1}Qd")
+
+
+def record_size(columns: int, bounds: int) -> int:
+    return SEQ.size + MASTER.size + columns * column_struct(bounds).size
+
+
+def header_size(columns: int, bounds: int) -> int:
+    return (HEADER_SIZE + 8 * bounds + columns * ENTRY.size + 63) // 64 * 64
+
+
+def segment_size(records: int, columns: int, bounds: int = len(BOUNDS)) -> int:
+    return header_size(columns, bounds) + records * record_size(columns, bounds)
+
+
+def columns_for(handlers: int) -> int:
+    """Room for every handler now and for reloads that add as many again."""
+    return max(MIN_COLUMNS, 2 * (handlers + 1))
+
+
+class Header(NamedTuple):
+    records: int
+    columns: int
+    bounds: tuple[float, ...]
+    record_size: int
+    handlers: int
+    created: float
+    header_size: int
+
+    def record_offset(self, index: int) -> int:
+        return self.header_size + index * self.record_size
+
+
+def format_segment(buf: memoryview | bytearray, records: int, columns: int, created: float) -> None:
+    """Zero the segment and write an empty layout whose only named column is "-"."""
+    bounds = len(BOUNDS)
+    buf[:] = bytes(len(buf))
+    struct.pack_into(f"<{bounds}d", buf, HEADER_SIZE, *BOUNDS)
+    HEADER.pack_into(
+        buf, 0, MAGIC, VERSION, header_size(columns, bounds), records, columns, bounds,
+        record_size(columns, bounds), 0, NAME_SIZE, created,
+    )  # fmt: skip
+    register(buf, [(NO_HANDLER, 0)])
+
+
+def read_header(buf: memoryview | bytearray | bytes) -> Header | None:
+    """The header, or None if the buffer does not hold a stats layout this code reads."""
+    if len(buf) < HEADER_SIZE:
+        return None
+    magic, version, hsize, records, columns, nbounds, rsize, handlers, nsize, created = (
+        HEADER.unpack_from(buf, 0)
+    )
+    if (
+        magic != MAGIC
+        or version != VERSION
+        or nsize != NAME_SIZE
+        or hsize != header_size(columns, nbounds)
+        or rsize != record_size(columns, nbounds)
+        or handlers > columns
+        or hsize + records * rsize > len(buf)
+    ):
+        return None
+    bounds = struct.unpack_from(f"<{nbounds}d", buf, HEADER_SIZE)
+    return Header(records, columns, bounds, rsize, handlers, created, hsize)
+
+
+def _table_offset(header: Header, column: int) -> int:
+    return HEADER_SIZE + 8 * len(header.bounds) + column * ENTRY.size
+
+
+def handler_names(buf: memoryview | bytearray | bytes) -> list[tuple[str, int]]:
+    """(name, message type) of every named column, in column order."""
+    header = read_header(buf)
+    if header is None:
+        return []
+    out = []
+    for column in range(header.handlers):
+        type_, raw = ENTRY.unpack_from(buf, _table_offset(header, column))
+        out.append((raw.rstrip(b"\0").decode("utf-8", "replace"), type_))
+    return out
+
+
+def register(buf: memoryview | bytearray, handlers: Iterable[tuple[str, int]]) -> list[str]:
+    """Give each handler not yet named a column; returns the names there was no room for.
+
+    Only the master calls this (at start and at each reload), so the table has one
+    writer.  An entry is written before the count that publishes it.
+    """
+    header = read_header(buf)
+    assert header is not None
+    known = {name: column for column, (name, _) in enumerate(handler_names(buf))}
+    used = header.handlers
+    left_out = []
+    for name, type_ in handlers:
+        raw = name.encode("utf-8")[:NAME_SIZE]
+        column = known.get(name)
+        if column is None and used >= header.columns:
+            left_out.append(name)
+            continue
+        if column is None:
+            column = used
+            used += 1
+            known[name] = column
+        ENTRY.pack_into(buf, _table_offset(header, column), type_, raw)
+        struct.pack_into("<I", buf, _HANDLERS_OFFSET, used)
+    return left_out
+
+
+class Recorder:
+    """Adds to one record; the only writer of that record.
+
+    The worker slot's record outlives the worker: a new worker in the slot goes on from
+    what the last one counted.  Durations are measured from the ``started`` that the
+    caller passes (``time.monotonic()``); a recorder with ``timed=False`` (the master's,
+    which finishes jobs whose worker died and cannot know how long they ran) counts
+    outcomes only.
+    """
+
+    def __init__(self, buf: memoryview | bytearray, index: int, *, timed: bool = True) -> None:
+        header = read_header(buf)
+        if header is None or not 0 <= index < header.records:
+            raise ValueError("not a stats segment, or no such record")
+        self._buf = buf
+        self._header = header
+        self._offset = header.record_offset(index)
+        self._column = column_struct(len(header.bounds))
+        self._bounds = header.bounds
+        self._timed = timed
+        self._columns: dict[str, int] = {}
+        self._values: dict[int, list[float]] = {}
+        (self._seq,) = SEQ.unpack_from(buf, self._offset)
+        if self._seq & 1:  # its last writer died in the middle of an update
+            self._seq += 1
+            SEQ.pack_into(buf, self._offset, self._seq)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Read the handler table again (the master, after a reload registered more)."""
+        names = handler_names(self._buf)
+        self._columns = {name: column for column, (name, _) in enumerate(names)}
+
+    def done(self, handler: str, ok: bool, started: float) -> None:
+        """A job ended with a final result (the one call on a job's path)."""
+        column = self._columns.get(handler, 0)
+        values = self._values.get(column) or self._load(column)
+        values[OK if ok else ERROR] += 1
+        if self._timed:
+            seconds = time.monotonic() - started
+            values[len(OUTCOMES) + bucket_index(self._bounds, seconds)] += 1
+            values[-1] += seconds
+        self._write(column, values)
+
+    def retried(self, handler: str) -> None:
+        column = self._columns.get(handler, 0)
+        values = self._values.get(column) or self._load(column)
+        values[RETRIED] += 1
+        self._write(column, values)
+
+    def rejected(self) -> None:
+        values = self._values.get(0) or self._load(0)
+        values[REJECTED] += 1
+        self._write(0, values)
+
+    def bump(self, counter: int) -> None:
+        """Add one to a master counter (WORKERS_STARTED, WORKER_RESTARTS, ...)."""
+        offset = self._offset + SEQ.size + 8 * counter
+        self._seq += 1
+        SEQ.pack_into(self._buf, self._offset, self._seq)
+        (value,) = SEQ.unpack_from(self._buf, offset)
+        SEQ.pack_into(self._buf, offset, value + 1)
+        self._seq += 1
+        SEQ.pack_into(self._buf, self._offset, self._seq)
+
+    def _column_offset(self, column: int) -> int:
+        return self._offset + SEQ.size + MASTER.size + column * self._column.size
+
+    def _load(self, column: int) -> list[float]:
+        values: list[float] = list(self._column.unpack_from(self._buf, self._column_offset(column)))
+        self._values[column] = values
+        return values
+
+    def _write(self, column: int, values: list[float]) -> None:
+        self._seq += 1
+        SEQ.pack_into(self._buf, self._offset, self._seq)
+        self._column.pack_into(self._buf, self._column_offset(column), *values)
+        self._seq += 1
+        SEQ.pack_into(self._buf, self._offset, self._seq)
+
+
+class NullRecorder(Recorder):
+    """Counts nothing: for Outcomes made without a stats segment (tests, tools)."""
+
+    def __init__(self) -> None:
+        pass
+
+    def refresh(self) -> None:
+        pass
+
+    def done(self, handler: str, ok: bool, started: float) -> None:
+        pass
+
+    def retried(self, handler: str) -> None:
+        pass
+
+    def rejected(self) -> None:
+        pass
+
+    def bump(self, counter: int) -> None:
+        pass
+
+
+class HandlerTotals(NamedTuple):
+    """One handler's counts, summed over every record."""
+
+    name: str
+    type: int
+    outcomes: dict[str, int]
+    #: Per-bucket counts (not cumulative), the last one for +Inf.
+    buckets: tuple[int, ...]
+    seconds: float
+
+    @property
+    def finished(self) -> int:
+        return self.outcomes["ok"] + self.outcomes["error"]
+
+
+class Snapshot(NamedTuple):
+    """Everything the segment counted, added up."""
+
+    created: float
+    bounds: tuple[float, ...]
+    handlers: tuple[HandlerTotals, ...]
+    master: dict[str, int]
+
+    @property
+    def finished(self) -> int:
+        """Jobs that ended with a final result (ok or error)."""
+        return sum(h.finished for h in self.handlers)
+
+    def total(self, outcome: str) -> int:
+        return sum(h.outcomes[outcome] for h in self.handlers)
+
+
+#: How often a reader tries again while a record is being written.
+READ_TRIES = 1000
+
+
+def read_record(buf: memoryview | bytearray | bytes, offset: int, size: int) -> bytes:
+    """A consistent copy of one record (seqlock read).
+
+    A writer killed in the middle of an update leaves the number odd until the next
+    worker in its slot starts; after READ_TRIES the record is taken as it is.
+    """
+    data = b""
+    for _ in range(READ_TRIES):
+        (before,) = SEQ.unpack_from(buf, offset)
+        if before & 1:
+            time.sleep(0)
+            continue
+        data = bytes(buf[offset : offset + size])
+        (after,) = SEQ.unpack_from(buf, offset)
+        if before == after:
+            return data
+    return bytes(buf[offset : offset + size])
+
+
+def snapshot(buf: memoryview | bytearray | bytes) -> Snapshot | None:
+    """Add up every record; None if the buffer holds no stats layout."""
+    header = read_header(buf)
+    if header is None:
+        return None
+    names = handler_names(buf)
+    column = column_struct(len(header.bounds))
+    sums: list[list[float]] = [[0] * (len(OUTCOMES) + len(header.bounds) + 2) for _ in names]
+    master = [0] * MASTER_SLOTS
+    for index in range(header.records):
+        data = read_record(buf, header.record_offset(index), header.record_size)
+        for i, value in enumerate(MASTER.unpack_from(data, SEQ.size)):
+            master[i] += value
+        for c in range(len(names)):
+            values = column.unpack_from(data, SEQ.size + MASTER.size + c * column.size)
+            row = sums[c]
+            for i, value in enumerate(values):
+                row[i] += value
+    n = len(OUTCOMES)
+    handlers = tuple(
+        HandlerTotals(
+            name,
+            type_,
+            {outcome: int(row[i]) for i, outcome in enumerate(OUTCOMES)},
+            tuple(int(v) for v in row[n:-1]),
+            float(row[-1]),
+        )
+        for (name, type_), row in zip(names, sums, strict=True)
+    )
+    counters = {name: master[i] for i, name in enumerate(MASTER_COUNTERS)}
+    return Snapshot(header.created, header.bounds, handlers, counters)
+
+
+class StatsSegment:
+    """The stats layout over a live segment (the kernel side of this module)."""
+
+    def __init__(self, segment: Segment) -> None:
+        self.segment = segment
+        self.buf = segment.buf
+
+    @classmethod
+    def create(
+        cls, key: int, mode: int, workers: int, handlers: Iterable[tuple[str, int]]
+    ) -> StatsSegment:
+        """Make the segment for ``workers`` worker slots and the master, zeroed: counts
+        start again at each daemon start.  A segment of another size is made anew."""
+        named = list(handlers)
+        columns = columns_for(len(named))
+        size = segment_size(workers + 1, columns)
+        segment, created = Segment.create(key, mode, size, what="stats segment")
+        if not created and segment.size != size:
+            segment.remove()
+            segment, _ = Segment.create(key, mode, size, what="stats segment")
+        format_segment(segment.buf, workers + 1, columns, time.time())
+        register(segment.buf, named)
+        return cls(segment)
+
+    @classmethod
+    def open(cls, key: int) -> StatsSegment:
+        """Attach it to read (``ipcctl``); refuses a world-writable (planted) one."""
+        segment = Segment.open(key, what="stats segment")
+        refuse_world_writable(segment.info())
+        return cls(segment)
+
+    def register(self, handlers: Iterable[tuple[str, int]]) -> list[str]:
+        return register(self.buf, handlers)
+
+    def for_master(self) -> Recorder:
+        return Recorder(self.buf, 0, timed=False)
+
+    def for_worker(self, slot: int) -> Recorder:
+        return Recorder(self.buf, slot + 1)
+
+    def snapshot(self) -> Snapshot | None:
+        return snapshot(self.buf)
