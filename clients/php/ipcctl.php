@@ -100,6 +100,8 @@ function main(array $args): int
         printf("result gate (semaphore):       0x%08x\n", $client->gateKey());
         printf("in-flight table and semaphore: 0x%08x\n", ($client->key + 0x03000000) & 0xFFFFFFFF);
         printf("failed list and semaphore:     0x%08x\n", ($client->key + 0x04000000) & 0xFFFFFFFF);
+        printf("stats segment:                 0x%08x\n", ($client->key + 0x05000000) & 0xFFFFFFFF);
+        printf("unique keys and semaphore:     0x%08x\n", ($client->key + 0x06000000) & 0xFFFFFFFF);
         printf("derived from: %s\n", $client->how);
         return 0;
     }
