@@ -173,7 +173,7 @@ _ipcctl() {
         opts="-f --follow --job --type --level --since --json -n --lines --color"
         takes="--job --type --level --since -n --lines --color"
         ;;
-    stats) opts="--prometheus --json" ;;
+    stats) opts="--prometheus --json --output -o" ;;
     *) return 0 ;;
     esac
     if [[ $cur == -* ]]; then
