@@ -17,7 +17,7 @@ import os
 import time
 from typing import TYPE_CHECKING, NamedTuple
 
-from ipcd import protocol
+from ipcd import protocol, spill
 from ipcd.config import Config
 from ipcd.errors import (
     JobFailedError,
@@ -128,19 +128,17 @@ class Client:
         """
         type_ = handler if isinstance(handler, int) else self.config.handler_type(handler)
         job_id = protocol.new_job_id()
-        body = protocol.encode(
-            payload,
-            job_id=job_id,
-            reply_to=os.getpid() if notify else None,
-            timeout=job_timeout,
-        )
         if notify:
             self._reply_queue()  # fail before sending when no one could wake us
-        if delay:
-            self._park(type_, body, job_id, time.time() + delay)
-            return job_id
-        timeout = self.config.ipc.send_timeout if send_timeout is None else send_timeout
-        self.queue.send(body, type_, timeout=timeout)
+        reply_to = os.getpid() if notify else None
+        # A payload too large for one message goes to a segment of its own (ipcd.spill).
+        with spill.outgoing(self, payload, job_id=job_id, reply_to=reply_to,
+                            timeout=job_timeout) as body:  # fmt: skip
+            if delay:
+                self._park(type_, body, job_id, time.time() + delay)
+                return job_id
+            timeout = self.config.ipc.send_timeout if send_timeout is None else send_timeout
+            self.queue.send(body, type_, timeout=timeout)
         return job_id
 
     def _park(self, type_: int, body: bytes, job_id: str, due: float) -> None:

@@ -9,6 +9,10 @@ gives, so a client that only knows ``ftok`` computes them the same way:
     n = 2  the result gate, a semaphore pulsed after every result
     n = 3  the in-flight table (segment) and its semaphore: jobs workers hold
     n = 4  the failed list (segment) and its semaphore: jobs that used all attempts
+    n = 7  the spill table (segment) and its semaphore: payloads and results too large
+           for a message or a result slot, each in its own IPC_PRIVATE segment (ipcd.spill)
+
+(n = 5 and n = 6 are reserved for other parts of ipcd.)
 
 ``K`` is ``ftok(key_path, proj_id)`` or, when the config sets one, an explicit ``key``.
 ftok mixes the file's inode and device numbers, so the key file must never be rewritten
@@ -30,6 +34,7 @@ REPLY_KEY_OFFSET = 0x01000000
 GATE_KEY_OFFSET = 0x02000000
 INFLIGHT_KEY_OFFSET = 0x03000000
 FAILED_KEY_OFFSET = 0x04000000
+SPILL_KEY_OFFSET = 0x07000000
 
 
 class Keys(NamedTuple):
@@ -41,6 +46,7 @@ class Keys(NamedTuple):
     inflight: int
     failed: int
     how: str
+    spill: int = 0
 
     @property
     def results(self) -> int:
@@ -49,7 +55,7 @@ class Keys(NamedTuple):
 
     def all(self) -> tuple[int, ...]:
         """Every key ipcd makes objects at (for cleaning up and for the squatting check)."""
-        return (self.jobs, self.replies, self.gate, self.inflight, self.failed)
+        return (self.jobs, self.replies, self.gate, self.inflight, self.failed, self.spill)
 
 
 def ftok(path: os.PathLike[str] | str, proj_id: int) -> int:
@@ -88,6 +94,7 @@ def derive(ipc: IpcConfig, *, create_key_file: bool = False) -> Keys:
         inflight=(jobs + INFLIGHT_KEY_OFFSET) & 0xFFFFFFFF,
         failed=(jobs + FAILED_KEY_OFFSET) & 0xFFFFFFFF,
         how=how,
+        spill=(jobs + SPILL_KEY_OFFSET) & 0xFFFFFFFF,
     )
 
 

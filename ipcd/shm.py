@@ -1,8 +1,10 @@
 """The kernel border, part two: shared-memory segments and semaphores.
 
-The result ring, the in-flight table and the failed list each live in a segment guarded
-by a semaphore used as a lock (SEM_UNDO, so a holder that dies releases it); one more
-semaphore, the result gate, announces new results to waiting clients.
+The result ring, the in-flight table, the failed list and the spill table each live in a
+segment guarded by a semaphore used as a lock (SEM_UNDO, so a holder that dies releases
+it); one more semaphore, the result gate, announces new results to waiting clients.
+Large payloads and results live in segments of their own, made with IPC_PRIVATE (key 0)
+and known by their id (see ipcd.spill).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import TypeVar
 
 import sysv_ipc
 
-from ipcd.errors import IpcPermissionError, NotRunningError, WaitTimeoutError
+from ipcd.errors import IpcPermissionError, NotRunningError, PayloadError, WaitTimeoutError
 from ipcd.ipc import bounded
 from ipcd.keys import as_key_t
 from ipcd.vetting import ObjectInfo, check_safe, open_or_create
@@ -63,6 +65,42 @@ class Segment:
         check_safe(segment.info(), mode)
         return segment, created
 
+    @classmethod
+    def create_private(cls, size: int, mode: int) -> Segment:
+        """A new IPC_PRIVATE segment (key 0), attached; only its id names it."""
+        try:
+            shm = sysv_ipc.SharedMemory(sysv_ipc.IPC_PRIVATE, sysv_ipc.IPC_CREX, mode, size)
+        except sysv_ipc.PermissionsError:
+            raise IpcPermissionError("permission denied creating a spill segment") from None
+        except (sysv_ipc.Error, ValueError, OSError) as exc:  # ENOMEM, ENOSPC (shmmni), EINVAL
+            raise PayloadError(f"cannot create a spill segment of {size} bytes: {exc}") from None
+        return cls(shm, 0)
+
+    @classmethod
+    def attach_id(cls, shmid: int, *, readonly: bool = False) -> Segment | None:
+        """Attach the segment with this id; None when there is none (or it is not ours to
+        attach)."""
+        try:
+            shm = sysv_ipc.attach(shmid, None, sysv_ipc.SHM_RDONLY if readonly else 0)
+        except (sysv_ipc.ExistentialError, sysv_ipc.PermissionsError, ValueError, OSError):
+            return None
+        return cls(shm, shm.key & 0xFFFFFFFF)
+
+    @property
+    def id(self) -> int:
+        return int(self._shm.id)
+
+    def give_to(self, uid: int) -> None:
+        """Make ``uid`` the owner (IPC_SET; the creator or owner may, whatever the uid), so
+        that the daemon's workers may attach and remove what a client made."""
+        if self._shm.uid != uid:
+            try:
+                self._shm.uid = uid
+            except (sysv_ipc.PermissionsError, OSError):
+                raise IpcPermissionError(
+                    f"cannot hand spill segment {self.id} to uid {uid}"
+                ) from None
+
     def info(self) -> ObjectInfo:
         return ObjectInfo(
             "result segment", self.key, self._shm.uid, self._shm.gid, self._shm.mode & 0o777
@@ -78,6 +116,15 @@ class Segment:
         with contextlib.suppress(sysv_ipc.Error):
             self._shm.remove()
         self.close()
+
+
+def remove_id(shmid: int) -> bool:
+    """IPC_RMID the segment with this id; False when it is gone or not ours to remove."""
+    try:
+        sysv_ipc.remove_shared_memory(shmid)
+    except (sysv_ipc.ExistentialError, sysv_ipc.PermissionsError, OSError):
+        return False
+    return True
 
 
 _S = TypeVar("_S", bound="_Semaphore")

@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable
 
 from ipcd import log as log_mod
-from ipcd import protocol
+from ipcd import protocol, spill
 from ipcd.config import CONTROL_TYPE, Config
 from ipcd.errors import MessageError, RefusedPayloadError
 from ipcd.handlers import HandlerError, HandlerResult, Retry
@@ -142,6 +142,8 @@ class Worker:
             return  # a wake-up; signals carry the request itself
         try:
             job = protocol.decode(body, type_, received=time.time())
+            if job.spill is not None:  # the payload waits in a segment of its own
+                job = spill.load(job, self.outcomes.store.spills, self.config.jobs.max_payload)
         except MessageError as exc:
             self._reject(exc, body, type_)
             self.table.finished(self.slot)
