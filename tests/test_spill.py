@@ -22,6 +22,7 @@ from ipcd import spill
 from ipcd.client import Client
 from ipcd.errors import ExitCode, QueueFullError
 from ipcd.ipc import Queue
+from ipcd.protocol import JSONValue
 from ipcd.shm import Segment
 from ipcd.spill import SpillTable, State
 
@@ -105,7 +106,7 @@ def test_large_text_and_json_payloads_keep_their_kind(instance: Instance) -> Non
         value = client.call("digest", text, timeout=30).value()
         assert isinstance(value, dict)
         assert (value["kind"], value["sha256"]) == ("str", _digest(text.encode())["sha256"])
-        doc = {"rows": list(range(100_000))}
+        doc: JSONValue = {"rows": list(range(100_000))}
         value = client.call("digest", doc, timeout=30).value()
         assert isinstance(value, dict) and value["kind"] == "dict"
         raw = json.dumps(doc, separators=(",", ":")).encode()
