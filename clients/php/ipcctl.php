@@ -100,6 +100,7 @@ function main(array $args): int
         printf("result gate (semaphore):       0x%08x\n", $client->gateKey());
         printf("in-flight table and semaphore: 0x%08x\n", ($client->key + 0x03000000) & 0xFFFFFFFF);
         printf("failed list and semaphore:     0x%08x\n", ($client->key + 0x04000000) & 0xFFFFFFFF);
+        printf("spill table and semaphore:     0x%08x\n", ($client->key + 0x07000000) & 0xFFFFFFFF);
         printf("derived from: %s\n", $client->how);
         return 0;
     }

@@ -114,6 +114,7 @@ def main(argv: list[str]) -> int:
     print(f"result gate (semaphore):       {keys.gate:#010x}")
     print(f"in-flight table and semaphore: {keys.inflight:#010x}")
     print(f"failed list and semaphore:     {keys.failed:#010x}")
+    print(f"spill table and semaphore:     {keys.spill:#010x}")
     print(f"derived from: {keys.how}")
     return 0
 
