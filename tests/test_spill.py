@@ -43,6 +43,11 @@ target = "ipcd_test_plugins:digest_after_dying"
 
 [handlers.echo]
 type = 2
+
+[handlers.crash]
+type = 8
+target = "ipcd_test_plugins:crash"
+max_attempts = 1
 """
 
 
@@ -152,6 +157,30 @@ def test_ring_eviction_removes_a_spilled_result(instance: Instance) -> None:
         for n in range(4):
             assert client.call("echo", f"small {n}", timeout=30).ok
         assert client.result(big.job_id) is None
+        assert _in_use(instance) == []
+        assert not _segment_exists(entry.shmid)
+    finally:
+        _stop(instance)
+
+
+def test_failed_list_keeps_a_spilled_payload_until_it_drops_the_job(instance: Instance) -> None:
+    """A spilled job that failed for good keeps its segment while listed, ``ipcctl retry``
+    sends it again, and the segment goes when the list drops the job."""
+    client = _start(instance, "\n[jobs]\nfailed_size = 2\n")
+    try:
+        data = os.urandom(MIB)
+        failed = client.call("crash", data, timeout=30)
+        assert not failed.ok and "ZeroDivisionError" in failed.error
+        (entry,) = _in_use(instance)
+        assert (entry.state, entry.job_id) == (State.QUEUED, failed.job_id)
+        assert instance.ipcctl("retry", failed.job_id).returncode == 0
+        again = client.wait(failed.job_id, 30)
+        assert not again.ok and again.finished > failed.finished
+        assert [e.shmid for e in _in_use(instance)] == [entry.shmid]  # the same segment
+        for n in range(2):
+            assert not client.call("crash", f"small {n}", timeout=30).ok
+        listed = json.loads(instance.ipcctl("failed", "--json").stdout)["failed"]
+        assert failed.job_id not in [f["id"] for f in listed]
         assert _in_use(instance) == []
         assert not _segment_exists(entry.shmid)
     finally:
