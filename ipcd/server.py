@@ -70,7 +70,7 @@ def prepare(config: Config, *, console: TextIO | None) -> Prepared:
         keys.results, keys.gate, mode, config.results.size, config.results.slot_size
     )
     spills = SpillTable.create(keys.spill, mode, config.jobs.spill_slots)
-    spills.max_result, spills.mode = config.results.max_result, mode
+    spills.max_result, spills.mode, spills.gid = config.results.max_result, mode, who.object_gid
     store.spills = spills
     text_size = msgmax()
     failed = FailedList.create(keys.failed, mode, config.jobs.failed_size, text_size, spills)

@@ -10,6 +10,8 @@ and known by their id (see ipcd.spill).
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -19,6 +21,8 @@ from ipcd.errors import IpcPermissionError, NotRunningError, PayloadError, WaitT
 from ipcd.ipc import bounded
 from ipcd.keys import as_key_t
 from ipcd.vetting import ObjectInfo, check_safe, open_or_create
+
+_MADV_POPULATE_WRITE = 23
 
 
 class Segment:
@@ -67,13 +71,32 @@ class Segment:
 
     @classmethod
     def create_private(cls, size: int, mode: int) -> Segment:
-        """A new IPC_PRIVATE segment (key 0), attached; only its id names it."""
+        """A new IPC_PRIVATE segment (key 0), attached; only its id names it.
+
+        Made with libc's shmget, not sysv_ipc's constructor: that one fills a new segment
+        with a space character, a memset that faults in every page (some 15 ms for
+        16 MiB) only for the data to overwrite it; the kernel's pages are zeros already.
+        """
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.shmget.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_int]
+        shmid = libc.shmget(sysv_ipc.IPC_PRIVATE, size, sysv_ipc.IPC_CREX | mode)
+        if shmid < 0:
+            err = ctypes.get_errno()
+            if err in (errno.EACCES, errno.EPERM):
+                raise IpcPermissionError("permission denied creating a spill segment")
+            raise PayloadError(f"cannot create a spill segment of {size} bytes: {os.strerror(err)}")
         try:
-            shm = sysv_ipc.SharedMemory(sysv_ipc.IPC_PRIVATE, sysv_ipc.IPC_CREX, mode, size)
-        except sysv_ipc.PermissionsError:
-            raise IpcPermissionError("permission denied creating a spill segment") from None
-        except (sysv_ipc.Error, ValueError, OSError) as exc:  # ENOMEM, ENOSPC (shmmni), EINVAL
-            raise PayloadError(f"cannot create a spill segment of {size} bytes: {exc}") from None
+            shm = sysv_ipc.attach(shmid)
+        except BaseException:
+            remove_id(shmid)
+            raise
+        # The whole segment is about to be written: fault its pages in with one call
+        # (MADV_POPULATE_WRITE, Linux 5.14) rather than one page fault per 4 KiB, about
+        # a fifth faster for 16 MiB; older kernels refuse it and the writes fault instead.
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.madvise(shm.address, size, _MADV_POPULATE_WRITE)
         return cls(shm, 0)
 
     @classmethod
@@ -90,16 +113,17 @@ class Segment:
     def id(self) -> int:
         return int(self._shm.id)
 
-    def give_to(self, uid: int) -> None:
-        """Make ``uid`` the owner (IPC_SET; the creator or owner may, whatever the uid), so
-        that the daemon's workers may attach and remove what a client made."""
-        if self._shm.uid != uid:
-            try:
+    def give_to(self, uid: int | None, gid: int | None = None) -> None:
+        """Make ``uid`` the owner and ``gid`` the group (IPC_SET; the creator or owner may,
+        whatever the ids), so that the daemon's workers may attach and remove what a
+        client made, and the clients of ``[ipc] group`` may read what a worker made."""
+        try:
+            if gid is not None and self._shm.gid != gid:
+                self._shm.gid = gid
+            if uid is not None and self._shm.uid != uid:
                 self._shm.uid = uid
-            except (sysv_ipc.PermissionsError, OSError):
-                raise IpcPermissionError(
-                    f"cannot hand spill segment {self.id} to uid {uid}"
-                ) from None
+        except (sysv_ipc.PermissionsError, OSError):
+            raise IpcPermissionError(f"cannot hand spill segment {self.id} to uid {uid}") from None
 
     def info(self) -> ObjectInfo:
         return ObjectInfo(

@@ -125,6 +125,8 @@ class SpillTable:
         #: The daemon's limits for results ([results] max_result, [ipc] mode).
         self.max_result = 0
         self.mode = 0o600
+        #: The group of the daemon's objects ([ipc] group), given to result segments.
+        self.gid: int | None = None
 
     @classmethod
     def create(cls, key: int, mode: int, entries: int) -> SpillTable:
@@ -208,6 +210,12 @@ class SpillTable:
                 return entry
         return None
 
+    def discard(self, index: int, shmid: int) -> None:
+        """Remove a segment this process made (its creator may, whoever owns it now) and
+        free its entry: a submission that failed before its envelope was sent."""
+        remove_id(shmid)
+        self.free(index)
+
     def free(self, index: int) -> None:
         with self.lock.held(LOCK_TIMEOUT):
             self._write(Entry(index, State.FREE, 0, 0.0, -1, 0, ""))
@@ -248,8 +256,7 @@ class SpillTable:
                     job_id.encode("ascii")[:16],
                 )  # fmt: skip
                 segment.buf[DATA : DATA + len(data)] = data
-                if owner is not None:
-                    segment.give_to(owner)
+                segment.give_to(owner, self.gid if role is Role.RESULT else None)
             finally:
                 segment.close()
         except BaseException:
@@ -351,7 +358,7 @@ def outgoing(
     try:
         yield protocol.encode(None, job_id=job_id, reply_to=reply_to, timeout=timeout, spill=ref)
     except BaseException:
-        table.release(shmid, job_id, index)
+        table.discard(index, shmid)
         raise
     table.mark(index, State.QUEUED, shmid)
 
