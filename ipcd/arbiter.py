@@ -10,6 +10,8 @@ to.  It wakes to:
   young so that a broken handler cannot fork-bomb the host;
 - kill a worker (its whole process group) whose job ran past its deadline;
 - put parked jobs back on the queue when their retry delay has passed;
+- every few seconds, sweep the spill table (ipcd.spill) for segments whose maker died
+  before handing them on;
 - reload (SIGHUP): fork a new generation of workers with the new configuration, then ask
   the old ones to finish their current job and exit, so jobs keep flowing;
 - stop (SIGTERM/SIGINT): ask every worker to finish its job, wait up to
@@ -48,6 +50,8 @@ MIN_BACKOFF, MAX_BACKOFF = 0.1, 30.0
 YOUNG = 1.0
 #: How often the master looks around even when nothing woke it.
 TICK = 1.0
+#: How often the master sweeps the spill table for segments of dead makers.
+SPILL_SWEEP = 3.0
 
 
 @dataclass
@@ -90,6 +94,7 @@ class Arbiter:
         )
         self.recovery = Recovery(prepared, self.outcomes, self.log)
         self.started = time.time()
+        self._next_sweep = 0.0
         self.master_pid = os.getpid()
         self._wake_r, self._wake_w = os.pipe()
         self._notify_r, self._notify_w = os.pipe()
@@ -107,6 +112,7 @@ class Arbiter:
         p.store.set_daemon(os.getpid(), self.started)
         p.table.set_master(os.getpid())
         self._recover_leftovers()
+        self._sweep_spills(at_start=True)
         self._raise_queue_bytes()
         self.log.info(
             "daemon.started",
@@ -132,6 +138,7 @@ class Arbiter:
                 self._nudge_retiring()
                 self._dispatch_parked()
                 self._maintain()
+                self._sweep_spills()
             self._shutdown()
         except Exception:
             self.log.critical("daemon.crashed", exc_info=True)
@@ -151,6 +158,21 @@ class Arbiter:
                 uptime_s=round(time.time() - self.started, 3),
             )
             p.sink.close()
+
+    def _sweep_spills(self, *, at_start: bool = False) -> None:
+        """Remove spill segments whose maker died before handing them on; at start also
+        those of results the ring no longer holds (a ring made anew)."""
+        now = time.monotonic()
+        if not at_start and now < self._next_sweep:
+            return
+        self._next_sweep = now + SPILL_SWEEP
+        try:
+            swept = self.p.spills.sweep(self.p.store if at_start else None)
+        except IpcdError as exc:
+            self.log.error("spill.sweep_failed", error=str(exc))
+            return
+        if swept.freed or swept.removed:
+            self.log.info("spill.swept", entries=swept.freed, segments=swept.removed)
 
     def _raise_queue_bytes(self) -> None:
         """[ipc] queue_bytes: a deeper queue, where the kernel lets us (CAP_SYS_RESOURCE)."""
@@ -337,6 +359,7 @@ class Arbiter:
                 ("daemon.umask", p.config.daemon.umask, fresh.daemon.umask),
                 ("jobs.failed_size", p.config.jobs.failed_size, fresh.jobs.failed_size),
                 ("jobs.parked", p.config.jobs.parked, fresh.jobs.parked),
+                ("jobs.spill_slots", p.config.jobs.spill_slots, fresh.jobs.spill_slots),
             )
             if old != new
         ]

@@ -18,7 +18,7 @@ import os
 import time
 from typing import TYPE_CHECKING, NamedTuple
 
-from ipcd import protocol
+from ipcd import protocol, spill
 from ipcd.config import Config
 from ipcd.errors import (
     JobFailedError,
@@ -134,16 +134,16 @@ class Client:
         """
         type_ = handler if isinstance(handler, int) else self.config.handler_type(handler)
         job_id = protocol.new_job_id()
-        body = protocol.encode(
-            payload,
-            job_id=job_id,
-            reply_to=os.getpid() if notify else None,
-            timeout=job_timeout,
-            unique=unique,
-        )
         if notify:
             self._reply_queue()  # fail before sending when no one could wake us
-        with self._claim(unique, job_id):
+        reply_to = os.getpid() if notify else None
+        # A payload too large for one message goes to a segment of its own (ipcd.spill).
+        with (
+            self._claim(unique, job_id),
+            spill.outgoing(
+                self, payload, job_id=job_id, reply_to=reply_to, timeout=job_timeout, unique=unique
+            ) as body,
+        ):
             if delay:
                 self._park(type_, body, job_id, time.time() + delay)
                 return job_id

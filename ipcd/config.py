@@ -71,6 +71,8 @@ class ResultsConfig(NamedTuple):
 
     size: int
     slot_size: int
+    #: The largest result kept (in its own segment when larger than a slot).
+    max_result: int = 256 << 20
 
 
 class JobsConfig(NamedTuple):
@@ -80,6 +82,10 @@ class JobsConfig(NamedTuple):
     retry_delay: float = 1.0
     failed_size: int = 256
     parked: int = 64
+    #: Entries of the spill table: large payloads and results that may exist at once.
+    spill_slots: int = 64
+    #: The largest payload accepted (in its own segment when larger than a message).
+    max_payload: int = 256 << 20
 
 
 class ExecConfig(NamedTuple):
@@ -184,9 +190,9 @@ def parse(raw: Mapping[str, Any], path: Path) -> Config:
     if key is not None and not 0 < key <= 0xFFFFFFFF:
         raise reader.error("ipc.key must be between 1 and 0xffffffff")
     proj_id = reader.get(ipc, "ipc.proj_id", int, 0x49)
-    if not 1 <= proj_id <= 251:
-        # ftok uses only the low 8 bits, and ipcd also uses proj_id + 1 to + 4 (ipcd.keys).
-        raise reader.error("ipc.proj_id must be between 1 and 251")
+    if not 1 <= proj_id <= 248:
+        # ftok uses only the low 8 bits, and ipcd also uses proj_id + 1 to + 7 (ipcd.keys).
+        raise reader.error("ipc.proj_id must be between 1 and 248")
     mode = reader.get(ipc, "ipc.mode", int, 0o660)
     if not 0 <= mode <= 0o777:
         raise reader.error("ipc.mode must be a permission mode such as 0o660")
@@ -242,22 +248,32 @@ def parse(raw: Mapping[str, Any], path: Path) -> Config:
     log_config = LogConfig(file=_resolve(base, log_file) if log_file else None, level=level)
 
     results = reader.table(raw, "results")
-    reader.allow(results, "results", {"size", "slot_size"})
+    reader.allow(results, "results", {"size", "slot_size", "max_result"})
     slot_size = reader.get(results, "results.slot_size", int, 4096)
     size = reader.get(results, "results.size", int, 1 << 20)
     if not 256 <= slot_size <= 1 << 24:
         raise reader.error("results.slot_size must be between 256 bytes and 16 MiB")
     if size < 64 + 2 * slot_size:
         raise reader.error("results.size must hold at least two slots (64 + 2 * slot_size)")
-    results_config = ResultsConfig(size=size, slot_size=slot_size)
+    results_config = ResultsConfig(
+        size=size,
+        slot_size=slot_size,
+        max_result=reader.bounded(results, "results.max_result", 256 << 20, 0, 1 << 40),
+    )
 
     jobs = reader.table(raw, "jobs")
-    reader.allow(jobs, "jobs", {"max_attempts", "retry_delay", "failed_size", "parked"})
+    reader.allow(
+        jobs,
+        "jobs",
+        {"max_attempts", "retry_delay", "failed_size", "parked", "spill_slots", "max_payload"},
+    )
     jobs_config = JobsConfig(
         max_attempts=reader.bounded(jobs, "jobs.max_attempts", 3, 1, 1000),
         retry_delay=reader.non_negative(jobs, "jobs.retry_delay", 1.0),
         failed_size=reader.bounded(jobs, "jobs.failed_size", 256, 1, 65536),
         parked=reader.bounded(jobs, "jobs.parked", 64, 1, 65536),
+        spill_slots=reader.bounded(jobs, "jobs.spill_slots", 64, 1, 65536),
+        max_payload=reader.bounded(jobs, "jobs.max_payload", 256 << 20, 0, 1 << 40),
     )
 
     return Config(

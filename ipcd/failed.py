@@ -9,14 +9,18 @@ went that way.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import time
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from ipcd import results
 from ipcd.results import Kind, Result, Status
 from ipcd.resultstore import ResultStore
 from ipcd.shm import Lock, Segment
+
+if TYPE_CHECKING:
+    from ipcd.spill import SpillTable
 
 
 class FailedJob(NamedTuple):
@@ -51,13 +55,37 @@ def slot_size_for(text_size: int) -> int:
 
 
 class FailedList:
-    def __init__(self, store: ResultStore) -> None:
+    def __init__(self, store: ResultStore, spills: SpillTable | None = None) -> None:
         self.store = store
+        self.spills = spills
+        store.on_evict = self._dropped
 
     @classmethod
-    def create(cls, key: int, mode: int, entries: int, text_size: int) -> FailedList:
+    def create(
+        cls, key: int, mode: int, entries: int, text_size: int, spills: SpillTable | None = None
+    ) -> FailedList:
         slot = slot_size_for(text_size)
-        return cls(ResultStore.create(key, None, mode, results.HEADER_SIZE + entries * slot, slot))
+        size = results.HEADER_SIZE + entries * slot
+        return cls(ResultStore.create(key, None, mode, size, slot), spills)
+
+    def _dropped(self, record: Result) -> None:
+        """The list drops its oldest entry: a spilled payload's segment goes with it."""
+        entry = _entry(record)
+        if entry is None or b'"spill"' not in entry.body:
+            return
+        from ipcd import protocol, spill
+        from ipcd.errors import IpcdError, MessageError
+
+        try:
+            job = protocol.decode(entry.body, entry.type)
+        except MessageError:
+            return
+        if job.spill is not None:
+            if self.spills is None:
+                spill.remove_checked(job.spill.shmid, job.id)
+                return
+            with contextlib.suppress(IpcdError):
+                spill.settle(self.spills, job)
 
     @classmethod
     def open(cls, key: int) -> FailedList:

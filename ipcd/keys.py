@@ -12,6 +12,8 @@ gives, so a client that only knows ``ftok`` computes them the same way:
     n = 5  the stats segment (no semaphore): job and worker counters (ipcd.stats)
     n = 6  the unique-key table (segment) and its semaphore: keys of cron-safe jobs
            waiting or running (``ipcctl submit --unique``)
+    n = 7  the spill table (segment) and its semaphore: payloads and results too large
+           for a message or a result slot, each in its own IPC_PRIVATE segment (ipcd.spill)
 
 ``K`` is ``ftok(key_path, proj_id)`` or, when the config sets one, an explicit ``key``.
 ftok mixes the file's inode and device numbers, so the key file must never be rewritten
@@ -35,6 +37,7 @@ INFLIGHT_KEY_OFFSET = 0x03000000
 FAILED_KEY_OFFSET = 0x04000000
 STATS_KEY_OFFSET = 0x05000000
 UNIQUE_KEY_OFFSET = 0x06000000
+SPILL_KEY_OFFSET = 0x07000000
 
 
 class Keys(NamedTuple):
@@ -47,6 +50,7 @@ class Keys(NamedTuple):
     failed: int
     stats: int
     unique: int
+    spill: int
     how: str
 
     @property
@@ -57,7 +61,8 @@ class Keys(NamedTuple):
     def all(self) -> tuple[int, ...]:
         """Every key ipcd makes objects at (for cleaning up and for the squatting check)."""
         return (
-            self.jobs, self.replies, self.gate, self.inflight, self.failed, self.stats, self.unique
+            self.jobs, self.replies, self.gate, self.inflight, self.failed, self.stats,
+            self.unique, self.spill,
         )  # fmt: skip
 
 
@@ -99,6 +104,7 @@ def derive(ipc: IpcConfig, *, create_key_file: bool = False) -> Keys:
         stats=(jobs + STATS_KEY_OFFSET) & 0xFFFFFFFF,
         unique=(jobs + UNIQUE_KEY_OFFSET) & 0xFFFFFFFF,
         how=how,
+        spill=(jobs + SPILL_KEY_OFFSET) & 0xFFFFFFFF,
     )
 
 

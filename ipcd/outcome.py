@@ -10,7 +10,7 @@ import os
 import time
 from typing import Any, NamedTuple
 
-from ipcd import protocol, unique
+from ipcd import protocol, spill, unique
 from ipcd.errors import IpcdError
 from ipcd.failed import FailedList
 from ipcd.inflight import InflightTable
@@ -108,12 +108,15 @@ class Outcomes:
         """
         room = self.store.capacity()
         if room is not None and len(result.data) > room:
-            result = too_large(result, room + 64)  # decided here, so the log says error
+            # Decided here, so the log says error (or the size of what was spilled).
+            result = self._spill(result) if self.store.spills else too_large(result, room + 64)
         stored = self._store(result)
         if job.unique is not None and self.unique is not None:
             unique.release(self.unique, job, self.log)
         if not result.ok and listed:
             self._list_failed(job, body, result.error)
+        elif job.spill is not None:
+            spill.settle(self.store.spills, job)  # final: the payload's segment goes
         if not logged:
             if job.reply_to is not None:
                 self.notify(job.reply_to, job.id)
@@ -147,8 +150,8 @@ class Outcomes:
             "outcome": "ok" if result.ok else "error",
             "ms": round((time.monotonic() - started) * 1000, 3),
             "attempt": job.attempt,
-            "bytes_in": len(body),
-            "bytes_out": len(result.data),
+            "bytes_in": job.spill.size if job.spill else len(body),
+            "bytes_out": result.spill.size if result.spill else len(result.data),
         }
         if job.bare:
             event["bare"] = True
@@ -159,10 +162,16 @@ class Outcomes:
         event.update(fields)
         self.events.info("job.done", event)
 
+    def _spill(self, result: Result) -> Result:
+        assert self.store.spills is not None
+        return spill.spill_result(self.store.spills, result)
+
     def _store(self, result: Result) -> bool:
         try:
             self.store.put(result)
         except IpcdError as exc:
+            if result.spill is not None and self.store.spills is not None:
+                self.store.spills.release(result.spill.shmid, result.job_id, result.spill.entry)
             # The segment was removed or its semaphore stayed wedged past the timeout:
             # say so and go on serving; the job's outcome is in the log event.
             self.log.error("result.store_failed", job_id=result.job_id, error=str(exc))

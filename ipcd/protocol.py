@@ -34,12 +34,27 @@ _ENVELOPE_ID = re.compile(rb'"id"\s*:\s*"([0-9A-Za-z_.-]{1,16})"')
 _ENVELOPE_KEYS = frozenset(
     {
         "ipcd", "id", "payload", "payload_b64", "submitted", "pid", "reply", "attempt",
-        "timeout", "unique",
+        "timeout", "unique", "spill",
     }
 )  # fmt: skip
 #: Longest unique key, in UTF-8 bytes: it is stored in a fixed field of the unique-key table.
 MAX_UNIQUE = 200
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: How a spilled payload's bytes are to be read (the envelope's ``spill.kind``).
+SPILL_KINDS = ("bytes", "text", "json")
+
+
+class SpillRef(NamedTuple):
+    """Where a payload too large for a message waits: its own segment (ipcd.spill)."""
+
+    shmid: int
+    size: int
+    #: The spill-table entry that records the segment.
+    slot: int
+    kind: str
+
+    def as_json(self) -> dict[str, object]:
+        return {"shmid": self.shmid, "size": self.size, "slot": self.slot, "kind": self.kind}
 
 
 class Job(NamedTuple):
@@ -59,6 +74,8 @@ class Job(NamedTuple):
     timeout: float | None = None
     #: The submitter's unique key (``--unique``): released once the outcome is final.
     unique: str | None = None
+    #: The payload's segment when it was too large for the message (ipcd.spill loads it).
+    spill: SpillRef | None = None
 
 
 def new_job_id() -> str:
@@ -76,8 +93,10 @@ def encode(
     attempt: int = 1,
     timeout: float | None = None,
     unique: str | None = None,
+    spill: SpillRef | None = None,
 ) -> bytes:
-    """The envelope for one job: compact JSON, bytes payloads as base64."""
+    """The envelope for one job: compact JSON, bytes payloads as base64; with ``spill``
+    the payload is in that segment and the envelope names it instead."""
     doc: dict[str, Any] = {
         "ipcd": VERSION,
         "id": job_id,
@@ -92,7 +111,9 @@ def encode(
         doc["timeout"] = timeout
     if unique is not None:
         doc["unique"] = unique
-    if isinstance(payload, bytes | bytearray | memoryview):
+    if spill is not None:
+        doc["spill"] = spill.as_json()
+    elif isinstance(payload, bytes | bytearray | memoryview):
         doc["payload_b64"] = binascii.b2a_base64(payload, newline=False).decode("ascii")
     else:
         doc["payload"] = payload
@@ -162,14 +183,20 @@ def _read_envelope(doc: dict[str, Any], type_: int) -> Job:
     unknown = set(doc) - _ENVELOPE_KEYS
     if unknown:
         raise _bad(f"unknown envelope field {sorted(unknown)[0]!r}", job_id)
-    if "payload_b64" in doc:
+    spill = None
+    if "spill" in doc:
+        if "payload" in doc or "payload_b64" in doc:
+            raise _bad("envelope has both 'spill' and a payload", job_id)
+        spill = _spill_ref(doc["spill"], job_id)
+        payload: Payload = None
+    elif "payload_b64" in doc:
         if "payload" in doc:
             raise _bad("envelope has both 'payload' and 'payload_b64'", job_id)
         raw = doc["payload_b64"]
         if not isinstance(raw, str):
             raise _bad("'payload_b64' must be a base64 string", job_id)
         try:
-            payload: Payload = _b64decode(raw)
+            payload = _b64decode(raw)
         except (binascii.Error, ValueError):
             raise _bad("'payload_b64' is not valid base64", job_id) from None
     else:
@@ -204,13 +231,25 @@ def _read_envelope(doc: dict[str, Any], type_: int) -> Job:
         reply_to=reply,
         timeout=None if timeout is None else float(timeout),
         unique=unique,
+        spill=spill,
     )
+
+
+def _spill_ref(raw: object, job_id: str) -> SpillRef:
+    if not isinstance(raw, dict) or set(raw) != {"shmid", "size", "slot", "kind"}:
+        raise _bad("'spill' must be an object with shmid, size, slot and kind", job_id)
+    numbers = [raw["shmid"], raw["size"], raw["slot"]]
+    if not all(type(n) is int and 0 <= n < 2**63 for n in numbers):
+        raise _bad("'spill' shmid, size and slot must be non-negative integers", job_id)
+    if raw["kind"] not in SPILL_KINDS:
+        raise _bad(f"'spill' kind must be one of {', '.join(SPILL_KINDS)}", job_id)
+    return SpillRef(raw["shmid"], raw["size"], raw["slot"], raw["kind"])
 
 
 def reencode(job: Job, *, attempt: int) -> bytes:
     """The envelope that puts ``job`` back on the queue for another attempt."""
     return encode(
-        job.payload,
+        None if job.spill else job.payload,
         job_id=job.id,
         reply_to=job.reply_to,
         submitted=job.submitted,
@@ -218,6 +257,7 @@ def reencode(job: Job, *, attempt: int) -> bytes:
         attempt=attempt,
         timeout=job.timeout,
         unique=job.unique,
+        spill=job.spill,
     )
 
 

@@ -23,7 +23,9 @@ Layout (all integers little-endian; documented for other languages in docs/proto
       type         i64  the job's message type
       status       u8   0 ok, 1 error
       kind         u8   how to read data: 0 bytes, 1 UTF-8 text, 2 JSON (an error result's
-                        data is its message, kind 1)
+                        data is its message, kind 1); plus 0x80 when the result is
+                        *spilled*: too large for a slot, it is in a segment of its own
+                        and the record's data is a descriptor (SPILLED below)
       attempt      u16
       length       u32  bytes of data
       submitted    f64
@@ -33,6 +35,9 @@ Why this shape: fixed slots make eviction trivial (the ring overwrites the oldes
 and let a reader find a job by comparing 16 bytes per slot.  Every write and read holds
 the semaphore (SEM_UNDO, with a timeout); a writer killed mid-record leaves ``state`` at
 1 or a CRC that does not match, so a torn record is never read back as a result.
+
+A spilled record's data is 16 bytes: shmid i32, spill-table entry u32, size u64 (see
+ipcd.spill for the segment, which ipcd.resultstore reads and removes under the lock).
 """
 
 from __future__ import annotations
@@ -55,6 +60,9 @@ _NEXT_SEQ_OFFSET = 24
 _COUNTS_OFFSET = 48
 _PID_OFFSET = 32
 _CRC_FROM = 8  # the CRC covers the record header from ``seq`` on, then the data
+#: The kind byte's flag for a result kept in a segment of its own.
+SPILLED_FLAG = 0x80
+SPILLED = struct.Struct("<iIQ")
 
 assert HEADER.size == HEADER_SIZE and RECORD.size == RECORD_SIZE
 
@@ -78,6 +86,15 @@ class Kind(enum.IntEnum):
     JSON = 2
 
 
+class Spilled(NamedTuple):
+    """Where a result too large for a slot is: its own segment (ipcd.spill)."""
+
+    shmid: int
+    #: The spill-table entry that records the segment.
+    entry: int
+    size: int
+
+
 class Result(NamedTuple):
     """One job's outcome as stored in (and read back from) the segment."""
 
@@ -89,6 +106,8 @@ class Result(NamedTuple):
     attempt: int = 1
     submitted: float = 0.0
     finished: float = 0.0
+    #: Set while the data is still in its own segment (``data`` is then empty).
+    spill: Spilled | None = None
 
     @property
     def ok(self) -> bool:
@@ -183,6 +202,10 @@ def write_result(buf: memoryview, header: Header, result: Result) -> int:
     seq = header.next_seq
     offset = HEADER_SIZE + (seq % header.slot_count) * header.slot_size
     data = result.data
+    kind = int(result.kind)
+    if result.spill is not None:
+        data = SPILLED.pack(*result.spill)
+        kind |= SPILLED_FLAG
     if len(data) > capacity(header.slot_size):
         raise ValueError(f"{len(data)} bytes do not fit a {header.slot_size}-byte slot")
     raw_id = result.job_id.encode("ascii")[:16].ljust(16, b"\0")  # fails before any write
@@ -197,7 +220,7 @@ def write_result(buf: memoryview, header: Header, result: Result) -> int:
         raw_id,
         result.type,
         result.status,
-        result.kind,
+        kind,
         min(result.attempt, 0xFFFF),
         len(data),
         result.submitted,
@@ -250,19 +273,35 @@ def read_slot(buf: memoryview, offset: int, slot_size: int) -> Result | None:
     start = offset + RECORD_SIZE
     if zlib.crc32(buf[offset + _CRC_FROM : start + length]) != crc:
         return None
+    spill = None
+    data = bytes(buf[start : start + length])
+    if kind & SPILLED_FLAG:
+        if length != SPILLED.size:
+            return None
+        spill, data = Spilled(*SPILLED.unpack(data)), b""
     try:
         return Result(
             job_id=raw_id.rstrip(b"\0").decode("ascii"),
             type=type_,
             status=Status(status),
-            kind=Kind(kind),
-            data=bytes(buf[start : start + length]),
+            kind=Kind(kind & ~SPILLED_FLAG),
+            data=data,
             attempt=attempt,
             submitted=submitted,
             finished=finished,
+            spill=spill,
         )
     except (ValueError, UnicodeDecodeError):
         return None
+
+
+def spilled_at(buf: memoryview, header: Header, seq: int) -> Result | None:
+    """The spilled record in ``seq``'s slot, if that slot holds one: what a write there
+    evicts.  Reads only the small record, never a slot's worth of data."""
+    offset = HEADER_SIZE + (seq % header.slot_count) * header.slot_size
+    if buf[offset + 41] & SPILLED_FLAG == 0:
+        return None
+    return read_slot(buf, offset, header.slot_size)
 
 
 def iter_results(buf: memoryview, header: Header) -> list[Result]:

@@ -7,11 +7,16 @@ with the kernel objects from :mod:`ipcd.ipc` and holds the semaphore around ever
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ipcd import results
 from ipcd.errors import NotRunningError
 from ipcd.results import Header, Result
 from ipcd.shm import Gate, Lock, Segment
+
+if TYPE_CHECKING:
+    from ipcd.spill import SpillTable
 
 #: How long any process waits for the semaphore before giving up: far longer than any
 #: critical section (a memcpy of one slot), far shorter than a wedge would need to last.
@@ -33,6 +38,10 @@ class ResultStore:
         self.lock = lock
         self.gate = gate
         self.lock_timeout = lock_timeout
+        #: The daemon's spill table: results too large for a slot go there (ipcd.spill).
+        self.spills: SpillTable | None = None
+        #: Called under the lock with each valid record a put is about to overwrite.
+        self.on_evict: Callable[[Result], None] | None = None
 
     @classmethod
     def open(cls, key: int) -> ResultStore:
@@ -70,13 +79,22 @@ class ResultStore:
         return header
 
     def put(self, result: Result) -> int:
-        """Store a result (an error result in its place if it does not fit)."""
+        """Store a result (an error result in its place if it does not fit).
+
+        The record the ring overwrites goes first: a spilled one takes its segment with
+        it, under this lock, so that no reader can be copying it out meanwhile.
+        """
         self.lock.acquire(self.lock_timeout)
         try:
             header = self.header()
             if len(result.data) > results.capacity(header.slot_size):
                 result = results.too_large(result, header.slot_size)
+            self._evict(header)
             seq = results.write_result(self.segment.buf, header, result)
+            if result.spill is not None and self.spills is not None:
+                from ipcd.spill import State
+
+                self.spills.mark(result.spill.entry, State.RESULT, result.spill.shmid)
         finally:
             self.lock.release()
         if self.gate is not None:
@@ -88,12 +106,37 @@ class ResultStore:
         header = results.read_header(self.segment.buf)
         return None if header is None else results.capacity(header.slot_size)
 
+    def _evict(self, header: Header) -> None:
+        if header.next_seq < header.slot_count:
+            return  # the ring has not come round yet
+        if self.on_evict is not None:
+            offset = results.HEADER_SIZE + (header.next_seq % header.slot_count) * header.slot_size
+            old = results.read_slot(self.segment.buf, offset, header.slot_size)
+            if old is not None:
+                self.on_evict(old)
+            return
+        spilled = results.spilled_at(self.segment.buf, header, header.next_seq)
+        if spilled is not None and spilled.spill is not None:
+            _release(self.spills, spilled)
+
     def get(self, job_id: str) -> Result | None:
+        """The newest result for ``job_id``; a spilled one is copied out of its segment
+        under the lock (one copy), so eviction cannot remove it halfway."""
         self.lock.acquire(self.lock_timeout)
         try:
-            return results.find_result(self.segment.buf, self.header(), job_id)
+            found = results.find_result(self.segment.buf, self.header(), job_id)
+            if found is not None and found.spill is not None:
+                from ipcd.spill import read_result
+
+                found = read_result(found)
+            return found
         finally:
             self.lock.release()
+
+    def records(self) -> list[Result]:
+        """Every valid record as stored (spilled ones as descriptors); the caller holds
+        the lock."""
+        return results.iter_results(self.segment.buf, self.header())
 
     def clear(self, job_id: str) -> int:
         with self.lock.held(self.lock_timeout):
@@ -110,3 +153,14 @@ class ResultStore:
 
     def close(self) -> None:
         self.segment.close()
+
+
+def _release(table: SpillTable | None, record: Result) -> None:
+    """Remove an evicted spilled result's segment and free its entry."""
+    assert record.spill is not None
+    if table is not None:
+        table.release(record.spill.shmid, record.job_id, record.spill.entry)
+    else:
+        from ipcd.spill import remove_checked
+
+        remove_checked(record.spill.shmid, record.job_id)

@@ -26,6 +26,7 @@ from ipcd.ipc import Queue, msgmax
 from ipcd.keys import Keys
 from ipcd.registry import Registry
 from ipcd.resultstore import ResultStore
+from ipcd.spill import SpillTable
 from ipcd.stats import StatsSegment
 from ipcd.unique import UniqueTable
 from ipcd.vetting import TRUSTED_UIDS
@@ -47,6 +48,7 @@ class Prepared:
     identity: identity.Identity
     stats: StatsSegment
     unique: UniqueTable
+    spills: SpillTable
 
 
 def prepare(config: Config, *, console: TextIO | None) -> Prepared:
@@ -72,8 +74,11 @@ def prepare(config: Config, *, console: TextIO | None) -> Prepared:
     store = ResultStore.create(
         keys.results, keys.gate, mode, config.results.size, config.results.slot_size
     )
+    spills = SpillTable.create(keys.spill, mode, config.jobs.spill_slots)
+    spills.max_result, spills.mode, spills.gid = config.results.max_result, mode, who.object_gid
+    store.spills = spills
     text_size = msgmax()
-    failed = FailedList.create(keys.failed, mode, config.jobs.failed_size, text_size)
+    failed = FailedList.create(keys.failed, mode, config.jobs.failed_size, text_size, spills)
     # Twice the workers: a reload starts the new generation before the old one has left.
     table, carried = InflightTable.create(
         keys.inflight, mode, 2 * config.daemon.workers, config.jobs.parked, text_size
@@ -95,7 +100,8 @@ def prepare(config: Config, *, console: TextIO | None) -> Prepared:
     if config.log.file is not None:
         identity.hand_over(who, [config.log.file])
     return Prepared(
-        config, keys, queue, replies, store, table, failed, registry, sink, who, stats, unique
+        config, keys, queue, replies, store, table, failed, registry, sink, who,
+        stats, unique, spills,
     )  # fmt: skip
 
 

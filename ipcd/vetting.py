@@ -115,8 +115,13 @@ def sysv_objects() -> set[tuple[str, int, int]]:
 
 
 def remove_all(keys: tuple[int, ...]) -> list[str]:
-    """Remove every queue, segment and semaphore at these keys; for tests and ``ipcd purge``."""
-    removed: list[str] = []
+    """Remove every queue, segment and semaphore at these keys; for tests and ``ipcd purge``.
+
+    The spill segments the spill table lists (key 0, known only by the table) go first.
+    """
+    from ipcd.spill import remove_listed
+
+    removed: list[str] = [f"{n} spill segments" for k in keys if (n := remove_listed(k))]
     for key in keys:
         k = as_key_t(key)
         for kind, remover in (

@@ -17,7 +17,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from ipcd import jsoncodec, protocol
+from ipcd import jsoncodec, protocol, spill
 from ipcd import log as log_mod
 from ipcd.config import CONTROL_TYPE, Config
 from ipcd.errors import MessageError, RefusedPayloadError
@@ -141,6 +141,8 @@ class Worker:
             return  # a wake-up; signals carry the request itself
         try:
             job = protocol.decode(body, type_, received=time.time())
+            if job.spill is not None:  # the payload waits in a segment of its own
+                job = spill.load(job, self.outcomes.store.spills, self.config.jobs.max_payload)
         except MessageError as exc:
             self._reject(exc, body, type_)
             self.table.finished(self.slot)

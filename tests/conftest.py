@@ -7,6 +7,7 @@ the end of the session the suite fails if any object made during the run is stil
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -146,8 +147,8 @@ def remove_objects(instance: Instance) -> None:
     if not key_file.exists():
         return
     jobs = keys.ftok(key_file, 0x49)  # not from the config, which a test may have broken
-    # n = 0 to 6: every key ipcd derives (ipcd.keys), the unique-key table's (6) included.
-    made = tuple((jobs + n * keys.REPLY_KEY_OFFSET) & 0xFFFFFFFF for n in range(7))
+    # n = 0 to 7: every key ipcd derives (ipcd.keys).
+    made = tuple((jobs + n * keys.REPLY_KEY_OFFSET) & 0xFFFFFFFF for n in range(8))
     TEST_KEYS.update(made)
     vetting.remove_all(made)
 
@@ -202,11 +203,39 @@ def _sysv_objects() -> set[tuple[str, int, int]]:
     return {o for o in vetting.sysv_objects() if not (o[0] == "shm" and o[1] == 0)}
 
 
+def spill_segments() -> set[int]:
+    """Ids of the spill segments on the host (key 0, no process attached, ipcd's spill
+    header): the one kind of IPC_PRIVATE object ipcd makes, which a leak would leave."""
+    import sysv_ipc
+
+    from ipcd.spill import SEGMENT_MAGIC
+
+    found = set()
+    with open("/proc/sysvipc/shm") as fh:
+        next(fh)
+        for line in fh:
+            fields = line.split()
+            if int(fields[0]) != 0 or int(fields[6]) != 0:
+                continue
+            try:
+                shm = sysv_ipc.attach(int(fields[1]), None, sysv_ipc.SHM_RDONLY)
+            except (sysv_ipc.Error, OSError, ValueError):
+                continue
+            try:
+                if shm.size >= 8 and shm.read(8, 0) == SEGMENT_MAGIC:
+                    found.add(int(fields[1]))
+            finally:
+                shm.detach()
+    return found
+
+
 _BEFORE: set[tuple[str, int, int]] = set()
+_SPILL_BEFORE: set[int] = set()
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     _BEFORE.update(_sysv_objects())
+    _SPILL_BEFORE.update(spill_segments())
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -220,4 +249,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         listing = ", ".join(f"{kind} key {key:#010x} id {id_}" for kind, key, id_ in left)
         print(f"\nIPC objects made during the test run remain: {listing}", file=sys.stderr)
         vetting.remove_all(tuple({key for _, key, _ in left if key in TEST_KEYS}))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    leaked = sorted(spill_segments() - _SPILL_BEFORE)
+    if leaked:
+        # Key 0 hides them from the check above; their header names them as ipcd's.
+        print(f"\nspill segments leaked during the test run: ids {leaked}", file=sys.stderr)
+        import sysv_ipc
+
+        for shmid in leaked:
+            with contextlib.suppress(sysv_ipc.Error):
+                sysv_ipc.remove_shared_memory(shmid)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -25,9 +25,12 @@ ALL_PAGES = [*PAGES.values(), ROOT / "man" / "ipcd.toml.5"]
 NOT_EXITED_BY = {
     "ipcctl": {ExitCode.NOT_RUNNING, ExitCode.ALREADY_RUNNING},
     "ipcd": {
-        ExitCode.DATA, ExitCode.NO_RESULT, ExitCode.QUEUE_FULL, ExitCode.TIMEOUT,
+        ExitCode.DATA,
+        ExitCode.NO_RESULT,
+        ExitCode.QUEUE_FULL,
+        ExitCode.TIMEOUT,
         ExitCode.ALREADY_QUEUED,
-    },  # fmt: skip
+    },
 }
 #: A tag line of an indented paragraph (.TP) in man's text output: the tag starts at
 #: column 7, its text at column 14, on the tag's line when the tag is shorter than that.

@@ -192,10 +192,11 @@ def test_job_too_big_to_requeue_fails_instead_of_crashing(instance: Instance) ->
 
 
 def test_too_large_result_is_an_error_everywhere(instance: Instance) -> None:
-    """A result too large for its slot is an error in the log and on the failed list too."""
-    _start(instance)
+    """A result over [results] max_result is an error in the log and on the failed list."""
+    instance.write(handlers=HANDLERS, results="max_result = 2500")
+    assert instance.ipcd("start").returncode == 0
     try:
-        big = instance.ipcctl("submit", "echo", "y" * 3000, "--wait")  # slots hold 1984 here
+        big = instance.ipcctl("submit", "echo", "y" * 3000, "--wait")  # over max_result
         assert big.returncode == ExitCode.JOB_FAILED and "too large" in big.stderr
         event = instance.wait_events(lambda e: e["event"] == "job.done", 1)[0]
         assert event["outcome"] == "error" and "too large" in str(event["error"])

@@ -102,6 +102,7 @@ function main(array $args): int
         printf("failed list and semaphore:     0x%08x\n", ($client->key + 0x04000000) & 0xFFFFFFFF);
         printf("stats segment:                 0x%08x\n", ($client->key + 0x05000000) & 0xFFFFFFFF);
         printf("unique keys and semaphore:     0x%08x\n", ($client->key + 0x06000000) & 0xFFFFFFFF);
+        printf("spill table and semaphore:     0x%08x\n", ($client->key + 0x07000000) & 0xFFFFFFFF);
         printf("derived from: %s\n", $client->how);
         return 0;
     }

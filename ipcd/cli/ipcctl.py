@@ -145,6 +145,7 @@ def main(argv: list[str]) -> int:
     print(f"failed list and semaphore:     {keys.failed:#010x}")
     print(f"stats segment:                 {keys.stats:#010x}")
     print(f"unique keys and semaphore:     {keys.unique:#010x}")
+    print(f"spill table and semaphore:     {keys.spill:#010x}")
     print(f"derived from: {keys.how}")
     return 0
 

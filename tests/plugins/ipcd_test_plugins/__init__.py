@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import signal
 
 from ipcd.handlers import HandlerResult, Job
 
@@ -111,3 +114,25 @@ def retry_once(job: Job) -> HandlerResult:
     if job.attempt < 2:
         raise Retry("once more", delay=float(str(job.payload)))
     return f"ok on attempt {job.attempt}"
+
+
+def digest(job: Job) -> HandlerResult:
+    """The payload's kind, length and SHA-256: a large payload in, a small result out."""
+    payload = job.payload
+    raw = payload.encode() if isinstance(payload, str) else payload
+    if not isinstance(raw, bytes):
+        raw = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+    return {
+        "kind": type(payload).__name__,
+        "length": len(raw),
+        "sha256": hashlib.sha256(raw).hexdigest(),
+        "attempt": job.attempt,
+    }
+
+
+def digest_after_dying(job: Job) -> HandlerResult:
+    """Kill the worker on the first attempt (SIGKILL, as the OOM killer would), then
+    answer as ``digest`` does."""
+    if job.attempt == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return digest(job)
