@@ -98,6 +98,8 @@ def parse_since(text: str, now: datetime) -> datetime:
         when = datetime.fromisoformat(text)
     except ValueError:
         try:
+            if ":" not in text:  # "10" is not 10:00 (nor 10 seconds): say which
+                raise ValueError(text)
             of_day = clock_time.fromisoformat(text)
         except ValueError:
             raise UsageError(
@@ -444,6 +446,12 @@ class Follower:
             lines += fresh.read()
         return lines
 
+    def __enter__(self) -> Follower:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()  # an unfinished last line is not shown: it may be half an event
+
     def close(self) -> list[str]:
         """Stop following; unfinished last lines are returned as they are."""
         rest: list[str] = []
@@ -512,14 +520,11 @@ def show(
     if not follow:
         printer.write(_last(printer.select(read_lines(path)), last))
         return
-    follower = Follower(path, notice=notice)
-    try:
+    with Follower(path, notice=notice) as follower:
         printer.write(_last(printer.select(follower.start()), last))
         while True:
             time.sleep(interval)
             printer.write(printer.select(follower.poll()))
-    finally:
-        follower.close()  # an unfinished last line is not shown: it may be half an event
 
 
 def _last(
