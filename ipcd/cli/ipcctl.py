@@ -100,9 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="only the last N matching events, or 'all' (default: all; 10 with -f)",
     )
-    logs.add_argument("--job", action="append", metavar="ID", help="only this job's events")
     logs.add_argument(
-        "--type", action="append", metavar="T", help="only events of this handler or type number"
+        "--job", action="append", metavar="ID", help="only this job's events (repeat for several)"
+    )
+    logs.add_argument(
+        "--type",
+        action="append",
+        metavar="T",
+        help="only events of this handler or type number (repeatable)",
     )
     logs.add_argument(
         "--level", metavar="L", help="only L and above (debug, info, warning, error, critical)"
