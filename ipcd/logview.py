@@ -410,6 +410,7 @@ class Follower:
         return self._current.read()
 
     def poll(self) -> list[str]:
+        """The lines completed since the last call, from the old files and the current."""
         lines: list[str] = []
         now = time.monotonic()
         for old in list(self._draining):
