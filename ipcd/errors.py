@@ -29,7 +29,7 @@ class ExitCode(enum.IntEnum):
     USAGE = 64
     #: Bad input data: payload too large, unreadable stdin (EX_DATAERR).
     DATA = 65
-    #: No result is known for that job id (EX_NOINPUT).
+    #: No result is known for that job id; no log file to read (EX_NOINPUT).
     NO_RESULT = 66
     #: The daemon or its queue is not there (EX_UNAVAILABLE).
     UNAVAILABLE = 69
@@ -129,6 +129,12 @@ class WaitTimeoutError(IpcdError, TimeoutError):
 
 class NoResultError(IpcdError, LookupError):
     """The result segment holds no result for that job id."""
+
+    exit_code = ExitCode.NO_RESULT
+
+
+class LogFileError(IpcdError, OSError):
+    """The log file ``ipcctl logs`` should read is not there or cannot be read."""
 
     exit_code = ExitCode.NO_RESULT
 

@@ -7,24 +7,37 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from datetime import UTC, datetime
+from pathlib import Path
 
 from ipcd import config as config_mod
 from ipcd.cli import parser as cli_parser
 from ipcd.cli import run
 from ipcd.client import Client
-from ipcd.errors import ExitCode, JobFailedError, PayloadError
+from ipcd.config import Config
+from ipcd.errors import (
+    ConfigError,
+    ExitCode,
+    IpcdError,
+    JobFailedError,
+    NoResultError,
+    PayloadError,
+    WaitTimeoutError,
+)
 from ipcd.protocol import Payload
 from ipcd.results import Kind, Result, require
 
 EPILOG = """exit status:
   0 success, 1 the job failed, 4 already queued (--unique: a job with that key waits or
   runs; its id is on stderr; nothing was queued), 64 usage error, 65 bad payload,
-  66 no such result, 69 daemon or queue not there (status, stats: no daemon running;
-  stats --prometheus exits 0 and prints ipcd_up 0), 73 cannot write the --output file,
-  75 queue full (job not accepted), 77 permission denied,
-  70 internal error (a bug: please report), 78 bad configuration, 124 timed out waiting
+  66 no such result (logs: no log file), 69 daemon or queue not there (status, stats:
+  no daemon running; stats --prometheus exits 0 and prints ipcd_up 0), 73 cannot write
+  the --output file, 75 queue full (job not accepted), 77 permission denied,
+  70 internal error (a bug: please report), 78 bad configuration (logs: no [log] file
+  configured), 124 timed out waiting
 """
 
 
@@ -64,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     result.add_argument("job_id")
     _wait_options(result)
     result.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    result.add_argument(
+        "--log",
+        action="store_true",
+        help="then print the job's log events (also when it failed or has no result)",
+    )
+    _color_option(result)
 
     status = sub.add_parser("status", help="queue depth, result segment use, daemon, workers")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -96,7 +115,49 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("job_id")
 
     sub.add_parser("key", help="print the IPC keys and how they are derived")
+
+    logs = sub.add_parser("logs", help="print ipcd's event log ([log] file) readably")
+    logs.add_argument(
+        "-f",
+        "--follow",
+        action="store_true",
+        help="keep printing new events, across log rotations (like tail -F); Ctrl-C stops",
+    )
+    logs.add_argument(
+        "-n",
+        "--lines",
+        metavar="N",
+        help="only the last N matching events, or 'all' (default: all; 10 with -f)",
+    )
+    logs.add_argument(
+        "--job", action="append", metavar="ID", help="only this job's events (repeat for several)"
+    )
+    logs.add_argument(
+        "--type",
+        action="append",
+        metavar="T",
+        help="only events of this handler or type number (repeatable)",
+    )
+    logs.add_argument(
+        "--level", metavar="L", help="only L and above (debug, info, warning, error, critical)"
+    )
+    logs.add_argument(
+        "--since", metavar="TIME", help="only events since TIME: 30s, 10m, 2h, 1d or ISO-8601"
+    )
+    logs.add_argument(
+        "--json", action="store_true", help="print the matching log lines as they are, for jq"
+    )
+    _color_option(logs)
     return parser
+
+
+def _color_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--color",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="colour the log events (default auto: on a terminal, unless NO_COLOR or TERM=dumb)",
+    )
 
 
 def _wait_options(parser: argparse.ArgumentParser) -> None:
@@ -125,7 +186,10 @@ def _positive_seconds(text: str) -> float:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    client = Client(config_mod.load(config_mod.locate(args.config)))
+    config = config_mod.load(config_mod.locate(args.config))
+    if args.command == "logs":
+        return _logs(config, args)
+    client = Client(config)
     if args.command == "submit":
         return _submit(client, args)
     if args.command == "result":
@@ -197,11 +261,85 @@ def _payload(arg: str | None, as_json: bool) -> Payload:
 
 
 def _result(client: Client, args: argparse.Namespace) -> int:
+    if not args.log:
+        return _print_result(_get_result(client, args), as_json=args.json)
+    # --log: the job's events are worth most when there is no good result to print, so
+    # they are printed after the result or in place of it, and the status stays the
+    # result's own.
+    try:
+        result = _get_result(client, args)
+    except (NoResultError, WaitTimeoutError) as exc:
+        _print_job_log(client.config, args, finished=False)
+        raise exc from None
+    try:
+        code = _print_result(result, as_json=args.json)
+    finally:
+        _print_job_log(client.config, args, finished=True)
+    return code
+
+
+def _get_result(client: Client, args: argparse.Namespace) -> Result:
     if args.wait:
-        result = client.wait(args.job_id, args.timeout)
+        return client.wait(args.job_id, args.timeout)
+    return require(client.result(args.job_id), args.job_id)
+
+
+def _print_job_log(config: Config, args: argparse.Namespace, *, finished: bool) -> None:
+    """``result --log``: the job's events on stdout; a log that cannot be read is a note
+    on stderr, not a change of the exit status, which belongs to the result."""
+    from ipcd import logview  # only the log readers pay for its import
+
+    try:
+        path = _log_path(config)
+        settle = finished and logview.level_rank(config.log.level) <= logview.level_rank("info")
+        lines = logview.job_lines(path, args.job_id, finished=settle)
+    except IpcdError as exc:
+        print(f"ipcctl: no log events: {exc}", file=sys.stderr)
+        return
+    color = not args.json and logview.want_color(args.color, sys.stdout.isatty(), os.environ)
+    printer = logview.Printer(sys.stdout, json=args.json, color=color)
+    printer.write(printer.select(lines))
+
+
+def _log_path(config: Config) -> Path:
+    if config.log.file is None:
+        raise ConfigError(f"{config.path}: no [log] file is configured, so there is no log to read")
+    return config.log.file
+
+
+def _logs(config: Config, args: argparse.Namespace) -> int:
+    from ipcd import logview  # only the log readers pay for its import
+
+    path = _log_path(config)
+    types: set[int] = set()
+    names: set[str] = set()
+    for text in args.type or ():
+        more_types, more_names = logview.type_selector(text, config.handlers)
+        types |= more_types
+        names |= more_names
+    selected = logview.Filter(
+        jobs=frozenset(args.job or ()),
+        types=frozenset(types),
+        handlers=frozenset(names),
+        level=logview.parse_level(args.level) if args.level else None,
+        since=logview.parse_since(args.since, datetime.now(UTC)) if args.since else None,
+    )
+    if args.lines is not None:
+        last = logview.parse_count(args.lines)
     else:
-        result = require(client.result(args.job_id), args.job_id)
-    return _print_result(result, as_json=args.json)
+        last = 10 if args.follow else None
+    color = not args.json and logview.want_color(args.color, sys.stdout.isatty(), os.environ)
+    printer = logview.Printer(sys.stdout, selected, json=args.json, color=color)
+    try:
+        logview.show(path, printer, last=last, follow=args.follow, notice=_notice)
+    finally:
+        if printer.skipped:
+            _notice(f"skipped {printer.skipped} lines that are not JSON objects")
+    return 0
+
+
+def _notice(text: str) -> None:
+    print(f"ipcctl: {text}", file=sys.stderr, flush=True)
 
 
 def _print_result(result: Result, *, as_json: bool) -> int:
