@@ -163,8 +163,8 @@ _ipcctl() {
         takes="--timeout --timeout-job --delay --send-timeout --unique"
         ;;
     result)
-        opts="--wait --timeout --json --log"
-        takes="--timeout"
+        opts="--wait --timeout --json --log --color"
+        takes="--timeout --color"
         ;;
     status) opts="--json --watch" ;;
     failed) opts="--json" ;;
