@@ -275,8 +275,14 @@ class Gate(_Semaphore):
         return gate
 
     def pulse(self) -> None:
-        self._sem.value = 0
-        self._sem.value = 1
+        """Wake every waiter; with nobody waiting (the usual case) one semctl, not two.
+
+        A waiter that starts waiting just after the count was read misses this pulse, as
+        one that starts just after a pulse always did: waiters look again every 0.25 s.
+        """
+        if self._sem.waiting_for_zero:
+            self._sem.value = 0
+            self._sem.value = 1
 
     def wait(self, timeout: float) -> bool:
         """Wait for the next pulse, at most ``timeout`` seconds; False when none came."""

@@ -69,6 +69,9 @@ class Semaphore:
     value: int
     undo: bool
     block: bool
+    #: semctl(GETZCNT) and semctl(GETNCNT): processes waiting for zero, for an increase.
+    waiting_for_zero: int
+    waiting_for_nonzero: int
     def __init__(
         self, key: int | None, flags: int = ..., mode: int = ..., initial_value: int = ...
     ) -> None: ...
