@@ -18,7 +18,7 @@ import os
 import time
 from typing import TYPE_CHECKING, NamedTuple
 
-from ipcd import protocol, spill
+from ipcd import protocol
 from ipcd.config import Config
 from ipcd.errors import (
     JobFailedError,
@@ -137,19 +137,37 @@ class Client:
         if notify:
             self._reply_queue()  # fail before sending when no one could wake us
         reply_to = os.getpid() if notify else None
+        body = None
+        if not _surely_too_large(payload, self.queue):
+            body = protocol.encode(
+                payload, job_id=job_id, reply_to=reply_to, timeout=job_timeout, unique=unique
+            )
+            if not self.queue.fits(len(body)):
+                body = None
+        if body is not None and unique is None:  # the common case, kept short
+            self._queue_or_park(type_, body, job_id, delay, send_timeout)
+            return job_id
+        from ipcd import spill
+
         # A payload too large for one message goes to a segment of its own (ipcd.spill).
         with (
             self._claim(unique, job_id),
             spill.outgoing(
-                self, payload, job_id=job_id, reply_to=reply_to, timeout=job_timeout, unique=unique
+                self, payload, body, job_id=job_id, reply_to=reply_to, timeout=job_timeout,
+                unique=unique,
             ) as body,
-        ):
-            if delay:
-                self._park(type_, body, job_id, time.time() + delay)
-                return job_id
-            timeout = self.config.ipc.send_timeout if send_timeout is None else send_timeout
-            self.queue.send(body, type_, timeout=timeout)
+        ):  # fmt: skip
+            self._queue_or_park(type_, body, job_id, delay, send_timeout)
         return job_id
+
+    def _queue_or_park(
+        self, type_: int, body: bytes, job_id: str, delay: float | None, send_timeout: float | None
+    ) -> None:
+        if delay:
+            self._park(type_, body, job_id, time.time() + delay)
+            return
+        timeout = self.config.ipc.send_timeout if send_timeout is None else send_timeout
+        self.queue.send(body, type_, timeout=timeout)
 
     def _claim(self, unique: str | None, job_id: str) -> contextlib.AbstractContextManager[object]:
         """Hold the unique key while the job is sent (nothing to hold without one)."""
@@ -335,6 +353,14 @@ class Client:
         except NotRunningError:
             pass
         return WaitTimeoutError(f"no result for job {job_id} within {timeout:g}s{hint}")
+
+
+def _surely_too_large(payload: Payload, queue: Queue) -> bool:
+    """True when no envelope could carry the payload: saves encoding MiBs as base64 or
+    JSON only to find that out (a base64 text is 4/3 of its bytes)."""
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return not queue.fits(len(payload) * 4 // 3)
+    return isinstance(payload, str) and not queue.fits(len(payload))
 
 
 def raise_for_status(result: Result) -> Result:

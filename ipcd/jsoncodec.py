@@ -7,15 +7,20 @@ That is 3 to 4 microseconds a call, and a job is encoded or decoded four times o
 (envelope, result, log line), which is a real share of what ipcd adds to a no-op job.
 Here the C encoder is built once per configuration and called directly.
 
-Without the C accelerator (another Python implementation) the standard classes serve.
+The C parts come from ``_json``, the accelerator module under ``json``, so that the
+cron-facing client does not import the ``json`` package itself (3 ms of its start-up).
+Without the accelerator (another Python implementation) the standard classes serve.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from json import encoder as _encoder
-from typing import Any, cast
+from typing import Any
+
+try:
+    import _json
+except ImportError:  # pragma: no cover - CPython has the accelerator
+    _json = None  # type: ignore[assignment]
 
 Encode = Callable[[Any], str]
 
@@ -32,12 +37,14 @@ def encoder(
     There is no circular-reference check: a value that contains itself raises
     RecursionError, which callers treat like any value that cannot be encoded.
     """
-    make = getattr(_encoder, "c_make_encoder", None)
-    if make is None:  # pragma: no cover - CPython has the accelerator
+    if _json is None:  # pragma: no cover - CPython has the accelerator
+        import json
+
         return json.JSONEncoder(
             separators=separators, ensure_ascii=ensure_ascii, allow_nan=allow_nan, default=default
         ).encode
-    strings = _encoder.encode_basestring_ascii if ensure_ascii else _encoder.encode_basestring
+    make = _json.make_encoder
+    strings = _json.encode_basestring_ascii if ensure_ascii else _json.encode_basestring
     # (markers, default, encoder, indent, key_separator, item_separator, sort_keys,
     #  skipkeys, allow_nan): the C signature json.encoder itself calls.
     item, key = separators
@@ -57,9 +64,16 @@ def _unencodable(value: Any) -> Any:
 
 def object_decoder(parse_constant: Callable[[str], Any]) -> Callable[[str], Any]:
     """A decoder for a text that starts with a JSON value and has nothing after it but
-    whitespace; raises ValueError (or RecursionError) like ``json.loads``."""
-    # JSONDecoder keeps its C scanner as ``scan_once`` (typeshed does not declare it).
-    scan = cast(Any, json.JSONDecoder(parse_constant=parse_constant)).scan_once
+    whitespace; raises ValueError (or RecursionError) like ``json.loads``.
+
+    Decoding imports ``json.decoder``: the C scanner raises its errors as that module's
+    JSONDecodeError and fails oddly without it.  Only the daemon and ``--json`` decode.
+    """
+    import json.decoder
+
+    if _json is None:  # pragma: no cover - CPython has the accelerator
+        return json.decoder.JSONDecoder(parse_constant=parse_constant).decode
+    scan = _json.make_scanner(_ScannerContext(parse_constant))  # type: ignore[arg-type]
 
     def decode(text: str) -> Any:
         try:
@@ -71,3 +85,17 @@ def object_decoder(parse_constant: Callable[[str], Any]) -> Callable[[str], Any]
         return value
 
     return decode
+
+
+class _ScannerContext:
+    """What the C scanner reads from a ``json.JSONDecoder``: the defaults but for
+    ``parse_constant`` (NaN, Infinity)."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+
+    def __init__(self, parse_constant: Callable[[str], Any]) -> None:
+        self.parse_constant = parse_constant

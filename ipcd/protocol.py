@@ -11,9 +11,11 @@ evaluated.  docs/protocol.md is the contract; this module is its implementation.
 from __future__ import annotations
 
 import binascii
+import functools
 import os
 import re
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 from ipcd import jsoncodec
@@ -145,10 +147,28 @@ def decode(body: bytes, type_: int, *, received: float | None = None) -> Job:
 
 def _json_object(body: bytes) -> dict[str, Any] | None:
     try:
-        doc = _decode(body.decode("utf-8"))
+        doc = _decoder()(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         return None
     return doc if isinstance(doc, dict) else None
+
+
+def payload_json(payload: Payload) -> bytes:
+    """A payload as the JSON the envelope would carry (for one that travels on its own,
+    ipcd.spill); raises PayloadError as :func:`encode` does."""
+    try:
+        return _encode(payload).encode()
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise PayloadError(f"payload cannot be encoded as JSON: {exc}") from None
+
+
+def payload_from_json(text: str) -> Payload:
+    """The inverse of :func:`payload_json`, with the envelope's limits: ValueError for
+    invalid JSON, NaN, or nesting deeper than MAX_DEPTH."""
+    value: Payload = _decoder()(text)
+    if _depth(value) > MAX_DEPTH:
+        raise ValueError(f"payload nested deeper than {MAX_DEPTH} levels")
+    return value
 
 
 def _no_constants(name: str) -> None:
@@ -158,7 +178,12 @@ def _no_constants(name: str) -> None:
 
 # Built once (see ipcd.jsoncodec): the envelope is encoded and decoded for every job.
 _encode = jsoncodec.encoder(ensure_ascii=False, allow_nan=False)
-_decode = jsoncodec.object_decoder(_no_constants)
+
+
+@functools.cache
+def _decoder() -> Callable[[str], Any]:
+    """Made on first use: the client only encodes, and decoding imports json.decoder."""
+    return jsoncodec.object_decoder(_no_constants)
 
 
 def _from_envelope(doc: dict[str, Any], type_: int) -> Job:

@@ -43,7 +43,6 @@ ipcd.spill for the segment, which ipcd.resultstore reads and removes under the l
 from __future__ import annotations
 
 import enum
-import json
 import struct
 import zlib
 from typing import NamedTuple
@@ -121,6 +120,8 @@ class Result(NamedTuple):
     def value(self) -> object:
         """The handler's return value: bytes, str, or the decoded JSON value."""
         if self.kind is Kind.JSON:
+            import json  # here: reading a result's bytes or text needs no JSON parser
+
             return json.loads(self.data)
         if self.kind is Kind.TEXT:
             return self.data.decode("utf-8", "replace")

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import json
 import os
 import struct
 import time
@@ -47,7 +46,6 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from ipcd import protocol
 from ipcd.errors import IpcdError, MessageError, PayloadError, QueueFullError
-from ipcd.ipc import msgmax
 from ipcd.protocol import Job, Payload, SpillRef
 from ipcd.results import Kind, Result, Spilled, Status
 from ipcd.shm import Lock, Segment, remove_id
@@ -321,36 +319,28 @@ def remove_listed(key: int) -> int:
 # --- payloads -----------------------------------------------------------------------------
 
 
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-_DECODER = json.JSONDecoder()
-
-
 @contextlib.contextmanager
 def outgoing(
     client: Client,
     payload: Payload,
+    body: bytes | None,
     *,
     job_id: str,
     reply_to: int | None,
     timeout: float | None,
     unique: str | None = None,
 ) -> Iterator[bytes]:
-    """The envelope to send for this payload, spilling it first when it is too large.
+    """The envelope to send: ``body`` when the client could encode the payload into a
+    message, else one that points to a segment the payload is spilled into.
 
     Used as ``with outgoing(...) as body: send(body)``: for a spilled payload the entry
     becomes QUEUED once the block succeeds, and if the block raises (queue full, ...) the
     segment is removed and the entry freed, so a refused job leaves nothing behind.
     """
-    data = _surely_large(payload)
-    if data is None:
-        body = protocol.encode(
-            payload, job_id=job_id, reply_to=reply_to, timeout=timeout, unique=unique
-        )
-        if len(body) <= _limit(len(body)):
-            yield body
-            return
-        data = _as_data(payload)
-    kind, raw = data
+    if body is not None:
+        yield body
+        return
+    kind, raw = _as_data(payload)
     limit = client.config.jobs.max_payload
     if len(raw) > limit:
         raise PayloadError(
@@ -373,28 +363,6 @@ def outgoing(
     table.mark(index, State.QUEUED, shmid)
 
 
-_msgmax = 0
-
-
-def _limit(size: int) -> int:
-    """msgmax, read again only when a message looks too large for the value known."""
-    global _msgmax
-    if size > _msgmax:
-        _msgmax = msgmax()
-    return _msgmax
-
-
-def _surely_large(payload: Payload) -> tuple[str, bytes] | None:
-    """The payload's bytes when no envelope could carry it (saves encoding MiBs as base64
-    or JSON only to find that out)."""
-    if isinstance(payload, bytes | bytearray | memoryview):
-        if len(payload) * 4 // 3 > _limit(len(payload) * 4 // 3):
-            return _as_data(payload)
-    elif isinstance(payload, str) and len(payload) > _limit(len(payload)):
-        return _as_data(payload)
-    return None
-
-
 def _as_data(payload: Payload) -> tuple[str, bytes]:
     if isinstance(payload, bytes):
         return "bytes", payload
@@ -405,10 +373,7 @@ def _as_data(payload: Payload) -> tuple[str, bytes]:
             return "text", payload.encode("utf-8")
         except UnicodeEncodeError as exc:
             raise PayloadError(f"payload text is not valid Unicode: {exc}") from None
-    try:
-        return "json", _ENCODER.encode(payload).encode()
-    except (TypeError, ValueError) as exc:
-        raise PayloadError(f"payload cannot be encoded as JSON: {exc}") from None
+    return "json", protocol.payload_json(payload)
 
 
 def load(job: Job, table: SpillTable | None, max_payload: int) -> Job:
@@ -438,9 +403,7 @@ def _load(job: Job, max_payload: int) -> Job:
         if ref.kind == "text":
             payload = raw.decode("utf-8")
         elif ref.kind == "json":
-            payload = _DECODER.decode(raw.decode("utf-8"))
-            if protocol._depth(payload) > protocol.MAX_DEPTH:
-                raise _bad(job, f"spilled payload nested deeper than {protocol.MAX_DEPTH}")
+            payload = protocol.payload_from_json(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         if isinstance(exc, MessageError):
             raise

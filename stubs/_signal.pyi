@@ -1,5 +1,6 @@
-# The C module under ``signal``: ipcd calls its ``signal`` directly on the client's wait
-# path, skipping the enum conversions of ``signal.signal`` (about 7 microseconds a call).
+# The C module under ``signal``: ipcd's client waits through it directly, skipping the
+# enum conversions of ``signal.signal`` (about 7 microseconds a call) and the import of
+# the signal module.
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
@@ -7,3 +8,8 @@ from typing import Any
 _Handler = Callable[[int, FrameType | None], Any] | int | None
 
 def signal(signalnum: int, handler: _Handler, /) -> _Handler: ...
+
+SIGALRM: int
+ITIMER_REAL: int
+
+def setitimer(which: int, seconds: float, interval: float = ..., /) -> tuple[float, float]: ...

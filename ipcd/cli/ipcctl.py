@@ -6,11 +6,10 @@ Kept lean on purpose: argparse and ipcd's client modules only (see ipcd.client).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-from datetime import UTC, datetime
+from collections.abc import Callable
 from pathlib import Path
 
 from ipcd import config as config_mod
@@ -27,7 +26,7 @@ from ipcd.errors import (
     PayloadError,
     WaitTimeoutError,
 )
-from ipcd.protocol import Payload
+from ipcd.protocol import Payload, payload_from_json
 from ipcd.results import Kind, Result, require
 
 EPILOG = """exit status:
@@ -41,10 +40,31 @@ EPILOG = """exit status:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or with ``only`` a parser that knows just that subcommand: a
+    cron job's ``ipcctl submit`` should not pay for building the other eight (a few
+    milliseconds of argparse objects and translations)."""
     parser, sub = cli_parser("ipcctl", "Submit jobs to ipcd and read their results.", EPILOG)
+    for name, (help_text, fill) in _COMMANDS.items():
+        if only is None or name == only:
+            fill(sub.add_parser(name, help=help_text))
+    return parser
 
-    submit = sub.add_parser("submit", help="queue a job; prints its id (or its output with --wait)")
+
+def _command_in(argv: list[str]) -> str | None:
+    """The subcommand ``argv`` names, if it names one before anything unexpected."""
+    args = iter(argv)
+    for arg in args:
+        if arg in ("-c", "--config"):
+            next(args, None)
+        elif arg in _COMMANDS:
+            return arg
+        elif not (arg.startswith("--config=") or (arg.startswith("-c") and len(arg) > 2)):
+            return None
+    return None
+
+
+def _submit_options(submit: argparse.ArgumentParser) -> None:
     submit.add_argument("type", help="handler name or message type number")
     submit.add_argument("payload", nargs="?", help="the payload text; - reads stdin")
     submit.add_argument("--json", action="store_true", help="parse the payload as JSON")
@@ -73,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long to wait while the queue is full (default: [ipc] send_timeout)",
     )
 
-    result = sub.add_parser("result", help="print a job's result")
+
+def _result_options(result: argparse.ArgumentParser) -> None:
     result.add_argument("job_id")
     _wait_options(result)
     result.add_argument("--json", action="store_true", help="print the whole result as JSON")
@@ -84,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _color_option(result)
 
-    status = sub.add_parser("status", help="queue depth, result segment use, daemon, workers")
+
+def _status_options(status: argparse.ArgumentParser) -> None:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument(
         "--watch",
@@ -95,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="refresh every S seconds (default 1) until Ctrl-C, like top",
     )
 
-    stats = sub.add_parser("stats", help="job counters and gauges (--prometheus for node_exporter)")
+
+def _stats_options(stats: argparse.ArgumentParser) -> None:
     form = stats.add_mutually_exclusive_group()
     form.add_argument("--json", action="store_true", help="one JSON document")
     form.add_argument(
@@ -108,15 +131,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="write to FILE atomically (a temporary file renamed into place)",
     )
 
-    failed = sub.add_parser("failed", help="list jobs that failed for good, and why")
-    failed.add_argument("--json", action="store_true", help="one JSON document")
 
-    retry = sub.add_parser("retry", help="put a job from the failed list back on the queue")
-    retry.add_argument("job_id")
+def _json_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="one JSON document")
 
-    sub.add_parser("key", help="print the IPC keys and how they are derived")
 
-    logs = sub.add_parser("logs", help="print ipcd's event log ([log] file) readably")
+def _job_id_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("job_id")
+
+
+def _no_options(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+def _logs_options(logs: argparse.ArgumentParser) -> None:
     logs.add_argument(
         "-f",
         "--follow",
@@ -148,7 +176,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print the matching log lines as they are, for jq"
     )
     _color_option(logs)
-    return parser
+
+
+#: Every subcommand: its line in ``ipcctl --help``, and what adds its arguments.
+_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "submit": ("queue a job; prints its id (or its output with --wait)", _submit_options),
+    "result": ("print a job's result", _result_options),
+    "status": ("queue depth, result segment use, daemon, workers", _status_options),
+    "stats": ("job counters and gauges (--prometheus for node_exporter)", _stats_options),
+    "failed": ("list jobs that failed for good, and why", _json_option),
+    "retry": ("put a job from the failed list back on the queue", _job_id_argument),
+    "key": ("print the IPC keys and how they are derived", _no_options),
+    "logs": ("print ipcd's event log ([log] file) readably", _logs_options),
+}
 
 
 def _color_option(parser: argparse.ArgumentParser) -> None:
@@ -185,7 +225,7 @@ def _positive_seconds(text: str) -> float:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(_command_in(argv)).parse_args(argv)
     config = config_mod.load(config_mod.locate(args.config))
     if args.command == "logs":
         return _logs(config, args)
@@ -253,8 +293,8 @@ def _payload(arg: str | None, as_json: bool) -> Payload:
         return None
     if as_json:
         try:
-            value: Payload = json.loads(arg)
-        except ValueError as exc:
+            value: Payload = payload_from_json(arg)
+        except (ValueError, RecursionError) as exc:
             raise PayloadError(f"payload is not valid JSON: {exc}") from None
         return value
     return arg
@@ -308,6 +348,8 @@ def _log_path(config: Config) -> Path:
 
 
 def _logs(config: Config, args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
     from ipcd import logview  # only the log readers pay for its import
 
     path = _log_path(config)
@@ -343,6 +385,8 @@ def _notice(text: str) -> None:
 
 
 def _print_result(result: Result, *, as_json: bool) -> int:
+    import json  # here, not at the top: submit's start-up does not pay for it
+
     if as_json:
         print(json.dumps(result.as_json()))
         return 0 if result.ok else int(ExitCode.JOB_FAILED)
@@ -360,6 +404,8 @@ def _print_result(result: Result, *, as_json: bool) -> int:
 
 
 def _failed(client: Client, as_json: bool) -> int:
+    import json
+
     entries, dropped = client.failed()
     if as_json:
         print(json.dumps({"failed": [e.as_json() for e in entries], "dropped": dropped}))
