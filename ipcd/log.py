@@ -35,7 +35,9 @@ class Sink:
     def __init__(self, path: Path | None, console: TextIO | None) -> None:
         self.path = path
         self.console = console
-        self._file: TextIO | None = None
+        #: The log file as a bare descriptor: one write(2) per line, whatever its length
+        #: (a buffered text file splits long lines and costs two layers of Python).
+        self._fd: int | None = None
         self._lock = threading.Lock()
         self._clock = _IsoClock()
         self._console_render = (
@@ -47,15 +49,15 @@ class Sink:
         """Open (again) the log file by name, so writes follow a rotation."""
         if self.path is None:
             return
-        fresh = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        fresh = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
         with self._lock:
-            old, self._file = self._file, fresh
+            old, self._fd = self._fd, fresh
         if old is not None:
-            old.close()
+            os.close(old)
 
     def fileno(self) -> int | None:
         """The log file's descriptor, which the daemonizer must keep open."""
-        return self._file.fileno() if self._file is not None else None
+        return self._fd
 
     def emit(self, method: str, event: EventDict) -> None:
         # When, how bad and what first, so that a line reads well before it reaches jq.
@@ -82,8 +84,10 @@ class Sink:
 
     def _put(self, method: str, ordered: dict[str, Any]) -> None:
         with self._lock:
-            if self._file is not None:
-                self._file.write(_encode(ordered) + "\n")
+            if self._fd is not None:
+                # backslashreplace: a lone surrogate (a handler's undecodable bytes) must
+                # not cost the event.  O_APPEND keeps lines of concurrent workers whole.
+                os.write(self._fd, (_encode(ordered) + "\n").encode("utf-8", "backslashreplace"))
             if self.console is not None and self._console_render is not None:
                 rendered = self._console_render(None, method, dict(ordered))
                 self.console.write(f"{rendered}\n")
@@ -91,9 +95,9 @@ class Sink:
 
     def close(self) -> None:
         with self._lock:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
 
 class _SinkLogger:
@@ -128,11 +132,18 @@ class Events:
     def __init__(self, sink: Sink, level: str, **context: Any) -> None:
         self._sink = sink
         self._context = context
-        self._info = logging.getLevelNamesMapping()[level.upper()] <= logging.INFO
+        threshold = logging.getLevelNamesMapping()[level.upper()]
+        #: Whether debug events are written: callers test it before building one.
+        self.debugging = threshold <= logging.DEBUG
+        self._info = threshold <= logging.INFO
 
     def info(self, event: str, fields: dict[str, Any]) -> None:
         if self._info:
             self._sink.write("info", event, self._context, fields)
+
+    def debug(self, event: str, fields: dict[str, Any]) -> None:
+        if self.debugging:
+            self._sink.write("debug", event, self._context, fields)
 
 
 class _IsoClock:

@@ -27,7 +27,7 @@ from ipcd.ipc import Interrupted, Queue, TooBigError, msgmax
 from ipcd.log import Logger
 from ipcd.outcome import Outcomes, error_result, run_again
 from ipcd.protocol import Job
-from ipcd.registry import Registry
+from ipcd.registry import Registration, Registry
 from ipcd.results import Kind, Result, Status
 from ipcd.server import Prepared
 from ipcd.signals import Flags
@@ -78,6 +78,18 @@ def _ok(job: Job, value: HandlerResult) -> Result:
 
 
 _encode_result = jsoncodec.encoder(ensure_ascii=True, allow_nan=False)
+
+
+def _started_fields(job: Job, registration: Registration | None) -> dict[str, object]:
+    fields: dict[str, object] = {
+        "job_id": job.id,
+        "type": job.type,
+        "handler": registration.name if registration else "-",
+        "attempt": job.attempt,
+    }
+    if job.sender_pid:
+        fields["sender_pid"] = job.sender_pid
+    return fields
 
 
 class Worker:
@@ -160,6 +172,8 @@ class Worker:
             self.table.received(self.slot, length, job.attempt, job.id, deadline)
             if deadline:
                 self.wake_master()  # the master enforces the deadline
+            if self.outcomes.events.debugging:  # `ipcctl logs -f` sees long jobs start
+                self.outcomes.events.debug("job.started", _started_fields(job, registration))
             outcome, handler = execute(self.registry, job, self.log)
             if not isinstance(outcome, Retry):
                 self.outcomes.finish(job, outcome, body=body, handler=handler, started=started)
