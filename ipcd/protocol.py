@@ -205,9 +205,9 @@ def _read_envelope(doc: dict[str, Any], type_: int) -> Job:
         raise _bad(f"unsupported envelope version {doc['ipcd']!r} (this ipcd speaks 1)", job_id)
     if job_id is None:
         raise _bad("envelope 'id' must be 1-16 characters of [0-9A-Za-z_.-]", None)
-    unknown = set(doc) - _ENVELOPE_KEYS
-    if unknown:
-        raise _bad(f"unknown envelope field {sorted(unknown)[0]!r}", job_id)
+    if not _ENVELOPE_KEYS.issuperset(doc):
+        unknown = sorted(set(doc) - _ENVELOPE_KEYS)
+        raise _bad(f"unknown envelope field {unknown[0]!r}", job_id)
     spill = None
     if "spill" in doc:
         if "payload" in doc or "payload_b64" in doc:
@@ -226,16 +226,16 @@ def _read_envelope(doc: dict[str, Any], type_: int) -> Job:
             raise _bad("'payload_b64' is not valid base64", job_id) from None
     else:
         payload = doc.get("payload")
-        if _depth(payload) > MAX_DEPTH:
+        if type(payload) in (list, dict) and _depth(payload) > MAX_DEPTH:
             raise _bad(f"payload nested deeper than {MAX_DEPTH} levels", job_id)
-    submitted = _number(doc.get("submitted", 0.0), "submitted", job_id)
+    submitted = doc.get("submitted", 0.0)
+    if type(submitted) is not float:  # what ipcd's clients send; anything else is checked
+        submitted = _number(submitted, "submitted", job_id)
     pid = doc.get("pid", 0)
     reply = doc.get("reply")
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid < 0:
+    if type(pid) is not int or pid < 0:  # type(), not isinstance(): True is no pid
         raise _bad("'pid' must be a non-negative integer", job_id)
-    if reply is not None and (
-        not isinstance(reply, int) or isinstance(reply, bool) or not 0 < reply < 2**31
-    ):
+    if reply is not None and (type(reply) is not int or not 0 < reply < 2**31):
         raise _bad("'reply' must be a positive message type", job_id)
     attempt = doc.get("attempt", 1)
     if type(attempt) is not int or not 1 <= attempt <= 0xFFFF:

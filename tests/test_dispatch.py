@@ -55,7 +55,12 @@ def _client(inst: Instance) -> Client:
 
 
 def _job_events(inst: Instance) -> list[dict[str, object]]:
-    return [e for e in inst.log_events() if str(e["event"]).startswith("job.")]
+    """Each job's one closing event (job.done, job.rejected, ...), not its debug start."""
+    return [
+        e
+        for e in inst.log_events()
+        if str(e["event"]).startswith("job.") and e["event"] != "job.started"
+    ]
 
 
 def test_echo_round_trip_through_cli(served: Instance) -> None:
