@@ -327,17 +327,17 @@ def _get_result(client: Client, args: argparse.Namespace) -> Result:
 def _print_job_log(config: Config, args: argparse.Namespace, *, finished: bool) -> None:
     """``result --log``: the job's events on stdout; a log that cannot be read is a note
     on stderr, not a change of the exit status, which belongs to the result."""
-    from ipcd import logview  # only the log readers pay for its import
+    from ipcd import logfile, logformat  # only the log readers pay for their import
 
     try:
         path = _log_path(config)
-        settle = finished and logview.level_rank(config.log.level) <= logview.level_rank("info")
-        lines = logview.job_lines(path, args.job_id, finished=settle)
+        shows_info = logformat.level_rank(config.log.level) <= logformat.level_rank("info")
+        lines = logfile.job_lines(path, args.job_id, finished=finished and shows_info)
     except IpcdError as exc:
         print(f"ipcctl: no log events: {exc}", file=sys.stderr)
         return
-    color = not args.json and logview.want_color(args.color, sys.stdout.isatty(), os.environ)
-    printer = logview.Printer(sys.stdout, json=args.json, color=color)
+    color = not args.json and logformat.want_color(args.color, sys.stdout.isatty(), os.environ)
+    printer = logformat.Printer(sys.stdout, json=args.json, color=color)
     printer.write(printer.select(lines))
 
 
@@ -350,30 +350,30 @@ def _log_path(config: Config) -> Path:
 def _logs(config: Config, args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from ipcd import logview  # only the log readers pay for its import
+    from ipcd import logfile, logformat  # only the log readers pay for their import
 
     path = _log_path(config)
     types: set[int] = set()
     names: set[str] = set()
     for text in args.type or ():
-        more_types, more_names = logview.type_selector(text, config.handlers)
+        more_types, more_names = logformat.type_selector(text, config.handlers)
         types |= more_types
         names |= more_names
-    selected = logview.Filter(
+    selected = logformat.Filter(
         jobs=frozenset(args.job or ()),
         types=frozenset(types),
         handlers=frozenset(names),
-        level=logview.parse_level(args.level) if args.level else None,
-        since=logview.parse_since(args.since, datetime.now(UTC)) if args.since else None,
+        level=logformat.parse_level(args.level) if args.level else None,
+        since=logformat.parse_since(args.since, datetime.now(UTC)) if args.since else None,
     )
     if args.lines is not None:
-        last = logview.parse_count(args.lines)
+        last = logformat.parse_count(args.lines)
     else:
         last = 10 if args.follow else None
-    color = not args.json and logview.want_color(args.color, sys.stdout.isatty(), os.environ)
-    printer = logview.Printer(sys.stdout, selected, json=args.json, color=color)
+    color = not args.json and logformat.want_color(args.color, sys.stdout.isatty(), os.environ)
+    printer = logformat.Printer(sys.stdout, selected, json=args.json, color=color)
     try:
-        logview.show(path, printer, last=last, follow=args.follow, notice=_notice)
+        logfile.show(path, printer, last=last, follow=args.follow, notice=_notice)
     finally:
         if printer.skipped:
             _notice(f"skipped {printer.skipped} lines that are not JSON objects")
