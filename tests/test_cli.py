@@ -75,7 +75,7 @@ def test_stopped_daemon_queues_and_status_says_so(stopped: Instance) -> None:
     assert queued.returncode == 0
     status = stopped.ipcctl("status")
     assert status.returncode == ExitCode.UNAVAILABLE
-    assert "1 messages" in status.stdout and "daemon     not running" in status.stdout
+    assert ": 1 message, " in status.stdout and "daemon     not running" in status.stdout
 
 
 def test_queue_full_is_75(stopped: Instance) -> None:
