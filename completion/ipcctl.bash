@@ -5,9 +5,9 @@
 # be sourced on its own: it needs nothing from bash-completion.
 #
 # Completes subcommands, each subcommand's options, the values of --level and --color,
-# file names after -c/--config, handler names after `submit` and `--type` (read from
-# the [handlers.NAME] table headers of the configuration that -c, $IPCD_CONFIG or
-# /etc/ipcd/ipcd.toml names, with sed: starting Python on every Tab would be slow), and
+# file names after -c/--config and stats -o/--output (also --config=FILE as one word),
+# handler names after `submit` and `--type` (read from the [handlers.NAME] table headers
+# of the configuration that -c, $IPCD_CONFIG or /etc/ipcd/ipcd.toml names, with sed: starting Python on every Tab would be slow), and
 # the ids of failed jobs after `retry` (from `ipcctl failed`).
 # tests/test_completion.py checks that every command and option of the two argparse
 # parsers is offered here.
@@ -24,6 +24,7 @@ _ipcd_config_file() {
                 cfg=${COMP_WORDS[i + 1]}
             fi
             ;;
+        --config=?*) cfg=${COMP_WORDS[i]#--config=} ;; # one word: "=" not a word break
         esac
     done
     printf '%s\n' "${cfg/#\~/$HOME}"
@@ -50,6 +51,7 @@ _ipcd_config_args() {
                 printf '%s\n' --config "${COMP_WORDS[i + 1]}"
             fi
             ;;
+        --config=?*) printf '%s\n' "${COMP_WORDS[i]}" ;;
         esac
     done
 }
@@ -122,13 +124,22 @@ _ipcctl() {
     elif [[ $prev == "=" ]] && ((COMP_CWORD >= 2)); then
         prev=${COMP_WORDS[COMP_CWORD - 2]}
     fi
+    case $cur in
+    --config=* | --output=*) # one word when COMP_WORDBREAKS lacks "="
+        local opt=${cur%%=*}
+        cur=${cur#*=}
+        _ipcd_reply_files
+        COMPREPLY=("${COMPREPLY[@]/#/$opt=}")
+        return 0
+        ;;
+    esac
     case $prev in
-    -c | --config)
+    -c | --config | -o | --output)
         _ipcd_reply_files
         return 0
         ;;
     --level)
-        _ipcd_reply "debug info warning error"
+        _ipcd_reply "debug info warning error critical"
         return 0
         ;;
     --color)
@@ -159,7 +170,7 @@ _ipcctl() {
     local opts takes=""
     case $_ipcd_sub in
     submit)
-        opts="--json --wait --timeout --timeout-job --delay --send-timeout --unique"
+        opts="--json --wait --timeout --timeout-job --delay --send-timeout --unique -q --quiet"
         takes="--timeout --timeout-job --delay --send-timeout --unique"
         ;;
     result)
@@ -173,7 +184,10 @@ _ipcctl() {
         opts="-f --follow --job --type --level --since --json -n --lines --color"
         takes="--job --type --level --since -n --lines --color"
         ;;
-    stats) opts="--prometheus --json --output -o" ;;
+    stats)
+        opts="--prometheus --json --output -o"
+        takes="--output -o"
+        ;;
     *) return 0 ;;
     esac
     if [[ $cur == -* ]]; then
@@ -206,6 +220,14 @@ _ipcd() {
     elif [[ $prev == "=" ]] && ((COMP_CWORD >= 2)); then
         prev=${COMP_WORDS[COMP_CWORD - 2]}
     fi
+    case $cur in
+    --config=*) # one word when COMP_WORDBREAKS lacks "="
+        cur=${cur#--config=}
+        _ipcd_reply_files
+        COMPREPLY=("${COMPREPLY[@]/#/--config=}")
+        return 0
+        ;;
+    esac
     case $prev in
     -c | --config)
         _ipcd_reply_files

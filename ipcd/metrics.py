@@ -204,6 +204,20 @@ def _counters(out: _Exposition, snap: Snapshot) -> None:
     )
 
 
+def figure(value: float) -> str:
+    """A measured number for people: three significant digits and never an exponent
+    (``2830``, ``28.3``, ``0.283``, ``0.00283``), where ``:.3g`` would print ``2.83e+03``."""
+    if value == 0 or not math.isfinite(value) or abs(value) >= 100:
+        return f"{value:.0f}"
+    digits = min(6, 2 - math.floor(math.log10(abs(value))))
+    return f"{value:.{digits}f}"
+
+
+def count(number: int, noun: str, plural: str | None = None) -> str:
+    """``1 reload``, ``2 reloads``: a number and its noun in the number's grammatical form."""
+    return f"{number} {noun if number == 1 else plural or noun + 's'}"
+
+
 # --- JSON and text --------------------------------------------------------------------
 
 
@@ -263,7 +277,9 @@ def stats_text(reading: Reading) -> list[str]:
     else:
         lines.append("daemon     not running (jobs wait in the queue for the next start)")
     q = status.queue
-    lines.append(f"queue      {q.messages} messages, {q.bytes} of {q.max_bytes} bytes")
+    lines.append(
+        f"queue      {count(q.messages, 'message')}, {q.bytes} of {count(q.max_bytes, 'byte')}"
+    )
     busy = sum(1 for w in status.workers if w.job_id)
     lines.append(f"workers    {len(status.workers)} live, {busy} busy")
     lines.append(f"jobs       {status.parked} parked, {status.failed} on the failed list")
@@ -273,20 +289,24 @@ def stats_text(reading: Reading) -> list[str]:
         return lines
     m = snap.master
     lines.append(
-        f"master     {m['workers_started']} workers started, {m['worker_restarts']} restarts, "
-        f"{m['jobs_recovered']} jobs recovered, {m['jobs_requeued']} requeued, "
-        f"{m['reloads']} reloads"
+        f"master     {count(m['workers_started'], 'worker')} started, "
+        f"{count(m['worker_restarts'], 'restart')}, "
+        f"{count(m['jobs_recovered'], 'job')} recovered, {m['jobs_requeued']} requeued, "
+        f"{count(m['reloads'], 'reload')}"
     )
-    rate = job_rate(reading)
+    # A stopped daemon finishes nothing: an average since its start would only decay.
+    rate = job_rate(reading) if reading.up else None
     if rate is not None:
-        lines.append(f"rate       {rate.per_second:.3g} jobs/s since the start")
+        lines.append(f"rate       {figure(rate.per_second)} jobs/s since the start")
+    else:
+        lines.append("rate       -")
     lines.append("")
     lines.append(
         f"{'handler':<16} {'ok':>9} {'error':>9} {'retried':>9} {'rejected':>9} {'mean ms':>9}"
     )
     for h in snap.handlers:
         timed = sum(h.buckets)
-        mean = f"{1000 * h.seconds / timed:.3g}" if timed else "-"
+        mean = figure(1000 * h.seconds / timed) if timed else "-"
         o = h.outcomes
         lines.append(
             f"{h.name[:16]:<16} {o['ok']:>9} {o['error']:>9} {o['retried']:>9} "

@@ -52,6 +52,58 @@ def test_bad_payload_is_65(daemon: Instance) -> None:
     assert bad.returncode == ExitCode.DATA and "payload is not valid JSON" in bad.stderr
 
 
+def test_bad_job_id_is_64(instance: Instance) -> None:
+    """A job id no job can have is a typo (64, saying what ids look like), not a job
+    whose result is gone (66); the configuration is not even read."""
+    for args in (["result", "bad id!"], ["retry", "x" * 17], ["logs", "--job", ""]):
+        done = instance.ipcctl(*args)
+        assert done.returncode == ExitCode.USAGE, args
+        assert "is not a job id (1 to 16 characters of 0-9, A-Z, a-z, _, . and -)" in done.stderr
+
+
+def test_unserved_type_number_warns_and_queues(stopped: Instance) -> None:
+    """A bare type number no configured handler has is queued (exit 0) with a warning;
+    a configured one, by name or number, is not warned about."""
+    done = stopped.ipcctl("submit", "99", "x")
+    assert done.returncode == 0 and len(done.stdout.strip()) == 16
+    assert done.stderr == (
+        f"ipcctl: warning: no handler in {stopped.config_path} has message type 99; "
+        "the job fails unless the daemon's configuration has one\n"
+    )
+    assert stopped.ipcctl("status", "--json").stdout.count('"messages": 1') == 1
+    echo_type = str(next(h.type for h in stopped.config.handlers if h.name == "echo"))
+    for handler in ("echo", echo_type):
+        quiet = stopped.ipcctl("submit", handler, "x")
+        assert (quiet.returncode, quiet.stderr) == (0, "")
+
+
+def test_stdin_over_max_payload_is_65(stopped: Instance) -> None:
+    """submit - reads at most [jobs] max_payload + 1 bytes of stdin: more is refused (65)
+    without reading the rest; exactly max_payload is accepted."""
+    config = stopped.config_path.read_text()
+    stopped.config_path.write_text(config + "\n[jobs]\nmax_payload = 100\n")
+    producer = subprocess.Popen(["yes"], stdout=subprocess.PIPE)  # never ends by itself
+    try:
+        refused = subprocess.run(
+            [IPCCTL, "-c", str(stopped.config_path), "submit", "echo", "-"],
+            stdin=producer.stdout,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        producer.kill()
+        producer.wait()
+        assert producer.stdout is not None
+        producer.stdout.close()
+    assert refused.returncode == ExitCode.DATA
+    assert "stdin holds more than [jobs] max_payload (100 bytes); nothing was queued" in (
+        refused.stderr
+    )
+    exact = stopped.ipcctl("submit", "echo", "-", input="y" * 100)
+    assert exact.returncode == 0, exact.stderr
+
+
 def test_no_result_is_66(daemon: Instance) -> None:
     """Status 66 for a job id the result segment does not know."""
     missing = daemon.ipcctl("result", "0123456789abcdef")
@@ -75,7 +127,7 @@ def test_stopped_daemon_queues_and_status_says_so(stopped: Instance) -> None:
     assert queued.returncode == 0
     status = stopped.ipcctl("status")
     assert status.returncode == ExitCode.UNAVAILABLE
-    assert "1 messages" in status.stdout and "daemon     not running" in status.stdout
+    assert ": 1 message, " in status.stdout and "daemon     not running" in status.stdout
 
 
 def test_queue_full_is_75(stopped: Instance) -> None:

@@ -108,9 +108,28 @@ def test_files_after_config_option(tmp_path: Path) -> None:
     assert sorted(complete("ipcd", "--config", prefix)) == want
 
 
+def test_files_after_output_and_config_as_one_word(tmp_path: Path) -> None:
+    """stats -o/--output completes file names and does not count as a positional;
+    --config=FILE as one word (COMP_WORDBREAKS without "=") completes the file and is the
+    configuration the handler names come from."""
+    (tmp_path / "ipcd.prom").write_text("")
+    (tmp_path / "ipcd.toml").write_text("[handlers.echo]\ntype = 2\n")
+    prefix = str(tmp_path / "ipcd.p")
+    for option in ("-o", "--output"):
+        assert complete("ipcctl", "stats", option, prefix) == [prefix + "rom"]
+    assert complete("ipcctl", "stats", "--output", "=", prefix) == [prefix + "rom"]
+    assert complete("ipcctl", "stats", "-o", "x", "--j") == ["--json"]
+    config = str(tmp_path / "ipcd.toml")
+    assert complete("ipcctl", "--config=" + config[:-2]) == ["--config=" + config]
+    assert complete("ipcd", "--config=" + config[:-2]) == ["--config=" + config]
+    assert complete("ipcctl", "--config=" + config, "submit", "") == ["echo"]
+    assert complete("ipcctl", "--config=" + config, "logs", "--type", "") == ["echo"]
+
+
 def test_option_values() -> None:
     """--level and --color offer their fixed values."""
-    assert complete("ipcctl", "logs", "--level", "") == ["debug", "info", "warning", "error"]
+    levels = ["debug", "info", "warning", "error", "critical"]
+    assert complete("ipcctl", "logs", "--level", "") == levels
     assert complete("ipcctl", "logs", "--color", "a") == ["auto", "always"]
 
 

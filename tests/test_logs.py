@@ -1,7 +1,8 @@
 """``ipcctl logs`` and ``ipcctl result --log``: reading ipcd's JSON event log.
 
-The pure parts of ipcd.logview (``--since``, filters, formatting, colour choice) are tested
-as functions; the command against real daemons, a real rotation and a real terminal.
+The pure parts of ipcd.logformat (``--since``, filters, formatting, colour choice) and
+the readers of ipcd.logfile are tested as functions; the command against real daemons, a
+real rotation and a real terminal.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from conftest import IPCCTL, TESTS, Instance
 
 from ipcd.config import HandlerConfig
 from ipcd.errors import ExitCode, UsageError
-from ipcd.logview import (
+from ipcd.logfile import Follower, job_lines, last_shown, lines_backward
+from ipcd.logformat import (
     Filter,
-    Follower,
     Printer,
     format_event,
     format_value,
@@ -241,7 +242,7 @@ def test_want_color(mode: str, tty: bool, env: dict[str, str], expected: bool) -
 
 def test_printer_and_lines_that_are_not_json(tmp_path: Path) -> None:
     """A broken line is shown as it is, hidden by any filter, skipped and counted in JSON."""
-    lines = [json.dumps(DONE), "Traceback (most recent call last):", "", "[1, 2]"]
+    lines = [json.dumps(DONE).encode(), b"Traceback (most recent call last):", b"", b"[1, 2]"]
     out = tmp_path / "out"
     with out.open("w") as fh:
         printer = Printer(fh, tz=UTC)
@@ -265,29 +266,29 @@ def test_follower_rotation_and_truncation(tmp_path: Path) -> None:
     log = tmp_path / "ipcd.log"
     notices: list[str] = []
     with Follower(log, notice=notices.append, drain=3600) as follower:
-        assert follower.start() == []
+        assert list(follower.start()) == []
         assert notices == [f"waiting for {log} to appear"]
         with log.open("a") as fh:
             fh.write("one\ntw")
-        assert follower.poll() == ["one"]
+        assert follower.poll() == [b"one"]
         with log.open("a") as fh:
             fh.write("o\n")
-        assert follower.poll() == ["two"]
+        assert follower.poll() == [b"two"]
         rotated = tmp_path / "ipcd.log.1"
         log.rename(rotated)
         with rotated.open("a") as fh:  # a writer that has not reopened yet
             fh.write("three\n")
-        assert follower.poll() == ["three"]
+        assert follower.poll() == [b"three"]
         log.write_text("four\n")
-        assert follower.poll() == ["four"]
+        assert follower.poll() == [b"four"]
         with rotated.open("a") as fh:  # an old worker, still writing to the old file
             fh.write("five\n")
-        assert follower.poll() == ["five"]
+        assert follower.poll() == [b"five"]
         with log.open("r+") as fh:
             fh.truncate(0)
         with log.open("a") as fh:
             fh.write("six\n")
-        assert follower.poll() == ["six"]
+        assert follower.poll() == [b"six"]
         assert notices[1:] == [
             f"{log} has appeared; following it",
             f"{log} has been moved away; waiting for a new one",
@@ -295,6 +296,121 @@ def test_follower_rotation_and_truncation(tmp_path: Path) -> None:
             f"{log}: file truncated",
         ]
         assert follower.close() == []
+
+
+@pytest.mark.parametrize("block", [1, 3, 7, 64, 65536])
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\n", b"one\ntwo\n", b"one\ntwo", b"\n\nx\n", b"a" * 200 + b"\nb\n" + b"c" * 150],
+)
+def test_lines_backward(tmp_path: Path, data: bytes, block: int) -> None:
+    """Read backwards in blocks of any size, the lines come out whole, last first, with
+    what follows the last newline first of all."""
+    log = tmp_path / "ipcd.log"
+    log.write_bytes(data)
+    with log.open("rb") as fh:
+        got = list(lines_backward(fh.fileno(), len(data), block))
+        assert fh.tell() == 0  # pread: the offset is the caller's
+    assert got == list(reversed(data.split(b"\n")))
+
+
+def test_last_lines_stop_reading_at_the_nth_match(tmp_path: Path) -> None:
+    """-n N reads back from the end only until N lines matched; with --job the lines of
+    other jobs are not even parsed (a line without the id is not looked at)."""
+    lines = [json.dumps(event(job_id=f"job{i}")).encode() for i in range(1000)]
+    drawn = 0
+
+    def counted(source: Iterator[bytes]) -> Iterator[bytes]:
+        nonlocal drawn
+        for line in source:
+            drawn += 1
+            yield line
+
+    out = tmp_path / "out"
+    log = tmp_path / "ipcd.log"
+    log.write_bytes(b"\n".join(lines) + b"\n")
+    with out.open("w") as fh, log.open("rb") as src:
+        printer = Printer(fh, json=True)
+        backward = counted(lines_backward(src.fileno(), log.stat().st_size))
+        shown = [text for text, _ in last_shown(printer, backward, 2)]
+    assert shown == [lines[-2].decode(), lines[-1].decode()]
+    assert drawn == 3  # the empty text after the last newline, then two lines
+
+    only = Filter(jobs=frozenset({"job7"}))
+    assert only.may_match(lines[7]) and not only.may_match(lines[8])
+    assert only.may_match(b"job7 is not JSON") and not only.may_match(b"not JSON")
+    assert Filter(jobs=frozenset({'a"b'})).may_match(b"anything")  # escaped in JSON: parse
+    assert Filter().may_match(b"anything")
+    with out.open("w") as fh:
+        printer = Printer(fh, only, json=True)
+        printer.write(printer.select([*lines, b"not JSON", b"job7 but not JSON"]))
+    assert out.read_text() == lines[7].decode() + "\n"
+    assert printer.skipped == 1
+
+
+def test_logs_tail_of_a_huge_log_reads_only_its_end(instance: Instance) -> None:
+    """logs -n 2 on a log of 4 GiB (a hole, then events) under a 1 GiB address-space
+    limit: reading the whole file could not even be tried; reading back from the end is
+    one block."""
+    with instance.log_file.open("wb") as fh:
+        fh.truncate(4 << 30)
+        fh.seek(4 << 30)
+        for i in range(5):
+            fh.write(json.dumps(event(job_id=f"job{i}")).encode() + b"\n")
+
+    def limit() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    done = instance.ipcctl("logs", "-n", "2", "--json", preexec_fn=limit)
+    assert done.returncode == 0, done.stderr
+    assert [e["job_id"] for e in json_lines(done.stdout)] == ["job3", "job4"]
+    notices: list[str] = []
+    with Follower(instance.log_file, notice=notices.append) as follower:
+        backward = follower.start(backward=True)
+        assert json.loads(next(backward))["job_id"] == "job4"
+        with instance.log_file.open("ab") as fh:
+            fh.write(b"six\n")
+        assert follower.poll() == [b"six"]  # on from the end, whatever was read of the rest
+
+
+def _reader_at_end(path: Path) -> bool:
+    """Whether this process has ``path`` open with its offset at the file's end."""
+    size = path.stat().st_size
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") != str(path):
+                continue
+            info = Path(f"/proc/self/fdinfo/{fd}").read_text()
+        except OSError:
+            continue
+        if re.search(rf"^pos:\s+{size}$", info, re.M):
+            return True
+    return False
+
+
+def test_job_lines_read_only_what_is_added_while_waiting(tmp_path: Path) -> None:
+    """result --log waiting for job.done reads the log once, then only its new end: an
+    event that was read stays read even if the part of the file it was in changes."""
+    log = tmp_path / "ipcd.log"
+    started = json.dumps(event(event="job.started", job_id="jobA")).encode()
+    log.write_bytes(started + b"\n")
+    found: queue.Queue[list[bytes]] = queue.Queue()
+    reader = threading.Thread(
+        target=lambda: found.put(job_lines(log, "jobA", finished=True, wait=30))
+    )
+    reader.start()
+    deadline = time.monotonic() + 10
+    while not _reader_at_end(log) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with log.open("r+b") as fh:  # the first line now names another job, same length
+        fh.write(started.replace(b"jobA", b"jobB"))
+    finished = json.dumps(event(job_id="jobA")).encode()
+    with log.open("ab") as fh:
+        fh.write(finished + b"\n")
+    reader.join(timeout=30)
+    assert found.get(timeout=1) == [started, finished]
 
 
 # --- ipcctl logs against a daemon ---------------------------------------------------------

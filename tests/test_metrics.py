@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pty
+import re
 import select
 import shutil
 import signal
@@ -14,12 +15,14 @@ import subprocess
 import time
 from collections import defaultdict
 
+import pytest
 from conftest import IPCCTL, TESTS, Instance
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from ipcd.errors import ExitCode
 from ipcd.ipc import Queue
+from ipcd.metrics import count, figure
 
 FLAKY = '\n[handlers.flaky]\ntype = 20\ntarget = "ipcd_test_plugins:flaky"\nmax_attempts = 5\n'
 
@@ -179,6 +182,29 @@ def test_a_reload_that_adds_handlers_keeps_the_labels(instance: Instance) -> Non
         instance.ipcd("stop")
 
 
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        (2830.4, "2830"),
+        (100.0, "100"),
+        (28.34, "28.3"),
+        (2.834, "2.83"),
+        (0.2834, "0.283"),
+        (0.002834, "0.00283"),
+        (0.0, "0"),
+        (1.5e-9, "0.000000"),
+    ],
+)
+def test_figures_have_no_exponent(value: float, shown: str) -> None:
+    """Rates and mean milliseconds read as plain numbers: 2830, not 2.83e+03."""
+    assert figure(value) == shown
+
+
+def test_counts_are_singular_for_one() -> None:
+    assert [count(n, "reload") for n in (0, 1, 2)] == ["0 reloads", "1 reload", "2 reloads"]
+    assert count(1, "job") + " done" == "1 job done"
+
+
 def test_stats_of_a_stopped_daemon(instance: Instance) -> None:
     """With no daemon, --prometheus still exits 0 with ipcd_up 0 and the queue depth;
     the text and JSON forms exit 69, as status does."""
@@ -199,6 +225,9 @@ def test_stats_of_a_stopped_daemon(instance: Instance) -> None:
     assert value(m, "ipcd_jobs_total", type="echo", outcome="ok") == 1  # the last run's
     text = instance.ipcctl("stats")
     assert text.returncode == ExitCode.UNAVAILABLE and "not running" in text.stdout
+    # No rate that decays while nothing runs; one of each counted thing is singular.
+    assert "rate       -\n" in text.stdout and "jobs/s" not in text.stdout
+    assert "queue      1 message, " in text.stdout
     doc = instance.ipcctl("stats", "--json")
     assert doc.returncode == ExitCode.UNAVAILABLE
     assert json.loads(doc.stdout)["up"] is False
@@ -261,8 +290,9 @@ def _env() -> dict[str, str]:
 
 
 def test_watch_on_a_terminal_redraws_until_ctrl_c(daemon: Instance) -> None:
-    """On a tty, --watch clears the screen for each frame, shows the rate over the last
-    interval from the second frame on, and Ctrl-C (SIGINT) exits 0."""
+    """On a tty, --watch clears the screen once and then draws each frame over the last
+    (cursor home, each line and then the rest of the screen cleared: no flicker), shows
+    the rate over the last interval from the second frame on, and Ctrl-C exits 0."""
     main, sub = pty.openpty()
     proc = subprocess.Popen(
         [IPCCTL, "-c", str(daemon.config_path), "status", "--watch", "0.2"],
@@ -273,7 +303,7 @@ def test_watch_on_a_terminal_redraws_until_ctrl_c(daemon: Instance) -> None:
     )
     os.close(sub)
     try:
-        shown = _read_until(main, "\x1b[H\x1b[2J", 3)
+        shown = _read_until(main, "\x1b[J", 3)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=10) == 0
     finally:
@@ -281,17 +311,19 @@ def test_watch_on_a_terminal_redraws_until_ctrl_c(daemon: Instance) -> None:
             proc.kill()
             proc.wait()
         os.close(main)
-    frames = shown.split("\x1b[H\x1b[2J")[1:]
+    assert shown.startswith("\x1b[H\x1b[2J") and shown.count("\x1b[2J") == 1, shown
+    frames = [f.split("\x1b[J")[0] for f in shown.split("\x1b[H")[2:]]
     assert len(frames) >= 3, shown
+    assert all(line.endswith("\x1b[K") for f in frames for line in f.splitlines()), shown
     assert all("daemon     pid" in f for f in frames[:2])
     assert "jobs/s over the last 0.2s" in frames[1]
     assert "Traceback" not in shown
 
 
 def test_watch_into_a_pipe_prints_frames_apart(daemon: Instance) -> None:
-    """Into a pipe, --watch prints each frame after a blank line, without ANSI codes;
-    with --json one document per line."""
-    for args, frame_start in ((["--watch", "0.1"], "queue      "), (["--json", "--watch"], "{")):
+    """Into a pipe, --watch prints each frame after a blank line, starting with the time it
+    was taken, without ANSI codes; with --json one document per line."""
+    for args, frame_start in ((["--watch", "0.1"], "time       "), (["--json", "--watch"], "{")):
         proc = subprocess.Popen(
             [IPCCTL, "-c", str(daemon.config_path), "status", *args],
             stdout=subprocess.PIPE,
@@ -315,6 +347,10 @@ def test_watch_into_a_pipe_prints_frames_apart(daemon: Instance) -> None:
         else:
             frames = shown.rstrip("\n").split("\n\n")
             assert len(frames) >= 3 and all(f.startswith(frame_start) for f in frames)
+            for frame in frames:
+                stamp, queue = frame.splitlines()[:2]
+                assert re.fullmatch(r"time {7}\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", stamp), frame
+                assert queue.startswith("queue      "), frame
 
 
 def test_a_job_whose_worker_died_counts_as_recovered_and_requeued(daemon: Instance) -> None:

@@ -355,6 +355,23 @@ def test_queued_job_holds_the_key_and_wait_exits_at_once(daemon: Instance) -> No
     assert (again.returncode, again.stdout) == (0, "two\n")
 
 
+def test_quiet_says_nothing_when_already_queued(daemon: Instance) -> None:
+    """-q: exit 4 with nothing on stderr (cron mails nothing), with or without --wait;
+    other errors are still reported."""
+    daemon.ipcd("stop", check=True)  # the first job waits in the queue, holding its key
+    first = daemon.ipcctl("submit", "-q", "--unique", "cron", "echo", "one")
+    assert (first.returncode, first.stderr) == (0, ""), first.stderr
+    for extra in ((), ("--wait",)):
+        again = daemon.ipcctl("submit", "--quiet", "--unique", "cron", *extra, "echo", "x")
+        assert (again.returncode, again.stdout, again.stderr) == (ExitCode.ALREADY_QUEUED, "", "")
+    loud = daemon.ipcctl("submit", "--unique", "cron", "echo", "x")
+    assert loud.stderr == _already(daemon, first.stdout.strip(), "cron")
+    wrong = daemon.ipcctl("submit", "-q", "--unique", "cron", "nosuch", "x")
+    assert wrong.returncode == ExitCode.USAGE and "unknown handler 'nosuch'" in wrong.stderr
+    assert daemon.ipcd("start").returncode == 0
+    assert _events(daemon, "job.done", first.stdout.strip())
+
+
 def test_delayed_job_holds_the_key(daemon: Instance) -> None:
     """A job parked by --delay holds its key until it has run."""
     first = daemon.ipcctl("submit", "--unique", "later", "--delay", "1.5", "echo", "a")

@@ -18,6 +18,7 @@ from ipcd.cli import run
 from ipcd.client import Client
 from ipcd.config import Config
 from ipcd.errors import (
+    AlreadyQueuedError,
     ConfigError,
     ExitCode,
     IpcdError,
@@ -87,6 +88,12 @@ def _submit_options(submit: argparse.ArgumentParser) -> None:
         help="queue nothing (exit 4) while a job with this key waits or runs (cron-safe)",
     )
     submit.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no stderr line when --unique finds the job already queued (exit 4 still)",
+    )
+    submit.add_argument(
         "--send-timeout",
         type=_seconds,
         metavar="S",
@@ -95,7 +102,7 @@ def _submit_options(submit: argparse.ArgumentParser) -> None:
 
 
 def _result_options(result: argparse.ArgumentParser) -> None:
-    result.add_argument("job_id")
+    _job_id_argument(result)
     _wait_options(result)
     result.add_argument("--json", action="store_true", help="print the whole result as JSON")
     result.add_argument(
@@ -137,7 +144,7 @@ def _json_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _job_id_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("job_id")
+    parser.add_argument("job_id", type=_job_id)
 
 
 def _no_options(parser: argparse.ArgumentParser) -> None:
@@ -158,7 +165,11 @@ def _logs_options(logs: argparse.ArgumentParser) -> None:
         help="only the last N matching events, or 'all' (default: all; 10 with -f)",
     )
     logs.add_argument(
-        "--job", action="append", metavar="ID", help="only this job's events (repeat for several)"
+        "--job",
+        action="append",
+        type=_job_id,
+        metavar="ID",
+        help="only this job's events (repeat for several)",
     )
     logs.add_argument(
         "--type",
@@ -205,6 +216,20 @@ def _wait_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout", type=_seconds, default=30.0, metavar="S", help="with --wait (default 30)"
     )
+
+
+#: What a job id may hold (ipcd.protocol's _JOB_ID): 1 to 16 of these.
+_ID_CHARS = frozenset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_.-")
+
+
+def _job_id(text: str) -> str:
+    """A job id as ipcd makes and accepts them: anything else is a typo (exit 64), not a
+    job whose result is gone (66)."""
+    if not 0 < len(text) <= 16 or not _ID_CHARS.issuperset(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a job id (1 to 16 characters of 0-9, A-Z, a-z, _, . and -)"
+        )
+    return text
 
 
 def _seconds(text: str) -> float:
@@ -266,23 +291,47 @@ def _look(client: Client, args: argparse.Namespace) -> int:
 
 
 def _submit(client: Client, args: argparse.Namespace) -> int:
-    payload = _payload(args.payload, args.json)
+    _warn_of_unserved_type(client.config, args.type)
+    payload = _payload(args.payload, args.json, client.config.jobs.max_payload)
     options = {
         "send_timeout": args.send_timeout,
         "job_timeout": args.timeout_job,
         "delay": args.delay,
         "unique": args.unique,
     }
+    try:
+        job_id = client.submit(args.type, payload, notify=args.wait, **options)
+    except AlreadyQueuedError:
+        if not args.quiet:
+            raise
+        return int(ExitCode.ALREADY_QUEUED)  # --quiet: cron mails nothing for it
     if not args.wait:
-        print(client.submit(args.type, payload, **options))
+        print(job_id)
         return 0
-    job_id = client.submit(args.type, payload, notify=True, **options)
     return _print_result(client.wait_submitted(job_id, args.timeout), as_json=False)
 
 
-def _payload(arg: str | None, as_json: bool) -> Payload:
+def _warn_of_unserved_type(config: Config, type_: str) -> None:
+    """A bare type number that no configured handler has is queued (the daemon's
+    configuration may differ from the one read here), but the job will most likely fail
+    with "no handler for message type": say so on stderr."""
+    number = config.handler_type(type_)  # a usage error (64) for an unknown name
+    if all(h.type != number for h in config.handlers):
+        print(
+            f"ipcctl: warning: no handler in {config.path} has message type {number}; "
+            "the job fails unless the daemon's configuration has one",
+            file=sys.stderr,
+        )
+
+
+def _payload(arg: str | None, as_json: bool, limit: int) -> Payload:
     if arg == "-":
-        raw = sys.stdin.buffer.read()
+        # Read no more than can be accepted: a runaway producer must not fill our memory.
+        raw = sys.stdin.buffer.read(limit + 1)
+        if len(raw) > limit:
+            raise PayloadError(
+                f"stdin holds more than [jobs] max_payload ({limit} bytes); nothing was queued"
+            )
         try:
             arg = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -327,17 +376,17 @@ def _get_result(client: Client, args: argparse.Namespace) -> Result:
 def _print_job_log(config: Config, args: argparse.Namespace, *, finished: bool) -> None:
     """``result --log``: the job's events on stdout; a log that cannot be read is a note
     on stderr, not a change of the exit status, which belongs to the result."""
-    from ipcd import logview  # only the log readers pay for its import
+    from ipcd import logfile, logformat  # only the log readers pay for their import
 
     try:
         path = _log_path(config)
-        settle = finished and logview.level_rank(config.log.level) <= logview.level_rank("info")
-        lines = logview.job_lines(path, args.job_id, finished=settle)
+        shows_info = logformat.level_rank(config.log.level) <= logformat.level_rank("info")
+        lines = logfile.job_lines(path, args.job_id, finished=finished and shows_info)
     except IpcdError as exc:
         print(f"ipcctl: no log events: {exc}", file=sys.stderr)
         return
-    color = not args.json and logview.want_color(args.color, sys.stdout.isatty(), os.environ)
-    printer = logview.Printer(sys.stdout, json=args.json, color=color)
+    color = not args.json and logformat.want_color(args.color, sys.stdout.isatty(), os.environ)
+    printer = logformat.Printer(sys.stdout, json=args.json, color=color)
     printer.write(printer.select(lines))
 
 
@@ -350,30 +399,30 @@ def _log_path(config: Config) -> Path:
 def _logs(config: Config, args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from ipcd import logview  # only the log readers pay for its import
+    from ipcd import logfile, logformat  # only the log readers pay for their import
 
     path = _log_path(config)
     types: set[int] = set()
     names: set[str] = set()
     for text in args.type or ():
-        more_types, more_names = logview.type_selector(text, config.handlers)
+        more_types, more_names = logformat.type_selector(text, config.handlers)
         types |= more_types
         names |= more_names
-    selected = logview.Filter(
+    selected = logformat.Filter(
         jobs=frozenset(args.job or ()),
         types=frozenset(types),
         handlers=frozenset(names),
-        level=logview.parse_level(args.level) if args.level else None,
-        since=logview.parse_since(args.since, datetime.now(UTC)) if args.since else None,
+        level=logformat.parse_level(args.level) if args.level else None,
+        since=logformat.parse_since(args.since, datetime.now(UTC)) if args.since else None,
     )
     if args.lines is not None:
-        last = logview.parse_count(args.lines)
+        last = logformat.parse_count(args.lines)
     else:
         last = 10 if args.follow else None
-    color = not args.json and logview.want_color(args.color, sys.stdout.isatty(), os.environ)
-    printer = logview.Printer(sys.stdout, selected, json=args.json, color=color)
+    color = not args.json and logformat.want_color(args.color, sys.stdout.isatty(), os.environ)
+    printer = logformat.Printer(sys.stdout, selected, json=args.json, color=color)
     try:
-        logview.show(path, printer, last=last, follow=args.follow, notice=_notice)
+        logfile.show(path, printer, last=last, follow=args.follow, notice=_notice)
     finally:
         if printer.skipped:
             _notice(f"skipped {printer.skipped} lines that are not JSON objects")

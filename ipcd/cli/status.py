@@ -21,10 +21,16 @@ from typing import TextIO
 from ipcd import metrics
 from ipcd.client import Client
 from ipcd.errors import ExitCode, NotRunningError, OutputError
-from ipcd.metrics import Rate, Reading
+from ipcd.metrics import Rate, Reading, count, figure
 
-#: ANSI: cursor home, clear the screen (what top and watch(1) do between frames).
+#: ANSI: cursor home, clear the screen: once, before the first frame.
 CLEAR = "\x1b[H\x1b[2J"
+#: ANSI: cursor home; the next frame overwrites the last in place, so it does not flicker.
+HOME = "\x1b[H"
+#: ANSI: clear to the end of the line (after each line of a frame: the last frame's line
+#: may have been longer) and to the end of the screen (after the frame).
+CLEAR_LINE = "\x1b[K"
+CLEAR_BELOW = "\x1b[J"
 
 Render = Callable[[Reading, Reading | None], str]
 
@@ -36,8 +42,8 @@ def status_text(reading: Reading, previous: Reading | None = None) -> str:
         return f"daemon     not reachable: {reading.error}"
     q, header = status.queue, status.results
     lines = [
-        f"queue      {status.keys.jobs:#010x}: {q.messages} messages, "
-        f"{q.bytes} of {q.max_bytes} bytes, mode {q.mode:#o}"
+        f"queue      {status.keys.jobs:#010x}: {count(q.messages, 'message')}, "
+        f"{q.bytes} of {count(q.max_bytes, 'byte')}, mode {q.mode:#o}"
     ]
     if header is not None:
         lines.append(
@@ -51,7 +57,7 @@ def status_text(reading: Reading, previous: Reading | None = None) -> str:
     lines.append(f"daemon     pid {header.daemon_pid}, up {now - header.started:.0f}s")
     for w in status.workers:
         doing = f"job {w.job_id} for {now - w.started:.1f}s" if w.job_id else "idle"
-        lines.append(f"worker     pid {w.pid}: {doing}, {w.jobs_done} jobs done")
+        lines.append(f"worker     pid {w.pid}: {doing}, {count(w.jobs_done, 'job')} done")
     dropped = f" ({status.failed_dropped} older dropped)" if status.failed_dropped else ""
     lines.append(f"jobs       {status.parked} waiting to retry, {status.failed} failed{dropped}")
     snap = reading.stats
@@ -59,11 +65,11 @@ def status_text(reading: Reading, previous: Reading | None = None) -> str:
         lines.append(
             f"counts     {snap.total('ok')} ok, {snap.total('error')} failed, "
             f"{snap.total('retried')} retried, {snap.total('rejected')} rejected, "
-            f"{snap.master['worker_restarts']} worker restarts since start"
+            f"{count(snap.master['worker_restarts'], 'worker restart')} since start"
         )
     rate = metrics.job_rate(reading, previous)
     if rate is not None:
-        lines.append(f"rate       {rate.per_second:.3g} jobs/s {_over(rate)}")
+        lines.append(f"rate       {figure(rate.per_second)} jobs/s {_over(rate)}")
     return "\n".join(lines)
 
 
@@ -187,10 +193,12 @@ def watch_loop(
 ) -> int:
     """Show a reading every ``interval`` seconds until Ctrl-C, which exits 0.
 
-    On a terminal each frame replaces the last (the screen is cleared with ANSI codes);
-    into a pipe or file, frames follow each other separated by a blank line (or, for
-    JSON, one document per line).  The objects are opened anew for each frame, so a
-    restarted daemon is picked up, and detached after it.
+    On a terminal each frame is drawn over the last with ANSI codes: the screen is cleared
+    once, then each frame starts at the top-left corner and clears what the last left
+    beyond its lines, so the screen never goes blank between frames (no flicker).  Into a
+    pipe or file, frames follow each other separated by a blank line, each starting with
+    the time it was taken (or, for JSON, one document per line).  The objects are opened
+    anew for each frame, so a restarted daemon is picked up, and detached after it.
     """
     tty = out.isatty()
     previous: Reading | None = None
@@ -201,9 +209,13 @@ def watch_loop(
             client.close()
             text = render(reading, previous)
             if tty:
-                out.write(CLEAR + text + "\n")
+                drawn = "".join(f"{line}{CLEAR_LINE}\n" for line in text.split("\n"))
+                out.write((CLEAR if first else "") + HOME + drawn + CLEAR_BELOW)
+            elif frames:
+                taken = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(reading.taken))
+                out.write(("" if first else "\n") + f"time       {taken}\n{text}\n")
             else:
-                out.write(("" if first or not frames else "\n") + text + "\n")
+                out.write(text + "\n")
             out.flush()
             first = False
             previous = reading

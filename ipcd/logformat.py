@@ -1,13 +1,12 @@
-"""Reading ipcd's JSON event log for people: select, format and follow its lines.
+"""Selecting and formatting ipcd's JSON log events for people: pure functions of text.
 
 ``ipcctl logs`` and ``ipcctl result --log`` read ``[log] file``, one JSON object per line
 as ipcd.log writes it (``timestamp``, ``level`` and ``event`` first, then the event's
-fields).  The parts are pure functions of text so that they are tested without a daemon:
-:func:`parse_since` turns ``--since`` into a time, :class:`Filter` decides which events to
-show, :func:`format_event` renders one event as a line for a terminal.  :class:`Follower`
-is the only part that touches the file: it reads it by name the way ``tail -F`` does, so
-it goes on across a rotation (the file renamed away and a new one created, or the file
-truncated in place).
+fields).  This module holds everything that does not touch the file, so that it is tested
+without a daemon: :func:`parse_since` and friends turn the options into values,
+:class:`Filter` decides which events to show, :func:`format_event` renders one event as a
+line for a terminal and :class:`Printer` writes the chosen lines.  ipcd.logfile reads the
+file (backwards for ``-n``, by name across rotations for ``-f``) and feeds it the lines.
 
 This module is on ipcctl's path and must stay lean: the standard library only, never
 structlog (ipcd.log writes the lines; reading them needs nothing of it).
@@ -16,33 +15,26 @@ structlog (ipcd.log writes the lines; reading them needs nothing of it).
 from __future__ import annotations
 
 import json
-import os
 import re
-import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from datetime import time as clock_time
-from io import FileIO
-from pathlib import Path
 from typing import Any, TextIO
 
 from ipcd.config import HandlerConfig
-from ipcd.errors import IpcPermissionError, LogFileError, UsageError
+from ipcd.errors import UsageError
 
 #: Levels from least to most severe; ``--level L`` shows L and those after it.
 LEVELS = ("debug", "info", "warning", "error", "critical")
-#: Seconds between looks at the file while following.
-POLL_INTERVAL = 0.2
-#: Seconds ``result --log`` waits for a stored result's ``job.done`` to reach the log.
-SETTLE_SECONDS = 2.0
-#: Seconds a file that was rotated away is still read once it stops growing: the old
-#: generation of workers keeps writing to it until it exits after a reload.
-DRAIN_SECONDS = 5.0
 
 Event = dict[str, Any]
+#: A line to print and its event (None: a line that is not JSON, printed as it is).
+Shown = tuple[str, Event | None]
 
+#: A job id that a log line holds verbatim: JSON escapes none of these characters, so the
+#: id's bytes are in the raw line of every event about the job.
+_PLAIN_ID = re.compile(r"[ !#-\[\]-~]+")
 _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 #: A string value printed without quotes: no blanks, quotes, ``=`` or control characters.
@@ -172,11 +164,24 @@ class Filter:
     handlers: frozenset[str] = frozenset()
     level: str | None = None
     since: datetime | None = None
+    #: The ``jobs`` as bytes, for :meth:`may_match`; empty when any of them would be
+    #: escaped in JSON (then every line is parsed).
+    _needles: tuple[bytes, ...] = field(init=False, default=(), repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.jobs and all(_PLAIN_ID.fullmatch(job) for job in self.jobs):
+            object.__setattr__(self, "_needles", tuple(job.encode() for job in self.jobs))
 
     @property
     def active(self) -> bool:
         """Whether anything is selected at all (a line that is not JSON can never match)."""
         return bool(self.jobs or self.types or self.handlers or self.level or self.since)
+
+    def may_match(self, raw: bytes) -> bool:
+        """Whether a raw line can match at all: a line about one of ``jobs`` holds the id's
+        bytes.  Testing that is far cheaper than decoding and parsing the line, and with
+        ``--job`` nearly every line of a big log is about other jobs."""
+        return not self._needles or any(needle in raw for needle in self._needles)
 
     def matches(self, event: Mapping[str, Any]) -> bool:
         if self.jobs and event.get("job_id") not in self.jobs:
@@ -290,178 +295,6 @@ def format_exception(exception: object) -> list[str]:
     return lines
 
 
-# --- reading --------------------------------------------------------------------------
-
-
-def _open(path: Path) -> FileIO:
-    """Open the log for reading as bytes, turning failures into ipcd errors."""
-    try:
-        return open(path, "rb", buffering=0)  # kept open while following
-    except FileNotFoundError:
-        raise LogFileError(f"log file {path} does not exist (yet?)") from None
-    except PermissionError:
-        raise IpcPermissionError(f"permission denied reading log file {path}") from None
-    except OSError as exc:
-        raise LogFileError(f"cannot read log file {path}: {exc.strerror}") from None
-
-
-def read_lines(path: Path) -> list[str]:
-    """Every line of the log file now, the last one even without its newline."""
-    with _open(path) as fh:
-        data = fh.readall()
-    return [_decode(line) for line in data.splitlines()]
-
-
-def job_lines(
-    path: Path, job_id: str, *, finished: bool, wait: float = SETTLE_SECONDS
-) -> list[str]:
-    """The log lines of one job (``ipcctl result --log``).
-
-    A worker stores the result and wakes its waiter before it logs ``job.done``, so a
-    client that has just seen the result may read the log a moment too early: with
-    ``finished`` (the result is stored and the log level shows info events) this waits up
-    to ``wait`` seconds for that event.
-    """
-    only = Filter(jobs=frozenset({job_id}))
-    deadline = time.monotonic() + wait
-    while True:
-        events = [(text, parse_line(text)) for text in read_lines(path)]
-        mine = [(text, e) for text, e in events if e is not None and only.matches(e)]
-        done = any(e.get("event") == "job.done" for _, e in mine)
-        if done or not finished or time.monotonic() >= deadline:
-            return [text for text, _ in mine]
-        time.sleep(0.05)
-
-
-def _decode(line: bytes) -> str:
-    return line.decode("utf-8", "replace").rstrip("\r")
-
-
-@dataclass
-class _Tail:
-    """One open file being read: where we are and the unfinished last line."""
-
-    fh: FileIO
-    ino: int
-    dev: int
-    partial: bytes = b""
-    grew: float = field(default_factory=time.monotonic)
-
-    @classmethod
-    def open(cls, path: Path) -> _Tail:
-        fh = _open(path)
-        st = os.fstat(fh.fileno())
-        return cls(fh, st.st_ino, st.st_dev)
-
-    def read(self) -> list[str]:
-        """The lines completed since the last read; an unfinished one waits for its end."""
-        data = self.fh.readall()
-        if not data:
-            return []
-        self.grew = time.monotonic()
-        *done, self.partial = (self.partial + data).split(b"\n")
-        return [_decode(line) for line in done]
-
-    def truncated(self) -> bool:
-        return os.fstat(self.fh.fileno()).st_size < self.fh.tell()
-
-    def rewind(self) -> None:
-        self.fh.seek(0)
-        self.partial = b""
-
-    def close(self) -> list[str]:
-        """Close the file; its unfinished line, if any, is returned as it is."""
-        self.fh.close()
-        rest, self.partial = self.partial, b""
-        return [_decode(rest)] if rest else []
-
-
-class Follower:
-    """Reads a log file by name and goes on reading it across rotations, as ``tail -F``.
-
-    Each :meth:`poll`, in this order: reads what was added to files that were rotated
-    away (until they have not grown for ``drain`` seconds), checks the current file for
-    truncation (copytruncate: read again from the start), reads it, and looks at the name:
-    another file there (renamed away and created anew) is read from its start, and the
-    old one drained.  A file that is missing is waited for.  ``notice`` receives one line
-    for each of these changes, for stderr.
-    """
-
-    def __init__(
-        self, path: Path, *, notice: Callable[[str], None], drain: float = DRAIN_SECONDS
-    ) -> None:
-        self.path = path
-        self.notice = notice
-        self.drain = drain
-        self._current: _Tail | None = None
-        self._draining: list[_Tail] = []
-        self._gone = False
-
-    def start(self) -> list[str]:
-        """Open the file if it is there and return the complete lines it already holds."""
-        try:
-            self._current = _Tail.open(self.path)
-        except LogFileError:
-            if self.path.exists():
-                raise
-            self.notice(f"waiting for {self.path} to appear")
-            self._gone = True
-            return []
-        return self._current.read()
-
-    def poll(self) -> list[str]:
-        """The lines completed since the last call, from the old files and the current."""
-        lines: list[str] = []
-        now = time.monotonic()
-        for old in list(self._draining):
-            lines += old.read()
-            if now - old.grew > self.drain:
-                lines += old.close()
-                self._draining.remove(old)
-        current = self._current
-        if current is not None:
-            if current.truncated():
-                self.notice(f"{self.path}: file truncated")
-                current.rewind()
-            lines += current.read()
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            if not self._gone:
-                self._gone = True
-                self.notice(f"{self.path} has been moved away; waiting for a new one")
-            return lines
-        if current is None or (st.st_ino, st.st_dev) != (current.ino, current.dev):
-            try:
-                fresh = _Tail.open(self.path)
-            except LogFileError:  # gone again between stat and open: next time
-                return lines
-            if current is not None:
-                current.grew = now
-                self._draining.append(current)
-            if self._gone:
-                self.notice(f"{self.path} has appeared; following it")
-            else:
-                self.notice(f"{self.path} has been replaced; following the new file")
-            self._current, self._gone = fresh, False
-            lines += fresh.read()
-        return lines
-
-    def __enter__(self) -> Follower:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()  # an unfinished last line is not shown: it may be half an event
-
-    def close(self) -> list[str]:
-        """Stop following; unfinished last lines are returned as they are."""
-        rest: list[str] = []
-        for tail in [*self._draining, *([self._current] if self._current else [])]:
-            rest += tail.close()
-        self._draining, self._current = [], None
-        return rest
-
-
 # --- showing --------------------------------------------------------------------------
 
 
@@ -481,21 +314,34 @@ class Printer:
     tz: tzinfo | None = None
     skipped: int = 0
 
-    def select(self, lines: Iterable[str]) -> Iterator[tuple[str, Event | None]]:
+    def select(self, lines: Iterable[bytes]) -> Iterator[Shown]:
         """The lines to show with their events (None: not JSON, shown as it is)."""
-        for text in lines:
-            if not text.strip():
-                continue
-            event = parse_line(text)
-            if event is None:
-                if self.json:
-                    self.skipped += 1
-                elif not self.filter.active:
-                    yield text, None
-            elif self.filter.matches(event):
-                yield text, event
+        for raw in lines:
+            shown = self.choose(raw)
+            if shown is not None:
+                yield shown
 
-    def write(self, selected: Iterable[tuple[str, Event | None]]) -> None:
+    def choose(self, raw: bytes) -> Shown | None:
+        """One raw line (without its newline) as it is to be shown, or None to hide it.
+
+        A line that cannot match the filter (:meth:`Filter.may_match`) is not decoded, not
+        parsed and, with ``json``, not counted as skipped either.
+        """
+        if not self.filter.may_match(raw):
+            return None
+        text = raw.decode("utf-8", "replace").rstrip("\r")
+        if not text.strip():
+            return None
+        event = parse_line(text)
+        if event is None:
+            if self.json:
+                self.skipped += 1
+            elif not self.filter.active:
+                return text, None
+            return None
+        return (text, event) if self.filter.matches(event) else None
+
+    def write(self, selected: Iterable[Shown]) -> None:
         today = datetime.now(self.tz).date() if self.tz is not None else date.today()
         for text, event in selected:
             if event is None or self.json:
@@ -505,32 +351,3 @@ class Printer:
                     format_event(event, color=self.color, tz=self.tz, today=today) + "\n"
                 )
         self.out.flush()
-
-
-def show(
-    path: Path,
-    printer: Printer,
-    *,
-    last: int | None,
-    follow: bool,
-    notice: Callable[[str], None],
-    interval: float = POLL_INTERVAL,
-) -> None:
-    """``ipcctl logs``: the last ``last`` matching lines (None: all), then with ``follow``
-    every new matching line until interrupted."""
-    if not follow:
-        printer.write(_last(printer.select(read_lines(path)), last))
-        return
-    with Follower(path, notice=notice) as follower:
-        printer.write(_last(printer.select(follower.start()), last))
-        while True:
-            time.sleep(interval)
-            printer.write(printer.select(follower.poll()))
-
-
-def _last(
-    selected: Iterator[tuple[str, Event | None]], count: int | None
-) -> Iterable[tuple[str, Event | None]]:
-    if count is None:
-        return selected
-    return deque(selected, maxlen=count)
