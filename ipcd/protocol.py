@@ -80,6 +80,11 @@ class Job(NamedTuple):
     spill: SpillRef | None = None
 
 
+def is_job_id(text: str) -> bool:
+    """Whether ``text`` can be a job id: 1 to 16 of [0-9A-Za-z_.-]."""
+    return _JOB_ID.match(text) is not None
+
+
 def new_job_id() -> str:
     """A fresh job id: 16 hex digits from the kernel's random source."""
     return os.urandom(8).hex()
@@ -200,7 +205,7 @@ def _from_envelope(doc: dict[str, Any], type_: int) -> Job:
 
 def _read_envelope(doc: dict[str, Any], type_: int) -> Job:
     raw_id = doc.get("id")
-    job_id = raw_id if isinstance(raw_id, str) and _JOB_ID.match(raw_id) else None
+    job_id = raw_id if isinstance(raw_id, str) and is_job_id(raw_id) else None
     if type(doc["ipcd"]) is not int or doc["ipcd"] != VERSION:
         raise _bad(f"unsupported envelope version {doc['ipcd']!r} (this ipcd speaks 1)", job_id)
     if job_id is None:

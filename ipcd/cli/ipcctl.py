@@ -27,7 +27,7 @@ from ipcd.errors import (
     PayloadError,
     WaitTimeoutError,
 )
-from ipcd.protocol import Payload, payload_from_json
+from ipcd.protocol import Payload, is_job_id, payload_from_json
 from ipcd.results import Kind, Result, require
 
 EPILOG = """exit status:
@@ -218,14 +218,10 @@ def _wait_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-#: What a job id may hold (ipcd.protocol's _JOB_ID): 1 to 16 of these.
-_ID_CHARS = frozenset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_.-")
-
-
 def _job_id(text: str) -> str:
     """A job id as ipcd makes and accepts them: anything else is a typo (exit 64), not a
     job whose result is gone (66)."""
-    if not 0 < len(text) <= 16 or not _ID_CHARS.issuperset(text):
+    if not is_job_id(text):
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a job id (1 to 16 characters of 0-9, A-Z, a-z, _, . and -)"
         )
