@@ -10,7 +10,7 @@ to.  It wakes to:
   young so that a broken handler cannot fork-bomb the host;
 - kill a worker (its whole process group) whose job ran past its deadline;
 - put parked jobs back on the queue when their retry delay has passed;
-- every few seconds, sweep the spill table (ipcd.spill) for segments whose maker died
+- every few seconds, sweep the spill table (ipcd.spilltable) for segments whose maker died
   before handing them on;
 - reload (SIGHUP): fork a new generation of workers with the new configuration, then ask
   the old ones to finish their current job and exit, so jobs keep flowing;

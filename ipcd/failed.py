@@ -20,7 +20,7 @@ from ipcd.resultstore import ResultStore
 from ipcd.shm import Lock, Segment
 
 if TYPE_CHECKING:
-    from ipcd.spill import SpillTable
+    from ipcd.spilltable import SpillTable
 
 
 class FailedJob(NamedTuple):
@@ -73,7 +73,7 @@ class FailedList:
         entry = _entry(record)
         if entry is None or b'"spill"' not in entry.body:
             return
-        from ipcd import protocol, spill
+        from ipcd import protocol, spill, spilltable
         from ipcd.errors import IpcdError, MessageError
 
         try:
@@ -82,7 +82,7 @@ class FailedList:
             return
         if job.spill is not None:
             if self.spills is None:
-                spill.remove_checked(job.spill.shmid, job.id)
+                spilltable.remove_checked(job.spill.shmid, job.id)
                 return
             with contextlib.suppress(IpcdError):
                 spill.settle(self.spills, job)

@@ -16,7 +16,7 @@ from ipcd.results import Header, Result
 from ipcd.shm import Gate, Lock, Segment
 
 if TYPE_CHECKING:
-    from ipcd.spill import SpillTable
+    from ipcd.spilltable import SpillTable
 
 #: How long any process waits for the semaphore before giving up: far longer than any
 #: critical section (a memcpy of one slot), far shorter than a wedge would need to last.
@@ -92,7 +92,7 @@ class ResultStore:
             self._evict(header)
             seq = results.write_result(self.segment.buf, header, result)
             if result.spill is not None and self.spills is not None:
-                from ipcd.spill import State
+                from ipcd.spilltable import State
 
                 self.spills.mark(result.spill.entry, State.RESULT, result.spill.shmid)
         finally:
@@ -161,6 +161,6 @@ def _release(table: SpillTable | None, record: Result) -> None:
     if table is not None:
         table.release(record.spill.shmid, record.job_id, record.spill.entry)
     else:
-        from ipcd.spill import remove_checked
+        from ipcd.spilltable import remove_checked
 
         remove_checked(record.spill.shmid, record.job_id)

@@ -26,7 +26,7 @@ from ipcd.ipc import Queue, msgmax
 from ipcd.keys import Keys
 from ipcd.registry import Registry
 from ipcd.resultstore import ResultStore
-from ipcd.spill import SpillTable
+from ipcd.spilltable import SpillTable
 from ipcd.stats import StatsSegment
 from ipcd.unique import UniqueTable
 from ipcd.vetting import TRUSTED_UIDS

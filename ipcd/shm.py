@@ -4,7 +4,7 @@ The result ring, the in-flight table, the failed list and the spill table each l
 segment guarded by a semaphore used as a lock (SEM_UNDO, so a holder that dies releases
 it); one more semaphore, the result gate, announces new results to waiting clients.
 Large payloads and results live in segments of their own, made with IPC_PRIVATE (key 0)
-and known by their id (see ipcd.spill).
+and known by their id (see ipcd.spilltable).
 """
 
 from __future__ import annotations
