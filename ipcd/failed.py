@@ -66,7 +66,7 @@ class FailedList:
     ) -> FailedList:
         slot = slot_size_for(text_size)
         size = results.HEADER_SIZE + entries * slot
-        return cls(ResultStore.create(key, None, mode, size, slot), spills)
+        return cls(ResultStore.create(key, None, mode, size, slot, what="failed list"), spills)
 
     def _dropped(self, record: Result) -> None:
         """The list drops its oldest entry: a spilled payload's segment goes with it."""
@@ -89,7 +89,7 @@ class FailedList:
 
     @classmethod
     def open(cls, key: int) -> FailedList:
-        return cls(ResultStore(Segment.open(key), Lock.open(key)))
+        return cls(ResultStore(Segment.open(key, what="failed list"), Lock.open(key)))
 
     def add(self, job_id: str, type_: int, body: bytes, attempts: int, error: str) -> None:
         if len(error) > MAX_REASON:  # the slot has room for the message and this much

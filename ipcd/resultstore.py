@@ -47,22 +47,30 @@ class ResultStore:
     def open(cls, key: int) -> ResultStore:
         """Attach an existing segment (the client side)."""
         lock = Lock.open(key)
-        return cls(Segment.open(key), lock)
+        return cls(Segment.open(key, what="result segment"), lock)
 
     @classmethod
     def create(
-        cls, key: int, gate_key: int | None, mode: int, size: int, slot_size: int
+        cls,
+        key: int,
+        gate_key: int | None,
+        mode: int,
+        size: int,
+        slot_size: int,
+        *,
+        what: str = "result segment",
     ) -> ResultStore:
-        """Create or reuse the segment and semaphore (the daemon side).
+        """Create or reuse the segment and semaphore (the daemon side); ``what`` names the
+        segment in errors (the failed list is a ring too).
 
         An existing segment whose layout matches is kept, so results survive a restart;
         one of another size or version is removed and made anew.
         """
         lock = Lock.create(key, mode)
-        segment, created = Segment.create(key, mode, size)
+        segment, created = Segment.create(key, mode, size, what=what)
         if not created and segment.size != size:
             segment.remove()
-            segment, created = Segment.create(key, mode, size)
+            segment, created = Segment.create(key, mode, size, what=what)
         store = cls(segment, lock, None if gate_key is None else Gate.create(gate_key, mode))
         with lock.held(LOCK_TIMEOUT):
             header = results.read_header(segment.buf)

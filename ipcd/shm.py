@@ -28,7 +28,7 @@ _MADV_POPULATE_WRITE = 23
 class Segment:
     """A SysV shared-memory segment, attached, with a memoryview over it."""
 
-    def __init__(self, shm: sysv_ipc.SharedMemory, key: int, what: str = "result segment") -> None:
+    def __init__(self, shm: sysv_ipc.SharedMemory, key: int, *, what: str) -> None:
         self._shm = shm
         self.key = key
         self.what = what
@@ -38,7 +38,8 @@ class Segment:
         self.address: int = shm.address
 
     @classmethod
-    def open(cls, key: int, what: str = "result segment") -> Segment:
+    def open(cls, key: int, *, what: str) -> Segment:
+        """Attach the segment at ``key``; ``what`` names it in errors ("failed list")."""
         try:
             shm = sysv_ipc.SharedMemory(as_key_t(key), 0)
         except sysv_ipc.ExistentialError:
@@ -49,13 +50,14 @@ class Segment:
             raise IpcPermissionError(
                 f"permission denied attaching the {what} at key {key:#010x}"
             ) from None
-        return cls(shm, key, what)
+        return cls(shm, key, what=what)
 
     @classmethod
-    def create(
-        cls, key: int, mode: int, size: int, what: str = "result segment"
-    ) -> tuple[Segment, bool]:
-        """Create the segment (zero-filled) or open the existing one; says whether it is new."""
+    def create(cls, key: int, mode: int, size: int, *, what: str) -> tuple[Segment, bool]:
+        """Create the segment (zero-filled) or open the existing one; says whether it is new.
+
+        ``what`` names it in errors and in the vetting of an existing one.
+        """
         try:
             shm = sysv_ipc.SharedMemory(as_key_t(key), sysv_ipc.IPC_CREX, mode, size)
             created = True
@@ -66,7 +68,7 @@ class Segment:
             raise IpcPermissionError(
                 f"permission denied creating the {what} at key {key:#010x}"
             ) from None
-        segment = cls(shm, key, what)
+        segment = cls(shm, key, what=what)
         check_safe(segment.info(), mode)
         return segment, created
 
@@ -98,7 +100,7 @@ class Segment:
         # a fifth faster for 16 MiB; older kernels refuse it and the writes fault instead.
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         libc.madvise(shm.address, size, _MADV_POPULATE_WRITE)
-        return cls(shm, 0)
+        return cls(shm, 0, what="spill segment")
 
     @classmethod
     def attach_id(cls, shmid: int, *, readonly: bool = False) -> Segment | None:
@@ -108,7 +110,7 @@ class Segment:
             shm = sysv_ipc.attach(shmid, None, sysv_ipc.SHM_RDONLY if readonly else 0)
         except (sysv_ipc.ExistentialError, sysv_ipc.PermissionsError, ValueError, OSError):
             return None
-        return cls(shm, shm.key & 0xFFFFFFFF)
+        return cls(shm, shm.key & 0xFFFFFFFF, what="spill segment")
 
     @property
     def id(self) -> int:

@@ -123,7 +123,7 @@ class SpillTable:
         """Create the table, or keep the one a previous daemon left (its entries still
         name live segments); one of another size is rebuilt with its entries carried."""
         lock = Lock.create(key, mode)
-        segment, created = Segment.create(key, mode, segment_size(entries))
+        segment, created = Segment.create(key, mode, segment_size(entries), what="spill table")
         carried: list[Entry] = []
         if not created:
             with contextlib.suppress(ValueError):
@@ -132,7 +132,7 @@ class SpillTable:
                     return old
                 carried = [e for e in old.entries() if e.state is not State.FREE]
             segment.remove()
-            segment, _ = Segment.create(key, mode, segment_size(entries))
+            segment, _ = Segment.create(key, mode, segment_size(entries), what="spill table")
         with lock.held(LOCK_TIMEOUT):
             segment.buf[:] = bytes(len(segment.buf))
             HEADER.pack_into(segment.buf, 0, MAGIC, VERSION, HEADER_SIZE, entries, ENTRY_SIZE)
@@ -145,7 +145,7 @@ class SpillTable:
 
     @classmethod
     def open(cls, key: int) -> SpillTable:
-        return cls(Segment.open(key), Lock.open(key))
+        return cls(Segment.open(key, what="spill table"), Lock.open(key))
 
     # --- entries --------------------------------------------------------------------------
 
