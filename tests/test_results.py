@@ -718,4 +718,4 @@ def test_missing_tables_are_named_in_errors(tmp_path: Path) -> None:
     ]
     for opener, key, expected in openers:
         with pytest.raises(NotRunningError, match=expected):
-            opener(key)  # type: ignore[operator]
+            opener(key)
