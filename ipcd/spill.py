@@ -146,13 +146,11 @@ def spill_result(table: SpillTable, result: Result) -> Result:
     """The result with its data moved to a segment of its own (the ring then stores a
     descriptor), or an error result when it exceeds [results] max_result or cannot be
     made.  Clients in the daemon's group may read the segment, as they read the ring."""
-    max_result, mode = table.max_result, table.mode
+    mode = table.mode
     size = len(result.data)
-    if size > max_result:
-        return _error(
-            result,
-            f"result too large: {size} bytes, more than [results] max_result ({max_result})",
-        )
+    checked = within_max_result(result, table.max_result)
+    if checked is not result:
+        return checked
     try:
         index, shmid = table.put(
             result.data, job_id=result.job_id, kind=result.kind, role=Role.RESULT,
@@ -161,6 +159,17 @@ def spill_result(table: SpillTable, result: Result) -> Result:
     except IpcdError as exc:
         return _error(result, f"result of {size} bytes could not be stored: {exc}")
     return result._replace(data=b"", spill=Spilled(shmid, index, size))
+
+
+def within_max_result(result: Result, max_result: int) -> Result:
+    """The result, or the error the daemon stores in its place when its data is larger
+    than [results] max_result (ipcd.testing's run_handler applies the same check)."""
+    size = len(result.data)
+    if size <= max_result:
+        return result
+    return _error(
+        result, f"result too large: {size} bytes, more than [results] max_result ({max_result})"
+    )
 
 
 def read_result(result: Result) -> Result:
