@@ -173,6 +173,8 @@ class Arbiter:
             return
         if swept.freed or swept.removed:
             self.log.info("spill.swept", entries=swept.freed, segments=swept.removed)
+        if swept.evicted:  # by clients' payload claims, which cannot log
+            self.log.info("spill.evicted", results=swept.evicted, by="payloads")
 
     def _raise_queue_bytes(self) -> None:
         """[ipc] queue_bytes: a deeper queue, where the kernel lets us (CAP_SYS_RESOURCE)."""

@@ -76,6 +76,7 @@ def prepare(config: Config, *, console: TextIO | None) -> Prepared:
     )
     spills = SpillTable.create(keys.spill, mode, config.jobs.spill_slots)
     spills.max_result, spills.mode, spills.gid = config.results.max_result, mode, who.object_gid
+    spills.spill_bytes = config.results.spill_bytes
     store.spills = spills
     text_size = msgmax()
     failed = FailedList.create(keys.failed, mode, config.jobs.failed_size, text_size, spills)

@@ -19,14 +19,25 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from ipcd import protocol
-from ipcd.errors import IpcdError, MessageError, PayloadError
+from ipcd.errors import IpcdError, MessageError, PayloadError, QueueFullError
 from ipcd.protocol import Job, Payload, SpillRef
 from ipcd.results import Kind, Result, Spilled, Status
 from ipcd.shm import Segment
-from ipcd.spilltable import DATA, Role, SpillTable, State, mismatch
+from ipcd.spilltable import (
+    ANOTHER_JOB,
+    DATA,
+    NOT_SPILL,
+    Entry,
+    Role,
+    SpillTable,
+    State,
+    exists,
+    mismatch,
+)
 
 if TYPE_CHECKING:
     from ipcd.client import Client
+    from ipcd.log import Logger
 
 _KINDS = {"bytes": Kind.BYTES, "text": Kind.TEXT, "json": Kind.JSON}
 _NAMES = {v: k for k, v in _KINDS.items()}
@@ -63,9 +74,10 @@ def outgoing(
         )
     table = SpillTable.open(client.keys.spill)
     owner = client.queue.info().uid  # the daemon's: its workers remove the segment
-    index, shmid = table.put(
+    index, shmid, _ = table.put(
         raw, job_id=job_id, kind=_KINDS[kind], role=Role.PAYLOAD, mode=0o600,
         owner=owner if owner != os.geteuid() else None,
+        refused="the large job was not accepted",
     )  # fmt: skip
     ref = SpillRef(shmid, len(raw), index, kind)
     try:
@@ -142,23 +154,68 @@ def settle(table: SpillTable | None, job: Job) -> None:
 # --- results ------------------------------------------------------------------------------
 
 
-def spill_result(table: SpillTable, result: Result) -> Result:
+def spill_result(table: SpillTable, result: Result) -> tuple[Result, tuple[Entry, ...]]:
     """The result with its data moved to a segment of its own (the ring then stores a
-    descriptor), or an error result when it exceeds [results] max_result or cannot be
-    made.  Clients in the daemon's group may read the segment, as they read the ring."""
+    descriptor), or an error result when it exceeds [results] max_result or
+    spill_bytes or cannot be made; and the older results evicted to make room.
+    Clients in the daemon's group may read the segment, as they read the ring."""
     mode = table.mode
     size = len(result.data)
     checked = within_max_result(result, table.max_result)
     if checked is not result:
-        return checked
+        return checked, ()
+    if table.spill_bytes is not None and size > table.spill_bytes:
+        message = f"result too large: {size} bytes, more than [results] spill_bytes"
+        return _error(result, f"{message} ({table.spill_bytes})"), ()
     try:
-        index, shmid = table.put(
+        index, shmid, evicted = table.put(
             result.data, job_id=result.job_id, kind=result.kind, role=Role.RESULT,
             mode=0o600 | (mode & 0o044), owner=None,
+            refused=f"the result of {size} bytes was not stored",
         )  # fmt: skip
+    except QueueFullError as exc:
+        return _error(result, str(exc)), ()
     except IpcdError as exc:
-        return _error(result, f"result of {size} bytes could not be stored: {exc}")
-    return result._replace(data=b"", spill=Spilled(shmid, index, size))
+        return _error(result, f"result of {size} bytes could not be stored: {exc}"), ()
+    return result._replace(data=b"", spill=Spilled(shmid, index, size)), evicted
+
+
+def requeued(key: int, job: Job) -> None:
+    """``ipcctl retry`` sent a failed spilled job again: its entry is QUEUED again."""
+    if job.spill is None:
+        return
+    try:
+        table = SpillTable.open(key)
+    except (IpcdError, ValueError):
+        return
+    try:
+        table.mark(job.spill.slot, State.QUEUED, job.spill.shmid)
+    except IpcdError:
+        pass
+    finally:
+        table.segment.close()
+
+
+def log_evicted(log: Logger, job_id: str, evicted: tuple[Entry, ...]) -> None:
+    """The ``spill.evicted`` event: stored results dropped to make room for ``job_id``'s."""
+    if evicted:
+        log.info(
+            "spill.evicted",
+            job_id=job_id,
+            evicted=[e.job_id for e in evicted],
+            bytes=sum(e.size for e in evicted),
+        )
+
+
+def keep_failed(table: SpillTable | None, job: Job) -> bool:
+    """The failed list takes a spilled job: False when its payload could not be kept
+    (the failed list holds half the spill table already), its segment then gone."""
+    if table is None or job.spill is None:
+        return True
+    try:
+        return table.hold_failed(job.spill.shmid, job.id, job.spill.slot)
+    except IpcdError:
+        return True
 
 
 def within_max_result(result: Result, max_result: int) -> Result:
@@ -172,13 +229,17 @@ def within_max_result(result: Result, max_result: int) -> Result:
     )
 
 
-def read_result(result: Result) -> Result:
+def read_result(result: Result) -> Result | None:
     """A spilled result with its data copied out of its segment (the caller holds the ring
-    lock, so eviction cannot remove the segment meanwhile)."""
+    lock, so the ring's eviction cannot remove the segment meanwhile; a claim's eviction
+    may, but a removed segment stays whole while attached).  None when the result was
+    evicted from the spill table: its segment is gone (or its id now names another)."""
     spilled = result.spill
     if spilled is None:
         return result
     raw = _read(spilled.shmid, result.job_id, spilled.size, Role.RESULT, result.kind)
+    if isinstance(raw, _Gone):
+        return None
     if isinstance(raw, str):
         return _error(result, f"the stored result is lost: {raw}")
     return result._replace(data=raw, spill=None)
@@ -191,13 +252,21 @@ def _error(result: Result, message: str) -> Result:
 # --- segments ----------------------------------------------------------------------------
 
 
+class _Gone(str):
+    """Why there is no data: the segment is gone, or its id names another's by now."""
+
+
 def _read(shmid: int, job_id: str, size: int, role: Role, kind: Kind) -> bytes | str:
-    """The data of a verified segment, or why there is none."""
+    """The data of a verified segment, or why there is none (a _Gone when it is gone)."""
     segment = Segment.attach_id(shmid, readonly=True)
     if segment is None:
+        if not exists(shmid):
+            return _Gone(f"segment {shmid} does not exist")
         return f"segment {shmid} does not exist (or may not be read)"
     try:
         why = mismatch(segment, job_id, size, role, kind)
+        if why in (NOT_SPILL, ANOTHER_JOB):
+            return _Gone(f"segment {shmid} {why}{job_id if why == ANOTHER_JOB else ''}")
         if why:
             return f"segment {shmid} {why}"
         return bytes(segment.buf[DATA : DATA + size])

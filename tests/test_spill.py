@@ -178,7 +178,7 @@ def test_failed_list_keeps_a_spilled_payload_until_it_drops_the_job(instance: In
         failed = client.call("crash", data, timeout=30)
         assert not failed.ok and "ZeroDivisionError" in failed.error
         (entry,) = _in_use(instance)
-        assert (entry.state, entry.job_id) == (State.QUEUED, failed.job_id)
+        assert (entry.state, entry.job_id) == (State.FAILED, failed.job_id)
         assert instance.ipcctl("retry", failed.job_id).returncode == 0
         again = client.wait(failed.job_id, 30)
         assert not again.ok and again.finished > failed.finished
@@ -286,7 +286,9 @@ def test_sweeper_removes_a_dead_clients_segment(instance: Instance, recorded: bo
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the doomed client
             table = SpillTable.open(keys.spill)
-            index = table.claim("doomed", MIB)
+            index = table.claim(
+                "doomed", MIB, role=spilltable.Role.PAYLOAD, refused="not accepted"
+            ).slot
             segment = Segment.create_private(spilltable.DATA + MIB, 0o600)
             if recorded:
                 table.record(index, segment.id)
