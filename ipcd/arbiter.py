@@ -10,7 +10,7 @@ to.  It wakes to:
   young so that a broken handler cannot fork-bomb the host;
 - kill a worker (its whole process group) whose job ran past its deadline;
 - put parked jobs back on the queue when their retry delay has passed;
-- every few seconds, sweep the spill table (ipcd.spill) for segments whose maker died
+- every few seconds, sweep the spill table (ipcd.spilltable) for segments whose maker died
   before handing them on;
 - reload (SIGHUP): fork a new generation of workers with the new configuration, then ask
   the old ones to finish their current job and exit, so jobs keep flowing;
@@ -173,6 +173,8 @@ class Arbiter:
             return
         if swept.freed or swept.removed:
             self.log.info("spill.swept", entries=swept.freed, segments=swept.removed)
+        if swept.evicted:  # by clients' payload claims, which cannot log
+            self.log.info("spill.evicted", results=swept.evicted, by="payloads")
 
     def _raise_queue_bytes(self) -> None:
         """[ipc] queue_bytes: a deeper queue, where the kernel lets us (CAP_SYS_RESOURCE)."""

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     # Imported where used: the submit path that cron scripts take does not need them.
     from ipcd.failed import FailedJob, FailedList
     from ipcd.inflight import WorkerView
+    from ipcd.spilltable import Usage
 
 #: Longest pause between looks at the segment while waiting on the gate: it bounds the
 #: delay when a result lands between our look and our wait (a pulse nobody saw).
@@ -56,6 +57,8 @@ class Status(NamedTuple):
     parked: int = 0
     failed: int = 0
     failed_dropped: int = 0
+    #: The spill table's use (None when there is none to read).
+    spill: Usage | None = None
 
     def daemon_running(self) -> bool:
         """A daemon recorded its PID and that process is still there (it may have been
@@ -279,11 +282,14 @@ class Client:
             return status
         self._attached += [table.segment, failed.store.segment]
         live = tuple(w for w in table.worker_views() if w.pid and status.daemon_running())
+        from ipcd.spilltable import usage
+
         return status._replace(
             workers=live,
             parked=len(table.parked_due()),
             failed=len(failed.entries()),
             failed_dropped=failed.dropped(),
+            spill=usage(self.keys.spill),
         )
 
     def close(self) -> None:
@@ -312,6 +318,7 @@ class Client:
         another job holds it by now, and the job stays on the failed list.
         """
         failed = self._failed_list()
+        _check_payload_kept(failed, job_id)
         entry = failed.take(job_id)
         if entry is None:
             raise NoResultError(f"job {job_id} is not on the failed list")
@@ -327,6 +334,10 @@ class Client:
         except BaseException:
             failed.add(entry.job_id, entry.type, entry.body, entry.attempts, entry.error)
             raise
+        if job.spill is not None:  # its payload is the queue's again, not the failed list's
+            from ipcd.spill import requeued
+
+            requeued(self.keys.spill, job)
         return job.id
 
     def _failed_list(self) -> FailedList:
@@ -353,6 +364,17 @@ class Client:
         except NotRunningError:
             pass
         return WaitTimeoutError(f"no result for job {job_id} within {timeout:g}s{hint}")
+
+
+def _check_payload_kept(failed: FailedList, job_id: str) -> None:
+    """NoResultError (it stays listed) for a failed job whose spilled payload is gone."""
+    for entry in failed.entries():
+        if entry.job_id == job_id and not entry.payload_kept:
+            raise NoResultError(
+                f"job {job_id} cannot be retried: its large payload was not kept (the "
+                "failed list keeps at most half of [jobs] spill_slots large payloads, "
+                "and held that many when the job failed)"
+            )
 
 
 def _surely_too_large(payload: Payload, queue: Queue) -> bool:

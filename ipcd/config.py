@@ -73,6 +73,8 @@ class ResultsConfig(NamedTuple):
     slot_size: int
     #: The largest result kept (in its own segment when larger than a slot).
     max_result: int = 256 << 20
+    #: The most data spilled results hold together; the oldest are evicted beyond it.
+    spill_bytes: int = 1 << 30
 
 
 class JobsConfig(NamedTuple):
@@ -248,7 +250,7 @@ def parse(raw: Mapping[str, Any], path: Path) -> Config:
     log_config = LogConfig(file=_resolve(base, log_file) if log_file else None, level=level)
 
     results = reader.table(raw, "results")
-    reader.allow(results, "results", {"size", "slot_size", "max_result"})
+    reader.allow(results, "results", {"size", "slot_size", "max_result", "spill_bytes"})
     slot_size = reader.get(results, "results.slot_size", int, 4096)
     size = reader.get(results, "results.size", int, 1 << 20)
     if not 256 <= slot_size <= 1 << 24:
@@ -259,6 +261,7 @@ def parse(raw: Mapping[str, Any], path: Path) -> Config:
         size=size,
         slot_size=slot_size,
         max_result=reader.bounded(results, "results.max_result", 256 << 20, 0, 1 << 40),
+        spill_bytes=reader.bounded(results, "results.spill_bytes", 1 << 30, 0, 1 << 44),
     )
 
     jobs = reader.table(raw, "jobs")

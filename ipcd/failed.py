@@ -20,7 +20,7 @@ from ipcd.resultstore import ResultStore
 from ipcd.shm import Lock, Segment
 
 if TYPE_CHECKING:
-    from ipcd.spill import SpillTable
+    from ipcd.spilltable import SpillTable
 
 
 class FailedJob(NamedTuple):
@@ -32,9 +32,12 @@ class FailedJob(NamedTuple):
     error: str
     failed_at: float
     body: bytes
+    #: False when the job's spilled payload was dropped as the list was listed (the
+    #: failed list holds at most half the spill table): the job cannot be retried.
+    payload_kept: bool = True
 
     def as_json(self) -> dict[str, object]:
-        return {
+        doc: dict[str, object] = {
             "id": self.job_id,
             "type": self.type,
             "attempts": self.attempts,
@@ -42,6 +45,9 @@ class FailedJob(NamedTuple):
             "failed_at": self.failed_at,
             "bytes": len(self.body),
         }
+        if not self.payload_kept:
+            doc["payload_kept"] = False
+        return doc
 
 
 #: Characters of the failure reason kept with a failed job.
@@ -66,14 +72,14 @@ class FailedList:
     ) -> FailedList:
         slot = slot_size_for(text_size)
         size = results.HEADER_SIZE + entries * slot
-        return cls(ResultStore.create(key, None, mode, size, slot), spills)
+        return cls(ResultStore.create(key, None, mode, size, slot, what="failed list"), spills)
 
     def _dropped(self, record: Result) -> None:
         """The list drops its oldest entry: a spilled payload's segment goes with it."""
         entry = _entry(record)
         if entry is None or b'"spill"' not in entry.body:
             return
-        from ipcd import protocol, spill
+        from ipcd import protocol, spill, spilltable
         from ipcd.errors import IpcdError, MessageError
 
         try:
@@ -82,25 +88,36 @@ class FailedList:
             return
         if job.spill is not None:
             if self.spills is None:
-                spill.remove_checked(job.spill.shmid, job.id)
+                spilltable.remove_checked(job.spill.shmid, job.id)
                 return
             with contextlib.suppress(IpcdError):
                 spill.settle(self.spills, job)
 
     @classmethod
     def open(cls, key: int) -> FailedList:
-        return cls(ResultStore(Segment.open(key), Lock.open(key)))
+        return cls(ResultStore(Segment.open(key, what="failed list"), Lock.open(key)))
 
-    def add(self, job_id: str, type_: int, body: bytes, attempts: int, error: str) -> None:
+    def add(
+        self,
+        job_id: str,
+        type_: int,
+        body: bytes,
+        attempts: int,
+        error: str,
+        *,
+        payload_kept: bool = True,
+    ) -> None:
+        """List a job; ``payload_kept=False`` records that its spilled payload is gone."""
         if len(error) > MAX_REASON:  # the slot has room for the message and this much
             error = error[: MAX_REASON - 15] + " [truncated]"
-        data = json.dumps(
-            {
-                "error": error,
-                "attempts": attempts,
-                "body_b64": base64.b64encode(body).decode("ascii"),
-            }
-        ).encode()
+        doc: dict[str, object] = {
+            "error": error,
+            "attempts": attempts,
+            "body_b64": base64.b64encode(body).decode("ascii"),
+        }
+        if not payload_kept:
+            doc["payload_kept"] = False
+        data = json.dumps(doc).encode()
         now = time.time()
         self.store.put(Result(job_id, type_, Status.ERROR, Kind.JSON, data, attempts, now, now))
 
@@ -133,7 +150,7 @@ def _entry(record: Result) -> FailedJob | None:
         body = base64.b64decode(doc["body_b64"])
         return FailedJob(
             record.job_id, record.type, int(doc["attempts"]), str(doc["error"]),
-            record.finished, body,
+            record.finished, body, doc.get("payload_kept", True) is not False,
         )  # fmt: skip
     except (ValueError, KeyError, TypeError):
         return None

@@ -131,7 +131,7 @@ class InflightTable:
         """
         lock = Lock.create(key, mode)
         size = segment_size(workers, parked, text_size)
-        segment, created = Segment.create(key, mode, size)
+        segment, created = Segment.create(key, mode, size, what="in-flight table")
         carried: list[Held] = []
         if not created and cls.readable(segment.buf):
             old = cls(segment, lock)
@@ -140,7 +140,7 @@ class InflightTable:
             carried = [h for i in range(old.workers + old.parked) if (h := old.held(i))]
         if not created:
             segment.remove()
-            segment, _ = Segment.create(key, mode, size)
+            segment, _ = Segment.create(key, mode, size, what="in-flight table")
         with lock.held(LOCK_TIMEOUT):
             cls.format(segment.buf, workers, parked, text_size)
         return cls(segment, lock), carried
@@ -148,7 +148,7 @@ class InflightTable:
     @classmethod
     def open(cls, key: int) -> InflightTable:
         """Attach the daemon's table read-mostly (``ipcctl status``)."""
-        return cls(Segment.open(key), Lock.open(key))
+        return cls(Segment.open(key, what="in-flight table"), Lock.open(key))
 
     @staticmethod
     def format(buf: memoryview, workers: int, parked: int, text_size: int) -> None:

@@ -13,7 +13,7 @@ gives, so a client that only knows ``ftok`` computes them the same way:
     n = 6  the unique-key table (segment) and its semaphore: keys of cron-safe jobs
            waiting or running (``ipcctl submit --unique``)
     n = 7  the spill table (segment) and its semaphore: payloads and results too large
-           for a message or a result slot, each in its own IPC_PRIVATE segment (ipcd.spill)
+           for a message or a result slot, each in its own IPC_PRIVATE segment (ipcd.spilltable)
 
 ``K`` is ``ftok(key_path, proj_id)`` or, when the config sets one, an explicit ``key``.
 ftok mixes the file's inode and device numbers, so the key file must never be rewritten

@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 from ipcd.client import Client, Status
 from ipcd.errors import NotRunningError
+from ipcd.spilltable import Usage
 from ipcd.stats import OUTCOMES, Snapshot, StatsSegment
 
 
@@ -54,6 +55,29 @@ def read(client: Client) -> Reading:
         finally:
             segment.segment.close()
     return Reading(status, snap, now, mono)
+
+
+def spill_doc(spill: Usage) -> dict[str, int]:
+    """The spill table's use, for ``--json``."""
+    return {
+        "slots": spill.slots,
+        "used": spill.used,
+        "results": spill.results,
+        "payloads": spill.payloads,
+        "failed": spill.failed,
+        "bytes": spill.bytes,
+        "result_bytes": spill.result_bytes,
+        "evicted": spill.evicted,
+    }
+
+
+def spill_text(spill: Usage) -> str:
+    """The spill table's use in one line."""
+    return (
+        f"{spill.used} of {spill.slots} slots used ({spill.results} results, "
+        f"{spill.payloads} payloads, {spill.failed} failed), {spill.bytes} bytes; "
+        f"{spill.evicted} results evicted for room"
+    )
 
 
 class Rate(NamedTuple):
@@ -150,6 +174,22 @@ def prometheus(reading: Reading) -> str:
         out.gauge("ipcd_results_slots_used", "Slots of the result segment holding a result.", used)
     out.gauge("ipcd_failed_jobs", "Jobs on the failed list.", status.failed)
     out.gauge("ipcd_parked_jobs", "Jobs parked until a retry or a delay is due.", status.parked)
+    spill = status.spill
+    if spill is not None:
+        out.gauge(
+            "ipcd_spill_slots", "Entries of the spill table ([jobs] spill_slots).", spill.slots
+        )
+        out.gauge(
+            "ipcd_spill_slots_used",
+            "Entries of the spill table naming a large payload or result.",
+            spill.used,
+        )
+        out.gauge("ipcd_spill_bytes", "Bytes in large payloads and results.", spill.bytes)
+        out.counter(
+            "ipcd_spill_evicted_total",
+            "Large results evicted from the spill table to make room.",
+            spill.evicted,
+        )
     snap = reading.stats
     if snap is None:
         return "\n".join(out.lines) + "\n"
@@ -239,6 +279,8 @@ def stats_doc(reading: Reading) -> dict[str, object]:
             doc["start_time"] = status.results.started
     doc["failed"] = status.failed
     doc["parked"] = status.parked
+    if status.spill is not None:
+        doc["spill"] = spill_doc(status.spill)
     snap = reading.stats
     if snap is not None:
         doc["counted_since"] = snap.created
@@ -283,6 +325,8 @@ def stats_text(reading: Reading) -> list[str]:
     busy = sum(1 for w in status.workers if w.job_id)
     lines.append(f"workers    {len(status.workers)} live, {busy} busy")
     lines.append(f"jobs       {status.parked} parked, {status.failed} on the failed list")
+    if status.spill is not None:
+        lines.append(f"spill      {spill_text(status.spill)}")
     snap = reading.stats
     if snap is None:
         lines.append("counters   none (no stats segment)")

@@ -164,7 +164,9 @@ class Outcomes:
 
     def _spill(self, result: Result) -> Result:
         assert self.store.spills is not None
-        return spill.spill_result(self.store.spills, result)
+        result, evicted = spill.spill_result(self.store.spills, result)
+        spill.log_evicted(self.log, result.job_id, evicted)
+        return result
 
     def _store(self, result: Result) -> bool:
         try:
@@ -180,7 +182,8 @@ class Outcomes:
 
     def _list_failed(self, job: Job, body: bytes, error: str) -> None:
         try:
-            self.failed.add(job.id, job.type, body, job.attempt, error)
+            kept = spill.keep_failed(self.store.spills, job)  # a spilled payload, bounded
+            self.failed.add(job.id, job.type, body, job.attempt, error, payload_kept=kept)
         except IpcdError as exc:
             self.log.error("failed_list.unavailable", job_id=job.id, error=str(exc))
 

@@ -16,7 +16,7 @@ from ipcd.results import Header, Result
 from ipcd.shm import Gate, Lock, Segment
 
 if TYPE_CHECKING:
-    from ipcd.spill import SpillTable
+    from ipcd.spilltable import SpillTable
 
 #: How long any process waits for the semaphore before giving up: far longer than any
 #: critical section (a memcpy of one slot), far shorter than a wedge would need to last.
@@ -47,22 +47,30 @@ class ResultStore:
     def open(cls, key: int) -> ResultStore:
         """Attach an existing segment (the client side)."""
         lock = Lock.open(key)
-        return cls(Segment.open(key), lock)
+        return cls(Segment.open(key, what="result segment"), lock)
 
     @classmethod
     def create(
-        cls, key: int, gate_key: int | None, mode: int, size: int, slot_size: int
+        cls,
+        key: int,
+        gate_key: int | None,
+        mode: int,
+        size: int,
+        slot_size: int,
+        *,
+        what: str = "result segment",
     ) -> ResultStore:
-        """Create or reuse the segment and semaphore (the daemon side).
+        """Create or reuse the segment and semaphore (the daemon side); ``what`` names the
+        segment in errors (the failed list is a ring too).
 
         An existing segment whose layout matches is kept, so results survive a restart;
         one of another size or version is removed and made anew.
         """
         lock = Lock.create(key, mode)
-        segment, created = Segment.create(key, mode, size)
+        segment, created = Segment.create(key, mode, size, what=what)
         if not created and segment.size != size:
             segment.remove()
-            segment, created = Segment.create(key, mode, size)
+            segment, created = Segment.create(key, mode, size, what=what)
         store = cls(segment, lock, None if gate_key is None else Gate.create(gate_key, mode))
         with lock.held(LOCK_TIMEOUT):
             header = results.read_header(segment.buf)
@@ -92,7 +100,7 @@ class ResultStore:
             self._evict(header)
             seq = results.write_result(self.segment.buf, header, result)
             if result.spill is not None and self.spills is not None:
-                from ipcd.spill import State
+                from ipcd.spilltable import State
 
                 self.spills.mark(result.spill.entry, State.RESULT, result.spill.shmid)
         finally:
@@ -161,6 +169,6 @@ def _release(table: SpillTable | None, record: Result) -> None:
     if table is not None:
         table.release(record.spill.shmid, record.job_id, record.spill.entry)
     else:
-        from ipcd.spill import remove_checked
+        from ipcd.spilltable import remove_checked
 
         remove_checked(record.spill.shmid, record.job_id)

@@ -26,7 +26,7 @@ from ipcd.ipc import Queue, msgmax
 from ipcd.keys import Keys
 from ipcd.registry import Registry
 from ipcd.resultstore import ResultStore
-from ipcd.spill import SpillTable
+from ipcd.spilltable import SpillTable
 from ipcd.stats import StatsSegment
 from ipcd.unique import UniqueTable
 from ipcd.vetting import TRUSTED_UIDS
@@ -76,6 +76,7 @@ def prepare(config: Config, *, console: TextIO | None) -> Prepared:
     )
     spills = SpillTable.create(keys.spill, mode, config.jobs.spill_slots)
     spills.max_result, spills.mode, spills.gid = config.results.max_result, mode, who.object_gid
+    spills.spill_bytes = config.results.spill_bytes
     store.spills = spills
     text_size = msgmax()
     failed = FailedList.create(keys.failed, mode, config.jobs.failed_size, text_size, spills)

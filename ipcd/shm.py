@@ -4,7 +4,7 @@ The result ring, the in-flight table, the failed list and the spill table each l
 segment guarded by a semaphore used as a lock (SEM_UNDO, so a holder that dies releases
 it); one more semaphore, the result gate, announces new results to waiting clients.
 Large payloads and results live in segments of their own, made with IPC_PRIVATE (key 0)
-and known by their id (see ipcd.spill).
+and known by their id (see ipcd.spilltable).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ _POPULATE_FROM = 1 << 20
 class Segment:
     """A SysV shared-memory segment, attached, with a memoryview over it."""
 
-    def __init__(self, shm: sysv_ipc.SharedMemory, key: int, what: str = "result segment") -> None:
+    def __init__(self, shm: sysv_ipc.SharedMemory, key: int, *, what: str) -> None:
         self._shm = shm
         self.key = key
         self.what = what
@@ -41,7 +41,8 @@ class Segment:
         self.address: int = shm.address
 
     @classmethod
-    def open(cls, key: int, what: str = "result segment") -> Segment:
+    def open(cls, key: int, *, what: str) -> Segment:
+        """Attach the segment at ``key``; ``what`` names it in errors ("failed list")."""
         try:
             shm = sysv_ipc.SharedMemory(as_key_t(key), 0)
         except sysv_ipc.ExistentialError:
@@ -52,13 +53,14 @@ class Segment:
             raise IpcPermissionError(
                 f"permission denied attaching the {what} at key {key:#010x}"
             ) from None
-        return cls(shm, key, what)
+        return cls(shm, key, what=what)
 
     @classmethod
-    def create(
-        cls, key: int, mode: int, size: int, what: str = "result segment"
-    ) -> tuple[Segment, bool]:
-        """Create the segment (zero-filled) or open the existing one; says whether it is new."""
+    def create(cls, key: int, mode: int, size: int, *, what: str) -> tuple[Segment, bool]:
+        """Create the segment (zero-filled) or open the existing one; says whether it is new.
+
+        ``what`` names it in errors and in the vetting of an existing one.
+        """
         try:
             shm = sysv_ipc.SharedMemory(as_key_t(key), sysv_ipc.IPC_CREX, mode, size)
             created = True
@@ -69,7 +71,7 @@ class Segment:
             raise IpcPermissionError(
                 f"permission denied creating the {what} at key {key:#010x}"
             ) from None
-        segment = cls(shm, key, what)
+        segment = cls(shm, key, what=what)
         check_safe(segment.info(), mode)
         return segment, created
 
@@ -100,7 +102,7 @@ class Segment:
         # (MADV_POPULATE_WRITE, Linux 5.14) rather than one page fault per 4 KiB, about
         # a fifth faster for 16 MiB; older kernels refuse it and the writes fault instead.
         _madvise(shm.address, size, _MADV_POPULATE_WRITE)
-        return cls(shm, 0)
+        return cls(shm, 0, what="spill segment")
 
     @classmethod
     def attach_id(cls, shmid: int, *, readonly: bool = False) -> Segment | None:
@@ -114,7 +116,7 @@ class Segment:
             # About to be read whole: map its pages with one call (MADV_POPULATE_READ,
             # Linux 5.14) rather than one fault per 4 KiB: 16 MiB read in 4 ms, not 11.
             _madvise(shm.address, shm.size, _MADV_POPULATE_READ)
-        return cls(shm, shm.key & 0xFFFFFFFF)
+        return cls(shm, shm.key & 0xFFFFFFFF, what="spill segment")
 
     @property
     def id(self) -> int:

@@ -4,31 +4,8 @@ Each large payload or result lives in a SysV segment of its own, made with IPC_P
 (key 0) by its producer: the client for a payload, the worker for a result.  The queue
 carries only a small envelope naming the segment (``"spill"``, see docs/protocol.md) and
 the result ring only a 16-byte descriptor (ipcd.results), so neither fills with data.
-
-A segment with key 0 is known only by its id, so a producer that dies at the wrong moment
-would orphan it.  The *spill table* (a segment and a SEM_UNDO lock at the job key plus
-``7 * 0x01000000``) records every one.  Its entries move through these states:
-
-    FREE -> CLAIMING   claimed under the lock *before* shmget: pid, claimed_at, job id
-         -> (shmid recorded, data written, segment handed to the daemon's uid)
-         -> QUEUED     the envelope was sent; the job's outcome frees it (ipcd.outcome)
-         or RESULT     the ring holds the descriptor; eviction from the ring frees it
-
-The master sweeps entries left CLAIMING by a dead process: it removes the recorded
-segment and also any key-0 segment that process created since it claimed (it died
-between shmget and recording the id), then frees the entry.  QUEUED entries belong to
-the queue (and, for a job that failed for good, to the failed list); RESULT entries to
-the ring.
-
-Layout (little-endian)::
-
-    table header, 64 bytes: magic 8s b"IPCDSPT\\0", version u32, header_size u32,
-                            entries u32, entry_size u32, then zeros
-    entry, 48 bytes:        state u32, pid u32, claimed_at f64, shmid i32 (-1: none yet),
-                            reserved u32, size u64, job_id 16s
-    spill segment:          magic 8s b"IPCDSPD\\0", version u32, role u32 (0 payload,
-                            1 result), kind u32 (0 bytes, 1 text, 2 JSON), reserved u32,
-                            size u64, job_id 16s, zeros to 64 bytes; then the raw data
+This module encodes and decodes what goes into those segments and follows a payload or
+result through its life; ipcd.spilltable records the segments and removes them.
 
 Data is copied once in (the producer writes straight into the segment) and once out (the
 reader copies it into a bytes object): no base64, no JSON, no CRC over the data.
@@ -37,284 +14,33 @@ reader copies it into a bytes object): no base64, no JSON, no CRC over the data.
 from __future__ import annotations
 
 import contextlib
-import enum
 import os
-import struct
-import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 from ipcd import protocol
 from ipcd.errors import IpcdError, MessageError, PayloadError, QueueFullError
 from ipcd.protocol import Job, Payload, SpillRef
 from ipcd.results import Kind, Result, Spilled, Status
-from ipcd.shm import Lock, Segment, remove_id
+from ipcd.shm import Segment
+from ipcd.spilltable import (
+    ANOTHER_JOB,
+    DATA,
+    NOT_SPILL,
+    Entry,
+    Role,
+    SpillTable,
+    State,
+    exists,
+    mismatch,
+)
 
 if TYPE_CHECKING:
     from ipcd.client import Client
-    from ipcd.resultstore import ResultStore
-
-MAGIC = b"IPCDSPT\0"
-VERSION = 1
-HEADER = struct.Struct("<8sIIII")
-HEADER_SIZE = 64
-ENTRY = struct.Struct("<IIdiIQ16s")
-ENTRY_SIZE = 48
-SEGMENT_MAGIC = b"IPCDSPD\0"
-SEGMENT = struct.Struct("<8sIIIIQ16s")
-#: Where a spill segment's data starts.
-DATA = 64
-LOCK_TIMEOUT = 5.0
-#: How long after claiming a dead creator's segment may have been made (clock skew).
-CTIME_SLACK = 1.0
-SYSVIPC_SHM = "/proc/sysvipc/shm"
-
-assert ENTRY.size == ENTRY_SIZE and SEGMENT.size <= DATA
-
-
-class State(enum.IntEnum):
-    FREE = 0
-    CLAIMING = 1
-    QUEUED = 2
-    RESULT = 3
-
-
-class Role(enum.IntEnum):
-    PAYLOAD = 0
-    RESULT = 1
-
+    from ipcd.log import Logger
 
 _KINDS = {"bytes": Kind.BYTES, "text": Kind.TEXT, "json": Kind.JSON}
 _NAMES = {v: k for k, v in _KINDS.items()}
-
-
-class Entry(NamedTuple):
-    slot: int
-    state: State
-    pid: int
-    claimed_at: float
-    shmid: int
-    size: int
-    job_id: str
-
-
-class Swept(NamedTuple):
-    freed: int
-    removed: int
-
-
-def segment_size(entries: int) -> int:
-    return HEADER_SIZE + entries * ENTRY_SIZE
-
-
-class SpillTable:
-    """The table over a live segment; every change holds its lock."""
-
-    def __init__(self, segment: Segment, lock: Lock) -> None:
-        self.segment = segment
-        self.lock = lock
-        self.buf = segment.buf
-        magic, version, hsize, count, esize = HEADER.unpack_from(self.buf, 0)
-        if magic != MAGIC or version != VERSION or hsize != HEADER_SIZE or esize != ENTRY_SIZE:
-            raise ValueError("not a spill table")
-        if segment_size(count) > segment.size:
-            raise ValueError("spill table larger than its segment")
-        self.count: int = count
-        #: The daemon's limits for results ([results] max_result, [ipc] mode).
-        self.max_result = 0
-        self.mode = 0o600
-        #: The group of the daemon's objects ([ipc] group), given to result segments.
-        self.gid: int | None = None
-
-    @classmethod
-    def create(cls, key: int, mode: int, entries: int) -> SpillTable:
-        """Create the table, or keep the one a previous daemon left (its entries still
-        name live segments); one of another size is rebuilt with its entries carried."""
-        lock = Lock.create(key, mode)
-        segment, created = Segment.create(key, mode, segment_size(entries))
-        carried: list[Entry] = []
-        if not created:
-            with contextlib.suppress(ValueError):
-                old = cls(segment, lock)
-                if old.count == entries:
-                    return old
-                carried = [e for e in old.entries() if e.state is not State.FREE]
-            segment.remove()
-            segment, _ = Segment.create(key, mode, segment_size(entries))
-        with lock.held(LOCK_TIMEOUT):
-            segment.buf[:] = bytes(len(segment.buf))
-            HEADER.pack_into(segment.buf, 0, MAGIC, VERSION, HEADER_SIZE, entries, ENTRY_SIZE)
-            table = cls(segment, lock)
-            for index, entry in enumerate(carried[:entries]):
-                table._write(entry._replace(slot=index))
-        for entry in carried[entries:]:  # no room: what they named cannot be kept
-            remove_checked(entry.shmid, entry.job_id)
-        return table
-
-    @classmethod
-    def open(cls, key: int) -> SpillTable:
-        return cls(Segment.open(key), Lock.open(key))
-
-    # --- entries --------------------------------------------------------------------------
-
-    def entry(self, index: int) -> Entry:
-        state, pid, claimed, shmid, _, size, raw_id = ENTRY.unpack_from(
-            self.buf, HEADER_SIZE + index * ENTRY_SIZE
-        )
-        try:
-            st = State(state)
-        except ValueError:
-            st = State.FREE
-        job_id = raw_id.rstrip(b"\0").decode("ascii", "replace")
-        return Entry(index, st, pid, claimed, shmid, size, job_id)
-
-    def entries(self) -> list[Entry]:
-        return [self.entry(i) for i in range(self.count)]
-
-    def _write(self, e: Entry) -> None:
-        ENTRY.pack_into(
-            self.buf, HEADER_SIZE + e.slot * ENTRY_SIZE, e.state, e.pid, e.claimed_at,
-            e.shmid, 0, e.size, e.job_id.encode("ascii", "replace")[:16],
-        )  # fmt: skip
-
-    def claim(self, job_id: str, size: int) -> int:
-        """Take a free entry for a segment this process is about to make."""
-        with self.lock.held(LOCK_TIMEOUT):
-            for index in range(self.count):
-                if self.entry(index).state is State.FREE:
-                    self._write(
-                        Entry(index, State.CLAIMING, os.getpid(), time.time(), -1, size, job_id)
-                    )
-                    return index
-        raise QueueFullError(
-            f"every spill slot is taken ([jobs] spill_slots = {self.count}): "
-            "the large job was not accepted"
-        )
-
-    def record(self, index: int, shmid: int) -> None:
-        with self.lock.held(LOCK_TIMEOUT):
-            self._write(self.entry(index)._replace(shmid=shmid))
-
-    def mark(self, index: int, state: State, shmid: int) -> None:
-        """Move an entry on, if it still names that segment."""
-        with self.lock.held(LOCK_TIMEOUT):
-            entry = self.entry(index)
-            if entry.shmid == shmid:
-                self._write(entry._replace(state=state))
-
-    def find(self, shmid: int, job_id: str) -> Entry | None:
-        for entry in self.entries():
-            if entry.state is not State.FREE and entry.shmid == shmid and entry.job_id == job_id:
-                return entry
-        return None
-
-    def discard(self, index: int, shmid: int) -> None:
-        """Remove a segment this process made (its creator may, whoever owns it now) and
-        free its entry: a submission that failed before its envelope was sent."""
-        remove_id(shmid)
-        self.free(index)
-
-    def free(self, index: int) -> None:
-        with self.lock.held(LOCK_TIMEOUT):
-            self._write(Entry(index, State.FREE, 0, 0.0, -1, 0, ""))
-
-    def release(self, shmid: int, job_id: str, hint: int | None = None) -> None:
-        """Remove the segment (only if it really is this job's) and free its entry."""
-        with self.lock.held(LOCK_TIMEOUT):
-            entry = None
-            if hint is not None and 0 <= hint < self.count:
-                entry = self.entry(hint)
-                if entry.shmid != shmid or entry.job_id != job_id:
-                    entry = None
-            entry = entry or self.find(shmid, job_id)
-            if not remove_checked(shmid, job_id) and _exists(shmid):
-                return  # not ours to remove (a client's process): leave it recorded
-            if entry is not None:
-                self._write(Entry(entry.slot, State.FREE, 0, 0.0, -1, 0, ""))
-
-    # --- making segments ------------------------------------------------------------------
-
-    def put(
-        self, data: bytes, *, job_id: str, kind: Kind, role: Role, mode: int, owner: int | None
-    ) -> tuple[int, int]:
-        """Claim an entry, make the segment, write header and data, hand it to ``owner``.
-
-        Returns (entry, shmid); the entry is still CLAIMING.  On any failure the segment
-        is removed and the entry freed before the error goes on.
-        """
-        index = self.claim(job_id, len(data))
-        shmid = -1
-        try:
-            segment = Segment.create_private(DATA + len(data), mode)
-            shmid = segment.id
-            self.record(index, shmid)
-            try:
-                SEGMENT.pack_into(
-                    segment.buf, 0, SEGMENT_MAGIC, VERSION, role, kind, 0, len(data),
-                    job_id.encode("ascii")[:16],
-                )  # fmt: skip
-                segment.buf[DATA : DATA + len(data)] = data
-                segment.give_to(owner, self.gid if role is Role.RESULT else None)
-            finally:
-                segment.close()
-        except BaseException:
-            if shmid >= 0:
-                remove_id(shmid)
-            self.free(index)
-            raise
-        return index, shmid
-
-    # --- the master's sweep -----------------------------------------------------------------
-
-    def sweep(self, store: ResultStore | None = None) -> Swept:
-        """Free entries left CLAIMING by dead processes, removing what they made; with
-        ``store`` (at start) also RESULT entries the ring no longer holds."""
-        entries = segments = 0
-        referenced: set[int] | None = None
-        with contextlib.ExitStack() as stack:
-            if store is not None:  # ring lock first, as ResultStore.put takes them
-                stack.enter_context(store.lock.held(store.lock_timeout))
-                referenced = {r.spill.shmid for r in store.records() if r.spill is not None}
-            stack.enter_context(self.lock.held(LOCK_TIMEOUT))
-            shm: list[list[str]] | None = None
-            for entry in self.entries():
-                if entry.state is State.CLAIMING and not _alive(entry.pid):
-                    if shm is None:
-                        shm = _proc_shm()
-                    for shmid in _orphans(shm, entry):
-                        segments += remove_id(shmid)
-                elif (
-                    entry.state is State.RESULT
-                    and referenced is not None
-                    and entry.shmid not in referenced
-                ):
-                    segments += remove_checked(entry.shmid, entry.job_id)
-                else:
-                    continue
-                self._write(Entry(entry.slot, State.FREE, 0, 0.0, -1, 0, ""))
-                entries += 1
-        return Swept(entries, segments)
-
-    def remove_segments(self) -> int:
-        """Remove every segment the table lists (when the daemon's objects are purged)."""
-        return sum(
-            remove_checked(e.shmid, e.job_id)
-            for e in self.entries()
-            if e.state is not State.FREE and e.shmid >= 0
-        )
-
-
-def remove_listed(key: int) -> int:
-    """Remove the segments listed by a spill table at ``key``, if that is one."""
-    try:
-        table = SpillTable.open(key)
-    except (IpcdError, ValueError):
-        return 0
-    try:
-        return table.remove_segments()
-    finally:
-        table.segment.close()
-
 
 # --- payloads -----------------------------------------------------------------------------
 
@@ -348,9 +74,10 @@ def outgoing(
         )
     table = SpillTable.open(client.keys.spill)
     owner = client.queue.info().uid  # the daemon's: its workers remove the segment
-    index, shmid = table.put(
+    index, shmid, _ = table.put(
         raw, job_id=job_id, kind=_KINDS[kind], role=Role.PAYLOAD, mode=0o600,
         owner=owner if owner != os.geteuid() else None,
+        refused="the large job was not accepted",
     )  # fmt: skip
     ref = SpillRef(shmid, len(raw), index, kind)
     try:
@@ -427,34 +154,92 @@ def settle(table: SpillTable | None, job: Job) -> None:
 # --- results ------------------------------------------------------------------------------
 
 
-def spill_result(table: SpillTable, result: Result) -> Result:
+def spill_result(table: SpillTable, result: Result) -> tuple[Result, tuple[Entry, ...]]:
     """The result with its data moved to a segment of its own (the ring then stores a
-    descriptor), or an error result when it exceeds [results] max_result or cannot be
-    made.  Clients in the daemon's group may read the segment, as they read the ring."""
-    max_result, mode = table.max_result, table.mode
+    descriptor), or an error result when it exceeds [results] max_result or
+    spill_bytes or cannot be made; and the older results evicted to make room.
+    Clients in the daemon's group may read the segment, as they read the ring."""
+    mode = table.mode
     size = len(result.data)
-    if size > max_result:
-        return _error(
-            result,
-            f"result too large: {size} bytes, more than [results] max_result ({max_result})",
-        )
+    checked = within_max_result(result, table.max_result)
+    if checked is not result:
+        return checked, ()
+    if table.spill_bytes is not None and size > table.spill_bytes:
+        message = f"result too large: {size} bytes, more than [results] spill_bytes"
+        return _error(result, f"{message} ({table.spill_bytes})"), ()
     try:
-        index, shmid = table.put(
+        index, shmid, evicted = table.put(
             result.data, job_id=result.job_id, kind=result.kind, role=Role.RESULT,
             mode=0o600 | (mode & 0o044), owner=None,
+            refused=f"the result of {size} bytes was not stored",
         )  # fmt: skip
+    except QueueFullError as exc:
+        return _error(result, str(exc)), ()
     except IpcdError as exc:
-        return _error(result, f"result of {size} bytes could not be stored: {exc}")
-    return result._replace(data=b"", spill=Spilled(shmid, index, size))
+        return _error(result, f"result of {size} bytes could not be stored: {exc}"), ()
+    return result._replace(data=b"", spill=Spilled(shmid, index, size)), evicted
 
 
-def read_result(result: Result) -> Result:
+def requeued(key: int, job: Job) -> None:
+    """``ipcctl retry`` sent a failed spilled job again: its entry is QUEUED again."""
+    if job.spill is None:
+        return
+    try:
+        table = SpillTable.open(key)
+    except (IpcdError, ValueError):
+        return
+    try:
+        table.mark(job.spill.slot, State.QUEUED, job.spill.shmid)
+    except IpcdError:
+        pass
+    finally:
+        table.segment.close()
+
+
+def log_evicted(log: Logger, job_id: str, evicted: tuple[Entry, ...]) -> None:
+    """The ``spill.evicted`` event: stored results dropped to make room for ``job_id``'s."""
+    if evicted:
+        log.info(
+            "spill.evicted",
+            job_id=job_id,
+            evicted=[e.job_id for e in evicted],
+            bytes=sum(e.size for e in evicted),
+        )
+
+
+def keep_failed(table: SpillTable | None, job: Job) -> bool:
+    """The failed list takes a spilled job: False when its payload could not be kept
+    (the failed list holds half the spill table already), its segment then gone."""
+    if table is None or job.spill is None:
+        return True
+    try:
+        return table.hold_failed(job.spill.shmid, job.id, job.spill.slot)
+    except IpcdError:
+        return True
+
+
+def within_max_result(result: Result, max_result: int) -> Result:
+    """The result, or the error the daemon stores in its place when its data is larger
+    than [results] max_result (ipcd.testing's run_handler applies the same check)."""
+    size = len(result.data)
+    if size <= max_result:
+        return result
+    return _error(
+        result, f"result too large: {size} bytes, more than [results] max_result ({max_result})"
+    )
+
+
+def read_result(result: Result) -> Result | None:
     """A spilled result with its data copied out of its segment (the caller holds the ring
-    lock, so eviction cannot remove the segment meanwhile)."""
+    lock, so the ring's eviction cannot remove the segment meanwhile; a claim's eviction
+    may, but a removed segment stays whole while attached).  None when the result was
+    evicted from the spill table: its segment is gone (or its id now names another)."""
     spilled = result.spill
     if spilled is None:
         return result
     raw = _read(spilled.shmid, result.job_id, spilled.size, Role.RESULT, result.kind)
+    if isinstance(raw, _Gone):
+        return None
     if isinstance(raw, str):
         return _error(result, f"the stored result is lost: {raw}")
     return result._replace(data=raw, spill=None)
@@ -467,88 +252,23 @@ def _error(result: Result, message: str) -> Result:
 # --- segments ----------------------------------------------------------------------------
 
 
+class _Gone(str):
+    """Why there is no data: the segment is gone, or its id names another's by now."""
+
+
 def _read(shmid: int, job_id: str, size: int, role: Role, kind: Kind) -> bytes | str:
-    """The data of a verified segment, or why there is none."""
+    """The data of a verified segment, or why there is none (a _Gone when it is gone)."""
     segment = Segment.attach_id(shmid, readonly=True)
     if segment is None:
+        if not exists(shmid):
+            return _Gone(f"segment {shmid} does not exist")
         return f"segment {shmid} does not exist (or may not be read)"
     try:
-        why = _mismatch(segment, job_id, size, role, kind)
+        why = mismatch(segment, job_id, size, role, kind)
+        if why in (NOT_SPILL, ANOTHER_JOB):
+            return _Gone(f"segment {shmid} {why}{job_id if why == ANOTHER_JOB else ''}")
         if why:
             return f"segment {shmid} {why}"
         return bytes(segment.buf[DATA : DATA + size])
     finally:
         segment.close()
-
-
-def _mismatch(segment: Segment, job_id: str, size: int | None, role: Role | None,
-              kind: Kind | None = None) -> str:  # fmt: skip
-    if segment.key != 0 or segment.size < DATA:
-        return "is not a spill segment"
-    magic, version, s_role, s_kind, _, s_size, raw_id = SEGMENT.unpack_from(segment.buf, 0)
-    if magic != SEGMENT_MAGIC or version != VERSION:
-        return "is not a spill segment"
-    if raw_id.rstrip(b"\0").decode("ascii", "replace") != job_id:
-        return f"belongs to another job, not {job_id}"
-    if size is not None and (s_size != size or segment.size < DATA + size):
-        return f"holds {s_size} bytes, not {size}"
-    if (role is not None and s_role != role) or (kind is not None and s_kind != kind):
-        return "holds another kind of data"
-    return ""
-
-
-def remove_checked(shmid: int, job_id: str) -> bool:
-    """Remove the segment if its header says it is this job's spill segment."""
-    if shmid < 0:
-        return False
-    segment = Segment.attach_id(shmid, readonly=True)
-    if segment is None:
-        return False
-    try:
-        if _mismatch(segment, job_id, None, None):
-            return False
-    finally:
-        segment.close()
-    return remove_id(shmid)
-
-
-def _exists(shmid: int) -> bool:
-    return any(int(f[1]) == shmid for f in _proc_shm())
-
-
-def _proc_shm() -> list[list[str]]:
-    try:
-        with open(SYSVIPC_SHM) as fh:
-            next(fh)
-            return [line.split() for line in fh]
-    except (OSError, StopIteration):
-        return []
-
-
-def _orphans(shm: list[list[str]], entry: Entry) -> set[int]:
-    """What a dead claimer made: its recorded segment, and any key-0 segment nobody has
-    attached that it created after claiming (it died before recording the id)."""
-    found: set[int] = set()
-    for f in shm:
-        key, shmid, cpid, nattch, ctime = int(f[0]), int(f[1]), int(f[4]), int(f[6]), int(f[13])
-        if key != 0 or cpid != entry.pid:
-            continue
-        if shmid == entry.shmid or (nattch == 0 and ctime >= entry.claimed_at - CTIME_SLACK):
-            found.add(shmid)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return True

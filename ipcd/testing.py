@@ -9,7 +9,9 @@ daemon, a queue or a segment:
    a list, bytes as bytes, and so on);
 3. the handler is called by the worker's own ``execute()``, which turns its return value
    or exception into the stored ``Result`` (or a ``Retry`` request);
-4. a result larger than a result slot is replaced by the error the daemon would store;
+4. a result larger than ``[results] max_result`` is replaced by the error the daemon
+   would store (a result larger than a slot is not: the daemon spills it to a segment
+   of its own, see ipcd.spill);
 
 and captures every log event emitted meanwhile with structlog's ``capture_logs()``.
 
@@ -31,15 +33,17 @@ from typing import Any
 from structlog.testing import capture_logs
 
 from ipcd import protocol
+from ipcd.config import ResultsConfig
 from ipcd.handlers import Handler, Retry
 from ipcd.log import get_logger
 from ipcd.protocol import Job, Payload
 from ipcd.registry import Registration, Registry
-from ipcd.results import Result, capacity, too_large
+from ipcd.results import Result
+from ipcd.spill import within_max_result
 from ipcd.worker import execute
 
-#: ``[results] slot_size`` of the shipped configuration.
-DEFAULT_SLOT_SIZE = 4096
+#: ``[results] max_result`` when the configuration does not set it.
+DEFAULT_MAX_RESULT: int = ResultsConfig._field_defaults["max_result"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,14 +96,15 @@ def run_handler(
     name: str = "handler",
     job_id: str | None = None,
     timeout: float | None = None,
-    slot_size: int = DEFAULT_SLOT_SIZE,
+    max_result: int = DEFAULT_MAX_RESULT,
 ) -> HandlerRun:
     """Run ``handler`` on ``payload`` as a worker would run a job of message ``type``.
 
     ``attempt`` is the run's number (``Job.attempt``: 2 is the first retry), ``name`` the
     handler's name in the configuration (in log events), ``timeout`` the envelope's
-    ``--timeout-job`` (only passed on in ``Job.timeout``), ``slot_size`` the
-    ``[results] slot_size`` that bounds the output.
+    ``--timeout-job`` (only passed on in ``Job.timeout``), ``max_result`` the
+    ``[results] max_result`` that bounds the output (the daemon keeps a result larger
+    than a slot in a segment of its own, so the slot size bounds nothing).
     """
     body = protocol.encode(
         payload,
@@ -113,9 +118,8 @@ def run_handler(
         outcome, _ = execute(registry, job, get_logger(role="worker"))
     if isinstance(outcome, Retry):
         return HandlerRun(job, None, outcome, events)
-    if len(outcome.data) > capacity(slot_size):
-        outcome = too_large(outcome, slot_size)
+    outcome = within_max_result(outcome, max_result)
     return HandlerRun(job, outcome, None, events)
 
 
-__all__ = ["DEFAULT_SLOT_SIZE", "HandlerRun", "run_handler"]
+__all__ = ["DEFAULT_MAX_RESULT", "HandlerRun", "run_handler"]

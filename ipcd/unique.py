@@ -126,12 +126,12 @@ class UniqueTable:
         jobs holding them may still be queued).  One of another shape is made anew."""
         lock = Lock.create(key, mode)
         size = segment_size(entries)
-        segment, created = Segment.create(key, mode, size)
+        segment, created = Segment.create(key, mode, size, what="unique-key table")
         if not created:
             if cls.readable(segment.buf) and HEADER.unpack_from(segment.buf, 0)[3] == entries:
                 return cls(segment, lock)
             segment.remove()
-            segment, _ = Segment.create(key, mode, size)
+            segment, _ = Segment.create(key, mode, size, what="unique-key table")
         with lock.held(LOCK_TIMEOUT):
             cls.format(segment.buf, entries)
         return cls(segment, lock)
@@ -139,7 +139,7 @@ class UniqueTable:
     @classmethod
     def open(cls, key: int) -> UniqueTable:
         """Attach the daemon's table (a submitting client)."""
-        return cls(Segment.open(key), Lock.open(key))
+        return cls(Segment.open(key, what="unique-key table"), Lock.open(key))
 
     @staticmethod
     def format(buf: memoryview, entries: int) -> None:

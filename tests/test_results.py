@@ -696,3 +696,26 @@ def test_a_new_size_makes_a_new_segment(rig: Rig) -> None:
     assert second.segment.size == 64 + 4 * 512
     assert second.header() == Header(4, 512, 0, 0, 0.0, 0, 0)
     assert second.get("dropped") is None
+
+
+def test_missing_tables_are_named_in_errors(tmp_path: Path) -> None:
+    """Each table's ``open`` names its own object when none is there, not "result segment"."""
+    from conftest import Instance
+
+    from ipcd.failed import FailedList
+    from ipcd.inflight import InflightTable
+    from ipcd.spilltable import SpillTable
+    from ipcd.unique import UniqueTable
+
+    inst = Instance(tmp_path, tmp_path / "ipcd.toml")
+    inst.write()
+    k = inst.keys  # no daemon ever ran here: none of its objects exist
+    openers = [
+        (FailedList.open, k.failed, "no failed list at key"),
+        (InflightTable.open, k.inflight, "no in-flight table at key"),
+        (SpillTable.open, k.spill, "no spill table at key"),
+        (UniqueTable.open, k.unique, "no unique-key table at key"),
+    ]
+    for opener, key, expected in openers:
+        with pytest.raises(NotRunningError, match=expected):
+            opener(key)

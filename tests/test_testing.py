@@ -13,7 +13,7 @@ from ipcd.errors import PayloadError
 from ipcd.handlers import HandlerResult, Job, Retry
 from ipcd.handlers.builtin import echo, fail
 from ipcd.results import Kind
-from ipcd.testing import run_handler
+from ipcd.testing import DEFAULT_MAX_RESULT, run_handler
 
 EXAMPLE_SRC = TESTS.parent / "examples" / "ipcd-example-plugin" / "src"
 
@@ -68,16 +68,16 @@ def test_retry_is_returned_not_run() -> None:
     assert (run.retry.reason, run.retry.delay) == ("busy", 3.0)
 
 
-def test_results_a_slot_cannot_hold_fail() -> None:
-    """Output over slot_size - 64 bytes becomes the error the daemon stores, and a value
-    JSON cannot represent fails the job."""
-    assert run_handler(echo, "x" * 4032).ok
-    run = run_handler(echo, "x" * 4033)
-    assert run.error == (
-        "result too large for the result segment: 4033 bytes, a slot holds 4032 "
-        "(raise [results] slot_size)"
-    )
-    assert not run_handler(echo, "x" * 193, slot_size=256).ok
+def test_results_over_max_result_fail() -> None:
+    """Output larger than a slot is fine (the daemon spills it); output over
+    [results] max_result becomes the error the daemon stores, and a value JSON cannot
+    represent fails the job."""
+    assert DEFAULT_MAX_RESULT == 256 << 20
+    big = run_handler(echo, "x" * 100_000)
+    assert big.ok and big.output == "x" * 100_000
+    assert run_handler(echo, "x" * 1000, max_result=1000).ok
+    run = run_handler(echo, "x" * 1001, max_result=1000)
+    assert run.error == "result too large: 1001 bytes, more than [results] max_result (1000)"
 
     def not_json(job: Job) -> HandlerResult:
         return {"x": float("nan")}
@@ -134,3 +134,25 @@ def test_same_result_as_a_real_daemon(instance: Instance) -> None:
         expected = {**local.result.as_json(), "id": doc["id"]}
         assert {**doc, "submitted": 0, "finished": 0} == {**expected, "submitted": 0, "finished": 0}
     assert [doc["status"] for doc in stored] == ["ok", "error"]
+
+
+@pytest.mark.timeout(60)
+def test_large_output_as_a_real_daemon_stores_it(instance: Instance) -> None:
+    """Output larger than a slot but within max_result is stored by a daemon, and output
+    over max_result fails there with the error run_handler gives."""
+    instance.write(results="max_result = 5000")  # slot_size 2048 in the test config
+    assert instance.ipcd("start").returncode == 0
+    shown = []
+    try:
+        for size in (3000, 6000):
+            submitted = instance.ipcctl("submit", "echo", "x" * size)
+            assert submitted.returncode == 0, submitted.stderr
+            done = instance.ipcctl("result", submitted.stdout.strip(), "--wait", "--json")
+            assert done.returncode in (0, 1), done.stderr
+            shown.append(json.loads(done.stdout))
+    finally:
+        stopped = instance.ipcd("stop")
+    assert stopped.returncode == 0, stopped.stderr
+    fits, too_big = (run_handler(echo, "x" * n, max_result=5000) for n in (3000, 6000))
+    assert fits.ok and shown[0]["output"] == fits.output
+    assert shown[1]["status"] == "error" and shown[1]["error"] == too_big.error

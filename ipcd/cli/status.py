@@ -58,6 +58,8 @@ def status_text(reading: Reading, previous: Reading | None = None) -> str:
     for w in status.workers:
         doing = f"job {w.job_id} for {now - w.started:.1f}s" if w.job_id else "idle"
         lines.append(f"worker     pid {w.pid}: {doing}, {count(w.jobs_done, 'job')} done")
+    if status.spill is not None:
+        lines.append(f"spill      {metrics.spill_text(status.spill)}")
     dropped = f" ({status.failed_dropped} older dropped)" if status.failed_dropped else ""
     lines.append(f"jobs       {status.parked} waiting to retry, {status.failed} failed{dropped}")
     snap = reading.stats
@@ -130,6 +132,7 @@ def status_doc(reading: Reading, previous: Reading | None = None) -> dict[str, o
             "mode": f"{q.mode:#o}",
         },
         "results": results,
+        "spill": None if status.spill is None else metrics.spill_doc(status.spill),
         "daemon": daemon,
         "counts": counts,
         "rate": None
