@@ -6,7 +6,6 @@ jobs, and they must do it the same way; this module is that one way.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, NamedTuple
 
@@ -16,6 +15,7 @@ from ipcd.failed import FailedList
 from ipcd.inflight import InflightTable
 from ipcd.ipc import Queue
 from ipcd.log import Events, Logger
+from ipcd.procs import alive
 from ipcd.protocol import Job
 from ipcd.results import Kind, Result, Status, too_large
 from ipcd.resultstore import ResultStore
@@ -200,20 +200,10 @@ class Outcomes:
             message = self.replies.receive_nowait(0)
             if message is None:
                 break
-            if _alive(message[1]):
+            if alive(message[1]):
                 kept.append(message)
             else:
                 dropped += 1
         for body, type_ in kept:
             self.replies.send_nowait(body, type_)
         self.log.info("reply.purged", dropped=dropped, kept=len(kept))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

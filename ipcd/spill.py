@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from ipcd import protocol
 from ipcd.errors import IpcdError, MessageError, PayloadError, QueueFullError
+from ipcd.procs import alive
 from ipcd.protocol import Job, Payload, SpillRef
 from ipcd.results import Kind, Result, Spilled, Status
 from ipcd.shm import Lock, Segment, remove_id
@@ -278,7 +279,7 @@ class SpillTable:
             stack.enter_context(self.lock.held(LOCK_TIMEOUT))
             shm: list[list[str]] | None = None
             for entry in self.entries():
-                if entry.state is State.CLAIMING and not _alive(entry.pid):
+                if entry.state is State.CLAIMING and not alive(entry.pid):
                     if shm is None:
                         shm = _proc_shm()
                     for shmid in _orphans(shm, entry):
@@ -536,19 +537,3 @@ def _orphans(shm: list[list[str]], entry: Entry) -> set[int]:
         if shmid == entry.shmid or (nattch == 0 and ctime >= entry.claimed_at - CTIME_SLACK):
             found.add(shmid)
     return found
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return True

@@ -49,6 +49,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from ipcd.errors import AlreadyQueuedError, IpcdError, QueueFullError, UsageError
+from ipcd.procs import alive
 from ipcd.protocol import MAX_UNIQUE, Job, unique_key_problem
 from ipcd.shm import Lock, Segment
 
@@ -412,7 +413,7 @@ def sweep_lost(
 
         def lost(entry: Entry) -> str | None:
             if entry.state is State.CLAIMING:
-                return None if _alive(entry.pid) else "its submitter died before sending it"
+                return None if alive(entry.pid) else "its submitter died before sending it"
             if not queue_empty:
                 return None
             wanted = entry.job_id.encode("ascii", "replace")
@@ -423,15 +424,3 @@ def sweep_lost(
         return lost
 
     return table.sweep(judge)
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
