@@ -49,7 +49,7 @@ from ipcd.errors import IpcdError, MessageError, PayloadError, QueueFullError
 from ipcd.procs import alive
 from ipcd.protocol import Job, Payload, SpillRef
 from ipcd.results import Kind, Result, Spilled, Status
-from ipcd.shm import Lock, Segment, remove_id
+from ipcd.shm import Lock, Segment, create_formatted, remove_id
 
 if TYPE_CHECKING:
     from ipcd.client import Client
@@ -132,25 +132,35 @@ class SpillTable:
         """Create the table, or keep the one a previous daemon left (its entries still
         name live segments); one of another size is rebuilt with its entries carried."""
         lock = Lock.create(key, mode)
-        segment, created = Segment.create(key, mode, segment_size(entries))
         carried: list[Entry] = []
-        if not created:
+
+        def keep(segment: Segment) -> bool:
             with contextlib.suppress(ValueError):
                 old = cls(segment, lock)
                 if old.count == entries:
-                    return old
-                carried = [e for e in old.entries() if e.state is not State.FREE]
-            segment.remove()
-            segment, _ = Segment.create(key, mode, segment_size(entries))
-        with lock.held(LOCK_TIMEOUT):
+                    return True
+                carried.extend(e for e in old.entries() if e.state is not State.FREE)
+            return False
+
+        def format(segment: Segment) -> None:
             segment.buf[:] = bytes(len(segment.buf))
             HEADER.pack_into(segment.buf, 0, MAGIC, VERSION, HEADER_SIZE, entries, ENTRY_SIZE)
             table = cls(segment, lock)
             for index, entry in enumerate(carried[:entries]):
                 table._write(entry._replace(slot=index))
+
+        segment = create_formatted(
+            key,
+            mode,
+            segment_size(entries),
+            keep=keep,
+            format=format,
+            lock=lock,
+            lock_timeout=LOCK_TIMEOUT,
+        )
         for entry in carried[entries:]:  # no room: what they named cannot be kept
             remove_checked(entry.shmid, entry.job_id)
-        return table
+        return cls(segment, lock)
 
     @classmethod
     def open(cls, key: int) -> SpillTable:

@@ -43,7 +43,7 @@ import time
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from ipcd.shm import Segment
+from ipcd.shm import Segment, create_formatted
 from ipcd.vetting import refuse_world_writable
 
 MAGIC = b"IPCDSTA\0"
@@ -402,12 +402,21 @@ class StatsSegment:
         named = list(handlers)
         columns = columns_for(len(named))
         size = segment_size(workers + 1, columns)
-        segment, created = Segment.create(key, mode, size, what="stats segment")
-        if not created and segment.size != size:
-            segment.remove()
-            segment, _ = Segment.create(key, mode, size, what="stats segment")
-        format_segment(segment.buf, workers + 1, columns, time.time())
-        register(segment.buf, named)
+
+        def format(segment: Segment) -> None:
+            format_segment(segment.buf, workers + 1, columns, time.time())
+            register(segment.buf, named)
+
+        # Never kept (counts start again), and read without a lock (a seqlock per record).
+        segment = create_formatted(
+            key,
+            mode,
+            size,
+            keep=lambda old: False,
+            format=format,
+            lock=None,
+            what="stats segment",
+        )
         return cls(segment)
 
     @classmethod

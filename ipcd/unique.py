@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from ipcd.errors import AlreadyQueuedError, IpcdError, QueueFullError, UsageError
 from ipcd.procs import alive
 from ipcd.protocol import MAX_UNIQUE, Job, unique_key_problem
-from ipcd.shm import Lock, Segment
+from ipcd.shm import Lock, Segment, create_formatted
 
 if TYPE_CHECKING:
     from ipcd.inflight import InflightTable
@@ -126,15 +126,15 @@ class UniqueTable:
         """Create the table, or keep the one a previous daemon left (with its keys: the
         jobs holding them may still be queued).  One of another shape is made anew."""
         lock = Lock.create(key, mode)
-        size = segment_size(entries)
-        segment, created = Segment.create(key, mode, size)
-        if not created:
-            if cls.readable(segment.buf) and HEADER.unpack_from(segment.buf, 0)[3] == entries:
-                return cls(segment, lock)
-            segment.remove()
-            segment, _ = Segment.create(key, mode, size)
-        with lock.held(LOCK_TIMEOUT):
-            cls.format(segment.buf, entries)
+        segment = create_formatted(
+            key,
+            mode,
+            segment_size(entries),
+            keep=lambda old: cls.readable(old.buf) and HEADER.unpack_from(old.buf, 0)[3] == entries,
+            format=lambda new: cls.format(new.buf, entries),
+            lock=lock,
+            lock_timeout=LOCK_TIMEOUT,
+        )
         return cls(segment, lock)
 
     @classmethod
