@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any, NamedTuple
 
-from ipcd import protocol, spill, unique
+from ipcd import protocol, spill, uniquerelease
 from ipcd.errors import IpcdError
 from ipcd.failed import FailedList
 from ipcd.inflight import InflightTable
@@ -112,7 +112,7 @@ class Outcomes:
             result = self._spill(result) if self.store.spills else too_large(result, room + 64)
         stored = self._store(result)
         if job.unique is not None and self.unique is not None:
-            unique.release(self.unique, job, self.log)
+            uniquerelease.release(self.unique, job, self.log)
         if not result.ok and listed:
             self._list_failed(job, body, result.error)
         elif job.spill is not None:
