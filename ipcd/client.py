@@ -30,6 +30,7 @@ from ipcd.errors import (
 )
 from ipcd.ipc import Queue, QueueStats
 from ipcd.keys import Keys, derive
+from ipcd.procs import alive
 from ipcd.protocol import Payload
 from ipcd.results import Header, Result
 from ipcd.resultstore import ResultStore
@@ -63,23 +64,7 @@ class Status(NamedTuple):
     def daemon_running(self) -> bool:
         """A daemon recorded its PID and that process is still there (it may have been
         killed without the chance to clear it)."""
-        return self.results is not None and _alive(self.results.daemon_pid)
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # someone else's process: alive
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return True
+        return self.results is not None and alive(self.results.daemon_pid)
 
 
 class Client:
@@ -187,7 +172,7 @@ class Client:
                 f"no unique-key table at key {self.keys.unique:#010x}: is ipcd running "
                 "with this configuration (and new enough for --unique)?"
             ) from None
-        return Claim(table, unique, job_id, alive=_alive, finished=self._finished)
+        return Claim(table, unique, job_id, alive=alive, finished=self._finished)
 
     def _finished(self, job_id: str) -> float | None:
         """When the job's stored result was written, or None while none is stored."""

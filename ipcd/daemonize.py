@@ -25,6 +25,7 @@ import lockfile
 import lockfile.pidlockfile
 
 from ipcd.errors import AlreadyRunningError, IpcdError, NotRunningError, StartupError
+from ipcd.procs import alive
 from ipcd.signals import Flags
 
 READY = b"ok\n"
@@ -53,19 +54,13 @@ def running_pid(pid_file: Path) -> int | None:
 
 def _is_ipcd(pid: int) -> bool:
     """Alive and an ipcd, so that a PID reused by another program does not block a start."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not alive(pid):
         return False
-    except PermissionError:
-        pass
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, IndexError):
+    except OSError:
         return True  # alive; without /proc, assume it is ours
-    # A zombie has exited: its parent (here, init) just has not reaped it yet.
-    return state != "Z" and b"ipcd" in cmdline
+    return b"ipcd" in cmdline
 
 
 def claim_pid_file(pid_file: Path) -> None:

@@ -30,7 +30,7 @@ import struct
 import time
 from typing import NamedTuple
 
-from ipcd.shm import Lock, Segment
+from ipcd.shm import Lock, Segment, create_formatted
 
 MAGIC = b"IPCDINF\0"
 VERSION = 1
@@ -130,19 +130,28 @@ class InflightTable:
         the jobs it held (the caller parks them again at once).
         """
         lock = Lock.create(key, mode)
-        size = segment_size(workers, parked, text_size)
-        segment, created = Segment.create(key, mode, size, what="in-flight table")
         carried: list[Held] = []
-        if not created and cls.readable(segment.buf):
+
+        def keep(segment: Segment) -> bool:
+            """Same shape: keep it; another: note the jobs it holds, to park again."""
+            if not cls.readable(segment.buf):
+                return False
             old = cls(segment, lock)
             if (old.workers, old.parked, old.text_size) == (workers, parked, text_size):
-                return old, []
-            carried = [h for i in range(old.workers + old.parked) if (h := old.held(i))]
-        if not created:
-            segment.remove()
-            segment, _ = Segment.create(key, mode, size, what="in-flight table")
-        with lock.held(LOCK_TIMEOUT):
-            cls.format(segment.buf, workers, parked, text_size)
+                return True
+            carried.extend(h for i in range(old.workers + old.parked) if (h := old.held(i)))
+            return False
+
+        segment = create_formatted(
+            key,
+            mode,
+            segment_size(workers, parked, text_size),
+            keep=keep,
+            format=lambda new: cls.format(new.buf, workers, parked, text_size),
+            lock=lock,
+            lock_timeout=LOCK_TIMEOUT,
+            what="in-flight table",
+        )
         return cls(segment, lock), carried
 
     @classmethod

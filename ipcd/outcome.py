@@ -6,16 +6,16 @@ jobs, and they must do it the same way; this module is that one way.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, NamedTuple
 
-from ipcd import protocol, spill, unique
+from ipcd import protocol, spill, uniquerelease
 from ipcd.errors import IpcdError
 from ipcd.failed import FailedList
 from ipcd.inflight import InflightTable
 from ipcd.ipc import Queue
 from ipcd.log import Events, Logger
+from ipcd.procs import alive
 from ipcd.protocol import Job
 from ipcd.results import Kind, Result, Status, too_large
 from ipcd.resultstore import ResultStore
@@ -112,7 +112,7 @@ class Outcomes:
             result = self._spill(result) if self.store.spills else too_large(result, room + 64)
         stored = self._store(result)
         if job.unique is not None and self.unique is not None:
-            unique.release(self.unique, job, self.log)
+            uniquerelease.release(self.unique, job, self.log)
         if not result.ok and listed:
             self._list_failed(job, body, result.error)
         elif job.spill is not None:
@@ -203,20 +203,10 @@ class Outcomes:
             message = self.replies.receive_nowait(0)
             if message is None:
                 break
-            if _alive(message[1]):
+            if alive(message[1]):
                 kept.append(message)
             else:
                 dropped += 1
         for body, type_ in kept:
             self.replies.send_nowait(body, type_)
         self.log.info("reply.purged", dropped=dropped, kept=len(kept))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from ipcd import results
 from ipcd.errors import NotRunningError
 from ipcd.results import Header, Result
-from ipcd.shm import Gate, Lock, Segment
+from ipcd.shm import Gate, Lock, Segment, create_formatted
 
 if TYPE_CHECKING:
     from ipcd.spilltable import SpillTable
@@ -67,16 +67,22 @@ class ResultStore:
         one of another size or version is removed and made anew.
         """
         lock = Lock.create(key, mode)
-        segment, created = Segment.create(key, mode, size, what=what)
-        if not created and segment.size != size:
-            segment.remove()
-            segment, created = Segment.create(key, mode, size, what=what)
-        store = cls(segment, lock, None if gate_key is None else Gate.create(gate_key, mode))
-        with lock.held(LOCK_TIMEOUT):
+
+        def keep(segment: Segment) -> bool:
             header = results.read_header(segment.buf)
-            if created or header is None or header.slot_size != slot_size:
-                results.format_segment(segment.buf, slot_size)
-        return store
+            return segment.size == size and header is not None and header.slot_size == slot_size
+
+        segment = create_formatted(
+            key,
+            mode,
+            size,
+            keep=keep,
+            format=lambda new: results.format_segment(new.buf, slot_size),
+            lock=lock,
+            lock_timeout=LOCK_TIMEOUT,
+            what=what,
+        )
+        return cls(segment, lock, None if gate_key is None else Gate.create(gate_key, mode))
 
     def header(self) -> Header:
         header = results.read_header(self.segment.buf)

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from ipcd import identity, vetting
+from ipcd import identity, uniquerelease, vetting
 from ipcd import keys as keys_mod
 from ipcd import log as log_mod
 from ipcd import registry as registry_mod
-from ipcd import unique as unique_mod
 from ipcd.config import Config
 from ipcd.errors import ConfigError
 from ipcd.failed import FailedList
@@ -107,11 +106,11 @@ def prepare(config: Config, *, console: TextIO | None) -> Prepared:
 
 
 def _unique_table(key: int, mode: int, queue: Queue, table: InflightTable) -> UniqueTable:
-    """The unique-key table, without the keys of jobs that are gone (ipcd.unique), made
-    the one this daemon's outcomes release keys in."""
+    """The unique-key table, without the keys of jobs that are gone
+    (ipcd.uniquerelease), made the one this daemon's outcomes release keys in."""
     unique = UniqueTable.create(key, mode)
     log = log_mod.get_logger(role="master")
-    for entry, reason in unique_mod.sweep_lost(unique, queue=queue, inflight=table):
+    for entry, reason in uniquerelease.sweep_lost(unique, queue=queue, inflight=table):
         log.warning("unique.freed", unique=entry.key, job_id=entry.job_id, reason=reason)
     return unique
 

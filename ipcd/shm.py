@@ -158,6 +158,42 @@ def _madvise(address: int, size: int, advice: int) -> None:
     libc.madvise(address, size, advice)
 
 
+def create_formatted(
+    key: int,
+    mode: int,
+    size: int,
+    *,
+    keep: Callable[[Segment], bool],
+    format: Callable[[Segment], None],
+    lock: Lock | None,
+    lock_timeout: float = 5.0,
+    what: str,
+) -> Segment:
+    """The daemon's segment at ``key``: the one a previous daemon left when ``keep`` says
+    its contents still serve, else a freshly formatted one.
+
+    In order: create the segment, or open and vet the one there; if it is old and
+    ``keep(segment)`` (a look at its header, without the lock) says so, return it as it
+    is; if it is old and does not serve, remove it and make it anew, unless it has
+    ``size`` bytes already (then it is reused: a segment cannot be resized, but need not
+    be); then ``format(segment)`` holding ``lock``, so that no client reads a half-made
+    header.  ``format`` receives a segment of at least ``size`` bytes.
+    """
+    segment, created = Segment.create(key, mode, size, what=what)
+    if not created:
+        if keep(segment):
+            return segment
+        if segment.size != size:
+            segment.remove()
+            segment, _ = Segment.create(key, mode, size, what=what)
+    if lock is None:
+        format(segment)
+    else:
+        with lock.held(lock_timeout):
+            format(segment)
+    return segment
+
+
 def remove_id(shmid: int) -> bool:
     """IPC_RMID the segment with this id; False when it is gone or not ours to remove."""
     try:

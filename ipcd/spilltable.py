@@ -54,8 +54,9 @@ import time
 from typing import TYPE_CHECKING, NamedTuple
 
 from ipcd.errors import IpcdError, QueueFullError
+from ipcd.procs import alive
 from ipcd.results import Kind
-from ipcd.shm import Lock, Segment, remove_id
+from ipcd.shm import Lock, Segment, create_formatted, remove_id
 
 if TYPE_CHECKING:
     from ipcd.resultstore import ResultStore
@@ -173,25 +174,36 @@ class SpillTable:
         """Create the table, or keep the one a previous daemon left (its entries still
         name live segments); one of another size is rebuilt with its entries carried."""
         lock = Lock.create(key, mode)
-        segment, created = Segment.create(key, mode, segment_size(entries), what="spill table")
         carried: list[Entry] = []
-        if not created:
+
+        def keep(segment: Segment) -> bool:
             with contextlib.suppress(ValueError):
                 old = cls(segment, lock)
                 if old.count == entries:
-                    return old
-                carried = [e for e in old.entries() if e.state is not State.FREE]
-            segment.remove()
-            segment, _ = Segment.create(key, mode, segment_size(entries), what="spill table")
-        with lock.held(LOCK_TIMEOUT):
+                    return True
+                carried.extend(e for e in old.entries() if e.state is not State.FREE)
+            return False
+
+        def format(segment: Segment) -> None:
             segment.buf[:] = bytes(len(segment.buf))
             HEADER.pack_into(segment.buf, 0, MAGIC, VERSION, HEADER_SIZE, entries, ENTRY_SIZE)
             table = cls(segment, lock)
             for index, entry in enumerate(carried[:entries]):
                 table._write(entry._replace(slot=index))
+
+        segment = create_formatted(
+            key,
+            mode,
+            segment_size(entries),
+            keep=keep,
+            format=format,
+            lock=lock,
+            lock_timeout=LOCK_TIMEOUT,
+            what="spill table",
+        )
         for entry in carried[entries:]:  # no room: what they named cannot be kept
             remove_checked(entry.shmid, entry.job_id)
-        return table
+        return cls(segment, lock)
 
     @classmethod
     def open(cls, key: int) -> SpillTable:
@@ -405,7 +417,7 @@ class SpillTable:
             stack.enter_context(self.lock.held(LOCK_TIMEOUT))
             shm: list[list[str]] | None = None
             for entry in self.entries():
-                if entry.state is State.CLAIMING and not _alive(entry.pid):
+                if entry.state is State.CLAIMING and not alive(entry.pid):
                     if shm is None:
                         shm = _proc_shm()
                     for shmid in _orphans(shm, entry):
@@ -535,19 +547,3 @@ def _orphans(shm: list[list[str]], entry: Entry) -> set[int]:
         if shmid == entry.shmid or (nattch == 0 and ctime >= entry.claimed_at - CTIME_SLACK):
             found.add(shmid)
     return found
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return True

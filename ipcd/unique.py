@@ -1,11 +1,11 @@
 """The unique-key table: the keys of cron-safe jobs that are waiting or running.
 
 ``ipcctl submit --unique KEY`` claims KEY here before it sends its job, and the job's
-final outcome releases it (ipcd.outcome calls :func:`release`).  A submit that finds
-the key held queues nothing and exits 4 (ALREADY_QUEUED), so a cron line that fires
-again while the last run is still queued, delayed, waiting for a retry or running does
-not pile up work.  The client claims under the table's lock, so two submits started at
-the same instant cannot both queue.
+final outcome releases it (ipcd.outcome calls :func:`ipcd.uniquerelease.release`).  A
+submit that finds the key held queues nothing and exits 4 (ALREADY_QUEUED), so a cron
+line that fires again while the last run is still queued, delayed, waiting for a retry
+or running does not pile up work.  The client claims under the table's lock, so two
+submits started at the same instant cannot both queue.
 
 A key is held from the claim until the job's outcome is final: its result stored ok,
 or failed for good.  A retry, a delay or the death of the job's worker keeps it.  No
@@ -19,9 +19,9 @@ whether the holder is still real (:func:`stale_reason`), and takes the key over 
   lost (the worker died just after storing the result, or the envelope was rejected).
 
 The daemon, when it starts, also drops QUEUED entries whose job is neither in the job
-queue nor in the in-flight table (:func:`sweep_lost`: the queue was removed and made
-again), and entries of dead claimers.  When the daemon's objects are removed, the
-table is made anew and empty.
+queue nor in the in-flight table (:func:`ipcd.uniquerelease.sweep_lost`: the queue was
+removed and made again), and entries of dead claimers.  When the daemon's objects are
+removed, the table is made anew and empty.
 
 Layout (little-endian)::
 
@@ -46,15 +46,11 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import NamedTuple
 
 from ipcd.errors import AlreadyQueuedError, IpcdError, QueueFullError, UsageError
-from ipcd.protocol import MAX_UNIQUE, Job, unique_key_problem
-from ipcd.shm import Lock, Segment
-
-if TYPE_CHECKING:
-    from ipcd.inflight import InflightTable
-    from ipcd.ipc import Queue
+from ipcd.protocol import MAX_UNIQUE, unique_key_problem
+from ipcd.shm import Lock, Segment, create_formatted
 
 MAGIC = b"IPCDUNQ\0"
 VERSION = 1
@@ -125,15 +121,16 @@ class UniqueTable:
         """Create the table, or keep the one a previous daemon left (with its keys: the
         jobs holding them may still be queued).  One of another shape is made anew."""
         lock = Lock.create(key, mode)
-        size = segment_size(entries)
-        segment, created = Segment.create(key, mode, size, what="unique-key table")
-        if not created:
-            if cls.readable(segment.buf) and HEADER.unpack_from(segment.buf, 0)[3] == entries:
-                return cls(segment, lock)
-            segment.remove()
-            segment, _ = Segment.create(key, mode, size, what="unique-key table")
-        with lock.held(LOCK_TIMEOUT):
-            cls.format(segment.buf, entries)
+        segment = create_formatted(
+            key,
+            mode,
+            segment_size(entries),
+            keep=lambda old: cls.readable(old.buf) and HEADER.unpack_from(old.buf, 0)[3] == entries,
+            format=lambda new: cls.format(new.buf, entries),
+            lock=lock,
+            lock_timeout=LOCK_TIMEOUT,
+            what="unique-key table",
+        )
         return cls(segment, lock)
 
     @classmethod
@@ -368,70 +365,3 @@ class Claim:
         # entry stays CLAIMING under our PID, and our exit makes it stale.
         with contextlib.suppress(IpcdError):
             self.table.release(self.key, self.job_id)
-
-
-# --- the daemon's side ------------------------------------------------------------------
-
-
-class _Log(Protocol):
-    """The part of the daemon's logger used here (ipcd.log is not imported on the client
-    path, which this module is on)."""
-
-    def error(self, event: str, **fields: Any) -> Any: ...
-
-
-def release(table: UniqueTable, job: Job, log: _Log) -> None:
-    """The job's outcome is final (stored ok, or failed for good): free its unique key."""
-    if job.unique is None:
-        return
-    try:
-        table.release(job.unique, job.id)
-    except IpcdError as exc:
-        # Wedged or removed: the next submit of the key sees the stored result instead.
-        log.error("unique.release_failed", job_id=job.id, unique=job.unique, error=str(exc))
-
-
-def sweep_lost(
-    table: UniqueTable, *, queue: Queue, inflight: InflightTable
-) -> list[tuple[Entry, str]]:
-    """At daemon start, before any worker runs: free keys no live job or submitter holds.
-
-    Under the table's lock, an entry turns QUEUED only after its job was sent, so when
-    the job queue is empty, a QUEUED job that no in-flight slot holds (parked, or in a
-    worker's slot) is gone: the queue was removed and made again.  When the queue holds
-    messages, they cannot be read without taking them, and QUEUED entries stay.
-    """
-
-    def judge() -> Callable[[Entry], str | None]:
-        queue_empty = queue.stats().messages == 0
-        bodies = [
-            held.body
-            for index in range(inflight.workers + inflight.parked)
-            if (held := inflight.held(index)) is not None
-        ]
-
-        def lost(entry: Entry) -> str | None:
-            if entry.state is State.CLAIMING:
-                return None if _alive(entry.pid) else "its submitter died before sending it"
-            if not queue_empty:
-                return None
-            wanted = entry.job_id.encode("ascii", "replace")
-            if any(wanted in body for body in bodies):
-                return None
-            return "its job is neither queued nor in flight"
-
-        return lost
-
-    return table.sweep(judge)
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -6,15 +6,15 @@ import time
 
 import pytest
 
-from ipcd import stats
+from ipcd import stats, statslayout
 from ipcd.stats import Recorder
 
 
 def _segment(records: int = 3, handlers: tuple[tuple[str, int], ...] = ()) -> bytearray:
-    columns = stats.columns_for(len(handlers))
-    buf = bytearray(stats.segment_size(records, columns))
-    stats.format_segment(buf, records, columns, created=1000.0)
-    stats.register(buf, [("echo", 2), ("fail", 4), *handlers])
+    columns = statslayout.columns_for(len(handlers))
+    buf = bytearray(statslayout.segment_size(records, columns))
+    statslayout.format_segment(buf, records, columns, created=1000.0)
+    statslayout.register(buf, [("echo", 2), ("fail", 4), *handlers])
     return buf
 
 
@@ -27,10 +27,10 @@ def _totals(buf: bytearray) -> dict[str, stats.HandlerTotals]:
 def test_a_fresh_segment_names_no_handler_column_first() -> None:
     """Column 0 is "-" (jobs no handler ran); configured handlers follow in order."""
     buf = _segment()
-    assert stats.handler_names(buf) == [("-", 0), ("echo", 2), ("fail", 4)]
+    assert statslayout.handler_names(buf) == [("-", 0), ("echo", 2), ("fail", 4)]
     snap = stats.snapshot(buf)
     assert snap is not None and snap.created == 1000.0 and snap.finished == 0
-    assert snap.master == dict.fromkeys(stats.MASTER_COUNTERS, 0)
+    assert snap.master == dict.fromkeys(statslayout.MASTER_COUNTERS, 0)
 
 
 def test_records_are_added_up_by_handler_and_outcome() -> None:
@@ -50,7 +50,7 @@ def test_records_are_added_up_by_handler_and_outcome() -> None:
     assert totals["echo"].outcomes == {"ok": 4, "error": 0, "retried": 0, "rejected": 0}
     assert totals["fail"].outcomes == {"ok": 0, "error": 2, "retried": 1, "rejected": 0}
     assert totals["-"].outcomes == {"ok": 0, "error": 0, "retried": 0, "rejected": 1}
-    five = stats.BOUNDS.index(5.0)
+    five = statslayout.BOUNDS.index(5.0)
     assert totals["echo"].buckets[five] == 4 and sum(totals["echo"].buckets) == 4
     assert 8.0 <= totals["echo"].seconds < 20.0
     # The master cannot know how long a dead worker's job ran: it counts, it does not time.
@@ -59,10 +59,10 @@ def test_records_are_added_up_by_handler_and_outcome() -> None:
 
 def test_bucket_bounds_are_inclusive_upper_bounds() -> None:
     """A duration equal to a bound falls in that bound's bucket (Prometheus ``le``)."""
-    assert stats.bucket_index(stats.BOUNDS, 0.005) == stats.BOUNDS.index(0.005)
-    assert stats.bucket_index(stats.BOUNDS, 0.0051) == stats.BOUNDS.index(0.01)
-    assert stats.bucket_index(stats.BOUNDS, 0.0) == 0
-    assert stats.bucket_index(stats.BOUNDS, 31.0) == len(stats.BOUNDS)  # +Inf
+    assert statslayout.bucket_index(statslayout.BOUNDS, 0.005) == statslayout.BOUNDS.index(0.005)
+    assert statslayout.bucket_index(statslayout.BOUNDS, 0.0051) == statslayout.BOUNDS.index(0.01)
+    assert statslayout.bucket_index(statslayout.BOUNDS, 0.0) == 0
+    assert statslayout.bucket_index(statslayout.BOUNDS, 31.0) == len(statslayout.BOUNDS)  # +Inf
 
 
 def test_master_counters_are_counted_in_the_master_record() -> None:
@@ -95,16 +95,16 @@ def test_a_record_left_mid_update_is_healed_by_the_next_writer() -> None:
     """A writer killed mid-update leaves its sequence odd; the slot's next worker evens it,
     and a reader meanwhile gives up waiting and takes the record as it is."""
     buf = _segment()
-    header = stats.read_header(buf)
+    header = statslayout.read_header(buf)
     assert header is not None
     offset = header.record_offset(1)
-    stats.SEQ.pack_into(buf, offset, 7)  # as if a writer died between its two seq writes
+    statslayout.SEQ.pack_into(buf, offset, 7)  # as if a writer died between its two seq writes
     data = stats.read_record(buf, offset, header.record_size)
-    assert stats.SEQ.unpack_from(data)[0] == 7
+    assert statslayout.SEQ.unpack_from(data)[0] == 7
     recorder = Recorder(buf, 1)
-    assert stats.SEQ.unpack_from(buf, offset)[0] == 8
+    assert statslayout.SEQ.unpack_from(buf, offset)[0] == 8
     recorder.done("echo", True, time.monotonic())
-    assert stats.SEQ.unpack_from(buf, offset)[0] == 10  # even: consistent for readers
+    assert statslayout.SEQ.unpack_from(buf, offset)[0] == 10  # even: consistent for readers
     assert _totals(buf)["echo"].outcomes["ok"] == 1
 
 
@@ -113,8 +113,8 @@ def test_a_reload_appends_columns_and_never_relabels() -> None:
     when the new configuration lists the handlers in another order."""
     buf = _segment()
     Recorder(buf, 1).done("fail", False, time.monotonic())
-    assert stats.register(buf, [("new", 9), ("fail", 4), ("echo", 2)]) == []
-    assert stats.handler_names(buf) == [("-", 0), ("echo", 2), ("fail", 4), ("new", 9)]
+    assert statslayout.register(buf, [("new", 9), ("fail", 4), ("echo", 2)]) == []
+    assert statslayout.handler_names(buf) == [("-", 0), ("echo", 2), ("fail", 4), ("new", 9)]
     recorder = Recorder(buf, 2)
     recorder.done("new", True, time.monotonic())
     totals = _totals(buf)
@@ -126,10 +126,10 @@ def test_handlers_beyond_the_columns_count_as_no_handler() -> None:
     """When the table is full, register names what it left out, and their jobs count
     under "-" rather than under another handler's name."""
     buf = _segment()
-    header = stats.read_header(buf)
+    header = statslayout.read_header(buf)
     assert header is not None
     more = [(f"h{i}", 100 + i) for i in range(header.columns)]
-    left_out = stats.register(buf, more)
+    left_out = statslayout.register(buf, more)
     assert left_out == [name for name, _ in more[header.columns - 3 :]]
     Recorder(buf, 1).done(left_out[0], True, time.monotonic())
     assert _totals(buf)["-"].outcomes["ok"] == 1
@@ -138,10 +138,10 @@ def test_handlers_beyond_the_columns_count_as_no_handler() -> None:
 def test_foreign_buffers_are_not_read() -> None:
     """Another layout, a truncated segment or a newer version is no stats segment."""
     buf = _segment()
-    assert stats.read_header(bytes(64)) is None
-    assert stats.read_header(buf[:100]) is None
+    assert statslayout.read_header(bytes(64)) is None
+    assert statslayout.read_header(buf[:100]) is None
     newer = bytearray(buf)
     newer[8] = 2
-    assert stats.read_header(newer) is None and stats.snapshot(newer) is None
+    assert statslayout.read_header(newer) is None and stats.snapshot(newer) is None
     with pytest.raises(ValueError):
         Recorder(buf, 3)  # three records: 0 to 2

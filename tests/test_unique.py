@@ -42,8 +42,8 @@ from ipcd.unique import (
     State,
     UniqueTable,
     stale_reason,
-    sweep_lost,
 )
+from ipcd.uniquerelease import sweep_lost
 
 HANDLERS = (
     DEFAULT_HANDLERS

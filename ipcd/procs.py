@@ -1,0 +1,33 @@
+"""Whether a process is still there: the one check every table's staleness rule asks.
+
+Light on purpose (the standard library's ``os`` only): ``ipcctl submit`` asks it when it
+finds a unique key held, and that path must stay cheap.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def alive(pid: int) -> bool:
+    """The process ``pid`` exists and has not exited.
+
+    A zombie (state Z in /proc/PID/stat) counts as gone: it has exited, and its parent
+    (PID 1 on some machines, which reaps lazily) may take a while to collect it.  A
+    process we may not signal (another user's) is alive.  A PID of 0 or below names no
+    single process (kill(2) would signal a group) and is not alive.
+    """
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # someone else's process: it exists
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            # The command name (in parentheses) may hold spaces: the state follows the last ")".
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
