@@ -114,7 +114,11 @@ def test_failed_list_and_retry(instance: Instance) -> None:
         assert (again.returncode, again.stdout) == (0, f"{job_id}\n")
         waited = instance.ipcctl("result", job_id, "--wait", "--timeout", "10")
         assert waited.returncode == ExitCode.JOB_FAILED and "no disk" in waited.stderr
-        runs = [e for e in instance.log_events() if e.get("job_id") == job_id]
+        runs = [
+            e
+            for e in instance.log_events()
+            if e.get("job_id") == job_id and e["event"] == "job.done"
+        ]
         assert len(runs) == 2  # it ran twice, and failed twice
         unknown = instance.ipcctl("retry", "0000000000000000")
         assert unknown.returncode == ExitCode.NO_RESULT

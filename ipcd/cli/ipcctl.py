@@ -32,12 +32,13 @@ from ipcd.results import Kind, Result, require
 
 EPILOG = """exit status:
   0 success, 1 the job failed, 4 already queued (--unique: a job with that key waits or
-  runs; its id is on stderr; nothing was queued), 64 usage error, 65 bad payload,
-  66 no such result (logs: no log file), 69 daemon or queue not there (status, stats:
-  no daemon running; stats --prometheus exits 0 and prints ipcd_up 0), 73 cannot write
-  the --output file, 75 queue full (job not accepted), 77 permission denied,
-  70 internal error (a bug: please report), 78 bad configuration (logs: no [log] file
-  configured), 124 timed out waiting
+  runs; its id is on stderr unless -q; nothing was queued), 64 usage error, 65 bad
+  payload (invalid --json, over [jobs] max_payload), 66 no such result (logs: no log
+  file), 69 daemon or queue not there (status, stats: no daemon running; stats
+  --prometheus exits 0 and prints ipcd_up 0), 73 cannot write the --output file,
+  75 not accepted: queue full, or every parked, unique-key or spill slot taken,
+  77 permission denied, 70 internal error (a bug: please report), 78 bad configuration
+  (logs: no [log] file configured), 124 timed out waiting
 """
 
 
