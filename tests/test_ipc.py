@@ -12,7 +12,13 @@ import sysv_ipc
 from conftest import TEST_KEYS, Instance
 
 from ipcd import ipc, keys, vetting
-from ipcd.errors import ExitCode, PayloadError, QueueFullError, WaitTimeoutError
+from ipcd.errors import (
+    ExitCode,
+    NotRunningError,
+    PayloadError,
+    QueueFullError,
+    WaitTimeoutError,
+)
 from ipcd.ipc import Queue
 
 
@@ -141,3 +147,33 @@ def test_client_refuses_a_world_writable_queue(instance: Instance) -> None:
         assert squatter.current_messages == 0
     finally:
         squatter.remove()
+
+
+def test_spinning_receive_takes_a_message_sent_meanwhile(key: int) -> None:
+    """receive_spinning returns a reply another process sends while it polls."""
+    queue = Queue.create(key, 0o600)
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the sender
+        time.sleep(0.001)
+        Queue.open(key).send(b"reply", 7, timeout=1)
+        os._exit(0)
+    try:
+        got = queue.receive_spinning(7, 5.0)
+    finally:
+        os.waitpid(child, 0)
+    assert got == (b"reply", 7)
+
+
+def test_spinning_receive_gives_up_and_leaves_other_types(key: int) -> None:
+    """Nothing of the type within the spin: None, and a message of another type stays."""
+    queue = Queue.create(key, 0o600)
+    queue.send(b"someone else's", 8, timeout=1)
+    assert queue.receive_spinning(7, 0.01) is None
+    assert queue.receive_nowait(8) == (b"someone else's", 8)
+
+
+def test_spinning_on_a_removed_queue_says_so(key: int) -> None:
+    queue = Queue.create(key, 0o600)
+    queue.remove()
+    with pytest.raises(NotRunningError):
+        queue.receive_spinning(7, 0.01)
