@@ -36,7 +36,7 @@ from bench.measure import interleave, median, place
 from bench.memory import Memory, memory
 from bench.report import Row, Target
 from ipcd import vetting
-from ipcd.client import Client
+from ipcd.client import SPIN_SECONDS, Client
 
 MIB = 1 << 20
 BIG = 16 * MIB
@@ -88,7 +88,8 @@ class Bench:
             label = "" if placement == "unpinned" else f" on CPU {min(cpus)}"
             say(f"round trips, {placement}{label}")
             subjects: list[tuple[str, measure.Measure]] = [
-                ("raw", lambda: self.raw.round_trips(self.args.seconds))
+                ("raw", lambda: self.raw.round_trips(self.args.seconds)),
+                ("raw polling", lambda: self.raw.round_trips(self.args.seconds, SPIN_SECONDS)),
             ]
             for workers, daemon in self.daemons.items():
                 subjects.append((f"{workers}w", self._rt(daemon)))
@@ -103,6 +104,18 @@ class Bench:
                     f"{workers}w",
                     RT_TARGET,
                 )
+            # ipcd's client polls for its reply before it sleeps (ipcd.client.SPIN_SECONDS);
+            # the raw pair sleeps at once.  The same pair polling the same way:
+            self._ratio_row(
+                "round trip, Client.call, 1 worker (reference)",
+                placement,
+                "raw, polling as ipcd",
+                samples,
+                "raw polling",
+                "1w",
+                None,
+                note=f"the raw client polls {SPIN_SECONDS * 1e6:.0f} us before blocking, as ipcd's",
+            )
 
             say(f"fire-and-forget, {placement}{label}")
             subjects = [("raw", lambda: self.raw.one_way(self.args.seconds))]
