@@ -144,6 +144,10 @@ class Client:
             )
             if not self.queue.fits(len(body)):
                 body = None
+            elif len(body) > self.config.jobs.max_payload:  # a tiny limit; rare, so exact now
+                from ipcd.spill import within_max_payload
+
+                within_max_payload(payload, self.config.jobs.max_payload)
         if body is not None and unique is None:  # the common case, kept short
             self._queue_or_park(type_, body, job_id, delay, send_timeout)
             return job_id
@@ -328,17 +332,20 @@ class Client:
             job = job._replace(id=entry.job_id)
         body = protocol.reencode(job, attempt=1)
         timeout = self.config.ipc.send_timeout if send_timeout is None else send_timeout
+        if job.spill is not None:  # its payload is the queue's again, not the failed list's
+            from ipcd.spill import requeued
+            from ipcd.spilltable import State
+
+            requeued(self.keys.spill, job)
         try:
             with self._claim(job.unique, job.id):
                 self.store.clear(job.id)  # so that waiting for it waits for the new outcome
                 self.queue.send(body, entry.type, timeout=timeout)
         except BaseException:
             failed.add(entry.job_id, entry.type, entry.body, entry.attempts, entry.error)
+            if job.spill is not None:
+                requeued(self.keys.spill, job, State.FAILED)
             raise
-        if job.spill is not None:  # its payload is the queue's again, not the failed list's
-            from ipcd.spill import requeued
-
-            requeued(self.keys.spill, job)
         return job.id
 
     def _failed_list(self) -> FailedList:

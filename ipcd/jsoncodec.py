@@ -76,15 +76,20 @@ def object_decoder(parse_constant: Callable[[str], Any]) -> Callable[[str], Any]
     scan = _json.make_scanner(_ScannerContext(parse_constant))  # type: ignore[arg-type]
 
     def decode(text: str) -> Any:
+        start = len(text) - len(text.lstrip(_WHITESPACE))
         try:
-            value, end = scan(text, 0)
+            value, end = scan(text, start)
         except StopIteration as exc:
             raise ValueError(f"expecting a value at character {exc.value}") from None
-        if end != len(text) and text[end:].strip():
+        if end != len(text) and text[end:].strip(_WHITESPACE):
             raise ValueError(f"extra data at character {end}")
         return value
 
     return decode
+
+
+#: What JSON counts as whitespace around a value (not all of str.isspace()).
+_WHITESPACE = " \t\n\r"
 
 
 class _ScannerContext:

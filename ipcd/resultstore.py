@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ipcd import results
-from ipcd.errors import NotRunningError
+from ipcd.errors import IpcdError, NotRunningError
 from ipcd.results import Header, Result
 from ipcd.shm import Gate, Lock, Segment, create_formatted
 
@@ -153,8 +153,22 @@ class ResultStore:
         return results.iter_results(self.segment.buf, self.header())
 
     def clear(self, job_id: str) -> int:
+        """Forget ``job_id``'s results (``ipcctl retry``); a spilled one takes its segment
+        and spill-table entry with it, or the ring would never release them."""
         with self.lock.held(self.lock_timeout):
-            return results.clear_result(self.segment.buf, self.header(), job_id)
+            header = self.header()
+            spilled = [
+                r
+                for r in results.iter_results(self.segment.buf, header)
+                if r.job_id == job_id and r.spill is not None
+            ]
+            if spilled:
+                table = self.spills or _spill_table(self.segment.key)
+                for record in spilled:
+                    _release(table, record)
+                if table is not None and table is not self.spills:
+                    table.segment.close()
+            return results.clear_result(self.segment.buf, header, job_id)
 
     def all(self) -> list[Result]:
         with self.lock.held(self.lock_timeout):
@@ -167,6 +181,17 @@ class ResultStore:
 
     def close(self) -> None:
         self.segment.close()
+
+
+def _spill_table(results_key: int) -> SpillTable | None:
+    """The spill table next to a result segment, for a client (None when there is none)."""
+    from ipcd.keys import SPILL_KEY_OFFSET
+    from ipcd.spilltable import SpillTable
+
+    try:
+        return SpillTable.open((results_key + SPILL_KEY_OFFSET) & 0xFFFFFFFF)
+    except (IpcdError, ValueError):
+        return None
 
 
 def _release(table: SpillTable | None, record: Result) -> None:

@@ -105,14 +105,16 @@ class Segment:
         return cls(shm, 0, what="spill segment")
 
     @classmethod
-    def attach_id(cls, shmid: int, *, readonly: bool = False) -> Segment | None:
+    def attach_id(
+        cls, shmid: int, *, readonly: bool = False, whole: bool = False
+    ) -> Segment | None:
         """Attach the segment with this id; None when there is none (or it is not ours to
-        attach)."""
+        attach).  ``whole``: the caller is about to read all of it (not just a header)."""
         try:
             shm = sysv_ipc.attach(shmid, None, sysv_ipc.SHM_RDONLY if readonly else 0)
         except (sysv_ipc.ExistentialError, sysv_ipc.PermissionsError, ValueError, OSError):
             return None
-        if readonly and shm.size >= _POPULATE_FROM:
+        if whole and shm.size >= _POPULATE_FROM:
             # About to be read whole: map its pages with one call (MADV_POPULATE_READ,
             # Linux 5.14) rather than one fault per 4 KiB: 16 MiB read in 4 ms, not 11.
             _madvise(shm.address, shm.size, _MADV_POPULATE_READ)

@@ -66,12 +66,7 @@ def outgoing(
     if body is not None:
         yield body
         return
-    kind, raw = _as_data(payload)
-    limit = client.config.jobs.max_payload
-    if len(raw) > limit:
-        raise PayloadError(
-            f"payload of {len(raw)} bytes exceeds [jobs] max_payload ({limit} bytes)"
-        )
+    kind, raw = within_max_payload(payload, client.config.jobs.max_payload)
     table = SpillTable.open(client.keys.spill)
     owner = client.queue.info().uid  # the daemon's: its workers remove the segment
     index, shmid, _ = table.put(
@@ -88,6 +83,16 @@ def outgoing(
         table.discard(index, shmid)
         raise
     table.mark(index, State.QUEUED, shmid)
+
+
+def within_max_payload(payload: Payload, limit: int) -> tuple[str, bytes]:
+    """The payload's kind and bytes; PayloadError (exit 65) when it is over ``limit``."""
+    kind, raw = _as_data(payload)
+    if len(raw) > limit:
+        raise PayloadError(
+            f"payload of {len(raw)} bytes exceeds [jobs] max_payload ({limit} bytes)"
+        )
+    return kind, raw
 
 
 def _as_data(payload: Payload) -> tuple[str, bytes]:
@@ -142,6 +147,7 @@ def _bad(job: Job, reason: str) -> MessageError:
     exc = MessageError(f"spilled payload of job {job.id}: {reason}")
     exc.job_id = job.id
     exc.reply_to = job.reply_to
+    exc.unique = job.unique  # the rejection is final: its key must be released
     return exc
 
 
@@ -180,8 +186,13 @@ def spill_result(table: SpillTable, result: Result) -> tuple[Result, tuple[Entry
     return result._replace(data=b"", spill=Spilled(shmid, index, size)), evicted
 
 
-def requeued(key: int, job: Job) -> None:
-    """``ipcctl retry`` sent a failed spilled job again: its entry is QUEUED again."""
+def requeued(key: int, job: Job, state: State = State.QUEUED) -> None:
+    """``ipcctl retry`` sends a failed spilled job again: its entry is the queue's again
+    (QUEUED), or the failed list's (FAILED) when the send did not happen.
+
+    Marked before the send, not after: a job that fails again at once is marked FAILED
+    by its worker, and a later QUEUED would hide it from the failed list's share.
+    """
     if job.spill is None:
         return
     try:
@@ -189,7 +200,7 @@ def requeued(key: int, job: Job) -> None:
     except (IpcdError, ValueError):
         return
     try:
-        table.mark(job.spill.slot, State.QUEUED, job.spill.shmid)
+        table.mark(job.spill.slot, state, job.spill.shmid)
     except IpcdError:
         pass
     finally:
@@ -258,7 +269,7 @@ class _Gone(str):
 
 def _read(shmid: int, job_id: str, size: int, role: Role, kind: Kind) -> bytes | str:
     """The data of a verified segment, or why there is none (a _Gone when it is gone)."""
-    segment = Segment.attach_id(shmid, readonly=True)
+    segment = Segment.attach_id(shmid, readonly=True, whole=True)
     if segment is None:
         if not exists(shmid):
             return _Gone(f"segment {shmid} does not exist")

@@ -247,3 +247,9 @@ def test_permission_denied_is_77(shared_dir: Path) -> None:
         from conftest import remove_objects
 
         remove_objects(inst)
+
+
+def test_json_payload_may_have_whitespace_around_it(daemon: Instance) -> None:
+    """--json reads what json.loads reads: whitespace before and after the value."""
+    done = daemon.ipcctl("submit", "echo", ' \n{"a": [1, 2]}\t ', "--json", "--wait")
+    assert (done.returncode, done.stdout) == (0, '{"a": [1, 2]}\n')

@@ -26,6 +26,7 @@ from ipcd.ipc import Queue
 from ipcd.protocol import JSONValue
 from ipcd.shm import Segment
 from ipcd.spilltable import SpillTable, State
+from ipcd.unique import UniqueTable
 
 MIB = 1 << 20
 
@@ -182,7 +183,9 @@ def test_failed_list_keeps_a_spilled_payload_until_it_drops_the_job(instance: In
         assert instance.ipcctl("retry", failed.job_id).returncode == 0
         again = client.wait(failed.job_id, 30)
         assert not again.ok and again.finished > failed.finished
-        assert [e.shmid for e in _in_use(instance)] == [entry.shmid]  # the same segment
+        # The same segment, held by the failed list again (retry marks it the queue's
+        # before sending, so the worker's FAILED is not overwritten afterwards).
+        assert [(e.shmid, e.state) for e in _in_use(instance)] == [(entry.shmid, State.FAILED)]
         for n in range(2):
             assert not client.call("crash", f"small {n}", timeout=30).ok
         listed = json.loads(instance.ipcctl("failed", "--json").stdout)["failed"]
@@ -558,5 +561,55 @@ def test_status_and_stats_show_the_spill_table(instance: Instance) -> None:
         prom = instance.ipcctl("stats", "--prometheus").stdout.splitlines()
         assert "ipcd_spill_slots_used 1" in prom and f"ipcd_spill_bytes {MIB}" in prom
         assert "ipcd_spill_slots 64" in prom
+    finally:
+        _stop(instance)
+
+
+def test_a_rejected_spilled_job_releases_its_unique_key(instance: Instance) -> None:
+    """A spilled job whose segment is gone is rejected, and its --unique key is free again."""
+    client = _start(instance)
+    _stop(instance)
+    job_id = client.submit("digest", b"k" * MIB, unique="nightly")
+    (entry,) = _in_use(instance)
+    SpillTable.open(instance.keys.spill).release(entry.shmid, job_id, entry.slot)
+    assert instance.ipcd("start").returncode == 0
+    try:
+        rejected = client.wait(job_id, 30)
+        assert not rejected.ok and "does not exist" in rejected.error
+        # Freed by the rejection itself, not only seen stale by the next submit.
+        assert UniqueTable.open(instance.keys.unique).lookup("nightly") is None
+        again = instance.ipcctl("submit", "--unique", "nightly", "echo", "next")
+        assert again.returncode == 0, again.stderr
+    finally:
+        _stop(instance)
+
+
+def test_clearing_a_spilled_result_removes_its_segment(instance: Instance) -> None:
+    """ResultStore.clear (what ipcctl retry does first) takes a spilled result's segment
+    and entry with it: the ring would never release them afterwards."""
+    client = _start(instance)
+    try:
+        result = client.call("big", str(64 * 1024), timeout=30)
+        assert result.ok and len(result.data) == 64 * 1024
+        (entry,) = _in_use(instance)
+        assert entry.state is State.RESULT
+        assert client.store.clear(result.job_id) == 1
+        assert _in_use(instance) == []
+        assert not _segment_exists(entry.shmid)
+        assert client.result(result.job_id) is None
+    finally:
+        _stop(instance)
+
+
+def test_max_payload_holds_for_payloads_that_fit_a_message(instance: Instance) -> None:
+    """[jobs] max_payload is the largest payload, however it would travel: an argument
+    of 3000 bytes is refused (65) as stdin is, and nothing is queued."""
+    _start(instance, "\n[jobs]\nmax_payload = 1000\n")
+    try:
+        refused = instance.ipcctl("submit", "echo", "x" * 3000)
+        assert refused.returncode == ExitCode.DATA
+        assert "exceeds [jobs] max_payload (1000 bytes)" in refused.stderr
+        assert Queue.open(instance.keys.jobs).stats().messages == 0
+        assert instance.ipcctl("submit", "echo", "x" * 900, "--wait").stdout == "x" * 900 + "\n"
     finally:
         _stop(instance)
