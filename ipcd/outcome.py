@@ -111,12 +111,7 @@ class Outcomes:
             # Decided here, so the log says error (or the size of what was spilled).
             result = self._spill(result) if self.store.spills else too_large(result, room + 64)
         stored = self._store(result)
-        if job.unique is not None and self.unique is not None:
-            uniquerelease.release(self.unique, job, self.log)
-        if not result.ok and listed:
-            self._list_failed(job, body, result.error)
-        elif job.spill is not None:
-            spill.settle(self.store.spills, job)  # final: the payload's segment goes
+        self.conclude(job, result, body=body, listed=listed)
         if not logged:
             if job.reply_to is not None:
                 self.notify(job.reply_to, job.id)
@@ -124,6 +119,28 @@ class Outcomes:
         if not stored:
             fields["stored"] = False
         self.announce(job, result, body=body, handler=handler, started=started, **fields)
+
+    def conclude(self, job: Job, result: Result, *, body: bytes, listed: bool = True) -> None:
+        """What follows a stored outcome: the job's unique key freed, a failure put on the
+        failed list (which keeps a spilled payload), a success's spilled payload removed.
+
+        The master does it again for a worker that died after storing the result, so each
+        step tolerates having been done: a key or segment already freed is left alone, and
+        a job already on the failed list is not listed twice.
+        """
+        if job.unique is not None and self.unique is not None:
+            uniquerelease.release(self.unique, job, self.log)
+        if not result.ok and listed:
+            self._list_failed(job, body, result.error)
+        elif job.spill is not None:
+            spill.settle(self.store.spills, job)  # final: the payload's segment goes
+
+    def listed(self, job_id: str) -> bool:
+        """Whether the failed list holds ``job_id`` (False when it cannot be read)."""
+        try:
+            return any(entry.job_id == job_id for entry in self.failed.entries())
+        except IpcdError:
+            return False
 
     def announce(
         self,

@@ -41,7 +41,11 @@ class Recovery:
             job = job._replace(id=held.job_id)
         existing = self.p.store.get(job.id)
         if existing is not None and existing.finished >= held.started > 0:
-            # The worker stored the outcome and died before it said so: say it for it.
+            # The worker stored the outcome and died before it said so: finish what it
+            # left (key, failed list, payload segment) and say it for it.
+            self.outcomes.conclude(
+                job, existing, body=held.body, listed=not self.outcomes.listed(job.id)
+            )
             self.outcomes.announce(
                 job, existing, body=held.body, handler=self._handler_name(job),
                 started=started, recovered=True,

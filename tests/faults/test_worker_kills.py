@@ -111,3 +111,23 @@ def test_worker_killed_right_after_storing_a_result(instance: Instance) -> None:
     assert (outcome.ok, outcome.value(), outcome.attempt) == (True, "stored", 1)
     assert len(done) == 1
     assert waited < 2.0
+
+
+def test_worker_killed_right_after_storing_frees_the_unique_key(instance: Instance) -> None:
+    """The master finishes what such a worker left: the job's --unique key is free as
+    soon as the job is announced, not only once a later submit finds it stale."""
+    from ipcd.unique import UniqueTable
+
+    configure(
+        instance,
+        '[handlers.store_then_die]\ntype = 40\ntarget = "ipcd_test_plugins:store_then_die"\n',
+    )
+    start(instance)
+    client = Client(instance.config)
+    job_id = client.submit(
+        "store_then_die", str(instance.keys.results), notify=True, unique="stored-then-died"
+    )
+    outcome = client.wait_submitted(job_id, 10)
+    assert (outcome.ok, outcome.value()) == (True, "stored")
+    settled_events(instance, {job_id})
+    assert UniqueTable.open(instance.keys.unique).lookup("stored-then-died") is None
