@@ -171,6 +171,9 @@ class MessageError(IpcdError, ValueError):
     reply_to: int | None = None
     #: The envelope's unique key, when it could be read (to release it).
     unique: str | None = None
+    #: The envelope's spilled payload (an ipcd.protocol.SpillRef), when it could be read
+    #: (to remove its segment: a rejected job never runs, so nothing else would).
+    spill: object = None
 
 
 class RefusedPayloadError(MessageError):

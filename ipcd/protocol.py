@@ -11,6 +11,7 @@ evaluated.  docs/protocol.md is the contract; this module is its implementation.
 from __future__ import annotations
 
 import binascii
+import contextlib
 import functools
 import os
 import re
@@ -200,6 +201,9 @@ def _from_envelope(doc: dict[str, Any], type_: int) -> Job:
             exc.reply_to = reply  # so that a waiting submitter hears of the rejection
         if unique_key_problem(doc.get("unique")) is None:
             exc.unique = doc["unique"]  # so that the key is released
+        if exc.job_id is not None and exc.spill is None and "spill" in doc:
+            with contextlib.suppress(MessageError):
+                exc.spill = _spill_ref(doc["spill"], exc.job_id)  # so its segment goes
         raise
 
 

@@ -26,7 +26,7 @@ from ipcd.inflight import InflightTable
 from ipcd.ipc import Interrupted, Queue, TooBigError, msgmax
 from ipcd.log import Logger
 from ipcd.outcome import Outcomes, error_result, run_again
-from ipcd.protocol import Job
+from ipcd.protocol import Job, SpillRef
 from ipcd.registry import Registration, Registry
 from ipcd.results import Kind, Result, Status
 from ipcd.server import Prepared
@@ -247,6 +247,7 @@ class Worker:
                 submitted=time.time(),
                 reply_to=exc.reply_to,
                 unique=exc.unique,
+                spill=exc.spill if isinstance(exc.spill, SpillRef) else None,
             )
             self.outcomes.finish(
                 job,

@@ -613,3 +613,31 @@ def test_max_payload_holds_for_payloads_that_fit_a_message(instance: Instance) -
         assert instance.ipcctl("submit", "echo", "x" * 900, "--wait").stdout == "x" * 900 + "\n"
     finally:
         _stop(instance)
+
+
+def test_a_rejected_envelope_takes_its_spilled_payload_with_it(instance: Instance) -> None:
+    """An envelope that points to a spilled payload but fails validation never runs:
+    its segment and entry go with the rejection."""
+    from ipcd import spill
+
+    client = _start(instance)
+    try:
+        job_id = "badattempt000001"
+        with spill.outgoing(
+            client, b"z" * MIB, None, job_id=job_id, reply_to=None, timeout=None
+        ) as body:
+            doc = json.loads(body)
+            doc["attempt"] = 0  # out of range: the worker rejects the envelope
+            client.queue.send(json.dumps(doc).encode(), 5, timeout=2)
+        (entry,) = _in_use(instance)
+        rejected = instance.wait_events(
+            lambda e: e.get("event") == "job.rejected" and e.get("job_id") == job_id, 1
+        )
+        assert rejected and "'attempt'" in str(rejected[0]["error"])
+        deadline = time.monotonic() + 10
+        while _in_use(instance) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _in_use(instance) == []
+        assert not _segment_exists(entry.shmid)
+    finally:
+        _stop(instance)
