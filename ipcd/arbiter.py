@@ -343,7 +343,12 @@ class Arbiter:
 
     def _reload(self) -> None:
         p = self.p
-        p.sink.reopen()
+        try:
+            p.sink.reopen()
+        except OSError as exc:
+            # The old file stays open: events keep going to the rotated-away file rather
+            # than the daemon stopping over its log (a directory it may no longer write).
+            self.log.error("log.reopen_failed", file=str(p.sink.path), error=exc.strerror)
         try:
             fresh = config_mod.load(p.config.path)
             registry = registry_mod.build(fresh)

@@ -297,7 +297,8 @@ def worker_process(  # pragma: no cover - runs in the forked worker
         flags.install()
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the master reloads, not workers
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        prepared.sink.reopen()
+        with contextlib.suppress(OSError):  # else the master's descriptor serves on
+            prepared.sink.reopen()
         context = {"role": "worker", "worker_pid": os.getpid(), "slot": slot}
         log = log_mod.get_logger(**context)
         events = log_mod.Events(prepared.sink, prepared.config.log.level, **context)

@@ -243,3 +243,25 @@ def test_control_message_only_wakes(daemon: Instance) -> None:
         if e["event"] not in ("worker.started", "job.started")
     ]
     assert events == ["daemon.started", "job.done"]
+
+
+def test_reload_keeps_serving_when_the_log_cannot_be_reopened(instance: Instance) -> None:
+    """A reload whose log file cannot be opened again (its directory moved away) logs
+    log.reopen_failed to the file it has and goes on serving; it does not stop."""
+    logs = instance.dir / "logs"
+    logs.mkdir()
+    instance.config_path.write_text(
+        instance.config_path.read_text().replace('file = "ipcd.log"', 'file = "logs/ipcd.log"')
+    )
+    assert instance.ipcd("start").returncode == 0
+    moved = instance.dir / "logs.old"
+    logs.rename(moved)
+    assert instance.ipcd("reload").returncode == 0
+    done = instance.ipcctl("submit", "echo", "still here", "--wait", "--timeout", "10")
+    assert (done.returncode, done.stdout) == (0, "still here\n")
+    import json
+
+    events = [json.loads(line) for line in (moved / "ipcd.log").read_text().splitlines()]
+    assert any(e["event"] == "log.reopen_failed" for e in events)
+    assert any(e["event"] == "job.done" for e in events)
+    assert instance.ipcd("stop").returncode == 0
