@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 GATE_RECHECK = 0.25
 #: How long a waiting submitter polls the reply queue before it sleeps in msgrcv: a
 #: short job's reply comes within this, and a sleeping process's wake-up on a virtual
-#: machine costs as much as the job (ipc.spin_wait).  ``IPCD_SPIN_US`` overrides it
+#: machine costs as much as the job (waits.spin_wait).  ``IPCD_SPIN_US`` overrides it
 #: (0 turns polling off).
 SPIN_SECONDS = 0.001
 

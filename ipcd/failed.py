@@ -79,7 +79,7 @@ class FailedList:
         entry = _entry(record)
         if entry is None or b'"spill"' not in entry.body:
             return
-        from ipcd import protocol, spill, spilltable
+        from ipcd import protocol, spill, spillsegment
         from ipcd.errors import IpcdError, MessageError
 
         try:
@@ -88,7 +88,7 @@ class FailedList:
             return
         if job.spill is not None:
             if self.spills is None:
-                spilltable.remove_checked(job.spill.shmid, job.id)
+                spillsegment.remove_checked(job.spill.shmid, job.id)
                 return
             with contextlib.suppress(IpcdError):
                 spill.settle(self.spills, job)

@@ -1,10 +1,10 @@
-"""The kernel border, part one: message queues, and bounding every blocking call.
+"""The kernel border, part one: message queues.
 
-Three small modules own the kernel objects and are the only ones to import ``sysv_ipc``:
-this one (queues), ipcd.shm (the shared-memory segments and semaphores) and ipcd.vetting
-(checking, adopting and removing objects at ipcd's keys).  They turn sysv_ipc's
-exceptions into ipcd's and bound every blocking call (``msgrcv``, ``msgsnd`` on a full
-queue, ``semop``).
+Three small modules own the kernel objects and, with ipcd.waits (which bounds every
+blocking call: ``msgrcv``, ``msgsnd`` on a full queue, ``semop``), are the only ones to
+import ``sysv_ipc``: this one (queues), ipcd.shm (the shared-memory segments and
+semaphores) and ipcd.vetting (checking, adopting and removing objects at ipcd's keys).
+They turn sysv_ipc's exceptions into ipcd's.
 
 Receiving into shared memory: the daemon's workers call ``msgrcv(2)`` through ctypes with
 the destination buffer inside their in-flight slot (ipcd.inflight), so the kernel itself
@@ -13,24 +13,15 @@ kernel taking the message off the queue and the job being recorded, which is wha
 ipcd promise that a worker killed at any instant loses nothing (sysv_ipc only receives
 into a private bytes object).
 
-Bounding blocking calls: sysv_ipc's ``receive()`` and blocking ``send()`` take no timeout,
-and the PyPI wheel of sysv_ipc is built without ``semtimedop``.  A blocking call is
-bounded with a one-shot ``ITIMER_REAL`` whose SIGALRM interrupts the system call (Linux
-never restarts ``msgrcv``/``msgsnd``/``semop`` after a handler, see signal(7)); sysv_ipc
-then raises its base ``Error``.  Signals can only be handled in the main thread, so in
-any other thread the call falls back to non-blocking attempts with a capped back-off.
+Every blocking call here is bounded by ipcd.waits.
 """
 
 from __future__ import annotations
 
-import _signal
 import contextlib
 import errno
 import os
-import time
-from collections.abc import Callable
-from types import FrameType
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 import sysv_ipc
 
@@ -43,16 +34,17 @@ from ipcd.errors import (
     WaitTimeoutError,
 )
 from ipcd.keys import as_key_t
-from ipcd.vetting import ObjectInfo, check_safe, open_or_create, refuse_world_writable
-
-T = TypeVar("T")
+from ipcd.vetting import (
+    ObjectInfo,
+    check_safe,
+    open_existing,
+    open_or_create,
+    refuse_world_writable,
+)
+from ipcd.waits import Interrupted, bounded, spin_wait
 
 MSGMAX_PATH = "/proc/sys/kernel/msgmax"
 SYSVIPC_MSG = "/proc/sysvipc/msg"
-
-
-class Interrupted(IpcdError, InterruptedError):
-    """A blocking call was interrupted by a signal other than ipcd's own deadline."""
 
 
 class TooBigError(IpcdError, OSError):
@@ -122,104 +114,6 @@ class QueueStats(NamedTuple):
     last_receive_pid: int
 
 
-# --- bounding blocking calls -------------------------------------------------------------
-
-
-class _Alarm:
-    """A one-shot SIGALRM for bounding one system call; records whether it fired."""
-
-    fired = False
-
-    def _handler(self, signum: int, frame: FrameType | None) -> None:
-        self.fired = True
-
-
-def bounded(call: Callable[[bool], T], timeout: float | None) -> T:
-    """Run ``call(block)`` for at most ``timeout`` seconds; ``None`` waits forever.
-
-    ``call(False)`` must raise ``sysv_ipc.BusyError`` when it would block.  Raises
-    ``TimeoutError`` when the time runs out and :class:`Interrupted` for any other signal.
-    """
-    if timeout is None:
-        try:
-            return call(True)
-        except sysv_ipc.BusyError:
-            raise
-        except sysv_ipc.Error as exc:
-            if type(exc) is sysv_ipc.Error:
-                raise Interrupted(str(exc)) from None
-            raise
-    if timeout <= 0:
-        try:
-            return call(False)
-        except sysv_ipc.BusyError:
-            raise TimeoutError from None
-    try:
-        return call(False)  # the common case costs no timer
-    except sysv_ipc.BusyError:
-        pass
-    alarm = _Alarm()
-    started = time.monotonic()
-    # _signal, not signal: signal.signal's enum conversions cost ~7 us a call, twice per
-    # wait, and the client never imports the signal module (1.3 ms of its start-up).
-    try:
-        previous = _signal.signal(_signal.SIGALRM, alarm._handler)
-    except ValueError:  # not the main thread: no signal handlers here
-        return _bounded_by_backoff(call, timeout)
-    outer_delay, outer_interval = _signal.setitimer(_signal.ITIMER_REAL, timeout)
-    try:
-        return call(True)
-    except sysv_ipc.BusyError:  # pragma: no cover - blocking calls do not raise it
-        raise TimeoutError from None
-    except sysv_ipc.Error as exc:
-        if type(exc) is not sysv_ipc.Error:
-            raise
-        # The Python-level handler may not have run yet when sysv_ipc raises, so the
-        # clock, not only the flag, tells our alarm from another signal.
-        if alarm.fired or time.monotonic() - started >= timeout * 0.999:
-            raise TimeoutError from None
-        raise Interrupted(str(exc)) from None
-    finally:
-        _signal.setitimer(_signal.ITIMER_REAL, 0)
-        _signal.signal(_signal.SIGALRM, previous)
-        if outer_delay > 0:
-            # Someone else's timer (a test runner's, an application's) was running: give it
-            # back what is left of it, firing at once if it fell due meanwhile.
-            left = outer_delay - (time.monotonic() - started)
-            _signal.setitimer(_signal.ITIMER_REAL, max(left, 1e-6), outer_interval)
-
-
-def spin_wait(poll: Callable[[], T | None], seconds: float) -> T | None:
-    """Call ``poll`` until it returns something or ``seconds`` have passed, giving the CPU
-    away between calls.
-
-    Why: a process that blocks in msgrcv is put to sleep, and on a virtual machine waking
-    it (an IPI to a halted vCPU) costs more than the whole exchange it waits for.  When
-    the answer is due within microseconds, as a worker's reply is, polling for a moment
-    first halves a round trip.  sched_yield lets the peer run first when both share a CPU.
-    """
-    end = time.monotonic() + seconds
-    while True:
-        got = poll()
-        if got is not None or time.monotonic() >= end:
-            return got
-        os.sched_yield()
-
-
-def _bounded_by_backoff(call: Callable[[bool], T], timeout: float) -> T:
-    deadline = time.monotonic() + timeout
-    pause = 0.0005
-    while True:
-        try:
-            return call(False)
-        except sysv_ipc.BusyError:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError from None
-            time.sleep(min(pause, left))
-            pause = min(pause * 2, 0.05)
-
-
 # --- message queues -------------------------------------------------------------------------
 
 
@@ -235,17 +129,9 @@ class Queue:
     def open(cls, key: int, *, what: str = "queue") -> Queue:
         """Open an existing queue; a missing one means the daemon never ran here."""
         limit = msgmax()
-        try:
-            mq = sysv_ipc.MessageQueue(as_key_t(key), 0, max_message_size=limit)
-        except sysv_ipc.ExistentialError:
-            raise NotRunningError(
-                f"no {what} at key {key:#010x}: is ipcd running with this configuration?"
-            ) from None
-        except sysv_ipc.PermissionsError:
-            raise IpcPermissionError(
-                f"permission denied opening the {what} at key {key:#010x} "
-                "(are you in the daemon's group?)"
-            ) from None
+        mq = open_existing(
+            lambda: sysv_ipc.MessageQueue(as_key_t(key), 0, max_message_size=limit), what, key
+        )
         queue = cls(mq, key, limit)
         refuse_world_writable(queue.info(what))
         return queue

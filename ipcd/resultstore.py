@@ -200,6 +200,6 @@ def _release(table: SpillTable | None, record: Result) -> None:
     if table is not None:
         table.release(record.spill.shmid, record.job_id, record.spill.entry)
     else:
-        from ipcd.spilltable import remove_checked
+        from ipcd.spillsegment import remove_checked
 
         remove_checked(record.spill.shmid, record.job_id)

@@ -18,9 +18,9 @@ from typing import TypeVar
 import sysv_ipc
 
 from ipcd.errors import IpcPermissionError, NotRunningError, PayloadError, WaitTimeoutError
-from ipcd.ipc import bounded
 from ipcd.keys import as_key_t
-from ipcd.vetting import ObjectInfo, check_safe, open_or_create
+from ipcd.vetting import ObjectInfo, check_safe, open_existing, open_or_create
+from ipcd.waits import bounded
 
 _MADV_POPULATE_READ = 22
 _MADV_POPULATE_WRITE = 23
@@ -43,16 +43,7 @@ class Segment:
     @classmethod
     def open(cls, key: int, *, what: str) -> Segment:
         """Attach the segment at ``key``; ``what`` names it in errors ("failed list")."""
-        try:
-            shm = sysv_ipc.SharedMemory(as_key_t(key), 0)
-        except sysv_ipc.ExistentialError:
-            raise NotRunningError(
-                f"no {what} at key {key:#010x}: is ipcd running with this configuration?"
-            ) from None
-        except sysv_ipc.PermissionsError:
-            raise IpcPermissionError(
-                f"permission denied attaching the {what} at key {key:#010x}"
-            ) from None
+        shm = open_existing(lambda: sysv_ipc.SharedMemory(as_key_t(key), 0), what, key)
         return cls(shm, key, what=what)
 
     @classmethod
@@ -219,14 +210,7 @@ class _Semaphore:
 
     @classmethod
     def open(cls: type[_S], key: int) -> _S:
-        try:
-            return cls(sysv_ipc.Semaphore(as_key_t(key), 0), key)
-        except sysv_ipc.ExistentialError:
-            raise NotRunningError(f"no {cls.what} at key {key:#010x}: is ipcd running?") from None
-        except sysv_ipc.PermissionsError:
-            raise IpcPermissionError(
-                f"permission denied opening the {cls.what} at key {key:#010x}"
-            ) from None
+        return cls(open_existing(lambda: sysv_ipc.Semaphore(as_key_t(key), 0), cls.what, key), key)
 
     @classmethod
     def create(cls: type[_S], key: int, mode: int) -> _S:

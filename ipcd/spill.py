@@ -23,17 +23,8 @@ from ipcd.errors import IpcdError, MessageError, PayloadError, QueueFullError
 from ipcd.protocol import Job, Payload, SpillRef
 from ipcd.results import Kind, Result, Spilled, Status
 from ipcd.shm import Segment
-from ipcd.spilltable import (
-    ANOTHER_JOB,
-    DATA,
-    NOT_SPILL,
-    Entry,
-    Role,
-    SpillTable,
-    State,
-    exists,
-    mismatch,
-)
+from ipcd.spillsegment import ANOTHER_JOB, DATA, NOT_SPILL, Role, exists, mismatch
+from ipcd.spilltable import Entry, SpillTable, State
 
 if TYPE_CHECKING:
     from ipcd.client import Client

@@ -57,6 +57,7 @@ from ipcd.errors import IpcdError, QueueFullError
 from ipcd.procs import alive
 from ipcd.results import Kind
 from ipcd.shm import Lock, Segment, create_formatted, remove_id
+from ipcd.spillsegment import DATA, Role, exists, orphans, proc_shm, remove_checked, write
 
 if TYPE_CHECKING:
     from ipcd.resultstore import ResultStore
@@ -67,24 +68,12 @@ HEADER = struct.Struct("<8sIIII")
 HEADER_SIZE = 64
 ENTRY = struct.Struct("<IIdiIQ16s")
 ENTRY_SIZE = 48
-SEGMENT_MAGIC = b"IPCDSPD\0"
-SEGMENT = struct.Struct("<8sIIIIQ16s")
-#: Where a spill segment's data starts.
-DATA = 64
 LOCK_TIMEOUT = 5.0
-#: How long after claiming a dead creator's segment may have been made (clock skew).
-CTIME_SLACK = 1.0
-SYSVIPC_SHM = "/proc/sysvipc/shm"
 #: The eviction counters in the table header (zeros in a table made before them).
 COUNTERS = struct.Struct("<QQ")
 COUNTERS_OFFSET = 24
 
-assert ENTRY.size == ENTRY_SIZE and SEGMENT.size <= DATA
-
-
-#: What :func:`mismatch` says of a segment that is not (or no longer) the one expected.
-NOT_SPILL = "is not a spill segment"
-ANOTHER_JOB = "belongs to another job, not "
+assert ENTRY.size == ENTRY_SIZE
 
 
 class State(enum.IntEnum):
@@ -94,11 +83,6 @@ class State(enum.IntEnum):
     RESULT = 3
     #: A payload the failed list holds (its job failed for good).
     FAILED = 4
-
-
-class Role(enum.IntEnum):
-    PAYLOAD = 0
-    RESULT = 1
 
 
 class Entry(NamedTuple):
@@ -388,11 +372,7 @@ class SpillTable:
             shmid = segment.id
             self.record(index, shmid)
             try:
-                SEGMENT.pack_into(
-                    segment.buf, 0, SEGMENT_MAGIC, VERSION, role, kind, 0, len(data),
-                    job_id.encode("ascii")[:16],
-                )  # fmt: skip
-                segment.buf[DATA : DATA + len(data)] = data
+                write(segment, data, job_id=job_id, role=role, kind=kind)
                 segment.give_to(owner, self.gid if role is Role.RESULT else None)
             finally:
                 segment.close()
@@ -419,8 +399,8 @@ class SpillTable:
             for entry in self.entries():
                 if entry.state is State.CLAIMING and not alive(entry.pid):
                     if shm is None:
-                        shm = _proc_shm()
-                    for shmid in _orphans(shm, entry):
+                        shm = proc_shm()
+                    for shmid in orphans(shm, entry.pid, entry.shmid, entry.claimed_at):
                         segments += remove_id(shmid)
                 elif (
                     entry.state is State.RESULT
@@ -486,64 +466,3 @@ def usage(key: int) -> Usage | None:
         return table.usage()
     finally:
         table.segment.close()
-
-
-# --- segments ----------------------------------------------------------------------------
-
-
-def mismatch(segment: Segment, job_id: str, size: int | None, role: Role | None,
-              kind: Kind | None = None) -> str:  # fmt: skip
-    if segment.key != 0 or segment.size < DATA:
-        return NOT_SPILL
-    magic, version, s_role, s_kind, _, s_size, raw_id = SEGMENT.unpack_from(segment.buf, 0)
-    if magic != SEGMENT_MAGIC or version != VERSION:
-        return NOT_SPILL
-    if raw_id.rstrip(b"\0").decode("ascii", "replace") != job_id:
-        return ANOTHER_JOB
-    if size is not None and (s_size != size or segment.size < DATA + size):
-        return f"holds {s_size} bytes, not {size}"
-    if (role is not None and s_role != role) or (kind is not None and s_kind != kind):
-        return "holds another kind of data"
-    return ""
-
-
-def remove_checked(shmid: int, job_id: str) -> bool:
-    """Remove the segment if its header says it is this job's spill segment."""
-    if shmid < 0:
-        return False
-    segment = Segment.attach_id(shmid, readonly=True)
-    if segment is None:
-        return False
-    try:
-        if mismatch(segment, job_id, None, None):
-            return False
-    finally:
-        segment.close()
-    return remove_id(shmid)
-
-
-def exists(shmid: int) -> bool:
-    """Whether a segment with this id exists (whoever may attach it)."""
-    return any(int(f[1]) == shmid for f in _proc_shm())
-
-
-def _proc_shm() -> list[list[str]]:
-    try:
-        with open(SYSVIPC_SHM) as fh:
-            next(fh)
-            return [line.split() for line in fh]
-    except (OSError, StopIteration):
-        return []
-
-
-def _orphans(shm: list[list[str]], entry: Entry) -> set[int]:
-    """What a dead claimer made: its recorded segment, and any key-0 segment nobody has
-    attached that it created after claiming (it died before recording the id)."""
-    found: set[int] = set()
-    for f in shm:
-        key, shmid, cpid, nattch, ctime = int(f[0]), int(f[1]), int(f[4]), int(f[6]), int(f[13])
-        if key != 0 or cpid != entry.pid:
-            continue
-        if shmid == entry.shmid or (nattch == 0 and ctime >= entry.claimed_at - CTIME_SLACK):
-            found.add(shmid)
-    return found

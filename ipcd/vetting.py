@@ -15,7 +15,7 @@ from typing import NamedTuple, TypeVar
 
 import sysv_ipc
 
-from ipcd.errors import IpcPermissionError, UnsafeObjectError
+from ipcd.errors import IpcPermissionError, NotRunningError, UnsafeObjectError
 from ipcd.keys import as_key_t
 
 
@@ -30,6 +30,22 @@ class ObjectInfo(NamedTuple):
 
 
 _O = TypeVar("_O")
+
+
+def open_existing(attach: Callable[[], _O], what: str, key: int) -> _O:
+    """Open an object a client needs and the daemon makes: a missing one means the daemon
+    never ran with this configuration, a refused one that the caller is not in its group."""
+    try:
+        return attach()
+    except sysv_ipc.ExistentialError:
+        raise NotRunningError(
+            f"no {what} at key {key:#010x}: is ipcd running with this configuration?"
+        ) from None
+    except sysv_ipc.PermissionsError:
+        raise IpcPermissionError(
+            f"permission denied opening the {what} at key {key:#010x} "
+            "(are you in the daemon's group?)"
+        ) from None
 
 
 def open_or_create(open_existing: Callable[[int], _O], what: str, key: int) -> _O:

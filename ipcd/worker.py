@@ -23,7 +23,7 @@ from ipcd.config import CONTROL_TYPE, Config
 from ipcd.errors import MessageError, RefusedPayloadError
 from ipcd.handlers import HandlerError, HandlerResult, Retry
 from ipcd.inflight import InflightTable
-from ipcd.ipc import Interrupted, Queue, TooBigError, msgmax
+from ipcd.ipc import Queue, TooBigError, msgmax
 from ipcd.log import Logger
 from ipcd.outcome import Outcomes, error_result, run_again
 from ipcd.protocol import Job, SpillRef
@@ -31,6 +31,7 @@ from ipcd.registry import Registration, Registry
 from ipcd.results import Kind, Result, Status
 from ipcd.server import Prepared
 from ipcd.signals import Flags
+from ipcd.waits import Interrupted
 
 
 class Exit:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 
-from ipcd.cli import ipcctl, ipcd
+from ipcd.cli import ipcctl_args, ipcd
 
 PARSERS: dict[str, argparse.ArgumentParser] = {
-    "ipcctl": ipcctl.build_parser(),
+    "ipcctl": ipcctl_args.build_parser(),
     "ipcd": ipcd.build_parser(),
 }
 

@@ -208,7 +208,7 @@ def spill_segments() -> set[int]:
     header): the one kind of IPC_PRIVATE object ipcd makes, which a leak would leave."""
     import sysv_ipc
 
-    from ipcd.spilltable import SEGMENT_MAGIC
+    from ipcd.spillsegment import MAGIC as SEGMENT_MAGIC
 
     found = set()
     with open("/proc/sysvipc/shm") as fh:

@@ -11,7 +11,7 @@ import pytest
 import sysv_ipc
 from conftest import TEST_KEYS, Instance
 
-from ipcd import ipc, keys, vetting
+from ipcd import ipc, keys, vetting, waits
 from ipcd.errors import (
     ExitCode,
     NotRunningError,
@@ -86,7 +86,7 @@ def test_message_above_msgmax_is_a_payload_error(key: int) -> None:
 
 
 def test_interrupting_signal_raises_interrupted(key: int) -> None:
-    """A signal during an unbounded receive surfaces as ipc.Interrupted, not a raw error."""
+    """A signal during an unbounded receive surfaces as waits.Interrupted, not a raw error."""
     import signal
 
     queue = Queue.create(key, 0o600)
@@ -98,7 +98,7 @@ def test_interrupting_signal_raises_interrupted(key: int) -> None:
             time.sleep(0.2)
             os.kill(os.getppid(), signal.SIGUSR1)
             os._exit(0)
-        with pytest.raises(ipc.Interrupted):
+        with pytest.raises(waits.Interrupted):
             queue.receive(0)
         os.waitpid(pid, 0)
     finally:

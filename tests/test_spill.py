@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import IPCCTL, TESTS, Instance, spill_segments
 
-from ipcd import spill, spilltable
+from ipcd import spill, spillsegment, spilltable
 from ipcd.client import Client
 from ipcd.errors import ExitCode, QueueFullError
 from ipcd.ipc import Queue
@@ -290,9 +290,9 @@ def test_sweeper_removes_a_dead_clients_segment(instance: Instance, recorded: bo
         if pid == 0:  # pragma: no cover - the doomed client
             table = SpillTable.open(keys.spill)
             index = table.claim(
-                "doomed", MIB, role=spilltable.Role.PAYLOAD, refused="not accepted"
+                "doomed", MIB, role=spillsegment.Role.PAYLOAD, refused="not accepted"
             ).slot
-            segment = Segment.create_private(spilltable.DATA + MIB, 0o600)
+            segment = Segment.create_private(spillsegment.DATA + MIB, 0o600)
             if recorded:
                 table.record(index, segment.id)
             segment.close()
@@ -533,7 +533,7 @@ def test_a_result_refused_for_room_says_so(instance: Instance) -> None:
     try:
         table.max_result = MIB
         for n in range(2):
-            table.claim(f"payload{n}", MIB, role=spilltable.Role.PAYLOAD, refused="not accepted")
+            table.claim(f"payload{n}", MIB, role=spillsegment.Role.PAYLOAD, refused="not accepted")
         result = Result("job1", 2, Status.OK, Kind.BYTES, b"r" * 5000)
         stored, evicted = spill.spill_result(table, result)
         assert (stored.status, evicted) == (Status.ERROR, ())
@@ -541,7 +541,10 @@ def test_a_result_refused_for_room_says_so(instance: Instance) -> None:
         assert "was not accepted" not in stored.error
         with pytest.raises(QueueFullError, match="the large job was not accepted"):
             table.claim(
-                "job2", MIB, role=spilltable.Role.PAYLOAD, refused="the large job was not accepted"
+                "job2",
+                MIB,
+                role=spillsegment.Role.PAYLOAD,
+                refused="the large job was not accepted",
             )
     finally:
         table.segment.close()

@@ -9,12 +9,11 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from ipcd import config as config_mod
-from ipcd.cli import parser as cli_parser
 from ipcd.cli import run
+from ipcd.cli.ipcctl_args import build_parser, command_in
 from ipcd.client import Client
 from ipcd.config import Config
 from ipcd.errors import (
@@ -27,227 +26,12 @@ from ipcd.errors import (
     PayloadError,
     WaitTimeoutError,
 )
-from ipcd.protocol import Payload, is_job_id, payload_from_json
+from ipcd.protocol import Payload, payload_from_json
 from ipcd.results import Kind, Result, require
-
-EPILOG = """exit status:
-  0 success, 1 the job failed, 4 already queued (--unique: a job with that key waits or
-  runs; its id is on stderr unless -q; nothing was queued), 64 usage error, 65 bad
-  payload (invalid --json, over [jobs] max_payload), 66 no such result (logs: no log
-  file), 69 daemon or queue not there (status, stats: no daemon running; stats
-  --prometheus exits 0 and prints ipcd_up 0), 73 cannot write the --output file,
-  75 not accepted: queue full, or every parked, unique-key or spill slot taken,
-  77 permission denied, 70 internal error (a bug: please report), 78 bad configuration
-  (logs: no [log] file configured), 124 timed out waiting
-"""
-
-
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The whole parser, or with ``only`` a parser that knows just that subcommand: a
-    cron job's ``ipcctl submit`` should not pay for building the other eight (a few
-    milliseconds of argparse objects and translations)."""
-    parser, sub = cli_parser("ipcctl", "Submit jobs to ipcd and read their results.", EPILOG)
-    for name, (help_text, fill) in _COMMANDS.items():
-        if only is None or name == only:
-            fill(sub.add_parser(name, help=help_text))
-    return parser
-
-
-def _command_in(argv: list[str]) -> str | None:
-    """The subcommand ``argv`` names, if it names one before anything unexpected."""
-    args = iter(argv)
-    for arg in args:
-        if arg in ("-c", "--config"):
-            next(args, None)
-        elif arg in _COMMANDS:
-            return arg
-        elif not (arg.startswith("--config=") or (arg.startswith("-c") and len(arg) > 2)):
-            return None
-    return None
-
-
-def _submit_options(submit: argparse.ArgumentParser) -> None:
-    submit.add_argument("type", help="handler name or message type number")
-    submit.add_argument("payload", nargs="?", help="the payload text; - reads stdin")
-    submit.add_argument("--json", action="store_true", help="parse the payload as JSON")
-    _wait_options(submit)
-    submit.add_argument(
-        "--timeout-job",
-        type=_positive_seconds,
-        metavar="S",
-        help="kill the job if it runs longer than S seconds (default: the handler's timeout)",
-    )
-    submit.add_argument(
-        "--delay",
-        type=_positive_seconds,
-        metavar="S",
-        help="run the job no earlier than S seconds from now",
-    )
-    submit.add_argument(
-        "--unique",
-        metavar="KEY",
-        help="queue nothing (exit 4) while a job with this key waits or runs (cron-safe)",
-    )
-    submit.add_argument(
-        "-q",
-        "--quiet",
-        action="store_true",
-        help="no stderr line when --unique finds the job already queued (exit 4 still)",
-    )
-    submit.add_argument(
-        "--send-timeout",
-        type=_seconds,
-        metavar="S",
-        help="how long to wait while the queue is full (default: [ipc] send_timeout)",
-    )
-
-
-def _result_options(result: argparse.ArgumentParser) -> None:
-    _job_id_argument(result)
-    _wait_options(result)
-    result.add_argument("--json", action="store_true", help="print the whole result as JSON")
-    result.add_argument(
-        "--log",
-        action="store_true",
-        help="then print the job's log events (also when it failed or has no result)",
-    )
-    _color_option(result)
-
-
-def _status_options(status: argparse.ArgumentParser) -> None:
-    status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.add_argument(
-        "--watch",
-        type=_positive_seconds,
-        nargs="?",
-        const=1.0,
-        metavar="S",
-        help="refresh every S seconds (default 1) until Ctrl-C, like top",
-    )
-
-
-def _stats_options(stats: argparse.ArgumentParser) -> None:
-    form = stats.add_mutually_exclusive_group()
-    form.add_argument("--json", action="store_true", help="one JSON document")
-    form.add_argument(
-        "--prometheus", action="store_true", help="the Prometheus text format; exits 0 when down"
-    )
-    stats.add_argument(
-        "-o",
-        "--output",
-        metavar="FILE",
-        help="write to FILE atomically (a temporary file renamed into place)",
-    )
-
-
-def _json_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="one JSON document")
-
-
-def _job_id_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("job_id", type=_job_id)
-
-
-def _no_options(parser: argparse.ArgumentParser) -> None:
-    pass
-
-
-def _logs_options(logs: argparse.ArgumentParser) -> None:
-    logs.add_argument(
-        "-f",
-        "--follow",
-        action="store_true",
-        help="keep printing new events, across log rotations (like tail -F); Ctrl-C stops",
-    )
-    logs.add_argument(
-        "-n",
-        "--lines",
-        metavar="N",
-        help="only the last N matching events, or 'all' (default: all; 10 with -f)",
-    )
-    logs.add_argument(
-        "--job",
-        action="append",
-        type=_job_id,
-        metavar="ID",
-        help="only this job's events (repeat for several)",
-    )
-    logs.add_argument(
-        "--type",
-        action="append",
-        metavar="T",
-        help="only events of this handler or type number (repeatable)",
-    )
-    logs.add_argument(
-        "--level", metavar="L", help="only L and above (debug, info, warning, error, critical)"
-    )
-    logs.add_argument(
-        "--since", metavar="TIME", help="only events since TIME: 30s, 10m, 2h, 1d or ISO-8601"
-    )
-    logs.add_argument(
-        "--json", action="store_true", help="print the matching log lines as they are, for jq"
-    )
-    _color_option(logs)
-
-
-#: Every subcommand: its line in ``ipcctl --help``, and what adds its arguments.
-_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
-    "submit": ("queue a job; prints its id (or its output with --wait)", _submit_options),
-    "result": ("print a job's result", _result_options),
-    "status": ("queue depth, result segment use, daemon, workers", _status_options),
-    "stats": ("job counters and gauges (--prometheus for node_exporter)", _stats_options),
-    "failed": ("list jobs that failed for good, and why", _json_option),
-    "retry": ("put a job from the failed list back on the queue", _job_id_argument),
-    "key": ("print the IPC keys and how they are derived", _no_options),
-    "logs": ("print ipcd's event log ([log] file) readably", _logs_options),
-}
-
-
-def _color_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--color",
-        choices=("auto", "always", "never"),
-        default="auto",
-        help="colour the log events (default auto: on a terminal, unless NO_COLOR or TERM=dumb)",
-    )
-
-
-def _wait_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--wait", action="store_true", help="wait for the result and print it")
-    parser.add_argument(
-        "--timeout", type=_seconds, default=30.0, metavar="S", help="with --wait (default 30)"
-    )
-
-
-def _job_id(text: str) -> str:
-    """A job id as ipcd makes and accepts them: anything else is a typo (exit 64), not a
-    job whose result is gone (66)."""
-    if not is_job_id(text):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a job id (1 to 16 characters of 0-9, A-Z, a-z, _, . and -)"
-        )
-    return text
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("seconds must not be negative")
-    return value
-
-
-def _positive_seconds(text: str) -> float:
-    value = _seconds(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("seconds must be more than 0")
-    return value
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser(_command_in(argv)).parse_args(argv)
+    args = build_parser(command_in(argv)).parse_args(argv)
     config = config_mod.load(config_mod.locate(args.config))
     if args.command == "logs":
         return _logs(config, args)
