@@ -29,51 +29,28 @@ import select
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from types import FrameType
 
 from ipcd import config as config_mod
 from ipcd import log as log_mod
 from ipcd import registry as registry_mod
+from ipcd import reloading
 from ipcd import stats as stats_mod
 from ipcd.errors import IpcdError
 from ipcd.inflight import State
 from ipcd.outcome import Outcomes
+from ipcd.pool import MAX_BACKOFF, MIN_BACKOFF, Pool, WorkerInfo
 from ipcd.recovery import DAEMON_KILLED, Recovery
 from ipcd.server import Prepared
 from ipcd.signals import Flags
 from ipcd.worker import Exit, describe_exit, signal_worker, worker_process
 
-#: Back-off bounds for respawning workers that die soon after they start.
-MIN_BACKOFF, MAX_BACKOFF = 0.1, 30.0
 #: A worker that lived shorter than this "died young".
 YOUNG = 1.0
 #: How often the master looks around even when nothing woke it.
 TICK = 1.0
 #: How often the master sweeps the spill table for segments of dead makers.
 SPILL_SWEEP = 3.0
-
-
-@dataclass
-class WorkerInfo:
-    pid: int
-    slot: int
-    generation: int
-    spawned: float
-    retiring: bool = False
-    kill_reason: str | None = None
-
-
-@dataclass
-class Pool:
-    """The master's view of its workers (pid -> info) and their free slots."""
-
-    workers: dict[int, WorkerInfo] = field(default_factory=dict)
-    free_slots: list[int] = field(default_factory=list)
-    generation: int = 0
-    backoff: float = MIN_BACKOFF
-    next_spawn: float = 0.0
-    restarts: int = 0
 
 
 class Arbiter:
@@ -355,24 +332,7 @@ class Arbiter:
         except IpcdError as exc:
             self.log.error("daemon.reload_failed", error=str(exc), config=str(p.config.path))
             return
-        restart_needed = [
-            name
-            for name, old, new in (
-                ("ipc", p.config.ipc, fresh.ipc),
-                ("results", p.config.results, fresh.results),
-                ("log", p.config.log, fresh.log),
-                ("daemon.pid_file", p.config.daemon.pid_file, fresh.daemon.pid_file),
-                ("daemon.workdir", p.config.daemon.workdir, fresh.daemon.workdir),
-                ("daemon.umask", p.config.daemon.umask, fresh.daemon.umask),
-                ("jobs.failed_size", p.config.jobs.failed_size, fresh.jobs.failed_size),
-                ("jobs.parked", p.config.jobs.parked, fresh.jobs.parked),
-                ("jobs.spill_slots", p.config.jobs.spill_slots, fresh.jobs.spill_slots),
-            )
-            if old != new
-        ]
-        if fresh.daemon.workers > p.table.workers // 2:
-            restart_needed.append("daemon.workers")
-            fresh = fresh._replace(daemon=fresh.daemon._replace(workers=p.config.daemon.workers))
+        fresh, restart_needed = reloading.apply(p.config, fresh, max_workers=p.table.workers // 2)
         p.config, p.registry = fresh, registry
         self._count_reload(registry)
         old = [w for w in self.pool.workers.values() if not w.retiring]
@@ -386,7 +346,7 @@ class Arbiter:
             "daemon.reloaded",
             handlers={r.name: r.type for r in registry.by_type.values()},
             replaced=len(old),
-            restart_needed=restart_needed or None,
+            restart_needed=list(restart_needed) or None,
         )
 
     def _count_reload(self, registry: registry_mod.Registry) -> None:

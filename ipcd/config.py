@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ipcd.errors import ConfigError, UsageError
+from ipcd.tomlreader import TableReader
 
 DEFAULT_PATH = Path("/etc/ipcd/ipcd.toml")
 ENV_VAR = "IPCD_CONFIG"
@@ -177,7 +178,7 @@ def load(path: str | os.PathLike[str]) -> Config:
 
 def parse(raw: Mapping[str, Any], path: Path) -> Config:
     """Validate an already-parsed TOML document; ``path`` anchors relative paths."""
-    reader = _Reader(path)
+    reader = TableReader(path)
     reader.allow(raw, "", {"ipc", "daemon", "log", "results", "jobs", "exec", "handlers"})
     base = path.parent.absolute()
 
@@ -291,7 +292,7 @@ def parse(raw: Mapping[str, Any], path: Path) -> Config:
     )
 
 
-def _handlers(reader: _Reader, table: Mapping[str, Any]) -> tuple[HandlerConfig, ...]:
+def _handlers(reader: TableReader, table: Mapping[str, Any]) -> tuple[HandlerConfig, ...]:
     handlers: list[HandlerConfig] = []
     seen: dict[int, str] = {}
     for name, entry in table.items():
@@ -332,7 +333,7 @@ def _handlers(reader: _Reader, table: Mapping[str, Any]) -> tuple[HandlerConfig,
     return tuple(handlers)
 
 
-def _exec(reader: _Reader, table: Mapping[str, Any]) -> ExecConfig:
+def _exec(reader: TableReader, table: Mapping[str, Any]) -> ExecConfig:
     reader.allow(table, "exec", {"enabled", "commands", "allow_args", "timeout", "max_output"})
     commands: dict[str, tuple[str, ...]] = {}
     for name, argv in reader.table(table, "commands").items():
@@ -359,59 +360,3 @@ def _exec(reader: _Reader, table: Mapping[str, Any]) -> ExecConfig:
 def _resolve(base: Path, value: str) -> Path:
     path = Path(value).expanduser()
     return path if path.is_absolute() else base / path
-
-
-class _Reader:
-    """Typed access to the TOML document with errors that name the file and the key."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def error(self, message: str) -> ConfigError:
-        return ConfigError(f"{self.path}: {message}")
-
-    def table(self, raw: Mapping[str, Any], name: str) -> Mapping[str, Any]:
-        value = raw.get(name, {})
-        if not isinstance(value, Mapping):
-            raise self.error(f"[{name}] must be a table")
-        return value
-
-    def allow(self, table: Mapping[str, Any], where: str, keys: set[str]) -> None:
-        unknown = sorted(set(table) - keys)
-        if unknown:
-            prefix = f"{where}." if where else ""
-            raise self.error(f"unknown setting {prefix}{unknown[0]}")
-
-    def get(self, table: Mapping[str, Any], dotted: str, kind: type, default: Any) -> Any:
-        key = dotted.rsplit(".", 1)[-1]
-        if key not in table:
-            return default
-        value = table[key]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise self.error(f"{dotted} must be {kind.__name__}, not {type(value).__name__}")
-        return value
-
-    def optional(self, table: Mapping[str, Any], dotted: str, kind: type) -> Any:
-        return self.get(table, dotted, kind, None)
-
-    def bounded(
-        self, table: Mapping[str, Any], dotted: str, default: Any, low: int, high: int
-    ) -> Any:
-        value = self.get(table, dotted, int, default)
-        if value is not None and not low <= value <= high:
-            raise self.error(f"{dotted} must be between {low} and {high}")
-        return value
-
-    def non_negative(self, table: Mapping[str, Any], dotted: str, default: float) -> float:
-        value: float = self.get(table, dotted, float, default)
-        if not 0 <= value < math.inf:
-            raise self.error(f"{dotted} must be zero or a positive number of seconds")
-        return value
-
-    def positive(self, table: Mapping[str, Any], dotted: str, default: float) -> float:
-        value: float = self.get(table, dotted, float, default)
-        if not 0 < value < math.inf:
-            raise self.error(f"{dotted} must be a positive number of seconds")
-        return value

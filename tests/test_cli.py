@@ -253,3 +253,10 @@ def test_json_payload_may_have_whitespace_around_it(daemon: Instance) -> None:
     """--json reads what json.loads reads: whitespace before and after the value."""
     done = daemon.ipcctl("submit", "echo", ' \n{"a": [1, 2]}\t ', "--json", "--wait")
     assert (done.returncode, done.stdout) == (0, '{"a": [1, 2]}\n')
+
+
+def test_waiting_without_the_reply_poll(daemon: Instance, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With IPCD_SPIN_US=0 a waiting submitter sleeps in msgrcv at once, and still wakes."""
+    monkeypatch.setenv("IPCD_SPIN_US", "0")
+    done = daemon.ipcctl("submit", "echo", "slept", "--wait")
+    assert (done.returncode, done.stdout) == (0, "slept\n")

@@ -177,3 +177,17 @@ def test_spinning_on_a_removed_queue_says_so(key: int) -> None:
     queue.remove()
     with pytest.raises(NotRunningError):
         queue.receive_spinning(7, 0.01)
+
+
+def test_ipcd_spin_us_sets_or_turns_off_the_reply_poll(monkeypatch: pytest.MonkeyPatch) -> None:
+    """IPCD_SPIN_US sets how long a waiting client polls; 0 turns it off; junk is ignored."""
+    from ipcd import client
+
+    monkeypatch.delenv("IPCD_SPIN_US", raising=False)
+    assert client._spin_seconds() == client.SPIN_SECONDS
+    monkeypatch.setenv("IPCD_SPIN_US", "250")
+    assert client._spin_seconds() == 0.00025
+    monkeypatch.setenv("IPCD_SPIN_US", "0")
+    assert client._spin_seconds() == 0
+    monkeypatch.setenv("IPCD_SPIN_US", "soon")
+    assert client._spin_seconds() == client.SPIN_SECONDS
