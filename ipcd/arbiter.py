@@ -43,6 +43,7 @@ from ipcd.pool import MAX_BACKOFF, MIN_BACKOFF, Pool, WorkerInfo
 from ipcd.recovery import DAEMON_KILLED, Recovery
 from ipcd.server import Prepared
 from ipcd.signals import Flags
+from ipcd.spillsweep import Sweeper
 from ipcd.worker import Exit, describe_exit, signal_worker, worker_process
 
 #: A worker that lived shorter than this "died young".
@@ -72,6 +73,7 @@ class Arbiter:
         self.recovery = Recovery(prepared, self.outcomes, self.log)
         self.started = time.time()
         self._next_sweep = 0.0
+        self.spill_sweeper = Sweeper(prepared.spills)
         self.master_pid = os.getpid()
         self._wake_r, self._wake_w = os.pipe()
         self._notify_r, self._notify_w = os.pipe()
@@ -144,7 +146,7 @@ class Arbiter:
             return
         self._next_sweep = now + SPILL_SWEEP
         try:
-            swept = self.p.spills.sweep(self.p.store if at_start else None)
+            swept = self.spill_sweeper.sweep(self.p.store if at_start else None)
         except IpcdError as exc:
             self.log.error("spill.sweep_failed", error=str(exc))
             return

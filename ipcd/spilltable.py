@@ -23,10 +23,8 @@ a result's claim also evicts the oldest results while those kept would exceed
 result.  The failed list holds at most half the entries (FAILED): beyond that a failed
 job's payload goes at once and its failed entry says so.
 
-The master sweeps entries left CLAIMING by a dead process: it removes the recorded
-segment and also any key-0 segment that process created since it claimed (it died
-between shmget and recording the id), then frees the entry.  QUEUED entries belong to
-the queue, FAILED ones to the failed list, RESULT entries to the ring.
+The master sweeps entries left CLAIMING by a dead process (ipcd.spillsweep).  QUEUED
+entries belong to the queue, FAILED ones to the failed list, RESULT entries to the ring.
 
 Layout (little-endian)::
 
@@ -54,13 +52,12 @@ import time
 from typing import TYPE_CHECKING, NamedTuple
 
 from ipcd.errors import IpcdError, QueueFullError
-from ipcd.procs import alive
 from ipcd.results import Kind
 from ipcd.shm import Lock, Segment, create_formatted, remove_id
-from ipcd.spillsegment import DATA, Role, exists, orphans, proc_shm, remove_checked, write
+from ipcd.spillsegment import DATA, Role, exists, remove_checked, write
 
 if TYPE_CHECKING:
-    from ipcd.resultstore import ResultStore
+    pass
 
 MAGIC = b"IPCDSPT\0"
 VERSION = 1
@@ -93,13 +90,6 @@ class Entry(NamedTuple):
     shmid: int
     size: int
     job_id: str
-
-
-class Swept(NamedTuple):
-    freed: int
-    removed: int
-    #: Results evicted by payload claims (clients, which cannot log) since the last sweep.
-    evicted: int = 0
 
 
 class Claim(NamedTuple):
@@ -150,8 +140,6 @@ class SpillTable:
         self.gid: int | None = None
         #: [results] spill_bytes: the most data spilled results may hold (None: no cap).
         self.spill_bytes: int | None = None
-        #: The evicted_by_payloads counter at the last sweep (the master's own).
-        self._seen_evicted: int | None = None
 
     @classmethod
     def create(cls, key: int, mode: int, entries: int) -> SpillTable:
@@ -215,6 +203,10 @@ class SpillTable:
             e.shmid, 0, e.size, e.job_id.encode("ascii", "replace")[:16],
         )  # fmt: skip
 
+    def clear(self, index: int) -> None:
+        """Mark entry ``index`` free; the caller holds the lock."""
+        self._write(Entry(index, State.FREE, 0, 0.0, -1, 0, ""))
+
     def claim(self, job_id: str, size: int, *, role: Role, refused: str) -> Claim:
         """Take a free entry for a segment this process is about to make.
 
@@ -253,7 +245,7 @@ class SpillTable:
         if this process may remove it; if not (a client of another user than the daemon),
         the ring's record still names it and the ring's eviction removes it."""
         remove_checked(entry.shmid, entry.job_id)
-        self._write(Entry(entry.slot, State.FREE, 0, 0.0, -1, 0, ""))
+        self.clear(entry.slot)
         return entry
 
     def _full(self, entries: list[Entry], refused: str) -> str:
@@ -297,7 +289,7 @@ class SpillTable:
             if entry.state is not State.FAILED and held >= self.count // 2:
                 if not remove_checked(shmid, job_id) and exists(shmid):
                     return True  # not ours to remove: keep it as it is
-                self._write(Entry(entry.slot, State.FREE, 0, 0.0, -1, 0, ""))
+                self.clear(entry.slot)
                 return False
             self._write(entry._replace(state=State.FAILED))
             return True
@@ -335,7 +327,7 @@ class SpillTable:
 
     def free(self, index: int) -> None:
         with self.lock.held(LOCK_TIMEOUT):
-            self._write(Entry(index, State.FREE, 0, 0.0, -1, 0, ""))
+            self.clear(index)
 
     def release(self, shmid: int, job_id: str, hint: int | None = None) -> None:
         """Remove the segment (only if it really is this job's) and free its entry."""
@@ -344,7 +336,7 @@ class SpillTable:
             if not remove_checked(shmid, job_id) and exists(shmid):
                 return  # not ours to remove (a client's process): leave it recorded
             if entry is not None:
-                self._write(Entry(entry.slot, State.FREE, 0, 0.0, -1, 0, ""))
+                self.clear(entry.slot)
 
     # --- making segments ------------------------------------------------------------------
 
@@ -382,78 +374,6 @@ class SpillTable:
             self.free(index)
             raise
         return index, shmid, evicted
-
-    # --- the master's sweep -----------------------------------------------------------------
-
-    def sweep(self, store: ResultStore | None = None) -> Swept:
-        """Free entries left CLAIMING by dead processes, removing what they made; with
-        ``store`` (at start) also RESULT entries the ring no longer holds."""
-        entries = segments = 0
-        referenced: set[int] | None = None
-        with contextlib.ExitStack() as stack:
-            if store is not None:  # ring lock first, as ResultStore.put takes them
-                stack.enter_context(store.lock.held(store.lock_timeout))
-                referenced = {r.spill.shmid for r in store.records() if r.spill is not None}
-            stack.enter_context(self.lock.held(LOCK_TIMEOUT))
-            shm: list[list[str]] | None = None
-            for entry in self.entries():
-                if entry.state is State.CLAIMING and not alive(entry.pid):
-                    if shm is None:
-                        shm = proc_shm()
-                    for shmid in orphans(shm, entry.pid, entry.shmid, entry.claimed_at):
-                        segments += remove_id(shmid)
-                elif (
-                    entry.state is State.RESULT
-                    and referenced is not None
-                    and entry.shmid not in referenced
-                ):
-                    segments += remove_checked(entry.shmid, entry.job_id)
-                else:
-                    continue
-                self._write(Entry(entry.slot, State.FREE, 0, 0.0, -1, 0, ""))
-                entries += 1
-            by_payloads = self.counters()[1]
-        seen, self._seen_evicted = self._seen_evicted, by_payloads
-        return Swept(entries, segments, by_payloads - seen if seen is not None else 0)
-
-    def remove_segments(self) -> int:
-        """Remove every segment the table lists (when the daemon's objects are purged)."""
-        return sum(
-            remove_checked(e.shmid, e.job_id)
-            for e in self.entries()
-            if e.state is not State.FREE and e.shmid >= 0
-        )
-
-
-def remove_listed(key: int) -> int:
-    """Remove the segments listed by a spill table at ``key``, if that is one, or named
-    by the spilled records of a result ring there (a result evicted from the table by a
-    client that could not remove it is known only to the ring)."""
-    try:
-        table = SpillTable.open(key)
-    except (IpcdError, ValueError):
-        return _remove_ring_spills(key)
-    try:
-        return table.remove_segments()
-    finally:
-        table.segment.close()
-
-
-def _remove_ring_spills(key: int) -> int:
-    from ipcd.resultstore import ResultStore
-
-    try:
-        store = ResultStore.open(key)
-    except IpcdError:
-        return 0
-    try:
-        if store.capacity() is None:
-            return 0
-        return sum(
-            remove_checked(r.spill.shmid, r.job_id) for r in store.records() if r.spill is not None
-        )
-    finally:
-        store.close()
 
 
 def usage(key: int) -> Usage | None:

@@ -135,7 +135,7 @@ def remove_all(keys: tuple[int, ...]) -> list[str]:
 
     The spill segments the spill table lists (key 0, known only by the table) go first.
     """
-    from ipcd.spilltable import remove_listed
+    from ipcd.spillsweep import remove_listed
 
     removed: list[str] = [f"{n} spill segments" for k in keys if (n := remove_listed(k))]
     for key in keys:
