@@ -631,8 +631,8 @@ def test_a_rejected_envelope_takes_its_spilled_payload_with_it(instance: Instanc
         ) as body:
             doc = json.loads(body)
             doc["attempt"] = 0  # out of range: the worker rejects the envelope
+            (entry,) = _in_use(instance)  # before the send: the worker may be quick
             client.queue.send(json.dumps(doc).encode(), 5, timeout=2)
-        (entry,) = _in_use(instance)
         rejected = instance.wait_events(
             lambda e: e.get("event") == "job.rejected" and e.get("job_id") == job_id, 1
         )
