@@ -42,6 +42,7 @@ class ResultStore:
         self.spills: SpillTable | None = None
         #: Called under the lock with each valid record a put is about to overwrite.
         self.on_evict: Callable[[Result], None] | None = None
+        self._capacity: int | None = None
 
     @classmethod
     def open(cls, key: int) -> ResultStore:
@@ -116,9 +117,15 @@ class ResultStore:
         return seq
 
     def capacity(self) -> int | None:
-        """Bytes of data one result may have, or None if the segment is not readable."""
-        header = results.read_header(self.segment.buf)
-        return None if header is None else results.capacity(header.slot_size)
+        """Bytes of data one result may have, or None if the segment is not readable.
+
+        Read once: a segment's slot size is set when it is formatted, which only a daemon
+        start does, and the daemon's processes (which ask for every job) do not outlive it.
+        """
+        if self._capacity is None:
+            header = results.read_header(self.segment.buf)
+            self._capacity = None if header is None else results.capacity(header.slot_size)
+        return self._capacity
 
     def _evict(self, header: Header) -> None:
         if header.next_seq < header.slot_count:
