@@ -45,8 +45,13 @@ typecheck: $(STAMP)  ## mypy --strict
 
 # --hypothesis-show-statistics: the property-based (fuzz) tests say how many inputs they
 # tried; the daemon fuzz test (tests/test_dispatch.py) prints its own count.
+# As root the suite runs in an IPC namespace of its own (unshare --ipc): its daemons and
+# its end-of-run leak check then see only the suite's objects, so two suites (or another
+# ipcd) on one host never trip each other. Elsewhere it shares the host's namespace, and
+# the leak check looks only at the keys the tests used (tests/conftest.py).
+IPC_NS := $(shell unshare --ipc true 2>/dev/null && echo unshare --ipc)
 pytest: $(STAMP)  ## the test suite
-	$(BIN)/pytest --hypothesis-show-statistics
+	$(IPC_NS) $(BIN)/pytest --hypothesis-show-statistics
 
 # Interleaved raw-vs-ipcd rounds on this machine, a few minutes (bench/run.py lists the steps).
 .PHONY: bench

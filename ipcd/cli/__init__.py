@@ -32,6 +32,23 @@ def run(prog: str, main: Callable[[list[str]], int], argv: list[str] | None = No
         return int(ExitCode.SOFTWARE)
 
 
+def end_on_sigterm() -> None:
+    """Make SIGTERM end a command that runs until stopped (``logs -f``, ``status --watch``)
+    the way Ctrl-C does, through its ``KeyboardInterrupt`` path.
+
+    Such a command may have been started with SIGTERM ignored (dispositions set to
+    ignore survive exec), and it also has clean-up to do on its way out (close the log,
+    leave the terminal tidy), which the default action would skip.  Only these commands
+    pay for importing :mod:`signal`; ``submit`` never does.
+    """
+    import signal
+
+    def _interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with ipcd's conventions: usage errors exit 64 (EX_USAGE), not 2."""
 

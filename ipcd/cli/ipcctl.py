@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from ipcd import config as config_mod
-from ipcd.cli import run
+from ipcd.cli import end_on_sigterm, run
 from ipcd.cli.ipcctl_args import build_parser, command_in
 from ipcd.client import Client
 from ipcd.config import Config
@@ -202,6 +202,8 @@ def _logs(config: Config, args: argparse.Namespace) -> int:
         last = 10 if args.follow else None
     color = not args.json and logformat.want_color(args.color, sys.stdout.isatty(), os.environ)
     printer = logformat.Printer(sys.stdout, selected, json=args.json, color=color)
+    if args.follow:
+        end_on_sigterm()
     try:
         logfile.show(path, printer, last=last, follow=args.follow, notice=_notice)
     finally:

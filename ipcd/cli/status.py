@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TextIO
 
 from ipcd import metrics
+from ipcd.cli import end_on_sigterm
 from ipcd.client import Client
 from ipcd.errors import ExitCode, NotRunningError, OutputError
 from ipcd.metrics import Rate, Reading, count, figure
@@ -194,7 +195,7 @@ def _code(reading: Reading) -> int:
 def watch_loop(
     client: Client, render: Render, interval: float, out: TextIO, *, frames: bool = True
 ) -> int:
-    """Show a reading every ``interval`` seconds until Ctrl-C, which exits 0.
+    """Show a reading every ``interval`` seconds until Ctrl-C or SIGTERM, which exit 0.
 
     On a terminal each frame is drawn over the last with ANSI codes: the screen is cleared
     once, then each frame starts at the top-left corner and clears what the last left
@@ -203,6 +204,7 @@ def watch_loop(
     the time it was taken (or, for JSON, one document per line).  The objects are opened
     anew for each frame, so a restarted daemon is picked up, and detached after it.
     """
+    end_on_sigterm()
     tty = out.isatty()
     previous: Reading | None = None
     first = True
