@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import IPCCTL, Instance, run
+from conftest import IPCCTL, IPCD, Instance, run
 
 from ipcd.errors import ExitCode
 
@@ -44,6 +44,55 @@ def test_usage_error_is_64(instance: Instance) -> None:
     assert instance.ipcctl("submit").returncode == ExitCode.USAGE
     assert instance.ipcctl("frobnicate").returncode == ExitCode.USAGE
     assert instance.ipcctl("submit", "echo", "--timeout", "soon").returncode == ExitCode.USAGE
+
+
+def test_options_that_need_another_are_64(instance: Instance) -> None:
+    """--timeout without --wait and -q without --unique are usage errors that say why,
+    not options silently ignored."""
+    for args, message in (
+        (["submit", "echo", "x", "--timeout", "5"], "--timeout S only applies with --wait"),
+        (["result", "0123456789abcdef", "--timeout", "5"], "--timeout S only applies with --wait"),
+        (["submit", "echo", "x", "-q"], "-q/--quiet only applies with --unique KEY"),
+    ):
+        done = instance.ipcctl(*args)
+        assert done.returncode == ExitCode.USAGE, (args, done.stderr)
+        assert message in done.stderr, args
+
+
+def test_config_after_the_command(daemon: Instance) -> None:
+    """-c/--config works after the subcommand too, for ipcctl and ipcd alike."""
+    config = str(daemon.config_path)
+    for argv in (
+        [IPCCTL, "status", "-c", config],
+        [IPCCTL, "submit", "echo", "hi", "--wait", f"--config={config}"],
+        [IPCD, "status", "--config", config],
+    ):
+        done = run(argv)
+        assert done.returncode == 0, (argv, done.stderr)
+    # Given before and after, the one after the command wins, as argparse's last value does.
+    both = run([IPCCTL, "-c", "/nonexistent.toml", "status", "-c", config])
+    assert both.returncode == 0, both.stderr
+
+
+def test_version() -> None:
+    """--version prints the installed package's version, for both tools."""
+    from importlib import metadata
+
+    for prog in (IPCCTL, IPCD):
+        done = run([prog, "--version"])
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == f"{Path(prog).name} {metadata.version('ipcd')}\n"
+
+
+def test_every_argument_and_command_has_help() -> None:
+    """Every positional argument, option and subcommand of both tools has a help text."""
+    from cli_surface import PARSERS, subcommands
+
+    for prog, parser in PARSERS.items():
+        for name, sub in subcommands(parser).items():
+            assert sub.description, f"{prog} {name} has no description"
+            for action in sub._actions:
+                assert action.help, f"{prog} {name} {action.dest} has no help"
 
 
 def test_bad_payload_is_65(daemon: Instance) -> None:
