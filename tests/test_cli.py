@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 from conftest import IPCCTL, IPCD, Instance, run
 
 from ipcd.errors import ExitCode
+from ipcd.procs import alive
 
 
 @pytest.fixture
@@ -115,15 +118,43 @@ def test_unserved_type_number_warns_and_queues(stopped: Instance) -> None:
     a configured one, by name or number, is not warned about."""
     done = stopped.ipcctl("submit", "99", "x")
     assert done.returncode == 0 and len(done.stdout.strip()) == 16
-    assert done.stderr == (
+    assert done.stderr.splitlines()[0] == (
         f"ipcctl: warning: no handler in {stopped.config_path} has message type 99; "
-        "the job fails unless the daemon's configuration has one\n"
+        "the job fails unless the daemon's configuration has one"
     )
     assert stopped.ipcctl("status", "--json").stdout.count('"messages": 1') == 1
+    assert stopped.ipcd("start").returncode == 0
     echo_type = str(next(h.type for h in stopped.config.handlers if h.name == "echo"))
     for handler in ("echo", echo_type):
         quiet = stopped.ipcctl("submit", handler, "x")
         assert (quiet.returncode, quiet.stderr) == (0, "")
+    assert stopped.ipcd("stop").returncode == 0
+
+
+def test_submit_while_no_daemon_serves_warns(stopped: Instance) -> None:
+    """A fire-and-forget submit with the daemon stopped is accepted (exit 0, its id on
+    stdout) with a warning on stderr that names the queue; the job runs after ipcd start."""
+    key = stopped.keys.jobs
+    done = stopped.ipcctl("submit", "echo", "later")
+    assert done.returncode == 0, done.stderr
+    job_id = done.stdout.strip()
+    assert done.stderr == (
+        f"ipcctl: warning: no daemon is serving the queue at key {key:#010x} "
+        f"({stopped.config_path}); job {job_id} waits in the queue until ipcd starts\n"
+    )
+    assert stopped.ipcd("start").returncode == 0
+    served = stopped.ipcctl("result", job_id, "--wait", "--timeout", "20")
+    assert (served.returncode, served.stdout) == (0, "later\n"), served.stderr
+    quiet = stopped.ipcctl("submit", "echo", "now")
+    assert (quiet.returncode, quiet.stderr) == (0, "")
+    # A master killed without the chance to clear its PID serves no more.
+    os.kill(stopped.pid(), signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while alive(stopped.pid()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    killed = stopped.ipcctl("submit", "--unique", "k", "-q", "echo", "after kill")
+    assert killed.returncode == 0, killed.stderr
+    assert "no daemon is serving the queue" in killed.stderr  # -q does not silence it
 
 
 def test_stdin_over_max_payload_is_65(stopped: Instance) -> None:

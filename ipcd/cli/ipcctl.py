@@ -88,6 +88,7 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
         return int(ExitCode.ALREADY_QUEUED)  # --quiet: cron mails nothing for it
     if not args.wait:
         print(job_id)
+        _warn_if_unserved(client, job_id)
         return 0
     return _print_result(client.wait_submitted(job_id, _wait_timeout(args)), as_json=False)
 
@@ -101,6 +102,18 @@ def _warn_of_unserved_type(config: Config, type_: str) -> None:
         print(
             f"ipcctl: warning: no handler in {config.path} has message type {number}; "
             "the job fails unless the daemon's configuration has one",
+            file=sys.stderr,
+        )
+
+
+def _warn_if_unserved(client: Client, job_id: str) -> None:
+    """A fire-and-forget job was accepted (exit 0: it waits in the queue), but if no
+    daemon serves the queue, a cron job must hear that ipcd is down: a line on stderr,
+    which cron mails.  -q does not silence it (it only silences "already queued")."""
+    if not client.daemon_serving():
+        print(
+            f"ipcctl: warning: no daemon is serving the queue at key {client.keys.jobs:#010x} "
+            f"({client.config.path}); job {job_id} waits in the queue until ipcd starts",
             file=sys.stderr,
         )
 
