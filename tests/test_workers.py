@@ -93,9 +93,15 @@ def test_job_timeout_from_the_command_line(instance: Instance) -> None:
     """`--timeout-job S` kills a job that runs longer; the result says timeout."""
     _start(instance)
     try:
-        killed = instance.ipcctl("submit", "sleep", "5", "--timeout-job", "0.3", "--wait")
+        killed = instance.ipcctl("submit", "sleep", "5", "--timeout-job", "1", "--wait")
         assert killed.returncode == ExitCode.JOB_FAILED
         assert "timeout: killed after" in killed.stderr
+        # The job.done event's ms is the job's run time up to its kill (at least its 1 s
+        # timeout), not the master's bookkeeping after it.
+        done = instance.wait_events(
+            lambda e: e["event"] == "job.done" and e.get("killed") is True, 1
+        )
+        assert done and float(str(done[0]["ms"])) >= 1000, done
         quick = instance.ipcctl("submit", "sleep", "0.1", "--timeout-job", "2", "--wait")
         assert quick.stdout == "slept 0.1s\n"
     finally:
