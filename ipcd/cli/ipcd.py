@@ -52,7 +52,17 @@ def main(argv: list[str]) -> int:
     if args.command == "run":
         return _run(config)
     if args.command == "stop":
-        daemonize.stop(pid_file, config.daemon.stop_timeout)
+        graceful = config.daemon.graceful_timeout
+
+        def waiting(pid: int) -> None:
+            print(
+                f"ipcd: waiting for the daemon (pid {pid}) to stop: its workers finish their "
+                f"jobs for up to [daemon] graceful_timeout ({graceful:g}s)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        daemonize.stop(pid_file, config.daemon.stop_timeout, waiting=waiting)
         return 0
     if args.command == "reload":
         daemonize.signal_daemon(pid_file, signal.SIGHUP)
