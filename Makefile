@@ -28,10 +28,11 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)  ## run the daemon in the foreground on the development config (Ctrl-C stops it)
 	@mkdir -p .run
+	@# The same three lines as README.md's Quick start (tests/test_manpages.py checks it).
 	@echo "ipcd: development daemon on $(DEV_CFG); in a second terminal try:"
 	@echo "    $(BIN)/ipcctl -c $(DEV_CFG) submit echo hello --wait"
 	@echo "    $(BIN)/ipcctl -c $(DEV_CFG) status"
-	@echo "    tail -f .run/ipcd.log | jq ."
+	@echo "    $(BIN)/ipcctl -c $(DEV_CFG) logs -f"
 	$(BIN)/ipcd -c $(DEV_CFG) run
 
 test: lint typecheck pytest  ## lint, type checks and the whole test suite
@@ -103,6 +104,10 @@ PIP           ?= $(VENV_DEST)/bin/python -m pip
 MANDIR        ?= $(PREFIX)/share/man
 COMPLETIONDIR ?= $(PREFIX)/share/bash-completion/completions
 MAN_PAGES     := man/ipcctl.1 man/ipcd.toml.5 man/ipcd.8
+# The PHP and C clients, where their READMEs and docs/php.md `require` them from
+# (/usr/local/lib/ipcd/ipcd.php): plain files, for PHP scripts and C programs of any user.
+CLIENTDIR     ?= $(PREFIX)/lib/ipcd
+CLIENT_FILES  := clients/php/ipcd.php clients/php/ipcctl.php clients/c/ipcd-submit.c
 
 install:  ## install as a system service (PREFIX=/usr/local, DESTDIR=): see README.md
 	umask 022 && $(SYSTEM_PYTHON) -m venv $(VENV_FLAGS) $(VENV_DEST)
@@ -115,7 +120,7 @@ install:  ## install as a system service (PREFIX=/usr/local, DESTDIR=): see READ
 	install -d -m 0755 $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR) \
 	    $(DESTDIR)$(TMPFILESDIR) $(DESTDIR)/etc/logrotate.d $(DESTDIR)/etc/cron.d \
 	    $(DESTDIR)/etc/ipcd $(VENV_DEST)/share/doc/ipcd $(DESTDIR)$(COMPLETIONDIR) \
-	    $(addprefix $(DESTDIR)$(MANDIR)/man,1 5 8)
+	    $(addprefix $(DESTDIR)$(MANDIR)/man,1 5 8) $(DESTDIR)$(CLIENTDIR)
 	ln -sfn $(OPTDIR)/bin/ipcd $(DESTDIR)$(PREFIX)/bin/ipcd
 	ln -sfn $(OPTDIR)/bin/ipcctl $(DESTDIR)$(PREFIX)/bin/ipcctl
 	for unit in ipcd.service ipcd@.service ipcd-metrics.service ipcd-metrics.timer; do \
@@ -130,6 +135,7 @@ install:  ## install as a system service (PREFIX=/usr/local, DESTDIR=): see READ
 	for page in $(MAN_PAGES); do \
 	    install -m 0644 $$page $(DESTDIR)$(MANDIR)/man$${page##*.}/ || exit 1; done
 	install -m 0644 completion/ipcctl.bash $(DESTDIR)$(COMPLETIONDIR)/ipcctl
+	install -m 0644 $(CLIENT_FILES) $(DESTDIR)$(CLIENTDIR)/
 	ln -sfn ipcctl $(DESTDIR)$(COMPLETIONDIR)/ipcd
 	@# Never overwrite a configuration: the shipped one is also in share/doc/ipcd.
 	@if [ -e $(DESTDIR)/etc/ipcd/ipcd.toml ]; then \
@@ -159,7 +165,9 @@ uninstall:  ## stop ipcd and remove what install put in place (keeps config, dat
 	    $(DESTDIR)/etc/logrotate.d/ipcd $(DESTDIR)/etc/cron.d/ipcd-example \
 	    $(DESTDIR)$(MANDIR)/man1/ipcctl.1 $(DESTDIR)$(MANDIR)/man5/ipcd.toml.5 \
 	    $(DESTDIR)$(MANDIR)/man8/ipcd.8 \
-	    $(DESTDIR)$(COMPLETIONDIR)/ipcctl $(DESTDIR)$(COMPLETIONDIR)/ipcd
+	    $(DESTDIR)$(COMPLETIONDIR)/ipcctl $(DESTDIR)$(COMPLETIONDIR)/ipcd \
+	    $(addprefix $(DESTDIR)$(CLIENTDIR)/,$(notdir $(CLIENT_FILES)))
+	rmdir $(DESTDIR)$(CLIENTDIR) 2>/dev/null || true
 	rm -rf $(VENV_DEST)
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 	@echo "ipcd uninstalled. Kept: /etc/ipcd, /var/lib/ipcd (the key file), /var/log/ipcd," \

@@ -160,7 +160,7 @@ _ipcctl() {
     _ipcd_find_subcommand
     if [[ -z $_ipcd_sub ]]; then
         if [[ $cur == -* ]]; then
-            _ipcd_reply "-c --config -h --help"
+            _ipcd_reply "-c --config --version -h --help"
         else
             _ipcd_reply "submit result status failed retry key logs stats"
         fi
@@ -191,11 +191,12 @@ _ipcctl() {
     *) return 0 ;;
     esac
     if [[ $cur == -* ]]; then
-        _ipcd_reply "$opts -h --help"
+        # -c/--config is accepted after the subcommand as well as before it.
+        _ipcd_reply "$opts -c --config -h --help"
         return 0
     fi
     local n
-    n=$(_ipcd_count_positionals "$takes")
+    n=$(_ipcd_count_positionals "$takes -c --config")
     case $_ipcd_sub:$n in
     submit:0)
         _ipcd_reply "$(_ipcd_handler_names)"
@@ -238,9 +239,9 @@ _ipcd() {
     _ipcd_find_subcommand
     if [[ $cur == -* ]]; then
         if [[ -z $_ipcd_sub ]]; then
-            _ipcd_reply "-c --config -h --help"
+            _ipcd_reply "-c --config --version -h --help"
         else
-            _ipcd_reply "-h --help"
+            _ipcd_reply "-c --config -h --help"
         fi
     elif [[ -z $_ipcd_sub ]]; then
         _ipcd_reply "start run stop reload status check"

@@ -361,7 +361,18 @@ class Arbiter:
 
     def _shutdown(self) -> None:
         """Let every worker finish its job, up to graceful_timeout; kill the rest."""
-        deadline = time.time() + self.p.config.daemon.graceful_timeout
+        graceful = self.p.config.daemon.graceful_timeout
+        busy = sum(
+            1 for info in self.pool.workers.values() if self.p.table.peek(info.slot).holds_job
+        )
+        self.log.info(
+            "daemon.stopping",
+            pid=os.getpid(),
+            signal=self.flags.signal,
+            busy_workers=busy,
+            graceful_timeout_s=graceful,
+        )
+        deadline = time.time() + graceful
         for info in self.pool.workers.values():
             signal_worker(info.pid, signal.SIGTERM, group=False)
         while self.pool.workers and time.time() < deadline:

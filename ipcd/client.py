@@ -67,16 +67,25 @@ class Status(NamedTuple):
     results: Header | None
     results_size: int
     workers: tuple[WorkerView, ...] = ()
+    #: Parked jobs, both kinds: delayed (``delayed``) and waiting to retry.
     parked: int = 0
+    #: Due times of the jobs submitted with ``--delay`` that are not yet due, soonest first.
+    delayed: tuple[float, ...] = ()
     failed: int = 0
     failed_dropped: int = 0
     #: The spill table's use (None when there is none to read).
     spill: Usage | None = None
 
     def daemon_running(self) -> bool:
-        """A daemon recorded its PID and that process is still there (it may have been
-        killed without the chance to clear it)."""
-        return self.results is not None and alive(self.results.daemon_pid)
+        return serving(self.results)
+
+
+def serving(header: Header | None) -> bool:
+    """Whether a daemon serves the queue: its master wrote its PID into the result
+    segment's header at start (0 again when it stops), and that process has not exited.
+    A master killed without the chance to clear it, or one that lingers as a zombie, is
+    not serving (ipcd.procs.alive)."""
+    return header is not None and alive(header.daemon_pid)
 
 
 class Client:
@@ -266,6 +275,19 @@ class Client:
                 raise self._timeout(job_id, timeout)
             gate.wait(min(left, GATE_RECHECK))
 
+    def daemon_serving(self) -> bool:
+        """Whether a live daemon serves this configuration's queue (:func:`serving`).
+
+        Cheap enough for every fire-and-forget submit: one ``shmget``/``shmat`` of the
+        result segment (the same key as the queue) and a look at /proc; no lock is taken,
+        as the PID is one aligned word the master writes.  A missing or foreign-formatted
+        segment means no daemon can store results: not serving.
+        """
+        try:
+            return serving(self.store.header())
+        except NotRunningError:
+            return False
+
     def result(self, job_id: str) -> Result | None:
         """The stored result, or None while there is none (queued, running or evicted)."""
         return self.store.get(job_id)
@@ -289,9 +311,11 @@ class Client:
         live = tuple(w for w in table.worker_views() if w.pid and status.daemon_running())
         from ipcd.spilltable import usage
 
+        parked = table.parked_attempts()
         return status._replace(
             workers=live,
-            parked=len(table.parked_due()),
+            parked=len(parked),
+            delayed=tuple(sorted(due for due, attempt in parked if attempt == 1)),
             failed=len(failed.entries()),
             failed_dropped=failed.dropped(),
             spill=usage(self.keys.spill),
@@ -365,12 +389,8 @@ class Client:
 
     def _timeout(self, job_id: str, timeout: float) -> WaitTimeoutError:
         hint = ""
-        try:
-            header = self.store.header()
-            if header.daemon_pid == 0:
-                hint = " (no daemon is serving the queue: the job waits for the next start)"
-        except NotRunningError:
-            pass
+        if not self.daemon_serving():
+            hint = " (no daemon is serving the queue: the job waits for the next start)"
         return WaitTimeoutError(f"no result for job {job_id} within {timeout:g}s{hint}")
 
 

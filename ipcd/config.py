@@ -282,7 +282,7 @@ def parse(raw: Mapping[str, Any], path: Path) -> Config:
 
     return Config(
         exec=_exec(reader, reader.table(raw, "exec")),
-        path=path.absolute(),
+        path=_resolve(Path.cwd(), path),
         ipc=ipc_config,
         daemon=daemon_config,
         log=log_config,
@@ -357,6 +357,20 @@ def _exec(reader: TableReader, table: Mapping[str, Any]) -> ExecConfig:
     )
 
 
-def _resolve(base: Path, value: str) -> Path:
-    path = Path(value).expanduser()
-    return path if path.is_absolute() else base / path
+def _resolve(base: Path, value: str | os.PathLike[str]) -> Path:
+    """``value`` as an absolute path without ``..`` or ``.`` in it, for use and for every
+    message that shows it (``/srv/app/.run/ipcd.key``, not ``etc/ipcd/../../.run/ipcd.key``).
+
+    A path with ``..`` in it has its directories resolved as the kernel walks them
+    (symlinks, then ``..``), so that it names the same file; its last component is kept
+    as written, so a symlinked log or key file stays the link the administrator made.
+    Any other path is kept as written (``/var/run/ipcd.pid`` is not made ``/run/…``).
+    """
+    path = Path(value).expanduser()  # Path drops "." components itself
+    if not path.is_absolute():
+        path = base / path
+    if ".." not in path.parts:
+        return path
+    if path.name == "..":
+        return path.resolve()
+    return path.parent.resolve() / path.name

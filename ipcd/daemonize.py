@@ -196,13 +196,27 @@ def _report(fd: int, message: str) -> None:
         pass
 
 
-def stop(pid_file: Path, timeout: float) -> int:
-    """SIGTERM the daemon and wait until it is gone; returns its PID."""
+def stop(
+    pid_file: Path,
+    timeout: float,
+    *,
+    waiting: Callable[[int], None] | None = None,
+    quiet_for: float = 1.0,
+) -> int:
+    """SIGTERM the daemon and wait until it is gone; returns its PID.
+
+    A daemon whose workers are busy takes up to ``graceful_timeout`` to stop: when it is
+    not gone after ``quiet_for`` seconds, ``waiting(pid)`` is called once (the CLI says on
+    stderr what it waits for), and the wait goes on up to ``timeout`` in all.
+    """
     pid = running_pid(pid_file)
     if pid is None:
         raise NotRunningError(f"ipcd is not running (no live PID in {pid_file})")
     os.kill(pid, signal.SIGTERM)
-    if not wait_gone(pid, timeout):
+    started = time.monotonic()
+    if waiting is not None and quiet_for < timeout and not wait_gone(pid, quiet_for):
+        waiting(pid)
+    if not wait_gone(pid, max(timeout - (time.monotonic() - started), 0.0)):
         raise StartupError(f"ipcd (pid {pid}) did not stop within {timeout:g}s")
     return pid
 

@@ -243,7 +243,9 @@ def format_event(
 
     Times are shown in ``tz`` (default: the local zone), with the date when it is not
     ``today``.  Fields follow in the log's order; an ``exception`` (a traceback that
-    structlog's dict_tracebacks wrote) is shown on the lines after it, indented.
+    structlog's dict_tracebacks wrote) and a ``traceback`` (a handler's, as text: the
+    one thing a person reads when a job failed) are shown on the lines after it,
+    indented, as Python prints them, not as one line of ``\\n`` escapes.
     """
     when = event_time(event)
     if today is None:
@@ -251,10 +253,11 @@ def format_event(
     stamp = format_time(when, event.get("timestamp"), tz, today)
     level = str(event.get("level", "-"))
     name = str(event.get("event", "-"))
+    blocks = [key for key in _BLOCKS if _is_block(key, event.get(key))]
     fields = [
         (key, value)
         for key, value in event.items()
-        if key not in ("timestamp", "level", "event", "exception")
+        if key not in ("timestamp", "level", "event") and key not in blocks
     ]
     if color:
         style = _LEVEL_STYLE.get(level.lower(), _BOLD)
@@ -264,9 +267,29 @@ def format_event(
         head = f"{stamp} {level:<8} {name}"
         parts = [f"{key}={format_value(value)}" for key, value in fields]
     line = f"{head}  {' '.join(parts)}" if parts else head
-    if "exception" in event:
-        line += "".join(f"\n    {text}" for text in format_exception(event["exception"]))
+    for key in blocks:
+        line += "".join(f"\n{text}" for text in _block(format_exception(event[key]), color))
     return line
+
+
+#: Fields shown as a block of lines under their event rather than as ``key=value``.
+_BLOCKS = ("exception", "traceback")
+
+
+def _is_block(key: str, value: object) -> bool:
+    """``exception`` in any form; ``traceback`` when it is text (the worker's
+    ``handler.exception`` writes ``traceback.format_exc()``)."""
+    return value is not None and (key == "exception" or isinstance(value, str))
+
+
+def _block(lines: list[str], color: bool) -> list[str]:
+    """A traceback's lines indented under the event; in colour, the frames dim and the
+    last line (the exception and its message) red, as it is what went wrong."""
+    indented = [f"    {text}" for text in lines]
+    if not color or not indented:
+        return indented
+    *frames, last = indented
+    return [f"{_DIM}{text}{_RESET}" for text in frames] + [f"{_LEVEL_STYLE['error']}{last}{_RESET}"]
 
 
 def _styled(key: str, value: object) -> str:

@@ -17,7 +17,22 @@ from typing import NamedTuple
 from ipcd.client import Client, Status
 from ipcd.errors import NotRunningError
 from ipcd.spilltable import Usage
-from ipcd.stats import OUTCOMES, Snapshot, StatsSegment
+from ipcd.stats import OUTCOMES, HandlerTotals, Snapshot, StatsSegment
+from ipcd.statslayout import NO_HANDLER
+
+#: How the counts of jobs no configured handler ran (the stats segment's column 0: an
+#: unknown message type, a message that could not be decoded, a handler a reload added
+#: beyond the segment's room) are labelled: not "-", which reads as a missing value, and
+#: with no type number, as they are many types at once (their job.done events name each).
+NO_HANDLER_LABEL = "(none)"
+NO_TYPE_LABEL = "(unknown)"
+
+
+def handler_labels(h: HandlerTotals) -> dict[str, str]:
+    """A handler's Prometheus labels: its name (``handler``) and message type (``type``)."""
+    if h.name == NO_HANDLER:
+        return {"handler": NO_HANDLER_LABEL, "type": NO_TYPE_LABEL}
+    return {"handler": h.name, "type": str(h.type)}
 
 
 class Reading(NamedTuple):
@@ -206,19 +221,20 @@ def _counters(out: _Exposition, snap: Snapshot) -> None:
     )
     for h in snap.handlers:
         for outcome in OUTCOMES:
-            out.sample("ipcd_jobs_total", h.outcomes[outcome], type=h.name, outcome=outcome)
+            out.sample("ipcd_jobs_total", h.outcomes[outcome], **handler_labels(h), outcome=outcome)
     out.family(
         "ipcd_job_duration_seconds",
         "histogram",
         "How long the jobs workers finished took, from receipt to result.",
     )
     for h in snap.handlers:
+        labels = handler_labels(h)
         running = 0
         for bound, count in zip((*snap.bounds, math.inf), h.buckets, strict=True):
             running += count
-            out.sample("ipcd_job_duration_seconds_bucket", running, type=h.name, le=_le(bound))
-        out.sample("ipcd_job_duration_seconds_sum", h.seconds, type=h.name)
-        out.sample("ipcd_job_duration_seconds_count", running, type=h.name)
+            out.sample("ipcd_job_duration_seconds_bucket", running, **labels, le=_le(bound))
+        out.sample("ipcd_job_duration_seconds_sum", h.seconds, **labels)
+        out.sample("ipcd_job_duration_seconds_count", running, **labels)
     m = snap.master
     out.counter(
         "ipcd_worker_restarts_total",
@@ -285,8 +301,8 @@ def stats_doc(reading: Reading) -> dict[str, object]:
     if snap is not None:
         doc["counted_since"] = snap.created
         doc["jobs"] = {
-            h.name: {
-                "type": h.type,
+            handler_labels(h)["handler"]: {
+                "type": None if h.name == NO_HANDLER else h.type,
                 **h.outcomes,
                 "seconds": h.seconds,
                 "buckets": _cumulative(snap.bounds, h.buckets),
@@ -352,8 +368,9 @@ def stats_text(reading: Reading) -> list[str]:
         timed = sum(h.buckets)
         mean = figure(1000 * h.seconds / timed) if timed else "-"
         o = h.outcomes
+        name = handler_labels(h)["handler"]
         lines.append(
-            f"{h.name[:16]:<16} {o['ok']:>9} {o['error']:>9} {o['retried']:>9} "
+            f"{name[:16]:<16} {o['ok']:>9} {o['error']:>9} {o['retried']:>9} "
             f"{o['rejected']:>9} {mean:>9}"
         )
     return lines

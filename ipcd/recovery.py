@@ -30,7 +30,7 @@ class Recovery:
 
     def _recover(self, held: Held, *, cause: str, timed_out: bool) -> None:
         """Finish or re-run the job a dead worker held (at-least-once)."""
-        started = time.monotonic()
+        started = _monotonic_start(held)
         self.outcomes.stats.bump(stats.JOBS_RECOVERED)
         try:
             job = protocol.decode(held.body, held.type, received=time.time())
@@ -111,3 +111,14 @@ class Recovery:
     def _handler_name(self, job: Job) -> str:
         reg = self.p.registry.lookup(job.type)
         return reg.name if reg else "-"
+
+
+def _monotonic_start(held: Held) -> float:
+    """When the dead worker started the job, on the monotonic clock that the ``ms`` of
+    ``job.done`` and the duration histograms are measured from: a job killed at its
+    timeout ran that long, not the moment the master takes to record it.  The slot holds
+    wall-clock time; a slot whose job never started (still in msgrcv) counts from now."""
+    now = time.monotonic()
+    if held.started <= 0:
+        return now
+    return now - max(time.time() - held.started, 0.0)

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import IPCCTL, Instance, run
+from conftest import IPCCTL, IPCD, Instance, run
 
 from ipcd.errors import ExitCode
+from ipcd.procs import alive
 
 
 @pytest.fixture
@@ -46,6 +49,55 @@ def test_usage_error_is_64(instance: Instance) -> None:
     assert instance.ipcctl("submit", "echo", "--timeout", "soon").returncode == ExitCode.USAGE
 
 
+def test_options_that_need_another_are_64(instance: Instance) -> None:
+    """--timeout without --wait and -q without --unique are usage errors that say why,
+    not options silently ignored."""
+    for args, message in (
+        (["submit", "echo", "x", "--timeout", "5"], "--timeout S only applies with --wait"),
+        (["result", "0123456789abcdef", "--timeout", "5"], "--timeout S only applies with --wait"),
+        (["submit", "echo", "x", "-q"], "-q/--quiet only applies with --unique KEY"),
+    ):
+        done = instance.ipcctl(*args)
+        assert done.returncode == ExitCode.USAGE, (args, done.stderr)
+        assert message in done.stderr, args
+
+
+def test_config_after_the_command(daemon: Instance) -> None:
+    """-c/--config works after the subcommand too, for ipcctl and ipcd alike."""
+    config = str(daemon.config_path)
+    for argv in (
+        [IPCCTL, "status", "-c", config],
+        [IPCCTL, "submit", "echo", "hi", "--wait", f"--config={config}"],
+        [IPCD, "status", "--config", config],
+    ):
+        done = run(argv)
+        assert done.returncode == 0, (argv, done.stderr)
+    # Given before and after, the one after the command wins, as argparse's last value does.
+    both = run([IPCCTL, "-c", "/nonexistent.toml", "status", "-c", config])
+    assert both.returncode == 0, both.stderr
+
+
+def test_version() -> None:
+    """--version prints the installed package's version, for both tools."""
+    from importlib import metadata
+
+    for prog in (IPCCTL, IPCD):
+        done = run([prog, "--version"])
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == f"{Path(prog).name} {metadata.version('ipcd')}\n"
+
+
+def test_every_argument_and_command_has_help() -> None:
+    """Every positional argument, option and subcommand of both tools has a help text."""
+    from cli_surface import PARSERS, subcommands
+
+    for prog, parser in PARSERS.items():
+        for name, sub in subcommands(parser).items():
+            assert sub.description, f"{prog} {name} has no description"
+            for action in sub._actions:
+                assert action.help, f"{prog} {name} {action.dest} has no help"
+
+
 def test_bad_payload_is_65(daemon: Instance) -> None:
     """Status 65 for a payload that is not what --json promises."""
     bad = daemon.ipcctl("submit", "echo", "{not json", "--json")
@@ -66,15 +118,43 @@ def test_unserved_type_number_warns_and_queues(stopped: Instance) -> None:
     a configured one, by name or number, is not warned about."""
     done = stopped.ipcctl("submit", "99", "x")
     assert done.returncode == 0 and len(done.stdout.strip()) == 16
-    assert done.stderr == (
+    assert done.stderr.splitlines()[0] == (
         f"ipcctl: warning: no handler in {stopped.config_path} has message type 99; "
-        "the job fails unless the daemon's configuration has one\n"
+        "the job fails unless the daemon's configuration has one"
     )
     assert stopped.ipcctl("status", "--json").stdout.count('"messages": 1') == 1
+    assert stopped.ipcd("start").returncode == 0
     echo_type = str(next(h.type for h in stopped.config.handlers if h.name == "echo"))
     for handler in ("echo", echo_type):
         quiet = stopped.ipcctl("submit", handler, "x")
         assert (quiet.returncode, quiet.stderr) == (0, "")
+    assert stopped.ipcd("stop").returncode == 0
+
+
+def test_submit_while_no_daemon_serves_warns(stopped: Instance) -> None:
+    """A fire-and-forget submit with the daemon stopped is accepted (exit 0, its id on
+    stdout) with a warning on stderr that names the queue; the job runs after ipcd start."""
+    key = stopped.keys.jobs
+    done = stopped.ipcctl("submit", "echo", "later")
+    assert done.returncode == 0, done.stderr
+    job_id = done.stdout.strip()
+    assert done.stderr == (
+        f"ipcctl: warning: no daemon is serving the queue at key {key:#010x} "
+        f"({stopped.config_path}); job {job_id} waits in the queue until ipcd starts\n"
+    )
+    assert stopped.ipcd("start").returncode == 0
+    served = stopped.ipcctl("result", job_id, "--wait", "--timeout", "20")
+    assert (served.returncode, served.stdout) == (0, "later\n"), served.stderr
+    quiet = stopped.ipcctl("submit", "echo", "now")
+    assert (quiet.returncode, quiet.stderr) == (0, "")
+    # A master killed without the chance to clear its PID serves no more.
+    os.kill(stopped.pid(), signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while alive(stopped.pid()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    killed = stopped.ipcctl("submit", "--unique", "k", "-q", "echo", "after kill")
+    assert killed.returncode == 0, killed.stderr
+    assert "no daemon is serving the queue" in killed.stderr  # -q does not silence it
 
 
 def test_stdin_over_max_payload_is_65(stopped: Instance) -> None:

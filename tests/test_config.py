@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import IPCCTL
 
 from ipcd import config
 from ipcd.config import (
@@ -140,7 +142,8 @@ def test_relative_paths_resolve_against_the_config_files_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Relative paths are joined to the config file's directory, whatever the working
-    directory; absolute paths are kept and ``~`` is expanded."""
+    directory, and normalized (no ``..`` in them, nor in the messages that show them);
+    absolute paths are kept and ``~`` is expanded."""
     etc = tmp_path / "etc"
     write(
         etc,
@@ -161,7 +164,7 @@ def test_relative_paths_resolve_against_the_config_files_directory(
     loaded = config.load(Path("etc/ipcd.toml"))
     assert loaded.path == etc / "ipcd.toml"
     assert loaded.ipc.key_path == etc / "ipcd.key"
-    assert loaded.daemon.pid_file == etc / "../run/ipcd.pid"
+    assert str(loaded.daemon.pid_file) == str(tmp_path / "run" / "ipcd.pid")
     assert loaded.daemon.workdir == Path("/srv/jobs")
     assert loaded.log.file == tmp_path / "home" / "ipcd.log"
 
@@ -169,6 +172,15 @@ def test_relative_paths_resolve_against_the_config_files_directory(
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     assert config.load(etc / "ipcd.toml") == loaded
+    assert config.load(Path("../etc/./ipcd.toml")) == loaded
+
+    # What ipcctl says names the file as it is, not as the configuration spelled it.
+    (etc / "ipcd.toml").write_text('[ipc]\nkey_path = "../run/../run/./ipcd.key"\n')
+    said = subprocess.run(
+        [IPCCTL, "-c", "../etc/ipcd.toml", "submit", "2", "x"], capture_output=True, text=True
+    )
+    assert said.returncode == ExitCode.UNAVAILABLE
+    assert f"{tmp_path / 'run' / 'ipcd.key'}" in said.stderr and ".." not in said.stderr
 
 
 # --- locate() --------------------------------------------------------------------------------

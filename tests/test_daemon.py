@@ -66,6 +66,31 @@ def test_stop_removes_pid_file_and_waits(daemon: Instance) -> None:
     assert not daemon.pid_file.exists()
     assert _gone(pid, timeout=0.1)
     assert daemon.log_events()[-1]["event"] == "daemon.stopped"
+    assert stopped.stderr == ""  # an idle daemon stops at once: nothing to say
+
+
+def test_stop_says_what_it_waits_for(daemon: Instance) -> None:
+    """While a worker finishes its job, the master logs daemon.stopping at once and
+    `ipcd stop` says on stderr that it waits, and for how long at most."""
+    job_id = daemon.ipcctl("submit", "sleep", "3").stdout.strip()
+    running = daemon.wait_events(
+        lambda e: e.get("event") == "job.started" and e.get("job_id") == job_id, 1
+    )
+    assert running, "the sleep job never started"
+    pid = daemon.pid()
+    stopped = daemon.ipcd("stop")
+    assert stopped.returncode == 0, stopped.stderr
+    assert stopped.stderr == (
+        f"ipcd: waiting for the daemon (pid {pid}) to stop: its workers finish their jobs "
+        "for up to [daemon] graceful_timeout (20s)\n"
+    )
+    events = [
+        e
+        for e in daemon.log_events()
+        if e.get("event") in ("daemon.stopping", "job.done", "daemon.stopped")
+    ]
+    assert [e["event"] for e in events] == ["daemon.stopping", "job.done", "daemon.stopped"]
+    assert events[0]["busy_workers"] == 1 and events[0]["signal"] == signal.SIGTERM
 
 
 def test_stop_is_prompt_while_idle(daemon: Instance) -> None:

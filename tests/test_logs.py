@@ -212,6 +212,53 @@ def test_format_exception() -> None:
     ]
 
 
+def test_format_handler_traceback() -> None:
+    """A handler's traceback (text with newlines) is shown as Python prints it, indented
+    under its event, not as one line of \\n escapes; in colour, its last line is red."""
+    text = (
+        "Traceback (most recent call last):\n"
+        '  File "/x/h.py", line 3, in run\n'
+        "    return 1 / 0\n"
+        "ZeroDivisionError: division by zero\n"
+    )
+    failed = event(level="error", event="handler.exception", traceback=text)
+    del failed["outcome"], failed["ms"], failed["type"], failed["role"], failed["pid"]
+    day = date(2026, 11, 27)
+    assert format_event(failed, tz=UTC, today=day).splitlines() == [
+        "13:59:29.478 error    handler.exception  job_id=4d6813cc0c1e265a handler=echo",
+        "    Traceback (most recent call last):",
+        '      File "/x/h.py", line 3, in run',
+        "        return 1 / 0",
+        "    ZeroDivisionError: division by zero",
+    ]
+    coloured = format_event(failed, color=True, tz=UTC, today=day).splitlines()
+    assert coloured[-1] == "\x1b[31m    ZeroDivisionError: division by zero\x1b[0m"
+    assert coloured[1] == "\x1b[2m    Traceback (most recent call last):\x1b[0m"
+    # A traceback that is not text stays a field of its own.
+    assert "traceback=42" in format_event(event(traceback=42), tz=UTC, today=day)
+
+
+def test_logs_shows_a_handler_traceback_readably(instance: Instance) -> None:
+    """ipcctl logs shows a crashed handler's traceback as indented lines under the
+    handler.exception event; --json prints the log line as it is."""
+    instance.write('[handlers.crash]\ntype = 9\ntarget = "ipcd_test_plugins:crash"\n')
+    assert instance.ipcd("start").returncode == 0
+    job_id = submit(instance, "crash", "x")
+    shown = ipcctl_logs(instance, "--job", job_id)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if " handler.exception  " in line)
+    assert "traceback=" not in lines[head] and "\\n" not in shown.stdout
+    assert lines[head + 1] == "    Traceback (most recent call last):"
+    block = lines[head + 1 : lines.index("    ZeroDivisionError: division by zero in a plugin") + 1]
+    assert all(line.startswith("    ") for line in block)
+    assert any(line.strip().startswith('File "') for line in block)
+    raw = [line for line in instance.log_file.read_text().splitlines() if job_id in line]
+    as_json = ipcctl_logs(instance, "--job", job_id, "--json")
+    assert as_json.stdout.splitlines() == raw
+    assert any('"traceback": "Traceback (most recent call last):\\n' in line for line in raw)
+
+
 def test_format_event_colour() -> None:
     """In colour, errors are red and warnings yellow; without, no escape at all."""
     day = date(2026, 11, 27)

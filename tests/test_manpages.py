@@ -125,6 +125,8 @@ def test_page_names_every_command_and_option(prog: str) -> None:
         if not tagged(found["COMMANDS"], name):
             missing.append(name)
         for option in long_options(sub):
+            if option in long_options(parser):
+                continue  # -c/--config: every command's, documented once above
             if not tagged(found.get(f"OPTIONS/{name}", []), option):
                 missing.append(f"{name} {option}")
     assert not missing, f"{PAGES[prog].name} does not document: {missing}"
@@ -153,12 +155,17 @@ def test_make_install_puts_man_pages_and_completion_in_place(tmp_path: Path) -> 
     done = subprocess.run([*make, "install"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     share = stage / "usr" / "local" / "share"
+    lib = stage / "usr" / "local" / "lib" / "ipcd"
     for installed, source in (
         (share / "man" / "man1" / "ipcctl.1", ROOT / "man" / "ipcctl.1"),
         (share / "man" / "man5" / "ipcd.toml.5", ROOT / "man" / "ipcd.toml.5"),
         (share / "man" / "man8" / "ipcd.8", ROOT / "man" / "ipcd.8"),
         (share / "bash-completion" / "completions" / "ipcctl", ROOT / "completion" / "ipcctl.bash"),
         (share / "bash-completion" / "completions" / "ipcd", ROOT / "completion" / "ipcctl.bash"),
+        # The clients, where clients/php/README.md and docs/php.md require them from.
+        (lib / "ipcd.php", ROOT / "clients" / "php" / "ipcd.php"),
+        (lib / "ipcctl.php", ROOT / "clients" / "php" / "ipcctl.php"),
+        (lib / "ipcd-submit.c", ROOT / "clients" / "c" / "ipcd-submit.c"),
     ):
         assert installed.read_bytes() == source.read_bytes(), installed
         assert installed.stat().st_mode & 0o777 == 0o644, installed
@@ -178,3 +185,24 @@ def test_make_install_puts_man_pages_and_completion_in_place(tmp_path: Path) -> 
     done = subprocess.run([*make, "uninstall"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert [p for p in share.rglob("*") if not p.is_dir()] == []
+    assert not lib.exists()
+
+
+def test_make_run_hints_are_the_readmes() -> None:
+    """The commands `make run` prints to try are the ones README.md's Quick start shows."""
+    dry = subprocess.run(
+        [_need("make"), "--no-print-directory", "-n", "-C", str(ROOT), "run", "BIN=.venv/bin"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert dry.returncode == 0, dry.stderr
+    printed = [
+        line.split('"')[1].strip()
+        for line in dry.stdout.splitlines()
+        if line.startswith('echo "    ')
+    ]
+    readme = (ROOT / "README.md").read_text()
+    quick = readme.split("## Quick start", 1)[1].split("## ", 1)[0]
+    shown = [line for line in quick.splitlines() if line.startswith(".venv/bin/")]
+    assert printed and printed == shown

@@ -80,11 +80,15 @@ def _check_histogram(family: Metric) -> None:
 
 
 def value(families: dict[str, Metric], sample: str, **labels: str) -> float:
-    for family in families.values():
-        for s in family.samples:
-            if s.name == sample and s.labels == labels:
-                return float(s.value)
-    raise AssertionError(f"no sample {sample}{labels}")
+    """The one sample of that name whose labels include ``labels``."""
+    found = [
+        float(s.value)
+        for family in families.values()
+        for s in family.samples
+        if s.name == sample and labels.items() <= s.labels.items()
+    ]
+    assert len(found) == 1, f"{len(found)} samples {sample}{labels}"
+    return found[0]
 
 
 def promtool_check(text: str) -> None:
@@ -115,14 +119,14 @@ def test_counts_match_the_jobs_run_and_survive_a_killed_worker(daemon: Instance)
         assert daemon.ipcctl("submit", "fail", "no", "--wait").returncode == ExitCode.JOB_FAILED
     m = scrape(daemon)
     assert value(m, "ipcd_up") == 1
-    assert value(m, "ipcd_jobs_total", type="echo", outcome="ok") == 5
-    assert value(m, "ipcd_jobs_total", type="echo", outcome="error") == 0
-    assert value(m, "ipcd_jobs_total", type="fail", outcome="error") == 2
-    assert value(m, "ipcd_jobs_total", type="fail", outcome="ok") == 0
-    assert value(m, "ipcd_job_duration_seconds_count", type="echo") == 5
-    assert value(m, "ipcd_job_duration_seconds_count", type="fail") == 2
-    assert value(m, "ipcd_job_duration_seconds_bucket", type="echo", le="+Inf") == 5
-    assert value(m, "ipcd_job_duration_seconds_sum", type="echo") > 0
+    assert value(m, "ipcd_jobs_total", handler="echo", outcome="ok") == 5
+    assert value(m, "ipcd_jobs_total", handler="echo", outcome="error") == 0
+    assert value(m, "ipcd_jobs_total", handler="fail", outcome="error") == 2
+    assert value(m, "ipcd_jobs_total", handler="fail", outcome="ok") == 0
+    assert value(m, "ipcd_job_duration_seconds_count", handler="echo") == 5
+    assert value(m, "ipcd_job_duration_seconds_count", handler="fail") == 2
+    assert value(m, "ipcd_job_duration_seconds_bucket", handler="echo", le="+Inf") == 5
+    assert value(m, "ipcd_job_duration_seconds_sum", handler="echo") > 0
     assert value(m, "ipcd_workers") == 2 and value(m, "ipcd_workers_busy") == 0
     assert value(m, "ipcd_failed_jobs") == 2 and value(m, "ipcd_parked_jobs") == 0
     assert value(m, "ipcd_results_slots_used") == 7 and value(m, "ipcd_queue_messages") == 0
@@ -138,13 +142,13 @@ def test_counts_match_the_jobs_run_and_survive_a_killed_worker(daemon: Instance)
     m = scrape(daemon)
     assert value(m, "ipcd_worker_restarts_total") == 1
     assert value(m, "ipcd_workers_started_total") == 3
-    assert value(m, "ipcd_jobs_total", type="echo", outcome="ok") == 5
-    assert value(m, "ipcd_jobs_total", type="fail", outcome="error") == 2
+    assert value(m, "ipcd_jobs_total", handler="echo", outcome="ok") == 5
+    assert value(m, "ipcd_jobs_total", handler="fail", outcome="error") == 2
 
 
 def test_retries_and_rejected_messages_are_counted(instance: Instance) -> None:
     """Each attempt that asks for another run counts as retried; an undecodable message
-    counts as rejected under "-"."""
+    counts as rejected under handler "(none)", in every form of ``ipcctl stats``."""
     instance.write(FLAKY)
     assert instance.ipcd("start").returncode == 0
     try:
@@ -153,10 +157,18 @@ def test_retries_and_rejected_messages_are_counted(instance: Instance) -> None:
         Queue.open(instance.keys.jobs).send(b'O:8:"stdClass":1:{s:1:"a";i:1;}', 2, timeout=1)
         assert instance.wait_events(lambda e: e["event"] == "job.rejected", 1)
         m = scrape(instance)
-        assert value(m, "ipcd_jobs_total", type="flaky", outcome="retried") == 2
-        assert value(m, "ipcd_jobs_total", type="flaky", outcome="ok") == 1
-        assert value(m, "ipcd_jobs_total", type="-", outcome="rejected") == 1
-        assert value(m, "ipcd_jobs_total", type="echo", outcome="rejected") == 0
+        assert value(m, "ipcd_jobs_total", handler="flaky", outcome="retried") == 2
+        assert value(m, "ipcd_jobs_total", handler="flaky", outcome="ok") == 1
+        # Jobs no handler ran: a clear label, not "-", and no type number (they are many).
+        none = {"handler": "(none)", "type": "(unknown)"}
+        assert value(m, "ipcd_jobs_total", **none, outcome="rejected") == 1
+        assert value(m, "ipcd_jobs_total", handler="flaky", type="20", outcome="ok") == 1
+        assert value(m, "ipcd_jobs_total", handler="echo", outcome="rejected") == 0
+        doc = json.loads(instance.ipcctl("stats", "--json").stdout)
+        assert doc["jobs"]["(none)"]["type"] is None and doc["jobs"]["(none)"]["rejected"] == 1
+        assert doc["jobs"]["flaky"]["type"] == 20 and "-" not in doc["jobs"]
+        rows = instance.ipcctl("stats").stdout.splitlines()
+        assert any(re.fullmatch(r"\(none\) +0 +0 +0 +1 +-", row) for row in rows), rows
     finally:
         instance.ipcd("stop")
 
@@ -174,9 +186,9 @@ def test_a_reload_that_adds_handlers_keeps_the_labels(instance: Instance) -> Non
         assert instance.ipcctl("submit", "flaky", "1", "--wait").returncode == 0
         assert instance.ipcctl("submit", "echo", "after", "--wait").returncode == 0
         m = scrape(instance)
-        assert value(m, "ipcd_jobs_total", type="echo", outcome="ok") == 2
-        assert value(m, "ipcd_jobs_total", type="fail", outcome="error") == 1
-        assert value(m, "ipcd_jobs_total", type="flaky", outcome="ok") == 1
+        assert value(m, "ipcd_jobs_total", handler="echo", outcome="ok") == 2
+        assert value(m, "ipcd_jobs_total", handler="fail", outcome="error") == 1
+        assert value(m, "ipcd_jobs_total", handler="flaky", outcome="ok") == 1
         assert value(m, "ipcd_reloads_total") == 1
     finally:
         instance.ipcd("stop")
@@ -222,7 +234,7 @@ def test_stats_of_a_stopped_daemon(instance: Instance) -> None:
     m = parse_strict(down.stdout)
     assert value(m, "ipcd_up") == 0 and value(m, "ipcd_queue_messages") == 1
     assert value(m, "ipcd_workers") == 0
-    assert value(m, "ipcd_jobs_total", type="echo", outcome="ok") == 1  # the last run's
+    assert value(m, "ipcd_jobs_total", handler="echo", outcome="ok") == 1  # the last run's
     text = instance.ipcctl("stats")
     assert text.returncode == ExitCode.UNAVAILABLE and "not running" in text.stdout
     # No rate that decays while nothing runs; one of each counted thing is singular.
@@ -369,4 +381,4 @@ def test_a_job_whose_worker_died_counts_as_recovered_and_requeued(daemon: Instan
     assert value(m, "ipcd_jobs_recovered_total") == 1
     assert value(m, "ipcd_jobs_requeued_total") == 1
     assert value(m, "ipcd_worker_restarts_total") == 1
-    assert value(m, "ipcd_jobs_total", type="sleep", outcome="error") == 0
+    assert value(m, "ipcd_jobs_total", handler="sleep", outcome="error") == 0

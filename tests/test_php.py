@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
+import textwrap
+from pathlib import Path
 
 import pytest
 from conftest import Instance
@@ -64,3 +67,45 @@ def test_php_envelope_and_reply_queue(daemon: Instance) -> None:
     assert notified == job_id
     shown = daemon.ipcctl("result", job_id)
     assert json.loads(shown.stdout) == {"from": "php"}
+
+
+GUIDE = Path(__file__).parent.parent / "docs" / "php.md"
+CLIENT = Path(__file__).parent.parent / "clients" / "php" / "ipcd.php"
+
+
+def _guide_snippet(index: int, key_file: Path) -> str:
+    """The guide's ``index``-th PHP block, pointed at the test's key file and the
+    checkout's client instead of the installed paths."""
+    blocks = re.findall(r"^ *```php\n(.*?)^ *```", GUIDE.read_text(), re.S | re.M)
+    code = textwrap.dedent(blocks[index])
+    code = code.replace("/usr/local/lib/ipcd/ipcd.php", str(CLIENT))
+    return code.replace("/var/lib/ipcd/ipcd.key", str(key_file))
+
+
+def _run_php_file(tmp: Path, code: str) -> subprocess.CompletedProcess[str]:
+    script = tmp / "snippet.php"
+    script.write_text(code)
+    return subprocess.run(["php", str(script)], capture_output=True, text=True, timeout=60)
+
+
+def test_php_guide_main_snippet_runs(daemon: Instance) -> None:
+    """docs/php.md's first snippet (the client: submit, call, a failure, result) prints
+    what the guide says it prints."""
+    done = _run_php_file(daemon.dir, _guide_snippet(0, daemon.dir / "ipcd.key"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[:2] == ["hello", "failed: disk full"]
+    assert lines[2] in ("not yet", '{"to":"ops","n":3}')
+    assert done.stderr == ""
+
+
+def test_php_guide_ftok_and_sem_get_facts(daemon: Instance) -> None:
+    """What the guide says of PHP: ftok of a missing file is -1, and sem_get() of ipcd's
+    key fails (PHP wants a set of three, ipcd's lock is a set of one)."""
+    ftok = _run_php_file(daemon.dir, _guide_snippet(1, daemon.dir / "ipcd.key"))
+    assert ftok.stdout.splitlines()[-1] == "int(-1)", ftok.stdout + ftok.stderr
+    sem = _run_php_file(daemon.dir, _guide_snippet(9, daemon.dir / "ipcd.key"))
+    assert sem.stdout.splitlines()[-1] == "bool(false)", sem.stdout + sem.stderr
+    assert f"sem_get(): Failed for key {daemon.keys.jobs:#010x}: Invalid argument" in (
+        sem.stdout + sem.stderr
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -92,9 +93,15 @@ def test_job_timeout_from_the_command_line(instance: Instance) -> None:
     """`--timeout-job S` kills a job that runs longer; the result says timeout."""
     _start(instance)
     try:
-        killed = instance.ipcctl("submit", "sleep", "5", "--timeout-job", "0.3", "--wait")
+        killed = instance.ipcctl("submit", "sleep", "5", "--timeout-job", "1", "--wait")
         assert killed.returncode == ExitCode.JOB_FAILED
         assert "timeout: killed after" in killed.stderr
+        # The job.done event's ms is the job's run time up to its kill (at least its 1 s
+        # timeout), not the master's bookkeeping after it.
+        done = instance.wait_events(
+            lambda e: e["event"] == "job.done" and e.get("killed") is True, 1
+        )
+        assert done and float(str(done[0]["ms"])) >= 1000, done
         quick = instance.ipcctl("submit", "sleep", "0.1", "--timeout-job", "2", "--wait")
         assert quick.stdout == "slept 0.1s\n"
     finally:
@@ -206,6 +213,38 @@ def test_too_large_result_is_an_error_everywhere(instance: Instance) -> None:
         assert event["outcome"] == "error" and "too large" in str(event["error"])
         listed = json.loads(instance.ipcctl("failed", "--json").stdout)["failed"]
         assert [f["id"] for f in listed] == [event["job_id"]]
+    finally:
+        instance.ipcd("stop")
+
+
+def test_status_tells_delayed_jobs_from_retries(instance: Instance) -> None:
+    """A job submitted with --delay shows as delayed, with its due time, not as waiting
+    to retry; a job that asked for a retry shows as waiting to retry."""
+    _start(
+        instance,
+        extra='[handlers.retry_once]\ntype = 20\ntarget = "ipcd_test_plugins:retry_once"\n',
+    )
+    try:
+        before = time.time()
+        delayed = instance.ipcctl("submit", "echo", "later", "--delay", "300")
+        assert delayed.returncode == 0, delayed.stderr
+        doc = json.loads(instance.ipcctl("status", "--json").stdout)
+        assert (doc["parked"], doc["delayed"]) == (1, 1)
+        assert before + 300 <= doc["next_due"] <= time.time() + 300
+        due = time.strftime("%H:%M:%S", time.localtime(doc["next_due"]))
+        text = instance.ipcctl("status").stdout
+        jobs = next(line for line in text.splitlines() if line.startswith("jobs "))
+        assert re.fullmatch(
+            rf"jobs {{7}}1 delayed \(next due {due}, in (2\d\d|300)s\), "
+            "0 waiting to retry, 0 failed",
+            jobs,
+        ), jobs
+        retried = instance.ipcctl("submit", "retry_once", "300").stdout.strip()
+        instance.wait_events(lambda e: e["event"] == "job.retry" and e["job_id"] == retried, 1)
+        doc = json.loads(instance.ipcctl("status", "--json").stdout)
+        assert (doc["parked"], doc["delayed"]) == (2, 1)
+        text = instance.ipcctl("status").stdout
+        assert ", 1 waiting to retry, 0 failed" in text, text
     finally:
         instance.ipcd("stop")
 

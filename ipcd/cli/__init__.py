@@ -74,15 +74,43 @@ def _columns() -> int:
         return 80
 
 
-def parser(prog: str, description: str, epilog: str) -> tuple[Parser, Any]:
-    """The top-level parser with -c/--config, and its subcommand registry."""
+class _Version(argparse.Action):
+    """``--version``: the installed package's version, looked up only when asked, so that
+    a cron job's ``ipcctl submit`` never imports importlib.metadata."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, *args: object, **kwargs: object
+    ) -> NoReturn:
+        from importlib import metadata
+
+        try:
+            version = metadata.version("ipcd")
+        except metadata.PackageNotFoundError:  # run from a checkout that is not installed
+            version = "unknown (not installed)"
+        print(f"{parser.prog} {version}")  # on stdout, as --help and GNU tools do
+        parser.exit(0)
+
+
+def parser(prog: str, description: str, epilog: str) -> tuple[Parser, Any, Parser]:
+    """The top-level parser with -c/--config and --version, its subcommand registry, and
+    the parent parser every subcommand takes (``parents=[common]``), so that -c also
+    works after the subcommand: ``ipcctl status -c FILE``."""
     top = Parser(
         prog=prog,
         description=description,
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    top.add_argument(
-        "-c", "--config", help="configuration file (default: $IPCD_CONFIG, /etc/ipcd/ipcd.toml)"
+    config_help = "configuration file (default: $IPCD_CONFIG, /etc/ipcd/ipcd.toml)"
+    top.add_argument("-c", "--config", metavar="PATH", help=config_help)
+    top.add_argument("--version", action=_Version, help="print the version and exit")
+    # SUPPRESS: a subcommand without -c must not overwrite the value given before it.
+    common = Parser(add_help=False)
+    common.add_argument(
+        "-c", "--config", metavar="PATH", default=argparse.SUPPRESS, help=config_help
     )
-    return top, top.add_subparsers(dest="command", required=True, parser_class=Parser)
+    sub = top.add_subparsers(dest="command", required=True, parser_class=Parser)
+    return top, sub, common

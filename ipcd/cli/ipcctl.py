@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ipcd import config as config_mod
 from ipcd.cli import end_on_sigterm, run
-from ipcd.cli.ipcctl_args import build_parser, command_in
+from ipcd.cli.ipcctl_args import WAIT_TIMEOUT, parse
 from ipcd.client import Client
 from ipcd.config import Config
 from ipcd.errors import (
@@ -31,7 +31,7 @@ from ipcd.results import Kind, Result, require
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser(command_in(argv)).parse_args(argv)
+    args = parse(argv)
     config = config_mod.load(config_mod.locate(args.config))
     if args.command == "logs":
         return _logs(config, args)
@@ -88,8 +88,9 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
         return int(ExitCode.ALREADY_QUEUED)  # --quiet: cron mails nothing for it
     if not args.wait:
         print(job_id)
+        _warn_if_unserved(client, job_id)
         return 0
-    return _print_result(client.wait_submitted(job_id, args.timeout), as_json=False)
+    return _print_result(client.wait_submitted(job_id, _wait_timeout(args)), as_json=False)
 
 
 def _warn_of_unserved_type(config: Config, type_: str) -> None:
@@ -101,6 +102,18 @@ def _warn_of_unserved_type(config: Config, type_: str) -> None:
         print(
             f"ipcctl: warning: no handler in {config.path} has message type {number}; "
             "the job fails unless the daemon's configuration has one",
+            file=sys.stderr,
+        )
+
+
+def _warn_if_unserved(client: Client, job_id: str) -> None:
+    """A fire-and-forget job was accepted (exit 0: it waits in the queue), but if no
+    daemon serves the queue, a cron job must hear that ipcd is down: a line on stderr,
+    which cron mails.  -q does not silence it (it only silences "already queued")."""
+    if not client.daemon_serving():
+        print(
+            f"ipcctl: warning: no daemon is serving the queue at key {client.keys.jobs:#010x} "
+            f"({client.config.path}); job {job_id} waits in the queue until ipcd starts",
             file=sys.stderr,
         )
 
@@ -148,9 +161,13 @@ def _result(client: Client, args: argparse.Namespace) -> int:
     return code
 
 
+def _wait_timeout(args: argparse.Namespace) -> float:
+    return WAIT_TIMEOUT if args.timeout is None else float(args.timeout)
+
+
 def _get_result(client: Client, args: argparse.Namespace) -> Result:
     if args.wait:
-        return client.wait(args.job_id, args.timeout)
+        return client.wait(args.job_id, _wait_timeout(args))
     return require(client.result(args.job_id), args.job_id)
 
 

@@ -24,15 +24,33 @@ EPILOG = """exit status:
 """
 
 
+#: How long --wait waits when --timeout does not say.
+WAIT_TIMEOUT = 30.0
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The whole parser, or with ``only`` a parser that knows just that subcommand: a
     cron job's ``ipcctl submit`` should not pay for building the other eight (a few
     milliseconds of argparse objects and translations)."""
-    parser, sub = cli_parser("ipcctl", "Submit jobs to ipcd and read their results.", EPILOG)
+    parser, sub, common = cli_parser(
+        "ipcctl", "Submit jobs to ipcd and read their results.", EPILOG
+    )
     for name, (help_text, fill) in _COMMANDS.items():
         if only is None or name == only:
-            fill(sub.add_parser(name, help=help_text))
+            fill(sub.add_parser(name, help=help_text, description=help_text, parents=[common]))
     return parser
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The command line, checked: options that only make sense with another (--timeout
+    with --wait, -q with --unique) are a usage error (64) without it, not silently ignored."""
+    parser = build_parser(command_in(argv))
+    args = parser.parse_args(argv)
+    if getattr(args, "timeout", None) is not None and not args.wait:
+        parser.error("--timeout S only applies with --wait (it bounds the wait for the result)")
+    if getattr(args, "quiet", False) and args.unique is None:
+        parser.error("-q/--quiet only applies with --unique KEY (it silences 'already queued')")
+    return args
 
 
 def command_in(argv: list[str]) -> str | None:
@@ -127,7 +145,11 @@ def _json_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _job_id_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("job_id", type=_job_id)
+    parser.add_argument(
+        "job_id",
+        type=_job_id,
+        help="the job's id, as submit printed it (or as ipcctl failed lists it)",
+    )
 
 
 def _no_options(parser: argparse.ArgumentParser) -> None:
@@ -197,7 +219,10 @@ def _color_option(parser: argparse.ArgumentParser) -> None:
 def _wait_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wait", action="store_true", help="wait for the result and print it")
     parser.add_argument(
-        "--timeout", type=_seconds, default=30.0, metavar="S", help="with --wait (default 30)"
+        "--timeout",
+        type=_seconds,
+        metavar="S",
+        help=f"with --wait: give up after S seconds, exit 124 (default {WAIT_TIMEOUT:g})",
     )
 
 

@@ -22,14 +22,21 @@ EPILOG = """exit status:
 """
 
 
+#: Every subcommand and its line in ``ipcd --help`` (also its description in ``ipcd CMD -h``).
+_COMMANDS = {
+    "start": "detach and run in the background; returns once ready",
+    "run": "run in the foreground, logging to the terminal too",
+    "stop": "stop the daemon; waits until the job in progress is done",
+    "reload": "re-read the configuration and reopen the log (SIGHUP)",
+    "status": "say whether the daemon runs (LSB: 0 running, 3 not)",
+    "check": "validate the configuration and import every handler",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser, sub = cli_parser("ipcd", "The ipcd job-queue daemon.", EPILOG)
-    sub.add_parser("start", help="detach and run in the background; returns once ready")
-    sub.add_parser("run", help="run in the foreground, logging to the terminal too")
-    sub.add_parser("stop", help="stop the daemon; waits until the job in progress is done")
-    sub.add_parser("reload", help="re-read the configuration and reopen the log (SIGHUP)")
-    sub.add_parser("status", help="say whether the daemon runs (LSB: 0 running, 3 not)")
-    sub.add_parser("check", help="validate the configuration and import every handler")
+    parser, sub, common = cli_parser("ipcd", "The ipcd job-queue daemon.", EPILOG)
+    for name, help_text in _COMMANDS.items():
+        sub.add_parser(name, help=help_text, description=help_text, parents=[common])
     return parser
 
 
@@ -45,7 +52,17 @@ def main(argv: list[str]) -> int:
     if args.command == "run":
         return _run(config)
     if args.command == "stop":
-        daemonize.stop(pid_file, config.daemon.stop_timeout)
+        graceful = config.daemon.graceful_timeout
+
+        def waiting(pid: int) -> None:
+            print(
+                f"ipcd: waiting for the daemon (pid {pid}) to stop: its workers finish their "
+                f"jobs for up to [daemon] graceful_timeout ({graceful:g}s)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        daemonize.stop(pid_file, config.daemon.stop_timeout, waiting=waiting)
         return 0
     if args.command == "reload":
         daemonize.signal_daemon(pid_file, signal.SIGHUP)

@@ -62,7 +62,11 @@ def status_text(reading: Reading, previous: Reading | None = None) -> str:
     if status.spill is not None:
         lines.append(f"spill      {metrics.spill_text(status.spill)}")
     dropped = f" ({status.failed_dropped} older dropped)" if status.failed_dropped else ""
-    lines.append(f"jobs       {status.parked} waiting to retry, {status.failed} failed{dropped}")
+    retrying = status.parked - len(status.delayed)
+    lines.append(
+        f"jobs       {_delayed_text(status.delayed, now)}, {retrying} waiting to retry, "
+        f"{status.failed} failed{dropped}"
+    )
     snap = reading.stats
     if snap is not None:
         lines.append(
@@ -74,6 +78,14 @@ def status_text(reading: Reading, previous: Reading | None = None) -> str:
     if rate is not None:
         lines.append(f"rate       {figure(rate.per_second)} jobs/s {_over(rate)}")
     return "\n".join(lines)
+
+
+def _delayed_text(delayed: tuple[float, ...], now: float) -> str:
+    """``2 delayed (next due 14:05:00, in 295s)``: jobs submitted with --delay."""
+    if not delayed:
+        return "0 delayed"
+    when = time.strftime("%H:%M:%S", time.localtime(delayed[0]))
+    return f"{len(delayed)} delayed (next due {when}, in {max(delayed[0] - now, 0):.0f}s)"
 
 
 def _over(rate: Rate) -> str:
@@ -123,6 +135,8 @@ def status_doc(reading: Reading, previous: Reading | None = None) -> dict[str, o
             for w in status.workers
         ],
         "parked": status.parked,
+        "delayed": len(status.delayed),
+        "next_due": round(status.delayed[0], 3) if status.delayed else None,
         "failed": status.failed,
         "failed_dropped": status.failed_dropped,
         "key": f"{status.keys.jobs:#010x}",

@@ -162,6 +162,20 @@ id=$(member "$IPCCTL" submit echo again 2>&1)
 out=$(member "$IPCCTL" result "$id" --wait 2>&1)
 expect "member: ipcctl result ID --wait" "0 again" "$? $out"
 
+step "the installed PHP client"
+check "make install put the PHP and C clients in /usr/local/lib/ipcd" test -f /usr/local/lib/ipcd/ipcd.php \
+    -a -f /usr/local/lib/ipcd/ipcctl.php -a -f /usr/local/lib/ipcd/ipcd-submit.c
+if command -v php >/dev/null; then
+    out=$(member php /usr/local/lib/ipcd/ipcctl.php submit 2 "from php" --wait 2>&1)
+    expect "member: php /usr/local/lib/ipcd/ipcctl.php submit 2 --wait" "0 from php" "$? $out"
+    out=$(member php -r 'require "/usr/local/lib/ipcd/ipcd.php";
+        $r = Ipcd\Client::fromKeyFile("/var/lib/ipcd/ipcd.key")->call(2, "required");
+        echo $r->ok ? $r->value() : $r->error();' 2>&1)
+    expect "member: require '/usr/local/lib/ipcd/ipcd.php' and call()" "0 required" "$? $out"
+else
+    info "no php in the image: the installed PHP client not run"
+fi
+
 step "a user outside group ipcd is refused"
 out=$(outsider "$IPCCTL" submit echo hi 2>&1)
 expect "outsider: ipcctl submit exits 77" 77 "$?"
@@ -316,6 +330,7 @@ check "the links in /usr/local/bin are gone" test ! -e /usr/local/bin/ipcctl -a 
 check "the units are gone" test ! -e /etc/systemd/system/ipcd.service -a ! -e /etc/systemd/system/ipcd@.service
 check "the man pages and the completion are gone" test ! -e /usr/local/share/man/man1/ipcctl.1 \
     -a ! -e /usr/local/share/bash-completion/completions/ipcctl
+check "the clients are gone" test ! -e /usr/local/lib/ipcd
 check "the configuration is kept" test -f /etc/ipcd/ipcd.toml
 expect "the key file is kept (same inode)" "$key_inode" "$(stat -c %i /var/lib/ipcd/ipcd.key)"
 check "the job queue is kept" grep -q "^$k1 " <(ipcs -q)

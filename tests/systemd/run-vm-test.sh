@@ -60,7 +60,7 @@ SUITE=bookworm
 # On top of Debian's minbase: systemd as init, the kernel, Python with venv (what `make
 # install` uses), make, logrotate (etc/logrotate.d/ipcd is tested), passwd (useradd),
 # man-db (`man ipcctl` after `make install`; the image drops Debian's own pages).
-PKGS="systemd systemd-sysv udev linux-image-amd64 python3 python3-venv make logrotate passwd procps man-db"
+PKGS="systemd systemd-sysv udev linux-image-amd64 python3 python3-venv make logrotate passwd procps man-db php-cli"
 IMG_SIZE=2G
 
 log() { printf '[test-systemd %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
