@@ -11,7 +11,9 @@ would orphan it.  The *spill table* (a segment and a SEM_UNDO lock at the job ke
 
     FREE -> CLAIMING   claimed under the lock *before* shmget: pid, claimed_at, job id
          -> (shmid recorded, data written, segment handed to the daemon's uid)
-         -> QUEUED     the envelope was sent; the job's outcome frees it (ipcd.outcome)
+         -> QUEUED     the envelope is about to be sent (marked before the send, with the
+                       sender's pid, and freed again if the send fails); the job's
+                       outcome frees it (ipcd.outcome)
             -> FAILED  the job failed for good and the failed list holds it: dropping
                        it from the list frees it, ``ipcctl retry`` makes it QUEUED again
          or RESULT     the ring holds the descriptor; eviction from the ring frees it
@@ -32,7 +34,8 @@ Layout (little-endian)::
                             entries u32, entry_size u32, evicted u64 (results evicted
                             for room), evicted_by_payloads u64 (of those, by a payload's
                             claim), then zeros
-    entry, 48 bytes:        state u32, pid u32, claimed_at f64, shmid i32 (-1: none yet),
+    entry, 48 bytes:        state u32, pid u32 (the claimer, or the sender once QUEUED),
+                            claimed_at f64, shmid i32 (-1: none yet),
                             reserved u32, size u64, job_id 16s
     spill segment:          magic 8s b"IPCDSPD\\0", version u32, role u32 (0 payload,
                             1 result), kind u32 (0 bytes, 1 text, 2 JSON), reserved u32,
@@ -307,11 +310,15 @@ class SpillTable:
             self._write(self.entry(index)._replace(shmid=shmid))
 
     def mark(self, index: int, state: State, shmid: int) -> None:
-        """Move an entry on, if it still names that segment."""
+        """Move an entry on, if it still names that segment.  QUEUED records this
+        process as the sender: the master's sweep frees a QUEUED entry whose sender died
+        and whose job is neither queued nor in flight (it died before it sent).
+        """
         with self.lock.held(LOCK_TIMEOUT):
             entry = self.entry(index)
             if entry.shmid == shmid:
-                self._write(entry._replace(state=state))
+                pid = os.getpid() if state is State.QUEUED else entry.pid
+                self._write(entry._replace(state=state, pid=pid))
 
     def find(self, shmid: int, job_id: str) -> Entry | None:
         for entry in self.entries():
