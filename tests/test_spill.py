@@ -630,6 +630,33 @@ def test_a_result_refused_for_room_says_so(instance: Instance) -> None:
         table.segment.close()
 
 
+def test_queued_payloads_leave_the_results_their_share(instance: Instance, tmp_path: Path) -> None:
+    """With the payloads' share of the spill table held by queued large jobs (parked
+    for a minute), the next large submission gets exit status 75 at once, naming the
+    share, and a job's large result is still stored."""
+    client = _start(instance, _spill_jobs("spill_slots = 4"))  # one kept for results
+    try:
+        for n in range(3):
+            client.submit("digest", bytes([n]) * MIB, delay=60)
+        assert [e.state for e in _in_use(instance)] == [State.QUEUED] * 3
+        big = tmp_path / "big"
+        big.write_bytes(b"\xfe" * MIB)
+        with big.open("rb") as fh:
+            refused = subprocess.run(
+                [IPCCTL, "-c", str(instance.config_path), "submit", "digest", "-"],
+                stdin=fh, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+        assert refused.returncode == ExitCode.QUEUE_FULL, refused.stderr
+        assert "spill table's 3 slots for large payloads are taken" in refused.stderr
+        assert "[results] spill_reserved = 1" in refused.stderr
+        for n in range(3):  # each evicts the one before: the share is one entry
+            result = client.call("big", str(MIB + n), timeout=30)
+            assert result.ok and result.data == b"x" * (MIB + n), result.error
+        assert sorted(e.state for e in _in_use(instance)) == [State.QUEUED] * 3 + [State.RESULT]
+    finally:
+        _stop(instance)
+
+
 def test_status_and_stats_show_the_spill_table(instance: Instance) -> None:
     """``ipcctl status`` (text and JSON) and ``stats --prometheus`` show the table's use."""
     client = _start(instance)
