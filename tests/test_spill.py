@@ -280,6 +280,18 @@ def test_worker_killed_on_a_spilled_job_runs_it_again(instance: Instance) -> Non
         _stop(instance)
 
 
+def _die_claiming(key: int, *, recorded: bool) -> None:  # pragma: no cover - in a child
+    """Be a client killed in a large submission: claim an entry, make the segment (and
+    record it, or not), then SIGKILL this process before anything else."""
+    table = SpillTable.open(key)
+    claim = table.claim("doomed", MIB, role=spillsegment.Role.PAYLOAD, refused="not accepted")
+    segment = Segment.create_private(spillsegment.DATA + MIB, 0o600)
+    if recorded:
+        table.record(claim.slot, segment.id)
+    segment.close()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 @pytest.mark.parametrize("recorded", [False, True], ids=["before-record", "after-record"])
 def test_sweeper_removes_a_dead_clients_segment(instance: Instance, recorded: bool) -> None:
     """A client killed after claiming an entry and making its segment (before or after
@@ -289,15 +301,7 @@ def test_sweeper_removes_a_dead_clients_segment(instance: Instance, recorded: bo
         keys = instance.keys
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the doomed client
-            table = SpillTable.open(keys.spill)
-            index = table.claim(
-                "doomed", MIB, role=spillsegment.Role.PAYLOAD, refused="not accepted"
-            ).slot
-            segment = Segment.create_private(spillsegment.DATA + MIB, 0o600)
-            if recorded:
-                table.record(index, segment.id)
-            segment.close()
-            os.kill(os.getpid(), signal.SIGKILL)
+            _die_claiming(keys.spill, recorded=recorded)
         _, status = os.waitpid(pid, 0)
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
         swept = instance.wait_events(lambda e: e.get("event") == "spill.swept", 1, timeout=15)
@@ -324,15 +328,7 @@ def test_sweep_keeps_the_queued_payloads_of_a_client_that_died_claiming(
             mine = Client(instance.config)
             ids = [mine.submit("digest", bytes([n]) * MIB) for n in range(3)]
             os.write(write_end, " ".join(ids).encode())
-            table = SpillTable.open(instance.keys.spill)
-            index = table.claim(
-                "doomed", MIB, role=spillsegment.Role.PAYLOAD, refused="not accepted"
-            ).slot
-            segment = Segment.create_private(spillsegment.DATA + MIB, 0o600)
-            if recorded:
-                table.record(index, segment.id)
-            segment.close()
-            os.kill(os.getpid(), signal.SIGKILL)
+            _die_claiming(instance.keys.spill, recorded=recorded)
         finally:
             os._exit(1)
     os.close(write_end)
