@@ -73,7 +73,7 @@ class Arbiter:
         self.recovery = Recovery(prepared, self.outcomes, self.log)
         self.started = time.time()
         self._next_sweep = 0.0
-        self.spill_sweeper = Sweeper(prepared.spills)
+        self.spill_sweeper = Sweeper(prepared.spills, prepared.queue, prepared.table)
         self.master_pid = os.getpid()
         self._wake_r, self._wake_w = os.pipe()
         self._notify_r, self._notify_w = os.pipe()

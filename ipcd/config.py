@@ -76,6 +76,9 @@ class ResultsConfig(NamedTuple):
     max_result: int = 256 << 20
     #: The most data spilled results hold together; the oldest are evicted beyond it.
     spill_bytes: int = 1 << 30
+    #: Entries of the spill table large payloads may not take: kept for large results,
+    #: so that queued payloads never make a result fail (a quarter of [jobs] spill_slots).
+    spill_reserved: int = 16
 
 
 class JobsConfig(NamedTuple):
@@ -251,7 +254,9 @@ def parse(raw: Mapping[str, Any], path: Path) -> Config:
     log_config = LogConfig(file=_resolve(base, log_file) if log_file else None, level=level)
 
     results = reader.table(raw, "results")
-    reader.allow(results, "results", {"size", "slot_size", "max_result", "spill_bytes"})
+    reader.allow(
+        results, "results", {"size", "slot_size", "max_result", "spill_bytes", "spill_reserved"}
+    )
     slot_size = reader.get(results, "results.slot_size", int, 4096)
     size = reader.get(results, "results.size", int, 1 << 20)
     if not 256 <= slot_size <= 1 << 24:
@@ -276,8 +281,14 @@ def parse(raw: Mapping[str, Any], path: Path) -> Config:
         retry_delay=reader.non_negative(jobs, "jobs.retry_delay", 1.0),
         failed_size=reader.bounded(jobs, "jobs.failed_size", 256, 1, 65536),
         parked=reader.bounded(jobs, "jobs.parked", 64, 1, 65536),
-        spill_slots=reader.bounded(jobs, "jobs.spill_slots", 64, 1, 65536),
+        spill_slots=reader.bounded(jobs, "jobs.spill_slots", 64, 2, 65536),
         max_payload=reader.bounded(jobs, "jobs.max_payload", 256 << 20, 0, 1 << 40),
+    )
+    slots = jobs_config.spill_slots
+    results_config = results_config._replace(
+        spill_reserved=reader.bounded(
+            results, "results.spill_reserved", max(1, slots // 4), 1, slots - 1
+        )
     )
 
     return Config(

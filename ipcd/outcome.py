@@ -102,6 +102,14 @@ class Outcomes:
     ) -> None:
         """Store ``result`` for ``job``; a failure also goes to the failed list.
 
+        A failure is listed (its spilled payload then held by the list) *before* the result
+        is stored: a waiter reads the result the moment it is stored, and must find the
+        job on the failed list and its spill entry FAILED, never the state before.  (A
+        worker that dies between the two leaves no result: the master runs the job again.)
+        What follows the stored result, freeing the unique key and a success's payload,
+        comes after it: a worker that dies before storing the result must leave the job
+        whole for its next run.
+
         ``listed=False`` keeps a failure off the failed list (a malformed message cannot be
         retried); ``logged=False`` skips the ``job.done`` event when the caller has already
         logged the job's one event (``job.rejected``).
@@ -110,8 +118,10 @@ class Outcomes:
         if room is not None and len(result.data) > room:
             # Decided here, so the log says error (or the size of what was spilled).
             result = self._spill(result) if self.store.spills else too_large(result, room + 64)
+        if not result.ok and listed:
+            self._list_failed(job, body, result.error)
         stored = self._store(result)
-        self.conclude(job, result, body=body, listed=listed)
+        self._release(job, result, listed=listed)
         if not logged:
             if job.reply_to is not None:
                 self.notify(job.reply_to, job.id)
@@ -120,19 +130,24 @@ class Outcomes:
             fields["stored"] = False
         self.announce(job, result, body=body, handler=handler, started=started, **fields)
 
-    def conclude(self, job: Job, result: Result, *, body: bytes, listed: bool = True) -> None:
-        """What follows a stored outcome: the job's unique key freed, a failure put on the
-        failed list (which keeps a spilled payload), a success's spilled payload removed.
+    def conclude(self, job: Job, result: Result, *, body: bytes) -> None:
+        """What a worker that died after storing ``result`` may have left undone: a failure
+        put on the failed list (which keeps a spilled payload), the job's unique key freed,
+        a success's spilled payload removed (the master calls this).
 
-        The master does it again for a worker that died after storing the result, so each
-        step tolerates having been done: a key or segment already freed is left alone, and
-        a job already on the failed list is not listed twice.
+        Each step tolerates having been done: a job already on the failed list is not
+        listed twice, and a key or segment already freed is left alone.
         """
+        if not result.ok and not self.listed(job.id):
+            self._list_failed(job, body, result.error)
+        self._release(job, result, listed=True)
+
+    def _release(self, job: Job, result: Result, *, listed: bool) -> None:
+        """After the stored outcome: the job's unique key freed, and its spilled payload
+        removed unless the failed list holds it."""
         if job.unique is not None and self.unique is not None:
             uniquerelease.release(self.unique, job, self.log)
-        if not result.ok and listed:
-            self._list_failed(job, body, result.error)
-        elif job.spill is not None:
+        if job.spill is not None and (result.ok or not listed):
             spill.settle(self.store.spills, job)  # final: the payload's segment goes
 
     def listed(self, job_id: str) -> bool:

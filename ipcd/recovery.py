@@ -43,9 +43,7 @@ class Recovery:
         if existing is not None and existing.finished >= held.started > 0:
             # The worker stored the outcome and died before it said so: finish what it
             # left (key, failed list, payload segment) and say it for it.
-            self.outcomes.conclude(
-                job, existing, body=held.body, listed=not self.outcomes.listed(job.id)
-            )
+            self.outcomes.conclude(job, existing, body=held.body)
             self.outcomes.announce(
                 job, existing, body=held.body, handler=self._handler_name(job),
                 started=started, recovered=True,

@@ -73,7 +73,9 @@ def prepare(config: Config, *, console: TextIO | None) -> Prepared:
     store = ResultStore.create(
         keys.results, keys.gate, mode, config.results.size, config.results.slot_size
     )
-    spills = SpillTable.create(keys.spill, mode, config.jobs.spill_slots)
+    spills = SpillTable.create(
+        keys.spill, mode, config.jobs.spill_slots, config.results.spill_reserved
+    )
     spills.max_result, spills.mode, spills.gid = config.results.max_result, mode, who.object_gid
     spills.spill_bytes = config.results.spill_bytes
     store.spills = spills

@@ -51,8 +51,13 @@ def outgoing(
     message, else one that points to a segment the payload is spilled into.
 
     Used as ``with outgoing(...) as body: send(body)``: for a spilled payload the entry
-    becomes QUEUED once the block succeeds, and if the block raises (queue full, ...) the
-    segment is removed and the entry freed, so a refused job leaves nothing behind.
+    becomes QUEUED before the block sends it, and if the block raises (queue full, ...)
+    the segment is removed and the entry freed, so a refused job leaves nothing behind.
+    QUEUED comes first because the master's sweep frees the entries of dead claimers: a
+    client killed just after its send must leave an entry that says its job is queued,
+    not one the sweep takes for a submission that never happened.  (One killed between
+    the mark and the send, or while blocked on a full queue, leaves a QUEUED entry for a
+    job that was never sent; the master's sweep frees it, see ipcd.spillsweep.)
     """
     if body is not None:
         yield body
@@ -67,13 +72,14 @@ def outgoing(
     )  # fmt: skip
     ref = SpillRef(shmid, len(raw), index, kind)
     try:
-        yield protocol.encode(
+        body = protocol.encode(
             None, job_id=job_id, reply_to=reply_to, timeout=timeout, unique=unique, spill=ref
         )
+        table.mark(index, State.QUEUED, shmid)
+        yield body
     except BaseException:
         table.discard(index, shmid)
         raise
-    table.mark(index, State.QUEUED, shmid)
 
 
 def within_max_payload(payload: Payload, limit: int) -> tuple[str, bytes]:

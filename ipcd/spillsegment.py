@@ -96,14 +96,30 @@ def proc_shm() -> list[list[str]]:
         return []
 
 
-def orphans(shm: list[list[str]], pid: int, recorded: int, claimed_at: float) -> set[int]:
-    """What a dead claimer ``pid`` made: its ``recorded`` segment, and any key-0 segment
-    nobody has attached that it created after claiming (it died before recording it)."""
+def orphans(
+    shm: list[list[str]], pid: int, recorded: int, claimed_at: float, size: int, taken: set[int]
+) -> set[int]:
+    """What a dead claimer ``pid`` made for one entry: its ``recorded`` segment, and a key-0
+    segment it made for it but died before recording: one of the entry's size (header and
+    ``size`` bytes of data), created after the claim, that nobody has attached and that
+    no other entry or envelope names (``taken``).
+
+    The size and ``taken`` tests matter: a client that queued large jobs a moment before
+    it died leaves their segments unattached, made by the same pid just as recently, and
+    those belong to accepted jobs.
+    """
     found: set[int] = set()
     for f in shm:
-        key, shmid, cpid, nattch, ctime = int(f[0]), int(f[1]), int(f[4]), int(f[6]), int(f[13])
+        key, shmid, segsz, cpid = int(f[0]), int(f[1]), int(f[3]), int(f[4])
+        nattch, ctime = int(f[6]), int(f[13])
         if key != 0 or cpid != pid:
             continue
-        if shmid == recorded or (nattch == 0 and ctime >= claimed_at - CTIME_SLACK):
+        if shmid == recorded or (
+            recorded < 0
+            and shmid not in taken
+            and segsz == DATA + size
+            and nattch == 0
+            and ctime >= claimed_at - CTIME_SLACK
+        ):
             found.add(shmid)
     return found

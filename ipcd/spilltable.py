@@ -11,7 +11,9 @@ would orphan it.  The *spill table* (a segment and a SEM_UNDO lock at the job ke
 
     FREE -> CLAIMING   claimed under the lock *before* shmget: pid, claimed_at, job id
          -> (shmid recorded, data written, segment handed to the daemon's uid)
-         -> QUEUED     the envelope was sent; the job's outcome frees it (ipcd.outcome)
+         -> QUEUED     the envelope is about to be sent (marked before the send, with the
+                       sender's pid, and freed again if the send fails); the job's
+                       outcome frees it (ipcd.outcome)
             -> FAILED  the job failed for good and the failed list holds it: dropping
                        it from the list frees it, ``ipcctl retry`` makes it QUEUED again
          or RESULT     the ring holds the descriptor; eviction from the ring frees it
@@ -20,8 +22,12 @@ Spilled results are a cache.  A claim that finds every entry taken evicts the ol
 RESULT entry (removes its segment, frees the entry), so results never starve payloads;
 a result's claim also evicts the oldest results while those kept would exceed
 ``[results] spill_bytes``.  The ring's record of an evicted result then reads as no
-result.  The failed list holds at most half the entries (FAILED): beyond that a failed
-job's payload goes at once and its failed entry says so.
+result.  Payloads never starve results either: the table's header keeps ``reserved``
+entries (``[results] spill_reserved``) out of the payloads' reach, so payloads (claimed,
+queued or failed) hold at most ``entries - reserved`` and a payload's claim beyond that
+is refused (QueueFullError, exit 75, at submit time) while a result's claim always finds
+a free entry or a result to evict.  The failed list holds at most half the entries
+(FAILED): beyond that a failed job's payload goes at once and its failed entry says so.
 
 The master sweeps entries left CLAIMING by a dead process (ipcd.spillsweep).  QUEUED
 entries belong to the queue, FAILED ones to the failed list, RESULT entries to the ring.
@@ -31,8 +37,10 @@ Layout (little-endian)::
     table header, 64 bytes: magic 8s b"IPCDSPT\\0", version u32, header_size u32,
                             entries u32, entry_size u32, evicted u64 (results evicted
                             for room), evicted_by_payloads u64 (of those, by a payload's
-                            claim), then zeros
-    entry, 48 bytes:        state u32, pid u32, claimed_at f64, shmid i32 (-1: none yet),
+                            claim), reserved u32 (entries payloads may not take: kept
+                            for results; 0 in a table made before it), then zeros
+    entry, 48 bytes:        state u32, pid u32 (the claimer, or the sender once QUEUED),
+                            claimed_at f64, shmid i32 (-1: none yet),
                             reserved u32, size u64, job_id 16s
     spill segment:          magic 8s b"IPCDSPD\\0", version u32, role u32 (0 payload,
                             1 result), kind u32 (0 bytes, 1 text, 2 JSON), reserved u32,
@@ -69,6 +77,9 @@ LOCK_TIMEOUT = 5.0
 #: The eviction counters in the table header (zeros in a table made before them).
 COUNTERS = struct.Struct("<QQ")
 COUNTERS_OFFSET = 24
+#: The entries kept for results, after the counters (zero in a table made before it).
+RESERVED = struct.Struct("<I")
+RESERVED_OFFSET = 40
 
 assert ENTRY.size == ENTRY_SIZE
 
@@ -142,9 +153,10 @@ class SpillTable:
         self.spill_bytes: int | None = None
 
     @classmethod
-    def create(cls, key: int, mode: int, entries: int) -> SpillTable:
+    def create(cls, key: int, mode: int, entries: int, reserved: int = 0) -> SpillTable:
         """Create the table, or keep the one a previous daemon left (its entries still
-        name live segments); one of another size is rebuilt with its entries carried."""
+        name live segments); one of another size is rebuilt with its entries carried.
+        ``reserved`` entries are kept for results (payloads may take the rest)."""
         lock = Lock.create(key, mode)
         carried: list[Entry] = []
 
@@ -175,7 +187,10 @@ class SpillTable:
         )
         for entry in carried[entries:]:  # no room: what they named cannot be kept
             remove_checked(entry.shmid, entry.job_id)
-        return cls(segment, lock)
+        table = cls(segment, lock)
+        with lock.held(LOCK_TIMEOUT):
+            RESERVED.pack_into(table.buf, RESERVED_OFFSET, min(reserved, entries))
+        return table
 
     @classmethod
     def open(cls, key: int) -> SpillTable:
@@ -212,12 +227,19 @@ class SpillTable:
 
         Results are a cache: with every entry taken, the oldest result goes to make room
         (so payloads are never starved by results), and a result's claim also evicts the
-        oldest while the results kept would exceed ``spill_bytes``.  QueueFullError when
-        only payloads hold the entries; ``refused`` (from the caller, which knows what
-        was refused) ends its message.
+        oldest while the results kept would exceed ``spill_bytes``.  A payload's claim is
+        refused while payloads hold every entry but the ``reserved`` ones, so a queued
+        payload never makes a later result fail.  QueueFullError when refused;
+        ``refused`` (from the caller, which knows what was refused) ends its message.
         """
         with self.lock.held(LOCK_TIMEOUT):
             entries = self.entries()
+            if role is Role.PAYLOAD:
+                # Claims still CLAIMING count as payloads: a worker's result claim is
+                # brief, and counting it errs towards keeping room for results.
+                payloads = sum(1 for e in entries if e.state not in (State.FREE, State.RESULT))
+                if payloads >= self.count - self.reserved():
+                    raise QueueFullError(self._full(entries, refused))
             stored = sorted(
                 (e for e in entries if e.state is State.RESULT), key=lambda e: e.claimed_at
             )
@@ -233,8 +255,8 @@ class SpillTable:
             if free is None and stored:
                 evicted.append(self._evict(stored.pop(0)))
                 free = evicted[-1].slot
-            if free is None:
-                raise QueueFullError(self._full(entries, refused))
+            if free is None:  # only other claims just now (or a table with no reserve)
+                raise QueueFullError(f"every spill slot is taken, none by a result: {refused}")
             self._write(Entry(free, State.CLAIMING, os.getpid(), time.time(), -1, size, job_id))
             if evicted:
                 self._count_evicted(len(evicted), by_payload=role is Role.PAYLOAD)
@@ -250,10 +272,17 @@ class SpillTable:
 
     def _full(self, entries: list[Entry], refused: str) -> str:
         failed = sum(1 for e in entries if e.state is State.FAILED)
+        reserved = self.reserved()
         return (
-            f"every spill slot is taken by a large payload ([jobs] spill_slots = "
-            f"{self.count}; {failed} held by the failed list): {refused}"
+            f"the spill table's {self.count - reserved} slots for large payloads are taken "
+            f"([jobs] spill_slots = {self.count}, of which [results] spill_reserved = "
+            f"{reserved} are kept for large results; {failed} held by the failed list): "
+            f"{refused}"
         )
+
+    def reserved(self) -> int:
+        """The entries kept for results, which payloads may not take."""
+        return int(RESERVED.unpack_from(self.buf, RESERVED_OFFSET)[0])
 
     def counters(self) -> tuple[int, int]:
         """(results evicted for room, of those by a payload's claim) since the table was made."""
@@ -307,11 +336,15 @@ class SpillTable:
             self._write(self.entry(index)._replace(shmid=shmid))
 
     def mark(self, index: int, state: State, shmid: int) -> None:
-        """Move an entry on, if it still names that segment."""
+        """Move an entry on, if it still names that segment.  QUEUED records this
+        process as the sender: the master's sweep frees a QUEUED entry whose sender died
+        and whose job is neither queued nor in flight (it died before it sent).
+        """
         with self.lock.held(LOCK_TIMEOUT):
             entry = self.entry(index)
             if entry.shmid == shmid:
-                self._write(entry._replace(state=state))
+                pid = os.getpid() if state is State.QUEUED else entry.pid
+                self._write(entry._replace(state=state, pid=pid))
 
     def find(self, shmid: int, job_id: str) -> Entry | None:
         for entry in self.entries():

@@ -124,6 +124,13 @@ def test_every_setting_is_read_as_written(tmp_path: Path) -> None:
             1 << 24,
         ),
         (MINIMAL + "[results]\nslot_size = 256\nsize = 576", lambda c: c.results.size, 576),
+        (MINIMAL + "[jobs]\nspill_slots = 2", lambda c: c.results.spill_reserved, 1),
+        (MINIMAL + "[jobs]\nspill_slots = 100", lambda c: c.results.spill_reserved, 25),
+        (
+            MINIMAL + "[results]\nspill_reserved = 9\n[jobs]\nspill_slots = 10",
+            lambda c: c.results.spill_reserved,
+            9,
+        ),
         (MINIMAL + "[handlers.a]\ntype = 2", lambda c: c.handlers[0].type, 2),
         (MINIMAL + "[handlers.a]\ntype = 2147483647", lambda c: c.handlers[0].type, 2**31 - 1),
     ],
@@ -295,6 +302,15 @@ def test_locate_falls_back_to_etc(monkeypatch: pytest.MonkeyPatch, env: str | No
         (
             MINIMAL + "[results]\nslot_size = 1024\nsize = 2111\n",
             "results.size must hold at least two slots (64 + 2 * slot_size)",
+        ),
+        (MINIMAL + "[jobs]\nspill_slots = 1\n", "jobs.spill_slots must be between 2 and 65536"),
+        (
+            MINIMAL + "[results]\nspill_reserved = 0\n",
+            "results.spill_reserved must be between 1 and 63",
+        ),
+        (
+            MINIMAL + "[results]\nspill_reserved = 4\n[jobs]\nspill_slots = 4\n",
+            "results.spill_reserved must be between 1 and 3",
         ),
         # world-writable objects would let anyone forge jobs
         (

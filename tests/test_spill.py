@@ -24,6 +24,7 @@ from ipcd.client import Client
 from ipcd.errors import ExitCode, QueueFullError
 from ipcd.ipc import Queue
 from ipcd.protocol import JSONValue
+from ipcd.results import Kind
 from ipcd.shm import Segment
 from ipcd.spilltable import SpillTable, State
 from ipcd.unique import UniqueTable
@@ -279,6 +280,18 @@ def test_worker_killed_on_a_spilled_job_runs_it_again(instance: Instance) -> Non
         _stop(instance)
 
 
+def _die_claiming(key: int, *, recorded: bool) -> None:  # pragma: no cover - in a child
+    """Be a client killed in a large submission: claim an entry, make the segment (and
+    record it, or not), then SIGKILL this process before anything else."""
+    table = SpillTable.open(key)
+    claim = table.claim("doomed", MIB, role=spillsegment.Role.PAYLOAD, refused="not accepted")
+    segment = Segment.create_private(spillsegment.DATA + MIB, 0o600)
+    if recorded:
+        table.record(claim.slot, segment.id)
+    segment.close()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 @pytest.mark.parametrize("recorded", [False, True], ids=["before-record", "after-record"])
 def test_sweeper_removes_a_dead_clients_segment(instance: Instance, recorded: bool) -> None:
     """A client killed after claiming an entry and making its segment (before or after
@@ -288,21 +301,84 @@ def test_sweeper_removes_a_dead_clients_segment(instance: Instance, recorded: bo
         keys = instance.keys
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the doomed client
-            table = SpillTable.open(keys.spill)
-            index = table.claim(
-                "doomed", MIB, role=spillsegment.Role.PAYLOAD, refused="not accepted"
-            ).slot
-            segment = Segment.create_private(spillsegment.DATA + MIB, 0o600)
-            if recorded:
-                table.record(index, segment.id)
-            segment.close()
-            os.kill(os.getpid(), signal.SIGKILL)
+            _die_claiming(keys.spill, recorded=recorded)
         _, status = os.waitpid(pid, 0)
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
         swept = instance.wait_events(lambda e: e.get("event") == "spill.swept", 1, timeout=15)
         assert swept and (swept[0]["entries"], swept[0]["segments"]) == (1, 1)
         assert _in_use(instance) == []
         assert not [f for f in _proc_shm() if f[0] == "0" and int(f[4]) == pid]
+    finally:
+        _stop(instance)
+
+
+@pytest.mark.parametrize("recorded", [False, True], ids=["before-record", "after-record"])
+def test_sweep_keeps_the_queued_payloads_of_a_client_that_died_claiming(
+    instance: Instance, recorded: bool
+) -> None:
+    """A client that queued three large jobs and was killed during its fourth (after
+    making the segment, before or after recording it): the sweep removes only that
+    segment, and the three accepted jobs run with their payloads."""
+    client = _start(instance)
+    _stop(instance)  # the jobs wait in the queue, their segments unattached
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the doomed client
+        try:
+            mine = Client(instance.config)
+            ids = [mine.submit("digest", bytes([n]) * MIB) for n in range(3)]
+            os.write(write_end, " ".join(ids).encode())
+            _die_claiming(instance.keys.spill, recorded=recorded)
+        finally:
+            os._exit(1)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as fh:
+        ids = fh.read().decode().split()
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert len(ids) == 3
+    assert instance.ipcd("start").returncode == 0
+    try:
+        swept = instance.wait_events(lambda e: e.get("event") == "spill.swept", 1, timeout=15)
+        assert swept and (swept[0]["entries"], swept[0]["segments"]) == (1, 1)
+        for n, job_id in enumerate(ids):
+            result = client.wait(job_id, 30)
+            assert result.ok, result.error
+            assert result.value() == {**_digest(bytes([n]) * MIB), "kind": "bytes", "attempt": 1}
+        assert not [f for f in _proc_shm() if f[0] == "0" and int(f[4]) == pid]
+        instance.wait_events(lambda e: e.get("event") == "job.done", 3)
+        assert _in_use(instance) == []
+    finally:
+        _stop(instance)
+
+
+def test_sweep_frees_a_queued_entry_whose_job_was_never_sent(instance: Instance) -> None:
+    """A client killed after marking its entry QUEUED and before its send (or while
+    blocked on a full queue): once the queue is empty the running daemon's sweep removes
+    the segment and frees the entry; a job that was sent keeps its own."""
+    client = _start(instance)
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the doomed client
+            try:
+                table = SpillTable.open(instance.keys.spill)
+                index, shmid, _ = table.put(
+                    b"u" * MIB, job_id="unsent", kind=Kind.BYTES,
+                    role=spillsegment.Role.PAYLOAD, mode=0o600, owner=None, refused="no",
+                )  # fmt: skip
+                table.mark(index, State.QUEUED, shmid)
+                os.kill(os.getpid(), signal.SIGKILL)
+            finally:
+                os._exit(1)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        (entry,) = _in_use(instance)
+        assert (entry.state, entry.pid, entry.job_id) == (State.QUEUED, pid, "unsent")
+        assert client.call("digest", b"s" * MIB, timeout=30).ok  # sent: its entry is kept
+        swept = instance.wait_events(lambda e: e.get("event") == "spill.swept", 1, timeout=15)
+        assert swept and (swept[0]["entries"], swept[0]["segments"]) == (1, 1)
+        assert _in_use(instance) == []
+        assert not _segment_exists(entry.shmid)
     finally:
         _stop(instance)
 
@@ -548,6 +624,33 @@ def test_a_result_refused_for_room_says_so(instance: Instance) -> None:
             )
     finally:
         table.segment.close()
+
+
+def test_queued_payloads_leave_the_results_their_share(instance: Instance, tmp_path: Path) -> None:
+    """With the payloads' share of the spill table held by queued large jobs (parked
+    for a minute), the next large submission gets exit status 75 at once, naming the
+    share, and a job's large result is still stored."""
+    client = _start(instance, _spill_jobs("spill_slots = 4"))  # one kept for results
+    try:
+        for n in range(3):
+            client.submit("digest", bytes([n]) * MIB, delay=60)
+        assert [e.state for e in _in_use(instance)] == [State.QUEUED] * 3
+        big = tmp_path / "big"
+        big.write_bytes(b"\xfe" * MIB)
+        with big.open("rb") as fh:
+            refused = subprocess.run(
+                [IPCCTL, "-c", str(instance.config_path), "submit", "digest", "-"],
+                stdin=fh, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+        assert refused.returncode == ExitCode.QUEUE_FULL, refused.stderr
+        assert "spill table's 3 slots for large payloads are taken" in refused.stderr
+        assert "[results] spill_reserved = 1" in refused.stderr
+        for n in range(3):  # each evicts the one before: the share is one entry
+            result = client.call("big", str(MIB + n), timeout=30)
+            assert result.ok and result.data == b"x" * (MIB + n), result.error
+        assert sorted(e.state for e in _in_use(instance)) == [State.QUEUED] * 3 + [State.RESULT]
+    finally:
+        _stop(instance)
 
 
 def test_status_and_stats_show_the_spill_table(instance: Instance) -> None:

@@ -28,6 +28,8 @@ class Load:
     submitters: int = 4
     count: int = 750
     pause: float = 0.0
+    #: Seconds each job is parked before it is queued (``submit --delay``); 0: none.
+    delay: float = 0.0
     #: Names this load's files, so that two loads can run side by side.
     name: str = "load"
     procs: list[subprocess.Popen[str]] = field(default_factory=list)
@@ -54,6 +56,7 @@ class Load:
                     str(self.out(n)),
                     str(self.stop_file),
                     str(self.pause),
+                    str(self.delay),
                 ],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
