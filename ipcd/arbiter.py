@@ -39,6 +39,7 @@ from ipcd import stats as stats_mod
 from ipcd.errors import IpcdError
 from ipcd.inflight import State
 from ipcd.outcome import Outcomes
+from ipcd.pidlock import PidLock
 from ipcd.pool import MAX_BACKOFF, MIN_BACKOFF, Pool, WorkerInfo
 from ipcd.recovery import DAEMON_KILLED, Recovery
 from ipcd.server import Prepared
@@ -55,9 +56,12 @@ SPILL_SWEEP = 3.0
 
 
 class Arbiter:
-    def __init__(self, prepared: Prepared, flags: Flags) -> None:
+    def __init__(self, prepared: Prepared, flags: Flags, *, lock: PidLock | None = None) -> None:
         self.p = prepared
         self.flags = flags
+        #: The one-master lock (ipcd.pidlock): workers close their copy, so that only the
+        #: master's life decides how long it is held.
+        self.lock = lock
         self.log = log_mod.get_logger(role="master")
         self.pool = Pool(free_slots=list(range(prepared.table.workers)))
         self.stats = prepared.stats.for_master()
@@ -211,7 +215,8 @@ class Arbiter:
                     self.p,
                     slot,
                     master_pid=self.master_pid,
-                    close=[self._wake_r, self._wake_w, self._notify_r],
+                    close=[self._wake_r, self._wake_w, self._notify_r]
+                    + ([] if self.lock is None else [self.lock.fd]),
                     notify_master=self._notify_w,
                 )
             )

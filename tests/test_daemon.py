@@ -124,8 +124,17 @@ def test_start_failure_is_reported_before_detaching(instance: Instance) -> None:
 
 
 def test_start_failure_after_detaching_is_reported(instance: Instance) -> None:
-    """A failure inside the detached daemon (PID directory gone) reaches `ipcd start`'s stderr."""
-    instance.write(extra="")
+    """A failure inside the detached daemon (its PID file cannot be written: a directory
+    is in the way) reaches `ipcd start`'s stderr, and leaves no daemon."""
+    instance.pid_file.mkdir()
+    failed = instance.ipcd("start")
+    assert failed.returncode == 1
+    assert f"cannot write the PID file {instance.pid_file}: Is a directory" in failed.stderr
+    assert instance.ipcd("status").returncode == ExitCode.NOT_RUNNING
+
+
+def test_missing_pid_file_directory_is_reported(instance: Instance) -> None:
+    """A PID file in a directory that does not exist fails the start (1), naming it."""
     text = instance.config_path.read_text().replace(
         'pid_file = "ipcd.pid"', 'pid_file = "missing-dir/ipcd.pid"'
     )

@@ -13,7 +13,7 @@ from ipcd import config as config_mod
 from ipcd import identity
 from ipcd.cli import parser as cli_parser
 from ipcd.cli import run
-from ipcd.errors import AlreadyRunningError, ExitCode
+from ipcd.errors import ExitCode
 
 EPILOG = """exit status:
   0 success, 1 the daemon failed to start (reason on stderr), 3 not running (status),
@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     config = config_mod.load(config_mod.locate(args.config))
     pid_file = config.daemon.pid_file
-    # python-daemon and lockfile are imported only by the commands that need them.
+    # python-daemon is imported only by the commands that need it.
     from ipcd import daemonize
 
     if args.command == "start":
@@ -67,42 +67,39 @@ def main(argv: list[str]) -> int:
 def _start(config: config_mod.Config) -> int:
     from ipcd import daemonize, server
     from ipcd.arbiter import Arbiter
+    from ipcd.pidlock import PidLock
     from ipcd.signals import Flags
 
-    daemonize.claim_pid_file(config.daemon.pid_file)
+    lock = PidLock.acquire(config.daemon.pid_file)  # before anything else: one master
     prepared = server.prepare(config, console=None)
+    identity.hand_over(prepared.identity, [lock.path])
     flags = Flags()
     log_fd = prepared.sink.fileno()
     daemonize.start_detached(
-        pid_file=config.daemon.pid_file,
+        lock=lock,
         workdir=config.daemon.workdir,
         umask=config.daemon.umask,
         flags=flags,
         keep_fds=[] if log_fd is None else [log_fd],
-        run=lambda ready: Arbiter(prepared, flags).run(ready),
+        run=lambda ready: Arbiter(prepared, flags, lock=lock).run(ready),
         drop_privileges=lambda: identity.drop(prepared.identity),
     )
     return 0
 
 
 def _run(config: config_mod.Config) -> int:
-    import lockfile.pidlockfile
-
-    from ipcd import daemonize, server
+    from ipcd import server
     from ipcd.arbiter import Arbiter
+    from ipcd.pidlock import PidLock
     from ipcd.signals import Flags
 
-    pid_file = config.daemon.pid_file
-    daemonize.claim_pid_file(pid_file)
-    prepared = server.prepare(config, console=sys.stderr)
-    identity.drop(prepared.identity)
-    lock = lockfile.pidlockfile.PIDLockFile(str(pid_file), timeout=0)
+    lock = PidLock.acquire(config.daemon.pid_file)  # before anything else: one master
     try:
-        lock.acquire()
-    except lockfile.AlreadyLocked:
-        raise AlreadyRunningError(f"another ipcd holds {pid_file}") from None
-    try:
-        Arbiter(prepared, Flags()).run()
+        prepared = server.prepare(config, console=sys.stderr)
+        identity.hand_over(prepared.identity, [lock.path])
+        identity.drop(prepared.identity)
+        lock.record(os.getpid())
+        Arbiter(prepared, Flags(), lock=lock).run()
     finally:
         lock.release()
     return 0
