@@ -25,12 +25,20 @@ from pathlib import Path
 
 import daemon
 
-from ipcd import pidlock
-from ipcd.errors import IpcdError, NotRunningError, StartupError
+from ipcd import pidlock, reloading
+from ipcd.errors import (
+    IpcdError,
+    NotRunningError,
+    ReloadFailedError,
+    StartupError,
+    WaitTimeoutError,
+)
 from ipcd.pidlock import PidLock
 from ipcd.signals import Flags
 
 READY = b"ok\n"
+#: How long ``ipcd reload`` waits for the daemon's outcome (a reload imports handlers).
+RELOAD_TIMEOUT = 30.0
 
 
 def running_pid(pid_file: Path) -> int | None:
@@ -185,11 +193,35 @@ def wait_gone(pid: int, timeout: float) -> bool:
         os.close(fd)
 
 
-def signal_daemon(pid_file: Path, signum: int) -> int:
+def reload(pid_file: Path, timeout: float) -> int:
+    """SIGHUP the daemon and wait for the outcome of the reload it starts; returns its PID.
+
+    Raises ReloadFailedError with the daemon's own error when it could not reload (it
+    keeps its old configuration), WaitTimeoutError when no outcome came within
+    ``timeout`` (see ipcd.reloading).
+    """
     pid = running_pid(pid_file)
     if pid is None:
         raise NotRunningError(_not_running(pid_file))
-    os.kill(pid, signum)
+    before = reloading.read(pid_file)
+    sent = time.monotonic()
+    os.kill(pid, signal.SIGHUP)
+    outcome = reloading.wait(
+        pid_file, pid, after=before, sent=sent, timeout=timeout,
+        running=lambda: running_pid(pid_file) == pid,
+    )  # fmt: skip
+    if outcome is None:
+        if running_pid(pid_file) != pid:
+            raise StartupError(f"ipcd (pid {pid}) exited during the reload (see its log)")
+        raise WaitTimeoutError(
+            f"ipcd (pid {pid}) did not report the reload's outcome within {timeout:g}s "
+            "(see its log)"
+        )
+    if outcome.error:
+        raise ReloadFailedError(
+            f"reload failed, ipcd (pid {pid}) keeps its old configuration: {outcome.error}",
+            outcome.exit_code,
+        )
     return pid
 
 

@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import IPCD, Instance, run
+from conftest import DEFAULT_HANDLERS, IPCD, Instance, run
 
 from ipcd.errors import ExitCode
 
@@ -186,6 +186,29 @@ def test_bad_reload_keeps_running_config(daemon: Instance) -> None:
     assert done.stdout == "still here\n"
     failed = [e for e in daemon.log_events() if e["event"] == "daemon.reload_failed"]
     assert len(failed) == 1 and "invalid TOML" in str(failed[0]["error"])
+
+
+def test_reload_the_daemon_refuses_fails_and_keeps_the_old_config(daemon: Instance) -> None:
+    """A reload that fails in the daemon (a handler module that does not import there,
+    which `ipcd reload` itself does not check) exits 78 with the daemon's error on
+    stderr, and the daemon keeps serving its old configuration; the next good reload
+    exits 0."""
+    daemon.write(
+        handlers=DEFAULT_HANDLERS + '[handlers.broken]\ntype = 9\ntarget = "no_such_module:f"\n'
+    )
+    failed = daemon.ipcd("reload")
+    assert failed.returncode == ExitCode.CONFIG, failed.stderr
+    assert (
+        f"reload failed, ipcd (pid {daemon.pid()}) keeps its old configuration: "
+        "handler 'broken': cannot load 'no_such_module:f'"
+    ) in failed.stderr
+    done = daemon.ipcctl("submit", "echo", "old config", "--wait", "--timeout", "10")
+    assert done.stdout == "old config\n"
+    daemon.write(handlers=DEFAULT_HANDLERS + "[handlers.shout]\ntype = 7\n"
+                 'target = "ipcd.handlers.builtin:echo"\n')  # fmt: skip
+    fixed = daemon.ipcd("reload")
+    assert fixed.returncode == 0, fixed.stderr
+    assert daemon.ipcctl("submit", "shout", "new", "--wait").stdout == "new\n"
 
 
 def test_stop_and_status_when_not_running(instance: Instance) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,8 @@ from ipcd.errors import ExitCode
 EPILOG = """exit status:
   0 success, 1 the daemon failed to start (reason on stderr), 3 not running (status),
   64 usage error, 69 not running (stop, reload), 73 already running, 77 permission denied,
-  70 internal error (a bug: please report), 78 bad configuration
+  70 internal error (a bug: please report), 78 bad configuration (also a reload the
+  daemon refused: it keeps the old one), 124 the daemon did not report a reload's outcome
 """
 
 
@@ -27,7 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("start", help="detach and run in the background; returns once ready")
     sub.add_parser("run", help="run in the foreground, logging to the terminal too")
     sub.add_parser("stop", help="stop the daemon; waits until the job in progress is done")
-    sub.add_parser("reload", help="re-read the configuration and reopen the log (SIGHUP)")
+    sub.add_parser(
+        "reload",
+        help="re-read the configuration and reopen the log (SIGHUP); waits for the outcome",
+    )
     sub.add_parser("status", help="say whether the daemon runs (LSB: 0 running, 3 not)")
     sub.add_parser("check", help="validate the configuration and import every handler")
     return parser
@@ -48,7 +51,7 @@ def main(argv: list[str]) -> int:
         daemonize.stop(pid_file, config.daemon.stop_timeout)
         return 0
     if args.command == "reload":
-        daemonize.signal_daemon(pid_file, signal.SIGHUP)
+        daemonize.reload(pid_file, daemonize.RELOAD_TIMEOUT)
         return 0
     if args.command == "check":
         from ipcd import registry
@@ -65,12 +68,14 @@ def main(argv: list[str]) -> int:
 
 
 def _start(config: config_mod.Config) -> int:
-    from ipcd import daemonize, server
+    from ipcd import daemonize, sdnotify, server
     from ipcd.arbiter import Arbiter
     from ipcd.pidlock import PidLock
     from ipcd.signals import Flags
 
     lock = PidLock.acquire(config.daemon.pid_file)  # before anything else: one master
+    # systemd names this process in WATCHDOG_PID; the master it starts answers for it.
+    watchdog = sdnotify.from_process_environment()
     prepared = server.prepare(config, console=None)
     identity.hand_over(prepared.identity, [lock.path])
     flags = Flags()
@@ -81,25 +86,26 @@ def _start(config: config_mod.Config) -> int:
         umask=config.daemon.umask,
         flags=flags,
         keep_fds=[] if log_fd is None else [log_fd],
-        run=lambda ready: Arbiter(prepared, flags, lock=lock).run(ready),
+        run=lambda ready: Arbiter(prepared, flags, lock=lock, watchdog=watchdog).run(ready),
         drop_privileges=lambda: identity.drop(prepared.identity),
     )
     return 0
 
 
 def _run(config: config_mod.Config) -> int:
-    from ipcd import server
+    from ipcd import sdnotify, server
     from ipcd.arbiter import Arbiter
     from ipcd.pidlock import PidLock
     from ipcd.signals import Flags
 
     lock = PidLock.acquire(config.daemon.pid_file)  # before anything else: one master
+    watchdog = sdnotify.from_process_environment()
     try:
         prepared = server.prepare(config, console=sys.stderr)
         identity.hand_over(prepared.identity, [lock.path])
         identity.drop(prepared.identity)
         lock.record(os.getpid())
-        Arbiter(prepared, Flags(), lock=lock).run()
+        Arbiter(prepared, Flags(), lock=lock, watchdog=watchdog).run()
     finally:
         lock.release()
     return 0
