@@ -15,7 +15,11 @@ to.  It wakes to:
 - reload (SIGHUP): fork a new generation of workers with the new configuration, then ask
   the old ones to finish their current job and exit, so jobs keep flowing;
 - stop (SIGTERM/SIGINT): ask every worker to finish its job, wait up to
-  ``graceful_timeout``, then kill the rest and keep their jobs for the next start.
+  ``graceful_timeout``, then kill the rest and keep their jobs for the next start;
+- under systemd's watchdog, send a keep-alive every half ``WatchdogSec=`` (ipcd.sdnotify),
+  so that a master that stops turning is restarted.
+
+After each reload it publishes the outcome for ``ipcd reload`` (ipcd.reloading).
 
 Signal handlers only record (ipcd.signals.Flags) and the C-level handler writes to the
 self-pipe (``signal.set_wakeup_fd``); everything else happens in this loop.
@@ -39,8 +43,10 @@ from ipcd import stats as stats_mod
 from ipcd.errors import IpcdError
 from ipcd.inflight import State
 from ipcd.outcome import Outcomes
+from ipcd.pidlock import PidLock
 from ipcd.pool import MAX_BACKOFF, MIN_BACKOFF, Pool, WorkerInfo
 from ipcd.recovery import DAEMON_KILLED, Recovery
+from ipcd.sdnotify import Watchdog
 from ipcd.server import Prepared
 from ipcd.signals import Flags
 from ipcd.spillsweep import Sweeper
@@ -55,9 +61,24 @@ SPILL_SWEEP = 3.0
 
 
 class Arbiter:
-    def __init__(self, prepared: Prepared, flags: Flags) -> None:
+    def __init__(
+        self,
+        prepared: Prepared,
+        flags: Flags,
+        *,
+        lock: PidLock | None = None,
+        watchdog: Watchdog | None = None,
+    ) -> None:
         self.p = prepared
         self.flags = flags
+        #: The one-master lock (ipcd.pidlock): workers close their copy, so that only the
+        #: master's life decides how long it is held.
+        self.lock = lock
+        self.watchdog = watchdog
+        #: Where reload outcomes go: beside the PID file the daemon started with (a
+        #: reload does not move it).
+        self.pid_file = prepared.config.daemon.pid_file
+        self.reloads = 0
         self.log = log_mod.get_logger(role="master")
         self.pool = Pool(free_slots=list(range(prepared.table.workers)))
         self.stats = prepared.stats.for_master()
@@ -106,6 +127,7 @@ class Arbiter:
         ready()
         try:
             while not self.flags.stopping:
+                self._keep_alive()
                 self._sleep()
                 self._reap()
                 if self.flags.stopping:
@@ -129,6 +151,9 @@ class Arbiter:
             with contextlib.suppress(IpcdError):
                 p.store.set_daemon(0, 0.0)
             p.table.set_master(0)
+            reloading.forget(self.pid_file)
+            if self.watchdog is not None:
+                self.watchdog.close()
             self.log.info(
                 "daemon.stopped",
                 pid=os.getpid(),
@@ -170,8 +195,19 @@ class Arbiter:
                 reason="raising msg_qbytes above msgmnb needs CAP_SYS_RESOURCE",
             )
 
+    def _keep_alive(self) -> None:
+        """systemd's watchdog: the master still turns (sent when due, ipcd.sdnotify)."""
+        if self.watchdog is None:
+            return
+        try:
+            self.watchdog.keepalive(time.monotonic())
+        except OSError as exc:
+            self.log.warning("watchdog.notify_failed", error=exc.strerror)
+
     def _sleep(self) -> None:
         timeout = max(0.0, min(self._next_event() - time.time(), TICK))
+        if self.watchdog is not None:
+            timeout = min(timeout, self.watchdog.until_due(time.monotonic()))
         select.select([self._wake_r, self._notify_r], [], [], timeout)
         for fd in (self._wake_r, self._notify_r):
             with contextlib.suppress(BlockingIOError):
@@ -211,7 +247,8 @@ class Arbiter:
                     self.p,
                     slot,
                     master_pid=self.master_pid,
-                    close=[self._wake_r, self._wake_w, self._notify_r],
+                    close=[self._wake_r, self._wake_w, self._notify_r]
+                    + ([] if self.lock is None else [self.lock.fd]),
                     notify_master=self._notify_w,
                 )
             )
@@ -322,6 +359,8 @@ class Arbiter:
 
     def _reload(self) -> None:
         p = self.p
+        self.reloads += 1
+        outcome = reloading.Outcome(os.getpid(), self.reloads, time.monotonic())
         try:
             p.sink.reopen()
         except OSError as exc:
@@ -333,6 +372,7 @@ class Arbiter:
             registry = registry_mod.build(fresh)
         except IpcdError as exc:
             self.log.error("daemon.reload_failed", error=str(exc), config=str(p.config.path))
+            self._publish(outcome._replace(error=str(exc), exit_code=int(exc.exit_code)))
             return
         fresh, restart_needed = reloading.apply(p.config, fresh, max_workers=p.table.workers // 2)
         p.config, p.registry = fresh, registry
@@ -350,6 +390,14 @@ class Arbiter:
             replaced=len(old),
             restart_needed=list(restart_needed) or None,
         )
+        self._publish(outcome)
+
+    def _publish(self, outcome: reloading.Outcome) -> None:
+        """Tell ``ipcd reload`` how its reload went (ipcd.reloading)."""
+        try:
+            reloading.publish(self.pid_file, outcome)
+        except OSError as exc:
+            self.log.error("daemon.reload_unreported", error=exc.strerror)
 
     def _count_reload(self, registry: registry_mod.Registry) -> None:
         """Give new handlers their stats columns before the new workers start."""
@@ -376,6 +424,7 @@ class Arbiter:
         for info in self.pool.workers.values():
             signal_worker(info.pid, signal.SIGTERM, group=False)
         while self.pool.workers and time.time() < deadline:
+            self._keep_alive()  # a stop by `ipcd stop` leaves the unit's watchdog running
             select.select([self._wake_r], [], [], min(0.2, max(deadline - time.time(), 0)))
             with contextlib.suppress(BlockingIOError):
                 os.read(self._wake_r, 4096)

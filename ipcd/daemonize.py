@@ -1,13 +1,17 @@
-"""Detaching (python-daemon) and the PID file (lockfile): the ``Type=forking`` contract.
+"""Detaching (python-daemon) and the one-master lock: the ``Type=forking`` contract.
 
 ``ipcd start`` must return only once the daemon takes jobs, and fail with the reason on
 stderr when it cannot, because systemd (``Type=forking``) and init scripts treat the exit
 of the starting process as "ready".  python-daemon's ``DaemonContext.open()`` ends the
 calling process at its first fork, so the starting process forks once itself: the child
-calls ``open()`` (double fork, ``setsid``, chdir, umask, descriptors closed, stdio to
-/dev/null, PID file), and the final daemon process writes ``ok`` or ``error: …`` into a
-pipe the starting process reads.  The ``daemon`` and ``lockfile`` packages are imported
-only here.
+calls ``open()`` (double fork, ``setsid``, chdir, umask, descriptors closed but the lock's,
+stdio to /dev/null), and the final daemon process records its PID (ipcd.pidlock) and
+writes ``ok`` or ``error: …`` into a pipe the starting process reads.  The ``daemon``
+package is imported only here.
+
+Whether a daemon runs is the kernel's lock on ``PID_FILE.lock`` (ipcd.pidlock), taken by
+the starting process before anything else and kept by the daemon until it exits, never
+what the PID file says.
 """
 
 from __future__ import annotations
@@ -20,63 +24,32 @@ from collections.abc import Callable
 from pathlib import Path
 
 import daemon
-import daemon.pidfile
-import lockfile
-import lockfile.pidlockfile
 
-from ipcd.errors import AlreadyRunningError, IpcdError, NotRunningError, StartupError
-from ipcd.procs import alive
+from ipcd import pidlock, reloading
+from ipcd.errors import (
+    IpcdError,
+    NotRunningError,
+    ReloadFailedError,
+    StartupError,
+    WaitTimeoutError,
+)
+from ipcd.pidlock import PidLock
 from ipcd.signals import Flags
 
 READY = b"ok\n"
-
-
-def read_pid(pid_file: Path) -> int | None:
-    """The PID recorded in the file, or None when there is no readable PID in it."""
-    try:
-        text = pid_file.read_text()
-    except (FileNotFoundError, PermissionError, IsADirectoryError):
-        return None
-    try:
-        pid = int(text.strip())
-    except ValueError:
-        return None
-    return pid if pid > 0 else None
+#: How long ``ipcd reload`` waits for the daemon's outcome (a reload imports handlers).
+RELOAD_TIMEOUT = 30.0
 
 
 def running_pid(pid_file: Path) -> int | None:
-    """The PID of the live ipcd that owns ``pid_file``, or None."""
-    pid = read_pid(pid_file)
-    if pid is None or not _is_ipcd(pid):
-        return None
-    return pid
-
-
-def _is_ipcd(pid: int) -> bool:
-    """Alive and an ipcd, so that a PID reused by another program does not block a start."""
-    if not alive(pid):
-        return False
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return True  # alive; without /proc, assume it is ours
-    return b"ipcd" in cmdline
-
-
-def claim_pid_file(pid_file: Path) -> None:
-    """Refuse when another instance runs; remove a stale file left by a killed one."""
-    pid = running_pid(pid_file)
-    if pid is not None:
-        raise AlreadyRunningError(f"ipcd is already running (pid {pid}, PID file {pid_file})")
-    if pid_file.exists():
-        lockfile.pidlockfile.PIDLockFile(str(pid_file)).break_lock()
-    if not pid_file.parent.is_dir():
-        raise StartupError(f"PID file directory {pid_file.parent} does not exist")
+    """The PID of the live ipcd that holds the configuration's lock, or None (a PID file
+    with no lock held is a dead daemon's, whatever PID it names)."""
+    return pidlock.holder(pid_file)
 
 
 def start_detached(
     *,
-    pid_file: Path,
+    lock: PidLock,
     workdir: Path,
     umask: int,
     flags: Flags,
@@ -87,17 +60,19 @@ def start_detached(
 ) -> int:
     """Detach and run ``run(ready)`` in the daemon; returns the daemon's PID once ready.
 
-    Raises StartupError with the daemon's own message when it fails before ``ready()``.
+    ``lock`` (taken by the caller before anything else) goes with the daemon, which holds
+    it until it exits.  Raises StartupError with the daemon's own message when it fails
+    before ``ready()``.
     """
-    claim_pid_file(pid_file)
     read_fd, write_fd = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the detached processes
         os.close(read_fd)
         _become_daemon(
-            pid_file, workdir, umask, flags, [*keep_fds, write_fd], write_fd, run, drop_privileges
+            lock, workdir, umask, flags, [*keep_fds, write_fd], write_fd, run, drop_privileges
         )
     os.close(write_fd)
+    lock.close()  # the daemon's copy holds the lock from here on
     os.waitpid(child, 0)  # exits at python-daemon's first fork
     try:
         message = _read_status(read_fd, timeout)
@@ -108,9 +83,9 @@ def start_detached(
         if text.startswith("error: "):
             raise StartupError(text.removeprefix("error: "))
         raise StartupError(text or "the daemon exited during start-up (see its log)")
-    pid = read_pid(pid_file)
+    pid = pidlock.recorded_pid(lock.pid_file)
     if pid is None:
-        raise StartupError(f"the daemon reported ready but wrote no PID to {pid_file}")
+        raise StartupError(f"the daemon reported ready but recorded no PID in {lock.path}")
     return pid
 
 
@@ -132,7 +107,7 @@ def _read_status(fd: int, timeout: float) -> bytes:
 
 
 def _become_daemon(  # pragma: no cover - runs in the detached processes
-    pid_file: Path,
+    lock: PidLock,
     workdir: Path,
     umask: int,
     flags: Flags,
@@ -141,7 +116,7 @@ def _become_daemon(  # pragma: no cover - runs in the detached processes
     run: Callable[[Callable[[], None]], None],
     drop_privileges: Callable[[], None],
 ) -> None:
-    """The child's path: detach, take the PID file, serve; never returns."""
+    """The child's path: detach, record the PID, serve, release the lock; never returns."""
     code = 0
     try:
         # Before the PID file, so the daemon's own user owns (and can remove) it; and
@@ -154,8 +129,7 @@ def _become_daemon(  # pragma: no cover - runs in the detached processes
         detach_process=True,
         working_directory=str(workdir),
         umask=umask,
-        pidfile=daemon.pidfile.TimeoutPIDLockFile(str(pid_file), acquire_timeout=0),
-        files_preserve=keep_fds,
+        files_preserve=[*keep_fds, lock.fd],  # it closes every other descriptor
         signal_map=flags.signal_map(),
         stdin=None,
         stdout=None,
@@ -171,10 +145,8 @@ def _become_daemon(  # pragma: no cover - runs in the detached processes
 
     try:
         context.open()
+        lock.record(os.getpid())
         run(ready)
-    except lockfile.AlreadyLocked:
-        code = 1
-        _report(status_fd, f"another ipcd took the PID file {pid_file} meanwhile")
     except IpcdError as exc:
         code = exc.exit_code
         if not reported:
@@ -184,6 +156,7 @@ def _become_daemon(  # pragma: no cover - runs in the detached processes
         if not reported:
             _report(status_fd, f"{type(exc).__name__}: {exc}")
     finally:
+        lock.release()
         context.close()
     os._exit(code)
 
@@ -211,7 +184,7 @@ def stop(
     """
     pid = running_pid(pid_file)
     if pid is None:
-        raise NotRunningError(f"ipcd is not running (no live PID in {pid_file})")
+        raise NotRunningError(_not_running(pid_file))
     os.kill(pid, signal.SIGTERM)
     started = time.monotonic()
     if waiting is not None and quiet_for < timeout and not wait_gone(pid, quiet_for):
@@ -234,9 +207,37 @@ def wait_gone(pid: int, timeout: float) -> bool:
         os.close(fd)
 
 
-def signal_daemon(pid_file: Path, signum: int) -> int:
+def reload(pid_file: Path, timeout: float) -> int:
+    """SIGHUP the daemon and wait for the outcome of the reload it starts; returns its PID.
+
+    Raises ReloadFailedError with the daemon's own error when it could not reload (it
+    keeps its old configuration), WaitTimeoutError when no outcome came within
+    ``timeout`` (see ipcd.reloading).
+    """
     pid = running_pid(pid_file)
     if pid is None:
-        raise NotRunningError(f"ipcd is not running (no live PID in {pid_file})")
-    os.kill(pid, signum)
+        raise NotRunningError(_not_running(pid_file))
+    before = reloading.read(pid_file)
+    sent = time.monotonic()
+    os.kill(pid, signal.SIGHUP)
+    outcome = reloading.wait(
+        pid_file, pid, after=before, sent=sent, timeout=timeout,
+        running=lambda: running_pid(pid_file) == pid,
+    )  # fmt: skip
+    if outcome is None:
+        if running_pid(pid_file) != pid:
+            raise StartupError(f"ipcd (pid {pid}) exited during the reload (see its log)")
+        raise WaitTimeoutError(
+            f"ipcd (pid {pid}) did not report the reload's outcome within {timeout:g}s "
+            "(see its log)"
+        )
+    if outcome.error:
+        raise ReloadFailedError(
+            f"reload failed, ipcd (pid {pid}) keeps its old configuration: {outcome.error}",
+            outcome.exit_code,
+        )
     return pid
+
+
+def _not_running(pid_file: Path) -> str:
+    return f"ipcd is not running (nothing holds {pidlock.lock_path(pid_file)})"

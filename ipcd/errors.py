@@ -151,6 +151,15 @@ class StartupError(IpcdError, RuntimeError):
     exit_code = ExitCode.JOB_FAILED
 
 
+class ReloadFailedError(IpcdError, RuntimeError):
+    """The daemon could not reload and keeps its old configuration; the status is that of
+    the daemon's own error (78 for a configuration or handler it refused)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = ExitCode(exit_code) if exit_code in set(ExitCode) else ExitCode.SOFTWARE
+
+
 class InternalError(IpcdError, RuntimeError):
     """A bug in ipcd: an exception nobody expected reached the command line."""
 

@@ -34,13 +34,7 @@ from ipcd.errors import (
     WaitTimeoutError,
 )
 from ipcd.keys import as_key_t
-from ipcd.vetting import (
-    ObjectInfo,
-    check_safe,
-    open_existing,
-    open_or_create,
-    refuse_world_writable,
-)
+from ipcd.vetting import ObjectInfo, check_safe, describe, open_existing, open_or_create
 from ipcd.waits import Interrupted, bounded, spin_wait
 
 MSGMAX_PATH = "/proc/sys/kernel/msgmax"
@@ -127,14 +121,13 @@ class Queue:
 
     @classmethod
     def open(cls, key: int, *, what: str = "queue") -> Queue:
-        """Open an existing queue; a missing one means the daemon never ran here."""
+        """Open an existing queue; a missing one means the daemon never ran here, a
+        planted one is refused (vetting.refuse_untrusted)."""
         limit = msgmax()
         mq = open_existing(
             lambda: sysv_ipc.MessageQueue(as_key_t(key), 0, max_message_size=limit), what, key
         )
-        queue = cls(mq, key, limit)
-        refuse_world_writable(queue.info(what))
-        return queue
+        return cls(mq, key, limit)
 
     @classmethod
     def create(cls, key: int, mode: int, *, what: str = "queue") -> Queue:
@@ -151,8 +144,8 @@ class Queue:
         return queue
 
     def info(self, kind: str = "queue") -> ObjectInfo:
-        """Owner and mode, as the kernel reports them now."""
-        return ObjectInfo(kind, self.key, self._mq.uid, self._mq.gid, self._mq.mode & 0o777)
+        """Owner, creator and mode, as the kernel reports them now."""
+        return describe(self._mq, kind, self.key)
 
     def fits(self, size: int) -> bool:
         """Whether a message of ``size`` bytes is within the kernel's msgmax (read again

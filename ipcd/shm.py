@@ -19,7 +19,7 @@ import sysv_ipc
 
 from ipcd.errors import IpcPermissionError, NotRunningError, PayloadError, WaitTimeoutError
 from ipcd.keys import as_key_t
-from ipcd.vetting import ObjectInfo, check_safe, open_existing, open_or_create
+from ipcd.vetting import ObjectInfo, check_safe, describe, open_existing, open_or_create
 from ipcd.waits import bounded
 
 _MADV_POPULATE_READ = 22
@@ -128,7 +128,7 @@ class Segment:
             raise IpcPermissionError(f"cannot hand spill segment {self.id} to uid {uid}") from None
 
     def info(self) -> ObjectInfo:
-        return ObjectInfo(self.what, self.key, self._shm.uid, self._shm.gid, self._shm.mode & 0o777)
+        return describe(self._shm, self.what, self.key)
 
     def close(self) -> None:
         self.buf.release()
@@ -228,8 +228,7 @@ class _Semaphore:
         return made
 
     def info(self) -> ObjectInfo:
-        sem = self._sem
-        return ObjectInfo(self.what, self.key, sem.uid, sem.gid, sem.mode & 0o777)
+        return describe(self._sem, self.what, self.key)
 
     def _wait(self, op: Callable[[float | None], None], timeout: float) -> bool:
         """Run a blocking semop (``op(None)`` blocks, ``op(0)`` does not) for at most

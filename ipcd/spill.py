@@ -272,6 +272,11 @@ def _read(shmid: int, job_id: str, size: int, role: Role, kind: Kind) -> bytes |
             return _Gone(f"segment {shmid} does not exist")
         return f"segment {shmid} does not exist (or may not be read)"
     try:
+        info = segment.info()
+        if role is Role.RESULT and info.cuid not in (0, info.uid):
+            # A worker makes and keeps a result's segment; one given away by its creator
+            # was planted (vetting.refuse_untrusted).  A payload's is its client's.
+            return f"segment {shmid} is {info.who()}: not ipcd's, refusing to read it"
         why = mismatch(segment, job_id, size, role, kind)
         if why in (NOT_SPILL, ANOTHER_JOB):
             return _Gone(f"segment {shmid} {why}{job_id if why == ANOTHER_JOB else ''}")

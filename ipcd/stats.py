@@ -44,7 +44,6 @@ from ipcd.statslayout import (
     register,
     segment_size,
 )
-from ipcd.vetting import refuse_world_writable
 
 __all__ = [
     # Positions in a record (ipcd.statslayout's), the names callers of a Recorder use.
@@ -290,10 +289,8 @@ class StatsSegment:
 
     @classmethod
     def open(cls, key: int) -> StatsSegment:
-        """Attach it to read (``ipcctl``); refuses a world-writable (planted) one."""
-        segment = Segment.open(key, what="stats segment")
-        refuse_world_writable(segment.info())
-        return cls(segment)
+        """Attach it to read (``ipcctl``); refuses a planted one (vetting.refuse_untrusted)."""
+        return cls(Segment.open(key, what="stats segment"))
 
     def register(self, handlers: Iterable[tuple[str, int]]) -> list[str]:
         return register(self.buf, handlers)

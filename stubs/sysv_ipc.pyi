@@ -44,6 +44,8 @@ class SharedMemory:
     key: int
     uid: int
     gid: int
+    cuid: int
+    cgid: int
     mode: int
     size: int
     address: int
@@ -65,6 +67,8 @@ class Semaphore:
     key: int
     uid: int
     gid: int
+    cuid: int
+    cgid: int
     mode: int
     value: int
     undo: bool

@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import IPCD, Instance, run
+from conftest import DEFAULT_HANDLERS, IPCD, Instance, run
 
 from ipcd.errors import ExitCode
 
@@ -149,8 +149,17 @@ def test_start_failure_is_reported_before_detaching(instance: Instance) -> None:
 
 
 def test_start_failure_after_detaching_is_reported(instance: Instance) -> None:
-    """A failure inside the detached daemon (PID directory gone) reaches `ipcd start`'s stderr."""
-    instance.write(extra="")
+    """A failure inside the detached daemon (its PID file cannot be written: a directory
+    is in the way) reaches `ipcd start`'s stderr, and leaves no daemon."""
+    instance.pid_file.mkdir()
+    failed = instance.ipcd("start")
+    assert failed.returncode == 1
+    assert f"cannot write the PID file {instance.pid_file}: Is a directory" in failed.stderr
+    assert instance.ipcd("status").returncode == ExitCode.NOT_RUNNING
+
+
+def test_missing_pid_file_directory_is_reported(instance: Instance) -> None:
+    """A PID file in a directory that does not exist fails the start (1), naming it."""
     text = instance.config_path.read_text().replace(
         'pid_file = "ipcd.pid"', 'pid_file = "missing-dir/ipcd.pid"'
     )
@@ -202,6 +211,29 @@ def test_bad_reload_keeps_running_config(daemon: Instance) -> None:
     assert done.stdout == "still here\n"
     failed = [e for e in daemon.log_events() if e["event"] == "daemon.reload_failed"]
     assert len(failed) == 1 and "invalid TOML" in str(failed[0]["error"])
+
+
+def test_reload_the_daemon_refuses_fails_and_keeps_the_old_config(daemon: Instance) -> None:
+    """A reload that fails in the daemon (a handler module that does not import there,
+    which `ipcd reload` itself does not check) exits 78 with the daemon's error on
+    stderr, and the daemon keeps serving its old configuration; the next good reload
+    exits 0."""
+    daemon.write(
+        handlers=DEFAULT_HANDLERS + '[handlers.broken]\ntype = 9\ntarget = "no_such_module:f"\n'
+    )
+    failed = daemon.ipcd("reload")
+    assert failed.returncode == ExitCode.CONFIG, failed.stderr
+    assert (
+        f"reload failed, ipcd (pid {daemon.pid()}) keeps its old configuration: "
+        "handler 'broken': cannot load 'no_such_module:f'"
+    ) in failed.stderr
+    done = daemon.ipcctl("submit", "echo", "old config", "--wait", "--timeout", "10")
+    assert done.stdout == "old config\n"
+    daemon.write(handlers=DEFAULT_HANDLERS + "[handlers.shout]\ntype = 7\n"
+                 'target = "ipcd.handlers.builtin:echo"\n')  # fmt: skip
+    fixed = daemon.ipcd("reload")
+    assert fixed.returncode == 0, fixed.stderr
+    assert daemon.ipcctl("submit", "shout", "new", "--wait").stdout == "new\n"
 
 
 def test_stop_and_status_when_not_running(instance: Instance) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -134,6 +134,102 @@ def test_foreign_owned_segment_is_refused(instance: Instance) -> None:
     failed = instance.ipcd("start")
     assert failed.returncode == ExitCode.NO_PERMISSION
     assert f"the result segment at key {key:#010x} is owned by uid 65534" in failed.stderr
+
+
+#: An unprivileged uid and gid for the squatter (nobody).
+SQUATTER = 65534
+
+_KINDS: dict[str, Callable[[int, int], object]] = {
+    "queue": lambda key, mode: sysv_ipc.MessageQueue(key, sysv_ipc.IPC_CREX, mode),
+    "segment": lambda key, mode: sysv_ipc.SharedMemory(key, sysv_ipc.IPC_CREX, mode, 4096),
+    "semaphore": lambda key, mode: sysv_ipc.Semaphore(key, sysv_ipc.IPC_CREX, mode, 1),
+}
+
+
+def _plant_given_away(kind: str, key: int, *, to_uid: int, to_gid: int) -> None:
+    """As the squatter (a forked child that dropped root), create an object at ``key``
+    with mode 0660 and give it to ``to_uid``/``to_gid`` (IPC_SET, allowed to its creator)."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.setgroups([])
+            os.setgid(SQUATTER)
+            os.setuid(SQUATTER)
+            obj = _KINDS[kind](key, 0o660)
+            obj.gid = to_gid  # type: ignore[attr-defined]
+            obj.uid = to_uid  # type: ignore[attr-defined]
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the squatter could not plant the object"
+
+
+def _given_away(what: str, key: int) -> str:
+    return (
+        f"the {what} at key {key:#010x} is created by uid {SQUATTER} (gid {SQUATTER}), "
+        f"owned by uid {os.geteuid()} (gid {os.getegid()})"
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "what", "key_name"),
+    [
+        ("queue", "job queue", "jobs"),
+        ("segment", "result segment", "results"),
+        ("semaphore", "result gate", "gate"),
+    ],
+)
+def test_daemon_refuses_an_object_its_creator_gave_away(
+    instance: Instance, kind: str, what: str, key_name: str
+) -> None:
+    """An object another user created at ipcd's key and gave to ipcd's uid (so that it
+    looks like the daemon's, mode 0660 and all) makes start fail with 77, naming the
+    object, its key, its creator and its owner: the creator could take it back."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create an object as another user")
+    (instance.dir / "ipcd.key").touch()
+    key = getattr(instance.keys, key_name)
+    _plant_given_away(kind, key, to_uid=os.geteuid(), to_gid=os.getegid())
+    failed = instance.ipcd("start")
+    assert failed.returncode == ExitCode.NO_PERMISSION, failed.stderr
+    assert _given_away(what, key) in failed.stderr
+    assert not instance.pid_file.exists()
+
+
+@pytest.mark.parametrize(
+    ("kind", "what", "key_name", "command"),
+    [
+        ("queue", "job queue", "jobs", ["submit", "echo", "secret"]),
+        ("queue", "reply queue", "replies", ["submit", "echo", "secret", "--wait"]),
+        ("segment", "result segment", "results", ["result", "0123456789abcdef"]),
+        ("semaphore", "result gate", "gate", ["result", "0123456789abcdef", "--wait"]),
+    ],
+)
+def test_client_refuses_an_object_its_creator_gave_away(
+    instance: Instance, kind: str, what: str, key_name: str, command: list[str]
+) -> None:
+    """A client refuses (77) an object at ipcd's key whose creator is neither root nor its
+    owner, before it sends or reads anything: a squatter made it and can take it back."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create an object as another user")
+    assert instance.ipcd("start").returncode == 0
+    assert instance.ipcd("stop").returncode == 0  # the daemon's own objects stay
+    key = getattr(instance.keys, key_name)
+    jobs = sysv_ipc.MessageQueue(instance.keys.jobs)
+    if kind == "queue":
+        sysv_ipc.MessageQueue(key).remove()
+    elif kind == "segment":
+        sysv_ipc.SharedMemory(key).remove()
+    else:
+        sysv_ipc.Semaphore(key).remove()
+    _plant_given_away(kind, key, to_uid=os.geteuid(), to_gid=os.getegid())
+    if kind == "queue" and key_name == "jobs":
+        jobs = sysv_ipc.MessageQueue(key)
+    refused = instance.ipcctl(*command)
+    assert refused.returncode == ExitCode.NO_PERMISSION, refused.stderr
+    assert _given_away(what, key) in refused.stderr
+    assert jobs.current_messages == 0
 
 
 def test_client_refuses_a_world_writable_queue(instance: Instance) -> None:

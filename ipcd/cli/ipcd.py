@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -13,12 +12,13 @@ from ipcd import config as config_mod
 from ipcd import identity
 from ipcd.cli import parser as cli_parser
 from ipcd.cli import run
-from ipcd.errors import AlreadyRunningError, ExitCode
+from ipcd.errors import ExitCode
 
 EPILOG = """exit status:
   0 success, 1 the daemon failed to start (reason on stderr), 3 not running (status),
   64 usage error, 69 not running (stop, reload), 73 already running, 77 permission denied,
-  70 internal error (a bug: please report), 78 bad configuration
+  70 internal error (a bug: please report), 78 bad configuration (also a reload the
+  daemon refused: it keeps the old one), 124 the daemon did not report a reload's outcome
 """
 
 
@@ -27,7 +27,7 @@ _COMMANDS = {
     "start": "detach and run in the background; returns once ready",
     "run": "run in the foreground, logging to the terminal too",
     "stop": "stop the daemon; waits until the job in progress is done",
-    "reload": "re-read the configuration and reopen the log (SIGHUP)",
+    "reload": "re-read the configuration and reopen the log (SIGHUP); waits for the outcome",
     "status": "say whether the daemon runs (LSB: 0 running, 3 not)",
     "check": "validate the configuration and import every handler",
 }
@@ -44,7 +44,7 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     config = config_mod.load(config_mod.locate(args.config))
     pid_file = config.daemon.pid_file
-    # python-daemon and lockfile are imported only by the commands that need them.
+    # python-daemon is imported only by the commands that need it.
     from ipcd import daemonize
 
     if args.command == "start":
@@ -65,7 +65,7 @@ def main(argv: list[str]) -> int:
         daemonize.stop(pid_file, config.daemon.stop_timeout, waiting=waiting)
         return 0
     if args.command == "reload":
-        daemonize.signal_daemon(pid_file, signal.SIGHUP)
+        daemonize.reload(pid_file, daemonize.RELOAD_TIMEOUT)
         return 0
     if args.command == "check":
         from ipcd import registry
@@ -82,44 +82,44 @@ def main(argv: list[str]) -> int:
 
 
 def _start(config: config_mod.Config) -> int:
-    from ipcd import daemonize, server
+    from ipcd import daemonize, sdnotify, server
     from ipcd.arbiter import Arbiter
+    from ipcd.pidlock import PidLock
     from ipcd.signals import Flags
 
-    daemonize.claim_pid_file(config.daemon.pid_file)
+    lock = PidLock.acquire(config.daemon.pid_file)  # before anything else: one master
+    # systemd names this process in WATCHDOG_PID; the master it starts answers for it.
+    watchdog = sdnotify.from_process_environment()
     prepared = server.prepare(config, console=None)
+    identity.hand_over(prepared.identity, [lock.path])
     flags = Flags()
     log_fd = prepared.sink.fileno()
     daemonize.start_detached(
-        pid_file=config.daemon.pid_file,
+        lock=lock,
         workdir=config.daemon.workdir,
         umask=config.daemon.umask,
         flags=flags,
         keep_fds=[] if log_fd is None else [log_fd],
-        run=lambda ready: Arbiter(prepared, flags).run(ready),
+        run=lambda ready: Arbiter(prepared, flags, lock=lock, watchdog=watchdog).run(ready),
         drop_privileges=lambda: identity.drop(prepared.identity),
     )
     return 0
 
 
 def _run(config: config_mod.Config) -> int:
-    import lockfile.pidlockfile
-
-    from ipcd import daemonize, server
+    from ipcd import sdnotify, server
     from ipcd.arbiter import Arbiter
+    from ipcd.pidlock import PidLock
     from ipcd.signals import Flags
 
-    pid_file = config.daemon.pid_file
-    daemonize.claim_pid_file(pid_file)
-    prepared = server.prepare(config, console=sys.stderr)
-    identity.drop(prepared.identity)
-    lock = lockfile.pidlockfile.PIDLockFile(str(pid_file), timeout=0)
+    lock = PidLock.acquire(config.daemon.pid_file)  # before anything else: one master
+    watchdog = sdnotify.from_process_environment()
     try:
-        lock.acquire()
-    except lockfile.AlreadyLocked:
-        raise AlreadyRunningError(f"another ipcd holds {pid_file}") from None
-    try:
-        Arbiter(prepared, Flags()).run()
+        prepared = server.prepare(config, console=sys.stderr)
+        identity.hand_over(prepared.identity, [lock.path])
+        identity.drop(prepared.identity)
+        lock.record(os.getpid())
+        Arbiter(prepared, Flags(), lock=lock, watchdog=watchdog).run()
     finally:
         lock.release()
     return 0

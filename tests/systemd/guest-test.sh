@@ -192,7 +192,7 @@ expect "the unit has MemoryDenyWriteExecute=yes (and the jobs above ran under it
 # run the daemon) makes a ctypes callback, which needs a libffi closure. ipcd makes none:
 # this tells handler authors whether they may.
 probe=/run/systemd/system/ipcd-ctypes-probe.service
-sed -e '/^\(Type\|PIDFile\|ExecStart\|ExecReload\|Restart\|RestartSec\|KillMode\|TimeoutStopSec\)=/d' \
+sed -e '/^\(Type\|PIDFile\|ExecStart\|ExecReload\|Restart\|RestartSec\|KillMode\|TimeoutStopSec\|WatchdogSec\|NotifyAccess\)=/d' \
     -e '/^\[Install\]/,$d' /etc/systemd/system/ipcd.service >"$probe"
 printf '%s\n' 'Type=oneshot' \
     "ExecStart=/opt/ipcd/bin/python -c \"import ctypes; print('a ctypes callback returned', ctypes.CFUNCTYPE(ctypes.c_int)(lambda: 42)())\"" \
@@ -296,6 +296,33 @@ expect "NRestarts counted it" $((restarts + 1)) "$(systemctl show -p NRestarts -
 expect "MainPID is the PID in the PID file" "$(main_pid)" "$(cat /run/ipcd/ipcd.pid 2>/dev/null)"
 out=$(member "$IPCCTL" submit echo after-kill --wait 2>&1)
 expect "a job after the restart" "0 after-kill" "$? $out"
+
+# --- a reload the daemon refuses ----------------------------------------------------------
+step "systemctl reload ipcd with a handler the daemon cannot import"
+main=$(main_pid)
+cp /etc/ipcd/ipcd.toml /root/ipcd.toml.good
+printf '\n[handlers.broken]\ntype = 99\ntarget = "no_such_module:f"\n' >>/etc/ipcd/ipcd.toml
+check "systemctl reload ipcd fails" not systemctl reload ipcd
+check "the journal has the daemon's reason" \
+    grep -q "reload failed.*no_such_module" <(journalctl -u ipcd --no-pager -o cat)
+expect "ipcd is still active" active "$(systemctl is-active ipcd)"
+expect "under the same main PID" "$main" "$(main_pid)"
+cp /root/ipcd.toml.good /etc/ipcd/ipcd.toml
+out=$(member "$IPCCTL" submit echo after-failed-reload --wait 2>&1)
+expect "a job after the refused reload, on the old configuration" "0 after-failed-reload" "$? $out"
+check "systemctl reload ipcd with the good file again" systemctl reload ipcd
+
+# --- the watchdog -------------------------------------------------------------------------
+step "kill -STOP the master; WatchdogSec= makes systemd restart it"
+old=$(main_pid)
+restarts=$(systemctl show -p NRestarts --value ipcd)
+expect "ipcd.service has a 30 s watchdog" 30s "$(systemctl show -p WatchdogUSec --value ipcd)"
+check "kill -STOP the master" kill -STOP "$old"
+check "ipcd restarted by the watchdog under a new main PID" wait_for 120 restarted "$old"
+expect "NRestarts counted it" $((restarts + 1)) "$(systemctl show -p NRestarts --value ipcd)"
+check "the journal says why" grep -q "Watchdog timeout" <(journalctl -u ipcd --no-pager -o cat)
+out=$(member "$IPCCTL" submit echo after-watchdog --wait 2>&1)
+expect "a job after the watchdog's restart" "0 after-watchdog" "$? $out"
 
 # --- the cron example --------------------------------------------------------------------
 step "the jobs in /etc/cron.d/ipcd-example, run as cron would (sh, as a member)"

@@ -288,7 +288,7 @@ host_install_checks() { # $1 = source copy, $2 = wheels, $3 = scratch directory
     hexpect "no staged script names the staging directory" "" \
         "$(grep -rlI -e "$stage" "$stage/opt/ipcd/bin" "$stage/opt/ipcd/pyvenv.cfg")"
     hcheck "the staged virtualenv imports ipcd and its dependencies" \
-        "$stage/opt/ipcd/bin/python" -c 'import ipcd.cli.ipcd, ipcd.cli.ipcctl, daemon, lockfile, structlog, sysv_ipc'
+        "$stage/opt/ipcd/bin/python" -c 'import ipcd.cli.ipcd, ipcd.cli.ipcctl, daemon, structlog, sysv_ipc'
     hexpect "ipcctl linked into PREFIX/bin (/usr/local/bin)" /opt/ipcd/bin/ipcctl \
         "$(readlink "$stage/usr/local/bin/ipcctl")"
     local f
