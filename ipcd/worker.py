@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from ipcd import jsoncodec, protocol, spill
 from ipcd import log as log_mod
-from ipcd.config import CONTROL_TYPE, Config
+from ipcd.config import Config
 from ipcd.errors import MessageError, RefusedPayloadError
 from ipcd.handlers import HandlerError, HandlerResult, Retry
 from ipcd.inflight import InflightTable
@@ -149,9 +149,6 @@ class Worker:
         started = time.monotonic()
         body = bytes(self.table.text(self.slot, length))
         type_ = self.table.message_type(self.slot)
-        if type_ == CONTROL_TYPE:
-            self.table.finished(self.slot)
-            return  # a wake-up; signals carry the request itself
         try:
             job = protocol.decode(body, type_, received=time.time())
             if job.spill is not None:  # the payload waits in a segment of its own

@@ -174,8 +174,8 @@ def test_bad_config_is_78(instance: Instance) -> None:
 
 
 def test_unknown_handler_name_is_64(daemon: Instance) -> None:
-    """A handler name the config does not define, or type 1, is a usage error (64)."""
-    assert daemon.ipcctl("submit", "1", "x").returncode == ExitCode.USAGE
+    """A handler name the config does not define, or type 0, is a usage error (64)."""
+    assert daemon.ipcctl("submit", "0", "x").returncode == ExitCode.USAGE
     assert daemon.ipcctl("submit", "--timeout-job", "0", "echo", "x").returncode == ExitCode.USAGE
     unknown = daemon.ipcctl("submit", "nosuch", "x")
     assert unknown.returncode == ExitCode.USAGE
