@@ -41,6 +41,21 @@ def not_jsonable(job: Job) -> HandlerResult:
     return {"a set": {1, 2}}  # type: ignore[dict-item]
 
 
+#: What ``unencodable`` returns, by payload: values no result can hold as they are.
+UNENCODABLE: dict[str, object] = {
+    "surrogate-text": "bad \ud800 text",
+    "surrogate-json": {"k": ["ok", "\udfff"]},
+    "surrogate-key": {"\ud800": 1},
+    "nan": float("nan"),
+    "object": {"o": object()},
+}
+
+
+def unencodable(job: Job) -> HandlerResult:
+    """Return the value of UNENCODABLE that the payload names."""
+    return UNENCODABLE[str(job.payload)]  # type: ignore[return-value]
+
+
 def flaky(job: Job) -> HandlerResult:
     """Ask for a retry until the attempt named by the payload (an int), then succeed."""
     from ipcd.handlers import Retry
