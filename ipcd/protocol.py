@@ -48,6 +48,7 @@ Payload: TypeAlias = "JSONValue | bytes"
 
 _JOB_ID = re.compile(r"[0-9A-Za-z_.-]{1,16}\Z")
 _ENVELOPE_ID = re.compile(rb'"id"\s*:\s*"([0-9A-Za-z_.-]{1,16})"')
+_ENVELOPE_REPLY = re.compile(rb'"reply"\s*:\s*([1-9][0-9]{0,9})(?=\s*[,}])')
 _ENVELOPE_KEYS = frozenset(
     {
         "ipcd", "id", "payload", "payload_b64", "submitted", "pid", "reply", "attempt",
@@ -156,12 +157,11 @@ def decode(body: bytes, type_: int, *, received: float | None = None) -> Job:
     if body[:1] == b"{":
         doc, error = _json_object(body)
         if doc is not None and "ipcd" in doc:
-            return _from_envelope(doc, _job_type(type_, doc.get("id")), body)
+            return _from_envelope(doc, type_, body)
         if doc is None and body.startswith(b'{"ipcd"'):
             # Too deep for the JSON parser, or invalid: an envelope all the same, so the
             # submitter learns why (when its id can be read) instead of a bare job running.
-            found = _ENVELOPE_ID.search(body, 0, 256)
-            raise _bad(f"not valid JSON: {error}", found and found[1].decode())
+            raise _unreadable(body, error)
     return Job(
         id=new_job_id(),
         type=_job_type(type_, None),
@@ -169,6 +169,17 @@ def decode(body: bytes, type_: int, *, received: float | None = None) -> Job:
         submitted=time.time() if received is None else received,
         bare=True,
     )
+
+
+def _unreadable(body: bytes, error: str) -> MessageError:
+    """The rejection of an envelope that is not valid JSON, with the id and reply type
+    read from its first 256 bytes where they can be, so that its waiter hears of it."""
+    found = _ENVELOPE_ID.search(body, 0, 256)
+    exc = _bad(f"not valid JSON: {error}", found and found[1].decode())
+    reply = _ENVELOPE_REPLY.search(body, 0, 256)
+    if exc.job_id is not None and reply is not None and int(reply[1]) <= MAX_TYPE:
+        exc.reply_to = int(reply[1])
+    return exc
 
 
 def _job_type(type_: int, raw_id: object) -> int:
@@ -236,7 +247,7 @@ def _decoder() -> Callable[[str], Any]:
 
 def _from_envelope(doc: dict[str, Any], type_: int, body: bytes) -> Job:
     try:
-        job = _read_envelope(doc, type_)
+        job = _read_envelope(doc, _job_type(type_, doc.get("id")))
         if _ESCAPED_SURROGATE.search(body) and (where := lone_surrogate(job.payload)):
             raise _bad(f"payload is not valid Unicode: {where}", job.id)
         return job

@@ -588,3 +588,27 @@ def test_hostile_messages_decode_to_jobs_in_range_or_raise_message_error(
     except MessageError:
         return
     assert_in_range(job, type_)
+
+
+@pytest.mark.parametrize(
+    ("body", "type_"),
+    [
+        (b'{"ipcd":1,"id":"w1","reply":77,"submitted":1e999}', 2),
+        (b'{"ipcd":1,"id":"w1","reply":77,"payload":' + b"[" * 3000 + b"]" * 3000 + b"}", 2),
+        (envelope(id="w1", reply=77, payload="x"), 2**31),
+        (envelope(id="w1", reply=77, submitted=10**400), 2),
+    ],
+)
+def test_a_rejected_envelope_keeps_its_waiter(body: bytes, type_: int) -> None:
+    """A rejected envelope keeps its reply type, so its waiter is woken: read from the JSON,
+    or from the first 256 bytes of a body that is not valid JSON."""
+    with pytest.raises(MessageError) as caught:
+        decode(body, type_)
+    assert (caught.value.job_id, caught.value.reply_to) == ("w1", 77)
+
+
+def test_a_reply_that_is_not_an_integer_wakes_nobody() -> None:
+    """In a body that is not valid JSON, ``"reply":77.5`` names no waiter."""
+    with pytest.raises(MessageError) as caught:
+        decode(b'{"ipcd":1,"id":"w1","reply":77.5,"submitted":1e999}', 2)
+    assert (caught.value.job_id, caught.value.reply_to) == ("w1", None)
