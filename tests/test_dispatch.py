@@ -41,6 +41,10 @@ target = "ipcd_test_plugins:not_jsonable"
 [handlers.unencodable]
 type = 15
 target = "ipcd_test_plugins:unencodable"
+
+[handlers.treacherous]
+type = 16
+target = "ipcd_test_plugins:treacherous"
 """
 )
 
@@ -146,6 +150,21 @@ def test_a_result_that_cannot_be_stored_fails_its_job_not_its_worker(served: Ins
     events = [e["event"] for e in served.log_events()]
     assert "worker.exited" not in events and "job.requeued" not in events
     assert events.count("job.done") == 6
+
+
+def test_an_unexpected_error_inside_ipcd_fails_the_job_not_the_worker(served: Instance) -> None:
+    """An exception ipcd does not expect while it handles a job (here from encoding a
+    result) fails that job with the cause and a job.internal_error event; the worker lives
+    on and the job does not run again."""
+    failed = served.ipcctl("submit", "treacherous", "--wait")
+    assert failed.returncode == 1
+    assert failed.stderr.endswith(
+        "ipcd failed while handling the job: LookupError: items() refuses\n"
+    )
+    assert served.ipcctl("submit", "echo", "next", "--wait").stdout == "next\n"
+    events = [e["event"] for e in served.log_events()]
+    assert events.count("job.internal_error") == 1 and events.count("job.done") == 2
+    assert "worker.exited" not in events and "job.requeued" not in events
 
 
 def test_result_larger_than_a_slot_is_spilled(served: Instance) -> None:
