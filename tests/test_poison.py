@@ -13,12 +13,15 @@ import ctypes
 import json
 import os
 import struct
+import time
 from collections.abc import Callable
 
+import pytest
 import sysv_ipc
 from conftest import Instance
 
 from ipcd.errors import ExitCode
+from ipcd.inflight import InflightTable
 
 #: How many messages of each kind are sent.
 EACH = 20
@@ -129,3 +132,28 @@ def test_a_flood_of_poison_messages_is_accounted_for_and_stalls_nothing(
             break
         notified.add(body.decode())
     assert notified == woken
+
+
+@pytest.mark.parametrize("type_", [2**40, -5])
+def test_a_parked_job_of_an_impossible_type_is_rejected(daemon: Instance, type_: int) -> None:
+    """Any group member may write a parked slot (``submit --delay`` does): one whose type
+    no queue message can have is rejected when it falls due (event, counter, error
+    result, waiter woken), and the master goes on serving."""
+    table = InflightTable.open(daemon.keys.inflight)
+    try:
+        body = _envelope("parked-bad", os.getpid())
+        assert table.park(type_, body, "parked-bad", 1, time.time())
+    finally:
+        table.segment.close()
+    [rejected] = daemon.wait_events(lambda e: e["event"] == "job.rejected", 1)
+    assert (rejected["job_id"], rejected["type"], rejected["parked"]) == ("parked-bad", type_, True)
+    shown = daemon.ipcctl("result", "parked-bad")
+    assert shown.returncode == ExitCode.JOB_FAILED
+    assert shown.stderr.endswith(
+        f"message type {type_} is outside 1..2147483647: no handler can have it\n"
+    )
+    notice, _ = sysv_ipc.MessageQueue(daemon.keys.replies).receive(False, os.getpid())
+    assert notice == b"parked-bad"
+    done = daemon.ipcctl("submit", "echo", "hi", "--wait", "--timeout", "10")
+    assert (done.returncode, done.stdout) == (0, "hi\n")
+    assert json.loads(daemon.ipcctl("status", "--json").stdout)["parked"] == 0
