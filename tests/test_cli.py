@@ -182,6 +182,15 @@ def test_unknown_handler_name_is_64(daemon: Instance) -> None:
     assert "unknown handler 'nosuch' (configured: echo, sleep, fail)" in unknown.stderr
 
 
+@pytest.mark.parametrize("seconds", ["1e10", "inf", "nan", "-1"])
+def test_job_timeout_out_of_range_is_64(instance: Instance, seconds: str) -> None:
+    """``--timeout-job`` must be a finite number of seconds the envelope can carry (at most
+    1e9), else a usage error (64) before anything is sent."""
+    refused = instance.ipcctl("submit", "echo", "x", f"--timeout-job={seconds}")
+    assert refused.returncode == ExitCode.USAGE
+    assert "--timeout-job" in refused.stderr
+
+
 def test_config_from_environment(daemon: Instance) -> None:
     """Without -c, ipcctl reads $IPCD_CONFIG."""
     env = {**os.environ, "IPCD_CONFIG": str(daemon.config_path)}
