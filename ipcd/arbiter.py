@@ -37,11 +37,11 @@ from types import FrameType
 
 from ipcd import config as config_mod
 from ipcd import log as log_mod
+from ipcd import protocol, reloading
 from ipcd import registry as registry_mod
-from ipcd import reloading
 from ipcd import stats as stats_mod
-from ipcd.errors import IpcdError
-from ipcd.inflight import State
+from ipcd.errors import IpcdError, MessageError
+from ipcd.inflight import Held, State
 from ipcd.outcome import Outcomes
 from ipcd.pidlock import PidLock
 from ipcd.pool import MAX_BACKOFF, MIN_BACKOFF, Pool, WorkerInfo
@@ -293,6 +293,11 @@ class Arbiter:
             return
         self.pool.restarts += 1
         self.stats.bump(stats_mod.WORKER_RESTARTS)
+        if held is not None:
+            # The job killed its worker, not the worker itself: the job runs again or fails
+            # with the cause once its attempts are spent (ipcd.recovery), and the worker's
+            # replacement starts at once.  A flood of such jobs must not hold the rest back.
+            return
         if lived < YOUNG:
             self.pool.backoff = min(self.pool.backoff * 2, MAX_BACKOFF)
             self.pool.next_spawn = time.time() + self.pool.backoff
@@ -329,11 +334,25 @@ class Arbiter:
             held = self.p.table.held(slot)
             if held is None:
                 continue
+            if not 1 <= held.type <= protocol.MAX_TYPE:
+                self._reject_parked(held)
+                continue
             if not self.p.queue.send_nowait(held.body, held.type):
                 return  # the queue is full: try again at the next wake-up
             self.p.table.unpark(held.slot)
             if held.slot < self.p.table.workers:
                 self._release_slot(held.slot)
+
+    def _reject_parked(self, held: Held) -> None:
+        """A parked job of a type no queue message can have: any group member may write a
+        parked slot (``ipcctl submit --delay`` does), so it is rejected, not sent."""
+        try:
+            protocol.decode(held.body, held.type)  # raises, with the id when it is readable
+        except MessageError as exc:
+            self.outcomes.reject(exc, held.body, held.type, parked=True)
+        self.p.table.unpark(held.slot)
+        if held.slot < self.p.table.workers:
+            self._release_slot(held.slot)
 
     def _enforce_deadlines(self) -> None:
         now = time.time()

@@ -24,8 +24,10 @@ from ipcd.tomlreader import TableReader
 DEFAULT_PATH = Path("/etc/ipcd/ipcd.toml")
 ENV_VAR = "IPCD_CONFIG"
 
-#: Message type reserved for ipcd's own control messages (waking a blocked receiver).
-CONTROL_TYPE = 1
+#: Smallest message type: the kernel's (msgsnd refuses mtype < 1).  Type 1 is an ordinary
+#: job type, the one the PHP article's first msg_send uses; ipcd wakes its workers with
+#: signals, not messages (see ipcd.signals).
+MIN_TYPE = 1
 #: Largest message type ipcctl sends: sysv_ipc passes types as C ints.  (The daemon
 #: receives any positive C long, which is what PHP may send.)
 MAX_TYPE = 2**31 - 1
@@ -140,8 +142,8 @@ class Config(NamedTuple):
         except ValueError:
             names = ", ".join(h.name for h in self.handlers) or "none configured"
             raise UsageError(f"unknown handler {name_or_number!r} (configured: {names})") from None
-        if not CONTROL_TYPE < number <= MAX_TYPE:
-            raise UsageError(f"message type {number} is out of range 2..{MAX_TYPE}")
+        if not MIN_TYPE <= number <= MAX_TYPE:
+            raise UsageError(f"message type {number} is out of range {MIN_TYPE}..{MAX_TYPE}")
         return number
 
     def handler_for_type(self, type_: int) -> HandlerConfig | None:
@@ -314,10 +316,8 @@ def _handlers(reader: TableReader, table: Mapping[str, Any]) -> tuple[HandlerCon
         type_ = reader.get(entry, f"{where}.type", int, None)
         if type_ is None:
             raise reader.error(f"[{where}] needs a message type: type = N")
-        if not CONTROL_TYPE < type_ <= MAX_TYPE:
-            raise reader.error(
-                f"{where}.type must be between 2 and {MAX_TYPE} (1 is reserved for ipcd)"
-            )
+        if not MIN_TYPE <= type_ <= MAX_TYPE:
+            raise reader.error(f"{where}.type must be between {MIN_TYPE} and {MAX_TYPE}")
         if type_ in seen:
             raise reader.error(f"{where}.type {type_} is already used by handler {seen[type_]!r}")
         seen[type_] = name

@@ -46,7 +46,8 @@ class TooBigError(IpcdError, OSError):
 
 
 #: msgrcv's type for "lowest type first, any type": the most negative C long.  Lower
-#: types are served first, so control messages (type 1) and urgent job types overtake.
+#: types are served first, so urgent job types overtake.  Every type is a job type: no
+#: type is reserved for ipcd (see ipcd.signals for how workers are woken).
 ANY_BY_PRIORITY = -(2**63 - 1)
 
 

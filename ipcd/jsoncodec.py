@@ -62,9 +62,12 @@ def _unencodable(value: Any) -> Any:
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
-def object_decoder(parse_constant: Callable[[str], Any]) -> Callable[[str], Any]:
+def object_decoder(
+    parse_constant: Callable[[str], Any], parse_float: Callable[[str], Any] = float
+) -> Callable[[str], Any]:
     """A decoder for a text that starts with a JSON value and has nothing after it but
-    whitespace; raises ValueError (or RecursionError) like ``json.loads``.
+    whitespace; raises ValueError (or RecursionError) like ``json.loads``.  ``parse_float``
+    reads numbers with a fraction or exponent (as in ``json.loads``).
 
     Decoding imports ``json.decoder``: the C scanner raises its errors as that module's
     JSONDecodeError and fails oddly without it.  Only the daemon and ``--json`` decode.
@@ -72,8 +75,10 @@ def object_decoder(parse_constant: Callable[[str], Any]) -> Callable[[str], Any]
     import json.decoder
 
     if _json is None:  # pragma: no cover - CPython has the accelerator
-        return json.decoder.JSONDecoder(parse_constant=parse_constant).decode
-    scan = _json.make_scanner(_ScannerContext(parse_constant))  # type: ignore[arg-type]
+        return json.decoder.JSONDecoder(
+            parse_constant=parse_constant, parse_float=parse_float
+        ).decode
+    scan = _json.make_scanner(_ScannerContext(parse_constant, parse_float))  # type: ignore[arg-type]
 
     def decode(text: str) -> Any:
         start = len(text) - len(text.lstrip(_WHITESPACE))
@@ -94,13 +99,15 @@ _WHITESPACE = " \t\n\r"
 
 class _ScannerContext:
     """What the C scanner reads from a ``json.JSONDecoder``: the defaults but for
-    ``parse_constant`` (NaN, Infinity)."""
+    ``parse_constant`` (NaN, Infinity) and ``parse_float``."""
 
     strict = True
     object_hook = None
     object_pairs_hook = None
-    parse_float = float
     parse_int = int
 
-    def __init__(self, parse_constant: Callable[[str], Any]) -> None:
+    def __init__(
+        self, parse_constant: Callable[[str], Any], parse_float: Callable[[str], Any]
+    ) -> None:
         self.parse_constant = parse_constant
+        self.parse_float = parse_float

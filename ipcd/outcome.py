@@ -10,13 +10,13 @@ import time
 from typing import Any, NamedTuple
 
 from ipcd import protocol, spill, uniquerelease
-from ipcd.errors import IpcdError
+from ipcd.errors import IpcdError, MessageError, RefusedPayloadError
 from ipcd.failed import FailedList
 from ipcd.inflight import InflightTable
 from ipcd.ipc import Queue
 from ipcd.log import Events, Logger
 from ipcd.procs import alive
-from ipcd.protocol import Job
+from ipcd.protocol import Job, SpillRef
 from ipcd.results import Kind, Result, Status, too_large
 from ipcd.resultstore import ResultStore
 from ipcd.stats import NullRecorder, Recorder
@@ -129,6 +129,44 @@ class Outcomes:
         if not stored:
             fields["stored"] = False
         self.announce(job, result, body=body, handler=handler, started=started, **fields)
+
+    def reject(self, exc: MessageError, body: bytes, type_: int, **fields: Any) -> None:
+        """A message that cannot be a job: the ``job.rejected`` event and counter, and when
+        its id could be read, an error result under it (its waiter woken, its unique key
+        and spilled payload freed).  It is not listed as failed: retrying it would fail
+        the same way.  Workers and the master (a recovered or parked message) share this.
+        """
+        self.stats.rejected()
+        self.log.warning(
+            "job.rejected",
+            job_id=exc.job_id,
+            type=type_,
+            bytes_in=len(body),
+            refused=isinstance(exc, RefusedPayloadError),
+            error=str(exc),
+            head=body[:64].hex(),
+            **fields,
+        )
+        if exc.job_id is None:
+            return
+        job = Job(
+            id=exc.job_id,
+            type=type_,
+            payload=None,
+            submitted=time.time(),
+            reply_to=exc.reply_to,
+            unique=exc.unique,
+            spill=exc.spill if isinstance(exc.spill, SpillRef) else None,
+        )
+        self.finish(
+            job,
+            error_result(job, str(exc)),
+            body=body,
+            handler="-",
+            started=time.monotonic(),
+            listed=False,
+            logged=False,
+        )
 
     def conclude(self, job: Job, result: Result, *, body: bytes) -> None:
         """What a worker that died after storing ``result`` may have left undone: a failure

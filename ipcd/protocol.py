@@ -13,6 +13,7 @@ from __future__ import annotations
 import binascii
 import contextlib
 import functools
+import math
 import os
 import re
 import time
@@ -28,12 +29,26 @@ if TYPE_CHECKING:
 VERSION = 1
 #: Nesting depth allowed in payloads, JSON or PHP: enough for real data, bounded for safety.
 MAX_DEPTH = 32
+#: Largest message type a job can have: what a handler's ``type`` and ipcctl allow (a C
+#: int; the kernel takes any positive C long, which PHP's msg_send can send).
+MAX_TYPE = 2**31 - 1
+#: Largest ``submitted`` (Unix time, the year 2286) and ``timeout`` (about 31 years) an
+#: envelope may carry: far beyond any real job, and finite, so that every sum and
+#: conversion the daemon makes with them stays a number.
+MAX_SUBMITTED = 1e10
+MAX_TIMEOUT = 1e9
+#: Largest pid, shmid and spill-table entry: each is a C int to the kernel.
+MAX_INT32 = 2**31 - 1
+#: Largest spilled payload size the header of a spill segment can state (u64 there, but
+#: [jobs] max_payload bounds it long before).
+MAX_SIZE = 2**63 - 1
 
 JSONValue: TypeAlias = "bool | int | float | str | list[JSONValue] | dict[str, JSONValue] | None"
 Payload: TypeAlias = "JSONValue | bytes"
 
 _JOB_ID = re.compile(r"[0-9A-Za-z_.-]{1,16}\Z")
 _ENVELOPE_ID = re.compile(rb'"id"\s*:\s*"([0-9A-Za-z_.-]{1,16})"')
+_ENVELOPE_REPLY = re.compile(rb'"reply"\s*:\s*([1-9][0-9]{0,9})(?=\s*[,}])')
 _ENVELOPE_KEYS = frozenset(
     {
         "ipcd", "id", "payload", "payload_b64", "submitted", "pid", "reply", "attempt",
@@ -132,31 +147,61 @@ def encode(
 
 
 def decode(body: bytes, type_: int, *, received: float | None = None) -> Job:
-    """Turn one message into a Job; raises MessageError (with ``job_id`` when known)."""
+    """Turn one message into a Job; raises MessageError (with ``job_id`` when known).
+
+    Nothing else escapes, whatever the bytes (tests/test_protocol.py checks it with
+    arbitrary input): every field of the Job is checked here, in type and range, so that
+    no later step (a struct field, a float conversion, a kernel call, a UTF-8 encoding)
+    can fail on what a sender chose.
+    """
     if body[:1] == b"{":
-        doc = _json_object(body)
+        doc, error = _json_object(body)
         if doc is not None and "ipcd" in doc:
-            return _from_envelope(doc, type_)
+            return _from_envelope(doc, type_, body)
         if doc is None and body.startswith(b'{"ipcd"'):
             # Too deep for the JSON parser, or invalid: an envelope all the same, so the
             # submitter learns why (when its id can be read) instead of a bare job running.
-            found = _ENVELOPE_ID.search(body, 0, 256)
-            raise _bad("not valid JSON, or nested too deeply", found and found[1].decode())
+            raise _unreadable(body, error)
     return Job(
         id=new_job_id(),
-        type=type_,
+        type=_job_type(type_, None),
         payload=_bare_payload(body),
         submitted=time.time() if received is None else received,
         bare=True,
     )
 
 
-def _json_object(body: bytes) -> dict[str, Any] | None:
+def _unreadable(body: bytes, error: str) -> MessageError:
+    """The rejection of an envelope that is not valid JSON, with the id and reply type
+    read from its first 256 bytes where they can be, so that its waiter hears of it."""
+    found = _ENVELOPE_ID.search(body, 0, 256)
+    exc = _bad(f"not valid JSON: {error}", found and found[1].decode())
+    reply = _ENVELOPE_REPLY.search(body, 0, 256)
+    if exc.job_id is not None and reply is not None and int(reply[1]) <= MAX_TYPE:
+        exc.reply_to = int(reply[1])
+    return exc
+
+
+def _job_type(type_: int, raw_id: object) -> int:
+    """The message type, if a job can have it: handlers are mapped to 1 … MAX_TYPE."""
+    if not 1 <= type_ <= MAX_TYPE:
+        exc = MessageError(f"message type {type_} is outside 1..{MAX_TYPE}: no handler can have it")
+        exc.job_id = raw_id if isinstance(raw_id, str) and is_job_id(raw_id) else None
+        raise exc
+    return type_
+
+
+def _json_object(body: bytes) -> tuple[dict[str, Any] | None, str]:
+    """The body's JSON object, or None and why not."""
     try:
         doc = _decoder()(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return None
-    return doc if isinstance(doc, dict) else None
+    except UnicodeDecodeError:
+        return None, "not UTF-8"
+    except RecursionError:
+        return None, "nested too deeply"
+    except ValueError as exc:
+        return None, str(exc)[:80]
+    return (doc, "") if isinstance(doc, dict) else (None, "not an object")
 
 
 def payload_json(payload: Payload) -> bytes:
@@ -182,6 +227,14 @@ def _no_constants(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite(text: str) -> float:
+    """A JSON number with a fraction or exponent; ``1e999`` would be infinity: refused."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
 # Built once (see ipcd.jsoncodec): the envelope is encoded and decoded for every job.
 _encode = jsoncodec.encoder(ensure_ascii=False, allow_nan=False)
 
@@ -189,12 +242,15 @@ _encode = jsoncodec.encoder(ensure_ascii=False, allow_nan=False)
 @functools.cache
 def _decoder() -> Callable[[str], Any]:
     """Made on first use: the client only encodes, and decoding imports json.decoder."""
-    return jsoncodec.object_decoder(_no_constants)
+    return jsoncodec.object_decoder(_no_constants, parse_float=_finite)
 
 
-def _from_envelope(doc: dict[str, Any], type_: int) -> Job:
+def _from_envelope(doc: dict[str, Any], type_: int, body: bytes) -> Job:
     try:
-        return _read_envelope(doc, type_)
+        job = _read_envelope(doc, _job_type(type_, doc.get("id")))
+        if _ESCAPED_SURROGATE.search(body) and (where := lone_surrogate(job.payload)):
+            raise _bad(f"payload is not valid Unicode: {where}", job.id)
+        return job
     except MessageError as exc:
         reply = doc.get("reply")
         if type(reply) is int and 0 < reply < 2**31:
@@ -211,7 +267,8 @@ def _read_envelope(doc: dict[str, Any], type_: int) -> Job:
     raw_id = doc.get("id")
     job_id = raw_id if isinstance(raw_id, str) and is_job_id(raw_id) else None
     if type(doc["ipcd"]) is not int or doc["ipcd"] != VERSION:
-        raise _bad(f"unsupported envelope version {doc['ipcd']!r} (this ipcd speaks 1)", job_id)
+        shown = _shown(doc["ipcd"])
+        raise _bad(f"unsupported envelope version {shown} (this ipcd speaks 1)", job_id)
     if job_id is None:
         raise _bad("envelope 'id' must be 1-16 characters of [0-9A-Za-z_.-]", None)
     if not _ENVELOPE_KEYS.issuperset(doc):
@@ -237,21 +294,23 @@ def _read_envelope(doc: dict[str, Any], type_: int) -> Job:
         payload = doc.get("payload")
         if type(payload) in (list, dict) and _depth(payload) > MAX_DEPTH:
             raise _bad(f"payload nested deeper than {MAX_DEPTH} levels", job_id)
-    submitted = doc.get("submitted", 0.0)
-    if type(submitted) is not float:  # what ipcd's clients send; anything else is checked
-        submitted = _number(submitted, "submitted", job_id)
+    submitted = _number(doc.get("submitted", 0.0), "submitted", job_id)
+    if not 0 <= submitted <= MAX_SUBMITTED:
+        raise _bad(f"'submitted' must be a Unix time from 0 to {MAX_SUBMITTED:.0e}", job_id)
     pid = doc.get("pid", 0)
     reply = doc.get("reply")
-    if type(pid) is not int or pid < 0:  # type(), not isinstance(): True is no pid
-        raise _bad("'pid' must be a non-negative integer", job_id)
-    if reply is not None and (type(reply) is not int or not 0 < reply < 2**31):
+    if not _int_in(pid, 0, MAX_INT32):
+        raise _bad(f"'pid' must be a non-negative integer up to {MAX_INT32}", job_id)
+    if reply is not None and not _int_in(reply, 1, MAX_TYPE):
         raise _bad("'reply' must be a positive message type", job_id)
     attempt = doc.get("attempt", 1)
-    if type(attempt) is not int or not 1 <= attempt <= 0xFFFF:
+    if not _int_in(attempt, 1, 0xFFFF):
         raise _bad("'attempt' must be an integer from 1 to 65535", job_id)
     timeout = doc.get("timeout")
-    if timeout is not None and not 0 < _number(timeout, "timeout", job_id) < float("inf"):
-        raise _bad("'timeout' must be a positive number of seconds", job_id)
+    if timeout is not None and not 0 < _number(timeout, "timeout", job_id) <= MAX_TIMEOUT:
+        raise _bad(
+            f"'timeout' must be a positive number of seconds up to {MAX_TIMEOUT:.0e}", job_id
+        )
     unique = doc.get("unique")
     if unique is not None and (problem := unique_key_problem(unique)) is not None:
         raise _bad(f"'unique' {problem}", job_id)
@@ -260,7 +319,7 @@ def _read_envelope(doc: dict[str, Any], type_: int) -> Job:
         type=type_,
         payload=payload,
         attempt=attempt,
-        submitted=submitted,
+        submitted=float(submitted),
         sender_pid=pid,
         reply_to=reply,
         timeout=None if timeout is None else float(timeout),
@@ -272,9 +331,16 @@ def _read_envelope(doc: dict[str, Any], type_: int) -> Job:
 def _spill_ref(raw: object, job_id: str) -> SpillRef:
     if not isinstance(raw, dict) or set(raw) != {"shmid", "size", "slot", "kind"}:
         raise _bad("'spill' must be an object with shmid, size, slot and kind", job_id)
-    numbers = [raw["shmid"], raw["size"], raw["slot"]]
-    if not all(type(n) is int and 0 <= n < 2**63 for n in numbers):
-        raise _bad("'spill' shmid, size and slot must be non-negative integers", job_id)
+    if not (
+        _int_in(raw["shmid"], 0, MAX_INT32)
+        and _int_in(raw["slot"], 0, MAX_INT32)
+        and _int_in(raw["size"], 0, MAX_SIZE)
+    ):
+        raise _bad(
+            f"'spill' shmid and slot must be integers from 0 to {MAX_INT32}, size a "
+            "non-negative integer",
+            job_id,
+        )
     if raw["kind"] not in SPILL_KINDS:
         raise _bad(f"'spill' kind must be one of {', '.join(SPILL_KINDS)}", job_id)
     return SpillRef(raw["shmid"], raw["size"], raw["slot"], raw["kind"])
@@ -345,12 +411,22 @@ def _php_to_payload(value: PhpValue) -> Payload:
         return [_nested(v) for v in value]
     if isinstance(value, dict):
         return {k: _nested(v) for k, v in value.items()}
+    return _finite_php(value) if isinstance(value, float) else value
+
+
+def _finite_php(value: float) -> float:
+    """PHP's INF and NAN (``d:INF;``) have no JSON form: the job could not be put back on
+    the queue for another attempt, so it is refused."""
+    if not math.isfinite(value):
+        raise RefusedPayloadError(f"refused PHP serialize data: float {value} has no JSON form")
     return value
 
 
 def _nested(value: PhpValue) -> JSONValue:
     if isinstance(value, bytes):
         return value.decode("latin-1")
+    if isinstance(value, float):
+        return _finite_php(value)
     if isinstance(value, list):
         return [_nested(v) for v in value]
     if isinstance(value, dict):
@@ -376,10 +452,50 @@ def _depth(value: object, limit: int = MAX_DEPTH + 1) -> int:
     return depth
 
 
-def _number(value: object, name: str, job_id: str | None) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _bad(f"'{name}' must be a number", job_id)
-    return float(value)
+def _number(value: object, name: str, job_id: str | None) -> float | int:
+    """A JSON number, as it came (an int too large for a float stays an int and fails the
+    caller's range check instead of raising OverflowError here)."""
+    if type(value) is float or type(value) is int:  # type(), not isinstance(): True is no number
+        return value
+    raise _bad(f"'{name}' must be a number", job_id)
+
+
+def _int_in(value: object, low: int, high: int) -> bool:
+    """Whether ``value`` is an int (not a bool) from ``low`` to ``high``."""
+    return type(value) is int and low <= value <= high
+
+
+def _shown(value: object) -> str:
+    """A sender's value in an error message: its repr, cut short."""
+    shown = repr(value)
+    return shown if len(shown) <= 40 else shown[:37] + "..."
+
+
+#: A JSON escape of a UTF-16 surrogate: the only way a lone one can get into decoded text
+#: (raw UTF-8 cannot encode surrogates; the UTF-8 decode before parsing refuses them).
+_ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def lone_surrogate(value: object) -> str | None:
+    """Where a string in ``value`` (a JSON value) holds a lone UTF-16 surrogate, which no
+    UTF-8 encoder, log line or other language's JSON parser accepts; None when none does.
+
+    Walks without recursion: a handler's result may nest as deep as the encoder allowed.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return f"lone surrogate U+{ord(item[exc.start]):04X} in {_shown(item)}"
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return None
 
 
 def _bad(reason: str, job_id: str | None) -> MessageError:

@@ -35,7 +35,7 @@ class Recovery:
         try:
             job = protocol.decode(held.body, held.type, received=time.time())
         except MessageError as exc:
-            self.log.warning("job.rejected", type=held.type, error=str(exc), recovered=True)
+            self.outcomes.reject(exc, held.body, held.type, recovered=True)
             return
         if job.bare and held.job_id:
             job = job._replace(id=held.job_id)
@@ -100,7 +100,8 @@ class Recovery:
         """A job interrupted by shutdown is not a failure: it runs again, same attempt."""
         try:
             job = protocol.decode(held.body, held.type, received=time.time())
-        except MessageError:
+        except MessageError as exc:
+            self.outcomes.reject(exc, held.body, held.type, recovered=True)
             return
         if job.bare and held.job_id:
             job = job._replace(id=held.job_id)

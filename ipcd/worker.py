@@ -6,6 +6,10 @@ received straight into the worker's slot of the in-flight table, so it is on rec
 before any Python code runs; the slot is released only once the job's outcome is stored.
 A handler's exception fails that job and never the worker; a handler that kills the whole
 process (``os._exit``, a segfault, a timeout) leaves its job in the slot for the master.
+Nor does a message's content end a worker: what cannot be a job is rejected, a result
+that cannot be stored fails its job, and an error of ipcd's own while handling a message
+fails that message (``job.internal_error``) rather than the worker, which would only hand
+the same message to the next worker.
 """
 
 from __future__ import annotations
@@ -19,14 +23,14 @@ from collections.abc import Callable
 
 from ipcd import jsoncodec, protocol, spill
 from ipcd import log as log_mod
-from ipcd.config import CONTROL_TYPE, Config
-from ipcd.errors import MessageError, RefusedPayloadError
+from ipcd.config import Config
+from ipcd.errors import IpcdError, MessageError
 from ipcd.handlers import HandlerError, HandlerResult, Retry
 from ipcd.inflight import InflightTable
 from ipcd.ipc import Queue, TooBigError, msgmax
 from ipcd.log import Logger
 from ipcd.outcome import Outcomes, error_result, run_again
-from ipcd.protocol import Job, SpillRef
+from ipcd.protocol import Job
 from ipcd.registry import Registration, Registry
 from ipcd.results import Kind, Result, Status
 from ipcd.server import Prepared
@@ -65,15 +69,26 @@ def execute(registry: Registry, job: Job, log: Logger) -> tuple[Result | Retry, 
 
 
 def _ok(job: Job, value: HandlerResult) -> Result:
+    """The handler's value as a result, or an error result naming why it cannot be one."""
     if isinstance(value, bytes | bytearray | memoryview):
         kind, data = Kind.BYTES, bytes(value)
     elif isinstance(value, str):
-        kind, data = Kind.TEXT, value.encode("utf-8", "surrogateescape")
+        try:
+            # surrogateescape: text decoded from bytes that way gets its bytes back.
+            data = value.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError as exc:
+            where = f"lone surrogate U+{ord(value[exc.start]):04X} at index {exc.start}"
+            return error_result(job, f"handler returned text that is not valid Unicode: {where}")
+        kind = Kind.TEXT
     else:
         try:
             data = _encode_result(value).encode()
         except (TypeError, ValueError, RecursionError) as exc:
             return error_result(job, f"handler returned a value that is not JSON-able: {exc}")
+        # ASCII JSON escapes a lone surrogate as \udXXX, which a client's decoder (PHP's
+        # json_decode, a UTF-8 print) refuses: look only when an escape is there at all.
+        if b"\\ud" in data and (lone := protocol.lone_surrogate(value)):
+            return error_result(job, f"handler returned a value that is not valid Unicode: {lone}")
         kind = Kind.JSON
     return Result(job.id, job.type, Status.OK, kind, data, job.attempt, job.submitted, time.time())
 
@@ -147,22 +162,66 @@ class Worker:
     def handle(self, length: int) -> None:
         """Everything that happens to one delivered message."""
         started = time.monotonic()
+        received = time.time()
         body = bytes(self.table.text(self.slot, length))
         type_ = self.table.message_type(self.slot)
-        if type_ == CONTROL_TYPE:
-            self.table.finished(self.slot)
-            return  # a wake-up; signals carry the request itself
         try:
-            job = protocol.decode(body, type_, received=time.time())
-            if job.spill is not None:  # the payload waits in a segment of its own
-                job = spill.load(job, self.outcomes.store.spills, self.config.jobs.max_payload)
+            job = self._job(body, type_, received)
         except MessageError as exc:
-            self._reject(exc, body, type_)
+            self.outcomes.reject(exc, body, type_)
             self.table.finished(self.slot)
             return
-        self.run(job, body, length, started)
+        try:
+            self.run(job, body, length, started)
+        except Exception as exc:  # ipcd's own error, reached by this job: it fails, not us
+            self._failed_inside(job, body, exc, started, received)
         self.table.finished(self.slot)
         self.jobs_done += 1
+
+    def _job(self, body: bytes, type_: int, received: float) -> Job:
+        """The message as a job, its spilled payload loaded; MessageError when it cannot be
+        one.  decode promises nothing but MessageError (tests/test_protocol.py holds it to
+        that); should a bug break the promise, the message is still only rejected."""
+        job = None
+        try:
+            job = protocol.decode(body, type_, received=received)
+            if job.spill is not None:  # the payload waits in a segment of its own
+                job = spill.load(job, self.outcomes.store.spills, self.config.jobs.max_payload)
+            return job
+        except MessageError:
+            raise
+        except Exception as exc:  # see the docstring: a message never ends a worker
+            self.log.error("job.decode_failed", type=type_, traceback=traceback.format_exc())
+            error = MessageError(f"ipcd could not read the message: {type(exc).__name__}: {exc}")
+            if job is not None:
+                error.job_id, error.reply_to, error.unique = job.id, job.reply_to, job.unique
+                error.spill = job.spill
+            raise error from None
+
+    def _failed_inside(
+        self, job: Job, body: bytes, exc: Exception, started: float, received: float
+    ) -> None:
+        """An error of ipcd's own while running ``job`` fails the job with its cause, unless
+        the job's outcome was stored before it.  If even that fails, the worker exits and
+        the master finishes the job from the slot (ipcd.recovery), attempts bounded."""
+        self.log.error(
+            "job.internal_error", job_id=job.id, type=job.type, traceback=traceback.format_exc()
+        )
+        try:
+            stored = self.outcomes.store.get(job.id)
+        except IpcdError:
+            stored = None
+        if stored is not None and stored.finished >= received:
+            return
+        registration = self.registry.lookup(job.type)
+        message = f"ipcd failed while handling the job: {type(exc).__name__}: {exc}"
+        self.outcomes.finish(
+            job,
+            error_result(job, message),
+            body=body,
+            handler=registration.name if registration else "-",
+            started=started,
+        )
 
     def run(self, job: Job, body: bytes, length: int, started: float) -> None:
         """Run the job until it has an outcome, or is parked for a later retry."""
@@ -229,51 +288,24 @@ class Worker:
         self.table.rewrite(self.slot, again.body, attempt)
         return job._replace(attempt=attempt), again.body, delay
 
-    def _reject(self, exc: MessageError, body: bytes, type_: int) -> None:
-        self.outcomes.stats.rejected()
-        self.log.warning(
-            "job.rejected",
-            job_id=exc.job_id,
-            type=type_,
-            bytes_in=len(body),
-            refused=isinstance(exc, RefusedPayloadError),
-            error=str(exc),
-            head=body[:64].hex(),
-        )
-        if exc.job_id is not None:
-            job = Job(
-                id=exc.job_id,
-                type=type_,
-                payload=None,
-                submitted=time.time(),
-                reply_to=exc.reply_to,
-                unique=exc.unique,
-                spill=exc.spill if isinstance(exc.spill, SpillRef) else None,
-            )
-            self.outcomes.finish(
-                job,
-                error_result(job, str(exc)),
-                body=body,
-                handler="-",
-                started=time.monotonic(),
-                listed=False,
-                logged=False,
-            )
-
     def _handle_oversized(self) -> None:
         """msgmax was raised above the slot size after start: take the message unprotected."""
         body, type_ = self.queue.receive(0, timeout=0)
         self.log.warning("job.unprotected", type=type_, bytes_in=len(body), msgmax=msgmax())
         started = time.monotonic()
+        received = time.time()
         try:
-            job = protocol.decode(body, type_, received=time.time())
+            job = protocol.decode(body, type_, received=received)
         except MessageError as exc:
-            self._reject(exc, body, type_)
+            self.outcomes.reject(exc, body, type_)
             return
-        outcome, handler = execute(self.registry, job, self.log)
-        if isinstance(outcome, Retry):
-            outcome = error_result(job, f"retry impossible for oversized job: {outcome.reason}")
-        self.outcomes.finish(job, outcome, body=body, handler=handler, started=started)
+        try:
+            outcome, handler = execute(self.registry, job, self.log)
+            if isinstance(outcome, Retry):
+                outcome = error_result(job, f"retry impossible for oversized job: {outcome.reason}")
+            self.outcomes.finish(job, outcome, body=body, handler=handler, started=started)
+        except Exception as exc:  # as in handle: the job fails, not the worker
+            self._failed_inside(job, body, exc, started, received)
 
 
 def worker_process(  # pragma: no cover - runs in the forked worker

@@ -254,12 +254,21 @@ def test_bad_config_is_78(instance: Instance) -> None:
 
 
 def test_unknown_handler_name_is_64(daemon: Instance) -> None:
-    """A handler name the config does not define, or type 1, is a usage error (64)."""
-    assert daemon.ipcctl("submit", "1", "x").returncode == ExitCode.USAGE
+    """A handler name the config does not define, or type 0, is a usage error (64)."""
+    assert daemon.ipcctl("submit", "0", "x").returncode == ExitCode.USAGE
     assert daemon.ipcctl("submit", "--timeout-job", "0", "echo", "x").returncode == ExitCode.USAGE
     unknown = daemon.ipcctl("submit", "nosuch", "x")
     assert unknown.returncode == ExitCode.USAGE
     assert "unknown handler 'nosuch' (configured: echo, sleep, fail)" in unknown.stderr
+
+
+@pytest.mark.parametrize("seconds", ["1e10", "inf", "nan", "-1"])
+def test_job_timeout_out_of_range_is_64(instance: Instance, seconds: str) -> None:
+    """``--timeout-job`` must be a finite number of seconds the envelope can carry (at most
+    1e9), else a usage error (64) before anything is sent."""
+    refused = instance.ipcctl("submit", "echo", "x", f"--timeout-job={seconds}")
+    assert refused.returncode == ExitCode.USAGE
+    assert "--timeout-job" in refused.stderr
 
 
 def test_config_from_environment(daemon: Instance) -> None:

@@ -252,7 +252,7 @@ def test_handler_name_is_a_usage_error(tmp_path: Path, client: Client) -> None:
     named = client.submit(tmp_path / "ipcd.key", "echo", "hello")
     assert named.returncode == ExitCode.USAGE
     assert named.stderr.decode().endswith(
-        f"{client.prog}: TYPE must be a number from 2 to 2147483647, not 'echo'\n"
+        f"{client.prog}: TYPE must be a number from 1 to 2147483647, not 'echo'\n"
     )
 
 

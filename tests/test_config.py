@@ -328,20 +328,16 @@ def test_locate_falls_back_to_etc(monkeypatch: pytest.MonkeyPatch, env: str | No
             "handlers.b.type 3 is already used by handler 'a'",
         ),
         (
-            MINIMAL + "[handlers.a]\ntype = 1\n",
-            "handlers.a.type must be between 2 and 2147483647 (1 is reserved for ipcd)",
-        ),
-        (
             MINIMAL + "[handlers.a]\ntype = 0\n",
-            "handlers.a.type must be between 2 and 2147483647 (1 is reserved for ipcd)",
+            "handlers.a.type must be between 1 and 2147483647",
         ),
         (
             MINIMAL + "[handlers.a]\ntype = -2\n",
-            "handlers.a.type must be between 2 and 2147483647 (1 is reserved for ipcd)",
+            "handlers.a.type must be between 1 and 2147483647",
         ),
         (
             MINIMAL + "[handlers.a]\ntype = 2147483648\n",
-            "handlers.a.type must be between 2 and 2147483647 (1 is reserved for ipcd)",
+            "handlers.a.type must be between 1 and 2147483647",
         ),
         (
             MINIMAL + "[handlers.a]\ntype = 2\ntarget = 'shop.images.resize'\n",
@@ -455,16 +451,22 @@ def test_handler_type_without_handlers_says_none_configured(tmp_path: Path) -> N
 
 @pytest.mark.parametrize(
     ("typed", "number"),
-    [("1", 1), ("0x1", 1), ("0", 0), ("-5", -5), ("2147483648", 2147483648), ("0x80000000", 2**31)],
+    [("0", 0), ("-5", -5), ("2147483648", 2147483648), ("0x80000000", 2**31)],
 )
-def test_handler_type_refuses_reserved_and_out_of_range_numbers(
+def test_handler_type_refuses_out_of_range_numbers(
     with_handlers: Config, typed: str, number: int
 ) -> None:
-    """Type 1 (ipcd's control type), zero, negatives and numbers past 2**31-1 raise
-    UsageError (exit 64)."""
+    """Zero, negatives and numbers past 2**31-1 raise UsageError (exit 64)."""
     with pytest.raises(UsageError) as caught:
         with_handlers.handler_type(typed)
-    assert str(caught.value) == f"message type {number} is out of range 2..2147483647"
+    assert str(caught.value) == f"message type {number} is out of range 1..2147483647"
+
+
+def test_type_one_is_a_handler_type(tmp_path: Path) -> None:
+    """Type 1 is an ordinary job type: a handler may have it and ipcctl may send it."""
+    config = load_text(tmp_path, MINIMAL + "[handlers.first]\ntype = 1\n")
+    assert config.handler_type("first") == config.handler_type("1") == 1
+    assert config.handler_type("0x1") == 1
 
 
 def test_handler_for_type_finds_the_configured_handler(with_handlers: Config) -> None:

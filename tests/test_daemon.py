@@ -287,19 +287,39 @@ def test_help_lists_exit_statuses() -> None:
     assert shown.returncode == 0 and "exit status" in shown.stdout
 
 
-def test_control_message_only_wakes(daemon: Instance) -> None:
-    """A type-1 control message wakes the daemon but asks nothing: it keeps serving."""
-    from ipcd.ipc import Queue
+def test_type_one_is_a_job_type(instance: Instance) -> None:
+    """A bare message of type 1, sent with sysv_ipc, runs the handler mapped to type 1, and
+    so does ``ipcctl submit 1``: ipcd keeps no type for itself."""
+    import sysv_ipc
 
-    Queue.open(daemon.keys.jobs).send(b"ipcd:wake", 1, timeout=1)
-    done = daemon.ipcctl("submit", "echo", "still serving", "--wait", "--timeout", "10")
-    assert done.stdout == "still serving\n"
-    events = [
-        e["event"]
-        for e in daemon.log_events()
-        if e["event"] not in ("worker.started", "job.started")
-    ]
-    assert events == ["daemon.started", "job.done"]
+    instance.write(handlers='[handlers.first]\ntype = 1\ntarget = "ipcd.handlers.builtin:echo"\n')
+    assert instance.ipcd("start").returncode == 0
+    sysv_ipc.MessageQueue(instance.keys.jobs).send(b"bare one", True, 1)
+    [done] = instance.wait_events(lambda e: e["event"] == "job.done", 1)
+    assert (done["handler"], done["type"], done["outcome"], done["bare"]) == (
+        "first", 1, "ok", True,
+    )  # fmt: skip
+    assert instance.ipcctl("result", str(done["job_id"])).stdout == "bare one\n"
+    sent = instance.ipcctl("submit", "1", "by number", "--wait", "--timeout", "10")
+    assert (sent.returncode, sent.stdout) == (0, "by number\n")
+    assert instance.ipcd("stop").returncode == 0
+
+
+def test_a_type_without_handler_is_listed_failed(daemon: Instance) -> None:
+    """A message of a type no handler has (type 1 here) is not dropped: it ends with an
+    error result, on the failed list, and in a job.done event."""
+    import sysv_ipc
+
+    sysv_ipc.MessageQueue(daemon.keys.jobs).send(b"nobody's", True, 1)
+    [done] = daemon.wait_events(lambda e: e["event"] == "job.done", 1)
+    assert (done["type"], done["outcome"], done["error"]) == (
+        1, "error", "no handler for message type 1",
+    )  # fmt: skip
+    shown = daemon.ipcctl("result", str(done["job_id"]))
+    assert (shown.returncode, shown.stderr.strip().endswith("no handler for message type 1")) == (
+        1, True,
+    )  # fmt: skip
+    assert str(done["job_id"]) in daemon.ipcctl("failed").stdout
 
 
 def test_reload_keeps_serving_when_the_log_cannot_be_reopened(instance: Instance) -> None:

@@ -37,6 +37,14 @@ target = "ipcd_test_plugins:big"
 [handlers.not_jsonable]
 type = 14
 target = "ipcd_test_plugins:not_jsonable"
+
+[handlers.unencodable]
+type = 15
+target = "ipcd_test_plugins:unencodable"
+
+[handlers.treacherous]
+type = 16
+target = "ipcd_test_plugins:treacherous"
 """
 )
 
@@ -116,6 +124,47 @@ def test_unjsonable_and_unknown_type(served: Instance) -> None:
     assert bad.returncode == 1 and "not JSON-able" in bad.stderr
     unknown = served.ipcctl("submit", "99", "x", "--wait")
     assert unknown.returncode == 1 and "no handler for message type 99" in unknown.stderr
+
+
+def test_a_result_that_cannot_be_stored_fails_its_job_not_its_worker(served: Instance) -> None:
+    """A handler's value that no result can hold (a lone surrogate in text or JSON, NaN, an
+    object) fails its job at once with the cause; no worker dies, nothing runs again."""
+    client = _client(served)
+    errors = {
+        kind: client.wait(client.submit("unencodable", kind), timeout=20).error
+        for kind in ("surrogate-text", "surrogate-json", "surrogate-key", "nan", "object")
+    }
+    assert errors == {
+        "surrogate-text": "handler returned text that is not valid Unicode: "
+        "lone surrogate U+D800 at index 4",
+        "surrogate-json": "handler returned a value that is not valid Unicode: "
+        "lone surrogate U+DFFF in '\\udfff'",
+        "surrogate-key": "handler returned a value that is not valid Unicode: "
+        "lone surrogate U+D800 in '\\ud800'",
+        "nan": "handler returned a value that is not JSON-able: "
+        "Out of range float values are not JSON compliant",
+        "object": "handler returned a value that is not JSON-able: "
+        "Object of type object is not JSON serializable",
+    }
+    assert served.ipcctl("submit", "echo", "next", "--wait").stdout == "next\n"
+    events = [e["event"] for e in served.log_events()]
+    assert "worker.exited" not in events and "job.requeued" not in events
+    assert events.count("job.done") == 6
+
+
+def test_an_unexpected_error_inside_ipcd_fails_the_job_not_the_worker(served: Instance) -> None:
+    """An exception ipcd does not expect while it handles a job (here from encoding a
+    result) fails that job with the cause and a job.internal_error event; the worker lives
+    on and the job does not run again."""
+    failed = served.ipcctl("submit", "treacherous", "--wait")
+    assert failed.returncode == 1
+    assert failed.stderr.endswith(
+        "ipcd failed while handling the job: LookupError: items() refuses\n"
+    )
+    assert served.ipcctl("submit", "echo", "next", "--wait").stdout == "next\n"
+    events = [e["event"] for e in served.log_events()]
+    assert events.count("job.internal_error") == 1 and events.count("job.done") == 2
+    assert "worker.exited" not in events and "job.requeued" not in events
 
 
 def test_result_larger_than_a_slot_is_spilled(served: Instance) -> None:

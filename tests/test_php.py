@@ -35,6 +35,13 @@ echo $id, " ", $body, "\n";
 """
 
 
+PHP_TYPE_ONE = r"""
+$q = msg_get_queue(ftok($argv[1], "I"));
+// The article's first call: type 1, PHP's default serialization (s:5:"first";).
+if (!msg_send($q, 1, "first", true, true, $err)) { fwrite(STDERR, "send: $err\n"); exit(1); }
+"""
+
+
 def _php(script: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["php", "-r", script, "--", *args], capture_output=True, text=True, timeout=30
@@ -109,3 +116,15 @@ def test_php_guide_ftok_and_sem_get_facts(daemon: Instance) -> None:
     assert f"sem_get(): Failed for key {daemon.keys.jobs:#010x}: Invalid argument" in (
         sem.stdout + sem.stderr
     )
+
+
+def test_php_type_one_reaches_its_handler(instance: Instance) -> None:
+    """The PHP article's ``msg_send($q, 1, "first")`` runs the handler mapped to type 1."""
+    instance.write(handlers='[handlers.first]\ntype = 1\ntarget = "ipcd.handlers.builtin:echo"\n')
+    assert instance.ipcd("start").returncode == 0
+    sent = _php(PHP_TYPE_ONE, str(instance.dir / "ipcd.key"))
+    assert sent.returncode == 0, sent.stderr
+    [done] = instance.wait_events(lambda e: e["event"] == "job.done", 1)
+    assert (done["handler"], done["type"], done["outcome"]) == ("first", 1, "ok")
+    assert instance.ipcctl("result", str(done["job_id"])).stdout == "first\n"
+    assert instance.ipcd("stop").returncode == 0

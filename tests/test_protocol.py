@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ipcd import protocol
 from ipcd.errors import MessageError, PayloadError, RefusedPayloadError
 from ipcd.protocol import MAX_DEPTH, Job, Payload, decode, encode, new_job_id
 
@@ -181,11 +182,11 @@ def test_payload_nested_to_max_depth_is_accepted() -> None:
         (envelope(payload_b64="!!!!"), "'payload_b64' is not valid base64", "abc"),
         (envelope(payload_b64="eA="), "'payload_b64' is not valid base64", "abc"),
         (envelope(payload_b64="é"), "'payload_b64' is not valid base64", "abc"),
-        (envelope(pid="12"), "'pid' must be a non-negative integer", "abc"),
-        (envelope(pid=-1), "'pid' must be a non-negative integer", "abc"),
-        (envelope(pid=1.0), "'pid' must be a non-negative integer", "abc"),
-        (envelope(pid=True), "'pid' must be a non-negative integer", "abc"),
-        (envelope(pid=None), "'pid' must be a non-negative integer", "abc"),
+        (envelope(pid="12"), "'pid' must be a non-negative integer up to 2147483647", "abc"),
+        (envelope(pid=-1), "'pid' must be a non-negative integer up to 2147483647", "abc"),
+        (envelope(pid=1.0), "'pid' must be a non-negative integer up to 2147483647", "abc"),
+        (envelope(pid=True), "'pid' must be a non-negative integer up to 2147483647", "abc"),
+        (envelope(pid=None), "'pid' must be a non-negative integer up to 2147483647", "abc"),
         (envelope(reply="7"), "'reply' must be a positive message type", "abc"),
         (envelope(reply=0), "'reply' must be a positive message type", "abc"),
         (envelope(reply=-7), "'reply' must be a positive message type", "abc"),
@@ -206,11 +207,11 @@ def test_payload_nested_to_max_depth_is_accepted() -> None:
             "abc",
         ),
         # Starts as an envelope but is not JSON: refused, with the id when it can be read
-        (b'{"ipcd":1', "not valid JSON, or nested too deeply", None),
-        (b'{"ipcd":1,"id":"\xff"}', "not valid JSON, or nested too deeply", None),
+        (b'{"ipcd":1', "not valid JSON: Expecting ',' delimiter: line 1 column 10 (char 9)", None),
+        (b'{"ipcd":1,"id":"\xff"}', "not valid JSON: not UTF-8", None),
         (
             b'{"ipcd":1,"id":"deep1","payload":' + b"[" * 5000 + b"]" * 5000 + b"}",
-            "not valid JSON, or nested too deeply",
+            "not valid JSON: nested too deeply",
             "deep1",
         ),
         (
@@ -218,7 +219,70 @@ def test_payload_nested_to_max_depth_is_accepted() -> None:
             "unsupported envelope version True (this ipcd speaks 1)",
             "abc",
         ),
-        (b'{"ipcd":1,"id":"abc","submitted":NaN}', "not valid JSON, or nested too deeply", "abc"),
+        (b'{"ipcd":1,"id":"abc","submitted":NaN}', "not valid JSON: NaN is not JSON", "abc"),
+        # Poison: numbers no field can hold, text no encoder takes, segment ids the kernel
+        # cannot name.  Each once crashed a worker.
+        (envelope(submitted=10**400), "'submitted' must be a Unix time from 0 to 1e+10", "abc"),
+        (envelope(submitted=-1.0), "'submitted' must be a Unix time from 0 to 1e+10", "abc"),
+        (envelope(submitted=1e11), "'submitted' must be a Unix time from 0 to 1e+10", "abc"),
+        (
+            b'{"ipcd":1,"id":"abc","submitted":1e999}',
+            "not valid JSON: number 1e999 is out of range",
+            "abc",
+        ),
+        (
+            b'{"ipcd":1,"id":"abc","payload":[-1E+999]}',
+            "not valid JSON: number -1E+999 is out of range",
+            "abc",
+        ),
+        (
+            envelope(timeout=10**400),
+            "'timeout' must be a positive number of seconds up to 1e+09",
+            "abc",
+        ),
+        (
+            envelope(timeout=1e300),
+            "'timeout' must be a positive number of seconds up to 1e+09",
+            "abc",
+        ),
+        (envelope(timeout=True), "'timeout' must be a number", "abc"),
+        (envelope(pid=10**400), "'pid' must be a non-negative integer up to 2147483647", "abc"),
+        (envelope(pid=2**31), "'pid' must be a non-negative integer up to 2147483647", "abc"),
+        (envelope(attempt=10**400), "'attempt' must be an integer from 1 to 65535", "abc"),
+        (envelope(attempt=True), "'attempt' must be an integer from 1 to 65535", "abc"),
+        (envelope(reply=10**400), "'reply' must be a positive message type", "abc"),
+        (
+            envelope(ipcd=10**400),
+            f"unsupported envelope version {str(10**400)[:37]}... (this ipcd speaks 1)",
+            "abc",
+        ),
+        *[
+            (
+                envelope(spill={"shmid": 5, "size": 1, "slot": 0, "kind": "text", **bad}),
+                "'spill' shmid and slot must be integers from 0 to 2147483647, size a "
+                "non-negative integer",
+                "abc",
+            )
+            for bad in (
+                {"shmid": 2**31},
+                {"shmid": 10**400},
+                {"shmid": -1},
+                {"slot": 2**31},
+                {"size": 2**63},
+                {"size": True},
+                {"shmid": 5.0},
+            )
+        ],
+        (
+            envelope(payload="\ud800"),
+            "payload is not valid Unicode: lone surrogate U+D800 in '\\ud800'",
+            "abc",
+        ),
+        (
+            envelope(payload={"k": ["ok", {"\udfff x": 1}]}),
+            "payload is not valid Unicode: lone surrogate U+DFFF in '\\udfff x'",
+            "abc",
+        ),
     ],
 )
 def test_malformed_envelopes_raise_message_error(
@@ -237,6 +301,50 @@ def test_envelope_limits_are_inclusive() -> None:
     """pid 0, reply 2**31-1 and a 16-character id are all accepted."""
     job = decode(envelope(id="Z" * 16, pid=0, reply=2**31 - 1), 2)
     assert (job.id, job.sender_pid, job.reply_to) == ("Z" * 16, 0, 2**31 - 1)
+
+
+def test_numeric_limits_are_inclusive_and_numbers_become_floats() -> None:
+    """The largest submitted, timeout, pid, attempt and spill numbers are accepted, and an
+    integer ``submitted`` or ``timeout`` arrives as a float."""
+    spill = {"shmid": 2**31 - 1, "size": 2**63 - 1, "slot": 2**31 - 1, "kind": "json"}
+    job = decode(
+        envelope(submitted=10**10, timeout=10**9, pid=2**31 - 1, attempt=65535, spill=spill), 2
+    )
+    assert (job.submitted, job.timeout, job.sender_pid, job.attempt) == (
+        1e10,
+        1e9,
+        2**31 - 1,
+        65535,
+    )
+    assert type(job.submitted) is float and type(job.timeout) is float
+    assert job.spill == protocol.SpillRef(2**31 - 1, 2**63 - 1, 2**31 - 1, "json")
+
+
+def test_astral_characters_and_escaped_backslashes_are_not_surrogates() -> None:
+    """A character outside the BMP (a surrogate pair in JSON) and the text backslash-u-d800
+    are valid payloads."""
+    assert decode(b'{"ipcd":1,"id":"a","payload":"\\ud83d\\ude00"}', 2).payload == "\U0001f600"
+    assert decode(b'{"ipcd":1,"id":"a","payload":"\\\\ud800"}', 2).payload == "\\ud800"
+
+
+@pytest.mark.parametrize("type_", [0, -1, 2**31, 2**62, 2**63 - 1])
+@pytest.mark.parametrize("body", [envelope(payload="x"), b"bare text"])
+def test_a_type_no_handler_can_have_is_refused(type_: int, body: bytes) -> None:
+    """A message type outside 1..2**31-1 (PHP can send any positive C long) raises
+    MessageError, with the envelope's id when there is one."""
+    with pytest.raises(MessageError) as caught:
+        decode(body, type_)
+    assert str(caught.value) == (
+        f"message type {type_} is outside 1..2147483647: no handler can have it"
+    )
+    assert caught.value.job_id == ("abc" if body.startswith(b"{") else None)
+
+
+def test_type_one_is_an_ordinary_job_type() -> None:
+    """Type 1 (the PHP article's first msg_send) decodes as a job like any other type."""
+    job = decode(b"i:7;", 1, received=5.0)
+    assert job == Job(id=job.id, type=1, payload=7, submitted=5.0, bare=True)
+    assert decode(envelope(payload="x"), 1).type == 1
 
 
 # --- bare messages ---------------------------------------------------------------------------
@@ -323,6 +431,17 @@ def test_php_objects_are_refused(body: bytes, reason: str) -> None:
     assert caught.value.job_id is None
 
 
+@pytest.mark.parametrize(
+    ("body", "shown"),
+    [(b"d:INF;", "inf"), (b"d:-INF;", "-inf"), (b"d:NAN;", "nan"), (b"a:1:{i:0;d:NAN;}", "nan")],
+)
+def test_php_infinities_are_refused(body: bytes, shown: str) -> None:
+    """PHP's INF and NAN floats, which no JSON can carry, are refused (RefusedPayloadError)."""
+    with pytest.raises(RefusedPayloadError) as caught:
+        decode(body, 2)
+    assert str(caught.value) == f"refused PHP serialize data: float {shown} has no JSON form"
+
+
 # --- arbitrary input -------------------------------------------------------------------------
 
 _json_leaf = st.one_of(
@@ -375,3 +494,121 @@ def test_decode_returns_a_job_or_raises_message_error(body: bytes, type_: int) -
     assert isinstance(job, Job)
     assert job.type == type_
     assert re.fullmatch(r"[0-9A-Za-z_.-]{1,16}", job.id)
+
+
+#: JSON texts that a hostile sender puts where a number, string or object belongs.
+_HOSTILE = [
+    "1e999", "-1e999", "1E400", "1e-999", "9" * 400, "-" + "9" * 400, "-1", "0", "-0", "0.0",
+    "2147483647", "2147483648", "4294967296", "9223372036854775807", "9223372036854775808",
+    "65535", "65536", "1e10", "10000000001", "1e9", "1000000001", "5e-324", "true", "false",
+    "null", '"1"', '""', '"\\ud800"', '"a\\udfffb"', '"\\ud83d\\ude00"', '"\\u0000"',
+    "[]", "{}", '{"\\ud800":1}', "[" * 40 + "]" * 40, '{"a":' * 40 + "1" + "}" * 40,
+]  # fmt: skip
+_raw_json = st.one_of(
+    st.sampled_from(_HOSTILE),
+    st.integers().map(str),
+    st.floats(allow_nan=False, allow_infinity=False).map(repr),
+    st.text(max_size=6).map(json.dumps),
+)
+_raw_spill = st.fixed_dictionaries(
+    {"shmid": _raw_json, "size": _raw_json, "slot": _raw_json},
+    optional={"kind": st.sampled_from(['"text"', '"json"', '"bytes"', '"x"', "1"])},
+).map(lambda d: "{" + ",".join(f'"{k}":{v}' for k, v in d.items()) + "}")
+_FIELDS = ["submitted", "pid", "reply", "attempt", "timeout", "unique", "payload", "payload_b64"]
+_hostile_envelopes = st.tuples(
+    st.one_of(st.just("1"), _raw_json),
+    st.one_of(st.just('"abc"'), _raw_json),
+    st.dictionaries(
+        st.sampled_from([*_FIELDS, "spill"]),
+        st.one_of(_raw_json, _raw_spill),
+        max_size=4,
+    ),
+).map(
+    lambda t: (
+        '{"ipcd":' + t[0] + ',"id":' + t[1] + "".join(f',"{k}":{v}' for k, v in t[2].items()) + "}"
+    ).encode()
+)
+_hostile_php = st.one_of(
+    st.sampled_from(
+        [b"d:INF;", b"d:-INF;", b"d:NAN;", b"a:1:{i:0;d:NAN;}", b"i:" + b"9" * 400 + b";",
+         b"a:1:{i:" + b"9" * 400 + b";i:1;}", b'a:1:{s:1:"\xff";i:1;}', b'a:1:{i:0;s:1:"\xed";}',
+         b's:3:"\xed\xa0\x80";', b"d:1e999;", b"d:-0;", b"a:2:{i:0;i:1;i:0;i:2;}"]
+    ),
+    st.tuples(st.sampled_from([b"a:1:{i:0;", b"a:1:{s:1:\"k\";"]), _raw_json.map(str.encode)).map(
+        lambda t: t[0] + b"d:" + t[1] + b";}"
+    ),
+)  # fmt: skip
+_kernel_types = st.one_of(
+    st.integers(min_value=1, max_value=2**31 - 1),
+    st.sampled_from([1, 2**31 - 1, 2**31, 2**63 - 1, 0, -1]),
+)
+
+
+def assert_in_range(job: Job, type_: int) -> None:
+    """Every field of a decoded job holds what the daemon's later steps can take: the
+    type a handler can have, bounded finite numbers, valid Unicode, a payload that can be
+    put back on the queue for another attempt."""
+    assert job.type == type_ and 1 <= type_ <= protocol.MAX_TYPE
+    assert protocol.is_job_id(job.id)
+    assert type(job.attempt) is int and 1 <= job.attempt <= 0xFFFF
+    assert type(job.submitted) is float and 0 <= job.submitted <= protocol.MAX_SUBMITTED
+    assert type(job.sender_pid) is int and 0 <= job.sender_pid <= protocol.MAX_INT32
+    assert job.reply_to is None or (
+        type(job.reply_to) is int and 1 <= job.reply_to <= protocol.MAX_TYPE
+    )
+    assert job.timeout is None or (
+        type(job.timeout) is float and 0 < job.timeout <= protocol.MAX_TIMEOUT
+    )
+    assert job.unique is None or protocol.unique_key_problem(job.unique) is None
+    if job.spill is not None:
+        shmid, size, slot, kind = job.spill
+        assert all(type(n) is int for n in (shmid, size, slot))
+        assert 0 <= shmid <= protocol.MAX_INT32 and 0 <= slot <= protocol.MAX_INT32
+        assert 0 <= size <= protocol.MAX_SIZE and kind in protocol.SPILL_KINDS
+        assert job.payload is None
+    assert protocol.lone_surrogate(job.payload) is None
+    again = decode(protocol.reencode(job, attempt=job.attempt), type_)
+    assert again.payload == job.payload and again.id == job.id
+
+
+@settings(
+    max_examples=1500,
+    deadline=timedelta(seconds=1),
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(st.one_of(_hostile_envelopes, _hostile_php, _messages), _kernel_types)
+def test_hostile_messages_decode_to_jobs_in_range_or_raise_message_error(
+    body: bytes, type_: int
+) -> None:
+    """Whatever a group member sends, decode() returns a Job whose every field is in
+    range, or raises MessageError; no other exception escapes."""
+    try:
+        job = decode(body, type_)
+    except MessageError:
+        return
+    assert_in_range(job, type_)
+
+
+@pytest.mark.parametrize(
+    ("body", "type_"),
+    [
+        (b'{"ipcd":1,"id":"w1","reply":77,"submitted":1e999}', 2),
+        (b'{"ipcd":1,"id":"w1","reply":77,"payload":' + b"[" * 3000 + b"]" * 3000 + b"}", 2),
+        (envelope(id="w1", reply=77, payload="x"), 2**31),
+        (envelope(id="w1", reply=77, submitted=10**400), 2),
+    ],
+)
+def test_a_rejected_envelope_keeps_its_waiter(body: bytes, type_: int) -> None:
+    """A rejected envelope keeps its reply type, so its waiter is woken: read from the JSON,
+    or from the first 256 bytes of a body that is not valid JSON."""
+    with pytest.raises(MessageError) as caught:
+        decode(body, type_)
+    assert (caught.value.job_id, caught.value.reply_to) == ("w1", 77)
+
+
+def test_a_reply_that_is_not_an_integer_wakes_nobody() -> None:
+    """In a body that is not valid JSON, ``"reply":77.5`` names no waiter."""
+    with pytest.raises(MessageError) as caught:
+        decode(b'{"ipcd":1,"id":"w1","reply":77.5,"submitted":1e999}', 2)
+    assert (caught.value.job_id, caught.value.reply_to) == ("w1", None)

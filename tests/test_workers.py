@@ -265,25 +265,25 @@ def test_delayed_job_runs_no_earlier_than_asked(instance: Instance) -> None:
         instance.ipcd("stop")
 
 
-def test_workers_dying_young_are_respawned_with_back_off(instance: Instance) -> None:
-    """Workers that die right after starting are replaced ever more slowly (no fork bomb)."""
+def test_jobs_that_kill_their_worker_fail_without_back_off(instance: Instance) -> None:
+    """A job that kills its worker runs again up to its attempts and then fails with the
+    cause; each replacement worker starts at once (no back-off: the worker did not die on
+    its own), so such jobs do not hold the others back."""
     _start(
         instance,
         "workers = 1\n",
         extra='\n[handlers.exit_hard]\ntype = 21\ntarget = "ipcd_test_plugins:exit_hard"\n'
-        "max_attempts = 1\n",
+        "max_attempts = 2\nretry_delay = 0.0\n",
     )
     try:
         client = Client(instance.config)
         for _ in range(4):
-            client.wait(client.submit("exit_hard"), timeout=20)  # each kills its worker
-        backoffs = [
-            float(str(e["seconds"]))
-            for e in instance.log_events()
-            if e["event"] == "worker.backoff"
-        ]
-        assert len(backoffs) >= 3
-        assert backoffs == sorted(backoffs) and backoffs[-1] > backoffs[0]
+            result = client.wait(client.submit("exit_hard"), timeout=20)  # kills its worker
+            assert result.error == (
+                "worker died (exited with status 3 in the middle of the job) on attempt 2 of 2"
+            )
         assert instance.ipcctl("submit", "echo", "alive", "--wait").stdout == "alive\n"
+        events = [e["event"] for e in instance.log_events()]
+        assert events.count("worker.exited") == 8 and "worker.backoff" not in events
     finally:
         instance.ipcd("stop")

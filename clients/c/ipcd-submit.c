@@ -734,7 +734,7 @@ static struct options parse_args(int argc, char **argv)
     if (npos == 0)
         usage("the message TYPE is required");
     /* No configuration is read here, so handlers are named by number only. */
-    o.type = (long)int_arg("TYPE", positional[0], 2, 2147483647LL, 10);
+    o.type = (long)int_arg("TYPE", positional[0], 1, 2147483647LL, 10);
     o.payload = npos > 1 ? positional[1] : NULL;
     return o;
 }

@@ -82,7 +82,7 @@ function main(array $args): int
 
     if ($command === 'submit') { // the whole command line is checked before anything else
         // No configuration, so no handler names: a message type number only.
-        $type = integer('TYPE', $positional[0], 2, 0x7FFFFFFF, false);
+        $type = integer('TYPE', $positional[0], 1, 0x7FFFFFFF, false);
         $timeout = seconds('--timeout', $values['timeout']);
         $jobTimeout = $values['timeout-job'] === null ? null : seconds('--timeout-job', $values['timeout-job'], true);
         $sendTimeout = seconds('--send-timeout', $values['send-timeout']);

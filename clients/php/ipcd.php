@@ -198,8 +198,8 @@ final class Client
         float $sendTimeout = 5.0,
         bool $rawJson = false,
     ): string {
-        if ($type < 2 || $type > 0x7FFFFFFF) {
-            throw new \InvalidArgumentException("a job's message type is 2 to 2147483647, not $type");
+        if ($type < 1 || $type > 0x7FFFFFFF) {
+            throw new \InvalidArgumentException("a job's message type is 1 to 2147483647, not $type");
         }
         $jobId = bin2hex(random_bytes(8));
         $pid = getmypid();

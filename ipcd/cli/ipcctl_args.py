@@ -10,7 +10,7 @@ import argparse
 from collections.abc import Callable
 
 from ipcd.cli import parser as cli_parser
-from ipcd.protocol import is_job_id
+from ipcd.protocol import MAX_TIMEOUT, is_job_id
 
 EPILOG = """exit status:
   0 success, 1 the job failed, 4 already queued (--unique: a job with that key waits or
@@ -73,7 +73,7 @@ def _submit_options(submit: argparse.ArgumentParser) -> None:
     _wait_options(submit)
     submit.add_argument(
         "--timeout-job",
-        type=_positive_seconds,
+        type=_job_timeout,
         metavar="S",
         help="kill the job if it runs longer than S seconds (default: the handler's timeout)",
     )
@@ -243,6 +243,8 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError("seconds must not be negative")
+    if not value < float("inf"):  # inf and nan: no time at all
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
     return value
 
 
@@ -250,4 +252,12 @@ def _positive_seconds(text: str) -> float:
     value = _seconds(text)
     if value == 0:
         raise argparse.ArgumentTypeError("seconds must be more than 0")
+    return value
+
+
+def _job_timeout(text: str) -> float:
+    """What the envelope's ``timeout`` may carry (the daemon rejects more)."""
+    value = _positive_seconds(text)
+    if value > MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"seconds must be at most {MAX_TIMEOUT:.0e}")
     return value

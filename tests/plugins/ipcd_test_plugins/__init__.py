@@ -41,6 +41,34 @@ def not_jsonable(job: Job) -> HandlerResult:
     return {"a set": {1, 2}}  # type: ignore[dict-item]
 
 
+#: What ``unencodable`` returns, by payload: values no result can hold as they are.
+UNENCODABLE: dict[str, object] = {
+    "surrogate-text": "bad \ud800 text",
+    "surrogate-json": {"k": ["ok", "\udfff"]},
+    "surrogate-key": {"\ud800": 1},
+    "nan": float("nan"),
+    "object": {"o": object()},
+}
+
+
+def unencodable(job: Job) -> HandlerResult:
+    """Return the value of UNENCODABLE that the payload names."""
+    return UNENCODABLE[str(job.payload)]  # type: ignore[return-value]
+
+
+class _Treacherous(dict):  # type: ignore[type-arg]
+    """A mapping that fails when JSON encoding asks for its items: an error ipcd does not
+    expect while storing a result (not a TypeError or ValueError)."""
+
+    def items(self):  # type: ignore[no-untyped-def]
+        raise LookupError("items() refuses")
+
+
+def treacherous(job: Job) -> HandlerResult:
+    """Return a value whose encoding raises an unexpected exception inside ipcd."""
+    return _Treacherous(a=1)
+
+
 def flaky(job: Job) -> HandlerResult:
     """Ask for a retry until the attempt named by the payload (an int), then succeed."""
     from ipcd.handlers import Retry
