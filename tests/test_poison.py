@@ -116,7 +116,7 @@ def test_a_flood_of_poison_messages_is_accounted_for_and_stalls_nothing(
     assert "worker.exited" not in events and "worker.backoff" not in events
     assert "job.internal_error" not in events and "job.decode_failed" not in events
     stats = json.loads(daemon.ipcctl("stats", "--json").stdout)
-    assert stats["jobs"]["-"]["rejected"] == sent
+    assert stats["jobs"]["(none)"]["rejected"] == sent
     # The ring keeps the newest results only (128 here): look at the last ones sent.
     shown = daemon.ipcctl("result", f"bigtype-{EACH - 1}")
     assert shown.returncode == ExitCode.JOB_FAILED
