@@ -71,6 +71,8 @@ class Arbiter:
             stats=self.stats,
         )
         self.recovery = Recovery(prepared, self.outcomes, self.log)
+        prepared.sink.on_drop = lambda: self.stats.bump(stats_mod.LOG_DROPPED)
+        self.drop_notice = log_mod.DropNotice(prepared.sink.path)
         self.started = time.time()
         self._next_sweep = 0.0
         self.spill_sweeper = Sweeper(prepared.spills)
@@ -118,6 +120,7 @@ class Arbiter:
                 self._dispatch_parked()
                 self._maintain()
                 self._sweep_spills()
+                self._notice_dropped_log()
             self._shutdown()
         except Exception:
             self.log.critical("daemon.crashed", exc_info=True)
@@ -154,6 +157,12 @@ class Arbiter:
             self.log.info("spill.swept", entries=swept.freed, segments=swept.removed)
         if swept.evicted:  # by clients' payload claims, which cannot log
             self.log.info("spill.evicted", results=swept.evicted, by="payloads")
+
+    def _notice_dropped_log(self) -> None:
+        """Say on stderr (the journal) that log lines were dropped, at most once a minute."""
+        dropped = self.p.stats.total(stats_mod.LOG_DROPPED)
+        if dropped:
+            self.drop_notice.update(dropped, self.p.sink.drop_reason)
 
     def _raise_queue_bytes(self) -> None:
         """[ipc] queue_bytes: a deeper queue, where the kernel lets us (CAP_SYS_RESOURCE)."""

@@ -24,6 +24,7 @@ from ipcd.statslayout import (
     ERROR,
     JOBS_RECOVERED,
     JOBS_REQUEUED,
+    LOG_DROPPED,
     MASTER,
     MASTER_COUNTERS,
     MASTER_SLOTS,
@@ -31,6 +32,7 @@ from ipcd.statslayout import (
     OUTCOMES,
     REJECTED,
     RELOADS,
+    RESULTS_LOST,
     RETRIED,
     SEQ,
     WORKER_RESTARTS,
@@ -50,8 +52,10 @@ __all__ = [
     # Positions in a record (ipcd.statslayout's), the names callers of a Recorder use.
     "JOBS_RECOVERED",
     "JOBS_REQUEUED",
+    "LOG_DROPPED",
     "OUTCOMES",
     "RELOADS",
+    "RESULTS_LOST",
     "WORKERS_STARTED",
     "WORKER_RESTARTS",
     "HandlerTotals",
@@ -59,6 +63,7 @@ __all__ = [
     "Recorder",
     "Snapshot",
     "StatsSegment",
+    "counter_total",
     "read_record",
     "snapshot",
 ]
@@ -120,7 +125,7 @@ class Recorder:
         self._write(0, values)
 
     def bump(self, counter: int) -> None:
-        """Add one to a master counter (WORKERS_STARTED, WORKER_RESTARTS, ...)."""
+        """Add one to a counter of the record (WORKERS_STARTED, LOG_DROPPED, ...)."""
         offset = self._offset + SEQ.size + 8 * counter
         self._seq += 1
         SEQ.pack_into(self._buf, self._offset, self._seq)
@@ -255,6 +260,18 @@ def snapshot(buf: memoryview | bytearray | bytes) -> Snapshot | None:
     return Snapshot(header.created, header.bounds, handlers, counters)
 
 
+def counter_total(buf: memoryview | bytearray | bytes, counter: int) -> int:
+    """One counter (LOG_DROPPED, ...) added up over every record, without a snapshot's
+    cost: the master reads it at every turn of its loop."""
+    header = read_header(buf)
+    if header is None:
+        return 0
+    return sum(
+        SEQ.unpack_from(buf, header.record_offset(index) + SEQ.size + 8 * counter)[0]
+        for index in range(header.records)
+    )
+
+
 class StatsSegment:
     """The stats layout over a live segment (the kernel side of this module)."""
 
@@ -306,3 +323,6 @@ class StatsSegment:
 
     def snapshot(self) -> Snapshot | None:
         return snapshot(self.buf)
+
+    def total(self, counter: int) -> int:
+        return counter_total(self.buf, counter)

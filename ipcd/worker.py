@@ -17,7 +17,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from ipcd import jsoncodec, protocol, spill
+from ipcd import jsoncodec, protocol, spill, stats
 from ipcd import log as log_mod
 from ipcd.config import CONTROL_TYPE, Config
 from ipcd.errors import MessageError, RefusedPayloadError
@@ -308,6 +308,8 @@ def worker_process(  # pragma: no cover - runs in the forked worker
             with contextlib.suppress(OSError):
                 os.write(notify_master, b"!")
 
+        recorder = prepared.stats.for_worker(slot)
+        prepared.sink.on_drop = lambda: recorder.bump(stats.LOG_DROPPED)
         worker = Worker(
             slot=slot,
             config=prepared.config,
@@ -320,7 +322,7 @@ def worker_process(  # pragma: no cover - runs in the forked worker
                 log=log,
                 events=events,
                 unique=prepared.unique,
-                stats=prepared.stats.for_worker(slot),
+                stats=recorder,
             ),
             registry=prepared.registry,
             flags=flags,
