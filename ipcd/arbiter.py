@@ -32,11 +32,11 @@ from collections.abc import Callable
 from types import FrameType
 
 from ipcd import config as config_mod
+from ipcd import lockwaits, reloading
 from ipcd import log as log_mod
 from ipcd import registry as registry_mod
-from ipcd import reloading
 from ipcd import stats as stats_mod
-from ipcd.errors import IpcdError
+from ipcd.errors import IpcdError, LockTimeoutError
 from ipcd.inflight import State
 from ipcd.outcome import Outcomes
 from ipcd.pool import MAX_BACKOFF, MIN_BACKOFF, Pool, WorkerInfo
@@ -75,6 +75,7 @@ class Arbiter:
         self.drop_notice = log_mod.DropNotice(prepared.sink.path)
         self.started = time.time()
         self._next_sweep = 0.0
+        self._ready = False
         self.spill_sweeper = Sweeper(prepared.spills)
         self.master_pid = os.getpid()
         self._wake_r, self._wake_w = os.pipe()
@@ -88,6 +89,7 @@ class Arbiter:
         p = self.p
         self.master_pid = os.getpid()  # after detaching, this is the daemon's own PID
         self.flags.install()
+        lockwaits.be_patient(p, self.log, self._give_up_lock)
         signal.signal(signal.SIGCHLD, _wake_only)
         previous_fd = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         p.store.set_daemon(os.getpid(), self.started)
@@ -105,6 +107,7 @@ class Arbiter:
             handlers={r.name: r.type for r in p.registry.by_type.values()},
         )
         self._maintain()
+        self._ready = True
         ready()
         try:
             while not self.flags.stopping:
@@ -122,6 +125,10 @@ class Arbiter:
                 self._sweep_spills()
                 self._notice_dropped_log()
             self._shutdown()
+        except LockTimeoutError:
+            if not self.flags.stopping:
+                raise
+            self._shutdown()  # asked to stop while waiting for a lock another process held
         except Exception:
             self.log.critical("daemon.crashed", exc_info=True)
             for info in self.pool.workers.values():
@@ -140,6 +147,14 @@ class Arbiter:
                 uptime_s=round(time.time() - self.started, 3),
             )
             p.sink.close()
+
+    def _give_up_lock(self, waited: float) -> bool:
+        """A lock held by another process: once ready, the master waits for as long as
+        it takes (ipcd.lockwaits) unless asked to stop; while starting, up to
+        START_PATIENCE, then start-up fails with a message naming the lock."""
+        if self.flags.stopping:
+            return True  # a stop must not wait for a client that may never let go
+        return not self._ready and waited >= lockwaits.START_PATIENCE
 
     def _sweep_spills(self, *, at_start: bool = False) -> None:
         """Remove spill segments whose maker died before handing them on; at start also
@@ -301,9 +316,8 @@ class Arbiter:
             held = self.p.table.held(slot)
             if held is None:
                 continue
-            if not self.p.queue.send_nowait(held.body, held.type):
+            if not self.p.table.dispatch(held, self.p.queue.send_nowait):
                 return  # the queue is full: try again at the next wake-up
-            self.p.table.unpark(held.slot)
             if held.slot < self.p.table.workers:
                 self._release_slot(held.slot)
 

@@ -127,6 +127,20 @@ class WaitTimeoutError(IpcdError, TimeoutError):
     exit_code = ExitCode.TIMEOUT
 
 
+class LockTimeoutError(WaitTimeoutError):
+    """One of ipcd's lock semaphores stayed taken for the whole wait.
+
+    A client gives up (124); the daemon's processes log it and wait again
+    (ipcd.lockwaits), so that a stopped client or a stray ``semctl`` delays jobs
+    without ever stopping the daemon.
+    """
+
+    def __init__(self, message: str, *, key: int, waited: float) -> None:
+        super().__init__(message)
+        self.key = key
+        self.waited = waited
+
+
 class NoResultError(IpcdError, LookupError):
     """The result segment holds no result for that job id."""
 

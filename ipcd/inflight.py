@@ -28,6 +28,7 @@ from __future__ import annotations
 import enum
 import struct
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 from ipcd.shm import Lock, Segment, create_formatted
@@ -339,9 +340,15 @@ class InflightTable:
         """Every parked job with its message (for listings and tests)."""
         return [h for slot, _ in self.parked_due() if (h := self.held(slot)) is not None]
 
-    def unpark(self, index: int) -> None:
+    def dispatch(self, held: Held, send: Callable[[bytes, int], bool]) -> bool:
+        """Send a parked job (``send(body, type)``, False when the queue is full) and
+        free its slot, both under the lock: a lock that stays taken leaves the job parked
+        and unsent, never both sent and still parked (which would run it twice)."""
         with self.lock.held(LOCK_TIMEOUT):
-            self.clear(index)
+            if not send(held.body, held.type):
+                return False
+            self.clear(held.slot)
+        return True
 
 
 def _state(raw: int) -> State:

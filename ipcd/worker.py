@@ -17,7 +17,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from ipcd import jsoncodec, protocol, spill, stats
+from ipcd import jsoncodec, lockwaits, protocol, spill, stats
 from ipcd import log as log_mod
 from ipcd.config import CONTROL_TYPE, Config
 from ipcd.errors import MessageError, RefusedPayloadError
@@ -303,6 +303,7 @@ def worker_process(  # pragma: no cover - runs in the forked worker
         context = {"role": "worker", "worker_pid": os.getpid(), "slot": slot}
         log = log_mod.get_logger(**context)
         events = log_mod.Events(prepared.sink, prepared.config.log.level, **context)
+        lockwaits.be_patient(prepared, log)  # a held lock delays the job, never fails it
 
         def wake_master() -> None:
             with contextlib.suppress(OSError):
