@@ -32,7 +32,7 @@ from collections.abc import Callable
 from types import FrameType
 
 from ipcd import config as config_mod
-from ipcd import lockwaits, reloading
+from ipcd import lockwaits, objectwatch, reloading, server
 from ipcd import log as log_mod
 from ipcd import registry as registry_mod
 from ipcd import stats as stats_mod
@@ -60,6 +60,21 @@ class Arbiter:
         self.flags = flags
         self.log = log_mod.get_logger(role="master")
         self.pool = Pool(free_slots=list(range(prepared.table.workers)))
+        self._bind(prepared)
+        self.drop_notice = log_mod.DropNotice(prepared.sink.path)
+        self.watch = objectwatch.Watch()
+        self.started = time.time()
+        self._next_sweep = 0.0
+        self._ready = False
+        self.master_pid = os.getpid()
+        self._wake_r, self._wake_w = os.pipe()
+        self._notify_r, self._notify_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w, self._notify_r, self._notify_w):
+            os.set_blocking(fd, False)
+
+    def _bind(self, prepared: Prepared) -> None:
+        """Use these objects: at start, and again when some were made anew."""
+        self.p = prepared
         self.stats = prepared.stats.for_master()
         self.outcomes = Outcomes(
             store=prepared.store,
@@ -71,17 +86,9 @@ class Arbiter:
             stats=self.stats,
         )
         self.recovery = Recovery(prepared, self.outcomes, self.log)
-        prepared.sink.on_drop = lambda: self.stats.bump(stats_mod.LOG_DROPPED)
-        self.drop_notice = log_mod.DropNotice(prepared.sink.path)
-        self.started = time.time()
-        self._next_sweep = 0.0
-        self._ready = False
         self.spill_sweeper = Sweeper(prepared.spills)
-        self.master_pid = os.getpid()
-        self._wake_r, self._wake_w = os.pipe()
-        self._notify_r, self._notify_w = os.pipe()
-        for fd in (self._wake_r, self._wake_w, self._notify_r, self._notify_w):
-            os.set_blocking(fd, False)
+        stats = self.stats
+        prepared.sink.on_drop = lambda: stats.bump(stats_mod.LOG_DROPPED)
 
     # --- the main loop ------------------------------------------------------------------
 
@@ -113,6 +120,7 @@ class Arbiter:
             while not self.flags.stopping:
                 self._sleep()
                 self._reap()
+                self._watch_objects()
                 if self.flags.stopping:
                     break
                 if self.flags.reload:
@@ -147,6 +155,50 @@ class Arbiter:
                 uptime_s=round(time.time() - self.started, 3),
             )
             p.sink.close()
+
+    def _watch_objects(self) -> None:
+        """Make anew any object of ours that was removed or overwritten (ipcd.objectwatch)."""
+        wrong = self.watch.problems(self.p)
+        if wrong:
+            self._renew_objects(wrong)
+
+    def _renew_objects(self, wrong: list[str]) -> None:
+        """Open every object again as at start, making the missing ones and mending the
+        overwritten ones, carry over what removed segments held, then start a new
+        generation of workers on them.  Raises (the master exits non-zero, for systemd
+        to restart it) when that fails: an object another user planted meanwhile."""
+        old = self.p
+        self.watch.rewrite_headers(old)
+        try:
+            fresh = server.reopen(old)
+        except IpcdError as exc:
+            self.log.critical("ipc.unrecoverable", objects=wrong, error=str(exc))
+            raise
+        copied = objectwatch.carry_over(old, fresh)
+        self._bind(fresh)
+        lockwaits.be_patient(fresh, self.log, self._give_up_lock)
+        fresh.store.set_daemon(self.master_pid, self.started)
+        fresh.table.set_master(self.master_pid)
+        kept, lost = fresh.store.repaired or (None, 0)
+        if lost:
+            for _ in range(lost):
+                self.stats.bump(stats_mod.RESULTS_LOST)
+        objectwatch.close(old)
+        current = [w for w in self.pool.workers.values() if not w.retiring]
+        self.pool.generation += 1
+        self.pool.next_spawn = 0.0
+        self._maintain()  # workers on the new objects first, as at a reload...
+        for info in current:  # ...then those on the old ones finish their job and leave
+            info.retiring = True
+            signal_worker(info.pid, signal.SIGTERM, group=False)
+        self.log.warning(
+            "ipc.recreated",
+            objects=wrong,
+            carried_over=copied or None,
+            results_kept=kept,
+            results_lost=lost,
+            replaced_workers=len(current),
+        )
 
     def _give_up_lock(self, waited: float) -> bool:
         """A lock held by another process: once ready, the master waits for as long as
@@ -272,7 +324,7 @@ class Arbiter:
         expected = held is None and (
             info.retiring
             or self.flags.stopping
-            or (os.WIFEXITED(status) and os.WEXITSTATUS(status) == Exit.RECYCLED)
+            or (os.WIFEXITED(status) and os.WEXITSTATUS(status) in (Exit.RECYCLED, Exit.QUEUE_GONE))
         )
         log = self.log.info if expected else self.log.warning
         log("worker.exited", pid=info.pid, slot=info.slot, cause=cause, lived_s=round(lived, 3))

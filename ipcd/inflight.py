@@ -26,6 +26,7 @@ For a parked slot, ``deadline`` is when the job is due back on the queue.
 from __future__ import annotations
 
 import enum
+import os
 import struct
 import time
 from collections.abc import Callable
@@ -180,6 +181,14 @@ class InflightTable:
             and ssize == slot_size_for(tsize)
             and HEADER_SIZE + (workers + parked) * ssize <= len(buf)
         )
+
+    def rewrite_header(self) -> None:
+        """Write the header again from what this process knows of the table, over one
+        another program overwrote (ipcd.objectwatch); the slots after it are kept."""
+        HEADER.pack_into(
+            self.buf, 0, MAGIC, VERSION, HEADER_SIZE, self.workers, self.parked,
+            self.slot_size, self.text_size, os.getpid(),
+        )  # fmt: skip
 
     def set_master(self, pid: int) -> None:
         struct.pack_into("<I", self.buf, 32, pid)

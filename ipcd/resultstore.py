@@ -43,6 +43,9 @@ class ResultStore:
         #: Called under the lock with each valid record a put is about to overwrite.
         self.on_evict: Callable[[Result], None] | None = None
         self._capacity: int | None = None
+        #: (records kept, records lost) when create() found the header overwritten by
+        #: another program and wrote it anew (results.repair_header); else None.
+        self.repaired: tuple[int, int] | None = None
 
     @classmethod
     def open(cls, key: int) -> ResultStore:
@@ -68,9 +71,14 @@ class ResultStore:
         one of another size or version is removed and made anew.
         """
         lock = Lock.create(key, mode)
+        repaired: list[tuple[int, int]] = []
 
         def keep(segment: Segment) -> bool:
             header = results.read_header(segment.buf)
+            if header is None and segment.size == size:  # overwritten: keep what it holds
+                with lock.held(LOCK_TIMEOUT):
+                    repaired.append(results.repair_header(segment.buf, slot_size))
+                header = results.read_header(segment.buf)
             return segment.size == size and header is not None and header.slot_size == slot_size
 
         segment = create_formatted(
@@ -83,7 +91,9 @@ class ResultStore:
             lock_timeout=LOCK_TIMEOUT,
             what=what,
         )
-        return cls(segment, lock, None if gate_key is None else Gate.create(gate_key, mode))
+        store = cls(segment, lock, None if gate_key is None else Gate.create(gate_key, mode))
+        store.repaired = repaired[0] if repaired else None
+        return store
 
     def header(self) -> Header:
         header = results.read_header(self.segment.buf)

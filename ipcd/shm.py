@@ -227,6 +227,10 @@ class _Semaphore:
         check_safe(made.info(), mode)
         return made
 
+    @property
+    def id(self) -> int:
+        return int(self._sem.id)
+
     def info(self) -> ObjectInfo:
         sem = self._sem
         return ObjectInfo(self.what, self.key, sem.uid, sem.gid, sem.mode & 0o777)

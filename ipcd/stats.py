@@ -281,10 +281,18 @@ class StatsSegment:
 
     @classmethod
     def create(
-        cls, key: int, mode: int, workers: int, handlers: Iterable[tuple[str, int]]
+        cls,
+        key: int,
+        mode: int,
+        workers: int,
+        handlers: Iterable[tuple[str, int]],
+        *,
+        keep_counts: bool = False,
     ) -> StatsSegment:
         """Make the segment for ``workers`` worker slots and the master, zeroed: counts
-        start again at each daemon start.  A segment of another size is made anew."""
+        start again at each daemon start.  A segment of another size is made anew.
+        ``keep_counts``: a readable segment of this size is kept as it is (the master
+        opening its objects again, ipcd.objectwatch)."""
         named = list(handlers)
         columns = columns_for(len(named))
         size = segment_size(workers + 1, columns)
@@ -298,7 +306,7 @@ class StatsSegment:
             key,
             mode,
             size,
-            keep=lambda old: False,
+            keep=lambda old: keep_counts and read_header(old.buf) is not None,
             format=format,
             lock=None,
             what="stats segment",

@@ -131,6 +131,14 @@ def format_segment(buf: memoryview | bytearray, records: int, columns: int, crea
     register(buf, [(NO_HANDLER, 0)])
 
 
+def write_header(buf: memoryview | bytearray, header: Header) -> None:
+    """Write ``header`` (one read earlier) back over one another program overwrote."""
+    HEADER.pack_into(
+        buf, 0, MAGIC, VERSION, header.header_size, header.records, header.columns,
+        len(header.bounds), header.record_size, header.handlers, NAME_SIZE, header.created,
+    )  # fmt: skip
+
+
 def read_header(buf: memoryview | bytearray | bytes) -> Header | None:
     """The header, or None if the buffer does not hold a stats layout this code reads."""
     if len(buf) < HEADER_SIZE:

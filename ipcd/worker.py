@@ -20,7 +20,7 @@ from collections.abc import Callable
 from ipcd import jsoncodec, lockwaits, protocol, spill, stats
 from ipcd import log as log_mod
 from ipcd.config import CONTROL_TYPE, Config
-from ipcd.errors import MessageError, RefusedPayloadError
+from ipcd.errors import MessageError, NotRunningError, RefusedPayloadError
 from ipcd.handlers import HandlerError, HandlerResult, Retry
 from ipcd.inflight import InflightTable
 from ipcd.ipc import Queue, TooBigError, msgmax
@@ -39,6 +39,9 @@ class Exit:
 
     STOPPED = 0
     RECYCLED = 3
+    #: The job queue was removed under the worker: the master makes it anew and starts
+    #: workers that use the new one (ipcd.objectwatch).
+    QUEUE_GONE = 4
     CRASHED = 70
 
 
@@ -140,6 +143,9 @@ class Worker:
                 previous = 0
                 self._handle_oversized()
                 continue
+            except NotRunningError:
+                self.log.warning("worker.queue_gone", queue=f"{self.queue.key:#010x}")
+                return Exit.QUEUE_GONE
             previous = length
             self.handle(length)
         return Exit.STOPPED
@@ -369,5 +375,10 @@ def describe_exit(status: int, *, holding: bool) -> str:
     code = os.WEXITSTATUS(status)
     if holding:
         return f"exited with status {code} in the middle of the job"
-    names = {Exit.STOPPED: "stopped", Exit.RECYCLED: "recycled", Exit.CRASHED: "crashed"}
+    names = {
+        Exit.STOPPED: "stopped",
+        Exit.RECYCLED: "recycled",
+        Exit.QUEUE_GONE: "job queue removed",
+        Exit.CRASHED: "crashed",
+    }
     return f"exited with status {code}" + (f" ({names[code]})" if code in names else "")
