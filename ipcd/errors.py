@@ -41,6 +41,10 @@ class ExitCode(enum.IntEnum):
     CANT_CREATE = 73
     #: The queue stayed full for the whole timeout; the job was not accepted (EX_TEMPFAIL).
     QUEUE_FULL = 75
+    #: ``--wait``: the daemon said the job ended, but its result could not be kept (the
+    #: result segment was removed or overwritten meanwhile): the job ran, do not simply
+    #: submit it again (EX_PROTOCOL).
+    RESULT_LOST = 76
     #: Permission denied on the IPC objects or files (EX_NOPERM).
     NO_PERMISSION = 77
     #: The configuration is invalid (EX_CONFIG).
@@ -77,6 +81,17 @@ class NotRunningError(IpcdError, ConnectionError):
     """The daemon, its queue or its result segment is not there."""
 
     exit_code = ExitCode.UNAVAILABLE
+
+
+class OverwrittenError(NotRunningError):
+    """A segment at ipcd's key holds another program's header (PHP's ``shm_attach()``
+    writes its own); the daemon writes its own back within seconds."""
+
+
+class ResultLostError(IpcdError, LookupError):
+    """The daemon said the job ended, but its result is not in the result segment."""
+
+    exit_code = ExitCode.RESULT_LOST
 
 
 class AlreadyRunningError(IpcdError, RuntimeError):

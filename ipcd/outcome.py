@@ -7,6 +7,7 @@ jobs, and they must do it the same way; this module is that one way.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from ipcd import protocol, spill, uniquerelease
@@ -87,6 +88,22 @@ class Outcomes:
         self.unique = unique
         #: This process's record in the stats segment (ipcd.stats).
         self.stats = stats if stats is not None else NullRecorder()
+        store.on_repair = self._mended("result segment")
+        failed.store.on_repair = self._mended("failed list")
+
+    def _mended(self, name: str) -> Callable[[int, int], None]:
+        """What to say when this process wrote ipcd's header back over another
+        program's (ipcd.resultstore): one event, and the records lost counted."""
+
+        def said(kept: int, lost: int) -> None:
+            for _ in range(lost):
+                self.stats.bump(RESULTS_LOST)
+            self.log.warning(
+                "ipc.recreated", objects=[f"{name} overwritten"], results_kept=kept,
+                results_lost=lost,
+            )  # fmt: skip
+
+        return said
 
     def finish(
         self,
