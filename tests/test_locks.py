@@ -5,10 +5,9 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import sysv_ipc
-from conftest import Instance
+from conftest import Instance, _running
 
 from ipcd.keys import as_key_t
 
@@ -27,14 +26,6 @@ def held(key: int) -> Iterator[None]:
         sem.value = 1
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state != "Z"
-
-
 def _delayed(instance: Instance, text: str) -> str:
     submitted = instance.ipcctl("submit", "echo", text, "--delay", "1")
     assert submitted.returncode == 0, submitted.stderr
@@ -50,7 +41,7 @@ def test_a_held_inflight_lock_when_a_delayed_job_falls_due(daemon: Instance) -> 
     with held(daemon.keys.inflight):
         timeouts = daemon.wait_events(lambda e: e["event"] == "lock.timeout", 1, timeout=HOLD)
         time.sleep(max(0.0, HOLD - 5.0))  # the lock stays taken: 10 s in all
-        assert _alive(master)
+        assert _running(master)
     assert [(e["lock"], e["role"], e["then"]) for e in timeouts[:1]] == [
         ("in-flight table", "master", "wait again")
     ]
@@ -59,7 +50,7 @@ def test_a_held_inflight_lock_when_a_delayed_job_falls_due(daemon: Instance) -> 
     assert (result.returncode, result.stdout) == (0, "later\n"), result.stderr
     done = daemon.ipcctl("submit", "echo", "after", "--wait", "--timeout", "10")
     assert (done.returncode, done.stdout) == (0, "after\n"), done.stderr
-    assert daemon.pid() == master and _alive(master)
+    assert daemon.pid() == master and _running(master)
     ran = daemon.log_events()
     assert [e["job_id"] for e in ran if e["event"] == "job.done"].count(job_id) == 1
     assert not [e for e in ran if e["event"] in ("daemon.crashed", "worker.crashed")]
