@@ -36,11 +36,11 @@ from collections.abc import Callable
 from types import FrameType
 
 from ipcd import config as config_mod
+from ipcd import lockwaits, objectwatch, protocol, reloading, server
 from ipcd import log as log_mod
-from ipcd import protocol, reloading
 from ipcd import registry as registry_mod
 from ipcd import stats as stats_mod
-from ipcd.errors import IpcdError, MessageError
+from ipcd.errors import IpcdError, LockTimeoutError, MessageError
 from ipcd.inflight import Held, State
 from ipcd.outcome import Outcomes
 from ipcd.pidlock import PidLock
@@ -81,6 +81,21 @@ class Arbiter:
         self.reloads = 0
         self.log = log_mod.get_logger(role="master")
         self.pool = Pool(free_slots=list(range(prepared.table.workers)))
+        self._bind(prepared)
+        self.drop_notice = log_mod.DropNotice(prepared.sink.path)
+        self.watch = objectwatch.Watch()
+        self.started = time.time()
+        self._next_sweep = 0.0
+        self._ready = False
+        self.master_pid = os.getpid()
+        self._wake_r, self._wake_w = os.pipe()
+        self._notify_r, self._notify_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w, self._notify_r, self._notify_w):
+            os.set_blocking(fd, False)
+
+    def _bind(self, prepared: Prepared) -> None:
+        """Use these objects: at start, and again when some were made anew."""
+        self.p = prepared
         self.stats = prepared.stats.for_master()
         self.outcomes = Outcomes(
             store=prepared.store,
@@ -92,14 +107,9 @@ class Arbiter:
             stats=self.stats,
         )
         self.recovery = Recovery(prepared, self.outcomes, self.log)
-        self.started = time.time()
-        self._next_sweep = 0.0
         self.spill_sweeper = Sweeper(prepared.spills, prepared.queue, prepared.table)
-        self.master_pid = os.getpid()
-        self._wake_r, self._wake_w = os.pipe()
-        self._notify_r, self._notify_w = os.pipe()
-        for fd in (self._wake_r, self._wake_w, self._notify_r, self._notify_w):
-            os.set_blocking(fd, False)
+        stats = self.stats
+        prepared.sink.on_drop = lambda: stats.bump(stats_mod.LOG_DROPPED)
 
     # --- the main loop ------------------------------------------------------------------
 
@@ -107,6 +117,7 @@ class Arbiter:
         p = self.p
         self.master_pid = os.getpid()  # after detaching, this is the daemon's own PID
         self.flags.install()
+        lockwaits.be_patient(p, self.log, self._give_up_lock)
         signal.signal(signal.SIGCHLD, _wake_only)
         previous_fd = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         p.store.set_daemon(os.getpid(), self.started)
@@ -124,12 +135,14 @@ class Arbiter:
             handlers={r.name: r.type for r in p.registry.by_type.values()},
         )
         self._maintain()
+        self._ready = True
         ready()
         try:
             while not self.flags.stopping:
                 self._keep_alive()
                 self._sleep()
                 self._reap()
+                self._watch_objects()
                 if self.flags.stopping:
                     break
                 if self.flags.reload:
@@ -140,7 +153,12 @@ class Arbiter:
                 self._dispatch_parked()
                 self._maintain()
                 self._sweep_spills()
+                self._notice_dropped_log()
             self._shutdown()
+        except LockTimeoutError:
+            if not self.flags.stopping:
+                raise
+            self._shutdown()  # asked to stop while waiting for a lock another process held
         except Exception:
             self.log.critical("daemon.crashed", exc_info=True)
             for info in self.pool.workers.values():
@@ -163,6 +181,58 @@ class Arbiter:
             )
             p.sink.close()
 
+    def _watch_objects(self) -> None:
+        """Make anew any object of ours that was removed or overwritten (ipcd.objectwatch)."""
+        wrong = self.watch.problems(self.p)
+        if wrong:
+            self._renew_objects(wrong)
+
+    def _renew_objects(self, wrong: list[str]) -> None:
+        """Open every object again as at start, making the missing ones and mending the
+        overwritten ones, carry over what removed segments held, then start a new
+        generation of workers on them.  Raises (the master exits non-zero, for systemd
+        to restart it) when that fails: an object another user planted meanwhile."""
+        old = self.p
+        self.watch.rewrite_headers(old)
+        try:
+            fresh = server.reopen(old)
+        except IpcdError as exc:
+            self.log.critical("ipc.unrecoverable", objects=wrong, error=str(exc))
+            raise
+        copied = objectwatch.carry_over(old, fresh)
+        self._bind(fresh)
+        lockwaits.be_patient(fresh, self.log, self._give_up_lock)
+        fresh.store.set_daemon(self.master_pid, self.started)
+        fresh.table.set_master(self.master_pid)
+        kept, lost = fresh.store.repaired or (None, 0)
+        if lost:
+            for _ in range(lost):
+                self.stats.bump(stats_mod.RESULTS_LOST)
+        objectwatch.close(old)
+        current = [w for w in self.pool.workers.values() if not w.retiring]
+        self.pool.generation += 1
+        self.pool.next_spawn = 0.0
+        self._maintain()  # workers on the new objects first, as at a reload...
+        for info in current:  # ...then those on the old ones finish their job and leave
+            info.retiring = True
+            signal_worker(info.pid, signal.SIGTERM, group=False)
+        self.log.warning(
+            "ipc.recreated",
+            objects=wrong,
+            carried_over=copied or None,
+            results_kept=kept,
+            results_lost=lost,
+            replaced_workers=len(current),
+        )
+
+    def _give_up_lock(self, waited: float) -> bool:
+        """A lock held by another process: once ready, the master waits for as long as
+        it takes (ipcd.lockwaits) unless asked to stop; while starting, up to
+        START_PATIENCE, then start-up fails with a message naming the lock."""
+        if self.flags.stopping:
+            return True  # a stop must not wait for a client that may never let go
+        return not self._ready and waited >= lockwaits.START_PATIENCE
+
     def _sweep_spills(self, *, at_start: bool = False) -> None:
         """Remove spill segments whose maker died before handing them on; at start also
         those of results the ring no longer holds (a ring made anew)."""
@@ -179,6 +249,12 @@ class Arbiter:
             self.log.info("spill.swept", entries=swept.freed, segments=swept.removed)
         if swept.evicted:  # by clients' payload claims, which cannot log
             self.log.info("spill.evicted", results=swept.evicted, by="payloads")
+
+    def _notice_dropped_log(self) -> None:
+        """Say on stderr (the journal) that log lines were dropped, at most once a minute."""
+        dropped = self.p.stats.total(stats_mod.LOG_DROPPED)
+        if dropped:
+            self.drop_notice.update(dropped, self.p.sink.drop_reason)
 
     def _raise_queue_bytes(self) -> None:
         """[ipc] queue_bytes: a deeper queue, where the kernel lets us (CAP_SYS_RESOURCE)."""
@@ -285,7 +361,7 @@ class Arbiter:
         expected = held is None and (
             info.retiring
             or self.flags.stopping
-            or (os.WIFEXITED(status) and os.WEXITSTATUS(status) == Exit.RECYCLED)
+            or (os.WIFEXITED(status) and os.WEXITSTATUS(status) in (Exit.RECYCLED, Exit.QUEUE_GONE))
         )
         log = self.log.info if expected else self.log.warning
         log("worker.exited", pid=info.pid, slot=info.slot, cause=cause, lived_s=round(lived, 3))
@@ -337,9 +413,8 @@ class Arbiter:
             if not 1 <= held.type <= protocol.MAX_TYPE:
                 self._reject_parked(held)
                 continue
-            if not self.p.queue.send_nowait(held.body, held.type):
+            if not self.p.table.dispatch(held, self.p.queue.send_nowait):
                 return  # the queue is full: try again at the next wake-up
-            self.p.table.unpark(held.slot)
             if held.slot < self.p.table.workers:
                 self._release_slot(held.slot)
 

@@ -24,8 +24,10 @@ from ipcd.errors import (
     JobFailedError,
     NoResultError,
     NotRunningError,
+    OverwrittenError,
     PayloadError,
     QueueFullError,
+    ResultLostError,
     WaitTimeoutError,
 )
 from ipcd.ipc import Queue, QueueStats
@@ -45,6 +47,9 @@ if TYPE_CHECKING:
 #: Longest pause between looks at the segment while waiting on the gate: it bounds the
 #: delay when a result lands between our look and our wait (a pulse nobody saw).
 GATE_RECHECK = 0.25
+#: Seconds a client reads an overwritten result segment again, while the daemon (which
+#: looks at least once a second) writes its header back.
+REPAIR_WAIT = 3.0
 #: How long a waiting submitter polls the reply queue before it sleeps in msgrcv: a
 #: short job's reply comes within this, and a sleeping process's wake-up on a virtual
 #: machine costs as much as the job (waits.spin_wait).  ``IPCD_SPIN_US`` overrides it
@@ -257,6 +262,11 @@ class Client:
                 result = self.result(job_id)
                 if result is not None:
                     return result
+                raise ResultLostError(
+                    f"job {job_id} ended, but its result was lost: the result segment was "
+                    "removed or overwritten meanwhile, or the ring overwrote it. The job ran; "
+                    f"its outcome is in the log (ipcctl logs --job {job_id})"
+                )
             elif len(self._notified) < 4096:
                 # Another job of ours (its waiter comes later), or a stale notification for
                 # an earlier process that had our PID: remember it and keep waiting.
@@ -289,8 +299,19 @@ class Client:
             return False
 
     def result(self, job_id: str) -> Result | None:
-        """The stored result, or None while there is none (queued, running or evicted)."""
-        return self.store.get(job_id)
+        """The stored result, or None while there is none (queued, running or evicted).
+
+        A result segment another program overwrote is read again for up to
+        REPAIR_WAIT seconds, while the daemon writes ipcd's header back.
+        """
+        deadline = time.monotonic() + REPAIR_WAIT
+        while True:
+            try:
+                return self.store.get(job_id)
+            except OverwrittenError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
 
     def status(self) -> Status:
         from ipcd.failed import FailedList
@@ -301,11 +322,15 @@ class Client:
             store = self.store
         except NotRunningError:
             return Status(self.keys, queue, None, 0)
-        status = Status(self.keys, queue, store.header(), store.segment.size)
+        try:
+            header: Header | None = store.header()
+        except OverwrittenError:  # another program's header: report what is there
+            header = None
+        status = Status(self.keys, queue, header, store.segment.size)
         try:
             table = InflightTable.open(self.keys.inflight)
             failed = FailedList.open(self.keys.failed)
-        except NotRunningError:
+        except (NotRunningError, ValueError):  # missing, or overwritten (not ipcd's)
             return status
         self._attached += [table.segment, failed.store.segment]
         live = tuple(w for w in table.worker_views() if w.pid and status.daemon_running())

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -133,7 +134,7 @@ def _become_daemon(  # pragma: no cover - runs in the detached processes
         signal_map=flags.signal_map(),
         stdin=None,
         stdout=None,
-        stderr=None,
+        stderr=sys.stderr if journal_stderr() else None,
     )
     reported = False
 
@@ -159,6 +160,18 @@ def _become_daemon(  # pragma: no cover - runs in the detached processes
         lock.release()
         context.close()
     os._exit(code)
+
+
+def journal_stderr() -> bool:
+    """Whether stderr is systemd's journal stream (``$JOURNAL_STREAM`` names its device
+    and inode, see systemd.exec(5)): the daemon then keeps it, for what it can say
+    nowhere else (its log file refusing lines); any other stderr, a terminal, it closes."""
+    try:
+        dev, ino = (int(n) for n in os.environ["JOURNAL_STREAM"].split(":"))
+        st = os.fstat(2)
+    except (KeyError, ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
 
 
 def _report(fd: int, message: str) -> None:

@@ -41,6 +41,10 @@ class ExitCode(enum.IntEnum):
     CANT_CREATE = 73
     #: The queue stayed full for the whole timeout; the job was not accepted (EX_TEMPFAIL).
     QUEUE_FULL = 75
+    #: ``--wait``: the daemon said the job ended, but its result could not be kept (the
+    #: result segment was removed or overwritten meanwhile): the job ran, do not simply
+    #: submit it again (EX_PROTOCOL).
+    RESULT_LOST = 76
     #: Permission denied on the IPC objects or files (EX_NOPERM).
     NO_PERMISSION = 77
     #: The configuration is invalid (EX_CONFIG).
@@ -77,6 +81,17 @@ class NotRunningError(IpcdError, ConnectionError):
     """The daemon, its queue or its result segment is not there."""
 
     exit_code = ExitCode.UNAVAILABLE
+
+
+class OverwrittenError(NotRunningError):
+    """A segment at ipcd's key holds another program's header (PHP's ``shm_attach()``
+    writes its own); the daemon writes its own back within seconds."""
+
+
+class ResultLostError(IpcdError, LookupError):
+    """The daemon said the job ended, but its result is not in the result segment."""
+
+    exit_code = ExitCode.RESULT_LOST
 
 
 class AlreadyRunningError(IpcdError, RuntimeError):
@@ -125,6 +140,20 @@ class WaitTimeoutError(IpcdError, TimeoutError):
     """No result arrived before the timeout."""
 
     exit_code = ExitCode.TIMEOUT
+
+
+class LockTimeoutError(WaitTimeoutError):
+    """One of ipcd's lock semaphores stayed taken for the whole wait.
+
+    A client gives up (124); the daemon's processes log it and wait again
+    (ipcd.lockwaits), so that a stopped client or a stray ``semctl`` delays jobs
+    without ever stopping the daemon.
+    """
+
+    def __init__(self, message: str, *, key: int, waited: float) -> None:
+        super().__init__(message)
+        self.key = key
+        self.waited = waited
 
 
 class NoResultError(IpcdError, LookupError):

@@ -26,8 +26,10 @@ For a parked slot, ``deadline`` is when the job is due back on the queue.
 from __future__ import annotations
 
 import enum
+import os
 import struct
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 from ipcd.shm import Lock, Segment, create_formatted
@@ -179,6 +181,14 @@ class InflightTable:
             and ssize == slot_size_for(tsize)
             and HEADER_SIZE + (workers + parked) * ssize <= len(buf)
         )
+
+    def rewrite_header(self) -> None:
+        """Write the header again from what this process knows of the table, over one
+        another program overwrote (ipcd.objectwatch); the slots after it are kept."""
+        HEADER.pack_into(
+            self.buf, 0, MAGIC, VERSION, HEADER_SIZE, self.workers, self.parked,
+            self.slot_size, self.text_size, os.getpid(),
+        )  # fmt: skip
 
     def set_master(self, pid: int) -> None:
         struct.pack_into("<I", self.buf, 32, pid)
@@ -350,8 +360,19 @@ class InflightTable:
         return [h for slot, _ in self.parked_due() if (h := self.held(slot)) is not None]
 
     def unpark(self, index: int) -> None:
+        """Free a parked slot without sending its job (one that cannot be sent)."""
         with self.lock.held(LOCK_TIMEOUT):
             self.clear(index)
+
+    def dispatch(self, held: Held, send: Callable[[bytes, int], bool]) -> bool:
+        """Send a parked job (``send(body, type)``, False when the queue is full) and
+        free its slot, both under the lock: a lock that stays taken leaves the job parked
+        and unsent, never both sent and still parked (which would run it twice)."""
+        with self.lock.held(LOCK_TIMEOUT):
+            if not send(held.body, held.type):
+                return False
+            self.clear(held.slot)
+        return True
 
 
 def _state(raw: int) -> State:

@@ -144,6 +144,11 @@ class Queue:
         check_safe(queue.info(what), mode)
         return queue
 
+    @property
+    def id(self) -> int:
+        """The kernel's id of the queue (``msqid``): another one at the same key has another."""
+        return int(self._mq.id)
+
     def info(self, kind: str = "queue") -> ObjectInfo:
         """Owner, creator and mode, as the kernel reports them now."""
         return describe(self._mq, kind, self.key)
@@ -186,6 +191,8 @@ class Queue:
             self._mq.send(body, False, type_)
         except sysv_ipc.BusyError:
             return False
+        except sysv_ipc.ExistentialError:
+            raise NotRunningError(f"queue {self.key:#010x} was removed") from None
         return True
 
     def receive(self, type_: int = 0, *, timeout: float | None = None) -> tuple[bytes, int]:

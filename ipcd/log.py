@@ -4,14 +4,21 @@ This is the only module that configures structlog.  Events are dictionaries all 
 the sink, which writes them twice at most: as a JSON line to the log file (for ``tail -f``
 and ``jq``) and, when ``ipcd run`` has a terminal, through structlog's console renderer.
 ``reopen()`` is what SIGHUP calls after logrotate has moved the file away.
+
+Jobs matter more than log lines: a write the kernel refuses (a full disk, a quota, an I/O
+error) drops that line, counts it (:attr:`Sink.dropped` and the ``on_drop`` hook, which
+the daemon points at its stats record) and never raises, so the daemon keeps serving and
+the next line is tried as usual: logging resumes by itself when space returns.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -43,6 +50,14 @@ class Sink:
         self._console_render = (
             structlog.dev.ConsoleRenderer(colors=_wants_color(console)) if console else None
         )
+        #: Lines this process could not write to the log file (the disk was full...).
+        self.dropped = 0
+        #: Why the last line was dropped (``strerror``), for the daemon's stderr notice.
+        self.drop_reason = ""
+        #: Dropped lines this process has not yet said it dropped (see _say_resumed).
+        self._unreported = 0
+        #: Called once for each dropped line (the daemon counts them in its stats record).
+        self.on_drop: Callable[[], None] | None = None
         self.reopen()
 
     def reopen(self) -> None:
@@ -87,17 +102,85 @@ class Sink:
             if self._fd is not None:
                 # backslashreplace: a lone surrogate (a handler's undecodable bytes) must
                 # not cost the event.  O_APPEND keeps lines of concurrent workers whole.
-                os.write(self._fd, (_encode(ordered) + "\n").encode("utf-8", "backslashreplace"))
+                line = (_encode(ordered) + "\n").encode("utf-8", "backslashreplace")
+                if self._write_line(self._fd, line) and self._unreported:
+                    self._say_resumed(self._fd)
             if self.console is not None and self._console_render is not None:
                 rendered = self._console_render(None, method, dict(ordered))
                 self.console.write(f"{rendered}\n")
                 self.console.flush()
+
+    def _write_line(self, fd: int, line: bytes) -> bool:
+        """One write(2) of one line; a refused one is counted and dropped (the caller
+        holds the lock)."""
+        try:
+            if os.write(fd, line) == len(line):
+                return True
+            reason = "short write (the disk filled up within the line)"
+        except OSError as exc:  # ENOSPC, EDQUOT, EIO, EFBIG...: drop the line, never stop
+            reason = exc.strerror or type(exc).__name__
+        self.dropped += 1
+        self._unreported += 1
+        self.drop_reason = reason
+        if self.on_drop is not None:
+            self.on_drop()
+        return False
+
+    def _say_resumed(self, fd: int) -> None:
+        """After lines were dropped, the first line written again is followed by one
+        ``log.resumed`` event saying how many this process lost, so that whoever reads
+        the log knows of the gap."""
+        event = {
+            "timestamp": self._clock.now(),
+            "level": "warning",
+            "event": "log.resumed",
+            "pid": os.getpid(),
+            "dropped": self._unreported,
+            "reason": self.drop_reason,
+        }
+        line = (_encode(event) + "\n").encode("utf-8", "backslashreplace")
+        try:
+            if os.write(fd, line) == len(line):
+                self._unreported = 0
+        except OSError:
+            pass  # said with the next line that gets through
 
     def close(self) -> None:
         with self._lock:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
+
+
+class DropNotice:
+    """The daemon's word about log lines it dropped, on stderr (the journal under
+    systemd, see ipcd.daemonize), at most once per ``interval`` seconds: the log file
+    itself is where nothing more can be said."""
+
+    def __init__(self, path: Path | None, *, interval: float = 60.0, fd: int = 2) -> None:
+        self._path = path
+        self._interval = interval
+        self._fd = fd
+        self._told = 0
+        self._told_at: float | None = None
+
+    def update(self, dropped: int, reason: str) -> None:
+        """``dropped``: the daemon's count so far (every process's); says how many more
+        were dropped since it last spoke, if it may speak again."""
+        now = time.monotonic()
+        if dropped <= self._told or (
+            self._told_at is not None and now - self._told_at < self._interval
+        ):
+            return
+        because = f" ({reason})" if reason else ""
+        text = (
+            f"ipcd: {dropped - self._told} log events could not be written to "
+            f"{self._path}{because}, {dropped} since start; jobs keep running and logging "
+            f"resumes when the file can be written again\n"
+        )
+        with contextlib.suppress(OSError):
+            os.write(self._fd, text.encode("utf-8", "replace"))
+        self._told, self._told_at = dropped, now
 
 
 class _SinkLogger:

@@ -253,6 +253,17 @@ def _counters(out: _Exposition, snap: Snapshot) -> None:
         m["jobs_requeued"],
     )
     out.counter("ipcd_reloads_total", "Configuration reloads.", m["reloads"])
+    out.counter(
+        "ipcd_log_events_dropped_total",
+        "Log events the log file refused (a full disk, a quota, an I/O error); jobs ran on.",
+        m["log_dropped"],
+    )
+    out.counter(
+        "ipcd_results_lost_total",
+        "Results of jobs that ran but could not be kept: the result segment was removed or "
+        "overwritten by another program.",
+        m["results_lost"],
+    )
     out.gauge(
         "ipcd_stats_created_seconds",
         "When the counters started at zero (the daemon's start), in Unix time.",
@@ -353,6 +364,10 @@ def stats_text(reading: Reading) -> list[str]:
         f"{count(m['worker_restarts'], 'restart')}, "
         f"{count(m['jobs_recovered'], 'job')} recovered, {m['jobs_requeued']} requeued, "
         f"{count(m['reloads'], 'reload')}"
+    )
+    lines.append(
+        f"lost       {count(m['log_dropped'], 'log event')} dropped (log file not writable), "
+        f"{count(m['results_lost'], 'result')} lost (result segment damaged)"
     )
     # A stopped daemon finishes nothing: an average since its start would only decay.
     rate = job_rate(reading) if reading.up else None

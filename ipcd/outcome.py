@@ -7,10 +7,11 @@ jobs, and they must do it the same way; this module is that one way.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from ipcd import protocol, spill, uniquerelease
-from ipcd.errors import IpcdError, MessageError, RefusedPayloadError
+from ipcd.errors import IpcdError, MessageError, NotRunningError, RefusedPayloadError
 from ipcd.failed import FailedList
 from ipcd.inflight import InflightTable
 from ipcd.ipc import Queue
@@ -19,7 +20,7 @@ from ipcd.procs import alive
 from ipcd.protocol import Job, SpillRef
 from ipcd.results import Kind, Result, Status, too_large
 from ipcd.resultstore import ResultStore
-from ipcd.stats import NullRecorder, Recorder
+from ipcd.stats import RESULTS_LOST, NullRecorder, Recorder
 from ipcd.unique import UniqueTable
 
 
@@ -87,6 +88,22 @@ class Outcomes:
         self.unique = unique
         #: This process's record in the stats segment (ipcd.stats).
         self.stats = stats if stats is not None else NullRecorder()
+        store.on_repair = self._mended("result segment")
+        failed.store.on_repair = self._mended("failed list")
+
+    def _mended(self, name: str) -> Callable[[int, int], None]:
+        """What to say when this process wrote ipcd's header back over another
+        program's (ipcd.resultstore): one event, and the records lost counted."""
+
+        def said(kept: int, lost: int) -> None:
+            for _ in range(lost):
+                self.stats.bump(RESULTS_LOST)
+            self.log.warning(
+                "ipc.recreated", objects=[f"{name} overwritten"], results_kept=kept,
+                results_lost=lost,
+            )  # fmt: skip
+
+        return said
 
     def finish(
         self,
@@ -244,9 +261,11 @@ class Outcomes:
         except IpcdError as exc:
             if result.spill is not None and self.store.spills is not None:
                 self.store.spills.release(result.spill.shmid, result.job_id, result.spill.entry)
-            # The segment was removed or its semaphore stayed wedged past the timeout:
-            # say so and go on serving; the job's outcome is in the log event.
+            # The segment was removed or overwritten (the master makes it anew within
+            # seconds, ipcd.objectwatch): say so, count it and go on serving; the job's
+            # outcome is in the log event, and its waiter is told the result was lost.
             self.log.error("result.store_failed", job_id=result.job_id, error=str(exc))
+            self.stats.bump(RESULTS_LOST)
             return False
         return True
 
@@ -259,11 +278,16 @@ class Outcomes:
 
     def notify(self, reply_to: int, job_id: str) -> None:
         """Tell a waiting client its result is stored; never block on a full reply queue."""
-        if self.replies.send_nowait(job_id.encode("ascii"), reply_to):
-            return
-        self._purge_replies()
-        if not self.replies.send_nowait(job_id.encode("ascii"), reply_to):
-            self.log.warning("reply.dropped", job_id=job_id, reply_to=reply_to)
+        try:
+            if self.replies.send_nowait(job_id.encode("ascii"), reply_to):
+                return
+            self._purge_replies()
+            if self.replies.send_nowait(job_id.encode("ascii"), reply_to):
+                return
+            why = "the reply queue is full"
+        except NotRunningError as exc:  # removed: the master makes it anew
+            why = str(exc)
+        self.log.warning("reply.dropped", job_id=job_id, reply_to=reply_to, error=why)
 
     def _purge_replies(self) -> None:
         """Drop notifications nobody will read: those of clients that have exited."""

@@ -178,6 +178,42 @@ def format_segment(buf: memoryview, slot_size: int) -> None:
     HEADER.pack_into(buf, 0, MAGIC, VERSION, HEADER_SIZE, slot_count, slot_size, 0, 0, 0, 0.0, 0, 0)
 
 
+def repair_header(
+    buf: memoryview, slot_size: int, daemon: tuple[int, float] | None = None
+) -> tuple[int, int]:
+    """Write the header anew over a ring whose header another program overwrote (PHP's
+    ``shm_attach()`` writes its own 40 bytes at offset 0), keeping every record that
+    still reads back whole; returns (records kept, records lost).
+
+    The slot layout follows from the segment's size and ``slot_size``, which the daemon
+    knows; ``next_seq`` from the newest record kept; the serving daemon is ``daemon``
+    (pid, started) when given, and the counts are left as the bytes say.  A record
+    that is neither empty nor valid (a CRC that no longer matches: the other program
+    wrote further) is lost, and its slot emptied.  The caller holds the lock.
+    """
+    slot_count, _ = layout_for(len(buf), slot_size)
+    newest, kept, lost = -1, 0, 0
+    for index in range(slot_count):
+        offset = HEADER_SIZE + index * slot_size
+        state, _, seq = struct.unpack_from("<IIQ", buf, offset)
+        if state == SlotState.EMPTY:
+            continue
+        if read_slot(buf, offset, slot_size) is None:
+            buf[offset : offset + RECORD_SIZE] = bytes(RECORD_SIZE)
+            lost += 1
+            continue
+        kept += 1
+        newest = max(newest, seq)
+    pid, _, started, ok, err = struct.unpack_from("<IIdQQ", buf, _PID_OFFSET)
+    if daemon is not None:
+        pid, started = daemon
+    HEADER.pack_into(
+        buf, 0, MAGIC, VERSION, HEADER_SIZE, slot_count, slot_size, newest + 1, pid, 0,
+        started, ok, err,
+    )  # fmt: skip
+    return kept, lost
+
+
 def read_header(buf: memoryview) -> Header | None:
     """The header, or ``None`` when the buffer does not hold a ring of this version."""
     if len(buf) < HEADER_SIZE:

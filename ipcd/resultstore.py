@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ipcd import results
-from ipcd.errors import IpcdError, NotRunningError
+from ipcd.errors import IpcdError, OverwrittenError
 from ipcd.results import Header, Result
 from ipcd.shm import Gate, Lock, Segment, create_formatted
 
@@ -43,6 +43,16 @@ class ResultStore:
         #: Called under the lock with each valid record a put is about to overwrite.
         self.on_evict: Callable[[Result], None] | None = None
         self._capacity: int | None = None
+        #: (records kept, records lost) when create() found the header overwritten by
+        #: another program and wrote it anew (results.repair_header); else None.
+        self.repaired: tuple[int, int] | None = None
+        #: The daemon's [results] slot_size: its processes mend an overwritten header at
+        #: once (clients, which do not know it, wait for them).
+        self.slot_size: int | None = None
+        #: The serving daemon (pid, started) as set_daemon recorded it, for such a mend.
+        self._daemon: tuple[int, float] | None = None
+        #: Told (records kept, records lost) after such a mend, under the lock.
+        self.on_repair: Callable[[int, int], None] | None = None
 
     @classmethod
     def open(cls, key: int) -> ResultStore:
@@ -68,9 +78,14 @@ class ResultStore:
         one of another size or version is removed and made anew.
         """
         lock = Lock.create(key, mode)
+        repaired: list[tuple[int, int]] = []
 
         def keep(segment: Segment) -> bool:
             header = results.read_header(segment.buf)
+            if header is None and segment.size == size:  # overwritten: keep what it holds
+                with lock.held(LOCK_TIMEOUT):
+                    repaired.append(results.repair_header(segment.buf, slot_size))
+                header = results.read_header(segment.buf)
             return segment.size == size and header is not None and header.slot_size == slot_size
 
         segment = create_formatted(
@@ -83,13 +98,25 @@ class ResultStore:
             lock_timeout=LOCK_TIMEOUT,
             what=what,
         )
-        return cls(segment, lock, None if gate_key is None else Gate.create(gate_key, mode))
+        store = cls(segment, lock, None if gate_key is None else Gate.create(gate_key, mode))
+        store.repaired = repaired[0] if repaired else None
+        store.slot_size = slot_size
+        return store
 
     def header(self) -> Header:
         header = results.read_header(self.segment.buf)
+        if header is None and self.slot_size is not None:
+            # Overwritten (PHP's shm_attach): the daemon's processes know the layout and
+            # mend it at once, under the lock the caller holds, keeping the records.
+            kept, lost = results.repair_header(self.segment.buf, self.slot_size, self._daemon)
+            if self.on_repair is not None:
+                self.on_repair(kept, lost)
+            header = results.read_header(self.segment.buf)
         if header is None:
-            raise NotRunningError(
-                f"the segment at key {self.segment.key:#010x} is not an ipcd result segment"
+            raise OverwrittenError(
+                f"the segment at key {self.segment.key:#010x} is not an ipcd result segment "
+                "(another program wrote its own header into it, PHP's shm_attach() does; "
+                "the daemon writes ipcd's back within seconds)"
             )
         return header
 
@@ -183,8 +210,10 @@ class ResultStore:
 
     def set_daemon(self, pid: int, started: float | None = None) -> None:
         """Record (or with pid 0 clear) the serving daemon, for ``ipcctl status``."""
+        started = time.time() if started is None else started
         with self.lock.held(self.lock_timeout):
-            results.set_daemon(self.segment.buf, pid, time.time() if started is None else started)
+            results.set_daemon(self.segment.buf, pid, started)
+        self._daemon = (pid, started) if pid else None
 
     def close(self) -> None:
         self.segment.close()

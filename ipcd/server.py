@@ -67,6 +67,30 @@ def prepare(config: Config, *, console: TextIO | None) -> Prepared:
     except OSError as exc:
         raise ConfigError(f"cannot open log file {config.log.file}: {exc.strerror}") from None
     keys = keys_mod.derive(config.ipc, create_key_file=True)
+    objects = _objects(config, keys, who, registry)
+    if config.log.file is not None:
+        identity.hand_over(who, [config.log.file])
+    return Prepared(config, keys, *objects[:5], registry, sink, who, *objects[5:])
+
+
+def reopen(p: Prepared) -> Prepared:
+    """The daemon's objects made or opened again, as at start (vetted, adopted), with the
+    same configuration, registry and log: the master calls it when one was removed or
+    overwritten (ipcd.objectwatch).  Objects still in place are opened, not remade."""
+    objects = _objects(p.config, p.keys, p.identity, p.registry, again=True)
+    return Prepared(p.config, p.keys, *objects[:5], p.registry, p.sink, p.identity, *objects[5:])
+
+
+_Objects = tuple[
+    Queue, Queue, ResultStore, InflightTable, FailedList, StatsSegment, UniqueTable, SpillTable
+]
+
+
+def _objects(
+    config: Config, keys: Keys, who: identity.Identity, registry: Registry, *, again: bool = False
+) -> _Objects:
+    """Create, or open and vet, every kernel object at the configuration's keys; the
+    counts start again unless this is ``again`` (the master's renewal)."""
     mode = config.ipc.mode
     queue = Queue.create(keys.jobs, mode, what="job queue")
     replies = Queue.create(keys.replies, mode, what="reply queue")
@@ -90,7 +114,11 @@ def prepare(config: Config, *, console: TextIO | None) -> Prepared:
             queue.send_nowait(held.body, held.type)
     unique = _unique_table(keys.unique, mode, queue, table)
     stats = StatsSegment.create(
-        keys.stats, mode, table.workers, [(r.name, r.type) for r in registry.by_type.values()]
+        keys.stats,
+        mode,
+        table.workers,
+        [(r.name, r.type) for r in registry.by_type.values()],
+        keep_counts=again,
     )
     _load_lazy_modules()
     vetting.adopt_all(
@@ -99,12 +127,7 @@ def prepare(config: Config, *, console: TextIO | None) -> Prepared:
         uid=who.uid if who.drops else None,
         gid=who.object_gid if who.object_gid is not None else (who.gid if who.drops else None),
     )
-    if config.log.file is not None:
-        identity.hand_over(who, [config.log.file])
-    return Prepared(
-        config, keys, queue, replies, store, table, failed, registry, sink, who,
-        stats, unique, spills,
-    )  # fmt: skip
+    return queue, replies, store, table, failed, stats, unique, spills
 
 
 def _unique_table(key: int, mode: int, queue: Queue, table: InflightTable) -> UniqueTable:

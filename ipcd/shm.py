@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import sysv_ipc
 
-from ipcd.errors import IpcPermissionError, NotRunningError, PayloadError, WaitTimeoutError
+from ipcd.errors import IpcPermissionError, LockTimeoutError, NotRunningError, PayloadError
 from ipcd.keys import as_key_t
 from ipcd.vetting import ObjectInfo, check_safe, describe, open_existing, open_or_create
 from ipcd.waits import bounded
@@ -227,6 +227,10 @@ class _Semaphore:
         check_safe(made.info(), mode)
         return made
 
+    @property
+    def id(self) -> int:
+        return int(self._sem.id)
+
     def info(self) -> ObjectInfo:
         return describe(self._sem, self.what, self.key)
 
@@ -261,23 +265,37 @@ class Lock(_Semaphore):
     def __init__(self, sem: sysv_ipc.Semaphore, key: int) -> None:
         sem.undo = True
         super().__init__(sem, key)
+        #: Asked, each time a wait of ``timeout`` seconds ran out, whether to wait again;
+        #: it receives the lock and the seconds waited so far.  None (clients) gives up
+        #: at once; the daemon's processes log and wait on (ipcd.lockwaits).
+        self.on_timeout: Callable[[Lock, float], bool] | None = None
 
     def acquire(self, timeout: float) -> None:
-        """Take the lock, waiting at most ``timeout`` seconds (the hot path: two per job)."""
+        """Take the lock, waiting at most ``timeout`` seconds (the hot path: two per job),
+        or as many times that as ``on_timeout`` allows; raises LockTimeoutError."""
+        waited = 0.0
+        while not self._acquire(timeout):
+            waited += timeout
+            if self.on_timeout is None or not self.on_timeout(self, waited):
+                raise LockTimeoutError(
+                    f"{self.what} {self.key:#010x} stayed taken for {waited:g}s (a process "
+                    "holds it: a stopped client, or a semctl that set it to 0)",
+                    key=self.key,
+                    waited=waited,
+                )
+
+    def _acquire(self, timeout: float) -> bool:
         if sysv_ipc.SEMAPHORE_TIMEOUT_SUPPORTED:
             try:
                 self._sem.acquire(timeout)
-                return
+                return True
             except sysv_ipc.BusyError:
-                pass
+                return False
             except sysv_ipc.ExistentialError:
                 raise NotRunningError(f"{self.what} {self.key:#010x} was removed") from None
             except sysv_ipc.Error:  # interrupted by a signal: finish the wait the slow way
-                if self._wait(self._sem.acquire, timeout):
-                    return
-        elif self._wait(self._sem.acquire, timeout):
-            return
-        raise WaitTimeoutError(f"{self.what} {self.key:#010x} stayed taken for {timeout:g}s")
+                return self._wait(self._sem.acquire, timeout)
+        return self._wait(self._sem.acquire, timeout)
 
     def release(self) -> None:
         self._sem.release()

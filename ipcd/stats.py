@@ -24,6 +24,7 @@ from ipcd.statslayout import (
     ERROR,
     JOBS_RECOVERED,
     JOBS_REQUEUED,
+    LOG_DROPPED,
     MASTER,
     MASTER_COUNTERS,
     MASTER_SLOTS,
@@ -31,6 +32,7 @@ from ipcd.statslayout import (
     OUTCOMES,
     REJECTED,
     RELOADS,
+    RESULTS_LOST,
     RETRIED,
     SEQ,
     WORKER_RESTARTS,
@@ -49,8 +51,10 @@ __all__ = [
     # Positions in a record (ipcd.statslayout's), the names callers of a Recorder use.
     "JOBS_RECOVERED",
     "JOBS_REQUEUED",
+    "LOG_DROPPED",
     "OUTCOMES",
     "RELOADS",
+    "RESULTS_LOST",
     "WORKERS_STARTED",
     "WORKER_RESTARTS",
     "HandlerTotals",
@@ -58,6 +62,7 @@ __all__ = [
     "Recorder",
     "Snapshot",
     "StatsSegment",
+    "counter_total",
     "read_record",
     "snapshot",
 ]
@@ -119,7 +124,7 @@ class Recorder:
         self._write(0, values)
 
     def bump(self, counter: int) -> None:
-        """Add one to a master counter (WORKERS_STARTED, WORKER_RESTARTS, ...)."""
+        """Add one to a counter of the record (WORKERS_STARTED, LOG_DROPPED, ...)."""
         offset = self._offset + SEQ.size + 8 * counter
         self._seq += 1
         SEQ.pack_into(self._buf, self._offset, self._seq)
@@ -254,6 +259,18 @@ def snapshot(buf: memoryview | bytearray | bytes) -> Snapshot | None:
     return Snapshot(header.created, header.bounds, handlers, counters)
 
 
+def counter_total(buf: memoryview | bytearray | bytes, counter: int) -> int:
+    """One counter (LOG_DROPPED, ...) added up over every record, without a snapshot's
+    cost: the master reads it at every turn of its loop."""
+    header = read_header(buf)
+    if header is None:
+        return 0
+    return sum(
+        SEQ.unpack_from(buf, header.record_offset(index) + SEQ.size + 8 * counter)[0]
+        for index in range(header.records)
+    )
+
+
 class StatsSegment:
     """The stats layout over a live segment (the kernel side of this module)."""
 
@@ -263,10 +280,18 @@ class StatsSegment:
 
     @classmethod
     def create(
-        cls, key: int, mode: int, workers: int, handlers: Iterable[tuple[str, int]]
+        cls,
+        key: int,
+        mode: int,
+        workers: int,
+        handlers: Iterable[tuple[str, int]],
+        *,
+        keep_counts: bool = False,
     ) -> StatsSegment:
         """Make the segment for ``workers`` worker slots and the master, zeroed: counts
-        start again at each daemon start.  A segment of another size is made anew."""
+        start again at each daemon start.  A segment of another size is made anew.
+        ``keep_counts``: a readable segment of this size is kept as it is (the master
+        opening its objects again, ipcd.objectwatch)."""
         named = list(handlers)
         columns = columns_for(len(named))
         size = segment_size(workers + 1, columns)
@@ -280,7 +305,7 @@ class StatsSegment:
             key,
             mode,
             size,
-            keep=lambda old: False,
+            keep=lambda old: keep_counts and read_header(old.buf) is not None,
             format=format,
             lock=None,
             what="stats segment",
@@ -303,3 +328,6 @@ class StatsSegment:
 
     def snapshot(self) -> Snapshot | None:
         return snapshot(self.buf)
+
+    def total(self, counter: int) -> int:
+        return counter_total(self.buf, counter)

@@ -20,8 +20,9 @@ Layout (little-endian; docs/protocol.md has it for other languages)::
       zeros
     bounds: B f64 at offset 64, the upper bounds (``le``) of the duration buckets
     handler table: ``columns`` entries of {type i64, name name_size bytes, NUL-padded}
-    record: seq u64, master counters 8 u64 (workers_started, worker_restarts,
-            jobs_recovered, jobs_requeued, reloads, 3 reserved; zero outside record 0),
+    record: seq u64, counters 8 u64 (workers_started, worker_restarts,
+            jobs_recovered, jobs_requeued, reloads: the master's, zero outside record 0;
+            log_dropped, results_lost: any process's, in its own record; 1 reserved),
             then per column: ok, error, retried, rejected u64;
             B + 1 bucket counts u64 (not cumulative; the last is +Inf); sum f64 seconds
 
@@ -51,15 +52,23 @@ BOUNDS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0)
 #: that could not be decoded (counted under "-").
 OUTCOMES = ("ok", "error", "retried", "rejected")
 OK, ERROR, RETRIED, REJECTED = range(4)
-#: The master's counters, in record order.
+#: The daemon's counters, in record order; readers add them up over every record.  The
+#: first five only the master counts; ``log_dropped`` (log lines the log file refused: a
+#: full disk) and ``results_lost`` (results a damaged result segment lost) every process
+#: counts in its own record.
 MASTER_COUNTERS = (
     "workers_started",
     "worker_restarts",
     "jobs_recovered",
     "jobs_requeued",
     "reloads",
+    "log_dropped",
+    "results_lost",
 )
-WORKERS_STARTED, WORKER_RESTARTS, JOBS_RECOVERED, JOBS_REQUEUED, RELOADS = range(5)
+(
+    WORKERS_STARTED, WORKER_RESTARTS, JOBS_RECOVERED, JOBS_REQUEUED, RELOADS, LOG_DROPPED,
+    RESULTS_LOST,
+) = range(7)  # fmt: skip
 MASTER_SLOTS = 8
 MASTER = struct.Struct(f"<{MASTER_SLOTS}Q")
 #: The name of column 0: jobs no handler ran (unknown type, undecodable message).
@@ -120,6 +129,14 @@ def format_segment(buf: memoryview | bytearray, records: int, columns: int, crea
         record_size(columns, bounds), 0, NAME_SIZE, created,
     )  # fmt: skip
     register(buf, [(NO_HANDLER, 0)])
+
+
+def write_header(buf: memoryview | bytearray, header: Header) -> None:
+    """Write ``header`` (one read earlier) back over one another program overwrote."""
+    HEADER.pack_into(
+        buf, 0, MAGIC, VERSION, header.header_size, header.records, header.columns,
+        len(header.bounds), header.record_size, header.handlers, NAME_SIZE, header.created,
+    )  # fmt: skip
 
 
 def read_header(buf: memoryview | bytearray | bytes) -> Header | None:

@@ -21,10 +21,10 @@ import time
 import traceback
 from collections.abc import Callable
 
-from ipcd import jsoncodec, protocol, spill
+from ipcd import jsoncodec, lockwaits, protocol, spill, stats
 from ipcd import log as log_mod
 from ipcd.config import Config
-from ipcd.errors import IpcdError, MessageError
+from ipcd.errors import IpcdError, MessageError, NotRunningError
 from ipcd.handlers import HandlerError, HandlerResult, Retry
 from ipcd.inflight import InflightTable
 from ipcd.ipc import Queue, TooBigError, msgmax
@@ -43,6 +43,9 @@ class Exit:
 
     STOPPED = 0
     RECYCLED = 3
+    #: The job queue was removed under the worker: the master makes it anew and starts
+    #: workers that use the new one (ipcd.objectwatch).
+    QUEUE_GONE = 4
     CRASHED = 70
 
 
@@ -155,6 +158,9 @@ class Worker:
                 previous = 0
                 self._handle_oversized()
                 continue
+            except NotRunningError:
+                self.log.warning("worker.queue_gone", queue=f"{self.queue.key:#010x}")
+                return Exit.QUEUE_GONE
             previous = length
             self.handle(length)
         return Exit.STOPPED
@@ -335,11 +341,14 @@ def worker_process(  # pragma: no cover - runs in the forked worker
         context = {"role": "worker", "worker_pid": os.getpid(), "slot": slot}
         log = log_mod.get_logger(**context)
         events = log_mod.Events(prepared.sink, prepared.config.log.level, **context)
+        lockwaits.be_patient(prepared, log)  # a held lock delays the job, never fails it
 
         def wake_master() -> None:
             with contextlib.suppress(OSError):
                 os.write(notify_master, b"!")
 
+        recorder = prepared.stats.for_worker(slot)
+        prepared.sink.on_drop = lambda: recorder.bump(stats.LOG_DROPPED)
         worker = Worker(
             slot=slot,
             config=prepared.config,
@@ -352,7 +361,7 @@ def worker_process(  # pragma: no cover - runs in the forked worker
                 log=log,
                 events=events,
                 unique=prepared.unique,
-                stats=prepared.stats.for_worker(slot),
+                stats=recorder,
             ),
             registry=prepared.registry,
             flags=flags,
@@ -398,5 +407,10 @@ def describe_exit(status: int, *, holding: bool) -> str:
     code = os.WEXITSTATUS(status)
     if holding:
         return f"exited with status {code} in the middle of the job"
-    names = {Exit.STOPPED: "stopped", Exit.RECYCLED: "recycled", Exit.CRASHED: "crashed"}
+    names = {
+        Exit.STOPPED: "stopped",
+        Exit.RECYCLED: "recycled",
+        Exit.QUEUE_GONE: "job queue removed",
+        Exit.CRASHED: "crashed",
+    }
     return f"exited with status {code}" + (f" ({names[code]})" if code in names else "")

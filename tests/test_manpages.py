@@ -28,8 +28,8 @@ NOT_EXITED_BY = {
         ExitCode.DATA,
         ExitCode.NO_RESULT,
         ExitCode.QUEUE_FULL,
-        ExitCode.TIMEOUT,
         ExitCode.ALREADY_QUEUED,
+        ExitCode.RESULT_LOST,
     },
 }
 #: A tag line of an indented paragraph (.TP) in man's text output: the tag starts at

@@ -569,14 +569,15 @@ def test_store_records_the_daemon(rig: Rig) -> None:
 
 
 def test_store_on_a_clobbered_segment_says_so_and_keeps_the_lock_usable(rig: Rig) -> None:
-    """A segment whose header is not a ring raises NotRunningError, and the semaphore is
-    released for the next caller."""
+    """A client's look at a segment whose header is not a ring raises NotRunningError
+    (OverwrittenError), and the semaphore is released for the next caller."""
     store = rig.create()
+    store.slot_size = None  # a client's store: it does not know the layout to mend it
     store.segment.buf[:8] = b"NOTARING"
     with pytest.raises(NotRunningError) as caught:
         store.get("x")
-    assert str(caught.value) == (
-        f"the segment at key {rig.key:#010x} is not an ipcd result segment"
+    assert str(caught.value).startswith(
+        f"the segment at key {rig.key:#010x} is not an ipcd result segment (another program"
     )
     with store.lock.held(0.5):
         pass
@@ -719,3 +720,18 @@ def test_missing_tables_are_named_in_errors(tmp_path: Path) -> None:
     for opener, key, expected in openers:
         with pytest.raises(NotRunningError, match=expected):
             opener(key)
+
+
+def test_a_daemon_store_mends_an_overwritten_header_keeping_its_records(rig: Rig) -> None:
+    """The daemon's store (which knows the slot size) writes the header back over PHP's
+    40 bytes, keeps every record, and says how many it kept and lost."""
+    store = rig.create()
+    store.put(Result("kept", 2, Status.OK, Kind.TEXT, b"still here"))
+    store.segment.buf[:40] = b"PHP_SM\0\0" + bytes(32)
+    mended: list[tuple[int, int]] = []
+    store.on_repair = lambda kept, lost: mended.append((kept, lost))
+    found = store.get("kept")
+    assert found is not None and found.data == b"still here"
+    assert mended == [(1, 0)]
+    store.put(Result("next", 2, Status.OK, Kind.TEXT, b"after"))
+    assert [r.job_id for r in store.all()] == ["kept", "next"]

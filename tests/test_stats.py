@@ -80,7 +80,22 @@ def test_master_counters_are_counted_in_the_master_record() -> None:
         "jobs_recovered": 0,
         "jobs_requeued": 0,
         "reloads": 1,
+        "log_dropped": 0,
+        "results_lost": 0,
     }
+
+
+def test_loss_counters_add_up_over_every_record() -> None:
+    """Dropped log lines and lost results are counted by any process in its own record,
+    and read as one total."""
+    buf = _segment()
+    Recorder(buf, 0, timed=False).bump(stats.LOG_DROPPED)
+    Recorder(buf, 1).bump(stats.LOG_DROPPED)
+    Recorder(buf, 2).bump(stats.RESULTS_LOST)
+    snap = stats.snapshot(buf)
+    assert snap is not None
+    assert (snap.master["log_dropped"], snap.master["results_lost"]) == (2, 1)
+    assert stats.counter_total(buf, stats.LOG_DROPPED) == 2
 
 
 def test_counts_survive_the_worker_that_made_them() -> None:

@@ -15,7 +15,8 @@ from ipcd.cli import run
 from ipcd.errors import ExitCode
 
 EPILOG = """exit status:
-  0 success, 1 the daemon failed to start (reason on stderr), 3 not running (status),
+  0 success, 1 the daemon failed to start (reason on stderr), or runs but cannot serve
+  (status), 3 not running (status),
   64 usage error, 69 not running (stop, reload), 73 already running, 77 permission denied,
   70 internal error (a bug: please report), 78 bad configuration (also a reload the
   daemon refused: it keeps the old one), 124 the daemon did not report a reload's outcome
@@ -77,8 +78,34 @@ def main(argv: list[str]) -> int:
     if pid is None:
         print(f"ipcd is not running ({pid_file})")
         return int(ExitCode.NOT_RUNNING)
+    problem = _cannot_serve(config, pid)
+    if problem is not None:
+        print(f"ipcd is running (pid {pid}) but cannot serve: {problem}")
+        return int(ExitCode.JOB_FAILED)
     print(f"ipcd is running (pid {pid}, up {_uptime(pid)})")
     return 0
+
+
+def _cannot_serve(config: config_mod.Config, pid: int) -> str | None:
+    """Why the daemon with this PID cannot serve its clients, or None: its job queue and
+    result segment must be there, and the segment must name it as the serving daemon
+    (it writes its PID there once it serves, and again when it made the segment anew)."""
+    from ipcd.client import Client
+    from ipcd.errors import IpcdError, IpcPermissionError
+
+    client = Client(config)
+    try:
+        client.queue.stats()
+        header = client.store.header()
+    except IpcPermissionError:
+        return None  # not ours to look at: the PID is all this user can check
+    except IpcdError as exc:
+        return str(exc)
+    finally:
+        client.close()
+    if header.daemon_pid != pid:
+        return f"the result segment names pid {header.daemon_pid} as its daemon, not {pid}"
+    return None
 
 
 def _start(config: config_mod.Config) -> int:

@@ -1,0 +1,137 @@
+"""The daemon's IPC objects removed or overwritten under it: it makes them anew and serves."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+import sysv_ipc
+from conftest import Instance
+
+from ipcd.errors import ExitCode
+from ipcd.keys import as_key_t
+
+KINDS = {
+    "queue": sysv_ipc.MessageQueue,
+    "segment": sysv_ipc.SharedMemory,
+    "sem": sysv_ipc.Semaphore,
+}
+#: Every object the daemon makes: (kind, the Keys field naming its key).
+OBJECTS = [
+    ("queue", "jobs"), ("queue", "replies"), ("segment", "results"), ("sem", "results"),
+    ("sem", "gate"), ("segment", "inflight"), ("sem", "inflight"), ("segment", "failed"),
+    ("sem", "failed"), ("segment", "stats"), ("segment", "unique"), ("sem", "unique"),
+    ("segment", "spill"), ("sem", "spill"),
+]  # fmt: skip
+SEGMENTS = [key for kind, key in OBJECTS if kind == "segment"]
+
+
+def _recreated(instance: Instance, count: int = 1) -> list[dict[str, object]]:
+    return instance.wait_events(lambda e: e["event"] == "ipc.recreated", count, timeout=10)
+
+
+def _serves(instance: Instance, text: str) -> None:
+    """A submitter waits for its result and gets it; both status commands say up."""
+    done = instance.ipcctl("submit", "echo", text, "--wait", "--timeout", "10")
+    assert (done.returncode, done.stdout) == (0, f"{text}\n"), done.stderr
+    assert instance.ipcd("status").returncode == 0
+    status = instance.ipcctl("status")
+    assert status.returncode == 0, status.stdout + status.stderr
+
+
+@pytest.mark.parametrize(("kind", "field"), OBJECTS, ids=[f"{k}-{f}" for k, f in OBJECTS])
+def test_a_removed_object_is_made_anew(daemon: Instance, kind: str, field: str) -> None:
+    """``ipcrm`` of any one object at ipcd's keys: within seconds the daemon makes it anew,
+    logs ``ipc.recreated`` and serves waiting submitters again."""
+    _serves(daemon, "before")
+    key = getattr(daemon.keys, field)
+    KINDS[kind](as_key_t(key)).remove()
+    recreated = _recreated(daemon)
+    assert recreated, "no ipc.recreated event"
+    assert any("removed" in str(o) for o in recreated[0]["objects"])  # type: ignore[attr-defined]
+    _serves(daemon, "after")
+    events = daemon.log_events()
+    assert not [e for e in events if e["event"] in ("daemon.crashed", "worker.backoff")]
+
+
+@pytest.mark.parametrize("field", SEGMENTS)
+def test_an_overwritten_segment_header_is_written_back(daemon: Instance, field: str) -> None:
+    """Garbage over a segment's header: the daemon writes its own back (keeping what the
+    segment holds), logs ``ipc.recreated`` and serves."""
+    _serves(daemon, "before")
+    segment = sysv_ipc.SharedMemory(as_key_t(getattr(daemon.keys, field)))
+    segment.write(b"\xa5" * 40, 0)
+    segment.detach()
+    assert _recreated(daemon)
+    _serves(daemon, "after")
+    if field == "results":
+        before = next(e for e in daemon.log_events() if e.get("event") == "job.done")
+        kept = daemon.ipcctl("result", str(before["job_id"]))
+        assert (kept.returncode, kept.stdout) == (0, "before\n")
+
+
+def test_status_and_stats_report_an_overwritten_table_and_never_exit_70(daemon: Instance) -> None:
+    """While the in-flight table holds another program's header (the daemon stopped, so
+    nobody mends it), ``ipcctl status`` and ``stats`` report what they find."""
+    assert daemon.ipcd("stop").returncode == 0
+    for field in SEGMENTS:
+        segment = sysv_ipc.SharedMemory(as_key_t(getattr(daemon.keys, field)))
+        segment.write(b"\xa5" * 40, 0)
+        segment.detach()
+    for args in (["status"], ["status", "--json"], ["stats"], ["stats", "--json"]):
+        shown = daemon.ipcctl(*args)
+        assert shown.returncode == ExitCode.UNAVAILABLE, (args, shown.stdout, shown.stderr)
+        assert "internal error" not in shown.stderr
+    started = daemon.ipcd("start")  # a start mends them too
+    assert started.returncode == 0, started.stderr
+    _serves(daemon, "mended")
+
+
+@pytest.mark.skipif(shutil.which("php") is None, reason="php-cli is not installed")
+def test_php_shm_attach_on_the_result_key(daemon: Instance) -> None:
+    """PHP's ``shm_attach()`` writes its own header into ipcd's result segment: the next
+    result is stored all the same, earlier results are kept, and the log says so."""
+    _serves(daemon, "before")
+    attached = subprocess.run(
+        ["php", "-r", "shm_attach((int) $argv[1]);", "--", str(as_key_t(daemon.keys.results))],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert attached.returncode == 0, attached.stderr
+    segment = sysv_ipc.SharedMemory(as_key_t(daemon.keys.results))
+    assert segment.read(6, 0) == b"PHP_SM"  # PHP did write its header
+    segment.detach()
+    _serves(daemon, "after")
+    recreated = _recreated(daemon)
+    assert recreated and recreated[0]["objects"] == ["result segment overwritten"]
+    assert recreated[0]["results_lost"] == 0
+    first = next(e for e in daemon.log_events() if e.get("event") == "job.done")
+    kept = daemon.ipcctl("result", str(first["job_id"]))
+    assert (kept.returncode, kept.stdout) == (0, "before\n")
+    stats = json.loads(daemon.ipcctl("stats", "--json").stdout)
+    assert stats["master"]["results_lost"] == 0
+    assert not [e for e in daemon.log_events() if e["event"] == "result.store_failed"]
+
+
+def test_a_waiter_whose_result_was_lost_is_told_so(daemon: Instance) -> None:
+    """The result segment removed while a job runs: its worker stores the result in the
+    removed segment, so the waiting submitter is told the result was lost (76), not that
+    there is no daemon (69)."""
+    waiter = subprocess.Popen(
+        [*_ipcctl(daemon), "submit", "sleep", "3", "--wait", "--timeout", "20"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    daemon.wait_events(lambda e: e["event"] == "job.started", 1)
+    sysv_ipc.SharedMemory(as_key_t(daemon.keys.results)).remove()
+    assert _recreated(daemon)
+    _, err = waiter.communicate(timeout=30)
+    assert waiter.returncode == ExitCode.RESULT_LOST, err
+    assert "result was lost" in err
+    _serves(daemon, "after")
+
+
+def _ipcctl(instance: Instance) -> list[str]:
+    from conftest import IPCCTL
+
+    return [IPCCTL, "-c", str(instance.config_path)]
