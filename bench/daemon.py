@@ -2,7 +2,7 @@
 
 Each daemon gets its own directory (key file, PID file, log) and so its own keys.  It is
 stopped with ``ipcd stop`` and every object at its keys is removed with
-``ipcd.vetting.remove_all``, whatever happened in between.
+``ipcd.kernel.vetting.remove_all``, whatever happened in between.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 from ipcd import config as config_mod
-from ipcd import vetting
 from ipcd.client import Client
-from ipcd.keys import Keys, derive
+from ipcd.kernel import vetting
+from ipcd.kernel.keys import Keys, derive
 
 #: The repository root: the daemon imports bench.handlers from it.
 ROOT = Path(__file__).resolve().parent.parent

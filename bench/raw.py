@@ -157,7 +157,7 @@ class RawPeer:
 
 
 def _polled(replies: sysv_ipc.MessageQueue, seconds: float) -> bool:
-    """Whether a reply came while polling for ``seconds`` (ipcd.waits.spin_wait's way)."""
+    """Whether a reply came while polling for ``seconds`` (ipcd.kernel.waits.spin_wait's way)."""
     end = time.perf_counter() + seconds
     while True:
         try:

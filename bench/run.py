@@ -35,8 +35,8 @@ from bench.daemon import IPCCTL, ROOT, BenchDaemon, child_env
 from bench.measure import interleave, median, place
 from bench.memory import Memory, memory
 from bench.report import Row, Target
-from ipcd import vetting
 from ipcd.client import SPIN_SECONDS, Client
+from ipcd.kernel import vetting
 
 MIB = 1 << 20
 BIG = 16 * MIB
@@ -251,7 +251,7 @@ class Bench:
             )
 
     def sixteen_mib(self) -> None:
-        """16 MiB in and out: each spills to a segment of its own (ipcd.spill), so what is
+        """16 MiB in and out: each spills to a segment of its own (ipcd.tables.spill), so what is
         measured is one copy in, one copy out, plus a segment's creation and removal."""
         say("16 MiB: plain copy, raw segment, ipcd payload and result")
         big = self._daemon(BenchDaemon("16m", workers=1))

@@ -146,7 +146,7 @@ class LockTimeoutError(WaitTimeoutError):
     """One of ipcd's lock semaphores stayed taken for the whole wait.
 
     A client gives up (124); the daemon's processes log it and wait again
-    (ipcd.lockwaits), so that a stopped client or a stray ``semctl`` delays jobs
+    (ipcd.daemon.lockwaits), so that a stopped client or a stray ``semctl`` delays jobs
     without ever stopping the daemon.
     """
 
@@ -209,7 +209,7 @@ class MessageError(IpcdError, ValueError):
     reply_to: int | None = None
     #: The envelope's unique key, when it could be read (to release it).
     unique: str | None = None
-    #: The envelope's spilled payload (an ipcd.protocol.SpillRef), when it could be read
+    #: The envelope's spilled payload (an ipcd.wire.protocol.SpillRef), when it could be read
     #: (to remove its segment: a rejected job never runs, so nothing else would).
     spill: object = None
 

@@ -11,7 +11,7 @@ daemon, a queue or a segment:
    or exception into the stored ``Result`` (or a ``Retry`` request);
 4. a result larger than ``[results] max_result`` is replaced by the error the daemon
    would store (a result larger than a slot is not: the daemon spills it to a segment
-   of its own, see ipcd.spill);
+   of its own, see ipcd.tables.spill);
 
 and captures every log event emitted meanwhile with structlog's ``capture_logs()``.
 
@@ -32,15 +32,15 @@ from typing import Any
 
 from structlog.testing import capture_logs
 
-from ipcd import protocol
 from ipcd.config import ResultsConfig
+from ipcd.daemon.log import get_logger
+from ipcd.daemon.worker import execute
 from ipcd.handlers import Handler, Retry
-from ipcd.log import get_logger
-from ipcd.protocol import Job, Payload
-from ipcd.registry import Registration, Registry
-from ipcd.results import Result
-from ipcd.spill import within_max_result
-from ipcd.worker import execute
+from ipcd.handlers.registry import Registration, Registry
+from ipcd.layout.results import Result
+from ipcd.tables.spill import within_max_result
+from ipcd.wire import protocol
+from ipcd.wire.protocol import Job, Payload
 
 #: ``[results] max_result`` when the configuration does not set it.
 DEFAULT_MAX_RESULT: int = ResultsConfig._field_defaults["max_result"]

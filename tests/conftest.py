@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from ipcd import config as config_mod
-from ipcd import keys, vetting
+from ipcd.kernel import keys, vetting
 
 BIN = Path(sys.executable).parent
 IPCD = str(BIN / "ipcd")
@@ -147,7 +147,7 @@ def remove_objects(instance: Instance) -> None:
     if not key_file.exists():
         return
     jobs = keys.ftok(key_file, 0x49)  # not from the config, which a test may have broken
-    # n = 0 to 7: every key ipcd derives (ipcd.keys).
+    # n = 0 to 7: every key ipcd derives (ipcd.kernel.keys).
     made = tuple((jobs + n * keys.REPLY_KEY_OFFSET) & 0xFFFFFFFF for n in range(8))
     TEST_KEYS.update(made)
     vetting.remove_all(made)
@@ -208,7 +208,7 @@ def spill_segments() -> set[int]:
     header): the one kind of IPC_PRIVATE object ipcd makes, which a leak would leave."""
     import sysv_ipc
 
-    from ipcd.spillsegment import MAGIC as SEGMENT_MAGIC
+    from ipcd.tables.spill.segment import MAGIC as SEGMENT_MAGIC
 
     found = set()
     with open("/proc/sysvipc/shm") as fh:

@@ -15,7 +15,7 @@ import pytest
 from conftest import IPCCTL, IPCD, Instance, run
 
 from ipcd.errors import ExitCode
-from ipcd.procs import alive
+from ipcd.kernel.procs import alive
 
 
 @pytest.fixture

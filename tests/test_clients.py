@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from conftest import Instance, remove_objects
 
-from ipcd import keys
 from ipcd.errors import ExitCode
-from ipcd.ipc import Queue
+from ipcd.kernel import keys
+from ipcd.kernel.queues import Queue
 
 CLIENTS = Path(__file__).resolve().parent.parent / "clients"
 C_SOURCE = CLIENTS / "c" / "ipcd-submit.c"

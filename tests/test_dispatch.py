@@ -13,8 +13,8 @@ import sysv_ipc
 from conftest import DEFAULT_HANDLERS, IPCCTL, Instance
 
 from ipcd.client import Client
-from ipcd.ipc import Queue, msgmax
-from ipcd.results import Status
+from ipcd.kernel.queues import Queue, msgmax
+from ipcd.layout.results import Status
 
 PLUGINS = (
     DEFAULT_HANDLERS

@@ -14,7 +14,7 @@ import pytest
 from conftest import Instance, remove_objects
 
 from ipcd.errors import ExitCode
-from ipcd.ipc import Queue
+from ipcd.kernel.queues import Queue
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")
 

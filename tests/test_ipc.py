@@ -11,7 +11,6 @@ import pytest
 import sysv_ipc
 from conftest import TEST_KEYS, Instance
 
-from ipcd import ipc, keys, vetting, waits
 from ipcd.errors import (
     ExitCode,
     NotRunningError,
@@ -19,7 +18,9 @@ from ipcd.errors import (
     QueueFullError,
     WaitTimeoutError,
 )
-from ipcd.ipc import Queue
+from ipcd.kernel import keys, vetting, waits
+from ipcd.kernel import queues as ipc
+from ipcd.kernel.queues import Queue
 
 
 @pytest.fixture
@@ -277,7 +278,7 @@ def test_spinning_on_a_removed_queue_says_so(key: int) -> None:
 
 def test_ipcd_spin_us_sets_or_turns_off_the_reply_poll(monkeypatch: pytest.MonkeyPatch) -> None:
     """IPCD_SPIN_US sets how long a waiting client polls; 0 turns it off; junk is ignored."""
-    from ipcd import client
+    from ipcd.client import api as client
 
     monkeypatch.delenv("IPCD_SPIN_US", raising=False)
     assert client._spin_seconds() == client.SPIN_SECONDS

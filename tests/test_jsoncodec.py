@@ -1,4 +1,4 @@
-"""ipcd.jsoncodec calls CPython's C encoder and scanner directly (a private signature):
+"""ipcd.wire.jsoncodec calls CPython's C encoder and scanner directly (a private signature):
 these properties pin it to what json.dumps and json.loads do, so that a Python upgrade
 that changes the accelerator fails here rather than in the envelopes and the log."""
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ipcd import jsoncodec
+from ipcd.wire import jsoncodec
 
 scalars = (
     st.none()

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import sysv_ipc
 
-from ipcd import keys
 from ipcd.config import IpcConfig
 from ipcd.errors import NotRunningError
+from ipcd.kernel import keys
 
 
 def _ipc(key_path: Path | None = None, key: int | None = None, proj_id: int = 0x49) -> IpcConfig:

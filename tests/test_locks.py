@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import sysv_ipc
 from conftest import Instance, _running
 
-from ipcd.keys import as_key_t
+from ipcd.kernel.keys import as_key_t
 
 #: Longer than two of the daemon's 5 s lock waits.
 HOLD = 10.0

@@ -1,7 +1,7 @@
 """``ipcctl logs`` and ``ipcctl result --log``: reading ipcd's JSON event log.
 
-The pure parts of ipcd.logformat (``--since``, filters, formatting, colour choice) and
-the readers of ipcd.logfile are tested as functions; the command against real daemons, a
+The pure parts of ipcd.client.logformat (``--since``, filters, formatting, colour choice) and
+the readers of ipcd.client.logfile are tested as functions; the command against real daemons, a
 real rotation and a real terminal.
 """
 
@@ -27,10 +27,8 @@ from typing import IO
 import pytest
 from conftest import IPCCTL, TESTS, Instance
 
-from ipcd.config import HandlerConfig
-from ipcd.errors import ExitCode, UsageError
-from ipcd.logfile import Follower, job_lines, last_shown, lines_backward
-from ipcd.logformat import (
+from ipcd.client.logfile import Follower, job_lines, last_shown, lines_backward
+from ipcd.client.logformat import (
     Filter,
     Printer,
     format_event,
@@ -41,6 +39,8 @@ from ipcd.logformat import (
     type_selector,
     want_color,
 )
+from ipcd.config import HandlerConfig
+from ipcd.errors import ExitCode, UsageError
 
 NOW = datetime(2026, 11, 27, 14, 0, 0, tzinfo=UTC)
 HANDLERS = (HandlerConfig("echo", 2, None), HandlerConfig("fail", 4, None))
@@ -591,7 +591,8 @@ def test_logs_does_not_import_structlog(instance: Instance) -> None:
         "import sys\n"
         "from ipcd.cli import ipcctl\n"
         f"assert ipcctl.main(['-c', {str(instance.config_path)!r}, 'logs']) == 0\n"
-        "heavy = {'structlog', 'daemon', 'ipcd.log', 'ipcd.worker', 'ipcd.arbiter'}\n"
+        "heavy = {'structlog', 'daemon', 'ipcd.daemon', 'ipcd.daemon.log', "
+        "'ipcd.daemon.worker', 'ipcd.daemon.arbiter'}\n"
         "print(sorted(heavy & set(sys.modules)))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -20,9 +20,9 @@ from conftest import IPCCTL, TESTS, Instance
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from ipcd.client.metrics import count, figure
 from ipcd.errors import ExitCode
-from ipcd.ipc import Queue
-from ipcd.metrics import count, figure
+from ipcd.kernel.queues import Queue
 
 FLAKY = '\n[handlers.flaky]\ntype = 20\ntarget = "ipcd_test_plugins:flaky"\nmax_attempts = 5\n'
 

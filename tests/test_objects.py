@@ -11,7 +11,7 @@ import sysv_ipc
 from conftest import Instance
 
 from ipcd.errors import ExitCode
-from ipcd.keys import as_key_t
+from ipcd.kernel.keys import as_key_t
 
 KINDS = {
     "queue": sysv_ipc.MessageQueue,

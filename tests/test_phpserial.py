@@ -1,4 +1,4 @@
-"""Tests of ipcd.phpserial: what PHP's serialize() writes is decoded, everything else refused."""
+"""Tests of ipcd.wire.phpserial: what PHP's serialize() writes is decoded, all else refused."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ipcd.errors import MessageError, PayloadError, RefusedPayloadError
-from ipcd.phpserial import PhpValue, dumps, loads, looks_serialized
+from ipcd.wire.phpserial import PhpValue, dumps, loads, looks_serialized
 
 
 @pytest.mark.parametrize(

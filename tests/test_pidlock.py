@@ -1,4 +1,4 @@
-"""One master per configuration (ipcd.pidlock): racing starts, hand-edited PID files."""
+"""One master per configuration (ipcd.daemon.pidlock): racing starts, hand-edited PID files."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import IPCD, TESTS, Instance
 
-from ipcd import pidlock
+from ipcd.daemon import pidlock
 from ipcd.errors import ExitCode
 
 #: Racing `ipcd start` processes, launched this many at a time.

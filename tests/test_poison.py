@@ -21,7 +21,7 @@ import sysv_ipc
 from conftest import Instance
 
 from ipcd.errors import ExitCode
-from ipcd.inflight import InflightTable
+from ipcd.tables.inflight import InflightTable
 
 #: How many messages of each kind are sent.
 EACH = 20

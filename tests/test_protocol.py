@@ -1,4 +1,4 @@
-"""Tests of ipcd.protocol: envelopes round-trip, bare messages decode, bad ones are refused."""
+"""Tests of ipcd.wire.protocol: envelopes round-trip, bare messages decode, bad ones are refused."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ipcd import protocol
 from ipcd.errors import MessageError, PayloadError, RefusedPayloadError
-from ipcd.protocol import MAX_DEPTH, Job, Payload, decode, encode, new_job_id
+from ipcd.wire import protocol
+from ipcd.wire.protocol import MAX_DEPTH, Job, Payload, decode, encode, new_job_id
 
 JOB_ID_FORMAT = re.compile(r"[0-9a-f]{16}\Z")
 

@@ -1,6 +1,6 @@
 """Tests of the result ring: its layout over a plain buffer, then over a real SysV segment.
 
-The layout tests run ipcd.results on ``memoryview(bytearray(n))``; the store tests create
+The layout tests run ipcd.layout.results on ``memoryview(bytearray(n))``; the store tests create
 the segment and semaphores under a key of their own, fork real children and kill them with
 real signals, and remove every object in the ``rig`` fixture's finalizer.
 """
@@ -21,9 +21,10 @@ from conftest import TEST_KEYS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ipcd import keys, results, vetting
 from ipcd.errors import NoResultError, NotRunningError, WaitTimeoutError
-from ipcd.results import (
+from ipcd.kernel import keys, vetting
+from ipcd.layout import results
+from ipcd.layout.results import (
     HEADER,
     HEADER_SIZE,
     RECORD,
@@ -34,7 +35,7 @@ from ipcd.results import (
     SlotState,
     Status,
 )
-from ipcd.resultstore import LOCK_TIMEOUT, ResultStore
+from ipcd.tables.results import LOCK_TIMEOUT, ResultStore
 
 SLOT = 256  # the smallest slot the config allows: 192 bytes of data
 NEXT_SEQ = 24  # offset of next_seq in the segment header
@@ -703,10 +704,10 @@ def test_missing_tables_are_named_in_errors(tmp_path: Path) -> None:
     """Each table's ``open`` names its own object when none is there, not "result segment"."""
     from conftest import Instance
 
-    from ipcd.failed import FailedList
-    from ipcd.inflight import InflightTable
-    from ipcd.spilltable import SpillTable
-    from ipcd.unique import UniqueTable
+    from ipcd.tables.failed import FailedList
+    from ipcd.tables.inflight import InflightTable
+    from ipcd.tables.spill.table import SpillTable
+    from ipcd.tables.unique import UniqueTable
 
     inst = Instance(tmp_path, tmp_path / "ipcd.toml")
     inst.write()

@@ -19,15 +19,17 @@ from pathlib import Path
 import pytest
 from conftest import IPCCTL, TESTS, Instance, spill_segments
 
-from ipcd import spill, spillsegment, spilltable
 from ipcd.client import Client
 from ipcd.errors import ExitCode, QueueFullError
-from ipcd.ipc import Queue
-from ipcd.protocol import JSONValue
-from ipcd.results import Kind
-from ipcd.shm import Segment
-from ipcd.spilltable import SpillTable, State
-from ipcd.unique import UniqueTable
+from ipcd.kernel.queues import Queue
+from ipcd.kernel.segments import Segment
+from ipcd.layout.results import Kind
+from ipcd.tables import spill
+from ipcd.tables.spill import segment as spillsegment
+from ipcd.tables.spill import table as spilltable
+from ipcd.tables.spill.table import SpillTable, State
+from ipcd.tables.unique import UniqueTable
+from ipcd.wire.protocol import JSONValue
 
 MIB = 1 << 20
 
@@ -489,7 +491,7 @@ def test_purge_removes_listed_segments(instance: Instance) -> None:
     _stop(instance)
     client.submit("digest", b"p" * MIB)
     (entry,) = _in_use(instance)
-    from ipcd import vetting
+    from ipcd.kernel import vetting
 
     removed = vetting.remove_all(instance.keys.all())
     assert "1 spill segments" in removed
@@ -603,7 +605,7 @@ def test_failed_list_holds_at_most_half_the_table(instance: Instance) -> None:
 def test_a_result_refused_for_room_says_so(instance: Instance) -> None:
     """With every entry held by payloads, a result is refused with its own message, not
     the one a refused submission gets."""
-    from ipcd.results import Kind, Result, Status
+    from ipcd.layout.results import Kind, Result, Status
 
     table = SpillTable.create(instance.keys.spill, 0o600, 2)
     try:
@@ -724,7 +726,7 @@ def test_max_payload_holds_for_payloads_that_fit_a_message(instance: Instance) -
 def test_a_rejected_envelope_takes_its_spilled_payload_with_it(instance: Instance) -> None:
     """An envelope that points to a spilled payload but fails validation never runs:
     its segment and entry go with the rejection."""
-    from ipcd import spill
+    from ipcd.tables import spill
 
     client = _start(instance)
     try:

@@ -6,8 +6,9 @@ import time
 
 import pytest
 
-from ipcd import stats, statslayout
-from ipcd.stats import Recorder
+from ipcd.layout import stats as statslayout
+from ipcd.tables import stats
+from ipcd.tables.stats import Recorder
 
 
 def _segment(records: int = 3, handlers: tuple[tuple[str, int], ...] = ()) -> bytearray:

@@ -12,7 +12,7 @@ from conftest import IPCD, TESTS, Instance
 from ipcd.errors import PayloadError
 from ipcd.handlers import HandlerResult, Job, Retry
 from ipcd.handlers.builtin import echo, fail
-from ipcd.results import Kind
+from ipcd.layout.results import Kind
 from ipcd.testing import DEFAULT_MAX_RESULT, run_handler
 
 EXAMPLE_SRC = TESTS.parent / "examples" / "ipcd-example-plugin" / "src"

@@ -20,8 +20,8 @@ from collections.abc import Iterator
 import pytest
 from conftest import DEFAULT_HANDLERS, Instance
 
-from ipcd import protocol
 from ipcd.client import Client
+from ipcd.daemon.uniquerelease import sweep_lost
 from ipcd.errors import (
     AlreadyQueuedError,
     ExitCode,
@@ -29,11 +29,11 @@ from ipcd.errors import (
     QueueFullError,
     UsageError,
 )
-from ipcd.inflight import InflightTable
-from ipcd.ipc import Queue
-from ipcd.results import Kind, Result, Status
-from ipcd.resultstore import ResultStore
-from ipcd.unique import (
+from ipcd.kernel.queues import Queue
+from ipcd.layout.results import Kind, Result, Status
+from ipcd.tables.inflight import InflightTable
+from ipcd.tables.results import ResultStore
+from ipcd.tables.unique import (
     ENTRY_SIZE,
     HEADER_SIZE,
     MAGIC,
@@ -43,7 +43,7 @@ from ipcd.unique import (
     UniqueTable,
     stale_reason,
 )
-from ipcd.uniquerelease import sweep_lost
+from ipcd.wire import protocol
 
 HANDLERS = (
     DEFAULT_HANDLERS
@@ -289,9 +289,11 @@ def test_rejected_envelope_still_names_its_key() -> None:
 def test_client_path_stays_lean() -> None:
     """ipcctl with --unique imports neither structlog nor the daemon's modules."""
     code = (
-        "import sys, ipcd.cli.ipcctl, ipcd.unique; "
-        "bad = {'structlog', 'daemon', 'click', 'ipcd.log', 'ipcd.worker', 'ipcd.arbiter', "
-        "'ipcd.server', 'ipcd.daemonize', 'ipcd.outcome', 'importlib.metadata'} "
+        "import sys, ipcd.cli.ipcctl, ipcd.tables.unique; "
+        "bad = {'structlog', 'daemon', 'click', 'ipcd.daemon', 'ipcd.daemon.log', "
+        "'ipcd.daemon.worker', 'ipcd.daemon.arbiter', "
+        "'ipcd.daemon.startup', 'ipcd.daemon.detach', 'ipcd.daemon.outcomes', "
+        "'importlib.metadata'} "
         "& set(sys.modules); "
         "print(sorted(bad))"
     )
@@ -441,7 +443,7 @@ def test_dead_claimer_does_not_block_the_key(daemon: Instance) -> None:
     a live one holds the key."""
     code = (
         "import os, signal, sys\n"
-        "from ipcd.unique import UniqueTable\n"
+        "from ipcd.tables.unique import UniqueTable\n"
         "table = UniqueTable.open(int(sys.argv[1]))\n"
         "assert table.claim('cron', 'claimer', os.getpid()) is None\n"
         "print('claimed', flush=True)\n"

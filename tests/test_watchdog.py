@@ -1,4 +1,4 @@
-"""systemd's watchdog (ipcd.sdnotify): keep-alives from the master on a real NOTIFY_SOCKET."""
+"""systemd's watchdog (ipcd.daemon.sdnotify): the master's keep-alives on a real NOTIFY_SOCKET."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import IPCD, TESTS, Instance
 
-from ipcd.sdnotify import Watchdog
+from ipcd.daemon.sdnotify import Watchdog
 
 #: WATCHDOG_USEC for the tests: keep-alives every 0.1 s.
 USEC = 200_000

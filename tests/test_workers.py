@@ -13,7 +13,7 @@ from conftest import DEFAULT_HANDLERS, Instance
 
 from ipcd.client import Client
 from ipcd.errors import ExitCode
-from ipcd.ipc import Queue
+from ipcd.kernel.queues import Queue
 
 HANDLERS = (
     DEFAULT_HANDLERS

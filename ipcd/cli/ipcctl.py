@@ -26,8 +26,8 @@ from ipcd.errors import (
     PayloadError,
     WaitTimeoutError,
 )
-from ipcd.protocol import Payload, payload_from_json
-from ipcd.results import Kind, Result, require
+from ipcd.layout.results import Kind, Result, require
+from ipcd.wire.protocol import Payload, payload_from_json
 
 
 def main(argv: list[str]) -> int:
@@ -174,7 +174,7 @@ def _get_result(client: Client, args: argparse.Namespace) -> Result:
 def _print_job_log(config: Config, args: argparse.Namespace, *, finished: bool) -> None:
     """``result --log``: the job's events on stdout; a log that cannot be read is a note
     on stderr, not a change of the exit status, which belongs to the result."""
-    from ipcd import logfile, logformat  # only the log readers pay for their import
+    from ipcd.client import logfile, logformat  # only the log readers pay for their import
 
     try:
         path = _log_path(config)
@@ -197,7 +197,7 @@ def _log_path(config: Config) -> Path:
 def _logs(config: Config, args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from ipcd import logfile, logformat  # only the log readers pay for their import
+    from ipcd.client import logfile, logformat  # only the log readers pay for their import
 
     path = _log_path(config)
     types: set[int] = set()

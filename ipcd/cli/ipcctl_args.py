@@ -10,7 +10,7 @@ import argparse
 from collections.abc import Callable
 
 from ipcd.cli import parser as cli_parser
-from ipcd.protocol import MAX_TIMEOUT, is_job_id
+from ipcd.wire.protocol import MAX_TIMEOUT, is_job_id
 
 EPILOG = """exit status:
   0 success, 1 the job failed, 4 already queued (--unique: a job with that key waits or

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 from ipcd import config as config_mod
-from ipcd import identity
 from ipcd.cli import parser as cli_parser
 from ipcd.cli import run
+from ipcd.daemon import identity
 from ipcd.errors import ExitCode
 
 EPILOG = """exit status:
@@ -46,7 +46,7 @@ def main(argv: list[str]) -> int:
     config = config_mod.load(config_mod.locate(args.config))
     pid_file = config.daemon.pid_file
     # python-daemon is imported only by the commands that need it.
-    from ipcd import daemonize
+    from ipcd.daemon import detach
 
     if args.command == "start":
         return _start(config)
@@ -63,18 +63,18 @@ def main(argv: list[str]) -> int:
                 flush=True,
             )
 
-        daemonize.stop(pid_file, config.daemon.stop_timeout, waiting=waiting)
+        detach.stop(pid_file, config.daemon.stop_timeout, waiting=waiting)
         return 0
     if args.command == "reload":
-        daemonize.reload(pid_file, daemonize.RELOAD_TIMEOUT)
+        detach.reload(pid_file, detach.RELOAD_TIMEOUT)
         return 0
     if args.command == "check":
-        from ipcd import registry
+        from ipcd.handlers import registry
 
         registry.build(config)
         print(f"{config.path}: ok")
         return 0
-    pid = daemonize.running_pid(pid_file)
+    pid = detach.running_pid(pid_file)
     if pid is None:
         print(f"ipcd is not running ({pid_file})")
         return int(ExitCode.NOT_RUNNING)
@@ -109,19 +109,19 @@ def _cannot_serve(config: config_mod.Config, pid: int) -> str | None:
 
 
 def _start(config: config_mod.Config) -> int:
-    from ipcd import daemonize, sdnotify, server
-    from ipcd.arbiter import Arbiter
-    from ipcd.pidlock import PidLock
-    from ipcd.signals import Flags
+    from ipcd.daemon import detach, sdnotify, startup
+    from ipcd.daemon.arbiter import Arbiter
+    from ipcd.daemon.pidlock import PidLock
+    from ipcd.daemon.signals import Flags
 
     lock = PidLock.acquire(config.daemon.pid_file)  # before anything else: one master
     # systemd names this process in WATCHDOG_PID; the master it starts answers for it.
     watchdog = sdnotify.from_process_environment()
-    prepared = server.prepare(config, console=None)
+    prepared = startup.prepare(config, console=None)
     identity.hand_over(prepared.identity, [lock.path])
     flags = Flags()
     log_fd = prepared.sink.fileno()
-    daemonize.start_detached(
+    detach.start_detached(
         lock=lock,
         workdir=config.daemon.workdir,
         umask=config.daemon.umask,
@@ -134,15 +134,15 @@ def _start(config: config_mod.Config) -> int:
 
 
 def _run(config: config_mod.Config) -> int:
-    from ipcd import sdnotify, server
-    from ipcd.arbiter import Arbiter
-    from ipcd.pidlock import PidLock
-    from ipcd.signals import Flags
+    from ipcd.daemon import sdnotify, startup
+    from ipcd.daemon.arbiter import Arbiter
+    from ipcd.daemon.pidlock import PidLock
+    from ipcd.daemon.signals import Flags
 
     lock = PidLock.acquire(config.daemon.pid_file)  # before anything else: one master
     watchdog = sdnotify.from_process_environment()
     try:
-        prepared = server.prepare(config, console=sys.stderr)
+        prepared = startup.prepare(config, console=sys.stderr)
         identity.hand_over(prepared.identity, [lock.path])
         identity.drop(prepared.identity)
         lock.record(os.getpid())

@@ -1,4 +1,4 @@
-"""``ipcctl status`` and ``ipcctl stats``: render a reading (ipcd.metrics), once or like
+"""``ipcctl status`` and ``ipcctl stats``: render a reading (ipcd.client.metrics), once or like
 top(1) with ``--watch``.
 
 Exit statuses: 0 when a live daemon serves the queue, 69 when not (the output is still
@@ -18,11 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-from ipcd import metrics
 from ipcd.cli import end_on_sigterm
-from ipcd.client import Client
+from ipcd.client import Client, metrics
+from ipcd.client.metrics import Rate, Reading, count, figure
 from ipcd.errors import ExitCode, NotRunningError, OutputError
-from ipcd.metrics import Rate, Reading, count, figure
 
 #: ANSI: cursor home, clear the screen: once, before the first frame.
 CLEAR = "\x1b[H\x1b[2J"

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeAlias
 
-from ipcd.protocol import Job, JSONValue, Payload
+from ipcd.wire.protocol import Job, JSONValue, Payload
 
 HandlerResult: TypeAlias = "bytes | str | JSONValue"
 Handler: TypeAlias = Callable[[Job], HandlerResult]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from conftest import Instance
 
-from ipcd.inflight import InflightTable
+from ipcd.tables.inflight import InflightTable
 
 
 def configure(

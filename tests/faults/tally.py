@@ -15,8 +15,8 @@ from datetime import datetime
 
 from conftest import Instance
 
-from ipcd.results import Result
-from ipcd.resultstore import ResultStore
+from ipcd.layout.results import Result
+from ipcd.tables.results import ResultStore
 
 
 @dataclass

@@ -12,8 +12,8 @@ from conftest import Instance
 
 from ipcd.client import Client
 from ipcd.errors import WaitTimeoutError
-from ipcd.keys import as_key_t
-from ipcd.resultstore import LOCK_TIMEOUT, ResultStore
+from ipcd.kernel.keys import as_key_t
+from ipcd.tables.results import LOCK_TIMEOUT, ResultStore
 
 from .processes import configure, start
 from .tally import settled_events

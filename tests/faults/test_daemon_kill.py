@@ -7,9 +7,9 @@ import time
 from conftest import Instance
 
 from ipcd.client import Client
-from ipcd.inflight import Held, InflightTable
-from ipcd.ipc import Queue
-from ipcd.protocol import decode
+from ipcd.kernel.queues import Queue
+from ipcd.tables.inflight import Held, InflightTable
+from ipcd.wire.protocol import decode
 
 from .load import Load
 from .processes import configure, kill_daemon, start, wait_parked, wait_running, wait_workers

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from conftest import Instance
 
-from ipcd.arbiter import TICK
 from ipcd.client import Client
+from ipcd.daemon.arbiter import TICK
 
 from .processes import alive, children, configure, start, wait_gone, wait_workers
 from .tally import failed_list, settled_events

@@ -11,7 +11,7 @@ import pytest
 from conftest import IPCD, Instance
 
 from ipcd.client import Client
-from ipcd.resultstore import ResultStore
+from ipcd.tables.results import ResultStore
 
 from .load import Load
 from .processes import children, configure, start, wait_running, wait_workers

@@ -10,8 +10,8 @@ from conftest import Instance
 
 from ipcd.client import Client
 from ipcd.errors import WaitTimeoutError
-from ipcd.ipc import Queue
-from ipcd.keys import as_key_t
+from ipcd.kernel.keys import as_key_t
+from ipcd.kernel.queues import Queue
 
 from .processes import (
     alive,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from conftest import Instance
 
-from ipcd.spilltable import SpillTable, State
+from ipcd.tables.spill.table import SpillTable, State
 
 from .load import Load
 from .processes import alive, configure, crash_report, start

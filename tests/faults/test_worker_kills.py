@@ -9,8 +9,8 @@ import time
 
 from conftest import Instance
 
-from ipcd.arbiter import YOUNG
 from ipcd.client import Client
+from ipcd.daemon.arbiter import YOUNG
 
 from .load import Load
 from .processes import (
@@ -116,7 +116,7 @@ def test_worker_killed_right_after_storing_a_result(instance: Instance) -> None:
 def test_worker_killed_right_after_storing_frees_the_unique_key(instance: Instance) -> None:
     """The master finishes what such a worker left: the job's --unique key is free as
     soon as the job is announced, not only once a later submit finds it stale."""
-    from ipcd.unique import UniqueTable
+    from ipcd.tables.unique import UniqueTable
 
     configure(
         instance,

@@ -125,8 +125,8 @@ def store_then_die(job: Job) -> HandlerResult:
     import signal
     import time
 
-    from ipcd.results import Kind, Result, Status
-    from ipcd.resultstore import ResultStore
+    from ipcd.layout.results import Kind, Result, Status
+    from ipcd.tables.results import ResultStore
 
     now = time.time()
     result = Result(job.id, job.type, Status.OK, Kind.TEXT, b"stored", job.attempt, now, now)

@@ -1,0 +1,445 @@
+"""The Python client API: submit jobs, wait for and read their results.
+
+This is the cron-facing path, so it imports only the standard library, sysv_ipc and
+ipcd's own light modules (never structlog, python-daemon or the daemon's code): its cost
+should be close to ``python3 -c 'import sysv_ipc'``.
+
+Waiting never sleep-polls.  A submitter that waits names a reply type (its PID) in the
+envelope; the daemon sends the job id to the reply queue under that type once the result
+is stored, and ``msgrcv`` on that type wakes the submitter.  Someone waiting for a job it
+did not submit waits on the result gate instead, a semaphore the daemon pulses after
+every result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import TYPE_CHECKING, NamedTuple
+
+from ipcd.config import Config
+from ipcd.errors import (
+    JobFailedError,
+    NoResultError,
+    NotRunningError,
+    OverwrittenError,
+    PayloadError,
+    QueueFullError,
+    ResultLostError,
+    WaitTimeoutError,
+)
+from ipcd.kernel.keys import Keys, derive
+from ipcd.kernel.procs import alive
+from ipcd.kernel.queues import Queue, QueueStats
+from ipcd.kernel.segments import Gate, Segment
+from ipcd.layout.results import Header, Result
+from ipcd.tables.results import ResultStore
+from ipcd.wire import protocol
+from ipcd.wire.protocol import Payload
+
+if TYPE_CHECKING:
+    # Imported where used: the submit path that cron scripts take does not need them.
+    from ipcd.tables.failed import FailedJob, FailedList
+    from ipcd.tables.inflight import WorkerView
+    from ipcd.tables.spill.table import Usage
+
+#: Longest pause between looks at the segment while waiting on the gate: it bounds the
+#: delay when a result lands between our look and our wait (a pulse nobody saw).
+GATE_RECHECK = 0.25
+#: Seconds a client reads an overwritten result segment again, while the daemon (which
+#: looks at least once a second) writes its header back.
+REPAIR_WAIT = 3.0
+#: How long a waiting submitter polls the reply queue before it sleeps in msgrcv: a
+#: short job's reply comes within this, and a sleeping process's wake-up on a virtual
+#: machine costs as much as the job (waits.spin_wait).  ``IPCD_SPIN_US`` overrides it
+#: (0 turns polling off).
+SPIN_SECONDS = 0.001
+
+
+def _spin_seconds() -> float:
+    try:
+        return max(int(os.environ["IPCD_SPIN_US"]), 0) / 1e6
+    except (KeyError, ValueError):
+        return SPIN_SECONDS
+
+
+class Status(NamedTuple):
+    """What ``ipcctl status`` shows."""
+
+    keys: Keys
+    queue: QueueStats
+    results: Header | None
+    results_size: int
+    workers: tuple[WorkerView, ...] = ()
+    #: Parked jobs, both kinds: delayed (``delayed``) and waiting to retry.
+    parked: int = 0
+    #: Due times of the jobs submitted with ``--delay`` that are not yet due, soonest first.
+    delayed: tuple[float, ...] = ()
+    failed: int = 0
+    failed_dropped: int = 0
+    #: The spill table's use (None when there is none to read).
+    spill: Usage | None = None
+
+    def daemon_running(self) -> bool:
+        return serving(self.results)
+
+
+def serving(header: Header | None) -> bool:
+    """Whether a daemon serves the queue: its master wrote its PID into the result
+    segment's header at start (0 again when it stops), and that process has not exited.
+    A master killed without the chance to clear it, or one that lingers as a zombie, is
+    not serving (ipcd.kernel.procs.alive)."""
+    return header is not None and alive(header.daemon_pid)
+
+
+class Client:
+    """One configuration's queue and result segment, opened on first use."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._keys: Keys | None = None
+        self._queue: Queue | None = None
+        self._replies: Queue | None = None
+        self._store: ResultStore | None = None
+        self._gate: Gate | None = None
+        #: Notifications that arrived while waiting for another of this client's jobs.
+        self._notified: set[bytes] = set()
+        #: Segments status() attached, for close().
+        self._attached: list[Segment] = []
+
+    @property
+    def keys(self) -> Keys:
+        if self._keys is None:
+            self._keys = derive(self.config.ipc)
+        return self._keys
+
+    @property
+    def queue(self) -> Queue:
+        if self._queue is None:
+            self._queue = Queue.open(self.keys.jobs, what="job queue")
+        return self._queue
+
+    @property
+    def store(self) -> ResultStore:
+        if self._store is None:
+            self._store = ResultStore.open(self.keys.results)
+        return self._store
+
+    def submit(
+        self,
+        handler: str | int,
+        payload: Payload = None,
+        *,
+        notify: bool = False,
+        send_timeout: float | None = None,
+        job_timeout: float | None = None,
+        delay: float | None = None,
+        unique: str | None = None,
+    ) -> str:
+        """Queue a job and return its id; ``notify`` asks for a reply-queue wake-up.
+
+        Blocks at most ``send_timeout`` (default ``[ipc] send_timeout``) while the queue
+        is full, then raises QueueFullError: the job is either accepted or refused.
+        With ``delay`` the job is parked in the daemon's in-flight table (shared memory
+        that outlives every process) and the master queues it once the delay has passed.
+        With ``unique`` nothing is queued while a job with that key waits or runs: raises
+        AlreadyQueuedError (exit 4), which names that job (ipcd.tables.unique).
+        """
+        type_ = handler if isinstance(handler, int) else self.config.handler_type(handler)
+        job_id = protocol.new_job_id()
+        if notify:
+            self._reply_queue()  # fail before sending when no one could wake us
+        reply_to = os.getpid() if notify else None
+        body = None
+        if not _surely_too_large(payload, self.queue):
+            body = protocol.encode(
+                payload, job_id=job_id, reply_to=reply_to, timeout=job_timeout, unique=unique
+            )
+            if not self.queue.fits(len(body)):
+                body = None
+            elif len(body) > self.config.jobs.max_payload:  # a tiny limit; rare, so exact now
+                from ipcd.tables.spill import within_max_payload
+
+                within_max_payload(payload, self.config.jobs.max_payload)
+        if body is not None and unique is None:  # the common case, kept short
+            self._queue_or_park(type_, body, job_id, delay, send_timeout)
+            return job_id
+        from ipcd.tables import spill
+
+        # A payload too large for one message goes to a segment of its own (ipcd.tables.spill).
+        with (
+            self._claim(unique, job_id),
+            spill.outgoing(
+                self, payload, body, job_id=job_id, reply_to=reply_to, timeout=job_timeout,
+                unique=unique,
+            ) as body,
+        ):  # fmt: skip
+            self._queue_or_park(type_, body, job_id, delay, send_timeout)
+        return job_id
+
+    def _queue_or_park(
+        self, type_: int, body: bytes, job_id: str, delay: float | None, send_timeout: float | None
+    ) -> None:
+        if delay:
+            self._park(type_, body, job_id, time.time() + delay)
+            return
+        timeout = self.config.ipc.send_timeout if send_timeout is None else send_timeout
+        self.queue.send(body, type_, timeout=timeout)
+
+    def _claim(self, unique: str | None, job_id: str) -> contextlib.AbstractContextManager[object]:
+        """Hold the unique key while the job is sent (nothing to hold without one)."""
+        if unique is None:
+            return contextlib.nullcontext()
+        from ipcd.tables.unique import Claim, UniqueTable, check_key
+
+        check_key(unique)
+        self.queue  # noqa: B018 - the daemon's queue must exist, as for any submit
+        try:
+            table = UniqueTable.open(self.keys.unique)
+        except NotRunningError:
+            raise NotRunningError(
+                f"no unique-key table at key {self.keys.unique:#010x}: is ipcd running "
+                "with this configuration (and new enough for --unique)?"
+            ) from None
+        return Claim(table, unique, job_id, alive=alive, finished=self._finished)
+
+    def _finished(self, job_id: str) -> float | None:
+        """When the job's stored result was written, or None while none is stored."""
+        result = self.result(job_id)
+        return None if result is None else result.finished
+
+    def _park(self, type_: int, body: bytes, job_id: str, due: float) -> None:
+        from ipcd.tables.inflight import InflightTable
+
+        self.queue  # noqa: B018 - the daemon's queue must exist, as for any submit
+        table = InflightTable.open(self.keys.inflight)
+        if len(body) > table.text_size:
+            raise PayloadError(
+                f"message of {len(body)} bytes exceeds the kernel's msgmax of {table.text_size}"
+            )
+        if not table.park(type_, body, job_id, 1, due):
+            raise QueueFullError(
+                "every parked slot is taken ([jobs] parked): the delayed job was not accepted"
+            )
+
+    def call(
+        self,
+        handler: str | int,
+        payload: Payload = None,
+        *,
+        timeout: float = 30.0,
+        send_timeout: float | None = None,
+    ) -> Result:
+        """Submit and wait: the job's result (ok or error), or WaitTimeoutError."""
+        job_id = self.submit(handler, payload, notify=True, send_timeout=send_timeout)
+        return self.wait_submitted(job_id, timeout)
+
+    def wait_submitted(self, job_id: str, timeout: float) -> Result:
+        """Wait for a job this process submitted with ``notify=True``."""
+        replies = self._reply_queue()
+        deadline = time.monotonic() + timeout
+        wanted = job_id.encode("ascii")
+        pid = os.getpid()
+        spin = _spin_seconds()
+        if wanted in self._notified:
+            self._notified.discard(wanted)
+            result = self.result(job_id)
+            if result is not None:
+                return result
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                # The reply is usually microseconds away: poll for it before sleeping.
+                got = replies.receive_spinning(pid, spin) if spin else None
+                body, _ = got or replies.receive(pid, timeout=max(left, 0.0))
+            except WaitTimeoutError:
+                result = self.result(job_id)
+                if result is not None:
+                    return result
+                raise self._timeout(job_id, timeout) from None
+            if body == wanted:
+                result = self.result(job_id)
+                if result is not None:
+                    return result
+                raise ResultLostError(
+                    f"job {job_id} ended, but its result was lost: the result segment was "
+                    "removed or overwritten meanwhile, or the ring overwrote it. The job ran; "
+                    f"its outcome is in the log (ipcctl logs --job {job_id})"
+                )
+            elif len(self._notified) < 4096:
+                # Another job of ours (its waiter comes later), or a stale notification for
+                # an earlier process that had our PID: remember it and keep waiting.
+                self._notified.add(body)
+
+    def wait(self, job_id: str, timeout: float) -> Result:
+        """Wait for any job's result (one this process may not have submitted)."""
+        gate = self._result_gate()
+        deadline = time.monotonic() + timeout
+        while True:
+            result = self.result(job_id)
+            if result is not None:
+                return result
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise self._timeout(job_id, timeout)
+            gate.wait(min(left, GATE_RECHECK))
+
+    def daemon_serving(self) -> bool:
+        """Whether a live daemon serves this configuration's queue (:func:`serving`).
+
+        Cheap enough for every fire-and-forget submit: one ``shmget``/``shmat`` of the
+        result segment (the same key as the queue) and a look at /proc; no lock is taken,
+        as the PID is one aligned word the master writes.  A missing or foreign-formatted
+        segment means no daemon can store results: not serving.
+        """
+        try:
+            return serving(self.store.header())
+        except NotRunningError:
+            return False
+
+    def result(self, job_id: str) -> Result | None:
+        """The stored result, or None while there is none (queued, running or evicted).
+
+        A result segment another program overwrote is read again for up to
+        REPAIR_WAIT seconds, while the daemon writes ipcd's header back.
+        """
+        deadline = time.monotonic() + REPAIR_WAIT
+        while True:
+            try:
+                return self.store.get(job_id)
+            except OverwrittenError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
+
+    def status(self) -> Status:
+        from ipcd.tables.failed import FailedList
+        from ipcd.tables.inflight import InflightTable
+
+        queue = self.queue.stats()
+        try:
+            store = self.store
+        except NotRunningError:
+            return Status(self.keys, queue, None, 0)
+        try:
+            header: Header | None = store.header()
+        except OverwrittenError:  # another program's header: report what is there
+            header = None
+        status = Status(self.keys, queue, header, store.segment.size)
+        try:
+            table = InflightTable.open(self.keys.inflight)
+            failed = FailedList.open(self.keys.failed)
+        except (NotRunningError, ValueError):  # missing, or overwritten (not ipcd's)
+            return status
+        self._attached += [table.segment, failed.store.segment]
+        live = tuple(w for w in table.worker_views() if w.pid and status.daemon_running())
+        from ipcd.tables.spill.table import usage
+
+        parked = table.parked_attempts()
+        return status._replace(
+            workers=live,
+            parked=len(parked),
+            delayed=tuple(sorted(due for due, attempt in parked if attempt == 1)),
+            failed=len(failed.entries()),
+            failed_dropped=failed.dropped(),
+            spill=usage(self.keys.spill),
+        )
+
+    def close(self) -> None:
+        """Detach every segment this client attached and forget the objects it opened.
+
+        The kernel keeps a segment attached until the process detaches it or exits, so a
+        long-running caller (``ipcctl status --watch``) closes after each look; the next
+        look opens the objects anew, also those a restarted daemon made.
+        """
+        if self._store is not None:
+            self._attached.append(self._store.segment)
+        for segment in self._attached:
+            segment.close()
+        self._attached.clear()
+        self._queue = self._store = None
+
+    def failed(self) -> tuple[list[FailedJob], int]:
+        """The failed list, oldest first, and how many older entries were dropped."""
+        failed = self._failed_list()
+        return failed.entries(), failed.dropped()
+
+    def retry(self, job_id: str, send_timeout: float | None = None) -> str:
+        """Put a failed job back on the queue as it was, with fresh attempts.
+
+        A job with a unique key claims it again first; AlreadyQueuedError (exit 4) when
+        another job holds it by now, and the job stays on the failed list.
+        """
+        failed = self._failed_list()
+        _check_payload_kept(failed, job_id)
+        entry = failed.take(job_id)
+        if entry is None:
+            raise NoResultError(f"job {job_id} is not on the failed list")
+        job = protocol.decode(entry.body, entry.type)
+        if job.bare:
+            job = job._replace(id=entry.job_id)
+        body = protocol.reencode(job, attempt=1)
+        timeout = self.config.ipc.send_timeout if send_timeout is None else send_timeout
+        if job.spill is not None:  # its payload is the queue's again, not the failed list's
+            from ipcd.tables.spill import requeued
+            from ipcd.tables.spill.table import State
+
+            requeued(self.keys.spill, job)
+        try:
+            with self._claim(job.unique, job.id):
+                self.store.clear(job.id)  # so that waiting for it waits for the new outcome
+                self.queue.send(body, entry.type, timeout=timeout)
+        except BaseException:
+            failed.add(entry.job_id, entry.type, entry.body, entry.attempts, entry.error)
+            if job.spill is not None:
+                requeued(self.keys.spill, job, State.FAILED)
+            raise
+        return job.id
+
+    def _failed_list(self) -> FailedList:
+        from ipcd.tables.failed import FailedList
+
+        return FailedList.open(self.keys.failed)
+
+    def _reply_queue(self) -> Queue:
+        if self._replies is None:
+            self._replies = Queue.open(self.keys.replies, what="reply queue")
+        return self._replies
+
+    def _result_gate(self) -> Gate:
+        if self._gate is None:
+            self._gate = Gate.open(self.keys.gate)
+        return self._gate
+
+    def _timeout(self, job_id: str, timeout: float) -> WaitTimeoutError:
+        hint = ""
+        if not self.daemon_serving():
+            hint = " (no daemon is serving the queue: the job waits for the next start)"
+        return WaitTimeoutError(f"no result for job {job_id} within {timeout:g}s{hint}")
+
+
+def _check_payload_kept(failed: FailedList, job_id: str) -> None:
+    """NoResultError (it stays listed) for a failed job whose spilled payload is gone."""
+    for entry in failed.entries():
+        if entry.job_id == job_id and not entry.payload_kept:
+            raise NoResultError(
+                f"job {job_id} cannot be retried: its large payload was not kept (the "
+                "failed list keeps at most half of [jobs] spill_slots large payloads, "
+                "and held that many when the job failed)"
+            )
+
+
+def _surely_too_large(payload: Payload, queue: Queue) -> bool:
+    """True when no envelope could carry the payload: saves encoding MiBs as base64 or
+    JSON only to find that out (a base64 text is 4/3 of its bytes)."""
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return not queue.fits(len(payload) * 4 // 3)
+    return isinstance(payload, str) and not queue.fits(len(payload))
+
+
+def raise_for_status(result: Result) -> Result:
+    """Turn an error result into JobFailedError (for scripts that want exceptions)."""
+    if not result.ok:
+        raise JobFailedError(f"job {result.job_id} failed: {result.error}")
+    return result

@@ -1,0 +1,391 @@
+"""What ``ipcctl stats`` and ``ipcctl status`` show: one reading of the daemon's objects,
+and its renderings (text, JSON, the Prometheus text exposition format).
+
+A reading is taken from the outside, like everything ``ipcctl`` does: the queue's
+``msqid_ds``, the result, in-flight and failed segments through ipcd.client's
+``Client.status``, and the counters of the stats segment (ipcd.tables.stats).  Nothing asks the
+daemon, so a reading works while the daemon is stopped (``ipcd_up 0``) and costs it
+nothing.  The rendering functions are pure: a reading in, text out.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import NamedTuple
+
+from ipcd.client import Client, Status
+from ipcd.errors import NotRunningError
+from ipcd.layout.stats import NO_HANDLER
+from ipcd.tables.spill.table import Usage
+from ipcd.tables.stats import OUTCOMES, HandlerTotals, Snapshot, StatsSegment
+
+#: How the counts of jobs no configured handler ran (the stats segment's column 0: an
+#: unknown message type, a message that could not be decoded, a handler a reload added
+#: beyond the segment's room) are labelled: not "-", which reads as a missing value, and
+#: with no type number, as they are many types at once (their job.done events name each).
+NO_HANDLER_LABEL = "(none)"
+NO_TYPE_LABEL = "(unknown)"
+
+
+def handler_labels(h: HandlerTotals) -> dict[str, str]:
+    """A handler's Prometheus labels: its name (``handler``) and message type (``type``)."""
+    if h.name == NO_HANDLER:
+        return {"handler": NO_HANDLER_LABEL, "type": NO_TYPE_LABEL}
+    return {"handler": h.name, "type": str(h.type)}
+
+
+class Reading(NamedTuple):
+    """Everything one look at the daemon's objects found."""
+
+    #: None when the job queue itself is missing (``error`` says why).
+    status: Status | None
+    #: None when there is no stats segment (a daemon older than it, or never started).
+    stats: Snapshot | None
+    #: When the look was taken: Unix time, and monotonic for rates.
+    taken: float
+    monotonic: float
+    error: str = ""
+
+    @property
+    def up(self) -> bool:
+        return self.status is not None and self.status.daemon_running()
+
+
+def read(client: Client) -> Reading:
+    """Look at every object once; a missing queue or segment is part of the answer."""
+    now, mono = time.time(), time.monotonic()
+    try:
+        status = client.status()
+    except NotRunningError as exc:
+        return Reading(None, None, now, mono, str(exc))
+    snap = None
+    try:
+        segment = StatsSegment.open(client.keys.stats)
+    except NotRunningError:
+        pass
+    else:
+        try:
+            snap = segment.snapshot()
+        finally:
+            segment.segment.close()
+    return Reading(status, snap, now, mono)
+
+
+def spill_doc(spill: Usage) -> dict[str, int]:
+    """The spill table's use, for ``--json``."""
+    return {
+        "slots": spill.slots,
+        "used": spill.used,
+        "results": spill.results,
+        "payloads": spill.payloads,
+        "failed": spill.failed,
+        "bytes": spill.bytes,
+        "result_bytes": spill.result_bytes,
+        "evicted": spill.evicted,
+    }
+
+
+def spill_text(spill: Usage) -> str:
+    """The spill table's use in one line."""
+    return (
+        f"{spill.used} of {spill.slots} slots used ({spill.results} results, "
+        f"{spill.payloads} payloads, {spill.failed} failed), {spill.bytes} bytes; "
+        f"{spill.evicted} results evicted for room"
+    )
+
+
+class Rate(NamedTuple):
+    """Jobs finished per second, and over what span."""
+
+    per_second: float
+    seconds: float
+    #: "start" (since the counting started) or "interval" (since the previous reading).
+    over: str
+
+
+def job_rate(current: Reading, previous: Reading | None = None) -> Rate | None:
+    """Over the last interval when there is a previous reading, else since the start."""
+    if current.stats is None:
+        return None
+    if previous is not None and previous.stats is not None:
+        span = current.monotonic - previous.monotonic
+        done = current.stats.finished - previous.stats.finished
+        if span > 0 and done >= 0 and previous.stats.created == current.stats.created:
+            return Rate(done / span, span, "interval")
+    span = current.taken - current.stats.created
+    if span <= 0:
+        return None
+    return Rate(current.stats.finished / span, span, "start")
+
+
+# --- the Prometheus text exposition format ---------------------------------------------
+
+
+def _label(value: str) -> str:
+    """A label value, escaped as the exposition format asks (backslash, quote, newline)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if isinstance(value, int) or (float(value).is_integer() and abs(value) < 2**53):
+        return str(int(value))
+    return repr(float(value))
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if math.isinf(bound) else repr(float(bound))
+
+
+class _Exposition:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_: str) -> None:
+        self.lines.append(f"# HELP {name} {help_}")
+        self.lines.append(f"# TYPE {name} {kind}")
+
+    def sample(self, name: str, value: float, **labels: str) -> None:
+        if labels:
+            inner = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
+            self.lines.append(f"{name}{{{inner}}} {_number(value)}")
+        else:
+            self.lines.append(f"{name} {_number(value)}")
+
+    def gauge(self, name: str, help_: str, value: float) -> None:
+        self.family(name, "gauge", help_)
+        self.sample(name, value)
+
+    def counter(self, name: str, help_: str, value: float) -> None:
+        self.family(name, "counter", help_)
+        self.sample(name, value)
+
+
+def prometheus(reading: Reading) -> str:
+    """The reading in the Prometheus text format (version 0.0.4), for node_exporter's
+    textfile collector.  Counters are cumulative since the daemon started."""
+    out = _Exposition()
+    out.gauge("ipcd_up", "1 if a live ipcd daemon serves the queue, else 0.", int(reading.up))
+    status = reading.status
+    if status is None:
+        return "\n".join(out.lines) + "\n"
+    header = status.results
+    if reading.up and header is not None:
+        out.gauge(
+            "ipcd_start_time_seconds", "When the daemon started, in Unix time.", header.started
+        )
+    q = status.queue
+    out.gauge("ipcd_queue_messages", "Jobs waiting in the job queue.", q.messages)
+    out.gauge("ipcd_queue_bytes", "Bytes of the jobs waiting in the job queue.", q.bytes)
+    out.gauge("ipcd_queue_max_bytes", "Capacity of the job queue in bytes.", q.max_bytes)
+    busy = sum(1 for w in status.workers if w.job_id)
+    out.gauge("ipcd_workers", "Live worker processes.", len(status.workers))
+    out.gauge("ipcd_workers_busy", "Workers running a job.", busy)
+    if header is not None:
+        used = min(header.next_seq, header.slot_count)
+        out.gauge("ipcd_results_slots", "Slots of the result segment.", header.slot_count)
+        out.gauge("ipcd_results_slots_used", "Slots of the result segment holding a result.", used)
+    out.gauge("ipcd_failed_jobs", "Jobs on the failed list.", status.failed)
+    out.gauge("ipcd_parked_jobs", "Jobs parked until a retry or a delay is due.", status.parked)
+    spill = status.spill
+    if spill is not None:
+        out.gauge(
+            "ipcd_spill_slots", "Entries of the spill table ([jobs] spill_slots).", spill.slots
+        )
+        out.gauge(
+            "ipcd_spill_slots_used",
+            "Entries of the spill table naming a large payload or result.",
+            spill.used,
+        )
+        out.gauge("ipcd_spill_bytes", "Bytes in large payloads and results.", spill.bytes)
+        out.counter(
+            "ipcd_spill_evicted_total",
+            "Large results evicted from the spill table to make room.",
+            spill.evicted,
+        )
+    snap = reading.stats
+    if snap is None:
+        return "\n".join(out.lines) + "\n"
+    _counters(out, snap)
+    return "\n".join(out.lines) + "\n"
+
+
+def _counters(out: _Exposition, snap: Snapshot) -> None:
+    out.family(
+        "ipcd_jobs_total",
+        "counter",
+        "Jobs by handler and outcome: ok and error are final results, retried an attempt "
+        "that asked for another run, rejected a message that could not be decoded.",
+    )
+    for h in snap.handlers:
+        for outcome in OUTCOMES:
+            out.sample("ipcd_jobs_total", h.outcomes[outcome], **handler_labels(h), outcome=outcome)
+    out.family(
+        "ipcd_job_duration_seconds",
+        "histogram",
+        "How long the jobs workers finished took, from receipt to result.",
+    )
+    for h in snap.handlers:
+        labels = handler_labels(h)
+        running = 0
+        for bound, count in zip((*snap.bounds, math.inf), h.buckets, strict=True):
+            running += count
+            out.sample("ipcd_job_duration_seconds_bucket", running, **labels, le=_le(bound))
+        out.sample("ipcd_job_duration_seconds_sum", h.seconds, **labels)
+        out.sample("ipcd_job_duration_seconds_count", running, **labels)
+    m = snap.master
+    out.counter(
+        "ipcd_worker_restarts_total",
+        "Workers that died without being asked to (and were replaced).",
+        m["worker_restarts"],
+    )
+    out.counter("ipcd_workers_started_total", "Workers forked.", m["workers_started"])
+    out.counter(
+        "ipcd_jobs_recovered_total",
+        "Jobs found held by a dead worker and finished or run again by the master.",
+        m["jobs_recovered"],
+    )
+    out.counter(
+        "ipcd_jobs_requeued_total",
+        "Jobs the master put back for another run after their worker died or at stop.",
+        m["jobs_requeued"],
+    )
+    out.counter("ipcd_reloads_total", "Configuration reloads.", m["reloads"])
+    out.counter(
+        "ipcd_log_events_dropped_total",
+        "Log events the log file refused (a full disk, a quota, an I/O error); jobs ran on.",
+        m["log_dropped"],
+    )
+    out.counter(
+        "ipcd_results_lost_total",
+        "Results of jobs that ran but could not be kept: the result segment was removed or "
+        "overwritten by another program.",
+        m["results_lost"],
+    )
+    out.gauge(
+        "ipcd_stats_created_seconds",
+        "When the counters started at zero (the daemon's start), in Unix time.",
+        snap.created,
+    )
+
+
+def figure(value: float) -> str:
+    """A measured number for people: three significant digits and never an exponent
+    (``2830``, ``28.3``, ``0.283``, ``0.00283``), where ``:.3g`` would print ``2.83e+03``."""
+    if value == 0 or not math.isfinite(value) or abs(value) >= 100:
+        return f"{value:.0f}"
+    digits = min(6, 2 - math.floor(math.log10(abs(value))))
+    return f"{value:.{digits}f}"
+
+
+def count(number: int, noun: str, plural: str | None = None) -> str:
+    """``1 reload``, ``2 reloads``: a number and its noun in the number's grammatical form."""
+    return f"{number} {noun if number == 1 else plural or noun + 's'}"
+
+
+# --- JSON and text --------------------------------------------------------------------
+
+
+def stats_doc(reading: Reading) -> dict[str, object]:
+    """``ipcctl stats --json``."""
+    doc: dict[str, object] = {"up": reading.up}
+    status = reading.status
+    if status is None:
+        doc["error"] = reading.error
+        return doc
+    q = status.queue
+    doc["queue"] = {"messages": q.messages, "bytes": q.bytes, "max_bytes": q.max_bytes}
+    doc["workers"] = len(status.workers)
+    doc["workers_busy"] = sum(1 for w in status.workers if w.job_id)
+    if status.results is not None:
+        doc["results_slots"] = status.results.slot_count
+        doc["results_slots_used"] = min(status.results.next_seq, status.results.slot_count)
+        if reading.up:
+            doc["start_time"] = status.results.started
+    doc["failed"] = status.failed
+    doc["parked"] = status.parked
+    if status.spill is not None:
+        doc["spill"] = spill_doc(status.spill)
+    snap = reading.stats
+    if snap is not None:
+        doc["counted_since"] = snap.created
+        doc["jobs"] = {
+            handler_labels(h)["handler"]: {
+                "type": None if h.name == NO_HANDLER else h.type,
+                **h.outcomes,
+                "seconds": h.seconds,
+                "buckets": _cumulative(snap.bounds, h.buckets),
+            }
+            for h in snap.handlers
+        }
+        doc["master"] = snap.master
+    return doc
+
+
+def _cumulative(bounds: tuple[float, ...], buckets: tuple[int, ...]) -> dict[str, int]:
+    out, running = {}, 0
+    for bound, count in zip((*bounds, math.inf), buckets, strict=True):
+        running += count
+        out[_le(bound)] = running
+    return out
+
+
+def stats_text(reading: Reading) -> list[str]:
+    """``ipcctl stats``: a table of the counters, and the gauges."""
+    status = reading.status
+    if status is None:
+        return [f"daemon     not reachable: {reading.error}"]
+    lines = []
+    header = status.results
+    if reading.up and header is not None:
+        lines.append(
+            f"daemon     pid {header.daemon_pid}, up {reading.taken - header.started:.0f}s"
+        )
+    else:
+        lines.append("daemon     not running (jobs wait in the queue for the next start)")
+    q = status.queue
+    lines.append(
+        f"queue      {count(q.messages, 'message')}, {q.bytes} of {count(q.max_bytes, 'byte')}"
+    )
+    busy = sum(1 for w in status.workers if w.job_id)
+    lines.append(f"workers    {len(status.workers)} live, {busy} busy")
+    lines.append(f"jobs       {status.parked} parked, {status.failed} on the failed list")
+    if status.spill is not None:
+        lines.append(f"spill      {spill_text(status.spill)}")
+    snap = reading.stats
+    if snap is None:
+        lines.append("counters   none (no stats segment)")
+        return lines
+    m = snap.master
+    lines.append(
+        f"master     {count(m['workers_started'], 'worker')} started, "
+        f"{count(m['worker_restarts'], 'restart')}, "
+        f"{count(m['jobs_recovered'], 'job')} recovered, {m['jobs_requeued']} requeued, "
+        f"{count(m['reloads'], 'reload')}"
+    )
+    lines.append(
+        f"lost       {count(m['log_dropped'], 'log event')} dropped (log file not writable), "
+        f"{count(m['results_lost'], 'result')} lost (result segment damaged)"
+    )
+    # A stopped daemon finishes nothing: an average since its start would only decay.
+    rate = job_rate(reading) if reading.up else None
+    if rate is not None:
+        lines.append(f"rate       {figure(rate.per_second)} jobs/s since the start")
+    else:
+        lines.append("rate       -")
+    lines.append("")
+    lines.append(
+        f"{'handler':<16} {'ok':>9} {'error':>9} {'retried':>9} {'rejected':>9} {'mean ms':>9}"
+    )
+    for h in snap.handlers:
+        timed = sum(h.buckets)
+        mean = figure(1000 * h.seconds / timed) if timed else "-"
+        o = h.outcomes
+        name = handler_labels(h)["handler"]
+        lines.append(
+            f"{name[:16]:<16} {o['ok']:>9} {o['error']:>9} {o['retried']:>9} "
+            f"{o['rejected']:>9} {mean:>9}"
+        )
+    return lines

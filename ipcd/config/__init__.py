@@ -1,0 +1,387 @@
+"""The configuration: a TOML file read into frozen dataclasses.
+
+Both the daemon and the clients read the same file, so that a handler name typed at
+``ipcctl submit`` means the same type number the daemon dispatches on, and both derive the
+same IPC key.  The loader is a pure function of the file's text: it validates every key
+(unknown keys are typos and are refused), resolves relative paths against the file's own
+directory (so a development config works from any working directory) and never touches
+the kernel.  ``tomllib`` is in the standard library, which keeps the cron-facing client
+path free of third-party imports.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from ipcd.config.tomlreader import TableReader
+from ipcd.errors import ConfigError, UsageError
+
+DEFAULT_PATH = Path("/etc/ipcd/ipcd.toml")
+ENV_VAR = "IPCD_CONFIG"
+
+#: Smallest message type: the kernel's (msgsnd refuses mtype < 1).  Type 1 is an ordinary
+#: job type, the one the PHP article's first msg_send uses; ipcd wakes its workers with
+#: signals, not messages (see ipcd.daemon.signals).
+MIN_TYPE = 1
+#: Largest message type ipcctl sends: sysv_ipc passes types as C ints.  (The daemon
+#: receives any positive C long, which is what PHP may send.)
+MAX_TYPE = 2**31 - 1
+
+
+class IpcConfig(NamedTuple):
+    """Where the kernel objects live and who may use them."""
+
+    key_path: Path | None
+    proj_id: int
+    key: int | None
+    mode: int
+    send_timeout: float
+    #: Raise the job queue's msg_qbytes to this at start (needs CAP_SYS_RESOURCE).
+    queue_bytes: int | None = None
+    #: Group that owns the IPC objects (with mode 0o660: the group that may submit).
+    group: str | None = None
+
+
+class DaemonConfig(NamedTuple):
+    """How the daemon process runs."""
+
+    pid_file: Path
+    workdir: Path
+    umask: int
+    stop_timeout: float
+    workers: int = 2
+    max_jobs_per_worker: int = 0
+    graceful_timeout: float = 20.0
+    #: Started as root: the user and group to switch to before handling any job.
+    user: str | None = None
+    group: str | None = None
+
+
+class LogConfig(NamedTuple):
+    """Where the JSON event log goes."""
+
+    file: Path | None
+    level: str
+
+
+class ResultsConfig(NamedTuple):
+    """The shared-memory result segment."""
+
+    size: int
+    slot_size: int
+    #: The largest result kept (in its own segment when larger than a slot).
+    max_result: int = 256 << 20
+    #: The most data spilled results hold together; the oldest are evicted beyond it.
+    spill_bytes: int = 1 << 30
+    #: Entries of the spill table large payloads may not take: kept for large results,
+    #: so that queued payloads never make a result fail (a quarter of [jobs] spill_slots).
+    spill_reserved: int = 16
+
+
+class JobsConfig(NamedTuple):
+    """What happens to jobs that fail or whose worker dies."""
+
+    max_attempts: int = 3
+    retry_delay: float = 1.0
+    failed_size: int = 256
+    parked: int = 64
+    #: Entries of the spill table: large payloads and results that may exist at once.
+    spill_slots: int = 64
+    #: The largest payload accepted (in its own segment when larger than a message).
+    max_payload: int = 256 << 20
+
+
+class ExecConfig(NamedTuple):
+    """The ``exec`` handler: which commands cron users may have ipcd run, and limits."""
+
+    enabled: bool = False
+    commands: Mapping[str, tuple[str, ...]] = {}
+    allow_args: bool = False
+    timeout: float = 60.0
+    #: Below the default result slot's 4032 bytes, with room for the JSON around it.
+    max_output: int = 3072
+
+
+class HandlerConfig(NamedTuple):
+    """One handler: the name users type, the message type it serves, where its code is."""
+
+    name: str
+    type: int
+    target: str | None
+    #: Seconds a job may run before it is killed with its worker (None: no limit).
+    timeout: float | None = None
+    #: Overrides [jobs] max_attempts and retry_delay for this handler.
+    max_attempts: int | None = None
+    retry_delay: float | None = None
+
+
+class Config(NamedTuple):
+    """The whole configuration, as read from one file."""
+
+    path: Path
+    ipc: IpcConfig
+    daemon: DaemonConfig
+    log: LogConfig
+    results: ResultsConfig
+    handlers: tuple[HandlerConfig, ...]
+    jobs: JobsConfig = JobsConfig()
+    exec: ExecConfig = ExecConfig()
+
+    def handler_type(self, name_or_number: str) -> int:
+        """Turn what a user typed (a handler name or a type number) into a message type."""
+        for handler in self.handlers:
+            if handler.name == name_or_number:
+                return handler.type
+        try:
+            number = int(name_or_number, 0)
+        except ValueError:
+            names = ", ".join(h.name for h in self.handlers) or "none configured"
+            raise UsageError(f"unknown handler {name_or_number!r} (configured: {names})") from None
+        if not MIN_TYPE <= number <= MAX_TYPE:
+            raise UsageError(f"message type {number} is out of range {MIN_TYPE}..{MAX_TYPE}")
+        return number
+
+    def handler_for_type(self, type_: int) -> HandlerConfig | None:
+        """The handler configured for a message type, if any."""
+        for handler in self.handlers:
+            if handler.type == type_:
+                return handler
+        return None
+
+
+def locate(explicit: str | os.PathLike[str] | None) -> Path:
+    """The config path: ``-c PATH``, else ``$IPCD_CONFIG``, else ``/etc/ipcd/ipcd.toml``."""
+    if explicit:
+        return Path(explicit)
+    from_env = os.environ.get(ENV_VAR)
+    if from_env:
+        return Path(from_env)
+    return DEFAULT_PATH
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and validate the configuration file at ``path``."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied reading configuration") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    return parse(raw, path)
+
+
+def parse(raw: Mapping[str, Any], path: Path) -> Config:
+    """Validate an already-parsed TOML document; ``path`` anchors relative paths."""
+    reader = TableReader(path)
+    reader.allow(raw, "", {"ipc", "daemon", "log", "results", "jobs", "exec", "handlers"})
+    base = path.parent.absolute()
+
+    ipc = reader.table(raw, "ipc")
+    reader.allow(
+        ipc, "ipc", {"key_path", "proj_id", "key", "mode", "send_timeout", "queue_bytes", "group"}
+    )
+    key = reader.optional(ipc, "ipc.key", int)
+    key_path = reader.optional(ipc, "ipc.key_path", str)
+    if key is None and key_path is None:
+        raise reader.error("[ipc] needs key_path (for ftok) or an explicit numeric key")
+    if key is not None and not 0 < key <= 0xFFFFFFFF:
+        raise reader.error("ipc.key must be between 1 and 0xffffffff")
+    proj_id = reader.get(ipc, "ipc.proj_id", int, 0x49)
+    if not 1 <= proj_id <= 248:
+        # ftok uses only the low 8 bits, and ipcd also uses proj_id + 1 to + 7 (ipcd.kernel.keys).
+        raise reader.error("ipc.proj_id must be between 1 and 248")
+    mode = reader.get(ipc, "ipc.mode", int, 0o660)
+    if not 0 <= mode <= 0o777:
+        raise reader.error("ipc.mode must be a permission mode such as 0o660")
+    if mode & 0o002:
+        raise reader.error(f"ipc.mode {mode:#o} is world-writable: anyone could forge jobs")
+    ipc_config = IpcConfig(
+        key_path=_resolve(base, key_path) if key_path is not None else None,
+        proj_id=proj_id,
+        key=key,
+        mode=mode,
+        send_timeout=reader.positive(ipc, "ipc.send_timeout", 5.0),
+        queue_bytes=reader.bounded(ipc, "ipc.queue_bytes", None, 1, 1 << 31),
+        group=reader.optional(ipc, "ipc.group", str),
+    )
+
+    daemon = reader.table(raw, "daemon")
+    reader.allow(
+        daemon,
+        "daemon",
+        {
+            "pid_file",
+            "workdir",
+            "umask",
+            "stop_timeout",
+            "workers",
+            "max_jobs_per_worker",
+            "graceful_timeout",
+            "user",
+            "group",
+        },
+    )
+    umask = reader.get(daemon, "daemon.umask", int, 0o027)
+    if not 0 <= umask <= 0o777:
+        raise reader.error("daemon.umask must be a mode such as 0o027")
+    daemon_config = DaemonConfig(
+        pid_file=_resolve(base, reader.get(daemon, "daemon.pid_file", str, "/run/ipcd/ipcd.pid")),
+        workdir=_resolve(base, reader.get(daemon, "daemon.workdir", str, "/")),
+        umask=umask,
+        stop_timeout=reader.positive(daemon, "daemon.stop_timeout", 30.0),
+        workers=reader.bounded(daemon, "daemon.workers", 2, 1, 256),
+        max_jobs_per_worker=reader.bounded(daemon, "daemon.max_jobs_per_worker", 0, 0, 2**31),
+        graceful_timeout=reader.positive(daemon, "daemon.graceful_timeout", 20.0),
+        user=reader.optional(daemon, "daemon.user", str),
+        group=reader.optional(daemon, "daemon.group", str),
+    )
+
+    log = reader.table(raw, "log")
+    reader.allow(log, "log", {"file", "level"})
+    log_file = reader.optional(log, "log.file", str)
+    level = reader.get(log, "log.level", str, "info").lower()
+    if level not in {"debug", "info", "warning", "error"}:
+        raise reader.error("log.level must be one of debug, info, warning, error")
+    log_config = LogConfig(file=_resolve(base, log_file) if log_file else None, level=level)
+
+    results = reader.table(raw, "results")
+    reader.allow(
+        results, "results", {"size", "slot_size", "max_result", "spill_bytes", "spill_reserved"}
+    )
+    slot_size = reader.get(results, "results.slot_size", int, 4096)
+    size = reader.get(results, "results.size", int, 1 << 20)
+    if not 256 <= slot_size <= 1 << 24:
+        raise reader.error("results.slot_size must be between 256 bytes and 16 MiB")
+    if size < 64 + 2 * slot_size:
+        raise reader.error("results.size must hold at least two slots (64 + 2 * slot_size)")
+    results_config = ResultsConfig(
+        size=size,
+        slot_size=slot_size,
+        max_result=reader.bounded(results, "results.max_result", 256 << 20, 0, 1 << 40),
+        spill_bytes=reader.bounded(results, "results.spill_bytes", 1 << 30, 0, 1 << 44),
+    )
+
+    jobs = reader.table(raw, "jobs")
+    reader.allow(
+        jobs,
+        "jobs",
+        {"max_attempts", "retry_delay", "failed_size", "parked", "spill_slots", "max_payload"},
+    )
+    jobs_config = JobsConfig(
+        max_attempts=reader.bounded(jobs, "jobs.max_attempts", 3, 1, 1000),
+        retry_delay=reader.non_negative(jobs, "jobs.retry_delay", 1.0),
+        failed_size=reader.bounded(jobs, "jobs.failed_size", 256, 1, 65536),
+        parked=reader.bounded(jobs, "jobs.parked", 64, 1, 65536),
+        spill_slots=reader.bounded(jobs, "jobs.spill_slots", 64, 2, 65536),
+        max_payload=reader.bounded(jobs, "jobs.max_payload", 256 << 20, 0, 1 << 40),
+    )
+    slots = jobs_config.spill_slots
+    results_config = results_config._replace(
+        spill_reserved=reader.bounded(
+            results, "results.spill_reserved", max(1, slots // 4), 1, slots - 1
+        )
+    )
+
+    return Config(
+        exec=_exec(reader, reader.table(raw, "exec")),
+        path=_resolve(Path.cwd(), path),
+        ipc=ipc_config,
+        daemon=daemon_config,
+        log=log_config,
+        results=results_config,
+        handlers=_handlers(reader, reader.table(raw, "handlers")),
+        jobs=jobs_config,
+    )
+
+
+def _handlers(reader: TableReader, table: Mapping[str, Any]) -> tuple[HandlerConfig, ...]:
+    handlers: list[HandlerConfig] = []
+    seen: dict[int, str] = {}
+    for name, entry in table.items():
+        where = f"handlers.{name}"
+        if not isinstance(entry, Mapping):
+            raise reader.error(f"[{where}] must be a table")
+        reader.allow(entry, where, {"type", "target", "timeout", "max_attempts", "retry_delay"})
+        type_ = reader.get(entry, f"{where}.type", int, None)
+        if type_ is None:
+            raise reader.error(f"[{where}] needs a message type: type = N")
+        if not MIN_TYPE <= type_ <= MAX_TYPE:
+            raise reader.error(f"{where}.type must be between {MIN_TYPE} and {MAX_TYPE}")
+        if type_ in seen:
+            raise reader.error(f"{where}.type {type_} is already used by handler {seen[type_]!r}")
+        seen[type_] = name
+        target = reader.optional(entry, f"{where}.target", str)
+        if target is not None and ":" not in target:
+            raise reader.error(f"{where}.target must look like 'package.module:function'")
+        timeout = reader.get(entry, f"{where}.timeout", float, None)
+        if timeout is not None and not 0 < timeout < math.inf:
+            raise reader.error(f"{where}.timeout must be a positive number of seconds")
+        handlers.append(
+            HandlerConfig(
+                name=name,
+                type=type_,
+                target=target,
+                timeout=timeout,
+                max_attempts=reader.bounded(entry, f"{where}.max_attempts", None, 1, 1000),
+                retry_delay=(
+                    reader.non_negative(entry, f"{where}.retry_delay", 0.0)
+                    if "retry_delay" in entry
+                    else None
+                ),
+            )
+        )
+    return tuple(handlers)
+
+
+def _exec(reader: TableReader, table: Mapping[str, Any]) -> ExecConfig:
+    reader.allow(table, "exec", {"enabled", "commands", "allow_args", "timeout", "max_output"})
+    commands: dict[str, tuple[str, ...]] = {}
+    for name, argv in reader.table(table, "commands").items():
+        if (
+            not isinstance(argv, list)
+            or not argv
+            or not all(isinstance(a, str) for a in argv)
+            or not argv[0].startswith("/")
+        ):
+            raise reader.error(
+                f"exec.commands.{name} must be an argv list starting with an absolute path, "
+                'such as ["/usr/local/bin/report", "--daily"]'
+            )
+        commands[name] = tuple(argv)
+    return ExecConfig(
+        enabled=reader.get(table, "exec.enabled", bool, False),
+        commands=commands,
+        allow_args=reader.get(table, "exec.allow_args", bool, False),
+        timeout=reader.positive(table, "exec.timeout", 60.0),
+        max_output=reader.bounded(table, "exec.max_output", 3072, 0, 1 << 24),
+    )
+
+
+def _resolve(base: Path, value: str | os.PathLike[str]) -> Path:
+    """``value`` as an absolute path without ``..`` or ``.`` in it, for use and for every
+    message that shows it (``/srv/app/.run/ipcd.key``, not ``etc/ipcd/../../.run/ipcd.key``).
+
+    A path with ``..`` in it has its directories resolved as the kernel walks them
+    (symlinks, then ``..``), so that it names the same file; its last component is kept
+    as written, so a symlinked log or key file stays the link the administrator made.
+    Any other path is kept as written (``/var/run/ipcd.pid`` is not made ``/run/…``).
+    """
+    path = Path(value).expanduser()  # Path drops "." components itself
+    if not path.is_absolute():
+        path = base / path
+    if ".." not in path.parts:
+        return path
+    if path.name == "..":
+        return path.resolve()
+    return path.parent.resolve() / path.name

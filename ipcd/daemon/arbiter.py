@@ -1,0 +1,546 @@
+"""The master process: keeps a pool of workers alive and makes sure no job is lost.
+
+The master handles no job itself.  It forks ``[daemon] workers`` workers, each blocking in
+``msgrcv`` on the queue, and then sleeps in ``select()`` on a self-pipe that the signal
+handlers (and the workers, when they start a job with a deadline or park a retry) write
+to.  It wakes to:
+
+- reap dead workers (``waitpid(-1, WNOHANG)``), decode why they died, finish or re-run the
+  job each one held (ipcd.tables.inflight), and fork a replacement, backing off when workers die
+  young so that a broken handler cannot fork-bomb the host;
+- kill a worker (its whole process group) whose job ran past its deadline;
+- put parked jobs back on the queue when their retry delay has passed;
+- every few seconds, sweep the spill table (ipcd.tables.spill.table) for segments whose maker died
+  before handing them on;
+- reload (SIGHUP): fork a new generation of workers with the new configuration, then ask
+  the old ones to finish their current job and exit, so jobs keep flowing;
+- stop (SIGTERM/SIGINT): ask every worker to finish its job, wait up to
+  ``graceful_timeout``, then kill the rest and keep their jobs for the next start;
+- under systemd's watchdog, send a keep-alive every half ``WatchdogSec=`` (ipcd.daemon.sdnotify),
+  so that a master that stops turning is restarted.
+
+After each reload it publishes the outcome for ``ipcd reload`` (ipcd.daemon.reloading).
+
+Signal handlers only record (ipcd.daemon.signals.Flags) and the C-level handler writes to the
+self-pipe (``signal.set_wakeup_fd``); everything else happens in this loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import time
+from collections.abc import Callable
+from types import FrameType
+
+from ipcd import config as config_mod
+from ipcd.daemon import lockwaits, objectwatch, reloading, startup
+from ipcd.daemon import log as log_mod
+from ipcd.daemon.outcomes import Outcomes
+from ipcd.daemon.pidlock import PidLock
+from ipcd.daemon.pool import MAX_BACKOFF, MIN_BACKOFF, Pool, WorkerInfo
+from ipcd.daemon.recovery import DAEMON_KILLED, Recovery
+from ipcd.daemon.sdnotify import Watchdog
+from ipcd.daemon.signals import Flags
+from ipcd.daemon.startup import Prepared
+from ipcd.daemon.sweep import Sweeper
+from ipcd.daemon.worker import Exit, describe_exit, signal_worker, worker_process
+from ipcd.errors import IpcdError, LockTimeoutError, MessageError
+from ipcd.handlers import registry as registry_mod
+from ipcd.tables import stats as stats_mod
+from ipcd.tables.inflight import Held, State
+from ipcd.wire import protocol
+
+#: A worker that lived shorter than this "died young".
+YOUNG = 1.0
+#: How often the master looks around even when nothing woke it.
+TICK = 1.0
+#: How often the master sweeps the spill table for segments of dead makers.
+SPILL_SWEEP = 3.0
+
+
+class Arbiter:
+    def __init__(
+        self,
+        prepared: Prepared,
+        flags: Flags,
+        *,
+        lock: PidLock | None = None,
+        watchdog: Watchdog | None = None,
+    ) -> None:
+        self.p = prepared
+        self.flags = flags
+        #: The one-master lock (ipcd.daemon.pidlock): workers close their copy, so that only the
+        #: master's life decides how long it is held.
+        self.lock = lock
+        self.watchdog = watchdog
+        #: Where reload outcomes go: beside the PID file the daemon started with (a
+        #: reload does not move it).
+        self.pid_file = prepared.config.daemon.pid_file
+        self.reloads = 0
+        self.log = log_mod.get_logger(role="master")
+        self.pool = Pool(free_slots=list(range(prepared.table.workers)))
+        self._bind(prepared)
+        self.drop_notice = log_mod.DropNotice(prepared.sink.path)
+        self.watch = objectwatch.Watch()
+        self.started = time.time()
+        self._next_sweep = 0.0
+        self._ready = False
+        self.master_pid = os.getpid()
+        self._wake_r, self._wake_w = os.pipe()
+        self._notify_r, self._notify_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w, self._notify_r, self._notify_w):
+            os.set_blocking(fd, False)
+
+    def _bind(self, prepared: Prepared) -> None:
+        """Use these objects: at start, and again when some were made anew."""
+        self.p = prepared
+        self.stats = prepared.stats.for_master()
+        self.outcomes = Outcomes(
+            store=prepared.store,
+            failed=prepared.failed,
+            replies=prepared.replies,
+            log=self.log,
+            events=log_mod.Events(prepared.sink, prepared.config.log.level, role="master"),
+            unique=prepared.unique,
+            stats=self.stats,
+        )
+        self.recovery = Recovery(prepared, self.outcomes, self.log)
+        self.spill_sweeper = Sweeper(prepared.spills, prepared.queue, prepared.table)
+        stats = self.stats
+        prepared.sink.on_drop = lambda: stats.bump(stats_mod.LOG_DROPPED)
+
+    # --- the main loop ------------------------------------------------------------------
+
+    def run(self, ready: Callable[[], None] = lambda: None) -> None:
+        p = self.p
+        self.master_pid = os.getpid()  # after detaching, this is the daemon's own PID
+        self.flags.install()
+        lockwaits.be_patient(p, self.log, self._give_up_lock)
+        signal.signal(signal.SIGCHLD, _wake_only)
+        previous_fd = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        p.store.set_daemon(os.getpid(), self.started)
+        p.table.set_master(os.getpid())
+        self._recover_leftovers()
+        self._sweep_spills(at_start=True)
+        self._raise_queue_bytes()
+        self.log.info(
+            "daemon.started",
+            pid=os.getpid(),
+            config=str(p.config.path),
+            key=f"{p.keys.jobs:#010x}",
+            key_from=p.keys.how,
+            workers=p.config.daemon.workers,
+            handlers={r.name: r.type for r in p.registry.by_type.values()},
+        )
+        self._maintain()
+        self._ready = True
+        ready()
+        try:
+            while not self.flags.stopping:
+                self._keep_alive()
+                self._sleep()
+                self._reap()
+                self._watch_objects()
+                if self.flags.stopping:
+                    break
+                if self.flags.reload:
+                    self.flags.reload = False
+                    self._reload()
+                self._enforce_deadlines()
+                self._nudge_retiring()
+                self._dispatch_parked()
+                self._maintain()
+                self._sweep_spills()
+                self._notice_dropped_log()
+            self._shutdown()
+        except LockTimeoutError:
+            if not self.flags.stopping:
+                raise
+            self._shutdown()  # asked to stop while waiting for a lock another process held
+        except Exception:
+            self.log.critical("daemon.crashed", exc_info=True)
+            for info in self.pool.workers.values():
+                signal_worker(info.pid, signal.SIGKILL)
+            raise
+        finally:
+            signal.set_wakeup_fd(previous_fd)
+            with contextlib.suppress(IpcdError):
+                p.store.set_daemon(0, 0.0)
+            p.table.set_master(0)
+            reloading.forget(self.pid_file)
+            if self.watchdog is not None:
+                self.watchdog.close()
+            self.log.info(
+                "daemon.stopped",
+                pid=os.getpid(),
+                signal=self.flags.signal,
+                restarts=self.pool.restarts,
+                uptime_s=round(time.time() - self.started, 3),
+            )
+            p.sink.close()
+
+    def _watch_objects(self) -> None:
+        """Make anew any object of ours that was removed or overwritten (daemon.objectwatch)."""
+        wrong = self.watch.problems(self.p)
+        if wrong:
+            self._renew_objects(wrong)
+
+    def _renew_objects(self, wrong: list[str]) -> None:
+        """Open every object again as at start, making the missing ones and mending the
+        overwritten ones, carry over what removed segments held, then start a new
+        generation of workers on them.  Raises (the master exits non-zero, for systemd
+        to restart it) when that fails: an object another user planted meanwhile."""
+        old = self.p
+        self.watch.rewrite_headers(old)
+        try:
+            fresh = startup.reopen(old)
+        except IpcdError as exc:
+            self.log.critical("ipc.unrecoverable", objects=wrong, error=str(exc))
+            raise
+        copied = objectwatch.carry_over(old, fresh)
+        self._bind(fresh)
+        lockwaits.be_patient(fresh, self.log, self._give_up_lock)
+        fresh.store.set_daemon(self.master_pid, self.started)
+        fresh.table.set_master(self.master_pid)
+        kept, lost = fresh.store.repaired or (None, 0)
+        if lost:
+            for _ in range(lost):
+                self.stats.bump(stats_mod.RESULTS_LOST)
+        objectwatch.close(old)
+        current = [w for w in self.pool.workers.values() if not w.retiring]
+        self.pool.generation += 1
+        self.pool.next_spawn = 0.0
+        self._maintain()  # workers on the new objects first, as at a reload...
+        for info in current:  # ...then those on the old ones finish their job and leave
+            info.retiring = True
+            signal_worker(info.pid, signal.SIGTERM, group=False)
+        self.log.warning(
+            "ipc.recreated",
+            objects=wrong,
+            carried_over=copied or None,
+            results_kept=kept,
+            results_lost=lost,
+            replaced_workers=len(current),
+        )
+
+    def _give_up_lock(self, waited: float) -> bool:
+        """A lock held by another process: once ready, the master waits for as long as
+        it takes (ipcd.daemon.lockwaits) unless asked to stop; while starting, up to
+        START_PATIENCE, then start-up fails with a message naming the lock."""
+        if self.flags.stopping:
+            return True  # a stop must not wait for a client that may never let go
+        return not self._ready and waited >= lockwaits.START_PATIENCE
+
+    def _sweep_spills(self, *, at_start: bool = False) -> None:
+        """Remove spill segments whose maker died before handing them on; at start also
+        those of results the ring no longer holds (a ring made anew)."""
+        now = time.monotonic()
+        if not at_start and now < self._next_sweep:
+            return
+        self._next_sweep = now + SPILL_SWEEP
+        try:
+            swept = self.spill_sweeper.sweep(self.p.store if at_start else None)
+        except IpcdError as exc:
+            self.log.error("spill.sweep_failed", error=str(exc))
+            return
+        if swept.freed or swept.removed:
+            self.log.info("spill.swept", entries=swept.freed, segments=swept.removed)
+        if swept.evicted:  # by clients' payload claims, which cannot log
+            self.log.info("spill.evicted", results=swept.evicted, by="payloads")
+
+    def _notice_dropped_log(self) -> None:
+        """Say on stderr (the journal) that log lines were dropped, at most once a minute."""
+        dropped = self.p.stats.total(stats_mod.LOG_DROPPED)
+        if dropped:
+            self.drop_notice.update(dropped, self.p.sink.drop_reason)
+
+    def _raise_queue_bytes(self) -> None:
+        """[ipc] queue_bytes: a deeper queue, where the kernel lets us (CAP_SYS_RESOURCE)."""
+        wanted = self.p.config.ipc.queue_bytes
+        if wanted is None:
+            return
+        if self.p.queue.set_max_bytes(wanted):
+            self.log.info("queue.max_bytes", bytes=self.p.queue.stats().max_bytes)
+        else:
+            self.log.warning(
+                "queue.max_bytes_refused",
+                wanted=wanted,
+                bytes=self.p.queue.stats().max_bytes,
+                reason="raising msg_qbytes above msgmnb needs CAP_SYS_RESOURCE",
+            )
+
+    def _keep_alive(self) -> None:
+        """systemd's watchdog: the master still turns (sent when due, ipcd.daemon.sdnotify)."""
+        if self.watchdog is None:
+            return
+        try:
+            self.watchdog.keepalive(time.monotonic())
+        except OSError as exc:
+            self.log.warning("watchdog.notify_failed", error=exc.strerror)
+
+    def _sleep(self) -> None:
+        timeout = max(0.0, min(self._next_event() - time.time(), TICK))
+        if self.watchdog is not None:
+            timeout = min(timeout, self.watchdog.until_due(time.monotonic()))
+        select.select([self._wake_r, self._notify_r], [], [], timeout)
+        for fd in (self._wake_r, self._notify_r):
+            with contextlib.suppress(BlockingIOError):
+                while os.read(fd, 4096):
+                    pass
+
+    def _next_event(self) -> float:
+        now = time.time()
+        times = [now + TICK]
+        for info in self.pool.workers.values():
+            peek = self.p.table.peek(info.slot)
+            if peek.holds_job and peek.state is State.RUNNING and peek.deadline:
+                times.append(peek.deadline)
+        times.extend(due for _, due in self.p.table.parked_due())
+        if len(self.pool.workers) < self.p.config.daemon.workers:
+            times.append(self.pool.next_spawn)
+        return min(times)
+
+    # --- workers --------------------------------------------------------------------------
+
+    def _maintain(self) -> None:
+        """Fork workers up to the configured number, respecting the back-off."""
+        wanted = self.p.config.daemon.workers
+        active = [w for w in self.pool.workers.values() if not w.retiring]
+        now = time.time()
+        for _ in range(wanted - len(active)):
+            if now < self.pool.next_spawn or not self.pool.free_slots:
+                return
+            self._spawn()
+
+    def _spawn(self) -> None:
+        slot = self.pool.free_slots.pop(0)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the worker
+            os._exit(
+                worker_process(
+                    self.p,
+                    slot,
+                    master_pid=self.master_pid,
+                    close=[self._wake_r, self._wake_w, self._notify_r]
+                    + ([] if self.lock is None else [self.lock.fd]),
+                    notify_master=self._notify_w,
+                )
+            )
+        self.pool.workers[pid] = WorkerInfo(pid, slot, self.pool.generation, time.time())
+        self.stats.bump(stats_mod.WORKERS_STARTED)
+        self.log.info("worker.started", pid=pid, slot=slot, generation=self.pool.generation)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            info = self.pool.workers.pop(pid, None)
+            if info is None:
+                continue
+            self._worker_died(info, status)
+
+    def _worker_died(self, info: WorkerInfo, status: int) -> None:
+        held = self.p.table.held(info.slot)
+        if held is not None and held.state is State.PARKED:
+            held = None
+        # A worker that leaves while holding a job did not stop or recycle, whatever its
+        # exit status says: a handler called exit() (or os._exit) with that status.
+        cause = describe_exit(status, holding=held is not None)
+        if held is not None:
+            self.recovery.recover(
+                held, cause=info.kill_reason or cause, timed_out=bool(info.kill_reason)
+            )
+        self._release_slot(info.slot)
+        lived = time.time() - info.spawned
+        expected = held is None and (
+            info.retiring
+            or self.flags.stopping
+            or (os.WIFEXITED(status) and os.WEXITSTATUS(status) in (Exit.RECYCLED, Exit.QUEUE_GONE))
+        )
+        log = self.log.info if expected else self.log.warning
+        log("worker.exited", pid=info.pid, slot=info.slot, cause=cause, lived_s=round(lived, 3))
+        if expected:
+            return
+        self.pool.restarts += 1
+        self.stats.bump(stats_mod.WORKER_RESTARTS)
+        if held is not None:
+            # The job killed its worker, not the worker itself: the job runs again or fails
+            # with the cause once its attempts are spent (ipcd.daemon.recovery), and the worker's
+            # replacement starts at once.  A flood of such jobs must not hold the rest back.
+            return
+        if lived < YOUNG:
+            self.pool.backoff = min(self.pool.backoff * 2, MAX_BACKOFF)
+            self.pool.next_spawn = time.time() + self.pool.backoff
+            self.log.warning("worker.backoff", seconds=self.pool.backoff)
+        else:
+            self.pool.backoff = MIN_BACKOFF
+
+    # --- jobs whose worker died -------------------------------------------------------------
+
+    def _release_slot(self, slot: int) -> None:
+        """A worker's slot is free again, unless the master parked its job in it."""
+        if self.p.table.peek(slot).state is State.PARKED:
+            return
+        self.p.table.clear(slot)
+        if slot not in self.pool.free_slots:
+            self.pool.free_slots.append(slot)
+
+    def _recover_leftovers(self) -> None:
+        """At start: jobs held by workers of a daemon that was killed are run again."""
+        for slot in range(self.p.table.workers):
+            held = self.p.table.held(slot)
+            if held is not None and held.state is not State.PARKED:
+                self.recovery.recover(held, cause=DAEMON_KILLED, timed_out=False)
+            if self.p.table.peek(slot).state is State.PARKED:
+                self.pool.free_slots.remove(slot)  # still holds a parked job
+            else:
+                self.p.table.clear(slot)
+
+    def _dispatch_parked(self) -> None:
+        now = time.time()
+        for slot, due in self.p.table.parked_due():
+            if due > now:
+                continue
+            held = self.p.table.held(slot)
+            if held is None:
+                continue
+            if not 1 <= held.type <= protocol.MAX_TYPE:
+                self._reject_parked(held)
+                continue
+            if not self.p.table.dispatch(held, self.p.queue.send_nowait):
+                return  # the queue is full: try again at the next wake-up
+            if held.slot < self.p.table.workers:
+                self._release_slot(held.slot)
+
+    def _reject_parked(self, held: Held) -> None:
+        """A parked job of a type no queue message can have: any group member may write a
+        parked slot (``ipcctl submit --delay`` does), so it is rejected, not sent."""
+        try:
+            protocol.decode(held.body, held.type)  # raises, with the id when it is readable
+        except MessageError as exc:
+            self.outcomes.reject(exc, held.body, held.type, parked=True)
+        self.p.table.unpark(held.slot)
+        if held.slot < self.p.table.workers:
+            self._release_slot(held.slot)
+
+    def _enforce_deadlines(self) -> None:
+        now = time.time()
+        for info in self.pool.workers.values():
+            peek = self.p.table.peek(info.slot)
+            if info.kill_reason or not peek.holds_job or peek.state is not State.RUNNING:
+                continue
+            if peek.deadline and now >= peek.deadline:
+                ran = now - peek.started
+                info.kill_reason = f"timeout: killed after {ran:.3g}s"
+                self.log.warning(
+                    "job.timeout", job_id=peek.job_id, pid=info.pid, ran_s=round(ran, 3)
+                )
+                signal_worker(info.pid, signal.SIGKILL)
+
+    def _nudge_retiring(self) -> None:
+        """Repeat SIGTERM to retired workers still idle in msgrcv (a lost first signal)."""
+        for info in self.pool.workers.values():
+            if info.retiring and not self.p.table.peek(info.slot).holds_job:
+                signal_worker(info.pid, signal.SIGTERM, group=False)
+
+    # --- reload and stop ------------------------------------------------------------------
+
+    def _reload(self) -> None:
+        p = self.p
+        self.reloads += 1
+        outcome = reloading.Outcome(os.getpid(), self.reloads, time.monotonic())
+        try:
+            p.sink.reopen()
+        except OSError as exc:
+            # The old file stays open: events keep going to the rotated-away file rather
+            # than the daemon stopping over its log (a directory it may no longer write).
+            self.log.error("log.reopen_failed", file=str(p.sink.path), error=exc.strerror)
+        try:
+            fresh = config_mod.load(p.config.path)
+            registry = registry_mod.build(fresh)
+        except IpcdError as exc:
+            self.log.error("daemon.reload_failed", error=str(exc), config=str(p.config.path))
+            self._publish(outcome._replace(error=str(exc), exit_code=int(exc.exit_code)))
+            return
+        fresh, restart_needed = reloading.apply(p.config, fresh, max_workers=p.table.workers // 2)
+        p.config, p.registry = fresh, registry
+        self._count_reload(registry)
+        old = [w for w in self.pool.workers.values() if not w.retiring]
+        self.pool.generation += 1
+        self.pool.next_spawn = 0.0
+        self._maintain()  # the new generation starts taking jobs first...
+        for info in old:  # ...then the old one finishes what it holds and exits
+            info.retiring = True
+            signal_worker(info.pid, signal.SIGTERM, group=False)
+        self.log.info(
+            "daemon.reloaded",
+            handlers={r.name: r.type for r in registry.by_type.values()},
+            replaced=len(old),
+            restart_needed=list(restart_needed) or None,
+        )
+        self._publish(outcome)
+
+    def _publish(self, outcome: reloading.Outcome) -> None:
+        """Tell ``ipcd reload`` how its reload went (ipcd.daemon.reloading)."""
+        try:
+            reloading.publish(self.pid_file, outcome)
+        except OSError as exc:
+            self.log.error("daemon.reload_unreported", error=exc.strerror)
+
+    def _count_reload(self, registry: registry_mod.Registry) -> None:
+        """Give new handlers their stats columns before the new workers start."""
+        full = self.p.stats.register((r.name, r.type) for r in registry.by_type.values())
+        if full:
+            self.log.warning("stats.columns_full", uncounted_as="-", handlers=full)
+        self.stats.refresh()
+        self.stats.bump(stats_mod.RELOADS)
+
+    def _shutdown(self) -> None:
+        """Let every worker finish its job, up to graceful_timeout; kill the rest."""
+        graceful = self.p.config.daemon.graceful_timeout
+        busy = sum(
+            1 for info in self.pool.workers.values() if self.p.table.peek(info.slot).holds_job
+        )
+        self.log.info(
+            "daemon.stopping",
+            pid=os.getpid(),
+            signal=self.flags.signal,
+            busy_workers=busy,
+            graceful_timeout_s=graceful,
+        )
+        deadline = time.time() + graceful
+        for info in self.pool.workers.values():
+            signal_worker(info.pid, signal.SIGTERM, group=False)
+        while self.pool.workers and time.time() < deadline:
+            self._keep_alive()  # a stop by `ipcd stop` leaves the unit's watchdog running
+            select.select([self._wake_r], [], [], min(0.2, max(deadline - time.time(), 0)))
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._wake_r, 4096)
+            self._reap()
+            for info in self.pool.workers.values():
+                if not self.p.table.peek(info.slot).holds_job:
+                    # Idle in msgrcv: a SIGTERM that landed just before the call was lost.
+                    signal_worker(info.pid, signal.SIGTERM, group=False)
+        for info in list(self.pool.workers.values()):
+            info.kill_reason = None
+            self.log.warning("worker.killed_at_stop", pid=info.pid)
+            signal_worker(info.pid, signal.SIGKILL)
+        while self.pool.workers:
+            pid, _ = os.waitpid(-1, 0)
+            gone = self.pool.workers.pop(pid, None)
+            if gone is not None:
+                held = self.p.table.held(gone.slot)
+                if held is not None and held.state is not State.PARKED:
+                    self.recovery.keep_for_next_start(held, "killed at stop after graceful_timeout")
+                self._release_slot(gone.slot)
+
+
+def _wake_only(signum: int, frame: FrameType | None) -> None:
+    """SIGCHLD: the C-level handler's write to the self-pipe is all the master needs."""

@@ -1,0 +1,308 @@
+"""Where every job ends: its result stored, waiters woken, failures listed, one log event.
+
+Both a worker (after running a job) and the master (for a job whose worker died) finish
+jobs, and they must do it the same way; this module is that one way.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from ipcd.daemon import uniquerelease
+from ipcd.daemon.log import Events, Logger
+from ipcd.errors import IpcdError, MessageError, NotRunningError, RefusedPayloadError
+from ipcd.kernel.procs import alive
+from ipcd.kernel.queues import Queue
+from ipcd.layout.results import Kind, Result, Status, too_large
+from ipcd.tables import spill
+from ipcd.tables.failed import FailedList
+from ipcd.tables.inflight import InflightTable
+from ipcd.tables.results import ResultStore
+from ipcd.tables.stats import RESULTS_LOST, NullRecorder, Recorder
+from ipcd.tables.unique import UniqueTable
+from ipcd.wire import protocol
+from ipcd.wire.protocol import Job, SpillRef
+
+
+def error_result(job: Job, message: str) -> Result:
+    return Result(
+        job.id, job.type, Status.ERROR, Kind.TEXT, message.encode("utf-8", "replace"),
+        job.attempt, job.submitted, time.time(),
+    )  # fmt: skip
+
+
+class Again(NamedTuple):
+    """What became of a job put back for another run."""
+
+    #: Parked, or on the queue: nothing more to do.
+    placed: bool
+    #: The envelope with its new attempt number (for a caller that must keep it itself).
+    body: bytes
+    #: Why it cannot run again at all (too large with its attempt count), or "".
+    refused: str = ""
+
+
+def run_again(job: Job, *, attempt: int, due: float, table: InflightTable, queue: Queue) -> Again:
+    """Park the job for another run, or queue it at once if every parked slot is taken.
+
+    Never blocks: a caller whose job fits neither (parking full, queue full) keeps it in
+    its own slot (``placed`` is False).  The job goes back as an envelope carrying its
+    attempt number, which can make a message that just fitted the kernel's msgmax too
+    large: then ``refused`` says so and the caller fails the job rather than crash.
+    """
+    again = protocol.reencode(job, attempt=attempt)
+    if len(again) > table.text_size:
+        return Again(
+            False,
+            again,
+            f"cannot be run again: with its attempt count the job is {len(again)} bytes, "
+            f"more than the kernel's msgmax ({table.text_size})",
+        )
+    if table.park(job.type, again, job.id, attempt, due):
+        return Again(True, again)
+    if due <= time.time() and queue.send_nowait(again, job.type):
+        return Again(True, again)
+    return Again(False, again)
+
+
+class Outcomes:
+    """Finishes jobs: result, failed list, reply notification, log event."""
+
+    def __init__(
+        self,
+        *,
+        store: ResultStore,
+        failed: FailedList,
+        replies: Queue,
+        log: Logger,
+        events: Events,
+        unique: UniqueTable | None = None,
+        stats: Recorder | None = None,
+    ) -> None:
+        self.store = store
+        self.failed = failed
+        self.replies = replies
+        self.log = log
+        self.events = events
+        #: The daemon's unique-key table: a final outcome frees the job's key.
+        self.unique = unique
+        #: This process's record in the stats segment (ipcd.tables.stats).
+        self.stats = stats if stats is not None else NullRecorder()
+        store.on_repair = self._mended("result segment")
+        failed.store.on_repair = self._mended("failed list")
+
+    def _mended(self, name: str) -> Callable[[int, int], None]:
+        """What to say when this process wrote ipcd's header back over another
+        program's (ipcd.tables.results): one event, and the records lost counted."""
+
+        def said(kept: int, lost: int) -> None:
+            for _ in range(lost):
+                self.stats.bump(RESULTS_LOST)
+            self.log.warning(
+                "ipc.recreated", objects=[f"{name} overwritten"], results_kept=kept,
+                results_lost=lost,
+            )  # fmt: skip
+
+        return said
+
+    def finish(
+        self,
+        job: Job,
+        result: Result,
+        *,
+        body: bytes,
+        handler: str,
+        started: float,
+        listed: bool = True,
+        logged: bool = True,
+        **fields: Any,
+    ) -> None:
+        """Store ``result`` for ``job``; a failure also goes to the failed list.
+
+        A failure is listed (its spilled payload then held by the list) *before* the result
+        is stored: a waiter reads the result the moment it is stored, and must find the
+        job on the failed list and its spill entry FAILED, never the state before.  (A
+        worker that dies between the two leaves no result: the master runs the job again.)
+        What follows the stored result, freeing the unique key and a success's payload,
+        comes after it: a worker that dies before storing the result must leave the job
+        whole for its next run.
+
+        ``listed=False`` keeps a failure off the failed list (a malformed message cannot be
+        retried); ``logged=False`` skips the ``job.done`` event when the caller has already
+        logged the job's one event (``job.rejected``).
+        """
+        room = self.store.capacity()
+        if room is not None and len(result.data) > room:
+            # Decided here, so the log says error (or the size of what was spilled).
+            result = self._spill(result) if self.store.spills else too_large(result, room + 64)
+        if not result.ok and listed:
+            self._list_failed(job, body, result.error)
+        stored = self._store(result)
+        self._release(job, result, listed=listed)
+        if not logged:
+            if job.reply_to is not None:
+                self.notify(job.reply_to, job.id)
+            return
+        if not stored:
+            fields["stored"] = False
+        self.announce(job, result, body=body, handler=handler, started=started, **fields)
+
+    def reject(self, exc: MessageError, body: bytes, type_: int, **fields: Any) -> None:
+        """A message that cannot be a job: the ``job.rejected`` event and counter, and when
+        its id could be read, an error result under it (its waiter woken, its unique key
+        and spilled payload freed).  It is not listed as failed: retrying it would fail
+        the same way.  Workers and the master (a recovered or parked message) share this.
+        """
+        self.stats.rejected()
+        self.log.warning(
+            "job.rejected",
+            job_id=exc.job_id,
+            type=type_,
+            bytes_in=len(body),
+            refused=isinstance(exc, RefusedPayloadError),
+            error=str(exc),
+            head=body[:64].hex(),
+            **fields,
+        )
+        if exc.job_id is None:
+            return
+        job = Job(
+            id=exc.job_id,
+            type=type_,
+            payload=None,
+            submitted=time.time(),
+            reply_to=exc.reply_to,
+            unique=exc.unique,
+            spill=exc.spill if isinstance(exc.spill, SpillRef) else None,
+        )
+        self.finish(
+            job,
+            error_result(job, str(exc)),
+            body=body,
+            handler="-",
+            started=time.monotonic(),
+            listed=False,
+            logged=False,
+        )
+
+    def conclude(self, job: Job, result: Result, *, body: bytes) -> None:
+        """What a worker that died after storing ``result`` may have left undone: a failure
+        put on the failed list (which keeps a spilled payload), the job's unique key freed,
+        a success's spilled payload removed (the master calls this).
+
+        Each step tolerates having been done: a job already on the failed list is not
+        listed twice, and a key or segment already freed is left alone.
+        """
+        if not result.ok and not self.listed(job.id):
+            self._list_failed(job, body, result.error)
+        self._release(job, result, listed=True)
+
+    def _release(self, job: Job, result: Result, *, listed: bool) -> None:
+        """After the stored outcome: the job's unique key freed, and its spilled payload
+        removed unless the failed list holds it."""
+        if job.unique is not None and self.unique is not None:
+            uniquerelease.release(self.unique, job, self.log)
+        if job.spill is not None and (result.ok or not listed):
+            spill.settle(self.store.spills, job)  # final: the payload's segment goes
+
+    def listed(self, job_id: str) -> bool:
+        """Whether the failed list holds ``job_id`` (False when it cannot be read)."""
+        try:
+            return any(entry.job_id == job_id for entry in self.failed.entries())
+        except IpcdError:
+            return False
+
+    def announce(
+        self,
+        job: Job,
+        result: Result,
+        *,
+        body: bytes,
+        handler: str,
+        started: float,
+        **fields: Any,
+    ) -> None:
+        """The ``job.done`` event and the waiter's wake-up, for a result already stored.
+
+        The master calls this alone for a worker that died between storing a result and
+        saying so.
+        """
+        if job.reply_to is not None:
+            self.notify(job.reply_to, job.id)
+        self.stats.done(handler, result.ok, started)
+        event: dict[str, Any] = {
+            "job_id": job.id,
+            "type": job.type,
+            "handler": handler,
+            "outcome": "ok" if result.ok else "error",
+            "ms": round((time.monotonic() - started) * 1000, 3),
+            "attempt": job.attempt,
+            "bytes_in": job.spill.size if job.spill else len(body),
+            "bytes_out": result.spill.size if result.spill else len(result.data),
+        }
+        if job.bare:
+            event["bare"] = True
+        if job.sender_pid:
+            event["sender_pid"] = job.sender_pid
+        if not result.ok:
+            event["error"] = result.error
+        event.update(fields)
+        self.events.info("job.done", event)
+
+    def _spill(self, result: Result) -> Result:
+        assert self.store.spills is not None
+        result, evicted = spill.spill_result(self.store.spills, result)
+        spill.log_evicted(self.log, result.job_id, evicted)
+        return result
+
+    def _store(self, result: Result) -> bool:
+        try:
+            self.store.put(result)
+        except IpcdError as exc:
+            if result.spill is not None and self.store.spills is not None:
+                self.store.spills.release(result.spill.shmid, result.job_id, result.spill.entry)
+            # The segment was removed or overwritten (the master makes it anew within
+            # seconds, ipcd.daemon.objectwatch): say so, count it and go on serving; the job's
+            # outcome is in the log event, and its waiter is told the result was lost.
+            self.log.error("result.store_failed", job_id=result.job_id, error=str(exc))
+            self.stats.bump(RESULTS_LOST)
+            return False
+        return True
+
+    def _list_failed(self, job: Job, body: bytes, error: str) -> None:
+        try:
+            kept = spill.keep_failed(self.store.spills, job)  # a spilled payload, bounded
+            self.failed.add(job.id, job.type, body, job.attempt, error, payload_kept=kept)
+        except IpcdError as exc:
+            self.log.error("failed_list.unavailable", job_id=job.id, error=str(exc))
+
+    def notify(self, reply_to: int, job_id: str) -> None:
+        """Tell a waiting client its result is stored; never block on a full reply queue."""
+        try:
+            if self.replies.send_nowait(job_id.encode("ascii"), reply_to):
+                return
+            self._purge_replies()
+            if self.replies.send_nowait(job_id.encode("ascii"), reply_to):
+                return
+            why = "the reply queue is full"
+        except NotRunningError as exc:  # removed: the master makes it anew
+            why = str(exc)
+        self.log.warning("reply.dropped", job_id=job_id, reply_to=reply_to, error=why)
+
+    def _purge_replies(self) -> None:
+        """Drop notifications nobody will read: those of clients that have exited."""
+        kept: list[tuple[bytes, int]] = []
+        dropped = 0
+        for _ in range(4096):
+            message = self.replies.receive_nowait(0)
+            if message is None:
+                break
+            if alive(message[1]):
+                kept.append(message)
+            else:
+                dropped += 1
+        for body, type_ in kept:
+            self.replies.send_nowait(body, type_)
+        self.log.info("reply.purged", dropped=dropped, kept=len(kept))

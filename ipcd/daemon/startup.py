@@ -1,0 +1,158 @@
+"""Everything the daemon opens before it serves, made while stderr still reaches the user.
+
+Start-up is split in two so that ``ipcd start`` can fail while the operator still sees
+stderr: :func:`prepare` does everything that can go wrong (config, key file, kernel
+objects and their safety check, handler imports, the log file) and holds no state that a
+fork would break; ipcd.daemon.arbiter then runs in the final daemon process.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from ipcd.config import Config
+from ipcd.daemon import identity, uniquerelease
+from ipcd.daemon import log as log_mod
+from ipcd.errors import ConfigError
+from ipcd.handlers import registry as registry_mod
+from ipcd.handlers.registry import Registry
+from ipcd.kernel import keys as keys_mod
+from ipcd.kernel import vetting
+from ipcd.kernel.keys import Keys
+from ipcd.kernel.queues import Queue, msgmax
+from ipcd.kernel.vetting import TRUSTED_UIDS
+from ipcd.tables.failed import FailedList
+from ipcd.tables.inflight import InflightTable
+from ipcd.tables.results import ResultStore
+from ipcd.tables.spill.table import SpillTable
+from ipcd.tables.stats import StatsSegment
+from ipcd.tables.unique import UniqueTable
+
+
+@dataclass
+class Prepared:
+    """Everything the daemon needs, made before detaching."""
+
+    config: Config
+    keys: Keys
+    queue: Queue
+    replies: Queue
+    store: ResultStore
+    table: InflightTable
+    failed: FailedList
+    registry: Registry
+    sink: log_mod.Sink
+    identity: identity.Identity
+    stats: StatsSegment
+    unique: UniqueTable
+    spills: SpillTable
+
+
+def prepare(config: Config, *, console: TextIO | None) -> Prepared:
+    """Validate and open everything; any failure raises an IpcdError for the CLI.
+
+    What can fail without touching the kernel (handler imports, the log file) comes first,
+    so that a failed start leaves no new IPC objects behind.
+    """
+    registry = registry_mod.build(config)
+    who = identity.resolve(config)
+    if who.drops and who.uid is not None:
+        TRUSTED_UIDS.add(who.uid)  # objects it owns from earlier runs are ours
+    if config.log.file is not None:
+        _check_writable_dir(config.log.file)
+    try:
+        sink = log_mod.configure(config.log, console=console)
+    except OSError as exc:
+        raise ConfigError(f"cannot open log file {config.log.file}: {exc.strerror}") from None
+    keys = keys_mod.derive(config.ipc, create_key_file=True)
+    objects = _objects(config, keys, who, registry)
+    if config.log.file is not None:
+        identity.hand_over(who, [config.log.file])
+    return Prepared(config, keys, *objects[:5], registry, sink, who, *objects[5:])
+
+
+def reopen(p: Prepared) -> Prepared:
+    """The daemon's objects made or opened again, as at start (vetted, adopted), with the
+    same configuration, registry and log: the master calls it when one was removed or
+    overwritten (ipcd.daemon.objectwatch).  Objects still in place are opened, not remade."""
+    objects = _objects(p.config, p.keys, p.identity, p.registry, again=True)
+    return Prepared(p.config, p.keys, *objects[:5], p.registry, p.sink, p.identity, *objects[5:])
+
+
+_Objects = tuple[
+    Queue, Queue, ResultStore, InflightTable, FailedList, StatsSegment, UniqueTable, SpillTable
+]
+
+
+def _objects(
+    config: Config, keys: Keys, who: identity.Identity, registry: Registry, *, again: bool = False
+) -> _Objects:
+    """Create, or open and vet, every kernel object at the configuration's keys; the
+    counts start again unless this is ``again`` (the master's renewal)."""
+    mode = config.ipc.mode
+    queue = Queue.create(keys.jobs, mode, what="job queue")
+    replies = Queue.create(keys.replies, mode, what="reply queue")
+    store = ResultStore.create(
+        keys.results, keys.gate, mode, config.results.size, config.results.slot_size
+    )
+    spills = SpillTable.create(
+        keys.spill, mode, config.jobs.spill_slots, config.results.spill_reserved
+    )
+    spills.max_result, spills.mode, spills.gid = config.results.max_result, mode, who.object_gid
+    spills.spill_bytes = config.results.spill_bytes
+    store.spills = spills
+    text_size = msgmax()
+    failed = FailedList.create(keys.failed, mode, config.jobs.failed_size, text_size, spills)
+    # Twice the workers: a reload starts the new generation before the old one has left.
+    table, carried = InflightTable.create(
+        keys.inflight, mode, 2 * config.daemon.workers, config.jobs.parked, text_size
+    )
+    for held in carried:  # the table changed shape: keep what the old one held
+        if not table.park(held.type, held.body, held.job_id, held.attempt, time.time()):
+            queue.send_nowait(held.body, held.type)
+    unique = _unique_table(keys.unique, mode, queue, table)
+    stats = StatsSegment.create(
+        keys.stats,
+        mode,
+        table.workers,
+        [(r.name, r.type) for r in registry.by_type.values()],
+        keep_counts=again,
+    )
+    _load_lazy_modules()
+    vetting.adopt_all(
+        keys.all(),
+        mode,
+        uid=who.uid if who.drops else None,
+        gid=who.object_gid if who.object_gid is not None else (who.gid if who.drops else None),
+    )
+    return queue, replies, store, table, failed, stats, unique, spills
+
+
+def _unique_table(key: int, mode: int, queue: Queue, table: InflightTable) -> UniqueTable:
+    """The unique-key table, without the keys of jobs that are gone
+    (ipcd.daemon.uniquerelease), made the one this daemon's outcomes release keys in."""
+    unique = UniqueTable.create(key, mode)
+    log = log_mod.get_logger(role="master")
+    for entry, reason in uniquerelease.sweep_lost(unique, queue=queue, inflight=table):
+        log.warning("unique.freed", unique=entry.key, job_id=entry.job_id, reason=reason)
+    return unique
+
+
+def _load_lazy_modules() -> None:
+    """Import now what the daemon otherwise imports on first use (the PHP parser, ctypes
+    for msgrcv and prctl): a daemon that drops privileges may no longer be able to read
+    its own installation (a Python under /root, say) when a worker first needs them."""
+    import ctypes  # noqa: F401
+
+    from ipcd.kernel.queues import receive_function
+    from ipcd.wire import phpserial  # noqa: F401
+
+    receive_function()
+
+
+def _check_writable_dir(path: Path) -> None:
+    if not path.parent.is_dir():
+        raise ConfigError(f"log directory {path.parent} does not exist")

@@ -1,0 +1,172 @@
+"""Cleaning up spill segments: the master's sweep for what dead makers left, and the
+removal of every listed segment when the daemon's objects are purged.
+
+A segment with key 0 is known only by its id, so a producer that dies at the wrong
+moment would orphan it.  Every few seconds (and at start) the master sweeps entries left
+CLAIMING by a dead process: it removes the recorded segment, or, when none was recorded
+(it died between shmget and recording the id), the key-0 segment of the entry's size
+that process created since it claimed, nobody has attached and nothing else names; then
+it frees the entry.  A segment some other entry records, or an envelope in an in-flight
+slot names, is an accepted job's and is never swept (the queue cannot be read without
+taking its messages, but every envelope sent names an entry already QUEUED).
+
+A client marks its entry QUEUED just before it sends (ipcd.tables.spill.outgoing), so a client
+killed after its send leaves an entry that says its job is queued.  One killed between the
+mark and the send, or while blocked on a full queue, leaves a QUEUED entry for a job that
+was never sent: the sweep frees it once the sender is dead, the queue empty and no
+in-flight slot names the segment, at two sweeps in a row (one at start, when nothing
+moves jobs).  At start it also frees RESULT entries the ring no longer holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, NamedTuple
+
+from ipcd.errors import IpcdError, MessageError
+from ipcd.kernel.procs import alive
+from ipcd.kernel.segments import remove_id
+from ipcd.tables.results import ResultStore
+from ipcd.tables.spill.segment import exists, orphans, proc_shm, remove_checked
+from ipcd.tables.spill.table import LOCK_TIMEOUT, Entry, SpillTable, State
+from ipcd.wire import protocol
+
+if TYPE_CHECKING:
+    from ipcd.kernel.queues import Queue
+    from ipcd.tables.inflight import InflightTable
+
+
+class Swept(NamedTuple):
+    freed: int
+    removed: int
+    #: Results evicted by payload claims (clients, which cannot log) since the last sweep.
+    evicted: int = 0
+
+
+class Sweeper:
+    """The master's sweeps of one table; remembers what it has reported."""
+
+    def __init__(self, table: SpillTable, queue: Queue, inflight: InflightTable) -> None:
+        self.table = table
+        #: The job queue and the in-flight table: where a queued job's envelope can be.
+        self.queue = queue
+        self.inflight = inflight
+        #: The evicted_by_payloads counter at the last sweep.
+        self._seen_evicted: int | None = None
+        #: (shmid, job id) of the QUEUED entries the last sweep found nowhere.
+        self._unsent: set[tuple[int, str]] = set()
+
+    def sweep(self, store: ResultStore | None = None) -> Swept:
+        """Free entries left CLAIMING by dead processes, removing what they made, and
+        QUEUED entries of dead senders whose job is nowhere; with ``store`` (at start,
+        before any worker runs) also RESULT entries the ring no longer holds."""
+        entries = segments = 0
+        referenced: set[int] | None = None
+        with contextlib.ExitStack() as stack:
+            if store is not None:  # ring lock first, as ResultStore.put takes them
+                stack.enter_context(store.lock.held(store.lock_timeout))
+                referenced = {r.spill.shmid for r in store.records() if r.spill is not None}
+            stack.enter_context(self.table.lock.held(LOCK_TIMEOUT))
+            table = self.table.entries()
+            dead = [e for e in table if e.state is State.CLAIMING and not alive(e.pid)]
+            unsent = self._nowhere(table, at_start=store is not None)
+            shm, flying = (proc_shm(), self._in_flight()) if dead else ([], set())
+            for entry in table:
+                if entry in dead:
+                    taken = {e.shmid for e in table if e.state is not State.FREE}
+                    taken = (taken | flying) - {entry.shmid}
+                    found = orphans(
+                        shm, entry.pid, entry.shmid, entry.claimed_at, entry.size, taken
+                    )
+                    segments += sum(remove_id(shmid) for shmid in found)
+                elif entry in unsent:
+                    removed = remove_checked(entry.shmid, entry.job_id)
+                    if not removed and exists(entry.shmid):
+                        continue  # not ours to remove (a client's): leave it recorded
+                    segments += removed
+                elif (
+                    entry.state is State.RESULT
+                    and referenced is not None
+                    and entry.shmid not in referenced
+                ):
+                    segments += remove_checked(entry.shmid, entry.job_id)
+                else:
+                    continue
+                self.table.clear(entry.slot)
+                entries += 1
+            by_payloads = self.table.counters()[1]
+        seen, self._seen_evicted = self._seen_evicted, by_payloads
+        return Swept(entries, segments, by_payloads - seen if seen is not None else 0)
+
+    def _nowhere(self, table: list[Entry], *, at_start: bool) -> list[Entry]:
+        """The QUEUED entries whose job was never sent (its sender died between marking
+        the entry and sending, or while blocked on a full queue) or was lost with a
+        removed queue: the sender is dead, the queue is empty and no in-flight slot names
+        the segment.  At start nothing moves jobs, so one look decides; while workers run
+        a job is copied from the queue into a slot just after it leaves the queue, so an
+        entry must be found nowhere by two sweeps in a row."""
+        queued = [e for e in table if e.state is State.QUEUED and not alive(e.pid)]
+        if not queued or not self._queue_empty():  # looked at after the deaths
+            self._unsent = set()
+            return []
+        named = self._in_flight()
+        found = {(e.shmid, e.job_id) for e in queued if e.shmid not in named}
+        seen, self._unsent = self._unsent, found
+        return [e for e in queued if (e.shmid, e.job_id) in (found if at_start else seen & found)]
+
+    def _queue_empty(self) -> bool:
+        try:
+            return self.queue.stats().messages == 0
+        except IpcdError:
+            return False
+
+    def _in_flight(self) -> set[int]:
+        """The segments named by the envelopes that workers hold or that are parked."""
+        found: set[int] = set()
+        for index in range(self.inflight.workers + self.inflight.parked):
+            held = self.inflight.held(index)
+            if held is None or b'"spill"' not in held.body:
+                continue
+            with contextlib.suppress(MessageError):
+                job = protocol.decode(held.body, held.type)
+                if job.spill is not None:
+                    found.add(job.spill.shmid)
+        return found
+
+
+def remove_segments(table: SpillTable) -> int:
+    """Remove every segment the table lists (when the daemon's objects are purged)."""
+    return sum(
+        remove_checked(e.shmid, e.job_id)
+        for e in table.entries()
+        if e.state is not State.FREE and e.shmid >= 0
+    )
+
+
+def remove_listed(key: int) -> int:
+    """Remove the segments listed by a spill table at ``key``, if that is one, or named
+    by the spilled records of a result ring there (a result evicted from the table by a
+    client that could not remove it is known only to the ring)."""
+    try:
+        table = SpillTable.open(key)
+    except (IpcdError, ValueError):
+        return _remove_ring_spills(key)
+    try:
+        return remove_segments(table)
+    finally:
+        table.segment.close()
+
+
+def _remove_ring_spills(key: int) -> int:
+    try:
+        store = ResultStore.open(key)
+    except IpcdError:
+        return 0
+    try:
+        if store.capacity() is None:
+            return 0
+        return sum(
+            remove_checked(r.spill.shmid, r.job_id) for r in store.records() if r.spill is not None
+        )
+    finally:
+        store.close()

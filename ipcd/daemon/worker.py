@@ -1,0 +1,418 @@
+"""A worker process: take a message, run its handler, finish the job.
+
+Workers are forked by the master (ipcd.daemon.arbiter) and each blocks in ``msgrcv`` on the job
+queue; the kernel hands every message to one of them, lowest type first.  The message is
+received straight into the worker's slot of the in-flight table, so it is on record
+before any Python code runs; the slot is released only once the job's outcome is stored.
+A handler's exception fails that job and never the worker; a handler that kills the whole
+process (``os._exit``, a segfault, a timeout) leaves its job in the slot for the master.
+Nor does a message's content end a worker: what cannot be a job is rejected, a result
+that cannot be stored fails its job, and an error of ipcd's own while handling a message
+fails that message (``job.internal_error``) rather than the worker, which would only hand
+the same message to the next worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+import traceback
+from collections.abc import Callable
+
+from ipcd.config import Config
+from ipcd.daemon import lockwaits
+from ipcd.daemon import log as log_mod
+from ipcd.daemon.log import Logger
+from ipcd.daemon.outcomes import Outcomes, error_result, run_again
+from ipcd.daemon.signals import Flags
+from ipcd.daemon.startup import Prepared
+from ipcd.errors import IpcdError, MessageError, NotRunningError
+from ipcd.handlers import HandlerError, HandlerResult, Retry
+from ipcd.handlers.registry import Registration, Registry
+from ipcd.kernel.queues import Queue, TooBigError, msgmax
+from ipcd.kernel.waits import Interrupted
+from ipcd.layout.results import Kind, Result, Status
+from ipcd.tables import spill, stats
+from ipcd.tables.inflight import InflightTable
+from ipcd.wire import jsoncodec, protocol
+from ipcd.wire.protocol import Job
+
+
+class Exit:
+    """Worker exit statuses, which the master reads from waitpid."""
+
+    STOPPED = 0
+    RECYCLED = 3
+    #: The job queue was removed under the worker: the master makes it anew and starts
+    #: workers that use the new one (ipcd.daemon.objectwatch).
+    QUEUE_GONE = 4
+    CRASHED = 70
+
+
+def execute(registry: Registry, job: Job, log: Logger) -> tuple[Result | Retry, str]:
+    """Run the job's handler: its result (or a retry request) and the handler's name."""
+    registration = registry.lookup(job.type)
+    if registration is None:
+        return error_result(job, f"no handler for message type {job.type}"), "-"
+    try:
+        value = registration.func(job)
+    except Retry as retry:
+        return retry, registration.name
+    except HandlerError as exc:
+        return error_result(job, str(exc) or type(exc).__name__), registration.name
+    except Exception as exc:  # a plugin's bug fails its job, never the worker
+        log.error(
+            "handler.exception",
+            job_id=job.id,
+            handler=registration.name,
+            traceback=traceback.format_exc(),
+        )
+        return error_result(job, f"{type(exc).__name__}: {exc}"), registration.name
+    return _ok(job, value), registration.name
+
+
+def _ok(job: Job, value: HandlerResult) -> Result:
+    """The handler's value as a result, or an error result naming why it cannot be one."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        kind, data = Kind.BYTES, bytes(value)
+    elif isinstance(value, str):
+        try:
+            # surrogateescape: text decoded from bytes that way gets its bytes back.
+            data = value.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError as exc:
+            where = f"lone surrogate U+{ord(value[exc.start]):04X} at index {exc.start}"
+            return error_result(job, f"handler returned text that is not valid Unicode: {where}")
+        kind = Kind.TEXT
+    else:
+        try:
+            data = _encode_result(value).encode()
+        except (TypeError, ValueError, RecursionError) as exc:
+            return error_result(job, f"handler returned a value that is not JSON-able: {exc}")
+        # ASCII JSON escapes a lone surrogate as \udXXX, which a client's decoder (PHP's
+        # json_decode, a UTF-8 print) refuses: look only when an escape is there at all.
+        if b"\\ud" in data and (lone := protocol.lone_surrogate(value)):
+            return error_result(job, f"handler returned a value that is not valid Unicode: {lone}")
+        kind = Kind.JSON
+    return Result(job.id, job.type, Status.OK, kind, data, job.attempt, job.submitted, time.time())
+
+
+_encode_result = jsoncodec.encoder(ensure_ascii=True, allow_nan=False)
+
+
+def _started_fields(job: Job, registration: Registration | None) -> dict[str, object]:
+    fields: dict[str, object] = {
+        "job_id": job.id,
+        "type": job.type,
+        "handler": registration.name if registration else "-",
+        "attempt": job.attempt,
+    }
+    if job.sender_pid:
+        fields["sender_pid"] = job.sender_pid
+    return fields
+
+
+class Worker:
+    """Serves the queue from one in-flight slot until told to stop."""
+
+    def __init__(
+        self,
+        *,
+        slot: int,
+        config: Config,
+        queue: Queue,
+        table: InflightTable,
+        outcomes: Outcomes,
+        registry: Registry,
+        flags: Flags,
+        log: Logger,
+        wake_master: Callable[[], None],
+    ) -> None:
+        self.slot = slot
+        self.config = config
+        self.queue = queue
+        self.table = table
+        self.outcomes = outcomes
+        self.registry = registry
+        self.flags = flags
+        self.log = log
+        self.wake_master = wake_master
+        self.jobs_done = 0
+        self.pid = os.getpid()
+
+    def serve(self) -> int:
+        """Receive and handle messages until stopped or recycled; returns the exit status."""
+        limit = self.config.daemon.max_jobs_per_worker
+        previous = 0
+        self.table.reset_worker(self.slot, self.pid)
+        address = self.table.msgbuf_address(self.slot)
+        while not self.flags.stopping:
+            if limit and self.jobs_done >= limit:
+                return Exit.RECYCLED
+            self.table.begin_receive(self.slot, self.pid, previous)
+            try:
+                length = self.queue.receive_into(address, self.table.text_size)
+            except Interrupted:
+                previous = 0
+                continue  # a signal: the loop condition says what to do
+            except TooBigError:
+                previous = 0
+                self._handle_oversized()
+                continue
+            except NotRunningError:
+                self.log.warning("worker.queue_gone", queue=f"{self.queue.key:#010x}")
+                return Exit.QUEUE_GONE
+            previous = length
+            self.handle(length)
+        return Exit.STOPPED
+
+    def handle(self, length: int) -> None:
+        """Everything that happens to one delivered message."""
+        started = time.monotonic()
+        received = time.time()
+        body = bytes(self.table.text(self.slot, length))
+        type_ = self.table.message_type(self.slot)
+        try:
+            job = self._job(body, type_, received)
+        except MessageError as exc:
+            self.outcomes.reject(exc, body, type_)
+            self.table.finished(self.slot)
+            return
+        try:
+            self.run(job, body, length, started)
+        except Exception as exc:  # ipcd's own error, reached by this job: it fails, not us
+            self._failed_inside(job, body, exc, started, received)
+        self.table.finished(self.slot)
+        self.jobs_done += 1
+
+    def _job(self, body: bytes, type_: int, received: float) -> Job:
+        """The message as a job, its spilled payload loaded; MessageError when it cannot be
+        one.  decode promises nothing but MessageError (tests/test_protocol.py holds it to
+        that); should a bug break the promise, the message is still only rejected."""
+        job = None
+        try:
+            job = protocol.decode(body, type_, received=received)
+            if job.spill is not None:  # the payload waits in a segment of its own
+                job = spill.load(job, self.outcomes.store.spills, self.config.jobs.max_payload)
+            return job
+        except MessageError:
+            raise
+        except Exception as exc:  # see the docstring: a message never ends a worker
+            self.log.error("job.decode_failed", type=type_, traceback=traceback.format_exc())
+            error = MessageError(f"ipcd could not read the message: {type(exc).__name__}: {exc}")
+            if job is not None:
+                error.job_id, error.reply_to, error.unique = job.id, job.reply_to, job.unique
+                error.spill = job.spill
+            raise error from None
+
+    def _failed_inside(
+        self, job: Job, body: bytes, exc: Exception, started: float, received: float
+    ) -> None:
+        """An error of ipcd's own while running ``job`` fails the job with its cause, unless
+        the job's outcome was stored before it.  If even that fails, the worker exits and
+        the master finishes the job from the slot (ipcd.daemon.recovery), attempts bounded."""
+        self.log.error(
+            "job.internal_error", job_id=job.id, type=job.type, traceback=traceback.format_exc()
+        )
+        try:
+            stored = self.outcomes.store.get(job.id)
+        except IpcdError:
+            stored = None
+        if stored is not None and stored.finished >= received:
+            return
+        registration = self.registry.lookup(job.type)
+        message = f"ipcd failed while handling the job: {type(exc).__name__}: {exc}"
+        self.outcomes.finish(
+            job,
+            error_result(job, message),
+            body=body,
+            handler=registration.name if registration else "-",
+            started=started,
+        )
+
+    def run(self, job: Job, body: bytes, length: int, started: float) -> None:
+        """Run the job until it has an outcome, or is parked for a later retry."""
+        while True:
+            registration = self.registry.lookup(job.type)
+            timeout = job.timeout or (registration and registration.timeout) or None
+            deadline = time.time() + timeout if timeout else 0.0
+            self.table.received(self.slot, length, job.attempt, job.id, deadline)
+            if deadline:
+                self.wake_master()  # the master enforces the deadline
+            if self.outcomes.events.debugging:  # `ipcctl logs -f` sees long jobs start
+                self.outcomes.events.debug("job.started", _started_fields(job, registration))
+            outcome, handler = execute(self.registry, job, self.log)
+            if not isinstance(outcome, Retry):
+                self.outcomes.finish(job, outcome, body=body, handler=handler, started=started)
+                return
+            kept = self._retry(job, body, outcome, handler, started)
+            if kept is None:
+                return
+            job, body, delay = kept
+            length = len(body)
+            # Nowhere to park it and the queue full: keep it in this slot (its new
+            # envelope already written there, so a crash loses nothing) and retry here.
+            time.sleep(delay)
+
+    def _retry(
+        self, job: Job, body: bytes, retry: Retry, handler: str, started: float
+    ) -> tuple[Job, bytes, float] | None:
+        """Park the job for another attempt, or fail it when it has none left.
+
+        Returns the job to run again in this worker when it could be put nowhere else.
+        """
+        policy = self.registry.policy(job.type, self.config.jobs)
+        if job.attempt >= policy.max_attempts:
+            message = f"gave up after {job.attempt} attempts: {retry.reason}"
+            self.outcomes.finish(
+                job, error_result(job, message), body=body, handler=handler, started=started
+            )
+            return None
+        delay = policy.delay(job.attempt) if retry.delay is None else max(retry.delay, 0.0)
+        attempt = job.attempt + 1
+        again = run_again(
+            job, attempt=attempt, due=time.time() + delay, table=self.table, queue=self.queue
+        )
+        if again.refused:
+            self.outcomes.finish(
+                job, error_result(job, again.refused), body=body, handler=handler, started=started
+            )
+            return None
+        self.log.info(
+            "job.retry",
+            job_id=job.id,
+            type=job.type,
+            handler=handler,
+            attempt=job.attempt,
+            delay_s=round(delay, 3),
+            reason=retry.reason,
+            kept_in_worker=not again.placed,
+        )
+        self.outcomes.stats.retried(handler)
+        if again.placed:
+            self.wake_master()
+            return None
+        self.table.rewrite(self.slot, again.body, attempt)
+        return job._replace(attempt=attempt), again.body, delay
+
+    def _handle_oversized(self) -> None:
+        """msgmax was raised above the slot size after start: take the message unprotected."""
+        body, type_ = self.queue.receive(0, timeout=0)
+        self.log.warning("job.unprotected", type=type_, bytes_in=len(body), msgmax=msgmax())
+        started = time.monotonic()
+        received = time.time()
+        try:
+            job = protocol.decode(body, type_, received=received)
+        except MessageError as exc:
+            self.outcomes.reject(exc, body, type_)
+            return
+        try:
+            outcome, handler = execute(self.registry, job, self.log)
+            if isinstance(outcome, Retry):
+                outcome = error_result(job, f"retry impossible for oversized job: {outcome.reason}")
+            self.outcomes.finish(job, outcome, body=body, handler=handler, started=started)
+        except Exception as exc:  # as in handle: the job fails, not the worker
+            self._failed_inside(job, body, exc, started, received)
+
+
+def worker_process(  # pragma: no cover - runs in the forked worker
+    prepared: Prepared, slot: int, *, master_pid: int, close: list[int], notify_master: int
+) -> int:
+    """The child's side of the master's fork: reset what belongs to the master, then serve.
+
+    Returns the exit status for ``os._exit``.
+    """
+    code = Exit.CRASHED
+    try:
+        # If the master dies (even of SIGKILL), finish the job in hand and leave: a
+        # worker without its master would go on taking jobs nobody supervises.
+        _parent_death_signal(signal.SIGTERM)
+        if os.getppid() != master_pid:
+            return Exit.STOPPED  # the master died before the line above took effect
+        os.setpgid(0, 0)  # its own process group: a timeout kills what the job started
+        signal.set_wakeup_fd(-1)
+        for fd in close:
+            os.close(fd)
+        flags = Flags()
+        flags.install()
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the master reloads, not workers
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        with contextlib.suppress(OSError):  # else the master's descriptor serves on
+            prepared.sink.reopen()
+        context = {"role": "worker", "worker_pid": os.getpid(), "slot": slot}
+        log = log_mod.get_logger(**context)
+        events = log_mod.Events(prepared.sink, prepared.config.log.level, **context)
+        lockwaits.be_patient(prepared, log)  # a held lock delays the job, never fails it
+
+        def wake_master() -> None:
+            with contextlib.suppress(OSError):
+                os.write(notify_master, b"!")
+
+        recorder = prepared.stats.for_worker(slot)
+        prepared.sink.on_drop = lambda: recorder.bump(stats.LOG_DROPPED)
+        worker = Worker(
+            slot=slot,
+            config=prepared.config,
+            queue=prepared.queue,
+            table=prepared.table,
+            outcomes=Outcomes(
+                store=prepared.store,
+                failed=prepared.failed,
+                replies=prepared.replies,
+                log=log,
+                events=events,
+                unique=prepared.unique,
+                stats=recorder,
+            ),
+            registry=prepared.registry,
+            flags=flags,
+            log=log,
+            wake_master=wake_master,
+        )
+        code = worker.serve()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            log_mod.get_logger(role="worker").critical("worker.crashed", exc_info=True)
+    return code
+
+
+def _parent_death_signal(signum: int) -> None:
+    """prctl(PR_SET_PDEATHSIG): have the kernel send ``signum`` when the master exits."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signum, 0, 0, 0)
+
+
+def signal_worker(pid: int, signum: int, *, group: bool = True) -> None:
+    """Signal a worker, or its whole process group (the jobs' children with it).
+
+    A worker already gone is no error; nor is a group member that changed its user.
+    """
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if group:
+            os.killpg(pid, signum)
+        else:
+            os.kill(pid, signum)
+
+
+def describe_exit(status: int, *, holding: bool) -> str:
+    """Why a worker ended, from its wait status, for log events and error results."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        return f"killed by {name}"
+    code = os.WEXITSTATUS(status)
+    if holding:
+        return f"exited with status {code} in the middle of the job"
+    names = {
+        Exit.STOPPED: "stopped",
+        Exit.RECYCLED: "recycled",
+        Exit.QUEUE_GONE: "job queue removed",
+        Exit.CRASHED: "crashed",
+    }
+    return f"exited with status {code}" + (f" ({names[code]})" if code in names else "")

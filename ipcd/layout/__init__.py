@@ -1,0 +1,2 @@
+"""Byte layouts of the shared segments (the result ring, the stats record) as pure
+functions over a buffer: testable without a kernel, no kernel, no logging."""

@@ -1,0 +1,125 @@
+"""A spill segment: one large payload or result in a SysV segment of its own.
+
+It is made with IPC_PRIVATE (key 0), so only its id names it, and it starts with a
+header that says whose it is; ipcd.tables.spill.table records every one.  Layout
+(little-endian)::
+
+    magic 8s b"IPCDSPD\0", version u32, role u32 (0 payload, 1 result), kind u32 (0 bytes,
+    1 text, 2 JSON), reserved u32, size u64, job_id 16s, zeros to 64 bytes; then the data
+
+Data is copied once in (the producer writes straight into the segment) and once out (the
+reader copies it into a bytes object): no base64, no JSON, no CRC over the data.  Before
+anything removes a segment by id it checks this header, so a forged or stale id cannot
+make ipcd remove a segment that is not that job's.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+
+from ipcd.kernel.segments import Segment, remove_id
+from ipcd.layout.results import Kind
+
+MAGIC = b"IPCDSPD\0"
+VERSION = 1
+HEADER = struct.Struct("<8sIIIIQ16s")
+#: Where a spill segment's data starts.
+DATA = 64
+#: How long after claiming a dead creator's segment may have been made (clock skew).
+CTIME_SLACK = 1.0
+SYSVIPC_SHM = "/proc/sysvipc/shm"
+
+assert HEADER.size <= DATA
+
+#: What :func:`mismatch` says of a segment that is not (or no longer) the one expected.
+NOT_SPILL = "is not a spill segment"
+ANOTHER_JOB = "belongs to another job, not "
+
+
+class Role(enum.IntEnum):
+    PAYLOAD = 0
+    RESULT = 1
+
+
+def write(segment: Segment, data: bytes, *, job_id: str, role: Role, kind: Kind) -> None:
+    """Header, then the data: the producer's one copy."""
+    HEADER.pack_into(
+        segment.buf, 0, MAGIC, VERSION, role, kind, 0, len(data), job_id.encode("ascii")[:16]
+    )
+    segment.buf[DATA : DATA + len(data)] = data
+
+
+def mismatch(segment: Segment, job_id: str, size: int | None, role: Role | None,
+              kind: Kind | None = None) -> str:  # fmt: skip
+    if segment.key != 0 or segment.size < DATA:
+        return NOT_SPILL
+    magic, version, s_role, s_kind, _, s_size, raw_id = HEADER.unpack_from(segment.buf, 0)
+    if magic != MAGIC or version != VERSION:
+        return NOT_SPILL
+    if raw_id.rstrip(b"\0").decode("ascii", "replace") != job_id:
+        return ANOTHER_JOB
+    if size is not None and (s_size != size or segment.size < DATA + size):
+        return f"holds {s_size} bytes, not {size}"
+    if (role is not None and s_role != role) or (kind is not None and s_kind != kind):
+        return "holds another kind of data"
+    return ""
+
+
+def remove_checked(shmid: int, job_id: str) -> bool:
+    """Remove the segment if its header says it is this job's spill segment."""
+    if shmid < 0:
+        return False
+    segment = Segment.attach_id(shmid, readonly=True)
+    if segment is None:
+        return False
+    try:
+        if mismatch(segment, job_id, None, None):
+            return False
+    finally:
+        segment.close()
+    return remove_id(shmid)
+
+
+def exists(shmid: int) -> bool:
+    """Whether a segment with this id exists (whoever may attach it)."""
+    return any(int(f[1]) == shmid for f in proc_shm())
+
+
+def proc_shm() -> list[list[str]]:
+    """The rows of /proc/sysvipc/shm, split into fields (none when it cannot be read)."""
+    try:
+        with open(SYSVIPC_SHM) as fh:
+            next(fh)
+            return [line.split() for line in fh]
+    except (OSError, StopIteration):
+        return []
+
+
+def orphans(
+    shm: list[list[str]], pid: int, recorded: int, claimed_at: float, size: int, taken: set[int]
+) -> set[int]:
+    """What a dead claimer ``pid`` made for one entry: its ``recorded`` segment, and a key-0
+    segment it made for it but died before recording: one of the entry's size (header and
+    ``size`` bytes of data), created after the claim, that nobody has attached and that
+    no other entry or envelope names (``taken``).
+
+    The size and ``taken`` tests matter: a client that queued large jobs a moment before
+    it died leaves their segments unattached, made by the same pid just as recently, and
+    those belong to accepted jobs.
+    """
+    found: set[int] = set()
+    for f in shm:
+        key, shmid, segsz, cpid = int(f[0]), int(f[1]), int(f[3]), int(f[4])
+        nattch, ctime = int(f[6]), int(f[13])
+        if key != 0 or cpid != pid:
+            continue
+        if shmid == recorded or (
+            recorded < 0
+            and shmid not in taken
+            and segsz == DATA + size
+            and nattch == 0
+            and ctime >= claimed_at - CTIME_SLACK
+        ):
+            found.add(shmid)
+    return found
