@@ -33,6 +33,7 @@ import select
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from types import FrameType
 
 from ipcd import config as config_mod
@@ -40,7 +41,6 @@ from ipcd.daemon import lockwaits, objectwatch, reloading, startup
 from ipcd.daemon import log as log_mod
 from ipcd.daemon.outcomes import Outcomes
 from ipcd.daemon.pidlock import PidLock
-from ipcd.daemon.pool import MAX_BACKOFF, MIN_BACKOFF, Pool, WorkerInfo
 from ipcd.daemon.recovery import DAEMON_KILLED, Recovery
 from ipcd.daemon.sdnotify import Watchdog
 from ipcd.daemon.signals import Flags
@@ -59,6 +59,33 @@ YOUNG = 1.0
 TICK = 1.0
 #: How often the master sweeps the spill table for segments of dead makers.
 SPILL_SWEEP = 3.0
+
+
+#: Back-off bounds for respawning workers that die soon after they start.
+MIN_BACKOFF, MAX_BACKOFF = 0.1, 30.0
+
+
+@dataclass
+class WorkerInfo:
+    pid: int
+    slot: int
+    generation: int
+    spawned: float
+    retiring: bool = False
+    kill_reason: str | None = None
+
+
+@dataclass
+class Pool:
+    """The master's view of its workers (pid -> info) and their free slots, and the
+    back-off that keeps a broken handler from making the master fork without end."""
+
+    workers: dict[int, WorkerInfo] = field(default_factory=dict)
+    free_slots: list[int] = field(default_factory=list)
+    generation: int = 0
+    backoff: float = MIN_BACKOFF
+    next_spawn: float = 0.0
+    restarts: int = 0
 
 
 class Arbiter:
