@@ -2,7 +2,7 @@
 
 Each daemon gets its own directory (key file, PID file, log) and so its own keys.  It is
 stopped with ``ipcd stop`` and every object at its keys is removed with
-``ipcd.kernel.vetting.remove_all``, whatever happened in between.
+``ipcd.tables.purge.remove_all``, whatever happened in between.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 
 from ipcd import config as config_mod
 from ipcd.client import Client
-from ipcd.kernel import vetting
 from ipcd.kernel.keys import Keys, derive
+from ipcd.tables import purge
 
 #: The repository root: the daemon imports bench.handlers from it.
 ROOT = Path(__file__).resolve().parent.parent
@@ -158,7 +158,7 @@ class BenchDaemon:
                 self.keys = derive(self.config.ipc)
         finally:
             if self.keys is not None:
-                vetting.remove_all(self.keys.all())
+                purge.remove_all(self.keys.all())
             if self._client is not None:
                 self._client.store.close()
                 self._client = None

@@ -22,6 +22,7 @@ import pytest
 
 from ipcd import config as config_mod
 from ipcd.kernel import keys, vetting
+from ipcd.tables import purge
 
 BIN = Path(sys.executable).parent
 IPCD = str(BIN / "ipcd")
@@ -150,7 +151,7 @@ def remove_objects(instance: Instance) -> None:
     # n = 0 to 7: every key ipcd derives (ipcd.kernel.keys).
     made = tuple((jobs + n * keys.REPLY_KEY_OFFSET) & 0xFFFFFFFF for n in range(8))
     TEST_KEYS.update(made)
-    vetting.remove_all(made)
+    purge.remove_all(made)
 
 
 @pytest.fixture
@@ -289,7 +290,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if left:
         listing = ", ".join(f"{kind} key {key:#010x} id {id_}" for kind, key, id_ in left)
         print(f"\nIPC objects made during the test run remain: {listing}", file=sys.stderr)
-        vetting.remove_all(tuple({key for _, key, _ in left if key in TEST_KEYS}))
+        purge.remove_all(tuple({key for _, key, _ in left if key in TEST_KEYS}))
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
     if not PRIVATE_IPC:
         print(

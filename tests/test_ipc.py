@@ -18,9 +18,10 @@ from ipcd.errors import (
     QueueFullError,
     WaitTimeoutError,
 )
-from ipcd.kernel import keys, vetting, waits
+from ipcd.kernel import keys, waits
 from ipcd.kernel import queues as ipc
 from ipcd.kernel.queues import Queue
+from ipcd.tables import purge
 
 
 @pytest.fixture
@@ -31,7 +32,7 @@ def key(tmp_path: Path) -> Iterator[int]:
     k = keys.ftok(path, 0x42)
     TEST_KEYS.add(k)
     yield k
-    vetting.remove_all((k,))
+    purge.remove_all((k,))
 
 
 def test_receive_times_out(key: int) -> None:

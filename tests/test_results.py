@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ipcd.errors import NoResultError, NotRunningError, WaitTimeoutError
-from ipcd.kernel import keys, vetting
+from ipcd.kernel import keys
 from ipcd.layout import results
 from ipcd.layout.results import (
     HEADER,
@@ -35,6 +35,7 @@ from ipcd.layout.results import (
     SlotState,
     Status,
 )
+from ipcd.tables import purge
 from ipcd.tables.results import LOCK_TIMEOUT, ResultStore
 
 SLOT = 256  # the smallest slot the config allows: 192 bytes of data
@@ -519,7 +520,7 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     finally:
         for store in made.stores:
             store.close()
-        vetting.remove_all((key, gate_key))
+        purge.remove_all((key, gate_key))
 
 
 def test_store_put_and_get_across_two_stores(rig: Rig) -> None:

@@ -491,9 +491,9 @@ def test_purge_removes_listed_segments(instance: Instance) -> None:
     _stop(instance)
     client.submit("digest", b"p" * MIB)
     (entry,) = _in_use(instance)
-    from ipcd.kernel import vetting
+    from ipcd.tables.purge import remove_all
 
-    removed = vetting.remove_all(instance.keys.all())
+    removed = remove_all(instance.keys.all())
     assert "1 spill segments" in removed
     assert not _segment_exists(entry.shmid)
 
@@ -726,14 +726,12 @@ def test_max_payload_holds_for_payloads_that_fit_a_message(instance: Instance) -
 def test_a_rejected_envelope_takes_its_spilled_payload_with_it(instance: Instance) -> None:
     """An envelope that points to a spilled payload but fails validation never runs:
     its segment and entry go with the rejection."""
-    from ipcd.tables import spill
+    from ipcd.client.api import outgoing
 
     client = _start(instance)
     try:
         job_id = "badattempt000001"
-        with spill.outgoing(
-            client, b"z" * MIB, None, job_id=job_id, reply_to=None, timeout=None
-        ) as body:
+        with outgoing(client, b"z" * MIB, None, job_id=job_id, reply_to=None, timeout=None) as body:
             doc = json.loads(body)
             doc["attempt"] = 0  # out of range: the worker rejects the envelope
             (entry,) = _in_use(instance)  # before the send: the worker may be quick

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
 from ipcd.config import Config
@@ -165,12 +166,10 @@ class Client:
         if body is not None and unique is None:  # the common case, kept short
             self._queue_or_park(type_, body, job_id, delay, send_timeout)
             return job_id
-        from ipcd.tables import spill
-
         # A payload too large for one message goes to a segment of its own (ipcd.tables.spill).
         with (
             self._claim(unique, job_id),
-            spill.outgoing(
+            outgoing(
                 self, payload, body, job_id=job_id, reply_to=reply_to, timeout=job_timeout,
                 unique=unique,
             ) as body,
@@ -417,6 +416,58 @@ class Client:
         if not self.daemon_serving():
             hint = " (no daemon is serving the queue: the job waits for the next start)"
         return WaitTimeoutError(f"no result for job {job_id} within {timeout:g}s{hint}")
+
+
+@contextlib.contextmanager
+def outgoing(
+    client: Client,
+    payload: Payload,
+    body: bytes | None,
+    *,
+    job_id: str,
+    reply_to: int | None,
+    timeout: float | None,
+    unique: str | None = None,
+) -> Iterator[bytes]:
+    """The envelope to send: ``body`` when the client could encode the payload into a
+    message, else one that points to a segment the payload is spilled into.
+
+    Used as ``with outgoing(...) as body: send(body)``: for a spilled payload the entry
+    becomes QUEUED before the block sends it, and if the block raises (queue full, ...)
+    the segment is removed and the entry freed, so a refused job leaves nothing behind.
+    QUEUED comes first because the master's sweep frees the entries of dead claimers: a
+    client killed just after its send must leave an entry that says its job is queued,
+    not one the sweep takes for a submission that never happened.  (One killed between
+    the mark and the send, or while blocked on a full queue, leaves a QUEUED entry for a
+    job that was never sent; the master's sweep frees it, see ipcd.daemon.sweep.)
+    """
+    if body is not None:
+        yield body
+        return
+    # Here, not at the top: only a large payload pays for the spill modules.
+    from ipcd.tables.spill import KINDS, within_max_payload
+    from ipcd.tables.spill.segment import Role
+    from ipcd.tables.spill.table import SpillTable, State
+    from ipcd.wire.protocol import SpillRef
+
+    kind, raw = within_max_payload(payload, client.config.jobs.max_payload)
+    table = SpillTable.open(client.keys.spill)
+    owner = client.queue.info().uid  # the daemon's: its workers remove the segment
+    index, shmid, _ = table.put(
+        raw, job_id=job_id, kind=KINDS[kind], role=Role.PAYLOAD, mode=0o600,
+        owner=owner if owner != os.geteuid() else None,
+        refused="the large job was not accepted",
+    )  # fmt: skip
+    ref = SpillRef(shmid, len(raw), index, kind)
+    try:
+        body = protocol.encode(
+            None, job_id=job_id, reply_to=reply_to, timeout=timeout, unique=unique, spill=ref
+        )
+        table.mark(index, State.QUEUED, shmid)
+        yield body
+    except BaseException:
+        table.discard(index, shmid)
+        raise
 
 
 def _check_payload_kept(failed: FailedList, job_id: str) -> None:

@@ -254,7 +254,13 @@ class Outcomes:
     def _spill(self, result: Result) -> Result:
         assert self.store.spills is not None
         result, evicted = spill.spill_result(self.store.spills, result)
-        spill.log_evicted(self.log, result.job_id, evicted)
+        if evicted:
+            self.log.info(
+                "spill.evicted",
+                job_id=result.job_id,
+                evicted=[e.job_id for e in evicted],
+                bytes=sum(e.size for e in evicted),
+            )
         return result
 
     def _store(self, result: Result) -> bool:

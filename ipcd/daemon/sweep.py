@@ -1,5 +1,5 @@
-"""Cleaning up spill segments: the master's sweep for what dead makers left, and the
-removal of every listed segment when the daemon's objects are purged.
+"""Cleaning up spill segments: the master's sweep for what dead makers left (removing
+every listed segment when the daemon's objects are purged is ipcd.tables.purge's).
 
 A segment with key 0 is known only by its id, so a producer that dies at the wrong
 moment would orphan it.  Every few seconds (and at start) the master sweeps entries left
@@ -10,7 +10,7 @@ it frees the entry.  A segment some other entry records, or an envelope in an in
 slot names, is an accepted job's and is never swept (the queue cannot be read without
 taking its messages, but every envelope sent names an entry already QUEUED).
 
-A client marks its entry QUEUED just before it sends (ipcd.tables.spill.outgoing), so a client
+A client marks its entry QUEUED just before it sends (ipcd.client.api.outgoing), so a client
 killed after its send leaves an entry that says its job is queued.  One killed between the
 mark and the send, or while blocked on a full queue, leaves a QUEUED entry for a job that
 was never sent: the sweep frees it once the sender is dead, the queue empty and no
@@ -132,41 +132,3 @@ class Sweeper:
                 if job.spill is not None:
                     found.add(job.spill.shmid)
         return found
-
-
-def remove_segments(table: SpillTable) -> int:
-    """Remove every segment the table lists (when the daemon's objects are purged)."""
-    return sum(
-        remove_checked(e.shmid, e.job_id)
-        for e in table.entries()
-        if e.state is not State.FREE and e.shmid >= 0
-    )
-
-
-def remove_listed(key: int) -> int:
-    """Remove the segments listed by a spill table at ``key``, if that is one, or named
-    by the spilled records of a result ring there (a result evicted from the table by a
-    client that could not remove it is known only to the ring)."""
-    try:
-        table = SpillTable.open(key)
-    except (IpcdError, ValueError):
-        return _remove_ring_spills(key)
-    try:
-        return remove_segments(table)
-    finally:
-        table.segment.close()
-
-
-def _remove_ring_spills(key: int) -> int:
-    try:
-        store = ResultStore.open(key)
-    except IpcdError:
-        return 0
-    try:
-        if store.capacity() is None:
-            return 0
-        return sum(
-            remove_checked(r.spill.shmid, r.job_id) for r in store.records() if r.spill is not None
-        )
-    finally:
-        store.close()

@@ -190,14 +190,10 @@ def sysv_objects() -> set[tuple[str, int, int]]:
     return found
 
 
-def remove_all(keys: tuple[int, ...]) -> list[str]:
-    """Remove every queue, segment and semaphore at these keys; for tests and ``ipcd purge``.
-
-    The spill segments the spill table lists (key 0, known only by the table) go first.
-    """
-    from ipcd.daemon.sweep import remove_listed
-
-    removed: list[str] = [f"{n} spill segments" for k in keys if (n := remove_listed(k))]
+def remove_objects(keys: tuple[int, ...]) -> list[str]:
+    """Remove every queue, segment and semaphore at these keys (ipcd.tables.purge first
+    removes the spill segments that only the objects at these keys name)."""
+    removed: list[str] = []
     for key in keys:
         k = as_key_t(key)
         for kind, remover in (

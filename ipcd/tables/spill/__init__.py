@@ -6,6 +6,8 @@ carries only a small envelope naming the segment (``"spill"``, see docs/protocol
 the result ring only a 16-byte descriptor (ipcd.layout.results), so neither fills with data.
 This module encodes and decodes what goes into those segments and follows a payload or
 result through its life; ipcd.tables.spill.table records the segments and removes them.
+Each side keeps its own half: a client spills a payload in ipcd.client.api.outgoing, the
+daemon logs the results it evicts in ipcd.daemon.outcomes.
 
 Data is copied once in (the producer writes straight into the segment) and once out (the
 reader copies it into a bytes object): no base64, no JSON, no CRC over the data.
@@ -13,73 +15,19 @@ reader copies it into a bytes object): no base64, no JSON, no CRC over the data.
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
-
 from ipcd.errors import IpcdError, MessageError, PayloadError, QueueFullError
 from ipcd.kernel.segments import Segment
 from ipcd.layout.results import Kind, Result, Spilled, Status
 from ipcd.tables.spill.segment import ANOTHER_JOB, DATA, NOT_SPILL, Role, exists, mismatch
 from ipcd.tables.spill.table import Entry, SpillTable, State
 from ipcd.wire import protocol
-from ipcd.wire.protocol import Job, Payload, SpillRef
+from ipcd.wire.protocol import Job, Payload
 
-if TYPE_CHECKING:
-    from ipcd.client import Client
-    from ipcd.daemon.log import Logger
-
-_KINDS = {"bytes": Kind.BYTES, "text": Kind.TEXT, "json": Kind.JSON}
-_NAMES = {v: k for k, v in _KINDS.items()}
+#: The kind of a spilled payload, by the name the envelope gives it (``SpillRef.kind``).
+KINDS = {"bytes": Kind.BYTES, "text": Kind.TEXT, "json": Kind.JSON}
+_NAMES = {v: k for k, v in KINDS.items()}
 
 # --- payloads -----------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def outgoing(
-    client: Client,
-    payload: Payload,
-    body: bytes | None,
-    *,
-    job_id: str,
-    reply_to: int | None,
-    timeout: float | None,
-    unique: str | None = None,
-) -> Iterator[bytes]:
-    """The envelope to send: ``body`` when the client could encode the payload into a
-    message, else one that points to a segment the payload is spilled into.
-
-    Used as ``with outgoing(...) as body: send(body)``: for a spilled payload the entry
-    becomes QUEUED before the block sends it, and if the block raises (queue full, ...)
-    the segment is removed and the entry freed, so a refused job leaves nothing behind.
-    QUEUED comes first because the master's sweep frees the entries of dead claimers: a
-    client killed just after its send must leave an entry that says its job is queued,
-    not one the sweep takes for a submission that never happened.  (One killed between
-    the mark and the send, or while blocked on a full queue, leaves a QUEUED entry for a
-    job that was never sent; the master's sweep frees it, see ipcd.daemon.sweep.)
-    """
-    if body is not None:
-        yield body
-        return
-    kind, raw = within_max_payload(payload, client.config.jobs.max_payload)
-    table = SpillTable.open(client.keys.spill)
-    owner = client.queue.info().uid  # the daemon's: its workers remove the segment
-    index, shmid, _ = table.put(
-        raw, job_id=job_id, kind=_KINDS[kind], role=Role.PAYLOAD, mode=0o600,
-        owner=owner if owner != os.geteuid() else None,
-        refused="the large job was not accepted",
-    )  # fmt: skip
-    ref = SpillRef(shmid, len(raw), index, kind)
-    try:
-        body = protocol.encode(
-            None, job_id=job_id, reply_to=reply_to, timeout=timeout, unique=unique, spill=ref
-        )
-        table.mark(index, State.QUEUED, shmid)
-        yield body
-    except BaseException:
-        table.discard(index, shmid)
-        raise
 
 
 def within_max_payload(payload: Payload, limit: int) -> tuple[str, bytes]:
@@ -124,7 +72,7 @@ def _load(job: Job, max_payload: int) -> Job:
         return job
     if ref.size > max_payload:
         raise _bad(job, f"spilled payload of {ref.size} bytes exceeds [jobs] max_payload")
-    raw = _read(ref.shmid, job.id, ref.size, Role.PAYLOAD, _KINDS[ref.kind])
+    raw = _read(ref.shmid, job.id, ref.size, Role.PAYLOAD, KINDS[ref.kind])
     if isinstance(raw, str):
         raise _bad(job, raw)
     payload: Payload = raw
@@ -202,17 +150,6 @@ def requeued(key: int, job: Job, state: State = State.QUEUED) -> None:
         pass
     finally:
         table.segment.close()
-
-
-def log_evicted(log: Logger, job_id: str, evicted: tuple[Entry, ...]) -> None:
-    """The ``spill.evicted`` event: stored results dropped to make room for ``job_id``'s."""
-    if evicted:
-        log.info(
-            "spill.evicted",
-            job_id=job_id,
-            evicted=[e.job_id for e in evicted],
-            bytes=sum(e.size for e in evicted),
-        )
 
 
 def keep_failed(table: SpillTable | None, job: Job) -> bool:
