@@ -37,9 +37,10 @@ run: $(STAMP)  ## run the daemon in the foreground on the development config (Ct
 
 test: lint typecheck pytest  ## lint, type checks and the whole test suite
 
-lint: $(STAMP)  ## ruff check and ruff format --check
+lint: $(STAMP)  ## ruff check, ruff format --check and the import rules (lint-imports)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 typecheck: $(STAMP)  ## mypy --strict
 	$(BIN)/mypy
