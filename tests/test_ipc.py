@@ -16,6 +16,7 @@ from ipcd.errors import (
     NotRunningError,
     PayloadError,
     QueueFullError,
+    UnsafeObjectError,
     WaitTimeoutError,
 )
 from ipcd.kernel import keys, waits
@@ -136,6 +137,29 @@ def test_foreign_owned_segment_is_refused(instance: Instance) -> None:
     failed = instance.ipcd("start")
     assert failed.returncode == ExitCode.NO_PERMISSION
     assert f"the result segment at key {key:#010x} is owned by uid 65534" in failed.stderr
+
+
+def test_objects_of_a_trusted_uid_are_accepted_only_when_it_is_passed_in(
+    instance: Instance,
+) -> None:
+    """A queue made and owned by another uid is refused unless the caller names that uid
+    as trusted (a root-started daemon's user), and naming it once leaves no state behind."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create an object as another user")
+    key = instance.keys.jobs
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+        sysv_ipc.MessageQueue(key, sysv_ipc.IPC_CREX, 0o600)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    with pytest.raises(UnsafeObjectError, match="owned by uid 65534"):
+        Queue.create(key, 0o600, what="job queue")
+    assert Queue.create(key, 0o600, what="job queue", trusted=(65534,)).info().uid == 65534
+    with pytest.raises(UnsafeObjectError, match="owned by uid 65534"):
+        Queue.create(key, 0o600, what="job queue")
 
 
 #: An unprivileged uid and gid for the squatter (nobody).

@@ -23,7 +23,6 @@ from ipcd.kernel import keys as keys_mod
 from ipcd.kernel import vetting
 from ipcd.kernel.keys import Keys
 from ipcd.kernel.queues import Queue, msgmax
-from ipcd.kernel.vetting import TRUSTED_UIDS
 from ipcd.tables.failed import FailedList
 from ipcd.tables.inflight import InflightTable
 from ipcd.tables.results import ResultStore
@@ -59,8 +58,6 @@ def prepare(config: Config, *, console: TextIO | None) -> Prepared:
     """
     registry = registry_mod.build(config)
     who = identity.resolve(config)
-    if who.drops and who.uid is not None:
-        TRUSTED_UIDS.add(who.uid)  # objects it owns from earlier runs are ours
     if config.log.file is not None:
         _check_writable_dir(config.log.file)
     try:
@@ -93,33 +90,48 @@ def _objects(
     """Create, or open and vet, every kernel object at the configuration's keys; the
     counts start again unless this is ``again`` (the master's renewal)."""
     mode = config.ipc.mode
-    queue = Queue.create(keys.jobs, mode, what="job queue")
-    replies = Queue.create(keys.replies, mode, what="reply queue")
+    # A root-started daemon drops to its user, who owns the objects of its earlier runs.
+    trusted = (who.uid,) if who.drops and who.uid is not None else ()
+    queue = Queue.create(keys.jobs, mode, what="job queue", trusted=trusted)
+    replies = Queue.create(keys.replies, mode, what="reply queue", trusted=trusted)
     store = ResultStore.create(
-        keys.results, keys.gate, mode, config.results.size, config.results.slot_size
+        keys.results,
+        keys.gate,
+        mode,
+        config.results.size,
+        config.results.slot_size,
+        trusted=trusted,
     )
     spills = SpillTable.create(
-        keys.spill, mode, config.jobs.spill_slots, config.results.spill_reserved
+        keys.spill, mode, config.jobs.spill_slots, config.results.spill_reserved, trusted=trusted
     )
     spills.max_result, spills.mode, spills.gid = config.results.max_result, mode, who.object_gid
     spills.spill_bytes = config.results.spill_bytes
     store.spills = spills
     text_size = msgmax()
-    failed = FailedList.create(keys.failed, mode, config.jobs.failed_size, text_size, spills)
+    failed = FailedList.create(
+        keys.failed, mode, config.jobs.failed_size, text_size, spills, trusted=trusted
+    )
     # Twice the workers: a reload starts the new generation before the old one has left.
     table, carried = InflightTable.create(
-        keys.inflight, mode, 2 * config.daemon.workers, config.jobs.parked, text_size
+        keys.inflight,
+        mode,
+        2 * config.daemon.workers,
+        config.jobs.parked,
+        text_size,
+        trusted=trusted,
     )
     for held in carried:  # the table changed shape: keep what the old one held
         if not table.park(held.type, held.body, held.job_id, held.attempt, time.time()):
             queue.send_nowait(held.body, held.type)
-    unique = _unique_table(keys.unique, mode, queue, table)
+    unique = _unique_table(keys.unique, mode, queue, table, trusted)
     stats = StatsSegment.create(
         keys.stats,
         mode,
         table.workers,
         [(r.name, r.type) for r in registry.by_type.values()],
         keep_counts=again,
+        trusted=trusted,
     )
     _load_lazy_modules()
     vetting.adopt_all(
@@ -131,10 +143,12 @@ def _objects(
     return queue, replies, store, table, failed, stats, unique, spills
 
 
-def _unique_table(key: int, mode: int, queue: Queue, table: InflightTable) -> UniqueTable:
+def _unique_table(
+    key: int, mode: int, queue: Queue, table: InflightTable, trusted: tuple[int, ...]
+) -> UniqueTable:
     """The unique-key table, without the keys of jobs that are gone
     (ipcd.daemon.uniquerelease), made the one this daemon's outcomes release keys in."""
-    unique = UniqueTable.create(key, mode)
+    unique = UniqueTable.create(key, mode, trusted=trusted)
     log = log_mod.get_logger(role="master")
     for entry, reason in uniquerelease.sweep_lost(unique, queue=queue, inflight=table):
         log.warning("unique.freed", unique=entry.key, job_id=entry.job_id, reason=reason)

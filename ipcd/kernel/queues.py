@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from collections.abc import Collection
 from typing import Any, NamedTuple
 
 import sysv_ipc
@@ -131,8 +132,11 @@ class Queue:
         return cls(mq, key, limit)
 
     @classmethod
-    def create(cls, key: int, mode: int, *, what: str = "queue") -> Queue:
-        """Create the queue, or open and vet the one already there (the daemon's side)."""
+    def create(
+        cls, key: int, mode: int, *, what: str = "queue", trusted: Collection[int] = ()
+    ) -> Queue:
+        """Create the queue, or open and vet the one already there (the daemon's side);
+        ``trusted``: uids besides ours that may own it (vetting.check_safe)."""
         mq = open_or_create(
             lambda flags: sysv_ipc.MessageQueue(
                 as_key_t(key), flags, mode, max_message_size=msgmax()
@@ -141,7 +145,7 @@ class Queue:
             key,
         )
         queue = cls(mq, key)
-        check_safe(queue.info(what), mode)
+        check_safe(queue.info(what), mode, trusted)
         return queue
 
     @property

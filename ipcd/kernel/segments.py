@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import TypeVar
 
 import sysv_ipc
@@ -47,10 +47,13 @@ class Segment:
         return cls(shm, key, what=what)
 
     @classmethod
-    def create(cls, key: int, mode: int, size: int, *, what: str) -> tuple[Segment, bool]:
+    def create(
+        cls, key: int, mode: int, size: int, *, what: str, trusted: Collection[int] = ()
+    ) -> tuple[Segment, bool]:
         """Create the segment (zero-filled) or open the existing one; says whether it is new.
 
-        ``what`` names it in errors and in the vetting of an existing one.
+        ``what`` names it in errors and in the vetting of an existing one; ``trusted``: uids
+        besides ours that may own it (vetting.check_safe).
         """
         try:
             shm = sysv_ipc.SharedMemory(as_key_t(key), sysv_ipc.IPC_CREX, mode, size)
@@ -63,7 +66,7 @@ class Segment:
                 f"permission denied creating the {what} at key {key:#010x}"
             ) from None
         segment = cls(shm, key, what=what)
-        check_safe(segment.info(), mode)
+        check_safe(segment.info(), mode, trusted)
         return segment, created
 
     @classmethod
@@ -161,6 +164,7 @@ def create_formatted(
     lock: Lock | None,
     lock_timeout: float = 5.0,
     what: str,
+    trusted: Collection[int] = (),
 ) -> Segment:
     """The daemon's segment at ``key``: the one a previous daemon left when ``keep`` says
     its contents still serve, else a freshly formatted one.
@@ -172,13 +176,13 @@ def create_formatted(
     be); then ``format(segment)`` holding ``lock``, so that no client reads a half-made
     header.  ``format`` receives a segment of at least ``size`` bytes.
     """
-    segment, created = Segment.create(key, mode, size, what=what)
+    segment, created = Segment.create(key, mode, size, what=what, trusted=trusted)
     if not created:
         if keep(segment):
             return segment
         if segment.size != size:
             segment.remove()
-            segment, _ = Segment.create(key, mode, size, what=what)
+            segment, _ = Segment.create(key, mode, size, what=what, trusted=trusted)
     if lock is None:
         format(segment)
     else:
@@ -213,7 +217,7 @@ class _Semaphore:
         return cls(open_existing(lambda: sysv_ipc.Semaphore(as_key_t(key), 0), cls.what, key), key)
 
     @classmethod
-    def create(cls: type[_S], key: int, mode: int) -> _S:
+    def create(cls: type[_S], key: int, mode: int, *, trusted: Collection[int] = ()) -> _S:
         """Create the semaphore with value 1, or open and vet the existing one."""
         try:
             sem = sysv_ipc.Semaphore(as_key_t(key), sysv_ipc.IPC_CREX, mode, 1)
@@ -224,7 +228,7 @@ class _Semaphore:
                 f"permission denied creating the {cls.what} at key {key:#010x}"
             ) from None
         made = cls(sem, key)
-        check_safe(made.info(), mode)
+        check_safe(made.info(), mode, trusted)
         return made
 
     @property
@@ -325,8 +329,8 @@ class Gate(_Semaphore):
     what = "result gate"
 
     @classmethod
-    def create(cls, key: int, mode: int) -> Gate:
-        gate = super().create(key, mode)
+    def create(cls, key: int, mode: int, *, trusted: Collection[int] = ()) -> Gate:
+        gate = super().create(key, mode, trusted=trusted)
         gate._sem.value = 1
         return gate
 

@@ -10,7 +10,7 @@ remove them here.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import NamedTuple, Protocol, TypeVar
 
 import sysv_ipc
@@ -93,11 +93,7 @@ def open_or_create(open_existing: Callable[[int], _O], what: str, key: int) -> _
         ) from None
 
 
-#: Besides ipcd's own uid, the uid a root-started daemon drops to owns its objects.
-TRUSTED_UIDS: set[int] = set()
-
-
-def check_safe(info: ObjectInfo, mode: int) -> None:
+def check_safe(info: ObjectInfo, mode: int, trusted: Collection[int] = ()) -> None:
     """Refuse an object not made and owned by us, or more open than ``mode`` (squatting
     defence).
 
@@ -106,11 +102,12 @@ def check_safe(info: ObjectInfo, mode: int) -> None:
     forge jobs.  The owner alone is not enough: the creator may change owner and mode at
     any time (IPC_SET, ipc/util.c ipcctl_obtain_check), so another user could make the
     object, give it to ipcd's uid for the check, and take it back later.  The creator
-    must therefore be ipcd's uid, the uid a root-started daemon drops to, or root.  (The
-    creator's group grants nothing, so ``cgid`` is only reported.)
+    must therefore be ipcd's uid, one of ``trusted`` (the uid a root-started daemon drops
+    to, which owns the objects of its earlier runs), or root.  (The creator's group grants
+    nothing, so ``cgid`` is only reported.)
     """
     euid = os.geteuid()
-    trusted = {euid, *TRUSTED_UIDS}
+    trusted = {euid, *trusted}
     if info.uid not in trusted:
         raise UnsafeObjectError(
             f"the {info.kind} at key {info.key:#010x} is owned by uid {info.uid}, not by "

@@ -12,6 +12,7 @@ import base64
 import contextlib
 import json
 import time
+from collections.abc import Collection
 from typing import TYPE_CHECKING, NamedTuple
 
 from ipcd.kernel.segments import Lock, Segment
@@ -68,11 +69,19 @@ class FailedList:
 
     @classmethod
     def create(
-        cls, key: int, mode: int, entries: int, text_size: int, spills: SpillTable | None = None
+        cls,
+        key: int,
+        mode: int,
+        entries: int,
+        text_size: int,
+        spills: SpillTable | None = None,
+        *,
+        trusted: Collection[int] = (),
     ) -> FailedList:
         slot = slot_size_for(text_size)
         size = results.HEADER_SIZE + entries * slot
-        return cls(ResultStore.create(key, None, mode, size, slot, what="failed list"), spills)
+        store = ResultStore.create(key, None, mode, size, slot, what="failed list", trusted=trusted)
+        return cls(store, spills)
 
     def _dropped(self, record: Result) -> None:
         """The list drops its oldest entry: a spilled payload's segment goes with it."""

@@ -29,7 +29,7 @@ import enum
 import os
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import NamedTuple
 
 from ipcd.kernel.segments import Lock, Segment, create_formatted
@@ -124,14 +124,21 @@ class InflightTable:
 
     @classmethod
     def create(
-        cls, key: int, mode: int, workers: int, parked: int, text_size: int
+        cls,
+        key: int,
+        mode: int,
+        workers: int,
+        parked: int,
+        text_size: int,
+        *,
+        trusted: Collection[int] = (),
     ) -> tuple[InflightTable, list[Held]]:
         """Create the table, or reuse the one a previous daemon left (with its jobs).
 
         Returns the table and, when an old table of another shape had to be replaced,
         the jobs it held (the caller parks them again at once).
         """
-        lock = Lock.create(key, mode)
+        lock = Lock.create(key, mode, trusted=trusted)
         carried: list[Held] = []
 
         def keep(segment: Segment) -> bool:
@@ -153,6 +160,7 @@ class InflightTable:
             lock=lock,
             lock_timeout=LOCK_TIMEOUT,
             what="in-flight table",
+            trusted=trusted,
         )
         return cls(segment, lock), carried
 

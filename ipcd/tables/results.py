@@ -7,7 +7,7 @@ with the kernel objects from :mod:`ipcd.kernel.queues` and holds the semaphore a
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING
 
 from ipcd.errors import IpcdError, OverwrittenError
@@ -70,6 +70,7 @@ class ResultStore:
         slot_size: int,
         *,
         what: str = "result segment",
+        trusted: Collection[int] = (),
     ) -> ResultStore:
         """Create or reuse the segment and semaphore (the daemon side); ``what`` names the
         segment in errors (the failed list is a ring too).
@@ -77,7 +78,7 @@ class ResultStore:
         An existing segment whose layout matches is kept, so results survive a restart;
         one of another size or version is removed and made anew.
         """
-        lock = Lock.create(key, mode)
+        lock = Lock.create(key, mode, trusted=trusted)
         repaired: list[tuple[int, int]] = []
 
         def keep(segment: Segment) -> bool:
@@ -97,8 +98,13 @@ class ResultStore:
             lock=lock,
             lock_timeout=LOCK_TIMEOUT,
             what=what,
+            trusted=trusted,
         )
-        store = cls(segment, lock, None if gate_key is None else Gate.create(gate_key, mode))
+        store = cls(
+            segment,
+            lock,
+            None if gate_key is None else Gate.create(gate_key, mode, trusted=trusted),
+        )
         store.repaired = repaired[0] if repaired else None
         store.slot_size = slot_size
         return store

@@ -16,7 +16,7 @@ The layout itself (header, handler table, records) is in :mod:`ipcd.layout.stats
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import NamedTuple
 
 from ipcd.kernel.segments import Segment, create_formatted
@@ -287,6 +287,7 @@ class StatsSegment:
         handlers: Iterable[tuple[str, int]],
         *,
         keep_counts: bool = False,
+        trusted: Collection[int] = (),
     ) -> StatsSegment:
         """Make the segment for ``workers`` worker slots and the master, zeroed: counts
         start again at each daemon start.  A segment of another size is made anew.
@@ -309,6 +310,7 @@ class StatsSegment:
             format=format,
             lock=None,
             what="stats segment",
+            trusted=trusted,
         )
         return cls(segment)
 

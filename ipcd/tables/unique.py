@@ -44,7 +44,7 @@ import os
 import struct
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from types import TracebackType
 from typing import NamedTuple
 
@@ -117,10 +117,12 @@ class UniqueTable:
     # --- creation ---------------------------------------------------------------------
 
     @classmethod
-    def create(cls, key: int, mode: int, entries: int = ENTRIES) -> UniqueTable:
+    def create(
+        cls, key: int, mode: int, entries: int = ENTRIES, *, trusted: Collection[int] = ()
+    ) -> UniqueTable:
         """Create the table, or keep the one a previous daemon left (with its keys: the
         jobs holding them may still be queued).  One of another shape is made anew."""
-        lock = Lock.create(key, mode)
+        lock = Lock.create(key, mode, trusted=trusted)
         segment = create_formatted(
             key,
             mode,
@@ -130,6 +132,7 @@ class UniqueTable:
             lock=lock,
             lock_timeout=LOCK_TIMEOUT,
             what="unique-key table",
+            trusted=trusted,
         )
         return cls(segment, lock)
 

@@ -57,6 +57,7 @@ import enum
 import os
 import struct
 import time
+from collections.abc import Collection
 from typing import TYPE_CHECKING, NamedTuple
 
 from ipcd.errors import IpcdError, QueueFullError
@@ -153,11 +154,13 @@ class SpillTable:
         self.spill_bytes: int | None = None
 
     @classmethod
-    def create(cls, key: int, mode: int, entries: int, reserved: int = 0) -> SpillTable:
+    def create(
+        cls, key: int, mode: int, entries: int, reserved: int = 0, *, trusted: Collection[int] = ()
+    ) -> SpillTable:
         """Create the table, or keep the one a previous daemon left (its entries still
         name live segments); one of another size is rebuilt with its entries carried.
         ``reserved`` entries are kept for results (payloads may take the rest)."""
-        lock = Lock.create(key, mode)
+        lock = Lock.create(key, mode, trusted=trusted)
         carried: list[Entry] = []
 
         def keep(segment: Segment) -> bool:
@@ -184,6 +187,7 @@ class SpillTable:
             lock=lock,
             lock_timeout=LOCK_TIMEOUT,
             what="spill table",
+            trusted=trusted,
         )
         for entry in carried[entries:]:  # no room: what they named cannot be kept
             remove_checked(entry.shmid, entry.job_id)
