@@ -607,9 +607,8 @@ def test_a_result_refused_for_room_says_so(instance: Instance) -> None:
     the one a refused submission gets."""
     from ipcd.layout.results import Kind, Result, Status
 
-    table = SpillTable.create(instance.keys.spill, 0o600, 2)
+    table = SpillTable.create(instance.keys.spill, 0o600, 2, max_result=MIB)
     try:
-        table.max_result = MIB
         for n in range(2):
             table.claim(f"payload{n}", MIB, role=spillsegment.Role.PAYLOAD, refused="not accepted")
         result = Result("job1", 2, Status.OK, Kind.BYTES, b"r" * 5000)

@@ -94,6 +94,16 @@ def _objects(
     trusted = (who.uid,) if who.drops and who.uid is not None else ()
     queue = Queue.create(keys.jobs, mode, what="job queue", trusted=trusted)
     replies = Queue.create(keys.replies, mode, what="reply queue", trusted=trusted)
+    spills = SpillTable.create(
+        keys.spill,
+        mode,
+        config.jobs.spill_slots,
+        config.results.spill_reserved,
+        trusted=trusted,
+        max_result=config.results.max_result,
+        gid=who.object_gid,
+        spill_bytes=config.results.spill_bytes,
+    )
     store = ResultStore.create(
         keys.results,
         keys.gate,
@@ -101,13 +111,8 @@ def _objects(
         config.results.size,
         config.results.slot_size,
         trusted=trusted,
+        spills=spills,
     )
-    spills = SpillTable.create(
-        keys.spill, mode, config.jobs.spill_slots, config.results.spill_reserved, trusted=trusted
-    )
-    spills.max_result, spills.mode, spills.gid = config.results.max_result, mode, who.object_gid
-    spills.spill_bytes = config.results.spill_bytes
-    store.spills = spills
     text_size = msgmax()
     failed = FailedList.create(
         keys.failed, mode, config.jobs.failed_size, text_size, spills, trusted=trusted

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import time
 from collections.abc import Collection
@@ -62,10 +63,9 @@ def slot_size_for(text_size: int) -> int:
 
 
 class FailedList:
-    def __init__(self, store: ResultStore, spills: SpillTable | None = None) -> None:
+    def __init__(self, store: ResultStore) -> None:
+        """``store``: the list's ring, made to call _drop_payload on the entries it drops."""
         self.store = store
-        self.spills = spills
-        store.on_evict = self._dropped
 
     @classmethod
     def create(
@@ -80,33 +80,23 @@ class FailedList:
     ) -> FailedList:
         slot = slot_size_for(text_size)
         size = results.HEADER_SIZE + entries * slot
-        store = ResultStore.create(key, None, mode, size, slot, what="failed list", trusted=trusted)
-        return cls(store, spills)
-
-    def _dropped(self, record: Result) -> None:
-        """The list drops its oldest entry: a spilled payload's segment goes with it."""
-        entry = _entry(record)
-        if entry is None or b'"spill"' not in entry.body:
-            return
-        from ipcd.errors import IpcdError, MessageError
-        from ipcd.tables import spill
-        from ipcd.tables.spill import segment as spillsegment
-        from ipcd.wire import protocol
-
-        try:
-            job = protocol.decode(entry.body, entry.type)
-        except MessageError:
-            return
-        if job.spill is not None:
-            if self.spills is None:
-                spillsegment.remove_checked(job.spill.shmid, job.id)
-                return
-            with contextlib.suppress(IpcdError):
-                spill.settle(self.spills, job)
+        store = ResultStore.create(
+            key,
+            None,
+            mode,
+            size,
+            slot,
+            what="failed list",
+            trusted=trusted,
+            on_evict=functools.partial(_drop_payload, spills),
+        )
+        return cls(store)
 
     @classmethod
     def open(cls, key: int) -> FailedList:
-        return cls(ResultStore(Segment.open(key, what="failed list"), Lock.open(key)))
+        segment = Segment.open(key, what="failed list")
+        on_evict = functools.partial(_drop_payload, None)
+        return cls(ResultStore(segment, Lock.open(key), on_evict=on_evict))
 
     def add(
         self,
@@ -165,3 +155,26 @@ def _entry(record: Result) -> FailedJob | None:
         )  # fmt: skip
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def _drop_payload(spills: SpillTable | None, record: Result) -> None:
+    """The list drops its oldest entry: a spilled payload's segment goes with it (settled
+    in the daemon's spill table, or removed when there is none at hand)."""
+    entry = _entry(record)
+    if entry is None or b'"spill"' not in entry.body:
+        return
+    from ipcd.errors import IpcdError, MessageError
+    from ipcd.tables import spill
+    from ipcd.tables.spill import segment as spillsegment
+    from ipcd.wire import protocol
+
+    try:
+        job = protocol.decode(entry.body, entry.type)
+    except MessageError:
+        return
+    if job.spill is not None:
+        if spills is None:
+            spillsegment.remove_checked(job.spill.shmid, job.id)
+            return
+        with contextlib.suppress(IpcdError):
+            spill.settle(spills, job)

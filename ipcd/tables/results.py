@@ -33,15 +33,18 @@ class ResultStore:
         gate: Gate | None = None,
         *,
         lock_timeout: float = LOCK_TIMEOUT,
+        spills: SpillTable | None = None,
+        on_evict: Callable[[Result], None] | None = None,
     ) -> None:
         self.segment = segment
         self.lock = lock
         self.gate = gate
         self.lock_timeout = lock_timeout
         #: The daemon's spill table: results too large for a slot go there (ipcd.tables.spill).
-        self.spills: SpillTable | None = None
-        #: Called under the lock with each valid record a put is about to overwrite.
-        self.on_evict: Callable[[Result], None] | None = None
+        self.spills = spills
+        #: Called under the lock with each valid record a put is about to overwrite, instead
+        #: of releasing an overwritten spilled result (the failed list's own eviction rule).
+        self.on_evict = on_evict
         self._capacity: int | None = None
         #: (records kept, records lost) when create() found the header overwritten by
         #: another program and wrote it anew (results.repair_header); else None.
@@ -71,6 +74,8 @@ class ResultStore:
         *,
         what: str = "result segment",
         trusted: Collection[int] = (),
+        spills: SpillTable | None = None,
+        on_evict: Callable[[Result], None] | None = None,
     ) -> ResultStore:
         """Create or reuse the segment and semaphore (the daemon side); ``what`` names the
         segment in errors (the failed list is a ring too).
@@ -104,6 +109,8 @@ class ResultStore:
             segment,
             lock,
             None if gate_key is None else Gate.create(gate_key, mode, trusted=trusted),
+            spills=spills,
+            on_evict=on_evict,
         )
         store.repaired = repaired[0] if repaired else None
         store.slot_size = slot_size

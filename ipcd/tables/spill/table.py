@@ -135,7 +135,16 @@ def segment_size(entries: int) -> int:
 class SpillTable:
     """The table over a live segment; every change holds its lock."""
 
-    def __init__(self, segment: Segment, lock: Lock) -> None:
+    def __init__(
+        self,
+        segment: Segment,
+        lock: Lock,
+        *,
+        max_result: int = 0,
+        mode: int = 0o600,
+        gid: int | None = None,
+        spill_bytes: int | None = None,
+    ) -> None:
         self.segment = segment
         self.lock = lock
         self.buf = segment.buf
@@ -146,16 +155,25 @@ class SpillTable:
             raise ValueError("spill table larger than its segment")
         self.count: int = count
         #: The daemon's limits for results ([results] max_result, [ipc] mode).
-        self.max_result = 0
-        self.mode = 0o600
+        self.max_result = max_result
+        self.mode = mode
         #: The group of the daemon's objects ([ipc] group), given to result segments.
-        self.gid: int | None = None
+        self.gid = gid
         #: [results] spill_bytes: the most data spilled results may hold (None: no cap).
-        self.spill_bytes: int | None = None
+        self.spill_bytes = spill_bytes
 
     @classmethod
     def create(
-        cls, key: int, mode: int, entries: int, reserved: int = 0, *, trusted: Collection[int] = ()
+        cls,
+        key: int,
+        mode: int,
+        entries: int,
+        reserved: int = 0,
+        *,
+        trusted: Collection[int] = (),
+        max_result: int = 0,
+        gid: int | None = None,
+        spill_bytes: int | None = None,
     ) -> SpillTable:
         """Create the table, or keep the one a previous daemon left (its entries still
         name live segments); one of another size is rebuilt with its entries carried.
@@ -191,7 +209,9 @@ class SpillTable:
         )
         for entry in carried[entries:]:  # no room: what they named cannot be kept
             remove_checked(entry.shmid, entry.job_id)
-        table = cls(segment, lock)
+        table = cls(
+            segment, lock, max_result=max_result, mode=mode, gid=gid, spill_bytes=spill_bytes
+        )
         with lock.held(LOCK_TIMEOUT):
             RESERVED.pack_into(table.buf, RESERVED_OFFSET, min(reserved, entries))
         return table
