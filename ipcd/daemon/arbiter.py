@@ -134,7 +134,16 @@ class Arbiter:
             unique=prepared.unique,
             stats=self.stats,
         )
-        self.recovery = Recovery(prepared, self.outcomes, self.log)
+        self.recovery = Recovery(
+            outcomes=self.outcomes,
+            store=prepared.store,
+            table=prepared.table,
+            queue=prepared.queue,
+            registry=prepared.registry,
+            jobs=prepared.config.jobs,
+            stats=self.stats,
+            log=self.log,
+        )
         self.spill_sweeper = Sweeper(prepared.spills, prepared.queue, prepared.table)
         stats = self.stats
         prepared.sink.on_drop = lambda: stats.bump(stats_mod.LOG_DROPPED)

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import time
 
+from ipcd.config import JobsConfig
 from ipcd.daemon.log import Logger
 from ipcd.daemon.outcomes import Outcomes, error_result, run_again
-from ipcd.daemon.startup import Prepared
 from ipcd.errors import MessageError
+from ipcd.handlers.registry import Registry
+from ipcd.kernel.queues import Queue
 from ipcd.tables import stats
-from ipcd.tables.inflight import Held
+from ipcd.tables.inflight import Held, InflightTable
+from ipcd.tables.results import ResultStore
+from ipcd.tables.stats import Recorder
 from ipcd.wire import protocol
 from ipcd.wire.protocol import Job
 
@@ -24,15 +28,34 @@ DAEMON_KILLED = "the daemon was killed"
 
 
 class Recovery:
-    def __init__(self, prepared: Prepared, outcomes: Outcomes, log: Logger) -> None:
-        self.p = prepared
+    def __init__(
+        self,
+        *,
+        outcomes: Outcomes,
+        store: ResultStore,
+        table: InflightTable,
+        queue: Queue,
+        registry: Registry,
+        jobs: JobsConfig,
+        stats: Recorder,
+        log: Logger,
+    ) -> None:
+        """``outcomes`` ends the jobs; ``store`` says whether a dead worker stored its
+        outcome first; ``table`` and ``queue`` take a job run again; ``registry`` and
+        ``jobs`` give the retry policy; ``stats`` counts recovered and requeued jobs."""
         self.outcomes = outcomes
+        self.store = store
+        self.table = table
+        self.queue = queue
+        self.registry = registry
+        self.jobs = jobs
+        self.stats = stats
         self.log = log
 
     def _recover(self, held: Held, *, cause: str, timed_out: bool) -> None:
         """Finish or re-run the job a dead worker held (at-least-once)."""
         started = _monotonic_start(held)
-        self.outcomes.stats.bump(stats.JOBS_RECOVERED)
+        self.stats.bump(stats.JOBS_RECOVERED)
         try:
             job = protocol.decode(held.body, held.type, received=time.time())
         except MessageError as exc:
@@ -40,7 +63,7 @@ class Recovery:
             return
         if job.bare and held.job_id:
             job = job._replace(id=held.job_id)
-        existing = self.p.store.get(job.id)
+        existing = self.store.get(job.id)
         if existing is not None and existing.finished >= held.started > 0:
             # The worker stored the outcome and died before it said so: finish what it
             # left (key, failed list, payload segment) and say it for it.
@@ -56,7 +79,7 @@ class Recovery:
                 started=started, killed=True,
             )  # fmt: skip
             return
-        policy = self.p.registry.policy(job.type, self.p.config.jobs)
+        policy = self.registry.policy(job.type, self.jobs)
         if job.attempt >= policy.max_attempts:
             message = f"worker died ({cause}) on attempt {job.attempt} of {policy.max_attempts}"
             self.outcomes.finish(
@@ -70,18 +93,18 @@ class Recovery:
 
     def run_again(self, job: Job, held: Held, *, attempt: int, delay: float, cause: str) -> None:
         due = time.time() + delay
-        again = run_again(job, attempt=attempt, due=due, table=self.p.table, queue=self.p.queue)
+        again = run_again(job, attempt=attempt, due=due, table=self.table, queue=self.queue)
         if again.refused:
             self.outcomes.finish(
                 job, error_result(job, f"{cause}; {again.refused}"), body=held.body,
                 handler=self._handler_name(job), started=time.monotonic(),
             )  # fmt: skip
             return
-        self.outcomes.stats.bump(stats.JOBS_REQUEUED)
+        self.stats.bump(stats.JOBS_REQUEUED)
         if not again.placed:
             # Every parked slot is taken and the queue is full: the job stays where it is,
             # in the dead worker's slot, parked; that slot takes no new worker meanwhile.
-            self.p.table.park_in(held.slot, job.type, again.body, job.id, attempt, due)
+            self.table.park_in(held.slot, job.type, again.body, job.id, attempt, due)
         self.log.warning(
             "job.requeued", job_id=job.id, type=job.type, attempt=attempt, cause=cause,
             delay_s=round(delay, 3),
@@ -109,7 +132,7 @@ class Recovery:
         self.run_again(job, held, attempt=job.attempt, delay=0.0, cause=cause)
 
     def _handler_name(self, job: Job) -> str:
-        reg = self.p.registry.lookup(job.type)
+        reg = self.registry.lookup(job.type)
         return reg.name if reg else "-"
 
 

@@ -36,6 +36,9 @@ from ipcd.kernel.waits import Interrupted
 from ipcd.layout.results import Kind, Result, Status
 from ipcd.tables import spill, stats
 from ipcd.tables.inflight import InflightTable
+from ipcd.tables.results import ResultStore
+from ipcd.tables.spill.table import SpillTable
+from ipcd.tables.stats import Recorder
 from ipcd.wire import jsoncodec, protocol
 from ipcd.wire.protocol import Job
 
@@ -124,19 +127,30 @@ class Worker:
         queue: Queue,
         table: InflightTable,
         outcomes: Outcomes,
+        store: ResultStore,
+        spills: SpillTable | None,
         registry: Registry,
         flags: Flags,
         log: Logger,
+        events: log_mod.Events,
+        stats: Recorder,
         wake_master: Callable[[], None],
     ) -> None:
+        """``outcomes`` ends each job; ``store`` says whether a job's outcome was stored
+        before an error of ipcd's own; ``spills`` holds spilled payloads; ``events`` logs
+        job starts when debugging; ``stats`` counts retries."""
         self.slot = slot
         self.config = config
         self.queue = queue
         self.table = table
         self.outcomes = outcomes
+        self.store = store
+        self.spills = spills
         self.registry = registry
         self.flags = flags
         self.log = log
+        self.events = events
+        self.stats = stats
         self.wake_master = wake_master
         self.jobs_done = 0
         self.pid = os.getpid()
@@ -194,7 +208,7 @@ class Worker:
         try:
             job = protocol.decode(body, type_, received=received)
             if job.spill is not None:  # the payload waits in a segment of its own
-                job = spill.load(job, self.outcomes.store.spills, self.config.jobs.max_payload)
+                job = spill.load(job, self.spills, self.config.jobs.max_payload)
             return job
         except MessageError:
             raise
@@ -216,7 +230,7 @@ class Worker:
             "job.internal_error", job_id=job.id, type=job.type, traceback=traceback.format_exc()
         )
         try:
-            stored = self.outcomes.store.get(job.id)
+            stored = self.store.get(job.id)
         except IpcdError:
             stored = None
         if stored is not None and stored.finished >= received:
@@ -240,8 +254,8 @@ class Worker:
             self.table.received(self.slot, length, job.attempt, job.id, deadline)
             if deadline:
                 self.wake_master()  # the master enforces the deadline
-            if self.outcomes.events.debugging:  # `ipcctl logs -f` sees long jobs start
-                self.outcomes.events.debug("job.started", _started_fields(job, registration))
+            if self.events.debugging:  # `ipcctl logs -f` sees long jobs start
+                self.events.debug("job.started", _started_fields(job, registration))
             outcome, handler = execute(self.registry, job, self.log)
             if not isinstance(outcome, Retry):
                 self.outcomes.finish(job, outcome, body=body, handler=handler, started=started)
@@ -289,7 +303,7 @@ class Worker:
             reason=retry.reason,
             kept_in_worker=not again.placed,
         )
-        self.outcomes.stats.retried(handler)
+        self.stats.retried(handler)
         if again.placed:
             self.wake_master()
             return None
@@ -365,9 +379,13 @@ def worker_process(  # pragma: no cover - runs in the forked worker
                 unique=prepared.unique,
                 stats=recorder,
             ),
+            store=prepared.store,
+            spills=prepared.spills,
             registry=prepared.registry,
             flags=flags,
             log=log,
+            events=events,
+            stats=recorder,
             wake_master=wake_master,
         )
         code = worker.serve()
