@@ -87,6 +87,37 @@ class Pool:
     next_spawn: float = 0.0
     restarts: int = 0
 
+    def active(self) -> list[WorkerInfo]:
+        """The workers of the current generation (not retiring)."""
+        return [w for w in self.workers.values() if not w.retiring]
+
+    def to_spawn(self, wanted: int, now: float) -> int:
+        """How many workers to fork now: up to ``wanted`` active ones, as free slots
+        allow, and none while the back-off holds spawning off."""
+        if now < self.next_spawn:
+            return 0
+        return max(0, min(wanted - len(self.active()), len(self.free_slots)))
+
+    def died_unexpectedly(self, lived: float, now: float) -> float | None:
+        """Note a worker that died on its own, holding no job: one that lived under
+        YOUNG doubles the back-off (up to MAX_BACKOFF) and holds the next spawn off that
+        long, and the back-off is returned; a longer life resets it (None)."""
+        self.restarts += 1
+        if lived < YOUNG:
+            self.backoff = min(self.backoff * 2, MAX_BACKOFF)
+            self.next_spawn = now + self.backoff
+            return self.backoff
+        self.backoff = MIN_BACKOFF
+        return None
+
+    def new_generation(self) -> list[WorkerInfo]:
+        """Start a generation (a reload, objects made anew): it may spawn at once; the
+        returned workers of the old one are to retire once the new one is forked."""
+        old = self.active()
+        self.generation += 1
+        self.next_spawn = 0.0
+        return old
+
 
 class Arbiter:
     def __init__(
@@ -246,9 +277,7 @@ class Arbiter:
             for _ in range(lost):
                 self.stats.bump(stats_mod.RESULTS_LOST)
         objectwatch.close(old)
-        current = [w for w in self.pool.workers.values() if not w.retiring]
-        self.pool.generation += 1
-        self.pool.next_spawn = 0.0
+        current = self.pool.new_generation()
         self._maintain()  # workers on the new objects first, as at a reload...
         for info in current:  # ...then those on the old ones finish their job and leave
             info.retiring = True
@@ -343,12 +372,7 @@ class Arbiter:
 
     def _maintain(self) -> None:
         """Fork workers up to the configured number, respecting the back-off."""
-        wanted = self.p.config.daemon.workers
-        active = [w for w in self.pool.workers.values() if not w.retiring]
-        now = time.time()
-        for _ in range(wanted - len(active)):
-            if now < self.pool.next_spawn or not self.pool.free_slots:
-                return
+        for _ in range(self.pool.to_spawn(self.p.config.daemon.workers, time.time())):
             self._spawn()
 
     def _spawn(self) -> None:
@@ -404,19 +428,16 @@ class Arbiter:
         log("worker.exited", pid=info.pid, slot=info.slot, cause=cause, lived_s=round(lived, 3))
         if expected:
             return
-        self.pool.restarts += 1
         self.stats.bump(stats_mod.WORKER_RESTARTS)
         if held is not None:
             # The job killed its worker, not the worker itself: the job runs again or fails
             # with the cause once its attempts are spent (ipcd.daemon.recovery), and the worker's
             # replacement starts at once.  A flood of such jobs must not hold the rest back.
+            self.pool.restarts += 1
             return
-        if lived < YOUNG:
-            self.pool.backoff = min(self.pool.backoff * 2, MAX_BACKOFF)
-            self.pool.next_spawn = time.time() + self.pool.backoff
-            self.log.warning("worker.backoff", seconds=self.pool.backoff)
-        else:
-            self.pool.backoff = MIN_BACKOFF
+        backoff = self.pool.died_unexpectedly(lived, time.time())
+        if backoff is not None:
+            self.log.warning("worker.backoff", seconds=backoff)
 
     # --- jobs whose worker died -------------------------------------------------------------
 
@@ -508,9 +529,7 @@ class Arbiter:
         fresh, restart_needed = reloading.apply(p.config, fresh, max_workers=p.table.workers // 2)
         p.config, p.registry = fresh, registry
         self._count_reload(registry)
-        old = [w for w in self.pool.workers.values() if not w.retiring]
-        self.pool.generation += 1
-        self.pool.next_spawn = 0.0
+        old = self.pool.new_generation()
         self._maintain()  # the new generation starts taking jobs first...
         for info in old:  # ...then the old one finishes what it holds and exits
             info.retiring = True
