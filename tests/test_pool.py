@@ -1,11 +1,12 @@
-"""The master's decisions about its workers (ipcd.daemon.arbiter.Pool), in-process:
-how many to fork, the back-off after workers that die young, and reload generations.
+"""The master's decisions about its workers (ipcd.daemon.arbiter), in-process: how many
+to fork, the back-off after workers that die young, reload generations, and deadlines.
 The end-to-end paths (a crashing handler, a reload under load) stay in test_workers.py
 and tests/faults/."""
 
 from __future__ import annotations
 
-from ipcd.daemon.arbiter import MAX_BACKOFF, MIN_BACKOFF, YOUNG, Pool, WorkerInfo
+from ipcd.daemon.arbiter import MAX_BACKOFF, MIN_BACKOFF, YOUNG, Pool, WorkerInfo, overdue
+from ipcd.tables.inflight import Peek, State
 
 
 def _pool(workers: int = 0, *, free: int = 4) -> Pool:
@@ -60,3 +61,24 @@ def test_a_new_generation_retires_the_old_and_may_fork_at_once() -> None:
     assert [w.pid for w in old] == [100]
     assert pool.generation == 1
     assert pool.to_spawn(2, now=100.0) == 1
+
+
+def _peek(state: State = State.RUNNING, *, deadline: float = 50.0) -> Peek:
+    return Peek(state, 7, 20.0, deadline, "job1")
+
+
+def test_a_running_job_past_its_deadline_is_overdue_by_how_long_it_ran() -> None:
+    """At or after its deadline, a running job is overdue; the master kills it."""
+    info = WorkerInfo(100, 0, 0, 0.0)
+    assert overdue(info, _peek(), now=50.0) == 30.0
+    assert overdue(info, _peek(), now=49.9) is None
+
+
+def test_only_running_jobs_with_a_deadline_and_no_kill_under_way_are_overdue() -> None:
+    """No deadline, a parked or free slot, or a worker already being killed: not overdue."""
+    info = WorkerInfo(100, 0, 0, 0.0)
+    assert overdue(info, _peek(deadline=0.0), now=99.0) is None
+    assert overdue(info, _peek(State.PARKED), now=99.0) is None
+    assert overdue(info, _peek(State.FREE), now=99.0) is None
+    info.kill_reason = "timeout: killed after 30s"
+    assert overdue(info, _peek(), now=99.0) is None

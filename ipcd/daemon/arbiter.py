@@ -50,7 +50,7 @@ from ipcd.daemon.worker import Exit, describe_exit, signal_worker, worker_proces
 from ipcd.errors import IpcdError, LockTimeoutError, MessageError
 from ipcd.handlers import registry as registry_mod
 from ipcd.tables import stats as stats_mod
-from ipcd.tables.inflight import Held, State
+from ipcd.tables.inflight import Held, Peek, State
 from ipcd.wire import protocol
 
 #: A worker that lived shorter than this "died young".
@@ -117,6 +117,16 @@ class Pool:
         self.generation += 1
         self.next_spawn = 0.0
         return old
+
+
+def overdue(info: WorkerInfo, peek: Peek, now: float) -> float | None:
+    """How long the job in ``info``'s slot has run, when it runs past its deadline and its
+    worker is not being killed already; else None (no job, parked, no deadline)."""
+    if info.kill_reason or not peek.holds_job or peek.state is not State.RUNNING:
+        return None
+    if peek.deadline and now >= peek.deadline:
+        return now - peek.started
+    return None
 
 
 class Arbiter:
@@ -491,15 +501,12 @@ class Arbiter:
         now = time.time()
         for info in self.pool.workers.values():
             peek = self.p.table.peek(info.slot)
-            if info.kill_reason or not peek.holds_job or peek.state is not State.RUNNING:
+            ran = overdue(info, peek, now)
+            if ran is None:
                 continue
-            if peek.deadline and now >= peek.deadline:
-                ran = now - peek.started
-                info.kill_reason = f"timeout: killed after {ran:.3g}s"
-                self.log.warning(
-                    "job.timeout", job_id=peek.job_id, pid=info.pid, ran_s=round(ran, 3)
-                )
-                signal_worker(info.pid, signal.SIGKILL)
+            info.kill_reason = f"timeout: killed after {ran:.3g}s"
+            self.log.warning("job.timeout", job_id=peek.job_id, pid=info.pid, ran_s=round(ran, 3))
+            signal_worker(info.pid, signal.SIGKILL)
 
     def _nudge_retiring(self) -> None:
         """Repeat SIGTERM to retired workers still idle in msgrcv (a lost first signal)."""
