@@ -228,7 +228,9 @@ class Arbiter:
     def _give_up_lock(self, waited: float) -> bool:
         """A lock held by another process: once ready, the master waits for as long as
         it takes (ipcd.lockwaits) unless asked to stop; while starting, up to
-        START_PATIENCE, then start-up fails with a message naming the lock."""
+        START_PATIENCE, then start-up fails with a message naming the lock.  Between its
+        waits it keeps systemd's watchdog fed: this wait is on purpose, not a hang."""
+        self._keep_alive()
         if self.flags.stopping:
             return True  # a stop must not wait for a client that may never let go
         return not self._ready and waited >= lockwaits.START_PATIENCE
