@@ -200,6 +200,8 @@ class Arbiter:
             self.log.critical("ipc.unrecoverable", objects=wrong, error=str(exc))
             raise
         copied = objectwatch.carry_over(old, fresh)
+        if fresh.queue.id != old.queue.id:  # the jobs it held are gone, and their keys
+            server.free_lost_keys(fresh.unique, fresh.queue, fresh.table)
         self._bind(fresh)
         lockwaits.be_patient(fresh, self.log, self._give_up_lock)
         fresh.store.set_daemon(self.master_pid, self.started)

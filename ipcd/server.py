@@ -112,7 +112,13 @@ def _objects(
     for held in carried:  # the table changed shape: keep what the old one held
         if not table.park(held.type, held.body, held.job_id, held.attempt, time.time()):
             queue.send_nowait(held.body, held.type)
-    unique = _unique_table(keys.unique, mode, queue, table)
+    # Not ``again``: workers run then, and an in-flight table made anew is empty until
+    # objectwatch.carry_over fills it; the master frees lost keys after that (arbiter).
+    unique = (
+        UniqueTable.create(keys.unique, mode)
+        if again
+        else _unique_table(keys.unique, mode, queue, table)
+    )
     stats = StatsSegment.create(
         keys.stats,
         mode,
@@ -134,10 +140,15 @@ def _unique_table(key: int, mode: int, queue: Queue, table: InflightTable) -> Un
     """The unique-key table, without the keys of jobs that are gone
     (ipcd.uniquerelease), made the one this daemon's outcomes release keys in."""
     unique = UniqueTable.create(key, mode)
+    free_lost_keys(unique, queue, table)
+    return unique
+
+
+def free_lost_keys(unique: UniqueTable, queue: Queue, table: InflightTable) -> None:
+    """Free the keys of jobs that are gone (ipcd.uniquerelease.sweep_lost), logged."""
     log = log_mod.get_logger(role="master")
     for entry, reason in uniquerelease.sweep_lost(unique, queue=queue, inflight=table):
         log.warning("unique.freed", unique=entry.key, job_id=entry.job_id, reason=reason)
-    return unique
 
 
 def _load_lazy_modules() -> None:

@@ -135,3 +135,36 @@ def _ipcctl(instance: Instance) -> list[str]:
     from conftest import IPCCTL
 
     return [IPCCTL, "-c", str(instance.config_path)]
+
+
+def test_a_removed_inflight_table_keeps_the_unique_keys_of_its_jobs(daemon: Instance) -> None:
+    """``ipcrm`` of the in-flight table while a ``--unique`` job runs: the table made anew
+    holds that job (carried over from the removed one), so its key stays taken and a
+    second submission with it exits 4 rather than run the work twice."""
+    first = daemon.ipcctl("submit", "--unique", "nightly", "sleep", "4")
+    assert first.returncode == 0, first.stderr
+    job_id = first.stdout.strip()
+    daemon.wait_events(lambda e: e["event"] == "job.started" and e["job_id"] == job_id, 1)
+    sysv_ipc.SharedMemory(as_key_t(daemon.keys.inflight)).remove()
+    assert _recreated(daemon)
+    again = daemon.ipcctl("submit", "--unique", "nightly", "sleep", "0")
+    assert again.returncode == ExitCode.ALREADY_QUEUED, (again.stdout, again.stderr)
+    done = daemon.ipcctl("result", job_id, "--wait", "--timeout", "20")
+    assert done.returncode == 0, done.stderr
+    assert not [e for e in daemon.log_events() if e["event"] == "unique.freed"]
+
+
+def test_a_removed_job_queue_frees_the_keys_of_the_jobs_it_held(daemon: Instance) -> None:
+    """``ipcrm`` of the job queue loses the jobs queued in it: once the daemon made it
+    anew, their unique keys are free (``unique.freed``) and the key can be submitted again."""
+    busy = [daemon.ipcctl("submit", "sleep", "3").stdout.strip() for _ in range(2)]
+    for job_id in busy:  # both workers busy: the next job stays in the queue
+        daemon.wait_events(lambda e, j=job_id: e["event"] == "job.started" and e["job_id"] == j, 1)
+    queued = daemon.ipcctl("submit", "--unique", "nightly", "echo", "lost")
+    assert queued.returncode == 0, queued.stderr
+    sysv_ipc.MessageQueue(as_key_t(daemon.keys.jobs)).remove()
+    assert _recreated(daemon)
+    freed = daemon.wait_events(lambda e: e["event"] == "unique.freed", 1, timeout=10)
+    assert [e["job_id"] for e in freed] == [queued.stdout.strip()]
+    again = daemon.ipcctl("submit", "--unique", "nightly", "echo", "again", "--wait")
+    assert (again.returncode, again.stdout) == (0, "again\n"), again.stderr
