@@ -158,8 +158,10 @@ def test_a_removed_job_queue_frees_the_keys_of_the_jobs_it_held(daemon: Instance
     """``ipcrm`` of the job queue loses the jobs queued in it: once the daemon made it
     anew, their unique keys are free (``unique.freed``) and the key can be submitted again."""
     busy = [daemon.ipcctl("submit", "sleep", "3").stdout.strip() for _ in range(2)]
-    for job_id in busy:  # both workers busy: the next job stays in the queue
-        daemon.wait_events(lambda e, j=job_id: e["event"] == "job.started" and e["job_id"] == j, 1)
+    started = daemon.wait_events(  # both workers busy: the next job stays in the queue
+        lambda e: e["event"] == "job.started" and e["job_id"] in busy, 2
+    )
+    assert len(started) == 2
     queued = daemon.ipcctl("submit", "--unique", "nightly", "echo", "lost")
     assert queued.returncode == 0, queued.stderr
     sysv_ipc.MessageQueue(as_key_t(daemon.keys.jobs)).remove()
