@@ -170,3 +170,49 @@ def test_a_removed_job_queue_frees_the_keys_of_the_jobs_it_held(daemon: Instance
     assert [e["job_id"] for e in freed] == [queued.stdout.strip()]
     again = daemon.ipcctl("submit", "--unique", "nightly", "echo", "again", "--wait")
     assert (again.returncode, again.stdout) == (0, "again\n"), again.stderr
+
+
+def test_a_job_running_when_the_inflight_table_is_removed_ends_once(daemon: Instance) -> None:
+    """``ipcrm`` of the in-flight table while a job runs: its worker finishes it on the old
+    table and leaves; the job ends with one ``job.done`` and one count, not a second one
+    for the copy of its slot carried into the new table."""
+    first = daemon.ipcctl("submit", "sleep", "2")
+    assert first.returncode == 0, first.stderr
+    job_id = first.stdout.strip()
+    daemon.wait_events(lambda e: e["event"] == "job.started" and e["job_id"] == job_id, 1)
+    sysv_ipc.SharedMemory(as_key_t(daemon.keys.inflight)).remove()
+    assert _recreated(daemon)
+    done = daemon.ipcctl("result", job_id, "--wait", "--timeout", "20")
+    assert done.returncode == 0, done.stderr
+    exited = daemon.wait_events(lambda e: e["event"] == "worker.exited", 2)
+    assert len(exited) == 2, exited  # both workers of the first generation left
+    _serves(daemon, "after")
+    events = daemon.log_events()
+    assert [e["job_id"] for e in events if e["event"] == "job.done"].count(job_id) == 1
+    assert not [e for e in events if e["event"] in ("job.requeued", "job.recovery_failed")]
+    stats = json.loads(daemon.ipcctl("stats", "--json").stdout)
+    assert stats["jobs"]["sleep"]["ok"] == 1
+
+
+def test_a_retry_parked_in_the_removed_inflight_table_runs(instance: Instance) -> None:
+    """A job that asks for a retry after ``ipcrm`` of the in-flight table made its worker's
+    table a removed one: the retry its worker parked there is carried into the new table
+    when that worker leaves, and runs."""
+    handler = '[handlers.slow_retry_once]\ntype = 9\ntarget = "ipcd_test_plugins:slow_retry_once"'
+    instance.write(extra=f"\n{handler}\n")
+    started = instance.ipcd("start")
+    assert started.returncode == 0, started.stderr
+    try:
+        first = instance.ipcctl("submit", "slow_retry_once", "2")
+        assert first.returncode == 0, first.stderr
+        job_id = first.stdout.strip()
+        instance.wait_events(lambda e: e["event"] == "job.started" and e["job_id"] == job_id, 1)
+        sysv_ipc.SharedMemory(as_key_t(instance.keys.inflight)).remove()
+        assert _recreated(instance)
+        done = instance.ipcctl("result", job_id, "--wait", "--timeout", "20")
+        assert (done.returncode, done.stdout) == (0, "ok on attempt 2\n"), done.stderr
+        events = [e["event"] for e in instance.log_events() if e.get("job_id") == job_id]
+        # Its worker left normally: not a dead worker's job that the master requeues.
+        assert events == ["job.started", "job.retry", "job.started", "job.done"], events
+    finally:
+        assert instance.ipcd("stop").returncode == 0
