@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 
 import pytest
 import sysv_ipc
-from conftest import Instance
+from conftest import IPCD, Instance
 
 from ipcd.errors import ExitCode
 from ipcd.keys import as_key_t
@@ -216,3 +217,32 @@ def test_a_retry_parked_in_the_removed_inflight_table_runs(instance: Instance) -
         assert events == ["job.started", "job.retry", "job.started", "job.done"], events
     finally:
         assert instance.ipcd("stop").returncode == 0
+
+
+def test_a_planted_replacement_makes_the_daemon_exit_for_a_restart(instance: Instance) -> None:
+    """The stats segment removed and another one planted at its key before the master
+    looks (mode 0o666, which ipcd never makes): the master cannot make its own, so it
+    logs ``ipc.unrecoverable`` naming the object and exits non-zero (77), for systemd to
+    restart it: a daemon that cannot serve must not look healthy."""
+    master = subprocess.Popen(
+        [IPCD, "-c", str(instance.config_path), "run"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while instance.ipcd("status").returncode != 0:
+            assert master.poll() is None and time.monotonic() < deadline, "not ready"
+            time.sleep(0.1)
+        key = as_key_t(instance.keys.stats)
+        sysv_ipc.SharedMemory(key).remove()
+        sysv_ipc.SharedMemory(key, sysv_ipc.IPC_CREX, mode=0o666, size=4096).detach()
+        code = master.wait(timeout=20)
+        assert code == ExitCode.NO_PERMISSION, master.communicate()[1]
+    finally:
+        if master.poll() is None:
+            master.kill()
+        master.communicate()
+    [gone] = instance.wait_events(lambda e: e["event"] == "ipc.unrecoverable", 1)
+    assert gone["objects"] == ["stats segment replaced by another object"]
+    assert "0o666" in str(gone["error"]), gone["error"]
+    assert instance.ipcd("status").returncode == ExitCode.NOT_RUNNING
