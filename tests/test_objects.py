@@ -9,7 +9,7 @@ import time
 
 import pytest
 import sysv_ipc
-from conftest import IPCD, Instance
+from conftest import IPCCTL, IPCD, Instance
 
 from ipcd.errors import ExitCode
 from ipcd.keys import as_key_t
@@ -246,3 +246,17 @@ def test_a_planted_replacement_makes_the_daemon_exit_for_a_restart(instance: Ins
     assert gone["objects"] == ["stats segment replaced by another object"]
     assert "0o666" in str(gone["error"]), gone["error"]
     assert instance.ipcd("status").returncode == ExitCode.NOT_RUNNING
+
+
+def test_a_waiter_whose_reply_queue_is_removed_still_gets_its_result(daemon: Instance) -> None:
+    """``ipcrm`` of the reply queue while ``submit --wait`` waits in it: the job still runs
+    and stores its result, so the waiter reads it (exit 0), not 69 ("not running"), which
+    would invite running the job twice."""
+    waiter = subprocess.Popen(
+        [IPCCTL, "-c", str(daemon.config_path), "submit", "sleep", "2", "--wait"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    daemon.wait_events(lambda e: e["event"] == "job.started", 1)
+    sysv_ipc.MessageQueue(as_key_t(daemon.keys.replies)).remove()
+    out, err = waiter.communicate(timeout=30)
+    assert (waiter.returncode, out) == (0, "slept 2s\n"), err
