@@ -42,6 +42,18 @@ def _serves(instance: Instance, text: str) -> None:
     assert status.returncode == 0, status.stdout + status.stderr
 
 
+def _running_then_inflight_removed(instance: Instance, *submit: str) -> str:
+    """Submit a job, and once it runs, ``ipcrm`` the in-flight table and wait until the
+    daemon has made it anew; returns the job's id."""
+    submitted = instance.ipcctl("submit", *submit)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    instance.wait_events(lambda e: e["event"] == "job.started" and e["job_id"] == job_id, 1)
+    sysv_ipc.SharedMemory(as_key_t(instance.keys.inflight)).remove()
+    assert _recreated(instance)
+    return job_id
+
+
 @pytest.mark.parametrize(("kind", "field"), OBJECTS, ids=[f"{k}-{f}" for k, f in OBJECTS])
 def test_a_removed_object_is_made_anew(daemon: Instance, kind: str, field: str) -> None:
     """``ipcrm`` of any one object at ipcd's keys: within seconds the daemon makes it anew,
@@ -142,12 +154,7 @@ def test_a_removed_inflight_table_keeps_the_unique_keys_of_its_jobs(daemon: Inst
     """``ipcrm`` of the in-flight table while a ``--unique`` job runs: the table made anew
     holds that job (carried over from the removed one), so its key stays taken and a
     second submission with it exits 4 rather than run the work twice."""
-    first = daemon.ipcctl("submit", "--unique", "nightly", "sleep", "4")
-    assert first.returncode == 0, first.stderr
-    job_id = first.stdout.strip()
-    daemon.wait_events(lambda e: e["event"] == "job.started" and e["job_id"] == job_id, 1)
-    sysv_ipc.SharedMemory(as_key_t(daemon.keys.inflight)).remove()
-    assert _recreated(daemon)
+    job_id = _running_then_inflight_removed(daemon, "--unique", "nightly", "sleep", "4")
     again = daemon.ipcctl("submit", "--unique", "nightly", "sleep", "0")
     assert again.returncode == ExitCode.ALREADY_QUEUED, (again.stdout, again.stderr)
     done = daemon.ipcctl("result", job_id, "--wait", "--timeout", "20")
@@ -177,12 +184,7 @@ def test_a_job_running_when_the_inflight_table_is_removed_ends_once(daemon: Inst
     """``ipcrm`` of the in-flight table while a job runs: its worker finishes it on the old
     table and leaves; the job ends with one ``job.done`` and one count, not a second one
     for the copy of its slot carried into the new table."""
-    first = daemon.ipcctl("submit", "sleep", "2")
-    assert first.returncode == 0, first.stderr
-    job_id = first.stdout.strip()
-    daemon.wait_events(lambda e: e["event"] == "job.started" and e["job_id"] == job_id, 1)
-    sysv_ipc.SharedMemory(as_key_t(daemon.keys.inflight)).remove()
-    assert _recreated(daemon)
+    job_id = _running_then_inflight_removed(daemon, "sleep", "2")
     done = daemon.ipcctl("result", job_id, "--wait", "--timeout", "20")
     assert done.returncode == 0, done.stderr
     exited = daemon.wait_events(lambda e: e["event"] == "worker.exited", 2)
@@ -204,12 +206,7 @@ def test_a_retry_parked_in_the_removed_inflight_table_runs(instance: Instance) -
     started = instance.ipcd("start")
     assert started.returncode == 0, started.stderr
     try:
-        first = instance.ipcctl("submit", "slow_retry_once", "2")
-        assert first.returncode == 0, first.stderr
-        job_id = first.stdout.strip()
-        instance.wait_events(lambda e: e["event"] == "job.started" and e["job_id"] == job_id, 1)
-        sysv_ipc.SharedMemory(as_key_t(instance.keys.inflight)).remove()
-        assert _recreated(instance)
+        job_id = _running_then_inflight_removed(instance, "slow_retry_once", "2")
         done = instance.ipcctl("result", job_id, "--wait", "--timeout", "20")
         assert (done.returncode, done.stdout) == (0, "ok on attempt 2\n"), done.stderr
         events = [e["event"] for e in instance.log_events() if e.get("job_id") == job_id]
