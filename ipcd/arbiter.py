@@ -199,9 +199,16 @@ class Arbiter:
         self.watch.rewrite_headers(old)
         try:
             fresh = server.reopen(old)
+        except LockTimeoutError as exc:  # taken meanwhile: waited out at the next turns
+            self.log.warning(
+                "lock.timeout", lock="making objects anew", key=f"{exc.key:#010x}",
+                waited_s=round(exc.waited, 3), then="try again", objects=wrong,
+            )  # fmt: skip
+            return
         except IpcdError as exc:
             self.log.critical("ipc.unrecoverable", objects=wrong, error=str(exc))
             raise
+        lockwaits.be_patient(fresh, self.log, self._give_up_lock)  # carry_over locks too
         retired = None
         if fresh.table.segment.id != old.table.segment.id and self.pool.workers:
             # Its workers go on in the removed table until they leave (taken before the copy).
@@ -211,7 +218,6 @@ class Arbiter:
         if fresh.queue.id != old.queue.id:  # the jobs it held are gone, and their keys
             server.free_lost_keys(fresh.unique, fresh.queue, fresh.table)
         self._bind(fresh)
-        lockwaits.be_patient(fresh, self.log, self._give_up_lock)
         fresh.store.set_daemon(self.master_pid, self.started)
         fresh.table.set_master(self.master_pid)
         kept, lost = fresh.store.repaired or (None, 0)

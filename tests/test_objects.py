@@ -10,6 +10,7 @@ import time
 import pytest
 import sysv_ipc
 from conftest import IPCCTL, IPCD, Instance
+from conftest import _running as _alive
 
 from ipcd.errors import ExitCode
 from ipcd.keys import as_key_t
@@ -257,3 +258,22 @@ def test_a_waiter_whose_reply_queue_is_removed_still_gets_its_result(daemon: Ins
     sysv_ipc.MessageQueue(as_key_t(daemon.keys.replies)).remove()
     out, err = waiter.communicate(timeout=30)
     assert (waiter.returncode, out) == (0, "slept 2s\n"), err
+
+
+def test_a_removed_table_whose_lock_is_held_is_made_anew_once_it_is_free(daemon: Instance) -> None:
+    """``ipcrm`` of the in-flight table while its lock is held (one semctl): the master
+    waits for the lock as it does for any (``lock.timeout``, never an exit), makes the
+    table anew once the lock is free, and serves."""
+    master = daemon.pid()
+    lock = sysv_ipc.Semaphore(as_key_t(daemon.keys.inflight))
+    lock.value = 0
+    try:
+        sysv_ipc.SharedMemory(as_key_t(daemon.keys.inflight)).remove()
+        timeouts = daemon.wait_events(lambda e: e["event"] == "lock.timeout", 2, timeout=15)
+        assert len(timeouts) >= 2 and _alive(master)
+    finally:
+        lock.value = 1
+    assert _recreated(daemon)
+    _serves(daemon, "after")
+    assert daemon.pid() == master
+    assert not [e for e in daemon.log_events() if e["event"] == "ipc.unrecoverable"]
