@@ -71,6 +71,9 @@ class Arbiter:
     ) -> None:
         self.p = prepared
         self.flags = flags
+        #: The configuration the IPC objects were made with: objects made anew keep its
+        #: mode and sizes, whatever a reload changed (those need a restart).
+        self.made_with = prepared.config
         #: The one-master lock (ipcd.pidlock): workers close their copy, so that only the
         #: master's life decides how long it is held.
         self.lock = lock
@@ -198,7 +201,7 @@ class Arbiter:
         old = self.p
         self.watch.rewrite_headers(old)
         try:
-            fresh = server.reopen(old)
+            fresh = server.reopen(old, self.made_with)
         except LockTimeoutError as exc:  # taken meanwhile: waited out at the next turns
             self.log.warning(
                 "lock.timeout", lock="making objects anew", key=f"{exc.key:#010x}",

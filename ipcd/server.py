@@ -73,11 +73,13 @@ def prepare(config: Config, *, console: TextIO | None) -> Prepared:
     return Prepared(config, keys, *objects[:5], registry, sink, who, *objects[5:])
 
 
-def reopen(p: Prepared) -> Prepared:
+def reopen(p: Prepared, made_with: Config) -> Prepared:
     """The daemon's objects made or opened again, as at start (vetted, adopted), with the
     same configuration, registry and log: the master calls it when one was removed or
-    overwritten (ipcd.objectwatch).  Objects still in place are opened, not remade."""
-    objects = _objects(p.config, p.keys, p.identity, p.registry, again=True)
+    overwritten (ipcd.objectwatch).  Objects still in place are opened, not remade.
+    Their mode and sizes are ``made_with``'s, the configuration the daemon started with:
+    a reload takes those settings only at a restart (ipcd.reloading)."""
+    objects = _objects(made_with, p.keys, p.identity, p.registry, again=True)
     return Prepared(p.config, p.keys, *objects[:5], p.registry, p.sink, p.identity, *objects[5:])
 
 

@@ -277,3 +277,20 @@ def test_a_removed_table_whose_lock_is_held_is_made_anew_once_it_is_free(daemon:
     _serves(daemon, "after")
     assert daemon.pid() == master
     assert not [e for e in daemon.log_events() if e["event"] == "ipc.unrecoverable"]
+
+
+def test_objects_made_anew_after_a_reload_keep_their_start_settings(daemon: Instance) -> None:
+    """A reload that changes a setting the objects were made with (``[ipc] mode``: it
+    needs a restart, and the daemon says so) does not change how a removed object is made
+    anew: with the mode the others have, not one the vetting would refuse them for."""
+    text = daemon.config_path.read_text()
+    daemon.config_path.write_text(text.replace("mode = 0o660", "mode = 0o600"))
+    reloaded = daemon.ipcd("reload")
+    assert reloaded.returncode == 0, reloaded.stderr
+    sysv_ipc.SharedMemory(as_key_t(daemon.keys.stats)).remove()
+    assert _recreated(daemon)
+    _serves(daemon, "after")
+    assert not [e for e in daemon.log_events() if e["event"] == "ipc.unrecoverable"]
+    made = sysv_ipc.SharedMemory(as_key_t(daemon.keys.stats))
+    assert made.mode & 0o777 == 0o660
+    made.detach()
