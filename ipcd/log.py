@@ -121,7 +121,7 @@ class Sink:
                 if self._write_line(self._fd, line) and self._unreported:
                     self._say_resumed(self._fd)
             if self.console is not None and self._console_render is not None:
-                rendered = self._console_render(None, method, dict(ordered))
+                rendered = self._console_render(None, method, _for_console(ordered))
                 self.console.write(f"{rendered}\n")
                 self.console.flush()
 
@@ -167,6 +167,25 @@ class Sink:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
+
+
+def _for_console(ordered: dict[str, Any]) -> dict[str, Any]:
+    """The event for structlog's console renderer, which takes an ``exception`` as text:
+    dict_tracebacks made it a list of stacks for the JSON line (a list here made every
+    event logged with ``exc_info`` raise TypeError under ``ipcd run``)."""
+    event = dict(ordered)
+    stacks = event.get("exception")
+    if isinstance(stacks, list):
+        lines = []
+        for stack in stacks:
+            lines.append("Traceback (most recent call last):")
+            for f in stack.get("frames", ()):
+                lines.append(
+                    f'  File "{f.get("filename")}", line {f.get("lineno")}, in {f.get("name")}'
+                )
+            lines.append(f"{stack.get('exc_type')}: {stack.get('exc_value')}")
+        event["exception"] = "\n".join(lines)
+    return event
 
 
 class DropNotice:
