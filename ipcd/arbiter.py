@@ -40,7 +40,7 @@ from ipcd import lockwaits, objectwatch, protocol, reloading, server
 from ipcd import log as log_mod
 from ipcd import registry as registry_mod
 from ipcd import stats as stats_mod
-from ipcd.errors import IpcdError, LockTimeoutError, MessageError
+from ipcd.errors import IpcdError, LockTimeoutError, MessageError, NotRunningError
 from ipcd.inflight import Held, InflightTable, State
 from ipcd.outcome import Outcomes
 from ipcd.pidlock import PidLock
@@ -449,7 +449,13 @@ class Arbiter:
             if not 1 <= held.type <= protocol.MAX_TYPE:
                 self._reject_parked(held)
                 continue
-            if not self.p.table.dispatch(held, self.p.queue.send_nowait):
+            try:
+                sent = self.p.table.dispatch(held, self.p.queue.send_nowait)
+            except NotRunningError:
+                # Removed since this turn's look at the objects: the job stays parked
+                # and the next turn makes the queue anew (ipcd.objectwatch).
+                return
+            if not sent:
                 return  # the queue is full: try again at the next wake-up
             if held.slot < self.p.table.workers:
                 self._release_slot(held.slot)
