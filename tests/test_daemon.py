@@ -105,7 +105,10 @@ def test_stop_is_prompt_while_idle(daemon: Instance) -> None:
 def test_stop_lets_the_running_job_finish(daemon: Instance) -> None:
     """A stop during a job lets it finish and store its result; queued jobs stay queued."""
     running = [daemon.ipcctl("submit", "sleep", "1").stdout.strip() for _ in range(2)]
-    time.sleep(0.3)  # let both workers take one
+    started = daemon.wait_events(  # both workers hold one (not a sleep: a loaded host)
+        lambda e: e["event"] == "job.started" and e["job_id"] in running, 2
+    )
+    assert len(started) == 2
     queued = daemon.ipcctl("submit", "echo", "later").stdout.strip()
     assert daemon.ipcd("stop").returncode == 0
     for job_id in running:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 
 import pytest
 import sysv_ipc
-from conftest import Instance
+from conftest import IPCCTL, IPCD, Instance
+from conftest import _running as _alive
 
 from ipcd.errors import ExitCode
 from ipcd.kernel.keys import as_key_t
@@ -39,6 +41,18 @@ def _serves(instance: Instance, text: str) -> None:
     assert instance.ipcd("status").returncode == 0
     status = instance.ipcctl("status")
     assert status.returncode == 0, status.stdout + status.stderr
+
+
+def _running_then_inflight_removed(instance: Instance, *submit: str) -> str:
+    """Submit a job, and once it runs, ``ipcrm`` the in-flight table and wait until the
+    daemon has made it anew; returns the job's id."""
+    submitted = instance.ipcctl("submit", *submit)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    instance.wait_events(lambda e: e["event"] == "job.started" and e["job_id"] == job_id, 1)
+    sysv_ipc.SharedMemory(as_key_t(instance.keys.inflight)).remove()
+    assert _recreated(instance)
+    return job_id
 
 
 @pytest.mark.parametrize(("kind", "field"), OBJECTS, ids=[f"{k}-{f}" for k, f in OBJECTS])
@@ -135,3 +149,148 @@ def _ipcctl(instance: Instance) -> list[str]:
     from conftest import IPCCTL
 
     return [IPCCTL, "-c", str(instance.config_path)]
+
+
+def test_a_removed_inflight_table_keeps_the_unique_keys_of_its_jobs(daemon: Instance) -> None:
+    """``ipcrm`` of the in-flight table while a ``--unique`` job runs: the table made anew
+    holds that job (carried over from the removed one), so its key stays taken and a
+    second submission with it exits 4 rather than run the work twice."""
+    job_id = _running_then_inflight_removed(daemon, "--unique", "nightly", "sleep", "4")
+    again = daemon.ipcctl("submit", "--unique", "nightly", "sleep", "0")
+    assert again.returncode == ExitCode.ALREADY_QUEUED, (again.stdout, again.stderr)
+    done = daemon.ipcctl("result", job_id, "--wait", "--timeout", "20")
+    assert done.returncode == 0, done.stderr
+    assert not [e for e in daemon.log_events() if e["event"] == "unique.freed"]
+
+
+def test_a_removed_job_queue_frees_the_keys_of_the_jobs_it_held(daemon: Instance) -> None:
+    """``ipcrm`` of the job queue loses the jobs queued in it: once the daemon made it
+    anew, their unique keys are free (``unique.freed``) and the key can be submitted again."""
+    busy = [daemon.ipcctl("submit", "sleep", "3").stdout.strip() for _ in range(2)]
+    started = daemon.wait_events(  # both workers busy: the next job stays in the queue
+        lambda e: e["event"] == "job.started" and e["job_id"] in busy, 2
+    )
+    assert len(started) == 2
+    queued = daemon.ipcctl("submit", "--unique", "nightly", "echo", "lost")
+    assert queued.returncode == 0, queued.stderr
+    sysv_ipc.MessageQueue(as_key_t(daemon.keys.jobs)).remove()
+    assert _recreated(daemon)
+    freed = daemon.wait_events(lambda e: e["event"] == "unique.freed", 1, timeout=10)
+    assert [e["job_id"] for e in freed] == [queued.stdout.strip()]
+    again = daemon.ipcctl("submit", "--unique", "nightly", "echo", "again", "--wait")
+    assert (again.returncode, again.stdout) == (0, "again\n"), again.stderr
+
+
+def test_a_job_running_when_the_inflight_table_is_removed_ends_once(daemon: Instance) -> None:
+    """``ipcrm`` of the in-flight table while a job runs: its worker finishes it on the old
+    table and leaves; the job ends with one ``job.done`` and one count, not a second one
+    for the copy of its slot carried into the new table."""
+    job_id = _running_then_inflight_removed(daemon, "sleep", "2")
+    done = daemon.ipcctl("result", job_id, "--wait", "--timeout", "20")
+    assert done.returncode == 0, done.stderr
+    exited = daemon.wait_events(lambda e: e["event"] == "worker.exited", 2)
+    assert len(exited) == 2, exited  # both workers of the first generation left
+    _serves(daemon, "after")
+    events = daemon.log_events()
+    assert [e["job_id"] for e in events if e["event"] == "job.done"].count(job_id) == 1
+    assert not [e for e in events if e["event"] in ("job.requeued", "job.recovery_failed")]
+    stats = json.loads(daemon.ipcctl("stats", "--json").stdout)
+    assert stats["jobs"]["sleep"]["ok"] == 1
+
+
+def test_a_retry_parked_in_the_removed_inflight_table_runs(instance: Instance) -> None:
+    """A job that asks for a retry after ``ipcrm`` of the in-flight table made its worker's
+    table a removed one: the retry its worker parked there is carried into the new table
+    when that worker leaves, and runs."""
+    handler = '[handlers.slow_retry_once]\ntype = 9\ntarget = "ipcd_test_plugins:slow_retry_once"'
+    instance.write(extra=f"\n{handler}\n")
+    started = instance.ipcd("start")
+    assert started.returncode == 0, started.stderr
+    try:
+        job_id = _running_then_inflight_removed(instance, "slow_retry_once", "2")
+        done = instance.ipcctl("result", job_id, "--wait", "--timeout", "20")
+        assert (done.returncode, done.stdout) == (0, "ok on attempt 2\n"), done.stderr
+        events = [e["event"] for e in instance.log_events() if e.get("job_id") == job_id]
+        # Its worker left normally: not a dead worker's job that the master requeues.
+        assert events == ["job.started", "job.retry", "job.started", "job.done"], events
+    finally:
+        assert instance.ipcd("stop").returncode == 0
+
+
+def test_a_planted_replacement_makes_the_daemon_exit_for_a_restart(instance: Instance) -> None:
+    """The stats segment removed and another one planted at its key before the master
+    looks (mode 0o666, which ipcd never makes): the master cannot make its own, so it
+    logs ``ipc.unrecoverable`` naming the object and exits non-zero (77), for systemd to
+    restart it: a daemon that cannot serve must not look healthy."""
+    master = subprocess.Popen(
+        [IPCD, "-c", str(instance.config_path), "run"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while instance.ipcd("status").returncode != 0:
+            assert master.poll() is None and time.monotonic() < deadline, "not ready"
+            time.sleep(0.1)
+        key = as_key_t(instance.keys.stats)
+        sysv_ipc.SharedMemory(key).remove()
+        sysv_ipc.SharedMemory(key, sysv_ipc.IPC_CREX, mode=0o666, size=4096).detach()
+        code = master.wait(timeout=20)
+        assert code == ExitCode.NO_PERMISSION, master.communicate()[1]
+    finally:
+        if master.poll() is None:
+            master.kill()
+        master.communicate()
+    [gone] = instance.wait_events(lambda e: e["event"] == "ipc.unrecoverable", 1)
+    assert gone["objects"] == ["stats segment replaced by another object"]
+    assert "0o666" in str(gone["error"]), gone["error"]
+    assert instance.ipcd("status").returncode == ExitCode.NOT_RUNNING
+
+
+def test_a_waiter_whose_reply_queue_is_removed_still_gets_its_result(daemon: Instance) -> None:
+    """``ipcrm`` of the reply queue while ``submit --wait`` waits in it: the job still runs
+    and stores its result, so the waiter reads it (exit 0), not 69 ("not running"), which
+    would invite running the job twice."""
+    waiter = subprocess.Popen(
+        [IPCCTL, "-c", str(daemon.config_path), "submit", "sleep", "2", "--wait"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    daemon.wait_events(lambda e: e["event"] == "job.started", 1)
+    sysv_ipc.MessageQueue(as_key_t(daemon.keys.replies)).remove()
+    out, err = waiter.communicate(timeout=30)
+    assert (waiter.returncode, out) == (0, "slept 2s\n"), err
+
+
+def test_a_removed_table_whose_lock_is_held_is_made_anew_once_it_is_free(daemon: Instance) -> None:
+    """``ipcrm`` of the in-flight table while its lock is held (one semctl): the master
+    waits for the lock as it does for any (``lock.timeout``, never an exit), makes the
+    table anew once the lock is free, and serves."""
+    master = daemon.pid()
+    lock = sysv_ipc.Semaphore(as_key_t(daemon.keys.inflight))
+    lock.value = 0
+    try:
+        sysv_ipc.SharedMemory(as_key_t(daemon.keys.inflight)).remove()
+        timeouts = daemon.wait_events(lambda e: e["event"] == "lock.timeout", 2, timeout=15)
+        assert len(timeouts) >= 2 and _alive(master)
+    finally:
+        lock.value = 1
+    assert _recreated(daemon)
+    _serves(daemon, "after")
+    assert daemon.pid() == master
+    assert not [e for e in daemon.log_events() if e["event"] == "ipc.unrecoverable"]
+
+
+def test_objects_made_anew_after_a_reload_keep_their_start_settings(daemon: Instance) -> None:
+    """A reload that changes a setting the objects were made with (``[ipc] mode``: it
+    needs a restart, and the daemon says so) does not change how a removed object is made
+    anew: with the mode the others have, not one the vetting would refuse them for."""
+    text = daemon.config_path.read_text()
+    daemon.config_path.write_text(text.replace("mode = 0o660", "mode = 0o600"))
+    reloaded = daemon.ipcd("reload")
+    assert reloaded.returncode == 0, reloaded.stderr
+    sysv_ipc.SharedMemory(as_key_t(daemon.keys.stats)).remove()
+    assert _recreated(daemon)
+    _serves(daemon, "after")
+    assert not [e for e in daemon.log_events() if e["event"] == "ipc.unrecoverable"]
+    made = sysv_ipc.SharedMemory(as_key_t(daemon.keys.stats))
+    assert made.mode & 0o777 == 0o660
+    made.detach()

@@ -13,9 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import IPCD, TESTS, Instance
+import sysv_ipc
+from conftest import IPCD, TESTS, Instance, _running
 
 from ipcd.daemon.sdnotify import Watchdog
+from ipcd.kernel.keys import as_key_t
 
 #: WATCHDOG_USEC for the tests: keep-alives every 0.1 s.
 USEC = 200_000
@@ -139,3 +141,30 @@ def test_watchdog_from_environment(
     watchdog = Watchdog.from_environment(environ, 42)
     got = None if watchdog is None else (watchdog.address, watchdog.interval)
     assert got == expected
+
+
+def test_keepalives_go_on_while_the_master_waits_for_a_held_lock(
+    instance: Instance, notify: NotifySocket
+) -> None:
+    """A master waiting out a lock another process holds (ipcd.lockwaits: logged and
+    waited again, never an exit) still sends WATCHDOG=1 between its waits, so that
+    systemd does not kill, as hung, a master that item 8 keeps waiting on purpose."""
+    master = _start(instance, notify, watchdog_pid="$$")
+    try:
+        submitted = instance.ipcctl("submit", "echo", "later", "--delay", "1")
+        assert submitted.returncode == 0, submitted.stderr
+        sem = sysv_ipc.Semaphore(as_key_t(instance.keys.inflight))
+        sem.value = 0  # one semctl by a group member: the in-flight lock is held
+        try:
+            instance.wait_events(lambda e: e["event"] == "lock.timeout", 1, timeout=10)
+            notify.receive(within=0.05)
+            # Two more of the master's 5 s waits: a keep-alive after each.
+            during = notify.receive(within=11.0)
+            assert _running(master)
+        finally:
+            sem.value = 1
+        assert {pid for _, pid in during} == {master}, during
+        result = instance.ipcctl("result", submitted.stdout.strip(), "--wait", "--timeout", "20")
+        assert (result.returncode, result.stdout) == (0, "later\n"), result.stderr
+    finally:
+        assert instance.ipcd("stop").returncode == 0

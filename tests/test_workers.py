@@ -63,12 +63,15 @@ def test_lower_types_are_served_first(instance: Instance) -> None:
     """With jobs waiting, a lower message type overtakes a higher one queued before it."""
     _start(instance, "workers = 1\n")
     try:
-        instance.ipcctl("submit", "sleep", "0.5")  # occupies the only worker
-        time.sleep(0.2)
+        # The only worker is busy (its job has started) while both jobs are queued; a
+        # fixed pause instead of the event let the sleep end first on a loaded machine.
+        busy = instance.ipcctl("submit", "sleep", "3").stdout.strip()
+        instance.wait_events(lambda e: e["event"] == "job.started" and e["job_id"] == busy, 1)
         late = instance.ipcctl("submit", "describe", "queued first").stdout.strip()
         urgent = instance.ipcctl("submit", "echo", "queued second").stdout.strip()
         done = instance.wait_events(lambda e: e["event"] == "job.done", 3)
         order = [e["job_id"] for e in done]
+        assert order[0] == busy, "the busy job ended before both others were queued"
         assert order.index(urgent) < order.index(late)
     finally:
         instance.ipcd("stop")

@@ -257,6 +257,10 @@ class Client:
                 if result is not None:
                     return result
                 raise self._timeout(job_id, timeout) from None
+            except NotRunningError:
+                # The reply queue was removed (the daemon makes it anew); the job goes on:
+                # wait for its result in the result segment instead.
+                return self.wait(job_id, max(deadline - time.monotonic(), 0.0))
             if body == wanted:
                 result = self.result(job_id)
                 if result is not None:

@@ -47,10 +47,10 @@ from ipcd.daemon.signals import Flags
 from ipcd.daemon.startup import Prepared
 from ipcd.daemon.sweep import Sweeper
 from ipcd.daemon.worker import Exit, describe_exit, signal_worker, worker_process
-from ipcd.errors import IpcdError, LockTimeoutError, MessageError
+from ipcd.errors import IpcdError, LockTimeoutError, MessageError, NotRunningError
 from ipcd.handlers import registry as registry_mod
 from ipcd.tables import stats as stats_mod
-from ipcd.tables.inflight import Held, Peek, State
+from ipcd.tables.inflight import Held, InflightTable, Peek, State
 from ipcd.wire import protocol
 
 #: A worker that lived shorter than this "died young".
@@ -140,6 +140,9 @@ class Arbiter:
     ) -> None:
         self.p = prepared
         self.flags = flags
+        #: The configuration the IPC objects were made with: objects made anew keep its
+        #: mode and sizes, whatever a reload changed (those need a restart).
+        self.made_with = prepared.config
         #: The one-master lock (ipcd.daemon.pidlock): workers close their copy, so that only the
         #: master's life decides how long it is held.
         self.lock = lock
@@ -156,6 +159,9 @@ class Arbiter:
         self.started = time.time()
         self._next_sweep = 0.0
         self._ready = False
+        #: In-flight tables made anew while workers of older generations still use the
+        #: removed one (ipcd.objectwatch.Retired).
+        self._retired: list[objectwatch.Retired] = []
         self.master_pid = os.getpid()
         self._wake_r, self._wake_w = os.pipe()
         self._notify_r, self._notify_w = os.pipe()
@@ -273,21 +279,34 @@ class Arbiter:
         old = self.p
         self.watch.rewrite_headers(old)
         try:
-            fresh = startup.reopen(old)
+            fresh = startup.reopen(old, self.made_with)
+        except LockTimeoutError as exc:  # taken meanwhile: waited out at the next turns
+            self.log.warning(
+                "lock.timeout", lock="making objects anew", key=f"{exc.key:#010x}",
+                waited_s=round(exc.waited, 3), then="try again", objects=wrong,
+            )  # fmt: skip
+            return
         except IpcdError as exc:
             self.log.critical("ipc.unrecoverable", objects=wrong, error=str(exc))
             raise
+        lockwaits.be_patient(fresh, self.log, self._give_up_lock)  # carry_over locks too
+        retired = None
+        if fresh.table.segment.id != old.table.segment.id and self.pool.workers:
+            # Its workers go on in the removed table until they leave (taken before the copy).
+            retired = objectwatch.Retired.of(old.table, set(self.pool.workers))
+            self._retired.append(retired)
         copied = objectwatch.carry_over(old, fresh)
+        if fresh.queue.id != old.queue.id:  # the jobs it held are gone, and their keys
+            startup.free_lost_keys(fresh.unique, fresh.queue, fresh.table)
         self._bind(fresh)
-        lockwaits.be_patient(fresh, self.log, self._give_up_lock)
         fresh.store.set_daemon(self.master_pid, self.started)
         fresh.table.set_master(self.master_pid)
         kept, lost = fresh.store.repaired or (None, 0)
         if lost:
             for _ in range(lost):
                 self.stats.bump(stats_mod.RESULTS_LOST)
-        objectwatch.close(old)
         current = self.pool.new_generation()
+        objectwatch.close(old, keep=None if retired is None else old.table.segment)
         self._maintain()  # workers on the new objects first, as at a reload...
         for info in current:  # ...then those on the old ones finish their job and leave
             info.retiring = True
@@ -304,7 +323,9 @@ class Arbiter:
     def _give_up_lock(self, waited: float) -> bool:
         """A lock held by another process: once ready, the master waits for as long as
         it takes (ipcd.daemon.lockwaits) unless asked to stop; while starting, up to
-        START_PATIENCE, then start-up fails with a message naming the lock."""
+        START_PATIENCE, then start-up fails with a message naming the lock.  Between its
+        waits it keeps systemd's watchdog fed: this wait is on purpose, not a hang."""
+        self._keep_alive()
         if self.flags.stopping:
             return True  # a stop must not wait for a client that may never let go
         return not self._ready and waited >= lockwaits.START_PATIENCE
@@ -416,8 +437,23 @@ class Arbiter:
                 continue
             self._worker_died(info, status)
 
+    def _table_of(self, pid: int) -> InflightTable:
+        """The in-flight table worker ``pid`` records its jobs in."""
+        return next((r.table for r in self._retired if pid in r.pids), self.p.table)
+
+    def _left(self, info: WorkerInfo) -> Held | None:
+        """The job a worker that exited left in its slot; a removed in-flight table it
+        was the last to use is handed over."""
+        held = self._table_of(info.pid).held(info.slot)
+        for retired in list(self._retired):
+            retired.pids.discard(info.pid)
+            if not retired.pids:
+                retired.hand_over(self.p.table, self.p.queue)
+                self._retired.remove(retired)
+        return held
+
     def _worker_died(self, info: WorkerInfo, status: int) -> None:
-        held = self.p.table.held(info.slot)
+        held = self._left(info)
         if held is not None and held.state is State.PARKED:
             held = None
         # A worker that leaves while holding a job did not stop or recycle, whatever its
@@ -481,7 +517,13 @@ class Arbiter:
             if not 1 <= held.type <= protocol.MAX_TYPE:
                 self._reject_parked(held)
                 continue
-            if not self.p.table.dispatch(held, self.p.queue.send_nowait):
+            try:
+                sent = self.p.table.dispatch(held, self.p.queue.send_nowait)
+            except NotRunningError:
+                # Removed since this turn's look at the objects: the job stays parked
+                # and the next turn makes the queue anew (ipcd.objectwatch).
+                return
+            if not sent:
                 return  # the queue is full: try again at the next wake-up
             if held.slot < self.p.table.workers:
                 self._release_slot(held.slot)
@@ -500,7 +542,7 @@ class Arbiter:
     def _enforce_deadlines(self) -> None:
         now = time.time()
         for info in self.pool.workers.values():
-            peek = self.p.table.peek(info.slot)
+            peek = self._table_of(info.pid).peek(info.slot)
             ran = overdue(info, peek, now)
             if ran is None:
                 continue
@@ -511,7 +553,7 @@ class Arbiter:
     def _nudge_retiring(self) -> None:
         """Repeat SIGTERM to retired workers still idle in msgrcv (a lost first signal)."""
         for info in self.pool.workers.values():
-            if info.retiring and not self.p.table.peek(info.slot).holds_job:
+            if info.retiring and not self._table_of(info.pid).peek(info.slot).holds_job:
                 signal_worker(info.pid, signal.SIGTERM, group=False)
 
     # --- reload and stop ------------------------------------------------------------------
@@ -587,7 +629,7 @@ class Arbiter:
                 os.read(self._wake_r, 4096)
             self._reap()
             for info in self.pool.workers.values():
-                if not self.p.table.peek(info.slot).holds_job:
+                if not self._table_of(info.pid).peek(info.slot).holds_job:
                     # Idle in msgrcv: a SIGTERM that landed just before the call was lost.
                     signal_worker(info.pid, signal.SIGTERM, group=False)
         for info in list(self.pool.workers.values()):
@@ -598,7 +640,7 @@ class Arbiter:
             pid, _ = os.waitpid(-1, 0)
             gone = self.pool.workers.pop(pid, None)
             if gone is not None:
-                held = self.p.table.held(gone.slot)
+                held = self._left(gone)
                 if held is not None and held.state is not State.PARKED:
                     self.recovery.keep_for_next_start(held, "killed at stop after graceful_timeout")
                 self._release_slot(gone.slot)

@@ -36,6 +36,21 @@ _encode = jsoncodec.encoder(
 )
 
 
+def _take_back(fd: int, written: int) -> None:
+    """Remove the start of a line that a full disk cut short, so that the log stays one
+    JSON object a line for ``jq`` and ``ipcctl logs`` (the next line would otherwise be
+    glued to the fragment).
+
+    With O_APPEND our fragment ends where our file offset now is; it is cut off only
+    while it is still the end of the file: when another process has appended since,
+    cutting would take its line too, and the fragment stays (one unreadable line).
+    """
+    with contextlib.suppress(OSError):
+        end = os.lseek(fd, 0, os.SEEK_CUR)
+        if written and os.fstat(fd).st_size == end:
+            os.ftruncate(fd, end - written)
+
+
 class Sink:
     """Where rendered events go; owns the log file so that it can be reopened."""
 
@@ -106,7 +121,7 @@ class Sink:
                 if self._write_line(self._fd, line) and self._unreported:
                     self._say_resumed(self._fd)
             if self.console is not None and self._console_render is not None:
-                rendered = self._console_render(None, method, dict(ordered))
+                rendered = self._console_render(None, method, _for_console(ordered))
                 self.console.write(f"{rendered}\n")
                 self.console.flush()
 
@@ -114,8 +129,10 @@ class Sink:
         """One write(2) of one line; a refused one is counted and dropped (the caller
         holds the lock)."""
         try:
-            if os.write(fd, line) == len(line):
+            written = os.write(fd, line)
+            if written == len(line):
                 return True
+            _take_back(fd, written)
             reason = "short write (the disk filled up within the line)"
         except OSError as exc:  # ENOSPC, EDQUOT, EIO, EFBIG...: drop the line, never stop
             reason = exc.strerror or type(exc).__name__
@@ -150,6 +167,25 @@ class Sink:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
+
+
+def _for_console(ordered: dict[str, Any]) -> dict[str, Any]:
+    """The event for structlog's console renderer, which takes an ``exception`` as text:
+    dict_tracebacks made it a list of stacks for the JSON line (a list here made every
+    event logged with ``exc_info`` raise TypeError under ``ipcd run``)."""
+    event = dict(ordered)
+    stacks = event.get("exception")
+    if isinstance(stacks, list):
+        lines = []
+        for stack in stacks:
+            lines.append("Traceback (most recent call last):")
+            for f in stack.get("frames", ()):
+                lines.append(
+                    f'  File "{f.get("filename")}", line {f.get("lineno")}, in {f.get("name")}'
+                )
+            lines.append(f"{stack.get('exc_type')}: {stack.get('exc_value')}")
+        event["exception"] = "\n".join(lines)
+    return event
 
 
 class DropNotice:

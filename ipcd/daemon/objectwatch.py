@@ -13,7 +13,7 @@ What it finds wrong, the master makes anew (ipcd.daemon.startup.reopen) and says
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from ipcd.kernel import vetting
 from ipcd.layout import results
@@ -24,6 +24,7 @@ from ipcd.tables.unique import UniqueTable
 
 if TYPE_CHECKING:
     from ipcd.daemon.startup import Prepared
+    from ipcd.kernel.queues import Queue
     from ipcd.kernel.segments import Segment
 
 #: /proc/sysvipc's name for each kind of object.
@@ -138,11 +139,40 @@ def carry_over(old: Prepared, fresh: Prepared) -> list[str]:
     return copied
 
 
-def close(old: Prepared) -> None:
-    """Detach the segments of the objects the master no longer uses."""
+def close(old: Prepared, *, keep: Segment | None = None) -> None:
+    """Detach the segments of the objects the master no longer uses (but ``keep``)."""
     for segment in (
         old.store.segment, old.table.segment, old.failed.store.segment, old.stats.segment,
         old.unique.segment, old.spills.segment,
     ):  # fmt: skip
+        if segment is keep:
+            continue
         with contextlib.suppress(ValueError, BufferError):
             segment.close()
+
+
+class Retired(NamedTuple):
+    """A removed in-flight table that the workers ``pids`` still use until they leave: it,
+    not its copy, records their jobs (one they finish after the copy, or take from the
+    queue, would otherwise look still held, and be run or announced again)."""
+
+    table: InflightTable
+    pids: set[int]
+    #: (job id, attempt) of the jobs parked in it when it was copied into the new one.
+    copied: set[tuple[str, int]]
+
+    @classmethod
+    def of(cls, table: InflightTable, pids: set[int]) -> Retired:
+        return cls(table, pids, {(h.job_id, h.attempt) for h in table.parked_jobs()})
+
+    def hand_over(self, fresh: InflightTable, queue: Queue) -> None:
+        """Its last worker left: park in ``fresh`` (or queue) what its workers parked
+        after the copy (a job's retry), then detach it."""
+        for held in self.table.parked_jobs():
+            if (held.job_id, held.attempt) in self.copied:
+                continue
+            due = dict(self.table.parked_due()).get(held.slot, 0.0)
+            if not fresh.park(held.type, held.body, held.job_id, held.attempt, due):
+                queue.send_nowait(held.body, held.type)
+        with contextlib.suppress(ValueError, BufferError):
+            self.table.segment.close()

@@ -71,11 +71,13 @@ def prepare(config: Config, *, console: TextIO | None) -> Prepared:
     return Prepared(config, keys, *objects[:5], registry, sink, who, *objects[5:])
 
 
-def reopen(p: Prepared) -> Prepared:
+def reopen(p: Prepared, made_with: Config) -> Prepared:
     """The daemon's objects made or opened again, as at start (vetted, adopted), with the
     same configuration, registry and log: the master calls it when one was removed or
-    overwritten (ipcd.daemon.objectwatch).  Objects still in place are opened, not remade."""
-    objects = _objects(p.config, p.keys, p.identity, p.registry, again=True)
+    overwritten (ipcd.daemon.objectwatch).  Objects still in place are opened, not remade.
+    Their mode and sizes are ``made_with``'s, the configuration the daemon started with:
+    a reload takes those settings only at a restart (ipcd.daemon.reloading)."""
+    objects = _objects(made_with, p.keys, p.identity, p.registry, again=True)
     return Prepared(p.config, p.keys, *objects[:5], p.registry, p.sink, p.identity, *objects[5:])
 
 
@@ -129,7 +131,13 @@ def _objects(
     for held in carried:  # the table changed shape: keep what the old one held
         if not table.park(held.type, held.body, held.job_id, held.attempt, time.time()):
             queue.send_nowait(held.body, held.type)
-    unique = _unique_table(keys.unique, mode, queue, table, trusted)
+    # Not ``again``: workers run then, and an in-flight table made anew is empty until
+    # objectwatch.carry_over fills it; the master frees lost keys after that (arbiter).
+    unique = (
+        UniqueTable.create(keys.unique, mode, trusted=trusted)
+        if again
+        else _unique_table(keys.unique, mode, queue, table, trusted)
+    )
     stats = StatsSegment.create(
         keys.stats,
         mode,
@@ -154,10 +162,15 @@ def _unique_table(
     """The unique-key table, without the keys of jobs that are gone
     (ipcd.daemon.uniquerelease), made the one this daemon's outcomes release keys in."""
     unique = UniqueTable.create(key, mode, trusted=trusted)
+    free_lost_keys(unique, queue, table)
+    return unique
+
+
+def free_lost_keys(unique: UniqueTable, queue: Queue, table: InflightTable) -> None:
+    """Free the keys of jobs that are gone (ipcd.daemon.uniquerelease.sweep_lost), logged."""
     log = log_mod.get_logger(role="master")
     for entry, reason in uniquerelease.sweep_lost(unique, queue=queue, inflight=table):
         log.warning("unique.freed", unique=entry.key, job_id=entry.job_id, reason=reason)
-    return unique
 
 
 def _load_lazy_modules() -> None:

@@ -35,7 +35,8 @@ def release(table: UniqueTable, job: Job, log: Logger) -> None:
 def sweep_lost(
     table: UniqueTable, *, queue: Queue, inflight: InflightTable
 ) -> list[tuple[Entry, str]]:
-    """At daemon start, before any worker runs: free keys no live job or submitter holds.
+    """At daemon start, before any worker runs, or when the master made the job queue
+    anew (no worker takes from it yet): free keys no live job or submitter holds.
 
     Under the table's lock, an entry turns QUEUED only after its job was sent, so when
     the job queue is empty, a QUEUED job that no in-flight slot holds (parked, or in a

@@ -273,9 +273,11 @@ need "systemctl stop ipcd" systemctl stop ipcd
 expect "ipcd is inactive" inactive "$(systemctl is-active ipcd)"
 check "the PID file is gone" test ! -e /run/ipcd/ipcd.pid
 check "the job queue is still in the kernel" grep -q "^$k1 " <(ipcs -q)
-id1=$(member "$IPCCTL" submit echo queued-1 2>&1)
+id1=$(member "$IPCCTL" submit echo queued-1 2>/tmp/submit-stopped.err)
 expect "member: submit while stopped" 0 "$?"
-id2=$(member "$IPCCTL" submit echo queued-2 2>&1)
+check "submit while stopped warns that no daemon serves the queue" \
+    grep -q "warning: no daemon is serving the queue" /tmp/submit-stopped.err
+id2=$(member "$IPCCTL" submit echo queued-2 2>/dev/null)
 out=$(member "$IPCCTL" status 2>&1)
 expect "ipcctl status while stopped exits 69" 69 "$?"
 check "ipcctl status shows the 2 queued jobs" grep -q ': 2 messages' <<<"$out"

@@ -164,3 +164,15 @@ def digest_after_dying(job: Job) -> HandlerResult:
     if job.attempt == 1:
         os.kill(os.getpid(), signal.SIGKILL)
     return digest(job)
+
+
+def slow_retry_once(job: Job) -> HandlerResult:
+    """Run the payload's number of seconds, then ask for one retry; succeed at attempt 2."""
+    import time
+
+    from ipcd.handlers import Retry
+
+    if job.attempt < 2:
+        time.sleep(float(str(job.payload)))
+        raise Retry("once more", delay=0.1)
+    return f"ok on attempt {job.attempt}"
