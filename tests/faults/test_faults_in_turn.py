@@ -1,8 +1,8 @@
-"""Issue 10's faults one after another against one daemon under load: a flood of poison
-envelopes, a type-1 message, PHP's ``shm_attach`` on its result key, ``ipcrm`` of its job
-queue, a full log disk and an internal lock held for 10 s.  After each fault ends, a
-legitimate ``submit --wait`` is answered within a few seconds, and at the end every job a
-client was told was accepted has exactly its result."""
+"""Issue 10's faults one after another against one daemon under load (tests/test_all_at_once.py
+has them at the same time): a flood of poison envelopes, a type-1 message, PHP's
+``shm_attach`` on its result key, ``ipcrm`` of its job queue, a full log disk and an internal
+lock held for 10 s.  After each fault ends, a legitimate ``submit --wait`` is answered within
+a few seconds, and at the end every job a client was told was accepted has its result."""
 
 from __future__ import annotations
 
