@@ -192,8 +192,6 @@ class Arbiter:
             log=self.log,
         )
         self.spill_sweeper = Sweeper(prepared.spills, prepared.queue, prepared.table)
-        stats = self.stats
-        prepared.sink.on_drop = lambda: stats.bump(stats_mod.LOG_DROPPED)
 
     # --- the main loop ------------------------------------------------------------------
 
@@ -219,6 +217,7 @@ class Arbiter:
             handlers={r.name: r.type for r in p.registry.by_type.values()},
         )
         self._maintain()
+        self._count_noticed()
         self._ready = True
         ready()
         try:
@@ -263,6 +262,7 @@ class Arbiter:
                 restarts=self.pool.restarts,
                 uptime_s=round(time.time() - self.started, 3),
             )
+            self._count_noticed()
             p.sink.close()
 
     def _watch_objects(self) -> None:
@@ -289,6 +289,7 @@ class Arbiter:
         except IpcdError as exc:
             self.log.critical("ipc.unrecoverable", objects=wrong, error=str(exc))
             raise
+        self._count_noticed()  # what the objects about to be replaced noticed
         lockwaits.be_patient(fresh, self.log, self._give_up_lock)  # carry_over locks too
         retired = None
         if fresh.table.segment.id != old.table.segment.id and self.pool.workers:
@@ -347,8 +348,19 @@ class Arbiter:
         if swept.evicted:  # by clients' payload claims, which cannot log
             self.log.info("spill.evicted", results=swept.evicted, by="payloads")
 
+    def _count_noticed(self) -> None:
+        """Count the log lines the master dropped (ipcd.daemon.log) and say which ring
+        headers it mended (Outcomes.report_mends) since the last call: the sink and the
+        stores, shared by recovery, the sweep and the rest, report to their owner here."""
+        dropped = self.p.sink.take_dropped()
+        if dropped:
+            self.stats.bump(stats_mod.LOG_DROPPED, dropped)
+        self.outcomes.report_mends()
+
     def _notice_dropped_log(self) -> None:
-        """Say on stderr (the journal) that log lines were dropped, at most once a minute."""
+        """Count what the master noticed this turn, then say on stderr (the journal) that
+        log lines were dropped, at most once a minute."""
+        self._count_noticed()
         dropped = self.p.stats.total(stats_mod.LOG_DROPPED)
         if dropped:
             self.drop_notice.update(dropped, self.p.sink.drop_reason)
