@@ -377,7 +377,8 @@ def worker_process(  # pragma: no cover - runs in the forked worker
         context = {"role": "worker", "worker_pid": os.getpid(), "slot": slot}
         log = log_mod.get_logger(**context)
         events = log_mod.Events(prepared.sink, prepared.config.log.level, **context)
-        lockwaits.be_patient(prepared, log)  # a held lock delays the job, never fails it
+        # A held lock delays the job, never fails it.
+        lockwaits.be_patient(prepared.objects().locks(), log)
 
         def wake_master() -> None:
             with contextlib.suppress(OSError):
