@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import IPCD, TESTS, Instance
 
+from ipcd.daemon.log import Sink
+
 #: The notice the daemon writes on stderr (the journal) when it drops log lines.
 NOTICE = "log events could not be written"
 
@@ -52,6 +54,24 @@ def _dropped(instance: Instance) -> int:
     assert stats.returncode == 0, stats.stderr
     dropped: int = json.loads(stats.stdout)["master"]["log_dropped"]
     return dropped
+
+
+def test_the_sink_gives_each_dropped_line_to_its_taker_once(tmp_path: Path) -> None:
+    """A line the sink cannot write is dropped without raising and counted once, for the
+    process that takes the count (each of the daemon's processes counts its own)."""
+    full = Sink(Path("/dev/full"), None)
+    fine = Sink(tmp_path / "ipcd.log", None)
+    try:
+        for n in range(3):
+            full.write("info", "job.done", {"role": "worker"}, {"n": n})
+            fine.write("info", "job.done", {"role": "worker"}, {"n": n})
+        assert (full.take_dropped(), full.drop_reason) == (3, "No space left on device")
+        assert full.take_dropped() == 0
+        assert fine.take_dropped() == 0
+        assert len((tmp_path / "ipcd.log").read_text().splitlines()) == 3
+    finally:
+        full.close()
+        fine.close()
 
 
 def test_a_log_on_an_always_full_device_drops_lines_and_serves(instance: Instance) -> None:

@@ -573,8 +573,9 @@ def test_store_records_the_daemon(rig: Rig) -> None:
 def test_store_on_a_clobbered_segment_says_so_and_keeps_the_lock_usable(rig: Rig) -> None:
     """A client's look at a segment whose header is not a ring raises NotRunningError
     (OverwrittenError), and the semaphore is released for the next caller."""
-    store = rig.create()
-    store.slot_size = None  # a client's store: it does not know the layout to mend it
+    created = rig.create()
+    # A client's store: it does not know the layout to mend it.
+    store = ResultStore(created.segment, created.lock)
     store.segment.buf[:8] = b"NOTARING"
     with pytest.raises(NotRunningError) as caught:
         store.get("x")
@@ -730,10 +731,10 @@ def test_a_daemon_store_mends_an_overwritten_header_keeping_its_records(rig: Rig
     store = rig.create()
     store.put(Result("kept", 2, Status.OK, Kind.TEXT, b"still here"))
     store.segment.buf[:40] = b"PHP_SM\0\0" + bytes(32)
-    mended: list[tuple[int, int]] = []
-    store.on_repair = lambda kept, lost: mended.append((kept, lost))
     found = store.get("kept")
     assert found is not None and found.data == b"still here"
+    mended = store.take_mends()
     assert mended == [(1, 0)]
+    assert store.take_mends() == []  # taken once
     store.put(Result("next", 2, Status.OK, Kind.TEXT, b"after"))
     assert [r.job_id for r in store.all()] == ["kept", "next"]

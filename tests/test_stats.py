@@ -99,6 +99,14 @@ def test_loss_counters_add_up_over_every_record() -> None:
     assert stats.counter_total(buf, stats.LOG_DROPPED) == 2
 
 
+def test_a_counter_is_bumped_by_a_count() -> None:
+    """bump adds the count it is given (a process's dropped log lines taken at once)."""
+    buf = _segment()
+    Recorder(buf, 0, timed=False).bump(stats.LOG_DROPPED, 3)
+    Recorder(buf, 1).bump(stats.LOG_DROPPED)
+    assert stats.counter_total(buf, stats.LOG_DROPPED) == 4
+
+
 def test_counts_survive_the_worker_that_made_them() -> None:
     """A new worker in a slot goes on from what the dead one counted."""
     buf = _segment()

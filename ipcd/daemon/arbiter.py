@@ -130,6 +130,16 @@ def overdue(info: WorkerInfo, peek: Peek, now: float) -> float | None:
 
 
 class Arbiter:
+    """The master: the loop above, and the composition root of the master's side.
+
+    It alone keeps the whole of :class:`~ipcd.daemon.startup.Prepared`, because it binds
+    its parts anew: after a reload (configuration, registry) and when objects are made
+    anew (every kernel object).  What it builds from the bag gets only the collaborators
+    it uses (Outcomes, Recovery, the Sweeper, the locks made patient, the objects
+    ipcd.daemon.objectwatch checks); a worker's side of the fork is the other root
+    (ipcd.daemon.worker.worker_process).
+    """
+
     def __init__(
         self,
         prepared: Prepared,
@@ -192,8 +202,6 @@ class Arbiter:
             log=self.log,
         )
         self.spill_sweeper = Sweeper(prepared.spills, prepared.queue, prepared.table)
-        stats = self.stats
-        prepared.sink.on_drop = lambda: stats.bump(stats_mod.LOG_DROPPED)
 
     # --- the main loop ------------------------------------------------------------------
 
@@ -201,7 +209,7 @@ class Arbiter:
         p = self.p
         self.master_pid = os.getpid()  # after detaching, this is the daemon's own PID
         self.flags.install()
-        lockwaits.be_patient(p, self.log, self._give_up_lock)
+        lockwaits.be_patient(p.objects().locks(), self.log, self._give_up_lock)
         signal.signal(signal.SIGCHLD, _wake_only)
         previous_fd = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         p.store.set_daemon(os.getpid(), self.started)
@@ -219,6 +227,7 @@ class Arbiter:
             handlers={r.name: r.type for r in p.registry.by_type.values()},
         )
         self._maintain()
+        self._count_noticed()
         self._ready = True
         ready()
         try:
@@ -263,11 +272,12 @@ class Arbiter:
                 restarts=self.pool.restarts,
                 uptime_s=round(time.time() - self.started, 3),
             )
+            self._count_noticed()
             p.sink.close()
 
     def _watch_objects(self) -> None:
         """Make anew any object of ours that was removed or overwritten (daemon.objectwatch)."""
-        wrong = self.watch.problems(self.p)
+        wrong = self.watch.problems(self.p.keys, self.p.objects())
         if wrong:
             self._renew_objects(wrong)
 
@@ -277,7 +287,7 @@ class Arbiter:
         generation of workers on them.  Raises (the master exits non-zero, for systemd
         to restart it) when that fails: an object another user planted meanwhile."""
         old = self.p
-        self.watch.rewrite_headers(old)
+        self.watch.rewrite_headers(old.objects())
         try:
             fresh = startup.reopen(old, self.made_with)
         except LockTimeoutError as exc:  # taken meanwhile: waited out at the next turns
@@ -289,13 +299,15 @@ class Arbiter:
         except IpcdError as exc:
             self.log.critical("ipc.unrecoverable", objects=wrong, error=str(exc))
             raise
-        lockwaits.be_patient(fresh, self.log, self._give_up_lock)  # carry_over locks too
+        self._count_noticed()  # what the objects about to be replaced noticed
+        # Patient before carry_over, which takes the fresh locks too.
+        lockwaits.be_patient(fresh.objects().locks(), self.log, self._give_up_lock)
         retired = None
         if fresh.table.segment.id != old.table.segment.id and self.pool.workers:
             # Its workers go on in the removed table until they leave (taken before the copy).
             retired = objectwatch.Retired.of(old.table, set(self.pool.workers))
             self._retired.append(retired)
-        copied = objectwatch.carry_over(old, fresh)
+        copied = objectwatch.carry_over(old.objects(), fresh.objects())
         if fresh.queue.id != old.queue.id:  # the jobs it held are gone, and their keys
             startup.free_lost_keys(fresh.unique, fresh.queue, fresh.table)
         self._bind(fresh)
@@ -306,7 +318,7 @@ class Arbiter:
             for _ in range(lost):
                 self.stats.bump(stats_mod.RESULTS_LOST)
         current = self.pool.new_generation()
-        objectwatch.close(old, keep=None if retired is None else old.table.segment)
+        objectwatch.close(old.objects(), keep=None if retired is None else old.table.segment)
         self._maintain()  # workers on the new objects first, as at a reload...
         for info in current:  # ...then those on the old ones finish their job and leave
             info.retiring = True
@@ -347,8 +359,19 @@ class Arbiter:
         if swept.evicted:  # by clients' payload claims, which cannot log
             self.log.info("spill.evicted", results=swept.evicted, by="payloads")
 
+    def _count_noticed(self) -> None:
+        """Count the log lines the master dropped (ipcd.daemon.log) and say which ring
+        headers it mended (Outcomes.report_mends) since the last call: the sink and the
+        stores, shared by recovery, the sweep and the rest, report to their owner here."""
+        dropped = self.p.sink.take_dropped()
+        if dropped:
+            self.stats.bump(stats_mod.LOG_DROPPED, dropped)
+        self.outcomes.report_mends()
+
     def _notice_dropped_log(self) -> None:
-        """Say on stderr (the journal) that log lines were dropped, at most once a minute."""
+        """Count what the master noticed this turn, then say on stderr (the journal) that
+        log lines were dropped, at most once a minute."""
+        self._count_noticed()
         dropped = self.p.stats.total(stats_mod.LOG_DROPPED)
         if dropped:
             self.drop_notice.update(dropped, self.p.sink.drop_reason)

@@ -13,14 +13,10 @@ as the lock is free.  Only a master that is still starting gives up, after
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
 
 from ipcd.daemon.log import Logger
 from ipcd.kernel.segments import Lock
-
-if TYPE_CHECKING:
-    from ipcd.daemon.startup import Prepared
 
 #: Seconds a master that is not yet ready waits for a lock before start-up fails: short
 #: of the 30 s that ``ipcd start`` waits for the daemon to say it is ready.
@@ -30,20 +26,12 @@ START_PATIENCE = 20.0
 GiveUp = Callable[[float], bool]
 
 
-def locks(prepared: Prepared) -> dict[str, Lock]:
-    """The daemon's locks, by the name a ``lock.timeout`` event gives them."""
-    return {
-        "result segment": prepared.store.lock,
-        "failed list": prepared.failed.store.lock,
-        "in-flight table": prepared.table.lock,
-        "unique-key table": prepared.unique.lock,
-        "spill table": prepared.spills.lock,
-    }
-
-
-def be_patient(prepared: Prepared, log: Logger, give_up: GiveUp = lambda waited: False) -> None:
-    """Make every lock of ``prepared`` log each timeout and wait again, until ``give_up``."""
-    for name, lock in locks(prepared).items():
+def be_patient(
+    locks: Mapping[str, Lock], log: Logger, give_up: GiveUp = lambda waited: False
+) -> None:
+    """Make each of ``locks`` (by the name a ``lock.timeout`` event gives it) log each
+    timeout and wait again, until ``give_up``."""
+    for name, lock in locks.items():
         lock.on_timeout = _patience(name, log, give_up)
 
 

@@ -6,8 +6,8 @@ and ``jq``) and, when ``ipcd run`` has a terminal, through structlog's console r
 ``reopen()`` is what SIGHUP calls after logrotate has moved the file away.
 
 Jobs matter more than log lines: a write the kernel refuses (a full disk, a quota, an I/O
-error) drops that line, counts it (:attr:`Sink.dropped` and the ``on_drop`` hook, which
-the daemon points at its stats record) and never raises, so the daemon keeps serving and
+error) drops that line, counts it (:meth:`Sink.take_dropped`, which each of the daemon's
+processes adds to its own stats record) and never raises, so the daemon keeps serving and
 the next line is tried as usual: logging resumes by itself when space returns.
 """
 
@@ -18,7 +18,6 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -65,14 +64,13 @@ class Sink:
         self._console_render = (
             structlog.dev.ConsoleRenderer(colors=_wants_color(console)) if console else None
         )
-        #: Lines this process could not write to the log file (the disk was full...).
-        self.dropped = 0
+        #: Lines this process could not write to the log file (the disk was full...) and
+        #: has not yet been asked about (take_dropped).
+        self._dropped = 0
         #: Why the last line was dropped (``strerror``), for the daemon's stderr notice.
         self.drop_reason = ""
         #: Dropped lines this process has not yet said it dropped (see _say_resumed).
         self._unreported = 0
-        #: Called once for each dropped line (the daemon counts them in its stats record).
-        self.on_drop: Callable[[], None] | None = None
         self.reopen()
 
     def reopen(self) -> None:
@@ -136,12 +134,21 @@ class Sink:
             reason = "short write (the disk filled up within the line)"
         except OSError as exc:  # ENOSPC, EDQUOT, EIO, EFBIG...: drop the line, never stop
             reason = exc.strerror or type(exc).__name__
-        self.dropped += 1
+        self._dropped += 1
         self._unreported += 1
         self.drop_reason = reason
-        if self.on_drop is not None:
-            self.on_drop()
         return False
+
+    def take_dropped(self) -> int:
+        """The lines this process dropped since the last call.  Each of the daemon's
+        processes counts them in its own stats record: the sink, which every part of a
+        process shares and a worker inherits across fork, cannot know whose record that
+        is.  A worker takes (and leaves to the master) what it inherited, first thing."""
+        if not self._dropped:  # the usual case, once per job: no lock to take
+            return 0
+        with self._lock:
+            dropped, self._dropped = self._dropped, 0
+        return dropped
 
     def _say_resumed(self, fd: int) -> None:
         """After lines were dropped, the first line written again is followed by one

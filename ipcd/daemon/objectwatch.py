@@ -23,7 +23,8 @@ from ipcd.tables.spill.table import SpillTable
 from ipcd.tables.unique import UniqueTable
 
 if TYPE_CHECKING:
-    from ipcd.daemon.startup import Prepared
+    from ipcd.daemon.startup import Objects
+    from ipcd.kernel.keys import Keys
     from ipcd.kernel.queues import Queue
     from ipcd.kernel.segments import Segment
 
@@ -31,9 +32,8 @@ if TYPE_CHECKING:
 QUEUE, SEGMENT, SEMAPHORE = "msg", "shm", "sem"
 
 
-def expected(p: Prepared) -> dict[tuple[str, int], tuple[int, str]]:
-    """(kind, key) -> (kernel id, name) of every object the daemon uses."""
-    k = p.keys
+def expected(k: Keys, p: Objects) -> dict[tuple[str, int], tuple[int, str]]:
+    """(kind, key) -> (kernel id, name) of every object the daemon uses, at keys ``k``."""
     out = {
         (QUEUE, k.jobs): (p.queue.id, "job queue"),
         (QUEUE, k.replies): (p.replies.id, "reply queue"),
@@ -61,12 +61,12 @@ class Watch:
     def __init__(self) -> None:
         self._stats: statslayout.Header | None = None
 
-    def problems(self, p: Prepared) -> list[str]:
+    def problems(self, keys: Keys, p: Objects) -> list[str]:
         """What is wrong with the daemon's objects now: "job queue removed", "result
         segment overwritten"...; empty when all is well."""
         found = {(kind, key): id_ for kind, key, id_ in vetting.sysv_objects()}
         wrong = []
-        for where, (id_, name) in expected(p).items():
+        for where, (id_, name) in expected(keys, p).items():
             now = found.get(where)
             if now is None:
                 wrong.append(f"{name} removed")
@@ -75,7 +75,7 @@ class Watch:
         wrong.extend(f"{name} overwritten" for name in self.overwritten(p))
         return wrong
 
-    def overwritten(self, p: Prepared) -> list[str]:
+    def overwritten(self, p: Objects) -> list[str]:
         """The segments whose header is no longer ipcd's."""
         bad = []
         if results.read_header(p.store.segment.buf) is None:
@@ -97,7 +97,7 @@ class Watch:
             bad.append("spill table")
         return bad
 
-    def rewrite_headers(self, p: Prepared) -> None:
+    def rewrite_headers(self, p: Objects) -> None:
         """Write back the headers the master knows whole (the in-flight table's, with
         the jobs after it; the stats segment's, with the counts), so that making the
         objects anew keeps what they hold rather than formatting them empty.  The
@@ -109,7 +109,7 @@ class Watch:
             statslayout.write_header(p.stats.buf, self._stats)
 
 
-def carry_over(old: Prepared, fresh: Prepared) -> list[str]:
+def carry_over(old: Objects, fresh: Objects) -> list[str]:
     """Copy what each removed segment held into the one made in its place (the master
     is still attached to the removed one, so nothing in it is lost), under the new
     segment's lock; returns the names of the segments copied."""
@@ -121,13 +121,7 @@ def carry_over(old: Prepared, fresh: Prepared) -> list[str]:
         ("unique-key table", old.unique.segment, fresh.unique.segment),
         ("spill table", old.spills.segment, fresh.spills.segment),
     ]
-    locks = {
-        "result segment": fresh.store.lock,
-        "in-flight table": fresh.table.lock,
-        "failed list": fresh.failed.store.lock,
-        "unique-key table": fresh.unique.lock,
-        "spill table": fresh.spills.lock,
-    }
+    locks = fresh.locks()
     copied = []
     for name, was, now in pairs:
         if was.id == now.id or was.size != now.size:
@@ -139,7 +133,7 @@ def carry_over(old: Prepared, fresh: Prepared) -> list[str]:
     return copied
 
 
-def close(old: Prepared, *, keep: Segment | None = None) -> None:
+def close(old: Objects, *, keep: Segment | None = None) -> None:
     """Detach the segments of the objects the master no longer uses (but ``keep``)."""
     for segment in (
         old.store.segment, old.table.segment, old.failed.store.segment, old.stats.segment,

@@ -7,7 +7,6 @@ jobs, and they must do it the same way; this module is that one way.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from ipcd.daemon import uniquerelease
@@ -90,22 +89,20 @@ class Outcomes:
         self.unique = unique
         #: This process's record in the stats segment (ipcd.tables.stats).
         self.stats = stats if stats is not None else NullRecorder()
-        store.on_repair = self._mended("result segment")
-        failed.store.on_repair = self._mended("failed list")
 
-    def _mended(self, name: str) -> Callable[[int, int], None]:
-        """What to say when this process wrote ipcd's header back over another
-        program's (ipcd.tables.results): one event, and the records lost counted."""
-
-        def said(kept: int, lost: int) -> None:
-            for _ in range(lost):
-                self.stats.bump(RESULTS_LOST)
-            self.log.warning(
-                "ipc.recreated", objects=[f"{name} overwritten"], results_kept=kept,
-                results_lost=lost,
-            )  # fmt: skip
-
-        return said
+    def report_mends(self) -> None:
+        """Say what this process mended since the last call: for each overwritten header
+        of the result ring or the failed list it wrote back (ipcd.tables.results), one
+        ``ipc.recreated`` event, and the records lost counted.  Called after this class's
+        own use of the rings, and by the process's loop for the other users of them
+        (recovery, the spill sweep)."""
+        for name, store in (("result segment", self.store), ("failed list", self.failed.store)):
+            for kept, lost in store.take_mends():
+                self.stats.bump(RESULTS_LOST, lost)
+                self.log.warning(
+                    "ipc.recreated", objects=[f"{name} overwritten"], results_kept=kept,
+                    results_lost=lost,
+                )  # fmt: skip
 
     def finish(
         self,
@@ -140,6 +137,7 @@ class Outcomes:
         if not result.ok and listed:
             self._list_failed(job, body, result.error)
         stored = self._store(result)
+        self.report_mends()
         self._release(job, result, listed=listed)
         if not logged:
             if job.reply_to is not None:
@@ -197,6 +195,7 @@ class Outcomes:
         """
         if not result.ok and not self.listed(job.id):
             self._list_failed(job, body, result.error)
+        self.report_mends()
         self._release(job, result, listed=True)
 
     def _release(self, job: Job, result: Result, *, listed: bool) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import NamedTuple, TextIO
 
 from ipcd.config import Config
 from ipcd.daemon import identity, uniquerelease
@@ -23,6 +23,7 @@ from ipcd.kernel import keys as keys_mod
 from ipcd.kernel import vetting
 from ipcd.kernel.keys import Keys
 from ipcd.kernel.queues import Queue, msgmax
+from ipcd.kernel.segments import Lock
 from ipcd.tables.failed import FailedList
 from ipcd.tables.inflight import InflightTable
 from ipcd.tables.results import ResultStore
@@ -31,9 +32,39 @@ from ipcd.tables.stats import StatsSegment
 from ipcd.tables.unique import UniqueTable
 
 
+class Objects(NamedTuple):
+    """The daemon's kernel objects: what ipcd.daemon.objectwatch checks, copies and closes."""
+
+    queue: Queue
+    replies: Queue
+    store: ResultStore
+    table: InflightTable
+    failed: FailedList
+    stats: StatsSegment
+    unique: UniqueTable
+    spills: SpillTable
+
+    def locks(self) -> dict[str, Lock]:
+        """The locks of the shared tables, by the name a ``lock.timeout`` event gives them
+        (ipcd.daemon.lockwaits)."""
+        return {
+            "result segment": self.store.lock,
+            "failed list": self.failed.store.lock,
+            "in-flight table": self.table.lock,
+            "unique-key table": self.unique.lock,
+            "spill table": self.spills.lock,
+        }
+
+
 @dataclass
 class Prepared:
-    """Everything the daemon needs, made before detaching."""
+    """Everything the daemon needs, made before detaching.
+
+    Only the composition roots open this bag: the master's (ipcd.daemon.arbiter.Arbiter,
+    which binds its parts anew after a reload or when objects are made anew) and a
+    worker's, right after the fork (ipcd.daemon.worker.worker_process).  Everything
+    below them receives the few collaborators it uses.
+    """
 
     config: Config
     keys: Keys
@@ -48,6 +79,13 @@ class Prepared:
     stats: StatsSegment
     unique: UniqueTable
     spills: SpillTable
+
+    def objects(self) -> Objects:
+        """The kernel objects alone."""
+        return Objects(
+            self.queue, self.replies, self.store, self.table, self.failed, self.stats,
+            self.unique, self.spills,
+        )  # fmt: skip
 
 
 def prepare(config: Config, *, console: TextIO | None) -> Prepared:
@@ -68,7 +106,9 @@ def prepare(config: Config, *, console: TextIO | None) -> Prepared:
     objects = _objects(config, keys, who, registry)
     if config.log.file is not None:
         identity.hand_over(who, [config.log.file])
-    return Prepared(config, keys, *objects[:5], registry, sink, who, *objects[5:])
+    return Prepared(
+        config=config, keys=keys, registry=registry, sink=sink, identity=who, **objects._asdict()
+    )
 
 
 def reopen(p: Prepared, made_with: Config) -> Prepared:
@@ -78,17 +118,15 @@ def reopen(p: Prepared, made_with: Config) -> Prepared:
     Their mode and sizes are ``made_with``'s, the configuration the daemon started with:
     a reload takes those settings only at a restart (ipcd.daemon.reloading)."""
     objects = _objects(made_with, p.keys, p.identity, p.registry, again=True)
-    return Prepared(p.config, p.keys, *objects[:5], p.registry, p.sink, p.identity, *objects[5:])
-
-
-_Objects = tuple[
-    Queue, Queue, ResultStore, InflightTable, FailedList, StatsSegment, UniqueTable, SpillTable
-]
+    return Prepared(
+        config=p.config, keys=p.keys, registry=p.registry, sink=p.sink, identity=p.identity,
+        **objects._asdict(),
+    )  # fmt: skip
 
 
 def _objects(
     config: Config, keys: Keys, who: identity.Identity, registry: Registry, *, again: bool = False
-) -> _Objects:
+) -> Objects:
     """Create, or open and vet, every kernel object at the configuration's keys; the
     counts start again unless this is ``again`` (the master's renewal)."""
     mode = config.ipc.mode
@@ -153,7 +191,7 @@ def _objects(
         uid=who.uid if who.drops else None,
         gid=who.object_gid if who.object_gid is not None else (who.gid if who.drops else None),
     )
-    return queue, replies, store, table, failed, stats, unique, spills
+    return Objects(queue, replies, store, table, failed, stats, unique, spills)
 
 
 def _unique_table(

@@ -135,10 +135,12 @@ class Worker:
         events: log_mod.Events,
         stats: Recorder,
         wake_master: Callable[[], None],
+        sink: log_mod.Sink | None = None,
     ) -> None:
         """``outcomes`` ends each job; ``store`` says whether a job's outcome was stored
         before an error of ipcd's own; ``spills`` holds spilled payloads; ``events`` logs
-        job starts when debugging; ``stats`` counts retries."""
+        job starts when debugging; ``stats`` counts retries and the log lines ``sink``
+        dropped (None: nothing to count)."""
         self.slot = slot
         self.config = config
         self.queue = queue
@@ -152,11 +154,28 @@ class Worker:
         self.events = events
         self.stats = stats
         self.wake_master = wake_master
+        self.sink = sink
         self.jobs_done = 0
         self.pid = os.getpid()
 
     def serve(self) -> int:
-        """Receive and handle messages until stopped or recycled; returns the exit status."""
+        """Receive and handle messages until stopped or recycled; returns the exit status.
+
+        Before each wait for a message and on leaving, what this process noticed while it
+        handled the last one is counted and said (log lines dropped, ring headers mended)."""
+        try:
+            return self._serve()
+        finally:
+            self.count_noticed()
+
+    def count_noticed(self) -> None:
+        """Count the log lines this process dropped (ipcd.daemon.log) and say which ring
+        headers it mended (Outcomes.report_mends) since the last call."""
+        if self.sink is not None and (dropped := self.sink.take_dropped()):
+            self.stats.bump(stats.LOG_DROPPED, dropped)
+        self.outcomes.report_mends()
+
+    def _serve(self) -> int:
         limit = self.config.daemon.max_jobs_per_worker
         previous = 0
         self.table.reset_worker(self.slot, self.pid)
@@ -164,6 +183,7 @@ class Worker:
         while not self.flags.stopping:
             if limit and self.jobs_done >= limit:
                 return Exit.RECYCLED
+            self.count_noticed()
             self.table.begin_receive(self.slot, self.pid, previous)
             try:
                 length = self.queue.receive_into(address, self.table.text_size)
@@ -357,14 +377,18 @@ def worker_process(  # pragma: no cover - runs in the forked worker
         context = {"role": "worker", "worker_pid": os.getpid(), "slot": slot}
         log = log_mod.get_logger(**context)
         events = log_mod.Events(prepared.sink, prepared.config.log.level, **context)
-        lockwaits.be_patient(prepared, log)  # a held lock delays the job, never fails it
+        # A held lock delays the job, never fails it.
+        lockwaits.be_patient(prepared.objects().locks(), log)
 
         def wake_master() -> None:
             with contextlib.suppress(OSError):
                 os.write(notify_master, b"!")
 
         recorder = prepared.stats.for_worker(slot)
-        prepared.sink.on_drop = lambda: recorder.bump(stats.LOG_DROPPED)
+        # What the master dropped or mended before the fork is the master's to count.
+        prepared.sink.take_dropped()
+        prepared.store.take_mends()
+        prepared.failed.store.take_mends()
         worker = Worker(
             slot=slot,
             config=prepared.config,
@@ -387,6 +411,7 @@ def worker_process(  # pragma: no cover - runs in the forked worker
             events=events,
             stats=recorder,
             wake_master=wake_master,
+            sink=prepared.sink,
         )
         code = worker.serve()
     except BaseException:

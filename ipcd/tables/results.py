@@ -35,6 +35,8 @@ class ResultStore:
         lock_timeout: float = LOCK_TIMEOUT,
         spills: SpillTable | None = None,
         on_evict: Callable[[Result], None] | None = None,
+        slot_size: int | None = None,
+        repaired: tuple[int, int] | None = None,
     ) -> None:
         self.segment = segment
         self.lock = lock
@@ -48,14 +50,15 @@ class ResultStore:
         self._capacity: int | None = None
         #: (records kept, records lost) when create() found the header overwritten by
         #: another program and wrote it anew (results.repair_header); else None.
-        self.repaired: tuple[int, int] | None = None
+        self.repaired = repaired
         #: The daemon's [results] slot_size: its processes mend an overwritten header at
         #: once (clients, which do not know it, wait for them).
-        self.slot_size: int | None = None
+        self.slot_size = slot_size
         #: The serving daemon (pid, started) as set_daemon recorded it, for such a mend.
         self._daemon: tuple[int, float] | None = None
-        #: Told (records kept, records lost) after such a mend, under the lock.
-        self.on_repair: Callable[[int, int], None] | None = None
+        #: (records kept, records lost) of each such mend this process made and its owner
+        #: has not yet taken (take_mends).
+        self._mends: list[tuple[int, int]] = []
 
     @classmethod
     def open(cls, key: int) -> ResultStore:
@@ -105,25 +108,24 @@ class ResultStore:
             what=what,
             trusted=trusted,
         )
-        store = cls(
+        return cls(
             segment,
             lock,
             None if gate_key is None else Gate.create(gate_key, mode, trusted=trusted),
             spills=spills,
             on_evict=on_evict,
+            slot_size=slot_size,
+            repaired=repaired[0] if repaired else None,
         )
-        store.repaired = repaired[0] if repaired else None
-        store.slot_size = slot_size
-        return store
 
     def header(self) -> Header:
         header = results.read_header(self.segment.buf)
         if header is None and self.slot_size is not None:
             # Overwritten (PHP's shm_attach): the daemon's processes know the layout and
             # mend it at once, under the lock the caller holds, keeping the records.
-            kept, lost = results.repair_header(self.segment.buf, self.slot_size, self._daemon)
-            if self.on_repair is not None:
-                self.on_repair(kept, lost)
+            self._mends.append(
+                results.repair_header(self.segment.buf, self.slot_size, self._daemon)
+            )
             header = results.read_header(self.segment.buf)
         if header is None:
             raise OverwrittenError(
@@ -132,6 +134,13 @@ class ResultStore:
                 "the daemon writes ipcd's back within seconds)"
             )
         return header
+
+    def take_mends(self) -> list[tuple[int, int]]:
+        """(records kept, records lost) of each overwritten header this process mended
+        since the last call, oldest first: for its owner to log and count (the store is
+        shared by every part of a process, and cannot know whose log that is)."""
+        mends, self._mends = self._mends, []
+        return mends
 
     def put(self, result: Result) -> int:
         """Store a result (an error result in its place if it does not fit).

@@ -123,13 +123,13 @@ class Recorder:
         values[REJECTED] += 1
         self._write(0, values)
 
-    def bump(self, counter: int) -> None:
-        """Add one to a counter of the record (WORKERS_STARTED, LOG_DROPPED, ...)."""
+    def bump(self, counter: int, by: int = 1) -> None:
+        """Add ``by`` to a counter of the record (WORKERS_STARTED, LOG_DROPPED, ...)."""
         offset = self._offset + SEQ.size + 8 * counter
         self._seq += 1
         SEQ.pack_into(self._buf, self._offset, self._seq)
         (value,) = SEQ.unpack_from(self._buf, offset)
-        SEQ.pack_into(self._buf, offset, value + 1)
+        SEQ.pack_into(self._buf, offset, value + by)
         self._seq += 1
         SEQ.pack_into(self._buf, self._offset, self._seq)
 
@@ -167,7 +167,7 @@ class NullRecorder(Recorder):
     def rejected(self) -> None:
         pass
 
-    def bump(self, counter: int) -> None:
+    def bump(self, counter: int, by: int = 1) -> None:
         pass
 
 
