@@ -15,6 +15,8 @@ import subprocess
 import time
 from typing import Any, cast
 
+from fakes import FakeLog
+
 from ipcd.daemon.log import Events, Logger
 from ipcd.daemon.outcomes import Outcomes, error_result
 from ipcd.errors import IpcdError, MessageError, NotRunningError
@@ -152,24 +154,6 @@ class FakeUnique:
             return False
         del self.keys[key]
         return True
-
-
-class FakeLog:
-    def __init__(self) -> None:
-        self.events: list[tuple[str, str, dict[str, Any]]] = []
-
-    def _say(level: str) -> Any:  # type: ignore[misc]  # a factory used in the class body
-        def say(self: FakeLog, event: str, **fields: Any) -> None:
-            self.events.append((level, event, fields))
-
-        return say
-
-    info = _say("info")
-    warning = _say("warning")
-    error = _say("error")
-
-    def names(self) -> list[tuple[str, str]]:
-        return [(level, event) for level, event, _ in self.events]
 
 
 class FakeEvents:

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, cast
 
+from fakes import FakeLog
+
 from ipcd import config as config_mod
 from ipcd.daemon.log import Events, Logger
 from ipcd.daemon.outcomes import Outcomes
@@ -160,24 +162,6 @@ class FakeSpills:
         if self.broken:
             raise RuntimeError("spill table broken")
         self.released.append((shmid, job_id, index))
-
-
-class FakeLog:
-    def __init__(self) -> None:
-        self.events: list[tuple[str, str, dict[str, Any]]] = []
-
-    def _say(level: str) -> Any:  # type: ignore[misc]  # a factory used in the class body
-        def say(self: FakeLog, event: str, **fields: Any) -> None:
-            self.events.append((level, event, fields))
-
-        return say
-
-    info = _say("info")
-    warning = _say("warning")
-    error = _say("error")
-
-    def names(self) -> list[tuple[str, str]]:
-        return [(level, event) for level, event, _ in self.events]
 
 
 class FakeEvents:
