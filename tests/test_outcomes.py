@@ -49,10 +49,15 @@ class FakeStore:
         self.room = capacity
         self.broken = broken
         self.stored: dict[str, Result] = {}
-        self.on_repair: object = None
+        #: Headers this process mended, as (records kept, records lost), not yet taken.
+        self.mends: list[tuple[int, int]] = []
 
     def capacity(self) -> int | None:
         return self.room
+
+    def take_mends(self) -> list[tuple[int, int]]:
+        taken, self.mends = self.mends, []
+        return taken
 
     def put(self, result: Result) -> None:
         if self.broken:
@@ -62,9 +67,14 @@ class FakeStore:
 
 
 class FakeFailedStore:
-    """The failed list's own ring, which Outcomes only tells whom to warn on repair."""
+    """The failed list's own ring, of which Outcomes only asks what was mended."""
 
-    on_repair: object = None
+    def __init__(self) -> None:
+        self.mends: list[tuple[int, int]] = []
+
+    def take_mends(self) -> list[tuple[int, int]]:
+        taken, self.mends = self.mends, []
+        return taken
 
 
 class FakeFailed:
@@ -175,8 +185,8 @@ class FakeRecorder:
     def rejected(self) -> None:
         self.calls.append(("rejected",))
 
-    def bump(self, counter: int) -> None:
-        self.calls.append(("bump", counter))
+    def bump(self, counter: int, by: int = 1) -> None:
+        self.calls.append(("bump", counter) if by == 1 else ("bump", counter, by))
 
 
 class Fixture:
@@ -227,6 +237,29 @@ def _job(**fields: Any) -> Job:
 
 def _ok(job: Job, data: bytes = b"done") -> Result:
     return Result(job.id, job.type, Status.OK, Kind.BYTES, data, job.attempt, 1.0, 2.0)
+
+
+# --- mended headers -----------------------------------------------------------------------
+
+
+def test_headers_mended_since_the_last_job_are_said_and_their_losses_counted_once() -> None:
+    """After a job, each header of the result ring or the failed list that this process
+    wrote back meanwhile (PHP's shm_attach over it, say) is one ``ipc.recreated`` event,
+    its lost records are counted, and the next job says nothing more of it."""
+    f = Fixture()
+    f.store.mends = [(5, 2)]
+    f.failed.store.mends = [(3, 0)]
+    f.finish(_job(spill=None), _ok(_job(spill=None)))
+    said = [(e, fields) for _, e, fields in f.log.events if e == "ipc.recreated"]
+    assert said == [
+        ("ipc.recreated", {"objects": ["result segment overwritten"], "results_kept": 5,
+                           "results_lost": 2}),
+        ("ipc.recreated", {"objects": ["failed list overwritten"], "results_kept": 3,
+                           "results_lost": 0}),
+    ]  # fmt: skip
+    assert ("bump", RESULTS_LOST, 2) in f.stats.calls
+    f.finish(_job(id="job2", spill=None), _ok(_job(id="job2", spill=None)))
+    assert len([e for _, e, _ in f.log.events if e == "ipc.recreated"]) == 2
 
 
 # --- finish -------------------------------------------------------------------------------
