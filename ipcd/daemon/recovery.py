@@ -56,13 +56,9 @@ class Recovery:
         """Finish or re-run the job a dead worker held (at-least-once)."""
         started = _monotonic_start(held)
         self.stats.bump(stats.JOBS_RECOVERED)
-        try:
-            job = protocol.decode(held.body, held.type, received=time.time())
-        except MessageError as exc:
-            self.outcomes.reject(exc, held.body, held.type, recovered=True)
+        job = self._job_of(held)
+        if job is None:
             return
-        if job.bare and held.job_id:
-            job = job._replace(id=held.job_id)
         existing = self.store.get(job.id)
         if existing is not None and existing.finished >= held.started > 0:
             # The worker stored the outcome and died before it said so: finish what it
@@ -120,15 +116,23 @@ class Recovery:
                 head=held.body[:64].hex(), exc_info=True,
             )  # fmt: skip
 
-    def keep_for_next_start(self, held: Held, cause: str) -> None:
-        """A job interrupted by shutdown is not a failure: it runs again, same attempt."""
+    def _job_of(self, held: Held) -> Job | None:
+        """The held message as a job (a bare one under the id its slot recorded); None,
+        with the message rejected and accounted for, when it cannot be one."""
         try:
             job = protocol.decode(held.body, held.type, received=time.time())
         except MessageError as exc:
             self.outcomes.reject(exc, held.body, held.type, recovered=True)
-            return
+            return None
         if job.bare and held.job_id:
             job = job._replace(id=held.job_id)
+        return job
+
+    def keep_for_next_start(self, held: Held, cause: str) -> None:
+        """A job interrupted by shutdown is not a failure: it runs again, same attempt."""
+        job = self._job_of(held)
+        if job is None:
+            return
         self.run_again(job, held, attempt=job.attempt, delay=0.0, cause=cause)
 
     def _handler_name(self, job: Job) -> str:
