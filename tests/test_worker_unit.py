@@ -130,6 +130,11 @@ class FakeOutcomes:
         self.broken = broken
         self.finished: list[tuple[Job, Result, str]] = []
         self.rejected: list[tuple[MessageError, bytes, int]] = []
+        #: How often the worker asked for mended headers to be said (before each wait).
+        self.mends_reported = 0
+
+    def report_mends(self) -> None:
+        self.mends_reported += 1
 
     def finish(self, job: Job, result: Result, *, body: bytes, handler: str, **_: Any) -> None:
         if self.broken:
