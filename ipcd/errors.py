@@ -25,6 +25,10 @@ class ExitCode(enum.IntEnum):
     #: ``ipcctl submit --unique KEY``: a job with that key is already waiting or running;
     #: nothing was queued (not a failure: the work is already on its way).
     ALREADY_QUEUED = 4
+    #: ``ipcctl submit``: the job was sent to the kernel queue, but the daemon did not
+    #: confirm that it is in the job store (not running, or its store not writable): it
+    #: waits in the kernel queue, and is lost only if the machine goes down first.
+    NOT_CONFIRMED = 5
     #: Bad command line (EX_USAGE).
     USAGE = 64
     #: Bad input data: payload too large, unreadable stdin (EX_DATAERR).
@@ -122,6 +126,16 @@ class QueueFullError(IpcdError, BlockingIOError):
     """The queue stayed full until the timeout: the job was not accepted."""
 
     exit_code = ExitCode.QUEUE_FULL
+
+
+class NotConfirmedError(IpcdError, RuntimeError):
+    """The job was sent, but its commit to the job store was not confirmed in time."""
+
+    exit_code = ExitCode.NOT_CONFIRMED
+
+    def __init__(self, job_id: str, why: str) -> None:
+        super().__init__(f"job {job_id} sent but not confirmed: {why}; it waits in the kernel queue")
+        self.job_id = job_id
 
 
 class AlreadyQueuedError(IpcdError, RuntimeError):

@@ -85,6 +85,8 @@ class Instance:
             )
             + textwrap.dedent(handlers)
             + textwrap.dedent(extra)
+            # The job store beside the rest, unless the test configures [store] itself.
+            + ("" if "[store]" in extra else '\n[store]\npath = "jobs.db"\n')
         )
 
     def ipcd(
@@ -148,8 +150,8 @@ def remove_objects(instance: Instance) -> None:
     if not key_file.exists():
         return
     jobs = keys.ftok(key_file, 0x49)  # not from the config, which a test may have broken
-    # n = 0 to 7: every key ipcd derives (ipcd.kernel.keys).
-    made = tuple((jobs + n * keys.REPLY_KEY_OFFSET) & 0xFFFFFFFF for n in range(8))
+    # n = 0 to 9: every key ipcd derives (ipcd.kernel.keys).
+    made = tuple((jobs + n * keys.REPLY_KEY_OFFSET) & 0xFFFFFFFF for n in range(10))
     TEST_KEYS.update(made)
     purge.remove_all(made)
 

@@ -79,6 +79,9 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
         "job_timeout": args.timeout_job,
         "delay": args.delay,
         "unique": args.unique,
+        "priority": args.priority,
+        # --wait waits for the outcome, which comes after the commit anyway.
+        "confirm": not (args.wait or args.no_confirm),
     }
     try:
         job_id = client.submit(args.type, payload, notify=args.wait, **options)
@@ -88,7 +91,8 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
         return int(ExitCode.ALREADY_QUEUED)  # --quiet: cron mails nothing for it
     if not args.wait:
         print(job_id)
-        _warn_if_unserved(client, job_id)
+        if args.no_confirm:
+            _warn_if_unserved(client, job_id)
         return 0
     return _print_result(client.wait_submitted(job_id, _wait_timeout(args)), as_json=False)
 

@@ -95,11 +95,33 @@ def _submit_options(submit: argparse.ArgumentParser) -> None:
         help="no stderr line when --unique finds the job already queued (exit 4 still)",
     )
     submit.add_argument(
+        "--priority",
+        type=_priority,
+        default=0,
+        metavar="N",
+        help="-100 to 100: higher runs before other queued jobs of its handler (default 0)",
+    )
+    submit.add_argument(
+        "--no-confirm",
+        action="store_true",
+        help="return once the job is on the kernel queue, not once the daemon stored it",
+    )
+    submit.add_argument(
         "--send-timeout",
         type=_seconds,
         metavar="S",
         help="how long to wait while the queue is full (default: [ipc] send_timeout)",
     )
+
+
+def _priority(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not -100 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"{value} is outside -100..100")
+    return value
 
 
 def _result_options(result: argparse.ArgumentParser) -> None:

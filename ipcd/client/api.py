@@ -23,11 +23,13 @@ from ipcd.config import Config
 from ipcd.errors import (
     JobFailedError,
     NoResultError,
+    NotConfirmedError,
     NotRunningError,
     OverwrittenError,
     PayloadError,
     QueueFullError,
     ResultLostError,
+    UsageError,
     WaitTimeoutError,
 )
 from ipcd.kernel.keys import Keys, derive
@@ -137,54 +139,99 @@ class Client:
         job_timeout: float | None = None,
         delay: float | None = None,
         unique: str | None = None,
+        confirm: bool = False,
+        priority: int = 0,
+        confirm_timeout: float | None = None,
     ) -> str:
         """Queue a job and return its id; ``notify`` asks for a reply-queue wake-up.
 
         Blocks at most ``send_timeout`` (default ``[ipc] send_timeout``) while the queue
         is full, then raises QueueFullError: the job is either accepted or refused.
-        With ``delay`` the job is parked in the daemon's in-flight table (shared memory
-        that outlives every process) and the master queues it once the delay has passed.
+        With ``confirm`` it returns only once the daemon committed the job to its job
+        store (durable), waiting at most ``confirm_timeout`` (default ``[ipc]
+        send_timeout``); else NotConfirmedError (exit 5): the job waits in the kernel
+        queue, unconfirmed (the daemon is down, or its store cannot be written).
+        With ``delay`` the job runs no sooner than that many seconds from now (the store
+        keeps it ``scheduled`` until then).  ``priority`` (-100 to 100) puts it before
+        (higher) or after other queued jobs of its type.
         With ``unique`` nothing is queued while a job with that key waits or runs: raises
         AlreadyQueuedError (exit 4), which names that job (ipcd.tables.unique).
         """
         type_ = handler if isinstance(handler, int) else self.config.handler_type(handler)
+        if not protocol.MIN_PRIORITY <= priority <= protocol.MAX_PRIORITY:
+            raise UsageError(
+                f"priority {priority} is outside {protocol.MIN_PRIORITY}..{protocol.MAX_PRIORITY}"
+            )
         job_id = protocol.new_job_id()
-        if notify:
+        if notify or confirm:
             self._reply_queue()  # fail before sending when no one could wake us
-        reply_to = os.getpid() if notify else None
+        pid = os.getpid()
+        reply_to = pid if notify else None
+        envelope = {
+            "confirm": pid if confirm else None,
+            "due": time.time() + delay if delay else None,
+            "priority": priority,
+        }
         body = None
         if not _surely_too_large(payload, self.queue):
             body = protocol.encode(
-                payload, job_id=job_id, reply_to=reply_to, timeout=job_timeout, unique=unique
-            )
+                payload, job_id=job_id, reply_to=reply_to, timeout=job_timeout, unique=unique,
+                **envelope,  # type: ignore[arg-type]
+            )  # fmt: skip
             if not self.queue.fits(len(body)):
                 body = None
             elif len(body) > self.config.jobs.max_payload:  # a tiny limit; rare, so exact now
                 from ipcd.tables.spill import within_max_payload
 
                 within_max_payload(payload, self.config.jobs.max_payload)
+        timeout = self.config.ipc.send_timeout if send_timeout is None else send_timeout
         if body is not None and unique is None:  # the common case, kept short
-            self._queue_or_park(type_, body, job_id, delay, send_timeout)
-            return job_id
-        # A payload too large for one message goes to a segment of its own (ipcd.tables.spill).
-        with (
-            self._claim(unique, job_id),
-            outgoing(
-                self, payload, body, job_id=job_id, reply_to=reply_to, timeout=job_timeout,
-                unique=unique,
-            ) as body,
-        ):  # fmt: skip
-            self._queue_or_park(type_, body, job_id, delay, send_timeout)
+            self.queue.send(body, type_, timeout=timeout)
+        else:
+            # A payload too large for one message goes to a segment of its own
+            # (ipcd.tables.spill).
+            with (
+                self._claim(unique, job_id),
+                outgoing(
+                    self, payload, body, job_id=job_id, reply_to=reply_to,
+                    timeout=job_timeout, unique=unique, **envelope,
+                ) as body,
+            ):  # fmt: skip
+                self.queue.send(body, type_, timeout=timeout)
+        if confirm:
+            self.wait_confirmed(job_id, timeout if confirm_timeout is None else confirm_timeout)
         return job_id
 
-    def _queue_or_park(
-        self, type_: int, body: bytes, job_id: str, delay: float | None, send_timeout: float | None
-    ) -> None:
-        if delay:
-            self._park(type_, body, job_id, time.time() + delay)
-            return
-        timeout = self.config.ipc.send_timeout if send_timeout is None else send_timeout
-        self.queue.send(body, type_, timeout=timeout)
+    def wait_confirmed(self, job_id: str, timeout: float) -> None:
+        """Wait until the daemon says ``job_id`` (submitted with ``confirm``) is in its
+        job store; NotConfirmedError when it does not within ``timeout``.  A job the
+        daemon refused outright (rejected, no handler) ends here too: its result is
+        stored already, and JobFailedError says why."""
+        if not self.daemon_serving():
+            raise NotConfirmedError(job_id, "ipcd is not running")
+        replies = self._reply_queue()
+        deadline = time.monotonic() + timeout
+        confirmed = protocol.CONFIRMED + job_id.encode("ascii")
+        ended = job_id.encode("ascii")
+        pid = os.getpid()
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                body, _ = replies.receive(pid, timeout=max(left, 0.0))
+            except WaitTimeoutError:
+                why = f"not stored within {timeout:g}s (see ipcctl status and the log)"
+                if not self.daemon_serving():
+                    why = "ipcd is not running"
+                raise NotConfirmedError(job_id, why) from None
+            if body == confirmed:
+                return
+            if body == ended:  # refused at intake: its outcome is final already
+                result = self.result(job_id)
+                if result is not None:
+                    raise_for_status(result)
+                return
+            if len(self._notified) < 4096:
+                self._notified.add(body)  # another job's notification: kept for its waiter
 
     def _claim(self, unique: str | None, job_id: str) -> contextlib.AbstractContextManager[object]:
         """Hold the unique key while the job is sent (nothing to hold without one)."""
@@ -207,20 +254,6 @@ class Client:
         """When the job's stored result was written, or None while none is stored."""
         result = self.result(job_id)
         return None if result is None else result.finished
-
-    def _park(self, type_: int, body: bytes, job_id: str, due: float) -> None:
-        from ipcd.tables.inflight import InflightTable
-
-        self.queue  # noqa: B018 - the daemon's queue must exist, as for any submit
-        table = InflightTable.open(self.keys.inflight)
-        if len(body) > table.text_size:
-            raise PayloadError(
-                f"message of {len(body)} bytes exceeds the kernel's msgmax of {table.text_size}"
-            )
-        if not table.park(type_, body, job_id, 1, due):
-            raise QueueFullError(
-                "every parked slot is taken ([jobs] parked): the delayed job was not accepted"
-            )
 
     def call(
         self,
@@ -432,6 +465,9 @@ def outgoing(
     reply_to: int | None,
     timeout: float | None,
     unique: str | None = None,
+    confirm: int | None = None,
+    due: float | None = None,
+    priority: int = 0,
 ) -> Iterator[bytes]:
     """The envelope to send: ``body`` when the client could encode the payload into a
     message, else one that points to a segment the payload is spilled into.
@@ -465,8 +501,9 @@ def outgoing(
     ref = SpillRef(shmid, len(raw), index, kind)
     try:
         body = protocol.encode(
-            None, job_id=job_id, reply_to=reply_to, timeout=timeout, unique=unique, spill=ref
-        )
+            None, job_id=job_id, reply_to=reply_to, timeout=timeout, unique=unique, spill=ref,
+            confirm=confirm, due=due, priority=priority,
+        )  # fmt: skip
         table.mark(index, State.QUEUED, shmid)
         yield body
     except BaseException:

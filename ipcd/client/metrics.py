@@ -264,6 +264,12 @@ def _counters(out: _Exposition, snap: Snapshot) -> None:
         "overwritten by another program.",
         m["results_lost"],
     )
+    out.counter(
+        "ipcd_store_errors_total",
+        "Writes the job store refused (full disk, read-only, corrupt); jobs waited in the "
+        "kernel queue meanwhile.",
+        m["store_errors"],
+    )
     out.gauge(
         "ipcd_stats_created_seconds",
         "When the counters started at zero (the daemon's start), in Unix time.",
@@ -367,7 +373,8 @@ def stats_text(reading: Reading) -> list[str]:
     )
     lines.append(
         f"lost       {count(m['log_dropped'], 'log event')} dropped (log file not writable), "
-        f"{count(m['results_lost'], 'result')} lost (result segment damaged)"
+        f"{count(m['results_lost'], 'result')} lost (result segment damaged), "
+        f"{count(m['store_errors'], 'store error')}"
     )
     # A stopped daemon finishes nothing: an average since its start would only decay.
     rate = job_rate(reading) if reading.up else None

@@ -107,6 +107,27 @@ class ExecConfig(NamedTuple):
     max_output: int = 3072
 
 
+class StoreConfig(NamedTuple):
+    """[store]: the job store (ipcd.store), where every accepted job is recorded."""
+
+    path: Path = Path("/var/lib/ipcd/jobs.db")
+    #: "normal": a committed batch survives a crash of ipcd or of the kernel's processes;
+    #: "full": also a power cut (fsync per committed batch).
+    sync: str = "normal"
+    #: Past these the intake stops draining the kernel queue: submitters get its
+    #: backpressure (exit 75), never an unbounded database.
+    max_queued: int = 100_000
+    max_queued_bytes: int = 1 << 30
+    keep_done: int = 1000
+    keep_done_age: float = 7 * 86400.0
+    keep_failed: int = 1000
+    keep_failed_age: float = 30 * 86400.0
+    #: Largest result kept in the store (larger ones: their size only).
+    max_result: int = 1 << 20
+    #: The control socket (ipcctl list, cancel, pause, ...); None: beside the PID file.
+    socket: Path | None = None
+
+
 class HandlerConfig(NamedTuple):
     """One handler: the name users type, the message type it serves, where its code is."""
 
@@ -131,6 +152,7 @@ class Config(NamedTuple):
     handlers: tuple[HandlerConfig, ...]
     jobs: JobsConfig = JobsConfig()
     exec: ExecConfig = ExecConfig()
+    store: StoreConfig = StoreConfig()
 
     def handler_type(self, name_or_number: str) -> int:
         """Turn what a user typed (a handler name or a type number) into a message type."""
@@ -152,6 +174,13 @@ class Config(NamedTuple):
             if handler.type == type_:
                 return handler
         return None
+
+
+    @property
+    def control_socket(self) -> Path:
+        """Where the daemon serves ipcctl's operator commands: ``[store] socket``, else
+        the PID file's path ending in ``.sock`` (``ipcd.pid``: ``ipcd.sock``)."""
+        return self.store.socket or self.daemon.pid_file.with_suffix(".sock")
 
 
 def locate(explicit: str | os.PathLike[str] | None) -> Path:
@@ -184,7 +213,7 @@ def load(path: str | os.PathLike[str]) -> Config:
 def parse(raw: Mapping[str, Any], path: Path) -> Config:
     """Validate an already-parsed TOML document; ``path`` anchors relative paths."""
     reader = TableReader(path)
-    reader.allow(raw, "", {"ipc", "daemon", "log", "results", "jobs", "exec", "handlers"})
+    reader.allow(raw, "", {"ipc", "daemon", "log", "results", "jobs", "exec", "handlers", "store"})
     base = path.parent.absolute()
 
     ipc = reader.table(raw, "ipc")
@@ -198,9 +227,9 @@ def parse(raw: Mapping[str, Any], path: Path) -> Config:
     if key is not None and not 0 < key <= 0xFFFFFFFF:
         raise reader.error("ipc.key must be between 1 and 0xffffffff")
     proj_id = reader.get(ipc, "ipc.proj_id", int, 0x49)
-    if not 1 <= proj_id <= 248:
-        # ftok uses only the low 8 bits, and ipcd also uses proj_id + 1 to + 7 (ipcd.kernel.keys).
-        raise reader.error("ipc.proj_id must be between 1 and 248")
+    if not 1 <= proj_id <= 246:
+        # ftok uses only the low 8 bits, and ipcd also uses proj_id + 1 to + 9 (ipcd.kernel.keys).
+        raise reader.error("ipc.proj_id must be between 1 and 246")
     mode = reader.get(ipc, "ipc.mode", int, 0o660)
     if not 0 <= mode <= 0o777:
         raise reader.error("ipc.mode must be a permission mode such as 0o660")
@@ -294,6 +323,7 @@ def parse(raw: Mapping[str, Any], path: Path) -> Config:
     )
 
     return Config(
+        store=_store(reader, reader.table(raw, "store"), base),
         exec=_exec(reader, reader.table(raw, "exec")),
         path=_resolve(Path.cwd(), path),
         ipc=ipc_config,
@@ -385,3 +415,63 @@ def _resolve(base: Path, value: str | os.PathLike[str]) -> Path:
     if path.name == "..":
         return path.resolve()
     return path.parent.resolve() / path.name
+
+
+_DURATION = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str | float | int) -> float:
+    """A duration as a user writes it: plain seconds, or ``30s``, ``10m``, ``2h``, ``7d``.
+
+    Raises ValueError with the reason."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        value = str(text).strip()
+        unit = _DURATION.get(value[-1:].lower())
+        number = value[:-1] if unit else value
+        try:
+            seconds = float(number) * (unit or 1)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a duration (e.g. 30s, 10m, 2h, 7d)") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{text!r} is not a duration (e.g. 30s, 10m, 2h, 7d)")
+    return seconds
+
+
+def _store(reader: TableReader, store: Mapping[str, Any], base: Path) -> StoreConfig:
+    reader.allow(
+        store,
+        "store",
+        {
+            "path", "sync", "max_queued", "max_queued_bytes", "keep_done", "keep_done_age",
+            "keep_failed", "keep_failed_age", "max_result", "socket",
+        },
+    )  # fmt: skip
+    default = StoreConfig()
+    sync = reader.get(store, "store.sync", str, default.sync)
+    if sync not in {"normal", "full"}:
+        raise reader.error('store.sync must be "normal" or "full"')
+
+    def age(name: str, fallback: float) -> float:
+        raw = store.get(name, fallback)
+        try:
+            return parse_duration(raw)
+        except ValueError as exc:
+            raise reader.error(f"store.{name}: {exc}") from None
+
+    socket = reader.optional(store, "store.socket", str)
+    return StoreConfig(
+        path=_resolve(base, reader.get(store, "store.path", str, str(default.path))),
+        sync=sync,
+        max_queued=reader.bounded(store, "store.max_queued", default.max_queued, 1, 1 << 40),
+        max_queued_bytes=reader.bounded(
+            store, "store.max_queued_bytes", default.max_queued_bytes, 1, 1 << 50
+        ),
+        keep_done=reader.bounded(store, "store.keep_done", default.keep_done, 0, 1 << 40),
+        keep_done_age=age("keep_done_age", default.keep_done_age),
+        keep_failed=reader.bounded(store, "store.keep_failed", default.keep_failed, 0, 1 << 40),
+        keep_failed_age=age("keep_failed_age", default.keep_failed_age),
+        max_result=reader.bounded(store, "store.max_result", default.max_result, 0, 1 << 40),
+        socket=_resolve(base, socket) if socket else None,
+    )

@@ -1,15 +1,21 @@
-"""The master process: keeps a pool of workers alive and makes sure no job is lost.
+"""The master process: keeps its processes alive, hands out jobs, and loses none.
 
-The master handles no job itself.  It forks ``[daemon] workers`` workers, each blocking in
-``msgrcv`` on the queue, and then sleeps in ``select()`` on a self-pipe that the signal
-handlers (and the workers, when they start a job with a deadline or park a retry) write
-to.  It wakes to:
+The master handles no job itself.  It forks the intake (ipcd.daemon.intake), which drains
+the kernel's job queue into the job store, the control process (ipcd.daemon.control),
+which answers ipcctl's operator commands, and ``[daemon] workers`` workers, each blocking
+in ``msgrcv`` on the private hand-off queue.  It then sleeps in ``select()`` on a
+self-pipe that the signal handlers, the intake (new jobs), the control process (jobs
+resumed or retried) and the workers (a job finished, or one with a deadline started)
+write to.  It wakes to:
+
+- hand jobs from the store to idle workers, as many as are idle, in the order the store
+  decides (ipcd.store: type, then priority, then age), once their due time has come;
 
 - reap dead workers (``waitpid(-1, WNOHANG)``), decode why they died, finish or re-run the
   job each one held (ipcd.tables.inflight), and fork a replacement, backing off when workers die
   young so that a broken handler cannot fork-bomb the host;
 - kill a worker (its whole process group) whose job ran past its deadline;
-- put parked jobs back on the queue when their retry delay has passed;
+- every minute, delete finished jobs past ``[store]`` retention;
 - every few seconds, sweep the spill table (ipcd.tables.spill.table) for segments whose maker died
   before handing them on;
 - reload (SIGHUP): fork a new generation of workers with the new configuration, then ask
@@ -37,8 +43,9 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 from ipcd import config as config_mod
-from ipcd.daemon import lockwaits, objectwatch, reloading, startup
+from ipcd.daemon import control, lockwaits, objectwatch, reloading, startup
 from ipcd.daemon import log as log_mod
+from ipcd.daemon.intake import Intake
 from ipcd.daemon.outcomes import Outcomes
 from ipcd.daemon.pidlock import PidLock
 from ipcd.daemon.recovery import DAEMON_KILLED, Recovery
@@ -46,12 +53,19 @@ from ipcd.daemon.sdnotify import Watchdog
 from ipcd.daemon.signals import Flags
 from ipcd.daemon.startup import Prepared
 from ipcd.daemon.sweep import Sweeper
-from ipcd.daemon.worker import Exit, describe_exit, signal_worker, worker_process
-from ipcd.errors import IpcdError, LockTimeoutError, MessageError, NotRunningError
+from ipcd.daemon.worker import (
+    Exit,
+    _parent_death_signal,
+    describe_exit,
+    signal_worker,
+    worker_process,
+)
+from ipcd.errors import IpcdError, LockTimeoutError, NotRunningError, StoreError
 from ipcd.handlers import registry as registry_mod
+from ipcd.store import Retention
 from ipcd.tables import stats as stats_mod
 from ipcd.tables.inflight import Held, InflightTable, Peek, State
-from ipcd.wire import protocol
+from ipcd.wire import handoff
 
 #: A worker that lived shorter than this "died young".
 YOUNG = 1.0
@@ -59,6 +73,10 @@ YOUNG = 1.0
 TICK = 1.0
 #: How often the master sweeps the spill table for segments of dead makers.
 SPILL_SWEEP = 3.0
+#: How often the master applies the store's retention ([store] keep_*).
+RETENTION = 60.0
+#: How soon after a helper process (intake, control) died the master forks another.
+HELPER_RESTART = 0.5
 
 
 #: Back-off bounds for respawning workers that die soon after they start.
@@ -73,6 +91,17 @@ class WorkerInfo:
     spawned: float
     retiring: bool = False
     kill_reason: str | None = None
+
+
+@dataclass
+class Helper:
+    """A process of the master's besides the workers: the intake or the control process."""
+
+    role: str
+    pid: int = 0
+    spawned: float = 0.0
+    #: Not before this (a helper that died young is not forked again at once).
+    next_spawn: float = 0.0
 
 
 @dataclass
@@ -163,6 +192,8 @@ class Arbiter:
         self.reloads = 0
         self.log = log_mod.get_logger(role="master")
         self.pool = Pool(free_slots=list(range(prepared.table.workers)))
+        #: The master's connection to the job store (opened here, in the daemon process).
+        self.jobs = prepared.open_jobs()
         self._bind(prepared)
         self.drop_notice = log_mod.DropNotice(prepared.sink.path)
         self.watch = objectwatch.Watch()
@@ -173,6 +204,11 @@ class Arbiter:
         #: removed one (ipcd.objectwatch.Retired).
         self._retired: list[objectwatch.Retired] = []
         self.master_pid = os.getpid()
+        self.helpers = {role: Helper(role) for role in ("intake",)}
+        self._next_retention = 0.0
+        self._next_due: float | None = None
+        self._due_checked = 0.0
+        self._store_failing = False
         self._wake_r, self._wake_w = os.pipe()
         self._notify_r, self._notify_w = os.pipe()
         for fd in (self._wake_r, self._wake_w, self._notify_r, self._notify_w):
@@ -190,14 +226,14 @@ class Arbiter:
             events=log_mod.Events(prepared.sink, prepared.config.log.level, role="master"),
             unique=prepared.unique,
             stats=self.stats,
+            jobs=self.jobs,
         )
         self.recovery = Recovery(
             outcomes=self.outcomes,
             store=prepared.store,
-            table=prepared.table,
-            queue=prepared.queue,
+            jobs=self.jobs,
             registry=prepared.registry,
-            jobs=prepared.config.jobs,
+            config=prepared.config.jobs,
             stats=self.stats,
             log=self.log,
         )
@@ -215,6 +251,7 @@ class Arbiter:
         p.store.set_daemon(os.getpid(), self.started)
         p.table.set_master(os.getpid())
         self._recover_leftovers()
+        self._requeue_unheld(at_start=True)
         self._sweep_spills(at_start=True)
         self._raise_queue_bytes()
         self.log.info(
@@ -227,6 +264,7 @@ class Arbiter:
             handlers={r.name: r.type for r in p.registry.by_type.values()},
         )
         self._maintain()
+        self._dispatch()
         self._count_noticed()
         self._ready = True
         ready()
@@ -243,8 +281,9 @@ class Arbiter:
                     self._reload()
                 self._enforce_deadlines()
                 self._nudge_retiring()
-                self._dispatch_parked()
                 self._maintain()
+                self._dispatch()
+                self._retain()
                 self._sweep_spills()
                 self._notice_dropped_log()
             self._shutdown()
@@ -254,8 +293,8 @@ class Arbiter:
             self._shutdown()  # asked to stop while waiting for a lock another process held
         except Exception:
             self.log.critical("daemon.crashed", exc_info=True)
-            for info in self.pool.workers.values():
-                signal_worker(info.pid, signal.SIGKILL)
+            for pid in self._all_children():
+                signal_worker(pid, signal.SIGKILL)
             raise
         finally:
             signal.set_wakeup_fd(previous_fd)
@@ -274,6 +313,7 @@ class Arbiter:
             )
             self._count_noticed()
             p.sink.close()
+            self.jobs.close()
 
     def _watch_objects(self) -> None:
         """Make anew any object of ours that was removed or overwritten (daemon.objectwatch)."""
@@ -309,8 +349,11 @@ class Arbiter:
             self._retired.append(retired)
         copied = objectwatch.carry_over(old.objects(), fresh.objects())
         if fresh.queue.id != old.queue.id:  # the jobs it held are gone, and their keys
-            startup.free_lost_keys(fresh.unique, fresh.queue, fresh.table)
+            startup.free_lost_keys(fresh.unique, fresh.queue, fresh.table, self.jobs)
+        handoff_lost = fresh.handoff.id != old.handoff.id
         self._bind(fresh)
+        if handoff_lost:  # the jobs handed out and not yet taken went with it
+            self._requeue_unheld()
         fresh.store.set_daemon(self.master_pid, self.started)
         fresh.table.set_master(self.master_pid)
         kept, lost = fresh.store.repaired or (None, 0)
@@ -323,6 +366,9 @@ class Arbiter:
         for info in current:  # ...then those on the old ones finish their job and leave
             info.retiring = True
             signal_worker(info.pid, signal.SIGTERM, group=False)
+        for helper in self.helpers.values():  # they start again on the new objects
+            if helper.pid:
+                signal_worker(helper.pid, signal.SIGTERM, group=False)
         self.log.warning(
             "ipc.recreated",
             objects=wrong,
@@ -417,17 +463,94 @@ class Arbiter:
             peek = self.p.table.peek(info.slot)
             if peek.holds_job and peek.state is State.RUNNING and peek.deadline:
                 times.append(peek.deadline)
-        times.extend(due for _, due in self.p.table.parked_due())
+        if self._next_due is not None:
+            times.append(self._next_due)
         if len(self.pool.workers) < self.p.config.daemon.workers:
             times.append(self.pool.next_spawn)
+        times.extend(h.next_spawn for h in self.helpers.values() if not h.pid)
         return min(times)
 
     # --- workers --------------------------------------------------------------------------
 
     def _maintain(self) -> None:
-        """Fork workers up to the configured number, respecting the back-off."""
-        for _ in range(self.pool.to_spawn(self.p.config.daemon.workers, time.time())):
+        """Fork the intake and control processes when they are not running, and workers up
+        to the configured number, respecting the back-off."""
+        now = time.time()
+        if not self.flags.stopping:
+            for helper in self.helpers.values():
+                if not helper.pid and now >= helper.next_spawn:
+                    self._spawn_helper(helper)
+        for _ in range(self.pool.to_spawn(self.p.config.daemon.workers, now)):
             self._spawn()
+
+    def _close_in_child(self) -> list[int]:
+        """The master's descriptors a child must not keep."""
+        return [self._wake_r, self._wake_w, self._notify_r] + (
+            [] if self.lock is None else [self.lock.fd]
+        )
+
+    def _spawn_helper(self, helper: Helper) -> None:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            os._exit(self._helper_process(helper.role))
+        helper.pid, helper.spawned = pid, time.time()
+        self.log.info(f"{helper.role}.started", pid=pid)
+
+    def _helper_process(self, role: str) -> int:  # pragma: no cover - runs in the child
+        """The child's side of a helper's fork: reset what belongs to the master, serve."""
+        code = 70
+        try:
+            _parent_death_signal(signal.SIGTERM)
+            if os.getppid() != self.master_pid:
+                return 0
+            signal.set_wakeup_fd(-1)
+            for fd in self._close_in_child():
+                os.close(fd)
+            flags = Flags()
+            flags.install()
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            with contextlib.suppress(OSError):
+                self.p.sink.reopen()
+            log = log_mod.get_logger(role=role, pid=os.getpid())
+            lockwaits.be_patient(self.p.objects().locks(), log)
+            self.p.sink.take_dropped()
+            self.p.store.take_mends()
+            self.p.failed.store.take_mends()
+            notify = self._notify_w
+
+            def wake_master() -> None:
+                with contextlib.suppress(OSError):
+                    os.write(notify, b"!")
+
+            p = self.p
+            slot = p.table.workers + (0 if role == "intake" else 1)
+            recorder = p.stats.for_worker(slot)
+            jobs = p.open_jobs()
+            outcomes = Outcomes(
+                store=p.store, failed=p.failed, replies=p.replies, log=log,
+                events=log_mod.Events(p.sink, p.config.log.level, role=role),
+                unique=p.unique, stats=recorder, jobs=jobs,
+            )  # fmt: skip
+            if role == "intake":
+                code = Intake(
+                    queue=p.queue, slots=p.intake, jobs=jobs, registry=p.registry,
+                    config=p.config, outcomes=outcomes, spills=p.spills, flags=flags,
+                    log=log, stats=recorder, wake_master=wake_master,
+                ).serve()  # fmt: skip
+            else:
+                code = control.run(p, jobs=jobs, outcomes=outcomes, flags=flags, log=log,
+                                   wake_master=wake_master)  # fmt: skip
+        except BaseException:
+            with contextlib.suppress(Exception):
+                log_mod.get_logger(role=role).critical(f"{role}.crashed", exc_info=True)
+        return code
+
+    def _helpers_alive(self) -> bool:
+        return any(h.pid for h in self.helpers.values())
+
+    def _all_children(self) -> list[int]:
+        return list(self.pool.workers) + [h.pid for h in self.helpers.values() if h.pid]
 
     def _spawn(self) -> None:
         slot = self.pool.free_slots.pop(0)
@@ -438,8 +561,7 @@ class Arbiter:
                     self.p,
                     slot,
                     master_pid=self.master_pid,
-                    close=[self._wake_r, self._wake_w, self._notify_r]
-                    + ([] if self.lock is None else [self.lock.fd]),
+                    close=self._close_in_child(),
                     notify_master=self._notify_w,
                 )
             )
@@ -457,8 +579,27 @@ class Arbiter:
                 return
             info = self.pool.workers.pop(pid, None)
             if info is None:
+                self._helper_died(pid, status)
                 continue
             self._worker_died(info, status)
+
+    def _helper_died(self, pid: int, status: int) -> None:
+        """The intake or the control process exited: another is forked (the intake
+        commits what its predecessor's slots hold before it takes more)."""
+        for helper in self.helpers.values():
+            if helper.pid != pid:
+                continue
+            lived = time.time() - helper.spawned
+            helper.pid = 0
+            helper.next_spawn = time.time() + (HELPER_RESTART if lived < YOUNG else 0.0)
+            expected = self.flags.stopping or (
+                os.WIFEXITED(status) and os.WEXITSTATUS(status) in (0, Exit.QUEUE_GONE)
+            )
+            log = self.log.info if expected else self.log.warning
+            log(f"{helper.role}.exited", pid=pid, cause=describe_exit(status, holding=False),
+                lived_s=round(lived, 3))  # fmt: skip
+            if not expected:
+                self.stats.bump(stats_mod.WORKER_RESTARTS)
 
     def _table_of(self, pid: int) -> InflightTable:
         """The in-flight table worker ``pid`` records its jobs in."""
@@ -519,48 +660,109 @@ class Arbiter:
             self.pool.free_slots.append(slot)
 
     def _recover_leftovers(self) -> None:
-        """At start: jobs held by workers of a daemon that was killed are run again."""
-        for slot in range(self.p.table.workers):
-            held = self.p.table.held(slot)
-            if held is not None and held.state is not State.PARKED:
+        """At start: jobs held by workers of a daemon that was killed are run again; jobs
+        an ipcd older than the job store parked in the table go through the intake."""
+        table = self.p.table
+        for slot in range(table.workers + table.parked):
+            held = table.held(slot)
+            if held is not None and held.state is State.PARKED:
+                if self.p.queue.send_nowait(held.body, held.type):
+                    table.clear(slot)
+                elif slot < table.workers:
+                    self.pool.free_slots.remove(slot)  # kept until the queue has room
+                continue
+            if held is not None:
                 self.recovery.recover(held, cause=DAEMON_KILLED, timed_out=False)
-            if self.p.table.peek(slot).state is State.PARKED:
-                self.pool.free_slots.remove(slot)  # still holds a parked job
-            else:
-                self.p.table.clear(slot)
+            if slot < table.workers:
+                table.clear(slot)
 
-    def _dispatch_parked(self) -> None:
-        now = time.time()
-        for slot, due in self.p.table.parked_due():
-            if due > now:
-                continue
-            held = self.p.table.held(slot)
-            if held is None:
-                continue
-            if not 1 <= held.type <= protocol.MAX_TYPE:
-                self._reject_parked(held)
-                continue
-            try:
-                sent = self.p.table.dispatch(held, self.p.queue.send_nowait)
-            except NotRunningError:
-                # Removed since this turn's look at the objects: the job stays parked
-                # and the next turn makes the queue anew (ipcd.objectwatch).
-                return
-            if not sent:
-                return  # the queue is full: try again at the next wake-up
-            if held.slot < self.p.table.workers:
-                self._release_slot(held.slot)
-
-    def _reject_parked(self, held: Held) -> None:
-        """A parked job of a type no queue message can have: any group member may write a
-        parked slot (``ipcctl submit --delay`` does), so it is rejected, not sent."""
+    def _requeue_unheld(self, *, at_start: bool = False) -> None:
+        """Jobs the store says are running but no worker holds: handed out on a hand-off
+        queue that is gone (a killed or rebooted daemon's, or one removed under us).  They
+        go back to the store, their attempt not counted when it never started; at start,
+        what the hand-off queue still holds is dropped first (the store has it)."""
+        if at_start:
+            while self.p.handoff.receive_nowait(0) is not None:
+                pass
+        held = {
+            peek.job_id
+            for slot in range(self.p.table.workers)
+            if (peek := self.p.table.peek(slot)).holds_job
+        }
         try:
-            protocol.decode(held.body, held.type)  # raises, with the id when it is readable
-        except MessageError as exc:
-            self.outcomes.reject(exc, held.body, held.type, parked=True)
-        self.p.table.unpark(held.slot)
-        if held.slot < self.p.table.workers:
-            self._release_slot(held.slot)
+            running = self.jobs.running()
+            for record in running:
+                if record.id not in held:
+                    self.jobs.requeue(record.id, due=0.0, attempts=max(record.attempts - 1, 0))
+        except StoreError as exc:
+            self.log.error("store.requeue_failed", error=str(exc))
+            return
+        requeued = [r.id for r in running if r.id not in held]
+        if requeued:
+            self.log.warning("job.requeued", jobs=len(requeued), cause="handed out, never taken")
+
+    def _dispatch(self) -> None:
+        """Hand jobs from the store to idle workers: as many as are idle and not yet
+        handed one, in the store's order, so that the order is the store's and not the
+        kernel's (and a paused handler's jobs stay in the store)."""
+        if self.flags.stopping:
+            return
+        idle = sum(1 for info in self.pool.active() if not self.p.table.peek(info.slot).holds_job)
+        if idle <= 0:
+            return
+        try:
+            want = idle - self.p.handoff.stats().messages
+            if want <= 0:
+                return
+            now = time.time()
+            if self._next_due is None or self._next_due <= now or self._due_stale(now):
+                self.jobs.promote_due(now)
+                self._next_due = self.jobs.next_due()
+                self._due_checked = now
+            claimed = self.jobs.claim(want, now)
+        except NotRunningError:
+            return  # the hand-off queue was removed: made anew at the next turn
+        except StoreError as exc:
+            self._store_failed(exc)
+            return
+        self._store_failing = False
+        limit = self.p.table.text_size
+        for record, body in claimed:
+            message = handoff.encode(record.id, record.attempts, body, limit)
+            try:
+                sent = self.p.handoff.send_nowait(message, record.type)
+            except NotRunningError:
+                sent = False
+            if not sent:  # cannot happen while it holds fewer jobs than workers: put back
+                with contextlib.suppress(StoreError):
+                    self.jobs.requeue(record.id, due=0.0, attempts=record.attempts - 1)
+
+    def _due_stale(self, now: float) -> bool:
+        """The earliest due time is looked up again at most every 50 ms: the intake may
+        have stored a job due sooner."""
+        return now - self._due_checked >= 0.05
+
+    def _store_failed(self, exc: StoreError) -> None:
+        self.stats.bump(stats_mod.STORE_ERRORS)
+        if not self._store_failing:
+            self._store_failing = True
+            self.log.error("store.unreadable", error=str(exc), then="try again")
+
+    def _retain(self) -> None:
+        """Delete finished jobs past [store] retention, every RETENTION seconds."""
+        now = time.time()
+        if now < self._next_retention:
+            return
+        self._next_retention = now + RETENTION
+        cfg = self.p.config.store
+        policy = Retention(cfg.keep_done, cfg.keep_done_age, cfg.keep_failed, cfg.keep_failed_age)
+        try:
+            deleted = self.jobs.retain(policy, now)
+        except StoreError as exc:
+            self._store_failed(exc)
+            return
+        if deleted:
+            self.log.info("store.retained", deleted=deleted)
 
     def _enforce_deadlines(self) -> None:
         now = time.time()
@@ -643,9 +845,9 @@ class Arbiter:
             graceful_timeout_s=graceful,
         )
         deadline = time.time() + graceful
-        for info in self.pool.workers.values():
-            signal_worker(info.pid, signal.SIGTERM, group=False)
-        while self.pool.workers and time.time() < deadline:
+        for pid in self._all_children():
+            signal_worker(pid, signal.SIGTERM, group=False)
+        while (self.pool.workers or self._helpers_alive()) and time.time() < deadline:
             self._keep_alive()  # a stop by `ipcd stop` leaves the unit's watchdog running
             select.select([self._wake_r], [], [], min(0.2, max(deadline - time.time(), 0)))
             with contextlib.suppress(BlockingIOError):
@@ -655,12 +857,22 @@ class Arbiter:
                 if not self._table_of(info.pid).peek(info.slot).holds_job:
                     # Idle in msgrcv: a SIGTERM that landed just before the call was lost.
                     signal_worker(info.pid, signal.SIGTERM, group=False)
+            for helper in self.helpers.values():
+                if helper.pid:  # the intake, idle in msgrcv, may have lost one too
+                    signal_worker(helper.pid, signal.SIGTERM, group=False)
         for info in list(self.pool.workers.values()):
             info.kill_reason = None
             self.log.warning("worker.killed_at_stop", pid=info.pid)
             signal_worker(info.pid, signal.SIGKILL)
-        while self.pool.workers:
+        for helper in self.helpers.values():
+            if helper.pid:  # the intake's slots keep what it took: the next one commits it
+                self.log.warning(f"{helper.role}.killed_at_stop", pid=helper.pid)
+                signal_worker(helper.pid, signal.SIGKILL)
+        while self.pool.workers or self._helpers_alive():
             pid, _ = os.waitpid(-1, 0)
+            for helper in self.helpers.values():
+                if helper.pid == pid:
+                    helper.pid = 0
             gone = self.pool.workers.pop(pid, None)
             if gone is not None:
                 held = self._left(gone)

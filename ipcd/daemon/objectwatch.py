@@ -48,6 +48,9 @@ def expected(k: Keys, p: Objects) -> dict[tuple[str, int], tuple[int, str]]:
         (SEMAPHORE, k.unique): (p.unique.lock.id, "unique-key table's lock"),
         (SEGMENT, k.spill): (p.spills.segment.id, "spill table"),
         (SEMAPHORE, k.spill): (p.spills.lock.id, "spill table's lock"),
+        (QUEUE, k.handoff): (p.handoff.id, "hand-off queue"),
+        (SEGMENT, k.intake): (p.intake.segment.id, "intake slots"),
+        (SEMAPHORE, k.intake): (p.intake.lock.id, "intake slots' lock"),
     }
     if p.store.gate is not None:
         out[(SEMAPHORE, k.gate)] = (p.store.gate.id, "result gate")
@@ -84,6 +87,8 @@ class Watch:
             bad.append("failed list")
         if not InflightTable.readable(p.table.segment.buf):
             bad.append("in-flight table")
+        if not InflightTable.readable(p.intake.segment.buf):
+            bad.append("intake slots")
         stats = statslayout.read_header(p.stats.buf)
         if stats is None:
             bad.append("stats segment")
@@ -103,8 +108,9 @@ class Watch:
         objects anew keeps what they hold rather than formatting them empty.  The
         result ring and failed list are mended when they are opened again
         (results.repair_header)."""
-        if not InflightTable.readable(p.table.segment.buf):
-            p.table.rewrite_header()
+        for table in (p.table, p.intake):
+            if not InflightTable.readable(table.segment.buf):
+                table.rewrite_header()
         if statslayout.read_header(p.stats.buf) is None and self._stats is not None:
             statslayout.write_header(p.stats.buf, self._stats)
 
@@ -120,6 +126,7 @@ def carry_over(old: Objects, fresh: Objects) -> list[str]:
         ("stats segment", old.stats.segment, fresh.stats.segment),
         ("unique-key table", old.unique.segment, fresh.unique.segment),
         ("spill table", old.spills.segment, fresh.spills.segment),
+        ("intake slots", old.intake.segment, fresh.intake.segment),
     ]
     locks = fresh.locks()
     copied = []
@@ -137,7 +144,7 @@ def close(old: Objects, *, keep: Segment | None = None) -> None:
     """Detach the segments of the objects the master no longer uses (but ``keep``)."""
     for segment in (
         old.store.segment, old.table.segment, old.failed.store.segment, old.stats.segment,
-        old.unique.segment, old.spills.segment,
+        old.unique.segment, old.spills.segment, old.intake.segment,
     ):  # fmt: skip
         if segment is keep:
             continue

@@ -11,18 +11,25 @@ from typing import Any, NamedTuple
 
 from ipcd.daemon import uniquerelease
 from ipcd.daemon.log import Events, Logger
-from ipcd.errors import IpcdError, MessageError, NotRunningError, RefusedPayloadError
+from ipcd.errors import (
+    IpcdError,
+    MessageError,
+    NotRunningError,
+    RefusedPayloadError,
+    StoreError,
+)
 from ipcd.kernel.procs import alive
 from ipcd.kernel.queues import Queue
 from ipcd.layout.results import Kind, Result, Status, too_large
+from ipcd.store import JobStore
 from ipcd.tables import spill
 from ipcd.tables.failed import FailedList
 from ipcd.tables.inflight import InflightTable
 from ipcd.tables.results import ResultStore
-from ipcd.tables.stats import RESULTS_LOST, NullRecorder, Recorder
+from ipcd.tables.stats import RESULTS_LOST, STORE_ERRORS, NullRecorder, Recorder
 from ipcd.tables.unique import UniqueTable
 from ipcd.wire import protocol
-from ipcd.wire.protocol import Job, SpillRef
+from ipcd.wire.protocol import CONFIRMED, Job, SpillRef
 
 
 def error_result(job: Job, message: str) -> Result:
@@ -79,8 +86,12 @@ class Outcomes:
         events: Events,
         unique: UniqueTable | None = None,
         stats: Recorder | None = None,
+        jobs: JobStore | None = None,
     ) -> None:
+        """``jobs`` is this process's connection to the job store (ipcd.store), which
+        records each outcome; None where no store is kept (tests of the rings alone)."""
         self.store = store
+        self.jobs = jobs
         self.failed = failed
         self.replies = replies
         self.log = log
@@ -130,6 +141,7 @@ class Outcomes:
         retried); ``logged=False`` skips the ``job.done`` event when the caller has already
         logged the job's one event (``job.rejected``).
         """
+        whole = result
         room = self.store.capacity()
         if room is not None and len(result.data) > room:
             # Decided here, so the log says error (or the size of what was spilled).
@@ -137,6 +149,7 @@ class Outcomes:
         if not result.ok and listed:
             self._list_failed(job, body, result.error)
         stored = self._store(result)
+        self.record(job.id, whole)
         self.report_mends()
         self._release(job, result, listed=listed)
         if not logged:
@@ -185,6 +198,24 @@ class Outcomes:
             logged=False,
         )
 
+    def record(self, job_id: str, result: Result) -> bool:
+        """The outcome in the job store, the job's record of truth (the ring is its cache
+        for waiters).  A store that cannot be written is logged and counted, not fatal:
+        the job stays ``running`` there and runs again after a restart (at-least-once).
+        False when the store kept its state (a job cancelled meanwhile stays cancelled)."""
+        if self.jobs is None:
+            return False
+        try:
+            return self.jobs.finish(
+                job_id, ok=result.ok, finished=result.finished or time.time(),
+                result_kind=int(result.kind), data=result.data,
+                error=None if result.ok else result.error,
+            )  # fmt: skip
+        except StoreError as exc:
+            self.log.error("store.write_failed", job_id=job_id, error=str(exc))
+            self.stats.bump(STORE_ERRORS)
+            return False
+
     def conclude(self, job: Job, result: Result, *, body: bytes) -> None:
         """What a worker that died after storing ``result`` may have left undone: a failure
         put on the failed list (which keeps a spilled payload), the job's unique key freed,
@@ -195,6 +226,7 @@ class Outcomes:
         """
         if not result.ok and not self.listed(job.id):
             self._list_failed(job, body, result.error)
+        self.record(job.id, result)
         self.report_mends()
         self._release(job, result, listed=True)
 
@@ -285,11 +317,18 @@ class Outcomes:
 
     def notify(self, reply_to: int, job_id: str) -> None:
         """Tell a waiting client its result is stored; never block on a full reply queue."""
+        self._reply(reply_to, job_id, job_id.encode("ascii"))
+
+    def confirm(self, reply_to: int, job_id: str) -> None:
+        """Tell a submitter its job is committed to the job store (``"confirm"``)."""
+        self._reply(reply_to, job_id, CONFIRMED + job_id.encode("ascii"))
+
+    def _reply(self, reply_to: int, job_id: str, body: bytes) -> None:
         try:
-            if self.replies.send_nowait(job_id.encode("ascii"), reply_to):
+            if self.replies.send_nowait(body, reply_to):
                 return
             self._purge_replies()
-            if self.replies.send_nowait(job_id.encode("ascii"), reply_to):
+            if self.replies.send_nowait(body, reply_to):
                 return
             why = "the reply queue is full"
         except NotRunningError as exc:  # removed: the master makes it anew

@@ -2,8 +2,9 @@
 
 The master (ipcd.daemon.arbiter) calls this when it reaps a worker, at start for the jobs a
 killed daemon's workers held, and at stop for jobs cut off after graceful_timeout.  Every
-path ends with the job parked for another attempt, or with an error result: the job
-table, not the worker, is the record, so nothing a worker held is lost.
+path ends with the job back in the job store for another attempt, or with an error
+result: the in-flight slot and the store, not the worker, are the record, so nothing a
+worker held is lost.
 """
 
 from __future__ import annotations
@@ -12,19 +13,21 @@ import time
 
 from ipcd.config import JobsConfig
 from ipcd.daemon.log import Logger
-from ipcd.daemon.outcomes import Outcomes, error_result, run_again
-from ipcd.errors import MessageError
+from ipcd.daemon.outcomes import Outcomes, error_result
+from ipcd.daemon.worker import job_of
+from ipcd.errors import MessageError, StoreError
 from ipcd.handlers.registry import Registry
-from ipcd.kernel.queues import Queue
+from ipcd.store import JobStore, State
 from ipcd.tables import stats
-from ipcd.tables.inflight import Held, InflightTable
+from ipcd.tables.inflight import Held
 from ipcd.tables.results import ResultStore
 from ipcd.tables.stats import Recorder
-from ipcd.wire import protocol
 from ipcd.wire.protocol import Job
 
 #: Why a job found in a worker's slot at start is run again.
 DAEMON_KILLED = "the daemon was killed"
+#: The error result of a job an operator cancelled (``ipcctl cancel``).
+CANCELLED = "cancelled by operator"
 
 
 class Recovery:
@@ -33,22 +36,21 @@ class Recovery:
         *,
         outcomes: Outcomes,
         store: ResultStore,
-        table: InflightTable,
-        queue: Queue,
+        jobs: JobStore,
         registry: Registry,
-        jobs: JobsConfig,
+        config: JobsConfig,
         stats: Recorder,
         log: Logger,
     ) -> None:
         """``outcomes`` ends the jobs; ``store`` says whether a dead worker stored its
-        outcome first; ``table`` and ``queue`` take a job run again; ``registry`` and
-        ``jobs`` give the retry policy; ``stats`` counts recovered and requeued jobs."""
+        outcome first; ``jobs`` (the job store) takes a job back for another run and says
+        whether an operator cancelled it; ``registry`` and ``config`` give the retry
+        policy; ``stats`` counts recovered and requeued jobs."""
         self.outcomes = outcomes
         self.store = store
-        self.table = table
-        self.queue = queue
-        self.registry = registry
         self.jobs = jobs
+        self.registry = registry
+        self.config = config
         self.stats = stats
         self.log = log
 
@@ -56,53 +58,63 @@ class Recovery:
         """Finish or re-run the job a dead worker held (at-least-once)."""
         started = _monotonic_start(held)
         self.stats.bump(stats.JOBS_RECOVERED)
-        job = self._job_of(held)
-        if job is None:
+        got = self._job_of(held)
+        if got is None:
             return
+        job, body = got
+        handler = self._handler_name(job)
         existing = self.store.get(job.id)
         if existing is not None and existing.finished >= held.started > 0:
             # The worker stored the outcome and died before it said so: finish what it
-            # left (key, failed list, payload segment) and say it for it.
-            self.outcomes.conclude(job, existing, body=held.body)
+            # left (key, failed list, payload segment, the store's record) and say it.
+            self.outcomes.conclude(job, existing, body=body)
             self.outcomes.announce(
-                job, existing, body=held.body, handler=self._handler_name(job),
-                started=started, recovered=True,
+                job, existing, body=body, handler=handler, started=started, recovered=True
+            )
+            return
+        if self._cancelled(job.id):
+            self.outcomes.finish(
+                job, error_result(job, CANCELLED), body=body, handler=handler,
+                started=started, listed=False, killed=True, cancelled=True,
             )  # fmt: skip
             return
         if timed_out:
             self.outcomes.finish(
-                job, error_result(job, cause), body=held.body, handler=self._handler_name(job),
+                job, error_result(job, cause), body=body, handler=handler,
                 started=started, killed=True,
             )  # fmt: skip
             return
-        policy = self.registry.policy(job.type, self.jobs)
+        policy = self.registry.policy(job.type, self.config)
         if job.attempt >= policy.max_attempts:
             message = f"worker died ({cause}) on attempt {job.attempt} of {policy.max_attempts}"
             self.outcomes.finish(
-                job, error_result(job, message), body=held.body,
-                handler=self._handler_name(job), started=started,
-            )  # fmt: skip
+                job, error_result(job, message), body=body, handler=handler, started=started
+            )
             return
         # A worker's death may be the job's doing: back off.  The daemon's is not.
         delay = 0.0 if cause == DAEMON_KILLED else policy.delay(job.attempt)
-        self.run_again(job, held, attempt=job.attempt + 1, delay=delay, cause=cause)
+        self.run_again(job, delay=delay, cause=cause)
 
-    def run_again(self, job: Job, held: Held, *, attempt: int, delay: float, cause: str) -> None:
-        due = time.time() + delay
-        again = run_again(job, attempt=attempt, due=due, table=self.table, queue=self.queue)
-        if again.refused:
-            self.outcomes.finish(
-                job, error_result(job, f"{cause}; {again.refused}"), body=held.body,
-                handler=self._handler_name(job), started=time.monotonic(),
-            )  # fmt: skip
+    def _cancelled(self, job_id: str) -> bool:
+        """Whether an operator cancelled the job (``ipcctl cancel --kill``)."""
+        try:
+            record = self.jobs.get(job_id)
+        except StoreError:
+            return False
+        return record is not None and record.state is State.CANCELLED
+
+    def run_again(self, job: Job, *, delay: float, cause: str, attempts: int | None = None) -> None:
+        """Back to the store, to run once ``delay`` has passed (its next attempt, or with
+        ``attempts`` the count of attempts it is to have made)."""
+        try:
+            self.jobs.requeue(job.id, due=time.time() + delay, attempts=attempts)
+        except StoreError as exc:
+            # It stays "running" in the store; the next start runs it again.
+            self.log.error("job.requeue_failed", job_id=job.id, cause=cause, error=str(exc))
             return
         self.stats.bump(stats.JOBS_REQUEUED)
-        if not again.placed:
-            # Every parked slot is taken and the queue is full: the job stays where it is,
-            # in the dead worker's slot, parked; that slot takes no new worker meanwhile.
-            self.table.park_in(held.slot, job.type, again.body, job.id, attempt, due)
         self.log.warning(
-            "job.requeued", job_id=job.id, type=job.type, attempt=attempt, cause=cause,
+            "job.requeued", job_id=job.id, type=job.type, attempt=job.attempt + 1, cause=cause,
             delay_s=round(delay, 3),
         )  # fmt: skip
 
@@ -116,24 +128,22 @@ class Recovery:
                 head=held.body[:64].hex(), exc_info=True,
             )  # fmt: skip
 
-    def _job_of(self, held: Held) -> Job | None:
-        """The held message as a job (a bare one under the id its slot recorded); None,
-        with the message rejected and accounted for, when it cannot be one."""
+    def _job_of(self, held: Held) -> tuple[Job, bytes] | None:
+        """The held hand-off as a job and its message; None, with the message rejected
+        and accounted for, when it cannot be one."""
         try:
-            job = protocol.decode(held.body, held.type, received=time.time())
+            return job_of(held.body, held.type, time.time(), self.jobs)
         except MessageError as exc:
             self.outcomes.reject(exc, held.body, held.type, recovered=True)
             return None
-        if job.bare and held.job_id:
-            job = job._replace(id=held.job_id)
-        return job
 
     def keep_for_next_start(self, held: Held, cause: str) -> None:
         """A job interrupted by shutdown is not a failure: it runs again, same attempt."""
-        job = self._job_of(held)
-        if job is None:
+        got = self._job_of(held)
+        if got is None:
             return
-        self.run_again(job, held, attempt=job.attempt, delay=0.0, cause=cause)
+        job, _ = got
+        self.run_again(job, delay=0.0, cause=cause, attempts=job.attempt - 1)
 
     def _handler_name(self, job: Job) -> str:
         reg = self.registry.lookup(job.type)

@@ -16,7 +16,7 @@ from typing import NamedTuple, TextIO
 from ipcd.config import Config
 from ipcd.daemon import identity, uniquerelease
 from ipcd.daemon import log as log_mod
-from ipcd.errors import ConfigError
+from ipcd.errors import ConfigError, StoreCorruptError
 from ipcd.handlers import registry as registry_mod
 from ipcd.handlers.registry import Registry
 from ipcd.kernel import keys as keys_mod
@@ -24,12 +24,20 @@ from ipcd.kernel import vetting
 from ipcd.kernel.keys import Keys
 from ipcd.kernel.queues import Queue, msgmax
 from ipcd.kernel.segments import Lock
+from ipcd.store import JobStore, State, open_store
 from ipcd.tables.failed import FailedList
 from ipcd.tables.inflight import InflightTable
 from ipcd.tables.results import ResultStore
 from ipcd.tables.spill.table import SpillTable
 from ipcd.tables.stats import StatsSegment
+from ipcd.tables.unique import State as UniqueState
 from ipcd.tables.unique import UniqueTable
+
+#: The states of a job not yet finished.
+UNFINISHED = (State.QUEUED, State.SCHEDULED, State.RUNNING)
+
+#: Messages the intake takes per batch (ipcd.daemon.intake).
+INTAKE_SLOTS = 64
 
 
 class Objects(NamedTuple):
@@ -43,6 +51,10 @@ class Objects(NamedTuple):
     stats: StatsSegment
     unique: UniqueTable
     spills: SpillTable
+    #: The master's private queue to its workers (mode 0600; ipcd.wire.handoff).
+    handoff: Queue
+    #: The intake's slots: messages taken off the job queue, not yet committed.
+    intake: InflightTable
 
     def locks(self) -> dict[str, Lock]:
         """The locks of the shared tables, by the name a ``lock.timeout`` event gives them
@@ -53,6 +65,7 @@ class Objects(NamedTuple):
             "in-flight table": self.table.lock,
             "unique-key table": self.unique.lock,
             "spill table": self.spills.lock,
+            "intake slots": self.intake.lock,
         }
 
 
@@ -79,13 +92,20 @@ class Prepared:
     stats: StatsSegment
     unique: UniqueTable
     spills: SpillTable
+    handoff: Queue
+    intake: InflightTable
 
     def objects(self) -> Objects:
         """The kernel objects alone."""
         return Objects(
             self.queue, self.replies, self.store, self.table, self.failed, self.stats,
-            self.unique, self.spills,
+            self.unique, self.spills, self.handoff, self.intake,
         )  # fmt: skip
+
+    def open_jobs(self) -> JobStore:
+        """A connection to the job store for the calling process: each process opens its
+        own after the fork (a SQLite connection must never cross one)."""
+        return open_jobs(self.config)
 
 
 def prepare(config: Config, *, console: TextIO | None) -> Prepared:
@@ -102,10 +122,14 @@ def prepare(config: Config, *, console: TextIO | None) -> Prepared:
         sink = log_mod.configure(config.log, console=console)
     except OSError as exc:
         raise ConfigError(f"cannot open log file {config.log.file}: {exc.strerror}") from None
+    check_store(config)
     keys = keys_mod.derive(config.ipc, create_key_file=True)
     objects = _objects(config, keys, who, registry)
+    handed = [config.store.path]
+    handed += [p for suffix in ("-wal", "-shm") if (p := _beside(config.store.path, suffix))]
     if config.log.file is not None:
-        identity.hand_over(who, [config.log.file])
+        handed.append(config.log.file)
+    identity.hand_over(who, handed)
     return Prepared(
         config=config, keys=keys, registry=registry, sink=sink, identity=who, **objects._asdict()
     )
@@ -174,41 +198,100 @@ def _objects(
     unique = (
         UniqueTable.create(keys.unique, mode, trusted=trusted)
         if again
-        else _unique_table(keys.unique, mode, queue, table, trusted)
+        else _unique_table(config, keys.unique, queue, table, trusted)
     )
+    intake, _ = InflightTable.create(
+        keys.intake, mode, INTAKE_SLOTS, 0, text_size, trusted=trusted
+    )
+    # The hand-off queue is the daemon's alone: no client may put a job on it.
+    handoff = Queue.create(keys.handoff, 0o600, what="hand-off queue", trusted=trusted)
     stats = StatsSegment.create(
         keys.stats,
         mode,
-        table.workers,
+        # One record per worker slot, then the intake's and the control process's.
+        table.workers + 2,
         [(r.name, r.type) for r in registry.by_type.values()],
         keep_counts=again,
         trusted=trusted,
     )
     _load_lazy_modules()
-    vetting.adopt_all(
-        keys.all(),
-        mode,
-        uid=who.uid if who.drops else None,
-        gid=who.object_gid if who.object_gid is not None else (who.gid if who.drops else None),
-    )
-    return Objects(queue, replies, store, table, failed, stats, unique, spills)
+    uid = who.uid if who.drops else None
+    gid = who.object_gid if who.object_gid is not None else (who.gid if who.drops else None)
+    shared = tuple(key for key in keys.all() if key != keys.handoff)
+    vetting.adopt_all(shared, mode, uid=uid, gid=gid)
+    vetting.adopt_all((keys.handoff,), 0o600, uid=uid, gid=gid)
+    return Objects(queue, replies, store, table, failed, stats, unique, spills, handoff, intake)
 
 
 def _unique_table(
-    key: int, mode: int, queue: Queue, table: InflightTable, trusted: tuple[int, ...]
+    config: Config, key: int, queue: Queue, table: InflightTable, trusted: tuple[int, ...]
 ) -> UniqueTable:
     """The unique-key table, without the keys of jobs that are gone
     (ipcd.daemon.uniquerelease), made the one this daemon's outcomes release keys in."""
-    unique = UniqueTable.create(key, mode, trusted=trusted)
-    free_lost_keys(unique, queue, table)
+    unique = UniqueTable.create(key, config.ipc.mode, trusted=trusted)
+    jobs = open_jobs(config)  # closed before the daemon forks
+    try:
+        free_lost_keys(unique, queue, table, jobs)
+    finally:
+        jobs.close()
     return unique
 
 
-def free_lost_keys(unique: UniqueTable, queue: Queue, table: InflightTable) -> None:
-    """Free the keys of jobs that are gone (ipcd.daemon.uniquerelease.sweep_lost), logged."""
+def free_lost_keys(
+    unique: UniqueTable, queue: Queue, table: InflightTable, jobs: JobStore
+) -> None:
+    """Free the keys of jobs that are gone (ipcd.daemon.uniquerelease.sweep_lost), logged;
+    then hold again the keys of the jobs the store holds unfinished (after a reboot the
+    table starts empty, and a cron job's next copy must still find its key taken)."""
     log = log_mod.get_logger(role="master")
-    for entry, reason in uniquerelease.sweep_lost(unique, queue=queue, inflight=table):
+    pending = {
+        record.id: record.unique
+        for record in jobs.list(states=UNFINISHED, limit=1 << 30)
+        if record.unique is not None
+    }
+    lost = uniquerelease.sweep_lost(
+        unique, queue=queue, inflight=table, stored=lambda job_id: job_id in pending
+    )
+    for entry, reason in lost:
         log.warning("unique.freed", unique=entry.key, job_id=entry.job_id, reason=reason)
+    for job_id, key in pending.items():
+        held = unique.lookup(key)
+        if held is None:
+            unique.claim(key, job_id, 0, UniqueState.QUEUED)
+
+
+def open_jobs(config: Config) -> JobStore:
+    """A connection to the configuration's job store (ipcd.store)."""
+    return open_store(
+        config.store.path, sync=config.store.sync, max_result=config.store.max_result
+    )
+
+
+def check_store(config: Config) -> None:
+    """Open the job store once before detaching: made if missing (its directory must
+    exist), migrated, checked; StoreError (exit 74) when it cannot serve."""
+    if not config.store.path.parent.is_dir():
+        from ipcd.errors import StoreUnavailableError
+
+        raise StoreUnavailableError(
+            f"job store {config.store.path}: directory {config.store.path.parent} does not exist"
+        )
+    jobs = open_jobs(config)
+    try:
+        problems = jobs.check()
+    finally:
+        jobs.close()
+    if problems:
+        raise StoreCorruptError(
+            f"job store {config.store.path}: {'; '.join(problems[:3])} (restore it from a "
+            "backup, or move it aside and ipcd makes a new, empty one)"
+        )
+
+
+def _beside(path: Path, suffix: str) -> Path | None:
+    """SQLite's ``-wal`` or ``-shm`` file of the store at ``path``, when it exists."""
+    other = path.with_name(path.name + suffix)
+    return other if other.exists() else None
 
 
 def _load_lazy_modules() -> None:

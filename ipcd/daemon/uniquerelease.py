@@ -33,7 +33,11 @@ def release(table: UniqueTable, job: Job, log: Logger) -> None:
 
 
 def sweep_lost(
-    table: UniqueTable, *, queue: Queue, inflight: InflightTable
+    table: UniqueTable,
+    *,
+    queue: Queue,
+    inflight: InflightTable,
+    stored: Callable[[str], bool] = lambda job_id: False,
 ) -> list[tuple[Entry, str]]:
     """At daemon start, before any worker runs, or when the master made the job queue
     anew (no worker takes from it yet): free keys no live job or submitter holds.
@@ -41,7 +45,8 @@ def sweep_lost(
     Under the table's lock, an entry turns QUEUED only after its job was sent, so when
     the job queue is empty, a QUEUED job that no in-flight slot holds (parked, or in a
     worker's slot) is gone: the queue was removed and made again.  When the queue holds
-    messages, they cannot be read without taking them, and QUEUED entries stay.
+    messages, they cannot be read without taking them, and QUEUED entries stay.  A job the
+    job store holds unfinished (``stored``) is not gone either.
     """
 
     def judge() -> Callable[[Entry], str | None]:
@@ -55,7 +60,7 @@ def sweep_lost(
         def lost(entry: Entry) -> str | None:
             if entry.state is State.CLAIMING:
                 return None if alive(entry.pid) else "its submitter died before sending it"
-            if not queue_empty:
+            if not queue_empty or stored(entry.job_id):
                 return None
             wanted = entry.job_id.encode("ascii", "replace")
             if any(wanted in body for body in bodies):

@@ -1,17 +1,16 @@
-"""A worker process: take a message, run its handler, finish the job.
+"""A worker process: take a job, run its handler, finish the job.
 
-Workers are forked by the master (ipcd.daemon.arbiter) and each blocks in ``msgrcv`` on the job
-queue; the kernel hands every message to one of them, lowest type first.  The message is
-received straight into the worker's slot of the in-flight table, so it is on record
-before any Python code runs; the slot is released only once the job's outcome is stored.
-A handler's exception fails that job and never the worker; a handler that kills the whole
-process (``os._exit``, a segfault, a timeout) leaves its job in the slot for the master.
-Nor does a message's content end a worker: what cannot be a job is rejected, a result
-that cannot be stored fails its job, and an error of ipcd's own while handling a message
-fails that message (``job.internal_error``) rather than the worker, which would only hand
-the same message to the next worker.
-"""
-
+Workers are forked by the master (ipcd.daemon.arbiter) and each blocks in ``msgrcv`` on the
+hand-off queue, the master's private queue on which it gives out jobs from the job store
+(ipcd.wire.handoff), lowest type first.  The message is received straight into the
+worker's slot of the in-flight table, so it is on record before any Python code runs; the
+slot is released only once the job's outcome is stored.  A handler's exception fails that
+job and never the worker; a handler that kills the whole process (``os._exit``, a
+segfault, a timeout) leaves its job in the slot for the master.  Nor does a message's
+content end a worker: what cannot be a job is rejected, a result that cannot be stored
+fails its job, and an error of ipcd's own while handling a message fails that message
+(``job.internal_error``) rather than the worker, which would only be handed the same job
+again.
 from __future__ import annotations
 
 import contextlib
@@ -25,21 +24,22 @@ from ipcd.config import Config
 from ipcd.daemon import lockwaits
 from ipcd.daemon import log as log_mod
 from ipcd.daemon.log import Logger
-from ipcd.daemon.outcomes import Outcomes, error_result, run_again
+from ipcd.daemon.outcomes import Outcomes, error_result
 from ipcd.daemon.signals import Flags
 from ipcd.daemon.startup import Prepared
-from ipcd.errors import IpcdError, MessageError, NotRunningError
+from ipcd.errors import IpcdError, MessageError, NotRunningError, StoreError
 from ipcd.handlers import HandlerError, HandlerResult, Retry
 from ipcd.handlers.registry import Registration, Registry
 from ipcd.kernel.queues import Queue, TooBigError, msgmax
 from ipcd.kernel.waits import Interrupted
 from ipcd.layout.results import Kind, Result, Status
+from ipcd.store import JobStore
 from ipcd.tables import spill, stats
 from ipcd.tables.inflight import InflightTable
 from ipcd.tables.results import ResultStore
 from ipcd.tables.spill.table import SpillTable
 from ipcd.tables.stats import Recorder
-from ipcd.wire import jsoncodec, protocol
+from ipcd.wire import handoff, jsoncodec, protocol
 from ipcd.wire.protocol import Job
 
 
@@ -135,12 +135,15 @@ class Worker:
         events: log_mod.Events,
         stats: Recorder,
         wake_master: Callable[[], None],
+        jobs: JobStore,
         sink: log_mod.Sink | None = None,
     ) -> None:
-        """``outcomes`` ends each job; ``store`` says whether a job's outcome was stored
-        before an error of ipcd's own; ``spills`` holds spilled payloads; ``events`` logs
-        job starts when debugging; ``stats`` counts retries and the log lines ``sink``
-        dropped (None: nothing to count)."""
+        """``queue`` is the hand-off queue; ``outcomes`` ends each job; ``store`` says
+        whether a job's outcome was stored before an error of ipcd's own; ``spills`` holds
+        spilled payloads; ``events`` logs job starts when debugging; ``stats`` counts
+        retries and the log lines ``sink`` dropped (None: nothing to count); ``jobs`` is
+        the job store, which takes a job back for a retry and holds the bodies too large
+        to hand over; ``wake_master`` asks the master for the next job."""
         self.slot = slot
         self.config = config
         self.queue = queue
@@ -154,6 +157,7 @@ class Worker:
         self.events = events
         self.stats = stats
         self.wake_master = wake_master
+        self.jobs = jobs
         self.sink = sink
         self.jobs_done = 0
         self.pid = os.getpid()
@@ -202,16 +206,19 @@ class Worker:
         return Exit.STOPPED
 
     def handle(self, length: int) -> None:
-        """Everything that happens to one delivered message."""
+        """Everything that happens to one handed-over job."""
         started = time.monotonic()
         received = time.time()
-        body = bytes(self.table.text(self.slot, length))
+        message = bytes(self.table.text(self.slot, length))
         type_ = self.table.message_type(self.slot)
+        body = message
         try:
-            job = self._job(body, type_, received)
+            job, body = job_of(message, type_, received, self.jobs)
+            job = self._loaded(job, body)
         except MessageError as exc:
             self.outcomes.reject(exc, body, type_)
             self.table.finished(self.slot)
+            self._next()
             return
         try:
             self.run(job, body, length, started)
@@ -219,25 +226,27 @@ class Worker:
             self._failed_inside(job, body, exc, started, received)
         self.table.finished(self.slot)
         self.jobs_done += 1
+        self._next()
 
-    def _job(self, body: bytes, type_: int, received: float) -> Job:
-        """The message as a job, its spilled payload loaded; MessageError when it cannot be
-        one.  decode promises nothing but MessageError (tests/test_protocol.py holds it to
+    def _next(self) -> None:
+        """The slot is free: the master hands over the next job (ipcd.daemon.arbiter)."""
+        self.wake_master()
+
+    def _loaded(self, job: Job, body: bytes) -> Job:
+        """The job with a spilled payload loaded; MessageError when it cannot be one.
+        decode promises nothing but MessageError (tests/test_protocol.py holds it to
         that); should a bug break the promise, the message is still only rejected."""
-        job = None
         try:
-            job = protocol.decode(body, type_, received=received)
             if job.spill is not None:  # the payload waits in a segment of its own
                 job = spill.load(job, self.spills, self.config.jobs.max_payload)
             return job
         except MessageError:
             raise
         except Exception as exc:  # see the docstring: a message never ends a worker
-            self.log.error("job.decode_failed", type=type_, traceback=traceback.format_exc())
+            self.log.error("job.decode_failed", type=job.type, traceback=traceback.format_exc())
             error = MessageError(f"ipcd could not read the message: {type(exc).__name__}: {exc}")
-            if job is not None:
-                error.job_id, error.reply_to, error.unique = job.id, job.reply_to, job.unique
-                error.spill = job.spill
+            error.job_id, error.reply_to, error.unique = job.id, job.reply_to, job.unique
+            error.spill = job.spill
             raise error from None
 
     def _failed_inside(
@@ -266,53 +275,40 @@ class Worker:
         )
 
     def run(self, job: Job, body: bytes, length: int, started: float) -> None:
-        """Run the job until it has an outcome, or is parked for a later retry."""
-        while True:
-            registration = self.registry.lookup(job.type)
-            timeout = job.timeout or (registration and registration.timeout) or None
-            deadline = time.time() + timeout if timeout else 0.0
-            self.table.received(self.slot, length, job.attempt, job.id, deadline)
-            if deadline:
-                self.wake_master()  # the master enforces the deadline
-            if self.events.debugging:  # `ipcctl logs -f` sees long jobs start
-                self.events.debug("job.started", _started_fields(job, registration))
-            outcome, handler = execute(self.registry, job, self.log)
-            if not isinstance(outcome, Retry):
-                self.outcomes.finish(job, outcome, body=body, handler=handler, started=started)
-                return
-            kept = self._retry(job, body, outcome, handler, started)
-            if kept is None:
-                return
-            job, body, delay = kept
-            length = len(body)
-            # Nowhere to park it and the queue full: keep it in this slot (its new
-            # envelope already written there, so a crash loses nothing) and retry here.
-            time.sleep(delay)
+        """Run the job until it has an outcome, or is put back in the store for a retry."""
+        registration = self.registry.lookup(job.type)
+        timeout = job.timeout or (registration and registration.timeout) or None
+        deadline = time.time() + timeout if timeout else 0.0
+        self.table.received(self.slot, length, job.attempt, job.id, deadline)
+        if deadline:
+            self.wake_master()  # the master enforces the deadline
+        if self.events.debugging:  # `ipcctl logs -f` sees long jobs start
+            self.events.debug("job.started", _started_fields(job, registration))
+        outcome, handler = execute(self.registry, job, self.log)
+        if not isinstance(outcome, Retry):
+            self.outcomes.finish(job, outcome, body=body, handler=handler, started=started)
+            return
+        self._retry(job, body, outcome, handler, started)
 
-    def _retry(
-        self, job: Job, body: bytes, retry: Retry, handler: str, started: float
-    ) -> tuple[Job, bytes, float] | None:
-        """Park the job for another attempt, or fail it when it has none left.
-
-        Returns the job to run again in this worker when it could be put nowhere else.
-        """
+    def _retry(self, job: Job, body: bytes, retry: Retry, handler: str, started: float) -> None:
+        """Put the job back in the store for another attempt once its delay has passed,
+        or fail it when it has none left (or the store cannot take it back)."""
         policy = self.registry.policy(job.type, self.config.jobs)
         if job.attempt >= policy.max_attempts:
             message = f"gave up after {job.attempt} attempts: {retry.reason}"
             self.outcomes.finish(
                 job, error_result(job, message), body=body, handler=handler, started=started
             )
-            return None
+            return
         delay = policy.delay(job.attempt) if retry.delay is None else max(retry.delay, 0.0)
-        attempt = job.attempt + 1
-        again = run_again(
-            job, attempt=attempt, due=time.time() + delay, table=self.table, queue=self.queue
-        )
-        if again.refused:
+        try:
+            self.jobs.requeue(job.id, due=time.time() + delay)
+        except StoreError as exc:
+            message = f"cannot be put back for a retry: {exc}"
             self.outcomes.finish(
-                job, error_result(job, again.refused), body=body, handler=handler, started=started
+                job, error_result(job, message), body=body, handler=handler, started=started
             )
-            return None
+            return
         self.log.info(
             "job.retry",
             job_id=job.id,
@@ -321,23 +317,19 @@ class Worker:
             attempt=job.attempt,
             delay_s=round(delay, 3),
             reason=retry.reason,
-            kept_in_worker=not again.placed,
         )
         self.stats.retried(handler)
-        if again.placed:
-            self.wake_master()
-            return None
-        self.table.rewrite(self.slot, again.body, attempt)
-        return job._replace(attempt=attempt), again.body, delay
 
     def _handle_oversized(self) -> None:
-        """msgmax was raised above the slot size after start: take the message unprotected."""
-        body, type_ = self.queue.receive(0, timeout=0)
-        self.log.warning("job.unprotected", type=type_, bytes_in=len(body), msgmax=msgmax())
+        """A hand-off larger than the slot (the master never sends one: a bug, or msgmax
+        raised meanwhile): take it unprotected rather than jam the queue."""
+        message, type_ = self.queue.receive(0, timeout=0)
+        self.log.warning("job.unprotected", type=type_, bytes_in=len(message), msgmax=msgmax())
         started = time.monotonic()
         received = time.time()
+        body = message
         try:
-            job = protocol.decode(body, type_, received=received)
+            job, body = job_of(message, type_, received, self.jobs)
         except MessageError as exc:
             self.outcomes.reject(exc, body, type_)
             return
@@ -348,6 +340,34 @@ class Worker:
             self.outcomes.finish(job, outcome, body=body, handler=handler, started=started)
         except Exception as exc:  # as in handle: the job fails, not the worker
             self._failed_inside(job, body, exc, started, received)
+
+
+def job_of(message: bytes, type_: int, received: float, jobs: JobStore) -> tuple[Job, bytes]:
+    """The job a hand-off message names, and the client's message it came as (read from
+    the store when it was handed over by reference).  MessageError when it cannot be one.
+    The job carries the id and attempt the store knows (a bare message has no id of its
+    own, and an envelope's attempt is the one its submitter sent)."""
+    given = handoff.decode(message)
+    body = given.body
+    if body is None:
+        try:
+            body = jobs.body(given.job_id)
+        except StoreError as exc:
+            raise _unreadable(given.job_id, f"its message could not be read from the store: {exc}")
+        if body is None:
+            raise _unreadable(given.job_id, "its message is no longer in the store")
+    try:
+        job = protocol.decode(body, type_, received=received)
+    except MessageError as exc:
+        exc.job_id = given.job_id
+        raise
+    return job._replace(id=given.job_id, attempt=given.attempt), body
+
+
+def _unreadable(job_id: str, why: str) -> MessageError:
+    exc = MessageError(f"job {job_id}: {why}")
+    exc.job_id = job_id
+    return exc
 
 
 def worker_process(  # pragma: no cover - runs in the forked worker
@@ -389,10 +409,11 @@ def worker_process(  # pragma: no cover - runs in the forked worker
         prepared.sink.take_dropped()
         prepared.store.take_mends()
         prepared.failed.store.take_mends()
+        jobs = prepared.open_jobs()  # its own connection: never one shared across fork
         worker = Worker(
             slot=slot,
             config=prepared.config,
-            queue=prepared.queue,
+            queue=prepared.handoff,
             table=prepared.table,
             outcomes=Outcomes(
                 store=prepared.store,
@@ -402,6 +423,7 @@ def worker_process(  # pragma: no cover - runs in the forked worker
                 events=events,
                 unique=prepared.unique,
                 stats=recorder,
+                jobs=jobs,
             ),
             store=prepared.store,
             spills=prepared.spills,
@@ -411,6 +433,7 @@ def worker_process(  # pragma: no cover - runs in the forked worker
             events=events,
             stats=recorder,
             wake_master=wake_master,
+            jobs=jobs,
             sink=prepared.sink,
         )
         code = worker.serve()

@@ -15,6 +15,10 @@ gives, so a client that only knows ``ftok`` computes them the same way:
     n = 7  the spill table (segment) and its semaphore: payloads and results too large
            for a message or a result slot, each in its own IPC_PRIVATE segment
            (ipcd.tables.spill.table)
+    n = 8  the intake's slots (segment) and semaphore: messages the intake took off the
+           job queue and has not yet committed to the job store (ipcd.daemon.intake)
+    n = 9  the hand-off queue: jobs the master takes from the job store for the workers.
+           Mode 0600, the daemon's own: no client can write to it
 
 ``K`` is ``ftok(key_path, proj_id)`` or, when the config sets one, an explicit ``key``.
 ftok mixes the file's inode and device numbers, so the key file must never be rewritten
@@ -39,6 +43,8 @@ FAILED_KEY_OFFSET = 0x04000000
 STATS_KEY_OFFSET = 0x05000000
 UNIQUE_KEY_OFFSET = 0x06000000
 SPILL_KEY_OFFSET = 0x07000000
+INTAKE_KEY_OFFSET = 0x08000000
+HANDOFF_KEY_OFFSET = 0x09000000
 
 
 class Keys(NamedTuple):
@@ -53,6 +59,8 @@ class Keys(NamedTuple):
     unique: int
     spill: int
     how: str
+    intake: int = 0
+    handoff: int = 0
 
     @property
     def results(self) -> int:
@@ -63,7 +71,7 @@ class Keys(NamedTuple):
         """Every key ipcd makes objects at (for cleaning up and for the squatting check)."""
         return (
             self.jobs, self.replies, self.gate, self.inflight, self.failed, self.stats,
-            self.unique, self.spill,
+            self.unique, self.spill, self.intake, self.handoff,
         )  # fmt: skip
 
 
@@ -106,6 +114,8 @@ def derive(ipc: IpcConfig, *, create_key_file: bool = False) -> Keys:
         unique=(jobs + UNIQUE_KEY_OFFSET) & 0xFFFFFFFF,
         how=how,
         spill=(jobs + SPILL_KEY_OFFSET) & 0xFFFFFFFF,
+        intake=(jobs + INTAKE_KEY_OFFSET) & 0xFFFFFFFF,
+        handoff=(jobs + HANDOFF_KEY_OFFSET) & 0xFFFFFFFF,
     )
 
 

@@ -42,6 +42,10 @@ MSGMAX_PATH = "/proc/sys/kernel/msgmax"
 SYSVIPC_MSG = "/proc/sysvipc/msg"
 
 
+#: msgrcv's flag: return ENOMSG at once rather than wait.
+IPC_NOWAIT = 0o4000
+
+
 class TooBigError(IpcdError, OSError):
     """The message at the head of the queue is larger than the buffer (E2BIG)."""
 
@@ -250,6 +254,22 @@ class Queue:
         err = _Libc.errno()
         if err == errno.EINTR:
             raise Interrupted("msgrcv interrupted by a signal")
+        if err == errno.E2BIG:
+            raise TooBigError(err, "message larger than the receive buffer")
+        if err in (errno.EIDRM, errno.EINVAL):
+            raise NotRunningError(f"queue {self.key:#010x} was removed")
+        raise OSError(err, os.strerror(err))
+
+    def receive_into_nowait(
+        self, address: int, size: int, type_: int = ANY_BY_PRIORITY
+    ) -> int | None:
+        """:meth:`receive_into` without waiting: None when no message waits."""
+        n = _Libc.msgrcv()(self._mq.id, address, size, type_, IPC_NOWAIT)
+        if n >= 0:
+            return int(n)
+        err = _Libc.errno()
+        if err == errno.ENOMSG:
+            return None
         if err == errno.E2BIG:
             raise TooBigError(err, "message larger than the receive buffer")
         if err in (errno.EIDRM, errno.EINVAL):

@@ -54,8 +54,8 @@ OUTCOMES = ("ok", "error", "retried", "rejected")
 OK, ERROR, RETRIED, REJECTED = range(4)
 #: The daemon's counters, in record order; readers add them up over every record.  The
 #: first five only the master counts; ``log_dropped`` (log lines the log file refused: a
-#: full disk) and ``results_lost`` (results a damaged result segment lost) every process
-#: counts in its own record.
+#: full disk), ``results_lost`` (results a damaged result segment lost) and
+#: ``store_errors`` (writes the job store refused) every process counts in its own record.
 MASTER_COUNTERS = (
     "workers_started",
     "worker_restarts",
@@ -64,11 +64,12 @@ MASTER_COUNTERS = (
     "reloads",
     "log_dropped",
     "results_lost",
+    "store_errors",
 )
 (
     WORKERS_STARTED, WORKER_RESTARTS, JOBS_RECOVERED, JOBS_REQUEUED, RELOADS, LOG_DROPPED,
-    RESULTS_LOST,
-) = range(7)  # fmt: skip
+    RESULTS_LOST, STORE_ERRORS,
+) = range(8)  # fmt: skip
 MASTER_SLOTS = 8
 MASTER = struct.Struct(f"<{MASTER_SLOTS}Q")
 #: The name of column 0: jobs no handler ran (unknown type, undecodable message).

@@ -52,12 +52,17 @@ _ENVELOPE_REPLY = re.compile(rb'"reply"\s*:\s*([1-9][0-9]{0,9})(?=\s*[,}])')
 _ENVELOPE_KEYS = frozenset(
     {
         "ipcd", "id", "payload", "payload_b64", "submitted", "pid", "reply", "attempt",
-        "timeout", "unique", "spill",
+        "timeout", "unique", "spill", "confirm", "due", "priority",
     }
 )  # fmt: skip
 #: Longest unique key, in UTF-8 bytes: it is stored in a fixed field of the unique-key table.
 MAX_UNIQUE = 200
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: How a confirmation on the reply queue begins (then the job id): the job is committed to
+#: the job store.  A result's notification is the bare job id.
+CONFIRMED = b"+"
+#: Bounds of a job's ``priority``: higher runs first among jobs of one type.
+MIN_PRIORITY, MAX_PRIORITY = -100, 100
 #: How a spilled payload's bytes are to be read (the envelope's ``spill.kind``).
 SPILL_KINDS = ("bytes", "text", "json")
 
@@ -94,6 +99,12 @@ class Job(NamedTuple):
     unique: str | None = None
     #: The payload's segment when it was too large for the message (ipcd.tables.spill loads it).
     spill: SpillRef | None = None
+    #: Reply-queue message type to tell once the job is committed to the job store.
+    confirm: int | None = None
+    #: Unix time before which the job does not run (``--delay``); 0: at once.
+    due: float = 0.0
+    #: Higher first among queued jobs of one type (MIN_PRIORITY … MAX_PRIORITY).
+    priority: int = 0
 
 
 def is_job_id(text: str) -> bool:
@@ -117,6 +128,9 @@ def encode(
     timeout: float | None = None,
     unique: str | None = None,
     spill: SpillRef | None = None,
+    confirm: int | None = None,
+    due: float | None = None,
+    priority: int = 0,
 ) -> bytes:
     """The envelope for one job: compact JSON, bytes payloads as base64; with ``spill``
     the payload is in that segment and the envelope names it instead."""
@@ -134,6 +148,12 @@ def encode(
         doc["timeout"] = timeout
     if unique is not None:
         doc["unique"] = unique
+    if confirm is not None:
+        doc["confirm"] = confirm
+    if due:
+        doc["due"] = round(due, 6)
+    if priority:
+        doc["priority"] = priority
     if spill is not None:
         doc["spill"] = spill.as_json()
     elif isinstance(payload, bytes | bytearray | memoryview):
@@ -255,6 +275,9 @@ def _from_envelope(doc: dict[str, Any], type_: int, body: bytes) -> Job:
         reply = doc.get("reply")
         if type(reply) is int and 0 < reply < 2**31:
             exc.reply_to = reply  # so that a waiting submitter hears of the rejection
+        confirm = doc.get("confirm")
+        if exc.reply_to is None and type(confirm) is int and 0 < confirm < 2**31:
+            exc.reply_to = confirm  # a submitter waiting for its confirmation hears too
         if unique_key_problem(doc.get("unique")) is None:
             exc.unique = doc["unique"]  # so that the key is released
         if exc.job_id is not None and exc.spill is None and "spill" in doc:
@@ -314,6 +337,15 @@ def _read_envelope(doc: dict[str, Any], type_: int) -> Job:
     unique = doc.get("unique")
     if unique is not None and (problem := unique_key_problem(unique)) is not None:
         raise _bad(f"'unique' {problem}", job_id)
+    confirm = doc.get("confirm")
+    if confirm is not None and not _int_in(confirm, 1, MAX_TYPE):
+        raise _bad("'confirm' must be a positive message type", job_id)
+    due = _number(doc.get("due", 0.0), "due", job_id)
+    if not 0 <= due <= MAX_SUBMITTED:
+        raise _bad(f"'due' must be a Unix time from 0 to {MAX_SUBMITTED:.0e}", job_id)
+    priority = doc.get("priority", 0)
+    if not _int_in(priority, MIN_PRIORITY, MAX_PRIORITY):
+        raise _bad(f"'priority' must be an integer from {MIN_PRIORITY} to {MAX_PRIORITY}", job_id)
     return Job(
         id=job_id,
         type=type_,
@@ -325,6 +357,9 @@ def _read_envelope(doc: dict[str, Any], type_: int) -> Job:
         timeout=None if timeout is None else float(timeout),
         unique=unique,
         spill=spill,
+        confirm=confirm,
+        due=float(due),
+        priority=priority,
     )
 
 

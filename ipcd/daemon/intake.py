@@ -1,0 +1,361 @@
+"""The intake: drain the kernel's job queue into the job store, a batch per transaction.
+
+Clients keep sending to the public job queue (ipcctl, ipcd.client, PHP's msg_send, C);
+the intake is the one process that takes from it.  It blocks in ``msgrcv`` until a
+message comes, then takes whatever else waits without blocking, vets every message once
+(decodes it, finds its handler, loads a spilled payload so that the store holds the job
+whole), and commits the batch to the store in one transaction.  Only then does it tell
+the submitters that asked (``"confirm"``), wake the master to hand the jobs to workers,
+and free its slots.
+
+Like a worker, the intake receives straight into shared memory (its slots of a table at
+``K + 0x08000000``, ipcd.tables.inflight): a message taken off the queue is on record
+before any Python code runs, and stays there until its batch is committed.  Killed at any
+point, the intake loses nothing: the master commits what its slots hold (the store skips
+ids it already has) before it starts the next intake.
+
+The store is bounded: past ``[store] max_queued`` (jobs or bytes) the intake stops
+draining; the kernel queue fills and submitters get its backpressure (exit 75).  A store
+that cannot be written (full disk, read-only, corrupt) stops the draining too: the
+messages wait in the kernel queue and in the slots, the error is logged and counted, and
+the intake tries again until the store takes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+from ipcd.config import Config
+from ipcd.daemon.log import Logger
+from ipcd.daemon.outcomes import Outcomes, error_result
+from ipcd.daemon.signals import Flags
+from ipcd.errors import MessageError, NotRunningError, StoreError
+from ipcd.handlers.registry import Registry
+from ipcd.kernel.queues import Queue, TooBigError
+from ipcd.kernel.waits import Interrupted
+from ipcd.store import JobStore, NewJob, State
+from ipcd.tables import spill
+from ipcd.tables.inflight import InflightTable
+from ipcd.tables.spill.table import SpillTable
+from ipcd.tables.stats import STORE_ERRORS, Recorder
+from ipcd.wire import protocol
+from ipcd.wire.protocol import Job, Payload
+
+#: Messages the intake takes per batch: its slots (each the size of the kernel's msgmax).
+SLOTS = 64
+#: How long the intake waits before it tries a failing store again, at most.
+MAX_BACKOFF = 5.0
+#: How often a full store is looked at again.
+FULL_RECHECK = 0.2
+#: Characters of a payload ``ipcctl list`` shows.
+PREVIEW = 80
+
+
+class Exit:
+    """Intake exit statuses, which the master reads from waitpid."""
+
+    STOPPED = 0
+    #: The job queue was removed under it: the master makes it anew and starts another.
+    QUEUE_GONE = 4
+    CRASHED = 70
+
+
+class Vetted(NamedTuple):
+    """One message as the store will hold it, and what to do once it is committed."""
+
+    record: NewJob
+    job: Job | None
+    #: Why it cannot be a job (then ``job`` is what could be read of it, or None).
+    error: MessageError | None = None
+
+
+class Intake:
+    """Takes messages off the job queue into the store; see the module's docstring."""
+
+    def __init__(
+        self,
+        *,
+        queue: Queue,
+        slots: InflightTable,
+        jobs: JobStore,
+        registry: Registry,
+        config: Config,
+        outcomes: Outcomes,
+        spills: SpillTable | None,
+        flags: Flags,
+        log: Logger,
+        stats: Recorder,
+        wake_master: Callable[[], None],
+    ) -> None:
+        """``slots`` hold the messages taken until they are committed to ``jobs``;
+        ``outcomes`` rejects what cannot be a job and tells submitters; ``stats`` counts
+        failed commits; ``wake_master`` says new jobs are in the store."""
+        self.queue = queue
+        self.slots = slots
+        self.jobs = jobs
+        self.registry = registry
+        self.config = config
+        self.outcomes = outcomes
+        self.spills = spills
+        self.flags = flags
+        self.log = log
+        self.stats = stats
+        self.wake_master = wake_master
+        self.pid = os.getpid()
+        self._lengths = [0] * slots.workers
+        #: Since when the store is over its bounds, or fails (0: it is not).
+        self._full_since = 0.0
+        self._failing_since = 0.0
+        self._backoff = 0.1
+
+    # --- the loop -----------------------------------------------------------------------
+
+    def serve(self) -> int:
+        """Drain the queue into the store until stopped; returns the exit status."""
+        for index in range(self.slots.workers):
+            if self.slots.held(index) is None:
+                self.slots.reset_worker(index, self.pid)
+        self.commit_held()  # what an intake killed before us left (the master did at start)
+        while not self.flags.stopping:
+            if not self._room():
+                continue
+            try:
+                taken = self._take()
+            except NotRunningError:
+                self.log.warning("intake.queue_gone", queue=f"{self.queue.key:#010x}")
+                return Exit.QUEUE_GONE
+            if taken:
+                self.commit_held()
+        return Exit.STOPPED
+
+    def _room(self) -> bool:
+        """Whether the store has room for another batch; else wait a moment (and say so
+        once): the kernel queue fills and submitters get its backpressure."""
+        limits = self.config.store
+        try:
+            backlog = self.jobs.backlog()
+        except StoreError as exc:
+            self._store_failed(exc)
+            return False
+        if backlog.jobs < limits.max_queued and backlog.bytes < limits.max_queued_bytes:
+            if self._full_since:
+                self.log.info("intake.resumed", after_s=round(time.time() - self._full_since, 3))
+                self._full_since = 0.0
+            return True
+        if not self._full_since:
+            self._full_since = time.time()
+            self.log.warning(
+                "intake.store_full", queued=backlog.jobs, bytes=backlog.bytes,
+                max_queued=limits.max_queued, max_queued_bytes=limits.max_queued_bytes,
+            )  # fmt: skip
+        self._pause(FULL_RECHECK)
+        return False
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep, but no longer than it takes to notice a stop."""
+        until = time.monotonic() + seconds
+        while not self.flags.stopping and (left := until - time.monotonic()) > 0:
+            time.sleep(min(left, 0.1))
+
+    def _take(self) -> int:
+        """Wait for a message, then take what else waits, each into a slot of its own.
+
+        Returns how many were taken (0: a signal came first)."""
+        count = 0
+        for index in range(self.slots.workers):
+            self.slots.begin_receive(index, self.pid, self._lengths[index])
+            address = self.slots.msgbuf_address(index)
+            try:
+                if index == 0:
+                    length: int | None = self.queue.receive_into(address, self.slots.text_size)
+                else:
+                    length = self.queue.receive_into_nowait(address, self.slots.text_size)
+            except Interrupted:
+                break
+            except TooBigError:
+                self._take_oversized()
+                break
+            if length is None:
+                break
+            self._lengths[index] = length
+            self.slots.received(index, length, 0, "", 0.0)
+            count += 1
+        return count
+
+    def _take_oversized(self) -> None:
+        """msgmax was raised above the slot size after start: take the message unprotected
+        and commit it alone."""
+        body, type_ = self.queue.receive(0, timeout=0)
+        self.log.warning("job.unprotected", type=type_, bytes_in=len(body))
+        self._commit([self.vet(body, type_)])
+
+    # --- committing -----------------------------------------------------------------------
+
+    def commit_held(self) -> None:
+        """Commit every message the slots hold, then free the slots; waits (and tries
+        again) while the store cannot be written, unless asked to stop, when the messages
+        stay in the slots for the next intake."""
+        held = [(index, h) for index in range(self.slots.workers) if (h := self.slots.held(index))]
+        if not held:
+            return
+        if self._commit([self.vet(h.body, h.type) for _, h in held]):
+            for index, _ in held:
+                self.slots.finished(index)
+
+    def _commit(self, batch: list[Vetted]) -> bool:
+        while True:
+            try:
+                self.jobs.add([v.record for v in batch])
+            except StoreError as exc:
+                self._store_failed(exc)
+                if self.flags.stopping:
+                    return False
+                continue
+            break
+        if self._failing_since:
+            self.log.info(
+                "store.writable", after_s=round(time.time() - self._failing_since, 3)
+            )  # fmt: skip
+            self._failing_since, self._backoff = 0.0, 0.1
+        self._after_commit(batch)
+        return True
+
+    def _store_failed(self, exc: StoreError) -> None:
+        """Log (once per episode) and count a store that refuses, then back off."""
+        self.stats.bump(STORE_ERRORS)
+        if not self._failing_since:
+            self._failing_since = time.time()
+            self.log.error("store.unwritable", error=str(exc), then="jobs wait in the kernel queue")
+        self._pause(self._backoff)
+        self._backoff = min(self._backoff * 2, MAX_BACKOFF)
+
+    def _after_commit(self, batch: list[Vetted]) -> None:
+        """What follows a committed batch: rejections said, submitters told, spilled
+        payloads' segments freed (the store holds them now), the master woken."""
+        queued = False
+        for vetted in batch:
+            job = vetted.job
+            if vetted.error is not None:
+                self.outcomes.reject(vetted.error, vetted.record.body, vetted.record.type)
+                continue
+            assert job is not None
+            if vetted.record.state is State.FAILED:  # no handler: failed at once
+                result = error_result(job, vetted.record.error or "")
+                self.outcomes.finish(
+                    job, result, body=vetted.record.body, handler="-", started=time.monotonic()
+                )
+                continue
+            queued = True
+            if job.confirm is not None:
+                self.outcomes.confirm(job.confirm, job.id)
+            if job.spill is not None:
+                spill.settle(self.spills, job)
+        if queued:
+            self.wake_master()
+
+    # --- vetting --------------------------------------------------------------------------
+
+    def vet(self, body: bytes, type_: int) -> Vetted:
+        """The message as the store will hold it.  Never raises: what cannot be a job is
+        recorded as failed, with why, under the id that could be read (or a new one)."""
+        now = time.time()
+        try:
+            job = protocol.decode(body, type_, received=now)
+            if job.spill is not None:
+                job = spill.load(job, self.spills, self.config.jobs.max_payload)
+                body = _inline(job)
+        except MessageError as exc:
+            return self._rejected(exc, body, type_, now)
+        except Exception as exc:  # a bug must not cost the batch: reject this message
+            self.log.error("job.decode_failed", type=type_, exc_info=True)
+            error = MessageError(f"ipcd could not read the message: {type(exc).__name__}: {exc}")
+            return self._rejected(error, body, type_, now)
+        registration = self.registry.lookup(job.type)
+        due = job.due if job.due > now else 0.0
+        record = NewJob(
+            id=job.id,
+            type=job.type,
+            handler=registration.name if registration else "-",
+            body=body,
+            bare=job.bare,
+            accepted=now,
+            size=job.spill.size if job.spill else _size(job.payload),
+            preview=preview(job.payload),
+            submitted=job.submitted or now,
+            due=due,
+            priority=job.priority,
+            unique=job.unique,
+            sender_pid=job.sender_pid,
+            sender_uid=_uid_of(job.sender_pid),
+            reply_to=job.reply_to,
+            timeout=job.timeout,
+            attempts=job.attempt - 1,
+            state=State.SCHEDULED if due else State.QUEUED,
+        )
+        if registration is None:
+            message = f"no handler for message type {job.type}"
+            return Vetted(record._replace(state=State.FAILED, error=message), job)
+        return Vetted(record, job)
+
+    def _rejected(self, exc: MessageError, body: bytes, type_: int, now: float) -> Vetted:
+        """A message that is no job: recorded failed under its readable id, if any."""
+        job_id = exc.job_id or protocol.new_job_id()
+        record = NewJob(
+            id=job_id, type=max(type_, 0), handler="-", body=body[: self.slots.text_size],
+            bare=False, accepted=now, size=len(body), preview=preview(body[:PREVIEW]),
+            submitted=now, state=State.FAILED, error=str(exc),
+        )  # fmt: skip
+        return Vetted(record, None, exc)
+
+
+def _inline(job: Job) -> bytes:
+    """The envelope of a job whose payload came in a segment, with the payload inline: the
+    store keeps it whole (a segment does not survive a reboot)."""
+    return protocol.encode(
+        job.payload, job_id=job.id, reply_to=job.reply_to, submitted=job.submitted,
+        pid=job.sender_pid, attempt=job.attempt, timeout=job.timeout, unique=job.unique,
+        confirm=job.confirm, due=job.due, priority=job.priority,
+    )  # fmt: skip
+
+
+def _size(payload: Payload) -> int:
+    if isinstance(payload, bytes):
+        return len(payload)
+    if isinstance(payload, str):
+        return len(payload.encode("utf-8", "surrogateescape"))
+    with contextlib.suppress(ValueError, TypeError):
+        return len(json.dumps(payload, separators=(",", ":")))
+    return 0
+
+
+def preview(payload: Payload) -> str:
+    """A payload cut to PREVIEW printable characters, for ``ipcctl list``."""
+    if isinstance(payload, bytes):
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            text = payload[: PREVIEW // 2].hex()
+    elif isinstance(payload, str):
+        text = payload
+    else:
+        try:
+            text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+        except (ValueError, TypeError):
+            text = repr(payload)
+    text = "".join(ch if ch.isprintable() else "?" for ch in text[: PREVIEW + 1])
+    return text if len(text) <= PREVIEW else text[: PREVIEW - 1] + "…"
+
+
+def _uid_of(pid: int) -> int | None:
+    """The submitter's user, while it runs (its /proc directory's owner)."""
+    if pid <= 0:
+        return None
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
