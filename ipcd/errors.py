@@ -137,7 +137,9 @@ class NotConfirmedError(IpcdError, RuntimeError):
     exit_code = ExitCode.NOT_CONFIRMED
 
     def __init__(self, job_id: str, why: str) -> None:
-        super().__init__(f"job {job_id} sent but not confirmed: {why}; it waits in the kernel queue")
+        super().__init__(
+            f"job {job_id} sent but not confirmed: {why}; it waits in the kernel queue"
+        )
         self.job_id = job_id
 
 

@@ -22,7 +22,7 @@ from ipcd.store import JobRecord, JobStore, State, open_store
 
 @contextmanager
 def store_of(inst: Instance) -> Iterator[JobStore]:
-    jobs = open_store(inst.dir / "jobs.db", sync="normal")
+    jobs = open_store(str(inst.dir / "jobs.db"), sync="normal")
     try:
         yield jobs
     finally:

@@ -23,6 +23,7 @@ from ipcd.errors import (
     IpcdError,
     JobFailedError,
     NoResultError,
+    NotConfirmedError,
     PayloadError,
     WaitTimeoutError,
 )
@@ -89,6 +90,9 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
         if not args.quiet:
             raise
         return int(ExitCode.ALREADY_QUEUED)  # --quiet: cron mails nothing for it
+    except NotConfirmedError as exc:
+        print(exc.job_id)  # sent all the same: the id names it once the daemon stores it
+        raise
     if not args.wait:
         print(job_id)
         if args.no_confirm:

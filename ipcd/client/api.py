@@ -26,8 +26,6 @@ from ipcd.errors import (
     NotConfirmedError,
     NotRunningError,
     OverwrittenError,
-    PayloadError,
-    QueueFullError,
     ResultLostError,
     UsageError,
     WaitTimeoutError,
@@ -167,16 +165,13 @@ class Client:
             self._reply_queue()  # fail before sending when no one could wake us
         pid = os.getpid()
         reply_to = pid if notify else None
-        envelope = {
-            "confirm": pid if confirm else None,
-            "due": time.time() + delay if delay else None,
-            "priority": priority,
-        }
+        asks = pid if confirm else None
+        due = time.time() + delay if delay else None
         body = None
         if not _surely_too_large(payload, self.queue):
             body = protocol.encode(
                 payload, job_id=job_id, reply_to=reply_to, timeout=job_timeout, unique=unique,
-                **envelope,  # type: ignore[arg-type]
+                confirm=asks, due=due, priority=priority,
             )  # fmt: skip
             if not self.queue.fits(len(body)):
                 body = None
@@ -194,7 +189,8 @@ class Client:
                 self._claim(unique, job_id),
                 outgoing(
                     self, payload, body, job_id=job_id, reply_to=reply_to,
-                    timeout=job_timeout, unique=unique, **envelope,
+                    timeout=job_timeout, unique=unique, confirm=asks, due=due,
+                    priority=priority,
                 ) as body,
             ):  # fmt: skip
                 self.queue.send(body, type_, timeout=timeout)

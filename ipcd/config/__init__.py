@@ -175,7 +175,6 @@ class Config(NamedTuple):
                 return handler
         return None
 
-
     @property
     def control_socket(self) -> Path:
         """Where the daemon serves ipcctl's operator commands: ``[store] socket``, else

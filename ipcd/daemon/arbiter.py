@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 from ipcd import config as config_mod
-from ipcd.daemon import control, lockwaits, objectwatch, reloading, startup
+from ipcd.daemon import lockwaits, objectwatch, reloading, startup
 from ipcd.daemon import log as log_mod
 from ipcd.daemon.intake import Intake
 from ipcd.daemon.outcomes import Outcomes
@@ -539,8 +539,7 @@ class Arbiter:
                     log=log, stats=recorder, wake_master=wake_master,
                 ).serve()  # fmt: skip
             else:
-                code = control.run(p, jobs=jobs, outcomes=outcomes, flags=flags, log=log,
-                                   wake_master=wake_master)  # fmt: skip
+                raise NotImplementedError(role)
         except BaseException:
             with contextlib.suppress(Exception):
                 log_mod.get_logger(role=role).critical(f"{role}.crashed", exc_info=True)

@@ -249,6 +249,8 @@ class Intake:
                 self.outcomes.finish(
                     job, result, body=vetted.record.body, handler="-", started=time.monotonic()
                 )
+                if job.confirm is not None and job.confirm != job.reply_to:
+                    self.outcomes.notify(job.confirm, job.id)  # it ended: no confirmation
                 continue
             queued = True
             if job.confirm is not None:

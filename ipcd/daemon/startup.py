@@ -200,9 +200,7 @@ def _objects(
         if again
         else _unique_table(config, keys.unique, queue, table, trusted)
     )
-    intake, _ = InflightTable.create(
-        keys.intake, mode, INTAKE_SLOTS, 0, text_size, trusted=trusted
-    )
+    intake, _ = InflightTable.create(keys.intake, mode, INTAKE_SLOTS, 0, text_size, trusted=trusted)
     # The hand-off queue is the daemon's alone: no client may put a job on it.
     handoff = Queue.create(keys.handoff, 0o600, what="hand-off queue", trusted=trusted)
     stats = StatsSegment.create(
@@ -237,9 +235,7 @@ def _unique_table(
     return unique
 
 
-def free_lost_keys(
-    unique: UniqueTable, queue: Queue, table: InflightTable, jobs: JobStore
-) -> None:
+def free_lost_keys(unique: UniqueTable, queue: Queue, table: InflightTable, jobs: JobStore) -> None:
     """Free the keys of jobs that are gone (ipcd.daemon.uniquerelease.sweep_lost), logged;
     then hold again the keys of the jobs the store holds unfinished (after a reboot the
     table starts empty, and a cron job's next copy must still find its key taken)."""
@@ -263,7 +259,7 @@ def free_lost_keys(
 def open_jobs(config: Config) -> JobStore:
     """A connection to the configuration's job store (ipcd.store)."""
     return open_store(
-        config.store.path, sync=config.store.sync, max_result=config.store.max_result
+        str(config.store.path), sync=config.store.sync, max_result=config.store.max_result
     )
 
 

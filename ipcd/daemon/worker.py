@@ -11,6 +11,8 @@ content end a worker: what cannot be a job is rejected, a result that cannot be 
 fails its job, and an error of ipcd's own while handling a message fails that message
 (``job.internal_error``) rather than the worker, which would only be handed the same job
 again.
+"""
+
 from __future__ import annotations
 
 import contextlib
