@@ -12,7 +12,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from conftest import Instance
 
@@ -121,7 +121,7 @@ def test_queued_jobs_survive_kill_9_of_the_whole_daemon(instance: Instance) -> N
         again = jobs.get(running)
     assert again is not None and again.attempts == 2 and again.state is State.RUNNING
     ran = [e["job_id"] for e in instance.log_events() if e.get("event") == "job.done"]
-    assert sorted(ran) == sorted(queued)  # each once
+    assert sorted(map(str, ran)) == sorted(queued)  # each once
 
 
 def _kill_tree(master: int) -> None:
@@ -133,14 +133,10 @@ def _kill_tree(master: int) -> None:
     except OSError:
         pass
     for pid in pids:
-        try:
+        with suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
+        with suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         states = []

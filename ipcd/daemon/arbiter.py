@@ -45,6 +45,7 @@ from types import FrameType
 from ipcd import config as config_mod
 from ipcd.daemon import lockwaits, objectwatch, reloading, startup
 from ipcd.daemon import log as log_mod
+from ipcd.daemon.doorbell import Doorbell
 from ipcd.daemon.intake import Intake
 from ipcd.daemon.outcomes import Outcomes
 from ipcd.daemon.pidlock import PidLock
@@ -60,12 +61,11 @@ from ipcd.daemon.worker import (
     signal_worker,
     worker_process,
 )
-from ipcd.errors import IpcdError, LockTimeoutError, NotRunningError, StoreError
+from ipcd.errors import IpcdError, LockTimeoutError, StoreError
 from ipcd.handlers import registry as registry_mod
 from ipcd.store import Retention
 from ipcd.tables import stats as stats_mod
 from ipcd.tables.inflight import Held, InflightTable, Peek, State
-from ipcd.wire import handoff
 
 #: A worker that lived shorter than this "died young".
 YOUNG = 1.0
@@ -238,6 +238,7 @@ class Arbiter:
             log=self.log,
         )
         self.spill_sweeper = Sweeper(prepared.spills, prepared.queue, prepared.table)
+        self.doorbell = Doorbell(prepared.handoff, prepared.config.daemon.workers)
 
     # --- the main loop ------------------------------------------------------------------
 
@@ -264,7 +265,7 @@ class Arbiter:
             handlers={r.name: r.type for r in p.registry.by_type.values()},
         )
         self._maintain()
-        self._dispatch()
+        self._ring_due()
         self._count_noticed()
         self._ready = True
         ready()
@@ -282,7 +283,7 @@ class Arbiter:
                 self._enforce_deadlines()
                 self._nudge_retiring()
                 self._maintain()
-                self._dispatch()
+                self._ring_due()
                 self._retain()
                 self._sweep_spills()
                 self._notice_dropped_log()
@@ -537,6 +538,7 @@ class Arbiter:
                     queue=p.queue, slots=p.intake, jobs=jobs, registry=p.registry,
                     config=p.config, outcomes=outcomes, spills=p.spills, flags=flags,
                     log=log, stats=recorder, wake_master=wake_master,
+                    doorbell=Doorbell(p.handoff, p.config.daemon.workers),
                 ).serve()  # fmt: skip
             else:
                 raise NotImplementedError(role)
@@ -626,6 +628,7 @@ class Arbiter:
             self.recovery.recover(
                 held, cause=info.kill_reason or cause, timed_out=bool(info.kill_reason)
             )
+        self._requeue_claimed(info.pid, held)
         self._release_slot(info.slot)
         lived = time.time() - info.spawned
         expected = held is None and (
@@ -675,6 +678,19 @@ class Arbiter:
             if slot < table.workers:
                 table.clear(slot)
 
+    def _requeue_claimed(self, pid: int, held: Held | None) -> None:
+        """A worker that died between claiming a job in the store and writing it into
+        its slot: the job never started, so it goes back without an attempt counted."""
+        try:
+            for record in self.jobs.running():
+                if record.worker_pid != pid or (held is not None and held.job_id == record.id):
+                    continue
+                self.jobs.requeue(record.id, due=0.0, attempts=max(record.attempts - 1, 0))
+                self.log.warning("job.requeued", job_id=record.id, cause="claimed, never started")
+                self.doorbell.ring()
+        except StoreError as exc:
+            self._store_failed(exc)
+
     def _requeue_unheld(self, *, at_start: bool = False) -> None:
         """Jobs the store says are running but no worker holds: handed out on a hand-off
         queue that is gone (a killed or rebooted daemon's, or one removed under us).  They
@@ -700,41 +716,25 @@ class Arbiter:
         if requeued:
             self.log.warning("job.requeued", jobs=len(requeued), cause="handed out, never taken")
 
-    def _dispatch(self) -> None:
-        """Hand jobs from the store to idle workers: as many as are idle and not yet
-        handed one, in the store's order, so that the order is the store's and not the
-        kernel's (and a paused handler's jobs stay in the store)."""
-        if self.flags.stopping:
-            return
-        idle = sum(1 for info in self.pool.active() if not self.p.table.peek(info.slot).holds_job)
-        if idle <= 0:
-            return
+    def _ring_due(self) -> None:
+        """Jobs whose due time came (``--delay``, a retry's back-off) become queued in the
+        store, and the doorbell wakes workers for them (ipcd.daemon.doorbell).  Workers
+        take queued jobs from the store themselves, in the store's order."""
+        now = time.time()
         try:
-            want = idle - self.p.handoff.stats().messages
-            if want <= 0:
-                return
-            now = time.time()
-            if self._next_due is None or self._next_due <= now or self._due_stale(now):
-                self.jobs.promote_due(now)
+            if self._due_stale(now):
                 self._next_due = self.jobs.next_due()
                 self._due_checked = now
-            claimed = self.jobs.claim(want, now)
-        except NotRunningError:
-            return  # the hand-off queue was removed: made anew at the next turn
+            if self._next_due is None or self._next_due > now:
+                return
+            due = self.jobs.promote_due(now)
+            self._next_due = self.jobs.next_due()
         except StoreError as exc:
             self._store_failed(exc)
             return
         self._store_failing = False
-        limit = self.p.table.text_size
-        for record, body in claimed:
-            message = handoff.encode(record.id, record.attempts, body, limit)
-            try:
-                sent = self.p.handoff.send_nowait(message, record.type)
-            except NotRunningError:
-                sent = False
-            if not sent:  # cannot happen while it holds fewer jobs than workers: put back
-                with contextlib.suppress(StoreError):
-                    self.jobs.requeue(record.id, due=0.0, attempts=record.attempts - 1)
+        if due:
+            self.doorbell.ring(due)
 
     def _due_stale(self, now: float) -> bool:
         """The earliest due time is looked up again at most every 50 ms: the intake may

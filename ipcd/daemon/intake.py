@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from ipcd.config import Config
+from ipcd.daemon.doorbell import Doorbell
 from ipcd.daemon.log import Logger
 from ipcd.daemon.outcomes import Outcomes, error_result
 from ipcd.daemon.signals import Flags
@@ -91,10 +92,12 @@ class Intake:
         log: Logger,
         stats: Recorder,
         wake_master: Callable[[], None],
+        doorbell: Doorbell,
     ) -> None:
         """``slots`` hold the messages taken until they are committed to ``jobs``;
         ``outcomes`` rejects what cannot be a job and tells submitters; ``stats`` counts
-        failed commits; ``wake_master`` says new jobs are in the store."""
+        failed commits; ``doorbell`` wakes workers for the jobs committed, and
+        ``wake_master`` the master for the delayed ones (it keeps their due times)."""
         self.queue = queue
         self.slots = slots
         self.jobs = jobs
@@ -106,6 +109,7 @@ class Intake:
         self.log = log
         self.stats = stats
         self.wake_master = wake_master
+        self.doorbell = doorbell
         self.pid = os.getpid()
         self._lengths = [0] * slots.workers
         #: Since when the store is over its bounds, or fails (0: it is not).
@@ -237,7 +241,7 @@ class Intake:
     def _after_commit(self, batch: list[Vetted]) -> None:
         """What follows a committed batch: rejections said, submitters told, spilled
         payloads' segments freed (the store holds them now), the master woken."""
-        queued = False
+        queued = scheduled = 0
         for vetted in batch:
             job = vetted.job
             if vetted.error is not None:
@@ -252,12 +256,17 @@ class Intake:
                 if job.confirm is not None and job.confirm != job.reply_to:
                     self.outcomes.notify(job.confirm, job.id)  # it ended: no confirmation
                 continue
-            queued = True
+            if vetted.record.state is State.SCHEDULED:
+                scheduled += 1
+            else:
+                queued += 1
             if job.confirm is not None:
                 self.outcomes.confirm(job.confirm, job.id)
             if job.spill is not None:
                 spill.settle(self.spills, job)
         if queued:
+            self.doorbell.ring(queued)
+        if scheduled:
             self.wake_master()
 
     # --- vetting --------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from ipcd.daemon.startup import Prepared
 from ipcd.errors import IpcdError, MessageError, NotRunningError, StoreError
 from ipcd.handlers import HandlerError, HandlerResult, Retry
 from ipcd.handlers.registry import Registration, Registry
-from ipcd.kernel.queues import Queue, TooBigError, msgmax
+from ipcd.kernel.queues import Queue
 from ipcd.kernel.waits import Interrupted
 from ipcd.layout.results import Kind, Result, Status
 from ipcd.store import JobStore
@@ -40,9 +40,12 @@ from ipcd.tables import spill, stats
 from ipcd.tables.inflight import InflightTable
 from ipcd.tables.results import ResultStore
 from ipcd.tables.spill.table import SpillTable
-from ipcd.tables.stats import Recorder
+from ipcd.tables.stats import STORE_ERRORS, Recorder
 from ipcd.wire import handoff, jsoncodec, protocol
 from ipcd.wire.protocol import Job
+
+#: How long a worker waits before it asks a store that failed again.
+CLAIM_BACKOFF = 0.5
 
 
 class Exit:
@@ -140,12 +143,13 @@ class Worker:
         jobs: JobStore,
         sink: log_mod.Sink | None = None,
     ) -> None:
-        """``queue`` is the hand-off queue; ``outcomes`` ends each job; ``store`` says
+        """``queue`` is the hand-off queue, the doorbell a worker sleeps on when the
+        store has no job for it (ipcd.daemon.doorbell); ``outcomes`` ends each job; ``store`` says
         whether a job's outcome was stored before an error of ipcd's own; ``spills`` holds
         spilled payloads; ``events`` logs job starts when debugging; ``stats`` counts
         retries and the log lines ``sink`` dropped (None: nothing to count); ``jobs`` is
         the job store, which takes a job back for a retry and holds the bodies too large
-        to hand over; ``wake_master`` asks the master for the next job."""
+        to hand over; ``wake_master`` tells the master a job with a deadline started."""
         self.slot = slot
         self.config = config
         self.queue = queue
@@ -183,29 +187,45 @@ class Worker:
 
     def _serve(self) -> int:
         limit = self.config.daemon.max_jobs_per_worker
-        previous = 0
         self.table.reset_worker(self.slot, self.pid)
-        address = self.table.msgbuf_address(self.slot)
+        previous = 0
         while not self.flags.stopping:
             if limit and self.jobs_done >= limit:
                 return Exit.RECYCLED
             self.count_noticed()
             self.table.begin_receive(self.slot, self.pid, previous)
-            try:
-                length = self.queue.receive_into(address, self.table.text_size)
-            except Interrupted:
+            length = self._take()
+            if length is None:
+                try:
+                    self.queue.wait_any()  # the doorbell: the store has work again
+                except Interrupted:
+                    pass  # a signal: the loop condition says what to do
+                except NotRunningError:
+                    self.log.warning("worker.queue_gone", queue=f"{self.queue.key:#010x}")
+                    return Exit.QUEUE_GONE
                 previous = 0
-                continue  # a signal: the loop condition says what to do
-            except TooBigError:
-                previous = 0
-                self._handle_oversized()
                 continue
-            except NotRunningError:
-                self.log.warning("worker.queue_gone", queue=f"{self.queue.key:#010x}")
-                return Exit.QUEUE_GONE
             previous = length
             self.handle(length)
         return Exit.STOPPED
+
+    def _take(self) -> int | None:
+        """Claim the next job from the store into this worker's slot, as the hand-off
+        message (ipcd.wire.handoff) the master's recovery reads back should the worker
+        die; its length, or None when the store has no job for us now."""
+        try:
+            claimed = self.jobs.claim(1, time.time(), worker_pid=self.pid)
+        except StoreError as exc:
+            self.log.error("store.claim_failed", error=str(exc))
+            self.stats.bump(STORE_ERRORS)
+            time.sleep(CLAIM_BACKOFF)
+            return None
+        if not claimed:
+            return None
+        record, body = claimed[0]
+        message = handoff.encode(record.id, record.attempts, body, self.table.text_size)
+        self.table.deliver(self.slot, record.type, message)
+        return len(message)
 
     def handle(self, length: int) -> None:
         """Everything that happens to one handed-over job."""
@@ -220,7 +240,6 @@ class Worker:
         except MessageError as exc:
             self.outcomes.reject(exc, body, type_)
             self.table.finished(self.slot)
-            self._next()
             return
         try:
             self.run(job, body, length, started)
@@ -228,11 +247,6 @@ class Worker:
             self._failed_inside(job, body, exc, started, received)
         self.table.finished(self.slot)
         self.jobs_done += 1
-        self._next()
-
-    def _next(self) -> None:
-        """The slot is free: the master hands over the next job (ipcd.daemon.arbiter)."""
-        self.wake_master()
 
     def _loaded(self, job: Job, body: bytes) -> Job:
         """The job with a spilled payload loaded; MessageError when it cannot be one.
@@ -322,27 +336,6 @@ class Worker:
         )
         self.stats.retried(handler)
 
-    def _handle_oversized(self) -> None:
-        """A hand-off larger than the slot (the master never sends one: a bug, or msgmax
-        raised meanwhile): take it unprotected rather than jam the queue."""
-        message, type_ = self.queue.receive(0, timeout=0)
-        self.log.warning("job.unprotected", type=type_, bytes_in=len(message), msgmax=msgmax())
-        started = time.monotonic()
-        received = time.time()
-        body = message
-        try:
-            job, body = job_of(message, type_, received, self.jobs)
-        except MessageError as exc:
-            self.outcomes.reject(exc, body, type_)
-            return
-        try:
-            outcome, handler = execute(self.registry, job, self.log)
-            if isinstance(outcome, Retry):
-                outcome = error_result(job, f"retry impossible for oversized job: {outcome.reason}")
-            self.outcomes.finish(job, outcome, body=body, handler=handler, started=started)
-        except Exception as exc:  # as in handle: the job fails, not the worker
-            self._failed_inside(job, body, exc, started, received)
-
 
 def job_of(message: bytes, type_: int, received: float, jobs: JobStore) -> tuple[Job, bytes]:
     """The job a hand-off message names, and the client's message it came as (read from
@@ -355,7 +348,8 @@ def job_of(message: bytes, type_: int, received: float, jobs: JobStore) -> tuple
         try:
             body = jobs.body(given.job_id)
         except StoreError as exc:
-            raise _unreadable(given.job_id, f"its message could not be read from the store: {exc}")
+            why = f"its message could not be read from the store: {exc}"
+            raise _unreadable(given.job_id, why) from None
         if body is None:
             raise _unreadable(given.job_id, "its message is no longer in the store")
     try:

@@ -42,8 +42,12 @@ MSGMAX_PATH = "/proc/sys/kernel/msgmax"
 SYSVIPC_MSG = "/proc/sysvipc/msg"
 
 
-#: msgrcv's flag: return ENOMSG at once rather than wait.
+#: Room for a doorbell message (ipcd.daemon.doorbell sends one byte).
+DOORBELL_ROOM = 64
+#: msgrcv's flags: return ENOMSG at once rather than wait; cut a message too long for
+#: the buffer rather than refuse it.
 IPC_NOWAIT = 0o4000
+MSG_NOERROR = 0o10000
 
 
 class TooBigError(IpcdError, OSError):
@@ -248,27 +252,32 @@ class Queue:
         Blocks until a message comes.  Raises :class:`Interrupted` on a signal and
         :class:`TooBigError` when the head message exceeds ``size`` (it stays queued).
         """
-        n = _Libc.msgrcv()(self._mq.id, address, size, type_, 0)
-        if n >= 0:
-            return int(n)
-        err = _Libc.errno()
-        if err == errno.EINTR:
-            raise Interrupted("msgrcv interrupted by a signal")
-        if err == errno.E2BIG:
-            raise TooBigError(err, "message larger than the receive buffer")
-        if err in (errno.EIDRM, errno.EINVAL):
-            raise NotRunningError(f"queue {self.key:#010x} was removed")
-        raise OSError(err, os.strerror(err))
+        n = self._msgrcv_into(address, size, type_, 0)
+        assert n is not None  # only IPC_NOWAIT returns without a message
+        return n
 
     def receive_into_nowait(
         self, address: int, size: int, type_: int = ANY_BY_PRIORITY
     ) -> int | None:
         """:meth:`receive_into` without waiting: None when no message waits."""
-        n = _Libc.msgrcv()(self._mq.id, address, size, type_, IPC_NOWAIT)
+        return self._msgrcv_into(address, size, type_, IPC_NOWAIT)
+
+    def wait_any(self) -> None:
+        """Take one message of any type and drop it: a doorbell, whose arrival is all it
+        says (ipcd.daemon.doorbell).  Raises :class:`Interrupted` on a signal."""
+        import ctypes
+
+        buf = ctypes.create_string_buffer(8 + DOORBELL_ROOM)
+        self._msgrcv_into(ctypes.addressof(buf), DOORBELL_ROOM, 0, MSG_NOERROR)
+
+    def _msgrcv_into(self, address: int, size: int, type_: int, flags: int) -> int | None:
+        n = _Libc.msgrcv()(self._mq.id, address, size, type_, flags)
         if n >= 0:
             return int(n)
         err = _Libc.errno()
-        if err == errno.ENOMSG:
+        if err == errno.EINTR:
+            raise Interrupted("msgrcv interrupted by a signal")
+        if err == errno.ENOMSG and flags & IPC_NOWAIT:
             return None
         if err == errno.E2BIG:
             raise TooBigError(err, "message larger than the receive buffer")
@@ -307,6 +316,10 @@ class Queue:
             last_send_pid=self._mq.last_send_pid,
             last_receive_pid=self._mq.last_receive_pid,
         )
+
+    def depth(self) -> int:
+        """How many messages wait (``msg_qnum``, one ``msgctl``; no /proc read)."""
+        return int(self._mq.current_messages)
 
     def remove(self) -> None:
         """Remove the queue and every message in it."""

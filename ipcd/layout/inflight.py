@@ -215,6 +215,13 @@ def received(
     _U32.pack_into(buf, off, State.RUNNING)
 
 
+def deliver(buf: memoryview | bytearray, off: int, type_: int, body: bytes) -> None:
+    """Write a message into a receiving slot as ``msgrcv`` would (text, then type): a
+    worker that takes its job from the job store rather than from a queue."""
+    buf[off + TEXT : off + TEXT + len(body)] = body
+    _MTYPE.pack_into(buf, off + MSGBUF_TYPE, type_)
+
+
 def message_type(buf: memoryview | bytearray | bytes, off: int) -> int:
     """The message type the kernel wrote into the slot (0: none yet)."""
     return int(_MTYPE.unpack_from(buf, off + MSGBUF_TYPE)[0])

@@ -148,11 +148,12 @@ class JobStore(Protocol):
         re-adds safely). Returns the ids inserted, in the order given."""
         ...
 
-    def claim(self, n: int, now: float) -> list[tuple[JobRecord, bytes]]:
+    def claim(self, n: int, now: float, *, worker_pid: int = 0) -> list[tuple[JobRecord, bytes]]:
         """Up to ``n`` QUEUED jobs of types not paused, in dispatch order (type ascending,
         priority descending, accepted, id); each becomes RUNNING with ``attempts + 1`` and
         ``started = now``, and is returned as it is now, with its body. Two processes never
-        claim the same job."""
+        claim the same job.  ``worker_pid``: the worker that claims them (recorded, so
+        that the master finds the jobs of a worker that died)."""
         ...
 
     def promote_due(self, now: float) -> int:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import fcntl
 import heapq
 import itertools
 import os
@@ -84,7 +85,14 @@ _INSERT = (
     f"VALUES ({', '.join('?' * len(_INSERT_COLUMNS))}) ON CONFLICT (id) DO NOTHING"
 )
 # The literal 'queued' lets SQLite use the partial index jobs_claim.
-_CLAIM = f"SELECT id FROM jobs WHERE state = 'queued' AND type BETWEEN ? AND ? {_DISPATCH} LIMIT ?"
+#: The one SQLite-only hint: without INDEXED BY the planner prefers jobs_state and sorts
+#: every queued job for each claim (1.3 ms with 3,000 queued, against 0.03 ms through the
+#: partial index, which reads the next job in dispatch order); PostgreSQL's planner picks
+#: a partial index by itself.
+_CLAIM = (
+    "SELECT id FROM jobs INDEXED BY jobs_claim WHERE state = 'queued' AND type BETWEEN ? AND ? "
+    f"{_DISPATCH} LIMIT ?"
+)
 
 
 def _marks(values: Sequence[object]) -> str:
@@ -190,6 +198,10 @@ def connect(
             )
         conn.execute(f"PRAGMA synchronous = {SYNC[sync]}")
         conn.execute("PRAGMA foreign_keys = ON")
+        # Pages through a shared mapping, not a pread per page: every commit of another
+        # process empties this connection's page cache, and the daemon's processes take
+        # turns writing for every job.
+        conn.execute("PRAGMA mmap_size = 268435456")
         schema.migrate(conn, path)
     except sqlite3.Error as exc:
         if conn is not None:
@@ -217,6 +229,7 @@ class SqliteStore:
         self._path = path
         self._max_result = max_result
         self._pid = os.getpid()
+        self._lock = -1
 
     # -- transactions -------------------------------------------------------------------
 
@@ -245,9 +258,35 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise store_error(self._path, exc) from exc
 
-    def _write(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
-        """A write transaction: the write lock is taken before the first read."""
-        return self._transaction("BEGIN IMMEDIATE")
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction: the write lock is taken before the first read.
+
+        Writers first queue on an advisory lock of their own (``flock`` on
+        ``PATH.lock``), which the kernel hands to the next waiter the moment it is
+        released: SQLite's own wait for a busy database sleeps 1, 2, 5 ... ms between
+        tries, which would cost the daemon's processes (intake, master, workers, all
+        writing) milliseconds per job.  A killed process's lock goes with it."""
+        fd = self._lock_fd()
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            with self._transaction("BEGIN IMMEDIATE") as db:
+                yield db
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _lock_fd(self) -> int:
+        if self._lock < 0:
+            try:
+                self._lock = os.open(
+                    self._path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+                )
+            except OSError as exc:
+                raise StoreUnavailableError(
+                    f"job store {self._path}: cannot open its lock file {self._path}.lock: "
+                    f"{exc.strerror}"
+                ) from None
+        return self._lock
 
     def _read(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         """A read transaction: its statements see one snapshot."""
@@ -287,7 +326,9 @@ class SqliteStore:
                     inserted.append(job.id)
         return inserted
 
-    def claim(self, n: int, now: float) -> builtins.list[tuple[JobRecord, bytes]]:
+    def claim(
+        self, n: int, now: float, *, worker_pid: int = 0
+    ) -> builtins.list[tuple[JobRecord, bytes]]:
         if n <= 0:
             return []
         claimed: list[tuple[JobRecord, bytes]] = []
@@ -305,9 +346,9 @@ class SqliteStore:
             for job_id in ids:
                 db.execute(
                     "UPDATE jobs SET state = 'running', attempts = attempts + 1, "
-                    "started = ?, finished = NULL, worker_pid = NULL "
+                    "started = ?, finished = NULL, worker_pid = ? "
                     "WHERE id = ? AND state = 'queued'",
-                    (now, job_id),
+                    (now, worker_pid or None, job_id),
                 )
                 record = self._get(db, job_id)
                 body = db.execute("SELECT body FROM bodies WHERE job_id = ?", (job_id,))
@@ -643,6 +684,9 @@ class SqliteStore:
         last one open)."""
         if os.getpid() == self._pid:
             self._conn.close()
+            if self._lock >= 0:
+                os.close(self._lock)
+                self._lock = -1
 
 
 _NOT_FINAL = (State.QUEUED, State.SCHEDULED, State.RUNNING)

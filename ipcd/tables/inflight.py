@@ -123,6 +123,10 @@ class InflightTable:
             started=time.time(), deadline=deadline,
         )  # fmt: skip
 
+    def deliver(self, index: int, type_: int, body: bytes) -> None:
+        """Put a message in a receiving slot as ``msgrcv`` would (see begin_receive)."""
+        layout.deliver(self.buf, self.offset(index), type_, body)
+
     def message_type(self, index: int) -> int:
         """The message type the kernel wrote into the slot (0: none yet)."""
         return layout.message_type(self.buf, self.offset(index))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from conftest import Instance
 
+from ipcd.store import JobRecord, State, open_store
 from ipcd.tables.inflight import InflightTable
 
 
@@ -55,12 +56,25 @@ def start(inst: Instance) -> int:
 
 
 def children(pid: int) -> list[int]:
-    """The live children of ``pid`` (for the master: its workers)."""
+    """The live children of ``pid`` (for the master: its workers, intake and control)."""
     try:
         text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
     except FileNotFoundError:
         return []
     return [child for child in map(int, text.split()) if alive(child)]
+
+
+def workers(master: int) -> list[int]:
+    """The master's workers: the children that lead a process group of their own (the
+    intake and the control process stay in the master's)."""
+    found = []
+    for child in children(master):
+        try:
+            if os.getpgid(child) == child:
+                found.append(child)
+        except ProcessLookupError:
+            continue
+    return found
 
 
 def alive(pid: int) -> bool:
@@ -86,10 +100,10 @@ def wait_workers(master: int, count: int, timeout: float = 15.0) -> list[int]:
     """The master's workers, once there are ``count`` of them."""
     deadline = time.monotonic() + timeout
     while True:
-        workers = children(master)
-        if len(workers) == count:
-            return workers
-        assert time.monotonic() < deadline, f"master has {len(workers)} workers, not {count}"
+        found = workers(master)
+        if len(found) == count:
+            return found
+        assert time.monotonic() < deadline, f"master has {len(found)} workers, not {count}"
         time.sleep(0.02)
 
 
@@ -112,16 +126,21 @@ def wait_running(inst: Instance, job_id: str, timeout: float = 5.0) -> None:
         table.segment.close()
 
 
-def wait_parked(inst: Instance, count: int, timeout: float = 5.0) -> None:
-    """Until at least ``count`` jobs are parked in the in-flight table."""
-    table = InflightTable.open(inst.keys.inflight)
-    deadline = time.monotonic() + timeout
+def scheduled(inst: Instance) -> list[JobRecord]:
+    """The jobs the job store keeps until a due time (a delay, or a retry's)."""
+    jobs = open_store(str(inst.config.store.path))
     try:
-        while len(table.parked_jobs()) < count:
-            assert time.monotonic() < deadline, f"fewer than {count} jobs were parked"
-            time.sleep(0.01)
+        return jobs.list(states=[State.SCHEDULED], limit=1 << 20)
     finally:
-        table.segment.close()
+        jobs.close()
+
+
+def wait_parked(inst: Instance, count: int, timeout: float = 5.0) -> None:
+    """Until at least ``count`` jobs wait in the job store for their due time."""
+    deadline = time.monotonic() + timeout
+    while len(scheduled(inst)) < count:
+        assert time.monotonic() < deadline, f"fewer than {count} jobs were scheduled"
+        time.sleep(0.01)
 
 
 def kill_daemon(master: int) -> list[int]:
@@ -131,11 +150,11 @@ def kill_daemon(master: int) -> list[int]:
     stopped first (SIGSTOP) so that it cannot fork a worker between the listing and the kill.
     """
     os.kill(master, signal.SIGSTOP)
-    workers = children(master)
-    for pid in [master, *workers]:
+    kids = children(master)
+    for pid in [master, *kids]:
         os.kill(pid, signal.SIGKILL)
-    wait_gone([master, *workers])
-    return [master, *workers]
+    wait_gone([master, *kids])
+    return [master, *kids]
 
 
 def crash_report(inst: Instance) -> str:
@@ -165,6 +184,6 @@ def stall_report(inst: Instance, master: int) -> str:
         table.segment.close()
     tail = "\n".join(json.dumps(e)[:300] for e in inst.log_events()[-8:])
     return (
-        f"no progress: master alive {alive(master)}, workers {children(master)}, slots "
+        f"no progress: master alive {alive(master)}, workers {workers(master)}, slots "
         f"{views}, parked {parked}\nstatus {status.stdout}{status.stderr}\nlast events:\n{tail}"
     )

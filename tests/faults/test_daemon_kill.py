@@ -8,11 +8,20 @@ from conftest import Instance
 
 from ipcd.client import Client
 from ipcd.kernel.queues import Queue
+from ipcd.store import JobRecord
 from ipcd.tables.inflight import Held, InflightTable
-from ipcd.wire.protocol import decode
+from ipcd.wire import handoff
 
 from .load import Load
-from .processes import configure, kill_daemon, start, wait_parked, wait_running, wait_workers
+from .processes import (
+    configure,
+    kill_daemon,
+    scheduled,
+    start,
+    wait_parked,
+    wait_running,
+    wait_workers,
+)
 from .tally import tally
 
 #: Lower types are served first: the retrying jobs, then the sleeps, then the busy load.
@@ -37,7 +46,7 @@ def test_sigkill_whole_daemon_and_restart(instance: Instance) -> None:
     master = start(instance)
     began = time.monotonic()
     # Most jobs keep the workers busy; the others ask for a retry 0.3 s later, so that the
-    # kill finds jobs parked in the in-flight table, and four sleeps submitted just before
+    # kill finds jobs the store keeps for their retry, and four sleeps submitted just before
     # it make sure every worker holds a job.  The retrying jobs stop at the kill: retries
     # meeting a queue kept full crash the daemon (the xfail test in test_retries.py), which
     # is not what this test is about.
@@ -93,22 +102,23 @@ def test_sigkill_whole_daemon_and_restart(instance: Instance) -> None:
         result.results[j].error for j in submitted if not result.results[j].ok
     ]
     assert len(held) == 4 and parked, "nothing held or parked at the kill: nothing tested"
-    held_ids = {decode(h.body, h.type).id for h in held}  # a slot still in msgrcv has
-    assert {str(e["job_id"]) for e in recovered} <= held_ids  # no job id of its own yet
-    assert held_ids | {decode(h.body, h.type).id for h in parked} <= before
+    held_ids = {handoff.decode(h.body).job_id for h in held}
+    assert {str(e["job_id"]) for e in recovered} <= held_ids
+    assert held_ids | {r.id for r in parked} <= before
     assert result.done_not_once == {}, result.story(result.done_not_once)
     started = [e for e in result.events if e["event"] == "daemon.started"]
     assert len(started) == 2
 
 
-def _left_in_table(inst: Instance) -> tuple[list[Held], list[Held]]:
-    """What the killed daemon left in its in-flight table: held by workers, and parked."""
+def _left_in_table(inst: Instance) -> tuple[list[Held], list[JobRecord]]:
+    """What the killed daemon left: jobs its workers held (in-flight table), and jobs the
+    store keeps for a retry's due time."""
     table = InflightTable.open(inst.keys.inflight)
     try:
         held = [h for i in range(table.workers) if (h := table.held(i)) is not None]
-        return held, table.parked_jobs()
     finally:
         table.segment.close()
+    return held, scheduled(inst)
 
 
 def test_start_after_a_kill_with_full_parking_and_a_full_queue(instance: Instance) -> None:

@@ -139,10 +139,11 @@ def test_a_daemon_facing_every_fault_keeps_serving(instance: Instance) -> None:
         filler.unlink()
         served["log disk freed"] = _served(instance, "after-full-disk")
 
-        # 6. The in-flight table's lock held for 10 s while a delayed job falls due.
+        # 6. The result segment's lock held for 10 s while a delayed job falls due (its
+        # worker waits to store the result, and says so).
         delayed = instance.ipcctl("submit", "echo", "delayed", "--delay", "1")
         assert delayed.returncode == 0, delayed.stderr
-        sem = sysv_ipc.Semaphore(as_key_t(instance.keys.inflight))
+        sem = sysv_ipc.Semaphore(as_key_t(instance.keys.results))
         sem.value = 0
         try:
             time.sleep(HOLD)

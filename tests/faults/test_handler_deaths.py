@@ -10,7 +10,7 @@ from conftest import Instance
 from ipcd.client import Client
 from ipcd.daemon.arbiter import TICK
 
-from .processes import alive, children, configure, start, wait_gone, wait_workers
+from .processes import alive, configure, start, wait_gone, wait_workers, workers
 from .tally import failed_list, settled_events
 
 TIMEOUT = 1.0
@@ -50,7 +50,7 @@ def test_hang_is_killed_at_its_timeout_with_its_children(instance: Instance) -> 
     failed as a timeout; its worker is replaced and echo jobs are served all along."""
     configure(instance, HANDLERS)
     master = start(instance)
-    before = set(children(master))
+    before = set(workers(master))
     client = Client(instance.config)
     pid_file = instance.dir / "hang.pid"
     began = time.monotonic()
@@ -89,7 +89,7 @@ def test_exit_and_segfault_fail_after_max_attempts(instance: Instance) -> None:
     and echo jobs are served all along."""
     configure(instance, HANDLERS)
     master = start(instance)
-    before = set(children(master))
+    before = set(workers(master))
     client = Client(instance.config)
     began = time.monotonic()
     exited = client.submit("exit_hard", None)

@@ -14,7 +14,7 @@ from ipcd.client import Client
 from ipcd.tables.results import ResultStore
 
 from .load import Load
-from .processes import children, configure, start, wait_running, wait_workers
+from .processes import configure, start, wait_running, wait_workers, workers
 from .tally import settled_events, tally
 
 HANDLERS = """
@@ -30,7 +30,7 @@ def test_reloads_during_a_stream_lose_and_duplicate_nothing(instance: Instance) 
     each job has exactly one result and one job.done event, at its first attempt."""
     configure(instance, HANDLERS, result_slots=32768)  # room for a fast machine's stream
     master = start(instance)
-    first = set(children(master))
+    first = set(workers(master))
     began = time.monotonic()
     load = Load(instance, "busy", "2", submitters=4, count=5000, pause=0.005).start()
     try:

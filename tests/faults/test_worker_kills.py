@@ -11,17 +11,18 @@ from conftest import Instance
 
 from ipcd.client import Client
 from ipcd.daemon.arbiter import YOUNG
+from ipcd.store import State, open_store
 
 from .load import Load
 from .processes import (
     age,
     alive,
-    children,
     configure,
     crash_report,
     stall_report,
     start,
     wait_workers,
+    workers,
 )
 from .tally import settled_events, tally
 
@@ -42,13 +43,15 @@ def test_sigkill_random_workers_under_load(instance: Instance) -> None:
     load = Load(instance, "busy", "3", submitters=4, count=1000).start()
     killed: list[int] = []
     try:
-        while load.running():
+        # The store takes the submitters' jobs faster than workers run them: go on
+        # killing while jobs are left, not only while they are being submitted.
+        while load.running() or (len(killed) < 12 and _unfinished(instance)):
             time.sleep(rng.uniform(0.1, 0.3))
             assert alive(master), crash_report(instance)
             assert time.monotonic() - began < 60, stall_report(instance, master)
             # Only workers past the arbiter's "died young" age: younger deaths back off
             # the respawn on purpose, which would starve the pool instead of testing it.
-            grown = [pid for pid in children(master) if age(pid) > YOUNG + 0.1]
+            grown = [pid for pid in workers(master) if age(pid) > YOUNG + 0.1]
             if grown:
                 victim = rng.choice(grown)
                 os.kill(victim, signal.SIGKILL)
@@ -88,6 +91,16 @@ def test_sigkill_random_workers_under_load(instance: Instance) -> None:
     wait_workers(master, 4)  # every killed worker was replaced
     exited = [e for e in result.events if e["event"] == "worker.exited"]
     assert {int(str(e["pid"])) for e in exited} >= set(killed)
+
+
+def _unfinished(inst: Instance) -> int:
+    """Jobs the store holds queued or running."""
+    jobs = open_store(str(inst.config.store.path))
+    try:
+        counts = jobs.counts()
+    finally:
+        jobs.close()
+    return counts.get(State.QUEUED, 0) + counts.get(State.RUNNING, 0)
 
 
 def test_worker_killed_right_after_storing_a_result(instance: Instance) -> None:
