@@ -1,8 +1,9 @@
 """The control socket: the server (ipcd.daemon.control) on a real Unix socket, the client
 (ipcd.client.control) and the ipcctl commands run as subprocesses against it.
 
-The server runs in a thread of the test process, with a store and a real in-flight table,
-so that a test can look at both after a command; ipcctl finds the socket from a
+The server runs in a thread of the test process, with its own connection to a real job
+store (SQLite, in the test's directory) and a real in-flight table; the test looks at
+the same store through a connection of its own.  ipcctl finds the socket from a
 configuration whose PID file lies in the same (short: AF_UNIX paths are short) directory.
 """
 
@@ -26,7 +27,7 @@ from typing import Any, cast
 
 import pytest
 from conftest import Instance, remove_objects
-from fakes import FakeLog, FakeStore
+from fakes import FakeLog
 
 from ipcd.cli import control_socket_path
 from ipcd.client.control import ControlClient
@@ -43,7 +44,7 @@ from ipcd.errors import (
     UsageError,
 )
 from ipcd.layout import inflight as slot_layout
-from ipcd.store import JobRecord, JobStore, NewJob, State
+from ipcd.store import JobRecord, NewJob, State, open_store
 from ipcd.tables.inflight import InflightTable
 
 ECHO, SLEEP, FAIL = 2, 3, 4
@@ -60,39 +61,52 @@ def short_dir() -> Iterator[Path]:
 
 
 class Served:
-    """A control server in a thread: its store, its table, what it called back."""
+    """A control server in a thread with its own store connection (as the control
+    process has its own), the test's connection to the same store file, the in-flight
+    table, and what the server called back."""
 
-    def __init__(self, inst: Instance, store: JobStore, table: InflightTable) -> None:
+    def __init__(self, inst: Instance, table: InflightTable) -> None:
         self.inst = inst
-        self.store = store
+        self.db = str(inst.dir / "jobs.db")
+        self.store = open_store(self.db)
         self.table = table
         self.path = control_socket_path(inst.config)
         self.wakes = 0
         self.cancelled: list[JobRecord] = []
         self.log = FakeLog()
         self.flags = Flags()
-        self.server = control.ControlServer(
-            store,
-            table,
-            self._wake,
-            cast(Logger, self.log),
-            on_cancelled=self.cancelled.append,
-        )
         self.listener = control.bind_socket(self.path, 0o660, None)
         self.exit: list[int] = []
+        self.ready = threading.Event()
+        self.server: control.ControlServer | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
+        assert self.ready.wait(30)
 
     def _wake(self) -> None:
         self.wakes += 1
 
     def _run(self) -> None:
-        self.exit.append(self.server.serve(self.listener, self.flags))
+        """The server's thread: sqlite3 connections stay in the thread that made them."""
+        store = open_store(self.db)
+        try:
+            self.server = control.ControlServer(
+                store,
+                self.table,
+                self._wake,
+                cast(Logger, self.log),
+                on_cancelled=self.cancelled.append,
+            )
+            self.ready.set()
+            self.exit.append(self.server.serve(self.listener, self.flags))
+        finally:
+            store.close()
 
     def stop(self) -> None:
         self.flags.stopping = True
         self.thread.join(10)
         self.listener.close()
+        self.store.close()
 
     @property
     def client(self) -> ControlClient:
@@ -114,7 +128,7 @@ def served(short_dir: Path) -> Iterator[Served]:
     inst.write()
     inst.config_path.chmod(0o644)
     table, _ = InflightTable.create(inst.keys.inflight, 0o600, 2, 2, 1024)
-    server = Served(inst, cast(JobStore, FakeStore()), table)
+    server = Served(inst, table)
     yield server
     server.stop()
     table.segment.close()
@@ -201,7 +215,7 @@ def test_cancel_by_id_frees_and_wakes(served: Served) -> None:
     served.add("q1", unique="k")
     served.add("s1", due=time.time() + 3600)
     served.add("d1")
-    served.store.claim(1, time.time())  # the oldest: q1 ... so claim it and add another
+    served.store.claim(1, time.time())  # the first in dispatch order: q1, now running
     done = served.ipcctl("cancel", "s1", "d1")
     assert (done.returncode, done.stdout) == (0, "cancelled 2 jobs\n"), done.stderr
     assert sorted(r.id for r in served.cancelled) == ["d1", "s1"]
@@ -366,7 +380,8 @@ def test_an_unexpected_error_is_logged_and_answered_70(served: Served) -> None:
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("disk on fire")
 
-    served.store.counts = broken  # type: ignore[method-assign, assignment]
+    assert served.server is not None
+    served.server.store.counts = broken  # type: ignore[method-assign, assignment]
     answer = _raw(served.path, b'{"op": "counts"}\n')
     assert (answer["ok"], answer["status"]) == (False, 70)
     assert "disk on fire" in answer["error"]
