@@ -25,4 +25,3 @@ class FakeLog:
     def names(self) -> list[tuple[str, str]]:
         """(level, event) of each event, in order."""
         return [(level, event) for level, event, _ in self.events]
-

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from ipcd.errors import ControlError, ExitCode, UsageError
-from ipcd.store.model import FINAL, WAITING, State
+from ipcd.store.model import FINAL, WAITING, JobRecord, State
 from ipcd.wire import control as wire
 from ipcd.wire.control import JobInfo, Request
 
@@ -103,9 +103,10 @@ def test_records_and_results_round_trip() -> None:
     assert wire.paused_from({"paused": wire.paused_to_list({3: 5.0, 0: 1.0})}) == {0: 1.0, 3: 5.0}
 
 
-def test_states_are_the_stores() -> None:
-    """The wire's state names (kept apart so that the client never loads the store) are
-    the store's, and so are the waiting and final sets."""
+def test_states_and_fields_are_the_stores() -> None:
+    """The wire's state names and record fields (kept apart so that the client never
+    loads the store) are the store's, and so are the waiting and final sets."""
     assert tuple(s.value for s in State) == wire.STATES
     assert set(wire.WAITING) == {s.value for s in WAITING}
     assert set(wire.FINAL) == {s.value for s in FINAL}
+    assert JobRecord._fields == JobInfo._fields  # a record crosses the socket field by field

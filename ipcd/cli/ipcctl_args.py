@@ -241,17 +241,7 @@ def _cancel_options(parser: argparse.ArgumentParser) -> None:
 
 def _pause_options(parser: argparse.ArgumentParser) -> None:
     _handlers_argument(parser, "the handlers to pause (default: every handler)")
-    parser.add_argument(
-        "--wait",
-        action="store_true",
-        help="then wait until no job of those handlers runs (a drain)",
-    )
-    parser.add_argument(
-        "--timeout",
-        type=_seconds,
-        metavar="S",
-        help=f"with --wait: give up after S seconds, exit 124 (default {WAIT_TIMEOUT:g})",
-    )
+    _wait_options(parser, "then wait until no job of those handlers runs (a drain)")
     _json_option(parser)
 
 
@@ -328,8 +318,10 @@ def _color_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _wait_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--wait", action="store_true", help="wait for the result and print it")
+def _wait_options(
+    parser: argparse.ArgumentParser, wait_help: str = "wait for the result and print it"
+) -> None:
+    parser.add_argument("--wait", action="store_true", help=wait_help)
     parser.add_argument(
         "--timeout",
         type=_seconds,
