@@ -4,10 +4,11 @@
 # where bash-completion loads it the first time either command is completed. It can also
 # be sourced on its own: it needs nothing from bash-completion.
 #
-# Completes subcommands, each subcommand's options, the values of --level and --color,
-# file names after -c/--config and stats -o/--output (also --config=FILE as one word),
-# handler names after `submit` and `--type` (read from the [handlers.NAME] table headers
-# of the configuration that -c, $IPCD_CONFIG or /etc/ipcd/ipcd.toml names, with sed: starting Python on every Tab would be slow), and
+# Completes subcommands, each subcommand's options, the values of --level, --color and
+# --state, file names after -c/--config and stats -o/--output (also --config=FILE as one
+# word), handler names after `submit`, `pause`, `resume` and `--type` (read from the
+# [handlers.NAME] table headers of the configuration that -c, $IPCD_CONFIG or
+# /etc/ipcd/ipcd.toml names, with sed: starting Python on every Tab would be slow), and
 # the ids of failed jobs after `retry` (from `ipcctl failed`).
 # tests/test_completion.py checks that every command and option of the two argparse
 # parsers is offered here.
@@ -150,8 +151,18 @@ _ipcctl() {
         _ipcd_reply "$(_ipcd_handler_names)"
         return 0
         ;;
+    --state)
+        local _ipcd_sub
+        _ipcd_find_subcommand
+        case $_ipcd_sub in
+        cancel) _ipcd_reply "queued scheduled" ;;
+        purge) _ipcd_reply "done failed cancelled" ;;
+        *) _ipcd_reply "queued scheduled running done failed cancelled" ;;
+        esac
+        return 0
+        ;;
     --timeout | --timeout-job | --delay | --send-timeout | --unique | --job | --since | \
-        -n | --lines | --watch)
+        -n | --lines | --watch | --limit | --older-than)
         return 0 # a value of the user's own
         ;;
     esac
@@ -162,7 +173,7 @@ _ipcctl() {
         if [[ $cur == -* ]]; then
             _ipcd_reply "-c --config --version -h --help"
         else
-            _ipcd_reply "submit result status failed retry key logs stats"
+            _ipcd_reply "submit result status list show cancel pause resume purge failed retry key logs stats"
         fi
         return 0
     fi
@@ -178,6 +189,27 @@ _ipcctl() {
         takes="--timeout --color"
         ;;
     status) opts="--json --watch" ;;
+    list)
+        opts="--state --type --unique -n --limit --json"
+        takes="--state --type --unique -n --limit"
+        ;;
+    show)
+        opts="--json --color"
+        takes="--color"
+        ;;
+    cancel)
+        opts="--type --state --kill --json"
+        takes="--type --state"
+        ;;
+    pause)
+        opts="--wait --timeout --json"
+        takes="--timeout"
+        ;;
+    resume) opts="--json" ;;
+    purge)
+        opts="--state --older-than --json"
+        takes="--state --older-than"
+        ;;
     failed) opts="--json" ;;
     retry | key) opts="" ;;
     logs)
@@ -198,7 +230,7 @@ _ipcctl() {
     local n
     n=$(_ipcd_count_positionals "$takes -c --config")
     case $_ipcd_sub:$n in
-    submit:0)
+    submit:0 | pause:* | resume:*)
         _ipcd_reply "$(_ipcd_handler_names)"
         ;;
     retry:0)

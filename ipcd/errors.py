@@ -208,6 +208,16 @@ class ReloadFailedError(IpcdError, RuntimeError):
         self.exit_code = ExitCode(exit_code) if exit_code in set(ExitCode) else ExitCode.SOFTWARE
 
 
+class ControlError(IpcdError, RuntimeError):
+    """The daemon answered a control request (ipcd.wire.control) with an error of a status
+    this ipcd has no class for, or with an answer that cannot be read (70)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+        self.exit_code = ExitCode(status) if status in set(ExitCode) else ExitCode.SOFTWARE
+
+
 class InternalError(IpcdError, RuntimeError):
     """A bug in ipcd: an exception nobody expected reached the command line."""
 

@@ -133,6 +133,23 @@ def test_option_values() -> None:
     assert complete("ipcctl", "logs", "--color", "a") == ["auto", "always"]
 
 
+def test_store_commands(tmp_path: Path) -> None:
+    """--state offers the states its command takes; pause and resume take handler names
+    (any number of them); --older-than and -n take the user's own values."""
+    config = tmp_path / "ipcd.toml"
+    config.write_text("[handlers.echo]\ntype = 2\n\n[handlers.sleep]\ntype = 3\n")
+    assert complete("ipcctl", "list", "--state", "") == [
+        "queued", "scheduled", "running", "done", "failed", "cancelled",
+    ]  # fmt: skip
+    assert complete("ipcctl", "cancel", "--type", "echo", "--state", "") == ["queued", "scheduled"]
+    assert complete("ipcctl", "purge", "--state", "") == ["done", "failed", "cancelled"]
+    assert complete("ipcctl", "-c", str(config), "pause", "echo", "") == ["echo", "sleep"]
+    assert complete("ipcctl", "-c", str(config), "resume", "--json", "s") == ["sleep"]
+    assert complete("ipcctl", "-c", str(config), "pause", "--timeout", "") == []
+    assert complete("ipcctl", "purge", "--older-than", "") == []
+    assert complete("ipcctl", "list", "-n", "") == []
+
+
 def test_no_config_no_names() -> None:
     """Without a readable configuration, ``submit`` offers nothing rather than failing."""
     assert complete("ipcctl", "submit", "", env={"IPCD_CONFIG": "/nonexistent/ipcd.toml"}) == []

@@ -6,8 +6,10 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
+from ipcd.config import Config
 from ipcd.errors import ExitCode, IpcdError
 
 
@@ -30,6 +32,13 @@ def run(prog: str, main: Callable[[list[str]], int], argv: list[str] | None = No
         traceback.print_exc()
         print(f"{prog}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return int(ExitCode.SOFTWARE)
+
+
+def control_socket_path(config: Config) -> Path:
+    """Where the daemon's control socket is (``[store] socket``): beside the PID file,
+    ``ipcd.sock``, until the configuration reads ``[store]``; the one place that says so
+    on the command line's side."""
+    return config.daemon.pid_file.parent / "ipcd.sock"
 
 
 def end_on_sigterm() -> None:

@@ -8,8 +8,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
-from pathlib import Path
 
 from ipcd import config as config_mod
 from ipcd.cli import end_on_sigterm, run
@@ -18,9 +16,7 @@ from ipcd.client import Client
 from ipcd.config import Config
 from ipcd.errors import (
     AlreadyQueuedError,
-    ConfigError,
     ExitCode,
-    IpcdError,
     JobFailedError,
     NoResultError,
     NotConfirmedError,
@@ -30,12 +26,21 @@ from ipcd.errors import (
 from ipcd.layout.results import Kind, Result, require
 from ipcd.wire.protocol import Payload, payload_from_json
 
+#: The commands the daemon answers from its job store, over its control socket.
+STORE_COMMANDS = frozenset(
+    {"list", "show", "cancel", "pause", "resume", "purge", "failed", "retry"}
+)
+
 
 def main(argv: list[str]) -> int:
     args = parse(argv)
     config = config_mod.load(config_mod.locate(args.config))
     if args.command == "logs":
         return _logs(config, args)
+    if args.command in STORE_COMMANDS:
+        from ipcd.cli import jobs  # the store's commands: not on the submit path
+
+        return jobs.main(config, args)
     client = Client(config)
     if args.command == "submit":
         return _submit(client, args)
@@ -43,11 +48,6 @@ def main(argv: list[str]) -> int:
         return _result(client, args)
     if args.command in ("status", "stats"):
         return _look(client, args)
-    if args.command == "failed":
-        return _failed(client, args.json)
-    if args.command == "retry":
-        print(client.retry(args.job_id))
-        return 0
     keys = client.keys
     print(f"job queue, result segment, result semaphore: {keys.jobs:#010x}")
     print(f"reply queue:                   {keys.replies:#010x}")
@@ -180,34 +180,18 @@ def _get_result(client: Client, args: argparse.Namespace) -> Result:
 
 
 def _print_job_log(config: Config, args: argparse.Namespace, *, finished: bool) -> None:
-    """``result --log``: the job's events on stdout; a log that cannot be read is a note
-    on stderr, not a change of the exit status, which belongs to the result."""
-    from ipcd.client import logfile, logformat  # only the log readers pay for their import
+    from ipcd.cli.jobs import print_job_log
 
-    try:
-        path = _log_path(config)
-        shows_info = logformat.level_rank(config.log.level) <= logformat.level_rank("info")
-        lines = logfile.job_lines(path, args.job_id, finished=finished and shows_info)
-    except IpcdError as exc:
-        print(f"ipcctl: no log events: {exc}", file=sys.stderr)
-        return
-    color = not args.json and logformat.want_color(args.color, sys.stdout.isatty(), os.environ)
-    printer = logformat.Printer(sys.stdout, json=args.json, color=color)
-    printer.write(printer.select(lines))
-
-
-def _log_path(config: Config) -> Path:
-    if config.log.file is None:
-        raise ConfigError(f"{config.path}: no [log] file is configured, so there is no log to read")
-    return config.log.file
+    print_job_log(config, args.job_id, as_json=args.json, color=args.color, finished=finished)
 
 
 def _logs(config: Config, args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
+    from ipcd.cli.jobs import log_path
     from ipcd.client import logfile, logformat  # only the log readers pay for their import
 
-    path = _log_path(config)
+    path = log_path(config)
     types: set[int] = set()
     names: set[str] = set()
     for text in args.type or ():
@@ -257,21 +241,6 @@ def _print_result(result: Result, *, as_json: bool) -> int:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
     else:
         sys.stdout.write(json.dumps(result.value()) + "\n")
-    return 0
-
-
-def _failed(client: Client, as_json: bool) -> int:
-    import json
-
-    entries, dropped = client.failed()
-    if as_json:
-        print(json.dumps({"failed": [e.as_json() for e in entries], "dropped": dropped}))
-        return 0
-    for e in entries:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.failed_at))
-        print(f"{e.job_id}  type {e.type}  {when}  attempts {e.attempts}  {e.error}")
-    if dropped:
-        print(f"({dropped} older entries were dropped: the list keeps the newest)")
     return 0
 
 

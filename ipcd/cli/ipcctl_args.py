@@ -15,12 +15,13 @@ from ipcd.wire.protocol import MAX_TIMEOUT, is_job_id
 EPILOG = """exit status:
   0 success, 1 the job failed, 4 already queued (--unique: a job with that key waits or
   runs; its id is on stderr unless -q; nothing was queued), 64 usage error, 65 bad
-  payload (invalid --json, over [jobs] max_payload), 66 no such result (logs: no log
-  file), 69 daemon or queue not there (status, stats: no daemon running; stats
-  --prometheus exits 0 and prints ipcd_up 0), 73 cannot write the --output file,
+  payload (invalid --json, over [jobs] max_payload), 66 no such result or job (logs: no
+  log file; cancel: a named job was not cancelled), 69 daemon or queue not there (status,
+  stats: no daemon running; stats --prometheus exits 0 and prints ipcd_up 0; the store's
+  commands: no control socket), 73 cannot write the --output file,
   75 not accepted: queue full, or every parked, unique-key or spill slot taken,
   77 permission denied, 70 internal error (a bug: please report), 78 bad configuration
-  (logs: no [log] file configured), 124 timed out waiting
+  (logs: no [log] file configured), 124 timed out waiting (pause --wait: jobs still run)
 """
 
 
@@ -50,6 +51,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
         parser.error("--timeout S only applies with --wait (it bounds the wait for the result)")
     if getattr(args, "quiet", False) and args.unique is None:
         parser.error("-q/--quiet only applies with --unique KEY (it silences 'already queued')")
+    if args.command == "cancel":
+        if bool(args.job_ids) == bool(args.type):
+            parser.error("cancel takes job ids or --type H, not both and not neither")
+        if args.state and not args.type:
+            parser.error("--state S only applies with --type H (job ids name their jobs)")
     return args
 
 
@@ -216,14 +222,110 @@ def _logs_options(logs: argparse.ArgumentParser) -> None:
     _color_option(logs)
 
 
+def _list_options(parser: argparse.ArgumentParser) -> None:
+    from ipcd.wire.control import MAX_LIMIT, STATES  # only the store's commands pay for it
+
+    _state_option(parser, STATES, "only jobs in state S (repeatable)")
+    _type_option(parser)
+    parser.add_argument("--unique", metavar="KEY", help="only jobs submitted with this unique key")
+    parser.add_argument(
+        "-n",
+        "--limit",
+        type=_count(MAX_LIMIT),
+        default=50,
+        metavar="N",
+        help="at most N jobs (default 50)",
+    )
+    _json_option(parser)
+
+
+def _show_options(parser: argparse.ArgumentParser) -> None:
+    _job_id_argument(parser)
+    parser.add_argument(
+        "--json", action="store_true", help="one JSON document: job, result and events"
+    )
+    _color_option(parser)
+
+
+def _cancel_options(parser: argparse.ArgumentParser) -> None:
+    from ipcd.wire.control import WAITING
+
+    parser.add_argument("job_ids", nargs="*", type=_job_id, metavar="ID", help="the jobs to cancel")
+    _type_option(parser, "cancel the jobs of this handler or type number (repeatable)")
+    _state_option(parser, WAITING, "with --type: only jobs in state S (default: both)")
+    parser.add_argument(
+        "--kill",
+        action="store_true",
+        help="also stop running jobs: kill their worker's process group; no retry",
+    )
+    _json_option(parser)
+
+
+def _pause_options(parser: argparse.ArgumentParser) -> None:
+    _handlers_argument(parser, "the handlers to pause (default: every handler)")
+    _wait_options(parser, "then wait until no job of those handlers runs (a drain)")
+    _json_option(parser)
+
+
+def _resume_options(parser: argparse.ArgumentParser) -> None:
+    _handlers_argument(parser, "the handlers to resume (default: lift every pause)")
+    _json_option(parser)
+
+
+def _purge_options(parser: argparse.ArgumentParser) -> None:
+    from ipcd.wire.control import FINAL
+
+    _state_option(parser, FINAL, "remove jobs in state S (repeatable; required)", required=True)
+    parser.add_argument(
+        "--older-than",
+        type=duration,
+        metavar="D",
+        help="only jobs that finished more than D ago: 30s, 10m, 2h, 7d or seconds",
+    )
+    _json_option(parser)
+
+
+def _handlers_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("handlers", nargs="*", metavar="HANDLER", help=help_text)
+
+
+def _type_option(
+    parser: argparse.ArgumentParser, help_text: str = "only jobs of this handler or type number"
+) -> None:
+    parser.add_argument("--type", action="append", metavar="H", help=help_text)
+
+
+def _state_option(
+    parser: argparse.ArgumentParser,
+    states: tuple[str, ...],
+    help_text: str,
+    *,
+    required: bool = False,
+) -> None:
+    parser.add_argument(
+        "--state",
+        action="append",
+        choices=states,
+        required=required,
+        metavar="S",
+        help=f"{help_text}: {', '.join(states)}",
+    )
+
+
 #: Every subcommand: its line in ``ipcctl --help``, and what adds its arguments.
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "submit": ("queue a job; prints its id (or its output with --wait)", _submit_options),
     "result": ("print a job's result", _result_options),
     "status": ("queue depth, result segment use, daemon, workers", _status_options),
     "stats": ("job counters and gauges (--prometheus for node_exporter)", _stats_options),
+    "list": ("list the jobs in the store, newest first", _list_options),
+    "show": ("print a job's whole record, its result and its log events", _show_options),
+    "cancel": ("cancel waiting jobs (--kill: running ones too)", _cancel_options),
+    "pause": ("stop dispatching jobs of some handlers, or all", _pause_options),
+    "resume": ("dispatch paused handlers' jobs again", _resume_options),
+    "purge": ("remove finished jobs from the store", _purge_options),
     "failed": ("list jobs that failed for good, and why", _json_option),
-    "retry": ("put a job from the failed list back on the queue", _job_id_argument),
+    "retry": ("queue a failed or cancelled job again", _job_id_argument),
     "key": ("print the IPC keys and how they are derived", _no_options),
     "logs": ("print ipcd's event log ([log] file) readably", _logs_options),
 }
@@ -238,8 +340,10 @@ def _color_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _wait_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--wait", action="store_true", help="wait for the result and print it")
+def _wait_options(
+    parser: argparse.ArgumentParser, wait_help: str = "wait for the result and print it"
+) -> None:
+    parser.add_argument("--wait", action="store_true", help=wait_help)
     parser.add_argument(
         "--timeout",
         type=_seconds,
@@ -268,6 +372,36 @@ def _seconds(text: str) -> float:
     if not value < float("inf"):  # inf and nan: no time at all
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
     return value
+
+
+#: The units a duration may end with, in seconds.
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(text: str) -> float:
+    """``--older-than``: ``30s``, ``10m``, ``2h``, ``7d`` or a plain number of seconds."""
+    unit = _DURATION_UNITS.get(text[-1:], 0)
+    try:
+        return _seconds(text[:-1] if unit else text) * (unit or 1)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {text!r} (30s, 10m, 2h, 7d or seconds)"
+        ) from None
+
+
+def _count(limit: int) -> Callable[[str], int]:
+    """A number from 1 to ``limit`` (``-n``)."""
+
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not 1 <= value <= limit:
+            raise argparse.ArgumentTypeError(f"must be from 1 to {limit}")
+        return value
+
+    return count
 
 
 def _positive_seconds(text: str) -> float:

@@ -1,0 +1,346 @@
+"""ipcctl's operator commands, answered by the daemon from its job store: ``list``,
+``show``, ``cancel``, ``pause``, ``resume``, ``purge``, ``failed`` and ``retry``.
+
+Each asks the daemon over its control socket (ipcd.client.control); handler names become
+message types here, from the configuration, so that the daemon only ever sees numbers.
+Imported by ipcctl only for these commands: ``submit`` never pays for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ipcd.cli import control_socket_path
+from ipcd.cli.ipcctl_args import WAIT_TIMEOUT
+from ipcd.client.control import ControlClient
+from ipcd.config import Config
+from ipcd.errors import ConfigError, IpcdError, NoResultError, WaitTimeoutError
+from ipcd.layout.results import Kind
+from ipcd.wire.control import JobInfo, StoredResult
+
+#: How often ``pause --wait`` asks whether the handlers' jobs still run.
+DRAIN_POLL = 0.2
+
+
+def main(config: Config, args: argparse.Namespace) -> int:
+    """Run one of the store's commands; returns the exit status."""
+    client = ControlClient(control_socket_path(config), group=config.ipc.group)
+    command = args.command
+    if command == "list":
+        return _list(config, client, args)
+    if command == "show":
+        return _show(config, client, args)
+    if command == "cancel":
+        return _cancel(config, client, args)
+    if command in ("pause", "resume"):
+        return _pause_or_resume(config, client, args)
+    if command == "purge":
+        purged = client.purge(args.state, args.older_than)
+        _say(args.json, {"purged": purged}, f"purged {purged} job{_s(purged)}")
+        return 0
+    if command == "failed":
+        return _failed(client, args.json)
+    # retry
+    print(client.retry(args.job_id).id)
+    return 0
+
+
+def _list(config: Config, client: ControlClient, args: argparse.Namespace) -> int:
+    jobs = client.list(
+        states=args.state or (),
+        types=_types(config, args.type or ()),
+        unique=args.unique,
+        limit=args.limit,
+    )
+    if args.json:
+        print(json.dumps({"jobs": [j._asdict() for j in jobs]}))
+        return 0
+    now = time.time()
+    rows = [
+        (
+            j.id,
+            _handler(j),
+            j.state,
+            str(j.attempts),
+            _age(now - j.accepted),
+            j.unique or "-",
+            _size(j.size),
+            j.preview,
+        )
+        for j in jobs
+    ]
+    if rows:
+        header = ("ID", "HANDLER", "STATE", "ATT", "AGE", "UNIQUE", "SIZE", "PREVIEW")
+        widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header) - 1)]
+        for row in (header, *rows):
+            cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+            print("  ".join([*cells, row[-1]]).rstrip())
+    return 0
+
+
+def _show(config: Config, client: ControlClient, args: argparse.Namespace) -> int:
+    detail = client.show(args.job_id)
+    job = detail.job
+    if args.json:
+        doc = {
+            "job": job._asdict(),
+            "result": _result_json(detail.result),
+            "events": _events(config, job.id),
+        }
+        print(json.dumps(doc))
+        return 0
+    lines = [
+        ("id", job.id),
+        ("handler", f"{_handler(job)} (type {job.type})"),
+        ("state", job.state),
+        ("attempts", str(job.attempts)),
+        ("priority", str(job.priority)),
+        ("unique", job.unique or "-"),
+        ("submitted", _when(job.submitted)),
+        ("accepted", _when(job.accepted)),
+        ("due", _when(job.due) if job.due > job.accepted else "-"),
+        ("started", _when(job.started)),
+        ("finished", _when(job.finished)),
+        ("sender", f"pid {job.sender_pid}, uid {_or_dash(job.sender_uid)}"),
+        ("reply to", _or_dash(job.reply_to)),
+        ("timeout", "-" if job.timeout is None else f"{job.timeout:g} s"),
+        ("payload", f"{_size(job.size)}{' (bare message)' if job.bare else ''}: {job.preview}"),
+        ("worker", _or_dash(job.worker_pid)),
+        ("error", job.error or "-"),
+        ("result", _result_line(job, detail.result)),
+    ]
+    width = max(len(name) for name, _ in lines) + 1
+    for name, value in lines:
+        print(f"{name + ':':<{width}} {value}")
+    _print_result_data(detail.result)
+    print("events:")
+    sys.stdout.flush()
+    print_job_log(config, job.id, as_json=False, color=args.color, finished=False)
+    return 0
+
+
+def _cancel(config: Config, client: ControlClient, args: argparse.Namespace) -> int:
+    done = client.cancel(
+        args.job_ids,
+        types=_types(config, args.type or ()),
+        states=args.state or (),
+        kill=args.kill,
+    )
+    count = len(done.jobs)
+    text = f"cancelled {count} job{_s(count)}"
+    if done.killed:
+        text += f" (killed the worker of {len(done.killed)} running)"
+    doc = {
+        "cancelled": [j.id for j in done.jobs],
+        "killed": done.killed,
+        "skipped": [s._asdict() for s in done.skipped],
+    }
+    _say(args.json, doc, text)
+    for skipped in done.skipped:
+        if skipped.state is None:
+            why = "no such job in the store"
+        elif skipped.state == "running":
+            why = "it is running (--kill stops it)"
+        else:
+            why = f"it is {skipped.state}"
+        print(f"ipcctl: job {skipped.id} was not cancelled: {why}", file=sys.stderr)
+    if done.skipped:
+        raise NoResultError(f"{len(done.skipped)} of the jobs named were not cancelled")
+    return 0
+
+
+def _pause_or_resume(config: Config, client: ControlClient, args: argparse.Namespace) -> int:
+    types = _types(config, args.handlers)
+    paused = client.pause(types) if args.command == "pause" else client.resume(types)
+    doc = {"paused": [{"type": t, "since": s} for t, s in sorted(paused.items())]}
+    _say(args.json, doc, f"paused: {_paused_text(config, paused)}")
+    sys.stdout.flush()
+    if args.command == "pause" and args.wait:
+        _drain(client, types, WAIT_TIMEOUT if args.timeout is None else args.timeout)
+    return 0
+
+
+def _drain(client: ControlClient, types: Sequence[int], timeout: float) -> None:
+    """Wait until no job of ``types`` (none: any) runs; WaitTimeoutError (124) if some
+    still do after ``timeout`` seconds.  The pause stays either way."""
+    deadline = time.monotonic() + timeout
+    while running := client.running(types):
+        if time.monotonic() >= deadline:
+            ids = ", ".join(j.id for j in running[:5]) + (", ..." if len(running) > 5 else "")
+            raise WaitTimeoutError(
+                f"{len(running)} job{_s(len(running))} still running after {timeout:g} s "
+                f"({ids}); the pause stays"
+            )
+        time.sleep(min(DRAIN_POLL, max(deadline - time.monotonic(), 0)))
+
+
+def _failed(client: ControlClient, as_json: bool) -> int:
+    """The failed jobs, newest last, as the failed list printed them."""
+    jobs = list(reversed(client.failed()))
+    if as_json:
+        entries = [
+            {
+                "id": j.id,
+                "type": j.type,
+                "handler": j.handler,
+                "attempts": j.attempts,
+                "error": j.error,
+                "failed_at": j.finished,
+                "bytes": j.size,
+            }
+            for j in jobs
+        ]
+        print(json.dumps({"failed": entries}))
+        return 0
+    for j in jobs:
+        when = _when(j.finished if j.finished is not None else j.accepted)
+        print(f"{j.id}  type {j.type}  {when}  attempts {j.attempts}  {j.error}")
+    return 0
+
+
+def print_job_log(
+    config: Config, job_id: str, *, as_json: bool, color: str, finished: bool
+) -> None:
+    """A job's events from the log, on stdout (``result --log``, ``show``); a log that
+    cannot be read is a note on stderr, not a change of the exit status."""
+    from ipcd.client import logfile, logformat  # only the log readers pay for their import
+
+    try:
+        path = log_path(config)
+        shows_info = logformat.level_rank(config.log.level) <= logformat.level_rank("info")
+        lines = logfile.job_lines(path, job_id, finished=finished and shows_info)
+    except IpcdError as exc:
+        print(f"ipcctl: no log events: {exc}", file=sys.stderr)
+        return
+    colored = not as_json and logformat.want_color(color, sys.stdout.isatty(), os.environ)
+    printer = logformat.Printer(sys.stdout, json=as_json, color=colored)
+    printer.write(printer.select(lines))
+
+
+def log_path(config: Config) -> Path:
+    if config.log.file is None:
+        raise ConfigError(f"{config.path}: no [log] file is configured, so there is no log to read")
+    return config.log.file
+
+
+def _events(config: Config, job_id: str) -> list[Any]:
+    """``show --json``: the job's log events as objects ([] when the log is not readable)."""
+    from ipcd.client import logfile
+
+    try:
+        lines = logfile.job_lines(log_path(config), job_id, finished=False)
+    except IpcdError:
+        return []
+    events = []
+    for raw in lines:
+        try:
+            events.append(json.loads(raw))
+        except ValueError:
+            continue
+    return events
+
+
+def _types(config: Config, names: Iterable[str]) -> list[int]:
+    """Handler names or type numbers as types (UsageError, 64, for an unknown name)."""
+    return [config.handler_type(name) for name in names]
+
+
+def _paused_text(config: Config, paused: dict[int, float]) -> str:
+    if not paused:
+        return "nothing"
+    if 0 in paused:
+        return "every handler"
+    named = []
+    for type_ in sorted(paused):
+        handler = config.handler_for_type(type_)
+        named.append(handler.name if handler else f"type {type_}")
+    return ", ".join(named)
+
+
+def _handler(job: JobInfo) -> str:
+    return job.handler if job.handler != "-" else f"type {job.type}"
+
+
+def _result_line(job: JobInfo, result: StoredResult | None) -> str:
+    if result is None:
+        if job.result_size:
+            return f"{_size(job.result_size)}, not kept (over [store] max_result)"
+        return "-"
+    return f"{_kind_name(result.kind)}, {_size(len(result.data))}"
+
+
+def _print_result_data(result: StoredResult | None) -> None:
+    if result is None or not result.data:
+        return
+    if result.kind == Kind.BYTES:
+        print(f"  {result.data[:32].hex()}{'...' if len(result.data) > 32 else ''}")
+        return
+    text = result.data.decode("utf-8", "replace")
+    for line in text.splitlines():
+        print(f"  {line}")
+
+
+def _result_json(result: StoredResult | None) -> dict[str, Any] | None:
+    """As ``result --json`` shows data: text, a JSON value, or hex for bytes."""
+    if result is None:
+        return None
+    doc: dict[str, Any] = {"kind": _kind_name(result.kind)}
+    if result.kind == Kind.TEXT:
+        doc["output"] = result.data.decode("utf-8", "replace")
+    elif result.kind == Kind.JSON:
+        try:
+            doc["output"] = json.loads(result.data)
+        except ValueError:
+            doc["output_hex"] = result.data.hex()
+    else:
+        doc["output_hex"] = result.data.hex()
+    return doc
+
+
+def _kind_name(kind: int) -> str:
+    try:
+        return Kind(kind).name.lower()
+    except ValueError:
+        return f"kind {kind}"
+
+
+def _say(as_json: bool, doc: dict[str, Any], text: str) -> None:
+    print(json.dumps(doc) if as_json else text)
+
+
+def _when(moment: float | None) -> str:
+    if moment is None or moment <= 0:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(moment))
+
+
+def _age(seconds: float) -> str:
+    seconds = max(seconds, 0)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def _size(count: int) -> str:
+    size = float(count)
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{count}B" if unit == "B" else f"{size:.1f}{unit}"
+        size /= 1024
+    return f"{size:.1f}GiB"
+
+
+def _or_dash(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def _s(count: int) -> str:
+    return "" if count == 1 else "s"

@@ -1,0 +1,379 @@
+"""The control socket's protocol: one JSON request line in, one JSON answer out.
+
+``ipcctl list``, ``cancel``, ``pause`` and the other operator commands ask the daemon,
+which alone opens the job store (ipcd.daemon.control serves them; ipcd.client.control
+asks).  One request per connection: the client writes one line of JSON, at most
+:data:`MAX_REQUEST` bytes with its newline, and the daemon answers with one JSON object of
+any length and closes the connection.  An answer is ``{"ok": true, ...}`` with the op's
+fields, or ``{"ok": false, "error": "...", "status": N}`` where N is the exit status of
+ipcd.errors that ``ipcctl`` exits with.
+
+Pure: no sockets, and no ipcd.store either (that would tie the lean client to sqlite3).
+A job record crosses the socket as a plain dict of :class:`JobInfo`'s fields, which are
+the store's ``JobRecord`` fields by name, with the state as its string value.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from ipcd.errors import ControlError, UsageError
+from ipcd.wire.protocol import MAX_TYPE, is_job_id
+
+#: The largest request, its newline included (a cancel of a thousand ids fits easily).
+MAX_REQUEST = 64 * 1024
+#: Bytes an AF_UNIX socket path may have (sun_path is 108 bytes with its NUL).
+MAX_SOCKET_PATH = 107
+#: Every state a job can be in, as the store names them (``ipcd.store.State`` values).
+STATES = ("queued", "scheduled", "running", "done", "failed", "cancelled")
+#: What ``cancel`` takes without ``kill``: jobs that wait (``kill`` adds running ones).
+WAITING = ("queued", "scheduled")
+#: What ``purge`` removes: jobs whose outcome is final.
+FINAL = ("done", "failed", "cancelled")
+#: The most records one ``list`` or ``failed`` answer carries.
+MAX_LIMIT = 100_000
+
+
+class Request(NamedTuple):
+    """One control request.  Which fields an op reads is :data:`FIELDS`."""
+
+    op: str
+    id: str = ""
+    ids: tuple[str, ...] = ()
+    states: tuple[str, ...] = ()
+    types: tuple[int, ...] = ()
+    unique: str | None = None
+    limit: int = 50
+    kill: bool = False
+    older_than: float | None = None
+
+
+#: The fields each op takes; any other field in a request is refused (a typo, or a
+#: client newer than the daemon: better an error than a field silently ignored).
+FIELDS: dict[str, tuple[str, ...]] = {
+    "list": ("states", "types", "unique", "limit"),
+    "show": ("id",),
+    "result": ("id",),
+    "cancel": ("ids", "types", "states", "kill"),
+    "pause": ("types",),
+    "resume": ("types",),
+    "paused": (),
+    "running": ("types",),
+    "purge": ("states", "older_than"),
+    "failed": ("limit",),
+    "retry": ("id",),
+    "counts": (),
+}
+
+
+class JobInfo(NamedTuple):
+    """A job's record as the store keeps it (``ipcd.store.JobRecord``, field by field)."""
+
+    id: str
+    type: int
+    handler: str
+    state: str
+    attempts: int
+    priority: int
+    unique: str | None
+    submitted: float
+    accepted: float
+    due: float
+    started: float | None
+    finished: float | None
+    sender_pid: int
+    sender_uid: int | None
+    reply_to: int | None
+    timeout: float | None
+    bare: bool
+    size: int
+    preview: str
+    worker_pid: int | None
+    error: str | None
+    result_kind: int | None
+    result_size: int | None
+
+
+class StoredResult(NamedTuple):
+    """A finished job's result data as the store keeps it: kind (ipcd.layout.results.Kind)
+    and bytes."""
+
+    kind: int
+    data: bytes
+
+
+class JobDetail(NamedTuple):
+    """``show`` and ``result``: the record and its stored result, if any."""
+
+    job: JobInfo
+    result: StoredResult | None
+
+
+class Skipped(NamedTuple):
+    """A job ``cancel`` named that was not cancelled, and its state (None: unknown id)."""
+
+    id: str
+    state: str | None
+
+
+class Cancelled(NamedTuple):
+    """What ``cancel`` did: the records as they were, the running jobs whose worker was
+    killed, and the named jobs it left alone."""
+
+    jobs: list[JobInfo]
+    killed: list[str]
+    skipped: list[Skipped]
+
+
+# --- requests ---------------------------------------------------------------------------
+
+
+def encode_request(request: Request) -> bytes:
+    """The request as one line; UsageError (64) when it is not a valid one."""
+    check(request)
+    doc: dict[str, Any] = {"op": request.op}
+    for name in FIELDS[request.op]:
+        value = getattr(request, name)
+        doc[name] = list(value) if isinstance(value, tuple) else value
+    line = (json.dumps(doc, separators=(",", ":")) + "\n").encode()
+    if len(line) > MAX_REQUEST:
+        raise UsageError(f"control request of {len(line)} bytes is over {MAX_REQUEST} bytes")
+    return line
+
+
+def decode_request(line: bytes) -> Request:
+    """A request read from the socket, validated; UsageError (64) says what is wrong."""
+    try:
+        doc = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise UsageError(f"control request is not a JSON line: {str(exc)[:80]}") from None
+    if not isinstance(doc, dict):
+        raise UsageError("control request is not a JSON object")
+    op = doc.pop("op", None)
+    if not isinstance(op, str) or op not in FIELDS:
+        raise UsageError(f"unknown control op {str(op)[:40]!r} (known: {', '.join(FIELDS)})")
+    unknown = sorted(set(doc) - set(FIELDS[op]))
+    if unknown:
+        raise UsageError(f"control op {op!r} takes no field {unknown[0][:40]!r}")
+    fields: dict[str, Any] = {}
+    for name, value in doc.items():
+        fields[name] = _field(name, value)
+    request = Request(op, **fields)
+    check(request)
+    return request
+
+
+def _field(name: str, value: object) -> object:
+    """One field's value in its Python shape, or UsageError naming the field."""
+    if name in ("ids", "states"):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise UsageError(f"control field {name!r} must be a list of strings")
+        return tuple(value)
+    if name == "types":
+        if not isinstance(value, list) or not all(_is_int(v) for v in value):
+            raise UsageError("control field 'types' must be a list of integers")
+        return tuple(value)
+    if name == "id":
+        if not isinstance(value, str):
+            raise UsageError("control field 'id' must be a string")
+        return value
+    if name == "unique":
+        if value is not None and not isinstance(value, str):
+            raise UsageError("control field 'unique' must be a string or null")
+        return value
+    if name == "limit":
+        if not _is_int(value):
+            raise UsageError("control field 'limit' must be an integer")
+        return value
+    if name == "kill":
+        if not isinstance(value, bool):
+            raise UsageError("control field 'kill' must be true or false")
+        return value
+    # older_than
+    if value is not None and not (_is_int(value) or isinstance(value, float)):
+        raise UsageError("control field 'older_than' must be a number of seconds or null")
+    return None if value is None else float(value)  # type: ignore[arg-type]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check(request: Request) -> None:
+    """Whether the request's values make sense for its op; UsageError (64) if not."""
+    op = request.op
+    if op not in FIELDS:
+        raise UsageError(f"unknown control op {op[:40]!r}")
+    named = (request.id,) if op in ("show", "result", "retry") else ()
+    for job_id in named + request.ids:
+        if not is_job_id(job_id):
+            raise UsageError(
+                f"{job_id[:40]!r} is not a job id (1 to 16 characters of 0-9, A-Z, a-z, _, . and -)"
+            )
+    for type_ in request.types:
+        if not 1 <= type_ <= MAX_TYPE:
+            raise UsageError(f"message type {type_} is out of range 1..{MAX_TYPE}")
+    allowed = {"cancel": WAITING, "purge": FINAL}.get(op, STATES)
+    for state in request.states:
+        if state not in allowed:
+            raise UsageError(f"{op}: state {state[:40]!r} is not one of {', '.join(allowed)}")
+    if not 1 <= request.limit <= MAX_LIMIT:
+        raise UsageError(f"limit {request.limit} is out of range 1..{MAX_LIMIT}")
+    if request.older_than is not None and not (
+        math.isfinite(request.older_than) and request.older_than >= 0
+    ):
+        raise UsageError("older_than must be a finite number of seconds, not negative")
+    if op == "cancel" and not (request.ids or request.types):
+        raise UsageError("cancel needs job ids or types")
+    if op == "purge" and not request.states:
+        raise UsageError(f"purge needs states ({', '.join(FINAL)})")
+
+
+# --- answers ----------------------------------------------------------------------------
+
+
+def encode_answer(fields: Mapping[str, Any]) -> bytes:
+    """A successful answer: ``{"ok": true}`` and the op's fields, as one line."""
+    return (json.dumps({"ok": True, **fields}, separators=(",", ":")) + "\n").encode()
+
+
+def encode_error(message: str, status: int) -> bytes:
+    """An error answer, with the exit status the client exits with."""
+    doc = {"ok": False, "error": message, "status": int(status)}
+    return (json.dumps(doc, separators=(",", ":")) + "\n").encode()
+
+
+def decode_answer(raw: bytes) -> dict[str, Any]:
+    """An answer's fields when it says ok; its error as :class:`ControlError` (the
+    client turns that into the class of its status) or ControlError 70 when the answer
+    cannot be read at all."""
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ControlError(f"the daemon's answer is not JSON: {str(exc)[:80]}", 70) from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("ok"), bool):
+        raise ControlError("the daemon's answer is not an ipcd control answer", 70)
+    if not doc["ok"]:
+        status = doc.get("status")
+        message = doc.get("error")
+        if not isinstance(status, int) or isinstance(status, bool) or not isinstance(message, str):
+            raise ControlError("the daemon's error answer has no error or status", 70)
+        raise ControlError(message, status)
+    return doc
+
+
+# --- records ----------------------------------------------------------------------------
+
+#: The JSON types each JobInfo field may have (float fields also take integers).
+_OPTIONAL = {
+    "unique", "started", "finished", "sender_uid", "reply_to", "timeout", "worker_pid",
+    "error", "result_kind", "result_size",
+}  # fmt: skip
+_FLOATS = {"submitted", "accepted", "due", "started", "finished", "timeout"}
+_STRINGS = {"id", "handler", "state", "unique", "preview", "error"}
+
+
+def job_to_dict(record: Any) -> dict[str, Any]:
+    """A store record (anything with JobInfo's attribute names) as a JSON-ready dict."""
+    doc = {name: getattr(record, name) for name in JobInfo._fields}
+    doc["state"] = str(doc["state"].value if hasattr(doc["state"], "value") else doc["state"])
+    return doc
+
+
+def job_from_dict(doc: object) -> JobInfo:
+    """A record read from an answer; ControlError (70) when it is not one."""
+    if not isinstance(doc, dict):
+        raise ControlError("the daemon's answer holds a job that is not an object", 70)
+    values: list[object] = []
+    for name in JobInfo._fields:
+        value = doc.get(name)
+        if not _fits(name, value):
+            raise ControlError(f"the daemon's answer holds a job with a bad {name!r}", 70)
+        values.append(float(value) if name in _FLOATS and value is not None else value)
+    return JobInfo(*values)  # type: ignore[arg-type]
+
+
+def _fits(name: str, value: object) -> bool:
+    if value is None:
+        return name in _OPTIONAL
+    if name in _STRINGS:
+        return isinstance(value, str)
+    if name == "bare":
+        return isinstance(value, bool)
+    if name in _FLOATS:
+        return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
+    return _is_int(value)
+
+
+def jobs_from(doc: Mapping[str, Any], name: str = "jobs") -> list[JobInfo]:
+    """The list of records under ``name`` in an answer."""
+    raw = doc.get(name)
+    if not isinstance(raw, list):
+        raise ControlError(f"the daemon's answer has no list {name!r}", 70)
+    return [job_from_dict(item) for item in raw]
+
+
+def result_to_dict(result: tuple[int, bytes] | None) -> dict[str, Any] | None:
+    """A stored result (kind, data) as JSON: the data in base64, as it may be any bytes."""
+    if result is None:
+        return None
+    kind, data = result
+    return {"kind": kind, "data": base64.b64encode(data).decode("ascii")}
+
+
+def result_from_dict(doc: object) -> StoredResult | None:
+    if doc is None:
+        return None
+    if not isinstance(doc, dict) or not _is_int(doc.get("kind")):
+        raise ControlError("the daemon's answer holds a result that is not one", 70)
+    try:
+        data = base64.b64decode(str(doc.get("data", "")), validate=True)
+    except (binascii.Error, ValueError):
+        raise ControlError("the daemon's answer holds result data that is not base64", 70) from None
+    return StoredResult(doc["kind"], data)
+
+
+def paused_to_list(paused: Mapping[int, float]) -> list[list[float]]:
+    """``{type: since}`` as JSON pairs (JSON object keys are strings, types are numbers)."""
+    return [[type_, since] for type_, since in sorted(paused.items())]
+
+
+def paused_from(doc: Mapping[str, Any]) -> dict[int, float]:
+    raw = doc.get("paused")
+    if not isinstance(raw, list) or not all(
+        isinstance(p, list) and len(p) == 2 and _is_int(p[0]) and _fits("due", p[1]) for p in raw
+    ):
+        raise ControlError("the daemon's answer has no list of paused types", 70)
+    return {int(p[0]): float(p[1]) for p in raw}
+
+
+def skipped_from(doc: Mapping[str, Any]) -> list[Skipped]:
+    raw = doc.get("skipped")
+    if not isinstance(raw, list) or not all(
+        isinstance(s, dict)
+        and isinstance(s.get("id"), str)
+        and (s.get("state") is None or isinstance(s.get("state"), str))
+        for s in raw
+    ):
+        raise ControlError("the daemon's answer has no list of skipped jobs", 70)
+    return [Skipped(s["id"], s.get("state")) for s in raw]
+
+
+def strings_from(doc: Mapping[str, Any], name: str) -> list[str]:
+    raw = doc.get(name)
+    if not isinstance(raw, list) or not all(isinstance(s, str) for s in raw):
+        raise ControlError(f"the daemon's answer has no list {name!r}", 70)
+    return list(raw)
+
+
+def socket_path_problem(path: str | bytes) -> str | None:
+    """Why ``path`` cannot be a Unix socket's address, or None."""
+    raw = path if isinstance(path, bytes) else path.encode()
+    if len(raw) > MAX_SOCKET_PATH:
+        return f"is {len(raw)} bytes long; a Unix socket's path has at most {MAX_SOCKET_PATH}"
+    return None
