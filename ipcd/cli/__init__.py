@@ -38,7 +38,7 @@ def control_socket_path(config: Config) -> Path:
     """Where the daemon's control socket is (``[store] socket``): beside the PID file,
     ``ipcd.sock``, until the configuration reads ``[store]``; the one place that says so
     on the command line's side."""
-    return config.daemon.pid_file.parent / "ipcd.sock"
+    return config.control_socket
 
 
 def end_on_sigterm() -> None:

@@ -126,7 +126,7 @@ def _start(config: config_mod.Config) -> int:
         workdir=config.daemon.workdir,
         umask=config.daemon.umask,
         flags=flags,
-        keep_fds=[] if log_fd is None else [log_fd],
+        keep_fds=[prepared.listener.fileno()] + ([] if log_fd is None else [log_fd]),
         run=lambda ready: Arbiter(prepared, flags, lock=lock, watchdog=watchdog).run(ready),
         drop_privileges=lambda: identity.drop(prepared.identity),
     )

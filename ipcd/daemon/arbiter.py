@@ -43,29 +43,30 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 from ipcd import config as config_mod
-from ipcd.daemon import lockwaits, objectwatch, reloading, startup
+from ipcd.daemon import control, lockwaits, objectwatch, reloading, startup
 from ipcd.daemon import log as log_mod
 from ipcd.daemon.doorbell import Doorbell
 from ipcd.daemon.intake import Intake
-from ipcd.daemon.outcomes import Outcomes
+from ipcd.daemon.outcomes import Outcomes, error_result
 from ipcd.daemon.pidlock import PidLock
-from ipcd.daemon.recovery import DAEMON_KILLED, Recovery
+from ipcd.daemon.recovery import CANCELLED, DAEMON_KILLED, Recovery
 from ipcd.daemon.sdnotify import Watchdog
 from ipcd.daemon.signals import Flags
 from ipcd.daemon.startup import Prepared
 from ipcd.daemon.sweep import Sweeper
 from ipcd.daemon.worker import (
     Exit,
-    _parent_death_signal,
     describe_exit,
-    signal_worker,
+    parent_death_signal,
     worker_process,
 )
 from ipcd.errors import IpcdError, LockTimeoutError, StoreError
 from ipcd.handlers import registry as registry_mod
-from ipcd.store import Retention
+from ipcd.kernel.procs import signal_worker
+from ipcd.store import JobRecord, JobStore, Retention
 from ipcd.tables import stats as stats_mod
 from ipcd.tables.inflight import Held, InflightTable, Peek, State
+from ipcd.wire.protocol import Job
 
 #: A worker that lived shorter than this "died young".
 YOUNG = 1.0
@@ -204,7 +205,7 @@ class Arbiter:
         #: removed one (ipcd.objectwatch.Retired).
         self._retired: list[objectwatch.Retired] = []
         self.master_pid = os.getpid()
-        self.helpers = {role: Helper(role) for role in ("intake",)}
+        self.helpers = {role: Helper(role) for role in ("intake", "control")}
         self._next_retention = 0.0
         self._next_due: float | None = None
         self._due_checked = 0.0
@@ -315,6 +316,18 @@ class Arbiter:
             self._count_noticed()
             p.sink.close()
             self.jobs.close()
+            self._remove_socket()
+
+    def _remove_socket(self) -> None:
+        """The control socket goes with the daemon (a killed one's is replaced at the
+        next start: nothing listens on it, ipcd.daemon.control.bind_socket)."""
+        with contextlib.suppress(OSError):
+            if (
+                os.stat(self.p.config.control_socket).st_ino
+                == os.fstat(self.p.listener.fileno()).st_ino
+            ):
+                os.unlink(self.p.config.control_socket)
+        self.p.listener.close()
 
     def _watch_objects(self) -> None:
         """Make anew any object of ours that was removed or overwritten (daemon.objectwatch)."""
@@ -486,7 +499,7 @@ class Arbiter:
 
     def _close_in_child(self) -> list[int]:
         """The master's descriptors a child must not keep."""
-        return [self._wake_r, self._wake_w, self._notify_r] + (
+        return [self._wake_r, self._wake_w, self._notify_r, self.p.listener.fileno()] + (
             [] if self.lock is None else [self.lock.fd]
         )
 
@@ -501,12 +514,13 @@ class Arbiter:
         """The child's side of a helper's fork: reset what belongs to the master, serve."""
         code = 70
         try:
-            _parent_death_signal(signal.SIGTERM)
+            parent_death_signal(signal.SIGTERM)
             if os.getppid() != self.master_pid:
                 return 0
             signal.set_wakeup_fd(-1)
             for fd in self._close_in_child():
-                os.close(fd)
+                if role != "control" or fd != self.p.listener.fileno():
+                    os.close(fd)
             flags = Flags()
             flags.install()
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -541,11 +555,36 @@ class Arbiter:
                     doorbell=Doorbell(p.handoff, p.config.daemon.workers),
                 ).serve()  # fmt: skip
             else:
-                raise NotImplementedError(role)
+                code = self._serve_control(jobs, outcomes, flags, log)
         except BaseException:
             with contextlib.suppress(Exception):
                 log_mod.get_logger(role=role).critical(f"{role}.crashed", exc_info=True)
         return code
+
+    def _serve_control(  # pragma: no cover - runs in the control process
+        self, jobs: JobStore, outcomes: Outcomes, flags: Flags, log: log_mod.Logger
+    ) -> int:
+        """The control process: ipcctl's operator commands (ipcd.daemon.control).  Jobs
+        it makes runnable (resume, retry) ring the workers' doorbell; a queued job it
+        cancels ends as its waiter and unique key expect (an error result)."""
+        p = self.p
+        doorbell = Doorbell(p.handoff, p.config.daemon.workers)
+
+        def cancelled(record: JobRecord) -> None:
+            job = Job(
+                id=record.id, type=record.type, payload=None, submitted=record.submitted,
+                sender_pid=record.sender_pid, reply_to=record.reply_to, unique=record.unique,
+                attempt=max(record.attempts, 1),
+            )  # fmt: skip
+            outcomes.finish(
+                job, error_result(job, CANCELLED), body=b"", handler=record.handler,
+                started=time.monotonic(), listed=False, cancelled=True,
+            )  # fmt: skip
+
+        return control.serve(
+            p.listener, jobs, p.table, lambda: doorbell.ring(p.config.daemon.workers), log,
+            flags, on_cancelled=cancelled,
+        )  # fmt: skip
 
     def _helpers_alive(self) -> bool:
         return any(h.pid for h in self.helpers.values())

@@ -31,8 +31,8 @@ from typing import Any, Protocol
 
 from ipcd.daemon.log import Logger
 from ipcd.daemon.signals import Flags
-from ipcd.daemon.worker import signal_worker
 from ipcd.errors import AlreadyRunningError, ConfigError, IpcdError, NoResultError, UsageError
+from ipcd.kernel.procs import signal_worker
 from ipcd.layout.inflight import Peek, WorkerView
 from ipcd.layout.inflight import State as SlotState
 from ipcd.store import JobRecord, JobStore, State

@@ -8,13 +8,14 @@ fork would break; ipcd.daemon.arbiter then runs in the final daemon process.
 
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, TextIO
 
 from ipcd.config import Config
-from ipcd.daemon import identity, uniquerelease
+from ipcd.daemon import control, identity, uniquerelease
 from ipcd.daemon import log as log_mod
 from ipcd.errors import ConfigError, StoreCorruptError
 from ipcd.handlers import registry as registry_mod
@@ -89,6 +90,9 @@ class Prepared:
     registry: Registry
     sink: log_mod.Sink
     identity: identity.Identity
+    #: The control socket, listening (ipcd.daemon.control): bound before detaching, so
+    #: that ``ipcd start`` reports a path it cannot use.
+    listener: socket.socket
     stats: StatsSegment
     unique: UniqueTable
     spills: SpillTable
@@ -125,14 +129,18 @@ def prepare(config: Config, *, console: TextIO | None) -> Prepared:
     check_store(config)
     keys = keys_mod.derive(config.ipc, create_key_file=True)
     objects = _objects(config, keys, who, registry)
-    handed = [config.store.path]
+    listener = control.bind_socket(
+        config.control_socket, control.socket_mode(config.ipc.mode), who.object_gid
+    )
+    handed = [config.store.path, config.control_socket]
     handed += [p for suffix in ("-wal", "-shm") if (p := _beside(config.store.path, suffix))]
     if config.log.file is not None:
         handed.append(config.log.file)
     identity.hand_over(who, handed)
     return Prepared(
-        config=config, keys=keys, registry=registry, sink=sink, identity=who, **objects._asdict()
-    )
+        config=config, keys=keys, registry=registry, sink=sink, identity=who,
+        listener=listener, **objects._asdict(),
+    )  # fmt: skip
 
 
 def reopen(p: Prepared, made_with: Config) -> Prepared:
@@ -144,7 +152,7 @@ def reopen(p: Prepared, made_with: Config) -> Prepared:
     objects = _objects(made_with, p.keys, p.identity, p.registry, again=True)
     return Prepared(
         config=p.config, keys=p.keys, registry=p.registry, sink=p.sink, identity=p.identity,
-        **objects._asdict(),
+        listener=p.listener, **objects._asdict(),
     )  # fmt: skip
 
 

@@ -377,7 +377,7 @@ def worker_process(  # pragma: no cover - runs in the forked worker
     try:
         # If the master dies (even of SIGKILL), finish the job in hand and leave: a
         # worker without its master would go on taking jobs nobody supervises.
-        _parent_death_signal(signal.SIGTERM)
+        parent_death_signal(signal.SIGTERM)
         if os.getppid() != master_pid:
             return Exit.STOPPED  # the master died before the line above took effect
         os.setpgid(0, 0)  # its own process group: a timeout kills what the job started
@@ -439,24 +439,12 @@ def worker_process(  # pragma: no cover - runs in the forked worker
     return code
 
 
-def _parent_death_signal(signum: int) -> None:
+def parent_death_signal(signum: int) -> None:
     """prctl(PR_SET_PDEATHSIG): have the kernel send ``signum`` when the master exits."""
     import ctypes
 
     pr_set_pdeathsig = 1
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signum, 0, 0, 0)
-
-
-def signal_worker(pid: int, signum: int, *, group: bool = True) -> None:
-    """Signal a worker, or its whole process group (the jobs' children with it).
-
-    A worker already gone is no error; nor is a group member that changed its user.
-    """
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        if group:
-            os.killpg(pid, signum)
-        else:
-            os.kill(pid, signum)
 
 
 def describe_exit(status: int, *, holding: bool) -> str:

@@ -6,6 +6,7 @@ finds a unique key held, and that path must stay cheap.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 
@@ -31,3 +32,15 @@ def alive(pid: int) -> bool:
             return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except (OSError, IndexError):
         return True
+
+
+def signal_worker(pid: int, signum: int, *, group: bool = True) -> None:
+    """Signal a worker, or its whole process group (the jobs' children with it).
+
+    A worker already gone is no error; nor is a group member that changed its user.
+    """
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if group:
+            os.killpg(pid, signum)
+        else:
+            os.kill(pid, signum)
