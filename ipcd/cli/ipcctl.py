@@ -17,6 +17,7 @@ from ipcd.config import Config
 from ipcd.errors import (
     AlreadyQueuedError,
     ExitCode,
+    IpcdError,
     JobFailedError,
     NoResultError,
     NotConfirmedError,
@@ -175,8 +176,45 @@ def _wait_timeout(args: argparse.Namespace) -> float:
 
 def _get_result(client: Client, args: argparse.Namespace) -> Result:
     if args.wait:
-        return client.wait(args.job_id, _wait_timeout(args))
-    return require(client.result(args.job_id), args.job_id)
+        try:
+            return client.wait(args.job_id, _wait_timeout(args))
+        except WaitTimeoutError:
+            stored = _stored_result(client.config, args.job_id)
+            if stored is None:
+                raise
+            return stored
+    found = client.result(args.job_id)
+    if found is None:
+        found = _stored_result(client.config, args.job_id)
+    return require(found, args.job_id)
+
+
+def _stored_result(config: Config, job_id: str) -> Result | None:
+    """A finished job's result from the job store, through the daemon: what the result
+    ring no longer holds (evicted by newer results, or gone with a reboot).  None when
+    the job has not finished, is unknown, or the daemon cannot be asked."""
+    from ipcd.cli import control_socket_path
+    from ipcd.client.control import ControlClient
+    from ipcd.layout.results import Status
+
+    try:
+        detail = ControlClient(control_socket_path(config)).result(job_id)
+    except IpcdError:
+        return None
+    job = detail.job
+    if job.state not in ("done", "failed", "cancelled"):
+        return None
+    if detail.result is not None:
+        kind, data = Kind(detail.result.kind), detail.result.data
+    else:
+        kind, data = Kind.TEXT, (job.error or "").encode()
+    status = Status.OK if job.state == "done" else Status.ERROR
+    if status is Status.ERROR and job.error is not None:
+        kind, data = Kind.TEXT, job.error.encode()
+    return Result(
+        job.id, job.type, status, kind, data, max(job.attempts, 1), job.submitted,
+        job.finished or 0.0,
+    )  # fmt: skip
 
 
 def _print_job_log(config: Config, args: argparse.Namespace, *, finished: bool) -> None:

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import math
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ipcd.client import Client, Status
-from ipcd.errors import NotRunningError
+from ipcd.errors import IpcdError, NotRunningError
 from ipcd.layout.stats import NO_HANDLER
 from ipcd.tables.spill.table import Usage
 from ipcd.tables.stats import OUTCOMES, HandlerTotals, Snapshot, StatsSegment
@@ -35,6 +35,15 @@ def handler_labels(h: HandlerTotals) -> dict[str, str]:
     return {"handler": h.name, "type": str(h.type)}
 
 
+class StoreReading(NamedTuple):
+    """What the daemon says of its job store (through the control socket)."""
+
+    #: Jobs per state (queued, scheduled, running, done, failed, cancelled).
+    counts: dict[str, int]
+    #: Paused message types and since when (type 0: everything).
+    paused: dict[int, float]
+
+
 class Reading(NamedTuple):
     """Everything one look at the daemon's objects found."""
 
@@ -46,10 +55,19 @@ class Reading(NamedTuple):
     taken: float
     monotonic: float
     error: str = ""
+    #: None when the daemon is down or did not answer (``store_error`` says why).
+    store: StoreReading | None = None
+    store_error: str = ""
+
+    #: The configuration's handler names by type (for paused handlers).
+    names: tuple[tuple[int, str], ...] = ()
 
     @property
     def up(self) -> bool:
         return self.status is not None and self.status.daemon_running()
+
+    def handler_name(self, type_: int) -> str:
+        return dict(self.names).get(type_, str(type_))
 
 
 def read(client: Client) -> Reading:
@@ -69,7 +87,22 @@ def read(client: Client) -> Reading:
             snap = segment.snapshot()
         finally:
             segment.segment.close()
-    return Reading(status, snap, now, mono)
+    reading = Reading(status, snap, now, mono)
+    if not reading.up:
+        return reading
+    names = tuple((h.type, h.name) for h in client.config.handlers)
+    return reading._replace(names=names, **_store_reading(client))
+
+
+def _store_reading(client: Client) -> dict[str, Any]:
+    """The job store's counts and paused handlers, asked of the daemon."""
+    from ipcd.client.control import ControlClient
+
+    try:
+        control = ControlClient(client.config.control_socket, timeout=5.0)
+        return {"store": StoreReading(control.counts(), control.paused())}
+    except IpcdError as exc:
+        return {"store_error": str(exc)}
 
 
 def spill_doc(spill: Usage) -> dict[str, int]:
