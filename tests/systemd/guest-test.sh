@@ -7,6 +7,13 @@
 # Each check prints "VMTEST-OK: what" or "VMTEST-FAIL: what"; the script ends with
 # "VMTEST-SUMMARY: N passed, N failed" and "VMTEST-RESULT: PASS" or "FAIL". A check the
 # later ones depend on (install, start) ends the run when it fails.
+#
+# It runs at three boots of the same root disk, resuming where the last one left off
+# (guest-reboot.sh, sourced below, has the job store's checks): the first boot installs
+# and drives ipcd with systemctl, queues jobs and ends with `systemctl reboot`
+# ("VMTEST-REBOOT: ..."); the second checks them, queues more and says "VMTEST-POWERCUT:
+# ready for power cut", and the host kills the VM; the third checks those and uninstalls.
+# The counts carry over, so the last summary covers all three boots.
 set -u
 P=$(cd "$(dirname "$0")" && pwd)
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -92,7 +99,51 @@ score_ok() { # UNIT: systemd-analyze security's exposure is 2.0 or lower
     awk -v s="$score" 'BEGIN { exit !(s != "" && s + 0 <= 2.0) }'
 }
 
+# --- make uninstall ----------------------------------------------------------------------
+uninstall_checks() {
+    step "make uninstall"
+    check "make uninstall" make -C /root/ipcd-src uninstall
+    expect "ipcd is stopped" inactive "$(systemctl is-active ipcd)"
+    check "/opt/ipcd is gone" test ! -e /opt/ipcd
+    check "the links in /usr/local/bin are gone" test ! -e /usr/local/bin/ipcctl -a ! -L /usr/local/bin/ipcd
+    check "the units are gone" test ! -e /etc/systemd/system/ipcd.service -a ! -e /etc/systemd/system/ipcd@.service
+    check "the man pages and the completion are gone" test ! -e /usr/local/share/man/man1/ipcctl.1 \
+        -a ! -e /usr/local/share/bash-completion/completions/ipcctl
+    check "the clients are gone" test ! -e /usr/local/lib/ipcd
+    check "the configuration is kept" test -f /etc/ipcd/ipcd.toml
+    expect "the key file is kept (same inode)" "$key_inode" "$(stat -c %i /var/lib/ipcd/ipcd.key)"
+    check "the job queue is kept" grep -q "^$k1 " <(ipcs -q)
+}
+
 step "guest: $(uname -r), $(systemd-detect-virt), systemd $(systemctl --version | awk 'NR == 1 { print $2 }'), $(python3 --version), $(nproc) CPUs"
+
+# The test spans three boots of the same disk (guest-reboot.sh): phase 1 runs from here on
+# and ends with a reboot, phase 2 ends with a power cut, phase 3 with make uninstall.
+# shellcheck source=tests/systemd/guest-reboot.sh
+. "$P/guest-reboot.sh"
+phase=1
+last_boot=
+key_inode=
+k1=
+# shellcheck disable=SC1091
+[ -f "$VT/state" ] && . "$VT/state" # phase, the counts so far, what later boots check
+# IPCD_VMTEST_ONLY=store on the host: only install, start, and the store's phases.
+ONLY=$(cat "$P/only" 2>/dev/null)
+case $phase in
+2)
+    step "phase 2: booted again after the reboot ($passed passed, $failed failed before it)"
+    reboot_verify
+    powercut_prepare # returns only when no power cut came
+    finish
+    ;;
+3)
+    step "phase 3: booted again after the power cut ($passed passed, $failed failed before it)"
+    powercut_verify
+    uninstall_checks
+    step "done"
+    finish
+    ;;
+esac
 
 # --- make install ------------------------------------------------------------------------
 step "make install, offline from the wheels built on the host"
@@ -153,6 +204,11 @@ check "result segments belong to user ipcd" has_kind shm
 check "semaphores belong to user ipcd" has_kind sem
 expect "every IPC object of ipcd has mode 660 and group ipcd" "" \
     "$(awk -v g="$gid" '$3 != 660 || $4 != g' <<<"$objects")"
+
+if [ "$ONLY" = store ]; then
+    info "IPCD_VMTEST_ONLY=store: straight to the job store's phases"
+    reboot_prepare
+fi
 
 # --- who may submit ----------------------------------------------------------------------
 step "a member of group ipcd submits jobs and reads the results"
@@ -350,19 +406,5 @@ for event in "Started ipcd.service" "Reloading ipcd.service" "Reloaded ipcd.serv
     check "journal: $event" grep -qF "$event" <<<"$journal"
 done
 
-# --- make uninstall ----------------------------------------------------------------------
-step "make uninstall"
-check "make uninstall" make -C /root/ipcd-src uninstall
-expect "ipcd is stopped" inactive "$(systemctl is-active ipcd)"
-check "/opt/ipcd is gone" test ! -e /opt/ipcd
-check "the links in /usr/local/bin are gone" test ! -e /usr/local/bin/ipcctl -a ! -L /usr/local/bin/ipcd
-check "the units are gone" test ! -e /etc/systemd/system/ipcd.service -a ! -e /etc/systemd/system/ipcd@.service
-check "the man pages and the completion are gone" test ! -e /usr/local/share/man/man1/ipcctl.1 \
-    -a ! -e /usr/local/share/bash-completion/completions/ipcctl
-check "the clients are gone" test ! -e /usr/local/lib/ipcd
-check "the configuration is kept" test -f /etc/ipcd/ipcd.toml
-expect "the key file is kept (same inode)" "$key_inode" "$(stat -c %i /var/lib/ipcd/ipcd.key)"
-check "the job queue is kept" grep -q "^$k1 " <(ipcs -q)
-
-step "done"
-finish
+# --- the job store across a reboot and a power cut (guest-reboot.sh) --------------------
+reboot_prepare

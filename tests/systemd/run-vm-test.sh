@@ -5,8 +5,11 @@
 # and no network, runs `make install` in it from this checkout, then drives ipcd with
 # systemctl (tests/systemd/guest-test.sh: start, jobs from a member of the ipcd group and
 # a refused outsider, reload with log rotation, the journal, stop with queued jobs, SIGKILL
-# and the automatic restart, the ipcd@ template, the squatting check, uninstall). The
-# guest's verdicts come back on the serial console. Nothing on the host is touched except
+# and the automatic restart, the ipcd@ template, the squatting check, uninstall). Then the
+# job store across a reboot and a power cut (guest-reboot.sh): the guest reboots itself,
+# and this script boots the same disk again; then it kills qemu once the guest says
+# "VMTEST-POWERCUT: ready for power cut", and boots it once more. The guest's verdicts
+# come back on the serial console, appended to across the boots. Nothing on the host is touched except
 # the cache and work directories below: systemd only ever runs inside the VM.
 #
 #   tests/systemd/run-vm-test.sh [run]   build the image if needed, then run the test
@@ -22,10 +25,12 @@
 #   IPCD_VMTEST_WORK     per-run directories    (default /var/tmp/ipcd-vmtest; last 5 runs kept)
 #   IPCD_VMTEST_ACCEL    auto|kvm|tcg           (auto: kvm only where a stock kernel can use it)
 #   IPCD_VMTEST_SMP, IPCD_VMTEST_MEM            (default 2 CPUs, 1024 MiB)
-#   IPCD_VMTEST_TIMEOUT  seconds for boot, test and power-off (default 480)
+#   IPCD_VMTEST_TIMEOUT  seconds for all three boots, the test and power-off (default 900)
 #   IPCD_VMTEST_LIVE     1: stream the serial console while it runs (default 1)
 #   IPCD_VMTEST_APPEND   extra kernel command line (e.g. systemd.log_level=debug)
 #   IPCD_VMTEST_KEEP     1: keep the run's disk overlay and payload for a post-mortem
+#   IPCD_VMTEST_ONLY     store: skip the systemctl checks, only install, start, the job
+#                        store across the reboot and the power cut, and uninstall
 #   PYTHON               the host Python whose pip builds and fetches wheels (python3)
 # Prints "test-systemd: N passed, N failed" last. Exit status: 0 all passed, 1 a check
 # failed or the VM gave no verdict, 2 the set-up failed.
@@ -52,7 +57,7 @@ export TMPDIR=$WORK/tmp
 ACCEL=${IPCD_VMTEST_ACCEL:-auto}
 SMP=${IPCD_VMTEST_SMP:-2}
 MEM=${IPCD_VMTEST_MEM:-1024}
-TIMEOUT=${IPCD_VMTEST_TIMEOUT:-480}
+TIMEOUT=${IPCD_VMTEST_TIMEOUT:-900}
 LIVE=${IPCD_VMTEST_LIVE:-1}
 PYTHON=${PYTHON:-python3}
 
@@ -345,6 +350,52 @@ kvm_usable() {
     return 1
 }
 
+# boot_vm SECONDS CACHE: one boot of the run's disk, watched. Sets BOOT_END to "reboot"
+# (the guest said VMTEST-REBOOT and qemu exited by itself: -no-reboot ends it at the
+# reset), "power cut" (the guest said VMTEST-POWERCUT and was killed here), "poweroff",
+# "timeout" or "qemu status N", and BOOT_SECONDS to how long it ran. Uses run_vm's locals.
+boot_vm() {
+    # said MARKER: the guest printed that line in this boot (grep -c reads to the end: no
+    # SIGPIPE upstream for pipefail to report).
+    said() { guest_lines < <(tail -c "+$from" "$serial") | grep -c "^$1: " >/dev/null; }
+    local tboot=$SECONDS cut=0 qrc=0 qpid
+    # -no-reboot: a reboot or a panic (panic=-1) ends qemu instead of looping.
+    # The serial console is appended to, boot after boot.
+    timeout --kill-after=10 "$1" qemu-system-x86_64 \
+        "${accel_args[@]}" -smp "$SMP" -m "$MEM" \
+        -nodefaults -no-user-config -display none -no-reboot \
+        -chardev "file,id=console,path=$serial,append=on" -serial chardev:console \
+        -monitor none -nic none -pidfile "$run/qemu.pid" \
+        -kernel "$IMG_DIR/vmlinuz" -initrd "$IMG_DIR/initrd.img" -append "$append" \
+        -drive "file=$run/overlay.qcow2,if=virtio,format=qcow2,cache=$2" \
+        -drive "file=$run/payload.img,if=virtio,format=raw,readonly=on" \
+        -device virtio-rng-pci \
+        </dev/null >"$run/qemu.log" 2>&1 &
+    qpid=$!
+    while kill -0 "$qpid" 2>/dev/null; do
+        if said VMTEST-POWERCUT; then
+            # The power cut: qemu itself (not timeout, its parent) dies at once, with
+            # whatever the guest has not flushed to its disk.
+            [ -s "$run/qemu.pid" ] && kill -KILL "$(cat "$run/qemu.pid")" && cut=1
+            break
+        fi
+        sleep 0.5
+    done
+    { wait "$qpid"; } 2>/dev/null || qrc=$? # no "Killed" line from bash for the power cut
+    BOOT_SECONDS=$((SECONDS - tboot))
+    if [ $cut = 1 ]; then
+        BOOT_END="power cut"
+    elif [ $qrc = 124 ] || [ $qrc = 137 ]; then
+        BOOT_END=timeout
+    elif [ $qrc != 0 ]; then
+        BOOT_END="qemu status $qrc"
+    elif said VMTEST-REBOOT; then
+        BOOT_END=reboot
+    else
+        BOOT_END=poweroff
+    fi
+}
+
 run_vm() {
     mkdir -p "$WORK"
     { ls -1dt "$WORK"/run.* 2>/dev/null || true; } | tail -n +5 | xargs -r rm -rf
@@ -352,7 +403,8 @@ run_vm() {
     run=$(mktemp -d "$WORK/run.XXXXXX")
     local t0=$SECONDS
     mkdir -p "$run/payload"
-    cp "$HERE/guest-test.sh" "$run/payload/"
+    cp "$HERE/guest-test.sh" "$HERE/guest-reboot.sh" "$run/payload/"
+    [ -z "${IPCD_VMTEST_ONLY:-}" ] || echo "$IPCD_VMTEST_ONLY" >"$run/payload/only"
     copy_source "$run/payload/src"
     make_wheels "$run/payload/src" "$run/payload/wheels"
     log "payload: $(ls "$run/payload/wheels" | tr '\n' ' ')"
@@ -377,42 +429,64 @@ run_vm() {
     local serial="$run/serial.log"
     : >"$serial"
     log "boot: accel=$accel smp=$SMP mem=${MEM}M timeout=${TIMEOUT}s, serial log $serial"
-    local tboot=$SECONDS
-    # -no-reboot: a reboot or a panic (panic=-1) ends qemu instead of looping.
-    timeout --kill-after=10 "$TIMEOUT" qemu-system-x86_64 \
-        "${accel_args[@]}" -smp "$SMP" -m "$MEM" \
-        -nodefaults -no-user-config -display none -no-reboot \
-        -serial "file:$serial" -monitor none -nic none \
-        -kernel "$IMG_DIR/vmlinuz" -initrd "$IMG_DIR/initrd.img" -append "$append" \
-        -drive "file=$run/overlay.qcow2,if=virtio,format=qcow2,cache=unsafe" \
-        -drive "file=$run/payload.img,if=virtio,format=raw,readonly=on" \
-        -device virtio-rng-pci \
-        </dev/null >"$run/qemu.log" 2>&1 &
-    local qpid=$!
     local tpid=
     if [ "$LIVE" = 1 ]; then
-        tail -n +1 --pid="$qpid" -f "$serial" &
+        tail -n +1 -f "$serial" &
         tpid=$!
     fi
-    local qrc=0
-    wait "$qpid" || qrc=$?
-    [ -n "$tpid" ] && { wait "$tpid" 2>/dev/null || true; }
-    [ -s "$run/qemu.log" ] && {
-        log "qemu stderr:"
-        sed 's/^/  /' "$run/qemu.log" >&2
-    }
-    log "qemu exited (status $qrc) after $((SECONDS - tboot)) s; the whole run took $((SECONDS - t0)) s"
-    if [ $qrc = 124 ] || [ $qrc = 137 ]; then log "TIMEOUT after ${TIMEOUT}s"; fi
+    # The guest test spans three boots of the same disk (guest-test.sh): the first ends
+    # with the guest's own `systemctl reboot`, the second with a power cut (qemu killed
+    # once the guest says "VMTEST-POWERCUT: ready for power cut"), the third powers off.
+    local deadline=$((SECONDS + TIMEOUT)) boot=0 how cache left from
+    while :; do
+        boot=$((boot + 1))
+        # Boot 1 ends with an orderly reboot, at which qemu writes everything out:
+        # cache=unsafe (guest flushes ignored) is safe there and saves time. A power cut
+        # must not lose what the guest flushed, so the later boots honour its flushes
+        # (cache=writeback: on to the host's file, which outlives the killed qemu).
+        cache=writeback
+        [ $boot = 1 ] && cache=unsafe
+        left=$((deadline - SECONDS))
+        [ $left -gt 0 ] || left=1
+        from=$(($(stat -c %s "$serial") + 1))
+        rm -f "$run/qemu.pid"
+        log "boot $boot (cache=$cache)"
+        boot_vm "$left" "$cache"
+        how=$BOOT_END
+        [ -s "$run/qemu.log" ] && {
+            log "qemu stderr:"
+            sed 's/^/  /' "$run/qemu.log" >&2
+        }
+        log "boot $boot: $how after $BOOT_SECONDS s; the whole run took $((SECONDS - t0)) s"
+        case $how in
+        "reboot")
+            hcheck "boot $boot ended with the guest's reboot (qemu exited by itself)" true
+            ;;
+        "power cut")
+            hcheck "boot $boot ended with a power cut (qemu killed with SIGKILL)" true
+            ;;
+        "timeout")
+            log "TIMEOUT after ${TIMEOUT}s"
+            break
+            ;;
+        *) break ;; # powered off (the end), or qemu failed
+        esac
+        if [ $boot -ge 3 ]; then
+            hcheck "the guest asked for no more than 3 boots" false
+            break
+        fi
+    done
+    [ -n "$tpid" ] && { kill "$tpid" 2>/dev/null || true; }
     [ "${IPCD_VMTEST_KEEP:-0}" = 1 ] || rm -rf "$run/overlay.qcow2" "$run/payload.img" "$run/payload"
     verdict "$serial"
 }
 
-# The guest's own lines, without journald's "[uptime] vmtest-run[pid]: " prefix.
-guest_lines() { tr -d '\r' <"$1" | sed -nE 's/^(\[ *[0-9.]+\] [^[]+\[[0-9]+\]: )?(VMTEST-[A-Z]+: .*)$/\2/p'; }
+# The guest's own lines (from stdin), without journald's "[uptime] vmtest-run[pid]: " prefix.
+guest_lines() { tr -d '\r' | sed -nE 's/^(\[ *[0-9.]+\] [^[]+\[[0-9]+\]: )?(VMTEST-[A-Z]+: .*)$/\2/p'; }
 
 verdict() { # $1 = serial log
     local lines passed failed summary
-    lines=$(guest_lines "$1")
+    lines=$(guest_lines <"$1")
     passed=$(($(grep -c '^VMTEST-OK: ' <<<"$lines" || true) + HOST_PASSED))
     failed=$(($(grep -c '^VMTEST-FAIL: ' <<<"$lines" || true) + HOST_FAILED))
     summary=$(grep -E '^VMTEST-SUMMARY: [0-9]+ passed, [0-9]+ failed$' <<<"$lines" | tail -1 || true)
