@@ -3,7 +3,8 @@
 The steps, in the order they run:
 
 1. start a raw sysv_ipc pair (bench.raw) and three ipcd daemons with 1, 2 and 4 workers,
-   each on a private configuration, and record the daemons' idle memory;
+   each on a private configuration, and record the daemons' idle memory; and one more
+   with 1 worker running the ``--baseline`` commit's ipcd (bench.daemon.export);
 2. for each placement, unpinned (the scheduler's choice) and pinned (every process on
    one CPU): round trips and fire-and-forget jobs, raw and ipcd rounds interleaved;
 3. CPU time per round trip of each process, raw and ipcd, pinned (where the time goes);
@@ -28,13 +29,14 @@ import argparse
 import contextlib
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from bench import cpu, measure, peers, raw, report, startup
-from bench.daemon import IPCCTL, ROOT, BenchDaemon, child_env
+from bench.daemon import IPCCTL, ROOT, BenchDaemon, child_env, export
 from bench.measure import interleave, median, place
 from bench.memory import Memory, memory
 from bench.peers import BeanstalkPeer
@@ -59,19 +61,26 @@ PEER_RT_TARGET = Target(">=", 2.0)
 BEANSTALKD_HINT = "apt-get install beanstalkd"
 
 
+#: The daemon the jobs-completed rows compare with (--baseline): main before the job
+#: store of issue 12, whose jobs go from the kernel queue straight to a worker.
+BASELINE_REV = "79c7d5f8461d93eb8be1a15f5ac6be574e7df640"
+
+
 class Submission(NamedTuple):
     """A way of submitting for the jobs-completed rows: its name, ``Client.submit``'s
-    keywords, and the ratio to beanstalkd's put + reserve + delete with its binlog on that
-    the issue asks of it (None: none asked)."""
+    keywords, and the ratios the issue asks of it (None: none asked) to beanstalkd's put
+    + reserve + delete with its binlog on, and to the baseline daemon's unconfirmed
+    figure."""
 
     name: str
     options: Mapping[str, Any]
-    target: Target | None
+    over_beanstalkd: Target | None
+    over_baseline: Target | None
 
 
-#: One row each beside beanstalkd -b. Unconfirmed is the kernel-queue-only path (issue 12
-#: asks it to stay at today's figure); a confirmed submission is one more line here.
-SUBMISSIONS = (Submission("unconfirmed", {}, None),)
+#: One row each beside each baseline. Unconfirmed (the kernel queue only) must keep the
+#: baseline's figure; a confirmed submission is one more line here.
+SUBMISSIONS = (Submission("unconfirmed", {}, None, Target(">=", 1.0)),)
 
 
 def say(message: str) -> None:
@@ -90,6 +99,8 @@ class Bench:
         self.allowed = os.sched_getaffinity(0)
         self.one_cpu = {min(self.allowed)}
         self.daemons: dict[int, BenchDaemon] = {}
+        self.baseline: BenchDaemon | None = None
+        self.baseline_rev = ""
         self.loaded: dict[str, Memory] = {}
 
     # --- the parts, in order ----------------------------------------------------------
@@ -101,6 +112,7 @@ class Bench:
         self.keys.update(self.raw.keys)
         for workers in (1, 2, 4):
             self.daemons[workers] = self._daemon(BenchDaemon(f"{workers}w", workers=workers))
+        self.baseline = self._baseline_daemon()
         self.raw.round_trips(0.05)  # warm-up
         self.extra["memory_idle"] = self._memory()
 
@@ -334,25 +346,50 @@ class Bench:
 
     def jobs(self, binlog: BeanstalkPeer | None) -> None:
         """Fire-and-forget jobs completed per second on one worker, each way of submitting
-        in SUBMISSIONS, interleaved with beanstalkd's put + reserve + delete with its
-        binlog on (when there is one: ``binlog``)."""
+        in SUBMISSIONS, interleaved in the same rounds with each baseline there is:
+        beanstalkd's put + reserve + delete with its binlog on (``binlog``), and the
+        --baseline commit's daemon, submitted to unconfirmed."""
         subjects = [(s.name, self._ff(self.daemons[1], s.options)) for s in SUBMISSIONS]
-        base = "beanstalkd -b"
+        bases: list[tuple[str, str, Callable[[Submission], Target | None], str]] = []
         pids: list[int] = []
         if binlog is not None:
             peer = binlog
-            subjects.append((base, lambda: peer.jobs(self.args.seconds)))
-            pids = peer.pids()
             peer.jobs(0.05)  # warm-up
+            subjects.append(("beanstalkd -b", lambda: peer.jobs(self.args.seconds)))
+            pids = peer.pids()
+            bases.append(
+                (
+                    "beanstalkd -b",
+                    "beanstalkd -b put+reserve+delete",
+                    lambda s: s.over_beanstalkd,
+                    "first submit until the last is done; beanstalkd: 1 forked worker, "
+                    "binlog fsync every 50 ms (its default)",
+                )
+            )
+        if self.baseline is not None:
+            subjects.append(("baseline", self._ff(self.baseline)))
+            label = f"ipcd {self.baseline_rev}, unconfirmed"
+            note = "the baseline commit's daemon beside it, 1 worker"
+            bases.append(("baseline", label, lambda s: s.over_baseline, note))
         for placement, cpus in self._placements():
             self._place(cpus, extra=pids)
             say(f"fire-and-forget jobs completed/s, {placement}")
             samples = interleave(subjects, self.args.rounds)
             for submission in SUBMISSIONS:
                 what = f"jobs completed/s, Client.submit {submission.name}, 1 worker"
-                if base not in samples:
+                for base, base_label, target, note in bases:
+                    self._ratio_row(
+                        what,
+                        placement,
+                        base_label,
+                        samples,
+                        base,
+                        submission.name,
+                        target(submission),
+                        note=note,
+                    )
+                if not bases:
                     ours = samples[submission.name]
-                    note = "no beanstalkd -b beside it"
                     self.rows.append(
                         Row(
                             what,
@@ -361,22 +398,10 @@ class Bench:
                             None,
                             median(ours),
                             "rate",
-                            note=note,
+                            note="no baseline: no beanstalkd, no --baseline",
                             samples={"ipcd": ours},
                         )
                     )
-                    continue
-                self._ratio_row(
-                    what,
-                    placement,
-                    "beanstalkd -b put+reserve+delete",
-                    samples,
-                    base,
-                    submission.name,
-                    submission.target,
-                    note="first submit until the last is done; beanstalkd: 1 forked worker, "
-                    "binlog fsync every 50 ms (its default)",
-                )
         self._place(self.allowed, extra=pids)
 
     def _beanstalkd(self, exe: str) -> None:
@@ -463,7 +488,7 @@ class Bench:
                         "kib",
                         note=f"PSS {largest.pss / 1024:.1f} MiB, peak {largest.hwm / 1024:.1f} MiB"
                         + ("" if when == "idle" else ", sampled while jobs were queued"),
-                        limit_kib=IDLE_RSS_LIMIT_KIB if when == "idle" else None,
+                        limit=IDLE_RSS_LIMIT_KIB if when == "idle" else None,
                     )
                 )
 
@@ -484,9 +509,24 @@ class Bench:
         self.keys.update(daemon.keys.all())
         return daemon
 
+    def _baseline_daemon(self) -> BenchDaemon | None:
+        """A 1-worker daemon running the --baseline commit's ipcd, or None (said)."""
+        rev = self.args.baseline
+        if not rev:
+            self.skipped("baseline daemon", "--baseline ''")
+            return None
+        source = Path(self.stack.enter_context(tempfile.TemporaryDirectory(prefix="ipcd-base-")))
+        try:
+            self.baseline_rev = export(rev, source)
+        except RuntimeError as exc:
+            self.skipped("baseline daemon", str(exc))
+            return None
+        say(f"starting a daemon with 1 worker from commit {self.baseline_rev}")
+        return self._daemon(BenchDaemon("base", workers=1, source=source))
+
     def _place(self, cpus: set[int], extra: list[int] | None = None) -> None:
         pids = [*self.raw.pids(), *(extra or [])]
-        for daemon in self.daemons.values():
+        for daemon in [*self.daemons.values(), *filter(None, [self.baseline])]:
             pids += daemon.pids()
         place(pids, cpus)
 
@@ -613,6 +653,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="fewer and shorter rounds")
     parser.add_argument("--no-peers", action="store_true", help="skip beanstalkd and tsp")
+    parser.add_argument(
+        "--baseline",
+        default=BASELINE_REV,
+        metavar="REV",
+        help="run a daemon from this commit beside today's for the jobs-completed rows "
+        "('' for none; default: main before the job store)",
+    )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON file")
     args = parser.parse_args(argv)
     if args.quick:
