@@ -17,7 +17,9 @@ The steps, in the order they run:
    fire-and-forget jobs completed per second against beanstalkd's put + reserve +
    delete with its binlog on (ipcd's figures even without beanstalkd), task-spooler
    against ``ipcctl``;
-8. stop everything, check that no IPC object of the bench is left, print the table and
+8. the job store alone (bench.store): ``list(limit=50)`` over 100,000 jobs, and the size
+   of its files after 1,000,000 jobs passed through it with the default retention;
+9. stop everything, check that no IPC object of the bench is left, print the table and
    write it as JSON (bench/results/latest.json).
 
 Medians of the rounds are compared; each ratio is ipcd's figure over the baseline's.
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from bench import cpu, measure, peers, raw, report, startup
+from bench import store as job_store
 from bench.daemon import IPCCTL, ROOT, BenchDaemon, child_env, export
 from bench.measure import interleave, median, place
 from bench.memory import Memory, memory
@@ -56,6 +59,8 @@ WAIT_TARGET = Target("<=", 1.6)
 BIG_TARGET = Target(">=", 0.4)
 SCALING_TARGET = Target(">=", 1.7)
 IDLE_RSS_LIMIT_KIB = 30 * 1024
+#: ``ipcctl list -n 50`` over 100,000 jobs answers within this (issue 12).
+LIST_LIMIT = 0.2
 #: The issue asks ipcd's request/reply for twice beanstalkd's (issue 12; 2.4x before it).
 PEER_RT_TARGET = Target(">=", 2.0)
 BEANSTALKD_HINT = "apt-get install beanstalkd"
@@ -469,6 +474,68 @@ class Bench:
             note=f"{jobs} commands then wait; ipcd: ipcctl submit",
         )
 
+    def store_alone(self) -> None:
+        """The job store with no daemon, in this process: ``list(limit=50)`` over a store
+        of LIST_JOBS jobs, and its files' size after THROUGH_JOBS jobs passed through it
+        with the default retention (bench.store)."""
+        listed_jobs, passed_jobs = self.args.store_jobs
+        say(f"the job store alone: list over {listed_jobs:,} jobs")
+        with job_store.scratch_store("list.db") as (store, _):
+            listed = job_store.list_times(store, listed_jobs, self.args.rounds)
+        states = ", ".join(f"{n:,} {state}" for state, n in listed.states.items() if n)
+        for what, times in (("newest first", listed.newest), ("queued", listed.queued)):
+            self.rows.append(
+                Row(
+                    f"store.list(limit=50), {what}, {listed_jobs:,} jobs",
+                    "unpinned",
+                    "",
+                    None,
+                    median(times),
+                    "seconds",
+                    note=f"the store's part of ipcctl list -n 50; slowest "
+                    f"{report.fmt(max(times), 'seconds')}; {states}",
+                    samples={"ipcd": times},
+                    limit=LIST_LIMIT,
+                )
+            )
+        say(f"the job store alone: {passed_jobs:,} jobs through it, default retention")
+        with job_store.scratch_store("through.db") as (store, path):
+            passed = job_store.through(store, path, passed_jobs)
+        last = passed.sizes[-1]
+        on_the_way = ", ".join(
+            f"{report.fmt(size.total, 'bytes')} at {size.jobs:,}" for size in passed.sizes
+        )
+        self.rows.append(
+            Row(
+                f"store files after {passed_jobs:,} jobs, default retention",
+                "unpinned",
+                "",
+                None,
+                float(last.total),
+                "bytes",
+                note=f"db {report.fmt(last.db, 'bytes')} + wal {report.fmt(last.wal, 'bytes')}"
+                f" + shm; {last.kept:,} jobs kept; retain() every {job_store.RETAIN_EVERY:,};"
+                f" {on_the_way}",
+            )
+        )
+        self.rows.append(
+            Row(
+                "store alone: jobs through add + claim + finish",
+                "unpinned",
+                "",
+                None,
+                passed.rate,
+                "rate",
+                note="one process: batches of 100 added and claimed, each finished in its "
+                "own transaction; sync=normal",
+            )
+        )
+        self.extra["store"] = {
+            "list": listed._asdict(),
+            "sizes": [size._asdict() for size in passed.sizes],
+            "through_rate": passed.rate,
+        }
+
     def memory_rows(self) -> None:
         idle: dict[str, Memory] = self.extra["memory_idle"]
         for when, table in (("idle", idle), ("under load", self.loaded)):
@@ -660,6 +727,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="run a daemon from this commit beside today's for the jobs-completed rows "
         "('' for none; default: main before the job store)",
     )
+    parser.add_argument(
+        "--store-jobs",
+        type=int,
+        nargs=2,
+        metavar=("LIST", "THROUGH"),
+        help="jobs in the store for list, and jobs passed through it with retention "
+        f"(default {job_store.LIST_JOBS:,} and {job_store.THROUGH_JOBS:,}; "
+        "--quick: 20,000 and 100,000)",
+    )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON file")
     args = parser.parse_args(argv)
     if args.quick:
@@ -667,6 +743,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.busy_ms, args.busy_jobs = 10, 40
     args.command_rounds, args.command_runs = (2, 8) if args.quick else (5, 10)
     args.peer_rounds, args.shell_jobs = (2, 10) if args.quick else (3, 20)
+    if args.store_jobs is None:
+        full = (job_store.LIST_JOBS, job_store.THROUGH_JOBS)
+        args.store_jobs = (20_000, 100_000) if args.quick else full
     return args
 
 
@@ -685,6 +764,7 @@ def main(argv: list[str] | None = None) -> int:
             bench.commands()
             bench.sixteen_mib()
             bench.peers()
+            bench.store_alone()
             bench.memory_rows()
         finally:
             left = bench.teardown()
@@ -709,6 +789,7 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": args.rounds,
             "memory_idle": bench.extra["memory_idle"],
             "memory_under_load": bench.loaded,
+            "store": bench.extra.get("store"),
             "leftovers": left,
         },
     )

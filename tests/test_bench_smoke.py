@@ -22,6 +22,7 @@ import pytest
 from conftest import Instance
 
 from bench import measure, peers
+from bench import store as job_store
 from bench.run import BEANSTALKD_HINT, SUBMISSIONS
 from ipcd.client import Client
 
@@ -143,3 +144,29 @@ def test_fire_and_forget_waits_for_every_job(daemon: Instance) -> None:
         assert client.store.header().error_count == 0
     finally:
         client.store.close()
+
+
+def test_store_bench_fills_mixed_states_and_applies_retention() -> None:
+    """bench.store fills a store with its stated mix of states, and passes jobs through it
+    calling retain() every so many jobs, sizing the files as it goes."""
+    with job_store.scratch_store("list.db") as (store, _):
+        listed = job_store.list_times(store, 3000, rounds=2)
+    assert listed.states == {
+        "queued": 1050,
+        "scheduled": 300,
+        "running": 0,
+        "done": 1350,
+        "failed": 150,
+        "cancelled": 150,
+    }
+    assert len(listed.newest) == len(listed.queued) == 2
+    with job_store.scratch_store("through.db") as (store, path):
+        passed = job_store.through(store, path, 12_000, retain_every=5000, sizes_every=5000)
+    # One job in a hundred fails; retain() keeps the newest 1000 done at 5000 and 10000.
+    assert [(size.jobs, size.kept) for size in passed.sizes] == [
+        (5000, 1050),
+        (10_000, 1100),
+        (12_000, 1000 + 1980 + 120),
+    ]
+    assert all(size.db > 0 for size in passed.sizes)
+    assert not path.parent.exists()
