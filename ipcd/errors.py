@@ -39,6 +39,9 @@ class ExitCode(enum.IntEnum):
     ALREADY_RUNNING = 73
     #: ``ipcctl stats --output``: the file cannot be written (EX_CANTCREAT).
     CANT_CREATE = 73
+    #: The job store (``[store] path``) is missing, unreadable, read-only, corrupt or full
+    #: (EX_IOERR).
+    STORE = 74
     #: The queue stayed full for the whole timeout; the job was not accepted (EX_TEMPFAIL).
     QUEUE_FULL = 75
     #: ``--wait``: the daemon said the job ended, but its result could not be kept (the
@@ -193,6 +196,27 @@ class InternalError(IpcdError, RuntimeError):
     """A bug in ipcd: an exception nobody expected reached the command line."""
 
     exit_code = ExitCode.SOFTWARE
+
+
+class StoreError(IpcdError, OSError):
+    """The job store cannot do what was asked; the message names its path, the cause and
+    what the operator can do."""
+
+    exit_code = ExitCode.STORE
+
+
+class StoreUnavailableError(StoreError):
+    """The job store cannot be opened or written: its directory is missing, permission is
+    denied, the file or its directory is read-only, or another process holds it locked."""
+
+
+class StoreCorruptError(StoreError):
+    """The job store's file is not a database, is malformed, or has a newer schema than
+    this ipcd knows."""
+
+
+class StoreFullError(StoreError):
+    """The job store's file system (or its size limit) is full."""
 
 
 class MessageError(IpcdError, ValueError):

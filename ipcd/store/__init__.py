@@ -1,0 +1,64 @@
+"""The job store: every job the daemon accepts, its state, body and outcome.
+
+The store is the single source of truth for a job's state (issue 12): the intake commits
+what it takes off the kernel queue here, the master claims jobs from here in dispatch
+order, workers record outcomes here, and the control process answers ``ipcctl list``,
+``cancel``, ``pause`` and the rest from here. The shared-memory tables that remain are
+caches and hand-off points.
+
+This package is the interface (the seam for a later PostgreSQL store behind the same
+protocol): the types and :class:`JobStore` (ipcd.store.model), and :func:`open_store`,
+which opens the default implementation, SQLite (ipcd.store.sqlite, with its schema in
+ipcd.store.schema). It is the only package that imports ``sqlite3``; a caller that must
+stay lean (ipcctl, ipcd.client) imports ipcd.store.model for :class:`State`, never this
+package, whose :func:`open_store` loads ``sqlite3``.
+
+Each process opens its own store after it forks, and never shares it with a child.
+"""
+
+from __future__ import annotations
+
+from ipcd.store.model import (
+    FINAL,
+    WAITING,
+    Backlog,
+    JobRecord,
+    JobStore,
+    NewJob,
+    Retention,
+    State,
+)
+
+__all__ = [
+    "FINAL",
+    "WAITING",
+    "Backlog",
+    "JobRecord",
+    "JobStore",
+    "NewJob",
+    "Retention",
+    "State",
+    "open_store",
+]
+
+
+def open_store(
+    path: str,
+    *,
+    sync: str = "normal",
+    busy_timeout: int = 10_000,
+    max_result: int = 1 << 20,
+) -> JobStore:
+    """Open the job store at ``path`` for this process (``[store] path``, ``sync``,
+    ``max_result``; ``busy_timeout`` in milliseconds): the file and its directory's
+    checks, creation, pragmas and migrations are ipcd.store.sqlite.connect's.
+
+    Raises StoreUnavailableError, StoreCorruptError or StoreFullError (exit status 74)
+    with a message naming the path, the cause and what to do; ConfigError for a ``sync``
+    other than "normal" or "full".
+    """
+    # Imported here, not above: importing ipcd.store for its types must not load sqlite3.
+    from ipcd.store.sqlite import SqliteStore, connect
+
+    conn = connect(path, sync=sync, busy_timeout=busy_timeout)
+    return SqliteStore(conn, path, max_result=max_result)

@@ -1,0 +1,278 @@
+"""The job store's shapes: a job's states, what the intake adds, what the store returns,
+and the :class:`JobStore` protocol every implementation serves.
+
+They live apart from the package's ``__init__`` so that an implementation
+(ipcd.store.sqlite) can import them while ``__init__`` imports the implementation, without a
+cycle; and so that a lean caller (ipcctl parsing ``--state``) can use :class:`State` without
+loading ``sqlite3``. ``from ipcd.store import State`` is the usual spelling on the daemon's
+side.
+
+The protocol is the seam for a later PostgreSQL store (several hosts sharing one queue):
+callers speak only these types and ipcd's own exceptions (ipcd.errors.StoreError and its
+subclasses), never a driver's.
+"""
+
+from __future__ import annotations
+
+import builtins
+import enum
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
+
+
+class State(enum.StrEnum):
+    """Where a job is in its life; the value is what the store records and ``list`` shows."""
+
+    #: Waiting to be dispatched, in dispatch order (type, priority, age).
+    QUEUED = "queued"
+    #: Waiting for its due time (``--delay``, or a retry's back-off); then QUEUED.
+    SCHEDULED = "scheduled"
+    #: Handed to a worker.
+    RUNNING = "running"
+    #: Final: the handler returned.
+    DONE = "done"
+    #: Final: the handler failed for good, or the message was rejected at intake.
+    FAILED = "failed"
+    #: Final: an operator cancelled it (``ipcctl cancel``).
+    CANCELLED = "cancelled"
+
+
+#: The states a job never leaves by itself (``retry`` alone turns FAILED or CANCELLED back).
+FINAL = frozenset({State.DONE, State.FAILED, State.CANCELLED})
+#: The states whose jobs make the backlog that ``[store] max_queued`` bounds.
+WAITING = frozenset({State.QUEUED, State.SCHEDULED})
+
+
+class NewJob(NamedTuple):
+    """A job as the intake commits it (or recovery re-commits it)."""
+
+    #: 1..16 of ``[0-9A-Za-z_.-]``.
+    id: str
+    #: The message type (1..2**31-1).
+    type: int
+    #: The handler's name (``"-"`` when none, e.g. a rejected message).
+    handler: str
+    #: The message exactly as received from the kernel queue.
+    body: bytes
+    #: True: no ipcd envelope (PHP ``serialize()``, plain text, ...).
+    bare: bool
+    #: When the intake took it (``time.time()``).
+    accepted: float
+    #: The payload's size in bytes (a spilled payload: its size).
+    size: int
+    #: At most 80 printable characters of the payload, for ``list``.
+    preview: str
+    #: The envelope's ``submitted``, else ``accepted``.
+    submitted: float = 0.0
+    #: Later than ``accepted``: the job is SCHEDULED until then.
+    due: float = 0.0
+    #: Higher first, -100..100.
+    priority: int = 0
+    unique: str | None = None
+    sender_pid: int = 0
+    sender_uid: int | None = None
+    reply_to: int | None = None
+    timeout: float | None = None
+    #: Attempts already made (a job re-stored after a crash).
+    attempts: int = 0
+    #: QUEUED (SCHEDULED when ``due`` is later than ``accepted``), or FAILED (a rejected
+    #: message, with ``error``).
+    state: State = State.QUEUED
+    error: str | None = None
+
+
+class JobRecord(NamedTuple):
+    """A job as the store holds it; its body and result are read on their own
+    (:meth:`JobStore.body`, :meth:`JobStore.result`), so listing never reads them."""
+
+    id: str
+    type: int
+    handler: str
+    state: State
+    attempts: int
+    priority: int
+    unique: str | None
+    submitted: float
+    accepted: float
+    due: float
+    started: float | None
+    finished: float | None
+    sender_pid: int
+    sender_uid: int | None
+    reply_to: int | None
+    timeout: float | None
+    bare: bool
+    size: int
+    preview: str
+    worker_pid: int | None
+    error: str | None
+    result_kind: int | None
+    result_size: int | None
+
+
+class Backlog(NamedTuple):
+    """What waits to be dispatched: the figures ``[store] max_queued`` and
+    ``max_queued_bytes`` bound."""
+
+    #: Queued and scheduled jobs.
+    jobs: int
+    #: The sum of their bodies' sizes in bytes.
+    bytes: int
+
+
+class Retention(NamedTuple):
+    """How many finished jobs the store keeps (``[store] keep_*``); cancelled jobs follow
+    the failed jobs' limits."""
+
+    #: The newest N done jobs are kept (0: none).
+    keep_done: int
+    #: And none finished longer ago than this many seconds (0: no age limit).
+    keep_done_age: float
+    keep_failed: int
+    keep_failed_age: float
+
+
+class JobStore(Protocol):
+    """The job store: the single source of truth for every job's state.
+
+    Each process opens its own (:func:`ipcd.store.open_store`) after it forks and never
+    hands it to a child. Every method is one transaction; the ones that change jobs are
+    atomic against every other process using the same store. Failures raise
+    ipcd.errors.StoreError (StoreUnavailableError, StoreCorruptError, StoreFullError).
+
+    (``builtins.list`` below: after ``def list`` the class body's ``list`` is the method.)
+    """
+
+    def add(self, jobs: Sequence[NewJob]) -> list[str]:
+        """Commit ``jobs`` in one transaction; ids already present are skipped (recovery
+        re-adds safely). Returns the ids inserted, in the order given."""
+        ...
+
+    def claim(self, n: int, now: float) -> list[tuple[JobRecord, bytes]]:
+        """Up to ``n`` QUEUED jobs of types not paused, in dispatch order (type ascending,
+        priority descending, accepted, id); each becomes RUNNING with ``attempts + 1`` and
+        ``started = now``, and is returned as it is now, with its body. Two processes never
+        claim the same job."""
+        ...
+
+    def promote_due(self, now: float) -> int:
+        """SCHEDULED jobs due at or before ``now`` become QUEUED; returns how many."""
+        ...
+
+    def next_due(self) -> float | None:
+        """The earliest due time of a SCHEDULED job; None when there is none."""
+        ...
+
+    def mark_worker(self, job_id: str, pid: int) -> None:
+        """Record which worker process runs the job."""
+        ...
+
+    def finish(
+        self,
+        job_id: str,
+        *,
+        ok: bool,
+        finished: float,
+        result_kind: int | None,
+        data: bytes | None,
+        error: str | None,
+    ) -> bool:
+        """A job not yet final becomes DONE (``ok``) or FAILED. ``data`` is kept when it is
+        not larger than the store's ``max_result``, else only its size. A job already
+        final (CANCELLED by an operator, say) stays as it is: returns False."""
+        ...
+
+    def requeue(self, job_id: str, *, due: float, attempts: int | None = None) -> bool:
+        """A job not yet final goes back to QUEUED (``due`` not later than now) or
+        SCHEDULED; ``attempts`` unchanged unless given. False when the job is gone or
+        final."""
+        ...
+
+    def cancel(
+        self,
+        ids: Sequence[str] = (),
+        *,
+        types: Sequence[int] = (),
+        states: Sequence[State] = (State.QUEUED, State.SCHEDULED),
+        running: bool = False,
+        now: float,
+    ) -> list[JobRecord]:
+        """Jobs with one of ``ids`` and of one of ``types`` (either may be empty, not both)
+        that are QUEUED or SCHEDULED (among ``states``), or RUNNING with ``running``,
+        become CANCELLED (``finished = now``). Returns them as they were."""
+        ...
+
+    def get(self, job_id: str) -> JobRecord | None:
+        """The job's record; None when the store does not hold it."""
+        ...
+
+    def body(self, job_id: str) -> bytes | None:
+        """The job's message as received; None when the store does not hold it."""
+        ...
+
+    def result(self, job_id: str) -> tuple[int, bytes] | None:
+        """The job's stored result as (kind, data); None when none is kept."""
+        ...
+
+    def list(
+        self,
+        *,
+        states: Sequence[State] = (),
+        types: Sequence[int] = (),
+        unique: str | None = None,
+        limit: int = 50,
+    ) -> list[JobRecord]:
+        """At most ``limit`` jobs matching every filter given (empty: any), newest first
+        (accepted descending); with ``states == [QUEUED]`` alone, in dispatch order."""
+        ...
+
+    def retry(self, job_id: str, now: float) -> JobRecord | None:
+        """A FAILED or CANCELLED job becomes QUEUED again as a new job would (accepted
+        ``now``, attempts 0, error and result cleared); None when it is not one of those."""
+        ...
+
+    def pause(self, types: Sequence[int], now: float) -> None:
+        """Stop claiming jobs of ``types`` (empty: every type, recorded as type 0)."""
+        ...
+
+    def resume(self, types: Sequence[int]) -> None:
+        """Claim jobs of ``types`` again (empty: lift every pause)."""
+        ...
+
+    def paused(self) -> dict[int, float]:
+        """The paused types and since when (type 0: everything)."""
+        ...
+
+    def running(self, types: Sequence[int] = ()) -> builtins.list[JobRecord]:
+        """The RUNNING jobs (of ``types``, when given), oldest start first."""
+        ...
+
+    def counts(self) -> dict[State, int]:
+        """How many jobs the store holds in each state (every state is a key)."""
+        ...
+
+    def backlog(self) -> Backlog:
+        """Queued and scheduled jobs and their bytes, in constant time."""
+        ...
+
+    def purge(self, states: Sequence[State], older_than: float | None, now: float) -> int:
+        """Delete finished jobs in ``states`` (finished more than ``older_than`` seconds
+        before ``now``, when given); returns how many."""
+        ...
+
+    def retain(self, policy: Retention, now: float) -> int:
+        """Delete the finished jobs beyond ``policy``'s limits; returns how many."""
+        ...
+
+    def reset_running(self) -> builtins.list[JobRecord]:
+        """At daemon start: every RUNNING job back to QUEUED (attempts kept: its next claim
+        counts the next attempt). Returns them as they were."""
+        ...
+
+    def check(self) -> builtins.list[str]:
+        """The store's problems (integrity, schema version, counters); [] when sound."""
+        ...
+
+    def close(self) -> None:
+        """Close the connection; the store is not used afterwards."""
+        ...

@@ -1,0 +1,175 @@
+"""The SQLite job store's schema: its version and the ordered migrations that reach it.
+
+The file records its schema version in ``PRAGMA user_version`` (0 in a new file).
+:func:`migrate` runs at every open: it applies, in one ``BEGIN IMMEDIATE`` transaction,
+each migration above the file's version, so that a file made by an older ipcd is brought
+up to date and two processes opening a new file at once migrate it once. A file whose
+version is newer than :data:`VERSION` was written by a newer ipcd: it is refused
+(StoreCorruptError) rather than read with the wrong idea of its columns.
+
+A migration is a tuple of statements and is never edited once released; a change to the
+schema is a new migration appended to :data:`MIGRATIONS`.
+
+Version 1:
+
+- ``jobs``: one row per job, the columns of ipcd.store.JobRecord (``unique_key`` for
+  ``unique``, a keyword in SQL) plus ``body_size``, the length of its body.
+- ``bodies`` and ``results``: the message and the stored result, by reference, so that
+  listing and claiming never read a blob they do not need; deleted with their job.
+- ``paused``: the paused types and since when (type 0: everything).
+- ``tally``: jobs and body bytes per state, kept by triggers in the same statement as the
+  change, so that the backlog and the counts are read in constant time.
+- indexes: claiming (QUEUED jobs in dispatch order), promoting (SCHEDULED by due time),
+  retention (finished jobs by state and time), listing by state and by type and state
+  (newest first), and unique keys. The claim and due indexes are partial, so a job is in
+  them only while it waits.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from ipcd.errors import StoreCorruptError
+
+#: The schema version this ipcd writes and reads.
+VERSION = 1
+
+_V1 = (
+    """
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        type INTEGER NOT NULL,
+        handler TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN
+            ('queued', 'scheduled', 'running', 'done', 'failed', 'cancelled')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        priority INTEGER NOT NULL DEFAULT 0,
+        unique_key TEXT,
+        submitted REAL NOT NULL,
+        accepted REAL NOT NULL,
+        due REAL NOT NULL DEFAULT 0,
+        started REAL,
+        finished REAL,
+        sender_pid INTEGER NOT NULL DEFAULT 0,
+        sender_uid INTEGER,
+        reply_to INTEGER,
+        timeout REAL,
+        bare INTEGER NOT NULL DEFAULT 0,
+        size INTEGER NOT NULL,
+        preview TEXT NOT NULL DEFAULT '',
+        worker_pid INTEGER,
+        error TEXT,
+        result_kind INTEGER,
+        result_size INTEGER,
+        body_size INTEGER NOT NULL DEFAULT 0
+    )
+    """,
+    """
+    CREATE TABLE bodies (
+        job_id TEXT PRIMARY KEY REFERENCES jobs (id) ON DELETE CASCADE,
+        body BLOB NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE results (
+        job_id TEXT PRIMARY KEY REFERENCES jobs (id) ON DELETE CASCADE,
+        kind INTEGER NOT NULL,
+        data BLOB NOT NULL
+    )
+    """,
+    "CREATE TABLE paused (type INTEGER PRIMARY KEY, since REAL NOT NULL)",
+    """
+    CREATE TABLE tally (
+        state TEXT PRIMARY KEY,
+        jobs INTEGER NOT NULL,
+        bytes INTEGER NOT NULL
+    )
+    """,
+    """
+    INSERT INTO tally (state, jobs, bytes) VALUES ('queued', 0, 0), ('scheduled', 0, 0),
+        ('running', 0, 0), ('done', 0, 0), ('failed', 0, 0), ('cancelled', 0, 0)
+    """,
+    """
+    CREATE TRIGGER jobs_tally_insert AFTER INSERT ON jobs BEGIN
+        UPDATE tally SET jobs = jobs + 1, bytes = bytes + NEW.body_size
+            WHERE state = NEW.state;
+    END
+    """,
+    """
+    CREATE TRIGGER jobs_tally_delete AFTER DELETE ON jobs BEGIN
+        UPDATE tally SET jobs = jobs - 1, bytes = bytes - OLD.body_size
+            WHERE state = OLD.state;
+    END
+    """,
+    """
+    CREATE TRIGGER jobs_tally_update AFTER UPDATE OF state, body_size ON jobs
+    WHEN OLD.state <> NEW.state OR OLD.body_size <> NEW.body_size BEGIN
+        UPDATE tally SET jobs = jobs - 1, bytes = bytes - OLD.body_size
+            WHERE state = OLD.state;
+        UPDATE tally SET jobs = jobs + 1, bytes = bytes + NEW.body_size
+            WHERE state = NEW.state;
+    END
+    """,
+    """
+    CREATE INDEX jobs_claim ON jobs (type, priority DESC, accepted, id)
+        WHERE state = 'queued'
+    """,
+    "CREATE INDEX jobs_due ON jobs (due) WHERE state = 'scheduled'",
+    """
+    CREATE INDEX jobs_finished ON jobs (state, finished, id)
+        WHERE finished IS NOT NULL
+    """,
+    "CREATE INDEX jobs_state ON jobs (state, accepted, id)",
+    "CREATE INDEX jobs_type ON jobs (type, state, accepted, id)",
+    "CREATE INDEX jobs_unique ON jobs (unique_key) WHERE unique_key IS NOT NULL",
+)
+
+#: ``MIGRATIONS[i]`` takes a file from version ``i`` to ``i + 1``.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
+
+assert len(MIGRATIONS) == VERSION
+
+
+def version(conn: sqlite3.Connection) -> int:
+    """The file's schema version (``PRAGMA user_version``)."""
+    row = conn.execute("PRAGMA user_version").fetchone()
+    return int(row[0])
+
+
+def newer_error(path: str, found: int) -> StoreCorruptError:
+    """The error for a file written by a newer ipcd."""
+    return StoreCorruptError(
+        f"job store {path}: schema version {found} is newer than this ipcd knows ({VERSION}) "
+        "(run the ipcd that wrote it, or move the file aside; ipcd makes a new one)"
+    )
+
+
+def migrate(conn: sqlite3.Connection, path: str) -> None:
+    """Bring the file at ``path`` (open on ``conn``, in autocommit mode) to :data:`VERSION`.
+
+    In order: read the version without a transaction (the usual case, nothing to do,
+    takes no write lock); refuse a newer one; otherwise take the write lock
+    (``BEGIN IMMEDIATE``), read the version again (another process may have migrated
+    meanwhile), apply the missing migrations, set the version, and commit. sqlite3 errors
+    are the caller's to map; the transaction is rolled back on any failure.
+    """
+    found = version(conn)
+    if found > VERSION:
+        raise newer_error(path, found)
+    if found == VERSION:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        found = version(conn)
+        if found > VERSION:
+            raise newer_error(path, found)
+        for steps in MIGRATIONS[found:]:
+            for statement in steps:
+                conn.execute(statement)
+        # PRAGMA takes no parameters; VERSION is this module's own integer.
+        conn.execute(f"PRAGMA user_version = {VERSION:d}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise

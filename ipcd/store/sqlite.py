@@ -1,0 +1,657 @@
+"""The job store in a SQLite file: ipcd's default, embedded, single-host store.
+
+This is the only module of ipcd that imports ``sqlite3``; everything else speaks the types
+of ipcd.store.model and ipcd's own exceptions, so that a PostgreSQL store can follow
+behind the same protocol. To that end the SQL is plain, with ``?`` parameters: no
+``RETURNING``, no ``INSERT OR ...``, no ``LIMIT -1``; what is SQLite's own stays in
+:func:`connect` (the pragmas) and in ipcd.store.schema (the triggers).
+
+How it is used, and why:
+
+- **One connection per process, opened after fork.** A sqlite3 connection copied into a
+  child by ``fork`` shares its file descriptors and lock state with the parent's: using
+  it there corrupts the locking, and SQLite's documentation forbids it. Every method
+  checks the process it runs in and raises InternalError in another one.
+- **WAL mode**: readers (``ipcctl list`` through the control process) never block the
+  dispatcher and the intake, and a commit is one append to the ``-wal`` file.
+  ``[store] sync``: ``normal`` (a commit survives a crash of any process, fsync at
+  checkpoints) or ``full`` (fsync at every commit: it also survives a power cut).
+- **Autocommit connection (``isolation_level=None``) with explicit transactions.** Every
+  write is ``BEGIN IMMEDIATE`` ... ``COMMIT``: it takes the write lock before it reads
+  what it will change, so that ``claim`` in two processes never hands out one job twice;
+  a waiting writer waits ``busy_timeout`` ms, then fails as StoreUnavailableError. A
+  read of several statements is one deferred transaction, so it sees one snapshot.
+- **The file is made 0600** (under umask 077), and SQLite gives its ``-wal`` and ``-shm``
+  the database file's mode: only the daemon's user reads jobs; clients ask the daemon.
+- **Errors** become ipcd's: :func:`store_error` names the path, SQLite's cause and what
+  an operator can do, and chooses StoreUnavailableError, StoreCorruptError or
+  StoreFullError by SQLite's (extended) error name.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import heapq
+import itertools
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from ipcd.errors import (
+    ConfigError,
+    InternalError,
+    StoreCorruptError,
+    StoreError,
+    StoreFullError,
+    StoreUnavailableError,
+    UsageError,
+)
+from ipcd.store import schema
+from ipcd.store.model import (
+    FINAL,
+    WAITING,
+    Backlog,
+    JobRecord,
+    NewJob,
+    Retention,
+    State,
+)
+
+#: ``[store] sync`` to ``PRAGMA synchronous``.
+SYNC = {"normal": "NORMAL", "full": "FULL"}
+DEFAULT_BUSY_TIMEOUT = 10_000
+DEFAULT_MAX_RESULT = 1 << 20
+#: ``pause(())`` records this type: every type is paused.
+ALL_TYPES = 0
+#: How many ids one ``IN (...)`` list holds (SQLite allows 32766 parameters).
+CHUNK = 500
+_LOWEST, _HIGHEST = -(2**63), 2**63 - 1
+
+_COLUMNS = ", ".join("unique_key" if f == "unique" else f for f in JobRecord._fields)
+_SELECT = f"SELECT {_COLUMNS} FROM jobs"
+_NEWEST = "ORDER BY accepted DESC, id DESC LIMIT ?"
+_DISPATCH = "ORDER BY type, priority DESC, accepted, id"
+_INSERT_COLUMNS = (
+    "id", "type", "handler", "state", "attempts", "priority", "unique_key", "submitted",
+    "accepted", "due", "finished", "sender_pid", "sender_uid", "reply_to", "timeout", "bare",
+    "size", "preview", "error", "body_size",
+)  # fmt: skip
+_INSERT = (
+    f"INSERT INTO jobs ({', '.join(_INSERT_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(_INSERT_COLUMNS))}) ON CONFLICT (id) DO NOTHING"
+)
+# The literal 'queued' lets SQLite use the partial index jobs_claim.
+_CLAIM = f"SELECT id FROM jobs WHERE state = 'queued' AND type BETWEEN ? AND ? {_DISPATCH} LIMIT ?"
+
+
+def _marks(values: Sequence[object]) -> str:
+    return ", ".join("?" * len(values))
+
+
+def _chunks(values: Sequence[str]) -> Iterator[Sequence[str]]:
+    for start in range(0, len(values), CHUNK):
+        yield values[start : start + CHUNK]
+
+
+def _record(row: Sequence[Any]) -> JobRecord:
+    job = JobRecord._make(row)
+    return job._replace(state=State(job.state), bare=bool(job.bare))
+
+
+def _open_ranges(paused: Iterable[int]) -> Iterator[tuple[int, int]]:
+    """The ranges of types between the paused ones, in ascending order."""
+    low = _LOWEST
+    for type_ in sorted(set(paused)):
+        if type_ > low:
+            yield low, type_ - 1
+        low = type_ + 1
+    if low <= _HIGHEST:
+        yield low, _HIGHEST
+
+
+_ADVICE_CORRUPT = "restore from a backup or move it aside; ipcd makes a new one"
+_ADVICE_FULL = (
+    "free space on its file system, or keep fewer finished jobs: [store] keep_done, keep_failed"
+)
+_ADVICE_WRITE = (
+    "make the file, its -wal and -shm files and its directory readable and writable by the "
+    "daemon's user, on a file system mounted read-write"
+)
+_ADVICE_BUSY = "another process held it locked for longer than its busy timeout; try again"
+_ADVICE_IO = "check its disk and the kernel log"
+
+
+def store_error(path: str, exc: sqlite3.Error) -> StoreError:
+    """The ipcd error for a sqlite3 error on the store at ``path``, chosen by SQLite's
+    extended error name (``sqlite_errorname``, Python 3.11)."""
+    name = getattr(exc, "sqlite_errorname", None) or ""
+    cause = str(exc)
+    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+        return StoreCorruptError(f"job store {path}: {cause} ({_ADVICE_CORRUPT})")
+    if name.startswith("SQLITE_FULL"):
+        return StoreFullError(f"job store {path}: {cause} ({_ADVICE_FULL})")
+    if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_AUTH")):
+        return StoreUnavailableError(f"job store {path}: {cause} ({_ADVICE_WRITE})")
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        return StoreUnavailableError(f"job store {path}: {cause} ({_ADVICE_BUSY})")
+    if name.startswith("SQLITE_IOERR"):
+        return StoreUnavailableError(f"job store {path}: {cause} ({_ADVICE_IO})")
+    return StoreError(f"job store {path}: {cause}")
+
+
+def _os_error(path: str, exc: OSError) -> StoreError:
+    """The ipcd error for creating or opening the store's file at ``path``."""
+    cause = exc.strerror or str(exc)
+    if exc.errno is not None and exc.errno == getattr(os, "ENOSPC", None):
+        return StoreFullError(f"job store {path}: {cause} ({_ADVICE_FULL})")
+    return StoreUnavailableError(f"job store {path}: {cause} ({_ADVICE_WRITE})")
+
+
+def connect(
+    path: str, *, sync: str = "normal", busy_timeout: int = DEFAULT_BUSY_TIMEOUT
+) -> sqlite3.Connection:
+    """Open the store's file at ``path`` for this process, and bring its schema up to date.
+
+    In order: check ``sync``; refuse a missing directory (the daemon never makes one: its
+    owner and mode are the operator's); under umask 077, create the file 0600 when it is
+    missing and open it for writing once (so a read-only file or file system fails here,
+    not at the first job); connect in autocommit mode; set ``busy_timeout``,
+    ``journal_mode=WAL``, ``synchronous`` and ``foreign_keys``; and migrate
+    (ipcd.store.schema). Every failure is a StoreError naming the path.
+    """
+    if sync not in SYNC:
+        raise ConfigError(f"[store] sync must be 'normal' or 'full', not {sync!r}")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise StoreUnavailableError(
+            f"job store {path}: its directory {directory} does not exist "
+            "(create it, writable by the daemon's user only)"
+        )
+    conn: sqlite3.Connection | None = None
+    # umask is per process; ipcd's processes are single-threaded, so nothing else makes a
+    # file meanwhile. SQLite gives -wal and -shm the database file's mode, and they are
+    # made under this umask too when this open is the first.
+    umask = os.umask(0o077)
+    try:
+        try:
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        except OSError as exc:
+            raise _os_error(path, exc) from exc
+        conn = sqlite3.connect(path, timeout=busy_timeout / 1000, isolation_level=None)
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout):d}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StoreUnavailableError(
+                f"job store {path}: cannot use write-ahead logging (journal mode stays "
+                f"{mode}) ({_ADVICE_WRITE})"
+            )
+        conn.execute(f"PRAGMA synchronous = {SYNC[sync]}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        schema.migrate(conn, path)
+    except sqlite3.Error as exc:
+        if conn is not None:
+            conn.close()
+        raise store_error(path, exc) from exc
+    except BaseException:
+        if conn is not None:
+            conn.close()
+        raise
+    finally:
+        os.umask(umask)
+    return conn
+
+
+class SqliteStore:
+    """ipcd.store.JobStore over one sqlite3 connection (made by :func:`connect`).
+
+    ``max_result``: results larger than this many bytes are not kept, only their size.
+    """
+
+    def __init__(
+        self, conn: sqlite3.Connection, path: str, *, max_result: int = DEFAULT_MAX_RESULT
+    ) -> None:
+        self._conn = conn
+        self._path = path
+        self._max_result = max_result
+        self._pid = os.getpid()
+
+    # -- transactions -------------------------------------------------------------------
+
+    def _own(self) -> sqlite3.Connection:
+        if os.getpid() != self._pid:
+            raise InternalError(
+                f"job store {self._path}: a connection opened in process {self._pid} was "
+                f"used in process {os.getpid()}; each process opens its own after fork"
+            )
+        return self._conn
+
+    @contextlib.contextmanager
+    def _transaction(self, begin: str) -> Iterator[sqlite3.Connection]:
+        """``begin`` ... ``COMMIT``, rolled back on any error; sqlite3 errors become
+        StoreErrors. (SQLite may have rolled back already, after SQLITE_FULL say.)"""
+        conn = self._own()
+        try:
+            conn.execute(begin)
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise store_error(self._path, exc) from exc
+
+    def _write(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """A write transaction: the write lock is taken before the first read."""
+        return self._transaction("BEGIN IMMEDIATE")
+
+    def _read(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """A read transaction: its statements see one snapshot."""
+        return self._transaction("BEGIN")
+
+    @staticmethod
+    def _get(db: sqlite3.Connection, job_id: str) -> JobRecord | None:
+        row = db.execute(f"{_SELECT} WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else _record(row)
+
+    @staticmethod
+    def _records(db: sqlite3.Connection, sql: str, params: Sequence[object]) -> list[JobRecord]:
+        return [_record(row) for row in db.execute(sql, params)]
+
+    # -- adding and dispatching ---------------------------------------------------------
+
+    def add(self, jobs: Sequence[NewJob]) -> builtins.list[str]:
+        inserted: list[str] = []
+        with self._write() as db:
+            for job in jobs:
+                state = job.state
+                if state is State.QUEUED and job.due > job.accepted:
+                    state = State.SCHEDULED
+                if state not in (State.QUEUED, State.SCHEDULED, State.FAILED):
+                    raise InternalError(f"job {job.id}: a new job cannot be {state}")
+                finished = job.accepted if state is State.FAILED else None
+                values = (
+                    job.id, job.type, job.handler, state.value, job.attempts, job.priority,
+                    job.unique, job.submitted or job.accepted, job.accepted, job.due, finished,
+                    job.sender_pid, job.sender_uid, job.reply_to, job.timeout, int(job.bare),
+                    job.size, job.preview, job.error, len(job.body),
+                )  # fmt: skip
+                if db.execute(_INSERT, values).rowcount == 1:
+                    db.execute(
+                        "INSERT INTO bodies (job_id, body) VALUES (?, ?)", (job.id, job.body)
+                    )
+                    inserted.append(job.id)
+        return inserted
+
+    def claim(self, n: int, now: float) -> builtins.list[tuple[JobRecord, bytes]]:
+        if n <= 0:
+            return []
+        claimed: list[tuple[JobRecord, bytes]] = []
+        with self._write() as db:
+            paused = [row[0] for row in db.execute("SELECT type FROM paused")]
+            if ALL_TYPES in paused:
+                return []
+            ids: list[str] = []
+            # One index range per stretch of types between paused ones: a paused type's
+            # waiting jobs are skipped by the index, never read.
+            for low, high in _open_ranges(paused):
+                ids += [row[0] for row in db.execute(_CLAIM, (low, high, n - len(ids)))]
+                if len(ids) >= n:
+                    break
+            for job_id in ids:
+                db.execute(
+                    "UPDATE jobs SET state = 'running', attempts = attempts + 1, "
+                    "started = ?, finished = NULL, worker_pid = NULL "
+                    "WHERE id = ? AND state = 'queued'",
+                    (now, job_id),
+                )
+                record = self._get(db, job_id)
+                body = db.execute("SELECT body FROM bodies WHERE job_id = ?", (job_id,))
+                row = body.fetchone()
+                if record is not None:
+                    claimed.append((record, b"" if row is None else bytes(row[0])))
+        return claimed
+
+    def promote_due(self, now: float) -> int:
+        with self._write() as db:
+            return db.execute(
+                "UPDATE jobs SET state = 'queued' WHERE state = 'scheduled' AND due <= ?",
+                (now,),
+            ).rowcount
+
+    def next_due(self) -> float | None:
+        with self._read() as db:
+            row = db.execute("SELECT MIN(due) FROM jobs WHERE state = 'scheduled'").fetchone()
+        return None if row[0] is None else float(row[0])
+
+    def mark_worker(self, job_id: str, pid: int) -> None:
+        with self._write() as db:
+            db.execute("UPDATE jobs SET worker_pid = ? WHERE id = ?", (pid, job_id))
+
+    def finish(
+        self,
+        job_id: str,
+        *,
+        ok: bool,
+        finished: float,
+        result_kind: int | None,
+        data: bytes | None,
+        error: str | None,
+    ) -> bool:
+        with self._write() as db:
+            changed = db.execute(
+                "UPDATE jobs SET state = ?, finished = ?, error = ?, result_kind = ?, "
+                "result_size = ?, worker_pid = NULL WHERE id = ? AND state IN (?, ?, ?)",
+                (
+                    State.DONE.value if ok else State.FAILED.value,
+                    finished,
+                    error,
+                    result_kind,
+                    None if data is None else len(data),
+                    job_id,
+                    *_values(_NOT_FINAL),
+                ),
+            ).rowcount
+            if changed != 1:
+                return False
+            db.execute("DELETE FROM results WHERE job_id = ?", (job_id,))
+            if data is not None and len(data) <= self._max_result:
+                db.execute(
+                    "INSERT INTO results (job_id, kind, data) VALUES (?, ?, ?)",
+                    (job_id, 0 if result_kind is None else result_kind, data),
+                )
+        return True
+
+    def requeue(self, job_id: str, *, due: float, attempts: int | None = None) -> bool:
+        # The protocol gives no clock here: a due time not later than now means queued.
+        state = State.QUEUED if due <= time.time() else State.SCHEDULED
+        with self._write() as db:
+            return (
+                db.execute(
+                    "UPDATE jobs SET state = ?, due = ?, attempts = COALESCE(?, attempts), "
+                    "worker_pid = NULL WHERE id = ? AND state IN (?, ?, ?)",
+                    (state.value, due, attempts, job_id, *_values(_NOT_FINAL)),
+                ).rowcount
+                == 1
+            )
+
+    # -- the operator's commands --------------------------------------------------------
+
+    def cancel(
+        self,
+        ids: Sequence[str] = (),
+        *,
+        types: Sequence[int] = (),
+        states: Sequence[State] = (State.QUEUED, State.SCHEDULED),
+        running: bool = False,
+        now: float,
+    ) -> builtins.list[JobRecord]:
+        wanted = [s for s in _distinct(states) if s in WAITING]
+        if running:
+            wanted.append(State.RUNNING)
+        # Neither ids nor types: nothing, so that an empty selection never cancels all.
+        if not wanted or (not ids and not types):
+            return []
+        where = f"state IN ({_marks(wanted)})"
+        found: list[JobRecord] = []
+        with self._write() as db:
+            if ids:
+                type_filter = f" AND type IN ({_marks(types)})" if types else ""
+                for chunk in _chunks(_distinct(ids)):
+                    found += self._records(
+                        db,
+                        f"{_SELECT} WHERE {where} AND id IN ({_marks(chunk)}){type_filter}",
+                        (*_values(wanted), *chunk, *types),
+                    )
+            else:
+                for type_ in _distinct(types):
+                    found += self._records(
+                        db, f"{_SELECT} WHERE type = ? AND {where}", (type_, *_values(wanted))
+                    )
+            for chunk in _chunks([job.id for job in found]):
+                db.execute(
+                    "UPDATE jobs SET state = 'cancelled', finished = ? "
+                    f"WHERE id IN ({_marks(chunk)})",
+                    (now, *chunk),
+                )
+        return sorted(found, key=lambda job: (job.accepted, job.id))
+
+    def get(self, job_id: str) -> JobRecord | None:
+        with self._read() as db:
+            return self._get(db, job_id)
+
+    def body(self, job_id: str) -> bytes | None:
+        with self._read() as db:
+            row = db.execute("SELECT body FROM bodies WHERE job_id = ?", (job_id,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def result(self, job_id: str) -> tuple[int, bytes] | None:
+        with self._read() as db:
+            row = db.execute(
+                "SELECT kind, data FROM results WHERE job_id = ?", (job_id,)
+            ).fetchone()
+        return None if row is None else (int(row[0]), bytes(row[1]))
+
+    def list(
+        self,
+        *,
+        states: Sequence[State] = (),
+        types: Sequence[int] = (),
+        unique: str | None = None,
+        limit: int = 50,
+    ) -> builtins.list[JobRecord]:
+        """Each query below reads one index range in the order wanted, at most ``limit``
+        rows; several ranges (states, types) are merged here. No query sorts or scans the
+        whole table, whatever the store holds."""
+        if limit <= 0:
+            return []
+        states = _distinct(states)
+        types = _distinct(types)
+        dispatch = states == [State.QUEUED]
+        with self._read() as db:
+            if unique is not None:
+                where = ["unique_key = ?"]
+                params: list[object] = [unique]
+                if states:
+                    where.append(f"state IN ({_marks(states)})")
+                    params += _values(states)
+                if types:
+                    where.append(f"type IN ({_marks(types)})")
+                    params += types
+                order = f"{_DISPATCH} LIMIT ?" if dispatch else _NEWEST
+                sql = f"{_SELECT} WHERE {' AND '.join(where)} {order}"
+                return self._records(db, sql, (*params, limit))
+            if dispatch and not types:
+                sql = f"{_SELECT} WHERE state = 'queued' {_DISPATCH} LIMIT ?"
+                return self._records(db, sql, (limit,))
+            if dispatch:
+                found: list[JobRecord] = []
+                for type_ in sorted(types):
+                    sql = f"{_SELECT} WHERE state = 'queued' AND type = ? {_DISPATCH} LIMIT ?"
+                    found += self._records(db, sql, (type_, limit - len(found)))
+                    if len(found) >= limit:
+                        break
+                return found
+            ranges = [
+                self._records(
+                    db, f"{_SELECT} WHERE type = ? AND state = ? {_NEWEST}", (t, s, limit)
+                )
+                if t is not None
+                else self._records(db, f"{_SELECT} WHERE state = ? {_NEWEST}", (s, limit))
+                for t, s in itertools.product(types or [None], _values(states or list(State)))
+            ]
+        newest = heapq.merge(*ranges, key=lambda job: (job.accepted, job.id), reverse=True)
+        return builtins.list(itertools.islice(newest, limit))
+
+    def retry(self, job_id: str, now: float) -> JobRecord | None:
+        with self._write() as db:
+            changed = db.execute(
+                "UPDATE jobs SET state = 'queued', attempts = 0, accepted = ?, started = NULL, "
+                "finished = NULL, worker_pid = NULL, error = NULL, result_kind = NULL, "
+                "result_size = NULL WHERE id = ? AND state IN ('failed', 'cancelled')",
+                (now, job_id),
+            ).rowcount
+            if changed != 1:
+                return None
+            db.execute("DELETE FROM results WHERE job_id = ?", (job_id,))
+            return self._get(db, job_id)
+
+    def pause(self, types: Sequence[int], now: float) -> None:
+        with self._write() as db:
+            for type_ in _distinct(types) or [ALL_TYPES]:
+                db.execute(
+                    "INSERT INTO paused (type, since) VALUES (?, ?) ON CONFLICT (type) DO NOTHING",
+                    (type_, now),
+                )
+
+    def resume(self, types: Sequence[int]) -> None:
+        with self._write() as db:
+            if not types:
+                db.execute("DELETE FROM paused")
+            for type_ in _distinct(types):
+                db.execute("DELETE FROM paused WHERE type = ?", (type_,))
+
+    def paused(self) -> dict[int, float]:
+        with self._read() as db:
+            return {int(t): float(s) for t, s in db.execute("SELECT type, since FROM paused")}
+
+    def running(self, types: Sequence[int] = ()) -> builtins.list[JobRecord]:
+        type_filter = f" AND type IN ({_marks(types)})" if types else ""
+        with self._read() as db:
+            return self._records(
+                db,
+                f"{_SELECT} WHERE state = 'running'{type_filter} ORDER BY started, id",
+                tuple(types),
+            )
+
+    def counts(self) -> dict[State, int]:
+        with self._read() as db:
+            found = {State(s): int(n) for s, n in db.execute("SELECT state, jobs FROM tally")}
+        return {state: found.get(state, 0) for state in State}
+
+    def backlog(self) -> Backlog:
+        with self._read() as db:
+            jobs, size = db.execute(
+                "SELECT COALESCE(SUM(jobs), 0), COALESCE(SUM(bytes), 0) FROM tally "
+                "WHERE state IN ('queued', 'scheduled')"
+            ).fetchone()
+        return Backlog(int(jobs), int(size))
+
+    # -- keeping the store bounded ------------------------------------------------------
+
+    def purge(self, states: Sequence[State], older_than: float | None, now: float) -> int:
+        waiting = [s.value for s in states if s not in FINAL]
+        if waiting:
+            raise UsageError(
+                f"purge removes done, failed or cancelled jobs, not {', '.join(waiting)} "
+                "ones (cancel them first)"
+            )
+        removed = 0
+        with self._write() as db:
+            for state in _values(_distinct(states)):
+                if older_than is None:
+                    cursor = db.execute("DELETE FROM jobs WHERE state = ?", (state,))
+                else:
+                    cursor = db.execute(
+                        "DELETE FROM jobs WHERE state = ? AND finished < ?",
+                        (state, now - older_than),
+                    )
+                removed += cursor.rowcount
+        return removed
+
+    def retain(self, policy: Retention, now: float) -> int:
+        limits = (
+            (State.DONE, policy.keep_done, policy.keep_done_age),
+            (State.FAILED, policy.keep_failed, policy.keep_failed_age),
+            (State.CANCELLED, policy.keep_failed, policy.keep_failed_age),
+        )
+        removed = 0
+        with self._write() as db:
+            for state, keep, age in limits:
+                if age > 0:
+                    removed += db.execute(
+                        "DELETE FROM jobs WHERE state = ? AND finished < ?",
+                        (state.value, now - age),
+                    ).rowcount
+                # The newest job beyond the first ``keep``: it and every older one go.
+                edge = db.execute(
+                    "SELECT finished, id FROM jobs WHERE state = ? AND finished IS NOT NULL "
+                    "ORDER BY finished DESC, id DESC LIMIT 1 OFFSET ?",
+                    (state.value, max(keep, 0)),
+                ).fetchone()
+                if edge is not None:
+                    removed += db.execute(
+                        "DELETE FROM jobs WHERE state = ? AND finished IS NOT NULL "
+                        "AND (finished < ? OR (finished = ? AND id <= ?))",
+                        (state.value, edge[0], edge[0], edge[1]),
+                    ).rowcount
+        return removed
+
+    # -- start-up and health ------------------------------------------------------------
+
+    def reset_running(self) -> builtins.list[JobRecord]:
+        with self._write() as db:
+            found = self._records(db, f"{_SELECT} WHERE state = 'running' ORDER BY started, id", ())
+            db.execute(
+                "UPDATE jobs SET state = 'queued', worker_pid = NULL WHERE state = 'running'"
+            )
+        return found
+
+    def check(self) -> builtins.list[str]:
+        """In order: the schema version, SQLite's ``quick_check`` of every page, bodies
+        and results without their job, and the counters against the jobs they count."""
+        where = f"job store {self._path}"
+        problems: list[str] = []
+        try:
+            with self._read() as db:
+                found = schema.version(db)
+                if found != schema.VERSION:
+                    problems.append(
+                        f"{where}: schema version {found}, this ipcd knows {schema.VERSION}"
+                    )
+                checked = [str(row[0]) for row in db.execute("PRAGMA quick_check")]
+                if checked != ["ok"]:
+                    problems += [f"{where}: {line}" for line in checked]
+                orphans = db.execute("PRAGMA foreign_key_check").fetchall()
+                if orphans:
+                    problems.append(f"{where}: {len(orphans)} bodies or results without a job")
+                tally = {s: (j, b) for s, j, b in db.execute("SELECT * FROM tally")}
+                held = {
+                    s: (j, b)
+                    for s, j, b in db.execute(
+                        "SELECT state, COUNT(*), COALESCE(SUM(body_size), 0) FROM jobs "
+                        "GROUP BY state"
+                    )
+                }
+                for state in State:
+                    said, real = tally.get(state.value), held.get(state.value, (0, 0))
+                    if said != real:
+                        problems.append(
+                            f"{where}: the counters say {said} {state} jobs and bytes, "
+                            f"the jobs table holds {real}"
+                        )
+        except StoreError as exc:
+            problems.append(str(exc))
+        return problems
+
+    def close(self) -> None:
+        """Close this process's connection (SQLite then checkpoints the WAL when it is the
+        last one open)."""
+        if os.getpid() == self._pid:
+            self._conn.close()
+
+
+_NOT_FINAL = (State.QUEUED, State.SCHEDULED, State.RUNNING)
+
+
+def _distinct(values: Iterable[Any]) -> builtins.list[Any]:
+    """``values`` once each, in their first order."""
+    return builtins.list(dict.fromkeys(values))
+
+
+def _values(states: Iterable[State]) -> builtins.list[str]:
+    return [state.value for state in states]
