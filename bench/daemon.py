@@ -3,6 +3,9 @@
 Each daemon gets its own directory (key file, PID file, log) and so its own keys.  It is
 stopped with ``ipcd stop`` and every object at its keys is removed with
 ``ipcd.tables.purge.remove_all``, whatever happened in between.
+
+A daemon can also run an older commit's ``ipcd`` (:func:`export`), for a baseline measured
+in the same run as today's code: its ``ipcd/`` comes first on the daemon's PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -46,12 +49,42 @@ target = "bench.handlers:length"
 """
 
 
-def child_env() -> dict[str, str]:
+#: The ``[store]`` section of the bench's daemons (none before the job store, issue 12);
+#: a daemon from an older commit gets none, as its configuration would refuse it.
+STORE_SECTION = ""
+
+
+def child_env(source: Path | None = None) -> dict[str, str]:
     """The environment for ipcd, ipcctl and python children: bytecode caching on (or each
-    start recompiles ipcd), and the repository importable for bench.handlers."""
+    start recompiles ipcd), and the repository importable for bench.handlers; ``source``,
+    a directory holding an older ``ipcd/``, ahead of it."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    path = [str(source) if source else "", str(ROOT), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, path))
     return env
+
+
+def export(rev: str, into: Path) -> str:
+    """Write commit ``rev``'s ``ipcd/`` package under ``into``; its short hash.
+
+    Raises RuntimeError with git's words when ``rev`` is unknown or this is no git
+    checkout.
+    """
+    try:
+        short = _git("rev-parse", "--short", f"{rev}^{{commit}}").decode().strip()
+        tar = _git("archive", "--format=tar", short, "ipcd")
+    except (OSError, subprocess.CalledProcessError) as exc:
+        said = getattr(exc, "stderr", b"") or b""
+        raise RuntimeError(
+            f"cannot export ipcd at {rev!r}: {said.decode().strip() or exc}"
+        ) from exc
+    subprocess.run(["tar", "-x", "-C", str(into)], input=tar, check=True)
+    return short
+
+
+def _git(*args: str) -> bytes:
+    done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, check=True)
+    return done.stdout
 
 
 class BenchDaemon:
@@ -65,9 +98,12 @@ class BenchDaemon:
         results_size: int = 1 << 20,
         slot_size: int = 4096,
         log_level: str = "info",
+        source: Path | None = None,
     ) -> None:
+        """``source``: a directory with another commit's ``ipcd/`` for the daemon (export)."""
         self.name = name
         self.workers = workers
+        self.source = source
         self.dir = Path(tempfile.mkdtemp(prefix=f"ipcd-bench-{name}-"))
         self.config_path = self.dir / "ipcd.toml"
         self.config_path.write_text(
@@ -93,6 +129,7 @@ class BenchDaemon:
                 slot_size = {slot_size}
                 """
             )
+            + ("" if source else STORE_SECTION)
             + HANDLERS
         )
         self.config = config_mod.load(self.config_path)
@@ -126,7 +163,7 @@ class BenchDaemon:
             [IPCD, "-c", str(self.config_path), *args],
             capture_output=True,
             text=True,
-            env=child_env(),
+            env=child_env(self.source),
             timeout=60,
             check=False,
         )

@@ -12,7 +12,8 @@ import contextlib
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from ipcd.client import Client
 
@@ -65,19 +66,22 @@ def fire_and_forget(
     handler: str = "echo",
     payload: str = PAYLOAD,
     count: int | None = None,
+    options: Mapping[str, Any] | None = None,
     when_loaded: Callable[[], None] = lambda: None,
 ) -> float:
     """Jobs per second from the first ``Client.submit`` until the last result is stored.
 
-    Submits for ``seconds`` (or exactly ``count`` jobs), calls ``when_loaded`` while the
-    workers still have work, then waits for the result count to catch up.
+    Submits for ``seconds`` (or exactly ``count`` jobs), each with ``options`` as
+    ``Client.submit``'s keywords, calls ``when_loaded`` while the workers still have work,
+    then waits for the result count to catch up.
     """
+    keywords = options or {}
     before = completed(client)
     submitted = 0
     started = time.perf_counter()
     end = started + seconds
     while (submitted < count) if count is not None else (time.perf_counter() < end):
-        client.submit(handler, payload)
+        client.submit(handler, payload, **keywords)
         submitted += 1
     when_loaded()
     deadline = time.perf_counter() + DRAIN_TIMEOUT

@@ -1,8 +1,11 @@
 """Other job queues on the same machine, when installed: beanstalkd and task-spooler.
 
-- beanstalkd: request/reply through a reply tube, with a forked worker, both over TCP on
-  127.0.0.1; the client speaks the beanstalk text protocol itself (a dozen lines), so no
-  client library needs installing.
+- beanstalkd: a private server (a free port on 127.0.0.1, with ``-b DIR`` its binlog in a
+  temporary directory removed at close) and a forked worker, over TCP; the client speaks
+  the beanstalk text protocol itself (a dozen lines), so no client library needs
+  installing. Two measures: request/reply through a reply tube (put, the worker's
+  reserve + delete + put of the reply, the client's reserve + delete of the reply), and
+  jobs completed per second (puts for a while; the worker reserves and deletes each).
 - task-spooler (``tsp``): N ``tsp -n true`` commands, then ``tsp -w`` for the last job,
   on a private socket; its counterpart is N ``ipcctl submit`` commands, the last with
   ``--wait`` (one worker runs jobs in order, so the last done means all done).
@@ -58,6 +61,14 @@ class Beanstalk:
     def delete(self, job_id: str) -> None:
         self._expect(self.command(f"delete {job_id}"), "DELETED")
 
+    def stats_tube(self, tube: str) -> dict[str, str]:
+        """The server's counters for ``tube`` (a flat YAML mapping)."""
+        reply = self._expect(self.command(f"stats-tube {tube}"), "OK")
+        size = int(reply[1])
+        text = self.reader.read(size + 2)[:size].decode()
+        pairs = (line.split(": ", 1) for line in text.splitlines() if ": " in line)
+        return {key: value.strip() for key, value in pairs}
+
     def close(self) -> None:
         self.reader.close()
         self.sock.close()
@@ -69,16 +80,28 @@ class Beanstalk:
         return reply
 
 
-class BeanstalkPeer:
-    """A private beanstalkd, a forked worker that echoes into a reply tube, and a client."""
+#: First byte of a job whose body the worker puts back into the reply tube; any other job
+#: it only reserves and deletes.
+WANTS_REPLY = b"r"
 
-    def __init__(self, exe: str) -> None:
+
+class BeanstalkPeer:
+    """A private beanstalkd, a forked worker, and a client.
+
+    The worker reserves each job from the ``requests`` tube and deletes it; a job whose
+    body starts with WANTS_REPLY it then echoes into the ``replies`` tube. With
+    ``binlog`` the server keeps every job in a binlog (``beanstalkd -b DIR``, its default
+    fsync at most every 50 ms), as a durable store does.
+    """
+
+    def __init__(self, exe: str, *, binlog: bool = False) -> None:
         self.port = _free_port()
-        self.server = subprocess.Popen(
-            [exe, "-l", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        self.binlog: Path | None = None
+        argv = [exe, "-l", "127.0.0.1", "-p", str(self.port)]
+        if binlog:
+            self.binlog = Path(tempfile.mkdtemp(prefix="ipcd-bench-beanstalkd-"))
+            argv += ["-b", str(self.binlog)]
+        self.server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.worker = 0
         try:
             self.client = _connect(self.port)
@@ -101,7 +124,7 @@ class BeanstalkPeer:
         return [os.getpid(), self.server.pid, self.worker]
 
     def round_trips(self, seconds: float) -> float:
-        client, payload = self.client, b"q" * SIZE
+        client, payload = self.client, WANTS_REPLY * SIZE
         count = 0
         started = now = time.perf_counter()
         end = started + seconds
@@ -112,6 +135,26 @@ class BeanstalkPeer:
             count += 1
             now = time.perf_counter()
         return count / (now - started)
+
+    def jobs(self, seconds: float) -> float:
+        """Jobs per second from the first put until the worker has deleted the last.
+
+        Puts jobs for ``seconds``, then one that asks for a reply: the worker takes the
+        jobs of one priority in the order they were put, so its reply means that every
+        job before it is done.
+        """
+        client, payload = self.client, b"j" * SIZE
+        count = 0
+        started = time.perf_counter()
+        end = started + seconds
+        while time.perf_counter() < end:
+            client.put(payload)
+            count += 1
+        client.put(WANTS_REPLY * SIZE)
+        job_id, _ = client.reserve()
+        elapsed = time.perf_counter() - started
+        client.delete(job_id)
+        return (count + 1) / elapsed
 
     def close(self) -> None:
         if self.worker > 0:
@@ -127,6 +170,9 @@ class BeanstalkPeer:
         except subprocess.TimeoutExpired:
             self.server.kill()
             self.server.wait()
+        if self.binlog is not None:
+            shutil.rmtree(self.binlog, ignore_errors=True)
+            self.binlog = None
 
 
 def _serve(port: int) -> None:  # pragma: no cover - the worker process
@@ -136,8 +182,9 @@ def _serve(port: int) -> None:  # pragma: no cover - the worker process
     conn.watch_only("requests")
     while True:
         job_id, body = conn.reserve()
-        conn.put(body)
         conn.delete(job_id)
+        if body.startswith(WANTS_REPLY):
+            conn.put(body)
 
 
 def _connect(port: int) -> Beanstalk:

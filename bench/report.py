@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-Unit = Literal["rate", "seconds", "kib", "bytes_rate", "us", "none"]
+Unit = Literal["rate", "seconds", "kib", "bytes", "bytes_rate", "us", "none"]
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,9 @@ class Row:
     target: Target | None = None
     note: str = ""
     samples: dict[str, list[float]] = field(default_factory=dict)
-    #: For memory rows: an absolute limit in KiB instead of a ratio.
-    limit_kib: int | None = None
+    #: For rows without a baseline (memory, the store): ipcd's figure must stay under
+    #: this, in the row's unit, instead of a ratio.
+    limit: float | None = None
 
     @property
     def ratio(self) -> float | None:
@@ -54,8 +55,8 @@ class Row:
 
     @property
     def ok(self) -> bool | None:
-        if self.limit_kib is not None and self.ipcd is not None:
-            return self.ipcd < self.limit_kib
+        if self.limit is not None and self.ipcd is not None:
+            return self.ipcd < self.limit
         ratio = self.ratio
         if self.target is None or ratio is None:
             return None
@@ -72,6 +73,8 @@ def fmt(value: float | None, unit: Unit) -> str:
         return f"{value * 1000:.1f} ms"
     if unit == "kib":
         return f"{value / 1024:.1f} MiB"
+    if unit == "bytes":
+        return f"{value / 2**20:.1f} MiB"
     if unit == "us":
         return f"{value:.1f} us"
     if unit == "bytes_rate":
@@ -85,8 +88,8 @@ def table(rows: list[Row]) -> str:
     lines = [header]
     for row in rows:
         ratio = row.ratio
-        if row.limit_kib is not None:
-            target = f"<{row.limit_kib / 1024:g} MiB"
+        if row.limit is not None:
+            target = f"<{fmt(row.limit, row.unit)}"
         else:
             target = str(row.target) if row.target else ""
         verdict = {True: "ok", False: "MISSED", None: ""}[row.ok]

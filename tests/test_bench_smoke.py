@@ -3,6 +3,8 @@
 Raw sysv_ipc round trips (``python -m bench.raw``, the benchmark's own baseline) and
 ``Client.call`` round trips alternate for a few rounds in one run, every process pinned
 to one CPU so that both sides pay the same scheduling; the medians are compared.
+The bench's own measures are checked for what they count (every job done, the peer's
+binlog on), never for how fast.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from pathlib import Path
 import pytest
 from conftest import Instance
 
+from bench import measure, peers
+from bench import store as job_store
+from bench.run import BEANSTALKD_HINT, SUBMISSIONS
 from ipcd.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,3 +107,66 @@ def test_round_trip_is_not_far_below_the_raw_limit(daemon: Instance, one_cpu: in
     )
     print(summary)
     assert ratio >= GUARD, summary
+
+
+def test_beanstalkd_binlog_peer_counts_only_finished_jobs() -> None:
+    """beanstalkd -b's jobs figure returns once its worker has deleted every job put, the
+    jobs went through a binlog in the peer's directory, and close removes server and
+    directory."""
+    exe = peers.beanstalkd_exe()
+    if exe is None:
+        pytest.skip(f"beanstalkd is not installed ({BEANSTALKD_HINT}): its peer is untested")
+    peer = peers.BeanstalkPeer(exe, binlog=True)
+    try:
+        binlog = peer.binlog
+        assert binlog is not None
+        assert peer.jobs(0.05) > 0
+        stats = peer.client.stats_tube("requests")
+        waiting = {k: stats[k] for k in ("current-jobs-ready", "current-jobs-reserved")}
+        assert waiting == {"current-jobs-ready": "0", "current-jobs-reserved": "0"}
+        assert int(stats["total-jobs"]) > 1
+        assert [p.name for p in binlog.glob("binlog.*")], sorted(os.listdir(binlog))
+    finally:
+        peer.close()
+    assert peer.server.returncode is not None
+    assert not binlog.exists()
+
+
+def test_fire_and_forget_waits_for_every_job(daemon: Instance) -> None:
+    """The bench's fire-and-forget figure returns only once every submitted job has its
+    result stored, with each submission option of the jobs-completed rows."""
+    client = Client(daemon.config)
+    try:
+        for submission in SUBMISSIONS:
+            before = measure.completed(client)
+            assert measure.fire_and_forget(client, 0, count=300, options=submission.options) > 0
+            assert measure.completed(client) - before == 300, submission.name
+        assert client.store.header().error_count == 0
+    finally:
+        client.store.close()
+
+
+def test_store_bench_fills_mixed_states_and_applies_retention() -> None:
+    """bench.store fills a store with its stated mix of states, and passes jobs through it
+    calling retain() every so many jobs, sizing the files as it goes."""
+    with job_store.scratch_store("list.db") as (store, _):
+        listed = job_store.list_times(store, 3000, rounds=2)
+    assert listed.states == {
+        "queued": 1050,
+        "scheduled": 300,
+        "running": 0,
+        "done": 1350,
+        "failed": 150,
+        "cancelled": 150,
+    }
+    assert len(listed.newest) == len(listed.queued) == 2
+    with job_store.scratch_store("through.db") as (store, path):
+        passed = job_store.through(store, path, 12_000, retain_every=5000, sizes_every=5000)
+    # One job in a hundred fails; retain() keeps the newest 1000 done at 5000 and 10000.
+    assert [(size.jobs, size.kept) for size in passed.sizes] == [
+        (5000, 1050),
+        (10_000, 1100),
+        (12_000, 1000 + 1980 + 120),
+    ]
+    assert all(size.db > 0 for size in passed.sizes)
+    assert not path.parent.exists()
