@@ -51,7 +51,7 @@ target = "bench.handlers:length"
 
 #: The ``[store]`` section of the bench's daemons (none before the job store, issue 12);
 #: a daemon from an older commit gets none, as its configuration would refuse it.
-STORE_SECTION = ""
+STORE_SECTION = '\n[store]\npath = "jobs.db"\n'
 
 
 def child_env(source: Path | None = None) -> dict[str, str]:
