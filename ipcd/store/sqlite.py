@@ -83,7 +83,6 @@ _INSERT = (
     f"INSERT INTO jobs ({', '.join(_INSERT_COLUMNS)}) "
     f"VALUES ({', '.join('?' * len(_INSERT_COLUMNS))}) ON CONFLICT (id) DO NOTHING"
 )
-# The literal 'queued' lets SQLite use the partial index jobs_claim.
 _CLAIM = f"SELECT id FROM jobs WHERE state = 'queued' AND type BETWEEN ? AND ? {_DISPATCH} LIMIT ?"
 
 
