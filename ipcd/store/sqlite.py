@@ -51,6 +51,9 @@ from ipcd.errors import (
 )
 from ipcd.store import schema
 from ipcd.store.model import (
+    ALL_TYPES,
+    DEFAULT_BUSY_TIMEOUT,
+    DEFAULT_MAX_RESULT,
     FINAL,
     WAITING,
     Backlog,
@@ -62,10 +65,6 @@ from ipcd.store.model import (
 
 #: ``[store] sync`` to ``PRAGMA synchronous``.
 SYNC = {"normal": "NORMAL", "full": "FULL"}
-DEFAULT_BUSY_TIMEOUT = 10_000
-DEFAULT_MAX_RESULT = 1 << 20
-#: ``pause(())`` records this type: every type is paused.
-ALL_TYPES = 0
 #: How many ids one ``IN (...)`` list holds (SQLite allows 32766 parameters).
 CHUNK = 500
 _LOWEST, _HIGHEST = -(2**63), 2**63 - 1
