@@ -184,10 +184,10 @@ def nobody_dir() -> Iterator[Path]:
     shutil.rmtree(made)
 
 
-def _as_nobody(action: Callable[[], None]) -> str:
-    """Run ``action`` in a forked child that dropped root for nobody; what it raised
-    ("ClassName: message") or "ok"."""
-    if os.geteuid() != 0:
+def _in_child(action: Callable[[], object], *, nobody: bool = False) -> tuple[int, str]:
+    """Run ``action`` in a forked child (as nobody, having dropped root, with ``nobody``):
+    the child's pid and what it raised ("ClassName: message"), or "ok"."""
+    if nobody and os.geteuid() != 0:
         pytest.skip("needs root to act as an unprivileged user")
     read, write = os.pipe()
     pid = os.fork()
@@ -195,9 +195,10 @@ def _as_nobody(action: Callable[[], None]) -> str:
         outcome = "ok"
         try:
             os.close(read)
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
+            if nobody:
+                os.setgroups([])
+                os.setgid(NOBODY)
+                os.setuid(NOBODY)
             action()
         except BaseException as exc:
             outcome = f"{type(exc).__name__}: {exc}"
@@ -208,7 +209,11 @@ def _as_nobody(action: Callable[[], None]) -> str:
     with os.fdopen(read, "rb") as pipe:
         outcome = pipe.read().decode()
     os.waitpid(pid, 0)
-    return outcome
+    return pid, outcome
+
+
+def _as_nobody(action: Callable[[], object]) -> str:
+    return _in_child(action, nobody=True)[1]
 
 
 def _open_and_add(path: str) -> Callable[[], None]:
@@ -315,22 +320,9 @@ def test_a_store_used_in_a_forked_child_refuses(store: JobStore) -> None:
     """A connection copied by fork is never used: the child gets InternalError, the
     parent's store goes on working."""
     store.add([_job("a")])
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        said = "no error"
-        try:
-            store.counts()
-        except InternalError as exc:
-            said = str(exc)
-        finally:
-            os.write(write, said.encode())
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as pipe:
-        heard = pipe.read().decode()
-    os.waitpid(pid, 0)
-    assert f"used in process {pid}" in heard
+    pid, outcome = _in_child(store.counts)
+    assert outcome.startswith(f"{InternalError.__name__}: job store ")
+    assert outcome.endswith(f"used in process {pid}; each process opens its own after fork")
     assert store.counts()[State.QUEUED] == 1
 
 
