@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import shutil
 import sqlite3
 import stat
@@ -237,12 +238,21 @@ def test_a_read_only_file_is_unavailable_for_its_owner(nobody_dir: Path) -> None
 
 
 def test_a_read_only_directory_is_unavailable(nobody_dir: Path) -> None:
-    """A new store cannot be made in a directory nobody may not write."""
-    nobody_dir.chmod(0o555)
+    """A new store cannot be made in a directory nobody may not write; nor can an
+    existing one be opened there, since WAL needs its -wal and -shm files beside it."""
     path = str(nobody_dir / "jobs.db")
+    made = str(nobody_dir / "made.db")
+    assert _as_nobody(_open_and_add(made)) == "ok"
+    assert sorted(os.listdir(nobody_dir)) == ["made.db"]
+    nobody_dir.chmod(0o555)
     outcome = _as_nobody(_open_and_add(path))
     assert outcome.startswith(f"StoreUnavailableError: job store {path}: Permission denied")
     assert not os.path.exists(path)
+    outcome = _as_nobody(_open_and_add(made))
+    # SQLite says SQLITE_READONLY (cannot make the -shm) or SQLITE_CANTOPEN, by version.
+    cause = "(attempt to write a readonly database|unable to open database file)"
+    assert re.match(rf"StoreUnavailableError: job store {re.escape(made)}: {cause} ", outcome)
+    assert "its directory readable and writable by the daemon's user" in outcome
 
 
 def test_another_users_store_is_unavailable(nobody_dir: Path) -> None:
