@@ -267,6 +267,14 @@ def test_another_users_store_is_unavailable(nobody_dir: Path) -> None:
     assert outcome.startswith(f"StoreUnavailableError: job store {path}: Permission denied")
 
 
+def test_a_directory_nobody_may_not_enter_is_permission_denied(tmp_path: Path) -> None:
+    """tmp_path's parents are root's alone: for nobody the store's directory is not
+    missing but out of reach, and the message says so."""
+    path = str(tmp_path / "jobs.db")
+    outcome = _as_nobody(_open_and_add(path))
+    assert outcome.startswith(f"StoreUnavailableError: job store {path}: Permission denied")
+
+
 def test_a_write_refused_as_read_only_is_unavailable_until_writable(path: str) -> None:
     """SQLite's own "attempt to write a readonly database" (here: ``query_only``) is
     StoreUnavailableError; the store works again once writes are allowed."""

@@ -163,11 +163,15 @@ def connect(
     if sync not in SYNC:
         raise ConfigError(f"[store] sync must be 'normal' or 'full', not {sync!r}")
     directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
+    try:
+        os.stat(directory)
+    except FileNotFoundError:
         raise StoreUnavailableError(
             f"job store {path}: its directory {directory} does not exist "
             "(create it, writable by the daemon's user only)"
-        )
+        ) from None
+    except OSError:
+        pass  # not searchable, say: opening the file below tells why
     conn: sqlite3.Connection | None = None
     # umask is per process; ipcd's processes are single-threaded, so nothing else makes a
     # file meanwhile. SQLite gives -wal and -shm the database file's mode, and they are
@@ -178,8 +182,8 @@ def connect(
             os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
         except OSError as exc:
             raise _os_error(path, exc) from exc
+        # ``timeout`` is SQLite's busy timeout (sqlite3_busy_timeout), in seconds here.
         conn = sqlite3.connect(path, timeout=busy_timeout / 1000, isolation_level=None)
-        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout):d}")
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise StoreUnavailableError(
@@ -474,14 +478,14 @@ class SqliteStore:
                     if len(found) >= limit:
                         break
                 return found
-            ranges = [
-                self._records(
-                    db, f"{_SELECT} WHERE type = ? AND state = ? {_NEWEST}", (t, s, limit)
-                )
-                if t is not None
-                else self._records(db, f"{_SELECT} WHERE state = ? {_NEWEST}", (s, limit))
-                for t, s in itertools.product(types or [None], _values(states or list(State)))
-            ]
+            ranges: list[list[JobRecord]] = []
+            for state in _values(states or State):
+                if not types:
+                    sql = f"{_SELECT} WHERE state = ? {_NEWEST}"
+                    ranges.append(self._records(db, sql, (state, limit)))
+                for type_ in types:
+                    sql = f"{_SELECT} WHERE type = ? AND state = ? {_NEWEST}"
+                    ranges.append(self._records(db, sql, (type_, state, limit)))
         newest = heapq.merge(*ranges, key=lambda job: (job.accepted, job.id), reverse=True)
         return builtins.list(itertools.islice(newest, limit))
 
