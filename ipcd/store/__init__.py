@@ -19,6 +19,9 @@ Each process opens its own store after it forks, and never shares it with a chil
 from __future__ import annotations
 
 from ipcd.store.model import (
+    ALL_TYPES,
+    DEFAULT_BUSY_TIMEOUT,
+    DEFAULT_MAX_RESULT,
     FINAL,
     WAITING,
     Backlog,
@@ -30,6 +33,9 @@ from ipcd.store.model import (
 )
 
 __all__ = [
+    "ALL_TYPES",
+    "DEFAULT_BUSY_TIMEOUT",
+    "DEFAULT_MAX_RESULT",
     "FINAL",
     "WAITING",
     "Backlog",
@@ -46,8 +52,8 @@ def open_store(
     path: str,
     *,
     sync: str = "normal",
-    busy_timeout: int = 10_000,
-    max_result: int = 1 << 20,
+    busy_timeout: int = DEFAULT_BUSY_TIMEOUT,
+    max_result: int = DEFAULT_MAX_RESULT,
 ) -> JobStore:
     """Open the job store at ``path`` for this process (``[store] path``, ``sync``,
     ``max_result``; ``busy_timeout`` in milliseconds): the file and its directory's

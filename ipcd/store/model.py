@@ -41,6 +41,12 @@ class State(enum.StrEnum):
 FINAL = frozenset({State.DONE, State.FAILED, State.CANCELLED})
 #: The states whose jobs make the backlog that ``[store] max_queued`` bounds.
 WAITING = frozenset({State.QUEUED, State.SCHEDULED})
+#: In :meth:`JobStore.paused`: every type is paused (``pause(())``).
+ALL_TYPES = 0
+#: How long a writer waits for another's transaction, in milliseconds.
+DEFAULT_BUSY_TIMEOUT = 10_000
+#: Results larger than this many bytes are not kept, only their size (``[store] max_result``).
+DEFAULT_MAX_RESULT = 1 << 20
 
 
 class NewJob(NamedTuple):

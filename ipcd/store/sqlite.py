@@ -52,6 +52,9 @@ from ipcd.errors import (
 )
 from ipcd.store import schema
 from ipcd.store.model import (
+    ALL_TYPES,
+    DEFAULT_BUSY_TIMEOUT,
+    DEFAULT_MAX_RESULT,
     FINAL,
     WAITING,
     Backlog,
@@ -63,10 +66,6 @@ from ipcd.store.model import (
 
 #: ``[store] sync`` to ``PRAGMA synchronous``.
 SYNC = {"normal": "NORMAL", "full": "FULL"}
-DEFAULT_BUSY_TIMEOUT = 10_000
-DEFAULT_MAX_RESULT = 1 << 20
-#: ``pause(())`` records this type: every type is paused.
-ALL_TYPES = 0
 #: How many ids one ``IN (...)`` list holds (SQLite allows 32766 parameters).
 CHUNK = 500
 _LOWEST, _HIGHEST = -(2**63), 2**63 - 1
@@ -85,14 +84,7 @@ _INSERT = (
     f"VALUES ({', '.join('?' * len(_INSERT_COLUMNS))}) ON CONFLICT (id) DO NOTHING"
 )
 # The literal 'queued' lets SQLite use the partial index jobs_claim.
-#: The one SQLite-only hint: without INDEXED BY the planner prefers jobs_state and sorts
-#: every queued job for each claim (1.3 ms with 3,000 queued, against 0.03 ms through the
-#: partial index, which reads the next job in dispatch order); PostgreSQL's planner picks
-#: a partial index by itself.
-_CLAIM = (
-    "SELECT id FROM jobs INDEXED BY jobs_claim WHERE state = 'queued' AND type BETWEEN ? AND ? "
-    f"{_DISPATCH} LIMIT ?"
-)
+_CLAIM = f"SELECT id FROM jobs WHERE state = 'queued' AND type BETWEEN ? AND ? {_DISPATCH} LIMIT ?"
 
 
 def _marks(values: Sequence[object]) -> str:
@@ -173,11 +165,15 @@ def connect(
     if sync not in SYNC:
         raise ConfigError(f"[store] sync must be 'normal' or 'full', not {sync!r}")
     directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
+    try:
+        os.stat(directory)
+    except FileNotFoundError:
         raise StoreUnavailableError(
             f"job store {path}: its directory {directory} does not exist "
             "(create it, writable by the daemon's user only)"
-        )
+        ) from None
+    except OSError:
+        pass  # not searchable, say: opening the file below tells why
     conn: sqlite3.Connection | None = None
     # umask is per process; ipcd's processes are single-threaded, so nothing else makes a
     # file meanwhile. SQLite gives -wal and -shm the database file's mode, and they are
@@ -188,8 +184,8 @@ def connect(
             os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
         except OSError as exc:
             raise _os_error(path, exc) from exc
+        # ``timeout`` is SQLite's busy timeout (sqlite3_busy_timeout), in seconds here.
         conn = sqlite3.connect(path, timeout=busy_timeout / 1000, isolation_level=None)
-        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout):d}")
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise StoreUnavailableError(
@@ -517,14 +513,14 @@ class SqliteStore:
                     if len(found) >= limit:
                         break
                 return found
-            ranges = [
-                self._records(
-                    db, f"{_SELECT} WHERE type = ? AND state = ? {_NEWEST}", (t, s, limit)
-                )
-                if t is not None
-                else self._records(db, f"{_SELECT} WHERE state = ? {_NEWEST}", (s, limit))
-                for t, s in itertools.product(types or [None], _values(states or list(State)))
-            ]
+            ranges: list[list[JobRecord]] = []
+            for state in _values(states or State):
+                if not types:
+                    sql = f"{_SELECT} WHERE state = ? {_NEWEST}"
+                    ranges.append(self._records(db, sql, (state, limit)))
+                for type_ in types:
+                    sql = f"{_SELECT} WHERE type = ? AND state = ? {_NEWEST}"
+                    ranges.append(self._records(db, sql, (type_, state, limit)))
         newest = heapq.merge(*ranges, key=lambda job: (job.accepted, job.id), reverse=True)
         return builtins.list(itertools.islice(newest, limit))
 
