@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, NamedTuple
 from ipcd.config import Config
 from ipcd.errors import (
     JobFailedError,
-    NoResultError,
     NotConfirmedError,
     NotRunningError,
     OverwrittenError,
@@ -398,36 +397,15 @@ class Client:
         return failed.entries(), failed.dropped()
 
     def retry(self, job_id: str, send_timeout: float | None = None) -> str:
-        """Put a failed job back on the queue as it was, with fresh attempts.
+        """Queue a failed (or cancelled) job again, as it was, with fresh attempts: the
+        daemon puts it back in its job store (through its control socket, as ``ipcctl
+        retry`` does).  NoResultError (66) when the store has no such failed job.
+        ``send_timeout`` is kept for callers of the version before the job store."""
+        from ipcd.client.control import ControlClient
 
-        A job with a unique key claims it again first; AlreadyQueuedError (exit 4) when
-        another job holds it by now, and the job stays on the failed list.
-        """
-        failed = self._failed_list()
-        _check_payload_kept(failed, job_id)
-        entry = failed.take(job_id)
-        if entry is None:
-            raise NoResultError(f"job {job_id} is not on the failed list")
-        job = protocol.decode(entry.body, entry.type)
-        if job.bare:
-            job = job._replace(id=entry.job_id)
-        body = protocol.reencode(job, attempt=1)
-        timeout = self.config.ipc.send_timeout if send_timeout is None else send_timeout
-        if job.spill is not None:  # its payload is the queue's again, not the failed list's
-            from ipcd.tables.spill import requeued
-            from ipcd.tables.spill.table import State
-
-            requeued(self.keys.spill, job)
-        try:
-            with self._claim(job.unique, job.id):
-                self.store.clear(job.id)  # so that waiting for it waits for the new outcome
-                self.queue.send(body, entry.type, timeout=timeout)
-        except BaseException:
-            failed.add(entry.job_id, entry.type, entry.body, entry.attempts, entry.error)
-            if job.spill is not None:
-                requeued(self.keys.spill, job, State.FAILED)
-            raise
-        return job.id
+        self.store.clear(job_id)  # so that waiting for it waits for the new outcome
+        ControlClient(self.config.control_socket).retry(job_id)
+        return job_id
 
     def _failed_list(self) -> FailedList:
         from ipcd.tables.failed import FailedList
@@ -505,17 +483,6 @@ def outgoing(
     except BaseException:
         table.discard(index, shmid)
         raise
-
-
-def _check_payload_kept(failed: FailedList, job_id: str) -> None:
-    """NoResultError (it stays listed) for a failed job whose spilled payload is gone."""
-    for entry in failed.entries():
-        if entry.job_id == job_id and not entry.payload_kept:
-            raise NoResultError(
-                f"job {job_id} cannot be retried: its large payload was not kept (the "
-                "failed list keeps at most half of [jobs] spill_slots large payloads, "
-                "and held that many when the job failed)"
-            )
 
 
 def _surely_too_large(payload: Payload, queue: Queue) -> bool:
