@@ -69,10 +69,12 @@ def main(argv: list[str]) -> int:
         detach.reload(pid_file, detach.RELOAD_TIMEOUT)
         return 0
     if args.command == "check":
+        from ipcd.daemon.startup import check_store
         from ipcd.handlers import registry
 
         registry.build(config)
-        print(f"{config.path}: ok")
+        store = check_store(config, create=False)
+        print(f"{config.path}: ok\n{store}")
         return 0
     pid = detach.running_pid(pid_file)
     if pid is None:

@@ -271,15 +271,18 @@ def open_jobs(config: Config) -> JobStore:
     )
 
 
-def check_store(config: Config) -> None:
+def check_store(config: Config, *, create: bool = True) -> str:
     """Open the job store once before detaching: made if missing (its directory must
-    exist), migrated, checked; StoreError (exit 74) when it cannot serve."""
-    if not config.store.path.parent.is_dir():
+    exist), migrated, checked; StoreError (exit 74) when it cannot serve.  Without
+    ``create`` (``ipcd check``) a missing store is only said to be made at the first
+    start.  Returns what was found, for ``ipcd check``."""
+    path = config.store.path
+    if not path.parent.is_dir():
         from ipcd.errors import StoreUnavailableError
 
-        raise StoreUnavailableError(
-            f"job store {config.store.path}: directory {config.store.path.parent} does not exist"
-        )
+        raise StoreUnavailableError(f"job store {path}: directory {path.parent} does not exist")
+    if not create and not path.exists():
+        return f"job store {path}: none yet, made at the first start"
     jobs = open_jobs(config)
     try:
         problems = jobs.check()
@@ -290,6 +293,7 @@ def check_store(config: Config) -> None:
             f"job store {config.store.path}: {'; '.join(problems[:3])} (restore it from a "
             "backup, or move it aside and ipcd makes a new, empty one)"
         )
+    return f"job store {path}: ok"
 
 
 def _beside(path: Path, suffix: str) -> Path | None:
