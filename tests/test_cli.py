@@ -116,7 +116,7 @@ def test_bad_job_id_is_64(instance: Instance) -> None:
 def test_unserved_type_number_warns_and_queues(stopped: Instance) -> None:
     """A bare type number no configured handler has is queued (exit 0) with a warning;
     a configured one, by name or number, is not warned about."""
-    done = stopped.ipcctl("submit", "99", "x")
+    done = stopped.ipcctl("submit", "--no-confirm", "99", "x")
     assert done.returncode == 0 and len(done.stdout.strip()) == 16
     assert done.stderr.splitlines()[0] == (
         f"ipcctl: warning: no handler in {stopped.config_path} has message type 99; "
@@ -132,10 +132,14 @@ def test_unserved_type_number_warns_and_queues(stopped: Instance) -> None:
 
 
 def test_submit_while_no_daemon_serves_warns(stopped: Instance) -> None:
-    """A fire-and-forget submit with the daemon stopped is accepted (exit 0, its id on
-    stdout) with a warning on stderr that names the queue; the job runs after ipcd start."""
+    """A fire-and-forget submit (--no-confirm) with the daemon stopped is accepted (exit 0,
+    its id on stdout) with a warning on stderr that names the queue; a confirmed one says
+    it is not confirmed (exit 5, its id on stdout); both run after ipcd start."""
     key = stopped.keys.jobs
-    done = stopped.ipcctl("submit", "echo", "later")
+    unconfirmed = stopped.ipcctl("submit", "echo", "later too")
+    assert unconfirmed.returncode == ExitCode.NOT_CONFIRMED, unconfirmed.stderr
+    assert "ipcd is not running; it waits in the kernel queue" in unconfirmed.stderr
+    done = stopped.ipcctl("submit", "--no-confirm", "echo", "later")
     assert done.returncode == 0, done.stderr
     job_id = done.stdout.strip()
     assert done.stderr == (
@@ -145,6 +149,8 @@ def test_submit_while_no_daemon_serves_warns(stopped: Instance) -> None:
     assert stopped.ipcd("start").returncode == 0
     served = stopped.ipcctl("result", job_id, "--wait", "--timeout", "20")
     assert (served.returncode, served.stdout) == (0, "later\n"), served.stderr
+    too = stopped.ipcctl("result", unconfirmed.stdout.strip(), "--wait", "--timeout", "20")
+    assert (too.returncode, too.stdout) == (0, "later too\n"), too.stderr
     quiet = stopped.ipcctl("submit", "echo", "now")
     assert (quiet.returncode, quiet.stderr) == (0, "")
     # A master killed without the chance to clear its PID serves no more.
@@ -152,7 +158,7 @@ def test_submit_while_no_daemon_serves_warns(stopped: Instance) -> None:
     deadline = time.monotonic() + 20
     while alive(stopped.pid()) and time.monotonic() < deadline:
         time.sleep(0.02)
-    killed = stopped.ipcctl("submit", "--unique", "k", "-q", "echo", "after kill")
+    killed = stopped.ipcctl("submit", "--no-confirm", "--unique", "k", "-q", "echo", "after kill")
     assert killed.returncode == 0, killed.stderr
     assert "no daemon is serving the queue" in killed.stderr  # -q does not silence it
 
@@ -180,7 +186,7 @@ def test_stdin_over_max_payload_is_65(stopped: Instance) -> None:
     assert "stdin holds more than [jobs] max_payload (100 bytes); nothing was queued" in (
         refused.stderr
     )
-    exact = stopped.ipcctl("submit", "echo", "-", input="y" * 100)
+    exact = stopped.ipcctl("submit", "--no-confirm", "echo", "-", input="y" * 100)
     assert exact.returncode == 0, exact.stderr
 
 
@@ -202,9 +208,10 @@ def test_daemon_never_started_is_69(instance: Instance) -> None:
 
 
 def test_stopped_daemon_queues_and_status_says_so(stopped: Instance) -> None:
-    """With the daemon stopped, a submit is still queued; status exits 69 and says why."""
+    """With the daemon stopped, a submit is still queued, unconfirmed (exit 5); status
+    exits 69 and says why."""
     queued = stopped.ipcctl("submit", "echo", "for later")
-    assert queued.returncode == 0
+    assert queued.returncode == ExitCode.NOT_CONFIRMED, queued.stderr
     status = stopped.ipcctl("status")
     assert status.returncode == ExitCode.UNAVAILABLE
     assert ": 1 message, " in status.stdout and "daemon     not running" in status.stdout
@@ -215,7 +222,7 @@ def test_queue_full_is_75(stopped: Instance) -> None:
     payload = "p" * 4000
     accepted = 0
     while True:
-        sent = stopped.ipcctl("submit", "echo", payload, "--send-timeout", "0.2")
+        sent = stopped.ipcctl("submit", "--no-confirm", "echo", payload, "--send-timeout", "0.2")
         if sent.returncode != 0:
             break
         accepted += 1

@@ -161,6 +161,7 @@ class Client:
             )
         job_id = protocol.new_job_id()
         if notify or confirm:
+            self.queue  # noqa: B018 - no job queue is the first thing to say
             self._reply_queue()  # fail before sending when no one could wake us
         pid = os.getpid()
         reply_to = pid if notify else None
