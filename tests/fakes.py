@@ -1,9 +1,14 @@
 """Hand-written fakes of ipcd's own seams shared by the in-process tests of the daemon's
-classes (test_worker_unit.py, test_outcomes.py)."""
+classes (test_worker_unit.py, test_recovery.py, test_outcomes.py, test_intake.py)."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
+
+from ipcd.errors import StoreError
+from ipcd.store import FINAL, WAITING, Backlog, JobRecord, NewJob, State
 
 
 class FakeLog:
@@ -25,3 +30,139 @@ class FakeLog:
     def names(self) -> list[tuple[str, str]]:
         """(level, event) of each event, in order."""
         return [(level, event) for level, event, _ in self.events]
+
+
+class FakeJobStore:
+    """ipcd's job store (ipcd.store.JobStore) in memory, for the methods the daemon's
+    processes call on it: add, claim, requeue, finish, get, body and backlog, each as the
+    protocol describes it (claim in dispatch order, add skipping ids it holds, requeue
+    and finish leaving a final job alone).
+
+    ``errors`` maps a method's name to the StoreErrors its next calls raise, in order;
+    ``before`` is called with the method's name at the start of every call, a test's way
+    to act (or look) between the steps of the code under test."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, JobRecord] = {}
+        self.bodies: dict[str, bytes] = {}
+        #: Each batch add() committed, as given.
+        self.batches: list[list[NewJob]] = []
+        #: Each requeue call: (job id, due, attempts).
+        self.requeued: list[tuple[str, float, int | None]] = []
+        #: Each claim call's worker_pid.
+        self.claimers: list[int] = []
+        self.errors: dict[str, list[StoreError]] = {}
+        self.before: Callable[[str], None] | None = None
+
+    def _enter(self, method: str) -> None:
+        if self.before is not None:
+            self.before(method)
+        if self.errors.get(method):
+            raise self.errors[method].pop(0)
+
+    def put(self, job: NewJob, *, state: State | None = None) -> None:
+        """Hold ``job`` (as the intake would have added it), in ``state`` if given."""
+        self.records[job.id] = _record(job)
+        if state is not None:
+            self.records[job.id] = self.records[job.id]._replace(state=state)
+        self.bodies[job.id] = job.body
+
+    def state(self, job_id: str) -> State:
+        return self.records[job_id].state
+
+    # --- the protocol's methods ---------------------------------------------------------
+
+    def add(self, jobs: Sequence[NewJob]) -> list[str]:
+        self._enter("add")
+        self.batches.append(list(jobs))
+        inserted = []
+        for job in jobs:
+            if job.id not in self.records:
+                self.put(job)
+                inserted.append(job.id)
+        return inserted
+
+    def claim(self, n: int, now: float, *, worker_pid: int = 0) -> list[tuple[JobRecord, bytes]]:
+        self._enter("claim")
+        self.claimers.append(worker_pid)
+        queued = sorted(
+            (r for r in self.records.values() if r.state is State.QUEUED),
+            key=lambda r: (r.type, -r.priority, r.accepted, r.id),
+        )
+        claimed = []
+        for record in queued[:n]:
+            record = record._replace(
+                state=State.RUNNING, attempts=record.attempts + 1, started=now,
+                worker_pid=worker_pid or None,
+            )  # fmt: skip
+            self.records[record.id] = record
+            claimed.append((record, self.bodies[record.id]))
+        return claimed
+
+    def requeue(self, job_id: str, *, due: float, attempts: int | None = None) -> bool:
+        self._enter("requeue")
+        self.requeued.append((job_id, due, attempts))
+        record = self.records.get(job_id)
+        if record is None or record.state in FINAL:
+            return False
+        self.records[job_id] = record._replace(
+            state=State.QUEUED if due <= time.time() else State.SCHEDULED, due=due,
+            attempts=record.attempts if attempts is None else attempts,
+        )  # fmt: skip
+        return True
+
+    def finish(
+        self,
+        job_id: str,
+        *,
+        ok: bool,
+        finished: float,
+        result_kind: int | None,
+        data: bytes | None,
+        error: str | None,
+    ) -> bool:
+        self._enter("finish")
+        record = self.records.get(job_id)
+        if record is None or record.state in FINAL:
+            return False
+        self.records[job_id] = record._replace(
+            state=State.DONE if ok else State.FAILED, finished=finished, error=error,
+            result_kind=result_kind, result_size=None if data is None else len(data),
+        )  # fmt: skip
+        return True
+
+    def get(self, job_id: str) -> JobRecord | None:
+        self._enter("get")
+        return self.records.get(job_id)
+
+    def body(self, job_id: str) -> bytes | None:
+        self._enter("body")
+        return self.bodies.get(job_id)
+
+    def backlog(self) -> Backlog:
+        self._enter("backlog")
+        waiting = [r.id for r in self.records.values() if r.state in WAITING]
+        return Backlog(len(waiting), sum(len(self.bodies[i]) for i in waiting))
+
+
+def _record(job: NewJob) -> JobRecord:
+    """The record the store makes of a job added."""
+    return JobRecord(
+        id=job.id, type=job.type, handler=job.handler, state=job.state, attempts=job.attempts,
+        priority=job.priority, unique=job.unique, submitted=job.submitted or job.accepted,
+        accepted=job.accepted, due=job.due, started=None, finished=None,
+        sender_pid=job.sender_pid, sender_uid=job.sender_uid, reply_to=job.reply_to,
+        timeout=job.timeout, bare=job.bare, size=job.size, preview=job.preview,
+        worker_pid=None, error=job.error, result_kind=None, result_size=None,
+    )  # fmt: skip
+
+
+def new_job(
+    job_id: str, type_: int, body: bytes, *, attempts: int = 0, accepted: float = 0.0, **fields: Any
+) -> NewJob:
+    """A job as the intake adds it: ``body`` the client's message as received."""
+    return NewJob(
+        id=job_id, type=type_, handler="h", body=body, bare=False,
+        accepted=accepted or time.time(), size=len(body), preview="", attempts=attempts,
+        **fields,
+    )  # fmt: skip

@@ -15,20 +15,22 @@ import subprocess
 import time
 from typing import Any, cast
 
-from fakes import FakeLog
+from fakes import FakeJobStore, FakeLog, new_job
 
 from ipcd.daemon.log import Events, Logger
 from ipcd.daemon.outcomes import Outcomes, error_result
-from ipcd.errors import IpcdError, MessageError, NotRunningError
+from ipcd.errors import IpcdError, MessageError, NotRunningError, StoreUnavailableError
 from ipcd.kernel.queues import Queue
 from ipcd.layout.results import Kind, Result, Spilled, Status
+from ipcd.store import JobStore
+from ipcd.store import State as JobState
 from ipcd.tables.failed import FailedJob, FailedList
 from ipcd.tables.results import ResultStore
 from ipcd.tables.spill.table import Entry
 from ipcd.tables.spill.table import State as SpillState
-from ipcd.tables.stats import RESULTS_LOST, Recorder
+from ipcd.tables.stats import RESULTS_LOST, STORE_ERRORS, Recorder
 from ipcd.tables.unique import UniqueTable
-from ipcd.wire.protocol import Job, SpillRef
+from ipcd.wire.protocol import CONFIRMED, Job, SpillRef
 
 TYPE = 7
 REPLY_TO = 4242
@@ -200,6 +202,7 @@ class Fixture:
         broken_store: bool = False,
         reply_room: int = 100,
         replies_removed: bool = False,
+        jobs: FakeJobStore | None = None,
     ) -> None:
         self.journal: list[str] = []
         self.spills = FakeSpills(self.journal) if spills else None
@@ -218,6 +221,7 @@ class Fixture:
             events=cast(Events, self.events),
             unique=cast(UniqueTable, self.unique),
             stats=cast(Recorder, self.stats),
+            jobs=cast(JobStore, jobs),
         )
 
     def finish(self, job: Job, result: Result, **fields: Any) -> None:
@@ -501,3 +505,65 @@ def test_a_notification_that_cannot_be_sent_is_dropped_not_waited_for() -> None:
     assert g.log.events[-1][1:] == (
         "reply.dropped", {"job_id": "job1", "reply_to": REPLY_TO, "error": "reply queue removed"}
     )  # fmt: skip
+
+
+# --- the job store ------------------------------------------------------------------------
+
+
+def _running(job_id: str = "job1") -> FakeJobStore:
+    jobs = FakeJobStore()
+    jobs.put(new_job(job_id, TYPE, b"envelope"), state=JobState.RUNNING)
+    return jobs
+
+
+def test_each_outcome_is_recorded_in_the_job_store() -> None:
+    """A success ends DONE with its result's kind and size, a failure FAILED with its
+    error, in the job store, the jobs' record of truth."""
+    jobs = _running()
+    jobs.put(new_job("job2", TYPE, b"envelope"), state=JobState.RUNNING)
+    f = Fixture(jobs=jobs)
+    job = _job(spill=None, unique=None)
+    f.finish(job, _ok(job, b"12345"))
+    failed = _job(id="job2", spill=None, unique=None)
+    f.finish(failed, error_result(failed, "no such image"))
+    done, lost = jobs.records["job1"], jobs.records["job2"]
+    assert (done.state, done.result_kind, done.result_size, done.error) == (
+        JobState.DONE, int(Kind.BYTES), 5, None
+    )  # fmt: skip
+    assert (lost.state, lost.error) == (JobState.FAILED, "no such image")
+
+
+def test_a_job_cancelled_meanwhile_stays_cancelled() -> None:
+    """A job an operator cancelled while it ran keeps its state in the store; its result
+    is still stored and its waiter woken."""
+    jobs = _running()
+    jobs.records["job1"] = jobs.records["job1"]._replace(state=JobState.CANCELLED)
+    f = Fixture(jobs=jobs)
+    job = _job(spill=None, unique=None)
+    f.finish(job, _ok(job))
+    assert jobs.state("job1") is JobState.CANCELLED
+    assert f.journal == ["store job1 OK", f"reply {REPLY_TO} job1"]
+
+
+def test_a_store_that_cannot_record_an_outcome_is_logged_and_counted_not_fatal() -> None:
+    """The job store failing to record an outcome is logged as store.write_failed and
+    counted; the result is stored, the key freed and the waiter woken all the same."""
+    jobs = _running()
+    jobs.errors["finish"] = [StoreUnavailableError("jobs.db: disk I/O error")]
+    f = Fixture(jobs=jobs)
+    job = _job(spill=None)
+    f.finish(job, _ok(job))
+    assert f.log.events == [
+        ("error", "store.write_failed", {"job_id": "job1", "error": "jobs.db: disk I/O error"})
+    ]
+    assert ("bump", STORE_ERRORS) in f.stats.calls
+    assert f.journal == ["store job1 OK", "unique.release k", f"reply {REPLY_TO} job1"]
+    assert jobs.state("job1") is JobState.RUNNING
+
+
+def test_confirm_tells_the_submitter_its_job_is_committed() -> None:
+    """A confirmation is the CONFIRMED prefix and the job's id, on the submitter's reply
+    type, never blocking."""
+    f = Fixture()
+    f.outcomes.confirm(REPLY_TO, "job1")
+    assert f.replies.pending == [(CONFIRMED + b"job1", REPLY_TO)]

@@ -1,38 +1,46 @@
-"""A worker's handling of one message (ipcd.daemon.worker), in-process.
+"""A worker's handling of its jobs (ipcd.daemon.worker), in-process.
 
-The Worker gets its collaborators through its constructor, so what it does with a message
-is tested here with hand-written fakes of ipcd's own seams (the in-flight table, the job
-queue, the outcomes, the result store, the spill table, the logger, the event log, the
-stats recorder) and real handlers in a real Registry, never with fakes of the kernel.
-The end-to-end paths (a crashing handler, retries through a running daemon, a worker
-SIGKILLed in the middle of a job) stay in test_workers.py, test_poison.py and tests/faults/.
+The Worker gets its collaborators through its constructor, so what it does with a job is
+tested here with hand-written fakes of ipcd's own seams (the job store, the in-flight
+table, the hand-off queue it sleeps on, the outcomes, the result store, the spill table,
+the logger, the event log, the stats recorder) and real handlers in a real Registry,
+never with fakes of the kernel; one test uses a real in-flight table, to read the slot
+back as the master's recovery does.  Every job goes the worker's own way: claimed from
+the store, written into the slot as a hand-off message, run.  The end-to-end paths (a
+crashing handler, retries through a running daemon, a worker SIGKILLed in the middle of
+a job) stay in test_workers.py, test_poison.py and tests/faults/.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
-from fakes import FakeLog
+import pytest
+from conftest import Instance
+from fakes import FakeJobStore, FakeLog, new_job
 
 from ipcd import config as config_mod
 from ipcd.daemon.log import Events, Logger
 from ipcd.daemon.outcomes import Outcomes
 from ipcd.daemon.signals import Flags
-from ipcd.daemon.worker import Exit, Worker
-from ipcd.errors import IpcdError, MessageError, NotRunningError
+from ipcd.daemon.worker import Exit, Worker, job_of
+from ipcd.errors import IpcdError, MessageError, NotRunningError, StoreUnavailableError
 from ipcd.handlers import Handler, HandlerError, HandlerResult, Retry
 from ipcd.handlers.registry import Registration, Registry
-from ipcd.kernel.queues import Queue, TooBigError
+from ipcd.kernel.queues import Queue
 from ipcd.kernel.waits import Interrupted
 from ipcd.layout.results import Kind, Result, Status
+from ipcd.store import JobStore, State
 from ipcd.tables.inflight import InflightTable
 from ipcd.tables.results import ResultStore
 from ipcd.tables.spill.table import SpillTable
-from ipcd.tables.stats import Recorder
-from ipcd.wire import protocol
+from ipcd.tables.stats import STORE_ERRORS, Recorder
+from ipcd.wire import handoff, protocol
 from ipcd.wire.protocol import Job, SpillRef
 
 TYPE = 7
@@ -40,26 +48,21 @@ SLOT = 2
 
 
 class FakeTable:
-    """One worker's slot of the in-flight table, and the parked slots (``room``)."""
+    """One worker's slot of the in-flight table: what it holds, and the calls made."""
 
-    def __init__(self, *, room: bool = True, text_size: int = 8192) -> None:
-        self.room = room
+    def __init__(self, *, text_size: int = 8192) -> None:
         self.text_size = text_size
         self.type = 0
         self.body = b""
         self.calls: list[tuple[Any, ...]] = []
-        self.parked: list[tuple[str, int, float]] = []
 
-    def deliver(self, type_: int, body: bytes) -> int:
-        """What msgrcv does: the message lands in the slot; its length is returned."""
+    def deliver(self, index: int, type_: int, body: bytes) -> None:
+        """The hand-off message lands in the slot, as msgrcv would put it there."""
         self.type, self.body = type_, body
-        return len(body)
+        self.calls.append(("deliver", index, type_))
 
     def reset_worker(self, index: int, pid: int) -> None:
         self.calls.append(("reset_worker", index))
-
-    def msgbuf_address(self, index: int) -> int:
-        return 0x1000 + index
 
     def begin_receive(self, index: int, pid: int, previous_length: int) -> None:
         self.calls.append(("begin_receive", index, previous_length))
@@ -76,59 +79,41 @@ class FakeTable:
     def finished(self, index: int) -> None:
         self.calls.append(("finished", index))
 
-    def rewrite(self, index: int, body: bytes, attempt: int) -> None:
-        self.body = body
-        self.calls.append(("rewrite", index, attempt))
 
-    def park(self, type_: int, body: bytes, job_id: str, attempt: int, due: float) -> bool:
-        if self.room:
-            self.parked.append((job_id, attempt, due))
-        return self.room
-
-
-#: In a FakeQueue's script: a stop signal arrives during the receive.
+#: In a FakeDoorbell's script: a stop signal arrives while the worker sleeps.
 STOP = "stop"
 
 
-class FakeQueue:
-    """The job queue: what the worker receives (messages, exceptions or STOP, in order),
-    and whether a job put back may be sent (``full``)."""
+class FakeDoorbell:
+    """The hand-off queue a worker sleeps on when the store has nothing for it; each
+    wait takes the next item of ``script``: a ring (a callable, run first: what was
+    committed meanwhile), STOP, or an exception to raise."""
 
-    def __init__(self, table: FakeTable, flags: Flags, *, full: bool = True) -> None:
-        self.table = table
+    def __init__(self, flags: Flags) -> None:
         self.flags = flags
-        self.full = full
         self.key = 0x1234
-        self.script: list[tuple[int, bytes] | BaseException | str] = []
-        self.sent: list[tuple[bytes, int]] = []
+        self.script: list[Callable[[], None] | BaseException | str] = []
+        self.waits = 0
 
-    def receive_into(self, address: int, size: int) -> int:
+    def wait_any(self) -> None:
+        self.waits += 1
         item = self.script.pop(0)
-        if item == STOP:
+        if isinstance(item, str):
+            assert item == STOP
             self.flags.stopping = True  # what the SIGTERM handler records
             raise Interrupted("msgrcv interrupted by a signal")
         if isinstance(item, BaseException):
             raise item
-        assert isinstance(item, tuple)
-        return self.table.deliver(*item)
-
-    def receive(self, type_: int, *, timeout: float | None = None) -> tuple[bytes, int]:
-        item = self.script.pop(0)
-        assert isinstance(item, tuple)
-        return item[1], item[0]
-
-    def send_nowait(self, body: bytes, type_: int) -> bool:
-        if not self.full:
-            self.sent.append((body, type_))
-        return not self.full
+        item()
 
 
 class FakeOutcomes:
-    """Records how each message ended; ``broken`` calls of finish raise first."""
+    """Records how each job ended; ``broken`` calls of finish raise first."""
 
     def __init__(self, *, broken: int = 0) -> None:
         self.broken = broken
         self.finished: list[tuple[Job, Result, str]] = []
+        self.bodies: list[bytes] = []
         self.rejected: list[tuple[MessageError, bytes, int]] = []
         #: How often the worker asked for mended headers to be said (before each wait).
         self.mends_reported = 0
@@ -141,12 +126,15 @@ class FakeOutcomes:
             self.broken -= 1
             raise RuntimeError("result segment wedged")
         self.finished.append((job, result, handler))
+        self.bodies.append(body)
 
     def reject(self, exc: MessageError, body: bytes, type_: int, **_: Any) -> None:
         self.rejected.append((exc, body, type_))
 
 
 class FakeStore:
+    """The result ring, of which a worker only asks for a stored result."""
+
     def __init__(self, stored: Result | IpcdError | None = None) -> None:
         self.stored = stored
 
@@ -181,9 +169,13 @@ class FakeEvents:
 class FakeRecorder:
     def __init__(self) -> None:
         self.retries: list[str] = []
+        self.bumped: list[tuple[int, int]] = []
 
     def retried(self, handler: str) -> None:
         self.retries.append(handler)
+
+    def bump(self, counter: int, by: int = 1) -> None:
+        self.bumped.append((counter, by))
 
 
 def _config(**daemon: Any) -> config_mod.Config:
@@ -193,31 +185,32 @@ def _config(**daemon: Any) -> config_mod.Config:
 
 class Fixture:
     """A Worker in slot SLOT wired to fakes; ``handler`` serves TYPE (3 attempts, 10 s
-    base delay) under the name "h"."""
+    base delay) under the name "h"; ``table`` replaces the fake slot by a real one."""
 
     def __init__(
         self,
         handler: Handler | None = None,
         *,
         timeout: float | None = None,
-        room: bool = True,
-        queue_full: bool = True,
         text_size: int = 8192,
         broken_finish: int = 0,
         stored: Result | IpcdError | None = None,
         spills: FakeSpills | None = None,
         debugging: bool = False,
         max_jobs_per_worker: int = 0,
+        table: InflightTable | None = None,
     ) -> None:
-        self.table = FakeTable(room=room, text_size=text_size)
+        self.table = FakeTable(text_size=text_size)
         self.flags = Flags()
-        self.queue = FakeQueue(self.table, self.flags, full=queue_full)
+        self.doorbell = FakeDoorbell(self.flags)
+        self.jobs = FakeJobStore()
         self.outcomes = FakeOutcomes(broken=broken_finish)
         self.spills = spills
         self.log = FakeLog()
         self.events = FakeEvents(debugging=debugging)
         self.stats = FakeRecorder()
         self.wakes = 0
+        self.accepted = time.time()
         by_type = {}
         if handler is not None:
             by_type[TYPE] = Registration(
@@ -226,8 +219,8 @@ class Fixture:
         self.worker = Worker(
             slot=SLOT,
             config=_config(max_jobs_per_worker=max_jobs_per_worker),
-            queue=cast(Queue, self.queue),
-            table=cast(InflightTable, self.table),
+            queue=cast(Queue, self.doorbell),
+            table=table if table is not None else cast(InflightTable, self.table),
             outcomes=cast(Outcomes, self.outcomes),
             store=cast(ResultStore, FakeStore(stored)),
             spills=cast(SpillTable, spills),
@@ -237,14 +230,36 @@ class Fixture:
             events=cast(Events, self.events),
             stats=cast(Recorder, self.stats),
             wake_master=self._wake,
+            jobs=cast(JobStore, self.jobs),
         )
 
     def _wake(self) -> None:
         self.wakes += 1
 
-    def handle(self, body: bytes, type_: int = TYPE) -> None:
-        """Deliver one message to the worker's slot and have the worker handle it."""
-        self.worker.handle(self.table.deliver(type_, body))
+    def submit(
+        self, body: bytes, type_: int = TYPE, *, job_id: str = "job1", attempt: int = 1,
+        priority: int = 0,
+    ) -> None:  # fmt: skip
+        """Put a job in the store, queued for its ``attempt`` (one accepted after those
+        before it)."""
+        self.accepted += 1
+        job = new_job(
+            job_id, type_, body, attempts=attempt - 1, accepted=self.accepted, priority=priority
+        )
+        self.jobs.put(job)
+
+    def serve(self) -> int:
+        """Serve until the store runs dry and the doorbell's script says stop."""
+        self.flags.stopping = False
+        self.doorbell.script.append(STOP)
+        return self.worker.serve()
+
+    def handle(
+        self, body: bytes, type_: int = TYPE, *, job_id: str = "job1", attempt: int = 1
+    ) -> None:
+        """Have the worker claim and run one job from the store, then stop."""
+        self.submit(body, type_, job_id=job_id, attempt=attempt)
+        assert self.serve() == Exit.STOPPED
 
     def only_result(self) -> tuple[Job, Result, str]:
         (finished,) = self.outcomes.finished
@@ -263,7 +278,8 @@ def _body(payload: protocol.Payload = "hi", *, job_id: str = "job1", **fields: A
 
 def test_a_handlers_value_is_finished_as_an_ok_result_and_the_slot_freed() -> None:
     """The handler's value becomes an OK JSON result of its job, under the handler's
-    name; the slot records the job while it runs and is freed after its outcome."""
+    name and the attempt the store counted; the slot records the job while it runs and
+    is freed after its outcome."""
     seen: list[Job] = []
 
     def handler(job: Job) -> HandlerResult:
@@ -271,15 +287,18 @@ def test_a_handlers_value_is_finished_as_an_ok_result_and_the_slot_freed() -> No
         return {"echo": str(job.payload)}
 
     f = Fixture(handler)
-    body = _body("hi", attempt=2)
-    f.handle(body)
+    body = _body("hi")
+    f.handle(body, attempt=2)
     job, result, name = f.only_result()
     assert [j.payload for j in seen] == ["hi"]
     assert (job.id, job.attempt, name) == ("job1", 2, "h")
     assert (result.job_id, result.status, result.kind) == ("job1", Status.OK, Kind.JSON)
     assert json.loads(result.data) == {"echo": "hi"}
-    assert f.slot_calls("received") == [("received", SLOT, len(body), 2, "job1", 0.0)]
-    assert f.table.calls[-1] == ("finished", SLOT)
+    assert f.outcomes.bodies == [body]
+    length = len(handoff.encode("job1", 2, body, 8192))
+    assert f.slot_calls("received") == [("received", SLOT, length, 2, "job1", 0.0)]
+    done = [call[0] for call in f.table.calls if call[0] in ("received", "finished")]
+    assert done == ["received", "finished"]
     assert f.worker.jobs_done == 1
     assert f.wakes == 0
 
@@ -315,7 +334,7 @@ def test_a_handler_error_fails_the_job_with_its_message() -> None:
     _, result, name = f.only_result()
     assert (result.status, result.error, name) == (Status.ERROR, "no such image", "h")
     assert f.log.events == []
-    assert f.table.calls[-1] == ("finished", SLOT)
+    assert f.slot_calls("finished") == [("finished", SLOT)]
 
 
 def test_a_handlers_bug_fails_the_job_with_a_logged_traceback() -> None:
@@ -351,7 +370,7 @@ def test_a_job_with_a_timeout_wakes_the_master_with_its_deadline() -> None:
     f = Fixture(lambda job: None, timeout=30.0)
     before = time.time()
     f.handle(_body(timeout=5.0))
-    f.handle(_body(job_id="job2"))
+    f.handle(_body(job_id="job2"), job_id="job2")
     (first, second) = [call[5] for call in f.slot_calls("received")]
     assert before + 5.0 <= first <= time.time() + 5.0
     assert before + 30.0 <= second <= time.time() + 30.0
@@ -387,24 +406,24 @@ def _retrying(times: int, *, delay: float | None = None) -> tuple[Handler, list[
     return handler, attempts
 
 
-def test_a_retry_parks_the_job_as_its_next_attempt_with_back_off() -> None:
-    """Retry on attempt 2 of 3 parks the job as attempt 3, due after the handler's delay
-    doubled once; it has no outcome yet, the retry is counted and the master woken."""
-    handler, _ = _retrying(1)
+def test_a_retry_puts_the_job_back_in_the_store_due_after_the_back_off() -> None:
+    """Retry on attempt 2 of 3 puts the job back in the store, due after the handler's
+    delay doubled once (its attempt count left for the next claim to raise); it has no
+    outcome yet and the retry is counted."""
+    handler, attempts = _retrying(1)
     f = Fixture(handler)
     before = time.time()
-    f.handle(_body(attempt=2))
-    ((job_id, attempt, due),) = f.table.parked
-    assert (job_id, attempt) == ("job1", 3)
+    f.handle(_body(), attempt=2)
+    ((job_id, due, counted),) = f.jobs.requeued
+    assert (job_id, counted) == ("job1", None)
     assert before + 20.0 <= due <= time.time() + 20.0
+    assert f.jobs.state("job1") is State.SCHEDULED
+    assert attempts == [2]
     assert f.outcomes.finished == []
     assert f.stats.retries == ["h"]
-    assert f.wakes == 1
     ((level, event, fields),) = f.log.events
-    assert (level, event, fields["reason"], fields["kept_in_worker"]) == (
-        "info", "job.retry", "busy", False
-    )  # fmt: skip
-    assert f.table.calls[-1] == ("finished", SLOT)
+    assert (level, event, fields["reason"], fields["attempt"]) == ("info", "job.retry", "busy", 2)
+    assert f.slot_calls("finished") == [("finished", SLOT)]
     assert f.worker.jobs_done == 1
 
 
@@ -414,77 +433,63 @@ def test_a_retry_delay_of_the_handler_overrides_the_back_off() -> None:
     f = Fixture(handler)
     before = time.time()
     f.handle(_body())
-    ((_, _, due),) = f.table.parked
+    ((_, due, _),) = f.jobs.requeued
     assert before + 2.5 <= due <= time.time() + 2.5
+
+
+def test_a_retry_due_at_once_is_claimed_again_as_the_next_attempt() -> None:
+    """Retry(delay=0) queues the job again at once: the next claim runs it as attempt 2."""
+    handler, attempts = _retrying(1, delay=0.0)
+    f = Fixture(handler)
+    f.handle(_body())
+    assert attempts == [1, 2]
+    job, result, _ = f.only_result()
+    assert (job.attempt, result.attempt, result.data) == (2, 2, b"done")
+    assert f.jobs.state("job1") is State.RUNNING  # the fake outcomes record nothing
 
 
 def test_a_retry_on_the_last_attempt_fails_the_job() -> None:
     """With no attempts left, a retry request fails the job, naming the reason."""
     handler, _ = _retrying(1)
     f = Fixture(handler)
-    f.handle(_body(attempt=3))
+    f.handle(_body(), attempt=3)
     _, result, name = f.only_result()
     assert (result.error, name) == ("gave up after 3 attempts: busy", "h")
-    assert f.table.parked == []
+    assert f.jobs.requeued == []
     assert f.stats.retries == []
 
 
-def test_a_retry_due_now_goes_to_the_queue_when_parking_is_full() -> None:
-    """No parked slot free: a job due at once is sent to the queue as its next attempt."""
-    handler, _ = _retrying(1, delay=0.0)
-    f = Fixture(handler, room=False, queue_full=False)
-    f.handle(_body())
-    ((body, type_),) = f.queue.sent
-    assert type_ == TYPE
-    assert protocol.decode(body, TYPE).attempt == 2
-    assert f.outcomes.finished == []
-
-
-def test_a_retry_with_nowhere_to_go_runs_again_in_this_worker() -> None:
-    """Parking and queue full: the job's next envelope is written into its own slot and
-    it runs again here, so that a crash in between loses nothing."""
-    handler, attempts = _retrying(1, delay=0.0)
-    f = Fixture(handler, room=False, queue_full=True)
-    f.handle(_body())
-    assert attempts == [1, 2]
-    assert f.slot_calls("rewrite") == [("rewrite", SLOT, 2)]
-    assert protocol.decode(f.table.body, TYPE).attempt == 2
-    assert [call[3] for call in f.slot_calls("received")] == [1, 2]
-    job, result, _ = f.only_result()
-    assert (job.attempt, result.attempt, result.data) == (2, 2, b"done")
-    assert f.log.events[0][2]["kept_in_worker"] is True
-    assert f.worker.jobs_done == 1
-
-
-def test_a_retry_too_large_with_its_attempt_count_fails_the_job() -> None:
-    """A message that fitted msgmax exactly and outgrows it with its attempt number
-    cannot run again: the job fails saying so, the worker goes on."""
+def test_a_retry_the_store_cannot_take_back_fails_the_job() -> None:
+    """A store that refuses the job back fails it with the store's error, rather than
+    leaving it running for ever; the worker goes on."""
     handler, _ = _retrying(1)
-    body = _body()
-    f = Fixture(handler, text_size=len(body))
-    f.handle(body)
-    result = f.only_result()[1]
-    assert result.error.startswith("cannot be run again: with its attempt count the job is ")
-    assert f.table.parked == []
+    f = Fixture(handler)
+    f.jobs.errors["requeue"] = [StoreUnavailableError("jobs.db: disk I/O error")]
+    f.handle(_body())
+    _, result, _ = f.only_result()
+    assert result.error == "cannot be put back for a retry: jobs.db: disk I/O error"
+    assert f.stats.retries == []
+    assert f.worker.jobs_done == 1
 
 
 # --- messages that are not jobs -----------------------------------------------------------
 
 
 def test_a_message_that_cannot_be_decoded_is_rejected_without_running() -> None:
-    """An envelope with a field out of range is rejected, with its id, and counts as no
-    job done; the slot is freed."""
+    """An envelope with a field out of range is rejected under the store's id with its
+    reply type, and counts as no job done; the slot is freed."""
     ran: list[Job] = []
     f = Fixture(ran.append)
     doc = json.loads(_body(reply_to=77))
     doc["attempt"] = 0
-    body = json.dumps(doc).encode()
-    f.handle(body)
-    ((exc, rejected, type_),) = f.outcomes.rejected
-    assert (exc.job_id, exc.reply_to, rejected, type_) == ("job1", 77, body, TYPE)
+    f.handle(json.dumps(doc).encode(), job_id="job9")
+    ((exc, _, type_),) = f.outcomes.rejected
+    assert (exc.job_id, exc.reply_to, type_) == ("job9", 77, TYPE)
+    assert str(exc) == "malformed envelope: 'attempt' must be an integer from 1 to 65535"
     assert ran == []
     assert f.outcomes.finished == []
-    assert f.table.calls == [("finished", SLOT)]
+    assert f.slot_calls("received") == []
+    assert f.slot_calls("finished") == [("finished", SLOT)]
     assert f.worker.jobs_done == 0
 
 
@@ -527,9 +532,9 @@ def test_an_internal_error_fails_the_job_not_the_worker() -> None:
     assert result.error == "ipcd failed while handling the job: RuntimeError: result segment wedged"
     assert name == "h"
     assert f.log.names() == [("error", "job.internal_error")]
-    assert f.table.calls[-1] == ("finished", SLOT)
+    assert f.slot_calls("finished") == [("finished", SLOT)]
     assert f.worker.jobs_done == 1
-    f.handle(_body(job_id="job2"))  # and the next message is served as usual
+    f.handle(_body(job_id="job2"), job_id="job2")  # and the next job is served as usual
     assert [(j.id, r.status) for j, r, _ in f.outcomes.finished[1:]] == [("job2", Status.OK)]
 
 
@@ -541,11 +546,11 @@ def test_an_internal_error_after_the_outcome_was_stored_keeps_that_outcome() -> 
     f.handle(_body())
     assert f.outcomes.finished == []
     assert f.log.names() == [("error", "job.internal_error")]
-    assert f.table.calls[-1] == ("finished", SLOT)
+    assert f.slot_calls("finished") == [("finished", SLOT)]
 
 
 def test_an_earlier_runs_stored_result_does_not_stop_the_failure() -> None:
-    """A result of the same id stored before this message arrived is an earlier
+    """A result of the same id stored before this job was claimed is an earlier
     attempt's, and an unreadable store is no answer: either way the job fails."""
     old = Result("job1", TYPE, Status.ERROR, Kind.TEXT, b"old", 1, 0.0, time.time() - 60)
     for stored in (old, IpcdError("result segment removed")):
@@ -554,48 +559,141 @@ def test_an_earlier_runs_stored_result_does_not_stop_the_failure() -> None:
         assert f.only_result()[1].error.startswith("ipcd failed while handling the job: ")
 
 
-# --- the receive loop ---------------------------------------------------------------------
+# --- taking jobs from the store -----------------------------------------------------------
+
+
+def test_jobs_are_claimed_one_at_a_time_in_the_stores_order() -> None:
+    """The worker claims one job at a time, under its own pid, and runs them in the
+    order the store gives them (type, then priority, then age)."""
+    ran: list[str] = []
+    f = Fixture(lambda job: ran.append(job.id))
+    f.submit(_body(job_id="old"), job_id="old")
+    f.submit(_body(job_id="urgent"), job_id="urgent", priority=5)
+    f.submit(_body(job_id="new"), job_id="new")
+    assert f.serve() == Exit.STOPPED
+    assert ran == ["urgent", "old", "new"]
+    assert f.jobs.claimers == [os.getpid()] * 4  # the fourth found nothing
+    assert f.doorbell.waits == 1
+
+
+def test_an_idle_worker_sleeps_on_the_doorbell_and_claims_again_when_it_rings() -> None:
+    """With the store empty the worker sleeps on the hand-off queue; a ring (a job
+    committed meanwhile) wakes it to claim again, and it sleeps again when that runs dry."""
+    ran: list[str] = []
+    f = Fixture(lambda job: ran.append(job.id))
+    f.submit(_body())
+    f.doorbell.script = [lambda: f.submit(_body(job_id="job2"), job_id="job2")]
+    assert f.serve() == Exit.STOPPED
+    assert ran == ["job1", "job2"]
+    assert f.doorbell.waits == 2
+
+
+def test_a_store_that_fails_a_claim_is_asked_again_without_waiting_for_a_ring() -> None:
+    """A claim the store fails is logged as store.claim_failed and counted; the worker
+    does not end, and asks the store again rather than sleep on the doorbell (whose one
+    ring may have been this job's)."""
+    ran: list[str] = []
+    f = Fixture(lambda job: ran.append(job.id))
+    f.submit(_body())
+    f.jobs.errors["claim"] = [StoreUnavailableError("jobs.db: database is locked")]
+    assert f.serve() == Exit.STOPPED
+    assert ran == ["job1"]
+    assert f.log.names() == [("error", "store.claim_failed")]
+    assert f.log.events[0][2]["error"] == "jobs.db: database is locked"
+    assert f.stats.bumped == [(STORE_ERRORS, 1)]
+    assert f.doorbell.waits == 1  # only once the store had nothing left
+
+
+def test_a_job_handed_over_by_reference_is_read_from_the_store() -> None:
+    """A message too large to share the slot with the hand-off header is handed over
+    by reference: the slot names the job, and the worker reads its message from the store."""
+    seen: list[Job] = []
+    f = Fixture(seen.append, text_size=200)
+    body = _body("x" * 300)
+    f.handle(body)
+    assert handoff.decode(f.table.body) == handoff.Handoff("job1", 1, None)
+    assert [(j.id, j.payload) for j in seen] == [("job1", "x" * 300)]
+    assert f.outcomes.bodies == [body]
+
+
+def test_a_job_by_reference_that_the_store_no_longer_holds_is_rejected() -> None:
+    """A hand-off naming a job whose message the store no longer has (purged under it)
+    is rejected under its id, saying so; nothing runs."""
+    f = Fixture(lambda job: None, text_size=200)
+    f.submit(_body("x" * 300))
+
+    def purged(method: str) -> None:
+        if method == "body":
+            del f.jobs.bodies["job1"]
+
+    f.jobs.before = purged
+    assert f.serve() == Exit.STOPPED
+    ((exc, _, _),) = f.outcomes.rejected
+    assert (exc.job_id, str(exc)) == ("job1", "job job1: its message is no longer in the store")
+    assert f.outcomes.finished == []
+
+
+@pytest.mark.parametrize("size", [10, 8150], ids=["inline", "by-reference"])
+def test_the_slot_holds_the_hand_off_message_recovery_reads_back(
+    instance: Instance, size: int
+) -> None:
+    """While a job runs, a real in-flight slot holds its hand-off message, the store's
+    id and attempt: what the master's recovery reads (job_of) is the job being run."""
+    keys = instance.keys
+    table, _ = InflightTable.create(keys.inflight, 0o600, SLOT + 1, 0, 8192)
+    read: list[tuple[Job, bytes]] = []
+    body = _body("y" * size)
+
+    def handler(job: Job) -> None:
+        held = table.held(SLOT)
+        assert held is not None
+        assert (held.job_id, held.attempt, held.type) == ("job1", 2, TYPE)
+        read.append(job_of(held.body, held.type, time.time(), cast(JobStore, f.jobs)))
+
+    f = Fixture(handler, table=table)
+    f.handle(body, attempt=2)
+    ((job, message),) = read
+    assert (job.id, job.attempt, job.payload, message) == ("job1", 2, "y" * size, body)
+    assert table.held(SLOT) is None  # freed after its outcome
+
+
+# --- the serving loop ---------------------------------------------------------------------
 
 
 def test_serving_stops_when_a_signal_asked_for_it() -> None:
-    """A receive interrupted by a stop signal ends serving with Exit.STOPPED; the slot
-    says before each receive how long the previous message was."""
+    """A stop signal while the worker sleeps ends serving with Exit.STOPPED; the slot
+    says before each claim how long the previous hand-off message was."""
     f = Fixture(lambda job: None)
     first, second = _body(), _body(job_id="job2")
-    f.queue.script = [(TYPE, first), (TYPE, second), STOP]
-    assert f.worker.serve() == Exit.STOPPED
-    assert [call[2] for call in f.slot_calls("begin_receive")] == [0, len(first), len(second)]
+    f.submit(first)
+    f.submit(second, job_id="job2")
+    assert f.serve() == Exit.STOPPED
+    lengths = [len(handoff.encode(i, 1, b, 8192)) for i, b in (("job1", first), ("job2", second))]
+    assert [call[2] for call in f.slot_calls("begin_receive")] == [0, *lengths]
     assert [j.id for j, _, _ in f.outcomes.finished] == ["job1", "job2"]
+    assert f.outcomes.mends_reported >= 3  # before each claim, and on leaving
 
 
-def test_a_removed_job_queue_ends_the_worker_with_its_status() -> None:
-    """The queue removed under the worker: Exit.QUEUE_GONE, so the master makes it anew."""
+def test_a_removed_hand_off_queue_ends_the_worker_with_its_status() -> None:
+    """The hand-off queue removed under the sleeping worker: Exit.QUEUE_GONE, so the
+    master makes it anew."""
     f = Fixture(lambda job: None)
-    f.queue.script = [NotRunningError("queue removed")]
+    f.doorbell.script = [NotRunningError("queue removed")]
     assert f.worker.serve() == Exit.QUEUE_GONE
     assert f.log.names() == [("warning", "worker.queue_gone")]
 
 
 def test_a_worker_is_recycled_after_max_jobs_per_worker() -> None:
-    """After max_jobs_per_worker jobs the worker leaves with Exit.RECYCLED; a rejected
-    message does not count as a job."""
+    """After max_jobs_per_worker jobs the worker leaves with Exit.RECYCLED, claiming no
+    more; a rejected message does not count as a job."""
     f = Fixture(lambda job: None, max_jobs_per_worker=2)
     doc = json.loads(_body())
     doc["attempt"] = 0
-    f.queue.script = [(TYPE, _body()), (TYPE, json.dumps(doc).encode()), (TYPE, _body())]
+    f.submit(_body(), job_id="a")
+    f.submit(json.dumps(doc).encode(), job_id="b")
+    f.submit(_body(), job_id="c")
+    f.submit(_body(), job_id="d")
     assert f.worker.serve() == Exit.RECYCLED
-    assert f.queue.script == []
     assert (len(f.outcomes.finished), len(f.outcomes.rejected)) == (2, 1)
-
-
-def test_a_message_larger_than_the_slot_is_handled_unprotected() -> None:
-    """A message too big for the slot (msgmax raised after start) is received outside
-    it, logged as job.unprotected, and run; it cannot be retried, so a retry fails it."""
-    handler, _ = _retrying(1)
-    f = Fixture(handler)
-    f.queue.script = [TooBigError("E2BIG"), (TYPE, _body()), STOP]
-    assert f.worker.serve() == Exit.STOPPED
-    _, result, _ = f.only_result()
-    assert result.error == "retry impossible for oversized job: busy"
-    assert f.log.names()[0] == ("warning", "job.unprotected")
-    assert f.table.parked == []
+    assert f.jobs.state("d") is State.QUEUED
+    assert f.doorbell.waits == 0

@@ -195,6 +195,8 @@ class Worker:
             self.count_noticed()
             self.table.begin_receive(self.slot, self.pid, previous)
             length = self._take()
+            if length == 0:
+                continue  # the store failed: ask it again, never sleep on the doorbell
             if length is None:
                 try:
                     self.queue.wait_any()  # the doorbell: the store has work again
@@ -212,14 +214,16 @@ class Worker:
     def _take(self) -> int | None:
         """Claim the next job from the store into this worker's slot, as the hand-off
         message (ipcd.wire.handoff) the master's recovery reads back should the worker
-        die; its length, or None when the store has no job for us now."""
+        die; its length, or None when the store has no job for us now.  0 when the store
+        failed (logged and counted, after a pause): the caller asks it again rather than
+        sleep, as the ring that woke it may have been the only one for a job waiting."""
         try:
             claimed = self.jobs.claim(1, time.time(), worker_pid=self.pid)
         except StoreError as exc:
             self.log.error("store.claim_failed", error=str(exc))
             self.stats.bump(STORE_ERRORS)
             time.sleep(CLAIM_BACKOFF)
-            return None
+            return 0
         if not claimed:
             return None
         record, body = claimed[0]
