@@ -228,7 +228,7 @@ def test_stats_of_a_stopped_daemon(instance: Instance) -> None:
     assert instance.ipcd("start").returncode == 0
     assert instance.ipcctl("submit", "echo", "ran", "--wait").returncode == 0
     assert instance.ipcd("stop").returncode == 0
-    assert instance.ipcctl("submit", "echo", "for later").returncode == 0
+    assert instance.ipcctl("submit", "--no-confirm", "echo", "for later").returncode == 0
     down = instance.ipcctl("stats", "--prometheus")
     assert down.returncode == 0
     m = parse_strict(down.stdout)

@@ -83,6 +83,7 @@ def test_master_counters_are_counted_in_the_master_record() -> None:
         "reloads": 1,
         "log_dropped": 0,
         "results_lost": 0,
+        "store_errors": 0,
     }
 
 

@@ -243,7 +243,8 @@ def test_a_read_only_directory_is_unavailable(nobody_dir: Path) -> None:
     path = str(nobody_dir / "jobs.db")
     made = str(nobody_dir / "made.db")
     assert _as_nobody(_open_and_add(made)) == "ok"
-    assert sorted(os.listdir(nobody_dir)) == ["made.db"]
+    # The store and the lock file its writers queue on (SqliteStore._write).
+    assert sorted(os.listdir(nobody_dir)) == ["made.db", "made.db.lock"]
     nobody_dir.chmod(0o555)
     outcome = _as_nobody(_open_and_add(path))
     assert outcome.startswith(f"StoreUnavailableError: job store {path}: Permission denied")

@@ -586,6 +586,27 @@ class Arbiter:
             flags, on_cancelled=cancelled,
         )  # fmt: skip
 
+    def _restart_helpers(self, timeout: float = 5.0) -> None:
+        """Stop the intake and the control process and wait for them (the intake commits
+        what it holds first), so that the next ones, forked at once, use the reloaded
+        configuration and handlers: a job submitted after ``ipcd reload`` returned is
+        vetted against the new handlers."""
+        deadline = time.monotonic() + timeout
+        for helper in self.helpers.values():
+            if helper.pid:
+                signal_worker(helper.pid, signal.SIGTERM, group=False)
+        while self._helpers_alive() and time.monotonic() < deadline:
+            for helper in self.helpers.values():
+                if not helper.pid:
+                    continue
+                pid, status = os.waitpid(helper.pid, os.WNOHANG)
+                if pid:
+                    self._helper_died(pid, status)
+                    helper.next_spawn = 0.0
+                else:  # idle in msgrcv, a SIGTERM just before the call is lost: repeat
+                    signal_worker(helper.pid, signal.SIGTERM, group=False)
+            time.sleep(0.01)
+
     def _helpers_alive(self) -> bool:
         return any(h.pid for h in self.helpers.values())
 
@@ -842,6 +863,7 @@ class Arbiter:
         p.config, p.registry = fresh, registry
         self._count_reload(registry)
         old = self.pool.new_generation()
+        self._restart_helpers()  # the intake vets with the new handlers from now on
         self._maintain()  # the new generation starts taking jobs first...
         for info in old:  # ...then the old one finishes what it holds and exits
             info.retiring = True

@@ -338,6 +338,22 @@ def _remove_stale(path: Path) -> None:
         return
     if not stat.S_ISSOCK(info.st_mode):
         raise ConfigError(f"control socket {path}: something else than a socket is there")
+    # The control process of a daemon killed a moment ago may still answer: it leaves
+    # within half a second of its master's death (PR_SET_PDEATHSIG, STOP_CHECK).
+    deadline = time.monotonic() + ORPHAN_GRACE
+    while _answers(path):
+        if time.monotonic() >= deadline:
+            raise AlreadyRunningError(f"control socket {path}: another ipcd listens on it")
+        time.sleep(0.05)
+    os.unlink(path)
+
+
+#: How long a start waits for a socket that answers to stop answering (see _remove_stale).
+ORPHAN_GRACE = 2.0
+
+
+def _answers(path: Path) -> bool:
+    """Whether something accepts connections on the socket at ``path``."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.settimeout(IO_TIMEOUT)
         try:
@@ -345,9 +361,8 @@ def _remove_stale(path: Path) -> None:
         except OSError as exc:
             if exc.errno != errno.ECONNREFUSED:
                 raise ConfigError(f"control socket {path}: {exc.strerror or exc}") from None
-        else:
-            raise AlreadyRunningError(f"control socket {path}: another ipcd listens on it")
-    os.unlink(path)
+            return False
+    return True
 
 
 def _read_request(conn: socket.socket, deadline: float) -> bytes:

@@ -187,7 +187,11 @@ class Intake:
             if length is None:
                 break
             self._lengths[index] = length
-            self.slots.received(index, length, 0, "", 0.0)
+            # The id a message without one of its own (a bare message, an unreadable
+            # envelope) is stored under: in the slot, so that an intake killed after its
+            # commit and before freeing the slot stores it under the same id again
+            # (the store skips ids it has), not twice.
+            self.slots.received(index, length, 0, protocol.new_job_id(), 0.0)
             count += 1
         return count
 
@@ -207,7 +211,7 @@ class Intake:
         held = [(index, h) for index in range(self.slots.workers) if (h := self.slots.held(index))]
         if not held:
             return
-        if self._commit([self.vet(h.body, h.type) for _, h in held]):
+        if self._commit([self.vet(h.body, h.type, h.job_id or None) for _, h in held]):
             for index, _ in held:
                 self.slots.finished(index)
 
@@ -271,21 +275,24 @@ class Intake:
 
     # --- vetting --------------------------------------------------------------------------
 
-    def vet(self, body: bytes, type_: int) -> Vetted:
+    def vet(self, body: bytes, type_: int, given_id: str | None = None) -> Vetted:
         """The message as the store will hold it.  Never raises: what cannot be a job is
-        recorded as failed, with why, under the id that could be read (or a new one)."""
+        recorded as failed, with why, under the id that could be read, else ``given_id``
+        (the one its slot holds), else a new one; a bare message gets ``given_id`` too."""
         now = time.time()
         try:
             job = protocol.decode(body, type_, received=now)
+            if job.bare and given_id is not None:
+                job = job._replace(id=given_id)
             if job.spill is not None:
                 job = spill.load(job, self.spills, self.config.jobs.max_payload)
                 body = _inline(job)
         except MessageError as exc:
-            return self._rejected(exc, body, type_, now)
+            return self._rejected(exc, body, type_, now, given_id)
         except Exception as exc:  # a bug must not cost the batch: reject this message
             self.log.error("job.decode_failed", type=type_, exc_info=True)
             error = MessageError(f"ipcd could not read the message: {type(exc).__name__}: {exc}")
-            return self._rejected(error, body, type_, now)
+            return self._rejected(error, body, type_, now, given_id)
         registration = self.registry.lookup(job.type)
         due = job.due if job.due > now else 0.0
         record = NewJob(
@@ -313,9 +320,11 @@ class Intake:
             return Vetted(record._replace(state=State.FAILED, error=message), job)
         return Vetted(record, job)
 
-    def _rejected(self, exc: MessageError, body: bytes, type_: int, now: float) -> Vetted:
+    def _rejected(
+        self, exc: MessageError, body: bytes, type_: int, now: float, given_id: str | None
+    ) -> Vetted:
         """A message that is no job: recorded failed under its readable id, if any."""
-        job_id = exc.job_id or protocol.new_job_id()
+        job_id = exc.job_id or given_id or protocol.new_job_id()
         record = NewJob(
             id=job_id, type=max(type_, 0), handler="-", body=body[: self.slots.text_size],
             bare=False, accepted=now, size=len(body), preview=preview(body[:PREVIEW]),

@@ -7,7 +7,7 @@ jobs, and they must do it the same way; this module is that one way.
 from __future__ import annotations
 
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
 from ipcd.daemon import uniquerelease
 from ipcd.daemon.log import Events, Logger
@@ -24,11 +24,9 @@ from ipcd.layout.results import Kind, Result, Status, too_large
 from ipcd.store import JobStore
 from ipcd.tables import spill
 from ipcd.tables.failed import FailedList
-from ipcd.tables.inflight import InflightTable
 from ipcd.tables.results import ResultStore
 from ipcd.tables.stats import RESULTS_LOST, STORE_ERRORS, NullRecorder, Recorder
 from ipcd.tables.unique import UniqueTable
-from ipcd.wire import protocol
 from ipcd.wire.protocol import CONFIRMED, Job, SpillRef
 
 
@@ -37,40 +35,6 @@ def error_result(job: Job, message: str) -> Result:
         job.id, job.type, Status.ERROR, Kind.TEXT, message.encode("utf-8", "replace"),
         job.attempt, job.submitted, time.time(),
     )  # fmt: skip
-
-
-class Again(NamedTuple):
-    """What became of a job put back for another run."""
-
-    #: Parked, or on the queue: nothing more to do.
-    placed: bool
-    #: The envelope with its new attempt number (for a caller that must keep it itself).
-    body: bytes
-    #: Why it cannot run again at all (too large with its attempt count), or "".
-    refused: str = ""
-
-
-def run_again(job: Job, *, attempt: int, due: float, table: InflightTable, queue: Queue) -> Again:
-    """Park the job for another run, or queue it at once if every parked slot is taken.
-
-    Never blocks: a caller whose job fits neither (parking full, queue full) keeps it in
-    its own slot (``placed`` is False).  The job goes back as an envelope carrying its
-    attempt number, which can make a message that just fitted the kernel's msgmax too
-    large: then ``refused`` says so and the caller fails the job rather than crash.
-    """
-    again = protocol.reencode(job, attempt=attempt)
-    if len(again) > table.text_size:
-        return Again(
-            False,
-            again,
-            f"cannot be run again: with its attempt count the job is {len(again)} bytes, "
-            f"more than the kernel's msgmax ({table.text_size})",
-        )
-    if table.park(job.type, again, job.id, attempt, due):
-        return Again(True, again)
-    if due <= time.time() and queue.send_nowait(again, job.type):
-        return Again(True, again)
-    return Again(False, again)
 
 
 class Outcomes:

@@ -339,6 +339,8 @@ class Worker:
             reason=retry.reason,
         )
         self.stats.retried(handler)
+        if delay > 0:
+            self.wake_master()  # it keeps the due times: this one may be the soonest
 
 
 def job_of(message: bytes, type_: int, received: float, jobs: JobStore) -> tuple[Job, bytes]:
