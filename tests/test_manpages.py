@@ -29,6 +29,7 @@ NOT_EXITED_BY = {
         ExitCode.NO_RESULT,
         ExitCode.QUEUE_FULL,
         ExitCode.ALREADY_QUEUED,
+        ExitCode.NOT_CONFIRMED,
         ExitCode.RESULT_LOST,
     },
 }
