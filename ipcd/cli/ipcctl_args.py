@@ -14,14 +14,16 @@ from ipcd.wire.protocol import MAX_TIMEOUT, is_job_id
 
 EPILOG = """exit status:
   0 success, 1 the job failed, 4 already queued (--unique: a job with that key waits or
-  runs; its id is on stderr unless -q; nothing was queued), 64 usage error, 65 bad
-  payload (invalid --json, over [jobs] max_payload), 66 no such result or job (logs: no
-  log file; cancel: a named job was not cancelled), 69 daemon or queue not there (status,
-  stats: no daemon running; stats --prometheus exits 0 and prints ipcd_up 0; the store's
-  commands: no control socket), 73 cannot write the --output file,
-  75 not accepted: queue full, or every parked, unique-key or spill slot taken,
-  77 permission denied, 70 internal error (a bug: please report), 78 bad configuration
-  (logs: no [log] file configured), 124 timed out waiting (pause --wait: jobs still run)
+  runs; its id is on stderr unless -q; nothing was queued), 5 not confirmed (submit: the
+  daemon did not say it stored the job; it waits in the kernel queue), 64 usage error,
+  65 bad payload (invalid --json, over [jobs] max_payload), 66 no such result or job
+  (logs: no log file; cancel: a named job was not cancelled), 69 daemon or queue not
+  there (status, stats: no daemon running; stats --prometheus exits 0 and prints
+  ipcd_up 0; the store's commands: no control socket), 73 cannot write the --output
+  file, 74 the job store cannot serve (read-only, corrupt or full), 75 not accepted:
+  queue full, or every unique-key or spill slot taken, 77 permission denied,
+  70 internal error (a bug: please report), 78 bad configuration (logs: no [log] file
+  configured), 124 timed out waiting (pause --wait: jobs still run)
 """
 
 

@@ -60,7 +60,7 @@ def status_text(reading: Reading, previous: Reading | None = None) -> str:
         lines.append(f"worker     pid {w.pid}: {doing}, {count(w.jobs_done, 'job')} done")
     if status.spill is not None:
         lines.append(f"spill      {metrics.spill_text(status.spill)}")
-    lines.extend(_store_lines(reading))
+    lines.extend(metrics.store_text(reading))
     snap = reading.stats
     if snap is not None:
         lines.append(
@@ -72,34 +72,6 @@ def status_text(reading: Reading, previous: Reading | None = None) -> str:
     if rate is not None:
         lines.append(f"rate       {figure(rate.per_second)} jobs/s {_over(rate)}")
     return "\n".join(lines)
-
-
-def _store_lines(reading: Reading) -> list[str]:
-    """The job store's lines: jobs per state, and what is paused (or why the store did
-    not answer)."""
-    store = reading.store
-    if store is None:
-        return [f"store      no answer: {reading.store_error}"]
-    c = store.counts
-    lines = [
-        f"jobs       {c.get('queued', 0)} queued, {c.get('scheduled', 0)} delayed or "
-        f"waiting to retry, {c.get('running', 0)} running, {c.get('done', 0)} done, "
-        f"{c.get('failed', 0)} failed, {c.get('cancelled', 0)} cancelled (job store)"
-    ]
-    if store.paused:
-        lines.append(f"paused     {', '.join(_paused_names(reading))}")
-    return lines
-
-
-def _paused_names(reading: Reading) -> list[str]:
-    """The paused handlers by name where the configuration knows them (0: everything)."""
-    assert reading.store is not None
-    names = []
-    for type_, since in sorted(reading.store.paused.items()):
-        when = time.strftime("%H:%M:%S", time.localtime(since))
-        what = "everything" if type_ == 0 else reading.handler_name(type_)
-        names.append(f"{what} (since {when})")
-    return names
 
 
 def _over(rate: Rate) -> str:
@@ -148,15 +120,7 @@ def status_doc(reading: Reading, previous: Reading | None = None) -> dict[str, o
             }
             for w in status.workers
         ],
-        "store": None
-        if reading.store is None
-        else {
-            "jobs": reading.store.counts,
-            "paused": [
-                {"type": t, "handler": "*" if t == 0 else reading.handler_name(t), "since": s}
-                for t, s in sorted(reading.store.paused.items())
-            ],
-        },
+        "store": metrics.store_doc(reading),
         "store_error": reading.store_error or None,
         "key": f"{status.keys.jobs:#010x}",
         "queue": {

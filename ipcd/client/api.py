@@ -72,10 +72,8 @@ class Status(NamedTuple):
     results: Header | None
     results_size: int
     workers: tuple[WorkerView, ...] = ()
-    #: Parked jobs, both kinds: delayed (``delayed``) and waiting to retry.
-    parked: int = 0
-    #: Due times of the jobs submitted with ``--delay`` that are not yet due, soonest first.
-    delayed: tuple[float, ...] = ()
+    #: Entries of the failed list in shared memory (a cache of the job store's failed
+    #: jobs, bounded by ``[jobs] failed_size``), and how many older ones it dropped.
     failed: int = 0
     failed_dropped: int = 0
     #: The spill table's use (None when there is none to read).
@@ -368,11 +366,8 @@ class Client:
         live = tuple(w for w in table.worker_views() if w.pid and status.daemon_running())
         from ipcd.tables.spill.table import usage
 
-        parked = table.parked_attempts()
         return status._replace(
             workers=live,
-            parked=len(parked),
-            delayed=tuple(sorted(due for due, attempt in parked if attempt == 1)),
             failed=len(failed.entries()),
             failed_dropped=failed.dropped(),
             spill=usage(self.keys.spill),

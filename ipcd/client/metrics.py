@@ -1,11 +1,13 @@
 """What ``ipcctl stats`` and ``ipcctl status`` show: one reading of the daemon's objects,
 and its renderings (text, JSON, the Prometheus text exposition format).
 
-A reading is taken from the outside, like everything ``ipcctl`` does: the queue's
-``msqid_ds``, the result, in-flight and failed segments through ipcd.client's
-``Client.status``, and the counters of the stats segment (ipcd.tables.stats).  Nothing asks the
-daemon, so a reading works while the daemon is stopped (``ipcd_up 0``) and costs it
-nothing.  The rendering functions are pure: a reading in, text out.
+A reading looks at the daemon's objects from the outside, like everything ``ipcctl``
+does: the queue's ``msqid_ds``, the result, in-flight and failed segments through
+ipcd.client's ``Client.status``, and the counters of the stats segment (ipcd.tables.stats).
+That part works while the daemon is stopped (``ipcd_up 0``) and costs it nothing.  Only
+the job store's counts per state and the paused handlers are asked of the daemon (through
+its control socket), since only the daemon opens the store: a reading of a stopped daemon
+has none.  The rendering functions are pure: a reading in, text out.
 """
 
 from __future__ import annotations
@@ -103,6 +105,48 @@ def _store_reading(client: Client) -> dict[str, Any]:
         return {"store": StoreReading(control.counts(), control.paused())}
     except IpcdError as exc:
         return {"store_error": str(exc)}
+
+
+def store_doc(reading: Reading) -> dict[str, object] | None:
+    """The job store's counts per state and the paused handlers, for ``--json`` (None
+    when the daemon did not answer)."""
+    if reading.store is None:
+        return None
+    return {
+        "jobs": reading.store.counts,
+        "paused": [
+            {"type": t, "handler": "*" if t == 0 else reading.handler_name(t), "since": s}
+            for t, s in sorted(reading.store.paused.items())
+        ],
+    }
+
+
+def store_text(reading: Reading) -> list[str]:
+    """The job store's lines: jobs per state, and what is paused (or why the store did
+    not answer)."""
+    store = reading.store
+    if store is None:
+        return [f"store      no answer: {reading.store_error}"]
+    c = store.counts
+    lines = [
+        f"jobs       {c.get('queued', 0)} queued, {c.get('scheduled', 0)} delayed or "
+        f"waiting to retry, {c.get('running', 0)} running, {c.get('done', 0)} done, "
+        f"{c.get('failed', 0)} failed, {c.get('cancelled', 0)} cancelled (job store)"
+    ]
+    if store.paused:
+        lines.append(f"paused     {', '.join(_paused_names(reading))}")
+    return lines
+
+
+def _paused_names(reading: Reading) -> list[str]:
+    """The paused handlers by name where the configuration knows them (0: everything)."""
+    assert reading.store is not None
+    names = []
+    for type_, since in sorted(reading.store.paused.items()):
+        when = time.strftime("%H:%M:%S", time.localtime(since))
+        what = "everything" if type_ == 0 else reading.handler_name(type_)
+        names.append(f"{what} (since {when})")
+    return names
 
 
 def spill_doc(spill: Usage) -> dict[str, int]:
@@ -220,8 +264,26 @@ def prometheus(reading: Reading) -> str:
         used = min(header.next_seq, header.slot_count)
         out.gauge("ipcd_results_slots", "Slots of the result segment.", header.slot_count)
         out.gauge("ipcd_results_slots_used", "Slots of the result segment holding a result.", used)
-    out.gauge("ipcd_failed_jobs", "Jobs on the failed list.", status.failed)
-    out.gauge("ipcd_parked_jobs", "Jobs parked until a retry or a delay is due.", status.parked)
+    out.gauge(
+        "ipcd_failed_jobs",
+        "Jobs on the failed list in shared memory (the job store's failed jobs, bounded "
+        "by [jobs] failed_size).",
+        status.failed,
+    )
+    if reading.store is not None:
+        out.family(
+            "ipcd_store_jobs",
+            "gauge",
+            "Jobs in the job store by state: queued, scheduled (delayed or waiting to "
+            "retry), running, done, failed, cancelled.",
+        )
+        for state, jobs in reading.store.counts.items():
+            out.sample("ipcd_store_jobs", jobs, state=state)
+        out.gauge(
+            "ipcd_handlers_paused",
+            "Pauses in force (ipcctl pause): one per paused handler, one for a pause of all.",
+            len(reading.store.paused),
+        )
     spill = status.spill
     if spill is not None:
         out.gauge(
@@ -344,7 +406,8 @@ def stats_doc(reading: Reading) -> dict[str, object]:
         if reading.up:
             doc["start_time"] = status.results.started
     doc["failed"] = status.failed
-    doc["parked"] = status.parked
+    doc["store"] = store_doc(reading)
+    doc["store_error"] = reading.store_error or None
     if status.spill is not None:
         doc["spill"] = spill_doc(status.spill)
     snap = reading.stats
@@ -390,7 +453,9 @@ def stats_text(reading: Reading) -> list[str]:
     )
     busy = sum(1 for w in status.workers if w.job_id)
     lines.append(f"workers    {len(status.workers)} live, {busy} busy")
-    lines.append(f"jobs       {status.parked} parked, {status.failed} on the failed list")
+    if reading.up:
+        lines.extend(store_text(reading))
+    lines.append(f"failed     {count(status.failed, 'job')} on the failed list in shared memory")
     if status.spill is not None:
         lines.append(f"spill      {spill_text(status.spill)}")
     snap = reading.stats

@@ -155,14 +155,6 @@ class InflightTable:
                 out.append((index, peek.deadline))
         return out
 
-    def parked_attempts(self) -> list[tuple[float, int]]:
-        """(due time, attempt) of every parked job: attempt 1 is a job submitted with a
-        delay (``ipcctl submit --delay``, which parks it as its first attempt), a later
-        attempt a job waiting out its retry delay."""
-        return [
-            (due, layout.attempt(self.buf, self.offset(slot))) for slot, due in self.parked_due()
-        ]
-
     def held(self, index: int) -> Held | None:
         """The job the slot holds, if any (a worker's delivered job, or a parked one)."""
         return layout.held(self.buf, self.offset(index), index, self.text_size)
