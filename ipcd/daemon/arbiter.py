@@ -238,7 +238,9 @@ class Arbiter:
             stats=self.stats,
             log=self.log,
         )
-        self.spill_sweeper = Sweeper(prepared.spills, prepared.queue, prepared.table)
+        # A spilled payload's envelope is in the job queue or in the intake's slots: the
+        # intake reads the payload into the store, so workers' slots never name one.
+        self.spill_sweeper = Sweeper(prepared.spills, prepared.queue, prepared.intake)
         self.doorbell = Doorbell(prepared.handoff, prepared.config.daemon.workers)
 
     # --- the main loop ------------------------------------------------------------------

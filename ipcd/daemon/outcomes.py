@@ -128,7 +128,7 @@ class Outcomes:
         """A message that cannot be a job: the ``job.rejected`` event and counter, and when
         its id could be read, an error result under it (its waiter woken, its unique key
         and spilled payload freed).  It is not listed as failed: retrying it would fail
-        the same way.  Workers and the master (a recovered or parked message) share this.
+        the same way.  The intake, workers and the master (a recovered message) share this.
         """
         self.stats.rejected()
         self.log.warning(

@@ -48,7 +48,8 @@ class Sweeper:
 
     def __init__(self, table: SpillTable, queue: Queue, inflight: InflightTable) -> None:
         self.table = table
-        #: The job queue and the in-flight table: where a queued job's envelope can be.
+        #: The job queue and the intake's slots: where a queued job's envelope can be
+        #: until the intake has read its payload into the job store.
         self.queue = queue
         self.inflight = inflight
         #: The evicted_by_payloads counter at the last sweep.
@@ -121,7 +122,8 @@ class Sweeper:
             return False
 
     def _in_flight(self) -> set[int]:
-        """The segments named by the envelopes that workers hold or that are parked."""
+        """The segments named by the envelopes the slots hold (the intake's: messages
+        taken off the queue and not yet committed)."""
         found: set[int] = set()
         for index in range(self.inflight.workers + self.inflight.parked):
             held = self.inflight.held(index)

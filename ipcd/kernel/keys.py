@@ -17,8 +17,9 @@ gives, so a client that only knows ``ftok`` computes them the same way:
            (ipcd.tables.spill.table)
     n = 8  the intake's slots (segment) and semaphore: messages the intake took off the
            job queue and has not yet committed to the job store (ipcd.daemon.intake)
-    n = 9  the hand-off queue: jobs the master takes from the job store for the workers.
-           Mode 0600, the daemon's own: no client can write to it
+    n = 9  the hand-off queue: the doorbell that wakes workers sleeping while the job
+           store has no job for them (ipcd.daemon.doorbell). Mode 0600, the daemon's
+           own: no client can ring it
 
 ``K`` is ``ftok(key_path, proj_id)`` or, when the config sets one, an explicit ``key``.
 ftok mixes the file's inode and device numbers, so the key file must never be rewritten
