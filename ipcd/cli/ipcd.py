@@ -30,7 +30,7 @@ _COMMANDS = {
     "stop": "stop the daemon; waits until the job in progress is done",
     "reload": "re-read the configuration and reopen the log (SIGHUP); waits for the outcome",
     "status": "say whether the daemon runs (LSB: 0 running, 3 not)",
-    "check": "validate the configuration and import every handler",
+    "check": "validate the configuration, import every handler, open the job store",
 }
 
 
@@ -69,9 +69,11 @@ def main(argv: list[str]) -> int:
         detach.reload(pid_file, detach.RELOAD_TIMEOUT)
         return 0
     if args.command == "check":
+        from ipcd.daemon import identity, startup
         from ipcd.handlers import registry
 
         registry.build(config)
+        startup.check_store(config, identity.resolve(config))
         print(f"{config.path}: ok")
         return 0
     pid = detach.running_pid(pid_file)
