@@ -396,73 +396,69 @@ def test_start_refuses_a_broken_store_and_check_says_why(
 # --- 8. a full disk at run time ---------------------------------------------------------
 
 
-def test_a_full_disk_stops_the_store_and_the_daemon_recovers_by_itself(short_dir: Path) -> None:
+def test_a_full_disk_stops_the_store_and_the_daemon_recovers_by_itself(
+    open_instance: Instance,
+) -> None:
     """With the store on a small tmpfs that fills up, the daemon stays up: the job that
     finishes meanwhile and the jobs queued behind it wait, submissions wait in the kernel
     queue (store.unwritable logged, store_errors counted); once space is freed every job
     runs exactly once and the store records each outcome, with nobody's help."""
-    inst = Instance(short_dir, short_dir / "ipcd.toml")
-    disk = short_dir / "disk"
+    inst = open_instance
+    disk = inst.dir / "disk"
     disk.mkdir()
-    inst.write('[store]\npath = "disk/jobs.db"\n')
-    text = inst.config_path.read_text().replace("workers = 2", "workers = 1")
-    inst.config_path.write_text(text)
+    configure(inst, '[store]\npath = "disk/jobs.db"\n', workers=1)
     script = (
         f"mount -t tmpfs -o size=16m ipcd-test {disk} && exec {IPCD} -c {inst.config_path} start"
     )
-    try:
-        started = run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script])
-        assert started.returncode == 0, started.stderr
-        master = inst.pid()
+    started = run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script])
+    assert started.returncode == 0, started.stderr
+    master = inst.pid()
 
-        def inside(*argv: str) -> subprocess.CompletedProcess[str]:
-            return run(["nsenter", "-t", str(master), "-m", *argv])
+    def inside(*argv: str) -> subprocess.CompletedProcess[str]:
+        return run(["nsenter", "-t", str(master), "-m", *argv])
 
-        def fill() -> None:
-            for n, block in enumerate(("1M", "4k")):  # to the last page
-                filled = inside("dd", "if=/dev/zero", f"of={disk}/filler{n}", f"bs={block}")
-                assert "No space left on device" in filled.stderr, filled.stderr
+    def fill() -> None:
+        for n, block in enumerate(("1M", "4k")):  # to the last page
+            filled = inside("dd", "if=/dev/zero", f"of={disk}/filler{n}", f"bs={block}")
+            assert "No space left on device" in filled.stderr, filled.stderr
 
-        def free() -> None:
-            ok(inside("sh", "-c", f"rm {disk}/filler*"))
+    def free() -> None:
+        ok(inside("sh", "-c", f"rm {disk}/filler*"))
 
-        assert not (disk / "jobs.db").exists()  # the store is on the tmpfs, not here
-        assert ok(inst.ipcctl("submit", "echo", "before", "--wait")).strip() == "before"
+    assert not (disk / "jobs.db").exists()  # the store is on the tmpfs, not here
+    assert ok(inst.ipcctl("submit", "echo", "before", "--wait")).strip() == "before"
 
-        # A job running and ten queued behind it when the disk fills: the running one's
-        # outcome cannot be recorded; the worker tries again until it can.
-        running = ok(inst.ipcctl("submit", "sleep", "1")).strip()
-        wait_for("the sleep job to run", state_is(inst, running, "running"))
-        client = Client(inst.config)
-        queued = [client.submit("echo", f"queued {n}", confirm=True) for n in range(10)]
-        fill()
-        wait_for("the outcome refused", lambda: events(inst, "store.write_failed"))
-        assert job(inst, running)["state"] == "running"
-        free()
-        for job_id in [running, *queued]:
-            wait_for(f"job {job_id} to be done", state_is(inst, job_id, "done"))
+    # A job running and ten queued behind it when the disk fills: the running one's
+    # outcome cannot be recorded; the worker tries again until it can.
+    running = ok(inst.ipcctl("submit", "sleep", "1")).strip()
+    wait_for("the sleep job to run", state_is(inst, running, "running"))
+    client = Client(inst.config)
+    queued = [client.submit("echo", f"queued {n}", confirm=True) for n in range(10)]
+    fill()
+    wait_for("the outcome refused", lambda: events(inst, "store.write_failed"))
+    assert job(inst, running)["state"] == "running"
+    free()
+    for job_id in [running, *queued]:
+        wait_for(f"job {job_id} to be done", state_is(inst, job_id, "done"))
 
-        # Submissions while the disk is full wait in the kernel queue.
-        fill()
-        sent = [client.submit("echo", f"while full {n}") for n in range(30)]
-        confirmed = inst.ipcctl("submit", "echo", "confirm?", "--send-timeout", "1")
-        assert confirmed.returncode == ExitCode.NOT_CONFIRMED, confirmed.stderr
-        sent.append(confirmed.stdout.strip())
-        wait_for("store.unwritable", lambda: events(inst, "store.unwritable"))
-        assert "full" in str(events(inst, "store.unwritable")[0]["error"])
-        assert _store_errors(json.loads(ok(inst.ipcctl("stats", "--json")))) > 0
-        assert _running(master)
-        free()
-        wait_for("the jobs sent while full to run", lambda: set(sent) <= set(runs(inst)), 60)
-        for job_id in sent:
-            wait_for(f"job {job_id} to be done", state_is(inst, job_id, "done"))
-        everything = [running, *queued, *sent]
-        assert all(runs(inst)[job_id] == 1 for job_id in everything)
-        assert job(inst, running)["attempts"] == 1
-        assert ok(inst.ipcctl("submit", "echo", "after", "--wait")).strip() == "after"
-    finally:
-        _kill_leftover(inst)
-        remove_objects(inst)
+    # Submissions while the disk is full wait in the kernel queue.
+    fill()
+    sent = [client.submit("echo", f"while full {n}") for n in range(30)]
+    confirmed = inst.ipcctl("submit", "echo", "confirm?", "--send-timeout", "1")
+    assert confirmed.returncode == ExitCode.NOT_CONFIRMED, confirmed.stderr
+    sent.append(confirmed.stdout.strip())
+    wait_for("store.unwritable", lambda: events(inst, "store.unwritable"))
+    assert "full" in str(events(inst, "store.unwritable")[0]["error"])
+    assert _store_errors(json.loads(ok(inst.ipcctl("stats", "--json")))) > 0
+    assert _running(master)
+    free()
+    wait_for("the jobs sent while full to run", lambda: set(sent) <= set(runs(inst)), 60)
+    for job_id in sent:
+        wait_for(f"job {job_id} to be done", state_is(inst, job_id, "done"))
+    everything = [running, *queued, *sent]
+    assert all(runs(inst)[job_id] == 1 for job_id in everything)
+    assert job(inst, running)["attempts"] == 1
+    assert ok(inst.ipcctl("submit", "echo", "after", "--wait")).strip() == "after"
 
 
 def _store_errors(stats: dict[str, Any]) -> int:
