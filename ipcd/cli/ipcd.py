@@ -30,7 +30,7 @@ _COMMANDS = {
     "stop": "stop the daemon; waits until the job in progress is done",
     "reload": "re-read the configuration and reopen the log (SIGHUP); waits for the outcome",
     "status": "say whether the daemon runs (LSB: 0 running, 3 not)",
-    "check": "validate the configuration and import every handler",
+    "check": "validate the configuration, import every handler, open the job store",
 }
 
 
@@ -69,11 +69,11 @@ def main(argv: list[str]) -> int:
         detach.reload(pid_file, detach.RELOAD_TIMEOUT)
         return 0
     if args.command == "check":
-        from ipcd.daemon.startup import check_store
+        from ipcd.daemon import identity, startup
         from ipcd.handlers import registry
 
         registry.build(config)
-        store = check_store(config, create=False)
+        store = startup.check_store(config, identity.resolve(config), create=False)
         print(f"{config.path}: ok\n{store}")
         return 0
     pid = detach.running_pid(pid_file)

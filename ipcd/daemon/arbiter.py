@@ -810,7 +810,8 @@ class Arbiter:
             self.log.error("store.unreadable", error=str(exc), then="try again")
 
     def _retain(self) -> None:
-        """Delete finished jobs past [store] retention, every RETENTION seconds."""
+        """Delete finished jobs past [store] retention: at start, after a reload, and every
+        RETENTION seconds."""
         now = time.time()
         if now < self._next_retention:
             return
@@ -863,6 +864,7 @@ class Arbiter:
             return
         fresh, restart_needed = reloading.apply(p.config, fresh, max_workers=p.table.workers // 2)
         p.config, p.registry = fresh, registry
+        self._next_retention = 0.0  # [store] keep_* as reloaded apply now, not in a minute
         self._count_reload(registry)
         old = self.pool.new_generation()
         self._restart_helpers()  # the intake vets with the new handlers from now on

@@ -126,10 +126,11 @@ class Intake:
                 self.slots.reset_worker(index, self.pid)
         self.commit_held()  # what an intake killed before us left (the master did at start)
         while not self.flags.stopping:
-            if not self._room():
+            room = self._room()
+            if not room:
                 continue
             try:
-                taken = self._take()
+                taken = self._take(room)
             except NotRunningError:
                 self.log.warning("intake.queue_gone", queue=f"{self.queue.key:#010x}")
                 return Exit.QUEUE_GONE
@@ -137,20 +138,23 @@ class Intake:
                 self.commit_held()
         return Exit.STOPPED
 
-    def _room(self) -> bool:
-        """Whether the store has room for another batch; else wait a moment (and say so
-        once): the kernel queue fills and submitters get its backpressure."""
+    def _room(self) -> int:
+        """How many messages the next batch may take: no more than the store has room
+        for below ``max_queued``, so the bound holds exactly for jobs (bytes are known
+        only once taken: ``max_queued_bytes`` may be passed by one batch).  0: wait a
+        moment (and say so once): the kernel queue fills and submitters get its
+        backpressure."""
         limits = self.config.store
         try:
             backlog = self.jobs.backlog()
         except StoreError as exc:
             self._store_failed(exc)
-            return False
+            return 0
         if backlog.jobs < limits.max_queued and backlog.bytes < limits.max_queued_bytes:
             if self._full_since:
                 self.log.info("intake.resumed", after_s=round(time.time() - self._full_since, 3))
                 self._full_since = 0.0
-            return True
+            return limits.max_queued - backlog.jobs
         if not self._full_since:
             self._full_since = time.time()
             self.log.warning(
@@ -158,7 +162,7 @@ class Intake:
                 max_queued=limits.max_queued, max_queued_bytes=limits.max_queued_bytes,
             )  # fmt: skip
         self._pause(FULL_RECHECK)
-        return False
+        return 0
 
     def _pause(self, seconds: float) -> None:
         """Sleep, but no longer than it takes to notice a stop."""
@@ -166,12 +170,13 @@ class Intake:
         while not self.flags.stopping and (left := until - time.monotonic()) > 0:
             time.sleep(min(left, 0.1))
 
-    def _take(self) -> int:
-        """Wait for a message, then take what else waits, each into a slot of its own.
+    def _take(self, room: int) -> int:
+        """Wait for a message, then take what else waits (``room`` at most), each into a
+        slot of its own.
 
         Returns how many were taken (0: a signal came first)."""
         count = 0
-        for index in range(self.slots.workers):
+        for index in range(min(self.slots.workers, room)):
             self.slots.begin_receive(index, self.pid, self._lengths[index])
             address = self.slots.msgbuf_address(index)
             try:

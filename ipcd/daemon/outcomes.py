@@ -7,6 +7,7 @@ jobs, and they must do it the same way; this module is that one way.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ipcd.daemon import uniquerelease
@@ -37,6 +38,11 @@ def error_result(job: Job, message: str) -> Result:
     )  # fmt: skip
 
 
+#: The first pause before an outcome the store refused is tried again, and the longest.
+RECORD_RETRY = 0.1
+MAX_RECORD_RETRY = 2.0
+
+
 class Outcomes:
     """Finishes jobs: result, failed list, reply notification, log event."""
 
@@ -51,11 +57,16 @@ class Outcomes:
         unique: UniqueTable | None = None,
         stats: Recorder | None = None,
         jobs: JobStore | None = None,
+        keep_trying: Callable[[], bool] | None = None,
     ) -> None:
         """``jobs`` is this process's connection to the job store (ipcd.store), which
-        records each outcome; None where no store is kept (tests of the rings alone)."""
+        records each outcome; None where no store is kept (tests of the rings alone).
+        ``keep_trying`` (a worker's: while it is not asked to stop) makes an outcome the
+        store refuses be tried again until it is recorded; without it (the master, which
+        must not block) the outcome is given up on at once."""
         self.store = store
         self.jobs = jobs
+        self.keep_trying = keep_trying
         self.failed = failed
         self.replies = replies
         self.log = log
@@ -164,21 +175,30 @@ class Outcomes:
 
     def record(self, job_id: str, result: Result) -> bool:
         """The outcome in the job store, the job's record of truth (the ring is its cache
-        for waiters).  A store that cannot be written is logged and counted, not fatal:
-        the job stays ``running`` there and runs again after a restart (at-least-once).
-        False when the store kept its state (a job cancelled meanwhile stays cancelled)."""
+        for waiters).  A store that cannot be written (a full disk) is logged and counted,
+        and tried again with a growing pause for as long as ``keep_trying`` says: a job
+        whose outcome is not recorded stays ``running`` in the store, and would run again
+        after the next restart.  Given up on (asked to stop, or no ``keep_trying``) the job
+        runs again after a restart (at-least-once).  False when the store kept its state
+        (a job cancelled meanwhile stays cancelled) or was not written."""
         if self.jobs is None:
             return False
-        try:
-            return self.jobs.finish(
-                job_id, ok=result.ok, finished=result.finished or time.time(),
-                result_kind=int(result.kind), data=result.data,
-                error=None if result.ok else result.error,
-            )  # fmt: skip
-        except StoreError as exc:
-            self.log.error("store.write_failed", job_id=job_id, error=str(exc))
-            self.stats.bump(STORE_ERRORS)
-            return False
+        pause = RECORD_RETRY
+        while True:
+            try:
+                return self.jobs.finish(
+                    job_id, ok=result.ok, finished=result.finished or time.time(),
+                    result_kind=int(result.kind), data=result.data,
+                    error=None if result.ok else result.error,
+                )  # fmt: skip
+            except StoreError as exc:
+                if pause == RECORD_RETRY:  # once per job: the first refusal
+                    self.log.error("store.write_failed", job_id=job_id, error=str(exc))
+                self.stats.bump(STORE_ERRORS)
+                if self.keep_trying is None or not self.keep_trying():
+                    return False
+            time.sleep(pause)
+            pause = min(pause * 2, MAX_RECORD_RETRY)
 
     def conclude(self, job: Job, result: Result, *, body: bytes) -> None:
         """What a worker that died after storing ``result`` may have left undone: a failure

@@ -8,6 +8,7 @@ fork would break; ipcd.daemon.arbiter then runs in the final daemon process.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import NamedTuple, TextIO
 from ipcd.config import Config
 from ipcd.daemon import control, identity, uniquerelease
 from ipcd.daemon import log as log_mod
-from ipcd.errors import ConfigError, StoreCorruptError
+from ipcd.errors import ConfigError, StoreCorruptError, StoreError, StoreUnavailableError
 from ipcd.handlers import registry as registry_mod
 from ipcd.handlers.registry import Registry
 from ipcd.kernel import keys as keys_mod
@@ -126,7 +127,7 @@ def prepare(config: Config, *, console: TextIO | None) -> Prepared:
         sink = log_mod.configure(config.log, console=console)
     except OSError as exc:
         raise ConfigError(f"cannot open log file {config.log.file}: {exc.strerror}") from None
-    check_store(config)
+    check_store(config, who)
     keys = keys_mod.derive(config.ipc, create_key_file=True)
     objects = _objects(config, keys, who, registry)
     listener = control.bind_socket(
@@ -271,15 +272,21 @@ def open_jobs(config: Config) -> JobStore:
     )
 
 
-def check_store(config: Config, *, create: bool = True) -> str:
+def check_store(
+    config: Config, who: identity.Identity | None = None, *, create: bool = True
+) -> str:
     """Open the job store once before detaching: made if missing (its directory must
     exist), migrated, checked; StoreError (exit 74) when it cannot serve.  Without
     ``create`` (``ipcd check``) a missing store is only said to be made at the first
-    start.  Returns what was found, for ``ipcd check``."""
+    start.  Returns what was found, for ``ipcd check``.
+
+    A daemon that drops privileges (``who``) gets the file handed to its user, and the
+    store is opened once more as that user, in a child process: SQLite makes its ``-wal``
+    and ``-shm`` files beside the database at each first open, so a directory that user
+    cannot write fails here, with the path and the cause, not after detaching.
+    """
     path = config.store.path
     if not path.parent.is_dir():
-        from ipcd.errors import StoreUnavailableError
-
         raise StoreUnavailableError(f"job store {path}: directory {path.parent} does not exist")
     if not create and not path.exists():
         return f"job store {path}: none yet, made at the first start"
@@ -293,7 +300,41 @@ def check_store(config: Config, *, create: bool = True) -> str:
             f"job store {config.store.path}: {'; '.join(problems[:3])} (restore it from a "
             "backup, or move it aside and ipcd makes a new, empty one)"
         )
+    if who is not None and who.drops:
+        identity.hand_over(who, [path])
+        _open_as(who, config)
     return f"job store {path}: ok"
+
+
+def _open_as(who: identity.Identity, config: Config) -> None:
+    """Open the job store in a child process that became ``who``; StoreUnavailableError
+    with the child's reason when it could not."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child; coverage does not follow the fork
+        code = 70
+        try:
+            os.close(read_end)
+            identity.drop(who)
+            open_jobs(config).close()
+            code = 0
+        except StoreError as exc:
+            os.write(write_end, str(exc).encode("utf-8", "replace"))
+            code = int(exc.exit_code)
+        except BaseException as exc:  # the child's boundary: the parent reports it
+            os.write(write_end, f"{type(exc).__name__}: {exc}".encode("utf-8", "replace"))
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as fh:
+        reason = fh.read().decode("utf-8", "replace")
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        user = who.user or f"uid {os.geteuid()}, gid {who.gid}"
+        raise StoreUnavailableError(
+            f"{reason or f'job store {config.store.path}: cannot be opened'} "
+            f"[as the daemon's user {user}]"
+        )
 
 
 def _beside(path: Path, suffix: str) -> Path | None:

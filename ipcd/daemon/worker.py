@@ -167,6 +167,7 @@ class Worker:
         self.sink = sink
         self.jobs_done = 0
         self.pid = os.getpid()
+        self._claim_failing = False
 
     def serve(self) -> int:
         """Receive and handle messages until stopped or recycled; returns the exit status.
@@ -194,9 +195,14 @@ class Worker:
                 return Exit.RECYCLED
             self.count_noticed()
             self.table.begin_receive(self.slot, self.pid, previous)
-            length = self._take()
-            if length == 0:
-                continue  # the store failed: ask it again, never sleep on the doorbell
+            try:
+                length = self._take()
+            except StoreError as exc:
+                # No ring comes for jobs already stored: look again after a pause,
+                # not on the doorbell (ipcd.daemon.doorbell), until the store answers.
+                self._claim_failed(exc)
+                continue
+            self._claim_failing = False
             if length is None:
                 try:
                     self.queue.wait_any()  # the doorbell: the store has work again
@@ -214,22 +220,24 @@ class Worker:
     def _take(self) -> int | None:
         """Claim the next job from the store into this worker's slot, as the hand-off
         message (ipcd.wire.handoff) the master's recovery reads back should the worker
-        die; its length, or None when the store has no job for us now.  0 when the store
-        failed (logged and counted, after a pause): the caller asks it again rather than
-        sleep, as the ring that woke it may have been the only one for a job waiting."""
-        try:
-            claimed = self.jobs.claim(1, time.time(), worker_pid=self.pid)
-        except StoreError as exc:
-            self.log.error("store.claim_failed", error=str(exc))
-            self.stats.bump(STORE_ERRORS)
-            time.sleep(CLAIM_BACKOFF)
-            return 0
+        die; its length, or None when the store has no job for us now (StoreError when
+        the store refuses the claim)."""
+        claimed = self.jobs.claim(1, time.time(), worker_pid=self.pid)
         if not claimed:
             return None
         record, body = claimed[0]
         message = handoff.encode(record.id, record.attempts, body, self.table.text_size)
         self.table.deliver(self.slot, record.type, message)
         return len(message)
+
+    def _claim_failed(self, exc: StoreError) -> None:
+        """A claim the store refused (a full disk, a lock held too long): counted, logged
+        once per episode, and a pause before the next."""
+        self.stats.bump(STORE_ERRORS)
+        if not self._claim_failing:
+            self._claim_failing = True
+            self.log.error("store.claim_failed", error=str(exc), then="try again")
+        time.sleep(CLAIM_BACKOFF)
 
     def handle(self, length: int) -> None:
         """Everything that happens to one handed-over job."""
@@ -426,6 +434,7 @@ def worker_process(  # pragma: no cover - runs in the forked worker
                 unique=prepared.unique,
                 stats=recorder,
                 jobs=jobs,
+                keep_trying=lambda: not flags.stopping,
             ),
             store=prepared.store,
             spills=prepared.spills,
