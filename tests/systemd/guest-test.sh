@@ -198,12 +198,17 @@ gid=$(getent group ipcd | cut -d: -f3)
 objects=$(awk -v u="$uid" 'FNR == 1 { for (i = 1; i <= NF; i++) col[$i] = i; next }
     $col["uid"] == u { print FILENAME, $col["key"], $col["perms"], $col["gid"] }' \
     /proc/sysvipc/msg /proc/sysvipc/shm /proc/sysvipc/sem)
-expect "2 queues belong to user ipcd" 2 "$(grep -c '^/proc/sysvipc/msg ' <<<"$objects")"
+# The job queue, the reply queue and the hand-off queue (the workers' doorbell).
+expect "3 queues belong to user ipcd" 3 "$(grep -c '^/proc/sysvipc/msg ' <<<"$objects")"
 has_kind() { grep -q "^/proc/sysvipc/$1 " <<<"$objects"; }
 check "result segments belong to user ipcd" has_kind shm
 check "semaphores belong to user ipcd" has_kind sem
+# All but the hand-off queue (K + 0x09000000), which is the daemon's alone: mode 600.
+handoff=$(( $(first_key) + 0x09000000 ))
 expect "every IPC object of ipcd has mode 660 and group ipcd" "" \
-    "$(awk -v g="$gid" '$3 != 660 || $4 != g' <<<"$objects")"
+    "$(awk -v g="$gid" -v h="$handoff" '!($1 == "/proc/sysvipc/msg" && $2 == h) && ($3 != 660 || $4 != g)' <<<"$objects")"
+expect "the hand-off queue has mode 600" 1 \
+    "$(awk -v h="$handoff" '$1 == "/proc/sysvipc/msg" && $2 == h && $3 == 600' <<<"$objects" | wc -l)"
 
 if [ "$ONLY" = store ]; then
     info "IPCD_VMTEST_ONLY=store: straight to the job store's phases"
@@ -329,11 +334,14 @@ need "systemctl stop ipcd" systemctl stop ipcd
 expect "ipcd is inactive" inactive "$(systemctl is-active ipcd)"
 check "the PID file is gone" test ! -e /run/ipcd/ipcd.pid
 check "the job queue is still in the kernel" grep -q "^$k1 " <(ipcs -q)
-id1=$(member "$IPCCTL" submit echo queued-1 2>/tmp/submit-stopped.err)
-expect "member: submit while stopped" 0 "$?"
+id1=$(member "$IPCCTL" submit --no-confirm echo queued-1 2>/tmp/submit-stopped.err)
+expect "member: submit --no-confirm while stopped" 0 "$?"
 check "submit while stopped warns that no daemon serves the queue" \
     grep -q "warning: no daemon is serving the queue" /tmp/submit-stopped.err
-id2=$(member "$IPCCTL" submit echo queued-2 2>/dev/null)
+id2=$(member "$IPCCTL" submit echo queued-2 2>/tmp/submit-stopped.err)
+expect "member: a confirmed submit while stopped is not confirmed (5)" 5 "$?"
+check "it says the job waits in the kernel queue" \
+    grep -q "not confirmed: ipcd is not running; it waits in the kernel queue" /tmp/submit-stopped.err
 out=$(member "$IPCCTL" status 2>&1)
 expect "ipcctl status while stopped exits 69" 69 "$?"
 check "ipcctl status shows the 2 queued jobs" grep -q ': 2 messages' <<<"$out"
