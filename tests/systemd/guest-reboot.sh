@@ -325,7 +325,14 @@ reboot_verify() {
 powercut_prepare() {
     step "the job store across a power cut, with [store] sync = \"full\""
     cp "$CONFIG" "$VT/ipcd.toml.normal"
-    printf '\n[store]\nsync = "full"\n' >>"$CONFIG"
+    # The shipped ipcd.toml has a [store] section: set its sync (or add the section).
+    if grep -q '^sync = ' "$CONFIG"; then
+        sed -i 's/^sync = .*/sync = "full"/' "$CONFIG"
+    elif grep -q '^\[store\]' "$CONFIG"; then
+        sed -i 's/^\[store\]$/[store]\nsync = "full"/' "$CONFIG"
+    else
+        printf '\n[store]\nsync = "full"\n' >>"$CONFIG"
+    fi
     if /opt/ipcd/bin/ipcd -c "$CONFIG" check >"$VT/check.out" 2>&1; then
         ok "store: ipcd check accepts [store] sync = \"full\""
     else
