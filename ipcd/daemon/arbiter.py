@@ -255,7 +255,7 @@ class Arbiter:
         p.store.set_daemon(os.getpid(), self.started)
         p.table.set_master(os.getpid())
         self._recover_leftovers()
-        self._requeue_unheld(at_start=True)
+        self._requeue_running()
         self._sweep_spills(at_start=True)
         self._raise_queue_bytes()
         self.log.info(
@@ -366,10 +366,7 @@ class Arbiter:
         copied = objectwatch.carry_over(old.objects(), fresh.objects())
         if fresh.queue.id != old.queue.id:  # the jobs it held are gone, and their keys
             startup.free_lost_keys(fresh.unique, fresh.queue, fresh.table, self.jobs)
-        handoff_lost = fresh.handoff.id != old.handoff.id
         self._bind(fresh)
-        if handoff_lost:  # the jobs handed out and not yet taken went with it
-            self._requeue_unheld()
         fresh.store.set_daemon(self.master_pid, self.started)
         fresh.table.set_master(self.master_pid)
         kept, lost = fresh.store.repaired or (None, 0)
@@ -753,30 +750,25 @@ class Arbiter:
         except StoreError as exc:
             self._store_failed(exc)
 
-    def _requeue_unheld(self, *, at_start: bool = False) -> None:
-        """Jobs the store says are running but no worker holds: handed out on a hand-off
-        queue that is gone (a killed or rebooted daemon's, or one removed under us).  They
-        go back to the store, their attempt not counted when it never started; at start,
-        what the hand-off queue still holds is dropped first (the store has it)."""
-        if at_start:
-            while self.p.handoff.receive_nowait(0) is not None:
-                pass
-        held = {
-            peek.job_id
-            for slot in range(self.p.table.workers)
-            if (peek := self.p.table.peek(slot)).holds_job
-        }
+    def _requeue_running(self) -> None:
+        """At start, after the jobs in the workers' slots were recovered: every job the
+        store still says is running was running when the daemon (or the machine) died,
+        its slot gone with a reboot.  It runs again as its next attempt (the store keeps
+        the attempts it counted).  What the hand-off queue holds is only rings: dropped."""
+        while self.p.handoff.receive_nowait(0) is not None:
+            pass
         try:
-            running = self.jobs.running()
-            for record in running:
-                if record.id not in held:
-                    self.jobs.requeue(record.id, due=0.0, attempts=max(record.attempts - 1, 0))
+            running = self.jobs.reset_running()
         except StoreError as exc:
             self.log.error("store.requeue_failed", error=str(exc))
             return
-        requeued = [r.id for r in running if r.id not in held]
-        if requeued:
-            self.log.warning("job.requeued", jobs=len(requeued), cause="handed out, never taken")
+        for record in running:
+            self.log.warning(
+                "job.requeued", job_id=record.id, type=record.type,
+                attempt=record.attempts + 1, cause=DAEMON_KILLED, delay_s=0.0,
+            )  # fmt: skip
+        if running:
+            self.stats.bump(stats_mod.JOBS_REQUEUED, len(running))
 
     def _ring_due(self) -> None:
         """Jobs whose due time came (``--delay``, a retry's back-off) become queued in the
