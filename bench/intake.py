@@ -47,8 +47,8 @@ SHELL_LOOPS = 4
 BATCH = 64
 SAMPLE_EVERY = 0.001
 WINDOW = 1.0
-#: The handler every job of the load goes to, and its message type in the bench daemons.
-HANDLER, HANDLER_TYPE = "echo", 2
+#: The handler every job of the load goes to.
+HANDLER = "echo"
 SYSVIPC_MSG = "/proc/sysvipc/msg"
 #: The shell loop; $0 is ipcctl and $1 the configuration, so no path is quoted into it.
 SHELL_LOOP = 'while :; do "$0" -c "$1" submit --no-confirm echo x || exit; done'
@@ -74,12 +74,22 @@ class Stretches(NamedTuple):
 
 
 class Load(NamedTuple):
-    """What the loops submitted, per second of the load."""
+    """What the loops submitted, and in how many seconds."""
 
-    shell_rate: float
-    python_rate: float
+    shell_jobs: int
+    shell_seconds: float
+    python_jobs: int
+    python_seconds: float
     #: The Python loop's submissions refused after ``[ipc] send_timeout`` (exit 75).
     refused: int
+
+    @property
+    def shell_rate(self) -> float:
+        return self.shell_jobs / self.shell_seconds
+
+    @property
+    def python_rate(self) -> float:
+        return self.python_jobs / self.python_seconds
 
 
 class KeepsUp(NamedTuple):
@@ -161,9 +171,9 @@ class QueueBytes:
         self._fh.close()
 
 
-def time_commit(store: JobStore, batch: int = BATCH) -> float:
-    """Seconds for one ``store.add`` of ``batch`` echo jobs (the workers run them)."""
-    jobs = new_jobs(batch, time.time(), types=(HANDLER_TYPE,))
+def time_commit(store: JobStore, type_: int, batch: int = BATCH) -> float:
+    """Seconds for one ``store.add`` of ``batch`` jobs of ``type_`` (the workers run them)."""
+    jobs = new_jobs(batch, time.time(), types=(type_,))
     started = time.perf_counter()
     store.add(jobs)
     return time.perf_counter() - started
@@ -215,6 +225,7 @@ def measure(
     """Run the load for ``seconds`` (plus the loops' start-up) against the daemon whose
     client is ``client`` and whose store is ``store``: sampling windows of its job queue,
     a batch commit timed between each two."""
+    type_ = client.config.handler_type(HANDLER)
     windows: list[list[Sample]] = []
     commits: list[float] = []
     ramp = 0.5  # the interpreters' start
@@ -227,14 +238,12 @@ def measure(
             started = time.perf_counter()
             while time.perf_counter() - started < seconds:
                 windows.append(queue.sample(min(WINDOW, seconds)))
-                commits.append(time_commit(store))
+                commits.append(time_commit(store, type_))
             elapsed = time.perf_counter() - started
         shell_jobs = sum(len(out.read_bytes().splitlines()) for out in outputs[:-1])
         python = json.loads(outputs[-1].read_text())
     load = Load(
-        shell_jobs / (seconds + ramp),
-        python["submitted"] / python["seconds"],
-        python["refused"],
+        shell_jobs, seconds + ramp, python["submitted"], python["seconds"], python["refused"]
     )
     max_bytes = client.queue.stats().max_bytes
     return KeepsUp(full_stretches(windows, max_bytes, message_size()), commits, load, elapsed)

@@ -530,7 +530,11 @@ class Bench:
         self.extra["intake"] = {
             "stretches": full._asdict(),
             "commits": found.commits,
-            "load": load._asdict(),
+            "load": {
+                **load._asdict(),
+                "shell_rate": load.shell_rate,
+                "python_rate": load.python_rate,
+            },
             "seconds": found.seconds,
         }
 
@@ -540,18 +544,7 @@ class Bench:
         their handlers paused, retention raised to keep them all)."""
         jobs = self.args.store_jobs[0]
         say(f"wall time of ipcctl list -n 50 with {jobs:,} jobs in the daemon's store")
-        keep = f"keep_done = {jobs}\nkeep_failed = {jobs}\n"
-        states: dict[str, int] = {}
-
-        def fill(daemon: BenchDaemon) -> None:
-            store = open_store(str(daemon.config.store.path))
-            try:
-                states.update(job_store.fill(store, jobs, types=LIST_TYPES))
-                store.pause(LIST_TYPES, time.time())
-            finally:
-                store.close()
-
-        daemon = self._daemon(BenchDaemon("list", workers=1, store=keep), prepare=fill)
+        daemon, states = self.list_daemon(jobs)
         listing = [IPCCTL, "-c", str(daemon.config_path), "list", "-n", "50"]
         try:
             times = startup.wall_times(
@@ -582,6 +575,23 @@ class Bench:
                     limit=LIST_LIMIT,
                 )
             )
+
+    def list_daemon(self, jobs: int) -> tuple[BenchDaemon, dict[str, int]]:
+        """A 1-worker daemon whose store holds ``jobs`` jobs in bench.store's mix of states
+        (filled before it started), their handlers paused so that none runs, retention
+        raised so that none is deleted; and the store's counts by state."""
+        keep = f"keep_done = {jobs}\nkeep_failed = {jobs}\n"
+        states: dict[str, int] = {}
+
+        def fill(daemon: BenchDaemon) -> None:
+            store = open_store(str(daemon.config.store.path))
+            try:
+                states.update(job_store.fill(store, jobs, types=LIST_TYPES))
+                store.pause(LIST_TYPES, time.time())
+            finally:
+                store.close()
+
+        return self._daemon(BenchDaemon("list", workers=1, store=keep), prepare=fill), states
 
     def store_alone(self) -> None:
         """The job store with no daemon, in this process: ``list(limit=50)`` over a store
