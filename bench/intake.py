@@ -38,18 +38,19 @@ from bench.measure import PAYLOAD
 from bench.store import new_jobs
 from ipcd import config as config_mod
 from ipcd.client import Client
+from ipcd.daemon.intake import SLOTS
 from ipcd.errors import QueueFullError
+from ipcd.kernel.queues import SYSVIPC_MSG
 from ipcd.store import JobStore
 from ipcd.wire import protocol
 
 SHELL_LOOPS = 4
-#: The intake's batch: its slots (ipcd.daemon.intake.SLOTS).
-BATCH = 64
+#: The intake's batch: its slots.
+BATCH = SLOTS
 SAMPLE_EVERY = 0.001
 WINDOW = 1.0
 #: The handler every job of the load goes to.
 HANDLER = "echo"
-SYSVIPC_MSG = "/proc/sysvipc/msg"
 #: The shell loop; $0 is ipcctl and $1 the configuration, so no path is quoted into it.
 SHELL_LOOP = 'while :; do "$0" -c "$1" submit --no-confirm echo x || exit; done'
 
@@ -99,6 +100,8 @@ class KeepsUp(NamedTuple):
     commits: list[float]
     load: Load
     seconds: float
+    #: The machine's 1-minute load average right after the load (other processes too).
+    load_average: float
 
 
 def message_size() -> int:
@@ -240,13 +243,15 @@ def measure(
                 windows.append(queue.sample(min(WINDOW, seconds)))
                 commits.append(time_commit(store, type_))
             elapsed = time.perf_counter() - started
+            load_average = os.getloadavg()[0]
         shell_jobs = sum(len(out.read_bytes().splitlines()) for out in outputs[:-1])
         python = json.loads(outputs[-1].read_text())
     load = Load(
         shell_jobs, seconds + ramp, python["submitted"], python["seconds"], python["refused"]
     )
     max_bytes = client.queue.stats().max_bytes
-    return KeepsUp(full_stretches(windows, max_bytes, message_size()), commits, load, elapsed)
+    stretches = full_stretches(windows, max_bytes, message_size())
+    return KeepsUp(stretches, commits, load, elapsed, load_average)
 
 
 def submit_loop(config_path: Path, seconds: float) -> dict[str, float]:

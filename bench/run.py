@@ -523,7 +523,8 @@ class Bench:
                 f"{fmt(load.python_rate, 'rate')} ({load.refused} refused); samples every "
                 f"{fmt(full.gap_median, 'seconds')} (longest gap "
                 f"{fmt(full.gap_longest, 'seconds')}); slowest commit "
-                f"{fmt(max(found.commits), 'seconds')}; 4 workers",
+                f"{fmt(max(found.commits), 'seconds')}; 4 workers; 1-minute load average "
+                f"{found.load_average:.2f} after it",
                 samples={"base": found.commits, "ipcd": full.stretches},
             )
         )
@@ -536,6 +537,7 @@ class Bench:
                 "python_rate": load.python_rate,
             },
             "seconds": found.seconds,
+            "load_average": found.load_average,
         }
 
     def list_command(self) -> None:
@@ -557,6 +559,7 @@ class Bench:
                 runs=self.args.command_runs,
                 env=child_env(),
             )
+            load_average = os.getloadavg()[0]
         finally:
             daemon.stop()
         held = ", ".join(f"{n:,} {state}" for state, n in states.items() if n)
@@ -570,7 +573,7 @@ class Bench:
                     median(times[name]),
                     "seconds",
                     note=f"slowest {report.fmt(max(times[name]), 'seconds')}; {held}; "
-                    f"{startup.tool()}",
+                    f"{startup.tool()}; 1-minute load average {load_average:.2f} after it",
                     samples={"python": times["python"], "ipcd": times[name]},
                     limit=LIST_LIMIT,
                 )
