@@ -99,8 +99,10 @@ class BenchDaemon:
         slot_size: int = 4096,
         log_level: str = "info",
         source: Path | None = None,
+        store: str = "",
     ) -> None:
-        """``source``: a directory with another commit's ``ipcd/`` for the daemon (export)."""
+        """``source``: a directory with another commit's ``ipcd/`` for the daemon (export);
+        ``store``: more ``[store]`` settings, TOML lines."""
         self.name = name
         self.workers = workers
         self.source = source
@@ -129,7 +131,7 @@ class BenchDaemon:
                 slot_size = {slot_size}
                 """
             )
-            + ("" if source else STORE_SECTION)
+            + ("" if source else STORE_SECTION + store)
             + HANDLERS
         )
         self.config = config_mod.load(self.config_path)

@@ -17,9 +17,14 @@ The steps, in the order they run:
    fire-and-forget jobs completed per second against beanstalkd's put + reserve +
    delete with its binlog on (ipcd's figures even without beanstalkd), task-spooler
    against ``ipcctl``;
-8. the job store alone (bench.store): ``list(limit=50)`` over 100,000 jobs, and the size
+8. the intake keeps up (bench.intake): a daemon with 4 workers, 4 shell loops of
+   ``ipcctl submit --no-confirm`` and a Python loop of ``Client.submit``; the longest
+   stretch the kernel queue was full against one batch commit of the intake's size;
+9. ``ipcctl list -n 50`` (the whole command) against a daemon whose store holds
+   100,000 jobs, filled through ipcd.store before the daemon started;
+10. the job store alone (bench.store): ``list(limit=50)`` over 100,000 jobs, and the size
    of its files after 1,000,000 jobs passed through it with the default retention;
-9. stop everything, check that no IPC object of the bench is left, print the table and
+11. stop everything, check that no IPC object of the bench is left, print the table and
    write it as JSON (bench/results/latest.json).
 
 Medians of the rounds are compared; each ratio is ipcd's figure over the baseline's.
@@ -37,7 +42,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from bench import cpu, measure, peers, raw, report, startup
+from bench import cpu, intake, measure, peers, raw, report, startup
 from bench import store as job_store
 from bench.daemon import IPCCTL, ROOT, BenchDaemon, child_env, export
 from bench.measure import interleave, median, place
@@ -46,6 +51,7 @@ from bench.peers import BeanstalkPeer
 from bench.report import Row, Target
 from ipcd.client import SPIN_SECONDS, Client
 from ipcd.kernel import vetting
+from ipcd.store import open_store
 
 MIB = 1 << 20
 BIG = 16 * MIB
@@ -61,6 +67,11 @@ SCALING_TARGET = Target(">=", 1.7)
 IDLE_RSS_LIMIT_KIB = 30 * 1024
 #: ``ipcctl list -n 50`` over 100,000 jobs answers within this (issue 12).
 LIST_LIMIT = 0.2
+#: The kernel queue is never full for longer than one batch commit (issue 12).
+INTAKE_TARGET = Target("<=", 1.0)
+#: The types the list daemon's store is filled with, paused so that no worker runs them;
+#: echo (2) stays free for the daemon's warm-up.
+LIST_TYPES = (3, 4, 5)
 #: The issue asks ipcd's request/reply for twice beanstalkd's (issue 12; 2.4x before it).
 PEER_RT_TARGET = Target(">=", 2.0)
 BEANSTALKD_HINT = "apt-get install beanstalkd"
@@ -477,6 +488,114 @@ class Bench:
             note=f"{jobs} commands then wait; ipcd: ipcctl submit",
         )
 
+    def intake_keeps_up(self) -> None:
+        """The longest stretch the job queue of a 4-worker daemon was full, while shell
+        loops and a Python loop submit, against one batch commit (bench.intake); the
+        daemon is stopped afterwards, with its backlog."""
+        seconds = self.args.intake_seconds
+        say(
+            f"the intake: {intake.SHELL_LOOPS} shell loops and a Python loop submitting for "
+            f"{seconds:g}s, 4 workers, the queue sampled every {intake.SAMPLE_EVERY * 1e3:g} ms"
+        )
+        daemon = self._daemon(BenchDaemon("intake", workers=4))
+        store = open_store(str(daemon.config.store.path), sync=daemon.config.store.sync)
+        try:
+            found = intake.measure(
+                daemon.client, store, seconds=seconds, ipcctl=IPCCTL, env=child_env()
+            )
+        finally:
+            store.close()
+            daemon.stop()
+        full, load = found.stretches, found.load
+        fmt = report.fmt
+        self.rows.append(
+            Row(
+                "intake keeps up: longest stretch the job queue was full",
+                "unpinned",
+                f"store.add of {intake.BATCH}",
+                median(found.commits),
+                max(full.stretches, default=0.0),
+                "seconds",
+                INTAKE_TARGET,
+                note=f"{len(full.stretches)} stretches, full {full.full / full.sampled:.0%} of "
+                f"{full.sampled:.1f}s; {intake.SHELL_LOOPS} sh loops of ipcctl submit "
+                f"--no-confirm {load.shell_rate:.0f} jobs/s, Client.submit loop "
+                f"{fmt(load.python_rate, 'rate')} ({load.refused} refused); samples every "
+                f"{fmt(full.gap_median, 'seconds')} (longest gap "
+                f"{fmt(full.gap_longest, 'seconds')}); slowest commit "
+                f"{fmt(max(found.commits), 'seconds')}; 4 workers; 1-minute load average "
+                f"{found.load_average:.2f} after it",
+                samples={"base": found.commits, "ipcd": full.stretches},
+            )
+        )
+        self.extra["intake"] = {
+            "stretches": full._asdict(),
+            "commits": found.commits,
+            "load": {
+                **load._asdict(),
+                "shell_rate": load.shell_rate,
+                "python_rate": load.python_rate,
+            },
+            "seconds": found.seconds,
+            "load_average": found.load_average,
+        }
+
+    def list_command(self) -> None:
+        """``ipcctl list -n 50``, the whole command, against a daemon whose store holds
+        as many jobs as the store-alone list (filled by bench.store before it started,
+        their handlers paused, retention raised to keep them all)."""
+        jobs = self.args.store_jobs[0]
+        say(f"wall time of ipcctl list -n 50 with {jobs:,} jobs in the daemon's store")
+        daemon, states = self.list_daemon(jobs)
+        listing = [IPCCTL, "-c", str(daemon.config_path), "list", "-n", "50"]
+        try:
+            times = startup.wall_times(
+                {
+                    "python": [sys.executable, "-c", "import sysv_ipc"],
+                    "newest": listing,
+                    "queued": [*listing, "--state", "queued"],
+                },
+                rounds=self.args.command_rounds,
+                runs=self.args.command_runs,
+                env=child_env(),
+            )
+            load_average = os.getloadavg()[0]
+        finally:
+            daemon.stop()
+        held = ", ".join(f"{n:,} {state}" for state, n in states.items() if n)
+        for name, what in (("newest", ""), ("queued", " --state queued")):
+            self.rows.append(
+                Row(
+                    f"wall time, ipcctl list -n 50{what}, {jobs:,} jobs in the store",
+                    "unpinned",
+                    "python -c 'import sysv_ipc'",
+                    median(times["python"]),
+                    median(times[name]),
+                    "seconds",
+                    note=f"slowest {report.fmt(max(times[name]), 'seconds')}; {held}; "
+                    f"{startup.tool()}; 1-minute load average {load_average:.2f} after it",
+                    samples={"python": times["python"], "ipcd": times[name]},
+                    limit=LIST_LIMIT,
+                )
+            )
+
+    def list_daemon(self, jobs: int) -> tuple[BenchDaemon, dict[str, int]]:
+        """A 1-worker daemon whose store holds ``jobs`` jobs in bench.store's mix of states
+        (filled before it started), their handlers paused so that none runs, retention
+        raised so that none is deleted; and the store's counts by state."""
+        keep = f"keep_done = {jobs}\nkeep_failed = {jobs}\n"
+        states: dict[str, int] = {}
+
+        def fill(daemon: BenchDaemon) -> None:
+            store = open_store(str(daemon.config.store.path))
+            try:
+                states.update(job_store.fill(store, jobs, types=LIST_TYPES))
+                store.pause(LIST_TYPES, time.time())
+            finally:
+                store.close()
+
+        return self._daemon(BenchDaemon("list", workers=1, store=keep), prepare=fill), states
+
     def store_alone(self) -> None:
         """The job store with no daemon, in this process: ``list(limit=50)`` over a store
         of LIST_JOBS jobs, and its files' size after THROUGH_JOBS jobs passed through it
@@ -572,8 +691,14 @@ class Bench:
 
     # --- helpers ----------------------------------------------------------------------
 
-    def _daemon(self, daemon: BenchDaemon) -> BenchDaemon:
+    def _daemon(
+        self, daemon: BenchDaemon, prepare: Callable[[BenchDaemon], None] | None = None
+    ) -> BenchDaemon:
+        """Start ``daemon`` (stopped with the run); ``prepare`` it first (its directory
+        and configuration exist)."""
         self.stack.callback(daemon.stop)
+        if prepare is not None:
+            prepare(daemon)
         daemon.start()
         assert daemon.keys is not None
         self.keys.update(daemon.keys.all())
@@ -739,6 +864,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"(default {job_store.LIST_JOBS:,} and {job_store.THROUGH_JOBS:,}; "
         "--quick: 20,000 and 100,000)",
     )
+    parser.add_argument(
+        "--intake-seconds",
+        type=float,
+        help="how long the loops submit in the intake step (default 10; --quick: 3)",
+    )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON file")
     args = parser.parse_args(argv)
     if args.quick:
@@ -746,6 +876,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.busy_ms, args.busy_jobs = 10, 40
     args.command_rounds, args.command_runs = (2, 8) if args.quick else (5, 10)
     args.peer_rounds, args.shell_jobs = (2, 10) if args.quick else (3, 20)
+    if args.intake_seconds is None:
+        args.intake_seconds = 3.0 if args.quick else 10.0
     if args.store_jobs is None:
         full = (job_store.LIST_JOBS, job_store.THROUGH_JOBS)
         args.store_jobs = (20_000, 100_000) if args.quick else full
@@ -767,6 +899,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.commands()
             bench.sixteen_mib()
             bench.peers()
+            bench.intake_keeps_up()
+            bench.list_command()
             bench.store_alone()
             bench.memory_rows()
         finally:
@@ -793,6 +927,7 @@ def main(argv: list[str] | None = None) -> int:
             "memory_idle": bench.extra["memory_idle"],
             "memory_under_load": bench.loaded,
             "store": bench.extra.get("store"),
+            "intake": bench.extra.get("intake"),
             "leftovers": left,
         },
     )

@@ -72,9 +72,11 @@ class Through(NamedTuple):
     rate: float
 
 
-def new_jobs(count: int, now: float, *, scheduled_every: int = 0) -> list[NewJob]:
-    """``count`` jobs as the intake makes them, with real ids and envelopes; every
-    ``scheduled_every``-th one is due an hour from ``now``."""
+def new_jobs(
+    count: int, now: float, *, scheduled_every: int = 0, types: Sequence[int] = TYPES
+) -> list[NewJob]:
+    """``count`` jobs as the intake makes them, with real ids and envelopes, of ``types``
+    in turn; every ``scheduled_every``-th one is due an hour from ``now``."""
     jobs = []
     for index in range(count):
         job_id = protocol.new_job_id()
@@ -83,7 +85,7 @@ def new_jobs(count: int, now: float, *, scheduled_every: int = 0) -> list[NewJob
         jobs.append(
             NewJob(
                 id=job_id,
-                type=TYPES[index % len(TYPES)],
+                type=types[index % len(types)],
                 handler="echo",
                 body=body,
                 bare=False,
@@ -106,12 +108,14 @@ def finish(store: JobStore, job_id: str, now: float, *, ok: bool) -> None:
         store.finish(job_id, ok=False, finished=now, result_kind=None, data=None, error="boom")
 
 
-def fill(store: JobStore, jobs: int, *, batch: int = 1000) -> dict[str, int]:
-    """Add ``jobs`` jobs in mixed states, per batch of 1000: 450 done, 50 failed, 50
-    cancelled, 100 scheduled and the rest queued. Returns the store's counts."""
+def fill(
+    store: JobStore, jobs: int, *, batch: int = 1000, types: Sequence[int] = TYPES
+) -> dict[str, int]:
+    """Add ``jobs`` jobs of ``types`` in mixed states, per batch of 1000: 450 done, 50
+    failed, 50 cancelled, 100 scheduled and the rest queued. Returns the store's counts."""
     for start in range(0, jobs, batch):
         now = time.time()
-        added = new_jobs(min(batch, jobs - start), now, scheduled_every=10)
+        added = new_jobs(min(batch, jobs - start), now, scheduled_every=10, types=types)
         store.add(added)
         claimed = store.claim(len(added) // 2, now)
         for index, (record, _) in enumerate(claimed):

@@ -9,6 +9,7 @@ binlog on), never for how fast.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -21,10 +22,13 @@ from pathlib import Path
 import pytest
 from conftest import Instance
 
-from bench import measure, peers
+from bench import intake, measure, peers
 from bench import store as job_store
-from bench.run import BEANSTALKD_HINT, SUBMISSIONS
+from bench.daemon import IPCCTL, child_env
+from bench.intake import Sample
+from bench.run import BEANSTALKD_HINT, LIST_TYPES, SUBMISSIONS, Bench, parse_args
 from ipcd.client import Client
+from ipcd.store import open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 #: ipcd's round trip must stay above this fraction of the raw one.  Issue 5 asks for a
@@ -170,3 +174,61 @@ def test_store_bench_fills_mixed_states_and_applies_retention() -> None:
     ]
     assert all(size.db > 0 for size in passed.sizes)
     assert not path.parent.exists()
+
+
+def test_intake_full_stretches_run_between_the_samples_around_them() -> None:
+    """A full stretch runs from halfway before its first full sample to halfway after its
+    last (or the window's edge), with 'full' meaning less than one message of room."""
+    max_bytes, message = 100, 10
+    windows = [
+        [Sample(0, 0), Sample(1, 95), Sample(2, 91), Sample(3, 90), Sample(4, 95)],
+        [Sample(10, 95), Sample(11, 0), Sample(13, 0)],
+    ]
+    found = intake.full_stretches(windows, max_bytes, message)
+    assert found.stretches == [2.0, 0.5, 0.5]
+    assert (found.sampled, found.full) == (7.0, 3.0)
+    assert (found.gap_median, found.gap_longest) == (1.0, 2.0)
+
+
+def test_intake_step_counts_every_job_its_loops_and_commits_submitted(daemon: Instance) -> None:
+    """The intake step's shell loops, Python loop and timed commits account for every job
+    the daemon then runs, with one commit timed after each sampling window."""
+    client = Client(daemon.config)
+    store = open_store(str(daemon.config.store.path))
+    try:
+        before = measure.completed(client)
+        found = intake.measure(client, store, seconds=1.0, ipcctl=IPCCTL, env=child_env())
+        load = found.load
+        assert load.shell_jobs > 0 and load.python_jobs > 0 and load.refused == 0, load
+        assert len(found.commits) == len(found.stretches.stretches) or found.commits
+        submitted = load.shell_jobs + load.python_jobs + intake.BATCH * len(found.commits)
+        deadline = time.monotonic() + 60
+        while measure.completed(client) - before < submitted and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert measure.completed(client) - before == submitted
+        assert found.stretches.sampled > 0
+    finally:
+        store.close()
+        client.store.close()
+
+
+def test_list_daemon_keeps_every_filled_job_and_runs_none() -> None:
+    """The list step's daemon holds every job bench.store filled its store with (its
+    retention raised) and runs none of them (their handlers paused); ipcctl list -n 50
+    shows 50 of them. (Its warm-up's echo jobs are in the store too.)"""
+    with contextlib.ExitStack() as stack:
+        bench = Bench(parse_args(["--quick"]), stack)
+        daemon, states = bench.list_daemon(3000)
+
+        def filled(*args: str) -> list[dict[str, object]]:
+            argv = [IPCCTL, "-c", str(daemon.config_path), "list", "--json", *args]
+            done = subprocess.run(
+                argv, env=child_env(), capture_output=True, text=True, timeout=30, check=True
+            )
+            jobs: list[dict[str, object]] = json.loads(done.stdout)["jobs"]
+            return [job for job in jobs if job["type"] in LIST_TYPES]
+
+        assert len(filled("-n", "5000")) == sum(states.values()) == 3000
+        assert len(filled("-n", "5000", "--state", "queued")) == states["queued"] == 1050
+        assert len(filled("-n", "50", "--state", "queued")) == 50
+        assert bench.teardown() == []
