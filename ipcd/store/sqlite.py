@@ -83,8 +83,13 @@ _INSERT = (
     f"INSERT INTO jobs ({', '.join(_INSERT_COLUMNS)}) "
     f"VALUES ({', '.join('?' * len(_INSERT_COLUMNS))}) ON CONFLICT (id) DO NOTHING"
 )
-# The literal 'queued' lets SQLite use the partial index jobs_claim.
-_CLAIM = f"SELECT id FROM jobs WHERE state = 'queued' AND type BETWEEN ? AND ? {_DISPATCH} LIMIT ?"
+# The literal 'queued' lets SQLite use the partial index jobs_claim. The record and its
+# body in the one statement: a claim is a job's hot path.
+_CLAIM = (
+    f"SELECT {_COLUMNS}, body FROM jobs LEFT JOIN bodies ON job_id = id "
+    f"WHERE state = 'queued' AND type BETWEEN ? AND ? {_DISPATCH} LIMIT ?"
+)
+_ATTEMPTS = JobRecord._fields.index("attempts")
 
 
 def _marks(values: Sequence[object]) -> str:
@@ -327,31 +332,35 @@ class SqliteStore:
     ) -> builtins.list[tuple[JobRecord, bytes]]:
         if n <= 0:
             return []
-        claimed: list[tuple[JobRecord, bytes]] = []
         with self._write() as db:
             paused = [row[0] for row in db.execute("SELECT type FROM paused")]
             if ALL_TYPES in paused:
                 return []
-            ids: list[str] = []
+            rows: list[Sequence[Any]] = []
             # One index range per stretch of types between paused ones: a paused type's
             # waiting jobs are skipped by the index, never read.
             for low, high in _open_ranges(paused):
-                ids += [row[0] for row in db.execute(_CLAIM, (low, high, n - len(ids)))]
-                if len(ids) >= n:
+                rows += db.execute(_CLAIM, (low, high, n - len(rows))).fetchall()
+                if len(rows) >= n:
                     break
-            for job_id in ids:
+            for chunk in _chunks([row[0] for row in rows]):
                 db.execute(
                     "UPDATE jobs SET state = 'running', attempts = attempts + 1, "
-                    "started = ?, finished = NULL, worker_pid = ? "
-                    "WHERE id = ? AND state = 'queued'",
-                    (now, worker_pid or None, job_id),
+                    f"started = ?, finished = NULL, worker_pid = ? WHERE id IN ({_marks(chunk)})",
+                    (now, worker_pid or None, *chunk),
                 )
-                record = self._get(db, job_id)
-                body = db.execute("SELECT body FROM bodies WHERE job_id = ?", (job_id,))
-                row = body.fetchone()
-                if record is not None:
-                    claimed.append((record, b"" if row is None else bytes(row[0])))
-        return claimed
+        # What the UPDATE wrote, without reading it back: the write lock kept every other
+        # writer out between the SELECT and the UPDATE.
+        return [
+            (
+                _record(row[:-1])._replace(
+                    state=State.RUNNING, attempts=row[_ATTEMPTS] + 1, started=now,
+                    finished=None, worker_pid=worker_pid or None,
+                ),
+                b"" if row[-1] is None else bytes(row[-1]),
+            )
+            for row in rows
+        ]  # fmt: skip
 
     def promote_due(self, now: float) -> int:
         with self._write() as db:
@@ -395,12 +404,16 @@ class SqliteStore:
             ).rowcount
             if changed != 1:
                 return False
-            db.execute("DELETE FROM results WHERE job_id = ?", (job_id,))
+            # One statement either way: the result kept (replacing any earlier one), or
+            # any earlier one removed.
             if data is not None and len(data) <= self._max_result:
                 db.execute(
-                    "INSERT INTO results (job_id, kind, data) VALUES (?, ?, ?)",
+                    "INSERT INTO results (job_id, kind, data) VALUES (?, ?, ?) ON CONFLICT "
+                    "(job_id) DO UPDATE SET kind = excluded.kind, data = excluded.data",
                     (job_id, 0 if result_kind is None else result_kind, data),
                 )
+            else:
+                db.execute("DELETE FROM results WHERE job_id = ?", (job_id,))
         return True
 
     def requeue(self, job_id: str, *, due: float, attempts: int | None = None) -> bool:
