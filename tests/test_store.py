@@ -836,3 +836,30 @@ def test_list_claim_and_retention_read_index_ranges_never_the_whole_table(path: 
         "SEARCH bodies USING INDEX sqlite_autoindex_bodies_1 (job_id=?) LEFT-JOIN",
     ]
     store.close()
+
+
+def test_a_job_is_claimed_in_five_statements_and_finished_in_four(path: str) -> None:
+    """A worker's claim of one job reads its record and body in one SELECT and marks it
+    running in one UPDATE; its outcome is one UPDATE and one write of the result; and the
+    claimed record, made without reading the row back, is the row as stored."""
+    conn = connect(path)
+    store = SqliteStore(conn, path)
+    store.add([_job("j1"), _job("j2")])
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    [(record, body)] = store.claim(1, NOW + 1, worker_pid=4242)
+    claimed = list(dict.fromkeys(statements))  # a trigger's steps repeat their statement
+    statements.clear()
+    store.finish("j1", ok=True, finished=NOW + 2, result_kind=1, data=b"r", error=None)
+    finished = list(dict.fromkeys(statements))
+    conn.set_trace_callback(None)
+    assert [s.split()[0] for s in claimed] == ["BEGIN", "SELECT", "SELECT", "UPDATE", "COMMIT"]
+    assert [s.split()[0] for s in finished] == ["BEGIN", "UPDATE", "INSERT", "COMMIT"]
+    assert body == b"body of j1"
+    assert record == store.get("j1")._replace(  # type: ignore[union-attr]
+        state=State.RUNNING, finished=None, error=None, result_kind=None, result_size=None,
+        worker_pid=4242,
+    )  # fmt: skip
+    assert record.attempts == 1 and record.started == NOW + 1
+    assert store.result("j1") == (1, b"r")
+    store.close()
