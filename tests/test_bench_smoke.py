@@ -32,10 +32,13 @@ from ipcd.store import open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 #: ipcd's round trip must stay above this fraction of the raw one.  Issue 5 asks for a
-#: guard at 0.2x once ipcd is fast enough; today ipcd runs at ~0.06-0.07x pinned (see
-#: `make bench`), so the guard sits at half of that, to catch an accidental slow path
-#: without failing on noise.  Raise it as the hot path gets faster.
-GUARD = 0.03
+#: guard at 0.2x once ipcd is fast enough.  Before the job store ipcd ran at ~0.06-0.07x
+#: pinned; every job now also takes three commits to the store (the intake's, the
+#: worker's claim and its outcome) and two more process hops, and runs at ~0.006x pinned
+#: (`make bench`, December 2026): the guard sits at half of that, to catch an accidental
+#: slow path without failing on noise.  Issue 12's round-trip target (>= 2x beanstalkd)
+#: is not met at this figure; raise the guard as the hot path gets faster.
+GUARD = 0.003
 ROUNDS = 3
 SECONDS = 0.3
 PAYLOAD = "p" * 64
