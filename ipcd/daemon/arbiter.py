@@ -38,7 +38,7 @@ import os
 import select
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import FrameType
 
@@ -62,10 +62,11 @@ from ipcd.daemon.worker import (
 )
 from ipcd.errors import IpcdError, LockTimeoutError, StoreError
 from ipcd.handlers import registry as registry_mod
-from ipcd.kernel.procs import signal_worker
+from ipcd.kernel.procs import alive, signal_worker
 from ipcd.store import JobRecord, JobStore, Retention
 from ipcd.tables import stats as stats_mod
 from ipcd.tables.inflight import Held, InflightTable, Peek, State
+from ipcd.tables.unique import Claim
 from ipcd.wire.protocol import Job
 
 #: A worker that lived shorter than this "died young".
@@ -581,9 +582,24 @@ class Arbiter:
                 started=time.monotonic(), listed=False, cancelled=True,
             )  # fmt: skip
 
+        @contextlib.contextmanager
+        def retrying(record: JobRecord) -> Iterator[None]:
+            """Around a retry: the job's unique key claimed again (AlreadyQueuedError
+            while another job holds it; freed again when the retry fails), and its old
+            result taken out of the ring, so that a waiter waits for the new outcome."""
+            claim: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+            if record.unique is not None:
+                claim = Claim(
+                    p.unique, record.unique, record.id, alive=alive,
+                    finished=lambda job_id: getattr(p.store.get(job_id), "finished", None),
+                )  # fmt: skip
+            with claim:
+                p.store.clear(record.id)
+                yield
+
         return control.serve(
             p.listener, jobs, p.table, lambda: doorbell.ring(p.config.daemon.workers), log,
-            flags, on_cancelled=cancelled,
+            flags, on_cancelled=cancelled, retrying=retrying,
         )  # fmt: skip
 
     def _helpers_alive(self) -> bool:
