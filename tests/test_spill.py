@@ -24,11 +24,13 @@ from ipcd.errors import ExitCode, QueueFullError
 from ipcd.kernel.queues import Queue
 from ipcd.kernel.segments import Segment
 from ipcd.layout.results import Kind
+from ipcd.store import open_store
 from ipcd.tables import spill
 from ipcd.tables.spill import segment as spillsegment
 from ipcd.tables.spill import table as spilltable
 from ipcd.tables.spill.table import SpillTable, State
 from ipcd.tables.unique import UniqueTable
+from ipcd.wire import protocol
 from ipcd.wire.protocol import JSONValue
 
 MIB = 1 << 20
@@ -93,6 +95,24 @@ def _digest(data: bytes) -> dict[str, object]:
     return {"length": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
+def _stored_body(instance: Instance, job_id: str) -> bytes | None:
+    """The job's message as the job store holds it (None: not there)."""
+    jobs = open_store(str(instance.config.store.path))
+    try:
+        return jobs.body(job_id)
+    finally:
+        jobs.close()
+
+
+def _stored_payload(instance: Instance, job_id: str) -> JSONValue | bytes:
+    """The payload of the job's message in the job store: a large one is held inline."""
+    body = _stored_body(instance, job_id)
+    assert body is not None, f"job {job_id} is not in the job store"
+    job = protocol.decode(body, 1)
+    assert job.spill is None  # whole, not a reference to a segment
+    return job.payload
+
+
 def test_100_mib_payload_round_trip(instance: Instance) -> None:
     """A 100 MiB bytes payload reaches the handler whole; its segment and entry then go."""
     client = _start(instance)
@@ -107,8 +127,12 @@ def test_100_mib_payload_round_trip(instance: Instance) -> None:
             **_digest(data),
         }
         assert _in_use(instance) == []
+        # The intake read the payload out of its segment into the store: the worker took
+        # the message with the payload inline, the size the store records is the payload's.
         done = instance.wait_events(lambda e: e.get("event") == "job.done", 1)
-        assert done[0]["bytes_in"] == 100 * MIB
+        assert done[0]["bytes_in"] == len(_stored_body(instance, result.job_id) or b"")
+        shown = json.loads(instance.ipcctl("show", result.job_id, "--json").stdout)
+        assert shown["job"]["size"] == 100 * MIB
     finally:
         _stop(instance)
 
@@ -174,33 +198,34 @@ def test_ring_eviction_removes_a_spilled_result(instance: Instance) -> None:
 
 
 def test_failed_list_keeps_a_spilled_payload_until_it_drops_the_job(instance: Instance) -> None:
-    """A spilled job that failed for good keeps its segment while listed, ``ipcctl retry``
-    sends it again, and the segment goes when the list drops the job."""
-    client = _start(instance, "\n[jobs]\nfailed_size = 2\n")
+    """A spilled job that failed for good keeps its payload in the job store, not in a
+    segment (the intake released that): ``ipcctl retry`` runs it again with the payload
+    whole, and the payload goes with the job when the store drops it (purge, retention)."""
+    client = _start(instance)
     try:
         data = os.urandom(MIB)
         failed = client.call("crash", data, timeout=30)
         assert not failed.ok and "ZeroDivisionError" in failed.error
-        (entry,) = _in_use(instance)
-        assert (entry.state, entry.job_id) == (State.FAILED, failed.job_id)
+        assert _in_use(instance) == []
+        assert _stored_payload(instance, failed.job_id) == data
         assert instance.ipcctl("retry", failed.job_id).returncode == 0
         again = client.wait(failed.job_id, 30)
         assert not again.ok and again.finished > failed.finished
-        # The same segment, held by the failed list again (retry marks it the queue's
-        # before sending, so the worker's FAILED is not overwritten afterwards).
-        assert [(e.shmid, e.state) for e in _in_use(instance)] == [(entry.shmid, State.FAILED)]
-        for n in range(2):
-            assert not client.call("crash", f"small {n}", timeout=30).ok
-        listed = json.loads(instance.ipcctl("failed", "--json").stdout)["failed"]
-        assert failed.job_id not in [f["id"] for f in listed]
         assert _in_use(instance) == []
-        assert not _segment_exists(entry.shmid)
+        assert _stored_payload(instance, failed.job_id) == data
+        listed = json.loads(instance.ipcctl("failed", "--json").stdout)["failed"]
+        assert [(f["id"], f["bytes"]) for f in listed] == [(failed.job_id, MIB)]
+        purged = instance.ipcctl("purge", "--state", "failed")
+        assert (purged.returncode, purged.stdout) == (0, "purged 1 job\n"), purged.stderr
+        assert json.loads(instance.ipcctl("failed", "--json").stdout)["failed"] == []
+        assert _stored_body(instance, failed.job_id) is None
     finally:
         _stop(instance)
 
 
 def test_spilled_jobs_do_not_fill_the_queue(instance: Instance) -> None:
-    """Eight 1 MiB jobs queued while no daemon serves take a few hundred bytes of queue."""
+    """Eight 1 MiB jobs queued while no daemon serves take a few hundred bytes of queue;
+    at the start the intake takes them into the store and their segments go."""
     client = _start(instance)
     _stop(instance)
     ids = [client.submit("digest", bytes([n]) * MIB) for n in range(8)]
@@ -211,8 +236,14 @@ def test_spilled_jobs_do_not_fill_the_queue(instance: Instance) -> None:
     try:
         done = instance.wait_events(lambda e: e.get("event") == "job.done", 8, timeout=30)
         assert sorted(str(e["job_id"]) for e in done) == sorted(ids)
-        assert all(e["outcome"] == "ok" and e["bytes_in"] == MIB for e in done)
+        assert all(e["outcome"] == "ok" for e in done)
+        for n, job_id in enumerate(ids):  # each payload reached its handler whole
+            value = client.wait(job_id, 30).value()
+            assert isinstance(value, dict)
+            assert value["sha256"] == _digest(bytes([n]) * MIB)["sha256"]
+        # The intake took the payloads into the store and released their segments.
         assert _in_use(instance) == []
+        assert _stored_payload(instance, ids[0]) == bytes([0]) * MIB
     finally:
         _stop(instance)
 
