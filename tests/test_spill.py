@@ -534,9 +534,12 @@ def _spill_jobs(extra: str) -> str:
 
 
 def test_spilled_results_are_a_cache_not_a_limit(instance: Instance, tmp_path: Path) -> None:
-    """More large results than spill slots: the oldest are evicted (spill.evicted), read
-    as no result (exit 66), and a large payload is still accepted."""
-    client = _start(instance, _spill_jobs("spill_slots = 4"))
+    """More large results than spill slots: the oldest are evicted (spill.evicted) and
+    gone from the ring; ``ipcctl result`` reads them from the job store when it kept
+    them (up to [store] max_result), else says there is none (exit 66); and a large
+    payload is still accepted."""
+    store = '\n[store]\npath = "jobs.db"\nmax_result = 10000\n'
+    client = _start(instance, _spill_jobs("spill_slots = 4") + store)
     try:
         ids = []
         for n in range(10):
@@ -546,12 +549,14 @@ def test_spilled_results_are_a_cache_not_a_limit(instance: Instance, tmp_path: P
         in_use = _in_use(instance)
         assert sorted(e.job_id for e in in_use) == sorted(ids[-4:])
         assert {e.state for e in in_use} == {State.RESULT}
-        assert client.result(ids[0]) is None
+        assert client.result(ids[0]) is None and client.result(ids[1]) is None
         newest = client.result(ids[-1])
         assert newest is not None and newest.data == b"x" * 10_009
-        shown = instance.ipcctl("result", ids[0])
+        kept = instance.ipcctl("result", ids[0])  # 10000 bytes: the store kept it
+        assert (kept.returncode, kept.stdout.rstrip("\n")) == (0, "x" * 10_000), kept.stderr
+        shown = instance.ipcctl("result", ids[1])  # 10001 bytes: the store kept its size
         assert shown.returncode == ExitCode.NO_RESULT, shown.stderr
-        assert f"no result for job {ids[0]}" in shown.stderr
+        assert f"no result for job {ids[1]}" in shown.stderr
         evicted = instance.wait_events(lambda e: e.get("event") == "spill.evicted", 6)
         assert [e["evicted"] for e in evicted] == [[i] for i in ids[:6]]
         # A payload claim evicts a result too: results never starve payloads.
