@@ -608,31 +608,23 @@ def test_spill_bytes_caps_the_results_kept(instance: Instance) -> None:
 
 
 def test_failed_list_holds_at_most_half_the_table(instance: Instance) -> None:
-    """Spilled jobs that failed for good keep their payloads for at most half the spill
-    slots; beyond that the payload goes and ``ipcctl retry`` says why it cannot."""
-    client = _start(instance, _spill_jobs("spill_slots = 4\nfailed_size = 16"))
+    """Spilled jobs that failed for good hold no entry of the spill table at all (their
+    payloads are in the job store), so any number of them can be retried, and large
+    payloads of jobs still to run are never refused for them."""
+    client = _start(instance, _spill_jobs("spill_slots = 4"))
     try:
         failed = [client.call("crash", bytes([n]) * MIB, timeout=30).job_id for n in range(3)]
-        # Listed before its job.done; two workers may list them in any order.
         instance.wait_events(lambda e: e.get("event") == "job.done", 3)
-        in_use = _in_use(instance)
-        assert [e.state for e in in_use] == [State.FAILED] * 2, in_use
+        assert _in_use(instance) == []
         listed = json.loads(instance.ipcctl("failed", "--json").stdout)["failed"]
-        kept = {f["id"]: f.get("payload_kept", True) for f in listed}
-        assert sorted(kept) == sorted(failed)
-        (lost,) = (job for job in failed if not kept[job])
-        assert sorted(e.job_id for e in in_use) == sorted(job for job in failed if job != lost)
-        refused = instance.ipcctl("retry", lost)
-        assert refused.returncode == ExitCode.NO_RESULT
-        assert "its large payload was not kept" in refused.stderr
-        assert lost in [
-            f["id"] for f in json.loads(instance.ipcctl("failed", "--json").stdout)["failed"]
-        ]
-        retried = in_use[0].job_id
-        assert instance.ipcctl("retry", retried).returncode == 0
-        again = client.wait(retried, 30)
-        assert not again.ok and "ZeroDivisionError" in again.error
-        # Large payloads of jobs still to run are not refused for the failed ones.
+        assert sorted(f["id"] for f in listed) == sorted(failed)
+        for job_id in failed:
+            assert instance.ipcctl("retry", job_id).returncode == 0
+        for n, job_id in enumerate(failed):
+            again = client.wait(job_id, 30)
+            assert not again.ok and "ZeroDivisionError" in again.error
+            assert _stored_payload(instance, job_id) == bytes([n]) * MIB
+        assert _in_use(instance) == []
         assert client.call("digest", b"q" * MIB, timeout=30).ok
     finally:
         _stop(instance)
@@ -664,13 +656,25 @@ def test_a_result_refused_for_room_says_so(instance: Instance) -> None:
 
 
 def test_queued_payloads_leave_the_results_their_share(instance: Instance, tmp_path: Path) -> None:
-    """With the payloads' share of the spill table held by queued large jobs (parked
-    for a minute), the next large submission gets exit status 75 at once, naming the
-    share, and a job's large result is still stored."""
-    client = _start(instance, _spill_jobs("spill_slots = 4"))  # one kept for results
+    """Large payloads hold spill entries only until the intake stores them.  With the
+    intake held up (stopped here, as a store that cannot be written would hold it) and
+    the payloads' share taken by jobs waiting in the kernel queue, the next large
+    submission gets exit status 75 at once, naming the share, and a job's large result
+    is still stored; once the intake goes on, those jobs run and their entries go."""
+    # One worker: the results come one after the other, each evicting the one before (two
+    # at once could each find the other's entry not yet a result, and one be refused).
+    instance.write(_spill_jobs("spill_slots = 4"), handlers=HANDLERS)  # one kept for results
+    text = instance.config_path.read_text().replace("workers = 2\n", "workers = 1\n")
+    instance.config_path.write_text(text)
+    assert instance.ipcd("start").returncode == 0
+    client = Client(instance.config)
+    [intake] = instance.wait_events(lambda e: e.get("event") == "intake.started", 1)
+    # Stored before the intake stops, paused so that they run only later.
+    assert instance.ipcctl("pause", "big").returncode == 0
+    bigs = [client.submit("big", str(MIB + n), confirm=True) for n in range(3)]
+    os.kill(int(str(intake["pid"])), signal.SIGSTOP)
     try:
-        for n in range(3):
-            client.submit("digest", bytes([n]) * MIB, delay=60)
+        waiting = [client.submit("digest", bytes([n]) * MIB) for n in range(3)]
         assert [e.state for e in _in_use(instance)] == [State.QUEUED] * 3
         big = tmp_path / "big"
         big.write_bytes(b"\xfe" * MIB)
@@ -682,10 +686,27 @@ def test_queued_payloads_leave_the_results_their_share(instance: Instance, tmp_p
         assert refused.returncode == ExitCode.QUEUE_FULL, refused.stderr
         assert "spill table's 3 slots for large payloads are taken" in refused.stderr
         assert "[results] spill_reserved = 1" in refused.stderr
-        for n in range(3):  # each evicts the one before: the share is one entry
-            result = client.call("big", str(MIB + n), timeout=30)
-            assert result.ok and result.data == b"x" * (MIB + n), result.error
-        assert sorted(e.state for e in _in_use(instance)) == [State.QUEUED] * 3 + [State.RESULT]
+        assert instance.ipcctl("resume", "big").returncode == 0
+        # Each result evicts the one before (the share left to results is one entry).
+        done = instance.wait_events(
+            lambda e: e.get("event") == "job.done" and e["job_id"] in bigs, 3
+        )
+        assert sorted((e["outcome"], e["bytes_out"]) for e in done) == [
+            ("ok", MIB + n) for n in range(3)
+        ]
+        in_use = _in_use(instance)
+        assert sorted(e.state for e in in_use) == [State.QUEUED] * 3 + [State.RESULT]
+        (kept,) = (e for e in in_use if e.state is State.RESULT)
+        newest = client.result(kept.job_id)
+        assert newest is not None and newest.data == b"x" * (MIB + bigs.index(kept.job_id))
+    finally:
+        os.kill(int(str(intake["pid"])), signal.SIGCONT)
+    try:
+        for n, job_id in enumerate(waiting):
+            value = client.wait(job_id, 30).value()
+            assert isinstance(value, dict)
+            assert value["sha256"] == _digest(bytes([n]) * MIB)["sha256"]
+        assert [e.state for e in _in_use(instance)] == [State.RESULT]
     finally:
         _stop(instance)
 
