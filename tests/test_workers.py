@@ -222,7 +222,7 @@ def test_too_large_result_is_an_error_everywhere(instance: Instance) -> None:
         assert event["outcome"] == "error" and "too large" in str(event["error"])
         listed = json.loads(instance.ipcctl("failed", "--json").stdout)["failed"]
         assert [f["id"] for f in listed] == [event["job_id"]]
-        shown = json.loads(instance.ipcctl("show", event["job_id"], "--json").stdout)
+        shown = json.loads(instance.ipcctl("show", str(event["job_id"]), "--json").stdout)
         assert shown["job"]["state"] == "failed" and "too large" in shown["job"]["error"]
     finally:
         instance.ipcd("stop")
