@@ -223,6 +223,8 @@ def test_a_retry_parked_in_the_removed_inflight_table_runs(instance: Instance) -
         job_id = _running_then_inflight_removed(instance, "slow_retry_once", "2")
         done = instance.ipcctl("result", job_id, "--wait", "--timeout", "20")
         assert (done.returncode, done.stdout) == (0, "ok on attempt 2\n"), done.stderr
+        # The result is stored before its job.done line is written: wait for the line.
+        instance.wait_events(lambda e: e["event"] == "job.done" and e.get("job_id") == job_id, 1)
         events = [e["event"] for e in instance.log_events() if e.get("job_id") == job_id]
         # Its worker left normally: not a dead worker's job that the master requeues.
         assert events == ["job.started", "job.retry", "job.started", "job.done"], events
