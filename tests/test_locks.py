@@ -32,18 +32,23 @@ def _delayed(instance: Instance, text: str) -> str:
     return submitted.stdout.strip()
 
 
-def test_a_held_inflight_lock_when_a_delayed_job_falls_due(daemon: Instance) -> None:
-    """With the in-flight table's lock held for 10 s while a delayed job falls due, the
-    master logs ``lock.timeout`` naming the lock, stays up, and runs the job once the
-    lock is free; then it serves as before."""
+def test_a_held_result_lock_when_a_delayed_job_falls_due(daemon: Instance) -> None:
+    """A delayed job falls due in the store, with no lock of the in-flight table on its
+    way: it runs while that lock is held.  With the result segment's lock held for 10 s
+    instead, the worker that runs the next one logs ``lock.timeout`` naming the lock,
+    waits, and stores the result once the lock is free; the master stays up and serves."""
     master = daemon.pid()
-    job_id = _delayed(daemon, "later")
+    early = _delayed(daemon, "early")
     with held(daemon.keys.inflight):
+        result = daemon.ipcctl("result", early, "--wait", "--timeout", "20")
+        assert (result.returncode, result.stdout) == (0, "early\n"), result.stderr
+    job_id = _delayed(daemon, "later")
+    with held(daemon.keys.results):
         timeouts = daemon.wait_events(lambda e: e["event"] == "lock.timeout", 1, timeout=HOLD)
         time.sleep(max(0.0, HOLD - 5.0))  # the lock stays taken: 10 s in all
         assert _running(master)
     assert [(e["lock"], e["role"], e["then"]) for e in timeouts[:1]] == [
-        ("in-flight table", "master", "wait again")
+        ("result segment", "worker", "wait again")
     ]
     assert float(timeouts[0]["waited_s"]) >= 5.0  # type: ignore[arg-type]
     result = daemon.ipcctl("result", job_id, "--wait", "--timeout", "20")

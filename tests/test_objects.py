@@ -14,6 +14,7 @@ from conftest import _running as _alive
 
 from ipcd.errors import ExitCode
 from ipcd.kernel.keys import as_key_t
+from ipcd.kernel.queues import Queue
 
 KINDS = {
     "queue": sysv_ipc.MessageQueue,
@@ -163,22 +164,34 @@ def test_a_removed_inflight_table_keeps_the_unique_keys_of_its_jobs(daemon: Inst
     assert not [e for e in daemon.log_events() if e["event"] == "unique.freed"]
 
 
-def test_a_removed_job_queue_frees_the_keys_of_the_jobs_it_held(daemon: Instance) -> None:
-    """``ipcrm`` of the job queue loses the jobs queued in it: once the daemon made it
-    anew, their unique keys are free (``unique.freed``) and the key can be submitted again."""
-    busy = [daemon.ipcctl("submit", "sleep", "3").stdout.strip() for _ in range(2)]
-    started = daemon.wait_events(  # both workers busy: the next job stays in the queue
-        lambda e: e["event"] == "job.started" and e["job_id"] in busy, 2
-    )
-    assert len(started) == 2
-    queued = daemon.ipcctl("submit", "--unique", "nightly", "echo", "lost")
-    assert queued.returncode == 0, queued.stderr
-    sysv_ipc.MessageQueue(as_key_t(daemon.keys.jobs)).remove()
-    assert _recreated(daemon)
-    freed = daemon.wait_events(lambda e: e["event"] == "unique.freed", 1, timeout=10)
-    assert [e["job_id"] for e in freed] == [queued.stdout.strip()]
-    again = daemon.ipcctl("submit", "--unique", "nightly", "echo", "again", "--wait")
-    assert (again.returncode, again.stdout) == (0, "again\n"), again.stderr
+def test_a_removed_job_queue_frees_the_keys_of_the_jobs_it_held(instance: Instance) -> None:
+    """``ipcrm`` of the job queue loses only the jobs still in it: once the daemon made it
+    anew, their unique keys are free (``unique.freed``) and can be submitted again, while
+    a job the intake had already stored keeps its key and runs."""
+    # One waiting job fills the store ([store] max_queued = 1), so the intake leaves the
+    # next message in the kernel queue; pausing echo keeps the stored one waiting.
+    instance.write('\n[store]\npath = "jobs.db"\nmax_queued = 1\n')
+    assert instance.ipcd("start").returncode == 0
+    try:
+        assert instance.ipcctl("pause", "echo").returncode == 0
+        stored = instance.ipcctl("submit", "--unique", "nightly", "echo", "kept")
+        assert stored.returncode == 0, stored.stderr  # confirmed: in the store
+        queued = instance.ipcctl("submit", "--no-confirm", "--unique", "weekly", "echo", "lost")
+        assert queued.returncode == 0, queued.stderr
+        assert Queue.open(instance.keys.jobs).stats().messages == 1
+        sysv_ipc.MessageQueue(as_key_t(instance.keys.jobs)).remove()
+        assert _recreated(instance)
+        freed = instance.wait_events(lambda e: e["event"] == "unique.freed", 1, timeout=10)
+        assert [(e["job_id"], e["unique"]) for e in freed] == [(queued.stdout.strip(), "weekly")]
+        held = instance.ipcctl("submit", "--unique", "nightly", "echo", "twice")
+        assert held.returncode == ExitCode.ALREADY_QUEUED, held.stderr
+        assert instance.ipcctl("resume", "echo").returncode == 0
+        kept = instance.ipcctl("result", stored.stdout.strip(), "--wait", "--timeout", "20")
+        assert (kept.returncode, kept.stdout) == (0, "kept\n"), kept.stderr
+        again = instance.ipcctl("submit", "--unique", "weekly", "echo", "again", "--wait")
+        assert (again.returncode, again.stdout) == (0, "again\n"), again.stderr
+    finally:
+        instance.ipcd("stop")
 
 
 def test_a_job_running_when_the_inflight_table_is_removed_ends_once(daemon: Instance) -> None:
@@ -210,6 +223,8 @@ def test_a_retry_parked_in_the_removed_inflight_table_runs(instance: Instance) -
         job_id = _running_then_inflight_removed(instance, "slow_retry_once", "2")
         done = instance.ipcctl("result", job_id, "--wait", "--timeout", "20")
         assert (done.returncode, done.stdout) == (0, "ok on attempt 2\n"), done.stderr
+        # The result is stored before its job.done line is written: wait for the line.
+        instance.wait_events(lambda e: e["event"] == "job.done" and e.get("job_id") == job_id, 1)
         events = [e["event"] for e in instance.log_events() if e.get("job_id") == job_id]
         # Its worker left normally: not a dead worker's job that the master requeues.
         assert events == ["job.started", "job.retry", "job.started", "job.done"], events

@@ -136,15 +136,19 @@ def test_a_flood_of_poison_messages_is_accounted_for_and_stalls_nothing(
 
 @pytest.mark.parametrize("type_", [2**40, -5])
 def test_a_parked_job_of_an_impossible_type_is_rejected(daemon: Instance, type_: int) -> None:
-    """Any group member may write a parked slot (``submit --delay`` does): one whose type
-    no queue message can have is rejected when it falls due (event, counter, error
-    result, waiter woken), and the master goes on serving."""
+    """A parked slot an ipcd older than the job store left (any group member could write
+    one, as ``submit --delay`` did) whose type no queue message can have: the next start
+    rejects it (event, counter, error result, waiter woken) instead of sending it through
+    the intake, frees the slot, and serves."""
+    assert daemon.ipcd("stop").returncode == 0
     table = InflightTable.open(daemon.keys.inflight)
     try:
         body = _envelope("parked-bad", os.getpid())
         assert table.park(type_, body, "parked-bad", 1, time.time())
     finally:
         table.segment.close()
+    started = daemon.ipcd("start")
+    assert started.returncode == 0, started.stderr
     [rejected] = daemon.wait_events(lambda e: e["event"] == "job.rejected", 1)
     assert (rejected["job_id"], rejected["type"], rejected["parked"]) == ("parked-bad", type_, True)
     shown = daemon.ipcctl("result", "parked-bad")
@@ -156,4 +160,11 @@ def test_a_parked_job_of_an_impossible_type_is_rejected(daemon: Instance, type_:
     assert notice == b"parked-bad"
     done = daemon.ipcctl("submit", "echo", "hi", "--wait", "--timeout", "10")
     assert (done.returncode, done.stdout) == (0, "hi\n")
-    assert json.loads(daemon.ipcctl("status", "--json").stdout)["parked"] == 0
+    stats = json.loads(daemon.ipcctl("stats", "--json").stdout)
+    assert stats["jobs"]["(none)"]["rejected"] == 1
+    table = InflightTable.open(daemon.keys.inflight)
+    try:
+        assert table.parked_jobs() == []
+    finally:
+        table.segment.close()
+    assert daemon.ipcd("stop").returncode == 0

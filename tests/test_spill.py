@@ -24,11 +24,13 @@ from ipcd.errors import ExitCode, QueueFullError
 from ipcd.kernel.queues import Queue
 from ipcd.kernel.segments import Segment
 from ipcd.layout.results import Kind
+from ipcd.store import open_store
 from ipcd.tables import spill
 from ipcd.tables.spill import segment as spillsegment
 from ipcd.tables.spill import table as spilltable
 from ipcd.tables.spill.table import SpillTable, State
 from ipcd.tables.unique import UniqueTable
+from ipcd.wire import protocol
 from ipcd.wire.protocol import JSONValue
 
 MIB = 1 << 20
@@ -93,6 +95,24 @@ def _digest(data: bytes) -> dict[str, object]:
     return {"length": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
+def _stored_body(instance: Instance, job_id: str) -> bytes | None:
+    """The job's message as the job store holds it (None: not there)."""
+    jobs = open_store(str(instance.config.store.path))
+    try:
+        return jobs.body(job_id)
+    finally:
+        jobs.close()
+
+
+def _stored_payload(instance: Instance, job_id: str) -> JSONValue | bytes:
+    """The payload of the job's message in the job store: a large one is held inline."""
+    body = _stored_body(instance, job_id)
+    assert body is not None, f"job {job_id} is not in the job store"
+    job = protocol.decode(body, 1)
+    assert job.spill is None  # whole, not a reference to a segment
+    return job.payload
+
+
 def test_100_mib_payload_round_trip(instance: Instance) -> None:
     """A 100 MiB bytes payload reaches the handler whole; its segment and entry then go."""
     client = _start(instance)
@@ -107,8 +127,12 @@ def test_100_mib_payload_round_trip(instance: Instance) -> None:
             **_digest(data),
         }
         assert _in_use(instance) == []
+        # The intake read the payload out of its segment into the store: the worker took
+        # the message with the payload inline, the size the store records is the payload's.
         done = instance.wait_events(lambda e: e.get("event") == "job.done", 1)
-        assert done[0]["bytes_in"] == 100 * MIB
+        assert done[0]["bytes_in"] == len(_stored_body(instance, result.job_id) or b"")
+        shown = json.loads(instance.ipcctl("show", result.job_id, "--json").stdout)
+        assert shown["job"]["size"] == 100 * MIB
     finally:
         _stop(instance)
 
@@ -174,33 +198,34 @@ def test_ring_eviction_removes_a_spilled_result(instance: Instance) -> None:
 
 
 def test_failed_list_keeps_a_spilled_payload_until_it_drops_the_job(instance: Instance) -> None:
-    """A spilled job that failed for good keeps its segment while listed, ``ipcctl retry``
-    sends it again, and the segment goes when the list drops the job."""
-    client = _start(instance, "\n[jobs]\nfailed_size = 2\n")
+    """A spilled job that failed for good keeps its payload in the job store, not in a
+    segment (the intake released that): ``ipcctl retry`` runs it again with the payload
+    whole, and the payload goes with the job when the store drops it (purge, retention)."""
+    client = _start(instance)
     try:
         data = os.urandom(MIB)
         failed = client.call("crash", data, timeout=30)
         assert not failed.ok and "ZeroDivisionError" in failed.error
-        (entry,) = _in_use(instance)
-        assert (entry.state, entry.job_id) == (State.FAILED, failed.job_id)
+        assert _in_use(instance) == []
+        assert _stored_payload(instance, failed.job_id) == data
         assert instance.ipcctl("retry", failed.job_id).returncode == 0
         again = client.wait(failed.job_id, 30)
         assert not again.ok and again.finished > failed.finished
-        # The same segment, held by the failed list again (retry marks it the queue's
-        # before sending, so the worker's FAILED is not overwritten afterwards).
-        assert [(e.shmid, e.state) for e in _in_use(instance)] == [(entry.shmid, State.FAILED)]
-        for n in range(2):
-            assert not client.call("crash", f"small {n}", timeout=30).ok
-        listed = json.loads(instance.ipcctl("failed", "--json").stdout)["failed"]
-        assert failed.job_id not in [f["id"] for f in listed]
         assert _in_use(instance) == []
-        assert not _segment_exists(entry.shmid)
+        assert _stored_payload(instance, failed.job_id) == data
+        listed = json.loads(instance.ipcctl("failed", "--json").stdout)["failed"]
+        assert [(f["id"], f["bytes"]) for f in listed] == [(failed.job_id, MIB)]
+        purged = instance.ipcctl("purge", "--state", "failed")
+        assert (purged.returncode, purged.stdout) == (0, "purged 1 job\n"), purged.stderr
+        assert json.loads(instance.ipcctl("failed", "--json").stdout)["failed"] == []
+        assert _stored_body(instance, failed.job_id) is None
     finally:
         _stop(instance)
 
 
 def test_spilled_jobs_do_not_fill_the_queue(instance: Instance) -> None:
-    """Eight 1 MiB jobs queued while no daemon serves take a few hundred bytes of queue."""
+    """Eight 1 MiB jobs queued while no daemon serves take a few hundred bytes of queue;
+    at the start the intake takes them into the store and their segments go."""
     client = _start(instance)
     _stop(instance)
     ids = [client.submit("digest", bytes([n]) * MIB) for n in range(8)]
@@ -211,8 +236,14 @@ def test_spilled_jobs_do_not_fill_the_queue(instance: Instance) -> None:
     try:
         done = instance.wait_events(lambda e: e.get("event") == "job.done", 8, timeout=30)
         assert sorted(str(e["job_id"]) for e in done) == sorted(ids)
-        assert all(e["outcome"] == "ok" and e["bytes_in"] == MIB for e in done)
+        assert all(e["outcome"] == "ok" for e in done)
+        for n, job_id in enumerate(ids):  # each payload reached its handler whole
+            value = client.wait(job_id, 30).value()
+            assert isinstance(value, dict)
+            assert value["sha256"] == _digest(bytes([n]) * MIB)["sha256"]
+        # The intake took the payloads into the store and released their segments.
         assert _in_use(instance) == []
+        assert _stored_payload(instance, ids[0]) == bytes([0]) * MIB
     finally:
         _stop(instance)
 
@@ -503,9 +534,12 @@ def _spill_jobs(extra: str) -> str:
 
 
 def test_spilled_results_are_a_cache_not_a_limit(instance: Instance, tmp_path: Path) -> None:
-    """More large results than spill slots: the oldest are evicted (spill.evicted), read
-    as no result (exit 66), and a large payload is still accepted."""
-    client = _start(instance, _spill_jobs("spill_slots = 4"))
+    """More large results than spill slots: the oldest are evicted (spill.evicted) and
+    gone from the ring; ``ipcctl result`` reads them from the job store when it kept
+    them (up to [store] max_result), else says there is none (exit 66); and a large
+    payload is still accepted."""
+    store = '\n[store]\npath = "jobs.db"\nmax_result = 10000\n'
+    client = _start(instance, _spill_jobs("spill_slots = 4") + store)
     try:
         ids = []
         for n in range(10):
@@ -515,12 +549,14 @@ def test_spilled_results_are_a_cache_not_a_limit(instance: Instance, tmp_path: P
         in_use = _in_use(instance)
         assert sorted(e.job_id for e in in_use) == sorted(ids[-4:])
         assert {e.state for e in in_use} == {State.RESULT}
-        assert client.result(ids[0]) is None
+        assert client.result(ids[0]) is None and client.result(ids[1]) is None
         newest = client.result(ids[-1])
         assert newest is not None and newest.data == b"x" * 10_009
-        shown = instance.ipcctl("result", ids[0])
+        kept = instance.ipcctl("result", ids[0])  # 10000 bytes: the store kept it
+        assert (kept.returncode, kept.stdout.rstrip("\n")) == (0, "x" * 10_000), kept.stderr
+        shown = instance.ipcctl("result", ids[1])  # 10001 bytes: the store kept its size
         assert shown.returncode == ExitCode.NO_RESULT, shown.stderr
-        assert f"no result for job {ids[0]}" in shown.stderr
+        assert f"no result for job {ids[1]}" in shown.stderr
         evicted = instance.wait_events(lambda e: e.get("event") == "spill.evicted", 6)
         assert [e["evicted"] for e in evicted] == [[i] for i in ids[:6]]
         # A payload claim evicts a result too: results never starve payloads.
@@ -572,31 +608,23 @@ def test_spill_bytes_caps_the_results_kept(instance: Instance) -> None:
 
 
 def test_failed_list_holds_at_most_half_the_table(instance: Instance) -> None:
-    """Spilled jobs that failed for good keep their payloads for at most half the spill
-    slots; beyond that the payload goes and ``ipcctl retry`` says why it cannot."""
-    client = _start(instance, _spill_jobs("spill_slots = 4\nfailed_size = 16"))
+    """Spilled jobs that failed for good hold no entry of the spill table at all (their
+    payloads are in the job store), so any number of them can be retried, and large
+    payloads of jobs still to run are never refused for them."""
+    client = _start(instance, _spill_jobs("spill_slots = 4"))
     try:
         failed = [client.call("crash", bytes([n]) * MIB, timeout=30).job_id for n in range(3)]
-        # Listed before its job.done; two workers may list them in any order.
         instance.wait_events(lambda e: e.get("event") == "job.done", 3)
-        in_use = _in_use(instance)
-        assert [e.state for e in in_use] == [State.FAILED] * 2, in_use
+        assert _in_use(instance) == []
         listed = json.loads(instance.ipcctl("failed", "--json").stdout)["failed"]
-        kept = {f["id"]: f.get("payload_kept", True) for f in listed}
-        assert sorted(kept) == sorted(failed)
-        (lost,) = (job for job in failed if not kept[job])
-        assert sorted(e.job_id for e in in_use) == sorted(job for job in failed if job != lost)
-        refused = instance.ipcctl("retry", lost)
-        assert refused.returncode == ExitCode.NO_RESULT
-        assert "its large payload was not kept" in refused.stderr
-        assert lost in [
-            f["id"] for f in json.loads(instance.ipcctl("failed", "--json").stdout)["failed"]
-        ]
-        retried = in_use[0].job_id
-        assert instance.ipcctl("retry", retried).returncode == 0
-        again = client.wait(retried, 30)
-        assert not again.ok and "ZeroDivisionError" in again.error
-        # Large payloads of jobs still to run are not refused for the failed ones.
+        assert sorted(f["id"] for f in listed) == sorted(failed)
+        for job_id in failed:
+            assert instance.ipcctl("retry", job_id).returncode == 0
+        for n, job_id in enumerate(failed):
+            again = client.wait(job_id, 30)
+            assert not again.ok and "ZeroDivisionError" in again.error
+            assert _stored_payload(instance, job_id) == bytes([n]) * MIB
+        assert _in_use(instance) == []
         assert client.call("digest", b"q" * MIB, timeout=30).ok
     finally:
         _stop(instance)
@@ -628,13 +656,25 @@ def test_a_result_refused_for_room_says_so(instance: Instance) -> None:
 
 
 def test_queued_payloads_leave_the_results_their_share(instance: Instance, tmp_path: Path) -> None:
-    """With the payloads' share of the spill table held by queued large jobs (parked
-    for a minute), the next large submission gets exit status 75 at once, naming the
-    share, and a job's large result is still stored."""
-    client = _start(instance, _spill_jobs("spill_slots = 4"))  # one kept for results
+    """Large payloads hold spill entries only until the intake stores them.  With the
+    intake held up (stopped here, as a store that cannot be written would hold it) and
+    the payloads' share taken by jobs waiting in the kernel queue, the next large
+    submission gets exit status 75 at once, naming the share, and a job's large result
+    is still stored; once the intake goes on, those jobs run and their entries go."""
+    # One worker: the results come one after the other, each evicting the one before (two
+    # at once could each find the other's entry not yet a result, and one be refused).
+    instance.write(_spill_jobs("spill_slots = 4"), handlers=HANDLERS)  # one kept for results
+    text = instance.config_path.read_text().replace("workers = 2\n", "workers = 1\n")
+    instance.config_path.write_text(text)
+    assert instance.ipcd("start").returncode == 0
+    client = Client(instance.config)
+    [intake] = instance.wait_events(lambda e: e.get("event") == "intake.started", 1)
+    # Stored before the intake stops, paused so that they run only later.
+    assert instance.ipcctl("pause", "big").returncode == 0
+    bigs = [client.submit("big", str(MIB + n), confirm=True) for n in range(3)]
+    os.kill(int(str(intake["pid"])), signal.SIGSTOP)
     try:
-        for n in range(3):
-            client.submit("digest", bytes([n]) * MIB, delay=60)
+        waiting = [client.submit("digest", bytes([n]) * MIB) for n in range(3)]
         assert [e.state for e in _in_use(instance)] == [State.QUEUED] * 3
         big = tmp_path / "big"
         big.write_bytes(b"\xfe" * MIB)
@@ -646,10 +686,27 @@ def test_queued_payloads_leave_the_results_their_share(instance: Instance, tmp_p
         assert refused.returncode == ExitCode.QUEUE_FULL, refused.stderr
         assert "spill table's 3 slots for large payloads are taken" in refused.stderr
         assert "[results] spill_reserved = 1" in refused.stderr
-        for n in range(3):  # each evicts the one before: the share is one entry
-            result = client.call("big", str(MIB + n), timeout=30)
-            assert result.ok and result.data == b"x" * (MIB + n), result.error
-        assert sorted(e.state for e in _in_use(instance)) == [State.QUEUED] * 3 + [State.RESULT]
+        assert instance.ipcctl("resume", "big").returncode == 0
+        # Each result evicts the one before (the share left to results is one entry).
+        done = instance.wait_events(
+            lambda e: e.get("event") == "job.done" and e["job_id"] in bigs, 3
+        )
+        assert sorted((e["outcome"], e["bytes_out"]) for e in done) == [
+            ("ok", MIB + n) for n in range(3)
+        ]
+        in_use = _in_use(instance)
+        assert sorted(e.state for e in in_use) == [State.QUEUED] * 3 + [State.RESULT]
+        (kept,) = (e for e in in_use if e.state is State.RESULT)
+        newest = client.result(kept.job_id)
+        assert newest is not None and newest.data == b"x" * (MIB + bigs.index(kept.job_id))
+    finally:
+        os.kill(int(str(intake["pid"])), signal.SIGCONT)
+    try:
+        for n, job_id in enumerate(waiting):
+            value = client.wait(job_id, 30).value()
+            assert isinstance(value, dict)
+            assert value["sha256"] == _digest(bytes([n]) * MIB)["sha256"]
+        assert [e.state for e in _in_use(instance)] == [State.RESULT]
     finally:
         _stop(instance)
 

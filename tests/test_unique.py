@@ -344,11 +344,11 @@ def test_cron_twice_while_running(daemon: Instance) -> None:
 
 
 def test_queued_job_holds_the_key_and_wait_exits_at_once(daemon: Instance) -> None:
-    """A job still in the queue holds its key; `--wait` on a held key exits 4 at once
-    rather than wait for the other job."""
+    """A job still in the kernel queue holds its key; `--wait` on a held key exits 4 at
+    once rather than wait for the other job."""
     daemon.ipcd("stop", check=True)  # nobody takes jobs: they wait in the queue
     first = daemon.ipcctl("submit", "--unique", "q", "echo", "one")
-    assert first.returncode == 0, first.stderr
+    assert first.returncode == ExitCode.NOT_CONFIRMED, first.stderr  # sent, not stored
     waited = daemon.ipcctl("submit", "--unique", "q", "--wait", "--timeout", "30", "echo", "x")
     assert waited.returncode == ExitCode.ALREADY_QUEUED
     assert waited.stderr == _already(daemon, first.stdout.strip(), "q")
@@ -363,9 +363,13 @@ def test_quiet_says_nothing_when_already_queued(daemon: Instance) -> None:
     other errors are still reported."""
     daemon.ipcd("stop", check=True)  # the first job waits in the queue, holding its key
     first = daemon.ipcctl("submit", "-q", "--unique", "cron", "echo", "one")
-    assert first.returncode == 0, first.stderr
-    # -q silences "already queued" only, never the news that no daemon serves the queue.
-    assert "ipcctl: warning: no daemon is serving the queue" in first.stderr
+    # -q silences "already queued" only, never the news that no daemon serves the queue:
+    # the job was sent but not confirmed (5).
+    assert first.returncode == ExitCode.NOT_CONFIRMED, first.stderr
+    assert first.stderr == (
+        f"ipcctl: job {first.stdout.strip()} sent but not confirmed: ipcd is not running; "
+        "it waits in the kernel queue\n"
+    )
     for extra in ((), ("--wait",)):
         again = daemon.ipcctl("submit", "--quiet", "--unique", "cron", *extra, "echo", "x")
         assert (again.returncode, again.stdout, again.stderr) == (ExitCode.ALREADY_QUEUED, "", "")
@@ -516,7 +520,7 @@ def test_restart_frees_keys_of_vanished_jobs(daemon: Instance) -> None:
     """Keys of jobs that vanished with the job queue are freed at the next start."""
     daemon.ipcd("stop", check=True)
     first = daemon.ipcctl("submit", "--unique", "gone", "echo", "x")
-    assert first.returncode == 0, first.stderr
+    assert first.returncode == ExitCode.NOT_CONFIRMED, first.stderr  # in the kernel queue
     Queue.open(daemon.keys.jobs).remove()  # an operator's ipcrm -q, the job with it
     assert daemon.ipcd("start").returncode == 0
     freed = daemon.wait_events(lambda e: e.get("event") == "unique.freed", 1)

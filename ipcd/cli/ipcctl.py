@@ -192,7 +192,8 @@ def _get_result(client: Client, args: argparse.Namespace) -> Result:
 def _stored_result(config: Config, job_id: str) -> Result | None:
     """A finished job's result from the job store, through the daemon: what the result
     ring no longer holds (evicted by newer results, or gone with a reboot).  None when
-    the job has not finished, is unknown, or the daemon cannot be asked."""
+    the job has not finished, is unknown, its result was too large for the store, or the
+    daemon cannot be asked."""
     from ipcd.cli import control_socket_path
     from ipcd.client.control import ControlClient
     from ipcd.layout.results import Status
@@ -204,6 +205,8 @@ def _stored_result(config: Config, job_id: str) -> Result | None:
     job = detail.job
     if job.state not in ("done", "failed", "cancelled"):
         return None
+    if job.state == "done" and detail.result is None:
+        return None  # larger than [store] max_result: the store kept only its size
     if detail.result is not None:
         kind, data = Kind(detail.result.kind), detail.result.data
     else:

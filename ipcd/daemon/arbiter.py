@@ -38,7 +38,7 @@ import os
 import select
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import FrameType
 
@@ -60,12 +60,14 @@ from ipcd.daemon.worker import (
     parent_death_signal,
     worker_process,
 )
-from ipcd.errors import IpcdError, LockTimeoutError, StoreError
+from ipcd.errors import IpcdError, LockTimeoutError, MessageError, StoreError
 from ipcd.handlers import registry as registry_mod
-from ipcd.kernel.procs import signal_worker
+from ipcd.kernel.procs import alive, signal_worker
 from ipcd.store import JobRecord, JobStore, Retention
 from ipcd.tables import stats as stats_mod
 from ipcd.tables.inflight import Held, InflightTable, Peek, State
+from ipcd.tables.unique import Claim
+from ipcd.wire import protocol
 from ipcd.wire.protocol import Job
 
 #: A worker that lived shorter than this "died young".
@@ -580,9 +582,24 @@ class Arbiter:
                 started=time.monotonic(), listed=False, cancelled=True,
             )  # fmt: skip
 
+        @contextlib.contextmanager
+        def retrying(record: JobRecord) -> Iterator[None]:
+            """Around a retry: the job's unique key claimed again (AlreadyQueuedError
+            while another job holds it; freed again when the retry fails), and its old
+            result taken out of the ring, so that a waiter waits for the new outcome."""
+            claim: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+            if record.unique is not None:
+                claim = Claim(
+                    p.unique, record.unique, record.id, alive=alive,
+                    finished=lambda job_id: getattr(p.store.get(job_id), "finished", None),
+                )  # fmt: skip
+            with claim:
+                p.store.clear(record.id)
+                yield
+
         return control.serve(
             p.listener, jobs, p.table, lambda: doorbell.ring(p.config.daemon.workers), log,
-            flags, on_cancelled=cancelled,
+            flags, on_cancelled=cancelled, retrying=retrying,
         )  # fmt: skip
 
     def _restart_helpers(self, timeout: float = 5.0) -> None:
@@ -722,12 +739,15 @@ class Arbiter:
 
     def _recover_leftovers(self) -> None:
         """At start: jobs held by workers of a daemon that was killed are run again; jobs
-        an ipcd older than the job store parked in the table go through the intake."""
+        an ipcd older than the job store parked in the table go through the intake (one
+        of a type no queue message can have is rejected)."""
         table = self.p.table
         for slot in range(table.workers + table.parked):
             held = table.held(slot)
             if held is not None and held.state is State.PARKED:
-                if self.p.queue.send_nowait(held.body, held.type):
+                if not 1 <= held.type <= protocol.MAX_TYPE:
+                    self._reject_parked(held)
+                elif self.p.queue.send_nowait(held.body, held.type):
                     table.clear(slot)
                 elif slot < table.workers:
                     self.pool.free_slots.remove(slot)  # kept until the queue has room
@@ -736,6 +756,15 @@ class Arbiter:
                 self.recovery.recover(held, cause=DAEMON_KILLED, timed_out=False)
             if slot < table.workers:
                 table.clear(slot)
+
+    def _reject_parked(self, held: Held) -> None:
+        """A parked job of a type no queue message can have (any group member could write
+        a parked slot, as ``submit --delay`` did): rejected, never sent, its slot freed."""
+        try:
+            protocol.decode(held.body, held.type)  # raises, with the id when it is readable
+        except MessageError as exc:
+            self.outcomes.reject(exc, held.body, held.type, parked=True)
+        self.p.table.clear(held.slot)
 
     def _requeue_claimed(self, pid: int, held: Held | None) -> None:
         """A worker that died between claiming a job in the store and writing it into

@@ -66,6 +66,9 @@ class ControlServer:
     ``on_cancelled`` is called with each cancelled job that never reached a worker, so that
     its unique key is freed and its waiters get the error result (the master's recovery
     does that for a running job it finds cancelled when its killed worker is reaped).
+    ``retrying`` is entered around the store's retry of a job: it claims the job's unique
+    key again, raising AlreadyQueuedError (4) while another job holds it, and frees it
+    again when the retry fails (None: nothing to claim, as in tests without the tables).
     """
 
     def __init__(
@@ -76,6 +79,7 @@ class ControlServer:
         log: Logger,
         *,
         on_cancelled: Callable[[JobRecord], None] | None = None,
+        retrying: Callable[[JobRecord], contextlib.AbstractContextManager[object]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -83,6 +87,7 @@ class ControlServer:
         self.wake_master = wake_master
         self.log = log
         self.on_cancelled = on_cancelled
+        self.retrying = retrying
         self.clock = clock
         self._ops: dict[str, Callable[[Request], dict[str, Any]]] = {
             "list": self._list,
@@ -249,12 +254,19 @@ class ControlServer:
         return {"jobs": [wire.job_to_dict(r) for r in records]}
 
     def _retry(self, request: Request) -> dict[str, Any]:
-        record = self.store.retry(request.id, self.clock())
+        """A failed or cancelled job queued again.  One with a unique key claims it first
+        (``retrying``), and stays as it is, exit 4, while another job holds the key: the
+        key guards against two of its jobs at once, a retry included."""
+        found = self._get(request.id)
+        record = None
+        if found.state in (State.FAILED, State.CANCELLED):
+            with self.retrying(found) if self.retrying else contextlib.nullcontext():
+                record = self.store.retry(request.id, self.clock())
+                if record is None:  # it changed meanwhile: the claim is undone
+                    found = self._get(request.id)
+                    raise _not_retryable(found)
         if record is None:
-            state = self._get(request.id).state
-            raise NoResultError(
-                f"job {request.id} is {_value(state)}, not failed or cancelled: nothing to retry"
-            )
+            raise _not_retryable(found)
         self.log.info("control.retry", job_id=request.id, **self._peer)
         self.wake_master()
         return {"job": wire.job_to_dict(record)}
@@ -278,6 +290,7 @@ def serve(
     flags: Flags,
     *,
     on_cancelled: Callable[[JobRecord], None] | None = None,
+    retrying: Callable[[JobRecord], contextlib.AbstractContextManager[object]] | None = None,
 ) -> int:
     """The control process's main loop: answer on ``listener`` until ``flags.stopping``.
 
@@ -285,7 +298,9 @@ def serve(
     process (never share a sqlite3 connection across fork), installed the signal flags,
     and removes the socket file when the daemon stops.
     """
-    server = ControlServer(store, table, wake_master, log, on_cancelled=on_cancelled)
+    server = ControlServer(
+        store, table, wake_master, log, on_cancelled=on_cancelled, retrying=retrying
+    )
     return server.serve(listener, flags)
 
 
@@ -389,6 +404,12 @@ def _peer(conn: socket.socket) -> dict[str, int]:
     except OSError:
         return {}
     return {"peer_pid": pid, "peer_uid": uid}
+
+
+def _not_retryable(record: JobRecord) -> NoResultError:
+    return NoResultError(
+        f"job {record.id} is {_value(record.state)}, not failed or cancelled: nothing to retry"
+    )
 
 
 def _states(names: Sequence[str]) -> tuple[State, ...]:

@@ -124,7 +124,9 @@ class Outcomes:
         if not result.ok and listed:
             self._list_failed(job, body, result.error)
         stored = self._store(result)
-        self.record(job.id, whole)
+        # The store keeps the result whole (not the ring's reference to its spill segment),
+        # unless it became an error here (too large): then the job failed, there as well.
+        self.record(job.id, whole if result.ok else result)
         self.report_mends()
         self._release(job, result, listed=listed)
         if not logged:
