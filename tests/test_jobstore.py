@@ -170,3 +170,20 @@ def test_a_malformed_envelope_is_recorded_failed_and_the_daemon_serves_on(
     record = wait_state(daemon, "bad1", State.FAILED)
     assert record.error is not None and "'pid'" in record.error
     assert json.loads(daemon.ipcctl("submit", "echo", "{}", "--json", "--wait").stdout) == {}
+
+
+def test_the_python_client_retries_a_failed_job_through_the_store(daemon: Instance) -> None:
+    """Client.retry asks the daemon to queue the failed job again under its id: it runs a
+    second time (a message re-sent under the same id would be skipped at intake as
+    already stored), with fresh attempts."""
+    client = Client(daemon.config)
+    job_id = client.submit("fail", "again", confirm=True)
+    wait_state(daemon, job_id, State.FAILED)
+    assert client.retry(job_id) == job_id
+
+    def ended(event: dict[str, object]) -> bool:
+        return event.get("event") == "job.done" and event.get("job_id") == job_id
+
+    assert len(daemon.wait_events(ended, 2)) == 2
+    record = wait_state(daemon, job_id, State.FAILED)
+    assert record.attempts == 1

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 
 from ipcd.kernel.segments import Lock, Segment, create_formatted
 from ipcd.layout import inflight as layout
@@ -193,25 +193,6 @@ class InflightTable:
             attempt=attempt, parked_at=time.time(), due=due,
         )  # fmt: skip
 
-    def rewrite(self, index: int, body: bytes, attempt: int) -> None:
-        """A worker keeps a job to run again itself: the slot holds its new envelope."""
-        layout.rewrite(self.buf, self.offset(index), body, attempt)
-
     def parked_jobs(self) -> list[Held]:
         """Every parked job with its message (for listings and tests)."""
         return [h for slot, _ in self.parked_due() if (h := self.held(slot)) is not None]
-
-    def unpark(self, index: int) -> None:
-        """Free a parked slot without sending its job (one that cannot be sent)."""
-        with self.lock.held(LOCK_TIMEOUT):
-            self.clear(index)
-
-    def dispatch(self, held: Held, send: Callable[[bytes, int], bool]) -> bool:
-        """Send a parked job (``send(body, type)``, False when the queue is full) and
-        free its slot, both under the lock: a lock that stays taken leaves the job parked
-        and unsent, never both sent and still parked (which would run it twice)."""
-        with self.lock.held(LOCK_TIMEOUT):
-            if not send(held.body, held.type):
-                return False
-            self.clear(held.slot)
-        return True

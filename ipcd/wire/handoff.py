@@ -1,13 +1,13 @@
-"""The hand-off message: how the master gives a worker one job from the job store.
+"""The hand-off message: how a worker holds the job it claimed from the job store.
 
 The public job queue carries what clients send; the daemon vets each message once, at
-intake, and commits it to the job store (ipcd.daemon.intake).  The master then hands jobs
-to its workers on a queue of its own (mode 0600: no client can write to it), one message
-per job, in the order the store decides.  The message is a short header naming the job
-(its id in the store, which a bare message does not carry, and the attempt the store
-counted) and then the message exactly as the client sent it, so a worker decodes it with
-:func:`ipcd.wire.protocol.decode` as before.  A message too large to carry the header too
-is handed over by reference: the worker reads its body from the store.
+intake, and commits it to the job store (ipcd.daemon.intake).  A worker claims its next
+job from the store and writes it into its slot of the in-flight table as one message: a
+short header naming the job (its id in the store, which a bare message does not carry,
+and the attempt the store counted) and then the message exactly as the client sent it,
+so that the worker, and the master's recovery should the worker die, decode it with
+:func:`ipcd.wire.protocol.decode` as before.  A message too large to carry the header
+too is held by reference: it is read from the store.
 """
 
 from __future__ import annotations
@@ -30,17 +30,22 @@ class Handoff(NamedTuple):
 
 def encode(job_id: str, attempt: int, body: bytes, limit: int) -> bytes:
     """The hand-off message, by reference when ``body`` and the header exceed ``limit``."""
-    head = MAGIC + json.dumps({"id": job_id, "attempt": attempt}, separators=(",", ":")).encode()
+    head = _header(job_id, attempt, in_store=False)
     if len(head) + 1 + len(body) <= limit:
         return head + b"\n" + body
-    return MAGIC + json.dumps(
-        {"id": job_id, "attempt": attempt, "in_store": True}, separators=(",", ":")
-    ).encode() + b"\n"  # fmt: skip
+    return _header(job_id, attempt, in_store=True) + b"\n"
+
+
+def _header(job_id: str, attempt: int, *, in_store: bool) -> bytes:
+    doc: dict[str, object] = {"id": job_id, "attempt": attempt}
+    if in_store:
+        doc["in_store"] = True
+    return MAGIC + json.dumps(doc, separators=(",", ":")).encode()
 
 
 def decode(message: bytes) -> Handoff:
-    """The job a hand-off message names; MessageError when it is not one (only the master
-    writes the queue, so that is a bug or a stale message of another version)."""
+    """The job a hand-off message names; MessageError when it is not one (only a worker
+    writes one, into its own slot: that is a bug, or a slot an older ipcd left)."""
     head, sep, body = message.partition(b"\n")
     if not head.startswith(MAGIC) or not sep:
         raise MessageError("not a hand-off message")
@@ -48,11 +53,9 @@ def decode(message: bytes) -> Handoff:
         doc = json.loads(head[len(MAGIC) :])
     except ValueError:
         raise MessageError("hand-off header is not JSON") from None
-    job_id, attempt = doc.get("id") if isinstance(doc, dict) else None, None
-    if isinstance(doc, dict):
-        attempt = doc.get("attempt")
+    if not isinstance(doc, dict):
+        raise MessageError("hand-off header is not an object")
+    job_id, attempt = doc.get("id"), doc.get("attempt")
     if not isinstance(job_id, str) or not is_job_id(job_id) or type(attempt) is not int:
         raise MessageError("hand-off header lacks a job id or attempt")
-    if doc.get("in_store"):
-        return Handoff(job_id, attempt, None)
-    return Handoff(job_id, attempt, body)
+    return Handoff(job_id, attempt, None if doc.get("in_store") else body)
