@@ -4,11 +4,11 @@ classes (test_worker_unit.py, test_recovery.py, test_outcomes.py, test_intake.py
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ipcd.errors import StoreError
-from ipcd.store import FINAL, WAITING, Backlog, JobRecord, NewJob, State
+from ipcd.store import FINAL, WAITING, Backlog, JobRecord, NewJob, Outcome, State
 
 
 class FakeLog:
@@ -84,11 +84,39 @@ class FakeJobStore:
 
     def claim(self, n: int, now: float, *, worker_pid: int = 0) -> list[tuple[JobRecord, bytes]]:
         self._enter("claim")
+        return self._claim(n, now, worker_pid)
+
+    def exchange(
+        self,
+        finished: Sequence[Outcome],
+        n: int,
+        now: float,
+        *,
+        worker_pid: int = 0,
+        batches: Mapping[int, int] | None = None,
+    ) -> list[tuple[JobRecord, bytes]]:
+        """finish and claim in one: an error given for either fails the whole call
+        before anything changes."""
+        if finished:
+            self._enter("finish")
+        if n > 0:
+            self._enter("claim")
+        for outcome in finished:
+            self._finish(outcome)
+        return self._claim(n, now, worker_pid, batches) if n > 0 else []
+
+    def _claim(
+        self, n: int, now: float, worker_pid: int, batches: Mapping[int, int] | None = None
+    ) -> list[tuple[JobRecord, bytes]]:
         self.claimers.append(worker_pid)
         queued = sorted(
             (r for r in self.records.values() if r.state is State.QUEUED),
             key=lambda r: (r.type, -r.priority, r.accepted, r.id),
         )
+        if batches is not None and queued:
+            type_ = queued[0].type
+            n = min(n, batches.get(type_, 1))
+            queued = [r for r in queued if r.type == type_]
         claimed = []
         for record in queued[:n]:
             record = record._replace(
@@ -122,12 +150,17 @@ class FakeJobStore:
         error: str | None,
     ) -> bool:
         self._enter("finish")
-        record = self.records.get(job_id)
+        return self._finish(Outcome(job_id, ok, finished, result_kind, data, error))
+
+    def _finish(self, outcome: Outcome) -> bool:
+        record = self.records.get(outcome.job_id)
         if record is None or record.state in FINAL:
             return False
-        self.records[job_id] = record._replace(
-            state=State.DONE if ok else State.FAILED, finished=finished, error=error,
-            result_kind=result_kind, result_size=None if data is None else len(data),
+        data = outcome.data
+        self.records[outcome.job_id] = record._replace(
+            state=State.DONE if outcome.ok else State.FAILED, finished=outcome.finished,
+            error=outcome.error, result_kind=outcome.result_kind,
+            result_size=None if data is None else len(data),
         )  # fmt: skip
         return True
 

@@ -767,11 +767,15 @@ class Arbiter:
         self.p.table.clear(held.slot)
 
     def _requeue_claimed(self, pid: int, held: Held | None) -> None:
-        """A worker that died between claiming a job in the store and writing it into
-        its slot: the job never started, so it goes back without an attempt counted."""
+        """A worker that died with jobs claimed in the store besides the one in its slot:
+        those it finished are recorded from the result ring (ipcd.daemon.ledger keeps
+        outcomes for the next claim); those it never started go back without an attempt
+        counted."""
         try:
             for record in self.jobs.running():
                 if record.worker_pid != pid or (held is not None and held.job_id == record.id):
+                    continue
+                if self.recovery.recorded_from_ring(record):
                     continue
                 self.jobs.requeue(record.id, due=0.0, attempts=max(record.attempts - 1, 0))
                 self.log.warning("job.requeued", job_id=record.id, cause="claimed, never started")
@@ -783,10 +787,14 @@ class Arbiter:
         """At start, after the jobs in the workers' slots were recovered: every job the
         store still says is running was running when the daemon (or the machine) died,
         its slot gone with a reboot.  It runs again as its next attempt (the store keeps
-        the attempts it counted).  What the hand-off queue holds is only rings: dropped."""
+        the attempts it counted), unless the result ring shows it finished (its worker
+        died before it recorded the outcome, ipcd.daemon.ledger).  What the hand-off
+        queue holds is only rings: dropped."""
         while self.p.handoff.receive_nowait(0) is not None:
             pass
         try:
+            for record in self.jobs.running():
+                self.recovery.recorded_from_ring(record)  # finished, not yet recorded
             running = self.jobs.reset_running()
         except StoreError as exc:
             self.log.error("store.requeue_failed", error=str(exc))

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ipcd.daemon import uniquerelease
+from ipcd.daemon.ledger import Ledger
 from ipcd.daemon.log import Events, Logger
 from ipcd.errors import (
     IpcdError,
@@ -22,7 +23,7 @@ from ipcd.errors import (
 from ipcd.kernel.procs import alive
 from ipcd.kernel.queues import Queue
 from ipcd.layout.results import Kind, Result, Status, too_large
-from ipcd.store import JobStore
+from ipcd.store import JobStore, Outcome
 from ipcd.tables import spill
 from ipcd.tables.failed import FailedList
 from ipcd.tables.results import ResultStore
@@ -58,15 +59,19 @@ class Outcomes:
         stats: Recorder | None = None,
         jobs: JobStore | None = None,
         keep_trying: Callable[[], bool] | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
         """``jobs`` is this process's connection to the job store (ipcd.store), which
         records each outcome; None where no store is kept (tests of the rings alone).
+        ``ledger`` (a worker's, ipcd.daemon.ledger) keeps outcomes nobody waits for until
+        its next exchange with the store, instead of a transaction each.
         ``keep_trying`` (a worker's: while it is not asked to stop) makes an outcome the
         store refuses be tried again until it is recorded; without it (the master, which
         must not block) the outcome is given up on at once."""
         self.store = store
         self.jobs = jobs
         self.keep_trying = keep_trying
+        self.ledger = ledger
         self.failed = failed
         self.replies = replies
         self.log = log
@@ -126,7 +131,7 @@ class Outcomes:
         stored = self._store(result)
         # The store keeps the result whole (not the ring's reference to its spill segment),
         # unless it became an error here (too large): then the job failed, there as well.
-        self.record(job.id, whole if result.ok else result)
+        self.record(job.id, whole if result.ok else result, waiter=job.reply_to is not None)
         self.report_mends()
         self._release(job, result, listed=listed)
         if not logged:
@@ -175,24 +180,49 @@ class Outcomes:
             logged=False,
         )
 
-    def record(self, job_id: str, result: Result) -> bool:
+    def record(self, job_id: str, result: Result, *, waiter: bool = False) -> bool:
         """The outcome in the job store, the job's record of truth (the ring is its cache
-        for waiters).  A store that cannot be written (a full disk) is logged and counted,
-        and tried again with a growing pause for as long as ``keep_trying`` says: a job
-        whose outcome is not recorded stays ``running`` in the store, and would run again
-        after the next restart.  Given up on (asked to stop, or no ``keep_trying``) the job
-        runs again after a restart (at-least-once).  False when the store kept its state
-        (a job cancelled meanwhile stays cancelled) or was not written."""
+        for waiters).  With a ledger, an outcome nobody waits for is only kept for the
+        ledger's next exchange; a ``waiter``'s is recorded now, with those kept before it,
+        so that a reply still means "recorded".
+
+        A store that cannot be written (a full disk) is logged and counted, and tried
+        again with a growing pause for as long as ``keep_trying`` says: a job whose
+        outcome is not recorded stays ``running`` in the store, and would run again after
+        the next restart.  Given up on (asked to stop, or no ``keep_trying``) the job runs
+        again after a restart (at-least-once).  False when the store kept its state (a
+        job cancelled meanwhile stays cancelled) or was not written."""
         if self.jobs is None:
             return False
+        outcome = Outcome(
+            job_id, result.ok, result.finished or time.time(), int(result.kind), result.data,
+            None if result.ok else result.error,
+        )  # fmt: skip
+        jobs, ledger = self.jobs, self.ledger
+        if ledger is None:
+            return self._persist(
+                job_id,
+                lambda: jobs.finish(
+                    job_id, ok=outcome.ok, finished=outcome.finished,
+                    result_kind=outcome.result_kind, data=outcome.data, error=outcome.error,
+                ),
+            )  # fmt: skip
+        ledger.record(outcome)
+        if not waiter:
+            return True
+
+        def flush() -> bool:
+            ledger.flush()
+            return True
+
+        return self._persist(job_id, flush)
+
+    def _persist(self, job_id: str, write: Callable[[], bool]) -> bool:
+        """``write`` until it is done or ``keep_trying`` says to give up (see record)."""
         pause = RECORD_RETRY
         while True:
             try:
-                return self.jobs.finish(
-                    job_id, ok=result.ok, finished=result.finished or time.time(),
-                    result_kind=int(result.kind), data=result.data,
-                    error=None if result.ok else result.error,
-                )  # fmt: skip
+                return write()
             except StoreError as exc:
                 if pause == RECORD_RETRY:  # once per job: the first refusal
                     self.log.error("store.write_failed", job_id=job_id, error=str(exc))

@@ -15,9 +15,9 @@ from ipcd.config import JobsConfig
 from ipcd.daemon.log import Logger
 from ipcd.daemon.outcomes import Outcomes, error_result
 from ipcd.daemon.worker import job_of
-from ipcd.errors import MessageError, StoreError
+from ipcd.errors import IpcdError, MessageError, StoreError
 from ipcd.handlers.registry import Registry
-from ipcd.store import JobStore, State
+from ipcd.store import JobRecord, JobStore, State
 from ipcd.tables import stats
 from ipcd.tables.inflight import Held
 from ipcd.tables.results import ResultStore
@@ -136,6 +136,29 @@ class Recovery:
         except MessageError as exc:
             self.outcomes.reject(exc, held.body, held.type, recovered=True)
             return None
+
+    def recorded_from_ring(self, record: JobRecord) -> bool:
+        """Whether a job the store says is running was in fact finished, its outcome
+        then recorded from the result ring.  A worker records the outcomes of a batch
+        with its next claim (ipcd.daemon.ledger), after their results are in the ring;
+        one that dies in between leaves them running in the store.  A result in the ring
+        of this very attempt, stored after the claim, is the job's outcome: recorded, so
+        the job does not run twice.  Its key, failed-list entry and log event came
+        before the outcome was kept for the ledger."""
+        if record.started is None:
+            return False
+        try:
+            found = self.store.get(record.id)
+        except IpcdError:
+            return False
+        if found is None or found.attempt != record.attempts or found.finished < record.started:
+            return False
+        self.outcomes.record(record.id, found)
+        self.log.info(
+            "job.recorded", job_id=record.id, type=record.type, attempt=record.attempts,
+            cause="finished, its worker died before recording it",
+        )  # fmt: skip
+        return True
 
     def keep_for_next_start(self, held: Held, cause: str) -> None:
         """A job interrupted by shutdown is not a failure: it runs again, same attempt."""

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from ipcd.config import Config
 from ipcd.daemon import lockwaits
 from ipcd.daemon import log as log_mod
+from ipcd.daemon.ledger import BATCH_MAX, Ledger
 from ipcd.daemon.log import Logger
 from ipcd.daemon.outcomes import Outcomes, error_result
 from ipcd.daemon.signals import Flags
@@ -141,6 +142,7 @@ class Worker:
         stats: Recorder,
         wake_master: Callable[[], None],
         jobs: JobStore,
+        ledger: Ledger,
         sink: log_mod.Sink | None = None,
     ) -> None:
         """``queue`` is the hand-off queue, the doorbell a worker sleeps on when the
@@ -149,7 +151,8 @@ class Worker:
         spilled payloads; ``events`` logs job starts when debugging; ``stats`` counts
         retries and the log lines ``sink`` dropped (None: nothing to count); ``jobs`` is
         the job store, which takes a job back for a retry and holds the bodies too large
-        to hand over; ``wake_master`` tells the master a job with a deadline started."""
+        to hand over; ``ledger`` (the one ``outcomes`` keeps outcomes in) claims jobs in
+        batches; ``wake_master`` tells the master a job with a deadline started."""
         self.slot = slot
         self.config = config
         self.queue = queue
@@ -164,6 +167,7 @@ class Worker:
         self.stats = stats
         self.wake_master = wake_master
         self.jobs = jobs
+        self.ledger = ledger
         self.sink = sink
         self.jobs_done = 0
         self.pid = os.getpid()
@@ -177,7 +181,20 @@ class Worker:
         try:
             return self._serve()
         finally:
+            self._settle_up()
             self.count_noticed()
+
+    def _settle_up(self) -> None:
+        """On leaving: the outcomes not yet recorded go to the store, and the jobs claimed
+        but not started go back (else the master gives them back when it reaps us, and
+        the ring gives it the outcomes)."""
+        try:
+            given = self.ledger.give_back()
+        except StoreError as exc:
+            self.log.error("store.write_failed", error=str(exc), then="the master settles")
+            return
+        for record in given:
+            self.log.info("job.requeued", job_id=record.id, cause="claimed, never started")
 
     def count_noticed(self) -> None:
         """Count the log lines this process dropped (ipcd.daemon.log) and say which ring
@@ -218,25 +235,34 @@ class Worker:
         return Exit.STOPPED
 
     def _take(self) -> int | None:
-        """Claim the next job from the store into this worker's slot, as the hand-off
-        message (ipcd.wire.handoff) the master's recovery reads back should the worker
-        die; its length, or None when the store has no job for us now (StoreError when
-        the store refuses the claim)."""
-        claimed = self.jobs.claim(1, time.time(), worker_pid=self.pid)
-        if not claimed:
+        """The next job claimed from the store (in batches, ipcd.daemon.ledger) into this
+        worker's slot, as the hand-off message (ipcd.wire.handoff) the master's recovery
+        reads back should the worker die; its length, or None when the store has no job
+        for us now (StoreError when the store refuses the claim)."""
+        limit = self.config.daemon.max_jobs_per_worker
+        claimed = self.ledger.next(limit - self.jobs_done if limit else BATCH_MAX)
+        if claimed is None:
             return None
-        record, body = claimed[0]
+        record, body = claimed
         message = handoff.encode(record.id, record.attempts, body, self.table.text_size)
         self.table.deliver(self.slot, record.type, message)
         return len(message)
 
     def _claim_failed(self, exc: StoreError) -> None:
         """A claim the store refused (a full disk, a lock held too long): counted, logged
-        once per episode, and a pause before the next."""
+        once per episode, and a pause before the next.  With outcomes of the last batch
+        in the same transaction, it is logged as the write of those (``store.write_failed``,
+        as an outcome recorded on its own would be): they wait, and go with the next try."""
         self.stats.bump(STORE_ERRORS)
         if not self._claim_failing:
             self._claim_failing = True
-            self.log.error("store.claim_failed", error=str(exc), then="try again")
+            if self.ledger.pending:
+                self.log.error(
+                    "store.write_failed", error=str(exc), outcomes=self.ledger.pending,
+                    then="try again",
+                )  # fmt: skip
+            else:
+                self.log.error("store.claim_failed", error=str(exc), then="try again")
         time.sleep(CLAIM_BACKOFF)
 
     def handle(self, length: int) -> None:
@@ -420,6 +446,7 @@ def worker_process(  # pragma: no cover - runs in the forked worker
         prepared.store.take_mends()
         prepared.failed.store.take_mends()
         jobs = prepared.open_jobs()  # its own connection: never one shared across fork
+        ledger = Ledger(jobs, worker_pid=os.getpid())
         worker = Worker(
             slot=slot,
             config=prepared.config,
@@ -435,6 +462,7 @@ def worker_process(  # pragma: no cover - runs in the forked worker
                 stats=recorder,
                 jobs=jobs,
                 keep_trying=lambda: not flags.stopping,
+                ledger=ledger,
             ),
             store=prepared.store,
             spills=prepared.spills,
@@ -445,6 +473,7 @@ def worker_process(  # pragma: no cover - runs in the forked worker
             stats=recorder,
             wake_master=wake_master,
             jobs=jobs,
+            ledger=ledger,
             sink=prepared.sink,
         )
         code = worker.serve()

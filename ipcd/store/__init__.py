@@ -28,6 +28,7 @@ from ipcd.store.model import (
     JobRecord,
     JobStore,
     NewJob,
+    Outcome,
     Retention,
     State,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "JobRecord",
     "JobStore",
     "NewJob",
+    "Outcome",
     "Retention",
     "State",
     "open_store",

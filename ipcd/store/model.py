@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import builtins
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple, Protocol
 
 
@@ -116,6 +116,20 @@ class JobRecord(NamedTuple):
     result_size: int | None
 
 
+class Outcome(NamedTuple):
+    """A job's outcome as a worker records it (:meth:`JobStore.finish`,
+    :meth:`JobStore.exchange`)."""
+
+    job_id: str
+    #: DONE when true, else FAILED.
+    ok: bool
+    finished: float
+    result_kind: int | None
+    #: The result's bytes (kept when not larger than the store's ``max_result``).
+    data: bytes | None
+    error: str | None
+
+
 class Backlog(NamedTuple):
     """What waits to be dispatched: the figures ``[store] max_queued`` and
     ``max_queued_bytes`` bound."""
@@ -160,6 +174,23 @@ class JobStore(Protocol):
         ``started = now``, and is returned as it is now, with its body. Two processes never
         claim the same job.  ``worker_pid``: the worker that claims them (recorded, so
         that the master finds the jobs of a worker that died)."""
+        ...
+
+    def exchange(
+        self,
+        finished: Sequence[Outcome],
+        n: int,
+        now: float,
+        *,
+        worker_pid: int = 0,
+        batches: Mapping[int, int] | None = None,
+    ) -> list[tuple[JobRecord, bytes]]:
+        """Record ``finished`` as :meth:`finish` would, then claim up to ``n`` jobs as
+        :meth:`claim` would, in one transaction: a worker pays one commit for the outcomes
+        of its last batch and its next batch (``n`` 0: only the outcomes).  With
+        ``batches`` the jobs claimed are all of one type, the first one's in dispatch
+        order, and at most ``batches.get(type, 1)`` of them: a batch never puts a
+        quick job behind a slow one of another type."""
         ...
 
     def promote_due(self, now: float) -> int:

@@ -38,7 +38,7 @@ import itertools
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from ipcd.errors import (
@@ -60,6 +60,7 @@ from ipcd.store.model import (
     Backlog,
     JobRecord,
     NewJob,
+    Outcome,
     Retention,
     State,
 )
@@ -90,6 +91,7 @@ _CLAIM = (
     f"WHERE state = 'queued' AND type BETWEEN ? AND ? {_DISPATCH} LIMIT ?"
 )
 _ATTEMPTS = JobRecord._fields.index("attempts")
+_TYPE = JobRecord._fields.index("type")
 
 
 def _marks(values: Sequence[object]) -> str:
@@ -332,23 +334,23 @@ class SqliteStore:
     ) -> builtins.list[tuple[JobRecord, bytes]]:
         if n <= 0:
             return []
+        return self.exchange((), n, now, worker_pid=worker_pid)
+
+    def exchange(
+        self,
+        finished: Sequence[Outcome],
+        n: int,
+        now: float,
+        *,
+        worker_pid: int = 0,
+        batches: Mapping[int, int] | None = None,
+    ) -> builtins.list[tuple[JobRecord, bytes]]:
+        if not finished and n <= 0:
+            return []
         with self._write() as db:
-            paused = [row[0] for row in db.execute("SELECT type FROM paused")]
-            if ALL_TYPES in paused:
-                return []
-            rows: list[Sequence[Any]] = []
-            # One index range per stretch of types between paused ones: a paused type's
-            # waiting jobs are skipped by the index, never read.
-            for low, high in _open_ranges(paused):
-                rows += db.execute(_CLAIM, (low, high, n - len(rows))).fetchall()
-                if len(rows) >= n:
-                    break
-            for chunk in _chunks([row[0] for row in rows]):
-                db.execute(
-                    "UPDATE jobs SET state = 'running', attempts = attempts + 1, "
-                    f"started = ?, finished = NULL, worker_pid = ? WHERE id IN ({_marks(chunk)})",
-                    (now, worker_pid or None, *chunk),
-                )
+            for outcome in finished:
+                self._finish(db, outcome)
+            rows = self._claim(db, n, now, worker_pid, batches) if n > 0 else []
         # What the UPDATE wrote, without reading it back: the write lock kept every other
         # writer out between the SELECT and the UPDATE.
         return [
@@ -361,6 +363,41 @@ class SqliteStore:
             )
             for row in rows
         ]  # fmt: skip
+
+    @staticmethod
+    def _claim(
+        db: sqlite3.Connection,
+        n: int,
+        now: float,
+        worker_pid: int,
+        batches: Mapping[int, int] | None = None,
+    ) -> builtins.list[Sequence[Any]]:
+        """Up to ``n`` queued jobs' rows (and bodies), marked running, in the caller's
+        write transaction; with ``batches``, only jobs of the first one's type, at most
+        ``batches.get(type, 1)`` of them."""
+        paused = [row[0] for row in db.execute("SELECT type FROM paused")]
+        if ALL_TYPES in paused:
+            return []
+        rows: list[Sequence[Any]] = []
+        # One index range per stretch of types between paused ones: a paused type's
+        # waiting jobs are skipped by the index, never read.
+        for low, high in _open_ranges(paused):
+            first = 1 if batches is not None else n - len(rows)
+            rows += db.execute(_CLAIM, (low, high, first)).fetchall()
+            if len(rows) >= n or (batches is not None and rows):
+                break
+        if batches is not None and rows:
+            type_ = rows[0][_TYPE]
+            size = min(n, batches.get(type_, 1))
+            if size > 1:  # the first job again, and more of its type after it
+                rows = db.execute(_CLAIM, (type_, type_, size)).fetchall()
+        for chunk in _chunks([row[0] for row in rows]):
+            db.execute(
+                "UPDATE jobs SET state = 'running', attempts = attempts + 1, "
+                f"started = ?, finished = NULL, worker_pid = ? WHERE id IN ({_marks(chunk)})",
+                (now, worker_pid or None, *chunk),
+            )
+        return rows
 
     def promote_due(self, now: float) -> int:
         with self._write() as db:
@@ -389,31 +426,36 @@ class SqliteStore:
         error: str | None,
     ) -> bool:
         with self._write() as db:
-            changed = db.execute(
-                "UPDATE jobs SET state = ?, finished = ?, error = ?, result_kind = ?, "
-                "result_size = ?, worker_pid = NULL WHERE id = ? AND state IN (?, ?, ?)",
-                (
-                    State.DONE.value if ok else State.FAILED.value,
-                    finished,
-                    error,
-                    result_kind,
-                    None if data is None else len(data),
-                    job_id,
-                    *_values(_NOT_FINAL),
-                ),
-            ).rowcount
-            if changed != 1:
-                return False
-            # One statement either way: the result kept (replacing any earlier one), or
-            # any earlier one removed.
-            if data is not None and len(data) <= self._max_result:
-                db.execute(
-                    "INSERT INTO results (job_id, kind, data) VALUES (?, ?, ?) ON CONFLICT "
-                    "(job_id) DO UPDATE SET kind = excluded.kind, data = excluded.data",
-                    (job_id, 0 if result_kind is None else result_kind, data),
-                )
-            else:
-                db.execute("DELETE FROM results WHERE job_id = ?", (job_id,))
+            return self._finish(db, Outcome(job_id, ok, finished, result_kind, data, error))
+
+    def _finish(self, db: sqlite3.Connection, outcome: Outcome) -> bool:
+        """:meth:`finish` in the caller's write transaction."""
+        data = outcome.data
+        changed = db.execute(
+            "UPDATE jobs SET state = ?, finished = ?, error = ?, result_kind = ?, "
+            "result_size = ?, worker_pid = NULL WHERE id = ? AND state IN (?, ?, ?)",
+            (
+                State.DONE.value if outcome.ok else State.FAILED.value,
+                outcome.finished,
+                outcome.error,
+                outcome.result_kind,
+                None if data is None else len(data),
+                outcome.job_id,
+                *_values(_NOT_FINAL),
+            ),
+        ).rowcount
+        if changed != 1:
+            return False
+        # One statement either way: the result kept (replacing any earlier one), or any
+        # earlier one removed.
+        if data is not None and len(data) <= self._max_result:
+            db.execute(
+                "INSERT INTO results (job_id, kind, data) VALUES (?, ?, ?) ON CONFLICT "
+                "(job_id) DO UPDATE SET kind = excluded.kind, data = excluded.data",
+                (outcome.job_id, 0 if outcome.result_kind is None else outcome.result_kind, data),
+            )
+        else:
+            db.execute("DELETE FROM results WHERE job_id = ?", (outcome.job_id,))
         return True
 
     def requeue(self, job_id: str, *, due: float, attempts: int | None = None) -> bool:

@@ -166,6 +166,14 @@ def digest_after_dying(job: Job) -> HandlerResult:
     return digest(job)
 
 
+def die_on_cue(job: Job) -> HandlerResult:
+    """SIGKILL the worker when the payload is "die" on its first attempt; otherwise
+    return the payload (a quick job, so a worker claims this type in batches)."""
+    if job.payload == "die" and job.attempt == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return job.payload
+
+
 def slow_retry_once(job: Job) -> HandlerResult:
     """Run the payload's number of seconds, then ask for one retry; succeed at attempt 2."""
     import time
