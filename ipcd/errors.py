@@ -212,9 +212,11 @@ class ControlError(IpcdError, RuntimeError):
     """The daemon answered a control request (ipcd.wire.control) with an error of a status
     this ipcd has no class for, or with an answer that cannot be read (70)."""
 
-    def __init__(self, message: str, status: int) -> None:
+    def __init__(self, message: str, status: int, holder: tuple[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        #: With status 4 (ALREADY_QUEUED): the job holding the unique key, and the key.
+        self.holder = holder
         self.exit_code = ExitCode(status) if status in set(ExitCode) else ExitCode.SOFTWARE
 
 

@@ -77,6 +77,10 @@ def test_answers() -> None:
     assert (str(raised.value), raised.value.status, raised.value.exit_code) == (
         "no job x", 66, ExitCode.NO_RESULT,
     )  # fmt: skip
+    assert raised.value.holder is None
+    with pytest.raises(ControlError) as raised:  # a held unique key names its holder
+        wire.decode_answer(wire.encode_error("already queued", 4, ("job9", "nightly")))
+    assert (raised.value.status, raised.value.holder) == (4, ("job9", "nightly"))
     assert ControlError("store broke", 74).status == 74
     for raw in (b"", b"{}", b'{"ok": false}', b"[]"):
         with pytest.raises(ControlError) as raised:

@@ -432,6 +432,9 @@ def test_retry_command_reclaims_the_key(daemon: Instance) -> None:
     refused = daemon.ipcctl("retry", job_id)
     assert refused.returncode == ExitCode.ALREADY_QUEUED
     assert refused.stderr == _already(daemon, other_id, "again")
+    with pytest.raises(AlreadyQueuedError) as held:  # the Python client's own error
+        Client(daemon.config).retry(job_id)
+    assert (held.value.job_id, held.value.key) == (other_id, "again")
     assert job_id in daemon.ipcctl("failed").stdout
     _events(daemon, "job.done", other_id)
     retried = daemon.ipcctl("retry", job_id)

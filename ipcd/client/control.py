@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ipcd.errors import (
+    AlreadyQueuedError,
     ControlError,
     IpcdError,
     IpcPermissionError,
@@ -151,6 +152,8 @@ class ControlClient:
         try:
             answer = wire.decode_answer(self._exchange(line))
         except ControlError as exc:
+            if exc.status == AlreadyQueuedError.exit_code and exc.holder is not None:
+                raise AlreadyQueuedError(*exc.holder) from None
             cls = _BY_STATUS.get(exc.status)
             if cls is None:
                 raise

@@ -31,7 +31,14 @@ from typing import Any, Protocol
 
 from ipcd.daemon.log import Logger
 from ipcd.daemon.signals import Flags
-from ipcd.errors import AlreadyRunningError, ConfigError, IpcdError, NoResultError, UsageError
+from ipcd.errors import (
+    AlreadyQueuedError,
+    AlreadyRunningError,
+    ConfigError,
+    IpcdError,
+    NoResultError,
+    UsageError,
+)
 from ipcd.kernel.procs import signal_worker
 from ipcd.layout.inflight import Peek, WorkerView
 from ipcd.layout.inflight import State as SlotState
@@ -151,6 +158,8 @@ class ControlServer:
             request = wire.decode_request(line)
             op = request.op
             return wire.encode_answer(self._ops[op](request))
+        except AlreadyQueuedError as exc:  # the client raises it again, holder and key
+            return wire.encode_error(str(exc), int(exc.exit_code), (exc.job_id, exc.key))
         except IpcdError as exc:
             return wire.encode_error(str(exc), int(exc.exit_code))
         except Exception as exc:  # one request's bug must not end the server: logged, 70

@@ -242,9 +242,12 @@ def encode_answer(fields: Mapping[str, Any]) -> bytes:
     return (json.dumps({"ok": True, **fields}, separators=(",", ":")) + "\n").encode()
 
 
-def encode_error(message: str, status: int) -> bytes:
-    """An error answer, with the exit status the client exits with."""
-    doc = {"ok": False, "error": message, "status": int(status)}
+def encode_error(message: str, status: int, holder: tuple[str, str] | None = None) -> bytes:
+    """An error answer, with the exit status the client exits with; ``holder``: the job
+    that holds a unique key and the key, for an AlreadyQueuedError (4)."""
+    doc: dict[str, Any] = {"ok": False, "error": message, "status": int(status)}
+    if holder is not None:
+        doc["held_by"], doc["key"] = holder
     return (json.dumps(doc, separators=(",", ":")) + "\n").encode()
 
 
@@ -263,7 +266,9 @@ def decode_answer(raw: bytes) -> dict[str, Any]:
         message = doc.get("error")
         if not isinstance(status, int) or isinstance(status, bool) or not isinstance(message, str):
             raise ControlError("the daemon's error answer has no error or status", 70)
-        raise ControlError(message, status)
+        held_by, key = doc.get("held_by"), doc.get("key")
+        holder = (held_by, key) if isinstance(held_by, str) and isinstance(key, str) else None
+        raise ControlError(message, status, holder)
     return doc
 
 
