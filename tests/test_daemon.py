@@ -11,6 +11,7 @@ from pathlib import Path
 from conftest import DEFAULT_HANDLERS, IPCD, Instance, run
 
 from ipcd.errors import ExitCode
+from ipcd.store import State, open_store
 
 
 def _proc_stat(pid: int) -> list[str]:
@@ -345,3 +346,26 @@ def test_reload_keeps_serving_when_the_log_cannot_be_reopened(instance: Instance
     assert any(e["event"] == "log.reopen_failed" for e in events)
     assert any(e["event"] == "job.done" for e in events)
     assert instance.ipcd("stop").returncode == 0
+
+
+def test_a_reload_keeps_the_store_and_socket_it_started_with(daemon: Instance) -> None:
+    """A reload that names another store file, sync or socket keeps the running ones
+    (new workers and intake must write the store the master reads) and names them in
+    ``restart_needed`` at every reload until the restart; ``keep_done`` applies."""
+    daemon.write('[store]\npath = "other.db"\nsync = "full"\nsocket = "other.sock"\n')
+    for _ in range(2):
+        assert daemon.ipcd("reload").returncode == 0
+    reloads = [e for e in daemon.log_events() if e["event"] == "daemon.reloaded"]
+    assert [e["restart_needed"] for e in reloads] == [
+        ["store.path", "store.sync", "store.socket"]
+    ] * 2
+    done = daemon.ipcctl("submit", "echo", "kept", "--wait", "--timeout", "10")
+    assert (done.returncode, done.stdout) == (0, "kept\n")
+    assert not (daemon.dir / "other.db").exists()
+    jobs = open_store(str(daemon.dir / "jobs.db"))
+    try:
+        (job_id,) = [e["job_id"] for e in daemon.log_events() if e["event"] == "job.done"]
+        record = jobs.get(str(job_id))
+    finally:
+        jobs.close()
+    assert record is not None and record.state is State.DONE

@@ -55,6 +55,23 @@ def apply(running: Config, fresh: Config, *, max_workers: int) -> tuple[Config, 
     if fresh.daemon.workers > max_workers:
         needed.append("daemon.workers")
         fresh = fresh._replace(daemon=fresh.daemon._replace(workers=running.daemon.workers))
+    # The job store every process opens, and the socket the control process serves: the
+    # master keeps its own connection and socket, so the running ones stay (else the new
+    # workers and intake would write a store the master never reads), named at every
+    # reload until the restart.
+    store = running.store
+    needed += [
+        f"store.{name}"
+        for name, old, new in (
+            ("path", store.path, fresh.store.path),
+            ("sync", store.sync, fresh.store.sync),
+            ("socket", store.socket, fresh.store.socket),
+        )
+        if old != new
+    ]
+    fresh = fresh._replace(
+        store=fresh.store._replace(path=store.path, sync=store.sync, socket=store.socket)
+    )
     return fresh, tuple(needed)
 
 
