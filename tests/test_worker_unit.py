@@ -711,3 +711,26 @@ def test_a_worker_is_recycled_after_max_jobs_per_worker() -> None:
     assert (len(f.outcomes.finished), len(f.outcomes.rejected)) == (2, 1)
     assert f.jobs.state("d") is State.QUEUED
     assert f.doorbell.waits == 0
+
+
+def test_asked_to_stop_a_worker_runs_the_rest_of_its_batch_and_claims_no_more() -> None:
+    """SIGTERM (a stop, a reload retiring the worker) in the middle of a batch: the jobs
+    already claimed run, as the job in hand does, none goes back to the store, and no
+    new claim is made."""
+    ran: list[str] = []
+    f: Fixture
+
+    def handler(job: Job) -> None:
+        ran.append(job.id)
+        if job.id == "b":
+            f.flags.stopping = True  # what the SIGTERM handler records
+
+    f = Fixture(handler)
+    for job_id in ("a", "b", "c", "d"):
+        f.submit(_body(job_id=job_id), job_id=job_id)
+    f.worker = f.new_worker()
+    f.flags.stopping = False
+    assert f.worker.serve() == Exit.STOPPED
+    assert ran == ["a", "b", "c", "d"]
+    assert f.jobs.claimers == [os.getpid()] * 2  # "a" alone, then the rest; none after
+    assert f.jobs.requeued == []

@@ -69,19 +69,26 @@ class Ledger:
         """How many outcomes wait to be recorded."""
         return len(self._pending)
 
+    @property
+    def holding(self) -> bool:
+        """Whether jobs claimed in the last batch wait to be run."""
+        return bool(self._claimed)
+
     def next(self, limit: int = BATCH_MAX) -> tuple[JobRecord, bytes] | None:
         """The next job to run, with its message: one claimed before, or else the first
-        of a batch claimed now (of at most ``limit`` jobs) together with recording the
-        outcomes waiting.  None when the store has no job for this worker: the worker
-        then sleeps on the doorbell (ipcd.daemon.doorbell), which rings after every
-        commit of new work.  StoreError when the store refuses: nothing is lost, the
-        outcomes wait for the next try."""
+        of a batch claimed now (of at most ``limit`` jobs; none when ``limit`` is 0)
+        together with recording the outcomes waiting.  None when the store has no job
+        for this worker: the worker then sleeps on the doorbell (ipcd.daemon.doorbell),
+        which rings after every commit of new work.  StoreError when the store refuses:
+        nothing is lost, the outcomes wait for the next try."""
         if not self._claimed:
+            if limit <= 0:
+                return None
             if self._drained and not self._pending:
                 # The last flush looked and found nothing: whatever came since rang.
                 self._drained = False
                 return None
-            self.settle(claim=max(limit, 1))
+            self.settle(claim=limit)
         return self._claimed.popleft() if self._claimed else None
 
     def record(self, outcome: Outcome) -> None:

@@ -207,8 +207,10 @@ class Worker:
         limit = self.config.daemon.max_jobs_per_worker
         self.table.reset_worker(self.slot, self.pid)
         previous = 0
-        while not self.flags.stopping:
-            if limit and self.jobs_done >= limit:
+        # Asked to stop, a worker still runs the jobs it claimed in its batch (quick ones,
+        # ipcd.daemon.ledger), as it finishes the job in hand: none is handed back.
+        while not self.flags.stopping or self.ledger.holding:
+            if limit and self.jobs_done >= limit and not self.ledger.holding:
                 return Exit.RECYCLED
             self.count_noticed()
             self.table.begin_receive(self.slot, self.pid, previous)
@@ -221,6 +223,8 @@ class Worker:
                 continue
             self._claim_failing = False
             if length is None:
+                if self.flags.stopping:
+                    break
                 try:
                     self.queue.wait_any()  # the doorbell: the store has work again
                 except Interrupted:
@@ -240,7 +244,8 @@ class Worker:
         reads back should the worker die; its length, or None when the store has no job
         for us now (StoreError when the store refuses the claim)."""
         limit = self.config.daemon.max_jobs_per_worker
-        claimed = self.ledger.next(limit - self.jobs_done if limit else BATCH_MAX)
+        room = limit - self.jobs_done if limit else BATCH_MAX
+        claimed = self.ledger.next(0 if self.flags.stopping else room)  # stopping: what it holds
         if claimed is None:
             return None
         record, body = claimed
