@@ -215,14 +215,14 @@ class Worker:
             self.count_noticed()
             self.table.begin_receive(self.slot, self.pid, previous)
             try:
-                length = self._take()
+                taken = self._take()
             except StoreError as exc:
                 # No ring comes for jobs already stored: look again after a pause,
                 # not on the doorbell (ipcd.daemon.doorbell), until the store answers.
                 self._claim_failed(exc)
                 continue
             self._claim_failing = False
-            if length is None:
+            if taken is None:
                 if self.flags.stopping:
                     break
                 try:
@@ -234,15 +234,16 @@ class Worker:
                     return Exit.QUEUE_GONE
                 previous = 0
                 continue
-            previous = length
-            self.handle(length)
+            previous = taken[0]
+            self.handle(*taken)
         return Exit.STOPPED
 
-    def _take(self) -> int | None:
+    def _take(self) -> tuple[int, handoff.Handoff] | None:
         """The next job claimed from the store (in batches, ipcd.daemon.ledger) into this
         worker's slot, as the hand-off message (ipcd.wire.handoff) the master's recovery
-        reads back should the worker die; its length, or None when the store has no job
-        for us now (StoreError when the store refuses the claim)."""
+        reads back should the worker die; its length and what it holds (so that the
+        worker need not read it back), or None when the store has no job for us now
+        (StoreError when the store refuses the claim)."""
         limit = self.config.daemon.max_jobs_per_worker
         room = limit - self.jobs_done if limit else BATCH_MAX
         claimed = self.ledger.next(0 if self.flags.stopping else room)  # stopping: what it holds
@@ -251,7 +252,7 @@ class Worker:
         record, body = claimed
         message = handoff.encode(record.id, record.attempts, body, self.table.text_size)
         self.table.deliver(self.slot, record.type, message)
-        return len(message)
+        return len(message), handoff.Handoff(record.id, record.attempts, body)
 
     def _claim_failed(self, exc: StoreError) -> None:
         """A claim the store refused (a full disk, a lock held too long): counted, logged
@@ -270,15 +271,15 @@ class Worker:
                 self.log.error("store.claim_failed", error=str(exc), then="try again")
         time.sleep(CLAIM_BACKOFF)
 
-    def handle(self, length: int) -> None:
-        """Everything that happens to one handed-over job."""
+    def handle(self, length: int, given: handoff.Handoff) -> None:
+        """Everything that happens to one handed-over job: ``given`` is what the slot
+        holds (``length`` bytes of hand-off message), as the worker wrote it there."""
         started = time.monotonic()
         received = time.time()
-        message = bytes(self.table.text(self.slot, length))
         type_ = self.table.message_type(self.slot)
-        body = message
+        body = given.body or b""
         try:
-            job, body = job_of(message, type_, received, self.jobs)
+            job, body = job_from(given, type_, received, self.jobs)
             job = self._loaded(job, body)
         except MessageError as exc:
             self.outcomes.reject(exc, body, type_)
@@ -387,7 +388,13 @@ def job_of(message: bytes, type_: int, received: float, jobs: JobStore) -> tuple
     the store when it was handed over by reference).  MessageError when it cannot be one.
     The job carries the id and attempt the store knows (a bare message has no id of its
     own, and an envelope's attempt is the one its submitter sent)."""
-    given = handoff.decode(message)
+    return job_from(handoff.decode(message), type_, received, jobs)
+
+
+def job_from(
+    given: handoff.Handoff, type_: int, received: float, jobs: JobStore
+) -> tuple[Job, bytes]:
+    """The job a hand-off names (see job_of)."""
     body = given.body
     if body is None:
         try:
