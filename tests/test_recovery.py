@@ -25,7 +25,7 @@ from ipcd.daemon.recovery import CANCELLED, DAEMON_KILLED, Recovery
 from ipcd.errors import StoreFullError
 from ipcd.handlers.registry import Registration, Registry
 from ipcd.layout.results import Kind, Result, Status
-from ipcd.store import JobStore
+from ipcd.store import JobRecord, JobStore
 from ipcd.store import State as JobState
 from ipcd.tables import stats
 from ipcd.tables.inflight import Held, State
@@ -54,7 +54,12 @@ class FakeOutcomes:
         self.calls.append(("announce", job.id, fields))
 
     def reject(self, exc: Exception, body: bytes, type_: int, **fields: Any) -> None:
-        self.calls.append(("reject", "", fields))
+        self.calls.append(("reject", str(exc), fields))
+
+    def record(self, job_id: str, result: Result) -> bool:
+        self.calls.append(("record", job_id, {}))
+        self.results[job_id] = result
+        return True
 
 
 class FakeStore:
@@ -196,6 +201,51 @@ def test_a_job_handed_over_by_reference_is_read_from_the_store() -> None:
     f.recovery.recover(held, cause="killed by SIGKILL", timed_out=False)
     ((what, job_id, fields),) = f.outcomes.calls
     assert (what, job_id, fields["body"]) == ("finish", "job1", f.jobs.bodies["job1"])
+
+
+def test_a_job_by_reference_whose_message_the_store_lost_is_rejected() -> None:
+    """A by-reference hand-off naming a job whose message the store no longer has
+    (purged under it) is rejected, saying so; nothing is requeued."""
+    f = Fixture()
+    del f.jobs.bodies["job1"]
+    f.recovery.recover(_held(limit=40), cause="killed by SIGKILL", timed_out=False)
+    assert [(what, why) for what, why, _ in f.outcomes.calls] == [
+        ("reject", "job job1: its message is no longer in the store")
+    ]
+    assert f.jobs.requeued == []
+
+
+def _running(f: Fixture, started: float, attempts: int = 1) -> JobRecord:
+    record = f.jobs.records["job1"]._replace(started=started, attempts=attempts)
+    f.jobs.records["job1"] = record
+    return record
+
+
+def test_an_outcome_in_the_ring_not_yet_in_the_store_is_recorded_from_it() -> None:
+    """A job the store says is running whose result of this attempt, stored after its
+    claim, is in the ring: its worker ran it and died before its ledger recorded the
+    outcome.  The ring's result is recorded and said (job.recorded): no second run."""
+    claimed = time.time() - 2
+    ring = Result("job1", TYPE, Status.OK, Kind.BYTES, b"done", 2, claimed, claimed + 1)
+    f = Fixture(stored={"job1": ring})
+    assert f.recovery.recorded_from_ring(_running(f, claimed, attempts=2))
+    assert f.outcomes.calls == [("record", "job1", {})] and f.outcomes.results["job1"] == ring
+    assert [event for _, event, _ in f.log.events] == ["job.recorded"]
+
+
+@pytest.mark.parametrize("which", ["none", "earlier attempt", "before the claim"])
+def test_a_result_in_the_ring_of_another_run_is_not_this_ones_outcome(which: str) -> None:
+    """No result, one of an earlier attempt, or one stored before this claim: the job
+    did not finish this run, and nothing is recorded."""
+    claimed = time.time() - 2
+    stored = {
+        "none": None,
+        "earlier attempt": Result("job1", TYPE, Status.OK, Kind.BYTES, b"", 1, 0, claimed + 1),
+        "before the claim": Result("job1", TYPE, Status.OK, Kind.BYTES, b"", 2, 0, claimed - 1),
+    }[which]
+    f = Fixture(stored={"job1": stored} if stored else None)
+    assert not f.recovery.recorded_from_ring(_running(f, claimed, attempts=2))
+    assert f.outcomes.calls == []
 
 
 def test_an_outcome_stored_before_the_death_is_concluded_not_rerun() -> None:
