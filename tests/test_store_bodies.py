@@ -82,12 +82,15 @@ def test_a_large_body_is_a_file_and_comes_back_whole(path: str, store: JobStore)
     assert store.counts()[State.RUNNING] == 2
 
 
-def test_the_directory_is_0700_and_its_files_0600_whatever_the_umask(path: str) -> None:
-    """Even under umask 0: bodies are the daemon's to read, as the database is."""
+@pytest.mark.parametrize("sync", ["normal", "full"])
+def test_the_directory_is_0700_and_its_files_0600_whatever_the_umask(path: str, sync: str) -> None:
+    """Even under umask 0: bodies are the daemon's to read, as the database is (with
+    either ``sync``: "full" flushes the file and the directories too)."""
     umask = os.umask(0)
     try:
-        store = open_store(path)
+        store = open_store(path, sync=sync)
         store.add([_job("big", _big(1))])
+        assert store.body("big") == _big(1)
         store.close()
     finally:
         os.umask(umask)

@@ -66,6 +66,8 @@ class BlobDir:
             except FileNotFoundError:
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(self.path, 0o700)
+                    if self._sync:  # the directory's own entry, in the database's directory
+                        _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
                 fd = os.open(path, _CREATE, 0o600)
             try:
                 view = memoryview(data)
@@ -85,11 +87,7 @@ class BlobDir:
         """With ``sync``: make the new entries of ``names`` in the directory durable (one
         fsync of the directory for all of them), before the rows that name them commit."""
         if self._sync and any(True for _ in names):
-            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync_dir(self.path)
 
     def read(self, name: str) -> bytes | None:
         """The file's bytes; None when it is gone (its job was purged meanwhile). OSError
@@ -128,6 +126,14 @@ class BlobDir:
 
 
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
