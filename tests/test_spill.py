@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import signal
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from ipcd.errors import ExitCode, QueueFullError
 from ipcd.kernel.queues import Queue
 from ipcd.kernel.segments import Segment
 from ipcd.layout.results import Kind
-from ipcd.store import open_store
+from ipcd.store import blobs, open_store
 from ipcd.tables import spill
 from ipcd.tables.spill import segment as spillsegment
 from ipcd.tables.spill import table as spilltable
@@ -133,6 +134,38 @@ def test_100_mib_payload_round_trip(instance: Instance) -> None:
         assert done[0]["bytes_in"] == len(_stored_body(instance, result.job_id) or b"")
         shown = json.loads(instance.ipcctl("show", result.job_id, "--json").stdout)
         assert shown["job"]["size"] == 100 * MIB
+    finally:
+        _stop(instance)
+
+
+def test_large_payload_and_result_are_files_beside_the_store_until_purged(
+    instance: Instance,
+) -> None:
+    """A spilled payload and a result above the store's file threshold are kept as files
+    in the store's own directory (ipcd.store.blobs), read back whole by the worker and the
+    client, found sound by ``ipcd check``, and removed by ``ipcctl purge``."""
+    client = _start(instance)
+    bodies = Path(f"{instance.config.store.path}{blobs.SUFFIX}")
+    try:
+        data = os.urandom(MIB)
+        done = client.call("digest", data, timeout=30)
+        assert done.ok, done.error
+        value = done.value()
+        assert isinstance(value, dict) and value["sha256"] == _digest(data)["sha256"]
+        size = 2 * blobs.THRESHOLD
+        made = client.call("big", str(size), timeout=30)
+        assert made.ok and made.data == b"x" * size, made.error
+        # The payload's body and the result, each a file named for its job; the first
+        # result (a digest) and the second job's body are small: in the database.
+        named = sorted(name.split("~")[0] for name in os.listdir(bodies))
+        assert named == sorted([done.job_id, made.job_id])
+        assert stat.S_IMODE(bodies.stat().st_mode) == 0o700
+        assert _stored_payload(instance, done.job_id) == data
+        checked = instance.ipcd("check")
+        assert checked.returncode == 0, checked.stderr
+        purged = instance.ipcctl("purge", "--state", "done")
+        assert purged.returncode == 0, purged.stderr
+        assert os.listdir(bodies) == []
     finally:
         _stop(instance)
 

@@ -153,17 +153,20 @@ def test_a_file_of_garbage_is_corrupt(path: str) -> None:
 
 
 def test_damaged_pages_are_found_by_check_and_refused_on_use(path: str) -> None:
-    """Garbage over every page but the first (the schema): check() lists the damage, and
-    reading the jobs raises StoreCorruptError instead of returning nonsense."""
+    """Garbage over every page the jobs added (not the schema's, nor the tables' first
+    pages): check() lists the damage, and reading the jobs raises StoreCorruptError
+    instead of returning nonsense."""
+    open_store(path).close()
+    schema_size = os.path.getsize(path)  # the empty store, checkpointed at its close
     store = open_store(path)
     store.add([_job(f"j{i}", body=bytes(300)) for i in range(200)])
     store.close()
     with open(path, "r+b") as file:
         size = file.seek(0, os.SEEK_END)
         page = 4096
-        assert size > 4 * page
-        file.seek(page)
-        file.write(b"\xa5" * (size - page))
+        assert size > schema_size + 4 * page
+        file.seek(schema_size)
+        file.write(b"\xa5" * (size - schema_size))
     damaged = open_store(path)
     try:
         problems = damaged.check()

@@ -134,7 +134,9 @@ def prepare(config: Config, *, console: TextIO | None) -> Prepared:
         config.control_socket, control.socket_mode(config.ipc.mode), who.object_gid
     )
     handed = [config.store.path, config.control_socket]
-    handed += [p for suffix in ("-wal", "-shm") if (p := _beside(config.store.path, suffix))]
+    handed += [
+        p for suffix in ("-wal", "-shm", ".bodies") if (p := _beside(config.store.path, suffix))
+    ]
     if config.log.file is not None:
         handed.append(config.log.file)
     identity.hand_over(who, handed)
@@ -338,7 +340,8 @@ def _open_as(who: identity.Identity, config: Config) -> None:
 
 
 def _beside(path: Path, suffix: str) -> Path | None:
-    """SQLite's ``-wal`` or ``-shm`` file of the store at ``path``, when it exists."""
+    """SQLite's ``-wal`` or ``-shm`` file, or the directory of large bodies
+    (ipcd.store.blobs), of the store at ``path``, when it exists."""
     other = path.with_name(path.name + suffix)
     return other if other.exists() else None
 

@@ -59,14 +59,17 @@ def open_store(
 ) -> JobStore:
     """Open the job store at ``path`` for this process (``[store] path``, ``sync``,
     ``max_result``; ``busy_timeout`` in milliseconds): the file and its directory's
-    checks, creation, pragmas and migrations are ipcd.store.sqlite.connect's.
+    checks, creation, pragmas and migrations are ipcd.store.sqlite.connect's; bodies and
+    results larger than 64 KiB are files in ``PATH.bodies/`` (ipcd.store.blobs).
 
     Raises StoreUnavailableError, StoreCorruptError or StoreFullError (exit status 74)
     with a message naming the path, the cause and what to do; ConfigError for a ``sync``
     other than "normal" or "full".
     """
     # Imported here, not above: importing ipcd.store for its types must not load sqlite3.
+    from ipcd.store.blobs import BlobDir
     from ipcd.store.sqlite import SqliteStore, connect
 
     conn = connect(path, sync=sync, busy_timeout=busy_timeout)
-    return SqliteStore(conn, path, max_result=max_result)
+    blobs = BlobDir.beside(path, sync=sync == "full")
+    return SqliteStore(conn, path, max_result=max_result, blobs=blobs)

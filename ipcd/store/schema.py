@@ -27,6 +27,17 @@ Version 1:
   index pages. They still start with ``state``: without statistics (ipcd runs no
   ``ANALYZE``) SQLite's planner prefers an index with an equality on its first column
   over a partial index's range, and would sort.
+
+Version 2 (ipcd.store.blobs: large bodies and results as files beside the database):
+
+- ``bodies.file`` and ``results.file``: the name of the file in ``PATH.bodies/`` that
+  holds the bytes (then ``body`` or ``data`` is empty), NULL when the row holds them; a
+  partial index on each, so that the sweep and ``check`` read the names without reading
+  a blob.
+- ``unlinked``: the names of files whose row went (a job deleted, a result replaced or
+  removed), written by triggers in the same statement, so that no way of deleting a row,
+  ``ON DELETE CASCADE`` included, forgets its file; the store removes those files after
+  its commit and empties the table.
 """
 
 from __future__ import annotations
@@ -36,7 +47,7 @@ import sqlite3
 from ipcd.errors import StoreCorruptError
 
 #: The schema version this ipcd writes and reads.
-VERSION = 1
+VERSION = 2
 
 _V1 = (
     """
@@ -131,8 +142,32 @@ _V1 = (
     """,
 )
 
+_V2 = (
+    "ALTER TABLE bodies ADD COLUMN file TEXT",
+    "ALTER TABLE results ADD COLUMN file TEXT",
+    "CREATE INDEX bodies_file ON bodies (file) WHERE file IS NOT NULL",
+    "CREATE INDEX results_file ON results (file) WHERE file IS NOT NULL",
+    "CREATE TABLE unlinked (file TEXT PRIMARY KEY)",
+    """
+    CREATE TRIGGER bodies_unlink AFTER DELETE ON bodies WHEN OLD.file IS NOT NULL BEGIN
+        INSERT INTO unlinked (file) VALUES (OLD.file) ON CONFLICT (file) DO NOTHING;
+    END
+    """,
+    """
+    CREATE TRIGGER results_unlink AFTER DELETE ON results WHEN OLD.file IS NOT NULL BEGIN
+        INSERT INTO unlinked (file) VALUES (OLD.file) ON CONFLICT (file) DO NOTHING;
+    END
+    """,
+    """
+    CREATE TRIGGER results_unlink_replaced AFTER UPDATE OF file ON results
+    WHEN OLD.file IS NOT NULL AND OLD.file IS NOT NEW.file BEGIN
+        INSERT INTO unlinked (file) VALUES (OLD.file) ON CONFLICT (file) DO NOTHING;
+    END
+    """,
+)
+
 #: ``MIGRATIONS[i]`` takes a file from version ``i`` to ``i + 1``.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
 
 assert len(MIGRATIONS) == VERSION
 

@@ -23,6 +23,9 @@ How it is used, and why:
   read of several statements is one deferred transaction, so it sees one snapshot.
 - **The file is made 0600** (under umask 077), and SQLite gives its ``-wal`` and ``-shm``
   the database file's mode: only the daemon's user reads jobs; clients ask the daemon.
+- **Large bodies and results are files** in ``PATH.bodies/`` (ipcd.store.blobs says why
+  and how they stay in step with their rows); a row names its file in ``file``, and
+  ``COALESCE(file, body)`` reads either kind in one column: a name (text) or the bytes.
 - **Errors** become ipcd's: :func:`store_error` names the path, SQLite's cause and what
   an operator can do, and chooses StoreUnavailableError, StoreCorruptError or
   StoreFullError by SQLite's (extended) error name.
@@ -51,6 +54,7 @@ from ipcd.errors import (
     UsageError,
 )
 from ipcd.store import schema
+from ipcd.store.blobs import THRESHOLD, BlobDir
 from ipcd.store.model import (
     ALL_TYPES,
     DEFAULT_BUSY_TIMEOUT,
@@ -87,7 +91,7 @@ _INSERT = (
 # The literal 'queued' lets SQLite use the partial index jobs_claim. The record and its
 # body in the one statement: a claim is a job's hot path.
 _CLAIM = (
-    f"SELECT {_COLUMNS}, body FROM jobs LEFT JOIN bodies ON job_id = id "
+    f"SELECT {_COLUMNS}, COALESCE(file, body) FROM jobs LEFT JOIN bodies ON job_id = id "
     f"WHERE state = 'queued' AND type BETWEEN ? AND ? {_DISPATCH} LIMIT ?"
 )
 _ATTEMPTS = JobRecord._fields.index("attempts")
@@ -223,14 +227,22 @@ class SqliteStore:
     """ipcd.store.JobStore over one sqlite3 connection (made by :func:`connect`).
 
     ``max_result``: results larger than this many bytes are not kept, only their size.
+    ``blobs``: where bodies and results larger than ipcd.store.blobs.THRESHOLD go
+    (default: ``PATH.bodies/``, not fsync'd).
     """
 
     def __init__(
-        self, conn: sqlite3.Connection, path: str, *, max_result: int = DEFAULT_MAX_RESULT
+        self,
+        conn: sqlite3.Connection,
+        path: str,
+        *,
+        max_result: int = DEFAULT_MAX_RESULT,
+        blobs: BlobDir | None = None,
     ) -> None:
         self._conn = conn
         self._path = path
         self._max_result = max_result
+        self._blobs = blobs or BlobDir.beside(path, sync=False)
         self._pid = os.getpid()
         self._lock = -1
 
@@ -308,26 +320,85 @@ class SqliteStore:
 
     def add(self, jobs: Sequence[NewJob]) -> builtins.list[str]:
         inserted: list[str] = []
-        with self._write() as db:
-            for job in jobs:
-                state = job.state
-                if state is State.QUEUED and job.due > job.accepted:
-                    state = State.SCHEDULED
-                if state not in (State.QUEUED, State.SCHEDULED, State.FAILED):
-                    raise InternalError(f"job {job.id}: a new job cannot be {state}")
-                finished = job.accepted if state is State.FAILED else None
-                values = (
-                    job.id, job.type, job.handler, state.value, job.attempts, job.priority,
-                    job.unique, job.submitted or job.accepted, job.accepted, job.due, finished,
-                    job.sender_pid, job.sender_uid, job.reply_to, job.timeout, int(job.bare),
-                    job.size, job.preview, job.error, len(job.body),
-                )  # fmt: skip
-                if db.execute(_INSERT, values).rowcount == 1:
-                    db.execute(
-                        "INSERT INTO bodies (job_id, body) VALUES (?, ?)", (job.id, job.body)
-                    )
-                    inserted.append(job.id)
+        written: list[str] = []
+        try:
+            with self._write() as db:
+                self._add(db, jobs, inserted, written)
+        except BaseException:
+            # Not committed (a failed COMMIT rolls back): no row names these files.
+            self._blobs.remove(written)
+            raise
         return inserted
+
+    def _add(
+        self,
+        db: sqlite3.Connection,
+        jobs: Sequence[NewJob],
+        inserted: builtins.list[str],
+        written: builtins.list[str],
+    ) -> None:
+        """``add``'s inserts; a large body's file is written (``written``) and made
+        durable before its row, whose commit follows."""
+        for job in jobs:
+            state = job.state
+            if state is State.QUEUED and job.due > job.accepted:
+                state = State.SCHEDULED
+            if state not in (State.QUEUED, State.SCHEDULED, State.FAILED):
+                raise InternalError(f"job {job.id}: a new job cannot be {state}")
+            finished = job.accepted if state is State.FAILED else None
+            values = (
+                job.id, job.type, job.handler, state.value, job.attempts, job.priority,
+                job.unique, job.submitted or job.accepted, job.accepted, job.due, finished,
+                job.sender_pid, job.sender_uid, job.reply_to, job.timeout, int(job.bare),
+                job.size, job.preview, job.error, len(job.body),
+            )  # fmt: skip
+            if db.execute(_INSERT, values).rowcount == 1:
+                body, file = self._keep(job.id, job.body, written)
+                db.execute(
+                    "INSERT INTO bodies (job_id, body, file) VALUES (?, ?, ?)",
+                    (job.id, body, file),
+                )
+                inserted.append(job.id)
+        self._settle(written)
+
+    def _keep(
+        self, job_id: str, data: bytes, written: builtins.list[str]
+    ) -> tuple[bytes, str | None]:
+        """What a row holds for ``data``: the bytes, or (above THRESHOLD) nothing and the
+        name of the file now holding them, added to ``written``."""
+        if len(data) <= THRESHOLD:
+            return data, None
+        try:
+            name = self._blobs.write(job_id, data)
+        except OSError as exc:
+            raise _os_error(self._blobs.path, exc) from exc
+        written.append(name)
+        return b"", name
+
+    def _settle(self, written: Sequence[str]) -> None:
+        """The new files' directory entries made durable (``sync = "full"``)."""
+        try:
+            self._blobs.settle(written)
+        except OSError as exc:
+            raise _os_error(self._blobs.path, exc) from exc
+
+    def _bytes(self, held: bytes | str | None) -> bytes | None:
+        """A ``COALESCE(file, body)`` column as bytes: the bytes held, or the named
+        file's (None when the file or the row is gone)."""
+        if held is None or isinstance(held, bytes):
+            return held
+        try:
+            return self._blobs.read(held)
+        except OSError as exc:
+            raise _os_error(f"{self._blobs.path}/{held}", exc) from exc
+
+    def _drop_unlinked(self, db: sqlite3.Connection) -> builtins.list[str]:
+        """The files whose rows went in this transaction (table ``unlinked``, kept by the
+        schema's triggers), forgotten here: the caller removes them after its commit."""
+        names = [str(row[0]) for row in db.execute("SELECT file FROM unlinked")]
+        if names:
+            db.execute("DELETE FROM unlinked")
+        return names
 
     def claim(
         self, n: int, now: float, *, worker_pid: int = 0
@@ -351,6 +422,8 @@ class SqliteStore:
             for outcome in finished:
                 self._finish(db, outcome)
             rows = self._claim(db, n, now, worker_pid, batches) if n > 0 else []
+            # Files read before the commit: one that cannot be read leaves its job queued.
+            bodies = [self._bytes(row[-1]) or b"" for row in rows]
         # What the UPDATE wrote, without reading it back: the write lock kept every other
         # writer out between the SELECT and the UPDATE.
         return [
@@ -359,9 +432,9 @@ class SqliteStore:
                     state=State.RUNNING, attempts=row[_ATTEMPTS] + 1, started=now,
                     finished=None, worker_pid=worker_pid or None,
                 ),
-                b"" if row[-1] is None else bytes(row[-1]),
+                body,
             )
-            for row in rows
+            for row, body in zip(rows, bodies, strict=True)
         ]  # fmt: skip
 
     @staticmethod
@@ -447,12 +520,23 @@ class SqliteStore:
         if changed != 1:
             return False
         # One statement either way: the result kept (replacing any earlier one), or any
-        # earlier one removed.
+        # earlier one removed. A large result is a file (an earlier one's goes by the
+        # schema's triggers); a transaction that fails after it leaves an orphan for the
+        # next start's sweep.
         if data is not None and len(data) <= self._max_result:
+            written: list[str] = []
+            kept, file = self._keep(outcome.job_id, data, written)
+            self._settle(written)
             db.execute(
-                "INSERT INTO results (job_id, kind, data) VALUES (?, ?, ?) ON CONFLICT "
-                "(job_id) DO UPDATE SET kind = excluded.kind, data = excluded.data",
-                (outcome.job_id, 0 if outcome.result_kind is None else outcome.result_kind, data),
+                "INSERT INTO results (job_id, kind, data, file) VALUES (?, ?, ?, ?) ON "
+                "CONFLICT (job_id) DO UPDATE SET kind = excluded.kind, data = excluded.data, "
+                "file = excluded.file",
+                (
+                    outcome.job_id,
+                    0 if outcome.result_kind is None else outcome.result_kind,
+                    kept,
+                    file,
+                ),
             )
         else:
             db.execute("DELETE FROM results WHERE job_id = ?", (outcome.job_id,))
@@ -518,15 +602,18 @@ class SqliteStore:
 
     def body(self, job_id: str) -> bytes | None:
         with self._read() as db:
-            row = db.execute("SELECT body FROM bodies WHERE job_id = ?", (job_id,)).fetchone()
-        return None if row is None else bytes(row[0])
+            row = db.execute(
+                "SELECT COALESCE(file, body) FROM bodies WHERE job_id = ?", (job_id,)
+            ).fetchone()
+        return None if row is None else self._bytes(row[0])
 
     def result(self, job_id: str) -> tuple[int, bytes] | None:
         with self._read() as db:
             row = db.execute(
-                "SELECT kind, data FROM results WHERE job_id = ?", (job_id,)
+                "SELECT kind, COALESCE(file, data) FROM results WHERE job_id = ?", (job_id,)
             ).fetchone()
-        return None if row is None else (int(row[0]), bytes(row[1]))
+        data = None if row is None else self._bytes(row[1])
+        return None if row is None or data is None else (int(row[0]), data)
 
     def list(
         self,
@@ -590,7 +677,10 @@ class SqliteStore:
             if changed != 1:
                 return None
             db.execute("DELETE FROM results WHERE job_id = ?", (job_id,))
-            return self._get(db, job_id)
+            found = self._get(db, job_id)
+            gone = self._drop_unlinked(db)
+        self._blobs.remove(gone)
+        return found
 
     def pause(self, types: Sequence[int], now: float) -> None:
         with self._write() as db:
@@ -653,6 +743,8 @@ class SqliteStore:
                         (state, now - older_than),
                     )
                 removed += cursor.rowcount
+            gone = self._drop_unlinked(db)
+        self._blobs.remove(gone)
         return removed
 
     def retain(self, policy: Retention, now: float) -> int:
@@ -681,21 +773,42 @@ class SqliteStore:
                         "AND (finished < ? OR (finished = ? AND id <= ?))",
                         (state.value, edge[0], edge[0], edge[1]),
                     ).rowcount
+            gone = self._drop_unlinked(db)
+        self._blobs.remove(gone)
         return removed
 
     # -- start-up and health ------------------------------------------------------------
 
     def reset_running(self) -> builtins.list[JobRecord]:
+        """Also, in the same transaction (the write lock held, so that no file of a
+        transaction under way is taken): the files no row names are removed, those a
+        process killed between writing a file and its commit, or between a commit and
+        the removal, left behind (ipcd.store.blobs)."""
         with self._write() as db:
             found = self._records(db, f"{_SELECT} WHERE state = 'running' ORDER BY started, id", ())
             db.execute(
                 "UPDATE jobs SET state = 'queued', worker_pid = NULL WHERE state = 'running'"
             )
+            self._drop_unlinked(db)
+            try:
+                self._blobs.sweep(self._files(db))
+            except OSError as exc:
+                raise _os_error(self._blobs.path, exc) from exc
         return found
+
+    @staticmethod
+    def _files(db: sqlite3.Connection) -> set[str]:
+        """The names of every file a row names (read from the partial indexes only)."""
+        return {
+            str(row[0])
+            for table in ("bodies", "results")
+            for row in db.execute(f"SELECT file FROM {table} WHERE file IS NOT NULL")
+        }
 
     def check(self) -> builtins.list[str]:
         """In order: the schema version, SQLite's ``quick_check`` of every page, bodies
-        and results without their job, and the counters against the jobs they count."""
+        and results without their job, the files of bodies and results that rows name
+        and are missing, and the counters against the jobs they count."""
         where = f"job store {self._path}"
         problems: list[str] = []
         try:
@@ -711,6 +824,12 @@ class SqliteStore:
                 orphans = db.execute("PRAGMA foreign_key_check").fetchall()
                 if orphans:
                     problems.append(f"{where}: {len(orphans)} bodies or results without a job")
+                missing = sorted(f for f in self._files(db) if not self._blobs.exists(f))
+                if missing:
+                    problems.append(
+                        f"{where}: {len(missing)} files of bodies or results are missing from "
+                        f"{self._blobs.path} ({', '.join(missing[:3])})"
+                    )
                 tally = {s: (j, b) for s, j, b in db.execute("SELECT * FROM tally")}
                 held = {
                     s: (j, b)

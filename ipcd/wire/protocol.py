@@ -157,7 +157,11 @@ def encode(
     if spill is not None:
         doc["spill"] = spill.as_json()
     elif isinstance(payload, bytes | bytearray | memoryview):
-        doc["payload_b64"] = binascii.b2a_base64(payload, newline=False).decode("ascii")
+        # The last field, spliced in as bytes: base64 never needs JSON's escapes, and a
+        # large payload's text is then neither scanned by the encoder nor copied twice.
+        head = _encode(doc).encode()
+        b64 = binascii.b2a_base64(payload, newline=False)
+        return b"".join((head[:-1], b',"payload_b64":"', b64, b'"}'))
     else:
         doc["payload"] = payload
     try:
@@ -413,13 +417,17 @@ def unique_key_problem(key: object) -> str | None:
 
 
 def _b64decode(text: str) -> bytes:
-    """Strict base64 (what ``base64.b64decode(validate=True)`` does, without the import)."""
-    if not _BASE64.fullmatch(text):
+    """Strict base64: groups of four of the alphabet, ``=`` padding only at the end.
+
+    binascii's own ``strict_mode`` checks the alphabet and the padding in C as it decodes;
+    it still takes a last group padded past four characters (``QUJD=``), which the
+    length check refuses. (A regular expression did the same check before, at 30 ms per
+    MiB: nine tenths of the time a 16 MiB payload spent in the daemon.) ValueError for a
+    text not ASCII.
+    """
+    if len(text) % 4:
         raise binascii.Error("not base64")
-    return binascii.a2b_base64(text)
-
-
-_BASE64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
+    return binascii.a2b_base64(text, strict_mode=True)
 
 
 def _bare_payload(body: bytes) -> Payload:
