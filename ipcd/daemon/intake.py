@@ -135,7 +135,7 @@ class Intake:
                 self.log.warning("intake.queue_gone", queue=f"{self.queue.key:#010x}")
                 return Exit.QUEUE_GONE
             if taken:
-                self.commit_held()
+                self.commit_held(taken)
         return Exit.STOPPED
 
     def _room(self) -> int:
@@ -209,11 +209,14 @@ class Intake:
 
     # --- committing -----------------------------------------------------------------------
 
-    def commit_held(self) -> None:
+    def commit_held(self, used: int | None = None) -> None:
         """Commit every message the slots hold, then free the slots; waits (and tries
         again) while the store cannot be written, unless asked to stop, when the messages
-        stay in the slots for the next intake."""
-        held = [(index, h) for index in range(self.slots.workers) if (h := self.slots.held(index))]
+        stay in the slots for the next intake.  ``used``: only the first slots, those
+        the last batch filled (a batch takes slots in order, and every batch before it
+        was committed and freed); None: every slot (at start, after a killed intake)."""
+        count = self.slots.workers if used is None else min(used, self.slots.workers)
+        held = [(index, h) for index in range(count) if (h := self.slots.held(index))]
         if not held:
             return
         if self._commit([self.vet(h.body, h.type, h.job_id or None) for _, h in held]):
