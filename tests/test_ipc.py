@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -313,3 +315,22 @@ def test_ipcd_spin_us_sets_or_turns_off_the_reply_poll(monkeypatch: pytest.Monke
     assert client._spin_seconds() == 0
     monkeypatch.setenv("IPCD_SPIN_US", "soon")
     assert client._spin_seconds() == client.SPIN_SECONDS
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs a process on 2+ CPUs")
+def test_a_client_on_one_cpu_does_not_poll_for_its_reply() -> None:
+    """Pinned to one CPU (taskset), a waiting client sleeps at once: its poll would take
+    the CPU the daemon's processes need; IPCD_SPIN_US still decides when set."""
+    code = "from ipcd.client import api; print(api._spin_seconds())"
+    env = {k: v for k, v in os.environ.items() if k != "IPCD_SPIN_US"}
+
+    def spin(*prefix: str, **extra: str) -> float:
+        argv = [*prefix, sys.executable, "-c", code]
+        done = subprocess.run(argv, capture_output=True, text=True, env={**env, **extra})
+        assert done.returncode == 0, done.stderr
+        return float(done.stdout)
+
+    first = str(min(os.sched_getaffinity(0)))
+    assert spin() > 0
+    assert spin("taskset", "-c", first) == 0
+    assert spin("taskset", "-c", first, IPCD_SPIN_US="300") == 0.0003

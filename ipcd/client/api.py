@@ -58,10 +58,18 @@ SPIN_SECONDS = 0.001
 
 
 def _spin_seconds() -> float:
+    """``IPCD_SPIN_US`` when set; else SPIN_SECONDS, or no poll at all for a process
+    that may run on one CPU only: its poll would take the CPU the daemon's processes
+    (the intake, then a worker) need to produce the reply."""
     try:
         return max(int(os.environ["IPCD_SPIN_US"]), 0) / 1e6
     except (KeyError, ValueError):
-        return SPIN_SECONDS
+        pass
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = 2  # not knowable here: poll, as before
+    return SPIN_SECONDS if cpus > 1 else 0.0
 
 
 class Status(NamedTuple):
