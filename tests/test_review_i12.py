@@ -25,6 +25,7 @@ from ipcd.tables.spill.table import SpillTable
 from ipcd.tables.stats import Recorder
 from ipcd.tables.unique import UniqueTable
 from ipcd.wire.protocol import Job
+from conftest import Instance
 
 REPLY_TO = 4242
 
@@ -102,3 +103,64 @@ def test_asked_to_stop_a_worker_whose_jobs_have_waiters_claims_no_more() -> None
     assert f.worker.serve() == Exit.STOPPED
     assert len(ran) == 1, f"a worker asked to stop ran {len(ran)} jobs, claims={len(f.jobs.claimers)}"
     assert f.jobs.state("b") is State.QUEUED
+
+
+STALL_ON_CUE = """
+[handlers.cue]
+type = 2
+target = "ipcd_test_plugins:stall_on_cue"
+timeout = 1.5
+max_attempts = 3
+retry_delay = 0.1
+"""
+
+
+def test_outcomes_pending_behind_a_job_killed_by_its_timeout_are_not_run_again(
+    instance: Instance,
+) -> None:
+    """A batch of quick jobs and one that stalls until its handler's timeout kills the
+    worker: the quick jobs ran (job.done logged) and wait in the ledger, their results
+    only in the result ring.  While the stalled job runs, other results overwrite the
+    ring (here: jobs of a type without handler, failed at once by the intake, in a ring
+    of two slots).  At the kill, recorded_from_ring finds nothing, and _requeue_claimed
+    puts the quick jobs back as "claimed, never started" with their attempt uncounted:
+    each runs again, a second job.done and a second result."""
+    import time
+
+    from ipcd.client import Client
+    from test_jobstore import store_of, wait_state
+
+    instance.write(handlers=STALL_ON_CUE)
+    text = instance.config_path.read_text().replace("workers = 2", "workers = 1")
+    text = text.replace("size = 262144", "size = 4160")  # two result slots
+    instance.config_path.write_text(text)
+    assert instance.ipcd("start").returncode == 0, instance.ipcd("status")
+    try:
+        client = Client(instance.config)
+        warm = client.submit("cue", "warm", confirm=True)  # the type is timed as quick
+        wait_state(instance, warm, State.DONE)
+        assert instance.ipcctl("pause", "cue").returncode == 0
+        quick = [client.submit("cue", f"q{n}", confirm=True) for n in range(5)]
+        stall = client.submit("cue", "stall", confirm=True)
+        assert instance.ipcctl("resume").returncode == 0
+        time.sleep(0.5)  # the quick ones ran; the stalled one runs
+        for n in range(6):  # results of a type nobody handles overwrite the ring
+            client.submit(9, f"x{n}")
+        wait_state(instance, stall, State.FAILED, timeout=20)
+        for job_id in quick:
+            wait_state(instance, job_id, State.DONE)
+        time.sleep(0.5)
+        events = instance.log_events()
+        done = [e["job_id"] for e in events if e.get("event") == "job.done"]
+        requeued = [
+            e["job_id"] for e in events
+            if e.get("event") == "job.requeued" and e.get("job_id") in quick
+        ]  # fmt: skip
+        with store_of(instance) as jobs:
+            attempts = {j: getattr(jobs.get(j), "attempts", None) for j in quick}
+        twice = [j for j in quick if done.count(j) > 1]
+        assert not twice, (
+            f"run twice: {twice}; requeued as never started: {requeued}; attempts: {attempts}"
+        )
+    finally:
+        instance.ipcd("stop")

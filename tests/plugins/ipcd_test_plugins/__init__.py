@@ -184,3 +184,13 @@ def slow_retry_once(job: Job) -> HandlerResult:
         time.sleep(float(str(job.payload)))
         raise Retry("once more", delay=0.1)
     return f"ok on attempt {job.attempt}"
+
+
+def stall_on_cue(job: Job) -> HandlerResult:
+    """Sleep a minute when the payload is "stall" on its first attempt (its handler's
+    timeout kills it); otherwise return the payload (a quick job, batched)."""
+    import time
+
+    if job.payload == "stall" and job.attempt == 1:
+        time.sleep(60)
+    return job.payload
