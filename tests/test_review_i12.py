@@ -6,6 +6,8 @@ Outcomes and Ledger, over the fakes of test_worker_unit and test_outcomes."""
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 from typing import Any, cast
 
 import test_outcomes as fo
@@ -164,3 +166,47 @@ def test_outcomes_pending_behind_a_job_killed_by_its_timeout_are_not_run_again(
         )
     finally:
         instance.ipcd("stop")
+
+
+def test_one_unreadable_body_file_stops_every_claim_and_every_outcome(tmp_path: Path) -> None:
+    """Bodies above 64 KiB are files read inside exchange's write transaction.  One that
+    cannot be read (EACCES after a daemon that ran as root drops to a user: hand_over
+    chowns PATH.bodies/ but not its files; EIO; here a directory in its place) fails the
+    whole exchange: the ledger's outcomes are not recorded, the job after it in dispatch
+    order is never claimed, and every retry writes the large results again as new
+    orphan files."""
+    import shutil
+
+    from ipcd.errors import StoreError
+    from ipcd.store import NewJob, Outcome, open_store
+
+    path = str(tmp_path / "jobs.db")
+    jobs = open_store(path)
+    now = time.time()
+    jobs.add([NewJob("done-me", 3, "h3", b"{}", False, now, 2, "")])
+    ledger = Ledger(jobs, worker_pid=4242)
+    got = ledger.next()
+    assert got is not None and got[0].id == "done-me"
+    big = b"x" * (100 * 1024)
+    jobs.add([
+        NewJob("big", 2, "h2", big, False, now + 1, 2, ""),
+        NewJob("small", 2, "h2", b"{}", False, now + 2, 2, ""),
+    ])  # fmt: skip
+    bodies = path + ".bodies"
+    (name,) = os.listdir(bodies)
+    os.unlink(os.path.join(bodies, name))
+    os.mkdir(os.path.join(bodies, name))  # cannot be read as a file
+    ledger.record(Outcome("done-me", True, time.time(), 1, b"r" * (100 * 1024), None))
+    failures = 0
+    for _ in range(5):  # the worker's loop, every CLAIM_BACKOFF
+        try:
+            ledger.next()
+        except StoreError:
+            failures += 1
+    record = jobs.get("done-me")
+    files = [n for n in os.listdir(bodies) if n.startswith("done-me")]
+    shutil.rmtree(os.path.join(bodies, name))
+    assert failures == 0 and record is not None and record.state is State.DONE, (
+        f"{failures} of 5 exchanges failed; done-me is {record and record.state}; "
+        f"{len(files)} result files written for it"
+    )
