@@ -82,7 +82,9 @@ class FakeJobStore:
                 inserted.append(job.id)
         return inserted
 
-    def claim(self, n: int, now: float, *, worker_pid: int = 0) -> list[tuple[JobRecord, bytes]]:
+    def claim(
+        self, n: int, now: float, *, worker_pid: int = 0
+    ) -> list[tuple[JobRecord, bytes | None]]:
         self._enter("claim")
         return self._claim(n, now, worker_pid)
 
@@ -94,7 +96,7 @@ class FakeJobStore:
         *,
         worker_pid: int = 0,
         batches: Mapping[int, int] | None = None,
-    ) -> list[tuple[JobRecord, bytes]]:
+    ) -> list[tuple[JobRecord, bytes | None]]:
         """finish and claim in one: an error given for either fails the whole call
         before anything changes."""
         if finished:
@@ -107,7 +109,7 @@ class FakeJobStore:
 
     def _claim(
         self, n: int, now: float, worker_pid: int, batches: Mapping[int, int] | None = None
-    ) -> list[tuple[JobRecord, bytes]]:
+    ) -> list[tuple[JobRecord, bytes | None]]:
         self.claimers.append(worker_pid)
         queued = sorted(
             (r for r in self.records.values() if r.state is State.QUEUED),
@@ -117,7 +119,7 @@ class FakeJobStore:
             type_ = queued[0].type
             n = min(n, batches.get(type_, 1))
             queued = [r for r in queued if r.type == type_]
-        claimed = []
+        claimed: list[tuple[JobRecord, bytes | None]] = []
         for record in queued[:n]:
             record = record._replace(
                 state=State.RUNNING, attempts=record.attempts + 1, started=now,

@@ -112,3 +112,24 @@ def test_status_notices_a_killed_daemon(daemon: Instance) -> None:
     assert sorted(gone + zombies) == sorted(workers)
     status = daemon.ipcctl("status")
     assert status.returncode == ExitCode.UNAVAILABLE and "not running" in status.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_hand_over_gives_a_directory_and_its_files_to_the_daemons_user(tmp_path: Path) -> None:
+    """The store's directory of large bodies and the files an earlier run as root wrote
+    in it (0600) go to the user the daemon drops to, which must read them; a symlink in
+    it is not followed."""
+    from ipcd.daemon.identity import Identity, hand_over
+
+    bodies = tmp_path / "jobs.db.bodies"
+    bodies.mkdir(mode=0o700)
+    kept = bodies / "job1~0123456789abcdef"
+    kept.write_bytes(b"x" * 10)
+    kept.chmod(0o600)
+    outside = tmp_path / "elsewhere"
+    outside.write_bytes(b"")
+    (bodies / "link").symlink_to(outside)
+    nobody = 65534
+    hand_over(Identity(None, nobody, nobody, "nobody"), [bodies])
+    assert (bodies.stat().st_uid, kept.stat().st_uid, kept.stat().st_gid) == (nobody,) * 3
+    assert outside.stat().st_uid == 0

@@ -117,6 +117,21 @@ def test_jobs_claimed_and_not_started_go_back_as_they_were(jobs: JobStore) -> No
     assert jobs.counts()[State.DONE] == 2 and ledger.pending == 0
 
 
+def test_a_claimed_job_cancelled_meanwhile_is_not_given_back(jobs: JobStore) -> None:
+    """`cancel --kill` of a job a worker claimed and has not started: on leaving, the
+    worker does not put it back (nor say so); it stays cancelled."""
+    ids = _add(jobs, 2, 3, prefix="c")
+    ledger = Ledger(jobs, worker_pid=PID)
+    got = ledger.next()
+    assert got is not None
+    ledger.record(_done(got[0].id))
+    assert ledger.next() is not None  # the rest claimed: ids[1] in hand, ids[2] held
+    jobs.cancel([ids[2]], running=True, now=time.time())
+    assert ledger.give_back() == []
+    record = jobs.get(ids[2])
+    assert record is not None and record.state is State.CANCELLED
+
+
 def test_batch_size_is_bounded(jobs: JobStore) -> None:
     """However quick the jobs, one claim takes at most BATCH_MAX."""
     ids = _add(jobs, 2, BATCH_MAX * 2, prefix="b")

@@ -225,7 +225,12 @@ class Fixture:
 
     def new_worker(self) -> Worker:
         """A worker process's Worker: its own ledger, nothing claimed yet."""
-        self.ledger = Ledger(cast(JobStore, self.jobs), worker_pid=os.getpid())
+        self.ledger = Ledger(
+            cast(JobStore, self.jobs),
+            worker_pid=os.getpid(),
+            limit=self._config.daemon.max_jobs_per_worker,
+            stopping=lambda: self.flags.stopping,
+        )
         return Worker(
             slot=SLOT,
             config=self._config,

@@ -212,6 +212,9 @@ class Arbiter:
         self._next_due: float | None = None
         self._due_checked = 0.0
         self._store_failing = False
+        #: Dead workers whose claimed jobs are not all settled yet (the store refused):
+        #: pid -> the id of the job its slot held (recovery's), tried again each turn.
+        self._unsettled: dict[int, str | None] = {}
         self._wake_r, self._wake_w = os.pipe()
         self._notify_r, self._notify_w = os.pipe()
         for fd in (self._wake_r, self._wake_w, self._notify_r, self._notify_w):
@@ -287,6 +290,8 @@ class Arbiter:
                     self._reload()
                 self._enforce_deadlines()
                 self._nudge_retiring()
+                if self._unsettled:
+                    self._settle_unsettled()
                 self._maintain()
                 self._ring_due()
                 self._retain()
@@ -704,7 +709,7 @@ class Arbiter:
             self.recovery.recover(
                 held, cause=info.kill_reason or cause, timed_out=bool(info.kill_reason)
             )
-        self._requeue_claimed(info.pid, held)
+        self._requeue_claimed(info.pid, held.job_id if held is not None else None)
         self._release_slot(info.slot)
         lived = time.time() - info.spawned
         expected = held is None and (
@@ -766,22 +771,38 @@ class Arbiter:
             self.outcomes.reject(exc, held.body, held.type, parked=True)
         self.p.table.clear(held.slot)
 
-    def _requeue_claimed(self, pid: int, held: Held | None) -> None:
-        """A worker that died with jobs claimed in the store besides the one in its slot:
-        those it finished are recorded from the result ring (ipcd.daemon.ledger keeps
-        outcomes for the next claim); those it never started go back without an attempt
-        counted."""
+    def _requeue_claimed(self, pid: int, held_id: str | None) -> None:
+        """A worker that died with jobs claimed in the store besides the one in its slot
+        (``held_id``, recovery's): those it finished are recorded from the result ring
+        (ipcd.daemon.ledger keeps outcomes for the next claim); those it never started
+        go back without an attempt counted.  Whatever the store refused is tried again
+        at the next turn of the loop (_settle_unsettled)."""
         try:
             for record in self.jobs.running():
-                if record.worker_pid != pid or (held is not None and held.job_id == record.id):
+                if record.worker_pid != pid or record.id == held_id:
                     continue
                 if self.recovery.recorded_from_ring(record):
                     continue
-                self.jobs.requeue(record.id, due=0.0, attempts=max(record.attempts - 1, 0))
-                self.log.warning("job.requeued", job_id=record.id, cause="claimed, never started")
-                self.doorbell.ring()
+                if self.jobs.requeue(record.id, due=0.0, attempts=max(record.attempts - 1, 0)):
+                    self.log.warning(
+                        "job.requeued", job_id=record.id, cause="claimed, never started"
+                    )
+                    self.doorbell.ring()
+            left = any(
+                r.worker_pid == pid and r.id != held_id for r in self.jobs.running()
+            )  # fmt: skip
         except StoreError as exc:
             self._store_failed(exc)
+            left = True
+        if left:
+            self._unsettled[pid] = held_id
+        else:
+            self._unsettled.pop(pid, None)
+
+    def _settle_unsettled(self) -> None:
+        """Dead workers' claimed jobs the store refused to settle, tried again."""
+        for pid, held_id in list(self._unsettled.items()):
+            self._requeue_claimed(pid, held_id)
 
     def _requeue_running(self) -> None:
         """At start, after the jobs in the workers' slots were recovered: every job the
@@ -971,6 +992,7 @@ class Arbiter:
                 held = self._left(gone)
                 if held is not None and held.state is not State.PARKED:
                     self.recovery.keep_for_next_start(held, "killed at stop after graceful_timeout")
+                self._requeue_claimed(gone.pid, held.job_id if held is not None else None)
                 self._release_slot(gone.slot)
 
 

@@ -56,13 +56,20 @@ def resolve(config: Config) -> Identity:
 
 
 def hand_over(identity: Identity, paths: list[Path]) -> None:
-    """Give the files the dropped daemon must keep writing to (the log) to its user."""
+    """Give the files the dropped daemon must keep writing to (the log, the job store)
+    to its user; a directory's files too (the store's large bodies: ones an earlier run
+    as root wrote, 0600, would be unreadable to the dropped daemon otherwise)."""
     if not identity.drops:
         return
+    uid = identity.uid if identity.uid is not None else -1
+    gid = identity.gid if identity.gid is not None else -1
     for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            for entry in path.iterdir():
+                if entry.is_file() and not entry.is_symlink():
+                    os.chown(entry, uid, gid)
         if path.exists():
-            uid = identity.uid if identity.uid is not None else -1
-            os.chown(path, uid, identity.gid if identity.gid is not None else -1)
+            os.chown(path, uid, gid)
 
 
 def drop(identity: Identity) -> None:

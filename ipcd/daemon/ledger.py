@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Callable
 
 from ipcd.store import JobRecord, JobStore, Outcome
 
@@ -46,13 +47,27 @@ BATCH_SPAN = 0.005
 class Ledger:
     """One worker's claimed-but-not-started jobs and not-yet-recorded outcomes."""
 
-    def __init__(self, jobs: JobStore, *, worker_pid: int) -> None:
+    def __init__(
+        self,
+        jobs: JobStore,
+        *,
+        worker_pid: int,
+        limit: int = 0,
+        stopping: Callable[[], bool] = lambda: False,
+    ) -> None:
         """``jobs`` is the worker's own connection to the store; ``worker_pid`` is
         recorded with each claim, so that the master finds the jobs of a worker that
-        died."""
+        died.  The ledger never claims more than ``limit`` jobs in all (the worker's
+        ``max_jobs_per_worker``; 0: no limit), nor anything once ``stopping`` says so
+        (the worker's stop flag): every claim, the one a waiter's flush makes included,
+        stays within the worker's bounds."""
         self.jobs = jobs
         self.worker_pid = worker_pid
-        self._claimed: collections.deque[tuple[JobRecord, bytes]] = collections.deque()
+        self.limit = limit
+        self.stopping = stopping
+        #: Jobs handed to the worker so far (``limit`` counts these).
+        self.handed = 0
+        self._claimed: collections.deque[tuple[JobRecord, bytes | None]] = collections.deque()
         self._pending: list[Outcome] = []
         #: When the last claim that got jobs was made, how many it got, of which type.
         self._last_claim = 0.0
@@ -74,22 +89,37 @@ class Ledger:
         """Whether jobs claimed in the last batch wait to be run."""
         return bool(self._claimed)
 
-    def next(self, limit: int = BATCH_MAX) -> tuple[JobRecord, bytes] | None:
-        """The next job to run, with its message: one claimed before, or else the first
-        of a batch claimed now (of at most ``limit`` jobs; none when ``limit`` is 0)
-        together with recording the outcomes waiting.  None when the store has no job
-        for this worker: the worker then sleeps on the doorbell (ipcd.daemon.doorbell),
-        which rings after every commit of new work.  StoreError when the store refuses:
-        nothing is lost, the outcomes wait for the next try."""
+    @property
+    def spent(self) -> bool:
+        """Whether the worker has been handed its ``limit`` of jobs (time to recycle)."""
+        return bool(self.limit) and self.handed >= self.limit and not self._claimed
+
+    def next(self) -> tuple[JobRecord, bytes | None] | None:
+        """The next job to run, with its message (None: it could not be read, the
+        worker fails the job): one claimed before, or else the first of a batch claimed
+        now together with recording the outcomes waiting.  None when the store has no
+        job for this worker (it then sleeps on the doorbell, ipcd.daemon.doorbell, which
+        rings after every commit of new work), or when the worker may take no more
+        (stopping, or its limit reached).  StoreError when the store refuses: nothing is
+        lost, the outcomes wait for the next try."""
         if not self._claimed:
-            if limit <= 0:
+            room = self._room()
+            if room <= 0:
                 return None
             if self._drained and not self._pending:
                 # The last flush looked and found nothing: whatever came since rang.
                 self._drained = False
                 return None
-            self.settle(claim=limit)
-        return self._claimed.popleft() if self._claimed else None
+            self.settle(claim=room)
+        if not self._claimed:
+            return None
+        self.handed += 1
+        return self._claimed.popleft()
+
+    def uncount(self) -> None:
+        """The job last handed out was no job (a message rejected): it does not count
+        against ``limit``."""
+        self.handed = max(self.handed - 1, 0)
 
     def record(self, outcome: Outcome) -> None:
         """Keep ``outcome`` for the next exchange."""
@@ -98,15 +128,24 @@ class Ledger:
     def flush(self) -> None:
         """Record the outcomes waiting now (someone waits for the last): StoreError when
         the store refuses, the outcomes kept for the next try.  When the claimed jobs
-        are all run, the next batch is claimed in the same transaction, which saves the
-        worker's next one."""
-        if self._claimed:
+        are all run, the next batch is claimed in the same transaction (within the
+        worker's bounds), which saves the worker's next one."""
+        room = self._room()
+        if self._claimed or room <= 0:
             self.settle()
             return
-        self.settle(claim=BATCH_MAX)
+        self.settle(claim=room)
         # Found nothing: the worker's next look would find nothing either, short of a
         # commit since, and every commit of new work rings the doorbell.
         self._drained = not self._claimed
+
+    def _room(self) -> int:
+        """How many jobs a claim may take now."""
+        if self.stopping():
+            return 0
+        if self.limit:
+            return min(self.limit - self.handed, BATCH_MAX)
+        return BATCH_MAX
 
     def settle(self, *, claim: int = 0) -> None:
         """Record the waiting outcomes and claim a batch of up to ``claim`` jobs, in one
@@ -133,9 +172,9 @@ class Ledger:
         given: list[JobRecord] = []
         while self._claimed:
             record, _ = self._claimed[0]
-            self.jobs.requeue(record.id, due=0.0, attempts=max(record.attempts - 1, 0))
+            if self.jobs.requeue(record.id, due=0.0, attempts=max(record.attempts - 1, 0)):
+                given.append(record)  # else cancelled meanwhile: it stays so
             self._claimed.popleft()
-            given.append(record)
         return given
 
     def _timed(self) -> None:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from ipcd.config import Config
 from ipcd.daemon import lockwaits
 from ipcd.daemon import log as log_mod
-from ipcd.daemon.ledger import BATCH_MAX, Ledger
+from ipcd.daemon.ledger import Ledger
 from ipcd.daemon.log import Logger
 from ipcd.daemon.outcomes import Outcomes, error_result
 from ipcd.daemon.signals import Flags
@@ -144,6 +144,7 @@ class Worker:
         jobs: JobStore,
         ledger: Ledger,
         sink: log_mod.Sink | None = None,
+        orphaned: Callable[[], bool] = lambda: False,
     ) -> None:
         """``queue`` is the hand-off queue, the doorbell a worker sleeps on when the
         store has no job for it (ipcd.daemon.doorbell); ``outcomes`` ends each job; ``store`` says
@@ -152,7 +153,9 @@ class Worker:
         retries and the log lines ``sink`` dropped (None: nothing to count); ``jobs`` is
         the job store, which takes a job back for a retry and holds the bodies too large
         to hand over; ``ledger`` (the one ``outcomes`` keeps outcomes in) claims jobs in
-        batches; ``wake_master`` tells the master a job with a deadline started."""
+        batches; ``wake_master`` tells the master a job with a deadline started;
+        ``orphaned`` says whether the master has died (the worker then leaves the rest
+        of its batch to the next master)."""
         self.slot = slot
         self.config = config
         self.queue = queue
@@ -169,6 +172,7 @@ class Worker:
         self.jobs = jobs
         self.ledger = ledger
         self.sink = sink
+        self.orphaned = orphaned
         self.jobs_done = 0
         self.pid = os.getpid()
         self._claim_failing = False
@@ -204,13 +208,13 @@ class Worker:
         self.outcomes.report_mends()
 
     def _serve(self) -> int:
-        limit = self.config.daemon.max_jobs_per_worker
         self.table.reset_worker(self.slot, self.pid)
         previous = 0
         # Asked to stop, a worker still runs the jobs it claimed in its batch (quick ones,
-        # ipcd.daemon.ledger), as it finishes the job in hand: none is handed back.
-        while not self.flags.stopping or self.ledger.holding:
-            if limit and self.jobs_done >= limit and not self.ledger.holding:
+        # ipcd.daemon.ledger), as it finishes the job in hand: none is handed back.  Not
+        # when its master died: the next master runs them again from the store.
+        while not self.flags.stopping or (self.ledger.holding and not self.orphaned()):
+            if self.ledger.spent:  # max_jobs_per_worker handed out, and run
                 return Exit.RECYCLED
             self.count_noticed()
             self.table.begin_receive(self.slot, self.pid, previous)
@@ -244,15 +248,24 @@ class Worker:
         reads back should the worker die; its length and what it holds (so that the
         worker need not read it back), or None when the store has no job for us now
         (StoreError when the store refuses the claim)."""
-        limit = self.config.daemon.max_jobs_per_worker
-        room = limit - self.jobs_done if limit else BATCH_MAX
-        claimed = self.ledger.next(0 if self.flags.stopping else room)  # stopping: what it holds
+        claimed = self.ledger.next()  # within the stop and max_jobs_per_worker
         if claimed is None:
             return None
         record, body = claimed
         message = handoff.encode(record.id, record.attempts, body, self.table.text_size)
         self.table.deliver(self.slot, record.type, message)
         return len(message), handoff.Handoff(record.id, record.attempts, body)
+
+    def _record_kept(self) -> None:
+        """Record the outcomes the ledger keeps now; a store that refuses is left to the
+        next exchange (they wait in the ledger, and in the ring)."""
+        if not self.ledger.pending:
+            return
+        try:
+            self.ledger.settle()
+        except StoreError as exc:
+            self.stats.bump(STORE_ERRORS)
+            self.log.warning("store.write_failed", error=str(exc), then="with the next claim")
 
     def _claim_failed(self, exc: StoreError) -> None:
         """A claim the store refused (a full disk, a lock held too long): counted, logged
@@ -284,6 +297,7 @@ class Worker:
         except MessageError as exc:
             self.outcomes.reject(exc, body, type_)
             self.table.finished(self.slot)
+            self.ledger.uncount()  # not a job: max_jobs_per_worker counts jobs
             return
         try:
             self.run(job, body, length, started)
@@ -342,6 +356,10 @@ class Worker:
         self.table.received(self.slot, length, job.attempt, job.id, deadline)
         if deadline:
             self.wake_master()  # the master enforces the deadline
+            # A job that may be killed at its deadline could take the outcomes kept
+            # before it along (their results only in the ring, which may have moved on
+            # by then): they are recorded first.
+            self._record_kept()
         if self.events.debugging:  # `ipcctl logs -f` sees long jobs start
             self.events.debug("job.started", _started_fields(job, registration))
         outcome, handler = execute(self.registry, job, self.log)
@@ -458,7 +476,12 @@ def worker_process(  # pragma: no cover - runs in the forked worker
         prepared.store.take_mends()
         prepared.failed.store.take_mends()
         jobs = prepared.open_jobs()  # its own connection: never one shared across fork
-        ledger = Ledger(jobs, worker_pid=os.getpid())
+        ledger = Ledger(
+            jobs,
+            worker_pid=os.getpid(),
+            limit=prepared.config.daemon.max_jobs_per_worker,
+            stopping=lambda: flags.stopping,
+        )
         worker = Worker(
             slot=slot,
             config=prepared.config,
@@ -487,6 +510,7 @@ def worker_process(  # pragma: no cover - runs in the forked worker
             jobs=jobs,
             ledger=ledger,
             sink=prepared.sink,
+            orphaned=lambda: os.getppid() != master_pid,
         )
         code = worker.serve()
     except BaseException:

@@ -168,12 +168,15 @@ class JobStore(Protocol):
         re-adds safely). Returns the ids inserted, in the order given."""
         ...
 
-    def claim(self, n: int, now: float, *, worker_pid: int = 0) -> list[tuple[JobRecord, bytes]]:
+    def claim(
+        self, n: int, now: float, *, worker_pid: int = 0
+    ) -> list[tuple[JobRecord, bytes | None]]:
         """Up to ``n`` QUEUED jobs of types not paused, in dispatch order (type ascending,
         priority descending, accepted, id); each becomes RUNNING with ``attempts + 1`` and
-        ``started = now``, and is returned as it is now, with its body. Two processes never
-        claim the same job.  ``worker_pid``: the worker that claims them (recorded, so
-        that the master finds the jobs of a worker that died)."""
+        ``started = now``, and is returned as it is now, with its body (None when the
+        body cannot be read, a file of a large body say: that job fails, the others
+        run). Two processes never claim the same job.  ``worker_pid``: the worker that
+        claims them (recorded, so that the master finds the jobs of a worker that died)."""
         ...
 
     def exchange(
@@ -184,7 +187,7 @@ class JobStore(Protocol):
         *,
         worker_pid: int = 0,
         batches: Mapping[int, int] | None = None,
-    ) -> list[tuple[JobRecord, bytes]]:
+    ) -> list[tuple[JobRecord, bytes | None]]:
         """Record ``finished`` as :meth:`finish` would, then claim up to ``n`` jobs as
         :meth:`claim` would, in one transaction: a worker pays one commit for the outcomes
         of its last batch and its next batch (``n`` 0: only the outcomes).  With

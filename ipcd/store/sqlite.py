@@ -402,7 +402,7 @@ class SqliteStore:
 
     def claim(
         self, n: int, now: float, *, worker_pid: int = 0
-    ) -> builtins.list[tuple[JobRecord, bytes]]:
+    ) -> builtins.list[tuple[JobRecord, bytes | None]]:
         if n <= 0:
             return []
         return self.exchange((), n, now, worker_pid=worker_pid)
@@ -415,27 +415,39 @@ class SqliteStore:
         *,
         worker_pid: int = 0,
         batches: Mapping[int, int] | None = None,
-    ) -> builtins.list[tuple[JobRecord, bytes]]:
+    ) -> builtins.list[tuple[JobRecord, bytes | None]]:
         if not finished and n <= 0:
             return []
-        with self._write() as db:
-            for outcome in finished:
-                self._finish(db, outcome)
-            rows = self._claim(db, n, now, worker_pid, batches) if n > 0 else []
-            # Files read before the commit: one that cannot be read leaves its job queued.
-            bodies = [self._bytes(row[-1]) or b"" for row in rows]
+        written: list[str] = []
+        try:
+            with self._write() as db:
+                for outcome in finished:
+                    self._finish(db, outcome, written)
+                rows = self._claim(db, n, now, worker_pid, batches) if n > 0 else []
+        except BaseException:
+            self._blobs.remove(written)  # not committed: no row names them
+            raise
         # What the UPDATE wrote, without reading it back: the write lock kept every other
-        # writer out between the SELECT and the UPDATE.
+        # writer out between the SELECT and the UPDATE.  A body held in a file is read
+        # after the commit, outside the lock: a running job's file stays until its row
+        # goes, and one that cannot be read fails its own job (None), not every claim.
         return [
             (
                 _record(row[:-1])._replace(
                     state=State.RUNNING, attempts=row[_ATTEMPTS] + 1, started=now,
                     finished=None, worker_pid=worker_pid or None,
                 ),
-                body,
+                self._readable(row[-1]),
             )
-            for row, body in zip(rows, bodies, strict=True)
+            for row in rows
         ]  # fmt: skip
+
+    def _readable(self, held: bytes | str | None) -> bytes | None:
+        """A claimed body: its bytes, or None when its file cannot be read."""
+        try:
+            return self._bytes(held) or b""
+        except StoreError:
+            return None
 
     @staticmethod
     def _claim(
@@ -498,11 +510,20 @@ class SqliteStore:
         data: bytes | None,
         error: str | None,
     ) -> bool:
-        with self._write() as db:
-            return self._finish(db, Outcome(job_id, ok, finished, result_kind, data, error))
+        written: list[str] = []
+        try:
+            with self._write() as db:
+                outcome = Outcome(job_id, ok, finished, result_kind, data, error)
+                return self._finish(db, outcome, written)
+        except BaseException:
+            self._blobs.remove(written)  # not committed: no row names them
+            raise
 
-    def _finish(self, db: sqlite3.Connection, outcome: Outcome) -> bool:
-        """:meth:`finish` in the caller's write transaction."""
+    def _finish(
+        self, db: sqlite3.Connection, outcome: Outcome, written: builtins.list[str]
+    ) -> bool:
+        """:meth:`finish` in the caller's write transaction; a result file it writes is
+        added to ``written``, for the caller to remove should the transaction fail."""
         data = outcome.data
         changed = db.execute(
             "UPDATE jobs SET state = ?, finished = ?, error = ?, result_kind = ?, "
@@ -521,10 +542,8 @@ class SqliteStore:
             return False
         # One statement either way: the result kept (replacing any earlier one), or any
         # earlier one removed. A large result is a file (an earlier one's goes by the
-        # schema's triggers); a transaction that fails after it leaves an orphan for the
-        # next start's sweep.
+        # schema's triggers); the caller removes it should the transaction fail.
         if data is not None and len(data) <= self._max_result:
-            written: list[str] = []
             kept, file = self._keep(outcome.job_id, data, written)
             self._settle(written)
             db.execute(

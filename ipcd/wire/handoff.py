@@ -28,10 +28,11 @@ class Handoff(NamedTuple):
     body: bytes | None
 
 
-def encode(job_id: str, attempt: int, body: bytes, limit: int) -> bytes:
-    """The hand-off message, by reference when ``body`` and the header exceed ``limit``."""
+def encode(job_id: str, attempt: int, body: bytes | None, limit: int) -> bytes:
+    """The hand-off message, by reference when ``body`` and the header exceed ``limit``
+    (or ``body`` is None: it could not be read, and is looked for in the store)."""
     head = _header(job_id, attempt, in_store=False)
-    if len(head) + 1 + len(body) <= limit:
+    if body is not None and len(head) + 1 + len(body) <= limit:
         return head + b"\n" + body
     return _header(job_id, attempt, in_store=True) + b"\n"
 

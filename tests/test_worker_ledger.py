@@ -1,7 +1,9 @@
-"""Review of issue 12's ledger: a worker whose jobs have waiters (``--wait``) claims a new
-batch inside Outcomes.record -> Ledger.flush, with neither the worker's stop nor its
-max_jobs_per_worker as a bound.  The worker here is the real Worker with the real
-Outcomes and Ledger, over the fakes of test_worker_unit and test_outcomes."""
+"""The worker with its ledger (ipcd.daemon.ledger) and ipcd's own Outcomes, as
+worker_process wires them (over the fakes of test_worker_unit and test_outcomes), and
+under the real daemon: every claim, the one a waiter's flush makes included, stays within
+the worker's stop and max_jobs_per_worker; outcomes kept by the ledger are not lost or
+run twice when a job that may be killed runs after them; a body file that cannot be read
+fails its own job only."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import test_outcomes as fo
+from conftest import Instance
 from fakes import FakeLog
 from test_worker_unit import Fixture, _body
 
@@ -27,7 +30,6 @@ from ipcd.tables.spill.table import SpillTable
 from ipcd.tables.stats import Recorder
 from ipcd.tables.unique import UniqueTable
 from ipcd.wire.protocol import Job
-from conftest import Instance
 
 REPLY_TO = 4242
 
@@ -41,7 +43,12 @@ class RealOutcomes(Fixture):
         super().__init__(handler, **kw)
 
     def new_worker(self) -> Worker:
-        self.ledger = Ledger(cast(JobStore, self.jobs), worker_pid=os.getpid())
+        self.ledger = Ledger(
+            cast(JobStore, self.jobs),
+            worker_pid=os.getpid(),
+            limit=self._config.daemon.max_jobs_per_worker,
+            stopping=lambda: self.flags.stopping,
+        )
         journal = self.journal
         self.real = Outcomes(
             store=cast(ResultStore, fo.FakeStore(journal, None, capacity=1 << 20, broken=False)),
@@ -57,7 +64,7 @@ class RealOutcomes(Fixture):
         )
         return Worker(
             slot=2, config=self._config, queue=cast(Queue, self.doorbell), table=self._table,
-            outcomes=self.real, store=cast(ResultStore, self.real.store),
+            outcomes=self.real, store=self.real.store,
             spills=cast(SpillTable, self.spills), registry=self.registry, flags=self.flags,
             log=cast(Logger, self.log), events=cast(Events, self.events),
             stats=cast(Recorder, self.stats), wake_master=self._wake,
@@ -71,10 +78,9 @@ def _submit_waiters(f: Fixture, ids: list[str]) -> None:
 
 
 def test_max_jobs_per_worker_bounds_a_worker_whose_jobs_have_waiters() -> None:
-    """max_jobs_per_worker = 2 and six jobs, each with a waiter: the worker should run
-    two and leave RECYCLED.  Ledger.flush (called by Outcomes.record for a waiter's
-    outcome) claims BATCH_MAX whenever its batch is empty, so the worker keeps holding
-    claimed jobs and runs them all."""
+    """max_jobs_per_worker = 2 and six jobs, each with a waiter: the worker runs two and
+    leaves RECYCLED, though each waiter's outcome is recorded with a claim of the next
+    batch (Ledger.flush)."""
     ran: list[str] = []
     f = RealOutcomes(lambda job: ran.append(job.id), max_jobs_per_worker=2)
     ids = [f"j{n}" for n in range(6)]
@@ -85,10 +91,10 @@ def test_max_jobs_per_worker_bounds_a_worker_whose_jobs_have_waiters() -> None:
 
 
 def test_asked_to_stop_a_worker_whose_jobs_have_waiters_claims_no_more() -> None:
-    """SIGTERM while the first of several waiter jobs runs: per 3198d0b the worker runs
-    what it holds and claims no more.  The waiter's flush claims anyway, and with a
-    steady stream of --wait jobs (here each job submits one more) the worker never
-    leaves: a reload's retiring worker keeps running the old handlers indefinitely."""
+    """SIGTERM while the first of several waiter jobs runs, clients submitting more with
+    --wait all the while: the flush that records the waiter's outcome claims nothing, the
+    worker leaves after the job in hand (a reload's retiring worker must not go on
+    running the old handlers)."""
     ran: list[str] = []
     f: RealOutcomes
 
@@ -103,7 +109,9 @@ def test_asked_to_stop_a_worker_whose_jobs_have_waiters_claims_no_more() -> None
     f.worker = f.new_worker()
     f.flags.stopping = False
     assert f.worker.serve() == Exit.STOPPED
-    assert len(ran) == 1, f"a worker asked to stop ran {len(ran)} jobs, claims={len(f.jobs.claimers)}"
+    assert len(ran) == 1, (
+        f"a worker asked to stop ran {len(ran)} jobs, claims={len(f.jobs.claimers)}"
+    )
     assert f.jobs.state("b") is State.QUEUED
 
 
@@ -121,16 +129,15 @@ def test_outcomes_pending_behind_a_job_killed_by_its_timeout_are_not_run_again(
     instance: Instance,
 ) -> None:
     """A batch of quick jobs and one that stalls until its handler's timeout kills the
-    worker: the quick jobs ran (job.done logged) and wait in the ledger, their results
-    only in the result ring.  While the stalled job runs, other results overwrite the
-    ring (here: jobs of a type without handler, failed at once by the intake, in a ring
-    of two slots).  At the kill, recorded_from_ring finds nothing, and _requeue_claimed
-    puts the quick jobs back as "claimed, never started" with their attempt uncounted:
-    each runs again, a second job.done and a second result."""
+    worker, while other results overwrite the result ring (jobs of a type without
+    handler, failed at once by the intake, in a ring of two slots): the quick jobs'
+    outcomes were recorded before the job with a deadline started, so none runs twice
+    (without that, the master found no result in the ring and ran them again)."""
     import time
 
-    from ipcd.client import Client
     from test_jobstore import store_of, wait_state
+
+    from ipcd.client import Client
 
     instance.write(handlers=STALL_ON_CUE)
     text = instance.config_path.read_text().replace("workers = 2", "workers = 1")
@@ -168,13 +175,11 @@ def test_outcomes_pending_behind_a_job_killed_by_its_timeout_are_not_run_again(
         instance.ipcd("stop")
 
 
-def test_one_unreadable_body_file_stops_every_claim_and_every_outcome(tmp_path: Path) -> None:
-    """Bodies above 64 KiB are files read inside exchange's write transaction.  One that
-    cannot be read (EACCES after a daemon that ran as root drops to a user: hand_over
-    chowns PATH.bodies/ but not its files; EIO; here a directory in its place) fails the
-    whole exchange: the ledger's outcomes are not recorded, the job after it in dispatch
-    order is never claimed, and every retry writes the large results again as new
-    orphan files."""
+def test_an_unreadable_body_file_fails_its_job_not_every_claim(tmp_path: Path) -> None:
+    """A body file that cannot be read (EACCES, EIO; here a directory in its place) is
+    that job's problem only: the exchange that claims it records the ledger's outcomes
+    (a large result's file included, once) and hands the job out with no body (the
+    worker fails it), and the job after it is claimed too."""
     import shutil
 
     from ipcd.errors import StoreError
@@ -198,11 +203,15 @@ def test_one_unreadable_body_file_stops_every_claim_and_every_outcome(tmp_path: 
     os.mkdir(os.path.join(bodies, name))  # cannot be read as a file
     ledger.record(Outcome("done-me", True, time.time(), 1, b"r" * (100 * 1024), None))
     failures = 0
+    handed: dict[str, bytes | None] = {}
     for _ in range(5):  # the worker's loop, every CLAIM_BACKOFF
         try:
-            ledger.next()
+            taken = ledger.next()
         except StoreError:
             failures += 1
+            continue
+        if taken is not None:
+            handed[taken[0].id] = taken[1]
     record = jobs.get("done-me")
     files = [n for n in os.listdir(bodies) if n.startswith("done-me")]
     shutil.rmtree(os.path.join(bodies, name))
@@ -210,3 +219,6 @@ def test_one_unreadable_body_file_stops_every_claim_and_every_outcome(tmp_path: 
         f"{failures} of 5 exchanges failed; done-me is {record and record.state}; "
         f"{len(files)} result files written for it"
     )
+    assert len(files) == 1
+    assert handed == {"big": None, "small": b"{}"}
+    assert {r.id for r in jobs.running()} == {"big", "small"}
