@@ -352,14 +352,15 @@ class Worker:
         """Run the job until it has an outcome, or is put back in the store for a retry."""
         registration = self.registry.lookup(job.type)
         timeout = job.timeout or (registration and registration.timeout) or None
+        if timeout:
+            # A job that may be killed at its deadline could take the outcomes kept
+            # before it along (their results only in the ring, which may have moved on
+            # by then): they are recorded first, before its time starts.
+            self._record_kept()
         deadline = time.time() + timeout if timeout else 0.0
         self.table.received(self.slot, length, job.attempt, job.id, deadline)
         if deadline:
             self.wake_master()  # the master enforces the deadline
-            # A job that may be killed at its deadline could take the outcomes kept
-            # before it along (their results only in the ring, which may have moved on
-            # by then): they are recorded first.
-            self._record_kept()
         if self.events.debugging:  # `ipcctl logs -f` sees long jobs start
             self.events.debug("job.started", _started_fields(job, registration))
         outcome, handler = execute(self.registry, job, self.log)
