@@ -43,12 +43,7 @@ class RealOutcomes(Fixture):
         super().__init__(handler, **kw)
 
     def new_worker(self) -> Worker:
-        self.ledger = Ledger(
-            cast(JobStore, self.jobs),
-            worker_pid=os.getpid(),
-            limit=self._config.daemon.max_jobs_per_worker,
-            stopping=lambda: self.flags.stopping,
-        )
+        self.new_ledger()
         journal = self.journal
         self.real = Outcomes(
             store=cast(ResultStore, fo.FakeStore(journal, None, capacity=1 << 20, broken=False)),

@@ -223,14 +223,19 @@ class Fixture:
         self.registry = Registry(by_type)
         self.worker = self.new_worker()
 
-    def new_worker(self) -> Worker:
-        """A worker process's Worker: its own ledger, nothing claimed yet."""
+    def new_ledger(self) -> Ledger:
+        """A worker process's ledger, as worker_process makes it: nothing claimed yet."""
         self.ledger = Ledger(
             cast(JobStore, self.jobs),
             worker_pid=os.getpid(),
             limit=self._config.daemon.max_jobs_per_worker,
             stopping=lambda: self.flags.stopping,
         )
+        return self.ledger
+
+    def new_worker(self) -> Worker:
+        """A worker process's Worker: its own ledger, nothing claimed yet."""
+        self.new_ledger()
         return Worker(
             slot=SLOT,
             config=self._config,
