@@ -461,6 +461,52 @@ def test_a_full_disk_stops_the_store_and_the_daemon_recovers_by_itself(
     assert ok(inst.ipcctl("submit", "echo", "after", "--wait")).strip() == "after"
 
 
+FILL_THEN_DIE = """
+[handlers.cue]
+type = 5
+target = "ipcd_test_plugins:fill_then_die"
+"""
+
+
+def test_a_worker_that_dies_while_the_disk_is_full_has_its_batch_settled_later(
+    open_instance: Instance,
+) -> None:
+    """A worker's batch: quick jobs, then one that fills the store's disk and kills its
+    worker, then more quick jobs it never started.  The master cannot record the quick
+    jobs' outcomes (from the result ring) nor put the rest back while the disk is full;
+    it tries again on its own, and once space is freed every job ends done, the quick
+    ones having run once, without a restart."""
+    inst = open_instance
+    disk = inst.dir / "disk"
+    disk.mkdir()
+    configure(inst, '[store]\npath = "disk/jobs.db"\n', workers=1, handlers=FILL_THEN_DIE)
+    script = (
+        f"mount -t tmpfs -o size=16m ipcd-test {disk} && exec {IPCD} -c {inst.config_path} start"
+    )
+    started = run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script])
+    assert started.returncode == 0, started.stderr
+    master = inst.pid()
+    client = Client(inst.config)
+    warm = client.submit("cue", "warm", confirm=True)  # the type is timed as quick
+    wait_for("the warm-up", state_is(inst, warm, "done"))
+    ok(inst.ipcctl("pause", "cue"))
+    before = [client.submit("cue", f"before {n}", confirm=True) for n in range(5)]
+    killer = client.submit("cue", str(disk), confirm=True)
+    after = [client.submit("cue", f"after {n}", confirm=True) for n in range(5)]
+    ok(inst.ipcctl("resume", "cue"))
+    wait_for("the worker's death", lambda: events(inst, "job.requeue_failed"))
+    time.sleep(1.5)  # several turns of the master's loop, all refused
+    assert "running" in {job(inst, j)["state"] for j in [*before, *after]}  # held up
+    ok(run(["nsenter", "-t", str(master), "-m", "rm", f"{disk}/filler-die"]))
+    for job_id in [*before, *after, killer]:
+        wait_for(f"job {job_id} to be done", state_is(inst, job_id, "done"))
+    counted = runs(inst)
+    assert all(counted[j] == 1 for j in [*before, *after])
+    assert all(job(inst, j)["attempts"] == 1 for j in [*before, *after])
+    assert job(inst, killer)["attempts"] == 2  # it ran, and died: its attempt counts
+    assert _running(master)
+
+
 def _store_errors(stats: dict[str, Any]) -> int:
     """store_errors wherever `stats --json` keeps it."""
     found = 0

@@ -215,6 +215,7 @@ class Arbiter:
         #: Dead workers whose claimed jobs are not all settled yet (the store refused):
         #: pid -> the id of the job its slot held (recovery's), tried again each turn.
         self._unsettled: dict[int, str | None] = {}
+        self._unsettled_tried = 0.0
         self._wake_r, self._wake_w = os.pipe()
         self._notify_r, self._notify_w = os.pipe()
         for fd in (self._wake_r, self._wake_w, self._notify_r, self._notify_w):
@@ -771,26 +772,27 @@ class Arbiter:
             self.outcomes.reject(exc, held.body, held.type, parked=True)
         self.p.table.clear(held.slot)
 
-    def _requeue_claimed(self, pid: int, held_id: str | None) -> None:
+    def _requeue_claimed(self, pid: int, held_id: str | None, *, again: bool = False) -> None:
         """A worker that died with jobs claimed in the store besides the one in its slot
         (``held_id``, recovery's): those it finished are recorded from the result ring
         (ipcd.daemon.ledger keeps outcomes for the next claim); those it never started
         go back without an attempt counted.  Whatever the store refused is tried again
-        at the next turn of the loop (_settle_unsettled)."""
+        at the next turn of the loop (_settle_unsettled, ``again``), the slot's job
+        included when recovery could not settle it: it ran, so its attempt counts."""
         try:
             for record in self.jobs.running():
-                if record.worker_pid != pid or record.id == held_id:
+                if record.worker_pid != pid or (record.id == held_id and not again):
                     continue
                 if self.recovery.recorded_from_ring(record):
                     continue
-                if self.jobs.requeue(record.id, due=0.0, attempts=max(record.attempts - 1, 0)):
-                    self.log.warning(
-                        "job.requeued", job_id=record.id, cause="claimed, never started"
-                    )
+                ran = record.id == held_id
+                attempts = record.attempts if ran else max(record.attempts - 1, 0)
+                if self.jobs.requeue(record.id, due=0.0, attempts=attempts):
+                    cause = "its worker died" if ran else "claimed, never started"
+                    self.log.warning("job.requeued", job_id=record.id, cause=cause)
                     self.doorbell.ring()
-            left = any(
-                r.worker_pid == pid and r.id != held_id for r in self.jobs.running()
-            )  # fmt: skip
+            # Recovery has settled the slot's job by now, unless the store refused it.
+            left = any(r.worker_pid == pid for r in self.jobs.running())
         except StoreError as exc:
             self._store_failed(exc)
             left = True
@@ -800,9 +802,14 @@ class Arbiter:
             self._unsettled.pop(pid, None)
 
     def _settle_unsettled(self) -> None:
-        """Dead workers' claimed jobs the store refused to settle, tried again."""
+        """Dead workers' claimed jobs the store refused to settle, tried again (once a
+        second at most: each refusal is logged)."""
+        now = time.monotonic()
+        if now - self._unsettled_tried < 1.0:
+            return
+        self._unsettled_tried = now
         for pid, held_id in list(self._unsettled.items()):
-            self._requeue_claimed(pid, held_id)
+            self._requeue_claimed(pid, held_id, again=True)
 
     def _requeue_running(self) -> None:
         """At start, after the jobs in the workers' slots were recovered: every job the

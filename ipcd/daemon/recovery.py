@@ -153,11 +153,11 @@ class Recovery:
             return False
         if found is None or found.attempt != record.attempts or found.finished < record.started:
             return False
-        self.outcomes.record(record.id, found)
-        self.log.info(
-            "job.recorded", job_id=record.id, type=record.type, attempt=record.attempts,
-            cause="finished, its worker died before recording it",
-        )  # fmt: skip
+        if self.outcomes.record(record.id, found):  # else refused: the caller tries again
+            self.log.info(
+                "job.recorded", job_id=record.id, type=record.type, attempt=record.attempts,
+                cause="finished, its worker died before recording it",
+            )  # fmt: skip
         return True
 
     def keep_for_next_start(self, held: Held, cause: str) -> None:

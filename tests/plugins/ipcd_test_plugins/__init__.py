@@ -174,6 +174,22 @@ def die_on_cue(job: Job) -> HandlerResult:
     return job.payload
 
 
+def fill_then_die(job: Job) -> HandlerResult:
+    """With a directory as payload, on the first attempt: fill its file system (a file
+    ``filler-die`` there, until ENOSPC), then SIGKILL the worker; otherwise return the
+    payload."""
+    payload = job.payload
+    if isinstance(payload, str) and payload.startswith("/") and job.attempt == 1:
+        fd = os.open(os.path.join(payload, "filler-die"), os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            while os.write(fd, b"\0" * 4096):
+                pass
+        except OSError:
+            pass  # full
+        os.kill(os.getpid(), signal.SIGKILL)
+    return payload
+
+
 def slow_retry_once(job: Job) -> HandlerResult:
     """Run the payload's number of seconds, then ask for one retry; succeed at attempt 2."""
     import time
