@@ -173,7 +173,7 @@ _ipcctl() {
         if [[ $cur == -* ]]; then
             _ipcd_reply "-c --config --version -h --help"
         else
-            _ipcd_reply "submit result status list show cancel pause resume purge failed retry key logs stats"
+            _ipcd_reply "submit result status list show cancel pause resume purge failed retry wait key logs stats"
         fi
         return 0
     fi
@@ -211,6 +211,10 @@ _ipcctl() {
         takes="--state --older-than"
         ;;
     failed) opts="--json" ;;
+    wait)
+        opts="--any --timeout --json"
+        takes="--timeout"
+        ;;
     retry | key) opts="" ;;
     logs)
         opts="-f --follow --job --type --level --since --json -n --lines --color"
@@ -240,6 +244,14 @@ _ipcctl() {
         # older entries were dropped.
         _ipcd_reply "$("${COMP_WORDS[0]}" "${cfgargs[@]}" failed 2>/dev/null |
             awk '$1 ~ /^[0-9A-Za-z_.-]+$/ && $2 == "type" { print $1 }')"
+        ;;
+    wait:*)
+        # The jobs that have not ended: `ipcctl list` prints a header line, then an id
+        # at the start of each line.
+        local -a cfgargs
+        mapfile -t cfgargs < <(_ipcd_config_args)
+        _ipcd_reply "$("${COMP_WORDS[0]}" "${cfgargs[@]}" list --state queued --state scheduled \
+            --state running 2>/dev/null | awk 'NR > 1 { print $1 }')"
         ;;
     esac
     return 0

@@ -49,7 +49,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     with --wait, -q with --unique) are a usage error (64) without it, not silently ignored."""
     parser = build_parser(command_in(argv))
     args = parser.parse_args(argv)
-    if getattr(args, "timeout", None) is not None and not args.wait:
+    if getattr(args, "timeout", None) is not None and not getattr(args, "wait", True):
         parser.error("--timeout S only applies with --wait (it bounds the wait for the result)")
     if getattr(args, "quiet", False) and args.unique is None:
         parser.error("-q/--quiet only applies with --unique KEY (it silences 'already queued')")
@@ -58,6 +58,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
             parser.error("cancel takes job ids or --type H, not both and not neither")
         if args.state and not args.type:
             parser.error("--state S only applies with --type H (job ids name their jobs)")
+    if args.command == "wait":
+        from ipcd.wire.control import MAX_IDS
+
+        if len(set(args.job_ids)) > MAX_IDS:
+            parser.error(f"wait takes at most {MAX_IDS} job ids")
     return args
 
 
@@ -287,6 +292,26 @@ def _purge_options(parser: argparse.ArgumentParser) -> None:
     _json_option(parser)
 
 
+def _wait_many_options(parser: argparse.ArgumentParser) -> None:
+    from ipcd.wire.control import MAX_IDS
+
+    parser.add_argument(
+        "job_ids", nargs="+", type=_job_id, metavar="ID", help=f"the jobs (at most {MAX_IDS})"
+    )
+    parser.add_argument("--any", action="store_true", help="return when the first one ends")
+    parser.add_argument(
+        "--timeout",
+        type=_seconds,
+        metavar="S",
+        help="give up after S seconds, exit 124 (default: wait as long as it takes)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="at the end, one JSON document: the jobs' records, which ended, which still wait",
+    )
+
+
 def _handlers_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
     parser.add_argument("handlers", nargs="*", metavar="HANDLER", help=help_text)
 
@@ -328,6 +353,7 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "purge": ("remove finished jobs from the store", _purge_options),
     "failed": ("list jobs that failed for good, and why", _json_option),
     "retry": ("queue a failed or cancelled job again", _job_id_argument),
+    "wait": ("wait until jobs end (--any: the first); one line per job", _wait_many_options),
     "key": ("print the IPC keys and how they are derived", _no_options),
     "logs": ("print ipcd's event log ([log] file) readably", _logs_options),
 }

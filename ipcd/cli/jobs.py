@@ -1,5 +1,6 @@
 """ipcctl's operator commands, answered by the daemon from its job store: ``list``,
-``show``, ``cancel``, ``pause``, ``resume``, ``purge``, ``failed`` and ``retry``.
+``show``, ``cancel``, ``pause``, ``resume``, ``purge``, ``failed``, ``retry`` and
+``wait``.
 
 Each asks the daemon over its control socket (ipcd.client.control); handler names become
 message types here, from the configuration, so that the daemon only ever sees numbers.
@@ -21,7 +22,13 @@ from ipcd.cli import control_socket_path
 from ipcd.cli.ipcctl_args import WAIT_TIMEOUT
 from ipcd.client.control import ControlClient
 from ipcd.config import Config
-from ipcd.errors import ConfigError, IpcdError, NoResultError, WaitTimeoutError
+from ipcd.errors import (
+    ConfigError,
+    ExitCode,
+    IpcdError,
+    NoResultError,
+    WaitTimeoutError,
+)
 from ipcd.layout.results import Kind
 from ipcd.wire.control import JobInfo, StoredResult
 
@@ -47,6 +54,8 @@ def main(config: Config, args: argparse.Namespace) -> int:
         return 0
     if command == "failed":
         return _failed(client, args.json)
+    if command == "wait":
+        return _wait(config, client, args)
     # retry
     print(client.retry(args.job_id).id)
     return 0
@@ -203,6 +212,67 @@ def _failed(client: ControlClient, as_json: bool) -> int:
         when = _when(j.finished if j.finished is not None else j.accepted)
         print(f"{j.id}  type {j.type}  {when}  attempts {j.attempts}  {j.error}")
     return 0
+
+
+def _wait(config: Config, client: ControlClient, args: argparse.Namespace) -> int:
+    """Wait for every job named (``--any``: the first) to end, a line each as it ends;
+    0 when all that ended succeeded, 1 when one failed or was cancelled, 124 (with a
+    line for each job still waiting) when ``--timeout`` ran out first."""
+    from ipcd.client import Client
+    from ipcd.client.waiting import Waiting
+
+    waiting = Waiting(args.job_ids, client.jobs, Client(config).await_news)
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    ended: list[JobInfo] = []
+    for job in waiting.ended(deadline):
+        ended.append(job)
+        if not args.json:
+            print(_ended_line(job), flush=True)
+        if args.any:
+            break
+    if waiting.unknown:
+        raise NoResultError(
+            f"no job {', '.join(waiting.unknown)} in the job store (never submitted, or "
+            "purged); nothing more was waited for"
+        )
+    timed_out = not ended if args.any else bool(waiting.pending)
+    if timed_out:
+        status = int(ExitCode.TIMEOUT)
+    elif any(job.state != "done" for job in ended):
+        status = int(ExitCode.JOB_FAILED)
+    else:
+        status = 0
+    if args.json:
+        jobs = [waiting.last[i] for i in waiting.ids]
+        doc = {
+            "jobs": [job._asdict() for job in jobs if job is not None],
+            "ended": [job.id for job in ended],
+            "pending": waiting.pending,
+            "status": status,
+        }
+        print(json.dumps(doc))
+    elif timed_out:
+        for job_id in waiting.pending:
+            last = waiting.last[job_id]
+            print(
+                f"{job_id} {_handler(last) if last else '-'} {last.state if last else '?'} "
+                "(still waiting)"
+            )
+    if timed_out:
+        what = "any of" if args.any else "all of"
+        raise WaitTimeoutError(
+            f"timed out after {args.timeout:g} s waiting for {what} {len(waiting.ids)} "
+            "job" + _s(len(waiting.ids)) + "; they stay queued or running"
+        )
+    return status
+
+
+def _ended_line(job: JobInfo) -> str:
+    """``ID HANDLER STATE``, with the error of a job that did not succeed."""
+    line = f"{job.id} {_handler(job)} {job.state}"
+    if job.state != "done":
+        line += f": {job.error or job.state}"
+    return line
 
 
 def print_job_log(

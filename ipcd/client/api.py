@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from ipcd.config import Config
 from ipcd.errors import (
+    IpcdError,
     JobFailedError,
     NotConfirmedError,
     NotRunningError,
@@ -322,6 +323,17 @@ class Client:
             if left <= 0:
                 raise self._timeout(job_id, timeout)
             gate.wait(min(left, GATE_RECHECK))
+
+    def await_news(self, timeout: float) -> None:
+        """Sleep until the daemon announces a stored result (the result gate) or
+        ``timeout`` seconds pass: how a watcher of jobs it did not submit
+        (ipcd.client.waiting) looks again soon after each job ends, without polling the
+        job store in a tight loop.  Without a gate to wait on (no daemon, or a gate this
+        user may not read) it simply sleeps."""
+        try:
+            self._result_gate().wait(timeout)
+        except IpcdError:
+            time.sleep(timeout)
 
     def daemon_serving(self) -> bool:
         """Whether a live daemon serves this configuration's queue (:func:`serving`).

@@ -143,6 +143,11 @@ class ControlClient:
             raise ControlError("the daemon's answer has no counts", 70)
         return dict(raw)
 
+    def jobs(self, ids: Sequence[str]) -> builtins.list[JobInfo | None]:
+        """Each job's record, in the order named; None for a job the store does not hold
+        (never submitted, purged, or still in the kernel's queue)."""
+        return wire.maybe_jobs_from(self.ask(Request("jobs", ids=tuple(ids))))
+
     # --- the connection -------------------------------------------------------------------
 
     def ask(self, request: Request) -> dict[str, Any]:

@@ -109,6 +109,7 @@ class ControlServer:
             "failed": self._failed,
             "retry": self._retry,
             "counts": self._counts,
+            "jobs": self._jobs,
         }
         #: Who asked, for the log events of the requests that change something.
         self._peer: dict[str, int] = {}
@@ -282,6 +283,12 @@ class ControlServer:
 
     def _counts(self, request: Request) -> dict[str, Any]:
         return {"counts": {_value(state): n for state, n in self.store.counts().items()}}
+
+    def _jobs(self, request: Request) -> dict[str, Any]:
+        """Each named job's record, or null when the store does not hold it: what
+        ``ipcctl wait`` asks until the jobs have ended."""
+        records = (self.store.get(job_id) for job_id in request.ids)
+        return {"jobs": [None if r is None else wire.job_to_dict(r) for r in records]}
 
     def _get(self, job_id: str) -> JobRecord:
         record = self.store.get(job_id)

@@ -37,6 +37,8 @@ WAITING = ("queued", "scheduled")
 FINAL = ("done", "failed", "cancelled")
 #: The most records one ``list`` or ``failed`` answer carries.
 MAX_LIMIT = 100_000
+#: The most jobs one ``jobs`` request names (``ipcctl wait``).
+MAX_IDS = 1000
 
 
 class Request(NamedTuple):
@@ -68,6 +70,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "failed": ("limit",),
     "retry": ("id",),
     "counts": (),
+    "jobs": ("ids",),
 }
 
 
@@ -230,6 +233,8 @@ def check(request: Request) -> None:
         raise UsageError("older_than must be a finite number of seconds, not negative")
     if op == "cancel" and not (request.ids or request.types):
         raise UsageError("cancel needs job ids or types")
+    if op == "jobs" and not 1 <= len(request.ids) <= MAX_IDS:
+        raise UsageError(f"jobs needs 1 to {MAX_IDS} job ids, not {len(request.ids)}")
     if op == "purge" and not request.states:
         raise UsageError(f"purge needs states ({', '.join(FINAL)})")
 
@@ -321,6 +326,15 @@ def jobs_from(doc: Mapping[str, Any], name: str = "jobs") -> list[JobInfo]:
     if not isinstance(raw, list):
         raise ControlError(f"the daemon's answer has no list {name!r}", 70)
     return [job_from_dict(item) for item in raw]
+
+
+def maybe_jobs_from(doc: Mapping[str, Any], name: str = "jobs") -> list[JobInfo | None]:
+    """The list under ``name`` of records or nulls (``jobs``: a job the store does not
+    hold)."""
+    raw = doc.get(name)
+    if not isinstance(raw, list):
+        raise ControlError(f"the daemon's answer has no list {name!r}", 70)
+    return [None if item is None else job_from_dict(item) for item in raw]
 
 
 def result_to_dict(result: tuple[int, bytes] | None) -> dict[str, Any] | None:
