@@ -34,7 +34,7 @@ from ipcd.errors import (
     UsageError,
 )
 from ipcd.store import JobRecord, JobStore, NewJob, Retention, State, open_store, schema
-from ipcd.store.sqlite import SqliteStore, connect
+from ipcd.store.sqlite import PAGE_SIZE, SqliteStore, connect
 
 NOW = 1_700_000_000.0
 NOBODY = 65534
@@ -103,6 +103,28 @@ def test_the_connection_is_wal_with_the_sync_asked_for(path: str, sync: str, lev
         conn.close()
     with pytest.raises(ConfigError, match="'normal' or 'full'"):
         connect(path, sync="sometimes")
+
+
+def test_a_new_file_has_small_pages_and_an_older_one_keeps_its_own(path: str) -> None:
+    """A new store is made with PAGE_SIZE pages (a lone job's commit writes fewer bytes);
+    a file made with SQLite's default 4 KiB pages (by an earlier ipcd) opens and serves
+    as it is: the page size of a WAL file cannot change in place."""
+    store = open_store(path)
+    store.add([_job("a")])
+    store.close()
+    with contextlib.closing(_raw(path)) as raw:
+        assert raw.execute("PRAGMA page_size").fetchone() == (PAGE_SIZE,)
+    assert PAGE_SIZE < 4096
+    older = path + ".old"
+    with contextlib.closing(sqlite3.connect(older)) as raw:
+        raw.execute("PRAGMA journal_mode = WAL")  # the default page size, 4096
+        raw.execute("CREATE TABLE t (x)")
+    store = open_store(older)
+    store.add([_job("b")])
+    assert _ids(store.list()) == ["b"]
+    store.close()
+    with contextlib.closing(_raw(older)) as raw:
+        assert raw.execute("PRAGMA page_size").fetchone() == (4096,)
 
 
 def test_migrations_reach_the_version_once_and_keep_the_jobs(path: str) -> None:
@@ -304,7 +326,8 @@ def test_a_full_store_raises_store_full_and_keeps_what_it_had(path: str) -> None
     store = SqliteStore(conn, path)
     try:
         pages = conn.execute("PRAGMA page_count").fetchone()[0]
-        conn.execute(f"PRAGMA max_page_count = {pages + 8}")
+        room = 32 * 1024 // conn.execute("PRAGMA page_size").fetchone()[0]  # 32 KiB more
+        conn.execute(f"PRAGMA max_page_count = {pages + room}")
         added = 0
         with pytest.raises(StoreFullError) as caught:
             for batch in range(100):
