@@ -82,6 +82,12 @@ def export(rev: str, into: Path) -> str:
     return short
 
 
+def has_store(source: Path | None) -> bool:
+    """Whether the ipcd of ``source`` (None: this checkout's) has a job store, whose
+    ``[store]`` section the bench's daemons then get (an older one would refuse it)."""
+    return source is None or (source / "ipcd" / "store").is_dir()
+
+
 def _git(*args: str) -> bytes:
     done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, check=True)
     return done.stdout
@@ -131,7 +137,7 @@ class BenchDaemon:
                 slot_size = {slot_size}
                 """
             )
-            + ("" if source else STORE_SECTION + store)
+            + (STORE_SECTION + store if has_store(source) else "")
             + HANDLERS
         )
         self.config = config_mod.load(self.config_path)

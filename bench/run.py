@@ -4,7 +4,9 @@ The steps, in the order they run:
 
 1. start a raw sysv_ipc pair (bench.raw) and three ipcd daemons with 1, 2 and 4 workers,
    each on a private configuration, and record the daemons' idle memory; and one more
-   with 1 worker running the ``--baseline`` commit's ipcd (bench.daemon.export);
+   with 1 worker running the ``--baseline`` commit's ipcd (bench.daemon.export), and
+   one running the ``--store-baseline`` commit's (a job store's, for the cost of what
+   later commits add to its path);
 2. for each placement, unpinned (the scheduler's choice) and pinned (every process on
    one CPU): round trips and fire-and-forget jobs, raw and ipcd rounds interleaved;
 3. CPU time per round trip of each process, raw and ipcd, pinned (where the time goes);
@@ -80,6 +82,12 @@ BEANSTALKD_HINT = "apt-get install beanstalkd"
 #: The daemon the jobs-completed rows compare with (--baseline): main before the job
 #: store of issue 12, whose jobs go from the kernel queue straight to a worker.
 BASELINE_REV = "79c7d5f8461d93eb8be1a15f5ac6be574e7df640"
+#: The job store's daemon before issue 13's dispatcher (limits, dependencies, schedules,
+#: hooks, captured output) (--store-baseline): issue 13 may cost its common path, a job
+#: that uses none of them, at most 5 % of confirmed jobs completed per second.
+STORE_BASELINE_REV = "cf94030595f1ab4a5eafee3e6f599df7e3f8f068"
+#: What the store baseline's rows ask of today's figures (issue 13).
+OVER_STORE_BASELINE = Target(">=", 0.95)
 
 
 class Submission(NamedTuple):
@@ -120,6 +128,8 @@ class Bench:
         self.daemons: dict[int, BenchDaemon] = {}
         self.baseline: BenchDaemon | None = None
         self.baseline_rev = ""
+        self.store_baseline: BenchDaemon | None = None
+        self.store_baseline_rev = ""
         self.loaded: dict[str, Memory] = {}
 
     # --- the parts, in order ----------------------------------------------------------
@@ -131,7 +141,12 @@ class Bench:
         self.keys.update(self.raw.keys)
         for workers in (1, 2, 4):
             self.daemons[workers] = self._daemon(BenchDaemon(f"{workers}w", workers=workers))
-        self.baseline = self._baseline_daemon()
+        self.baseline, self.baseline_rev = self._baseline_daemon(
+            self.args.baseline, "base", "baseline daemon"
+        )
+        self.store_baseline, self.store_baseline_rev = self._baseline_daemon(
+            self.args.store_baseline, "store-base", "store baseline daemon"
+        )
         self.raw.round_trips(0.05)  # warm-up
         self.extra["memory_idle"] = self._memory()
 
@@ -390,6 +405,10 @@ class Bench:
             label = f"ipcd {self.baseline_rev}, unconfirmed"
             note = "the baseline commit's daemon beside it, 1 worker"
             bases.append(("baseline", label, lambda s: s.over_baseline, note))
+        if self.store_baseline is not None:
+            for submission in SUBMISSIONS:
+                name = f"store-base {submission.name}"
+                subjects.append((name, self._ff(self.store_baseline, submission.options)))
         for placement, cpus in self._placements():
             self._place(cpus, extra=pids)
             say(f"fire-and-forget jobs completed/s, {placement}")
@@ -407,7 +426,18 @@ class Bench:
                         target(submission),
                         note=note,
                     )
-                if not bases:
+                if self.store_baseline is not None:
+                    self._ratio_row(
+                        what,
+                        placement,
+                        f"ipcd {self.store_baseline_rev}, {submission.name}",
+                        samples,
+                        f"store-base {submission.name}",
+                        submission.name,
+                        OVER_STORE_BASELINE if submission.options else None,
+                        note="the job store's daemon before issue 13 beside it, 1 worker",
+                    )
+                if not bases and self.store_baseline is None:
                     ours = samples[submission.name]
                     self.rows.append(
                         Row(
@@ -704,24 +734,27 @@ class Bench:
         self.keys.update(daemon.keys.all())
         return daemon
 
-    def _baseline_daemon(self) -> BenchDaemon | None:
-        """A 1-worker daemon running the --baseline commit's ipcd, or None (said)."""
-        rev = self.args.baseline
+    def _baseline_daemon(self, rev: str, name: str, what: str) -> tuple[BenchDaemon | None, str]:
+        """A 1-worker daemon running commit ``rev``'s ipcd and its short hash, or None
+        (said why)."""
         if not rev:
-            self.skipped("baseline daemon", "--baseline ''")
-            return None
+            self.skipped(what, "no commit given ('')")
+            return None, ""
         source = Path(self.stack.enter_context(tempfile.TemporaryDirectory(prefix="ipcd-base-")))
         try:
-            self.baseline_rev = export(rev, source)
+            short = export(rev, source)
         except RuntimeError as exc:
-            self.skipped("baseline daemon", str(exc))
-            return None
-        say(f"starting a daemon with 1 worker from commit {self.baseline_rev}")
-        return self._daemon(BenchDaemon("base", workers=1, source=source))
+            self.skipped(what, str(exc))
+            return None, ""
+        say(f"starting a daemon with 1 worker from commit {short}")
+        return self._daemon(BenchDaemon(name, workers=1, source=source)), short
 
     def _place(self, cpus: set[int], extra: list[int] | None = None) -> None:
         pids = [*self.raw.pids(), *(extra or [])]
-        for daemon in [*self.daemons.values(), *filter(None, [self.baseline])]:
+        for daemon in [
+            *self.daemons.values(),
+            *filter(None, [self.baseline, self.store_baseline]),
+        ]:
             pids += daemon.pids()
         place(pids, cpus)
 
@@ -854,6 +887,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="REV",
         help="run a daemon from this commit beside today's for the jobs-completed rows "
         "('' for none; default: main before the job store)",
+    )
+    parser.add_argument(
+        "--store-baseline",
+        default=STORE_BASELINE_REV,
+        metavar="REV",
+        help="and one from this commit, submitted to as today's is ('' for none; "
+        "default: the job store before issue 13)",
     )
     parser.add_argument(
         "--store-jobs",
