@@ -174,8 +174,15 @@ class FakeJobStore:
         self._enter("body")
         return self.bodies.get(job_id)
 
+    def admit(self, jobs: Sequence[NewJob]) -> Backlog:
+        self.add(jobs)
+        return self._backlog()
+
     def backlog(self) -> Backlog:
         self._enter("backlog")
+        return self._backlog()
+
+    def _backlog(self) -> Backlog:
         waiting = [r.id for r in self.records.values() if r.state in WAITING]
         return Backlog(len(waiting), sum(len(self.bodies[i]) for i in waiting))
 

@@ -278,7 +278,7 @@ class KilledInAdd:
     def backlog(self) -> Backlog:
         return self.store.backlog()
 
-    def add(self, jobs: Sequence[NewJob]) -> list[str]:
+    def admit(self, jobs: Sequence[NewJob]) -> Backlog:
         if self.after_commit:
             self.store.add(jobs)
         os.kill(os.getpid(), signal.SIGKILL)

@@ -39,7 +39,7 @@ from ipcd.errors import MessageError, NotRunningError, StoreError
 from ipcd.handlers.registry import Registry
 from ipcd.kernel.queues import Queue, TooBigError
 from ipcd.kernel.waits import Interrupted
-from ipcd.store import JobStore, NewJob, State
+from ipcd.store import Backlog, JobStore, NewJob, State
 from ipcd.tables import spill
 from ipcd.tables.inflight import InflightTable
 from ipcd.tables.spill.table import SpillTable
@@ -112,6 +112,9 @@ class Intake:
         self.doorbell = doorbell
         self.pid = os.getpid()
         self._lengths = [0] * slots.workers
+        #: The backlog as the last commit left it (None: not known), which the next
+        #: batch's room is reckoned from while it is below the bounds.
+        self._backlog: Backlog | None = None
         #: Since when the store is over its bounds, or fails (0: it is not).
         self._full_since = 0.0
         self._failing_since = 0.0
@@ -140,17 +143,28 @@ class Intake:
 
     def _room(self) -> int:
         """How many messages the next batch may take: no more than the store has room
-        for below ``max_queued``, so the bound holds exactly for jobs (bytes are known
-        only once taken: ``max_queued_bytes`` may be passed by one batch).  0: wait a
-        moment (and say so once): the kernel queue fills and submitters get its
-        backpressure."""
+        for below ``max_queued`` (bytes are known only once taken: ``max_queued_bytes``
+        may be passed by one batch).  0: wait a moment (and say so once): the kernel
+        queue fills and submitters get its backpressure.
+
+        The backlog is the one the last commit read in its own transaction (``admit``),
+        read afresh only when that is not below the bounds: workers only shrink it
+        meanwhile, so the room is never overstated by them; what the daemon's other
+        processes put back meanwhile (a retry, a dead worker's unstarted jobs) may pass
+        the bound by that many jobs until the next commit."""
         limits = self.config.store
-        try:
-            backlog = self.jobs.backlog()
-        except StoreError as exc:
-            self._store_failed(exc)
-            return 0
+        backlog = self._backlog
+        self._backlog = None
+        if backlog is None or not (
+            backlog.jobs < limits.max_queued and backlog.bytes < limits.max_queued_bytes
+        ):
+            try:
+                backlog = self.jobs.backlog()
+            except StoreError as exc:
+                self._store_failed(exc)
+                return 0
         if backlog.jobs < limits.max_queued and backlog.bytes < limits.max_queued_bytes:
+            self._backlog = backlog
             if self._full_since:
                 self.log.info("intake.resumed", after_s=round(time.time() - self._full_since, 3))
                 self._full_since = 0.0
@@ -226,7 +240,7 @@ class Intake:
     def _commit(self, batch: list[Vetted]) -> bool:
         while True:
             try:
-                self.jobs.add([v.record for v in batch])
+                self._backlog = self.jobs.admit([v.record for v in batch])
             except StoreError as exc:
                 self._store_failed(exc)
                 if self.flags.stopping:

@@ -168,6 +168,12 @@ class JobStore(Protocol):
         re-adds safely). Returns the ids inserted, in the order given."""
         ...
 
+    def admit(self, jobs: Sequence[NewJob]) -> Backlog:
+        """:meth:`add`, and then the :meth:`backlog` as that same transaction leaves it:
+        the intake knows its next batch's room below ``max_queued`` without a read
+        transaction of its own per batch."""
+        ...
+
     def claim(
         self, n: int, now: float, *, worker_pid: int = 0
     ) -> list[tuple[JobRecord, bytes | None]]:

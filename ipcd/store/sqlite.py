@@ -327,16 +327,23 @@ class SqliteStore:
     # -- adding and dispatching ---------------------------------------------------------
 
     def add(self, jobs: Sequence[NewJob]) -> builtins.list[str]:
+        return self._admit(jobs)[0]
+
+    def admit(self, jobs: Sequence[NewJob]) -> Backlog:
+        return self._admit(jobs)[1]
+
+    def _admit(self, jobs: Sequence[NewJob]) -> tuple[builtins.list[str], Backlog]:
         inserted: list[str] = []
         written: list[str] = []
         try:
             with self._write() as db:
                 self._add(db, jobs, inserted, written)
+                backlog = self._backlog(db)
         except BaseException:
             # Not committed (a failed COMMIT rolls back): no row names these files.
             self._blobs.remove(written)
             raise
-        return inserted
+        return inserted, backlog
 
     def _add(
         self,
@@ -744,10 +751,14 @@ class SqliteStore:
 
     def backlog(self) -> Backlog:
         with self._read() as db:
-            jobs, size = db.execute(
-                "SELECT COALESCE(SUM(jobs), 0), COALESCE(SUM(bytes), 0) FROM tally "
-                "WHERE state IN ('queued', 'scheduled')"
-            ).fetchone()
+            return self._backlog(db)
+
+    @staticmethod
+    def _backlog(db: sqlite3.Connection) -> Backlog:
+        jobs, size = db.execute(
+            "SELECT COALESCE(SUM(jobs), 0), COALESCE(SUM(bytes), 0) FROM tally "
+            "WHERE state IN ('queued', 'scheduled')"
+        ).fetchone()
         return Backlog(int(jobs), int(size))
 
     # -- keeping the store bounded ------------------------------------------------------
