@@ -143,6 +143,10 @@ class ControlClient:
             raise ControlError("the daemon's answer has no counts", 70)
         return dict(raw)
 
+    def schedules(self) -> builtins.list[wire.ScheduleInfo]:
+        """The daemon's recurring schedules: next run, last run and its job."""
+        return wire.schedules_from(self.ask(Request("schedules")))
+
     # --- the connection -------------------------------------------------------------------
 
     def ask(self, request: Request) -> dict[str, Any]:

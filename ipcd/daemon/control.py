@@ -109,6 +109,7 @@ class ControlServer:
             "failed": self._failed,
             "retry": self._retry,
             "counts": self._counts,
+            "schedules": self._schedules,
         }
         #: Who asked, for the log events of the requests that change something.
         self._peer: dict[str, int] = {}
@@ -282,6 +283,14 @@ class ControlServer:
 
     def _counts(self, request: Request) -> dict[str, Any]:
         return {"counts": {_value(state): n for state, n in self.store.counts().items()}}
+
+    def _schedules(self, request: Request) -> dict[str, Any]:
+        """The schedules the master keeps in the store, each with its last job's state."""
+        answer = []
+        for state in self.store.schedules():
+            last = self.store.get(state.last_job) if state.last_job else None
+            answer.append(wire.schedule_to_dict(state, _value(last.state) if last else None))
+        return {"schedules": answer}
 
     def _get(self, job_id: str) -> JobRecord:
         record = self.store.get(job_id)
