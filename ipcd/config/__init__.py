@@ -407,9 +407,7 @@ def _handlers(reader: TableReader, table: Mapping[str, Any]) -> tuple[HandlerCon
         target = reader.optional(entry, f"{where}.target", str)
         if target is not None and ":" not in target:
             raise reader.error(f"{where}.target must look like 'package.module:function'")
-        timeout = reader.get(entry, f"{where}.timeout", float, None)
-        if timeout is not None and not 0 < timeout < math.inf:
-            raise reader.error(f"{where}.timeout must be a positive number of seconds")
+        timeout = _timeout(reader, entry, where)
         handlers.append(
             HandlerConfig(
                 name=name,
@@ -470,9 +468,7 @@ def _schedules(
         missed = reader.get(entry, f"{where}.missed", str, "run-once")
         if missed not in MISSED:
             raise reader.error(f'{where}.missed must be "run-once" or "skip", not {missed!r}')
-        timeout = reader.get(entry, f"{where}.timeout", float, None)
-        if timeout is not None and not 0 < timeout < math.inf:
-            raise reader.error(f"{where}.timeout must be a positive number of seconds")
+        timeout = _timeout(reader, entry, where)
         schedules.append(
             ScheduleConfig(
                 name=name,
@@ -487,6 +483,14 @@ def _schedules(
             )
         )
     return tuple(schedules)
+
+
+def _timeout(reader: TableReader, entry: Mapping[str, Any], where: str) -> float | None:
+    """A job's time limit (``[handlers.NAME]``, ``[schedules.NAME]``): None, or seconds."""
+    timeout: float | None = reader.get(entry, f"{where}.timeout", float, None)
+    if timeout is not None and not 0 < timeout < math.inf:
+        raise reader.error(f"{where}.timeout must be a positive number of seconds")
+    return timeout
 
 
 def _every(reader: TableReader, entry: Mapping[str, Any], where: str) -> float | None:
