@@ -173,7 +173,7 @@ _ipcctl() {
         if [[ $cur == -* ]]; then
             _ipcd_reply "-c --config --version -h --help"
         else
-            _ipcd_reply "submit result status list show cancel pause resume purge failed retry wait key logs stats"
+            _ipcd_reply "submit result status list show cancel pause resume purge failed retry wait schedules key logs stats"
         fi
         return 0
     fi
@@ -210,11 +210,11 @@ _ipcctl() {
         opts="--state --older-than --json"
         takes="--state --older-than"
         ;;
-    failed) opts="--json" ;;
     wait)
         opts="--any --timeout --json"
         takes="--timeout"
         ;;
+    failed | schedules) opts="--json" ;;
     retry | key) opts="" ;;
     logs)
         opts="-f --follow --job --type --level --since --json -n --lines --color"

@@ -29,7 +29,7 @@ from ipcd.wire.protocol import Payload, payload_from_json
 
 #: The commands the daemon answers from its job store, over its control socket.
 STORE_COMMANDS = frozenset(
-    {"list", "show", "cancel", "pause", "resume", "purge", "failed", "retry", "wait"}
+    {"list", "show", "cancel", "pause", "resume", "purge", "failed", "retry", "wait", "schedules"}
 )
 
 

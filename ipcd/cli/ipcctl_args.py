@@ -354,6 +354,7 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "failed": ("list jobs that failed for good, and why", _json_option),
     "retry": ("queue a failed or cancelled job again", _job_id_argument),
     "wait": ("wait until jobs end (--any: the first); one line per job", _wait_many_options),
+    "schedules": ("list the recurring schedules: next run, last run and its job", _json_option),
     "key": ("print the IPC keys and how they are derived", _no_options),
     "logs": ("print ipcd's event log ([log] file) readably", _logs_options),
 }

@@ -1,6 +1,6 @@
 """ipcctl's operator commands, answered by the daemon from its job store: ``list``,
-``show``, ``cancel``, ``pause``, ``resume``, ``purge``, ``failed``, ``retry`` and
-``wait``.
+``show``, ``cancel``, ``pause``, ``resume``, ``purge``, ``failed``, ``retry``, ``wait``
+and ``schedules``.
 
 Each asks the daemon over its control socket (ipcd.client.control); handler names become
 message types here, from the configuration, so that the daemon only ever sees numbers.
@@ -56,6 +56,8 @@ def main(config: Config, args: argparse.Namespace) -> int:
         return _failed(client, args.json)
     if command == "wait":
         return _wait(config, client, args)
+    if command == "schedules":
+        return _schedules(client, args.json)
     # retry
     print(client.retry(args.job_id).id)
     return 0
@@ -87,11 +89,16 @@ def _list(config: Config, client: ControlClient, args: argparse.Namespace) -> in
     ]
     if rows:
         header = ("ID", "HANDLER", "STATE", "ATT", "AGE", "UNIQUE", "SIZE", "PREVIEW")
-        widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header) - 1)]
-        for row in (header, *rows):
-            cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
-            print("  ".join([*cells, row[-1]]).rstrip())
+        _table([header, *rows])
     return 0
+
+
+def _table(rows: Sequence[Sequence[str]]) -> None:
+    """Rows in columns as wide as their widest cell, the last one left as it is."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        print("  ".join([*cells, row[-1]]).rstrip())
 
 
 def _show(config: Config, client: ControlClient, args: argparse.Namespace) -> int:
@@ -273,6 +280,33 @@ def _ended_line(job: JobInfo) -> str:
     if job.state != "done":
         line += f": {job.error or job.state}"
     return line
+
+
+def _schedules(client: ControlClient, as_json: bool) -> int:
+    """``ipcctl schedules``: one line per schedule the daemon keeps, by name."""
+    found = client.schedules()
+    if as_json:
+        print(json.dumps({"schedules": [s._asdict() for s in found]}))
+        return 0
+    rows = [
+        (
+            s.name,
+            s.handler,
+            s.spec,
+            _when(s.next_due),
+            _when(s.last_fired),
+            s.last_job or "-",
+            s.last_state or "-",
+            str(s.overlaps),
+        )
+        for s in found
+    ]
+    if rows:
+        header = ("NAME", "HANDLER", "WHEN", "NEXT", "LAST", "LAST JOB", "STATE", "SKIPPED")
+        _table([header, *rows])
+    else:
+        print("no schedules ([schedules.NAME] in the configuration)", file=sys.stderr)
+    return 0
 
 
 def print_job_log(

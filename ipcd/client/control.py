@@ -148,6 +148,10 @@ class ControlClient:
         (never submitted, purged, or still in the kernel's queue)."""
         return wire.maybe_jobs_from(self.ask(Request("jobs", ids=tuple(ids))))
 
+    def schedules(self) -> builtins.list[wire.ScheduleInfo]:
+        """The daemon's recurring schedules: next run, last run and its job."""
+        return wire.schedules_from(self.ask(Request("schedules")))
+
     # --- the connection -------------------------------------------------------------------
 
     def ask(self, request: Request) -> dict[str, Any]:

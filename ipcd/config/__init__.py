@@ -11,6 +11,7 @@ path free of third-party imports.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tomllib
@@ -141,6 +142,49 @@ class HandlerConfig(NamedTuple):
     retry_delay: float | None = None
 
 
+#: ``[scheduler] timezone`` by default: the host's own zone ($TZ, else /etc/localtime),
+#: as cron's.
+LOCAL_ZONE = "local"
+#: The shortest ``every`` (the master looks at its schedules about once a second).
+MIN_EVERY = 1.0
+#: The most ``[schedules.NAME]`` tables one file may have.
+MAX_SCHEDULES = 1000
+#: What a schedule does with runs whose time passed while the daemon was down.
+MISSED = ("run-once", "skip")
+
+
+class ScheduleConfig(NamedTuple):
+    """``[schedules.NAME]``: a job the daemon's scheduler queues on a recurring time.
+
+    The cron expression and the time zone are checked where they are used, by the
+    daemon (ipcd.daemon.schedules, before it detaches and at a reload), so that reading
+    the configuration (ipcctl submit does, from cron) loads no cron library and no zone
+    files."""
+
+    name: str
+    handler: str
+    #: A five-field cron expression, or None (then ``every``).
+    cron: str | None
+    #: Seconds between runs, counted from the Unix epoch, or None (then ``cron``).
+    every: float | None
+    #: The job's payload: a string, or a JSON value (from a TOML table, array, number).
+    payload: Any = None
+    priority: int = 0
+    #: The job's own time limit (None: the handler's).
+    timeout: float | None = None
+    #: The zone ``cron`` is read in (None: ``[scheduler] timezone``).
+    timezone: str | None = None
+    #: "run-once": after downtime, one run at once; "skip": none, wait for the next time.
+    missed: str = "run-once"
+
+
+class SchedulerConfig(NamedTuple):
+    """``[scheduler]``: what every schedule shares."""
+
+    #: The zone cron expressions are read in: an IANA name, "UTC", or "local".
+    timezone: str = LOCAL_ZONE
+
+
 class Config(NamedTuple):
     """The whole configuration, as read from one file."""
 
@@ -153,6 +197,8 @@ class Config(NamedTuple):
     jobs: JobsConfig = JobsConfig()
     exec: ExecConfig = ExecConfig()
     store: StoreConfig = StoreConfig()
+    schedules: tuple[ScheduleConfig, ...] = ()
+    scheduler: SchedulerConfig = SchedulerConfig()
 
     def handler_type(self, name_or_number: str) -> int:
         """Turn what a user typed (a handler name or a type number) into a message type."""
@@ -212,7 +258,8 @@ def load(path: str | os.PathLike[str]) -> Config:
 def parse(raw: Mapping[str, Any], path: Path) -> Config:
     """Validate an already-parsed TOML document; ``path`` anchors relative paths."""
     reader = TableReader(path)
-    reader.allow(raw, "", {"ipc", "daemon", "log", "results", "jobs", "exec", "handlers", "store"})
+    sections = {"ipc", "daemon", "log", "results", "jobs", "exec", "handlers", "store"}
+    reader.allow(raw, "", sections | {"schedules", "scheduler"})
     base = path.parent.absolute()
 
     ipc = reader.table(raw, "ipc")
@@ -321,6 +368,9 @@ def parse(raw: Mapping[str, Any], path: Path) -> Config:
         )
     )
 
+    handlers = _handlers(reader, reader.table(raw, "handlers"))
+    scheduler = reader.table(raw, "scheduler")
+    reader.allow(scheduler, "scheduler", {"timezone"})
     return Config(
         store=_store(reader, reader.table(raw, "store"), base),
         exec=_exec(reader, reader.table(raw, "exec")),
@@ -329,8 +379,12 @@ def parse(raw: Mapping[str, Any], path: Path) -> Config:
         daemon=daemon_config,
         log=log_config,
         results=results_config,
-        handlers=_handlers(reader, reader.table(raw, "handlers")),
+        handlers=handlers,
         jobs=jobs_config,
+        schedules=_schedules(reader, reader.table(raw, "schedules"), handlers),
+        scheduler=SchedulerConfig(
+            timezone=_zone_name(reader, scheduler, "scheduler.timezone") or LOCAL_ZONE
+        ),
     )
 
 
@@ -353,9 +407,7 @@ def _handlers(reader: TableReader, table: Mapping[str, Any]) -> tuple[HandlerCon
         target = reader.optional(entry, f"{where}.target", str)
         if target is not None and ":" not in target:
             raise reader.error(f"{where}.target must look like 'package.module:function'")
-        timeout = reader.get(entry, f"{where}.timeout", float, None)
-        if timeout is not None and not 0 < timeout < math.inf:
-            raise reader.error(f"{where}.timeout must be a positive number of seconds")
+        timeout = _timeout(reader, entry, where)
         handlers.append(
             HandlerConfig(
                 name=name,
@@ -371,6 +423,106 @@ def _handlers(reader: TableReader, table: Mapping[str, Any]) -> tuple[HandlerCon
             )
         )
     return tuple(handlers)
+
+
+def _schedules(
+    reader: TableReader, table: Mapping[str, Any], handlers: tuple[HandlerConfig, ...]
+) -> tuple[ScheduleConfig, ...]:
+    """``[schedules.NAME]`` tables; the cron expression and the zone are the daemon's
+    to check (:class:`ScheduleConfig`)."""
+    if len(table) > MAX_SCHEDULES:
+        raise reader.error(f"at most {MAX_SCHEDULES} [schedules.NAME] tables, not {len(table)}")
+    known = {h.name for h in handlers}
+    schedules: list[ScheduleConfig] = []
+    for name, entry in table.items():
+        where = f"schedules.{name}"
+        if not isinstance(entry, Mapping):
+            raise reader.error(f"[{where}] must be a table")
+        if not name or len(name.encode()) > 100 or not name.isprintable():
+            raise reader.error(f"[{where}]: a schedule's name is 1 to 100 printable bytes")
+        reader.allow(
+            entry,
+            where,
+            {"handler", "cron", "every", "payload", "priority", "timeout", "timezone", "missed"},
+        )
+        handler = reader.get(entry, f"{where}.handler", str, None)
+        if handler is None:
+            raise reader.error(f'[{where}] needs the handler its jobs go to: handler = "NAME"')
+        if handler not in known:
+            names = ", ".join(sorted(known)) or "none configured"
+            raise reader.error(
+                f"{where}.handler: unknown handler {handler!r} (configured: {names})"
+            )
+        cron = reader.optional(entry, f"{where}.cron", str)
+        every = _every(reader, entry, where)
+        if (cron is None) == (every is None):
+            raise reader.error(
+                f'[{where}] needs either cron = "MIN HOUR DOM MON DOW" or every = "5m", '
+                f"{'not both' if cron is not None else 'and has neither'}"
+            )
+        if cron is not None and len(cron.split()) != 5:
+            raise reader.error(
+                f"{where}.cron {cron!r} must have five fields: minute hour day-of-month "
+                "month day-of-week"
+            )
+        missed = reader.get(entry, f"{where}.missed", str, "run-once")
+        if missed not in MISSED:
+            raise reader.error(f'{where}.missed must be "run-once" or "skip", not {missed!r}')
+        timeout = _timeout(reader, entry, where)
+        schedules.append(
+            ScheduleConfig(
+                name=name,
+                handler=handler,
+                cron=cron,
+                every=every,
+                payload=_payload(reader, entry, f"{where}.payload"),
+                priority=reader.bounded(entry, f"{where}.priority", 0, -100, 100),
+                timeout=timeout,
+                timezone=_zone_name(reader, entry, f"{where}.timezone"),
+                missed=missed,
+            )
+        )
+    return tuple(schedules)
+
+
+def _timeout(reader: TableReader, entry: Mapping[str, Any], where: str) -> float | None:
+    """A job's time limit (``[handlers.NAME]``, ``[schedules.NAME]``): None, or seconds."""
+    timeout: float | None = reader.get(entry, f"{where}.timeout", float, None)
+    if timeout is not None and not 0 < timeout < math.inf:
+        raise reader.error(f"{where}.timeout must be a positive number of seconds")
+    return timeout
+
+
+def _every(reader: TableReader, entry: Mapping[str, Any], where: str) -> float | None:
+    if "every" not in entry:
+        return None
+    try:
+        seconds = parse_duration(entry["every"])
+    except ValueError as exc:
+        raise reader.error(f"{where}.every: {exc}") from None
+    if seconds < MIN_EVERY:
+        raise reader.error(f"{where}.every must be at least {MIN_EVERY:g} second")
+    return seconds
+
+
+def _payload(reader: TableReader, entry: Mapping[str, Any], dotted: str) -> Any:
+    """A schedule's payload as JSON would carry it: TOML dates and times are refused."""
+    value = entry.get("payload")
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        raise reader.error(
+            f"{dotted} must be a string or a table of strings, numbers, booleans, arrays and "
+            "tables (no dates or times: write them as strings)"
+        ) from None
+    return value
+
+
+def _zone_name(reader: TableReader, table: Mapping[str, Any], dotted: str) -> str | None:
+    name = reader.optional(table, dotted, str)
+    if name is not None and not name:
+        raise reader.error(f'{dotted} must name a zone ("Europe/Berlin", "UTC" or "local")')
+    return name
 
 
 def _exec(reader: TableReader, table: Mapping[str, Any]) -> ExecConfig:

@@ -50,6 +50,7 @@ from ipcd.daemon.intake import Intake
 from ipcd.daemon.outcomes import Outcomes, error_result
 from ipcd.daemon.pidlock import PidLock
 from ipcd.daemon.recovery import CANCELLED, DAEMON_KILLED, Recovery
+from ipcd.daemon.schedules import Scheduler, compile_schedules
 from ipcd.daemon.sdnotify import Watchdog
 from ipcd.daemon.signals import Flags
 from ipcd.daemon.startup import Prepared
@@ -197,6 +198,8 @@ class Arbiter:
         self.pool = Pool(free_slots=list(range(prepared.table.workers)))
         #: The master's connection to the job store (opened here, in the daemon process).
         self.jobs = prepared.open_jobs()
+        #: Queues the [schedules.NAME] runs (ipcd.daemon.schedules); synced in run().
+        self.scheduler = Scheduler(self.jobs, prepared.schedules, self.log)
         self._bind(prepared)
         self.drop_notice = log_mod.DropNotice(prepared.sink.path)
         self.watch = objectwatch.Watch()
@@ -212,6 +215,7 @@ class Arbiter:
         self._next_due: float | None = None
         self._due_checked = 0.0
         self._store_failing = False
+        self._schedules_synced = False
         #: Dead workers whose claimed jobs are not all settled yet (the store refused):
         #: pid -> the id of the job its slot held (recovery's), tried again each turn.
         self._unsettled: dict[int, str | None] = {}
@@ -274,6 +278,8 @@ class Arbiter:
             handlers={r.name: r.type for r in p.registry.by_type.values()},
         )
         self._maintain()
+        self._sync_schedules()
+        self._run_schedules()
         self._ring_due()
         self._count_noticed()
         self._ready = True
@@ -294,6 +300,7 @@ class Arbiter:
                 if self._unsettled:
                     self._settle_unsettled()
                 self._maintain()
+                self._run_schedules()
                 self._ring_due()
                 self._retain()
                 self._sweep_spills()
@@ -486,6 +493,9 @@ class Arbiter:
                 times.append(peek.deadline)
         if self._next_due is not None:
             times.append(self._next_due)
+        scheduled = self.scheduler.next_due()
+        if scheduled is not None:
+            times.append(scheduled)
         if len(self.pool.workers) < self.p.config.daemon.workers:
             times.append(self.pool.next_spawn)
         times.extend(h.next_spawn for h in self.helpers.values() if not h.pid)
@@ -855,6 +865,31 @@ class Arbiter:
         if due:
             self.doorbell.ring(due)
 
+    def _sync_schedules(self) -> None:
+        """The configured schedules into the store (at start and after a reload)."""
+        try:
+            self.scheduler.sync(self.p.schedules)
+        except StoreError as exc:
+            self._store_failed(exc)
+            self._schedules_synced = False
+            return
+        self._schedules_synced = True
+
+    def _run_schedules(self) -> None:
+        """Queue the schedules' runs that are due (ipcd.daemon.schedules), and wake
+        workers for them."""
+        try:
+            if not self._schedules_synced:
+                self._sync_schedules()
+                if not self._schedules_synced:
+                    return
+            fired = self.scheduler.tick()
+        except StoreError as exc:
+            self._store_failed(exc)
+            return
+        if fired:
+            self.doorbell.ring(fired)
+
     def _due_stale(self, now: float) -> bool:
         """The earliest due time is looked up again at most every 50 ms: the intake may
         have stored a job due sooner."""
@@ -915,12 +950,14 @@ class Arbiter:
         try:
             fresh = config_mod.load(p.config.path)
             registry = registry_mod.build(fresh)
+            compiled = compile_schedules(fresh)
         except IpcdError as exc:
             self.log.error("daemon.reload_failed", error=str(exc), config=str(p.config.path))
             self._publish(outcome._replace(error=str(exc), exit_code=int(exc.exit_code)))
             return
         fresh, restart_needed = reloading.apply(p.config, fresh, max_workers=p.table.workers // 2)
-        p.config, p.registry = fresh, registry
+        p.config, p.registry, p.schedules = fresh, registry, compiled
+        self._sync_schedules()  # removed ones stop, changed ones count anew
         self._next_retention = 0.0  # [store] keep_* as reloaded apply now, not in a minute
         self._count_reload(registry)
         old = self.pool.new_generation()

@@ -110,6 +110,7 @@ class ControlServer:
             "retry": self._retry,
             "counts": self._counts,
             "jobs": self._jobs,
+            "schedules": self._schedules,
         }
         #: Who asked, for the log events of the requests that change something.
         self._peer: dict[str, int] = {}
@@ -289,6 +290,14 @@ class ControlServer:
         ``ipcctl wait`` asks until the jobs have ended."""
         records = (self.store.get(job_id) for job_id in request.ids)
         return {"jobs": [None if r is None else wire.job_to_dict(r) for r in records]}
+
+    def _schedules(self, request: Request) -> dict[str, Any]:
+        """The schedules the master keeps in the store, each with its last job's state."""
+        answer = []
+        for state in self.store.schedules():
+            last = self.store.get(state.last_job) if state.last_job else None
+            answer.append(wire.schedule_to_dict(state, _value(last.state) if last else None))
+        return {"schedules": answer}
 
     def _get(self, job_id: str) -> JobRecord:
         record = self.store.get(job_id)

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import NamedTuple, TextIO
 
 from ipcd.config import Config
-from ipcd.daemon import control, identity, uniquerelease
+from ipcd.daemon import control, identity, schedules, uniquerelease
 from ipcd.daemon import log as log_mod
+from ipcd.daemon.schedules import Schedule
 from ipcd.errors import ConfigError, StoreCorruptError, StoreError, StoreUnavailableError
 from ipcd.handlers import registry as registry_mod
 from ipcd.handlers.registry import Registry
@@ -99,6 +100,8 @@ class Prepared:
     spills: SpillTable
     handoff: Queue
     intake: InflightTable
+    #: ``[schedules.NAME]`` checked (cron expressions, zones): ipcd.daemon.schedules.
+    schedules: tuple[Schedule, ...] = ()
 
     def objects(self) -> Objects:
         """The kernel objects alone."""
@@ -120,6 +123,7 @@ def prepare(config: Config, *, console: TextIO | None) -> Prepared:
     so that a failed start leaves no new IPC objects behind.
     """
     registry = registry_mod.build(config)
+    compiled = schedules.compile_schedules(config)
     who = identity.resolve(config)
     if config.log.file is not None:
         _check_writable_dir(config.log.file)
@@ -142,7 +146,7 @@ def prepare(config: Config, *, console: TextIO | None) -> Prepared:
     identity.hand_over(who, handed)
     return Prepared(
         config=config, keys=keys, registry=registry, sink=sink, identity=who,
-        listener=listener, **objects._asdict(),
+        listener=listener, **objects._asdict(), schedules=compiled,
     )  # fmt: skip
 
 
@@ -155,7 +159,7 @@ def reopen(p: Prepared, made_with: Config) -> Prepared:
     objects = _objects(made_with, p.keys, p.identity, p.registry, again=True)
     return Prepared(
         config=p.config, keys=p.keys, registry=p.registry, sink=p.sink, identity=p.identity,
-        listener=p.listener, **objects._asdict(),
+        listener=p.listener, **objects._asdict(), schedules=p.schedules,
     )  # fmt: skip
 
 

@@ -30,6 +30,7 @@ from ipcd.store.model import (
     NewJob,
     Outcome,
     Retention,
+    ScheduleState,
     State,
 )
 
@@ -45,6 +46,7 @@ __all__ = [
     "NewJob",
     "Outcome",
     "Retention",
+    "ScheduleState",
     "State",
     "open_store",
 ]

@@ -140,6 +140,26 @@ class Backlog(NamedTuple):
     bytes: int
 
 
+class ScheduleState(NamedTuple):
+    """What the store keeps of one recurring schedule (``[schedules.NAME]``) between
+    the master's passes and across restarts (ipcd.daemon.schedules decides; the store
+    keeps)."""
+
+    name: str
+    #: The timing as the schedule's runs are counted (``cron 15 2 * * * Europe/Berlin``,
+    #: ``every 300s``): a change of it starts the count anew.
+    spec: str
+    handler: str
+    #: When the next run is due (Unix time).
+    next_due: float
+    #: The last run: the time it was due, when it was queued, and its job.
+    last_due: float | None = None
+    last_fired: float | None = None
+    last_job: str | None = None
+    #: Runs not queued because the previous one still waited or ran (no overlap).
+    overlaps: int = 0
+
+
 class Retention(NamedTuple):
     """How many finished jobs the store keeps (``[store] keep_*``); cancelled jobs follow
     the failed jobs' limits."""
@@ -314,6 +334,26 @@ class JobStore(Protocol):
     def reset_running(self) -> builtins.list[JobRecord]:
         """At daemon start: every RUNNING job back to QUEUED (attempts kept: its next claim
         counts the next attempt). Returns them as they were."""
+        ...
+
+    def schedules(self) -> builtins.list[ScheduleState]:
+        """Every schedule's state, by name."""
+        ...
+
+    def save_schedules(
+        self, states: Sequence[ScheduleState], *, only: Sequence[str] | None = None
+    ) -> None:
+        """Write ``states`` (a schedule's row replaced whole) in one transaction; with
+        ``only``, first delete the rows of every schedule not named in it (removed from
+        the configuration)."""
+        ...
+
+    def fire_schedule(self, state: ScheduleState, job: NewJob, due: float) -> str | None:
+        """One run of a schedule (the one due at ``due``), in one transaction: unless a
+        job with ``job.unique`` is QUEUED, SCHEDULED or RUNNING, add ``job`` and write
+        ``state`` with it as the last run; else write ``state`` with one more overlap,
+        and add nothing. Returns
+        the id of the unfinished job that held the key (None: ``job`` was added)."""
         ...
 
     def check(self) -> builtins.list[str]:

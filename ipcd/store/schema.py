@@ -38,6 +38,14 @@ Version 2 (ipcd.store.blobs: large bodies and results as files beside the databa
   removed), written by triggers in the same statement, so that no way of deleting a row,
   ``ON DELETE CASCADE`` included, forgets its file; the store removes those files after
   its commit and empties the table.
+
+Version 3 (recurring schedules, ipcd.daemon.schedules):
+
+- ``schedules``: one row per ``[schedules.NAME]`` the master has seen, the fields of
+  ipcd.store.ScheduleState: its timing (``spec``), when its next run is due, its last run
+  (due time, when queued, job id) and how many runs it did not queue because the last
+  one still waited or ran. The master writes a run's job and this row in one
+  transaction, so that a crash neither loses a run nor queues one twice.
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ import sqlite3
 from ipcd.errors import StoreCorruptError
 
 #: The schema version this ipcd writes and reads.
-VERSION = 2
+VERSION = 3
 
 _V1 = (
     """
@@ -166,8 +174,23 @@ _V2 = (
     """,
 )
 
+_V3_SCHEDULES = (
+    """
+    CREATE TABLE schedules (
+        name TEXT PRIMARY KEY,
+        spec TEXT NOT NULL,
+        handler TEXT NOT NULL,
+        next_due REAL NOT NULL,
+        last_due REAL,
+        last_fired REAL,
+        last_job TEXT,
+        overlaps INTEGER NOT NULL DEFAULT 0
+    )
+    """,
+)
+
 #: ``MIGRATIONS[i]`` takes a file from version ``i`` to ``i + 1``.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3_SCHEDULES)
 
 assert len(MIGRATIONS) == VERSION
 

@@ -66,6 +66,7 @@ from ipcd.store.model import (
     NewJob,
     Outcome,
     Retention,
+    ScheduleState,
     State,
 )
 
@@ -95,6 +96,12 @@ _INSERT = (
 _CLAIM = (
     f"SELECT {_COLUMNS}, COALESCE(file, body) FROM jobs LEFT JOIN bodies ON job_id = id "
     f"WHERE state = 'queued' AND type BETWEEN ? AND ? {_DISPATCH} LIMIT ?"
+)
+_SCHEDULE_SELECT = f"SELECT {', '.join(ScheduleState._fields)} FROM schedules"
+_SCHEDULE_SAVE = (
+    f"INSERT INTO schedules ({', '.join(ScheduleState._fields)}) "
+    f"VALUES ({', '.join('?' * len(ScheduleState._fields))}) ON CONFLICT (name) DO UPDATE SET "
+    + ", ".join(f"{f} = excluded.{f}" for f in ScheduleState._fields[1:])
 )
 _ATTEMPTS = JobRecord._fields.index("attempts")
 _TYPE = JobRecord._fields.index("type")
@@ -814,6 +821,47 @@ class SqliteStore:
             gone = self._drop_unlinked(db)
         self._blobs.remove(gone)
         return removed
+
+    # -- recurring schedules ------------------------------------------------------------
+
+    def schedules(self) -> builtins.list[ScheduleState]:
+        with self._read() as db:
+            return [
+                ScheduleState._make(row) for row in db.execute(f"{_SCHEDULE_SELECT} ORDER BY name")
+            ]
+
+    def save_schedules(
+        self, states: Sequence[ScheduleState], *, only: Sequence[str] | None = None
+    ) -> None:
+        with self._write() as db:
+            if only is not None:
+                kept = set(only)
+                gone = [str(r[0]) for r in db.execute("SELECT name FROM schedules")]
+                for name in gone:
+                    if name not in kept:
+                        db.execute("DELETE FROM schedules WHERE name = ?", (name,))
+            for state in states:
+                db.execute(_SCHEDULE_SAVE, tuple(state))
+
+    def fire_schedule(self, state: ScheduleState, job: NewJob, due: float) -> str | None:
+        written: list[str] = []
+        try:
+            with self._write() as db:
+                # Served by the index jobs_unique: the key's few jobs, not the table.
+                row = db.execute(
+                    "SELECT id FROM jobs WHERE unique_key = ? AND state IN (?, ?, ?) LIMIT 1",
+                    (job.unique, *_values(_NOT_FINAL)),
+                ).fetchone()
+                if row is not None:
+                    state = state._replace(overlaps=state.overlaps + 1)
+                else:
+                    self._add(db, [job], [], written)
+                    state = state._replace(last_due=due, last_fired=job.accepted, last_job=job.id)
+                db.execute(_SCHEDULE_SAVE, tuple(state))
+        except BaseException:
+            self._blobs.remove(written)  # not committed: no row names them
+            raise
+        return None if row is None else str(row[0])
 
     # -- start-up and health ------------------------------------------------------------
 

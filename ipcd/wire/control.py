@@ -71,6 +71,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "retry": ("id",),
     "counts": (),
     "jobs": ("ids",),
+    "schedules": (),
 }
 
 
@@ -388,6 +389,56 @@ def strings_from(doc: Mapping[str, Any], name: str) -> list[str]:
     if not isinstance(raw, list) or not all(isinstance(s, str) for s in raw):
         raise ControlError(f"the daemon's answer has no list {name!r}", 70)
     return list(raw)
+
+
+class ScheduleInfo(NamedTuple):
+    """``schedules``: one recurring schedule as the store keeps it
+    (``ipcd.store.ScheduleState``), with its last run's job state (None: no run yet,
+    or the job is no longer kept)."""
+
+    name: str
+    spec: str
+    handler: str
+    next_due: float
+    last_due: float | None
+    last_fired: float | None
+    last_job: str | None
+    overlaps: int
+    last_state: str | None
+
+
+def schedule_to_dict(state: Any, last_state: str | None) -> dict[str, Any]:
+    """A store's schedule state (anything with ScheduleInfo's attribute names but the
+    last) and its last job's state, as a JSON-ready dict."""
+    doc = {name: getattr(state, name) for name in ScheduleInfo._fields[:-1]}
+    doc["last_state"] = last_state
+    return doc
+
+
+def schedules_from(doc: Mapping[str, Any]) -> list[ScheduleInfo]:
+    """The ``schedules`` of an answer; ControlError (70) when they are not that."""
+    raw = doc.get("schedules")
+    if not isinstance(raw, list):
+        raise ControlError("the daemon's answer has no list 'schedules'", 70)
+    found = []
+    for item in raw:
+        if not (
+            isinstance(item, dict)
+            and all(isinstance(item.get(k), str) for k in ("name", "spec", "handler"))
+            and _fits("due", item.get("next_due"))
+            and all(
+                item.get(k) is None or _fits("due", item.get(k)) for k in ("last_due", "last_fired")
+            )
+            and all(
+                item.get(k) is None or isinstance(item.get(k), str)
+                for k in ("last_job", "last_state")
+            )
+            and _is_int(item.get("overlaps"))
+        ):
+            raise ControlError("the daemon's answer holds a schedule that is not one", 70)
+        values = [item.get(name) for name in ScheduleInfo._fields]
+        found.append(ScheduleInfo(*values))  # type: ignore[arg-type]
+    return found
 
 
 def socket_path_problem(path: str | bytes) -> str | None:
