@@ -38,6 +38,17 @@ Version 2 (ipcd.store.blobs: large bodies and results as files beside the databa
   removed), written by triggers in the same statement, so that no way of deleting a row,
   ``ON DELETE CASCADE`` included, forgets its file; the store removes those files after
   its commit and empties the table.
+
+Version 3 (per-handler limits and job expiry):
+
+- ``buckets``: one token bucket per rate-limited type (``[handlers.NAME] rate``): the
+  tokens left and when they were counted; written by the claim that spends tokens, in
+  its transaction, so that every worker process draws from the one bucket. A type
+  without a row has a full bucket.
+- ``jobs.expires``: the Unix time after which a job not yet started is cancelled as
+  expired (``--expire``), NULL for most jobs; a partial index over the waiting jobs
+  that have one, so that the master finds the next to expire without reading the
+  others (a job without one is never in it).
 """
 
 from __future__ import annotations
@@ -47,7 +58,7 @@ import sqlite3
 from ipcd.errors import StoreCorruptError
 
 #: The schema version this ipcd writes and reads.
-VERSION = 2
+VERSION = 3
 
 _V1 = (
     """
@@ -166,8 +177,17 @@ _V2 = (
     """,
 )
 
+_V3_LIMITS = (
+    "CREATE TABLE buckets (type INTEGER PRIMARY KEY, tokens REAL NOT NULL, updated REAL NOT NULL)",
+    "ALTER TABLE jobs ADD COLUMN expires REAL",
+    """
+    CREATE INDEX jobs_expires ON jobs (state, expires)
+        WHERE expires IS NOT NULL AND state IN ('queued', 'scheduled')
+    """,
+)
+
 #: ``MIGRATIONS[i]`` takes a file from version ``i`` to ``i + 1``.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3_LIMITS)
 
 assert len(MIGRATIONS) == VERSION
 
