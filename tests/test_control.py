@@ -161,7 +161,9 @@ def test_list_newest_first_with_filters(served: Served) -> None:
     shown = served.ipcctl("list")
     assert shown.returncode == 0, shown.stderr
     lines = shown.stdout.splitlines()
-    assert lines[0].split() == ["ID", "HANDLER", "STATE", "ATT", "AGE", "UNIQUE", "SIZE", "PREVIEW"]
+    assert lines[0].split() == [
+        "ID", "HANDLER", "STATE", "ATT", "PRI", "AGE", "EXPIRES", "UNIQUE", "SIZE", "PREVIEW",
+    ]  # fmt: skip
     assert [line.split()[:7] for line in lines[1:]] == [
         ["new", "echo", "queued", "0", "5s", "-", "2B"],
         ["mid", "sleep", "queued", "0", "1m", "nightly", "2B"],

@@ -109,6 +109,9 @@ class ControlServer:
             "failed": self._failed,
             "retry": self._retry,
             "counts": self._counts,
+            "limits": lambda request: {
+                "limits": wire.limits_to_list(self.store.limited(self.clock()))
+            },
         }
         #: Who asked, for the log events of the requests that change something.
         self._peer: dict[str, int] = {}
