@@ -164,10 +164,10 @@ def test_list_newest_first_with_filters(served: Served) -> None:
     assert lines[0].split() == [
         "ID", "HANDLER", "STATE", "ATT", "PRI", "AGE", "EXPIRES", "UNIQUE", "SIZE", "PREVIEW",
     ]  # fmt: skip
-    assert [line.split()[:7] for line in lines[1:]] == [
-        ["new", "echo", "queued", "0", "5s", "-", "2B"],
-        ["mid", "sleep", "queued", "0", "1m", "nightly", "2B"],
-        ["old", "echo", "running", "1", "2h", "-", "2B"],
+    assert [line.split()[:9] for line in lines[1:]] == [
+        ["new", "echo", "queued", "0", "0", "5s", "-", "-", "2B"],
+        ["mid", "sleep", "queued", "0", "0", "1m", "-", "nightly", "2B"],
+        ["old", "echo", "running", "1", "0", "2h", "-", "-", "2B"],
     ]
     assert lines[1].endswith("payload new")
     only = served.ipcctl("list", "--state", "queued", "--type", "echo", "--json")
