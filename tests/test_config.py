@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import textwrap
 from collections.abc import Callable
@@ -477,3 +478,46 @@ def test_handler_for_type_finds_the_configured_handler(with_handlers: Config) ->
     assert with_handlers.handler_for_type(2) == HandlerConfig(name="echo", type=2, target=None)
     assert with_handlers.handler_for_type(3) is None
     assert with_handlers.handler_for_type(1) is None
+
+
+@pytest.mark.parametrize(
+    ("limits", "concurrency", "per_second", "burst"),
+    [
+        ("concurrency = 1", 1, None, 1),
+        ('rate = "10/s"', None, 10.0, 10),
+        ('rate = "30/min"', None, 0.5, 1),
+        ('rate = "7200/h"\nburst = 5', None, 2.0, 5),
+        ('rate = "2.5/s"\nconcurrency = 3', 3, 2.5, 3),
+    ],
+)
+def test_handler_limits_are_read_with_the_burst_they_imply(
+    tmp_path: Path, limits: str, concurrency: int | None, per_second: float | None, burst: int
+) -> None:
+    """concurrency as written; rate in starts per second; the burst as written, else one
+    second's worth of starts, at least one."""
+    cfg = load_text(tmp_path, MINIMAL + f"[handlers.a]\ntype = 2\n{limits}\n")
+    [handler] = cfg.handlers
+    assert (handler.concurrency, handler.rate_per_second, handler.burst_size) == (
+        concurrency,
+        per_second,
+        burst,
+    )
+
+
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        ("concurrency = 0", "handlers.a.concurrency must be between 1 and 65536"),
+        ('rate = "10"', "handlers.a.rate: '10' is not a rate"),
+        ('rate = "0/s"', "is not a rate"),
+        ('rate = "5/day"', "is not a rate"),
+        ('rate = "200000/s"', "is over 100000/s"),
+        ('rate = "1/s"\nburst = 0', "handlers.a.burst must be between 1 and 100000"),
+        ("burst = 3", "handlers.a.burst needs a rate"),
+    ],
+)
+def test_bad_handler_limits_are_refused_naming_the_key(
+    tmp_path: Path, limits: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_text(tmp_path, MINIMAL + f"[handlers.a]\ntype = 2\n{limits}\n")

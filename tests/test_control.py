@@ -161,11 +161,13 @@ def test_list_newest_first_with_filters(served: Served) -> None:
     shown = served.ipcctl("list")
     assert shown.returncode == 0, shown.stderr
     lines = shown.stdout.splitlines()
-    assert lines[0].split() == ["ID", "HANDLER", "STATE", "ATT", "AGE", "UNIQUE", "SIZE", "PREVIEW"]
-    assert [line.split()[:7] for line in lines[1:]] == [
-        ["new", "echo", "queued", "0", "5s", "-", "2B"],
-        ["mid", "sleep", "queued", "0", "1m", "nightly", "2B"],
-        ["old", "echo", "running", "1", "2h", "-", "2B"],
+    assert lines[0].split() == [
+        "ID", "HANDLER", "STATE", "ATT", "PRI", "AGE", "EXPIRES", "UNIQUE", "SIZE", "PREVIEW",
+    ]  # fmt: skip
+    assert [line.split()[:9] for line in lines[1:]] == [
+        ["new", "echo", "queued", "0", "0", "5s", "-", "-", "2B"],
+        ["mid", "sleep", "queued", "0", "0", "1m", "-", "nightly", "2B"],
+        ["old", "echo", "running", "1", "0", "2h", "-", "-", "2B"],
     ]
     assert lines[1].endswith("payload new")
     only = served.ipcctl("list", "--state", "queued", "--type", "echo", "--json")

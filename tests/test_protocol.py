@@ -618,3 +618,16 @@ def test_a_reply_that_is_not_an_integer_wakes_nobody() -> None:
     with pytest.raises(MessageError) as caught:
         decode(b'{"ipcd":1,"id":"w1","reply":77.5,"submitted":1e999}', 2)
     assert (caught.value.job_id, caught.value.reply_to) == ("w1", None)
+
+
+def test_expire_travels_in_the_envelope_and_is_bounded() -> None:
+    """``expire`` (seconds) is sent only when given, read back as a float, and a value
+    outside 0 < S <= MAX_EXPIRE rejects the message naming the key."""
+    plain = protocol.encode("x", job_id="a1")
+    assert b"expire" not in plain
+    assert protocol.decode(plain, 2).expire is None
+    assert protocol.decode(protocol.encode("x", job_id="a1", expire=30), 2).expire == 30.0
+    for bad in (0, -1, protocol.MAX_EXPIRE + 1, "soon"):
+        body = json.dumps({"ipcd": 1, "id": "a1", "payload": "x", "expire": bad}).encode()
+        with pytest.raises(MessageError, match="expire"):
+            protocol.decode(body, 2)

@@ -10,7 +10,7 @@ import argparse
 from collections.abc import Callable
 
 from ipcd.cli import parser as cli_parser
-from ipcd.wire.protocol import MAX_TIMEOUT, is_job_id
+from ipcd.wire.protocol import MAX_EXPIRE, MAX_TIMEOUT, is_job_id
 
 EPILOG = """exit status:
   0 success, 1 the job failed, 4 already queued (--unique: a job with that key waits or
@@ -115,6 +115,12 @@ def _submit_options(submit: argparse.ArgumentParser) -> None:
         help="-100 to 100: higher runs before other queued jobs of its handler (default 0)",
     )
     submit.add_argument(
+        "--expire",
+        type=_expire,
+        metavar="S",
+        help="cancel the job (reason: expired) if it has not started within S seconds",
+    )
+    submit.add_argument(
         "--no-confirm",
         action="store_true",
         help="return once the job is on the kernel queue, not once the daemon stored it",
@@ -125,6 +131,14 @@ def _submit_options(submit: argparse.ArgumentParser) -> None:
         metavar="S",
         help="how long to wait while the queue is full (default: [ipc] send_timeout)",
     )
+
+
+def _expire(text: str) -> float:
+    """What the envelope's ``expire`` may carry (the daemon rejects more)."""
+    value = _positive_seconds(text)
+    if value > MAX_EXPIRE:
+        raise argparse.ArgumentTypeError(f"seconds must be at most {MAX_EXPIRE:.0f} (a year)")
+    return value
 
 
 def _priority(text: str) -> int:

@@ -80,7 +80,9 @@ def _list(config: Config, client: ControlClient, args: argparse.Namespace) -> in
             _handler(j),
             j.state,
             str(j.attempts),
+            str(j.priority),
             _age(now - j.accepted),
+            _expiry(j, now),
             j.unique or "-",
             _size(j.size),
             j.preview,
@@ -88,7 +90,10 @@ def _list(config: Config, client: ControlClient, args: argparse.Namespace) -> in
         for j in jobs
     ]
     if rows:
-        header = ("ID", "HANDLER", "STATE", "ATT", "AGE", "UNIQUE", "SIZE", "PREVIEW")
+        header = (
+            "ID", "HANDLER", "STATE", "ATT", "PRI", "AGE", "EXPIRES", "UNIQUE", "SIZE",
+            "PREVIEW",
+        )  # fmt: skip
         _table([header, *rows])
     return 0
 
@@ -127,6 +132,7 @@ def _show(config: Config, client: ControlClient, args: argparse.Namespace) -> in
         ("sender", f"pid {job.sender_pid}, uid {_or_dash(job.sender_uid)}"),
         ("reply to", _or_dash(job.reply_to)),
         ("timeout", "-" if job.timeout is None else f"{job.timeout:g} s"),
+        ("expires", "-" if job.expires is None else f"{_when(job.expires)} ({_expiry(job)})"),
         ("payload", f"{_size(job.size)}{' (bare message)' if job.bare else ''}: {job.preview}"),
         ("worker", _or_dash(job.worker_pid)),
         ("error", job.error or "-"),
@@ -366,6 +372,17 @@ def _paused_text(config: Config, paused: dict[int, float]) -> str:
         handler = config.handler_for_type(type_)
         named.append(handler.name if handler else f"type {type_}")
     return ", ".join(named)
+
+
+def _expiry(job: JobInfo, now: float | None = None) -> str:
+    """When a job not yet started expires (``in 12s``), ``expired`` for one cancelled so,
+    ``-`` for one without an expiry or past needing one."""
+    if job.state == "cancelled" and job.error == "expired":
+        return "expired"
+    if job.expires is None or job.state not in ("queued", "scheduled") or job.attempts:
+        return "-"
+    left = job.expires - (time.time() if now is None else now)
+    return f"in {_age(left)}" if left > 0 else "now"
 
 
 def _handler(job: JobInfo) -> str:

@@ -146,6 +146,7 @@ class Client:
         confirm: bool = False,
         priority: int = 0,
         confirm_timeout: float | None = None,
+        expire: float | None = None,
     ) -> str:
         """Queue a job and return its id; ``notify`` asks for a reply-queue wake-up.
 
@@ -157,7 +158,9 @@ class Client:
         queue, unconfirmed (the daemon is down, or its store cannot be written).
         With ``delay`` the job runs no sooner than that many seconds from now (the store
         keeps it ``scheduled`` until then).  ``priority`` (-100 to 100) puts it before
-        (higher) or after other queued jobs of its type.
+        (higher) or after other queued jobs of its type.  With ``expire`` a job not
+        started within that many seconds of its acceptance (or of its ``delay``'s end) is
+        cancelled, its error "expired" (at most protocol.MAX_EXPIRE).
         With ``unique`` nothing is queued while a job with that key waits or runs: raises
         AlreadyQueuedError (exit 4), which names that job (ipcd.tables.unique).
         """
@@ -165,6 +168,10 @@ class Client:
         if not protocol.MIN_PRIORITY <= priority <= protocol.MAX_PRIORITY:
             raise UsageError(
                 f"priority {priority} is outside {protocol.MIN_PRIORITY}..{protocol.MAX_PRIORITY}"
+            )
+        if expire is not None and not 0 < expire <= protocol.MAX_EXPIRE:
+            raise UsageError(
+                f"expire {expire} is outside 0..{protocol.MAX_EXPIRE:.0f} seconds (not 0)"
             )
         job_id = protocol.new_job_id()
         if notify or confirm:
@@ -178,7 +185,7 @@ class Client:
         if not _surely_too_large(payload, self.queue):
             body = protocol.encode(
                 payload, job_id=job_id, reply_to=reply_to, timeout=job_timeout, unique=unique,
-                confirm=asks, due=due, priority=priority,
+                confirm=asks, due=due, priority=priority, expire=expire,
             )  # fmt: skip
             if not self.queue.fits(len(body)):
                 body = None
@@ -197,7 +204,7 @@ class Client:
                 outgoing(
                     self, payload, body, job_id=job_id, reply_to=reply_to,
                     timeout=job_timeout, unique=unique, confirm=asks, due=due,
-                    priority=priority,
+                    priority=priority, expire=expire,
                 ) as body,
             ):  # fmt: skip
                 self.queue.send(body, type_, timeout=timeout)
@@ -458,6 +465,7 @@ def outgoing(
     confirm: int | None = None,
     due: float | None = None,
     priority: int = 0,
+    expire: float | None = None,
 ) -> Iterator[bytes]:
     """The envelope to send: ``body`` when the client could encode the payload into a
     message, else one that points to a segment the payload is spilled into.
@@ -492,7 +500,7 @@ def outgoing(
     try:
         body = protocol.encode(
             None, job_id=job_id, reply_to=reply_to, timeout=timeout, unique=unique, spill=ref,
-            confirm=confirm, due=due, priority=priority,
+            confirm=confirm, due=due, priority=priority, expire=expire,
         )  # fmt: skip
         table.mark(index, State.QUEUED, shmid)
         yield body

@@ -32,7 +32,7 @@ from ipcd.errors import (
     WaitTimeoutError,
 )
 from ipcd.wire import control as wire
-from ipcd.wire.control import Cancelled, JobDetail, JobInfo, Request
+from ipcd.wire.control import Cancelled, JobDetail, JobInfo, LimitInfo, Request
 
 #: How long one request may take, connect to last byte: the daemon's store waits up to
 #: its busy_timeout (10 s by default) for a lock, and answers within that.
@@ -133,6 +133,10 @@ class ControlClient:
         now.  NoResultError (66) when the job is unknown or not failed or cancelled."""
         answer = self.ask(Request("retry", id=job_id))
         return wire.job_from_dict(answer.get("job"))
+
+    def limits(self) -> builtins.list[LimitInfo]:
+        """The limited handlers' limits, running and queued jobs and tokens now."""
+        return wire.limits_from(self.ask(Request("limits")))
 
     def counts(self) -> dict[str, int]:
         """How many jobs the store holds in each state."""

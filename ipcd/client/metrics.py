@@ -21,6 +21,7 @@ from ipcd.errors import IpcdError, NotRunningError
 from ipcd.layout.stats import NO_HANDLER
 from ipcd.tables.spill.table import Usage
 from ipcd.tables.stats import OUTCOMES, HandlerTotals, Snapshot, StatsSegment
+from ipcd.wire.control import LimitInfo
 
 #: How the counts of jobs no configured handler ran (the stats segment's column 0: an
 #: unknown message type, a message that could not be decoded, a handler a reload added
@@ -44,6 +45,8 @@ class StoreReading(NamedTuple):
     counts: dict[str, int]
     #: Paused message types and since when (type 0: everything).
     paused: dict[int, float]
+    #: The limited handlers' limits and use (asked only when the configuration has some).
+    limits: tuple[LimitInfo, ...] = ()
 
 
 class Reading(NamedTuple):
@@ -102,7 +105,9 @@ def _store_reading(client: Client) -> dict[str, Any]:
 
     try:
         control = ControlClient(client.config.control_socket, timeout=5.0)
-        return {"store": StoreReading(control.counts(), control.paused())}
+        limited = any(h.concurrency is not None or h.rate for h in client.config.handlers)
+        limits = tuple(control.limits()) if limited else ()
+        return {"store": StoreReading(control.counts(), control.paused(), limits)}
     except IpcdError as exc:
         return {"store_error": str(exc)}
 
@@ -117,6 +122,10 @@ def store_doc(reading: Reading) -> dict[str, object] | None:
         "paused": [
             {"type": t, "handler": "*" if t == 0 else reading.handler_name(t), "since": s}
             for t, s in sorted(reading.store.paused.items())
+        ],
+        "limits": [
+            {"handler": reading.handler_name(limit.type), **limit._asdict()}
+            for limit in reading.store.limits
         ],
     }
 
@@ -135,7 +144,30 @@ def store_text(reading: Reading) -> list[str]:
     ]
     if store.paused:
         lines.append(f"paused     {', '.join(_paused_names(reading))}")
+    lines += [f"limit      {limit_text(reading, limit)}" for limit in store.limits]
     return lines
+
+
+def limit_text(reading: Reading, limit: LimitInfo) -> str:
+    """One limited handler: ``report: 1 of 1 running, 3 queued, rate 10/min (burst 1, 0
+    tokens)``."""
+    running = f"{limit.running} of {limit.concurrency}" if limit.concurrency else limit.running
+    text = f"{reading.handler_name(limit.type)}: {running} running, {limit.queued} queued"
+    if limit.rate is not None:
+        text += (
+            f", rate {rate_text(limit.rate)} (burst {limit.burst}, "
+            f"{count(limit.tokens or 0, 'token')} now)"
+        )
+    return text
+
+
+def rate_text(per_second: float) -> str:
+    """A rate as the configuration spells it, in the unit that shows it whole if any."""
+    for unit, seconds in (("s", 1), ("min", 60), ("h", 3600)):
+        value = per_second * seconds
+        if value >= 1 and abs(value - round(value)) < 1e-6:
+            return f"{round(value)}/{unit}"
+    return f"{per_second * 3600:.6g}/h"
 
 
 def _paused_names(reading: Reading) -> list[str]:

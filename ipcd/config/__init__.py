@@ -140,6 +140,25 @@ class HandlerConfig(NamedTuple):
     #: Overrides [jobs] max_attempts and retry_delay for this handler.
     max_attempts: int | None = None
     retry_delay: float | None = None
+    #: At most this many of its jobs run at once across the pool (None: the pool's size).
+    concurrency: int | None = None
+    #: Its starts as written (``"10/s"``, ``"30/min"``, ``"100/h"``): a token bucket.
+    rate: str | None = None
+    #: Starts that may follow each other at once (None: one second's worth, at least 1).
+    burst: int | None = None
+
+    @property
+    def rate_per_second(self) -> float | None:
+        """``rate`` in starts per second (None: no rate limit)."""
+        return None if self.rate is None else parse_rate(self.rate)
+
+    @property
+    def burst_size(self) -> int:
+        """The bucket's size: ``burst``, else one second's worth of starts, at least 1."""
+        if self.burst is not None:
+            return self.burst
+        per_second = self.rate_per_second
+        return max(1, math.ceil(per_second)) if per_second is not None else 1
 
 
 #: ``[scheduler] timezone`` by default: the host's own zone ($TZ, else /etc/localtime),
@@ -395,7 +414,14 @@ def _handlers(reader: TableReader, table: Mapping[str, Any]) -> tuple[HandlerCon
         where = f"handlers.{name}"
         if not isinstance(entry, Mapping):
             raise reader.error(f"[{where}] must be a table")
-        reader.allow(entry, where, {"type", "target", "timeout", "max_attempts", "retry_delay"})
+        reader.allow(
+            entry,
+            where,
+            {
+                "type", "target", "timeout", "max_attempts", "retry_delay", "concurrency",
+                "rate", "burst",
+            },
+        )  # fmt: skip
         type_ = reader.get(entry, f"{where}.type", int, None)
         if type_ is None:
             raise reader.error(f"[{where}] needs a message type: type = N")
@@ -408,6 +434,15 @@ def _handlers(reader: TableReader, table: Mapping[str, Any]) -> tuple[HandlerCon
         if target is not None and ":" not in target:
             raise reader.error(f"{where}.target must look like 'package.module:function'")
         timeout = _timeout(reader, entry, where)
+        rate = reader.optional(entry, f"{where}.rate", str)
+        if rate is not None:
+            try:
+                parse_rate(rate)
+            except ValueError as exc:
+                raise reader.error(f"{where}.rate: {exc}") from None
+        burst = reader.bounded(entry, f"{where}.burst", None, 1, MAX_BURST)
+        if burst is not None and rate is None:
+            raise reader.error(f'{where}.burst needs a rate (rate = "N/s")')
         handlers.append(
             HandlerConfig(
                 name=name,
@@ -420,6 +455,9 @@ def _handlers(reader: TableReader, table: Mapping[str, Any]) -> tuple[HandlerCon
                     if "retry_delay" in entry
                     else None
                 ),
+                concurrency=reader.bounded(entry, f"{where}.concurrency", None, 1, MAX_CONCURRENCY),
+                rate=rate,
+                burst=burst,
             )
         )
     return tuple(handlers)
@@ -569,6 +607,29 @@ def _resolve(base: Path, value: str | os.PathLike[str]) -> Path:
 
 
 _DURATION = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+#: The units of ``[handlers.NAME] rate``, in seconds.
+_RATE_UNITS = {"s": 1, "min": 60, "h": 3600}
+#: Bounds of ``[handlers.NAME] rate`` (starts per second) and ``burst``, ``concurrency``.
+MAX_RATE = 100_000.0
+MAX_BURST = 100_000
+MAX_CONCURRENCY = 65_536
+
+
+def parse_rate(text: str) -> float:
+    """A rate as a user writes it, ``N/s``, ``N/min`` or ``N/h`` (N a positive number),
+    in starts per second.  Raises ValueError with the reason."""
+    number, _, unit = text.strip().partition("/")
+    seconds = _RATE_UNITS.get(unit.strip())
+    try:
+        count = float(number)
+    except ValueError:
+        count = math.nan
+    if seconds is None or not math.isfinite(count) or count <= 0:
+        raise ValueError(f'{text!r} is not a rate (e.g. "10/s", "30/min", "100/h")')
+    per_second = count / seconds
+    if per_second > MAX_RATE:
+        raise ValueError(f"{text!r} is over {MAX_RATE:.0f}/s")
+    return per_second
 
 
 def parse_duration(text: str | float | int) -> float:

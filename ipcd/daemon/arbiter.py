@@ -9,7 +9,8 @@ resumed or retried) and the workers (a job finished, or one with a deadline star
 write to.  It wakes to:
 
 - hand jobs from the store to idle workers, as many as are idle, in the order the store
-  decides (ipcd.store: type, then priority, then age), once their due time has come;
+  decides (ipcd.store: type, then priority, then age), once their due time has come, and
+  as the handlers' limits let them (ipcd.daemon.pacing), cancelling those that expired;
 
 - reap dead workers (``waitpid(-1, WNOHANG)``), decode why they died, finish or re-run the
   job each one held (ipcd.tables.inflight), and fork a replacement, backing off when workers die
@@ -47,7 +48,8 @@ from ipcd.daemon import control, lockwaits, objectwatch, reloading, startup
 from ipcd.daemon import log as log_mod
 from ipcd.daemon.doorbell import Doorbell
 from ipcd.daemon.intake import Intake
-from ipcd.daemon.outcomes import Outcomes, error_result
+from ipcd.daemon.outcomes import Outcomes
+from ipcd.daemon.pacing import EXPIRED, Pacer
 from ipcd.daemon.pidlock import PidLock
 from ipcd.daemon.recovery import CANCELLED, DAEMON_KILLED, Recovery
 from ipcd.daemon.schedules import Scheduler, compile_schedules
@@ -65,11 +67,11 @@ from ipcd.errors import IpcdError, LockTimeoutError, MessageError, StoreError
 from ipcd.handlers import registry as registry_mod
 from ipcd.kernel.procs import alive, signal_worker
 from ipcd.store import JobRecord, JobStore, Retention
+from ipcd.store.model import limits_of
 from ipcd.tables import stats as stats_mod
 from ipcd.tables.inflight import Held, InflightTable, Peek, State
 from ipcd.tables.unique import Claim
 from ipcd.wire import protocol
-from ipcd.wire.protocol import Job
 
 #: A worker that lived shorter than this "died young".
 YOUNG = 1.0
@@ -252,6 +254,10 @@ class Arbiter:
         # intake reads the payload into the store, so workers' slots never name one.
         self.spill_sweeper = Sweeper(prepared.spills, prepared.queue, prepared.intake)
         self.doorbell = Doorbell(prepared.handoff, prepared.config.daemon.workers)
+        self.pacer = Pacer(
+            self.jobs, self.doorbell, limited=bool(limits_of(prepared.config.handlers)),
+            idle=self._idle, expired=self._expired,
+        )  # fmt: skip
 
     # --- the main loop ------------------------------------------------------------------
 
@@ -302,6 +308,7 @@ class Arbiter:
                 self._maintain()
                 self._run_schedules()
                 self._ring_due()
+                self._pace()
                 self._retain()
                 self._sweep_spills()
                 self._notice_dropped_log()
@@ -496,6 +503,7 @@ class Arbiter:
         scheduled = self.scheduler.next_due()
         if scheduled is not None:
             times.append(scheduled)
+        times.append(self.pacer.next_event())
         if len(self.pool.workers) < self.p.config.daemon.workers:
             times.append(self.pool.next_spawn)
         times.extend(h.next_spawn for h in self.helpers.values() if not h.pid)
@@ -588,15 +596,7 @@ class Arbiter:
         doorbell = Doorbell(p.handoff, p.config.daemon.workers)
 
         def cancelled(record: JobRecord) -> None:
-            job = Job(
-                id=record.id, type=record.type, payload=None, submitted=record.submitted,
-                sender_pid=record.sender_pid, reply_to=record.reply_to, unique=record.unique,
-                attempt=max(record.attempts, 1),
-            )  # fmt: skip
-            outcomes.finish(
-                job, error_result(job, CANCELLED), body=b"", handler=record.handler,
-                started=time.monotonic(), listed=False, cancelled=True,
-            )  # fmt: skip
+            outcomes.unstarted(record, CANCELLED, cancelled=True)
 
         @contextlib.contextmanager
         def retrying(record: JobRecord) -> Iterator[None]:
@@ -890,6 +890,28 @@ class Arbiter:
         if fired:
             self.doorbell.ring(fired)
 
+    def _pace(self) -> None:
+        """Jobs held back by a handler's limits are rung for once they may start, and
+        jobs past their expiry are cancelled (ipcd.daemon.pacing)."""
+        try:
+            self.pacer.turn()
+        except StoreError as exc:
+            self._store_failed(exc)
+
+    def _idle(self) -> bool:
+        """Whether a worker of the current generation waits for work."""
+        return any(
+            not self._table_of(info.pid).peek(info.slot).holds_job for info in self.pool.active()
+        )
+
+    def _expired(self, record: JobRecord) -> None:
+        """A job cancelled as expired: its waiter and unique key as for a cancel, one event."""
+        self.outcomes.unstarted(record, EXPIRED, logged=False)
+        self.log.info(
+            "job.expired", job_id=record.id, type=record.type, handler=record.handler,
+            waited_s=round(time.time() - record.accepted, 3),
+        )  # fmt: skip
+
     def _due_stale(self, now: float) -> bool:
         """The earliest due time is looked up again at most every 50 ms: the intake may
         have stored a job due sooner."""
@@ -958,6 +980,9 @@ class Arbiter:
         fresh, restart_needed = reloading.apply(p.config, fresh, max_workers=p.table.workers // 2)
         p.config, p.registry, p.schedules = fresh, registry, compiled
         self._sync_schedules()  # removed ones stop, changed ones count anew
+        limits = limits_of(fresh.handlers)
+        self.jobs.set_limits(limits)  # the new workers open their stores with them
+        self.pacer.limited = bool(limits)
         self._next_retention = 0.0  # [store] keep_* as reloaded apply now, not in a minute
         self._count_reload(registry)
         old = self.pool.new_generation()

@@ -111,6 +111,9 @@ class ControlServer:
             "counts": self._counts,
             "jobs": self._jobs,
             "schedules": self._schedules,
+            "limits": lambda request: {
+                "limits": wire.limits_to_list(self.store.limited(self.clock()))
+            },
         }
         #: Who asked, for the log events of the requests that change something.
         self._peer: dict[str, int] = {}

@@ -336,6 +336,7 @@ class Intake:
             timeout=job.timeout,
             attempts=job.attempt - 1,
             state=State.SCHEDULED if due else State.QUEUED,
+            expires=None if job.expire is None else (due or now) + job.expire,
         )
         if registration is None:
             message = f"no handler for message type {job.type}"
@@ -361,7 +362,7 @@ def _inline(job: Job) -> bytes:
     return protocol.encode(
         job.payload, job_id=job.id, reply_to=job.reply_to, submitted=job.submitted,
         pid=job.sender_pid, attempt=job.attempt, timeout=job.timeout, unique=job.unique,
-        confirm=job.confirm, due=job.due, priority=job.priority,
+        confirm=job.confirm, due=job.due, priority=job.priority, expire=job.expire,
     )  # fmt: skip
 
 

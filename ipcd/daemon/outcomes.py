@@ -23,7 +23,7 @@ from ipcd.errors import (
 from ipcd.kernel.procs import alive
 from ipcd.kernel.queues import Queue
 from ipcd.layout.results import Kind, Result, Status, too_large
-from ipcd.store import JobStore, Outcome
+from ipcd.store import JobRecord, JobStore, Outcome
 from ipcd.tables import spill
 from ipcd.tables.failed import FailedList
 from ipcd.tables.results import ResultStore
@@ -141,6 +141,22 @@ class Outcomes:
         if not stored:
             fields["stored"] = False
         self.announce(job, result, body=body, handler=handler, started=started, **fields)
+
+    def unstarted(self, record: JobRecord, reason: str, **fields: Any) -> None:
+        """A job that ended before any worker started it (cancelled by an operator, or
+        expired) ends as a failed run would for its waiter and its unique key: the error
+        result ``reason`` in the ring, the key freed; not on the failed list (``ipcctl
+        retry`` takes it back from the store).  ``fields`` go to its ``job.done`` event;
+        ``logged=False`` when the caller logs the job's one event itself."""
+        job = Job(
+            id=record.id, type=record.type, payload=None, submitted=record.submitted,
+            sender_pid=record.sender_pid, reply_to=record.reply_to, unique=record.unique,
+            attempt=max(record.attempts, 1),
+        )  # fmt: skip
+        self.finish(
+            job, error_result(job, reason), body=b"", handler=record.handler,
+            started=time.monotonic(), listed=False, **fields,
+        )  # fmt: skip
 
     def reject(self, exc: MessageError, body: bytes, type_: int, **fields: Any) -> None:
         """A message that cannot be a job: the ``job.rejected`` event and counter, and when

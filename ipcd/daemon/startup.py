@@ -28,6 +28,7 @@ from ipcd.kernel.keys import Keys
 from ipcd.kernel.queues import Queue, msgmax
 from ipcd.kernel.segments import Lock
 from ipcd.store import JobStore, State, open_store
+from ipcd.store.model import limits_of
 from ipcd.tables.failed import FailedList
 from ipcd.tables.inflight import InflightTable
 from ipcd.tables.results import ResultStore
@@ -272,10 +273,12 @@ def free_lost_keys(unique: UniqueTable, queue: Queue, table: InflightTable, jobs
 
 
 def open_jobs(config: Config) -> JobStore:
-    """A connection to the configuration's job store (ipcd.store)."""
+    """A connection to the configuration's job store (ipcd.store), its claims held to
+    the handlers' limits."""
     return open_store(
-        str(config.store.path), sync=config.store.sync, max_result=config.store.max_result
-    )
+        str(config.store.path), sync=config.store.sync, max_result=config.store.max_result,
+        limits=limits_of(config.handlers),
+    )  # fmt: skip
 
 
 def check_store(

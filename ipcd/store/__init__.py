@@ -18,6 +18,8 @@ Each process opens its own store after it forks, and never shares it with a chil
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from ipcd.store.model import (
     ALL_TYPES,
     DEFAULT_BUSY_TIMEOUT,
@@ -27,6 +29,8 @@ from ipcd.store.model import (
     Backlog,
     JobRecord,
     JobStore,
+    Limit,
+    LimitState,
     NewJob,
     Outcome,
     Retention,
@@ -43,6 +47,8 @@ __all__ = [
     "Backlog",
     "JobRecord",
     "JobStore",
+    "Limit",
+    "LimitState",
     "NewJob",
     "Outcome",
     "Retention",
@@ -58,9 +64,11 @@ def open_store(
     sync: str = "normal",
     busy_timeout: int = DEFAULT_BUSY_TIMEOUT,
     max_result: int = DEFAULT_MAX_RESULT,
+    limits: Mapping[int, Limit] | None = None,
 ) -> JobStore:
     """Open the job store at ``path`` for this process (``[store] path``, ``sync``,
-    ``max_result``; ``busy_timeout`` in milliseconds): the file and its directory's
+    ``max_result``; ``busy_timeout`` in milliseconds; ``limits``: the handlers' concurrency
+    and rate limits, ipcd.store.model.limits_of): the file and its directory's
     checks, creation, pragmas and migrations are ipcd.store.sqlite.connect's; bodies and
     results larger than 64 KiB are files in ``PATH.bodies/`` (ipcd.store.blobs).
 
@@ -74,4 +82,4 @@ def open_store(
 
     conn = connect(path, sync=sync, busy_timeout=busy_timeout)
     blobs = BlobDir.beside(path, sync=sync == "full")
-    return SqliteStore(conn, path, max_result=max_result, blobs=blobs)
+    return SqliteStore(conn, path, max_result=max_result, blobs=blobs, limits=limits)

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import builtins
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple, Protocol
+
+from ipcd.config import HandlerConfig
 
 
 class State(enum.StrEnum):
@@ -85,6 +87,9 @@ class NewJob(NamedTuple):
     #: message, with ``error``).
     state: State = State.QUEUED
     error: str | None = None
+    #: Unix time after which the job, not yet started, is cancelled as expired
+    #: (``--expire``); None: it waits as long as it takes.
+    expires: float | None = None
 
 
 class JobRecord(NamedTuple):
@@ -114,6 +119,8 @@ class JobRecord(NamedTuple):
     error: str | None
     result_kind: int | None
     result_size: int | None
+    #: Not started by then (Unix time), the job is cancelled as expired; None: never.
+    expires: float | None = None
 
 
 class Outcome(NamedTuple):
@@ -128,6 +135,41 @@ class Outcome(NamedTuple):
     #: The result's bytes (kept when not larger than the store's ``max_result``).
     data: bytes | None
     error: str | None
+
+
+class Limit(NamedTuple):
+    """How many jobs of one type may start (``[handlers.NAME] concurrency``, ``rate``,
+    ``burst``): the store's claim holds to it in every process that claims."""
+
+    #: At most this many of its jobs RUNNING at once across the pool; None: the pool's.
+    concurrency: int | None = None
+    #: Starts per second: a token bucket refilled at this rate; None: no rate limit.
+    rate: float | None = None
+    #: How many tokens the bucket holds (the starts that may follow each other at once
+    #: after a quiet spell), at least 1.
+    burst: int = 1
+
+
+def limits_of(handlers: Iterable[HandlerConfig]) -> dict[int, Limit]:
+    """The limits of the handlers that have any, by message type."""
+    return {
+        h.type: Limit(h.concurrency, h.rate_per_second, h.burst_size)
+        for h in handlers
+        if h.concurrency is not None or h.rate is not None
+    }
+
+
+class LimitState(NamedTuple):
+    """A limited type's limit and what it uses now (``ipcctl status``)."""
+
+    type: int
+    limit: Limit
+    #: Its jobs RUNNING now.
+    running: int
+    #: Whole tokens in its bucket now (None: no rate limit).
+    tokens: int | None
+    #: Its jobs QUEUED now.
+    queued: int
 
 
 class Backlog(NamedTuple):
@@ -202,7 +244,11 @@ class JobStore(Protocol):
         ``started = now``, and is returned as it is now, with its body (None when the
         body cannot be read, a file of a large body say: that job fails, the others
         run). Two processes never claim the same job.  ``worker_pid``: the worker that
-        claims them (recorded, so that the master finds the jobs of a worker that died)."""
+        claims them (recorded, so that the master finds the jobs of a worker that died).
+        A job whose expiry has passed (never started) is not claimed.  A type with a
+        :class:`Limit` gives no more jobs than its concurrency leaves room for (its
+        RUNNING jobs counted across every process) and than its bucket holds tokens, one
+        spent per job claimed, in the same transaction."""
         ...
 
     def exchange(
@@ -220,6 +266,31 @@ class JobStore(Protocol):
         ``batches`` the jobs claimed are all of one type, the first one's in dispatch
         order, and at most ``batches.get(type, 1)`` of them: a batch never puts a
         quick job behind a slow one of another type."""
+        ...
+
+    def set_limits(self, limits: Mapping[int, Limit]) -> None:
+        """Claims from now on hold to ``limits`` (a reload); types not in it have none."""
+        ...
+
+    def next_start(self, now: float) -> float | None:
+        """When a worker should next look for jobs the limits held back: ``now`` when a
+        limited type has waiting jobs and room to start one (a job of it ended in a
+        process that claimed nothing after it), the time its next token is due when only
+        its rate holds them back; None when no limited type has a job to start."""
+        ...
+
+    def limited(self, now: float) -> list[LimitState]:
+        """Each limited type's limit, its running and queued jobs and its tokens now."""
+        ...
+
+    def expire(self, now: float) -> list[JobRecord]:
+        """QUEUED or SCHEDULED jobs never started whose expiry is at or before ``now``
+        become CANCELLED with the error "expired" (``finished = now``); returns them as
+        they were, soonest expiry first.  (A claim never starts one meanwhile.)"""
+        ...
+
+    def next_expiry(self) -> float | None:
+        """The earliest expiry of a job waiting to be started; None when there is none."""
         ...
 
     def promote_due(self, now: float) -> int:
@@ -295,7 +366,8 @@ class JobStore(Protocol):
 
     def retry(self, job_id: str, now: float) -> JobRecord | None:
         """A FAILED or CANCELLED job becomes QUEUED again as a new job would (accepted
-        ``now``, attempts 0, error and result cleared); None when it is not one of those."""
+        ``now``, attempts 0, error, result and expiry cleared); None when it is not one
+        of those."""
         ...
 
     def pause(self, types: Sequence[int], now: float) -> None:

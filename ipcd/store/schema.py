@@ -46,6 +46,17 @@ Version 3 (recurring schedules, ipcd.daemon.schedules):
   (due time, when queued, job id) and how many runs it did not queue because the last
   one still waited or ran. The master writes a run's job and this row in one
   transaction, so that a crash neither loses a run nor queues one twice.
+
+Version 4 (per-handler limits and job expiry):
+
+- ``buckets``: one token bucket per rate-limited type (``[handlers.NAME] rate``): the
+  tokens left and when they were counted; written by the claim that spends tokens, in
+  its transaction, so that every worker process draws from the one bucket. A type
+  without a row has a full bucket.
+- ``jobs.expires``: the Unix time after which a job not yet started is cancelled as
+  expired (``--expire``), NULL for most jobs; a partial index over the waiting jobs
+  that have one, so that the master finds the next to expire without reading the
+  others (a job without one is never in it).
 """
 
 from __future__ import annotations
@@ -55,7 +66,7 @@ import sqlite3
 from ipcd.errors import StoreCorruptError
 
 #: The schema version this ipcd writes and reads.
-VERSION = 3
+VERSION = 4
 
 _V1 = (
     """
@@ -189,8 +200,17 @@ _V3_SCHEDULES = (
     """,
 )
 
+_V4_LIMITS = (
+    "CREATE TABLE buckets (type INTEGER PRIMARY KEY, tokens REAL NOT NULL, updated REAL NOT NULL)",
+    "ALTER TABLE jobs ADD COLUMN expires REAL",
+    """
+    CREATE INDEX jobs_expires ON jobs (state, expires)
+        WHERE expires IS NOT NULL AND state IN ('queued', 'scheduled')
+    """,
+)
+
 #: ``MIGRATIONS[i]`` takes a file from version ``i`` to ``i + 1``.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3_SCHEDULES)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3_SCHEDULES, _V4_LIMITS)
 
 assert len(MIGRATIONS) == VERSION
 

@@ -63,6 +63,8 @@ from ipcd.store.model import (
     WAITING,
     Backlog,
     JobRecord,
+    Limit,
+    LimitState,
     NewJob,
     Outcome,
     Retention,
@@ -85,17 +87,19 @@ _DISPATCH = "ORDER BY type, priority DESC, accepted, id"
 _INSERT_COLUMNS = (
     "id", "type", "handler", "state", "attempts", "priority", "unique_key", "submitted",
     "accepted", "due", "finished", "sender_pid", "sender_uid", "reply_to", "timeout", "bare",
-    "size", "preview", "error", "body_size",
+    "size", "preview", "error", "body_size", "expires",
 )  # fmt: skip
 _INSERT = (
     f"INSERT INTO jobs ({', '.join(_INSERT_COLUMNS)}) "
     f"VALUES ({', '.join('?' * len(_INSERT_COLUMNS))}) ON CONFLICT (id) DO NOTHING"
 )
 # The literal 'queued' lets SQLite use the partial index jobs_claim. The record and its
-# body in the one statement: a claim is a job's hot path.
+# body in the one statement: a claim is a job's hot path.  A job past its expiry that was
+# never started is skipped (the master cancels it): a test of the row already read.
 _CLAIM = (
     f"SELECT {_COLUMNS}, COALESCE(file, body) FROM jobs LEFT JOIN bodies ON job_id = id "
-    f"WHERE state = 'queued' AND type BETWEEN ? AND ? {_DISPATCH} LIMIT ?"
+    "WHERE state = 'queued' AND type BETWEEN ? AND ? "
+    f"AND (expires IS NULL OR expires > ? OR attempts > 0) {_DISPATCH} LIMIT ?"
 )
 _SCHEDULE_SELECT = f"SELECT {', '.join(ScheduleState._fields)} FROM schedules"
 _SCHEDULE_SAVE = (
@@ -103,6 +107,10 @@ _SCHEDULE_SAVE = (
     f"VALUES ({', '.join('?' * len(ScheduleState._fields))}) ON CONFLICT (name) DO UPDATE SET "
     + ", ".join(f"{f} = excluded.{f}" for f in ScheduleState._fields[1:])
 )
+# The partial index jobs_expires's condition, repeated so that SQLite uses it.
+_EXPIRING = "expires IS NOT NULL AND state IN ('queued', 'scheduled')"
+#: A claim's allowance for a type without a limit.
+_UNLIMITED = 2**31
 _ATTEMPTS = JobRecord._fields.index("attempts")
 _TYPE = JobRecord._fields.index("type")
 
@@ -119,6 +127,33 @@ def _chunks(values: Sequence[str]) -> Iterator[Sequence[str]]:
 def _record(row: Sequence[Any]) -> JobRecord:
     job = JobRecord._make(row)
     return job._replace(state=State(job.state), bare=bool(job.bare))
+
+
+def _claim_ranges(
+    skipped: Iterable[int], capped: Mapping[int, int]
+) -> builtins.list[tuple[int, int, int]]:
+    """Where a claim looks, in dispatch order: the ranges of types between the ``skipped``
+    (paused, or limited and out of room) and the ``capped`` ones, with no cap; and each
+    capped type alone, with its cap (how many of its jobs may start now)."""
+    ranges = [(low, high, _UNLIMITED) for low, high in _open_ranges([*skipped, *capped])]
+    ranges += [(type_, type_, cap) for type_, cap in capped.items()]
+    return sorted(ranges, key=lambda r: r[0])
+
+
+def tokens(limit: Limit, held: tuple[float, float] | None, now: float) -> float:
+    """The tokens in a type's bucket at ``now``: ``held`` (tokens, when counted) refilled
+    at ``limit.rate`` per second up to ``limit.burst``; a bucket never written is full.  A
+    clock that went back (another process's) refills nothing."""
+    if held is None or limit.rate is None:
+        return float(limit.burst)
+    left, counted = held
+    return min(float(limit.burst), left + max(now - counted, 0.0) * limit.rate)
+
+
+def whole(left: float) -> int:
+    """The whole tokens in a bucket holding ``left``: a token refilled in float steps may
+    sum to 0.999999..., which is one."""
+    return int(left + 1e-9)
 
 
 def _open_ranges(paused: Iterable[int]) -> Iterator[tuple[int, int]]:
@@ -253,13 +288,25 @@ class SqliteStore:
         *,
         max_result: int = DEFAULT_MAX_RESULT,
         blobs: BlobDir | None = None,
+        limits: Mapping[int, Limit] | None = None,
     ) -> None:
+        """``limits``: how many jobs of each type may start (ipcd.store.model.Limit);
+        types not in it have none beyond the pool."""
         self._conn = conn
         self._path = path
         self._max_result = max_result
         self._blobs = blobs or BlobDir.beside(path, sync=False)
         self._pid = os.getpid()
         self._lock = -1
+        self._limits: dict[int, Limit] = {}
+        self.set_limits(limits or {})
+
+    def set_limits(self, limits: Mapping[int, Limit]) -> None:
+        self._limits = {
+            type_: limit
+            for type_, limit in limits.items()
+            if limit.concurrency is not None or limit.rate is not None
+        }
 
     # -- transactions -------------------------------------------------------------------
 
@@ -372,7 +419,7 @@ class SqliteStore:
                 job.id, job.type, job.handler, state.value, job.attempts, job.priority,
                 job.unique, job.submitted or job.accepted, job.accepted, job.due, finished,
                 job.sender_pid, job.sender_uid, job.reply_to, job.timeout, int(job.bare),
-                job.size, job.preview, job.error, len(job.body),
+                job.size, job.preview, job.error, len(job.body), job.expires,
             )  # fmt: skip
             if db.execute(_INSERT, values).rowcount == 1:
                 body, file = self._keep(job.id, job.body, written)
@@ -471,8 +518,8 @@ class SqliteStore:
         except StoreError:
             return None
 
-    @staticmethod
     def _claim(
+        self,
         db: sqlite3.Connection,
         n: int,
         now: float,
@@ -481,30 +528,182 @@ class SqliteStore:
     ) -> builtins.list[Sequence[Any]]:
         """Up to ``n`` queued jobs' rows (and bodies), marked running, in the caller's
         write transaction; with ``batches``, only jobs of the first one's type, at most
-        ``batches.get(type, 1)`` of them."""
+        ``batches.get(type, 1)`` of them.  A limited type gives at most its room
+        (:meth:`_rooms`), and spends the tokens of those it gives; without limits no
+        query is added."""
         paused = [row[0] for row in db.execute("SELECT type FROM paused")]
         if ALL_TYPES in paused:
             return []
+        buckets: dict[int, float] = {}
+        rooms = self._rooms(db, now, buckets) if self._limits else {}
+        capped = {t: room for t, room in rooms.items() if room > 0}
         rows: list[Sequence[Any]] = []
-        # One index range per stretch of types between paused ones: a paused type's
-        # waiting jobs are skipped by the index, never read.
-        for low, high in _open_ranges(paused):
-            first = 1 if batches is not None else n - len(rows)
-            rows += db.execute(_CLAIM, (low, high, first)).fetchall()
+        # One index range per stretch of types between paused ones (and limited ones,
+        # each alone with its cap): a paused type's waiting jobs are skipped by the
+        # index, never read.
+        skipped = [*paused, *(t for t, room in rooms.items() if room <= 0)]
+        for low, high, cap in _claim_ranges(skipped, capped):
+            first = 1 if batches is not None else min(n - len(rows), cap)
+            rows += db.execute(_CLAIM, (low, high, now, first)).fetchall()
             if len(rows) >= n or (batches is not None and rows):
                 break
         if batches is not None and rows:
             type_ = rows[0][_TYPE]
-            size = min(n, batches.get(type_, 1))
+            size = min(n, batches.get(type_, 1), capped.get(type_, _UNLIMITED))
             if size > 1:  # the first job again, and more of its type after it
-                rows = db.execute(_CLAIM, (type_, type_, size)).fetchall()
+                rows = db.execute(_CLAIM, (type_, type_, now, size)).fetchall()
         for chunk in _chunks([row[0] for row in rows]):
             db.execute(
                 "UPDATE jobs SET state = 'running', attempts = attempts + 1, "
                 f"started = ?, finished = NULL, worker_pid = ? WHERE id IN ({_marks(chunk)})",
                 (now, worker_pid or None, *chunk),
             )
+        if buckets and rows:
+            self._spend(db, rows, buckets, now)
         return rows
+
+    def _rooms(
+        self, db: sqlite3.Connection, now: float, buckets: dict[int, float]
+    ) -> dict[int, int]:
+        """How many more jobs of each limited type may start now: its concurrency less its
+        RUNNING jobs (those claimed by any worker, started or not), and no more than the
+        whole tokens in its bucket.  ``buckets`` gets the rate-limited types' tokens."""
+        running = self._running_counts(db)
+        held = self._buckets(db)
+        rooms: dict[int, int] = {}
+        for type_, limit in self._limits.items():
+            room = _UNLIMITED
+            if limit.concurrency is not None:
+                room = limit.concurrency - running.get(type_, 0)
+            if limit.rate is not None:
+                buckets[type_] = tokens(limit, held.get(type_), now)
+                room = min(room, whole(buckets[type_]))
+            rooms[type_] = room
+        return rooms
+
+    def _running_counts(self, db: sqlite3.Connection) -> dict[int, int]:
+        """The limited types' RUNNING jobs (read from the index jobs_type)."""
+        types = builtins.list(self._limits)
+        return {
+            int(t): int(c)
+            for t, c in db.execute(
+                f"SELECT type, COUNT(*) FROM jobs WHERE state = 'running' "
+                f"AND type IN ({_marks(types)}) GROUP BY type",
+                types,
+            )
+        }
+
+    def _buckets(self, db: sqlite3.Connection) -> dict[int, tuple[float, float]]:
+        """The rate-limited types' buckets as written: (tokens, when counted)."""
+        types = [t for t, limit in self._limits.items() if limit.rate is not None]
+        if not types:
+            return {}
+        return {
+            int(t): (float(left), float(counted))
+            for t, left, counted in db.execute(
+                f"SELECT type, tokens, updated FROM buckets WHERE type IN ({_marks(types)})",
+                types,
+            )
+        }
+
+    @staticmethod
+    def _spend(
+        db: sqlite3.Connection,
+        rows: Sequence[Sequence[Any]],
+        buckets: Mapping[int, float],
+        now: float,
+    ) -> None:
+        """One token of its type's bucket for each job claimed, written in the claim's
+        transaction."""
+        spent: dict[int, int] = {}
+        for row in rows:
+            if row[_TYPE] in buckets:
+                spent[row[_TYPE]] = spent.get(row[_TYPE], 0) + 1
+        for type_, count in spent.items():
+            db.execute(
+                "INSERT INTO buckets (type, tokens, updated) VALUES (?, ?, ?) ON CONFLICT "
+                "(type) DO UPDATE SET tokens = excluded.tokens, "
+                "updated = MAX(updated, excluded.updated)",
+                (type_, buckets[type_] - count, now),
+            )
+
+    def next_start(self, now: float) -> float | None:
+        if not self._limits:
+            return None
+        soonest: float | None = None
+        with self._read() as db:
+            running = self._running_counts(db)
+            held = self._buckets(db)
+            for type_, limit in self._limits.items():
+                if limit.concurrency is not None and running.get(type_, 0) >= limit.concurrency:
+                    continue  # full: the end of one of its jobs claims the next
+                if not self._waiting(db, type_, now):
+                    continue
+                when = now
+                left = tokens(limit, held.get(type_), now)
+                if limit.rate is not None and whole(left) < 1:
+                    when = now + (1.0 - left) / limit.rate
+                soonest = when if soonest is None else min(soonest, when)
+        return soonest
+
+    @staticmethod
+    def _waiting(db: sqlite3.Connection, type_: int, now: float) -> bool:
+        """Whether a job of ``type_`` waits to be claimed (from the index jobs_claim)."""
+        return (
+            db.execute(
+                "SELECT 1 FROM jobs WHERE state = 'queued' AND type = ? "
+                "AND (expires IS NULL OR expires > ? OR attempts > 0) LIMIT 1",
+                (type_, now),
+            ).fetchone()
+            is not None
+        )
+
+    def limited(self, now: float) -> builtins.list[LimitState]:
+        if not self._limits:
+            return []
+        found = []
+        with self._read() as db:
+            running = self._running_counts(db)
+            held = self._buckets(db)
+            for type_, limit in sorted(self._limits.items()):
+                queued = db.execute(
+                    "SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND type = ?", (type_,)
+                ).fetchone()[0]
+                left = None
+                if limit.rate is not None:
+                    left = whole(tokens(limit, held.get(type_), now))
+                found.append(LimitState(type_, limit, running.get(type_, 0), left, int(queued)))
+        return found
+
+    def expire(self, now: float) -> builtins.list[JobRecord]:
+        found: list[JobRecord] = []
+        with self._write() as db:
+            for state in ("queued", "scheduled"):
+                found += self._records(
+                    db,
+                    f"{_SELECT} WHERE state = ? AND {_EXPIRING} AND expires <= ? AND attempts = 0",
+                    (state, now),
+                )
+            for chunk in _chunks([job.id for job in found]):
+                db.execute(
+                    "UPDATE jobs SET state = 'cancelled', finished = ?, error = 'expired' "
+                    f"WHERE id IN ({_marks(chunk)})",
+                    (now, *chunk),
+                )
+        return sorted(found, key=lambda job: (job.expires or 0.0, job.id))
+
+    def next_expiry(self) -> float | None:
+        with self._read() as db:
+            times = [
+                db.execute(
+                    f"SELECT MIN(expires) FROM jobs WHERE state = ? AND {_EXPIRING} "
+                    "AND attempts = 0",
+                    (state,),
+                ).fetchone()[0]
+                for state in ("queued", "scheduled")
+            ]
+        known = [float(t) for t in times if t is not None]
+        return min(known) if known else None
 
     def promote_due(self, now: float) -> int:
         with self._write() as db:
@@ -712,7 +911,8 @@ class SqliteStore:
             changed = db.execute(
                 "UPDATE jobs SET state = 'queued', attempts = 0, accepted = ?, started = NULL, "
                 "finished = NULL, worker_pid = NULL, error = NULL, result_kind = NULL, "
-                "result_size = NULL WHERE id = ? AND state IN ('failed', 'cancelled')",
+                "result_size = NULL, expires = NULL "
+                "WHERE id = ? AND state IN ('failed', 'cancelled')",
                 (now, job_id),
             ).rowcount
             if changed != 1:

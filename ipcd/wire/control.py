@@ -72,6 +72,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "counts": (),
     "jobs": ("ids",),
     "schedules": (),
+    "limits": (),
 }
 
 
@@ -101,6 +102,8 @@ class JobInfo(NamedTuple):
     error: str | None
     result_kind: int | None
     result_size: int | None
+    #: Not started by then, the job is cancelled as expired; None: no expiry.
+    expires: float | None = None
 
 
 class StoredResult(NamedTuple):
@@ -283,9 +286,9 @@ def decode_answer(raw: bytes) -> dict[str, Any]:
 #: The JSON types each JobInfo field may have (float fields also take integers).
 _OPTIONAL = {
     "unique", "started", "finished", "sender_uid", "reply_to", "timeout", "worker_pid",
-    "error", "result_kind", "result_size",
+    "error", "result_kind", "result_size", "expires",
 }  # fmt: skip
-_FLOATS = {"submitted", "accepted", "due", "started", "finished", "timeout"}
+_FLOATS = {"submitted", "accepted", "due", "started", "finished", "timeout", "expires"}
 _STRINGS = {"id", "handler", "state", "unique", "preview", "error"}
 
 
@@ -370,6 +373,55 @@ def paused_from(doc: Mapping[str, Any]) -> dict[int, float]:
     ):
         raise ControlError("the daemon's answer has no list of paused types", 70)
     return {int(p[0]): float(p[1]) for p in raw}
+
+
+class LimitInfo(NamedTuple):
+    """A limited handler's limits and use (``ipcd.store.LimitState``): ``limits``."""
+
+    type: int
+    #: None: no concurrency limit.
+    concurrency: int | None
+    #: Starts per second; None: no rate limit.
+    rate: float | None
+    burst: int
+    running: int
+    #: Whole tokens in its bucket now; None without a rate.
+    tokens: int | None
+    queued: int
+
+
+def limits_to_list(states: Any) -> list[dict[str, Any]]:
+    """``ipcd.store.LimitState`` records as JSON objects."""
+    return [
+        LimitInfo(
+            s.type, s.limit.concurrency, s.limit.rate, s.limit.burst, s.running, s.tokens,
+            s.queued,
+        )._asdict()
+        for s in states
+    ]  # fmt: skip
+
+
+def limits_from(doc: Mapping[str, Any]) -> list[LimitInfo]:
+    raw = doc.get("limits")
+    if not isinstance(raw, list) or not all(_limit_fits(item) for item in raw):
+        raise ControlError("the daemon's answer has no list of limits", 70)
+    return [
+        LimitInfo(*(item[name] for name in LimitInfo._fields))._replace(
+            rate=None if item["rate"] is None else float(item["rate"])
+        )
+        for item in raw
+    ]
+
+
+def _limit_fits(item: object) -> bool:
+    if not isinstance(item, dict) or set(item) != set(LimitInfo._fields):
+        return False
+    optional = ("concurrency", "rate", "tokens")
+    return all(
+        (name in optional and item[name] is None)
+        or (_is_int(item[name]) if name != "rate" else _fits("due", item[name]))
+        for name in LimitInfo._fields
+    )
 
 
 def skipped_from(doc: Mapping[str, Any]) -> list[Skipped]:

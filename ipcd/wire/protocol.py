@@ -52,7 +52,7 @@ _ENVELOPE_REPLY = re.compile(rb'"reply"\s*:\s*([1-9][0-9]{0,9})(?=\s*[,}])')
 _ENVELOPE_KEYS = frozenset(
     {
         "ipcd", "id", "payload", "payload_b64", "submitted", "pid", "reply", "attempt",
-        "timeout", "unique", "spill", "confirm", "due", "priority",
+        "timeout", "unique", "spill", "confirm", "due", "priority", "expire",
     }
 )  # fmt: skip
 #: Longest unique key, in UTF-8 bytes: it is stored in a fixed field of the unique-key table.
@@ -63,6 +63,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 CONFIRMED = b"+"
 #: Bounds of a job's ``priority``: higher runs first among jobs of one type.
 MIN_PRIORITY, MAX_PRIORITY = -100, 100
+#: The longest ``expire`` (seconds): a year; longer is no expiry worth keeping.
+MAX_EXPIRE = 366 * 86400.0
 #: How a spilled payload's bytes are to be read (the envelope's ``spill.kind``).
 SPILL_KINDS = ("bytes", "text", "json")
 
@@ -105,6 +107,9 @@ class Job(NamedTuple):
     due: float = 0.0
     #: Higher first among queued jobs of one type (MIN_PRIORITY … MAX_PRIORITY).
     priority: int = 0
+    #: Seconds after its acceptance (or its due time) by which it must have started, else
+    #: it is cancelled as expired (``--expire``); None: no expiry.
+    expire: float | None = None
 
 
 def is_job_id(text: str) -> bool:
@@ -131,6 +136,7 @@ def encode(
     confirm: int | None = None,
     due: float | None = None,
     priority: int = 0,
+    expire: float | None = None,
 ) -> bytes:
     """The envelope for one job: compact JSON, bytes payloads as base64; with ``spill``
     the payload is in that segment and the envelope names it instead."""
@@ -154,6 +160,8 @@ def encode(
         doc["due"] = round(due, 6)
     if priority:
         doc["priority"] = priority
+    if expire is not None:
+        doc["expire"] = expire
     if spill is not None:
         doc["spill"] = spill.as_json()
     elif isinstance(payload, bytes | bytearray | memoryview):
@@ -350,6 +358,9 @@ def _read_envelope(doc: dict[str, Any], type_: int) -> Job:
     priority = doc.get("priority", 0)
     if not _int_in(priority, MIN_PRIORITY, MAX_PRIORITY):
         raise _bad(f"'priority' must be an integer from {MIN_PRIORITY} to {MAX_PRIORITY}", job_id)
+    expire = doc.get("expire")
+    if expire is not None and not 0 < _number(expire, "expire", job_id) <= MAX_EXPIRE:
+        raise _bad(f"'expire' must be a positive number of seconds up to {MAX_EXPIRE:.0f}", job_id)
     return Job(
         id=job_id,
         type=type_,
@@ -364,6 +375,7 @@ def _read_envelope(doc: dict[str, Any], type_: int) -> Job:
         confirm=confirm,
         due=float(due),
         priority=priority,
+        expire=None if expire is None else float(expire),
     )
 
 
