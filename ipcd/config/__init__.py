@@ -139,6 +139,10 @@ class HandlerConfig(NamedTuple):
     #: Overrides [jobs] max_attempts and retry_delay for this handler.
     max_attempts: int | None = None
     retry_delay: float | None = None
+    #: Completion hooks: the handler that gets a follow-up job, with the outcome as its
+    #: payload, when one of this handler's jobs ends done or failed for good.
+    on_success: str | None = None
+    on_failure: str | None = None
 
 
 class Config(NamedTuple):
@@ -341,7 +345,11 @@ def _handlers(reader: TableReader, table: Mapping[str, Any]) -> tuple[HandlerCon
         where = f"handlers.{name}"
         if not isinstance(entry, Mapping):
             raise reader.error(f"[{where}] must be a table")
-        reader.allow(entry, where, {"type", "target", "timeout", "max_attempts", "retry_delay"})
+        reader.allow(
+            entry,
+            where,
+            {"type", "target", "timeout", "max_attempts", "retry_delay", "on_success", "on_failure"},
+        )
         type_ = reader.get(entry, f"{where}.type", int, None)
         if type_ is None:
             raise reader.error(f"[{where}] needs a message type: type = N")
@@ -368,9 +376,37 @@ def _handlers(reader: TableReader, table: Mapping[str, Any]) -> tuple[HandlerCon
                     if "retry_delay" in entry
                     else None
                 ),
+                on_success=reader.optional(entry, f"{where}.on_success", str),
+                on_failure=reader.optional(entry, f"{where}.on_failure", str),
             )
         )
+    _check_hooks(reader, handlers)
     return tuple(handlers)
+
+
+def _check_hooks(reader: TableReader, handlers: list[HandlerConfig]) -> None:
+    """Each hook names a configured handler, and no hook's handler has hooks of its own:
+    a follow-up job never has a follow-up, so no chain of hooks can loop or grow."""
+    names = {h.name for h in handlers}
+    targets: dict[str, str] = {}
+    for handler in handlers:
+        for key in ("on_success", "on_failure"):
+            hook = getattr(handler, key)
+            if hook is None:
+                continue
+            if hook not in names:
+                raise reader.error(
+                    f"handlers.{handler.name}.{key}: no handler {hook!r} is configured "
+                    f"(configured: {', '.join(sorted(names))})"
+                )
+            targets.setdefault(hook, f"handlers.{handler.name}.{key}")
+    for handler in handlers:
+        if handler.name in targets and (handler.on_success or handler.on_failure):
+            raise reader.error(
+                f"handlers.{handler.name} is a completion hook ({targets[handler.name]}) and "
+                "cannot have on_success or on_failure of its own: a follow-up job never "
+                "has a follow-up"
+            )
 
 
 def _exec(reader: TableReader, table: Mapping[str, Any]) -> ExecConfig:

@@ -18,13 +18,19 @@ Each process opens its own store after it forks, and never shares it with a chil
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from ipcd.store.model import (
     ALL_TYPES,
     DEFAULT_BUSY_TIMEOUT,
     DEFAULT_MAX_RESULT,
     FINAL,
     WAITING,
+    Admitted,
     Backlog,
+    Chained,
+    Hook,
+    Hooks,
     JobRecord,
     JobStore,
     NewJob,
@@ -39,7 +45,11 @@ __all__ = [
     "DEFAULT_MAX_RESULT",
     "FINAL",
     "WAITING",
+    "Admitted",
     "Backlog",
+    "Chained",
+    "Hook",
+    "Hooks",
     "JobRecord",
     "JobStore",
     "NewJob",
@@ -56,11 +66,13 @@ def open_store(
     sync: str = "normal",
     busy_timeout: int = DEFAULT_BUSY_TIMEOUT,
     max_result: int = DEFAULT_MAX_RESULT,
+    hooks: Mapping[str, Hooks] | None = None,
 ) -> JobStore:
     """Open the job store at ``path`` for this process (``[store] path``, ``sync``,
     ``max_result``; ``busy_timeout`` in milliseconds): the file and its directory's
     checks, creation, pragmas and migrations are ipcd.store.sqlite.connect's; bodies and
     results larger than 64 KiB are files in ``PATH.bodies/`` (ipcd.store.blobs).
+    ``hooks``: the completion hooks by handler name (ipcd.store.chains).
 
     Raises StoreUnavailableError, StoreCorruptError or StoreFullError (exit status 74)
     with a message naming the path, the cause and what to do; ConfigError for a ``sync``
@@ -72,4 +84,4 @@ def open_store(
 
     conn = connect(path, sync=sync, busy_timeout=busy_timeout)
     blobs = BlobDir.beside(path, sync=sync == "full")
-    return SqliteStore(conn, path, max_result=max_result, blobs=blobs)
+    return SqliteStore(conn, path, max_result=max_result, blobs=blobs, hooks=hooks)

@@ -85,6 +85,9 @@ class NewJob(NamedTuple):
     #: message, with ``error``).
     state: State = State.QUEUED
     error: str | None = None
+    #: The jobs this one waits for (``--after``): it is held until all of them are DONE,
+    #: and cancelled when one of them fails for good or is cancelled (ipcd.store.chains).
+    after: tuple[str, ...] = ()
 
 
 class JobRecord(NamedTuple):
@@ -114,6 +117,9 @@ class JobRecord(NamedTuple):
     error: str | None
     result_kind: int | None
     result_size: int | None
+    #: The jobs it was submitted to wait for (``--after``), as named; which of them it
+    #: still waits for is :meth:`JobStore.waits`'s.
+    after: tuple[str, ...] = ()
 
 
 class Outcome(NamedTuple):
@@ -128,6 +134,43 @@ class Outcome(NamedTuple):
     #: The result's bytes (kept when not larger than the store's ``max_result``).
     data: bytes | None
     error: str | None
+
+
+class Admitted(NamedTuple):
+    """A job :meth:`JobStore.admit` inserted, and the state the store gave it: what was
+    asked, or (``after``) held, cancelled or failed for its dependencies, with why."""
+
+    id: str
+    state: State
+    error: str | None = None
+
+
+class Chained(NamedTuple):
+    """What the store's transactions decided besides what was asked, since the last
+    :meth:`JobStore.take_chained`: the caller's to act on after the commit."""
+
+    #: Jobs that became QUEUED: dependents released, follow-up (hook) jobs queued.
+    queued: int = 0
+    #: Dependents released that wait for their ``--delay`` (SCHEDULED).
+    scheduled: int = 0
+    #: Dependents cancelled because a job they wait for failed or was cancelled, as they
+    #: are now (CANCELLED, with the reason in ``error``).
+    cancelled: tuple[JobRecord, ...] = ()
+
+
+class Hook(NamedTuple):
+    """The handler a finished job's follow-up job goes to (``[handlers.NAME] on_success``
+    or ``on_failure``)."""
+
+    handler: str
+    type: int
+
+
+class Hooks(NamedTuple):
+    """A handler's completion hooks (None: none)."""
+
+    on_success: Hook | None = None
+    on_failure: Hook | None = None
 
 
 class Backlog(NamedTuple):
@@ -166,6 +209,23 @@ class JobStore(Protocol):
     def add(self, jobs: Sequence[NewJob]) -> list[str]:
         """Commit ``jobs`` in one transaction; ids already present are skipped (recovery
         re-adds safely). Returns the ids inserted, in the order given."""
+        ...
+
+    def admit(self, jobs: Sequence[NewJob]) -> list[Admitted]:
+        """:meth:`add`, saying for each job inserted which state it got: a job with
+        ``after`` is decided in the same transaction from the states of the jobs it
+        names (ipcd.store.chains): QUEUED or SCHEDULED when all are DONE, held (SCHEDULED,
+        never promoted by its due time) while some are not final, CANCELLED when one
+        failed or was cancelled, FAILED when one is unknown."""
+        ...
+
+    def take_chained(self) -> Chained:
+        """What this connection's transactions released, cancelled and queued on their
+        own since the last call (dependents, follow-up jobs), and forget it."""
+        ...
+
+    def waits(self, ids: Sequence[str]) -> dict[str, builtins.list[str]]:
+        """For each of ``ids`` that is held: the jobs it still waits for."""
         ...
 
     def claim(

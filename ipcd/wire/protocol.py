@@ -52,7 +52,7 @@ _ENVELOPE_REPLY = re.compile(rb'"reply"\s*:\s*([1-9][0-9]{0,9})(?=\s*[,}])')
 _ENVELOPE_KEYS = frozenset(
     {
         "ipcd", "id", "payload", "payload_b64", "submitted", "pid", "reply", "attempt",
-        "timeout", "unique", "spill", "confirm", "due", "priority",
+        "timeout", "unique", "spill", "confirm", "due", "priority", "after",
     }
 )  # fmt: skip
 #: Longest unique key, in UTF-8 bytes: it is stored in a fixed field of the unique-key table.
@@ -63,6 +63,11 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 CONFIRMED = b"+"
 #: Bounds of a job's ``priority``: higher runs first among jobs of one type.
 MIN_PRIORITY, MAX_PRIORITY = -100, 100
+#: The most jobs one job may wait for (the envelope's ``after``, ``--after``).
+MAX_AFTER = 64
+#: How a confirmation on the reply queue says the job was refused as a usage error (then
+#: the job id): it names an unknown job in ``after``.  Its error result is stored.
+REFUSED = b"-"
 #: How a spilled payload's bytes are to be read (the envelope's ``spill.kind``).
 SPILL_KINDS = ("bytes", "text", "json")
 
@@ -105,6 +110,8 @@ class Job(NamedTuple):
     due: float = 0.0
     #: Higher first among queued jobs of one type (MIN_PRIORITY … MAX_PRIORITY).
     priority: int = 0
+    #: The jobs this one waits for (``--after``): it runs once all of them succeeded.
+    after: tuple[str, ...] = ()
 
 
 def is_job_id(text: str) -> bool:
@@ -131,6 +138,7 @@ def encode(
     confirm: int | None = None,
     due: float | None = None,
     priority: int = 0,
+    after: tuple[str, ...] = (),
 ) -> bytes:
     """The envelope for one job: compact JSON, bytes payloads as base64; with ``spill``
     the payload is in that segment and the envelope names it instead."""
@@ -154,6 +162,8 @@ def encode(
         doc["due"] = round(due, 6)
     if priority:
         doc["priority"] = priority
+    if after:
+        doc["after"] = list(after)
     if spill is not None:
         doc["spill"] = spill.as_json()
     elif isinstance(payload, bytes | bytearray | memoryview):
@@ -350,6 +360,7 @@ def _read_envelope(doc: dict[str, Any], type_: int) -> Job:
     priority = doc.get("priority", 0)
     if not _int_in(priority, MIN_PRIORITY, MAX_PRIORITY):
         raise _bad(f"'priority' must be an integer from {MIN_PRIORITY} to {MAX_PRIORITY}", job_id)
+    after = _after(doc.get("after", []), job_id)
     return Job(
         id=job_id,
         type=type_,
@@ -364,7 +375,19 @@ def _read_envelope(doc: dict[str, Any], type_: int) -> Job:
         confirm=confirm,
         due=float(due),
         priority=priority,
+        after=after,
     )
+
+
+def _after(raw: object, job_id: str) -> tuple[str, ...]:
+    """The envelope's ``after``: a list of at most MAX_AFTER job ids, none its own."""
+    if not isinstance(raw, list) or not all(isinstance(i, str) and is_job_id(i) for i in raw):
+        raise _bad("'after' must be a list of job ids", job_id)
+    if len(raw) > MAX_AFTER:
+        raise _bad(f"'after' names {len(raw)} jobs, at most {MAX_AFTER}", job_id)
+    if job_id in raw:
+        raise _bad("'after' names the job itself", job_id)
+    return tuple(dict.fromkeys(raw))
 
 
 def _spill_ref(raw: object, job_id: str) -> SpillRef:
