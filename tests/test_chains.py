@@ -49,7 +49,9 @@ def _run(store: JobStore, job_id: str, *, ok: bool, now: float = NOW + 1) -> Non
     """Claim ``job_id`` (it must be the first queued) and record its outcome."""
     [(record, _)] = store.claim(1, now)
     assert record.id == job_id
-    store.finish(job_id, ok=ok, finished=now + 1, result_kind=1, data=b"r", error=None if ok else "boom")
+    store.finish(
+        job_id, ok=ok, finished=now + 1, result_kind=1, data=b"r", error=None if ok else "boom"
+    )
 
 
 def test_a_job_waits_until_every_dependency_is_done_then_is_queued(store: JobStore) -> None:

@@ -82,6 +82,7 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
         "delay": args.delay,
         "unique": args.unique,
         "priority": args.priority,
+        "after": args.after or (),
         # --wait waits for the outcome, which comes after the commit anyway.
         "confirm": not (args.wait or args.no_confirm),
     }

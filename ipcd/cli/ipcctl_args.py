@@ -110,6 +110,14 @@ def _submit_options(submit: argparse.ArgumentParser) -> None:
         help="-100 to 100: higher runs before other queued jobs of its handler (default 0)",
     )
     submit.add_argument(
+        "--after",
+        type=_job_ids,
+        action="extend",
+        metavar="ID[,ID...]",
+        help="hold the job until these jobs succeeded (at most 64, repeatable); cancelled "
+        "if one fails",
+    )
+    submit.add_argument(
         "--no-confirm",
         action="store_true",
         help="return once the job is on the kernel queue, not once the daemon stored it",
@@ -120,6 +128,11 @@ def _submit_options(submit: argparse.ArgumentParser) -> None:
         metavar="S",
         help="how long to wait while the queue is full (default: [ipc] send_timeout)",
     )
+
+
+def _job_ids(text: str) -> tuple[str, ...]:
+    """``--after``'s comma-separated job ids (checked by the client: exit 64)."""
+    return tuple(part.strip() for part in text.split(",") if part.strip()) or (text,)
 
 
 def _priority(text: str) -> int:

@@ -105,6 +105,8 @@ class ExecConfig(NamedTuple):
     timeout: float = 60.0
     #: Below the default result slot's 4032 bytes, with room for the JSON around it.
     max_output: int = 3072
+    #: The command of ``commands`` the ``notify`` handler runs (None: none).
+    notify: str | None = None
 
 
 class StoreConfig(NamedTuple):
@@ -348,7 +350,15 @@ def _handlers(reader: TableReader, table: Mapping[str, Any]) -> tuple[HandlerCon
         reader.allow(
             entry,
             where,
-            {"type", "target", "timeout", "max_attempts", "retry_delay", "on_success", "on_failure"},
+            {
+                "type",
+                "target",
+                "timeout",
+                "max_attempts",
+                "retry_delay",
+                "on_success",
+                "on_failure",
+            },
         )
         type_ = reader.get(entry, f"{where}.type", int, None)
         if type_ is None:
@@ -410,7 +420,9 @@ def _check_hooks(reader: TableReader, handlers: list[HandlerConfig]) -> None:
 
 
 def _exec(reader: TableReader, table: Mapping[str, Any]) -> ExecConfig:
-    reader.allow(table, "exec", {"enabled", "commands", "allow_args", "timeout", "max_output"})
+    reader.allow(
+        table, "exec", {"enabled", "commands", "allow_args", "timeout", "max_output", "notify"}
+    )
     commands: dict[str, tuple[str, ...]] = {}
     for name, argv in reader.table(table, "commands").items():
         if (
@@ -430,7 +442,19 @@ def _exec(reader: TableReader, table: Mapping[str, Any]) -> ExecConfig:
         allow_args=reader.get(table, "exec.allow_args", bool, False),
         timeout=reader.positive(table, "exec.timeout", 60.0),
         max_output=reader.bounded(table, "exec.max_output", 3072, 0, 1 << 24),
+        notify=_notify(reader, table, commands),
     )
+
+
+def _notify(
+    reader: TableReader, table: Mapping[str, Any], commands: Mapping[str, tuple[str, ...]]
+) -> str | None:
+    """``[exec] notify``: the name of one of ``[exec.commands]``."""
+    name: str | None = reader.optional(table, "exec.notify", str)
+    if name is not None and name not in commands:
+        known = ", ".join(sorted(commands)) or "none"
+        raise reader.error(f"exec.notify {name!r} is not in [exec.commands] (listed: {known})")
+    return name
 
 
 def _resolve(base: Path, value: str | os.PathLike[str]) -> Path:

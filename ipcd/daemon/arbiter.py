@@ -47,7 +47,7 @@ from ipcd.daemon import control, lockwaits, objectwatch, reloading, startup
 from ipcd.daemon import log as log_mod
 from ipcd.daemon.doorbell import Doorbell
 from ipcd.daemon.intake import Intake
-from ipcd.daemon.outcomes import Outcomes, error_result
+from ipcd.daemon.outcomes import Outcomes
 from ipcd.daemon.pidlock import PidLock
 from ipcd.daemon.recovery import CANCELLED, DAEMON_KILLED, Recovery
 from ipcd.daemon.sdnotify import Watchdog
@@ -68,7 +68,6 @@ from ipcd.tables import stats as stats_mod
 from ipcd.tables.inflight import Held, InflightTable, Peek, State
 from ipcd.tables.unique import Claim
 from ipcd.wire import protocol
-from ipcd.wire.protocol import Job
 
 #: A worker that lived shorter than this "died young".
 YOUNG = 1.0
@@ -234,6 +233,7 @@ class Arbiter:
             unique=prepared.unique,
             stats=self.stats,
             jobs=self.jobs,
+            doorbell=Doorbell(prepared.handoff, prepared.config.daemon.workers),
         )
         self.recovery = Recovery(
             outcomes=self.outcomes,
@@ -553,6 +553,7 @@ class Arbiter:
                 store=p.store, failed=p.failed, replies=p.replies, log=log,
                 events=log_mod.Events(p.sink, p.config.log.level, role=role),
                 unique=p.unique, stats=recorder, jobs=jobs,
+                doorbell=Doorbell(p.handoff, p.config.daemon.workers), wake_master=wake_master,
             )  # fmt: skip
             if role == "intake":
                 code = Intake(
@@ -578,15 +579,8 @@ class Arbiter:
         doorbell = Doorbell(p.handoff, p.config.daemon.workers)
 
         def cancelled(record: JobRecord) -> None:
-            job = Job(
-                id=record.id, type=record.type, payload=None, submitted=record.submitted,
-                sender_pid=record.sender_pid, reply_to=record.reply_to, unique=record.unique,
-                attempt=max(record.attempts, 1),
-            )  # fmt: skip
-            outcomes.finish(
-                job, error_result(job, CANCELLED), body=b"", handler=record.handler,
-                started=time.monotonic(), listed=False, cancelled=True,
-            )  # fmt: skip
+            # A dependent cancelled with the job it waited for says why (ipcd.store.chains).
+            outcomes.cancelled(record, record.error or CANCELLED)
 
         @contextlib.contextmanager
         def retrying(record: JobRecord) -> Iterator[None]:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ipcd.daemon import uniquerelease
+from ipcd.daemon.doorbell import Doorbell
 from ipcd.daemon.ledger import Ledger
 from ipcd.daemon.log import Events, Logger
 from ipcd.errors import (
@@ -23,13 +24,13 @@ from ipcd.errors import (
 from ipcd.kernel.procs import alive
 from ipcd.kernel.queues import Queue
 from ipcd.layout.results import Kind, Result, Status, too_large
-from ipcd.store import JobStore, Outcome
+from ipcd.store import JobRecord, JobStore, Outcome
 from ipcd.tables import spill
 from ipcd.tables.failed import FailedList
 from ipcd.tables.results import ResultStore
 from ipcd.tables.stats import RESULTS_LOST, STORE_ERRORS, NullRecorder, Recorder
 from ipcd.tables.unique import UniqueTable
-from ipcd.wire.protocol import CONFIRMED, Job, SpillRef
+from ipcd.wire.protocol import CONFIRMED, REFUSED, Job, SpillRef
 
 
 def error_result(job: Job, message: str) -> Result:
@@ -60,6 +61,8 @@ class Outcomes:
         jobs: JobStore | None = None,
         keep_trying: Callable[[], bool] | None = None,
         ledger: Ledger | None = None,
+        doorbell: Doorbell | None = None,
+        wake_master: Callable[[], None] | None = None,
     ) -> None:
         """``jobs`` is this process's connection to the job store (ipcd.store), which
         records each outcome; None where no store is kept (tests of the rings alone).
@@ -67,8 +70,12 @@ class Outcomes:
         its next exchange with the store, instead of a transaction each.
         ``keep_trying`` (a worker's: while it is not asked to stop) makes an outcome the
         store refuses be tried again until it is recorded; without it (the master, which
-        must not block) the outcome is given up on at once."""
+        must not block) the outcome is given up on at once.
+        ``doorbell`` and ``wake_master``: whom to tell of jobs the store's transactions
+        released or queued on their own (dependents, hook jobs; :meth:`follow_chains`)."""
         self.store = store
+        self.doorbell = doorbell
+        self.wake_master = wake_master
         self.jobs = jobs
         self.keep_trying = keep_trying
         self.ledger = ledger
@@ -200,13 +207,15 @@ class Outcomes:
         )  # fmt: skip
         jobs, ledger = self.jobs, self.ledger
         if ledger is None:
-            return self._persist(
+            recorded = self._persist(
                 job_id,
                 lambda: jobs.finish(
                     job_id, ok=outcome.ok, finished=outcome.finished,
                     result_kind=outcome.result_kind, data=outcome.data, error=outcome.error,
                 ),
             )  # fmt: skip
+            self.follow_chains()
+            return recorded
         ledger.record(outcome)
         if not waiter:
             return True
@@ -231,6 +240,37 @@ class Outcomes:
                     return False
             time.sleep(pause)
             pause = min(pause * 2, MAX_RECORD_RETRY)
+
+    def follow_chains(self) -> None:
+        """After this process's store committed: what its transactions decided on their
+        own (ipcd.store.chains) told to whom it concerns.  Workers are rung for jobs
+        that became queued (dependents released, hook jobs), the master woken for
+        released jobs that wait for their ``--delay``, and each dependent cancelled ends
+        as a cancelled job does (:meth:`cancelled`), with its reason.  Nothing to do,
+        and no store call, when nothing was decided."""
+        if self.jobs is None:
+            return
+        chained = self.jobs.take_chained()
+        for record in chained.cancelled:
+            self.log.info("job.cancelled", job_id=record.id, reason=record.error)
+            self.cancelled(record, record.error or "cancelled")
+        if chained.queued and self.doorbell is not None:
+            self.doorbell.ring(chained.queued)
+        if chained.scheduled and self.wake_master is not None:
+            self.wake_master()
+
+    def cancelled(self, record: JobRecord, message: str) -> None:
+        """A job the store cancelled before it reached a worker ends as its waiter and
+        unique key expect: an error result saying ``message``, kept off the failed list."""
+        job = Job(
+            id=record.id, type=record.type, payload=None, submitted=record.submitted,
+            sender_pid=record.sender_pid, reply_to=record.reply_to, unique=record.unique,
+            attempt=max(record.attempts, 1),
+        )  # fmt: skip
+        self.finish(
+            job, error_result(job, message), body=b"", handler=record.handler,
+            started=time.monotonic(), listed=False, cancelled=True,
+        )  # fmt: skip
 
     def conclude(self, job: Job, result: Result, *, body: bytes) -> None:
         """What a worker that died after storing ``result`` may have left undone: a failure
@@ -334,6 +374,11 @@ class Outcomes:
     def notify(self, reply_to: int, job_id: str) -> None:
         """Tell a waiting client its result is stored; never block on a full reply queue."""
         self._reply(reply_to, job_id, job_id.encode("ascii"))
+
+    def refuse(self, reply_to: int, job_id: str) -> None:
+        """Tell a submitter its job was refused as a usage error (``after`` names an
+        unknown job); its error result is stored already."""
+        self._reply(reply_to, job_id, REFUSED + job_id.encode("ascii"))
 
     def confirm(self, reply_to: int, job_id: str) -> None:
         """Tell a submitter its job is committed to the job store (``"confirm"``)."""

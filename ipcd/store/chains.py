@@ -86,9 +86,7 @@ def decide(db: sqlite3.Connection, job: NewJob) -> Decision:
     after = list(dict.fromkeys(job.after))
     found: dict[str, str] = {}
     for chunk in chunks(after):
-        found.update(
-            db.execute(f"SELECT id, state FROM jobs WHERE id IN ({marks(chunk)})", chunk)
-        )
+        found.update(db.execute(f"SELECT id, state FROM jobs WHERE id IN ({marks(chunk)})", chunk))
     for dependency in after:
         if dependency not in found:
             return Decision(State.FAILED, job.due, error=unknown_error(dependency))
@@ -197,9 +195,7 @@ def _release(db: sqlite3.Connection, freed: Sequence[str], chain: Chain, now: fl
         ).fetchall()
     for job_id, due in ready:
         state = State.SCHEDULED if due > now else State.QUEUED
-        db.execute(
-            "UPDATE jobs SET state = ?, due = held_due WHERE id = ?", (state.value, job_id)
-        )
+        db.execute("UPDATE jobs SET state = ?, due = held_due WHERE id = ?", (state.value, job_id))
         if state is State.QUEUED:
             chain.queued += 1
         else:

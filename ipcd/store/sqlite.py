@@ -100,12 +100,14 @@ _CLAIM = (
 )
 _ATTEMPTS = JobRecord._fields.index("attempts")
 _TYPE = JobRecord._fields.index("type")
+_AFTER = JobRecord._fields.index("after")
 _marks, _chunks = chains.marks, chains.chunks
 
 
 def _record(row: Sequence[Any]) -> JobRecord:
     job = JobRecord._make(row)
-    after = tuple(job.after.split(",")) if job.after else ()
+    ids: str | None = row[_AFTER]  # the column: comma-separated, or NULL
+    after = tuple(ids.split(",")) if ids else ()
     return job._replace(state=State(job.state), bare=bool(job.bare), after=after)
 
 
@@ -349,7 +351,8 @@ class SqliteStore:
         from the jobs it names (ipcd.store.chains); nothing can wait for a new job yet,
         so only its own state is decided."""
         for job in jobs:
-            state, due, held_due, error, pending = job.state, job.due, 0.0, job.error, ()
+            pending: tuple[str, ...] = ()
+            state, due, held_due, error = job.state, job.due, 0.0, job.error
             if job.after and state is not State.FAILED:
                 state, due, held_due, error, pending = chains.decide(db, job)
             if state is State.QUEUED and due > job.accepted:
