@@ -8,7 +8,17 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ipcd.errors import StoreError
-from ipcd.store import FINAL, WAITING, Backlog, JobRecord, NewJob, Outcome, State
+from ipcd.store import (
+    FINAL,
+    WAITING,
+    Admitted,
+    Backlog,
+    Chained,
+    JobRecord,
+    NewJob,
+    Outcome,
+    State,
+)
 
 
 class FakeLog:
@@ -81,6 +91,17 @@ class FakeJobStore:
                 self.put(job)
                 inserted.append(job.id)
         return inserted
+
+    def admit(self, jobs: Sequence[NewJob]) -> list[Admitted]:
+        """add, each job as asked (no dependencies are decided here: tests/test_chains.py
+        tests the real store's)."""
+        return [Admitted(job_id, self.records[job_id].state) for job_id in self.add(jobs)]
+
+    def take_chained(self) -> Chained:
+        return Chained()
+
+    def waits(self, ids: Sequence[str]) -> dict[str, list[str]]:
+        return {}
 
     def claim(
         self, n: int, now: float, *, worker_pid: int = 0
