@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
+import test_store
 
 from ipcd.store import Hook, Hooks, JobStore, NewJob, Outcome, Retention, State, open_store
 from ipcd.store.chains import HELD
@@ -27,16 +25,8 @@ def _job(job_id: str, *after: str, **fields: Any) -> NewJob:
     return job._replace(**fields)
 
 
-@pytest.fixture
-def path(tmp_path: Path) -> str:
-    return str(tmp_path / "jobs.db")
-
-
-@pytest.fixture
-def store(path: str) -> Iterator[JobStore]:
-    opened = open_store(path)
-    yield opened
-    opened.close()
+# The store's fixtures: a file of the test's own, and the store opened on it.
+path, store = test_store.path, test_store.store
 
 
 def _state(store: JobStore, job_id: str) -> tuple[State, str | None]:
