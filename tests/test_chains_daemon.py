@@ -7,10 +7,11 @@ outcome).  The store's decisions alone are tests/test_chains.py's."""
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
-from conftest import Instance
+from conftest import IPCCTL, Instance
 from test_jobstore import wait_state
 
 from ipcd.errors import ExitCode
@@ -170,3 +171,26 @@ def test_a_held_job_waits_across_a_restart(instance: Instance) -> None:
     result = inst.ipcctl("result", then, "--wait", "--timeout", "20")
     assert result.returncode == 0, result.stderr
     assert _show(inst, first)["finished"] <= _show(inst, then)["started"]  # type: ignore[operator]
+
+
+def test_cancelling_a_step_cancels_what_waits_for_it_and_tells_its_waiter(
+    daemon: Instance,
+) -> None:
+    """``ipcctl cancel`` of a waiting job cancels the jobs held for it too (counted in its
+    answer), and a submitter waiting for one of those gets the reason as its error."""
+    assert daemon.ipcctl("pause", "sleep").returncode == 0
+    first = _submit(daemon, "sleep", "0")
+    then = _submit(daemon, "echo", "x", "--after", first)
+    waiter = subprocess.Popen(
+        [IPCCTL, "-c", str(daemon.config_path), "result", then, "--wait", "--timeout", "20"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    cancelled = daemon.ipcctl("cancel", first, "--json")
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert sorted(json.loads(cancelled.stdout)["cancelled"]) == sorted([first, then])
+    out, err = waiter.communicate(timeout=30)
+    assert waiter.returncode == ExitCode.JOB_FAILED
+    assert f"dependency {first} was cancelled" in out + err
+    assert _show(daemon, then)["error"] == f"dependency {first} was cancelled"
