@@ -161,7 +161,7 @@ _ipcctl() {
         esac
         return 0
         ;;
-    --timeout | --timeout-job | --delay | --send-timeout | --unique | --priority | --expire | --job | --since | \
+    --timeout | --timeout-job | --delay | --send-timeout | --unique | --priority | --expire | --after | --job | --since | \
         -n | --lines | --watch | --limit | --older-than)
         return 0 # a value of the user's own
         ;;
@@ -181,8 +181,8 @@ _ipcctl() {
     local opts takes=""
     case $_ipcd_sub in
     submit)
-        opts="--json --wait --timeout --timeout-job --delay --priority --expire --no-confirm --send-timeout --unique -q --quiet"
-        takes="--timeout --timeout-job --delay --priority --expire --send-timeout --unique"
+        opts="--json --wait --timeout --timeout-job --delay --priority --expire --after --no-confirm --send-timeout --unique -q --quiet"
+        takes="--timeout --timeout-job --delay --priority --expire --after --send-timeout --unique"
         ;;
     result)
         opts="--wait --timeout --json --log --color"

@@ -8,7 +8,18 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ipcd.errors import StoreError
-from ipcd.store import FINAL, WAITING, Backlog, JobRecord, NewJob, Outcome, State
+from ipcd.store import (
+    FINAL,
+    WAITING,
+    Admission,
+    Admitted,
+    Backlog,
+    Chained,
+    JobRecord,
+    NewJob,
+    Outcome,
+    State,
+)
 
 
 class FakeLog:
@@ -81,6 +92,18 @@ class FakeJobStore:
                 self.put(job)
                 inserted.append(job.id)
         return inserted
+
+    def admit(self, jobs: Sequence[NewJob]) -> Admission:
+        """add, each job as asked (no dependencies are decided here: tests/test_chains.py
+        tests the real store's), and the backlog after it."""
+        added = [Admitted(job_id, self.records[job_id].state) for job_id in self.add(jobs)]
+        return Admission(added, self._backlog())
+
+    def take_chained(self) -> Chained:
+        return Chained()
+
+    def waits(self, ids: Sequence[str]) -> dict[str, list[str]]:
+        return {}
 
     def claim(
         self, n: int, now: float, *, worker_pid: int = 0
@@ -173,10 +196,6 @@ class FakeJobStore:
     def body(self, job_id: str) -> bytes | None:
         self._enter("body")
         return self.bodies.get(job_id)
-
-    def admit(self, jobs: Sequence[NewJob]) -> Backlog:
-        self.add(jobs)
-        return self._backlog()
 
     def backlog(self) -> Backlog:
         self._enter("backlog")

@@ -521,3 +521,56 @@ def test_bad_handler_limits_are_refused_naming_the_key(
 ) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_text(tmp_path, MINIMAL + f"[handlers.a]\ntype = 2\n{limits}\n")
+
+
+# --- completion hooks ------------------------------------------------------------------------
+
+HOOKED = (
+    MINIMAL
+    + """
+[handlers.backup]
+type = 30
+on_failure = "notify"
+on_success = "log"
+
+[handlers.notify]
+type = 31
+
+[handlers.log]
+type = 32
+"""
+)
+
+
+def test_hooks_name_configured_handlers(tmp_path: Path) -> None:
+    """on_success and on_failure are kept by handler name; absent ones are None."""
+    loaded = load_text(tmp_path, HOOKED)
+    hooks = {h.name: (h.on_success, h.on_failure) for h in loaded.handlers}
+    assert hooks == {"backup": ("log", "notify"), "notify": (None, None), "log": (None, None)}
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ('\n[handlers.x]\ntype = 40\non_failure = "nosuch"\n', "no handler 'nosuch'"),
+        ('\n[handlers.x]\ntype = 40\non_failure = "x"\n', "handlers.x is a completion hook"),
+        ('\n[handlers.x]\ntype = 40\non_failure = "backup"\n', "handlers.backup is a completion"),
+        ("\n[handlers.x]\ntype = 40\non_success = 3\n", "on_success"),
+    ],
+    ids=["unknown", "itself", "a-hook-with-hooks", "not-a-name"],
+)
+def test_a_hook_that_could_chain_or_names_nothing_is_refused(
+    tmp_path: Path, extra: str, message: str
+) -> None:
+    """A hook must name a handler, and a handler named as a hook has no hooks of its own
+    (so follow-up jobs never have follow-ups, and hooks cannot loop)."""
+    with pytest.raises(ConfigError, match=message):
+        load_text(tmp_path, HOOKED + extra)
+
+
+def test_exec_notify_names_a_listed_command(tmp_path: Path) -> None:
+    """[exec] notify names one of [exec.commands]; another name is refused."""
+    ok = load_text(tmp_path, MINIMAL + '[exec]\nnotify = "a"\n[exec.commands]\na = ["/bin/true"]\n')
+    assert ok.exec.notify == "a"
+    with pytest.raises(ConfigError, match=r"exec\.notify 'b' is not in"):
+        load_text(tmp_path, MINIMAL + '[exec]\nnotify = "b"\n[exec.commands]\na = ["/bin/true"]\n')

@@ -12,7 +12,8 @@ from conftest import Instance
 from ipcd.config import ExecConfig
 from ipcd.errors import ExitCode
 from ipcd.handlers import HandlerError, Job
-from ipcd.handlers.exec import handler
+from ipcd.handlers.exec import handler, notify
+from ipcd.wire.protocol import JSONValue
 
 EXEC = """
 [exec]
@@ -115,3 +116,48 @@ def test_job_timeout_kills_the_command_too(instance: Instance) -> None:
             time.sleep(0.05)
     finally:
         instance.ipcd("stop")
+
+
+def test_notify_gives_the_outcome_on_stdin_and_in_the_environment() -> None:
+    """The notify handler runs ``[exec] notify``'s command, whatever the payload says,
+    with the outcome as JSON on stdin and its fields in IPCD_OUTCOME_* variables."""
+    config = ExecConfig(
+        enabled=True,
+        commands={"alert": ("/bin/sh", "-c", "cat; echo; env | grep ^IPCD_ | sort")},
+        notify="alert",
+        max_output=4096,
+    )
+    outcome: dict[str, JSONValue] = {
+        "id": "a1",
+        "handler": "backup",
+        "state": "failed",
+        "attempts": 3,
+        "error": "x" * 1500,
+        "duration": 1.5,
+        "result_size": None,
+        "command": "rm",
+    }
+    result = notify(Job(id="h1", type=31, payload=outcome), config=config)
+    assert isinstance(result, dict) and result["exit"] == 0
+    stdin, env = str(result["output"]).split("\n", 1)
+    assert json.loads(stdin) == outcome
+    assert env.splitlines() == [
+        "IPCD_JOB_ID=h1",
+        "IPCD_OUTCOME_ATTEMPTS=3",
+        "IPCD_OUTCOME_DURATION=1.5",
+        "IPCD_OUTCOME_ERROR=" + "x" * 1000,
+        "IPCD_OUTCOME_HANDLER=backup",
+        "IPCD_OUTCOME_ID=a1",
+        "IPCD_OUTCOME_RESULT_SIZE=",
+        "IPCD_OUTCOME_STATE=failed",
+        "IPCD_OUTCOME_TYPE=",
+    ]
+
+
+def test_notify_without_a_command_or_with_exec_disabled_fails_the_job() -> None:
+    """No [exec] notify, or [exec] enabled = false: the hook job fails, saying why."""
+    job = Job(id="h1", type=31, payload={"id": "a1"})
+    with pytest.raises(HandlerError, match=r"needs \[exec\] notify"):
+        notify(job, config=ExecConfig(enabled=True, commands={"a": ("/bin/true",)}))
+    with pytest.raises(HandlerError, match="enabled is false"):
+        notify(job, config=ExecConfig(commands={"a": ("/bin/true",)}, notify="a"))

@@ -32,7 +32,7 @@ from ipcd.errors import MessageError, StoreFullError
 from ipcd.handlers.registry import Registration, Registry
 from ipcd.kernel.queues import Queue, msgmax
 from ipcd.layout.results import Result
-from ipcd.store import Backlog, JobStore, NewJob, State, open_store
+from ipcd.store import Admission, Backlog, JobStore, NewJob, State, open_store
 from ipcd.tables.inflight import InflightTable
 from ipcd.tables.stats import STORE_ERRORS, Recorder
 from ipcd.wire import protocol
@@ -268,7 +268,7 @@ def test_a_backlog_over_max_queued_stops_the_draining_until_it_falls(instance: I
 
 
 class KilledInAdd:
-    """The real store, in a process SIGKILLed in the middle of the intake's add: before
+    """The real store, in a process SIGKILLed in the middle of the intake's admit: before
     its transaction (nothing committed) or just after it (committed, slots not freed)."""
 
     def __init__(self, store: JobStore, *, after_commit: bool) -> None:
@@ -278,9 +278,9 @@ class KilledInAdd:
     def backlog(self) -> Backlog:
         return self.store.backlog()
 
-    def admit(self, jobs: Sequence[NewJob]) -> Backlog:
+    def admit(self, jobs: Sequence[NewJob]) -> Admission:
         if self.after_commit:
-            self.store.add(jobs)
+            self.store.admit(jobs)
         os.kill(os.getpid(), signal.SIGKILL)
         raise AssertionError("SIGKILL returned")
 

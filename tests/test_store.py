@@ -864,9 +864,10 @@ def test_list_claim_and_retention_read_index_ranges_never_the_whole_table(path: 
     store.close()
 
 
-def test_a_job_is_claimed_in_five_statements_and_finished_in_four(path: str) -> None:
+def test_a_job_is_claimed_in_five_statements_and_finished_in_five(path: str) -> None:
     """A worker's claim of one job reads its record and body in one SELECT and marks it
-    running in one UPDATE; its outcome is one UPDATE and one write of the result; and the
+    running in one UPDATE; its outcome is one UPDATE, one write of the result and one probe
+    of the dependencies' primary key (ipcd.store.chains: who waits for it); and the
     claimed record, made without reading the row back, is the row as stored."""
     conn = connect(path)
     store = SqliteStore(conn, path)
@@ -880,7 +881,8 @@ def test_a_job_is_claimed_in_five_statements_and_finished_in_four(path: str) -> 
     finished = list(dict.fromkeys(statements))
     conn.set_trace_callback(None)
     assert [s.split()[0] for s in claimed] == ["BEGIN", "SELECT", "SELECT", "UPDATE", "COMMIT"]
-    assert [s.split()[0] for s in finished] == ["BEGIN", "UPDATE", "INSERT", "COMMIT"]
+    assert [s.split()[0] for s in finished] == ["BEGIN", "UPDATE", "INSERT", "SELECT", "COMMIT"]
+    assert "FROM waits WHERE dependency IN" in finished[3]
     assert body == b"body of j1"
     assert record == store.get("j1")._replace(  # type: ignore[union-attr]
         state=State.RUNNING, finished=None, error=None, result_kind=None, result_size=None,

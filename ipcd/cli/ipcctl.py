@@ -83,6 +83,7 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
         "unique": args.unique,
         "priority": args.priority,
         "expire": args.expire,
+        "after": args.after or (),
         # --wait waits for the outcome, which comes after the commit anyway.
         "confirm": not (args.wait or args.no_confirm),
     }

@@ -121,6 +121,14 @@ def _submit_options(submit: argparse.ArgumentParser) -> None:
         help="cancel the job (reason: expired) if it has not started within S seconds",
     )
     submit.add_argument(
+        "--after",
+        type=_job_ids,
+        action="extend",
+        metavar="ID[,ID...]",
+        help="hold the job until these jobs succeeded (at most 64, repeatable); cancelled "
+        "if one fails",
+    )
+    submit.add_argument(
         "--no-confirm",
         action="store_true",
         help="return once the job is on the kernel queue, not once the daemon stored it",
@@ -139,6 +147,11 @@ def _expire(text: str) -> float:
     if value > MAX_EXPIRE:
         raise argparse.ArgumentTypeError(f"seconds must be at most {MAX_EXPIRE:.0f} (a year)")
     return value
+
+
+def _job_ids(text: str) -> tuple[str, ...]:
+    """``--after``'s comma-separated job ids (checked by the client: exit 64)."""
+    return tuple(part.strip() for part in text.split(",") if part.strip()) or (text,)
 
 
 def _priority(text: str) -> int:

@@ -32,6 +32,9 @@ from ipcd.errors import (
 from ipcd.layout.results import Kind
 from ipcd.wire.control import JobInfo, StoredResult
 
+#: A held job's due time (ipcd.store.chains.HELD; not imported: ipcctl loads no store).
+HELD = 1e12
+
 #: How often ``pause --wait`` asks whether the handlers' jobs still run.
 DRAIN_POLL = 0.2
 
@@ -64,21 +67,21 @@ def main(config: Config, args: argparse.Namespace) -> int:
 
 
 def _list(config: Config, client: ControlClient, args: argparse.Namespace) -> int:
-    jobs = client.list(
+    jobs, waits = client.list_waiting(
         states=args.state or (),
         types=_types(config, args.type or ()),
         unique=args.unique,
         limit=args.limit,
     )
     if args.json:
-        print(json.dumps({"jobs": [j._asdict() for j in jobs]}))
+        print(json.dumps({"jobs": [_job_json(j, waits.get(j.id, ())) for j in jobs]}))
         return 0
     now = time.time()
     rows = [
         (
             j.id,
             _handler(j),
-            j.state,
+            _state(j, waits.get(j.id, ())),
             str(j.attempts),
             str(j.priority),
             _age(now - j.accepted),
@@ -111,7 +114,7 @@ def _show(config: Config, client: ControlClient, args: argparse.Namespace) -> in
     job = detail.job
     if args.json:
         doc = {
-            "job": job._asdict(),
+            "job": _job_json(job, detail.waits),
             "result": _result_json(detail.result),
             "events": _events(config, job.id),
         }
@@ -126,7 +129,8 @@ def _show(config: Config, client: ControlClient, args: argparse.Namespace) -> in
         ("unique", job.unique or "-"),
         ("submitted", _when(job.submitted)),
         ("accepted", _when(job.accepted)),
-        ("due", _when(job.due) if job.due > job.accepted else "-"),
+        ("due", _when(job.due) if job.accepted < job.due < HELD else "-"),
+        ("after", _after(job, detail.waits)),
         ("started", _when(job.started)),
         ("finished", _when(job.finished)),
         ("sender", f"pid {job.sender_pid}, uid {_or_dash(job.sender_uid)}"),
@@ -146,6 +150,29 @@ def _show(config: Config, client: ControlClient, args: argparse.Namespace) -> in
     sys.stdout.flush()
     print_job_log(config, job.id, as_json=False, color=args.color, finished=False)
     return 0
+
+
+def _job_json(job: JobInfo, waits: Sequence[str]) -> dict[str, Any]:
+    """A job for ``--json``: its record, and ``waiting``, the jobs it still waits for
+    (``--after``; empty unless it is held)."""
+    return {**job._asdict(), "after": list(job.after), "waiting": list(waits)}
+
+
+def _state(job: JobInfo, waits: Sequence[str]) -> str:
+    """The STATE column: a held job says what it waits for."""
+    if not waits:
+        return job.state
+    shown = ",".join(waits[:2]) + (",…" if len(waits) > 2 else "")
+    return f"{job.state} (after {shown})"
+
+
+def _after(job: JobInfo, waits: Sequence[str]) -> str:
+    """``show``'s after line: the jobs named, and which of them it still waits for."""
+    if not job.after:
+        return "-"
+    if not waits:
+        return ", ".join(job.after)
+    return f"{', '.join(job.after)} (waiting for {', '.join(waits)})"
 
 
 def _cancel(config: Config, client: ControlClient, args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 from ipcd.config import Config
@@ -147,6 +147,7 @@ class Client:
         priority: int = 0,
         confirm_timeout: float | None = None,
         expire: float | None = None,
+        after: Sequence[str] = (),
     ) -> str:
         """Queue a job and return its id; ``notify`` asks for a reply-queue wake-up.
 
@@ -163,8 +164,13 @@ class Client:
         cancelled, its error "expired" (at most protocol.MAX_EXPIRE).
         With ``unique`` nothing is queued while a job with that key waits or runs: raises
         AlreadyQueuedError (exit 4), which names that job (ipcd.tables.unique).
+        With ``after`` (at most protocol.MAX_AFTER job ids) the job is held until all of
+        those jobs succeeded, and cancelled when one of them fails for good or is
+        cancelled; naming a job the store does not hold makes a confirmed submit raise
+        UsageError (exit 64), and an unconfirmed one's job fail with that error.
         """
         type_ = handler if isinstance(handler, int) else self.config.handler_type(handler)
+        waits_for = check_after(after)
         if not protocol.MIN_PRIORITY <= priority <= protocol.MAX_PRIORITY:
             raise UsageError(
                 f"priority {priority} is outside {protocol.MIN_PRIORITY}..{protocol.MAX_PRIORITY}"
@@ -186,6 +192,7 @@ class Client:
             body = protocol.encode(
                 payload, job_id=job_id, reply_to=reply_to, timeout=job_timeout, unique=unique,
                 confirm=asks, due=due, priority=priority, expire=expire,
+                after=waits_for,
             )  # fmt: skip
             if not self.queue.fits(len(body)):
                 body = None
@@ -204,7 +211,7 @@ class Client:
                 outgoing(
                     self, payload, body, job_id=job_id, reply_to=reply_to,
                     timeout=job_timeout, unique=unique, confirm=asks, due=due,
-                    priority=priority, expire=expire,
+                    priority=priority, expire=expire, after=waits_for,
                 ) as body,
             ):  # fmt: skip
                 self.queue.send(body, type_, timeout=timeout)
@@ -215,13 +222,15 @@ class Client:
     def wait_confirmed(self, job_id: str, timeout: float) -> None:
         """Wait until the daemon says ``job_id`` (submitted with ``confirm``) is in its
         job store; NotConfirmedError when it does not within ``timeout``.  A job the
-        daemon refused outright (rejected, no handler) ends here too: its result is
-        stored already, and JobFailedError says why."""
+        daemon refused outright (rejected, no handler, a dependency that failed already)
+        ends here too: its result is stored already, and JobFailedError says why; one
+        that names an unknown job in ``after`` raises UsageError."""
         if not self.daemon_serving():
             raise NotConfirmedError(job_id, "ipcd is not running")
         replies = self._reply_queue()
         deadline = time.monotonic() + timeout
         confirmed = protocol.CONFIRMED + job_id.encode("ascii")
+        refused = protocol.REFUSED + job_id.encode("ascii")
         ended = job_id.encode("ascii")
         pid = os.getpid()
         while True:
@@ -235,6 +244,10 @@ class Client:
                 raise NotConfirmedError(job_id, why) from None
             if body == confirmed:
                 return
+            if body == refused:
+                result = self.result(job_id)
+                why = result.error if result is not None else "refused by the daemon"
+                raise UsageError(f"job {job_id} was not queued: {why}")
             if body == ended:  # refused at intake: its outcome is final already
                 result = self.result(job_id)
                 if result is not None:
@@ -466,6 +479,7 @@ def outgoing(
     due: float | None = None,
     priority: int = 0,
     expire: float | None = None,
+    after: tuple[str, ...] = (),
 ) -> Iterator[bytes]:
     """The envelope to send: ``body`` when the client could encode the payload into a
     message, else one that points to a segment the payload is spilled into.
@@ -501,12 +515,25 @@ def outgoing(
         body = protocol.encode(
             None, job_id=job_id, reply_to=reply_to, timeout=timeout, unique=unique, spill=ref,
             confirm=confirm, due=due, priority=priority, expire=expire,
+            after=after,
         )  # fmt: skip
         table.mark(index, State.QUEUED, shmid)
         yield body
     except BaseException:
         table.discard(index, shmid)
         raise
+
+
+def check_after(after: Sequence[str]) -> tuple[str, ...]:
+    """The job ids a job waits for, once each; UsageError (64) for one that cannot be a
+    job id, or more than protocol.MAX_AFTER of them."""
+    ids = tuple(dict.fromkeys(after))
+    for job_id in ids:
+        if not protocol.is_job_id(job_id):
+            raise UsageError(f"--after: {job_id!r} is not a job id (1-16 of [0-9A-Za-z_.-])")
+    if len(ids) > protocol.MAX_AFTER:
+        raise UsageError(f"--after names {len(ids)} jobs, at most {protocol.MAX_AFTER}")
+    return ids
 
 
 def _surely_too_large(payload: Payload, queue: Queue) -> bool:

@@ -70,10 +70,21 @@ class ControlClient:
         limit: int = 50,
     ) -> builtins.list[JobInfo]:
         """Jobs newest first; with states == ["queued"] alone, in dispatch order."""
+        return self.list_waiting(states, types, unique, limit)[0]
+
+    def list_waiting(
+        self,
+        states: Sequence[str] = (),
+        types: Sequence[int] = (),
+        unique: str | None = None,
+        limit: int = 50,
+    ) -> tuple[builtins.list[JobInfo], dict[str, tuple[str, ...]]]:
+        """:meth:`list`, and for each held job among them the jobs it still waits for
+        (``--after``)."""
         answer = self.ask(
             Request("list", states=tuple(states), types=tuple(types), unique=unique, limit=limit)
         )
-        return wire.jobs_from(answer)
+        return wire.jobs_from(answer), wire.waits_from(answer)
 
     def show(self, job_id: str) -> JobDetail:
         """The job's whole record and its stored result; NoResultError (66) if unknown."""
@@ -239,8 +250,9 @@ class ControlClient:
 
 
 def _detail(answer: dict[str, Any]) -> JobDetail:
+    job = wire.job_from_dict(answer.get("job"))
     return JobDetail(
-        wire.job_from_dict(answer.get("job")), wire.result_from_dict(answer.get("result"))
+        job, wire.result_from_dict(answer.get("result")), wire.waits_from(answer).get(job.id, ())
     )
 
 

@@ -106,6 +106,8 @@ class ExecConfig(NamedTuple):
     timeout: float = 60.0
     #: Below the default result slot's 4032 bytes, with room for the JSON around it.
     max_output: int = 3072
+    #: The command of ``commands`` the ``notify`` handler runs (None: none).
+    notify: str | None = None
 
 
 class StoreConfig(NamedTuple):
@@ -146,6 +148,10 @@ class HandlerConfig(NamedTuple):
     rate: str | None = None
     #: Starts that may follow each other at once (None: one second's worth, at least 1).
     burst: int | None = None
+    #: Completion hooks: the handler that gets a follow-up job, with the outcome as its
+    #: payload, when one of this handler's jobs ends done or failed for good.
+    on_success: str | None = None
+    on_failure: str | None = None
 
     @property
     def rate_per_second(self) -> float | None:
@@ -419,7 +425,7 @@ def _handlers(reader: TableReader, table: Mapping[str, Any]) -> tuple[HandlerCon
             where,
             {
                 "type", "target", "timeout", "max_attempts", "retry_delay", "concurrency",
-                "rate", "burst",
+                "rate", "burst", "on_success", "on_failure",
             },
         )  # fmt: skip
         type_ = reader.get(entry, f"{where}.type", int, None)
@@ -458,8 +464,11 @@ def _handlers(reader: TableReader, table: Mapping[str, Any]) -> tuple[HandlerCon
                 concurrency=reader.bounded(entry, f"{where}.concurrency", None, 1, MAX_CONCURRENCY),
                 rate=rate,
                 burst=burst,
+                on_success=reader.optional(entry, f"{where}.on_success", str),
+                on_failure=reader.optional(entry, f"{where}.on_failure", str),
             )
         )
+    _check_hooks(reader, handlers)
     return tuple(handlers)
 
 
@@ -563,8 +572,35 @@ def _zone_name(reader: TableReader, table: Mapping[str, Any], dotted: str) -> st
     return name
 
 
+def _check_hooks(reader: TableReader, handlers: list[HandlerConfig]) -> None:
+    """Each hook names a configured handler, and no hook's handler has hooks of its own:
+    a follow-up job never has a follow-up, so no chain of hooks can loop or grow."""
+    names = {h.name for h in handlers}
+    targets: dict[str, str] = {}
+    for handler in handlers:
+        for key in ("on_success", "on_failure"):
+            hook = getattr(handler, key)
+            if hook is None:
+                continue
+            if hook not in names:
+                raise reader.error(
+                    f"handlers.{handler.name}.{key}: no handler {hook!r} is configured "
+                    f"(configured: {', '.join(sorted(names))})"
+                )
+            targets.setdefault(hook, f"handlers.{handler.name}.{key}")
+    for handler in handlers:
+        if handler.name in targets and (handler.on_success or handler.on_failure):
+            raise reader.error(
+                f"handlers.{handler.name} is a completion hook ({targets[handler.name]}) and "
+                "cannot have on_success or on_failure of its own: a follow-up job never "
+                "has a follow-up"
+            )
+
+
 def _exec(reader: TableReader, table: Mapping[str, Any]) -> ExecConfig:
-    reader.allow(table, "exec", {"enabled", "commands", "allow_args", "timeout", "max_output"})
+    reader.allow(
+        table, "exec", {"enabled", "commands", "allow_args", "timeout", "max_output", "notify"}
+    )
     commands: dict[str, tuple[str, ...]] = {}
     for name, argv in reader.table(table, "commands").items():
         if (
@@ -584,7 +620,19 @@ def _exec(reader: TableReader, table: Mapping[str, Any]) -> ExecConfig:
         allow_args=reader.get(table, "exec.allow_args", bool, False),
         timeout=reader.positive(table, "exec.timeout", 60.0),
         max_output=reader.bounded(table, "exec.max_output", 3072, 0, 1 << 24),
+        notify=_notify(reader, table, commands),
     )
+
+
+def _notify(
+    reader: TableReader, table: Mapping[str, Any], commands: Mapping[str, tuple[str, ...]]
+) -> str | None:
+    """``[exec] notify``: the name of one of ``[exec.commands]``."""
+    name: str | None = reader.optional(table, "exec.notify", str)
+    if name is not None and name not in commands:
+        known = ", ".join(sorted(commands)) or "none"
+        raise reader.error(f"exec.notify {name!r} is not in [exec.commands] (listed: {known})")
+    return name
 
 
 def _resolve(base: Path, value: str | os.PathLike[str]) -> Path:

@@ -240,6 +240,7 @@ class Arbiter:
             unique=prepared.unique,
             stats=self.stats,
             jobs=self.jobs,
+            doorbell=Doorbell(prepared.handoff, prepared.config.daemon.workers),
         )
         self.recovery = Recovery(
             outcomes=self.outcomes,
@@ -571,6 +572,7 @@ class Arbiter:
                 store=p.store, failed=p.failed, replies=p.replies, log=log,
                 events=log_mod.Events(p.sink, p.config.log.level, role=role),
                 unique=p.unique, stats=recorder, jobs=jobs,
+                doorbell=Doorbell(p.handoff, p.config.daemon.workers), wake_master=wake_master,
             )  # fmt: skip
             if role == "intake":
                 code = Intake(
@@ -596,7 +598,8 @@ class Arbiter:
         doorbell = Doorbell(p.handoff, p.config.daemon.workers)
 
         def cancelled(record: JobRecord) -> None:
-            outcomes.unstarted(record, CANCELLED, cancelled=True)
+            # A dependent cancelled with the job it waited for says why (ipcd.store.chains).
+            outcomes.unstarted(record, record.error or CANCELLED, cancelled=True)
 
         @contextlib.contextmanager
         def retrying(record: JobRecord) -> Iterator[None]:

@@ -180,12 +180,22 @@ class ControlServer:
             unique=request.unique,
             limit=request.limit,
         )
-        return {"jobs": [wire.job_to_dict(r) for r in records]}
+        return {"jobs": [wire.job_to_dict(r) for r in records], "waits": self._waits(records)}
 
     def _show(self, request: Request) -> dict[str, Any]:
         record = self._get(request.id)
         result = self.store.result(request.id)
-        return {"job": wire.job_to_dict(record), "result": wire.result_to_dict(result)}
+        return {
+            "job": wire.job_to_dict(record),
+            "result": wire.result_to_dict(result),
+            "waits": self._waits([record]),
+        }
+
+    def _waits(self, records: Sequence[JobRecord]) -> dict[str, list[str]]:
+        """What the held jobs among ``records`` still wait for (``--after``): read only
+        when there are some."""
+        held = [r.id for r in records if r.after and r.state is State.SCHEDULED]
+        return self.store.waits(held) if held else {}
 
     def _cancel(self, request: Request) -> dict[str, Any]:
         """Cancel in the store first, then kill the workers of the running ones: a worker
@@ -198,6 +208,8 @@ class ControlServer:
             now=self.clock(),
         )
         killed = [r.id for r in records if r.state is State.RUNNING and self._kill(r.id)]
+        # The jobs held for them were cancelled with them (ipcd.store.chains).
+        records += self.store.take_chained().cancelled
         for record in records:
             if record.state is not State.RUNNING and self.on_cancelled is not None:
                 self.on_cancelled(record)

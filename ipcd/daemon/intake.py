@@ -39,7 +39,8 @@ from ipcd.errors import MessageError, NotRunningError, StoreError
 from ipcd.handlers.registry import Registry
 from ipcd.kernel.queues import Queue, TooBigError
 from ipcd.kernel.waits import Interrupted
-from ipcd.store import Backlog, JobStore, NewJob, State
+from ipcd.store import Admitted, Backlog, JobStore, NewJob, State
+from ipcd.store.chains import is_unknown_error
 from ipcd.tables import spill
 from ipcd.tables.inflight import InflightTable
 from ipcd.tables.spill.table import SpillTable
@@ -240,7 +241,7 @@ class Intake:
     def _commit(self, batch: list[Vetted]) -> bool:
         while True:
             try:
-                self._backlog = self.jobs.admit([v.record for v in batch])
+                admission = self.jobs.admit([v.record for v in batch])
             except StoreError as exc:
                 self._store_failed(exc)
                 if self.flags.stopping:
@@ -252,6 +253,10 @@ class Intake:
                 "store.writable", after_s=round(time.time() - self._failing_since, 3)
             )  # fmt: skip
             self._failing_since, self._backoff = 0.0, 0.1
+        self._backlog = admission.backlog
+        if any(v.record.after for v in batch):
+            given = {entry.id: entry for entry in admission.jobs}
+            batch = [_decided(v, given) for v in batch]
         self._after_commit(batch)
         return True
 
@@ -274,13 +279,20 @@ class Intake:
                 self.outcomes.reject(vetted.error, vetted.record.body, vetted.record.type)
                 continue
             assert job is not None
-            if vetted.record.state is State.FAILED:  # no handler: failed at once
-                result = error_result(job, vetted.record.error or "")
+            state, error = vetted.record.state, vetted.record.error or ""
+            if state is State.FAILED or state is State.CANCELLED:
+                # No handler, an unknown dependency, or a dependency that failed already:
+                # it ended at once, its error result stored, and no confirmation.
+                result = error_result(job, error)
                 self.outcomes.finish(
-                    job, result, body=vetted.record.body, handler="-", started=time.monotonic()
-                )
+                    job, result, body=vetted.record.body, handler=vetted.record.handler,
+                    started=time.monotonic(), listed=state is State.FAILED,
+                )  # fmt: skip
                 if job.confirm is not None and job.confirm != job.reply_to:
-                    self.outcomes.notify(job.confirm, job.id)  # it ended: no confirmation
+                    if is_unknown_error(error):
+                        self.outcomes.refuse(job.confirm, job.id)  # a usage error
+                    else:
+                        self.outcomes.notify(job.confirm, job.id)
                 continue
             if vetted.record.state is State.SCHEDULED:
                 scheduled += 1
@@ -337,6 +349,7 @@ class Intake:
             attempts=job.attempt - 1,
             state=State.SCHEDULED if due else State.QUEUED,
             expires=None if job.expire is None else (due or now) + job.expire,
+            after=job.after,
         )
         if registration is None:
             message = f"no handler for message type {job.type}"
@@ -363,7 +376,18 @@ def _inline(job: Job) -> bytes:
         job.payload, job_id=job.id, reply_to=job.reply_to, submitted=job.submitted,
         pid=job.sender_pid, attempt=job.attempt, timeout=job.timeout, unique=job.unique,
         confirm=job.confirm, due=job.due, priority=job.priority, expire=job.expire,
+        after=job.after,
     )  # fmt: skip
+
+
+def _decided(vetted: Vetted, admitted: dict[str, Admitted]) -> Vetted:
+    """``vetted`` with the state the store gave it (a job with ``after`` may be held,
+    cancelled or failed for its dependencies, ipcd.store.chains); as it was when the
+    store had it already (an intake killed after its commit)."""
+    entry = admitted.get(vetted.record.id)
+    if not vetted.record.after or entry is None:
+        return vetted
+    return vetted._replace(record=vetted.record._replace(state=entry.state, error=entry.error))
 
 
 def _size(payload: Payload) -> int:

@@ -54,14 +54,18 @@ class Ledger:
         worker_pid: int,
         limit: int = 0,
         stopping: Callable[[], bool] = lambda: False,
+        chained: Callable[[], None] = lambda: None,
     ) -> None:
         """``jobs`` is the worker's own connection to the store; ``worker_pid`` is
         recorded with each claim, so that the master finds the jobs of a worker that
         died.  The ledger never claims more than ``limit`` jobs in all (the worker's
         ``max_jobs_per_worker``; 0: no limit), nor anything once ``stopping`` says so
         (the worker's stop flag): every claim, the one a waiter's flush makes included,
-        stays within the worker's bounds."""
+        stays within the worker's bounds.  ``chained`` is called after each exchange, for
+        what the store decided on its own (ipcd.daemon.outcomes.Outcomes.follow_chains:
+        dependents released or cancelled, hook jobs queued)."""
         self.jobs = jobs
+        self.chained = chained
         self.worker_pid = worker_pid
         self.limit = limit
         self.stopping = stopping
@@ -162,6 +166,7 @@ class Ledger:
             self._last_claim, self._last_got = time.monotonic(), len(got)
             self._last_type = got[0][0].type if got else 0
         self._claimed.extend(got)
+        self.chained()
 
     def give_back(self) -> list[JobRecord]:
         """Before the worker leaves: the jobs it claimed and will not start go back to

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ipcd.daemon import uniquerelease
+from ipcd.daemon.doorbell import Doorbell
 from ipcd.daemon.ledger import Ledger
 from ipcd.daemon.log import Events, Logger
 from ipcd.errors import (
@@ -29,7 +30,7 @@ from ipcd.tables.failed import FailedList
 from ipcd.tables.results import ResultStore
 from ipcd.tables.stats import RESULTS_LOST, STORE_ERRORS, NullRecorder, Recorder
 from ipcd.tables.unique import UniqueTable
-from ipcd.wire.protocol import CONFIRMED, Job, SpillRef
+from ipcd.wire.protocol import CONFIRMED, REFUSED, Job, SpillRef
 
 
 def error_result(job: Job, message: str) -> Result:
@@ -60,6 +61,8 @@ class Outcomes:
         jobs: JobStore | None = None,
         keep_trying: Callable[[], bool] | None = None,
         ledger: Ledger | None = None,
+        doorbell: Doorbell | None = None,
+        wake_master: Callable[[], None] | None = None,
     ) -> None:
         """``jobs`` is this process's connection to the job store (ipcd.store), which
         records each outcome; None where no store is kept (tests of the rings alone).
@@ -67,8 +70,12 @@ class Outcomes:
         its next exchange with the store, instead of a transaction each.
         ``keep_trying`` (a worker's: while it is not asked to stop) makes an outcome the
         store refuses be tried again until it is recorded; without it (the master, which
-        must not block) the outcome is given up on at once."""
+        must not block) the outcome is given up on at once.
+        ``doorbell`` and ``wake_master``: whom to tell of jobs the store's transactions
+        released or queued on their own (dependents, hook jobs; :meth:`follow_chains`)."""
         self.store = store
+        self.doorbell = doorbell
+        self.wake_master = wake_master
         self.jobs = jobs
         self.keep_trying = keep_trying
         self.ledger = ledger
@@ -143,10 +150,10 @@ class Outcomes:
         self.announce(job, result, body=body, handler=handler, started=started, **fields)
 
     def unstarted(self, record: JobRecord, reason: str, **fields: Any) -> None:
-        """A job that ended before any worker started it (cancelled by an operator, or
-        expired) ends as a failed run would for its waiter and its unique key: the error
-        result ``reason`` in the ring, the key freed; not on the failed list (``ipcctl
-        retry`` takes it back from the store).  ``fields`` go to its ``job.done`` event;
+        """A job that ended before any worker started it (cancelled by an operator or for
+        its dependency, or expired) ends as a failed run would for its waiter and its
+        unique key: the error result ``reason`` in the ring, the key freed; not on the
+        failed list (``ipcctl retry`` takes it back from the store).  ``fields`` go to its ``job.done`` event;
         ``logged=False`` when the caller logs the job's one event itself."""
         job = Job(
             id=record.id, type=record.type, payload=None, submitted=record.submitted,
@@ -216,13 +223,15 @@ class Outcomes:
         )  # fmt: skip
         jobs, ledger = self.jobs, self.ledger
         if ledger is None:
-            return self._persist(
+            recorded = self._persist(
                 job_id,
                 lambda: jobs.finish(
                     job_id, ok=outcome.ok, finished=outcome.finished,
                     result_kind=outcome.result_kind, data=outcome.data, error=outcome.error,
                 ),
             )  # fmt: skip
+            self.follow_chains()
+            return recorded
         ledger.record(outcome)
         if not waiter:
             return True
@@ -247,6 +256,24 @@ class Outcomes:
                     return False
             time.sleep(pause)
             pause = min(pause * 2, MAX_RECORD_RETRY)
+
+    def follow_chains(self) -> None:
+        """After this process's store committed: what its transactions decided on their
+        own (ipcd.store.chains) told to whom it concerns.  Workers are rung for jobs
+        that became queued (dependents released, hook jobs), the master woken for
+        released jobs that wait for their ``--delay``, and each dependent cancelled ends
+        as a cancelled job does (:meth:`unstarted`), with its reason.  Nothing to do,
+        and no store call, when nothing was decided."""
+        if self.jobs is None:
+            return
+        chained = self.jobs.take_chained()
+        for record in chained.cancelled:
+            self.log.info("job.cancelled", job_id=record.id, reason=record.error)
+            self.unstarted(record, record.error or "cancelled", cancelled=True)
+        if chained.queued and self.doorbell is not None:
+            self.doorbell.ring(chained.queued)
+        if chained.scheduled and self.wake_master is not None:
+            self.wake_master()
 
     def conclude(self, job: Job, result: Result, *, body: bytes) -> None:
         """What a worker that died after storing ``result`` may have left undone: a failure
@@ -350,6 +377,11 @@ class Outcomes:
     def notify(self, reply_to: int, job_id: str) -> None:
         """Tell a waiting client its result is stored; never block on a full reply queue."""
         self._reply(reply_to, job_id, job_id.encode("ascii"))
+
+    def refuse(self, reply_to: int, job_id: str) -> None:
+        """Tell a submitter its job was refused as a usage error (``after`` names an
+        unknown job); its error result is stored already."""
+        self._reply(reply_to, job_id, REFUSED + job_id.encode("ascii"))
 
     def confirm(self, reply_to: int, job_id: str) -> None:
         """Tell a submitter its job is committed to the job store (``"confirm"``)."""

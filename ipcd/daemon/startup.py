@@ -27,7 +27,7 @@ from ipcd.kernel import vetting
 from ipcd.kernel.keys import Keys
 from ipcd.kernel.queues import Queue, msgmax
 from ipcd.kernel.segments import Lock
-from ipcd.store import JobStore, State, open_store
+from ipcd.store import Hook, Hooks, JobStore, State, open_store
 from ipcd.store.model import limits_of
 from ipcd.tables.failed import FailedList
 from ipcd.tables.inflight import InflightTable
@@ -274,11 +274,26 @@ def free_lost_keys(unique: UniqueTable, queue: Queue, table: InflightTable, jobs
 
 def open_jobs(config: Config) -> JobStore:
     """A connection to the configuration's job store (ipcd.store), its claims held to
-    the handlers' limits."""
+    the handlers' limits, which queues the configuration's completion hooks."""
     return open_store(
         str(config.store.path), sync=config.store.sync, max_result=config.store.max_result,
-        limits=limits_of(config.handlers),
+        limits=limits_of(config.handlers), hooks=hooks_of(config),
     )  # fmt: skip
+
+
+def hooks_of(config: Config) -> dict[str, Hooks]:
+    """The handlers' completion hooks (``on_success``, ``on_failure``) as the store
+    takes them, by handler name (the configuration checked that each names a handler)."""
+    types = {handler.name: handler.type for handler in config.handlers}
+
+    def hook(name: str | None) -> Hook | None:
+        return None if name is None else Hook(name, types[name])
+
+    return {
+        h.name: Hooks(hook(h.on_success), hook(h.on_failure))
+        for h in config.handlers
+        if h.on_success or h.on_failure
+    }
 
 
 def check_store(

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from ipcd.config import Config
 from ipcd.daemon import lockwaits
 from ipcd.daemon import log as log_mod
+from ipcd.daemon.doorbell import Doorbell
 from ipcd.daemon.ledger import Ledger
 from ipcd.daemon.log import Logger
 from ipcd.daemon.outcomes import Outcomes, error_result
@@ -482,24 +483,28 @@ def worker_process(  # pragma: no cover - runs in the forked worker
             worker_pid=os.getpid(),
             limit=prepared.config.daemon.max_jobs_per_worker,
             stopping=lambda: flags.stopping,
+            chained=lambda: outcomes.follow_chains(),
+        )
+        outcomes = Outcomes(
+            store=prepared.store,
+            failed=prepared.failed,
+            replies=prepared.replies,
+            log=log,
+            events=events,
+            unique=prepared.unique,
+            stats=recorder,
+            jobs=jobs,
+            keep_trying=lambda: not flags.stopping,
+            ledger=ledger,
+            doorbell=Doorbell(prepared.handoff, prepared.config.daemon.workers),
+            wake_master=wake_master,
         )
         worker = Worker(
             slot=slot,
             config=prepared.config,
             queue=prepared.handoff,
             table=prepared.table,
-            outcomes=Outcomes(
-                store=prepared.store,
-                failed=prepared.failed,
-                replies=prepared.replies,
-                log=log,
-                events=events,
-                unique=prepared.unique,
-                stats=recorder,
-                jobs=jobs,
-                keep_trying=lambda: not flags.stopping,
-                ledger=ledger,
-            ),
+            outcomes=outcomes,
             store=prepared.store,
             spills=prepared.spills,
             registry=prepared.registry,

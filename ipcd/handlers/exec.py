@@ -9,16 +9,23 @@ and keeps at most ``[exec] max_output`` bytes of its output.
 
 The payload names the command: ``"report"``, or ``{"command": "report", "args": [...]}``
 when ``[exec] allow_args = true`` (the arguments are appended to the configured argv).
+
+The ``notify`` handler (:func:`notify`) runs the one command ``[exec] notify`` names, in
+the same way, for a completion hook's job (``[handlers.NAME] on_failure = "notify"``):
+the outcome it is given comes on the command's stdin as JSON, and in ``IPCD_OUTCOME_*``
+environment variables; the payload never chooses the command.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import selectors
 import signal
 import subprocess
 import time
+from typing import IO
 
 from ipcd.config import ExecConfig
 from ipcd.handlers import HandlerError, HandlerResult, Job
@@ -29,20 +36,61 @@ SCRUBBED_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME
 
 def handler(job: Job, *, config: ExecConfig) -> HandlerResult:
     """Run the allow-listed command the payload names; its output is the result."""
-    argv = _argv(job, config)
+    return _run(_argv(job, config), config, {"IPCD_JOB_ID": job.id})
+
+
+handler.needs_config = "exec"  # type: ignore[attr-defined]
+
+#: The outcome's fields a notify command gets as ``IPCD_OUTCOME_<FIELD>`` variables.
+OUTCOME_FIELDS = ("id", "handler", "type", "state", "attempts", "error", "duration", "result_size")
+#: Characters of the outcome's error in ``IPCD_OUTCOME_ERROR`` (stdin has all of it).
+MAX_ENV_ERROR = 1000
+
+
+def notify(job: Job, *, config: ExecConfig) -> HandlerResult:
+    """Run ``[exec] notify``'s command for a hook job: the payload (the outcome of the job
+    the hook follows, ipcd.store.chains.follow_up) as JSON on its stdin, its fields in
+    ``IPCD_OUTCOME_ID``, ``_HANDLER``, ``_TYPE``, ``_STATE``, ``_ATTEMPTS``, ``_ERROR``
+    (cut to MAX_ENV_ERROR characters), ``_DURATION`` and ``_RESULT_SIZE`` (empty for
+    none).  A failing command fails the job, which is retried as any job is."""
+    if not config.enabled:
+        raise HandlerError("the notify handler runs commands: [exec] enabled is false")
+    if config.notify is None or config.notify not in config.commands:
+        raise HandlerError("the notify handler needs [exec] notify naming an [exec.commands] entry")
+    outcome = job.payload if isinstance(job.payload, dict) else {}
+    env = {"IPCD_JOB_ID": job.id}
+    for name in OUTCOME_FIELDS:
+        value = outcome.get(name)
+        text = "" if value is None else str(value)
+        env[f"IPCD_OUTCOME_{name.upper()}"] = text[:MAX_ENV_ERROR] if name == "error" else text
+    stdin = json.dumps(job.payload, separators=(",", ":"), ensure_ascii=False).encode()
+    return _run(list(config.commands[config.notify]), config, env, stdin)
+
+
+notify.needs_config = "exec"  # type: ignore[attr-defined]
+
+
+def _run(
+    argv: list[str], config: ExecConfig, env: dict[str, str], stdin: bytes | None = None
+) -> HandlerResult:
+    """Run ``argv`` as every command of this module runs (see the module's docstring),
+    with ``env`` added to the scrubbed environment and ``stdin`` written to it (else
+    /dev/null); its output is the result, a non-zero exit or the timeout an error."""
     started = time.monotonic()
     proc = subprocess.Popen(
         argv,
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        env={**SCRUBBED_ENV, "IPCD_JOB_ID": job.id},
+        env={**SCRUBBED_ENV, **env},
         cwd="/",
         process_group=0,  # its own process group, so [exec] timeout kills all it started
         preexec_fn=_die_with_worker,
         close_fds=True,
     )
     assert proc.stdout is not None
+    if proc.stdin is not None:
+        _feed(proc.stdin, stdin or b"")
     output, truncated, timed_out = _collect(proc, config, started)
     code = proc.wait()
     text = output.decode("utf-8", "replace")
@@ -54,7 +102,14 @@ def handler(job: Job, *, config: ExecConfig) -> HandlerResult:
     return {"exit": code, "output": text, "truncated": truncated}
 
 
-handler.needs_config = "exec"  # type: ignore[attr-defined]
+def _feed(pipe: IO[bytes], data: bytes) -> None:
+    """Write ``data`` to the command's stdin and close it.  A hook's outcome is a few KiB
+    at most, within a pipe's buffer, so this never waits for the command to read; a
+    command that exits without reading it is no error."""
+    with contextlib.suppress(BrokenPipeError):
+        pipe.write(data)
+    with contextlib.suppress(BrokenPipeError):
+        pipe.close()
 
 
 def _die_with_worker() -> None:

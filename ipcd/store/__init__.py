@@ -26,7 +26,12 @@ from ipcd.store.model import (
     DEFAULT_MAX_RESULT,
     FINAL,
     WAITING,
+    Admission,
+    Admitted,
     Backlog,
+    Chained,
+    Hook,
+    Hooks,
     JobRecord,
     JobStore,
     Limit,
@@ -44,7 +49,12 @@ __all__ = [
     "DEFAULT_MAX_RESULT",
     "FINAL",
     "WAITING",
+    "Admission",
+    "Admitted",
     "Backlog",
+    "Chained",
+    "Hook",
+    "Hooks",
     "JobRecord",
     "JobStore",
     "Limit",
@@ -65,12 +75,14 @@ def open_store(
     busy_timeout: int = DEFAULT_BUSY_TIMEOUT,
     max_result: int = DEFAULT_MAX_RESULT,
     limits: Mapping[int, Limit] | None = None,
+    hooks: Mapping[str, Hooks] | None = None,
 ) -> JobStore:
     """Open the job store at ``path`` for this process (``[store] path``, ``sync``,
     ``max_result``; ``busy_timeout`` in milliseconds; ``limits``: the handlers' concurrency
     and rate limits, ipcd.store.model.limits_of): the file and its directory's
     checks, creation, pragmas and migrations are ipcd.store.sqlite.connect's; bodies and
     results larger than 64 KiB are files in ``PATH.bodies/`` (ipcd.store.blobs).
+    ``hooks``: the completion hooks by handler name (ipcd.store.chains).
 
     Raises StoreUnavailableError, StoreCorruptError or StoreFullError (exit status 74)
     with a message naming the path, the cause and what to do; ConfigError for a ``sync``
@@ -82,4 +94,4 @@ def open_store(
 
     conn = connect(path, sync=sync, busy_timeout=busy_timeout)
     blobs = BlobDir.beside(path, sync=sync == "full")
-    return SqliteStore(conn, path, max_result=max_result, blobs=blobs, limits=limits)
+    return SqliteStore(conn, path, max_result=max_result, blobs=blobs, limits=limits, hooks=hooks)

@@ -90,6 +90,9 @@ class NewJob(NamedTuple):
     #: Unix time after which the job, not yet started, is cancelled as expired
     #: (``--expire``); None: it waits as long as it takes.
     expires: float | None = None
+    #: The jobs this one waits for (``--after``): it is held until all of them are DONE,
+    #: and cancelled when one of them fails for good or is cancelled (ipcd.store.chains).
+    after: tuple[str, ...] = ()
 
 
 class JobRecord(NamedTuple):
@@ -121,6 +124,9 @@ class JobRecord(NamedTuple):
     result_size: int | None
     #: Not started by then (Unix time), the job is cancelled as expired; None: never.
     expires: float | None = None
+    #: The jobs it was submitted to wait for (``--after``), as named; which of them it
+    #: still waits for is :meth:`JobStore.waits`'s.
+    after: tuple[str, ...] = ()
 
 
 class Outcome(NamedTuple):
@@ -170,6 +176,51 @@ class LimitState(NamedTuple):
     tokens: int | None
     #: Its jobs QUEUED now.
     queued: int
+
+
+class Admitted(NamedTuple):
+    """A job :meth:`JobStore.admit` inserted, and the state the store gave it: what was
+    asked, or (``after``) held, cancelled or failed for its dependencies, with why."""
+
+    id: str
+    state: State
+    error: str | None = None
+
+
+class Admission(NamedTuple):
+    """What :meth:`JobStore.admit` did: the jobs inserted and their states, and the
+    backlog once they are in."""
+
+    jobs: list[Admitted]
+    backlog: Backlog
+
+
+class Chained(NamedTuple):
+    """What the store's transactions decided besides what was asked, since the last
+    :meth:`JobStore.take_chained`: the caller's to act on after the commit."""
+
+    #: Jobs that became QUEUED: dependents released, follow-up (hook) jobs queued.
+    queued: int = 0
+    #: Dependents released that wait for their ``--delay`` (SCHEDULED).
+    scheduled: int = 0
+    #: Dependents cancelled because a job they wait for failed or was cancelled, as they
+    #: are now (CANCELLED, with the reason in ``error``).
+    cancelled: tuple[JobRecord, ...] = ()
+
+
+class Hook(NamedTuple):
+    """The handler a finished job's follow-up job goes to (``[handlers.NAME] on_success``
+    or ``on_failure``)."""
+
+    handler: str
+    type: int
+
+
+class Hooks(NamedTuple):
+    """A handler's completion hooks (None: none)."""
+
+    on_success: Hook | None = None
+    on_failure: Hook | None = None
 
 
 class Backlog(NamedTuple):
@@ -230,10 +281,23 @@ class JobStore(Protocol):
         re-adds safely). Returns the ids inserted, in the order given."""
         ...
 
-    def admit(self, jobs: Sequence[NewJob]) -> Backlog:
-        """:meth:`add`, and then the :meth:`backlog` as that same transaction leaves it:
-        the intake knows its next batch's room below ``max_queued`` without a read
-        transaction of its own per batch."""
+    def admit(self, jobs: Sequence[NewJob]) -> Admission:
+        """:meth:`add`, saying for each job inserted which state it got: a job with
+        ``after`` is decided in the same transaction from the states of the jobs it
+        names (ipcd.store.chains): QUEUED or SCHEDULED when all are DONE, held (SCHEDULED,
+        never promoted by its due time) while some are not final, CANCELLED when one
+        failed or was cancelled, FAILED when one is unknown.  And the :meth:`backlog` as
+        that same transaction leaves it: the intake knows its next batch's room below
+        ``max_queued`` without a read transaction of its own per batch."""
+        ...
+
+    def take_chained(self) -> Chained:
+        """What this connection's transactions released, cancelled and queued on their
+        own since the last call (dependents, follow-up jobs), and forget it."""
+        ...
+
+    def waits(self, ids: Sequence[str]) -> dict[str, builtins.list[str]]:
+        """For each of ``ids`` that is held: the jobs it still waits for."""
         ...
 
     def claim(

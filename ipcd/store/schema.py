@@ -57,6 +57,21 @@ Version 4 (per-handler limits and job expiry):
   expired (``--expire``), NULL for most jobs; a partial index over the waiting jobs
   that have one, so that the master finds the next to expire without reading the
   others (a job without one is never in it).
+
+Version 5 (dependencies: ``--after``, ipcd.store.chains):
+
+- ``jobs.after_ids``: the ids a job was submitted to wait for, comma-separated, as
+  named (NULL: none), for ``list`` and ``show``; ``jobs.held_due``: the due time a held
+  job takes once released (its ``--delay``; 0: none).
+- ``waits``: one row per job held and a job it still waits for (``dependency``), keyed
+  by the dependency first: recording an outcome looks up the jobs waiting for it with one
+  probe of the primary key, which finds nothing for a job nobody waits for. A held job is
+  SCHEDULED with ``due`` at ipcd.store.chains.HELD, beyond every real due time, so that
+  neither the claim's index (queued jobs only) nor the promotion by due time ever reads
+  it. A row goes when its dependency ends (the same transaction), so a row only ever
+  names a job that is not final: retention and purge, which delete final jobs only, never
+  delete a job that a held job waits for. ``waits_job``: a held job's rows, for ``show``
+  and for removing them when it is cancelled.
 """
 
 from __future__ import annotations
@@ -66,7 +81,7 @@ import sqlite3
 from ipcd.errors import StoreCorruptError
 
 #: The schema version this ipcd writes and reads.
-VERSION = 4
+VERSION = 5
 
 _V1 = (
     """
@@ -209,8 +224,22 @@ _V4_LIMITS = (
     """,
 )
 
+
+_V5_CHAINS = (
+    "ALTER TABLE jobs ADD COLUMN after_ids TEXT",
+    "ALTER TABLE jobs ADD COLUMN held_due REAL NOT NULL DEFAULT 0",
+    """
+    CREATE TABLE waits (
+        dependency TEXT NOT NULL,
+        job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+        PRIMARY KEY (dependency, job_id)
+    ) WITHOUT ROWID
+    """,
+    "CREATE INDEX waits_job ON waits (job_id)",
+)
+
 #: ``MIGRATIONS[i]`` takes a file from version ``i`` to ``i + 1``.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3_SCHEDULES, _V4_LIMITS)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3_SCHEDULES, _V4_LIMITS, _V5_CHAINS)
 
 assert len(MIGRATIONS) == VERSION
 

@@ -53,7 +53,7 @@ from ipcd.errors import (
     StoreUnavailableError,
     UsageError,
 )
-from ipcd.store import schema
+from ipcd.store import chains, schema
 from ipcd.store.blobs import THRESHOLD, BlobDir
 from ipcd.store.model import (
     ALL_TYPES,
@@ -61,7 +61,11 @@ from ipcd.store.model import (
     DEFAULT_MAX_RESULT,
     FINAL,
     WAITING,
+    Admission,
+    Admitted,
     Backlog,
+    Chained,
+    Hooks,
     JobRecord,
     Limit,
     LimitState,
@@ -77,17 +81,18 @@ SYNC = {"normal": "NORMAL", "full": "FULL"}
 #: The page size of a new store file (see :func:`connect`).
 PAGE_SIZE = 1024
 #: How many ids one ``IN (...)`` list holds (SQLite allows 32766 parameters).
-CHUNK = 500
+CHUNK = chains.CHUNK
 _LOWEST, _HIGHEST = -(2**63), 2**63 - 1
 
-_COLUMNS = ", ".join("unique_key" if f == "unique" else f for f in JobRecord._fields)
+_NAMES = {"unique": "unique_key", "after": "after_ids"}
+_COLUMNS = ", ".join(_NAMES.get(f, f) for f in JobRecord._fields)
 _SELECT = f"SELECT {_COLUMNS} FROM jobs"
 _NEWEST = "ORDER BY accepted DESC, id DESC LIMIT ?"
 _DISPATCH = "ORDER BY type, priority DESC, accepted, id"
 _INSERT_COLUMNS = (
     "id", "type", "handler", "state", "attempts", "priority", "unique_key", "submitted",
     "accepted", "due", "finished", "sender_pid", "sender_uid", "reply_to", "timeout", "bare",
-    "size", "preview", "error", "body_size", "expires",
+    "size", "preview", "error", "body_size", "expires", "after_ids", "held_due",
 )  # fmt: skip
 _INSERT = (
     f"INSERT INTO jobs ({', '.join(_INSERT_COLUMNS)}) "
@@ -113,20 +118,15 @@ _EXPIRING = "expires IS NOT NULL AND state IN ('queued', 'scheduled')"
 _UNLIMITED = 2**31
 _ATTEMPTS = JobRecord._fields.index("attempts")
 _TYPE = JobRecord._fields.index("type")
-
-
-def _marks(values: Sequence[object]) -> str:
-    return ", ".join("?" * len(values))
-
-
-def _chunks(values: Sequence[str]) -> Iterator[Sequence[str]]:
-    for start in range(0, len(values), CHUNK):
-        yield values[start : start + CHUNK]
+_AFTER = JobRecord._fields.index("after")
+_marks, _chunks = chains.marks, chains.chunks
 
 
 def _record(row: Sequence[Any]) -> JobRecord:
     job = JobRecord._make(row)
-    return job._replace(state=State(job.state), bare=bool(job.bare))
+    ids: str | None = row[_AFTER]  # the column: comma-separated, or NULL
+    after = tuple(ids.split(",")) if ids else ()
+    return job._replace(state=State(job.state), bare=bool(job.bare), after=after)
 
 
 def _claim_ranges(
@@ -279,6 +279,9 @@ class SqliteStore:
     ``max_result``: results larger than this many bytes are not kept, only their size.
     ``blobs``: where bodies and results larger than ipcd.store.blobs.THRESHOLD go
     (default: ``PATH.bodies/``, not fsync'd).
+    ``hooks``: the completion hooks by handler name (``[handlers.NAME] on_success``,
+    ``on_failure``): a job of one of them that ends queues its follow-up job in the same
+    transaction (ipcd.store.chains).
     """
 
     def __init__(
@@ -289,10 +292,15 @@ class SqliteStore:
         max_result: int = DEFAULT_MAX_RESULT,
         blobs: BlobDir | None = None,
         limits: Mapping[int, Limit] | None = None,
+        hooks: Mapping[str, Hooks] | None = None,
     ) -> None:
         """``limits``: how many jobs of each type may start (ipcd.store.model.Limit);
-        types not in it have none beyond the pool."""
+        types not in it have none beyond the pool.  ``hooks``: the follow-up jobs a
+        handler's finished jobs queue (ipcd.store.chains)."""
         self._conn = conn
+        self._hooks = dict(hooks or {})
+        #: What committed transactions decided on their own, until take_chained.
+        self._chained = Chained()
         self._path = path
         self._max_result = max_result
         self._blobs = blobs or BlobDir.beside(path, sync=False)
@@ -381,13 +389,10 @@ class SqliteStore:
     # -- adding and dispatching ---------------------------------------------------------
 
     def add(self, jobs: Sequence[NewJob]) -> builtins.list[str]:
-        return self._admit(jobs)[0]
+        return [admitted.id for admitted in self.admit(jobs).jobs]
 
-    def admit(self, jobs: Sequence[NewJob]) -> Backlog:
-        return self._admit(jobs)[1]
-
-    def _admit(self, jobs: Sequence[NewJob]) -> tuple[builtins.list[str], Backlog]:
-        inserted: list[str] = []
+    def admit(self, jobs: Sequence[NewJob]) -> Admission:
+        inserted: list[Admitted] = []
         written: list[str] = []
         try:
             with self._write() as db:
@@ -397,29 +402,35 @@ class SqliteStore:
             # Not committed (a failed COMMIT rolls back): no row names these files.
             self._blobs.remove(written)
             raise
-        return inserted, backlog
+        return Admission(inserted, backlog)
 
     def _add(
         self,
         db: sqlite3.Connection,
         jobs: Sequence[NewJob],
-        inserted: builtins.list[str],
+        inserted: builtins.list[Admitted],
         written: builtins.list[str],
     ) -> None:
         """``add``'s inserts; a large body's file is written (``written``) and made
-        durable before its row, whose commit follows."""
+        durable before its row, whose commit follows.  A job with ``after`` is decided
+        from the jobs it names (ipcd.store.chains); nothing can wait for a new job yet,
+        so only its own state is decided."""
         for job in jobs:
-            state = job.state
-            if state is State.QUEUED and job.due > job.accepted:
+            pending: tuple[str, ...] = ()
+            state, due, held_due, error = job.state, job.due, 0.0, job.error
+            if job.after and state is not State.FAILED:
+                state, due, held_due, error, pending = chains.decide(db, job)
+            if state is State.QUEUED and due > job.accepted:
                 state = State.SCHEDULED
-            if state not in (State.QUEUED, State.SCHEDULED, State.FAILED):
+            if state not in (State.QUEUED, State.SCHEDULED, State.FAILED, State.CANCELLED):
                 raise InternalError(f"job {job.id}: a new job cannot be {state}")
-            finished = job.accepted if state is State.FAILED else None
+            finished = job.accepted if state in (State.FAILED, State.CANCELLED) else None
             values = (
                 job.id, job.type, job.handler, state.value, job.attempts, job.priority,
-                job.unique, job.submitted or job.accepted, job.accepted, job.due, finished,
+                job.unique, job.submitted or job.accepted, job.accepted, due, finished,
                 job.sender_pid, job.sender_uid, job.reply_to, job.timeout, int(job.bare),
-                job.size, job.preview, job.error, len(job.body), job.expires,
+                job.size, job.preview, error, len(job.body), job.expires,
+                ",".join(job.after) if job.after else None, held_due,
             )  # fmt: skip
             if db.execute(_INSERT, values).rowcount == 1:
                 body, file = self._keep(job.id, job.body, written)
@@ -427,8 +438,53 @@ class SqliteStore:
                     "INSERT INTO bodies (job_id, body, file) VALUES (?, ?, ?)",
                     (job.id, body, file),
                 )
-                inserted.append(job.id)
+                if pending:
+                    chains.hold(db, job.id, pending)
+                inserted.append(Admitted(job.id, state, error))
         self._settle(written)
+
+    def _chain(self, chain: chains.Chain, cancelled: Sequence[JobRecord]) -> None:
+        """After a commit: what ``chain`` decided (and the records of the jobs it
+        cancelled), kept for take_chained."""
+        if not (chain.queued or chain.scheduled or cancelled):
+            return
+        old = self._chained
+        self._chained = Chained(
+            old.queued + chain.queued,
+            old.scheduled + chain.scheduled,
+            (*old.cancelled, *cancelled),
+        )
+
+    def take_chained(self) -> Chained:
+        taken, self._chained = self._chained, Chained()
+        return taken
+
+    def waits(self, ids: Sequence[str]) -> dict[str, builtins.list[str]]:
+        with self._read() as db:
+            return chains.waits(db, ids)
+
+    def _follow(self, db: sqlite3.Connection, chain: chains.Chain, now: float) -> list[JobRecord]:
+        """In the caller's write transaction, after outcomes were recorded: the follow-up
+        jobs of those with hooks queued, the dependents of every job that ended
+        released or cancelled (ipcd.store.chains).  Returns the dependents cancelled, as
+        they are now."""
+        if self._hooks:
+            follow = [
+                job
+                for job_id, state in chain.ended
+                if state is not State.CANCELLED
+                and (record := self._get(db, job_id)) is not None
+                and (job := chains.follow_up(record, self._hooks, now)) is not None
+            ]
+            if follow:
+                added: list[Admitted] = []
+                self._add(db, follow, added, [])  # small bodies: no file is written
+                chain.queued += len(added)
+        chains.settle(db, chain, now)
+        found: list[JobRecord] = []
+        for chunk in _chunks(chain.cancelled):
+            found += self._records(db, f"{_SELECT} WHERE id IN ({_marks(chunk)})", chunk)
+        return found
 
     def _keep(
         self, job_id: str, data: bytes, written: builtins.list[str]
@@ -488,14 +544,19 @@ class SqliteStore:
         if not finished and n <= 0:
             return []
         written: list[str] = []
+        chain = chains.Chain()
+        cancelled: list[JobRecord] = []
         try:
             with self._write() as db:
                 for outcome in finished:
-                    self._finish(db, outcome, written)
+                    self._finish(db, outcome, written, chain)
+                if chain.ended:
+                    cancelled = self._follow(db, chain, now)
                 rows = self._claim(db, n, now, worker_pid, batches) if n > 0 else []
         except BaseException:
             self._blobs.remove(written)  # not committed: no row names them
             raise
+        self._chain(chain, cancelled)
         # What the UPDATE wrote, without reading it back: the write lock kept every other
         # writer out between the SELECT and the UPDATE.  A body held in a file is read
         # after the commit, outside the lock: a running job's file stays until its row
@@ -714,7 +775,9 @@ class SqliteStore:
 
     def next_due(self) -> float | None:
         with self._read() as db:
-            row = db.execute("SELECT MIN(due) FROM jobs WHERE state = 'scheduled'").fetchone()
+            row = db.execute(
+                "SELECT MIN(due) FROM jobs WHERE state = 'scheduled' AND due < ?", (chains.HELD,)
+            ).fetchone()
         return None if row[0] is None else float(row[0])
 
     def mark_worker(self, job_id: str, pid: int) -> None:
@@ -732,19 +795,31 @@ class SqliteStore:
         error: str | None,
     ) -> bool:
         written: list[str] = []
+        chain = chains.Chain()
+        cancelled: list[JobRecord] = []
         try:
             with self._write() as db:
                 outcome = Outcome(job_id, ok, finished, result_kind, data, error)
-                return self._finish(db, outcome, written)
+                changed = self._finish(db, outcome, written, chain)
+                if changed:
+                    cancelled = self._follow(db, chain, finished)
         except BaseException:
             self._blobs.remove(written)  # not committed: no row names them
             raise
+        self._chain(chain, cancelled)
+        return changed
 
     def _finish(
-        self, db: sqlite3.Connection, outcome: Outcome, written: builtins.list[str]
+        self,
+        db: sqlite3.Connection,
+        outcome: Outcome,
+        written: builtins.list[str],
+        chain: chains.Chain,
     ) -> bool:
         """:meth:`finish` in the caller's write transaction; a result file it writes is
-        added to ``written``, for the caller to remove should the transaction fail."""
+        added to ``written``, for the caller to remove should the transaction fail.  The
+        job, once final, is added to ``chain.ended``: the caller settles what follows it
+        (:meth:`_follow`) before it claims."""
         data = outcome.data
         changed = db.execute(
             "UPDATE jobs SET state = ?, finished = ?, error = ?, result_kind = ?, "
@@ -761,6 +836,7 @@ class SqliteStore:
         ).rowcount
         if changed != 1:
             return False
+        chain.ended.append((outcome.job_id, State.DONE if outcome.ok else State.FAILED))
         # One statement either way: the result kept (replacing any earlier one), or any
         # earlier one removed. A large result is a file (an earlier one's goes by the
         # schema's triggers); the caller removes it should the transaction fail.
@@ -830,10 +906,15 @@ class SqliteStore:
                     )
             for chunk in _chunks([job.id for job in found]):
                 db.execute(
-                    "UPDATE jobs SET state = 'cancelled', finished = ? "
+                    "UPDATE jobs SET state = 'cancelled', finished = ?, "
+                    f"due = CASE WHEN due >= ? THEN held_due ELSE due END "
                     f"WHERE id IN ({_marks(chunk)})",
-                    (now, *chunk),
+                    (now, chains.HELD, *chunk),
                 )
+            chains.forget(db, [job.id for job in found if job.after])
+            chain = chains.Chain(ended=[(job.id, State.CANCELLED) for job in found])
+            cancelled = self._follow(db, chain, now)
+        self._chain(chain, cancelled)
         return sorted(found, key=lambda job: (job.accepted, job.id))
 
     def get(self, job_id: str) -> JobRecord | None:

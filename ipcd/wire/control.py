@@ -104,6 +104,8 @@ class JobInfo(NamedTuple):
     result_size: int | None
     #: Not started by then, the job is cancelled as expired; None: no expiry.
     expires: float | None = None
+    #: The jobs it was submitted to wait for (``--after``).
+    after: tuple[str, ...] = ()
 
 
 class StoredResult(NamedTuple):
@@ -119,6 +121,8 @@ class JobDetail(NamedTuple):
 
     job: JobInfo
     result: StoredResult | None
+    #: The jobs it still waits for (held, ``--after``).
+    waits: tuple[str, ...] = ()
 
 
 class Skipped(NamedTuple):
@@ -296,6 +300,7 @@ def job_to_dict(record: Any) -> dict[str, Any]:
     """A store record (anything with JobInfo's attribute names) as a JSON-ready dict."""
     doc = {name: getattr(record, name) for name in JobInfo._fields}
     doc["state"] = str(doc["state"].value if hasattr(doc["state"], "value") else doc["state"])
+    doc["after"] = list(doc["after"])
     return doc
 
 
@@ -306,10 +311,29 @@ def job_from_dict(doc: object) -> JobInfo:
     values: list[object] = []
     for name in JobInfo._fields:
         value = doc.get(name)
+        if name == "after":  # a list of job ids; none from a daemon without --after
+            values.append(_ids(value if value is not None else [], "after"))
+            continue
         if not _fits(name, value):
             raise ControlError(f"the daemon's answer holds a job with a bad {name!r}", 70)
         values.append(float(value) if name in _FLOATS and value is not None else value)
     return JobInfo(*values)  # type: ignore[arg-type]
+
+
+def _ids(value: object, name: str) -> tuple[str, ...]:
+    """A list of job ids in an answer, as a tuple; ControlError (70) when it is not one."""
+    if not isinstance(value, list) or not all(isinstance(i, str) and is_job_id(i) for i in value):
+        raise ControlError(f"the daemon's answer holds a bad {name!r}", 70)
+    return tuple(value)
+
+
+def waits_from(doc: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+    """An answer's ``waits``: for each held job, the jobs it still waits for (none from
+    a daemon without ``--after``)."""
+    raw = doc.get("waits", {})
+    if not isinstance(raw, dict):
+        raise ControlError("the daemon's answer has a bad 'waits'", 70)
+    return {str(job_id): _ids(ids, "waits") for job_id, ids in raw.items()}
 
 
 def _fits(name: str, value: object) -> bool:

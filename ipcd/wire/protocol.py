@@ -52,7 +52,7 @@ _ENVELOPE_REPLY = re.compile(rb'"reply"\s*:\s*([1-9][0-9]{0,9})(?=\s*[,}])')
 _ENVELOPE_KEYS = frozenset(
     {
         "ipcd", "id", "payload", "payload_b64", "submitted", "pid", "reply", "attempt",
-        "timeout", "unique", "spill", "confirm", "due", "priority", "expire",
+        "timeout", "unique", "spill", "confirm", "due", "priority", "expire", "after",
     }
 )  # fmt: skip
 #: Longest unique key, in UTF-8 bytes: it is stored in a fixed field of the unique-key table.
@@ -65,6 +65,11 @@ CONFIRMED = b"+"
 MIN_PRIORITY, MAX_PRIORITY = -100, 100
 #: The longest ``expire`` (seconds): a year; longer is no expiry worth keeping.
 MAX_EXPIRE = 366 * 86400.0
+#: The most jobs one job may wait for (the envelope's ``after``, ``--after``).
+MAX_AFTER = 64
+#: How a confirmation on the reply queue says the job was refused as a usage error (then
+#: the job id): it names an unknown job in ``after``.  Its error result is stored.
+REFUSED = b"-"
 #: How a spilled payload's bytes are to be read (the envelope's ``spill.kind``).
 SPILL_KINDS = ("bytes", "text", "json")
 
@@ -110,6 +115,8 @@ class Job(NamedTuple):
     #: Seconds after its acceptance (or its due time) by which it must have started, else
     #: it is cancelled as expired (``--expire``); None: no expiry.
     expire: float | None = None
+    #: The jobs this one waits for (``--after``): it runs once all of them succeeded.
+    after: tuple[str, ...] = ()
 
 
 def is_job_id(text: str) -> bool:
@@ -137,6 +144,7 @@ def encode(
     due: float | None = None,
     priority: int = 0,
     expire: float | None = None,
+    after: tuple[str, ...] = (),
 ) -> bytes:
     """The envelope for one job: compact JSON, bytes payloads as base64; with ``spill``
     the payload is in that segment and the envelope names it instead."""
@@ -162,6 +170,8 @@ def encode(
         doc["priority"] = priority
     if expire is not None:
         doc["expire"] = expire
+    if after:
+        doc["after"] = list(after)
     if spill is not None:
         doc["spill"] = spill.as_json()
     elif isinstance(payload, bytes | bytearray | memoryview):
@@ -361,6 +371,7 @@ def _read_envelope(doc: dict[str, Any], type_: int) -> Job:
     expire = doc.get("expire")
     if expire is not None and not 0 < _number(expire, "expire", job_id) <= MAX_EXPIRE:
         raise _bad(f"'expire' must be a positive number of seconds up to {MAX_EXPIRE:.0f}", job_id)
+    after = _after(doc.get("after", []), job_id)
     return Job(
         id=job_id,
         type=type_,
@@ -376,7 +387,19 @@ def _read_envelope(doc: dict[str, Any], type_: int) -> Job:
         due=float(due),
         priority=priority,
         expire=None if expire is None else float(expire),
+        after=after,
     )
+
+
+def _after(raw: object, job_id: str) -> tuple[str, ...]:
+    """The envelope's ``after``: a list of at most MAX_AFTER job ids, none its own."""
+    if not isinstance(raw, list) or not all(isinstance(i, str) and is_job_id(i) for i in raw):
+        raise _bad("'after' must be a list of job ids", job_id)
+    if len(raw) > MAX_AFTER:
+        raise _bad(f"'after' names {len(raw)} jobs, at most {MAX_AFTER}", job_id)
+    if job_id in raw:
+        raise _bad("'after' names the job itself", job_id)
+    return tuple(dict.fromkeys(raw))
 
 
 def _spill_ref(raw: object, job_id: str) -> SpillRef:
