@@ -153,8 +153,9 @@ class Outcomes:
         """A job that ended before any worker started it (cancelled by an operator or for
         its dependency, or expired) ends as a failed run would for its waiter and its
         unique key: the error result ``reason`` in the ring, the key freed; not on the
-        failed list (``ipcctl retry`` takes it back from the store).  ``fields`` go to its ``job.done`` event;
-        ``logged=False`` when the caller logs the job's one event itself."""
+        failed list (``ipcctl retry`` takes it back from the store).  ``fields`` go to
+        its ``job.done`` event; ``logged=False`` when the caller logs the job's one event
+        itself."""
         job = Job(
             id=record.id, type=record.type, payload=None, submitted=record.submitted,
             sender_pid=record.sender_pid, reply_to=record.reply_to, unique=record.unique,
