@@ -25,6 +25,7 @@ from collections.abc import Callable
 from ipcd.config import Config
 from ipcd.daemon import lockwaits
 from ipcd.daemon import log as log_mod
+from ipcd.daemon.capture import Capture, RunDir
 from ipcd.daemon.ledger import Ledger
 from ipcd.daemon.log import Logger
 from ipcd.daemon.outcomes import Outcomes, error_result
@@ -145,6 +146,7 @@ class Worker:
         ledger: Ledger,
         sink: log_mod.Sink | None = None,
         orphaned: Callable[[], bool] = lambda: False,
+        capture: Capture | None = None,
     ) -> None:
         """``queue`` is the hand-off queue, the doorbell a worker sleeps on when the
         store has no job for it (ipcd.daemon.doorbell); ``outcomes`` ends each job; ``store`` says
@@ -155,7 +157,8 @@ class Worker:
         to hand over; ``ledger`` (the one ``outcomes`` keeps outcomes in) claims jobs in
         batches; ``wake_master`` tells the master a job with a deadline started;
         ``orphaned`` says whether the master has died (the worker then leaves the rest
-        of its batch to the next master)."""
+        of its batch to the next master); ``capture`` catches what each job writes and
+        reports (ipcd.daemon.capture; None: nothing caught)."""
         self.slot = slot
         self.config = config
         self.queue = queue
@@ -173,6 +176,7 @@ class Worker:
         self.ledger = ledger
         self.sink = sink
         self.orphaned = orphaned
+        self.capture = capture
         self.jobs_done = 0
         self.pid = os.getpid()
         self._claim_failing = False
@@ -363,9 +367,16 @@ class Worker:
             self.wake_master()  # the master enforces the deadline
         if self.events.debugging:  # `ipcctl logs -f` sees long jobs start
             self.events.debug("job.started", _started_fields(job, registration))
+        capture = self.capture
+        if capture is not None:
+            capture.begin(job.id)
+            job = job._replace(reporter=capture.progress)
         outcome, handler = execute(self.registry, job, self.log)
+        captured = capture.end() if capture is not None else None
         if not isinstance(outcome, Retry):
-            self.outcomes.finish(job, outcome, body=body, handler=handler, started=started)
+            self.outcomes.finish(
+                job, outcome, body=body, handler=handler, started=started, captured=captured
+            )
             return
         self._retry(job, body, outcome, handler, started)
 
@@ -471,6 +482,15 @@ def worker_process(  # pragma: no cover - runs in the forked worker
             with contextlib.suppress(OSError):
                 os.write(notify_master, b"!")
 
+        capture = Capture.open(
+            RunDir.beside(prepared.config.store.path).slot_file(slot),
+            prepared.config.jobs.max_output,
+        )
+        if prepared.config.jobs.max_output > 0:
+            # Handler output is the job's from now on, never the log's: a console the log
+            # writes to (``ipcd run``) keeps its own descriptor.
+            prepared.sink.keep_console()
+            capture.redirect()
         recorder = prepared.stats.for_worker(slot)
         # What the master dropped or mended before the fork is the master's to count.
         prepared.sink.take_dropped()
@@ -512,6 +532,7 @@ def worker_process(  # pragma: no cover - runs in the forked worker
             ledger=ledger,
             sink=prepared.sink,
             orphaned=lambda: os.getppid() != master_pid,
+            capture=capture,
         )
         code = worker.serve()
     except BaseException:
