@@ -209,4 +209,4 @@ def test_a_version_1_file_is_migrated_with_its_bodies_and_results(path: str) -> 
     finally:
         store.close()
     with contextlib.closing(sqlite3.connect(path)) as raw:
-        assert raw.execute("PRAGMA user_version").fetchone() == (2,)
+        assert raw.execute("PRAGMA user_version").fetchone() == (schema.VERSION,)

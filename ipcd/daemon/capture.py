@@ -9,11 +9,11 @@ header, which the worker rewrites in place through a shared mapping (the job it 
 its progress), then the output, appended by the kernel (``O_APPEND``), whoever writes it.
 
 Why one file per worker, reused, rather than one per job: a job that writes nothing
-then costs no file made and removed, no ``dup2`` and no directory write; only two
-``fstat`` calls (is there output to take, and to drop before the next job).  Per job:
+then costs no file made and removed, no ``dup2`` and no directory write; only one
+``lseek`` (is there output to take) and a few stores into the header.  Per job:
 
 1. :meth:`Capture.begin`: the output the last job left is cut off (``ftruncate``, only
-   when there is some) and the header names the new job;
+   when it left some) and the header names the new job;
 2. the handler runs; ``job.progress()`` goes to :meth:`Capture.progress`, which
    publishes into the header at most every :data:`PUBLISH_INTERVAL` and keeps the latest
    in memory: a shared mapping, so no lock of the store's, no system call, and a
@@ -27,7 +27,8 @@ a running job's file by reading the headers of the run files (one per worker slo
 handful) and reads the output while the worker writes it (:class:`RunFiles`).
 
 What it does not do: a program a job started and left running keeps writing to the
-file after its job ended; that is dropped when the worker's next job begins.  While a
+file after its job ended; that is dropped when the worker's next job begins if its job
+wrote anything, else it is counted to the next job.  While a
 job runs its file grows as the job writes; the stored copy, and what ``tail`` shows of
 a job it joins late, are the last ``max_output`` bytes.
 """
@@ -108,6 +109,8 @@ class Capture:
         self._latest: tuple[float, str] | None = None
         self._published_at = -float("inf")
         self._unpublished = False
+        #: The file holds output after its header (the last job wrote some).
+        self._dirty = False
 
     @classmethod
     def open(cls, path: Path, max_output: int) -> Capture:
@@ -140,8 +143,9 @@ class Capture:
 
     def begin(self, job_id: str) -> None:
         """A job starts: what the last one left is dropped, the header names it."""
-        if os.fstat(self.fd).st_size > HEADER_SIZE:
+        if self._dirty:
             os.ftruncate(self.fd, HEADER_SIZE)
+            self._dirty = False
         self._job_id, self._started = job_id, self._clock()
         self._latest, self._unpublished = None, False
         self._published_at = -float("inf")
@@ -163,17 +167,25 @@ class Capture:
         """The job's handler returned: the last ``max_output`` bytes it wrote and its
         latest progress, or None when it wrote nothing and reported none.  The output
         stays in the file (``tail`` may still read it) until the next :meth:`begin`."""
+        # A handler may have closed or replaced them; try/except, not suppress(), which
+        # costs a context manager per stream and job.
         for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):  # a handler may have closed or replaced it
+            try:  # noqa: SIM105
                 stream.flush()
+            except Exception:
+                pass
         if self._unpublished and self._latest is not None:
             fraction, message = self._latest
             runfile.write(
                 self._header, self._job_id, self._started, fraction, self._clock(), message
             )
             self._unpublished = False
-        size = os.fstat(self.fd).st_size - HEADER_SIZE
-        if size <= 0 and self._latest is None:
+        # The file's end, from our own descriptor (its offset is no one else's): a
+        # third of an fstat's cost, on every job.
+        size = os.lseek(self.fd, 0, os.SEEK_END) - HEADER_SIZE
+        if size > 0:
+            self._dirty = True
+        elif self._latest is None:
             return None
         output = b""
         if size > 0 and self.max_output > 0:

@@ -177,6 +177,8 @@ class Worker:
         self.sink = sink
         self.orphaned = orphaned
         self.capture = capture
+        #: Where each job's ``job.progress()`` goes (bound once, not per job).
+        self._reporter = capture.progress if capture is not None else None
         self.jobs_done = 0
         self.pid = os.getpid()
         self._claim_failing = False
@@ -296,7 +298,7 @@ class Worker:
         type_ = self.table.message_type(self.slot)
         body = given.body or b""
         try:
-            job, body = job_from(given, type_, received, self.jobs)
+            job, body = job_from(given, type_, received, self.jobs, self._reporter)
             job = self._loaded(job, body)
         except MessageError as exc:
             self.outcomes.reject(exc, body, type_)
@@ -369,8 +371,7 @@ class Worker:
             self.events.debug("job.started", _started_fields(job, registration))
         capture = self.capture
         if capture is not None:
-            capture.begin(job.id)
-            job = job._replace(reporter=capture.progress)
+            capture.begin(job.id)  # job_from gave the job its reporter (handle)
         outcome, handler = execute(self.registry, job, self.log)
         captured = capture.end() if capture is not None else None
         if not isinstance(outcome, Retry):
@@ -422,9 +423,14 @@ def job_of(message: bytes, type_: int, received: float, jobs: JobStore) -> tuple
 
 
 def job_from(
-    given: handoff.Handoff, type_: int, received: float, jobs: JobStore
+    given: handoff.Handoff,
+    type_: int,
+    received: float,
+    jobs: JobStore,
+    reporter: Callable[[float, str], None] | None = None,
 ) -> tuple[Job, bytes]:
-    """The job a hand-off names (see job_of)."""
+    """The job a hand-off names (see job_of), its ``job.progress()`` going to
+    ``reporter``."""
     body = given.body
     if body is None:
         try:
@@ -439,7 +445,7 @@ def job_from(
     except MessageError as exc:
         exc.job_id = given.job_id
         raise
-    return job._replace(id=given.job_id, attempt=given.attempt), body
+    return job._replace(id=given.job_id, attempt=given.attempt, reporter=reporter), body
 
 
 def _unreadable(job_id: str, why: str) -> MessageError:

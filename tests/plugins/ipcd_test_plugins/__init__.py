@@ -233,7 +233,7 @@ def print_on_cue(job: Job) -> HandlerResult:
 def chatter(job: Job) -> HandlerResult:
     """Write the payload's number of lines to stdout, then fail when asked to."""
     payload = job.payload if isinstance(job.payload, dict) else {}
-    for n in range(int(payload.get("lines", 0))):
+    for n in range(int(str(payload.get("lines", 0)))):
         print(f"line {n}")
     if payload.get("fail"):
         raise RuntimeError("failed after chatter")
