@@ -125,18 +125,17 @@ def _show(config: Config, client: ControlClient, args: argparse.Namespace) -> in
         ("payload", f"{_size(job.size)}{' (bare message)' if job.bare else ''}: {job.preview}"),
         ("worker", _or_dash(job.worker_pid)),
         ("error", job.error or "-"),
-        ("result", _result_line(job, detail.result)),
         ("progress", _progress_line(*_progress_of(detail.output))),
         ("output", _output_line(detail.output)),
+        ("result", _result_line(job, detail.result)),
     ]
     width = max(len(name) for name, _ in lines) + 1
     for name, value in lines:
-        if name == "progress":  # the result's data under its line
-            _print_result_data(detail.result)
         print(f"{name + ':':<{width}} {value}")
-    if detail.output is not None:
-        for line in detail.output.data.decode("utf-8", "replace").splitlines():
-            print(f"  {line}")
+        if name == "output" and detail.output is not None:  # what it wrote, under its line
+            for line in detail.output.data.decode("utf-8", "replace").splitlines():
+                print(f"  {line}")
+    _print_result_data(detail.result)
     print("events:")
     sys.stdout.flush()
     print_job_log(config, job.id, as_json=False, color=args.color, finished=False)
