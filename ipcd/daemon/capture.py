@@ -24,7 +24,9 @@ then costs no file made and removed, no ``dup2`` and no directory write; only on
 
 The control process (ipcd.daemon.control: ``ipcctl tail``, ``show``, ``list``) finds
 a running job's file by reading the headers of the run files (one per worker slot, so a
-handful) and reads the output while the worker writes it (:class:`RunFiles`).
+handful) and reads the output while the worker writes it (:class:`RunFiles`), with
+``pread``, never a mapping: a new worker cuts its file back to the header, and a mapping
+read past a file's end is SIGBUS.
 
 What it does not do: a program a job started and left running keeps writing to the
 file after its job ended; that is dropped when the worker's next job begins if its job
@@ -114,10 +116,15 @@ class Capture:
 
     @classmethod
     def open(cls, path: Path, max_output: int) -> Capture:
-        """Make the run file anew at ``path`` (0600) with a header naming no job."""
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        """Make the run file anew at ``path`` (0600) with a header naming no job; OSError
+        when it cannot be (a full disk: the worker then runs its jobs uncaptured)."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
+            # Never shorter than its header (a reader may be reading it: no O_TRUNC), and
+            # the header's blocks allocated now, so that a store into the mapping can
+            # never meet a full disk (SIGBUS): a full disk is an OSError here instead.
             os.ftruncate(fd, HEADER_SIZE)
+            os.posix_fallocate(fd, 0, HEADER_SIZE)
             view = mmap.mmap(fd, HEADER_SIZE)
         except BaseException:
             os.close(fd)
@@ -240,37 +247,47 @@ class RunFiles:
             with self._opened(slot) as opened:
                 if opened is None or opened[1].job_id != job_id:
                     continue
-                fd, _, view = opened
+                fd = opened[0]
                 size = max(os.fstat(fd).st_size - HEADER_SIZE, 0)
                 start = min(max(offset, size - self.max_output, 0), size)
                 data = _pread_all(fd, min(size - start, limit), HEADER_SIZE + start)
-                again = runfile.read(view)
+                again = read_header(fd)
                 if again is None or again.job_id != job_id:
                     return None  # the worker began another job while we read
                 return Live(again, data, start, size)
         return None
 
     @contextlib.contextmanager
-    def _opened(self, slot: int) -> Iterator[tuple[int, Header, mmap.mmap] | None]:
-        """The slot's run file open and its header read: (fd, header, mapping), or None
-        when there is no such file (no worker has had the slot since the start) or it
-        holds no header of this version."""
+    def _opened(self, slot: int) -> Iterator[tuple[int, Header] | None]:
+        """The slot's run file open and its header read: (fd, header), or None when
+        there is no such file (no worker has had the slot since the start) or no whole
+        header could be read."""
         try:
             fd = os.open(self.run_dir.slot_file(slot), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             yield None
             return
         try:
-            try:
-                view = mmap.mmap(fd, HEADER_SIZE, prot=mmap.PROT_READ)
-            except (ValueError, OSError):  # shorter than a header: being made
-                yield None
-                return
-            with view:
-                header = runfile.read(view)
-                yield None if header is None else (fd, header, view)
+            header = read_header(fd)
+            yield None if header is None else (fd, header)
         finally:
             os.close(fd)
+
+
+def read_header(fd: int, tries: int = 100) -> Header | None:
+    """The header of the run file open at ``fd``, read with ``pread`` rather than
+    mapped (a mapping read while the file is cut short raises SIGBUS): two reads alike,
+    with an even sequence, are a whole one (ipcd.layout.runfile)."""
+    for _ in range(tries):
+        first = os.pread(fd, HEADER_SIZE, 0)
+        if first != os.pread(fd, HEADER_SIZE, 0):
+            continue
+        if not runfile.readable(first):
+            return None
+        header = runfile.read(first, tries=1)
+        if header is not None:
+            return header
+    return None
 
 
 def _pread_all(fd: int, count: int, offset: int) -> bytes:

@@ -488,11 +488,13 @@ def worker_process(  # pragma: no cover - runs in the forked worker
             with contextlib.suppress(OSError):
                 os.write(notify_master, b"!")
 
-        capture = Capture.open(
-            RunDir.beside(prepared.config.store.path).slot_file(slot),
-            prepared.config.jobs.max_output,
-        )
-        if prepared.config.jobs.max_output > 0:
+        run_file = RunDir.beside(prepared.config.store.path).slot_file(slot)
+        capture: Capture | None = None
+        try:
+            capture = Capture.open(run_file, prepared.config.jobs.max_output)
+        except OSError as exc:  # a full disk, say: jobs run on, uncaptured
+            log.error("capture.unavailable", path=str(run_file), error=exc.strerror or str(exc))
+        if capture is not None and prepared.config.jobs.max_output > 0:
             # Handler output is the job's from now on, never the log's: a console the log
             # writes to (``ipcd run``) keeps its own descriptor.
             prepared.sink.keep_console()
