@@ -173,7 +173,7 @@ _ipcctl() {
         if [[ $cur == -* ]]; then
             _ipcd_reply "-c --config --version -h --help"
         else
-            _ipcd_reply "submit result status list show cancel pause resume purge failed retry wait schedules key logs stats"
+            _ipcd_reply "submit result status list show tail cancel pause resume purge failed retry wait schedules key logs stats"
         fi
         return 0
     fi
@@ -185,7 +185,7 @@ _ipcctl() {
         takes="--timeout --timeout-job --delay --priority --expire --after --send-timeout --unique"
         ;;
     result)
-        opts="--wait --timeout --json --log --color"
+        opts="--wait --timeout --json --log --output --color"
         takes="--timeout --color"
         ;;
     status) opts="--json --watch" ;;
@@ -197,6 +197,7 @@ _ipcctl() {
         opts="--json --color"
         takes="--color"
         ;;
+    tail) opts="--json" ;;
     cancel)
         opts="--type --state --kill --json"
         takes="--type --state"

@@ -8,7 +8,8 @@ daemon, a queue or a segment:
 2. the envelope is decoded into the ``Job`` the worker would build (a tuple arrives as
    a list, bytes as bytes, and so on);
 3. the handler is called by the worker's own ``execute()``, which turns its return value
-   or exception into the stored ``Result`` (or a ``Retry`` request);
+   or exception into the stored ``Result`` (or a ``Retry`` request); its
+   ``job.progress()`` calls are kept in ``HandlerRun.progress``;
 4. a result larger than ``[results] max_result`` is replaced by the error the daemon
    would store (a result larger than a slot is not: the daemon spills it to a segment
    of its own, see ipcd.tables.spill);
@@ -58,6 +59,9 @@ class HandlerRun:
     retry: Retry | None
     #: The log events emitted during the run, as dicts (``event``, ``log_level``, fields).
     events: list[MutableMapping[str, Any]] = field(default_factory=list)
+    #: Every ``job.progress(fraction, message)`` the handler called, in order (the
+    #: daemon publishes a few per second of them and keeps the last).
+    progress: list[tuple[float, str]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -112,14 +116,16 @@ def run_handler(
         attempt=attempt,
         timeout=timeout,
     )
+    progress: list[tuple[float, str]] = []
     job = protocol.decode(body, type, received=time.time())
+    job = job._replace(reporter=lambda fraction, message: progress.append((fraction, message)))
     registry = Registry({type: Registration(name, type, f"<{name}>", handler)})
     with capture_logs() as events:
         outcome, _ = execute(registry, job, get_logger(role="worker"))
     if isinstance(outcome, Retry):
-        return HandlerRun(job, None, outcome, events)
+        return HandlerRun(job, None, outcome, events, progress)
     outcome = within_max_result(outcome, max_result)
-    return HandlerRun(job, outcome, None, events)
+    return HandlerRun(job, outcome, None, events, progress)
 
 
 __all__ = ["DEFAULT_MAX_RESULT", "HandlerRun", "run_handler"]

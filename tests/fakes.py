@@ -14,6 +14,7 @@ from ipcd.store import (
     Admission,
     Admitted,
     Backlog,
+    Captured,
     Chained,
     JobRecord,
     NewJob,
@@ -173,9 +174,10 @@ class FakeJobStore:
         result_kind: int | None,
         data: bytes | None,
         error: str | None,
+        captured: Captured | None = None,
     ) -> bool:
         self._enter("finish")
-        return self._finish(Outcome(job_id, ok, finished, result_kind, data, error))
+        return self._finish(Outcome(job_id, ok, finished, result_kind, data, error, captured))
 
     def _finish(self, outcome: Outcome) -> bool:
         record = self.records.get(outcome.job_id)

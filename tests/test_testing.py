@@ -24,8 +24,9 @@ def test_payload_arrives_as_the_worker_decodes_it() -> None:
     run = run_handler(echo, sent, type=7, attempt=3, job_id="abc", timeout=2.5)  # type: ignore[arg-type]
     assert run.job == Job(
         id="abc", type=7, payload={"a": [1, 2]}, attempt=3, submitted=run.job.submitted,
-        sender_pid=os.getpid(), timeout=2.5,
+        sender_pid=os.getpid(), timeout=2.5, reporter=run.job.reporter,
     )  # fmt: skip
+    assert run.job.reporter is not None  # job.progress() is recorded (HandlerRun.progress)
     assert run.output == {"a": [1, 2]}
     assert run.result is not None
     assert (run.result.kind, run.result.data, run.result.attempt) == (Kind.JSON, b'{"a":[1,2]}', 3)

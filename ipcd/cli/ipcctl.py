@@ -29,7 +29,8 @@ from ipcd.wire.protocol import Payload, payload_from_json
 
 #: The commands the daemon answers from its job store, over its control socket.
 STORE_COMMANDS = frozenset(
-    {"list", "show", "cancel", "pause", "resume", "purge", "failed", "retry", "wait", "schedules"}
+    {"list", "show", "tail", "cancel", "pause", "resume", "purge", "failed", "retry"}
+    | {"wait", "schedules"}
 )
 
 
@@ -155,6 +156,11 @@ def _payload(arg: str | None, as_json: bool, limit: int) -> Payload:
 
 
 def _result(client: Client, args: argparse.Namespace) -> int:
+    if args.output:  # what the job wrote, once its outcome is in the store
+        from ipcd.cli.jobs import print_output
+
+        result = _get_result(client, args)
+        return print_output(client.config, args.job_id, as_json=args.json, ok=result.ok)
     if not args.log:
         return _print_result(_get_result(client, args), as_json=args.json)
     # --log: the job's events are worth most when there is no good result to print, so

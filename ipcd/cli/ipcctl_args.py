@@ -173,6 +173,11 @@ def _result_options(result: argparse.ArgumentParser) -> None:
         action="store_true",
         help="then print the job's log events (also when it failed or has no result)",
     )
+    result.add_argument(
+        "--output",
+        action="store_true",
+        help="print what the job wrote to stdout and stderr instead of its result",
+    )
     _color_option(result)
 
 
@@ -281,6 +286,13 @@ def _show_options(parser: argparse.ArgumentParser) -> None:
     _color_option(parser)
 
 
+def _tail_options(parser: argparse.ArgumentParser) -> None:
+    _job_id_argument(parser)
+    parser.add_argument(
+        "--json", action="store_true", help="JSON lines: each piece of output, then the end"
+    )
+
+
 def _cancel_options(parser: argparse.ArgumentParser) -> None:
     from ipcd.wire.control import WAITING
 
@@ -374,6 +386,7 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "stats": ("job counters and gauges (--prometheus for node_exporter)", _stats_options),
     "list": ("list the jobs in the store, newest first", _list_options),
     "show": ("print a job's whole record, its result and its log events", _show_options),
+    "tail": ("follow what a job writes until it ends (exit 0: done, 1: not)", _tail_options),
     "cancel": ("cancel waiting jobs (--kill: running ones too)", _cancel_options),
     "pause": ("stop dispatching jobs of some handlers, or all", _pause_options),
     "resume": ("dispatch paused handlers' jobs again", _resume_options),

@@ -1,6 +1,6 @@
 """ipcctl's operator commands, answered by the daemon from its job store: ``list``,
-``show``, ``cancel``, ``pause``, ``resume``, ``purge``, ``failed``, ``retry``, ``wait``
-and ``schedules``.
+``show``, ``tail``, ``cancel``, ``pause``, ``resume``, ``purge``, ``failed``, ``retry``,
+``wait`` and ``schedules``.
 
 Each asks the daemon over its control socket (ipcd.client.control); handler names become
 message types here, from the configuration, so that the daemon only ever sees numbers.
@@ -22,21 +22,19 @@ from ipcd.cli import control_socket_path
 from ipcd.cli.ipcctl_args import WAIT_TIMEOUT
 from ipcd.client.control import ControlClient
 from ipcd.config import Config
-from ipcd.errors import (
-    ConfigError,
-    ExitCode,
-    IpcdError,
-    NoResultError,
-    WaitTimeoutError,
-)
+from ipcd.errors import ConfigError, ExitCode, IpcdError, NoResultError, WaitTimeoutError
 from ipcd.layout.results import Kind
-from ipcd.wire.control import JobInfo, StoredResult
+from ipcd.wire.control import JobInfo, Output, Progress, StoredResult
 
 #: A held job's due time (ipcd.store.chains.HELD; not imported: ipcctl loads no store).
 HELD = 1e12
 
 #: How often ``pause --wait`` asks whether the handlers' jobs still run.
 DRAIN_POLL = 0.2
+#: How often ``tail`` asks for more of a running job's output.
+TAIL_POLL = 0.2
+#: How long ``result --output`` waits for a worker to record an ended job's outcome.
+RECORD_WAIT = 5.0
 
 
 def main(config: Config, args: argparse.Namespace) -> int:
@@ -47,6 +45,8 @@ def main(config: Config, args: argparse.Namespace) -> int:
         return _list(config, client, args)
     if command == "show":
         return _show(config, client, args)
+    if command == "tail":
+        return _tail(client, args.job_id, args.json)
     if command == "cancel":
         return _cancel(config, client, args)
     if command in ("pause", "resume"):
@@ -67,21 +67,25 @@ def main(config: Config, args: argparse.Namespace) -> int:
 
 
 def _list(config: Config, client: ControlClient, args: argparse.Namespace) -> int:
-    jobs, waits = client.list_waiting(
+    jobs, waits, progress = client.list_more(
         states=args.state or (),
         types=_types(config, args.type or ()),
         unique=args.unique,
         limit=args.limit,
     )
     if args.json:
-        print(json.dumps({"jobs": [_job_json(j, waits.get(j.id, ())) for j in jobs]}))
+        docs = [_job_json(j, waits.get(j.id, ())) for j in jobs]
+        for doc in docs:  # a running job's last job.progress(), if any
+            if doc["id"] in progress:
+                doc["progress"] = progress[doc["id"]]._asdict()
+        print(json.dumps({"jobs": docs}))
         return 0
     now = time.time()
     rows = [
         (
             j.id,
             _handler(j),
-            _state(j, waits.get(j.id, ())),
+            _state(j, waits.get(j.id, ()), progress.get(j.id)),
             str(j.attempts),
             str(j.priority),
             _age(now - j.accepted),
@@ -116,6 +120,7 @@ def _show(config: Config, client: ControlClient, args: argparse.Namespace) -> in
         doc = {
             "job": _job_json(job, detail.waits),
             "result": _result_json(detail.result),
+            "output": _output_json(detail.output),
             "events": _events(config, job.id),
         }
         print(json.dumps(doc))
@@ -140,11 +145,16 @@ def _show(config: Config, client: ControlClient, args: argparse.Namespace) -> in
         ("payload", f"{_size(job.size)}{' (bare message)' if job.bare else ''}: {job.preview}"),
         ("worker", _or_dash(job.worker_pid)),
         ("error", job.error or "-"),
+        ("progress", _progress_line(*_progress_of(detail.output))),
+        ("output", _output_line(detail.output)),
         ("result", _result_line(job, detail.result)),
     ]
     width = max(len(name) for name, _ in lines) + 1
     for name, value in lines:
         print(f"{name + ':':<{width}} {value}")
+        if name == "output" and detail.output is not None:  # what it wrote, under its line
+            for line in detail.output.data.decode("utf-8", "replace").splitlines():
+                print(f"  {line}")
     _print_result_data(detail.result)
     print("events:")
     sys.stdout.flush()
@@ -158,8 +168,11 @@ def _job_json(job: JobInfo, waits: Sequence[str]) -> dict[str, Any]:
     return {**job._asdict(), "after": list(job.after), "waiting": list(waits)}
 
 
-def _state(job: JobInfo, waits: Sequence[str]) -> str:
-    """The STATE column: a held job says what it waits for."""
+def _state(job: JobInfo, waits: Sequence[str], progress: Progress | None) -> str:
+    """The STATE column: a held job says what it waits for, a running one how far it got
+    (its last ``job.progress()``)."""
+    if progress is not None:
+        return f"{job.state} {_percent(progress.fraction)}"
     if not waits:
         return job.state
     shown = ",".join(waits[:2]) + (",…" if len(waits) > 2 else "")
@@ -173,6 +186,74 @@ def _after(job: JobInfo, waits: Sequence[str]) -> str:
     if not waits:
         return ", ".join(job.after)
     return f"{', '.join(job.after)} (waiting for {', '.join(waits)})"
+
+
+def _tail(client: ControlClient, job_id: str, as_json: bool) -> int:
+    """Follow a job's output as ``tail -f`` would: what it wrote so far (its last
+    ``[jobs] max_output`` bytes), then what it writes, until it ends; then its end.
+    Progress goes to stderr, on a line of its own whenever it changes (with ``--json``
+    in the lines).  Returns 0 when the job is done, 1 when it failed or was cancelled
+    (the error on stderr)."""
+    offset = 0
+    shown: tuple[float | None, str] = (None, "")
+    out = sys.stdout.buffer
+    while True:
+        tail = client.tail(job_id, offset)
+        output = tail.output
+        if output is not None:
+            # Stored output ends where the live one did: print only what is new.
+            data = output.data[max(offset - output.offset, 0) :]
+            if data or (output.fraction, output.message) != shown:
+                if as_json:
+                    _json_line(output, data)
+                else:
+                    out.write(data)
+                    out.flush()
+                    if output.fraction is not None and (output.fraction, output.message) != shown:
+                        print(
+                            f"[{_progress_line(output.fraction, output.message)}]", file=sys.stderr
+                        )
+                shown = (output.fraction, output.message)
+            offset = max(offset, output.offset + len(output.data))
+        if tail.state in ("done", "failed", "cancelled"):
+            break
+        if output is None or not output.data:
+            time.sleep(TAIL_POLL)
+    ok = tail.state == "done"
+    if as_json:
+        print(json.dumps({"id": job_id, "state": tail.state, "error": tail.error}))
+    elif not ok:
+        print(f"ipcctl: job {job_id} {tail.state}: {tail.error or '-'}", file=sys.stderr)
+    return 0 if ok else int(ExitCode.JOB_FAILED)
+
+
+def _json_line(output: Output, data: bytes) -> None:
+    doc = {
+        "offset": output.offset + len(output.data) - len(data),
+        "output": data.decode("utf-8", "replace"),
+        "progress": output.fraction,
+        "message": output.message,
+    }
+    print(json.dumps(doc), flush=True)
+
+
+def print_output(config: Config, job_id: str, *, as_json: bool, ok: bool) -> int:
+    """``result ID --output``: what the ended job wrote, as the store kept it (asked
+    for again for a moment while the worker has yet to record it); the status is the
+    job's (0 done, 1 not)."""
+    client = ControlClient(control_socket_path(config), group=config.ipc.group)
+    deadline = time.monotonic() + RECORD_WAIT
+    tail = client.tail(job_id)
+    while tail.state not in ("done", "failed", "cancelled") and time.monotonic() < deadline:
+        time.sleep(TAIL_POLL)
+        tail = client.tail(job_id)
+    output = tail.output if tail.state in ("done", "failed", "cancelled") else None
+    if as_json:
+        print(json.dumps({"id": job_id, "state": tail.state, **(_output_json(output) or {})}))
+    elif output is not None:
+        sys.stdout.buffer.write(output.data)
+        sys.stdout.flush()
+    return 0 if ok else int(ExitCode.JOB_FAILED)
 
 
 def _cancel(config: Config, client: ControlClient, args: argparse.Namespace) -> int:
@@ -450,6 +531,42 @@ def _result_json(result: StoredResult | None) -> dict[str, Any] | None:
     else:
         doc["output_hex"] = result.data.hex()
     return doc
+
+
+def _output_line(output: Output | None) -> str:
+    if output is None:
+        return "-"
+    kept = f"{_size(output.size)}" + (
+        f", the last {_size(len(output.data))} kept" if len(output.data) < output.size else ""
+    )
+    return kept + (" so far" if output.live else "")
+
+
+def _output_json(output: Output | None) -> dict[str, Any] | None:
+    if output is None:
+        return None
+    return {
+        "output": output.data.decode("utf-8", "replace"),
+        "size": output.size,
+        "offset": output.offset,
+        "progress": output.fraction,
+        "message": output.message,
+        "live": output.live,
+    }
+
+
+def _progress_line(fraction: float | None, message: str | None) -> str:
+    if fraction is None:
+        return "-"
+    return f"{_percent(fraction)}{' ' + message if message else ''}"
+
+
+def _progress_of(output: Output | None) -> tuple[float | None, str]:
+    return (None, "") if output is None else (output.fraction, output.message)
+
+
+def _percent(fraction: float) -> str:
+    return f"{fraction * 100:.0f}%"
 
 
 def _kind_name(kind: int) -> str:

@@ -32,7 +32,7 @@ from ipcd.errors import (
     WaitTimeoutError,
 )
 from ipcd.wire import control as wire
-from ipcd.wire.control import Cancelled, JobDetail, JobInfo, LimitInfo, Request
+from ipcd.wire.control import Cancelled, JobDetail, JobInfo, LimitInfo, Progress, Request, Tail
 
 #: How long one request may take, connect to last byte: the daemon's store waits up to
 #: its busy_timeout (10 s by default) for a lock, and answers within that.
@@ -70,21 +70,21 @@ class ControlClient:
         limit: int = 50,
     ) -> builtins.list[JobInfo]:
         """Jobs newest first; with states == ["queued"] alone, in dispatch order."""
-        return self.list_waiting(states, types, unique, limit)[0]
+        return self.list_more(states, types, unique, limit)[0]
 
-    def list_waiting(
+    def list_more(
         self,
         states: Sequence[str] = (),
         types: Sequence[int] = (),
         unique: str | None = None,
         limit: int = 50,
-    ) -> tuple[builtins.list[JobInfo], dict[str, tuple[str, ...]]]:
+    ) -> tuple[builtins.list[JobInfo], dict[str, tuple[str, ...]], dict[str, Progress]]:
         """:meth:`list`, and for each held job among them the jobs it still waits for
-        (``--after``)."""
+        (``--after``), and the running jobs' last ``job.progress()``, by job id."""
         answer = self.ask(
             Request("list", states=tuple(states), types=tuple(types), unique=unique, limit=limit)
         )
-        return wire.jobs_from(answer), wire.waits_from(answer)
+        return wire.jobs_from(answer), wire.waits_from(answer), wire.progress_from(answer)
 
     def show(self, job_id: str) -> JobDetail:
         """The job's whole record and its stored result; NoResultError (66) if unknown."""
@@ -93,6 +93,16 @@ class ControlClient:
     def result(self, job_id: str) -> JobDetail:
         """As :meth:`show`: what ``ipcctl result`` reads once the result ring forgot it."""
         return _detail(self.ask(Request("result", id=job_id)))
+
+    def tail(self, job_id: str, offset: int = 0) -> Tail:
+        """The job's state and its output from ``offset`` on: live while it runs (None
+        when it has not begun, or has ended and its outcome is not recorded yet: ask
+        again), else as the store kept it (None: it wrote nothing)."""
+        answer = self.ask(Request("tail", id=job_id, offset=offset))
+        state, error = answer.get("state"), answer.get("error")
+        if not isinstance(state, str) or not (error is None or isinstance(error, str)):
+            raise ControlError("the daemon's answer has no state", 70)
+        return Tail(state, error, wire.output_from_dict(answer.get("output")))
 
     def cancel(
         self,
@@ -252,7 +262,10 @@ class ControlClient:
 def _detail(answer: dict[str, Any]) -> JobDetail:
     job = wire.job_from_dict(answer.get("job"))
     return JobDetail(
-        job, wire.result_from_dict(answer.get("result")), wire.waits_from(answer).get(job.id, ())
+        job,
+        wire.result_from_dict(answer.get("result")),
+        wire.waits_from(answer).get(job.id, ()),
+        wire.output_from_dict(answer.get("output")),
     )
 
 

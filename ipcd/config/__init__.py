@@ -95,6 +95,9 @@ class JobsConfig(NamedTuple):
     spill_slots: int = 64
     #: The largest payload accepted (in its own segment when larger than a message).
     max_payload: int = 256 << 20
+    #: The most bytes of a job's stdout and stderr kept with it (the last ones); 0: none
+    #: captured, the handlers' output goes to /dev/null (ipcd.daemon.capture).
+    max_output: int = 64 << 10
 
 
 class ExecConfig(NamedTuple):
@@ -376,7 +379,15 @@ def parse(raw: Mapping[str, Any], path: Path) -> Config:
     reader.allow(
         jobs,
         "jobs",
-        {"max_attempts", "retry_delay", "failed_size", "parked", "spill_slots", "max_payload"},
+        {
+            "max_attempts",
+            "retry_delay",
+            "failed_size",
+            "parked",
+            "spill_slots",
+            "max_payload",
+            "max_output",
+        },
     )
     jobs_config = JobsConfig(
         max_attempts=reader.bounded(jobs, "jobs.max_attempts", 3, 1, 1000),
@@ -385,6 +396,7 @@ def parse(raw: Mapping[str, Any], path: Path) -> Config:
         parked=reader.bounded(jobs, "jobs.parked", 64, 1, 65536),
         spill_slots=reader.bounded(jobs, "jobs.spill_slots", 64, 2, 65536),
         max_payload=reader.bounded(jobs, "jobs.max_payload", 256 << 20, 0, 1 << 40),
+        max_output=reader.bounded(jobs, "jobs.max_output", 64 << 10, 0, 16 << 20),
     )
     slots = jobs_config.spill_slots
     results_config = results_config._replace(

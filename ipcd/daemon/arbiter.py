@@ -46,6 +46,7 @@ from types import FrameType
 from ipcd import config as config_mod
 from ipcd.daemon import control, lockwaits, objectwatch, reloading, startup
 from ipcd.daemon import log as log_mod
+from ipcd.daemon.capture import RunDir, RunFiles
 from ipcd.daemon.doorbell import Doorbell
 from ipcd.daemon.intake import Intake
 from ipcd.daemon.outcomes import Outcomes
@@ -619,6 +620,9 @@ class Arbiter:
         return control.serve(
             p.listener, jobs, p.table, lambda: doorbell.ring(p.config.daemon.workers), log,
             flags, on_cancelled=cancelled, retrying=retrying,
+            runs=RunFiles(
+                RunDir.beside(p.config.store.path), p.table.workers, p.config.jobs.max_output
+            ),
         )  # fmt: skip
 
     def _restart_helpers(self, timeout: float = 5.0) -> None:

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from ipcd.daemon.capture import RunFiles
 from ipcd.daemon.log import Logger
 from ipcd.daemon.signals import Flags
 from ipcd.errors import (
@@ -42,7 +43,7 @@ from ipcd.errors import (
 from ipcd.kernel.procs import signal_worker
 from ipcd.layout.inflight import Peek, WorkerView
 from ipcd.layout.inflight import State as SlotState
-from ipcd.store import JobRecord, JobStore, State
+from ipcd.store import Captured, JobRecord, JobStore, State
 from ipcd.wire import control as wire
 from ipcd.wire.control import Request
 
@@ -76,6 +77,8 @@ class ControlServer:
     ``retrying`` is entered around the store's retry of a job: it claims the job's unique
     key again, raising AlreadyQueuedError (4) while another job holds it, and frees it
     again when the retry fails (None: nothing to claim, as in tests without the tables).
+    ``runs``: the workers' run files, where running jobs' output and progress are read
+    (ipcd.daemon.capture; None: none shown until a job ends).
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class ControlServer:
         on_cancelled: Callable[[JobRecord], None] | None = None,
         retrying: Callable[[JobRecord], contextlib.AbstractContextManager[object]] | None = None,
         clock: Callable[[], float] = time.time,
+        runs: RunFiles | None = None,
     ) -> None:
         self.store = store
         self.table = table
@@ -96,6 +100,7 @@ class ControlServer:
         self.on_cancelled = on_cancelled
         self.retrying = retrying
         self.clock = clock
+        self.runs = runs
         self._ops: dict[str, Callable[[Request], dict[str, Any]]] = {
             "list": self._list,
             "show": self._show,
@@ -114,6 +119,7 @@ class ControlServer:
             "limits": lambda request: {
                 "limits": wire.limits_to_list(self.store.limited(self.clock()))
             },
+            "tail": self._tail,
         }
         #: Who asked, for the log events of the requests that change something.
         self._peer: dict[str, int] = {}
@@ -180,16 +186,63 @@ class ControlServer:
             unique=request.unique,
             limit=request.limit,
         )
-        return {"jobs": [wire.job_to_dict(r) for r in records], "waits": self._waits(records)}
+        return {
+            "jobs": [wire.job_to_dict(r) for r in records],
+            "waits": self._waits(records),
+            "progress": self._progress(records),
+        }
+
+    def _progress(self, records: Sequence[JobRecord]) -> dict[str, list[Any]]:
+        """The running jobs' progress as their run files hold it, ``{id: [fraction,
+        message]}`` (the files are read only when one of ``records`` runs)."""
+        if self.runs is None or not any(r.state is State.RUNNING for r in records):
+            return {}
+        running = {r.id for r in records if r.state is State.RUNNING}
+        return {
+            job_id: [header.fraction, header.message]
+            for job_id, header in self.runs.headers().items()
+            if job_id in running and header.fraction is not None
+        }
 
     def _show(self, request: Request) -> dict[str, Any]:
+        """The record, its result, and what it wrote: the stored output of a job that
+        ended, the last ``max_output`` bytes of a running one's so far."""
         record = self._get(request.id)
         result = self.store.result(request.id)
+        if record.state is State.RUNNING:
+            output = self._live(request.id, 0)
+        else:
+            output = wire.output_to_dict(self.store.output(request.id), live=False)
         return {
             "job": wire.job_to_dict(record),
             "result": wire.result_to_dict(result),
+            "output": output,
             "waits": self._waits([record]),
         }
+
+    def _tail(self, request: Request) -> dict[str, Any]:
+        """A job's output from ``offset`` on: live while it runs (``live`` true), else
+        what the store kept (then ``state`` says how it ended)."""
+        record = self._get(request.id)
+        if record.state is State.RUNNING:
+            live = self._live(request.id, request.offset)
+            # None: not in a run file, so not begun yet, or ended and not yet recorded
+            # (a worker records its outcomes with its next claim): the client asks again.
+            return {"state": record.state.value, "error": None, "output": live}
+        stored = self.store.output(request.id)
+        output = wire.output_to_dict(stored, live=False)
+        return {"state": record.state.value, "error": record.error, "output": output}
+
+    def _live(self, job_id: str, offset: int) -> dict[str, Any] | None:
+        live = self.runs.live(job_id, offset) if self.runs is not None else None
+        if live is None:
+            return None
+        header = live.header
+        return wire.output_to_dict(
+            Captured(live.data, live.size, header.fraction, header.message),
+            live=True,
+            offset=live.offset,
+        )
 
     def _waits(self, records: Sequence[JobRecord]) -> dict[str, list[str]]:
         """What the held jobs among ``records`` still wait for (``--after``): read only
@@ -331,6 +384,7 @@ def serve(
     *,
     on_cancelled: Callable[[JobRecord], None] | None = None,
     retrying: Callable[[JobRecord], contextlib.AbstractContextManager[object]] | None = None,
+    runs: RunFiles | None = None,
 ) -> int:
     """The control process's main loop: answer on ``listener`` until ``flags.stopping``.
 
@@ -339,7 +393,7 @@ def serve(
     and removes the socket file when the daemon stops.
     """
     server = ControlServer(
-        store, table, wake_master, log, on_cancelled=on_cancelled, retrying=retrying
+        store, table, wake_master, log, on_cancelled=on_cancelled, retrying=retrying, runs=runs
     )
     return server.serve(listener, flags)
 

@@ -83,6 +83,19 @@ class Sink:
         if old is not None:
             os.close(old)
 
+    def keep_console(self) -> None:
+        """Write the console (``ipcd run``'s stderr) through a descriptor of its own, so
+        that it stays where it is when this process points fds 1 and 2 elsewhere (a
+        worker's, at its run file: ipcd.daemon.capture)."""
+        if self.console is None:
+            return
+        try:
+            fd = self.console.fileno()
+        except (AttributeError, OSError, ValueError):
+            return  # not a file (a test's StringIO): nothing to keep
+        if fd in (1, 2):
+            self.console = os.fdopen(os.dup(fd), "w", buffering=1, encoding="utf-8")
+
     def fileno(self) -> int | None:
         """The log file's descriptor, which the daemonizer must keep open."""
         return self._fd

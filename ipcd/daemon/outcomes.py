@@ -24,7 +24,7 @@ from ipcd.errors import (
 from ipcd.kernel.procs import alive
 from ipcd.kernel.queues import Queue
 from ipcd.layout.results import Kind, Result, Status, too_large
-from ipcd.store import JobRecord, JobStore, Outcome
+from ipcd.store import Captured, JobRecord, JobStore, Outcome
 from ipcd.tables import spill
 from ipcd.tables.failed import FailedList
 from ipcd.tables.results import ResultStore
@@ -112,9 +112,12 @@ class Outcomes:
         started: float,
         listed: bool = True,
         logged: bool = True,
+        captured: Captured | None = None,
         **fields: Any,
     ) -> None:
         """Store ``result`` for ``job``; a failure also goes to the failed list.
+        ``captured``: what the job wrote and reported (ipcd.daemon.capture), recorded
+        with its outcome.
 
         A failure is listed (its spilled payload then held by the list) *before* the result
         is stored: a waiter reads the result the moment it is stored, and must find the
@@ -138,7 +141,12 @@ class Outcomes:
         stored = self._store(result)
         # The store keeps the result whole (not the ring's reference to its spill segment),
         # unless it became an error here (too large): then the job failed, there as well.
-        self.record(job.id, whole if result.ok else result, waiter=job.reply_to is not None)
+        self.record(
+            job.id,
+            whole if result.ok else result,
+            waiter=job.reply_to is not None,
+            captured=captured,
+        )
         self.report_mends()
         self._release(job, result, listed=listed)
         if not logged:
@@ -204,7 +212,9 @@ class Outcomes:
             logged=False,
         )
 
-    def record(self, job_id: str, result: Result, *, waiter: bool = False) -> bool:
+    def record(
+        self, job_id: str, result: Result, *, waiter: bool = False, captured: Captured | None = None
+    ) -> bool:
         """The outcome in the job store, the job's record of truth (the ring is its cache
         for waiters).  With a ledger, an outcome nobody waits for is only kept for the
         ledger's next exchange; a ``waiter``'s is recorded now, with those kept before it,
@@ -220,7 +230,7 @@ class Outcomes:
             return False
         outcome = Outcome(
             job_id, result.ok, result.finished or time.time(), int(result.kind), result.data,
-            None if result.ok else result.error,
+            None if result.ok else result.error, captured,
         )  # fmt: skip
         jobs, ledger = self.jobs, self.ledger
         if ledger is None:
@@ -229,6 +239,7 @@ class Outcomes:
                 lambda: jobs.finish(
                     job_id, ok=outcome.ok, finished=outcome.finished,
                     result_kind=outcome.result_kind, data=outcome.data, error=outcome.error,
+                    captured=captured,
                 ),
             )  # fmt: skip
             self.follow_chains()

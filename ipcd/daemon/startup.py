@@ -18,6 +18,7 @@ from typing import NamedTuple, TextIO
 from ipcd.config import Config
 from ipcd.daemon import control, identity, schedules, uniquerelease
 from ipcd.daemon import log as log_mod
+from ipcd.daemon.capture import RunDir
 from ipcd.daemon.schedules import Schedule
 from ipcd.errors import ConfigError, StoreCorruptError, StoreError, StoreUnavailableError
 from ipcd.handlers import registry as registry_mod
@@ -138,7 +139,14 @@ def prepare(config: Config, *, console: TextIO | None) -> Prepared:
     listener = control.bind_socket(
         config.control_socket, control.socket_mode(config.ipc.mode), who.object_gid
     )
-    handed = [config.store.path, config.control_socket]
+    run_dir = RunDir.beside(config.store.path)
+    try:
+        run_dir.prepare()
+    except OSError as exc:
+        raise StoreUnavailableError(
+            f"job store's run directory {run_dir.path}: {exc.strerror or exc}"
+        ) from None
+    handed = [config.store.path, config.control_socket, run_dir.path]
     handed += [
         p for suffix in ("-wal", "-shm", ".bodies") if (p := _beside(config.store.path, suffix))
     ]

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from ipcd.config import Config
 from ipcd.daemon import lockwaits
 from ipcd.daemon import log as log_mod
+from ipcd.daemon.capture import Capture, RunDir
 from ipcd.daemon.doorbell import Doorbell
 from ipcd.daemon.ledger import Ledger
 from ipcd.daemon.log import Logger
@@ -146,6 +147,7 @@ class Worker:
         ledger: Ledger,
         sink: log_mod.Sink | None = None,
         orphaned: Callable[[], bool] = lambda: False,
+        capture: Capture | None = None,
     ) -> None:
         """``queue`` is the hand-off queue, the doorbell a worker sleeps on when the
         store has no job for it (ipcd.daemon.doorbell); ``outcomes`` ends each job; ``store`` says
@@ -156,7 +158,8 @@ class Worker:
         to hand over; ``ledger`` (the one ``outcomes`` keeps outcomes in) claims jobs in
         batches; ``wake_master`` tells the master a job with a deadline started;
         ``orphaned`` says whether the master has died (the worker then leaves the rest
-        of its batch to the next master)."""
+        of its batch to the next master); ``capture`` catches what each job writes and
+        reports (ipcd.daemon.capture; None: nothing caught)."""
         self.slot = slot
         self.config = config
         self.queue = queue
@@ -174,6 +177,9 @@ class Worker:
         self.ledger = ledger
         self.sink = sink
         self.orphaned = orphaned
+        self.capture = capture
+        #: Where each job's ``job.progress()`` goes (bound once, not per job).
+        self._reporter = capture.progress if capture is not None else None
         self.jobs_done = 0
         self.pid = os.getpid()
         self._claim_failing = False
@@ -293,7 +299,7 @@ class Worker:
         type_ = self.table.message_type(self.slot)
         body = given.body or b""
         try:
-            job, body = job_from(given, type_, received, self.jobs)
+            job, body = job_from(given, type_, received, self.jobs, self._reporter)
             job = self._loaded(job, body)
         except MessageError as exc:
             self.outcomes.reject(exc, body, type_)
@@ -364,9 +370,15 @@ class Worker:
             self.wake_master()  # the master enforces the deadline
         if self.events.debugging:  # `ipcctl logs -f` sees long jobs start
             self.events.debug("job.started", _started_fields(job, registration))
+        capture = self.capture
+        if capture is not None:
+            capture.begin(job.id)  # job_from gave the job its reporter (handle)
         outcome, handler = execute(self.registry, job, self.log)
+        captured = capture.end() if capture is not None else None
         if not isinstance(outcome, Retry):
-            self.outcomes.finish(job, outcome, body=body, handler=handler, started=started)
+            self.outcomes.finish(
+                job, outcome, body=body, handler=handler, started=started, captured=captured
+            )
             return
         self._retry(job, body, outcome, handler, started)
 
@@ -412,9 +424,14 @@ def job_of(message: bytes, type_: int, received: float, jobs: JobStore) -> tuple
 
 
 def job_from(
-    given: handoff.Handoff, type_: int, received: float, jobs: JobStore
+    given: handoff.Handoff,
+    type_: int,
+    received: float,
+    jobs: JobStore,
+    reporter: Callable[[float, str], None] | None = None,
 ) -> tuple[Job, bytes]:
-    """The job a hand-off names (see job_of)."""
+    """The job a hand-off names (see job_of), its ``job.progress()`` going to
+    ``reporter``."""
     body = given.body
     if body is None:
         try:
@@ -429,7 +446,7 @@ def job_from(
     except MessageError as exc:
         exc.job_id = given.job_id
         raise
-    return job._replace(id=given.job_id, attempt=given.attempt), body
+    return job._replace(id=given.job_id, attempt=given.attempt, reporter=reporter), body
 
 
 def _unreadable(job_id: str, why: str) -> MessageError:
@@ -472,6 +489,17 @@ def worker_process(  # pragma: no cover - runs in the forked worker
             with contextlib.suppress(OSError):
                 os.write(notify_master, b"!")
 
+        run_file = RunDir.beside(prepared.config.store.path).slot_file(slot)
+        capture: Capture | None = None
+        try:
+            capture = Capture.open(run_file, prepared.config.jobs.max_output)
+        except OSError as exc:  # a full disk, say: jobs run on, uncaptured
+            log.error("capture.unavailable", path=str(run_file), error=exc.strerror or str(exc))
+        if capture is not None and prepared.config.jobs.max_output > 0:
+            # Handler output is the job's from now on, never the log's: a console the log
+            # writes to (``ipcd run``) keeps its own descriptor.
+            prepared.sink.keep_console()
+            capture.redirect()
         recorder = prepared.stats.for_worker(slot)
         # What the master dropped or mended before the fork is the master's to count.
         prepared.sink.take_dropped()
@@ -517,6 +545,7 @@ def worker_process(  # pragma: no cover - runs in the forked worker
             ledger=ledger,
             sink=prepared.sink,
             orphaned=lambda: os.getppid() != master_pid,
+            capture=capture,
         )
         code = worker.serve()
     except BaseException:

@@ -5,7 +5,9 @@ a program would let anyone who can write to the queue run anything as the daemon
 handler is off unless ``[exec] enabled = true``, runs only commands listed in
 ``[exec.commands]`` (argv lists, no shell), in a new session with a scrubbed environment
 and stdin from /dev/null, kills the command's whole process group at ``[exec] timeout``,
-and keeps at most ``[exec] max_output`` bytes of its output.
+and keeps at most ``[exec] max_output`` bytes of its output in its result.  What the
+command writes is also passed on to the worker's stdout as it comes, so that it is the
+job's captured output too (``ipcctl tail`` follows it; ``[jobs] max_output`` bounds it).
 
 The payload names the command: ``"report"``, or ``{"command": "report", "args": [...]}``
 when ``[exec] allow_args = true`` (the arguments are appended to the configured argv).
@@ -149,6 +151,15 @@ def _argv(job: Job, config: ExecConfig) -> list[str]:
     return [*config.commands[name], *args]
 
 
+def _pass_on(chunk: bytes) -> None:
+    """Write the command's output to fd 1, the job's captured output (ipcd.daemon.capture);
+    where fd 1 is closed or refuses, the result still has it."""
+    with contextlib.suppress(OSError):
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(1, view) :]
+
+
 def _collect(
     proc: subprocess.Popen[bytes], config: ExecConfig, started: float
 ) -> tuple[bytes, bool, bool]:
@@ -169,6 +180,7 @@ def _collect(
             chunk = os.read(proc.stdout.fileno(), 65536)
             if not chunk:
                 break
+            _pass_on(chunk)
             room = config.max_output - kept
             if len(chunk) > room:
                 truncated = True

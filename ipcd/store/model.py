@@ -141,6 +141,21 @@ class Outcome(NamedTuple):
     #: The result's bytes (kept when not larger than the store's ``max_result``).
     data: bytes | None
     error: str | None
+    #: What the job wrote and its last progress (None: it wrote nothing, reported none).
+    captured: Captured | None = None
+
+
+class Captured(NamedTuple):
+    """What a job wrote to its stdout and stderr, and the last progress it reported
+    (ipcd.daemon.capture), as recorded with its outcome."""
+
+    #: The last bytes written, at most ``[jobs] max_output`` of them.
+    output: bytes
+    #: How many bytes the job wrote in all (more than ``len(output)``: the tail was kept).
+    size: int
+    #: The last ``job.progress()`` fraction (None: it reported none) and its message.
+    fraction: float | None = None
+    message: str = ""
 
 
 class Limit(NamedTuple):
@@ -378,9 +393,11 @@ class JobStore(Protocol):
         result_kind: int | None,
         data: bytes | None,
         error: str | None,
+        captured: Captured | None = None,
     ) -> bool:
         """A job not yet final becomes DONE (``ok``) or FAILED. ``data`` is kept when it is
-        not larger than the store's ``max_result``, else only its size. A job already
+        not larger than the store's ``max_result``, else only its size. ``captured``: its
+        output and progress, kept with it (replacing any of an earlier run). A job already
         final (CANCELLED by an operator, say) stays as it is: returns False."""
         ...
 
@@ -410,6 +427,11 @@ class JobStore(Protocol):
 
     def body(self, job_id: str) -> bytes | None:
         """The job's message as received; None when the store does not hold it."""
+        ...
+
+    def output(self, job_id: str) -> Captured | None:
+        """What a finished job wrote and its last progress; None when it wrote nothing
+        and reported none, or has not finished."""
         ...
 
     def result(self, job_id: str) -> tuple[int, bytes] | None:

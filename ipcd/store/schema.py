@@ -72,6 +72,15 @@ Version 5 (dependencies: ``--after``, ipcd.store.chains):
   names a job that is not final: retention and purge, which delete final jobs only, never
   delete a job that a held job waits for. ``waits_job``: a held job's rows, for ``show``
   and for removing them when it is cancelled.
+
+Version 6 (captured output: what a job wrote to stdout and stderr, ipcd.daemon.capture):
+
+- ``outputs``: one row per finished job that wrote something or reported progress: the
+  last ``[jobs] max_output`` bytes it wrote (``data``, or a file in ``PATH.bodies/`` named
+  by ``file`` when above ipcd.store.blobs.THRESHOLD), how many it wrote in all, and its
+  last progress fraction and message; deleted with its job, its file by a trigger into
+  ``unlinked`` as the other blobs' are. A job that wrote nothing has no row, so the common
+  path's outcome writes no more than before.
 """
 
 from __future__ import annotations
@@ -81,7 +90,7 @@ import sqlite3
 from ipcd.errors import StoreCorruptError
 
 #: The schema version this ipcd writes and reads.
-VERSION = 5
+VERSION = 6
 
 _V1 = (
     """
@@ -238,8 +247,41 @@ _V5_CHAINS = (
     "CREATE INDEX waits_job ON waits (job_id)",
 )
 
+
+_V6_OUTPUT = (
+    """
+    CREATE TABLE outputs (
+        job_id TEXT PRIMARY KEY REFERENCES jobs (id) ON DELETE CASCADE,
+        data BLOB NOT NULL,
+        file TEXT,
+        size INTEGER NOT NULL,
+        fraction REAL,
+        message TEXT NOT NULL DEFAULT ''
+    )
+    """,
+    "CREATE INDEX outputs_file ON outputs (file) WHERE file IS NOT NULL",
+    """
+    CREATE TRIGGER outputs_unlink AFTER DELETE ON outputs WHEN OLD.file IS NOT NULL BEGIN
+        INSERT INTO unlinked (file) VALUES (OLD.file) ON CONFLICT (file) DO NOTHING;
+    END
+    """,
+    """
+    CREATE TRIGGER outputs_unlink_replaced AFTER UPDATE OF file ON outputs
+    WHEN OLD.file IS NOT NULL AND OLD.file IS NOT NEW.file BEGIN
+        INSERT INTO unlinked (file) VALUES (OLD.file) ON CONFLICT (file) DO NOTHING;
+    END
+    """,
+)
+
 #: ``MIGRATIONS[i]`` takes a file from version ``i`` to ``i + 1``.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3_SCHEDULES, _V4_LIMITS, _V5_CHAINS)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    _V1,
+    _V2,
+    _V3_SCHEDULES,
+    _V4_LIMITS,
+    _V5_CHAINS,
+    _V6_OUTPUT,
+)
 
 assert len(MIGRATIONS) == VERSION
 

@@ -64,6 +64,7 @@ from ipcd.store.model import (
     Admission,
     Admitted,
     Backlog,
+    Captured,
     Chained,
     Hooks,
     JobRecord,
@@ -793,13 +794,14 @@ class SqliteStore:
         result_kind: int | None,
         data: bytes | None,
         error: str | None,
+        captured: Captured | None = None,
     ) -> bool:
         written: list[str] = []
         chain = chains.Chain()
         cancelled: list[JobRecord] = []
         try:
             with self._write() as db:
-                outcome = Outcome(job_id, ok, finished, result_kind, data, error)
+                outcome = Outcome(job_id, ok, finished, result_kind, data, error, captured)
                 changed = self._finish(db, outcome, written, chain)
                 if changed:
                     cancelled = self._follow(db, chain, finished)
@@ -856,7 +858,26 @@ class SqliteStore:
             )
         else:
             db.execute("DELETE FROM results WHERE job_id = ?", (outcome.job_id,))
+        if outcome.captured is not None:
+            self._keep_output(db, outcome.job_id, outcome.captured, written)
         return True
+
+    def _keep_output(
+        self, db: sqlite3.Connection, job_id: str, captured: Captured, written: builtins.list[str]
+    ) -> None:
+        """A finished job's output and progress (replacing an earlier run's), a large
+        output as a file like a large result.  Only jobs that wrote or reported something
+        come here: an outcome without costs no statement.  (A job run again after
+        ``retry`` has its earlier row removed there, so none outlives its run.)"""
+        kept, file = self._keep(job_id, captured.output, written)
+        self._settle(written)
+        db.execute(
+            "INSERT INTO outputs (job_id, data, file, size, fraction, message) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (job_id) DO UPDATE SET "
+            "data = excluded.data, file = excluded.file, size = excluded.size, "
+            "fraction = excluded.fraction, message = excluded.message",
+            (job_id, kept, file, captured.size, captured.fraction, captured.message),
+        )
 
     def requeue(self, job_id: str, *, due: float, attempts: int | None = None) -> bool:
         # The protocol gives no clock here: a due time not later than now means queued.
@@ -927,6 +948,18 @@ class SqliteStore:
                 "SELECT COALESCE(file, body) FROM bodies WHERE job_id = ?", (job_id,)
             ).fetchone()
         return None if row is None else self._bytes(row[0])
+
+    def output(self, job_id: str) -> Captured | None:
+        with self._read() as db:
+            row = db.execute(
+                "SELECT COALESCE(file, data), size, fraction, message FROM outputs "
+                "WHERE job_id = ?",
+                (job_id,),
+            ).fetchone()
+        if row is None:
+            return None
+        data = self._bytes(row[0])
+        return Captured(data or b"", int(row[1]), row[2], str(row[3]))
 
     def result(self, job_id: str) -> tuple[int, bytes] | None:
         with self._read() as db:
@@ -999,6 +1032,7 @@ class SqliteStore:
             if changed != 1:
                 return None
             db.execute("DELETE FROM results WHERE job_id = ?", (job_id,))
+            db.execute("DELETE FROM outputs WHERE job_id = ?", (job_id,))
             found = self._get(db, job_id)
             gone = self._drop_unlinked(db)
         self._blobs.remove(gone)
@@ -1168,7 +1202,7 @@ class SqliteStore:
         """The names of every file a row names (read from the partial indexes only)."""
         return {
             str(row[0])
-            for table in ("bodies", "results")
+            for table in ("bodies", "results", "outputs")
             for row in db.execute(f"SELECT file FROM {table} WHERE file IS NOT NULL")
         }
 

@@ -53,6 +53,8 @@ class Request(NamedTuple):
     limit: int = 50
     kill: bool = False
     older_than: float | None = None
+    #: ``tail``: the first byte of the job's output wanted.
+    offset: int = 0
 
 
 #: The fields each op takes; any other field in a request is refused (a typo, or a
@@ -73,6 +75,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "jobs": ("ids",),
     "schedules": (),
     "limits": (),
+    "tail": ("id", "offset"),
 }
 
 
@@ -108,12 +111,43 @@ class JobInfo(NamedTuple):
     after: tuple[str, ...] = ()
 
 
+class Progress(NamedTuple):
+    """A job's last ``job.progress()``: ``list`` gives the running jobs' beside their
+    records, ``show`` and ``tail`` give it with the output."""
+
+    fraction: float
+    message: str
+
+
 class StoredResult(NamedTuple):
     """A finished job's result data as the store keeps it: kind (ipcd.layout.results.Kind)
     and bytes."""
 
     kind: int
     data: bytes
+
+
+class Output(NamedTuple):
+    """What a job wrote to stdout and stderr (``show``, ``tail``): the bytes from
+    ``offset`` on of the ``size`` it wrote in all, and its last progress."""
+
+    data: bytes
+    size: int
+    offset: int
+    fraction: float | None
+    message: str
+    #: True: read from the running job's run file; False: as the store kept it.
+    live: bool
+
+
+class Tail(NamedTuple):
+    """``tail``: the job's state (and error), and its output from the offset asked for."""
+
+    state: str
+    error: str | None
+    #: None: nothing to show yet (not begun, or ended and not yet recorded), or it
+    #: ended having written nothing.
+    output: Output | None
 
 
 class JobDetail(NamedTuple):
@@ -123,6 +157,8 @@ class JobDetail(NamedTuple):
     result: StoredResult | None
     #: The jobs it still waits for (held, ``--after``).
     waits: tuple[str, ...] = ()
+    #: What it wrote (``show``; None: nothing, or a daemon older than captured output).
+    output: Output | None = None
 
 
 class Skipped(NamedTuple):
@@ -201,6 +237,10 @@ def _field(name: str, value: object) -> object:
         if not _is_int(value):
             raise UsageError("control field 'limit' must be an integer")
         return value
+    if name == "offset":
+        if not _is_int(value) or value < 0:  # type: ignore[operator]
+            raise UsageError("control field 'offset' must be an integer, not negative")
+        return value
     if name == "kill":
         if not isinstance(value, bool):
             raise UsageError("control field 'kill' must be true or false")
@@ -220,7 +260,7 @@ def check(request: Request) -> None:
     op = request.op
     if op not in FIELDS:
         raise UsageError(f"unknown control op {op[:40]!r}")
-    named = (request.id,) if op in ("show", "result", "retry") else ()
+    named = (request.id,) if op in ("show", "result", "retry", "tail") else ()
     for job_id in named + request.ids:
         if not is_job_id(job_id):
             raise UsageError(
@@ -383,6 +423,58 @@ def result_from_dict(doc: object) -> StoredResult | None:
     except (binascii.Error, ValueError):
         raise ControlError("the daemon's answer holds result data that is not base64", 70) from None
     return StoredResult(doc["kind"], data)
+
+
+def output_to_dict(
+    captured: Any, *, live: bool, offset: int | None = None
+) -> dict[str, Any] | None:
+    """What a job wrote (anything with ipcd.store.Captured's fields) as JSON; ``offset``
+    where its bytes start (None: they are the last ones it wrote)."""
+    if captured is None:
+        return None
+    data: bytes = captured.output
+    return {
+        "data": base64.b64encode(data).decode("ascii"),
+        "size": captured.size,
+        "offset": captured.size - len(data) if offset is None else offset,
+        "fraction": captured.fraction,
+        "message": captured.message,
+        "live": live,
+    }
+
+
+def output_from_dict(doc: object) -> Output | None:
+    if doc is None:
+        return None
+    if not (
+        isinstance(doc, dict)
+        and _is_int(doc.get("size"))
+        and _is_int(doc.get("offset"))
+        and (doc.get("fraction") is None or _fits("due", doc.get("fraction")))
+        and isinstance(doc.get("message"), str)
+        and isinstance(doc.get("live"), bool)
+    ):
+        raise ControlError("the daemon's answer holds an output that is not one", 70)
+    try:
+        data = base64.b64decode(str(doc.get("data", "")), validate=True)
+    except (binascii.Error, ValueError):
+        raise ControlError("the daemon's answer holds output that is not base64", 70) from None
+    fraction = doc["fraction"]
+    return Output(
+        data, doc["size"], doc["offset"], None if fraction is None else float(fraction),
+        doc["message"], doc["live"],
+    )  # fmt: skip
+
+
+def progress_from(doc: Mapping[str, Any]) -> dict[str, Progress]:
+    """``list``'s running jobs' progress, by job id (none from an older daemon)."""
+    raw = doc.get("progress", {})
+    if not isinstance(raw, dict) or not all(
+        isinstance(p, list) and len(p) == 2 and _fits("due", p[0]) and isinstance(p[1], str)
+        for p in raw.values()
+    ):
+        raise ControlError("the daemon's answer has a progress that is not one", 70)
+    return {job_id: Progress(float(p[0]), p[1]) for job_id, p in raw.items()}
 
 
 def paused_to_list(paused: Mapping[int, float]) -> list[list[float]]:

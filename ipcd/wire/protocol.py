@@ -117,6 +117,20 @@ class Job(NamedTuple):
     expire: float | None = None
     #: The jobs this one waits for (``--after``): it runs once all of them succeeded.
     after: tuple[str, ...] = ()
+    #: Where :meth:`progress` goes: the worker's (ipcd.daemon.capture), run_handler's
+    #: list (ipcd.testing); None: nowhere (a job built by hand).
+    reporter: Callable[[float, str], None] | None = None
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        """Say how far the job got: ``fraction`` from 0.0 to 1.0, and a short message
+        (its first 256 bytes are kept).  ``ipcctl list``, ``show`` and ``tail`` show the
+        last one while the job runs, and ``show`` keeps it once it ended.  Cheap enough
+        for a tight loop: the worker publishes a few per second and keeps the latest.
+        ValueError for a fraction that is not a number from 0 to 1."""
+        if not (isinstance(fraction, int | float) and 0.0 <= fraction <= 1.0):
+            raise ValueError(f"progress fraction {fraction!r} is not a number from 0 to 1")
+        if self.reporter is not None:
+            self.reporter(float(fraction), str(message))
 
 
 def is_job_id(text: str) -> bool:

@@ -210,3 +210,31 @@ def stall_on_cue(job: Job) -> HandlerResult:
     if job.payload == "stall" and job.attempt == 1:
         time.sleep(60)
     return job.payload
+
+
+def print_on_cue(job: Job) -> HandlerResult:
+    """Print a line, report half-way progress, then wait (at most a minute) for the
+    file the payload names to appear; then print its content from a child process (the
+    output of programs a handler starts is the job's too), and return "done"."""
+    import subprocess
+    import time
+
+    cue = str(job.payload)
+    print(f"started {job.id}")
+    job.progress(0.5, "waiting for the cue")
+    deadline = time.monotonic() + 60
+    while not os.path.exists(cue) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    subprocess.run(["cat", cue], check=True)
+    job.progress(1.0, "cued")
+    return "done"
+
+
+def chatter(job: Job) -> HandlerResult:
+    """Write the payload's number of lines to stdout, then fail when asked to."""
+    payload = job.payload if isinstance(job.payload, dict) else {}
+    for n in range(int(str(payload.get("lines", 0)))):
+        print(f"line {n}")
+    if payload.get("fail"):
+        raise RuntimeError("failed after chatter")
+    return "ok"
