@@ -80,6 +80,12 @@ def test_tail_shows_a_running_handlers_print_before_it_ends(served: Instance) ->
         ]
         shown = served.ipcctl("show", job_id, check=True).stdout
         assert "progress:  50% waiting for the cue" in shown
+        status = served.ipcctl("status", check=True).stdout
+        assert f"job {job_id} for " in status and "s (50% waiting for the cue)" in status
+        workers = json.loads(served.ipcctl("status", "--json", check=True).stdout)["workers"]
+        assert [w["progress"] for w in workers if w["job_id"] == job_id] == [
+            {"fraction": 0.5, "message": "waiting for the cue"}
+        ]
         cue.write_text("the cue\n")
         rest, err = tail.communicate(timeout=20)
     finally:

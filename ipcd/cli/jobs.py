@@ -558,7 +558,7 @@ def _output_json(output: Output | None) -> dict[str, Any] | None:
 def _progress_line(fraction: float | None, message: str | None) -> str:
     if fraction is None:
         return "-"
-    return f"{_percent(fraction)}{' ' + message if message else ''}"
+    return Progress(fraction, message or "").text()
 
 
 def _progress_of(output: Output | None) -> tuple[float | None, str]:

@@ -22,6 +22,7 @@ from ipcd.cli import end_on_sigterm
 from ipcd.client import Client, metrics
 from ipcd.client.metrics import Rate, Reading, count, figure
 from ipcd.errors import ExitCode, NotRunningError, OutputError
+from ipcd.wire.control import Progress
 
 #: ANSI: cursor home, clear the screen: once, before the first frame.
 CLEAR = "\x1b[H\x1b[2J"
@@ -57,6 +58,9 @@ def status_text(reading: Reading, previous: Reading | None = None) -> str:
     lines.append(f"daemon     pid {header.daemon_pid}, up {now - header.started:.0f}s")
     for w in status.workers:
         doing = f"job {w.job_id} for {now - w.started:.1f}s" if w.job_id else "idle"
+        progress = reading.progress(w.job_id) if w.job_id else None
+        if progress is not None:
+            doing += f" ({progress.text()})"
         lines.append(f"worker     pid {w.pid}: {doing}, {count(w.jobs_done, 'job')} done")
     if status.spill is not None:
         lines.append(f"spill      {metrics.spill_text(status.spill)}")
@@ -117,6 +121,7 @@ def status_doc(reading: Reading, previous: Reading | None = None) -> dict[str, o
                 "job_id": w.job_id or None,
                 "running_s": round(now - w.started, 3) if w.job_id else None,
                 "jobs_done": w.jobs_done,
+                "progress": _progress_doc(reading.progress(w.job_id)) if w.job_id else None,
             }
             for w in status.workers
         ],
@@ -141,6 +146,10 @@ def status_doc(reading: Reading, previous: Reading | None = None) -> dict[str, o
             "seconds": round(rate.seconds, 3),
         },
     }
+
+
+def _progress_doc(progress: Progress | None) -> dict[str, object] | None:
+    return None if progress is None else progress._asdict()
 
 
 def show_status(client: Client, *, as_json: bool, watch: float | None) -> int:

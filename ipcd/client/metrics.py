@@ -21,7 +21,7 @@ from ipcd.errors import IpcdError, NotRunningError
 from ipcd.layout.stats import NO_HANDLER
 from ipcd.tables.spill.table import Usage
 from ipcd.tables.stats import OUTCOMES, HandlerTotals, Snapshot, StatsSegment
-from ipcd.wire.control import LimitInfo
+from ipcd.wire.control import MAX_LIMIT, LimitInfo, Progress
 
 #: How the counts of jobs no configured handler ran (the stats segment's column 0: an
 #: unknown message type, a message that could not be decoded, a handler a reload added
@@ -47,6 +47,9 @@ class StoreReading(NamedTuple):
     paused: dict[int, float]
     #: The limited handlers' limits and use (asked only when the configuration has some).
     limits: tuple[LimitInfo, ...] = ()
+    #: The running jobs' last ``job.progress()`` by job id (asked only when a worker
+    #: runs a job).
+    progress: tuple[tuple[str, Progress], ...] = ()
 
 
 class Reading(NamedTuple):
@@ -74,6 +77,10 @@ class Reading(NamedTuple):
     def handler_name(self, type_: int) -> str:
         return dict(self.names).get(type_, str(type_))
 
+    def progress(self, job_id: str) -> Progress | None:
+        """A running job's last ``job.progress()``, when the daemon said it."""
+        return None if self.store is None else dict(self.store.progress).get(job_id)
+
 
 def read(client: Client) -> Reading:
     """Look at every object once; a missing queue or segment is part of the answer."""
@@ -96,18 +103,23 @@ def read(client: Client) -> Reading:
     if not reading.up:
         return reading
     names = tuple((h.type, h.name) for h in client.config.handlers)
-    return reading._replace(names=names, **_store_reading(client))
+    return reading._replace(names=names, **_store_reading(client, status))
 
 
-def _store_reading(client: Client) -> dict[str, Any]:
-    """The job store's counts and paused handlers, asked of the daemon."""
+def _store_reading(client: Client, status: Status) -> dict[str, Any]:
+    """The job store's counts and paused handlers, asked of the daemon; the limits of
+    limited handlers and the progress of running jobs when there are some."""
     from ipcd.client.control import ControlClient
 
     try:
         control = ControlClient(client.config.control_socket, timeout=5.0)
         limited = any(h.concurrency is not None or h.rate for h in client.config.handlers)
         limits = tuple(control.limits()) if limited else ()
-        return {"store": StoreReading(control.counts(), control.paused(), limits)}
+        progress: tuple[tuple[str, Progress], ...] = ()
+        if any(w.job_id for w in status.workers):
+            found = control.list_more(states=("running",), limit=MAX_LIMIT)[2]
+            progress = tuple(found.items())
+        return {"store": StoreReading(control.counts(), control.paused(), limits, progress)}
     except IpcdError as exc:
         return {"store_error": str(exc)}
 

@@ -118,6 +118,10 @@ class Progress(NamedTuple):
     fraction: float
     message: str
 
+    def text(self) -> str:
+        """As ``list``, ``status`` and ``tail`` show it: ``40% message``."""
+        return f"{self.fraction * 100:.0f}%{' ' + self.message if self.message else ''}"
+
 
 class StoredResult(NamedTuple):
     """A finished job's result data as the store keeps it: kind (ipcd.layout.results.Kind)
