@@ -217,9 +217,11 @@ def test_the_dependencies_survive_a_reopen(path: str) -> None:
         second.close()
 
 
+HOOKS = {"step": Hooks(on_success=Hook("done-hook", 7), on_failure=Hook("notify", 9))}
+
+
 def _hooked(path: str) -> JobStore:
-    hooks = {"step": Hooks(on_success=Hook("done-hook", 7), on_failure=Hook("notify", 9))}
-    return open_store(path, hooks=hooks)
+    return open_store(path, hooks=HOOKS)
 
 
 def test_a_failure_for_good_queues_its_on_failure_job_with_the_outcome(path: str) -> None:
@@ -246,6 +248,25 @@ def test_a_failure_for_good_queues_its_on_failure_job_with_the_outcome(path: str
             "finished": NOW + 3.5,
         }
         assert hook.preview.startswith('{"id":"a"')
+    finally:
+        store.close()
+
+
+def test_hooks_set_after_opening_apply_to_the_next_outcomes(path: str) -> None:
+    """A reload gives the master's open store the new hooks (set_hooks): the outcome it
+    records next (a dead worker's job) queues the new follow-up, and none once removed."""
+    store = open_store(path)
+    try:
+        store.add([_job("a"), _job("b"), _job("c")])
+        store.claim(3, NOW + 1)
+        store.finish("a", ok=False, finished=NOW + 2, result_kind=1, data=b"", error="x")
+        assert store.take_chained().queued == 0
+        store.set_hooks(HOOKS)
+        store.finish("b", ok=False, finished=NOW + 2, result_kind=1, data=b"", error="x")
+        assert store.take_chained().queued == 1
+        store.set_hooks({})
+        store.finish("c", ok=False, finished=NOW + 2, result_kind=1, data=b"", error="x")
+        assert store.take_chained().queued == 0
     finally:
         store.close()
 

@@ -56,7 +56,7 @@ from ipcd.daemon.recovery import CANCELLED, DAEMON_KILLED, Recovery
 from ipcd.daemon.schedules import Scheduler, compile_schedules
 from ipcd.daemon.sdnotify import Watchdog
 from ipcd.daemon.signals import Flags
-from ipcd.daemon.startup import Prepared
+from ipcd.daemon.startup import Prepared, hooks_of
 from ipcd.daemon.sweep import Sweeper
 from ipcd.daemon.worker import (
     Exit,
@@ -989,6 +989,7 @@ class Arbiter:
         self._sync_schedules()  # removed ones stop, changed ones count anew
         limits = limits_of(fresh.handlers)
         self.jobs.set_limits(limits)  # the new workers open their stores with them
+        self.jobs.set_hooks(hooks_of(fresh))  # for the outcomes of dead workers' jobs
         self.pacer.limited = bool(limits)
         self._next_retention = 0.0  # [store] keep_* as reloaded apply now, not in a minute
         self._count_reload(registry)

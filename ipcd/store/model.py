@@ -351,6 +351,10 @@ class JobStore(Protocol):
         """Claims from now on hold to ``limits`` (a reload); types not in it have none."""
         ...
 
+    def set_hooks(self, hooks: Mapping[str, Hooks]) -> None:
+        """Outcomes recorded from now on queue ``hooks``' follow-up jobs (a reload)."""
+        ...
+
     def next_start(self, now: float) -> float | None:
         """When a worker should next look for jobs the limits held back: ``now`` when a
         limited type has waiting jobs and room to start one (a job of it ended in a

@@ -310,6 +310,9 @@ class SqliteStore:
         self._limits: dict[int, Limit] = {}
         self.set_limits(limits or {})
 
+    def set_hooks(self, hooks: Mapping[str, Hooks]) -> None:
+        self._hooks = dict(hooks)
+
     def set_limits(self, limits: Mapping[int, Limit]) -> None:
         self._limits = {
             type_: limit
