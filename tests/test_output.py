@@ -121,6 +121,24 @@ def test_the_stored_output_is_the_last_max_output_bytes_and_result_output_prints
     assert "failed after chatter" in tail.stderr
 
 
+def test_a_job_killed_at_its_timeout_keeps_what_it_wrote(served: Instance) -> None:
+    """A job whose worker is killed (its timeout here) cannot record its own output: the
+    master records what its run file holds with the job's outcome, so an operator sees
+    how far the hung job got."""
+    cue = served.dir / "never"
+    done = served.ipcctl(
+        "submit", "--json", "cue", json.dumps(str(cue)), "--timeout-job", "1", "--wait"
+    )
+    assert done.returncode == 1 and "timeout" in done.stderr, done.stderr
+    job_id = json.loads(served.ipcctl("list", "--json", check=True).stdout)["jobs"][0]["id"]
+    shown = json.loads(served.ipcctl("show", job_id, "--json", check=True).stdout)
+    assert shown["job"]["state"] == "failed"
+    output = shown["output"]
+    assert output is not None, "the dead worker's output was not recorded"
+    assert output["output"] == f"started {job_id}\n"
+    assert (output["progress"], output["message"]) == (0.5, "waiting for the cue")
+
+
 def test_a_job_that_writes_nothing_has_no_output_and_the_log_stays_clean(
     served: Instance,
 ) -> None:

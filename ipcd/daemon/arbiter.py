@@ -620,10 +620,15 @@ class Arbiter:
         return control.serve(
             p.listener, jobs, p.table, lambda: doorbell.ring(p.config.daemon.workers), log,
             flags, on_cancelled=cancelled, retrying=retrying,
-            runs=RunFiles(
-                RunDir.beside(p.config.store.path), p.table.workers, p.config.jobs.max_output
-            ),
+            runs=self._run_files(),
         )  # fmt: skip
+
+    def _run_files(self) -> RunFiles:
+        """The workers' run files (ipcd.daemon.capture) as the configuration places them."""
+        p = self.p
+        return RunFiles(
+            RunDir.beside(p.config.store.path), p.table.workers, p.config.jobs.max_output
+        )
 
     def _restart_helpers(self, timeout: float = 5.0) -> None:
         """Stop the intake and the control process and wait for them (the intake commits
@@ -725,8 +730,9 @@ class Arbiter:
         cause = describe_exit(status, holding=held is not None)
         if held is not None:
             self.recovery.recover(
-                held, cause=info.kill_reason or cause, timed_out=bool(info.kill_reason)
-            )
+                held, cause=info.kill_reason or cause, timed_out=bool(info.kill_reason),
+                captured=self._run_files().left(held.job_id) if held.job_id else None,
+            )  # fmt: skip
         self._requeue_claimed(info.pid, held.job_id if held is not None else None)
         self._release_slot(info.slot)
         lived = time.time() - info.spawned

@@ -257,6 +257,17 @@ class RunFiles:
                 return Live(again, data, start, size)
         return None
 
+    def left(self, job_id: str) -> Captured | None:
+        """What ``job_id`` wrote and reported before its worker died (a timeout, the OOM
+        killer): its last ``max_output`` bytes, how many in all and its last progress, as
+        the dead worker's run file holds them until its slot's next job begins; None when
+        no run file names it or it wrote and reported nothing.  The master records it
+        with the job's outcome, as a worker would have."""
+        live = self.live(job_id, 0, limit=self.max_output)
+        if live is None or (live.size == 0 and live.header.fraction is None):
+            return None
+        return Captured(live.data, live.size, live.header.fraction, live.header.message)
+
     @contextlib.contextmanager
     def _opened(self, slot: int) -> Iterator[tuple[int, Header] | None]:
         """The slot's run file open and its header read: (fd, header), or None when

@@ -17,7 +17,7 @@ from ipcd.daemon.outcomes import Outcomes, error_result
 from ipcd.daemon.worker import job_of
 from ipcd.errors import IpcdError, MessageError, StoreError
 from ipcd.handlers.registry import Registry
-from ipcd.store import JobRecord, JobStore, State
+from ipcd.store import Captured, JobRecord, JobStore, State
 from ipcd.tables import stats
 from ipcd.tables.inflight import Held
 from ipcd.tables.results import ResultStore
@@ -54,7 +54,9 @@ class Recovery:
         self.stats = stats
         self.log = log
 
-    def _recover(self, held: Held, *, cause: str, timed_out: bool) -> None:
+    def _recover(
+        self, held: Held, *, cause: str, timed_out: bool, captured: Captured | None
+    ) -> None:
         """Finish or re-run the job a dead worker held (at-least-once)."""
         started = _monotonic_start(held)
         self.stats.bump(stats.JOBS_RECOVERED)
@@ -75,21 +77,22 @@ class Recovery:
         if self._cancelled(job.id):
             self.outcomes.finish(
                 job, error_result(job, CANCELLED), body=body, handler=handler,
-                started=started, listed=False, killed=True, cancelled=True,
+                started=started, listed=False, killed=True, cancelled=True, captured=captured,
             )  # fmt: skip
             return
         if timed_out:
             self.outcomes.finish(
                 job, error_result(job, cause), body=body, handler=handler,
-                started=started, killed=True,
+                started=started, killed=True, captured=captured,
             )  # fmt: skip
             return
         policy = self.registry.policy(job.type, self.config)
         if job.attempt >= policy.max_attempts:
             message = f"worker died ({cause}) on attempt {job.attempt} of {policy.max_attempts}"
             self.outcomes.finish(
-                job, error_result(job, message), body=body, handler=handler, started=started
-            )
+                job, error_result(job, message), body=body, handler=handler, started=started,
+                captured=captured,
+            )  # fmt: skip
             return
         # A worker's death may be the job's doing: back off.  The daemon's is not.
         delay = 0.0 if cause == DAEMON_KILLED else policy.delay(job.attempt)
@@ -118,10 +121,14 @@ class Recovery:
             delay_s=round(delay, 3),
         )  # fmt: skip
 
-    def recover(self, held: Held, *, cause: str, timed_out: bool) -> None:
-        """_recover, but a failure to recover one job never takes the master down."""
+    def recover(
+        self, held: Held, *, cause: str, timed_out: bool, captured: Captured | None = None
+    ) -> None:
+        """_recover, but a failure to recover one job never takes the master down.
+        ``captured``: what the job wrote before its worker died (its run file), recorded
+        with its outcome when this ends the job."""
         try:
-            self._recover(held, cause=cause, timed_out=timed_out)
+            self._recover(held, cause=cause, timed_out=timed_out, captured=captured)
         except Exception:
             self.log.error(
                 "job.recovery_failed", type=held.type, job_id=held.job_id,
