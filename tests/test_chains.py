@@ -137,6 +137,26 @@ def test_an_operator_cancel_cascades_to_dependents_and_frees_a_cancelled_holds_r
     assert _state(store, "d") == (State.CANCELLED, "dependency a was cancelled")
 
 
+def test_an_expired_job_cancels_its_dependents_and_a_held_one_expires_whole(
+    store: JobStore,
+) -> None:
+    """Expiry cancels as an operator's cancel does: the jobs waiting for the expired one
+    are cancelled with the reason in the same transaction (counted for the master to
+    tell their waiters), and a held job that expires gets its own due time back and
+    waits for nothing more."""
+    store.add([_job("a"), _job("x", expires=NOW + 5), _job("b", "a", expires=NOW + 5)])
+    store.add([_job("y", "x"), _job("c", "b")])
+    assert store.take_chained().cancelled == ()
+    assert [r.id for r in store.expire(NOW + 6)] == ["b", "x"]  # by expiry, then id
+    assert _state(store, "x") == (State.CANCELLED, "expired")
+    assert _state(store, "b") == (State.CANCELLED, "expired")
+    assert store.get("b").due == 0  # type: ignore[union-attr]
+    assert _state(store, "y") == (State.CANCELLED, "dependency x was cancelled")
+    assert _state(store, "c") == (State.CANCELLED, "dependency b was cancelled")
+    assert sorted(r.id for r in store.take_chained().cancelled) == ["c", "y"]
+    assert store.waits(["b", "c", "y"]) == {}
+
+
 def test_a_job_naming_a_finished_job_is_decided_at_once(store: JobStore) -> None:
     """After done jobs: queued. After a failed or cancelled one: cancelled at once. After
     an unknown id (never stored, or deleted by retention): failed, a usage error. Each

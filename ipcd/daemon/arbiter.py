@@ -50,7 +50,7 @@ from ipcd.daemon.capture import RunDir, RunFiles
 from ipcd.daemon.doorbell import Doorbell
 from ipcd.daemon.intake import Intake
 from ipcd.daemon.outcomes import Outcomes
-from ipcd.daemon.pacing import EXPIRED, Pacer
+from ipcd.daemon.pacing import Pacer
 from ipcd.daemon.pidlock import PidLock
 from ipcd.daemon.recovery import CANCELLED, DAEMON_KILLED, Recovery
 from ipcd.daemon.schedules import Scheduler, compile_schedules
@@ -67,7 +67,7 @@ from ipcd.daemon.worker import (
 from ipcd.errors import IpcdError, LockTimeoutError, MessageError, StoreError
 from ipcd.handlers import registry as registry_mod
 from ipcd.kernel.procs import alive, signal_worker
-from ipcd.store import JobRecord, JobStore, Retention
+from ipcd.store import EXPIRED, JobRecord, JobStore, Retention
 from ipcd.store.model import limits_of
 from ipcd.tables import stats as stats_mod
 from ipcd.tables.inflight import Held, InflightTable, Peek, State
@@ -910,6 +910,8 @@ class Arbiter:
             self.pacer.turn()
         except StoreError as exc:
             self._store_failed(exc)
+        # The dependents of expired jobs, cancelled in the same transaction (--after).
+        self.outcomes.follow_chains()
 
     def _idle(self) -> bool:
         """Whether a worker of the current generation waits for work."""

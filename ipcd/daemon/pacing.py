@@ -36,8 +36,6 @@ RING_GAP = 0.05
 #: The longest the master goes without looking for the next expiry (the intake may have
 #: stored a job that expires sooner than the soonest known).
 EXPIRY_LOOK = 1.0
-#: A job's error when it expired.
-EXPIRED = "expired"
 
 
 class Pacer:

@@ -45,6 +45,8 @@ FINAL = frozenset({State.DONE, State.FAILED, State.CANCELLED})
 WAITING = frozenset({State.QUEUED, State.SCHEDULED})
 #: In :meth:`JobStore.paused`: every type is paused (``pause(())``).
 ALL_TYPES = 0
+#: The error of a job cancelled because it did not start by its ``expires``.
+EXPIRED = "expired"
 #: How long a writer waits for another's transaction, in milliseconds.
 DEFAULT_BUSY_TIMEOUT = 10_000
 #: Results larger than this many bytes are not kept, only their size (``[store] max_result``).

@@ -59,6 +59,7 @@ from ipcd.store.model import (
     ALL_TYPES,
     DEFAULT_BUSY_TIMEOUT,
     DEFAULT_MAX_RESULT,
+    EXPIRED,
     FINAL,
     WAITING,
     Admission,
@@ -601,7 +602,8 @@ class SqliteStore:
             return []
         buckets: dict[int, float] = {}
         rooms = self._rooms(db, now, buckets) if self._limits else {}
-        capped = {t: room for t, room in rooms.items() if room > 0}
+        # A paused type is skipped whatever its room: the pause wins over the limit.
+        capped = {t: room for t, room in rooms.items() if room > 0 and t not in paused}
         rows: list[Sequence[Any]] = []
         # One index range per stretch of types between paused ones (and limited ones,
         # each alone with its cap): a paused type's waiting jobs are skipped by the
@@ -615,6 +617,11 @@ class SqliteStore:
         if batches is not None and rows:
             type_ = rows[0][_TYPE]
             size = min(n, batches.get(type_, 1), capped.get(type_, _UNLIMITED))
+            limit = self._limits.get(type_)
+            if limit is not None and limit.concurrency is not None:
+                # One at a time: a batch runs in one worker, one job after another, and
+                # would take the places of the handler's other workers while it waits.
+                size = 1
             if size > 1:  # the first job again, and more of its type after it
                 rows = db.execute(_CLAIM, (type_, type_, now, size)).fetchall()
         for chunk in _chunks([row[0] for row in rows]):
@@ -697,9 +704,14 @@ class SqliteStore:
             return None
         soonest: float | None = None
         with self._read() as db:
+            paused = {int(row[0]) for row in db.execute("SELECT type FROM paused")}
+            if ALL_TYPES in paused:
+                return None  # nothing starts: nothing to ring for
             running = self._running_counts(db)
             held = self._buckets(db)
             for type_, limit in self._limits.items():
+                if type_ in paused:
+                    continue  # its jobs wait for a resume, which rings itself
                 if limit.concurrency is not None and running.get(type_, 0) >= limit.concurrency:
                     continue  # full: the end of one of its jobs claims the next
                 if not self._waiting(db, type_, now):
@@ -749,12 +761,8 @@ class SqliteStore:
                     f"{_SELECT} WHERE state = ? AND {_EXPIRING} AND expires <= ? AND attempts = 0",
                     (state, now),
                 )
-            for chunk in _chunks([job.id for job in found]):
-                db.execute(
-                    "UPDATE jobs SET state = 'cancelled', finished = ?, error = 'expired' "
-                    f"WHERE id IN ({_marks(chunk)})",
-                    (now, *chunk),
-                )
+            chain, cancelled = self._cancel_found(db, found, now, EXPIRED)
+        self._chain(chain, cancelled)
         return sorted(found, key=lambda job: (job.expires or 0.0, job.id))
 
     def next_expiry(self) -> float | None:
@@ -928,18 +936,31 @@ class SqliteStore:
                     found += self._records(
                         db, f"{_SELECT} WHERE type = ? AND {where}", (type_, *_values(wanted))
                     )
-            for chunk in _chunks([job.id for job in found]):
-                db.execute(
-                    "UPDATE jobs SET state = 'cancelled', finished = ?, "
-                    f"due = CASE WHEN due >= ? THEN held_due ELSE due END "
-                    f"WHERE id IN ({_marks(chunk)})",
-                    (now, chains.HELD, *chunk),
-                )
-            chains.forget(db, [job.id for job in found if job.after])
-            chain = chains.Chain(ended=[(job.id, State.CANCELLED) for job in found])
-            cancelled = self._follow(db, chain, now)
+            chain, cancelled = self._cancel_found(db, found, now)
         self._chain(chain, cancelled)
         return sorted(found, key=lambda job: (job.accepted, job.id))
+
+    def _cancel_found(
+        self,
+        db: sqlite3.Connection,
+        found: Sequence[JobRecord],
+        now: float,
+        error: str | None = None,
+    ) -> tuple[chains.Chain, builtins.list[JobRecord]]:
+        """``found`` CANCELLED in the caller's write transaction (with ``error`` when
+        given: ``expired``), however they end: a held job's own due time restored and
+        what it waited for forgotten, and the jobs waiting for them cancelled in turn
+        (ipcd.store.chains).  Returns the chain for :meth:`_chain` and those dependents."""
+        for chunk in _chunks([job.id for job in found]):
+            db.execute(
+                "UPDATE jobs SET state = 'cancelled', finished = ?, error = COALESCE(?, error), "
+                f"due = CASE WHEN due >= ? THEN held_due ELSE due END "
+                f"WHERE id IN ({_marks(chunk)})",
+                (now, error, chains.HELD, *chunk),
+            )
+        chains.forget(db, [job.id for job in found if job.after])
+        chain = chains.Chain(ended=[(job.id, State.CANCELLED) for job in found])
+        return chain, self._follow(db, chain, now)
 
     def get(self, job_id: str) -> JobRecord | None:
         with self._read() as db:
