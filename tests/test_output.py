@@ -31,6 +31,10 @@ target = "ipcd_test_plugins:print_on_cue"
 [handlers.chatter]
 type = 3
 target = "ipcd_test_plugins:chatter"
+
+[handlers.retrier]
+type = 4
+target = "ipcd_test_plugins:retry_chatter"
 """
 
 
@@ -119,6 +123,19 @@ def test_the_stored_output_is_the_last_max_output_bytes_and_result_output_prints
     tail = served.ipcctl("tail", job_id)
     assert (tail.returncode, tail.stdout) == (1, whole[-100:])
     assert "failed after chatter" in tail.stderr
+
+
+def test_tail_follows_a_retried_job_from_its_new_attempts_first_byte(served: Instance) -> None:
+    """Attempt 2 writes afresh, less than attempt 1 did: ``tail`` prints all of it after
+    an ``[attempt 2]`` line on stderr, not only what lies past attempt 1's length."""
+    job_id = _submit(served, "retrier", "\"go\"")
+    tail = served.ipcctl("tail", job_id)
+    assert tail.returncode == 0, tail.stderr
+    first = "first attempt, a line longer than the second's " + "x" * 40 + "\n"
+    assert tail.stdout in (first + "second\n", "second\n")  # attempt 1 seen live, or not
+    assert tail.stdout.endswith("second\n")
+    if tail.stdout.startswith("first"):
+        assert "[attempt 2]" in tail.stderr
 
 
 def test_a_job_killed_at_its_timeout_keeps_what_it_wrote(served: Instance) -> None:

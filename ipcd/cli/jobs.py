@@ -193,12 +193,20 @@ def _tail(client: ControlClient, job_id: str, as_json: bool) -> int:
     ``[jobs] max_output`` bytes), then what it writes, until it ends; then its end.
     Progress goes to stderr, on a line of its own whenever it changes (with ``--json``
     in the lines).  Returns 0 when the job is done, 1 when it failed or was cancelled
-    (the error on stderr)."""
+    (the error on stderr).  A new attempt (a retry) writes afresh: it is followed from its
+    first byte, after an ``[attempt N]`` line on stderr."""
     offset = 0
+    attempt: int | None = None
     shown: tuple[float | None, str] = (None, "")
     out = sys.stdout.buffer
     while True:
         tail = client.tail(job_id, offset)
+        if attempt is not None and tail.attempts != attempt and offset:
+            attempt, offset = tail.attempts, 0
+            if not as_json:
+                print(f"[attempt {attempt}]", file=sys.stderr, flush=True)
+            continue  # ask again from the new attempt's first byte
+        attempt = tail.attempts
         output = tail.output
         if output is not None:
             # Stored output ends where the live one did: print only what is new.

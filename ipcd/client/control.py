@@ -102,7 +102,10 @@ class ControlClient:
         state, error = answer.get("state"), answer.get("error")
         if not isinstance(state, str) or not (error is None or isinstance(error, str)):
             raise ControlError("the daemon's answer has no state", 70)
-        return Tail(state, error, wire.output_from_dict(answer.get("output")))
+        attempts = answer.get("attempts", 0)
+        if not isinstance(attempts, int) or isinstance(attempts, bool):
+            raise ControlError("the daemon's answer has no attempts", 70)
+        return Tail(state, error, wire.output_from_dict(answer.get("output")), attempts)
 
     def cancel(
         self,

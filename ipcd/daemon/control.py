@@ -228,10 +228,16 @@ class ControlServer:
             live = self._live(request.id, request.offset)
             # None: not in a run file, so not begun yet, or ended and not yet recorded
             # (a worker records its outcomes with its next claim): the client asks again.
-            return {"state": record.state.value, "error": None, "output": live}
+            return {
+                "state": record.state.value, "error": None, "output": live,
+                "attempts": record.attempts,
+            }  # fmt: skip
         stored = self.store.output(request.id)
         output = wire.output_to_dict(stored, live=False)
-        return {"state": record.state.value, "error": record.error, "output": output}
+        return {
+            "state": record.state.value, "error": record.error, "output": output,
+            "attempts": record.attempts,
+        }  # fmt: skip
 
     def _live(self, job_id: str, offset: int) -> dict[str, Any] | None:
         live = self.runs.live(job_id, offset) if self.runs is not None else None

@@ -239,7 +239,7 @@ def follow_up(record: JobRecord, hooks: Mapping[str, Hooks], now: float) -> NewJ
         "result_size": record.result_size,
         "finished": finished,
     }
-    job_id = os.urandom(8).hex()  # as ipcd.wire.protocol.new_job_id
+    job_id = protocol.new_job_id()
     body = protocol.encode(payload, job_id=job_id, submitted=now, pid=os.getpid())
     text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
     return NewJob(

@@ -152,6 +152,8 @@ class Tail(NamedTuple):
     #: None: nothing to show yet (not begun, or ended and not yet recorded), or it
     #: ended having written nothing.
     output: Output | None
+    #: The attempt the output is of: a new attempt writes its output afresh, from 0.
+    attempts: int = 0
 
 
 class JobDetail(NamedTuple):

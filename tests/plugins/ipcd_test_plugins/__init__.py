@@ -238,3 +238,18 @@ def chatter(job: Job) -> HandlerResult:
     if payload.get("fail"):
         raise RuntimeError("failed after chatter")
     return "ok"
+
+
+def retry_chatter(job: Job) -> HandlerResult:
+    """Attempt 1 prints a long line, lingers (so a follower sees it live) and asks for a
+    retry; attempt 2 prints a short line and succeeds."""
+    import time
+
+    from ipcd.handlers import Retry
+
+    if job.attempt == 1:
+        print("first attempt, a line longer than the second's " + "x" * 40)
+        time.sleep(0.5)
+        raise Retry("once more", delay=0.3)
+    print("second")
+    return "ok"
