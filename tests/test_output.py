@@ -128,7 +128,7 @@ def test_the_stored_output_is_the_last_max_output_bytes_and_result_output_prints
 def test_tail_follows_a_retried_job_from_its_new_attempts_first_byte(served: Instance) -> None:
     """Attempt 2 writes afresh, less than attempt 1 did: ``tail`` prints all of it after
     an ``[attempt 2]`` line on stderr, not only what lies past attempt 1's length."""
-    job_id = _submit(served, "retrier", "\"go\"")
+    job_id = _submit(served, "retrier", '"go"')
     tail = served.ipcctl("tail", job_id)
     assert tail.returncode == 0, tail.stderr
     first = "first attempt, a line longer than the second's " + "x" * 40 + "\n"

@@ -362,7 +362,8 @@ class ControlServer:
     def _jobs(self, request: Request) -> dict[str, Any]:
         """Each named job's record, or null when the store does not hold it: what
         ``ipcctl wait`` asks until the jobs have ended."""
-        records = (self.store.get(job_id) for job_id in request.ids)
+        found = self.store.records(request.ids)
+        records = (found.get(job_id) for job_id in request.ids)
         return {"jobs": [None if r is None else wire.job_to_dict(r) for r in records]}
 
     def _schedules(self, request: Request) -> dict[str, Any]:

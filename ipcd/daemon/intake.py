@@ -54,6 +54,9 @@ SLOTS = 64
 MAX_BACKOFF = 5.0
 #: How often a full store is looked at again.
 FULL_RECHECK = 0.2
+#: Seconds a commit's backlog stands for the store's (see Intake._room): under load
+#: every batch reads it in its own commit; after a quiet spell one read is paid again.
+BACKLOG_FRESH = 1.0
 #: Characters of a payload ``ipcctl list`` shows.
 PREVIEW = 80
 
@@ -116,6 +119,7 @@ class Intake:
         #: The backlog as the last commit left it (None: not known), which the next
         #: batch's room is reckoned from while it is below the bounds.
         self._backlog: Backlog | None = None
+        self._backlog_at = 0.0
         #: Since when the store is over its bounds, or fails (0: it is not).
         self._full_since = 0.0
         self._failing_since = 0.0
@@ -149,13 +153,15 @@ class Intake:
         queue fills and submitters get its backpressure.
 
         The backlog is the one the last commit read in its own transaction (``admit``),
-        read afresh only when that is not below the bounds: workers only shrink it
-        meanwhile, so the room is never overstated by them; what the daemon's other
-        processes put back meanwhile (a retry, a dead worker's unstarted jobs) may pass
-        the bound by that many jobs until the next commit."""
+        while that is younger than BACKLOG_FRESH and below the bounds, else read afresh.
+        Workers' claims only shrink it meanwhile; what other processes add meanwhile (a
+        retry, a dead worker's unstarted jobs, hook jobs, a schedule's runs) may pass the
+        bound by that many jobs, for at most that long."""
         limits = self.config.store
         backlog = self._backlog
         self._backlog = None
+        if time.monotonic() - self._backlog_at > BACKLOG_FRESH:
+            backlog = None
         if backlog is None or not (
             backlog.jobs < limits.max_queued and backlog.bytes < limits.max_queued_bytes
         ):
@@ -253,7 +259,7 @@ class Intake:
                 "store.writable", after_s=round(time.time() - self._failing_since, 3)
             )  # fmt: skip
             self._failing_since, self._backoff = 0.0, 0.1
-        self._backlog = admission.backlog
+        self._backlog, self._backlog_at = admission.backlog, time.monotonic()
         if any(v.record.after for v in batch):
             given = {entry.id: entry for entry in admission.jobs}
             batch = [_decided(v, given) for v in batch]

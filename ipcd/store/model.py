@@ -431,6 +431,11 @@ class JobStore(Protocol):
         """The job's record; None when the store does not hold it."""
         ...
 
+    def records(self, ids: Sequence[str]) -> dict[str, JobRecord]:
+        """The records of those of ``ids`` the store holds, by id, read in one
+        transaction (``ipcctl wait`` asks for up to a thousand, many times a second)."""
+        ...
+
     def body(self, job_id: str) -> bytes | None:
         """The job's message as received; None when the store does not hold it."""
         ...

@@ -966,6 +966,14 @@ class SqliteStore:
         with self._read() as db:
             return self._get(db, job_id)
 
+    def records(self, ids: Sequence[str]) -> dict[str, JobRecord]:
+        found: dict[str, JobRecord] = {}
+        with self._read() as db:
+            for chunk in _chunks(_distinct(ids)):
+                for record in self._records(db, f"{_SELECT} WHERE id IN ({_marks(chunk)})", chunk):
+                    found[record.id] = record
+        return found
+
     def body(self, job_id: str) -> bytes | None:
         with self._read() as db:
             row = db.execute(
