@@ -96,7 +96,8 @@ class JobsConfig(NamedTuple):
     #: The largest payload accepted (in its own segment when larger than a message).
     max_payload: int = 256 << 20
     #: The most bytes of a job's stdout and stderr kept with it (the last ones); 0: none
-    #: captured, the handlers' output goes to /dev/null (ipcd.daemon.capture).
+    #: captured, the handlers' output goes where the daemon's own stdout goes
+    #: (ipcd.daemon.capture).
     max_output: int = 64 << 10
 
 

@@ -5,7 +5,7 @@ Why here, in the store: a dependent is released or cancelled, and a follow-up jo
 queued, in the same transaction that records the outcome it follows
 (ipcd.store.sqlite: ``exchange``, ``finish``, ``cancel``, ``add``), so that no crash
 between the two can leave a dependent waiting for a job that already ended, nor an
-outcome without its hook job.  The schema is ipcd.store.schema's version 3.
+outcome without its hook job.  The schema is ipcd.store.schema's version 5.
 
 How a dependency is kept:
 
