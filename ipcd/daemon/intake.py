@@ -57,8 +57,6 @@ FULL_RECHECK = 0.2
 #: Seconds a commit's backlog stands for the store's (see Intake._room): under load
 #: every batch reads it in its own commit; after a quiet spell one read is paid again.
 BACKLOG_FRESH = 1.0
-#: Characters of a payload ``ipcctl list`` shows.
-PREVIEW = 80
 
 
 class Exit:
@@ -343,7 +341,7 @@ class Intake:
             bare=job.bare,
             accepted=now,
             size=job.spill.size if job.spill else _size(job.payload),
-            preview=preview(job.payload),
+            preview=protocol.preview(job.payload),
             submitted=job.submitted or now,
             due=due,
             priority=job.priority,
@@ -369,8 +367,9 @@ class Intake:
         job_id = exc.job_id or given_id or protocol.new_job_id()
         record = NewJob(
             id=job_id, type=max(type_, 0), handler="-", body=body[: self.slots.text_size],
-            bare=False, accepted=now, size=len(body), preview=preview(body[:PREVIEW]),
-            submitted=now, state=State.FAILED, error=str(exc),
+            bare=False, accepted=now, size=len(body),
+            preview=protocol.preview(body[: protocol.PREVIEW]), submitted=now,
+            state=State.FAILED, error=str(exc),
         )  # fmt: skip
         return Vetted(record, None, exc)
 
@@ -404,24 +403,6 @@ def _size(payload: Payload) -> int:
     with contextlib.suppress(ValueError, TypeError):
         return len(json.dumps(payload, separators=(",", ":")))
     return 0
-
-
-def preview(payload: Payload) -> str:
-    """A payload cut to PREVIEW printable characters, for ``ipcctl list``."""
-    if isinstance(payload, bytes):
-        try:
-            text = payload.decode("utf-8")
-        except UnicodeDecodeError:
-            text = payload[: PREVIEW // 2].hex()
-    elif isinstance(payload, str):
-        text = payload
-    else:
-        try:
-            text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
-        except (ValueError, TypeError):
-            text = repr(payload)
-    text = "".join(ch if ch.isprintable() else "?" for ch in text[: PREVIEW + 1])
-    return text if len(text) <= PREVIEW else text[: PREVIEW - 1] + "…"
 
 
 def _uid_of(pid: int) -> int | None:

@@ -39,17 +39,15 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
-from typing import Any, NamedTuple
+from typing import NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
 
 from ipcd.config import LOCAL_ZONE, Config, ScheduleConfig
-from ipcd.daemon.intake import preview
 from ipcd.daemon.log import Logger
 from ipcd.errors import ConfigError
-from ipcd.store import JobStore, NewJob, ScheduleState
-from ipcd.wire import protocol
+from ipcd.store import JobStore, NewJob, ScheduleState, own_job
 
 #: A run found due later than this many seconds after its time was missed (the daemon was
 #: down); one found sooner is on time (the master was only busy).
@@ -295,16 +293,7 @@ class Scheduler:
     def _job(self, schedule: Schedule, now: float) -> NewJob:
         """The run's job, its body the envelope ``ipcctl submit`` would send."""
         entry = schedule.config
-        job_id = protocol.new_job_id()
-        payload: Any = entry.payload
-        size = len(protocol.payload_json(payload))
-        body = protocol.encode(
-            payload, job_id=job_id, submitted=now, pid=self.pid, timeout=entry.timeout,
-            unique=schedule.key, priority=entry.priority,
-        )  # fmt: skip
-        return NewJob(
-            id=job_id, type=schedule.type, handler=entry.handler, body=body, bare=False,
-            accepted=now, size=size, preview=preview(payload), submitted=now,
-            priority=entry.priority, unique=schedule.key, sender_pid=self.pid,
-            sender_uid=os.getuid(), timeout=entry.timeout,
+        return own_job(
+            entry.handler, schedule.type, entry.payload, now, pid=self.pid, uid=os.getuid(),
+            unique=schedule.key, priority=entry.priority, timeout=entry.timeout,
         )  # fmt: skip

@@ -43,6 +43,7 @@ from ipcd.store.model import (
     Retention,
     ScheduleState,
     State,
+    own_job,
 )
 
 __all__ = [
@@ -69,6 +70,7 @@ __all__ = [
     "ScheduleState",
     "State",
     "open_store",
+    "own_job",
 ]
 
 

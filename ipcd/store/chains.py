@@ -31,13 +31,12 @@ is itself a hook (ipcd.config), so a follow-up job never has a follow-up of its 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
-from ipcd.store.model import Hooks, JobRecord, NewJob, State
+from ipcd.store.model import Hooks, JobRecord, NewJob, State, own_job
 from ipcd.wire import protocol
 
 if TYPE_CHECKING:
@@ -239,20 +238,7 @@ def follow_up(record: JobRecord, hooks: Mapping[str, Hooks], now: float) -> NewJ
         "result_size": record.result_size,
         "finished": finished,
     }
-    job_id = protocol.new_job_id()
-    body = protocol.encode(payload, job_id=job_id, submitted=now, pid=os.getpid())
-    text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
-    return NewJob(
-        id=job_id,
-        type=hook.type,
-        handler=hook.handler,
-        body=body,
-        bare=False,
-        accepted=now,
-        size=len(text.encode("utf-8")),
-        preview=text if len(text) <= 80 else text[:79] + "…",
-        submitted=now,
-    )
+    return own_job(hook.handler, hook.type, payload, now, pid=os.getpid())
 
 
 def _reason(dependency: str, state: str) -> str:

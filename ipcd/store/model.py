@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple, Protocol
 
 from ipcd.config import HandlerConfig
+from ipcd.wire import protocol
 
 
 class State(enum.StrEnum):
@@ -95,6 +96,34 @@ class NewJob(NamedTuple):
     #: The jobs this one waits for (``--after``): it is held until all of them are DONE,
     #: and cancelled when one of them fails for good or is cancelled (ipcd.store.chains).
     after: tuple[str, ...] = ()
+
+
+def own_job(
+    handler: str,
+    type_: int,
+    payload: protocol.Payload,
+    now: float,
+    *,
+    pid: int,
+    uid: int | None = None,
+    unique: str | None = None,
+    priority: int = 0,
+    timeout: float | None = None,
+) -> NewJob:
+    """A job the daemon makes itself (a schedule's run, a completion hook's follow-up),
+    its body the envelope ``ipcctl submit`` would send, so that a worker reads it as
+    any other; PayloadError when ``payload`` cannot be JSON."""
+    job_id = protocol.new_job_id()
+    body = protocol.encode(
+        payload, job_id=job_id, submitted=now, pid=pid, timeout=timeout, unique=unique,
+        priority=priority,
+    )  # fmt: skip
+    return NewJob(
+        id=job_id, type=type_, handler=handler, body=body, bare=False, accepted=now,
+        size=len(protocol.payload_json(payload)), preview=protocol.preview(payload),
+        submitted=now, priority=priority, unique=unique, sender_pid=pid, sender_uid=uid,
+        timeout=timeout,
+    )  # fmt: skip
 
 
 class JobRecord(NamedTuple):

@@ -65,6 +65,8 @@ CONFIRMED = b"+"
 MIN_PRIORITY, MAX_PRIORITY = -100, 100
 #: The longest ``expire`` (seconds): a year; longer is no expiry worth keeping.
 MAX_EXPIRE = 366 * 86400.0
+#: Characters of a payload ``ipcctl list`` shows (:func:`preview`).
+PREVIEW = 80
 #: The most jobs one job may wait for (the envelope's ``after``, ``--after``).
 MAX_AFTER = 64
 #: How a confirmation on the reply queue says the job was refused as a usage error (then
@@ -267,6 +269,25 @@ def payload_json(payload: Payload) -> bytes:
         return _encode(payload).encode()
     except (TypeError, ValueError, RecursionError) as exc:
         raise PayloadError(f"payload cannot be encoded as JSON: {exc}") from None
+
+
+def preview(payload: Payload) -> str:
+    """A payload cut to PREVIEW printable characters, for ``ipcctl list`` (the daemon
+    stores it with each job it accepts or makes)."""
+    if isinstance(payload, bytes):
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            text = payload[: PREVIEW // 2].hex()
+    elif isinstance(payload, str):
+        text = payload
+    else:
+        try:
+            text = _encode(payload)
+        except (ValueError, TypeError, RecursionError):
+            text = repr(payload)
+    text = "".join(ch if ch.isprintable() else "?" for ch in text[: PREVIEW + 1])
+    return text if len(text) <= PREVIEW else text[: PREVIEW - 1] + "…"
 
 
 def payload_from_json(text: str) -> Payload:
