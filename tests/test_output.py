@@ -35,6 +35,10 @@ target = "ipcd_test_plugins:chatter"
 [handlers.retrier]
 type = 4
 target = "ipcd_test_plugins:retry_chatter"
+
+[handlers.spew]
+type = 5
+target = "ipcd_test_plugins:spew"
 """
 
 
@@ -138,6 +142,19 @@ def test_tail_follows_a_retried_job_from_its_new_attempts_first_byte(served: Ins
         assert "[attempt 2]" in tail.stderr
 
 
+def test_a_job_writing_without_end_does_not_grow_its_run_file_without_end(
+    served: Instance,
+) -> None:
+    """30 MiB written: the worker's thread trims the run file once it is past LIVE_MAX,
+    while the job runs, and the outcome still says how much the job wrote."""
+    done = served.ipcctl("submit", "--json", "spew", "30", "--wait", "--timeout", "60")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["biggest"] < 30 << 20
+    job_id = json.loads(served.ipcctl("list", "--json", check=True).stdout)["jobs"][0]["id"]
+    output = json.loads(served.ipcctl("show", job_id, "--json", check=True).stdout)["output"]
+    assert output["size"] == 30 << 20 and output["output"] == "x" * 100
+
+
 def test_a_job_killed_at_its_timeout_keeps_what_it_wrote(served: Instance) -> None:
     """A job whose worker is killed (its timeout here) cannot record its own output: the
     master records what its run file holds with the job's outcome, so an operator sees
@@ -206,6 +223,40 @@ def test_capture_keeps_the_tail_and_publishes_progress_at_most_every_interval(
         assert files.live("j1", 0) is None
     finally:
         capture.close()
+
+
+def test_a_run_file_past_its_bound_is_trimmed_and_readers_keep_their_place(
+    tmp_path: Path,
+) -> None:
+    """A job that writes without end: its run file is cut to its last bytes once past
+    the bound, the header counts what was cut, a follower's position in the job's output
+    stays right, and the outcome says how much the job wrote in all."""
+    path = RunDir(tmp_path).slot_file(0)
+    capture = Capture.open(path, 10)
+    files = RunFiles(RunDir(tmp_path), 1, 10)
+    written = b"".join(b"line %04d\n" % n for n in range(300))  # 3000 bytes
+    try:
+        capture.begin("j1")
+        assert not capture.trim(limit=10_000, keep=20)  # not past the bound
+        with open(path, "ab") as out:
+            out.write(written[:2000])
+        followed = files.live("j1", 0)
+        assert followed is not None and followed.offset == 1990  # the last max_output
+        assert capture.trim(limit=1000, keep=20)
+        assert os.path.getsize(path) == runfile.HEADER_SIZE + 20
+        assert files.headers()["j1"].dropped == 1980
+        with open(path, "ab") as out:
+            out.write(written[2000:])
+        more = files.live("j1", 2000)  # where the follower was: only what is new
+        assert more is not None and (more.offset, more.size) == (2990, 3000)
+        assert more.data == written[2990:]
+        assert files.live("j1", 1500) == more  # older than the last max_output: those
+        assert capture.end() == Captured(written[-10:], 3000)
+        capture.begin("j2")  # the next job starts afresh, nothing dropped
+        assert files.headers()["j2"].dropped == 0
+    finally:
+        capture.close()
+    assert not capture.trim(limit=0)  # closed: the trimming thread leaves the fd alone
 
 
 def test_a_run_file_header_read_while_torn_is_read_again() -> None:

@@ -28,11 +28,17 @@ handful) and reads the output while the worker writes it (:class:`RunFiles`), wi
 ``pread``, never a mapping: a new worker cuts its file back to the header, and a mapping
 read past a file's end is SIGBUS.
 
+Bounded while the job runs, too: a thread of the worker (:meth:`Capture.start_trimming`)
+looks at the file's size every :data:`TRIM_EVERY` seconds, and a file past
+:data:`LIVE_MAX` is cut to its last bytes (at least ``max_output``), moved to the front
+(:meth:`Capture.trim`); the header counts what was cut (``dropped``), so that readers
+keep their place in the job's output.  What the job appends in the moment between the
+read and the cut is lost from the live file: a job that writes that much loses only the
+middle of what it wrote, never its tail.
+
 What it does not do: a program a job started and left running keeps writing to the
 file after its job ended; that is dropped when the worker's next job begins if its job
-wrote anything, else it is counted to the next job.  While a
-job runs its file grows as the job writes; the stored copy, and what ``tail`` shows of
-a job it joins late, are the last ``max_output`` bytes.
+wrote anything, else it is counted to the next job.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import contextlib
 import mmap
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -56,6 +63,13 @@ PUBLISH_INTERVAL = 0.25
 _SLOT_FILE = "slot-{}"
 #: The most bytes one live read returns (a control answer must stay small).
 LIVE_CHUNK = 64 << 10
+#: A run file's output past this many bytes is trimmed to its last ones while the job
+#: runs: a job that writes without end does not fill the run directory's disk.
+LIVE_MAX = 16 << 20
+#: How often the worker's trimming thread looks at its run file's size (seconds).
+TRIM_EVERY = 0.5
+#: The least a trim keeps (more when ``max_output`` is more): a late ``tail`` shows it.
+TRIM_KEEP = 1 << 20
 
 
 class RunDir:
@@ -113,6 +127,14 @@ class Capture:
         self._unpublished = False
         #: The file holds output after its header (the last job wrote some).
         self._dirty = False
+        #: Bytes of the current job's output trimmed from the file's front.
+        self._dropped = 0
+        #: What the header shows: the progress published (None: none) and its time.
+        self._shown: tuple[float | None, float, str] = (None, 0.0, "")
+        self._closed = False
+        #: Held around every change of the file and its header: the trimming thread
+        #: (:meth:`start_trimming`) and the worker's own calls take turns.
+        self._lock = threading.Lock()
 
     @classmethod
     def open(cls, path: Path, max_output: int) -> Capture:
@@ -150,13 +172,22 @@ class Capture:
 
     def begin(self, job_id: str) -> None:
         """A job starts: what the last one left is dropped, the header names it."""
-        if self._dirty:
-            os.ftruncate(self.fd, HEADER_SIZE)
-            self._dirty = False
-        self._job_id, self._started = job_id, self._clock()
-        self._latest, self._unpublished = None, False
-        self._published_at = -float("inf")
-        runfile.write(self._header, job_id, self._started, None, 0.0, "")
+        with self._lock:
+            if self._dirty:
+                os.ftruncate(self.fd, HEADER_SIZE)
+                self._dirty = False
+            self._job_id, self._started = job_id, self._clock()
+            self._latest, self._unpublished = None, False
+            self._published_at = -float("inf")
+            self._dropped = 0
+            self._publish(None, 0.0, "")
+
+    def _publish(self, fraction: float | None, updated: float, message: str) -> None:
+        """The header rewritten: the job, its progress, what was trimmed (lock held)."""
+        self._shown = (fraction, updated, message)
+        runfile.write(
+            self._header, self._job_id, self._started, fraction, updated, message, self._dropped
+        )
 
     def progress(self, fraction: float, message: str) -> None:
         """The job's ``job.progress()``: kept, and published into the header unless the
@@ -168,7 +199,8 @@ class Capture:
             return
         self._published_at = now
         self._unpublished = False
-        runfile.write(self._header, self._job_id, self._started, fraction, self._clock(), message)
+        with self._lock:
+            self._publish(fraction, self._clock(), message)
 
     def end(self) -> Captured | None:
         """The job's handler returned: the last ``max_output`` bytes it wrote and its
@@ -181,32 +213,69 @@ class Capture:
                 stream.flush()
             except Exception:
                 pass
-        if self._unpublished and self._latest is not None:
-            fraction, message = self._latest
-            runfile.write(
-                self._header, self._job_id, self._started, fraction, self._clock(), message
-            )
-            self._unpublished = False
-        # The file's end, from our own descriptor (its offset is no one else's): a
-        # third of an fstat's cost, on every job.
-        size = os.lseek(self.fd, 0, os.SEEK_END) - HEADER_SIZE
-        if size > 0:
-            self._dirty = True
-        elif self._latest is None:
-            return None
-        output = b""
-        if size > 0 and self.max_output > 0:
-            keep = min(size, self.max_output)
-            output = _pread_all(self.fd, keep, HEADER_SIZE + size - keep)
+        with self._lock:
+            if self._unpublished and self._latest is not None:
+                fraction, message = self._latest
+                self._publish(fraction, self._clock(), message)
+                self._unpublished = False
+            # The file's end, from our own descriptor (its offset is no one else's): a
+            # third of an fstat's cost, on every job.
+            size = os.lseek(self.fd, 0, os.SEEK_END) - HEADER_SIZE
+            if size > 0:
+                self._dirty = True
+            elif self._latest is None and not self._dropped:
+                return None
+            output = b""
+            if size > 0 and self.max_output > 0:
+                keep = min(size, self.max_output)
+                output = _pread_all(self.fd, keep, HEADER_SIZE + size - keep)
+            total = self._dropped + max(size, 0)
         if self._latest is None:
-            return Captured(output, size)
+            return Captured(output, total)
         fraction, message = self._latest
-        return Captured(output, max(size, 0), fraction, runfile.clip(message).decode())
+        return Captured(output, total, fraction, runfile.clip(message).decode())
+
+    def trim(self, limit: int = LIVE_MAX, keep: int = TRIM_KEEP) -> bool:
+        """Cut the running job's output in the file to its last ``keep`` bytes (at least
+        ``max_output``) when it is past ``limit``, counted in the header's ``dropped``;
+        whether it did.  (Appends that
+        come between the read and the cut are lost: see the module's docstring.)"""
+        with self._lock:
+            if self._closed:
+                return False
+            size = os.fstat(self.fd).st_size - HEADER_SIZE
+            if not self._job_id or size <= limit:
+                return False
+            kept = min(size, max(self.max_output, keep))
+            tail = _pread_all(self.fd, kept, HEADER_SIZE + size - kept)
+            os.pwrite(self.fd, tail, HEADER_SIZE)
+            os.ftruncate(self.fd, HEADER_SIZE + len(tail))
+            self._dropped += size - len(tail)
+            self._dirty = True
+            self._publish(*self._shown)
+            return True
+
+    def start_trimming(self, every: float = TRIM_EVERY) -> threading.Thread:
+        """A daemon thread that calls :meth:`trim` every ``every`` seconds, for the
+        worker's life: the handler runs in the main thread and cannot be asked to."""
+
+        def loop() -> None:
+            while True:
+                time.sleep(every)
+                # A file the next look may find writable again (a full disk).
+                with contextlib.suppress(OSError):
+                    self.trim()
+
+        thread = threading.Thread(target=loop, name="ipcd-trim", daemon=True)
+        thread.start()
+        return thread
 
     def close(self) -> None:
-        self._header.release()
-        self._view.close()
-        os.close(self.fd)
+        with self._lock:  # the trimming thread never touches a closed (or reused) fd
+            self._closed = True
+            self._header.release()
+            self._view.close()
+            os.close(self.fd)
 
 
 class Live(NamedTuple):
@@ -247,14 +316,20 @@ class RunFiles:
             with self._opened(slot) as opened:
                 if opened is None or opened[1].job_id != job_id:
                     continue
-                fd = opened[0]
-                size = max(os.fstat(fd).st_size - HEADER_SIZE, 0)
-                start = min(max(offset, size - self.max_output, 0), size)
-                data = _pread_all(fd, min(size - start, limit), HEADER_SIZE + start)
-                again = read_header(fd)
-                if again is None or again.job_id != job_id:
-                    return None  # the worker began another job while we read
-                return Live(again, data, start, size)
+                fd, header = opened
+                for _ in range(100):  # read again while a trim moves the output
+                    dropped = header.dropped
+                    # Positions in all the job wrote; the file holds it from ``dropped``.
+                    size = dropped + max(os.fstat(fd).st_size - HEADER_SIZE, 0)
+                    start = min(max(offset, size - self.max_output, dropped), size)
+                    data = _pread_all(fd, min(size - start, limit), HEADER_SIZE + start - dropped)
+                    again = read_header(fd)
+                    if again is None or again.job_id != job_id:
+                        return None  # the worker began another job while we read
+                    if again.dropped == dropped:
+                        return Live(again, data, start, size)
+                    header = again
+                return None
         return None
 
     def left(self, job_id: str) -> Captured | None:

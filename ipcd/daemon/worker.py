@@ -500,6 +500,7 @@ def worker_process(  # pragma: no cover - runs in the forked worker
             # writes to (``ipcd run``) keeps its own descriptor.
             prepared.sink.keep_console()
             capture.redirect()
+            capture.start_trimming()
         recorder = prepared.stats.for_worker(slot)
         # What the master dropped or mended before the fork is the master's to count.
         prepared.sink.take_dropped()

@@ -13,13 +13,17 @@ Layout (little-endian), the header one page::
     started f64      when that job started (Unix time)
     fraction f64     its last progress published (NaN: none)
     updated f64      when that progress was published
+    dropped u64      bytes of the job's output cut from the file's front (a trim)
     message_len u32, then message[MESSAGE_MAX] (UTF-8)
     ... zeros up to HEADER_SIZE, then the job's output, appended by the kernel
 
 The worker is the only writer of the header (the kernel appends the output after it,
-``O_APPEND``).  ``seq`` is a sequence lock: the writer makes it odd, writes, makes it even;
-a reader that sees it odd, or changed across its read, reads again.  Both sides are one
-``memcpy`` of fixed-size fields on a shared mapping, so the torn state is short and rare.
+``O_APPEND``).  A job's output starts ``dropped`` bytes into all it wrote: the worker
+trims a file grown past its bound to its last bytes (ipcd.daemon.capture), so a reader
+adds ``dropped`` to a position in the file to get one in the job's output.  ``seq`` is a
+sequence lock: the writer makes it odd, writes, makes it even; a reader that sees it
+odd, or changed across its read, reads again.  Both sides are one ``memcpy`` of
+fixed-size fields on a shared mapping, so the torn state is short and rare.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from typing import NamedTuple, TypeAlias
 Buffer: TypeAlias = "memoryview | bytearray | bytes | mmap.mmap"
 
 MAGIC = b"IPCDRUN\0"
-VERSION = 1
+VERSION = 2
 #: The header's size: one page, so the output starts on a page of its own.
 HEADER_SIZE = 4096
 #: The most bytes of a progress message kept (longer ones are cut at a character).
@@ -41,7 +45,7 @@ MESSAGE_MAX = 256
 
 _PREFIX = struct.Struct("<8sII")
 _SEQ = struct.Struct("<Q")
-_FIELDS = struct.Struct("<16sdddI")
+_FIELDS = struct.Struct("<16sdddQI")
 _SEQ_AT = _PREFIX.size
 _FIELDS_AT = _SEQ_AT + _SEQ.size
 _MESSAGE_AT = _FIELDS_AT + _FIELDS.size
@@ -57,6 +61,8 @@ class Header(NamedTuple):
     fraction: float | None
     updated: float
     message: str
+    #: Bytes of the job's output no longer in the file (the worker trimmed its front).
+    dropped: int = 0
 
 
 def format_header(buf: memoryview | bytearray) -> None:
@@ -90,6 +96,7 @@ def write(
     fraction: float | None,
     updated: float,
     message: str,
+    dropped: int = 0,
 ) -> None:
     """Rewrite the fields, under the sequence lock (see the module's docstring)."""
     (seq,) = _SEQ.unpack_from(buf, _SEQ_AT)
@@ -98,7 +105,7 @@ def write(
     raw = clip(message)
     _FIELDS.pack_into(
         buf, _FIELDS_AT, job_id.encode("ascii", "replace")[:16], started,
-        math.nan if fraction is None else fraction, updated, len(raw),
+        math.nan if fraction is None else fraction, updated, dropped, len(raw),
     )  # fmt: skip
     buf[_MESSAGE_AT : _MESSAGE_AT + len(raw)] = raw
     _SEQ.pack_into(buf, _SEQ_AT, seq + 1)
@@ -113,7 +120,7 @@ def read(buf: Buffer, *, tries: int = 100) -> Header | None:
         (before,) = _SEQ.unpack_from(buf, _SEQ_AT)
         if before & 1:
             continue
-        raw_id, started, fraction, updated, length = _FIELDS.unpack_from(buf, _FIELDS_AT)
+        raw_id, started, fraction, updated, dropped, length = _FIELDS.unpack_from(buf, _FIELDS_AT)
         message = bytes(buf[_MESSAGE_AT : _MESSAGE_AT + min(length, MESSAGE_MAX)])
         (after,) = _SEQ.unpack_from(buf, _SEQ_AT)
         if before != after:
@@ -124,5 +131,6 @@ def read(buf: Buffer, *, tries: int = 100) -> Header | None:
             None if math.isnan(fraction) else fraction,
             updated,
             message.decode("utf-8", "replace"),
+            dropped,
         )
     return None

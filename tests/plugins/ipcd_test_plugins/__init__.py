@@ -253,3 +253,17 @@ def retry_chatter(job: Job) -> HandlerResult:
         raise Retry("once more", delay=0.3)
     print("second")
     return "ok"
+
+
+def spew(job: Job) -> HandlerResult:
+    """Write the payload's number of MiB to stdout, one a 50 ms, and say the largest the
+    file behind stdout (the worker's run file) grew."""
+    import time
+
+    biggest = 0
+    chunk = b"x" * (1 << 20)
+    for _ in range(int(str(job.payload))):
+        os.write(1, chunk)
+        biggest = max(biggest, os.fstat(1).st_size)
+        time.sleep(0.05)
+    return {"biggest": biggest}
