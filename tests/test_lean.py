@@ -12,13 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import IPCCTL, TESTS, Instance
 
 import ipcd
 from ipcd.kernel import bare
 from ipcd.lean import cache
 from ipcd.lean.ipcctl import parse
 from ipcd.tables.results import ResultStore
-from tests.conftest import IPCCTL, TESTS, Instance
 
 #: Modules the lean path must not load (the full CLI's and the daemon's).
 HEAVY = ("argparse", "tomllib", "structlog", "sqlite3", "ipcd.config", "ipcd.cli", "ipcd.client")
