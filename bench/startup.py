@@ -1,5 +1,10 @@
 """Wall time of whole commands: ``ipcctl submit`` against a bare ``python3 -c``.
 
+Both are timed from an *installed* copy of ipcd (:func:`installed_venv`: ``pip install``
+of the checkout, not editable, into a temporary venv that also gets sysv_ipc), with the
+same interpreter: an editable install's import hook adds about 12 ms to every start,
+which hides what ipcctl itself costs (issue 14).
+
 With hyperfine installed it does the timing (``--shell=none``, warm-up runs); it runs
 one command after another, so it is called for several rounds with the order rotated
 and the run times are pooled.  Without it, the commands are timed here, interleaved run
@@ -15,6 +20,27 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+
+def installed_venv(root: Path, into: Path) -> Path:
+    """A venv at ``into`` with the checkout at ``root`` installed as a user would install
+    it (``pip install``, not ``-e``; sysv_ipc built from source as ``make venv`` does);
+    the venv's ``bin`` directory.  Takes a minute (sysv_ipc compiles)."""
+    import sys
+
+    subprocess.run([sys.executable, "-m", "venv", str(into)], check=True)
+    pip = [str(into / "bin" / "python"), "-m", "pip", "install", "--quiet"]
+    # A current pip, as `make venv` has: an older one writes console scripts that
+    # import re (5 to 9 ms of every ipcctl start).
+    subprocess.run([*pip, "--upgrade", "pip"], check=True)
+    subprocess.run([*pip, "--no-binary", "sysv_ipc", str(root)], check=True)
+    return into / "bin"
+
+
+def installed_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` without a PYTHONPATH that would put the checkout ahead of the installed
+    copy."""
+    return {k: v for k, v in env.items() if k != "PYTHONPATH"}
 
 
 def tool() -> str:

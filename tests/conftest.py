@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -275,8 +277,15 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
+    # ipcctl's compiled configurations (ipcd.lean.cache) go to a directory of the run's
+    # own, removed at its end, not to the user's ~/.cache.
+    _CACHE_DIR.append(tempfile.mkdtemp(prefix="ipcd-test-cache-"))
+    os.environ["XDG_CACHE_HOME"] = _CACHE_DIR[0]
     _BEFORE.update(_sysv_objects())
     _SPILL_BEFORE.update(spill_segments())
+
+
+_CACHE_DIR: list[str] = []
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -288,6 +297,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     be told apart from another daemon's, are not checked (a line says so).  Leaked
     objects at the fixtures' keys are removed; others are only reported.
     """
+    for cache_dir in _CACHE_DIR:
+        shutil.rmtree(cache_dir, ignore_errors=True)
     left = sorted(o for o in _sysv_objects() - _BEFORE if PRIVATE_IPC or o[1] in TEST_KEYS)
     if left:
         listing = ", ".join(f"{kind} key {key:#010x} id {id_}" for kind, key, id_ in left)

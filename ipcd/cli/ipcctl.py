@@ -105,6 +105,34 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
     return _print_result(client.wait_submitted(job_id, _wait_timeout(args)), as_json=False)
 
 
+def submitted(
+    config_arg: str | None,
+    job_id: str,
+    *,
+    wait: float | None,
+    confirm: bool,
+    deadline: float,
+) -> int:
+    """The rest of ``submit`` for a job ipcctl's lean path (ipcd.lean.ipcctl) sent when
+    anything but the common outcome came (or may come): what :func:`_submit` does once
+    the job is on the queue.  ``wait``: --wait's timeout (None without --wait);
+    ``confirm``: wait for the store's confirmation; neither: --no-confirm, whose job id
+    the lean path printed.  ``deadline`` (monotonic) is when the lean path's wait ends."""
+    client = Client(config_mod.load(config_mod.locate(config_arg)))
+    if wait is not None:
+        return _print_result(client.wait_submitted(job_id, wait, deadline=deadline), as_json=False)
+    if not confirm:
+        _warn_if_unserved(client, job_id)
+        return 0
+    try:
+        client.wait_confirmed(job_id, client.config.ipc.send_timeout, deadline=deadline)
+    except NotConfirmedError as exc:
+        print(exc.job_id)  # as _submit: the id names the job once the daemon stores it
+        raise
+    print(job_id)
+    return 0
+
+
 def _warn_of_unserved_type(config: Config, type_: str) -> None:
     """A bare type number that no configured handler has is queued (the daemon's
     configuration may differ from the one read here), but the job will most likely fail

@@ -219,16 +219,19 @@ class Client:
             self.wait_confirmed(job_id, timeout if confirm_timeout is None else confirm_timeout)
         return job_id
 
-    def wait_confirmed(self, job_id: str, timeout: float) -> None:
+    def wait_confirmed(self, job_id: str, timeout: float, *, deadline: float | None = None) -> None:
         """Wait until the daemon says ``job_id`` (submitted with ``confirm``) is in its
         job store; NotConfirmedError when it does not within ``timeout``.  A job the
         daemon refused outright (rejected, no handler, a dependency that failed already)
         ends here too: its result is stored already, and JobFailedError says why; one
-        that names an unknown job in ``after`` raises UsageError."""
+        that names an unknown job in ``after`` raises UsageError.  ``deadline`` (monotonic)
+        ends a wait that began earlier (ipcctl's lean path hands it over): the errors
+        still name ``timeout``."""
         if not self.daemon_serving():
             raise NotConfirmedError(job_id, "ipcd is not running")
         replies = self._reply_queue()
-        deadline = time.monotonic() + timeout
+        if deadline is None:
+            deadline = time.monotonic() + timeout
         confirmed = protocol.CONFIRMED + job_id.encode("ascii")
         refused = protocol.REFUSED + job_id.encode("ascii")
         ended = job_id.encode("ascii")
@@ -290,10 +293,14 @@ class Client:
         job_id = self.submit(handler, payload, notify=True, send_timeout=send_timeout)
         return self.wait_submitted(job_id, timeout)
 
-    def wait_submitted(self, job_id: str, timeout: float) -> Result:
-        """Wait for a job this process submitted with ``notify=True``."""
+    def wait_submitted(
+        self, job_id: str, timeout: float, *, deadline: float | None = None
+    ) -> Result:
+        """Wait for a job this process submitted with ``notify=True``; ``deadline`` as
+        in :meth:`wait_confirmed`."""
         replies = self._reply_queue()
-        deadline = time.monotonic() + timeout
+        if deadline is None:
+            deadline = time.monotonic() + timeout
         wanted = job_id.encode("ascii")
         pid = os.getpid()
         spin = _spin_seconds()

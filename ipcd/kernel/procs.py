@@ -1,12 +1,11 @@
 """Whether a process is still there: the one check every table's staleness rule asks.
 
 Light on purpose (the standard library's ``os`` only): ``ipcctl submit`` asks it when it
-finds a unique key held, and that path must stay cheap.
+finds a unique key held, and its lean path (ipcd.lean) on every submit.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 
@@ -39,6 +38,8 @@ def signal_worker(pid: int, signum: int, *, group: bool = True) -> None:
 
     A worker already gone is no error; nor is a group member that changed its user.
     """
+    import contextlib  # here: the lean submit path imports this module, not contextlib
+
     with contextlib.suppress(ProcessLookupError, PermissionError):
         if group:
             os.killpg(pid, signum)
