@@ -118,6 +118,13 @@ _SCHEDULE_SAVE = (
 _EXPIRING = "expires IS NOT NULL AND state IN ('queued', 'scheduled')"
 #: A claim's allowance for a type without a limit.
 _UNLIMITED = 2**31
+#: Where a claim looks when nothing is paused or limited: every type, no cap.
+_EVERY_TYPE = ((_LOWEST, _HIGHEST, _UNLIMITED),)
+#: The paused types, and _AWAITED (no type: they are 0 up) when a job waits for another.
+_AWAITED = -1
+_PAUSED_OR_AWAITED = (
+    "SELECT type FROM paused UNION ALL SELECT -1 FROM (SELECT 1 FROM waits LIMIT 1)"
+)
 _ATTEMPTS = JobRecord._fields.index("attempts")
 _TYPE = JobRecord._fields.index("type")
 _AFTER = JobRecord._fields.index("after")
@@ -553,11 +560,20 @@ class SqliteStore:
         cancelled: list[JobRecord] = []
         try:
             with self._write() as db:
+                # One read for what a plain job's exchange needs to know: what is paused,
+                # and whether any job waits for another (else no dependents to look up).
+                paused: list[int] = []
+                awaited = False
+                for (type_,) in db.execute(_PAUSED_OR_AWAITED):
+                    if type_ == _AWAITED:
+                        awaited = True
+                    else:
+                        paused.append(type_)
                 for outcome in finished:
                     self._finish(db, outcome, written, chain)
-                if chain.ended:
+                if chain.ended and (awaited or self._hooks):
                     cancelled = self._follow(db, chain, now)
-                rows = self._claim(db, n, now, worker_pid, batches) if n > 0 else []
+                rows = self._claim(db, n, now, worker_pid, batches, paused) if n > 0 else []
         except BaseException:
             self._blobs.remove(written)  # not committed: no row names them
             raise
@@ -591,13 +607,15 @@ class SqliteStore:
         now: float,
         worker_pid: int,
         batches: Mapping[int, int] | None = None,
+        paused: Sequence[int] | None = None,
     ) -> builtins.list[Sequence[Any]]:
         """Up to ``n`` queued jobs' rows (and bodies), marked running, in the caller's
         write transaction; with ``batches``, only jobs of the first one's type, at most
         ``batches.get(type, 1)`` of them.  A limited type gives at most its room
         (:meth:`_rooms`), and spends the tokens of those it gives; without limits no
-        query is added."""
-        paused = [row[0] for row in db.execute("SELECT type FROM paused")]
+        query is added.  ``paused``: the paused types, when the caller read them."""
+        if paused is None:
+            paused = [row[0] for row in db.execute("SELECT type FROM paused")]
         if ALL_TYPES in paused:
             return []
         buckets: dict[int, float] = {}
@@ -609,7 +627,8 @@ class SqliteStore:
         # each alone with its cap): a paused type's waiting jobs are skipped by the
         # index, never read.
         skipped = [*paused, *(t for t, room in rooms.items() if room <= 0)]
-        for low, high, cap in _claim_ranges(skipped, capped):
+        ranges = _claim_ranges(skipped, capped) if skipped or capped else _EVERY_TYPE
+        for low, high, cap in ranges:
             first = 1 if batches is not None else min(n - len(rows), cap)
             rows += db.execute(_CLAIM, (low, high, now, first)).fetchall()
             if len(rows) >= n or (batches is not None and rows):

@@ -406,7 +406,8 @@ def _read_envelope(doc: dict[str, Any], type_: int) -> Job:
     expire = doc.get("expire")
     if expire is not None and not 0 < _number(expire, "expire", job_id) <= MAX_EXPIRE:
         raise _bad(f"'expire' must be a positive number of seconds up to {MAX_EXPIRE:.0f}", job_id)
-    after = _after(doc.get("after", []), job_id)
+    raw_after = doc.get("after")
+    after = () if raw_after is None else _after(raw_after, job_id)
     return Job(
         id=job_id,
         type=type_,
