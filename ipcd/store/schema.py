@@ -54,9 +54,12 @@ Version 4 (per-handler limits and job expiry):
   its transaction, so that every worker process draws from the one bucket. A type
   without a row has a full bucket.
 - ``jobs.expires``: the Unix time after which a job not yet started is cancelled as
-  expired (``--expire``), NULL for most jobs; a partial index over the waiting jobs
-  that have one, so that the master finds the next to expire without reading the
-  others (a job without one is never in it).
+  expired (``--expire``), NULL for most jobs; a partial index over the jobs that have
+  one, so that the master finds the next to expire without reading the others (a job
+  without one is never in it).  Its condition names ``expires`` alone, never ``state``:
+  a change of state (every claim and outcome) then leaves the index alone, where a
+  condition on ``state`` cost every such UPDATE nine more VM steps; the master's queries
+  skip the few ended jobs that keep an expiry until retention deletes them.
 
 Version 5 (dependencies: ``--after``, ipcd.store.chains):
 
@@ -228,8 +231,7 @@ _V4_LIMITS = (
     "CREATE TABLE buckets (type INTEGER PRIMARY KEY, tokens REAL NOT NULL, updated REAL NOT NULL)",
     "ALTER TABLE jobs ADD COLUMN expires REAL",
     """
-    CREATE INDEX jobs_expires ON jobs (state, expires)
-        WHERE expires IS NOT NULL AND state IN ('queued', 'scheduled')
+    CREATE INDEX jobs_expires ON jobs (expires) WHERE expires IS NOT NULL
     """,
 )
 

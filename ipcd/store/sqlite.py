@@ -115,7 +115,7 @@ _SCHEDULE_SAVE = (
     + ", ".join(f"{f} = excluded.{f}" for f in ScheduleState._fields[1:])
 )
 # The partial index jobs_expires's condition, repeated so that SQLite uses it.
-_EXPIRING = "expires IS NOT NULL AND state IN ('queued', 'scheduled')"
+_EXPIRING = "expires IS NOT NULL"
 #: A claim's allowance for a type without a limit.
 _UNLIMITED = 2**31
 #: Where a claim looks when nothing is paused or limited: every type, no cap.
@@ -774,28 +774,23 @@ class SqliteStore:
     def expire(self, now: float) -> builtins.list[JobRecord]:
         found: list[JobRecord] = []
         with self._write() as db:
-            for state in ("queued", "scheduled"):
-                found += self._records(
-                    db,
-                    f"{_SELECT} WHERE state = ? AND {_EXPIRING} AND expires <= ? AND attempts = 0",
-                    (state, now),
-                )
+            found += self._records(
+                db,
+                f"{_SELECT} INDEXED BY jobs_expires WHERE {_EXPIRING} AND expires <= ? "
+                "AND state IN ('queued', 'scheduled') AND attempts = 0",
+                (now,),
+            )
             chain, cancelled = self._cancel_found(db, found, now, EXPIRED)
         self._chain(chain, cancelled)
         return sorted(found, key=lambda job: (job.expires or 0.0, job.id))
 
     def next_expiry(self) -> float | None:
         with self._read() as db:
-            times = [
-                db.execute(
-                    f"SELECT MIN(expires) FROM jobs WHERE state = ? AND {_EXPIRING} "
-                    "AND attempts = 0",
-                    (state,),
-                ).fetchone()[0]
-                for state in ("queued", "scheduled")
-            ]
-        known = [float(t) for t in times if t is not None]
-        return min(known) if known else None
+            row = db.execute(
+                f"SELECT MIN(expires) FROM jobs INDEXED BY jobs_expires WHERE {_EXPIRING} "
+                "AND state IN ('queued', 'scheduled') AND attempts = 0"
+            ).fetchone()
+        return None if row[0] is None else float(row[0])
 
     def promote_due(self, now: float) -> int:
         with self._write() as db:
