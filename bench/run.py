@@ -129,6 +129,9 @@ class Bench:
         self.baseline: BenchDaemon | None = None
         self.baseline_rev = ""
         self.store_baseline: BenchDaemon | None = None
+        #: Today's daemon for the jobs-completed rows: as fresh as the baselines beside it
+        #: (the 1-worker daemon of the other rows has stored many more jobs by then).
+        self.jobs_daemon: BenchDaemon | None = None
         self.store_baseline_rev = ""
         self.loaded: dict[str, Memory] = {}
 
@@ -147,6 +150,7 @@ class Bench:
         self.store_baseline, self.store_baseline_rev = self._baseline_daemon(
             self.args.store_baseline, "store-base", "store baseline daemon"
         )
+        self.jobs_daemon = self._daemon(BenchDaemon("jobs", workers=1))
         self.raw.round_trips(0.05)  # warm-up
         self.extra["memory_idle"] = self._memory()
 
@@ -390,11 +394,15 @@ class Bench:
             self._tsp()
 
     def jobs(self, binlog: BeanstalkPeer | None) -> None:
-        """Fire-and-forget jobs completed per second on one worker, each way of submitting
-        in SUBMISSIONS, interleaved in the same rounds with each baseline there is:
+        """Fire-and-forget jobs completed per second on one worker (a daemon of today's as
+        fresh as the baselines: one that served the other rows has a fuller store), each
+        way of submitting in SUBMISSIONS, interleaved in the same rounds with each
+        baseline there is:
         beanstalkd's put + reserve + delete with its binlog on (``binlog``), and the
         --baseline commit's daemon, submitted to unconfirmed."""
-        subjects = [(s.name, self._ff(self.daemons[1], s.options)) for s in SUBMISSIONS]
+        assert self.jobs_daemon is not None
+        jobs_daemon = self.jobs_daemon
+        subjects = [(s.name, self._ff(jobs_daemon, s.options)) for s in SUBMISSIONS]
         bases: list[tuple[str, str, Callable[[Submission], Target | None], str]] = []
         pids: list[int] = []
         if binlog is not None:
@@ -764,7 +772,7 @@ class Bench:
         pids = [*self.raw.pids(), *(extra or [])]
         for daemon in [
             *self.daemons.values(),
-            *filter(None, [self.baseline, self.store_baseline]),
+            *filter(None, [self.baseline, self.store_baseline, self.jobs_daemon]),
         ]:
             pids += daemon.pids()
         place(pids, cpus)

@@ -31,7 +31,8 @@ from ipcd.errors import (
     WaitTimeoutError,
 )
 from ipcd.kernel.keys import Keys, derive
-from ipcd.kernel.procs import alive
+from ipcd.kernel.procs import SPIN_SECONDS as SPIN_SECONDS
+from ipcd.kernel.procs import alive, poll_seconds
 from ipcd.kernel.queues import Queue, QueueStats
 from ipcd.kernel.segments import Gate, Segment
 from ipcd.layout.results import Header, Result
@@ -45,32 +46,18 @@ if TYPE_CHECKING:
     from ipcd.tables.inflight import WorkerView
     from ipcd.tables.spill.table import Usage
 
+
 #: Longest pause between looks at the segment while waiting on the gate: it bounds the
 #: delay when a result lands between our look and our wait (a pulse nobody saw).
 GATE_RECHECK = 0.25
 #: Seconds a client reads an overwritten result segment again, while the daemon (which
 #: looks at least once a second) writes its header back.
 REPAIR_WAIT = 3.0
-#: How long a waiting submitter polls the reply queue before it sleeps in msgrcv: a
-#: short job's reply comes within this, and a sleeping process's wake-up on a virtual
-#: machine costs as much as the job (waits.spin_wait).  ``IPCD_SPIN_US`` overrides it
-#: (0 turns polling off).
-SPIN_SECONDS = 0.001
 
 
 def _spin_seconds() -> float:
-    """``IPCD_SPIN_US`` when set; else SPIN_SECONDS, or no poll at all for a process
-    that may run on one CPU only: its poll would take the CPU the daemon's processes
-    (the intake, then a worker) need to produce the reply."""
-    try:
-        return max(int(os.environ["IPCD_SPIN_US"]), 0) / 1e6
-    except (KeyError, ValueError):
-        pass
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = 2  # not knowable here: poll, as before
-    return SPIN_SECONDS if cpus > 1 else 0.0
+    """How long to poll the reply queue first (ipcd.kernel.procs.poll_seconds)."""
+    return poll_seconds(SPIN_SECONDS)
 
 
 class Status(NamedTuple):

@@ -8,6 +8,28 @@ from __future__ import annotations
 
 import os
 
+#: How long a waiting submitter polls the reply queue before it sleeps in msgrcv: a
+#: short job's reply comes within this, and a sleeping process's wake-up on a virtual
+#: machine costs as much as the job (waits.spin_wait).  ``IPCD_SPIN_US`` overrides it
+#: (0 turns polling off).
+SPIN_SECONDS = 0.001
+
+
+def poll_seconds(default: float) -> float:
+    """How long a waiting client polls the reply queue before it sleeps: ``IPCD_SPIN_US``
+    when set, else ``default``, or not at all for a process that may run on one CPU
+    only: its poll would take the CPU the daemon's processes (the intake, then a worker)
+    need to produce the reply.  (The full client and ipcctl's lean path both ask.)"""
+    try:
+        return max(int(os.environ["IPCD_SPIN_US"]), 0) / 1e6
+    except (KeyError, ValueError):
+        pass
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = 2  # not knowable here: poll, as before
+    return default if cpus > 1 else 0.0
+
 
 def alive(pid: int) -> bool:
     """The process ``pid`` exists and has not exited.

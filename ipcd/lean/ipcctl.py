@@ -266,17 +266,11 @@ def _serving(jobs_key: int) -> bool:
 
 
 def _spin_seconds() -> float:
-    """ipcd.client.api._spin_seconds: poll the reply queue for a moment first unless the
-    process may run on one CPU only (or ``IPCD_SPIN_US`` says)."""
-    try:
-        return max(int(os.environ["IPCD_SPIN_US"]), 0) / 1e6
-    except (KeyError, ValueError):
-        pass
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = 2
-    return 0.001 if cpus > 1 else 0.0
+    """As ipcd.client.api's: poll the reply queue for SPIN_SECONDS first unless the
+    process may run on one CPU only (ipcd.kernel.procs.poll_seconds)."""
+    from ipcd.kernel.procs import SPIN_SECONDS, poll_seconds
+
+    return poll_seconds(SPIN_SECONDS)
 
 
 def _await_result(
