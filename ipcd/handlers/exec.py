@@ -118,8 +118,12 @@ def _die_with_worker() -> None:
     """In the command, before exec: be killed when the worker dies (a job timeout, a stop).
 
     Its own process group keeps the command out of the worker's group, which the master
-    kills on a timeout; PR_SET_PDEATHSIG makes the kernel follow up instead.  (Workers are
-    single-threaded, so preexec_fn is safe here.)
+    kills on a timeout; PR_SET_PDEATHSIG makes the kernel follow up instead (it follows
+    the thread that forks: the worker's main thread, which lives as long as the worker).
+    preexec_fn runs between fork and exec, where a lock another thread held at the fork
+    stays held for good: a worker's one other thread, the run file's trimmer
+    (ipcd.daemon.capture), holds no lock but its own, imports nothing and allocates
+    through no Python file object, so nothing this needs can be held.
     """
     import ctypes
 
