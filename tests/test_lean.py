@@ -4,6 +4,7 @@ none of the full CLI's modules."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -284,23 +285,46 @@ def test_cache_in_a_directory_others_can_write_is_ignored(
     assert os.listdir(cache_dir) == []
 
 
-def test_cache_directory_needs_an_absolute_home() -> None:
-    """No $HOME and no $XDG_CACHE_HOME (a bare cron job): no cache; else theirs."""
-    assert cache.directory({}) is None
-    assert cache.directory({"HOME": "relative"}) is None
+def test_cache_directory_without_home_is_the_callers_own_in_var_tmp() -> None:
+    """No $HOME and no $XDG_CACHE_HOME (a bare cron job): ipcd-EUID in /var/tmp; else
+    theirs."""
+    own = f"/var/tmp/ipcd-{os.geteuid()}"
+    assert cache.directory({}) == own
+    assert cache.directory({"HOME": "relative"}) == own
+    assert cache.directory({}, "/srv/tmp/") == f"/srv/tmp/ipcd-{os.geteuid()}"
     assert cache.directory({"HOME": "/root/"}) == "/root/.cache/ipcd"
     assert cache.directory({"HOME": "/h", "XDG_CACHE_HOME": "/x"}) == "/x/ipcd"
     assert cache.directory({"HOME": "/h", "XDG_CACHE_HOME": "rel"}) == "/h/.cache/ipcd"
 
 
-def test_without_home_ipcctl_submits_through_the_full_cli(daemon: Instance) -> None:
-    """A cron job with no $HOME: ipcctl has no cache and submits as before."""
+def test_without_home_ipcctl_keeps_its_cache_in_var_tmp(daemon: Instance) -> None:
+    """A cron job with no $HOME: the first run compiles into /var/tmp/ipcd-EUID (made
+    0700) and submits through the full CLI, the next ones read that cache.  (A directory
+    there that is not the caller's own is refused as any other: the foreign-directory
+    tests below.  What this test made in /var/tmp goes again.)"""
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(TESTS / "plugins")}
-    done = subprocess.run(
-        [IPCCTL, "-c", str(daemon.config_path), "submit", "echo", "cron", "--wait"],
-        capture_output=True, text=True, env=env, timeout=60, check=False,
-    )  # fmt: skip
-    assert (done.returncode, done.stdout, done.stderr) == (0, "cron\n", "")
+    shared = cache.directory({})
+    assert shared is not None
+    made = not os.path.exists(shared)
+    name = str(daemon.config_path).replace("%", "%25").replace("/", "%2F") + ".marshal"
+    st = os.stat(daemon.config_path)  # a file changed within SETTLE is not compiled
+    time.sleep(max(0.0, max(st.st_mtime, st.st_ctime) + cache.SETTLE + 0.1 - time.time()))
+    try:
+        for _ in range(2):
+            done = subprocess.run(
+                [IPCCTL, "-c", str(daemon.config_path), "submit", "echo", "cron", "--wait"],
+                capture_output=True, text=True, env=env, timeout=60, check=False,
+            )  # fmt: skip
+            assert (done.returncode, done.stdout, done.stderr) == (0, "cron\n", "")
+        assert os.stat(shared).st_mode & 0o777 == 0o700
+        compiled = cache.read(str(daemon.config_path), shared, ipcd.__version__)
+        assert compiled is not None and compiled["handlers"]["echo"] == 2
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(f"{shared}/{name}")
+        if made:
+            with contextlib.suppress(OSError):
+                os.rmdir(shared)
 
 
 def test_stale_cache_is_not_used_by_ipcctl(daemon: Instance) -> None:

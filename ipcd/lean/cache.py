@@ -19,8 +19,9 @@ owned by the caller and not writable by group or others; a cache file is read on
 it is a regular file owned by the caller or root and not group- or world-writable.
 Root therefore never reads a cache a user could have written (``sudo`` keeping the
 user's ``$HOME`` finds that user's directory: not root's, so no cache).  A cron job
-without ``$HOME`` (or with one that fails these checks) simply has no cache: ipcctl
-then reads the TOML file every time, as before.
+without ``$HOME`` uses ``/var/tmp/ipcd-EUID``: another user can make that name first
+(``/var/tmp`` is world-writable), but not make it pass the checks, so the worst they can
+do is that ipcctl reads the TOML file every time, as it does whenever a check fails.
 
 Anything off (missing, foreign, corrupt, stale, another version) means no cache: the
 caller takes the full path, which reads the TOML file and says what is wrong with it.
@@ -43,15 +44,22 @@ FORMAT = 1
 SETTLE = 1.0
 #: The longest cache file name: a longer configuration path is not cached.
 MAX_NAME = 240
+#: Where a caller with neither ``$XDG_CACHE_HOME`` nor ``$HOME`` keeps its cache
+#: (``ipcd-EUID``): sticky and world-writable, so its directory is vetted as any other.
+SHARED_ROOT = "/var/tmp"
 
 
-def directory(env: dict[str, str] | os._Environ[str]) -> str | None:
-    """The caller's cache directory for ipcd, from the environment (None: no cache)."""
+def directory(env: dict[str, str] | os._Environ[str], shared_root: str = SHARED_ROOT) -> str | None:
+    """The caller's cache directory for ipcd, from the environment: in
+    ``$XDG_CACHE_HOME``, else ``$HOME/.cache``, else (a cron job that sets neither)
+    ``ipcd-EUID`` in ``shared_root``, which another user may have made first: the
+    directory checks of :func:`read` and :func:`refresh` refuse one that is not the
+    caller's, and ipcctl then reads the TOML file, as without a cache."""
     base = env.get("XDG_CACHE_HOME", "")
     if not base.startswith("/"):
         home = env.get("HOME", "")
         if not home.startswith("/"):
-            return None
+            return f"{shared_root.rstrip('/')}/ipcd-{os.geteuid()}"
         base = home.rstrip("/") + "/.cache"
     return base.rstrip("/") + "/ipcd"
 
