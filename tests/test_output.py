@@ -152,7 +152,8 @@ def test_a_job_writing_without_end_does_not_grow_its_run_file_without_end(
     assert json.loads(done.stdout)["biggest"] < 30 << 20
     job_id = json.loads(served.ipcctl("list", "--json", check=True).stdout)["jobs"][0]["id"]
     output = json.loads(served.ipcctl("show", job_id, "--json", check=True).stdout)["output"]
-    assert output["size"] == 30 << 20 and output["output"] == "x" * 100
+    # All of it, but for what a cut may lose in the instant of the cut (one write at most).
+    assert (29 << 20) < output["size"] <= 30 << 20 and output["output"] == "x" * 100
 
 
 def test_a_job_killed_at_its_timeout_keeps_what_it_wrote(served: Instance) -> None:

@@ -248,6 +248,11 @@ class Capture:
                 return False
             kept = min(size, max(self.max_output, keep))
             tail = _pread_all(self.fd, kept, HEADER_SIZE + size - kept)
+            # What the job appended meanwhile is taken too: only what lands between the
+            # last look and the cut is lost (and not counted), a window of microseconds.
+            while (end := os.fstat(self.fd).st_size - HEADER_SIZE) > size:
+                tail += _pread_all(self.fd, end - size, HEADER_SIZE + size)
+                size = end
             os.pwrite(self.fd, tail, HEADER_SIZE)
             os.ftruncate(self.fd, HEADER_SIZE + len(tail))
             self._dropped += size - len(tail)
