@@ -631,3 +631,24 @@ def test_expire_travels_in_the_envelope_and_is_bounded() -> None:
         body = json.dumps({"ipcd": 1, "id": "a1", "payload": "x", "expire": bad}).encode()
         with pytest.raises(MessageError, match="expire"):
             protocol.decode(body, 2)
+
+
+def test_running_replaces_only_the_id_the_attempt_and_the_reporter() -> None:
+    """Job.running writes fields by position: a field added before ``reporter``, or moved,
+    must not shift what it writes."""
+    job = protocol.decode(
+        protocol.encode(
+            {"n": 1}, job_id="given", reply_to=7, submitted=1.5, pid=12, attempt=2, timeout=3.0,
+            unique="k", confirm=8, due=2.5, priority=4, expire=60.0, after=("a", "b"),
+        ),
+        2,
+    )  # fmt: skip
+    calls: list[tuple[float, str]] = []
+
+    def report(fraction: float, message: str) -> None:
+        calls.append((fraction, message))
+
+    running = job.running("stored", 5, report)
+    assert running == job._replace(id="stored", attempt=5, reporter=report)
+    running.progress(0.5, "half")
+    assert calls == [(0.5, "half")]

@@ -446,7 +446,7 @@ def job_from(
     except MessageError as exc:
         exc.job_id = given.job_id
         raise
-    return job._replace(id=given.job_id, attempt=given.attempt, reporter=reporter), body
+    return job.running(given.job_id, given.attempt, reporter), body
 
 
 def _unreadable(job_id: str, why: str) -> MessageError:
