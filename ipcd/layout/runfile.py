@@ -102,12 +102,13 @@ def write(
     (seq,) = _SEQ.unpack_from(buf, _SEQ_AT)
     seq |= 1  # odd: being written (even a writer that died mid-way left it readable after)
     _SEQ.pack_into(buf, _SEQ_AT, seq)
-    raw = clip(message)
+    raw = clip(message) if message else b""  # none: every job's start
     _FIELDS.pack_into(
         buf, _FIELDS_AT, job_id.encode("ascii", "replace")[:16], started,
         math.nan if fraction is None else fraction, updated, dropped, len(raw),
     )  # fmt: skip
-    buf[_MESSAGE_AT : _MESSAGE_AT + len(raw)] = raw
+    if raw:
+        buf[_MESSAGE_AT : _MESSAGE_AT + len(raw)] = raw
     _SEQ.pack_into(buf, _SEQ_AT, seq + 1)
 
 
