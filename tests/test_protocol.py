@@ -652,3 +652,14 @@ def test_running_replaces_only_the_id_the_attempt_and_the_reporter() -> None:
     assert running == job._replace(id="stored", attempt=5, reporter=report)
     running.progress(0.5, "half")
     assert calls == [(0.5, "half")]
+
+
+@given(st.text(max_size=120))
+def test_preview_shows_printable_characters_and_marks_the_rest(text: str) -> None:
+    """What ``ipcctl list`` shows of a payload: its first PREVIEW characters, each one
+    not printable (a tab, a newline, an escape) as "?", a longer one cut with "…"."""
+    shown = protocol.preview(text)
+    expected = "".join(ch if ch.isprintable() else "?" for ch in text)
+    if len(expected) > protocol.PREVIEW:
+        expected = expected[: protocol.PREVIEW - 1] + "…"
+    assert shown == expected

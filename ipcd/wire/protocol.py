@@ -297,7 +297,9 @@ def preview(payload: Payload) -> str:
             text = _encode(payload)
         except (ValueError, TypeError, RecursionError):
             text = repr(payload)
-    text = "".join(ch if ch.isprintable() else "?" for ch in text[: PREVIEW + 1])
+    text = text[: PREVIEW + 1]
+    if not text.isprintable():  # one C call for the usual payload; a loop for the rest
+        text = "".join(ch if ch.isprintable() else "?" for ch in text)
     return text if len(text) <= PREVIEW else text[: PREVIEW - 1] + "…"
 
 
