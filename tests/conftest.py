@@ -124,7 +124,10 @@ class Instance:
 
         if not self.log_file.exists():
             return []
-        return [json.loads(line) for line in self.log_file.read_text().splitlines() if line]
+        text = self.log_file.read_text()
+        # A line being written may be read half-way: only whole lines count.
+        whole = text[: text.rfind("\n") + 1]
+        return [json.loads(line) for line in whole.splitlines() if line]
 
 
 DEFAULT_HANDLERS = """

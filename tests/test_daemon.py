@@ -105,7 +105,9 @@ def test_stop_is_prompt_while_idle(daemon: Instance) -> None:
 
 def test_stop_lets_the_running_job_finish(daemon: Instance) -> None:
     """A stop during a job lets it finish and store its result; queued jobs stay queued."""
-    running = [daemon.ipcctl("submit", "sleep", "1").stdout.strip() for _ in range(2)]
+    # 4 s: the submits and the stop below must land while both still run (a loaded host
+    # takes up to a second per command); the stop waits for them anyway.
+    running = [daemon.ipcctl("submit", "sleep", "4").stdout.strip() for _ in range(2)]
     started = daemon.wait_events(  # both workers hold one (not a sleep: a loaded host)
         lambda e: e["event"] == "job.started" and e["job_id"] in running, 2
     )
@@ -113,7 +115,7 @@ def test_stop_lets_the_running_job_finish(daemon: Instance) -> None:
     queued = daemon.ipcctl("submit", "echo", "later").stdout.strip()
     assert daemon.ipcd("stop").returncode == 0
     for job_id in running:
-        assert daemon.ipcctl("result", job_id).stdout == "slept 1s\n"
+        assert daemon.ipcctl("result", job_id).stdout == "slept 4s\n"
     assert daemon.ipcctl("status", "--json").returncode == ExitCode.UNAVAILABLE
     assert daemon.ipcctl("result", queued).returncode == ExitCode.NO_RESULT
     assert daemon.ipcd("start").returncode == 0  # the next start serves the queued job
@@ -195,7 +197,7 @@ def test_status_and_reload(daemon: Instance) -> None:
     events = [e["event"] for e in daemon.log_events()]  # the new file
     assert events.count("worker.started") == 2 and "job.done" in events
     assert events.index("daemon.reloaded") < events.index("job.done")
-    exits = [e for e in daemon.log_events() if e["event"] == "worker.exited"]
+    exits = daemon.wait_events(lambda e: e["event"] == "worker.exited", 2)
     assert len(exits) == 2 and all(e["level"] == "info" for e in exits)  # retired, not died
     assert daemon.ipcctl("submit", "sleep", "0").returncode == ExitCode.USAGE  # gone
 

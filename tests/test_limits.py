@@ -116,7 +116,9 @@ def test_a_reload_applies_new_limits(instance: Instance) -> None:
     """A handler paused behind ``concurrency = 1`` (one job holding it) runs the rest
     side by side once a reload lifts the limit."""
     inst = _daemon(instance, "concurrency = 1")
-    ids = [inst.ipcctl("submit", "sleep", "1.5", check=True).stdout.strip() for _ in range(2)]
+    # 5 s: the reload, its new workers and the second claim must all come while the first
+    # still runs, which a loaded host may stretch to seconds.
+    ids = [inst.ipcctl("submit", "sleep", "5", check=True).stdout.strip() for _ in range(2)]
     wait_state(inst, ids[0], State.RUNNING)
     inst.write(handlers=HANDLERS.format(sleep=""))
     assert inst.ipcd("reload").returncode == 0

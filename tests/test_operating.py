@@ -430,11 +430,12 @@ def test_a_full_disk_stops_the_store_and_the_daemon_recovers_by_itself(
 
     # A job running and ten queued behind it when the disk fills: the running one's
     # outcome cannot be recorded; the worker tries again until it can.
-    running = ok(inst.ipcctl("submit", "sleep", "1")).strip()
+    running = ok(inst.ipcctl("submit", "sleep", "5")).strip()  # outlives what follows
     wait_for("the sleep job to run", state_is(inst, running, "running"))
     client = Client(inst.config)
     queued = [client.submit("echo", f"queued {n}", confirm=True) for n in range(10)]
     fill()
+    assert job(inst, running)["state"] == "running", "the job ended before the disk filled"
     wait_for("the outcome refused", lambda: events(inst, "store.write_failed"))
     assert job(inst, running)["state"] == "running"
     free()

@@ -427,7 +427,7 @@ def test_retry_command_reclaims_the_key(daemon: Instance) -> None:
     failed = daemon.ipcctl("submit", "--unique", "again", "fail", "boom")
     job_id = failed.stdout.strip()
     _events(daemon, "job.done", job_id)
-    other = daemon.ipcctl("submit", "--unique", "again", "sleep", "1.5")
+    other = daemon.ipcctl("submit", "--unique", "again", "sleep", "5")  # outlives 2 retries
     other_id = other.stdout.strip()
     refused = daemon.ipcctl("retry", job_id)
     assert refused.returncode == ExitCode.ALREADY_QUEUED
@@ -477,7 +477,7 @@ def test_dead_claimer_does_not_block_the_key(daemon: Instance) -> None:
 def test_killed_worker_keeps_the_key_until_the_rerun_ends(daemon: Instance) -> None:
     """When the worker running a unique job is SIGKILLed, the job runs again and its key
     stays held until that run has finished."""
-    first = daemon.ipcctl("submit", "--unique", "w", "sleep", "1")
+    first = daemon.ipcctl("submit", "--unique", "w", "sleep", "4")  # the rerun outlives a submit
     job_id = first.stdout.strip()
     os.kill(_wait_running(daemon, job_id), signal.SIGKILL)
     _events(daemon, "job.requeued", job_id)

@@ -37,7 +37,9 @@ def test_status_lists_workers_and_their_jobs(instance: Instance) -> None:
     """`ipcctl status --json` shows every worker's pid, state and current job."""
     _start(instance, "workers = 3\n")
     try:
-        job_id = instance.ipcctl("submit", "sleep", "1").stdout.strip()
+        # 5 s: it must still run when the second status below asks (a command may take a
+        # second on a loaded host); the stop at the end waits for it.
+        job_id = instance.ipcctl("submit", "sleep", "5").stdout.strip()
         deadline = time.monotonic() + 5
         while True:
             doc = json.loads(instance.ipcctl("status", "--json").stdout)
