@@ -24,14 +24,14 @@ from ipcd.client import Client
 from ipcd.errors import ExitCode, QueueFullError
 from ipcd.kernel.queues import Queue
 from ipcd.kernel.segments import Segment
-from ipcd.layout.results import Kind
+from ipcd.layout.results import Kind, Result
 from ipcd.store import blobs, open_store
 from ipcd.tables import spill
 from ipcd.tables.spill import segment as spillsegment
 from ipcd.tables.spill import table as spilltable
 from ipcd.tables.spill.table import SpillTable, State
 from ipcd.tables.unique import UniqueTable
-from ipcd.wire import protocol
+from ipcd.wire import protocol, split
 from ipcd.wire.protocol import JSONValue
 
 MIB = 1 << 20
@@ -96,6 +96,16 @@ def _digest(data: bytes) -> dict[str, object]:
     return {"length": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
+def _digested(client: Client, data: bytes) -> Result:
+    """The result of the digest handler for ``data``, checked to be ``data``'s."""
+    result = client.call("digest", data, timeout=60)
+    assert result.ok, result.error
+    value = result.value()
+    assert isinstance(value, dict)
+    assert {k: value[k] for k in ("kind", "length", "sha256")} == {"kind": "bytes", **_digest(data)}
+    return result
+
+
 def _stored_body(instance: Instance, job_id: str) -> bytes | None:
     """The job's message as the job store holds it (None: not there)."""
     jobs = open_store(str(instance.config.store.path))
@@ -106,12 +116,31 @@ def _stored_body(instance: Instance, job_id: str) -> bytes | None:
 
 
 def _stored_payload(instance: Instance, job_id: str) -> JSONValue | bytes:
-    """The payload of the job's message in the job store: a large one is held inline."""
+    """The payload of the job's message in the job store: a spilled one is held split,
+    its bytes after the envelope (ipcd.wire.split)."""
     body = _stored_body(instance, job_id)
     assert body is not None, f"job {job_id} is not in the job store"
-    job = protocol.decode(body, 1)
+    job = split.decode(body, 1)
     assert job.spill is None  # whole, not a reference to a segment
     return job.payload
+
+
+def test_spilled_payload_is_stored_split_unencoded(instance: Instance) -> None:
+    """A spilled bytes payload is kept in the store's file as its raw bytes after the
+    client's envelope (no base64), and the handler gets those bytes whole."""
+    client = _start(instance)
+    try:
+        data = os.urandom(2 * MIB)
+        result = _digested(client, data)
+        body = _stored_body(instance, result.job_id)
+        assert body is not None
+        assert body.startswith(split.MAGIC) and body.endswith(b"\n" + data)
+        head = protocol.decode(body[len(split.MAGIC) : -len(data) - 1], 5)
+        assert head.id == result.job_id and head.spill is not None
+        assert (head.spill.size, head.spill.kind) == (len(data), "bytes")
+        assert _in_use(instance) == []
+    finally:
+        _stop(instance)
 
 
 def test_100_mib_payload_round_trip(instance: Instance) -> None:
@@ -119,17 +148,10 @@ def test_100_mib_payload_round_trip(instance: Instance) -> None:
     client = _start(instance)
     try:
         data = os.urandom(100 * MIB)
-        result = client.call("digest", data, timeout=60)
-        assert result.ok, result.error
-        value = result.value()
-        assert isinstance(value, dict)
-        assert {k: value[k] for k in ("kind", "length", "sha256")} == {
-            "kind": "bytes",
-            **_digest(data),
-        }
+        result = _digested(client, data)
         assert _in_use(instance) == []
-        # The intake read the payload out of its segment into the store: the worker took
-        # the message with the payload inline, the size the store records is the payload's.
+        # The intake wrote the payload from its segment into the store, split after the
+        # envelope: the worker read it from there; the size the store records is the payload's.
         done = instance.wait_events(lambda e: e.get("event") == "job.done", 1)
         assert done[0]["bytes_in"] == len(_stored_body(instance, result.job_id) or b"")
         shown = json.loads(instance.ipcctl("show", result.job_id, "--json").stdout)
