@@ -134,8 +134,9 @@ def test_spilled_payload_is_stored_split_unencoded(instance: Instance) -> None:
         result = _digested(client, data)
         body = _stored_body(instance, result.job_id)
         assert body is not None
-        assert body.startswith(split.MAGIC) and body.endswith(b"\n" + data)
-        head = protocol.decode(body[len(split.MAGIC) : -len(data) - 1], 5)
+        found = split.parts(body)
+        assert found is not None and found[1] == data
+        head = protocol.decode(found[0], 5)
         assert head.id == result.job_id and head.spill is not None
         assert (head.spill.size, head.spill.kind) == (len(data), "bytes")
         assert _in_use(instance) == []
@@ -856,5 +857,31 @@ def test_a_rejected_envelope_takes_its_spilled_payload_with_it(instance: Instanc
             time.sleep(0.02)
         assert _in_use(instance) == []
         assert not _segment_exists(entry.shmid)
+    finally:
+        _stop(instance)
+
+
+def test_a_spilled_payloads_envelope_with_newlines_runs(instance: Instance) -> None:
+    """An envelope is any JSON object (docs/protocol.md): one a client of its own sends
+    pretty-printed, its members on lines of their own, runs with its spilled payload
+    whole, as a compact one does (the store's split body does not end its envelope at
+    the first newline)."""
+    from ipcd.client.api import outgoing
+
+    client = _start(instance)
+    try:
+        data = b"\n" + os.urandom(MIB)
+        job_id = "prettyenvelope01"
+        with outgoing(client, data, None, job_id=job_id, reply_to=None, timeout=None) as body:
+            pretty = json.dumps(json.loads(body), indent=1).encode()
+            assert b"\n" in pretty
+            client.queue.send(pretty, 5, timeout=2)
+        result = client.wait(job_id, 30)
+        assert result.ok, result.error
+        value = result.value()
+        assert isinstance(value, dict)
+        assert {k: value[k] for k in ("length", "sha256")} == _digest(data)
+        assert _stored_payload(instance, job_id) == data
+        assert _in_use(instance) == []
     finally:
         _stop(instance)

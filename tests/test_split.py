@@ -47,7 +47,8 @@ def test_an_envelope_that_is_not_split_decodes_as_before() -> None:
         (_body(b"abc", size=4), "3 bytes, not 4"),
         (_body(b"\xff\xfe", "text"), "not valid text"),
         (_body(b"{nope", "json"), "not valid json"),
-        (split.MAGIC + b'{"ipcd":1,"id":"J1"}', "without the end of its envelope"),
+        (split.MAGIC + b'{"ipcd":1,"id":"J1"}', "without the length of its envelope"),
+        (split.MAGIC + b'99\n{"ipcd":1,"id":"J1"}\nx', "without the end of its envelope"),
         (split.head(protocol.encode(b"x", job_id="J1")) + b"x", "names no payload size"),
     ],
 )
@@ -55,5 +56,17 @@ def test_a_damaged_split_body_is_refused_with_its_job_id(body: bytes, why: str) 
     """What cannot be the job is a MessageError naming why (and the job, when known)."""
     with pytest.raises(MessageError, match=why) as raised:
         split.decode(body, 5)
-    if "end of its envelope" not in why:
+    if "of its envelope" not in why:
         assert raised.value.job_id == "J1"
+
+
+def test_an_envelope_with_newlines_of_its_own_is_split_by_its_length() -> None:
+    """An envelope is any JSON object: one pretty-printed (newlines between its members)
+    ends where the head's length says, not at its first newline."""
+    spill = b'{"shmid": 1, "size": 2, "slot": 0, "kind": "text"}'
+    envelope = b'{\n "ipcd": 1,\n "id": "J3",\n "spill": ' + spill + b"\n}"
+    body = split.head(envelope) + b"\nx"
+    assert split.parts(body) == (envelope, b"\nx")
+    assert split.envelope(body) == envelope
+    job = split.decode(body, 5)
+    assert (job.id, job.payload, job.spill) == ("J3", "\nx", None)
