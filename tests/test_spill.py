@@ -885,3 +885,22 @@ def test_a_spilled_payloads_envelope_with_newlines_runs(instance: Instance) -> N
         assert _in_use(instance) == []
     finally:
         _stop(instance)
+
+
+def test_the_failed_list_drops_a_job_the_intake_failed_with_its_segment(
+    instance: Instance,
+) -> None:
+    """A spilled job the intake fails at once (no handler takes its type) keeps its
+    segment while the failed list holds it, and the segment goes when the list drops the
+    job (docs/operating.md): with room for one entry, three such jobs leave one."""
+    client = _start(instance, _spill_jobs("failed_size = 1"))
+    try:
+        ids = [client.submit(9, bytes([n]) * MIB, notify=True) for n in range(3)]
+        for job_id in ids:
+            result = client.wait_submitted(job_id, 30)
+            assert not result.ok and "no handler for message type 9" in result.error
+        assert [e.job_id for e in _in_use(instance)] == ids[-1:]
+        for n, job_id in enumerate(ids):  # the store holds each payload whole
+            assert _stored_payload(instance, job_id) == bytes([n]) * MIB
+    finally:
+        _stop(instance)
