@@ -904,3 +904,18 @@ def test_the_failed_list_drops_a_job_the_intake_failed_with_its_segment(
             assert _stored_payload(instance, job_id) == bytes([n]) * MIB
     finally:
         _stop(instance)
+
+
+def test_a_spilled_bytes_payloads_preview_reads_as_text_when_it_is(instance: Instance) -> None:
+    """``ipcctl show`` previews a large bytes payload that is UTF-8 text as its text, as
+    it does one that fits a message, though the intake looks only at its first bytes
+    (cut inside a character here), not the whole payload."""
+    client = _start(instance)
+    try:
+        data = "€".encode() * 200_000
+        result = _digested(client, data)
+        shown = json.loads(instance.ipcctl("show", result.job_id, "--json").stdout)
+        assert shown["job"]["preview"] == "€" * 79 + "…"
+        assert shown["job"]["size"] == len(data)
+    finally:
+        _stop(instance)

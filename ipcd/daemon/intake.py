@@ -387,7 +387,7 @@ class Intake:
         data = segment.buf[DATA : DATA + ref.size]
         try:
             if ref.kind == "bytes":
-                shown: Payload = bytes(data[: protocol.PREVIEW * 4])
+                shown: Payload = _first_bytes(data, protocol.PREVIEW * 4)
             else:
                 shown = split.payload(data, ref.kind, job.id)
         except MessageError as exc:
@@ -407,6 +407,20 @@ class Intake:
             state=State.FAILED, error=str(exc),
         )  # fmt: skip
         return Vetted(record, None, exc)
+
+
+def _first_bytes(data: memoryview, count: int) -> bytes:
+    """The first ``count`` bytes of a large bytes payload, for its preview: cut back to
+    the start of a UTF-8 character the cut falls inside, so that a text previews as text
+    (as the whole payload would)."""
+    head = bytes(data[:count])
+    if len(data) > count:
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if exc.reason == "unexpected end of data":
+                return head[: exc.start]
+    return head
 
 
 def _decided(vetted: Vetted, admitted: dict[str, Admitted]) -> Vetted:
