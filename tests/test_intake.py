@@ -384,6 +384,9 @@ def test_a_killed_intake_leaves_a_spilled_payload_whole(
         body = store.body("big1")
         assert body is not None
         assert split.decode(body, TYPE).payload == data
+        # What max_queued_bytes counts: the stored body, once; the size, the payload's.
+        assert store.backlog() == Backlog(1, len(body))
+        assert store.list()[0].size == len(data)
         assert len(list(bodies.iterdir())) == (2 if when == "after-write" else 1)
         store.reset_running()  # what the next start does: the killed intake's file goes
         assert len(list(bodies.iterdir())) == 1
