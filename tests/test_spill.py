@@ -919,3 +919,24 @@ def test_a_spilled_bytes_payloads_preview_reads_as_text_when_it_is(instance: Ins
         assert shown["job"]["size"] == len(data)
     finally:
         _stop(instance)
+
+
+def test_a_worker_killed_on_a_small_spilled_job_runs_it_again(instance: Instance) -> None:
+    """A bytes payload that needs a segment only because base64 would not fit a message
+    is held split in the store and handed to its worker by value (the raw bytes fit the
+    worker's slot): a worker SIGKILLed while running it leaves the master's recovery a
+    split body in the slot, and the job runs again with its payload whole."""
+    client = _start(instance, "\n[jobs]\nretry_delay = 0\n")
+    try:
+        data = b"\n" + os.urandom(6200)  # base64: 8268 bytes
+        result = client.call("digest_after_dying", data, timeout=30)
+        assert result.ok, result.error
+        value = result.value()
+        assert isinstance(value, dict)
+        assert (value["attempt"], value["sha256"]) == (2, _digest(data)["sha256"])
+        body = _stored_body(instance, result.job_id)
+        assert body is not None and body.startswith(split.MAGIC)
+        assert len(body) < 8192  # by value in the slot (msgmax is at least 8192)
+        assert _in_use(instance) == []
+    finally:
+        _stop(instance)
