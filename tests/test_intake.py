@@ -34,8 +34,12 @@ from ipcd.kernel.queues import Queue, msgmax
 from ipcd.layout.results import Result
 from ipcd.store import Admission, Backlog, JobStore, NewJob, State, open_store
 from ipcd.tables.inflight import InflightTable
+from ipcd.tables.spill import KINDS
+from ipcd.tables.spill.segment import Role
+from ipcd.tables.spill.table import SpillTable
+from ipcd.tables.spill.table import State as SpillState
 from ipcd.tables.stats import STORE_ERRORS, Recorder
-from ipcd.wire import protocol
+from ipcd.wire import protocol, split
 from ipcd.wire.protocol import Job
 
 TYPE = 7
@@ -95,7 +99,7 @@ class Rig:
         self.stats = FakeRecorder()
         self.wakes = 0
 
-    def intake(self, jobs: JobStore | None = None) -> Intake:
+    def intake(self, jobs: JobStore | None = None, spills: SpillTable | None = None) -> Intake:
         return Intake(
             queue=self.queue,
             slots=self.slots,
@@ -103,7 +107,7 @@ class Rig:
             registry=self.registry,
             config=self.config,
             outcomes=cast(Outcomes, self.outcomes),
-            spills=None,
+            spills=spills,
             flags=self.flags,
             log=cast(Logger, self.log),
             stats=cast(Recorder, self.stats),
@@ -316,3 +320,84 @@ def test_commit_held_commits_what_a_killed_intake_left_once(
     finally:
         store.close()
     assert rig.held() == []
+
+
+class KilledAfterWrite:
+    """The real store, in a process SIGKILLed in its admit once it has written the large
+    bodies' files (from the spilled payloads' segments) and before its commit."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+
+    def backlog(self) -> Backlog:
+        return self.store.backlog()
+
+    def admit(self, jobs: Sequence[NewJob]) -> Admission:
+        def killed(written: list[str]) -> None:
+            assert written, "no body was written to a file"
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        self.store._settle = killed  # type: ignore[attr-defined]
+        return self.store.admit(jobs)
+
+
+@pytest.mark.parametrize("when", ["after-write", "after-commit"])
+def test_a_killed_intake_leaves_a_spilled_payload_whole(
+    instance: Instance, tmp_path: Path, when: str
+) -> None:
+    """An intake SIGKILLed with a spilled payload's body written to the store's file but
+    not committed, or committed but its segment not yet removed: the next intake commits
+    it once, its payload whole, and removes the segment and frees its entry; the file
+    the killed one wrote goes with the store's next start."""
+    rig = Rig(instance)
+    spills = SpillTable.create(instance.keys.spill, 0o600, 4)
+    data = os.urandom(300_000)
+    index, shmid, _ = spills.put(
+        data, job_id="big1", kind=KINDS["bytes"], role=Role.PAYLOAD, mode=0o600, owner=None,
+        refused="refused",
+    )  # fmt: skip
+    spills.mark(index, SpillState.QUEUED, shmid)
+    ref = protocol.SpillRef(shmid, len(data), index, "bytes")
+    envelope = protocol.encode(None, job_id="big1", spill=ref)
+    rig.send(envelope)
+    path = str(tmp_path / "jobs.db")
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the intake that is killed
+        try:
+            store = open_store(path)
+            killed = KilledAfterWrite(store) if when == "after-write" else None
+            jobs = killed or KilledInAdd(store, after_commit=True)
+            rig.intake(cast(JobStore, jobs), spills).serve()
+        finally:
+            os._exit(70)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert rig.held() == [envelope]
+    assert [e.shmid for e in spills.entries() if e.state is SpillState.QUEUED] == [shmid]
+    bodies = tmp_path / "jobs.db.bodies"
+    store = open_store(path)
+    try:
+        assert len(store.list()) == (1 if when == "after-commit" else 0)
+        rig.intake(store, spills).commit_held()
+        assert [r.id for r in store.list()] == ["big1"]
+        assert store.counts()[State.QUEUED] == 1
+        body = store.body("big1")
+        assert body is not None
+        assert split.decode(body, TYPE).payload == data
+        # What max_queued_bytes counts: the stored body, once; the size, the payload's.
+        assert store.backlog() == Backlog(1, len(body))
+        assert store.list()[0].size == len(data)
+        assert len(list(bodies.iterdir())) == (2 if when == "after-write" else 1)
+        store.reset_running()  # what the next start does: the killed intake's file goes
+        assert len(list(bodies.iterdir())) == 1
+        assert store.body("big1") == body
+    finally:
+        store.close()
+    assert rig.held() == []
+    assert [e for e in spills.entries() if e.state is not SpillState.FREE] == []
+    assert str(shmid) not in _shm_ids()  # the segment is gone
+
+
+def _shm_ids() -> set[str]:
+    with open("/proc/sysvipc/shm") as f:
+        return {line.split()[1] for line in f.readlines()[1:]}

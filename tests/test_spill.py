@@ -24,14 +24,14 @@ from ipcd.client import Client
 from ipcd.errors import ExitCode, QueueFullError
 from ipcd.kernel.queues import Queue
 from ipcd.kernel.segments import Segment
-from ipcd.layout.results import Kind
+from ipcd.layout.results import Kind, Result
 from ipcd.store import blobs, open_store
 from ipcd.tables import spill
 from ipcd.tables.spill import segment as spillsegment
 from ipcd.tables.spill import table as spilltable
 from ipcd.tables.spill.table import SpillTable, State
 from ipcd.tables.unique import UniqueTable
-from ipcd.wire import protocol
+from ipcd.wire import protocol, split
 from ipcd.wire.protocol import JSONValue
 
 MIB = 1 << 20
@@ -96,6 +96,16 @@ def _digest(data: bytes) -> dict[str, object]:
     return {"length": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
+def _digested(client: Client, data: bytes) -> Result:
+    """The result of the digest handler for ``data``, checked to be ``data``'s."""
+    result = client.call("digest", data, timeout=60)
+    assert result.ok, result.error
+    value = result.value()
+    assert isinstance(value, dict)
+    assert {k: value[k] for k in ("kind", "length", "sha256")} == {"kind": "bytes", **_digest(data)}
+    return result
+
+
 def _stored_body(instance: Instance, job_id: str) -> bytes | None:
     """The job's message as the job store holds it (None: not there)."""
     jobs = open_store(str(instance.config.store.path))
@@ -106,12 +116,32 @@ def _stored_body(instance: Instance, job_id: str) -> bytes | None:
 
 
 def _stored_payload(instance: Instance, job_id: str) -> JSONValue | bytes:
-    """The payload of the job's message in the job store: a large one is held inline."""
+    """The payload of the job's message in the job store: a spilled one is held split,
+    its bytes after the envelope (ipcd.wire.split)."""
     body = _stored_body(instance, job_id)
     assert body is not None, f"job {job_id} is not in the job store"
-    job = protocol.decode(body, 1)
+    job = split.decode(body, 1)
     assert job.spill is None  # whole, not a reference to a segment
     return job.payload
+
+
+def test_spilled_payload_is_stored_split_unencoded(instance: Instance) -> None:
+    """A spilled bytes payload is kept in the store's file as its raw bytes after the
+    client's envelope (no base64), and the handler gets those bytes whole."""
+    client = _start(instance)
+    try:
+        data = os.urandom(2 * MIB)
+        result = _digested(client, data)
+        body = _stored_body(instance, result.job_id)
+        assert body is not None
+        found = split.parts(body)
+        assert found is not None and found[1] == data
+        head = protocol.decode(found[0], 5)
+        assert head.id == result.job_id and head.spill is not None
+        assert (head.spill.size, head.spill.kind) == (len(data), "bytes")
+        assert _in_use(instance) == []
+    finally:
+        _stop(instance)
 
 
 def test_100_mib_payload_round_trip(instance: Instance) -> None:
@@ -119,17 +149,10 @@ def test_100_mib_payload_round_trip(instance: Instance) -> None:
     client = _start(instance)
     try:
         data = os.urandom(100 * MIB)
-        result = client.call("digest", data, timeout=60)
-        assert result.ok, result.error
-        value = result.value()
-        assert isinstance(value, dict)
-        assert {k: value[k] for k in ("kind", "length", "sha256")} == {
-            "kind": "bytes",
-            **_digest(data),
-        }
+        result = _digested(client, data)
         assert _in_use(instance) == []
-        # The intake read the payload out of its segment into the store: the worker took
-        # the message with the payload inline, the size the store records is the payload's.
+        # The intake wrote the payload from its segment into the store, split after the
+        # envelope: the worker read it from there; the size the store records is the payload's.
         done = instance.wait_events(lambda e: e.get("event") == "job.done", 1)
         assert done[0]["bytes_in"] == len(_stored_body(instance, result.job_id) or b"")
         shown = json.loads(instance.ipcctl("show", result.job_id, "--json").stdout)
@@ -834,5 +857,86 @@ def test_a_rejected_envelope_takes_its_spilled_payload_with_it(instance: Instanc
             time.sleep(0.02)
         assert _in_use(instance) == []
         assert not _segment_exists(entry.shmid)
+    finally:
+        _stop(instance)
+
+
+def test_a_spilled_payloads_envelope_with_newlines_runs(instance: Instance) -> None:
+    """An envelope is any JSON object (docs/protocol.md): one a client of its own sends
+    pretty-printed, its members on lines of their own, runs with its spilled payload
+    whole, as a compact one does (the store's split body does not end its envelope at
+    the first newline)."""
+    from ipcd.client.api import outgoing
+
+    client = _start(instance)
+    try:
+        data = b"\n" + os.urandom(MIB)
+        job_id = "prettyenvelope01"
+        with outgoing(client, data, None, job_id=job_id, reply_to=None, timeout=None) as body:
+            pretty = json.dumps(json.loads(body), indent=1).encode()
+            assert b"\n" in pretty
+            client.queue.send(pretty, 5, timeout=2)
+        result = client.wait(job_id, 30)
+        assert result.ok, result.error
+        value = result.value()
+        assert isinstance(value, dict)
+        assert {k: value[k] for k in ("length", "sha256")} == _digest(data)
+        assert _stored_payload(instance, job_id) == data
+        assert _in_use(instance) == []
+    finally:
+        _stop(instance)
+
+
+def test_the_failed_list_drops_a_job_the_intake_failed_with_its_segment(
+    instance: Instance,
+) -> None:
+    """A spilled job the intake fails at once (no handler takes its type) keeps its
+    segment while the failed list holds it, and the segment goes when the list drops the
+    job (docs/operating.md): with room for one entry, three such jobs leave one."""
+    client = _start(instance, _spill_jobs("failed_size = 1"))
+    try:
+        ids = [client.submit(9, bytes([n]) * MIB, notify=True) for n in range(3)]
+        for job_id in ids:
+            result = client.wait_submitted(job_id, 30)
+            assert not result.ok and "no handler for message type 9" in result.error
+        assert [e.job_id for e in _in_use(instance)] == ids[-1:]
+        for n, job_id in enumerate(ids):  # the store holds each payload whole
+            assert _stored_payload(instance, job_id) == bytes([n]) * MIB
+    finally:
+        _stop(instance)
+
+
+def test_a_spilled_bytes_payloads_preview_reads_as_text_when_it_is(instance: Instance) -> None:
+    """``ipcctl show`` previews a large bytes payload that is UTF-8 text as its text, as
+    it does one that fits a message, though the intake looks only at its first bytes
+    (cut inside a character here), not the whole payload."""
+    client = _start(instance)
+    try:
+        data = "€".encode() * 200_000
+        result = _digested(client, data)
+        shown = json.loads(instance.ipcctl("show", result.job_id, "--json").stdout)
+        assert shown["job"]["preview"] == "€" * 79 + "…"
+        assert shown["job"]["size"] == len(data)
+    finally:
+        _stop(instance)
+
+
+def test_a_worker_killed_on_a_small_spilled_job_runs_it_again(instance: Instance) -> None:
+    """A bytes payload that needs a segment only because base64 would not fit a message
+    is held split in the store and handed to its worker by value (the raw bytes fit the
+    worker's slot): a worker SIGKILLed while running it leaves the master's recovery a
+    split body in the slot, and the job runs again with its payload whole."""
+    client = _start(instance, "\n[jobs]\nretry_delay = 0\n")
+    try:
+        data = b"\n" + os.urandom(6200)  # base64: 8268 bytes
+        result = client.call("digest_after_dying", data, timeout=30)
+        assert result.ok, result.error
+        value = result.value()
+        assert isinstance(value, dict)
+        assert (value["attempt"], value["sha256"]) == (2, _digest(data)["sha256"])
+        body = _stored_body(instance, result.job_id)
+        assert body is not None and body.startswith(split.MAGIC)
+        assert len(body) < 8192  # by value in the slot (msgmax is at least 8192)
+        assert _in_use(instance) == []
     finally:
         _stop(instance)

@@ -38,14 +38,16 @@ from ipcd.daemon.signals import Flags
 from ipcd.errors import MessageError, NotRunningError, StoreError
 from ipcd.handlers.registry import Registry
 from ipcd.kernel.queues import Queue, TooBigError
+from ipcd.kernel.segments import Segment
 from ipcd.kernel.waits import Interrupted
 from ipcd.store import Admitted, Backlog, JobStore, NewJob, State
 from ipcd.store.chains import is_unknown_error
 from ipcd.tables import spill
 from ipcd.tables.inflight import InflightTable
+from ipcd.tables.spill.segment import DATA
 from ipcd.tables.spill.table import SpillTable
 from ipcd.tables.stats import STORE_ERRORS, Recorder
-from ipcd.wire import protocol
+from ipcd.wire import protocol, split
 from ipcd.wire.protocol import Job, Payload
 
 #: Messages the intake takes per batch: its slots (each the size of the kernel's msgmax).
@@ -122,6 +124,8 @@ class Intake:
         self._full_since = 0.0
         self._failing_since = 0.0
         self._backoff = 0.1
+        #: The segments of the spilled payloads vetted for the batch being committed.
+        self._attached: list[Segment] = []
 
     # --- the loop -----------------------------------------------------------------------
 
@@ -243,6 +247,13 @@ class Intake:
                 self.slots.finished(index)
 
     def _commit(self, batch: list[Vetted]) -> bool:
+        try:
+            return self._commit_batch(batch)
+        finally:
+            while self._attached:  # the spilled payloads vetted for it: stored, or not
+                self._attached.pop().close()
+
+    def _commit_batch(self, batch: list[Vetted]) -> bool:
         while True:
             try:
                 admission = self.jobs.admit([v.record for v in batch])
@@ -318,13 +329,13 @@ class Intake:
         recorded as failed, with why, under the id that could be read, else ``given_id``
         (the one its slot holds), else a new one; a bare message gets ``given_id`` too."""
         now = time.time()
+        tail: memoryview | None = None
         try:
             job = protocol.decode(body, type_, received=now)
             if job.bare and given_id is not None:
                 job = job._replace(id=given_id)
             if job.spill is not None:
-                job = spill.load(job, self.spills, self.config.jobs.max_payload)
-                body = _inline(job)
+                job, body, tail = self._split(job, body)
         except MessageError as exc:
             return self._rejected(exc, body, type_, now, given_id)
         except Exception as exc:  # a bug must not cost the batch: reject this message
@@ -340,7 +351,7 @@ class Intake:
             body=body,
             bare=job.bare,
             accepted=now,
-            size=job.spill.size if job.spill else _size(job.payload),
+            size=_size(job.payload) if tail is None else len(tail),
             preview=protocol.preview(job.payload),
             submitted=job.submitted or now,
             due=due,
@@ -354,11 +365,35 @@ class Intake:
             state=State.SCHEDULED if due else State.QUEUED,
             expires=None if job.expire is None else (due or now) + job.expire,
             after=job.after,
+            tail=b"" if tail is None else tail,
         )
         if registration is None:
             message = f"no handler for message type {job.type}"
             return Vetted(record._replace(state=State.FAILED, error=message), job)
         return Vetted(record, job)
+
+    def _split(self, job: Job, body: bytes) -> tuple[Job, bytes, memoryview]:
+        """A job whose payload came in a segment, as the store will hold it: split
+        (ipcd.wire.split), the head and then the payload's bytes straight from the
+        segment, attached until the batch is committed (a segment does not survive a
+        reboot; the store's file does).  Text and JSON are checked here, as a payload in
+        the message is, so that a malformed one is refused at once; the job's ``payload``
+        is then what ``list`` previews."""
+        ref = job.spill
+        assert ref is not None
+        segment = spill.attach(job, self.spills, self.config.jobs.max_payload)
+        assert segment is not None
+        self._attached.append(segment)
+        data = segment.buf[DATA : DATA + ref.size]
+        try:
+            if ref.kind == "bytes":
+                shown: Payload = _first_bytes(data, protocol.PREVIEW * 4)
+            else:
+                shown = split.payload(data, ref.kind, job.id)
+        except MessageError as exc:
+            exc.reply_to, exc.unique, exc.spill = job.reply_to, job.unique, ref
+            raise
+        return job._replace(payload=shown), split.head(body), data
 
     def _rejected(
         self, exc: MessageError, body: bytes, type_: int, now: float, given_id: str | None
@@ -374,15 +409,18 @@ class Intake:
         return Vetted(record, None, exc)
 
 
-def _inline(job: Job) -> bytes:
-    """The envelope of a job whose payload came in a segment, with the payload inline: the
-    store keeps it whole (a segment does not survive a reboot)."""
-    return protocol.encode(
-        job.payload, job_id=job.id, reply_to=job.reply_to, submitted=job.submitted,
-        pid=job.sender_pid, attempt=job.attempt, timeout=job.timeout, unique=job.unique,
-        confirm=job.confirm, due=job.due, priority=job.priority, expire=job.expire,
-        after=job.after,
-    )  # fmt: skip
+def _first_bytes(data: memoryview, count: int) -> bytes:
+    """The first ``count`` bytes of a large bytes payload, for its preview: cut back to
+    the start of a UTF-8 character the cut falls inside, so that a text previews as text
+    (as the whole payload would)."""
+    head = bytes(data[:count])
+    if len(data) > count:
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if exc.reason == "unexpected end of data":
+                return head[: exc.start]
+    return head
 
 
 def _decided(vetted: Vetted, admitted: dict[str, Admitted]) -> Vetted:

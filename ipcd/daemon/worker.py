@@ -44,7 +44,7 @@ from ipcd.tables.inflight import InflightTable
 from ipcd.tables.results import ResultStore
 from ipcd.tables.spill.table import SpillTable
 from ipcd.tables.stats import STORE_ERRORS, Recorder
-from ipcd.wire import handoff, jsoncodec, protocol
+from ipcd.wire import handoff, jsoncodec, protocol, split
 from ipcd.wire.protocol import Job
 
 #: How long a worker waits before it asks a store that failed again.
@@ -442,7 +442,7 @@ def job_from(
         if body is None:
             raise _unreadable(given.job_id, "its message is no longer in the store")
     try:
-        job = protocol.decode(body, type_, received=received)
+        job = split.decode(body, type_, received=received)  # a spilled payload's, split
     except MessageError as exc:
         exc.job_id = given.job_id
         raise

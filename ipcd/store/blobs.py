@@ -55,9 +55,11 @@ class BlobDir:
         """The directory of the store whose database file is ``store_path``."""
         return cls(store_path + SUFFIX, sync=sync)
 
-    def write(self, job_id: str, data: bytes) -> str:
-        """Write ``data`` to a new file for ``job_id``; its name. The directory is made
-        (0700) when missing. OSError (the caller names the store) when it cannot be."""
+    def write(self, job_id: str, data: bytes, tail: bytes | memoryview = b"") -> str:
+        """Write ``data`` and then ``tail`` to a new file for ``job_id`` (one ``writev``:
+        a large ``tail`` goes from where it is, a segment say, to the file uncopied); its
+        name. The directory is made (0700) when missing. OSError (the caller names the
+        store) when it cannot be."""
         name = f"{job_id}~{os.urandom(8).hex()}"
         path = os.path.join(self.path, name)
         with _umask(0o077):
@@ -70,9 +72,7 @@ class BlobDir:
                         _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
                 fd = os.open(path, _CREATE, 0o600)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                _write_all(fd, [memoryview(data), memoryview(tail).cast("B")])
                 if self._sync:
                     os.fsync(fd)
             except BaseException:
@@ -126,6 +126,17 @@ class BlobDir:
 
 
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+
+
+def _write_all(fd: int, views: list[memoryview]) -> None:
+    """``writev`` until every byte of ``views`` is written (a write may be short)."""
+    views = [v for v in views if v]
+    while views:
+        done = os.writev(fd, views)
+        while views and done >= len(views[0]):
+            done -= len(views.pop(0))
+        if views:
+            views[0] = views[0][done:]
 
 
 def _fsync_dir(path: str) -> None:

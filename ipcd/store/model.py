@@ -96,6 +96,10 @@ class NewJob(NamedTuple):
     #: The jobs this one waits for (``--after``): it is held until all of them are DONE,
     #: and cancelled when one of them fails for good or is cancelled (ipcd.store.chains).
     after: tuple[str, ...] = ()
+    #: What the stored body holds after ``body``: a spilled payload's bytes, as its
+    #: segment holds them (ipcd.wire.split); the store writes both to the body's file in
+    #: one ``writev``, so the intake never copies them into a bytes object.
+    tail: bytes | memoryview = b""
 
 
 def own_job(

@@ -465,11 +465,11 @@ class SqliteStore:
                 job.id, job.type, job.handler, state.value, job.attempts, job.priority,
                 job.unique, job.submitted or job.accepted, job.accepted, due, finished,
                 job.sender_pid, job.sender_uid, job.reply_to, job.timeout, int(job.bare),
-                job.size, job.preview, error, len(job.body), job.expires,
+                job.size, job.preview, error, len(job.body) + len(job.tail), job.expires,
                 ",".join(job.after) if job.after else None, held_due,
             )  # fmt: skip
             if db.execute(_INSERT, values).rowcount == 1:
-                body, file = self._keep(job.id, job.body, written)
+                body, file = self._keep(job.id, job.body, written, job.tail)
                 db.execute(
                     "INSERT INTO bodies (job_id, body, file) VALUES (?, ?, ?)",
                     (job.id, body, file),
@@ -523,14 +523,19 @@ class SqliteStore:
         return found
 
     def _keep(
-        self, job_id: str, data: bytes, written: builtins.list[str]
+        self,
+        job_id: str,
+        data: bytes,
+        written: builtins.list[str],
+        tail: bytes | memoryview = b"",
     ) -> tuple[bytes, str | None]:
-        """What a row holds for ``data``: the bytes, or (above THRESHOLD) nothing and the
-        name of the file now holding them, added to ``written``."""
-        if len(data) <= THRESHOLD:
-            return data, None
+        """What a row holds for ``data`` and then ``tail``: the bytes, or (above
+        THRESHOLD) nothing and the name of the file now holding them, added to
+        ``written``."""
+        if len(data) + len(tail) <= THRESHOLD:
+            return data + tail, None
         try:
-            name = self._blobs.write(job_id, data)
+            name = self._blobs.write(job_id, data, tail)
         except OSError as exc:
             raise _os_error(self._blobs.path, exc) from exc
         written.append(name)

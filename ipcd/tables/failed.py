@@ -166,10 +166,10 @@ def _drop_payload(spills: SpillTable | None, record: Result) -> None:
     from ipcd.errors import IpcdError, MessageError
     from ipcd.tables import spill
     from ipcd.tables.spill import segment as spillsegment
-    from ipcd.wire import protocol
+    from ipcd.wire import protocol, split
 
-    try:
-        job = protocol.decode(entry.body, entry.type)
+    try:  # a job the intake failed holds its body's head: the envelope, split (its "spill")
+        job = protocol.decode(split.envelope(entry.body), entry.type)
     except MessageError:
         return
     if job.spill is not None:

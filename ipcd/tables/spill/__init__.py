@@ -88,6 +88,26 @@ def _load(job: Job, max_payload: int) -> Job:
     return job._replace(payload=payload)
 
 
+def attach(job: Job, table: SpillTable | None, max_payload: int) -> Segment | None:
+    """The verified segment of a spilled payload, attached read-only (its data at
+    ``DATA``), for the caller to write to the job store without copying it first (the
+    intake, ipcd.wire.split); None when the job has no spilled payload.  MessageError as
+    :func:`load` says, the entry then gone."""
+    ref = job.spill
+    if ref is None:
+        return None
+    try:
+        if ref.size > max_payload:
+            raise _bad(job, f"spilled payload of {ref.size} bytes exceeds [jobs] max_payload")
+        segment = _attached(ref.shmid, job.id, ref.size, Role.PAYLOAD, KINDS[ref.kind])
+        if isinstance(segment, str):
+            raise _bad(job, segment)
+        return segment
+    except MessageError:
+        settle(table, job)
+        raise
+
+
 def _bad(job: Job, reason: str) -> MessageError:
     exc = MessageError(f"spilled payload of job {job.id}: {reason}")
     exc.job_id = job.id
@@ -203,22 +223,39 @@ class _Gone(str):
 
 def _read(shmid: int, job_id: str, size: int, role: Role, kind: Kind) -> bytes | str:
     """The data of a verified segment, or why there is none (a _Gone when it is gone)."""
+    segment = _attached(shmid, job_id, size, role, kind)
+    if isinstance(segment, str):
+        return segment
+    try:
+        return bytes(segment.buf[DATA : DATA + size])
+    finally:
+        segment.close()
+
+
+def _attached(shmid: int, job_id: str, size: int, role: Role, kind: Kind) -> Segment | str:
+    """The verified segment, attached read-only, or why there is none (a _Gone when it
+    is gone); the caller closes it."""
     segment = Segment.attach_id(shmid, readonly=True, whole=True)
     if segment is None:
         if not exists(shmid):
             return _Gone(f"segment {shmid} does not exist")
         return f"segment {shmid} does not exist (or may not be read)"
-    try:
-        info = segment.info()
-        if role is Role.RESULT and info.cuid not in (0, info.uid):
-            # A worker makes and keeps a result's segment; one given away by its creator
-            # was planted (vetting.refuse_untrusted).  A payload's is its client's.
-            return f"segment {shmid} is {info.who()}: not ipcd's, refusing to read it"
-        why = mismatch(segment, job_id, size, role, kind)
-        if why in (NOT_SPILL, ANOTHER_JOB):
-            return _Gone(f"segment {shmid} {why}{job_id if why == ANOTHER_JOB else ''}")
-        if why:
-            return f"segment {shmid} {why}"
-        return bytes(segment.buf[DATA : DATA + size])
-    finally:
+    why = _refused(segment, shmid, job_id, size, role, kind)
+    if why:
         segment.close()
+        return why
+    return segment
+
+
+def _refused(segment: Segment, shmid: int, job_id: str, size: int, role: Role, kind: Kind) -> str:
+    info = segment.info()
+    if role is Role.RESULT and info.cuid not in (0, info.uid):
+        # A worker makes and keeps a result's segment; one given away by its creator
+        # was planted (vetting.refuse_untrusted).  A payload's is its client's.
+        return f"segment {shmid} is {info.who()}: not ipcd's, refusing to read it"
+    why = mismatch(segment, job_id, size, role, kind)
+    if why in (NOT_SPILL, ANOTHER_JOB):
+        return _Gone(f"segment {shmid} {why}{job_id if why == ANOTHER_JOB else ''}")
+    if why:
+        return f"segment {shmid} {why}"
+    return ""
