@@ -84,6 +84,10 @@ Version 6 (captured output: what a job wrote to stdout and stderr, ipcd.daemon.c
   last progress fraction and message; deleted with its job, its file by a trigger into
   ``unlinked`` as the other blobs' are. A job that wrote nothing has no row, so the common
   path's outcome writes no more than before.
+- Not a table: from this version on, the body of a job whose payload came in a spill
+  segment may be held *split* (ipcd.wire.split: its envelope, then the payload's raw
+  bytes), which an ipcd of version 5 or older would read as a bare message; the version
+  number is what keeps such an ipcd from opening the file.
 """
 
 from __future__ import annotations
