@@ -311,6 +311,37 @@ def test_record_left_in_writing_state_is_not_read() -> None:
     assert ids(buf) == ["before", "after"]
 
 
+def test_the_unlocked_read_finds_what_the_locked_one_finds() -> None:
+    """Without a writer at work, find_unlocked is sure and agrees with find_result: the
+    newest record of an id, None for an id never stored or cleared."""
+    buf = ring()
+    for i in range(6):
+        put(buf, text(f"job{i % 3}", bytes([i]) * i))
+    for job_id in ("job0", "job1", "job2", "job9", ""):
+        assert results.find_unlocked(buf, job_id) == (True, find(buf, job_id))
+    results.clear_result(buf, header_of(buf), "job1")
+    assert results.find_unlocked(buf, "job1") == (True, None)
+
+
+def test_the_unlocked_read_leaves_to_the_lock_what_it_cannot_vouch_for() -> None:
+    """A matching record being written, failing its CRC, or spilled (whose segment only
+    the lock keeps), and a header that does not read, make find_unlocked unsure."""
+    buf = ring()
+    seq = put(buf, text("torn", b"data"))
+    offset = slot_offset(header_of(buf), seq)
+    struct.pack_into("<I", buf, offset, SlotState.WRITING)
+    assert results.find_unlocked(buf, "torn") == (False, None)
+    struct.pack_into("<I", buf, offset, SlotState.VALID)
+    assert results.find_unlocked(buf, "torn") == (True, text("torn", b"data"))
+    buf[offset + RECORD_SIZE] ^= 0x01
+    assert results.find_unlocked(buf, "torn") == (False, None)
+    put(buf, text("spilled")._replace(spill=results.Spilled(7, 1, 1000)))
+    assert find(buf, "spilled") is not None
+    assert results.find_unlocked(buf, "spilled") == (False, None)
+    buf[:8] = b"PHP_SM\0\0"
+    assert results.find_unlocked(buf, "spilled") == (False, None)
+
+
 def test_record_with_a_flipped_data_byte_is_not_read() -> None:
     """A record whose data no longer matches its CRC is never returned."""
     buf = ring()
@@ -401,6 +432,7 @@ def _check_safe_reads(buf: memoryview, job_ids: list[str]) -> None:
         return
     returned = results.iter_results(buf, header)
     returned += [r for r in (results.find_result(buf, header, i) for i in job_ids) if r]
+    returned += [r for r in (results.find_unlocked(buf, i)[1] for i in job_ids) if r]
     for result in returned:
         assert len(result.data) <= results.capacity(header.slot_size)
         assert any(
@@ -738,3 +770,55 @@ def test_a_daemon_store_mends_an_overwritten_header_keeping_its_records(rig: Rig
     assert store.take_mends() == []  # taken once
     store.put(Result("next", 2, Status.OK, Kind.TEXT, b"after"))
     assert [r.job_id for r in store.all()] == ["kept", "next"]
+
+
+def _race_result(n: int) -> Result:
+    """Write number ``n`` of the race: every field says ``n``, and so does every 8 bytes
+    of its data, whose length also follows from ``n``."""
+    return Result(
+        "race", n, Status.OK, Kind.BYTES, struct.pack("<Q", n) * (1 + n % 55), n & 0xFFFF,
+        float(n), float(n),
+    )  # fmt: skip
+
+
+def test_a_lock_free_read_racing_a_writer_never_accepts_a_torn_record(rig: Rig) -> None:
+    """A child process rewrites a two-slot ring as fast as ResultStore.put can while this
+    process reads it with find_unlocked: every result the unlocked read accepts is one
+    the writer wrote whole (each field and each 8 data bytes name the same write)."""
+    store = rig.create(size=64 + 2 * 512, slot_size=512)
+    reader = rig.open()
+    writes = 60_000
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the writer
+        try:
+            os.close(ready_r)
+            store.put(_race_result(1))
+            os.write(ready_w, b"w")
+            for n in range(2, writes + 1):
+                store.put(_race_result(n))
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    assert os.read(ready_r, 1) == b"w"
+    os.close(ready_r)
+    accepted = unsure = torn = 0
+    last = 0
+    try:
+        while last < writes:
+            sure, found = results.find_unlocked(reader.segment.buf, "race")
+            if not sure:
+                unsure += 1
+                continue
+            assert found is not None
+            accepted += 1
+            if found != _race_result(found.type):
+                torn += 1
+            last = max(last, found.type)
+    finally:
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    print(f"lock-free reads: {accepted} accepted, {unsure} left to the lock, {torn} torn")
+    assert torn == 0
+    assert accepted > 0
+    assert store.get("race") == _race_result(writes)

@@ -45,7 +45,7 @@ from __future__ import annotations
 import enum
 import struct
 import zlib
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ipcd.errors import NoResultError
 
@@ -288,6 +288,59 @@ def find_result(buf: memoryview, header: Header, job_id: str) -> Result | None:
     return None
 
 
+def find_unlocked(buf: memoryview, job_id: str) -> tuple[bool, Result | None]:
+    """:func:`find_result` without the lock, where the bytes prove themselves: (True, the
+    result or None), or (False, None) when only a read under the lock can tell.
+
+    Per slot whose id matches, newest first: copy the record header, check ``state``
+    and ``length``, copy the data, check the CRC over both copies, then read ``state``,
+    ``crc`` and ``seq`` again and require them unchanged.  A writer that took the slot
+    while it was copied has by then set ``state`` to 1 and written a new ``seq`` (one
+    no record ever had before), so the second look differs; the CRC also fails for any
+    mixture of two records (all but one in 2**32, on a machine that reorders loads
+    too).  Not sure, and so left to the locked read: an unreadable header (a restart
+    formatting the segment, another program's header), a matching slot that is being
+    written or does not check, and a spilled result, whose segment only the lock keeps
+    from being removed while it is copied; and no record found while ``next_seq``
+    moved (a record that was being written meanwhile may have looked empty or of
+    another id).  A result returned is one a writer wrote whole and that was in the
+    ring during the read; with ids that are not reused (the client's), it is the one a
+    locked read would return.
+    """
+    header = read_header(buf)
+    if header is None or header.next_seq == 0:
+        # 0 is also what a writer's pack_into leaves for a moment (it clears a field
+        # before it fills it); a ring with no result yet is as well read under the lock.
+        return False, None
+    wanted = job_id.encode("ascii", "replace")[:16].ljust(16, b"\0")
+    newest, count, size = header.next_seq, header.slot_count, header.slot_size
+    for seq in range(newest - 1, max(newest - count, 0) - 1, -1):
+        offset = HEADER_SIZE + (seq % count) * size
+        if buf[offset + 16 : offset + 32] != wanted:
+            continue
+        head = bytes(buf[offset : offset + RECORD_SIZE])
+        fields = RECORD.unpack(head)
+        state, crc, length = fields[0], fields[1], fields[8]
+        if state == SlotState.EMPTY:
+            continue
+        if state != SlotState.VALID or length > size - RECORD_SIZE or fields[6] & SPILLED_FLAG:
+            return False, None
+        start = offset + RECORD_SIZE
+        data = bytes(buf[start : start + length])
+        if zlib.crc32(data, zlib.crc32(head[_CRC_FROM:])) != crc:
+            return False, None
+        if buf[offset : offset + 16] != head[:16] or head[16:32] != wanted:
+            return False, None
+        result = _record(fields, data)
+        return (False, None) if result is None else (True, result)
+    # No record found: sure only if no write began meanwhile.  A record being written
+    # is zeros for a moment (struct's pack_into clears the 64 bytes before it fills
+    # them), which reads as an empty slot or another id; a writer counts next_seq up
+    # before it touches the record, so the count tells.  (The one moment before that,
+    # when it marks the slot it takes, empties the oldest record: gone either way.)
+    return struct.unpack_from("<Q", buf, _NEXT_SEQ_OFFSET)[0] == newest, None
+
+
 def clear_result(buf: memoryview, header: Header, job_id: str) -> int:
     """Mark every record of ``job_id`` empty (the failed list's retry); returns how many."""
     wanted = job_id.encode("ascii", "replace")[:16].ljust(16, b"\0")
@@ -302,16 +355,21 @@ def clear_result(buf: memoryview, header: Header, job_id: str) -> int:
 
 def read_slot(buf: memoryview, offset: int, slot_size: int) -> Result | None:
     """Decode the record at ``offset``; ``None`` for empty, torn or corrupt records."""
-    state, crc, _seq, raw_id, type_, status, kind, attempt, length, submitted, finished = (
-        RECORD.unpack_from(buf, offset)
-    )
+    fields = RECORD.unpack_from(buf, offset)
+    state, crc, length = fields[0], fields[1], fields[8]
     if state != SlotState.VALID or length > slot_size - RECORD_SIZE:
         return None
     start = offset + RECORD_SIZE
     if zlib.crc32(buf[offset + _CRC_FROM : start + length]) != crc:
         return None
+    return _record(fields, bytes(buf[start : start + length]))
+
+
+def _record(fields: tuple[Any, ...], data: bytes) -> Result | None:
+    """The Result of a record's unpacked header and its data; None when a field is out
+    of range (a record no ipcd wrote)."""
+    _, _, _, raw_id, type_, status, kind, attempt, length, submitted, finished = fields
     spill = None
-    data = bytes(buf[start : start + length])
     if kind & SPILLED_FLAG:
         if length != SPILLED.size:
             return None

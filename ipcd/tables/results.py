@@ -191,7 +191,16 @@ class ResultStore:
 
     def get(self, job_id: str) -> Result | None:
         """The newest result for ``job_id``; a spilled one is copied out of its segment
-        under the lock (one copy), so eviction cannot remove it halfway."""
+        under the lock (one copy), so eviction cannot remove it halfway.
+
+        Read first without the lock, where the record's CRC and sequence number prove
+        the copy whole (results.find_unlocked): a waiting client's usual read then costs
+        no semaphore round trip.  Whatever that read cannot vouch for is read again
+        under the lock.
+        """
+        sure, found = results.find_unlocked(self.segment.buf, job_id)
+        if sure:
+            return found
         self.lock.acquire(self.lock_timeout)
         try:
             found = results.find_result(self.segment.buf, self.header(), job_id)
