@@ -822,3 +822,105 @@ def test_a_lock_free_read_racing_a_writer_never_accepts_a_torn_record(rig: Rig) 
     assert torn == 0
     assert accepted > 0
     assert store.get("race") == _race_result(writes)
+
+
+# --- waiters in the header -------------------------------------------------------------------
+
+T0 = 1_700_000_000.0
+
+
+def test_a_waiters_stamp_holds_until_its_end_and_then_lapses() -> None:
+    """A stamp says someone waits from now until its end, not a millisecond after."""
+    buf = ring()
+    assert not results.someone_waits(buf, T0)
+    results.mark_waiting(buf, T0 + 0.25, T0)
+    assert results.someone_waits(buf, T0)
+    assert results.someone_waits(buf, T0 + 0.25)
+    assert not results.someone_waits(buf, T0 + 0.252)
+    assert not results.someone_waits(buf, T0 + 3600)
+
+
+def test_a_later_stamp_is_kept_and_an_earlier_one_replaced() -> None:
+    """A waiter whose wait ends sooner leaves another's later end; a lapsed end is
+    replaced by any new one."""
+    buf = ring()
+    results.mark_waiting(buf, T0 + 5, T0)
+    results.mark_waiting(buf, T0 + 1, T0 + 0.5)
+    assert results.someone_waits(buf, T0 + 4.9)
+    results.mark_waiting(buf, T0 + 11, T0 + 10)
+    assert results.someone_waits(buf, T0 + 10.9)
+    assert not results.someone_waits(buf, T0 + 11.1)
+
+
+def test_stamps_wrap_round_the_32_bit_millisecond_count() -> None:
+    """Across the moment the millisecond count wraps to 0, a stamp still holds until its
+    end and lapses after it."""
+    wrap = (2**32) / 1000 * 397_000  # a Unix time whose ms count is 0 modulo 2**32
+    buf = ring()
+    results.mark_waiting(buf, wrap + 0.1, wrap - 0.1)
+    assert results.someone_waits(buf, wrap - 0.1)
+    assert results.someone_waits(buf, wrap + 0.05)
+    assert not results.someone_waits(buf, wrap + 0.2)
+
+
+def test_a_stamp_beyond_the_horizon_counts_as_nobody() -> None:
+    """No stamp is written further ahead than WAIT_HORIZON_MS, and one found there (no
+    ipcd client's) is not believed."""
+    buf = ring()
+    results.mark_waiting(buf, T0 + 3600, T0)
+    assert results.someone_waits(buf, T0 + results.WAIT_HORIZON_MS / 1000 - 0.01)
+    assert not results.someone_waits(buf, T0 + results.WAIT_HORIZON_MS / 1000 + 0.01)
+    struct.pack_into("<I", buf, 36, (int(T0 * 1000) + results.WAIT_HORIZON_MS + 5) & 0xFFFFFFFF)
+    assert not results.someone_waits(buf, T0)
+
+
+def test_set_daemon_leaves_the_waiters_stamp() -> None:
+    """Recording the daemon does not erase a waiter's stamp (it shares a header word's
+    neighbourhood)."""
+    buf = ring()
+    results.mark_waiting(buf, T0 + 1, T0)
+    results.set_daemon(buf, 4321, T0)
+    assert results.someone_waits(buf, T0 + 0.5)
+    assert header_of(buf).daemon_pid == 4321
+
+
+def _gate_waiter(store: ResultStore, stamp: bool, pause: float) -> int:
+    """Fork a child that waits on the gate for ``pause`` seconds (after stamping its wait
+    when ``stamp``); it exits 0 when a pulse woke it, 1 when none came."""
+    gate = store.gate
+    assert gate is not None
+    pid = os.fork()
+    if pid == 0:
+        try:
+            if stamp:
+                store.waiting(pause)
+            os._exit(0 if gate.wait(pause) else 1)
+        finally:
+            os._exit(2)
+    while not gate._sem.waiting_for_zero:  # until the child is in its semop
+        time.sleep(0.001)
+    return pid
+
+
+@pytest.mark.parametrize("stamp", [True, False], ids=["stamped", "unstamped"])
+def test_a_result_pulses_the_gate_only_for_a_waiter_that_said_so(rig: Rig, stamp: bool) -> None:
+    """A put wakes a process waiting on the gate that stamped its wait in the header;
+    one that did not is not pulsed (the daemon no longer asks the kernel)."""
+    store = rig.create()
+    pid = _gate_waiter(store, stamp, 3.0 if stamp else 0.5)
+    store.put(text("news"))
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == (0 if stamp else 1)
+
+
+def test_a_waiter_killed_while_waiting_leaves_a_stamp_that_lapses(rig: Rig) -> None:
+    """A waiter SIGKILLed in its wait leaves its stamp, which stops counting once its
+    wait would have ended: nothing to undo, and the daemon's pulses stop by themselves."""
+    store = rig.create()
+    pid = _gate_waiter(store, True, 5.0)
+    stamped = time.time()
+    os.kill(pid, signal.SIGKILL)
+    assert _wait_for(pid) == signal.SIGKILL
+    buf = store.segment.buf
+    assert results.someone_waits(buf, stamped)
+    assert not results.someone_waits(buf, stamped + 5.0 + 0.05)

@@ -35,7 +35,7 @@ from ipcd.kernel.procs import SPIN_SECONDS as SPIN_SECONDS
 from ipcd.kernel.procs import alive, poll_seconds
 from ipcd.kernel.queues import Queue, QueueStats
 from ipcd.kernel.segments import Gate, Segment
-from ipcd.layout.results import Header, Result
+from ipcd.layout.results import WAIT_HORIZON_MS, Header, Result
 from ipcd.tables.results import ResultStore
 from ipcd.wire import protocol
 from ipcd.wire.protocol import Payload
@@ -341,13 +341,15 @@ class Client:
         gate = self._result_gate()
         deadline = time.monotonic() + timeout
         while True:
+            pause = min(max(deadline - time.monotonic(), 0.0), GATE_RECHECK)
+            self.store.waiting(pause)  # before the look: a result stored after it is pulsed
             result = self.result(job_id)
             if result is not None:
                 return result
             left = deadline - time.monotonic()
             if left <= 0:
                 raise self._timeout(job_id, timeout)
-            gate.wait(min(left, GATE_RECHECK))
+            gate.wait(min(left, pause))
 
     def await_news(self, timeout: float) -> None:
         """Sleep until the daemon announces a stored result (the result gate) or
@@ -356,7 +358,10 @@ class Client:
         job store in a tight loop.  Without a gate to wait on (no daemon, or a gate this
         user may not read) it simply sleeps."""
         try:
-            self._result_gate().wait(timeout)
+            gate = self._result_gate()
+            timeout = min(timeout, WAIT_HORIZON_MS / 1000)
+            self.store.waiting(timeout)
+            gate.wait(timeout)
         except IpcdError:
             time.sleep(timeout)
 

@@ -10,7 +10,8 @@ Layout (all integers little-endian; documented for other languages in docs/proto
       slot_size    u32
       next_seq     u64  sequence number the next result gets; its slot is seq % slot_count
       daemon_pid   u32  0 while no daemon serves the segment
-      reserved     u32
+      waiting_until u32 until when (Unix time in ms, modulo 2**32; 0: never) some client
+                        waits on the result gate: the daemon pulses it only then
       started      f64  when that daemon started (Unix time)
       ok_count     u64  results written with status ok since the segment was made
       error_count  u64  results written with status error
@@ -30,6 +31,17 @@ Layout (all integers little-endian; documented for other languages in docs/proto
       length       u32  bytes of data
       submitted    f64
       finished     f64
+
+Waiters say so in the header, not to the kernel: a writer that asked the gate how many
+wait (``semctl(GETZCNT)``) spent a system call per result, nearly always to hear "none".
+A waiter instead writes the time its wait ends into ``waiting_until`` before it looks
+for its result (:func:`mark_waiting`), and the daemon pulses the gate after a result
+only while that time lies ahead (:func:`someone_waits`).  A stamp, not a count, so that
+nothing needs undoing: a waiter killed while it waits leaves a time that passes by
+itself (ipcd's waits last at most a quarter of a second, and no stamp counts further
+ahead than WAIT_HORIZON_MS), after which the daemon saves its pulses again.  Two
+waiters writing at once can leave the earlier end; the other then sleeps out its own
+short wait, as one does whose pulse fell between its look and its wait.
 
 Why this shape: fixed slots make eviction trivial (the ring overwrites the oldest record)
 and let a reader find a job by comparing 16 bytes per slot.  Every write and read holds
@@ -58,6 +70,12 @@ RECORD_SIZE = 64
 _NEXT_SEQ_OFFSET = 24
 _COUNTS_OFFSET = 48
 _PID_OFFSET = 32
+_WAITING_OFFSET = 36
+_STARTED_OFFSET = 40
+#: The furthest ahead (ms) a waiter's stamp is believed: a later one is no ipcd
+#: client's (garbage, or a clock stepped back) and counts as nobody waiting.
+WAIT_HORIZON_MS = 60_000
+_MS_MASK = 0xFFFFFFFF
 _CRC_FROM = 8  # the CRC covers the record header from ``seq`` on, then the data
 #: The kind byte's flag for a result kept in a segment of its own.
 SPILLED_FLAG = 0x80
@@ -227,7 +245,39 @@ def read_header(buf: memoryview) -> Header | None:
 
 
 def set_daemon(buf: memoryview, pid: int, started: float) -> None:
-    struct.pack_into("<IId", buf, _PID_OFFSET, pid, 0, started)
+    """Record the serving daemon (its pid and start time), leaving ``waiting_until``."""
+    struct.pack_into("<I", buf, _PID_OFFSET, pid)
+    struct.pack_into("<d", buf, _STARTED_OFFSET, started)
+
+
+def _ms(when: float) -> int:
+    """Unix time ``when`` as waiting_until counts it: milliseconds modulo 2**32, never 0."""
+    return (int(when * 1000) & _MS_MASK) or 1
+
+
+def _ahead(stamp: int, now_ms: int) -> int:
+    """How many ms ``stamp`` lies after ``now_ms``, modulo 2**32 (a past one: huge)."""
+    return (stamp - now_ms) & _MS_MASK
+
+
+def mark_waiting(buf: memoryview, until: float, now: float) -> None:
+    """Say that this client waits on the result gate until Unix time ``until`` (at most
+    WAIT_HORIZON_MS after ``now``): written before it looks for its result, so that a
+    result stored after that look finds the stamp and is pulsed.  An end already
+    stamped further ahead (another waiter's) is kept.  One aligned 4-byte store, no
+    lock: see the module docstring for what a race costs."""
+    stamp = _ms(min(until, now + WAIT_HORIZON_MS / 1000))
+    now_ms = _ms(now)
+    current = int.from_bytes(buf[_WAITING_OFFSET : _WAITING_OFFSET + 4], "little")
+    if current and _ahead(stamp, now_ms) < _ahead(current, now_ms) <= WAIT_HORIZON_MS:
+        return
+    buf[_WAITING_OFFSET : _WAITING_OFFSET + 4] = stamp.to_bytes(4, "little")
+
+
+def someone_waits(buf: memoryview, now: float) -> bool:
+    """Whether a client said it waits on the gate at Unix time ``now`` (:func:`mark_waiting`)."""
+    stamp = int.from_bytes(buf[_WAITING_OFFSET : _WAITING_OFFSET + 4], "little")
+    return stamp != 0 and _ahead(stamp, _ms(now)) <= WAIT_HORIZON_MS
 
 
 def write_result(buf: memoryview, header: Header, result: Result) -> int:
