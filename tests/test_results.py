@@ -776,7 +776,7 @@ def _race_result(n: int) -> Result:
     """Write number ``n`` of the race: every field says ``n``, and so does every 8 bytes
     of its data, whose length also follows from ``n``."""
     return Result(
-        "race", n, Status.OK, Kind.BYTES, struct.pack("<Q", n) * (1 + n % 55), n & 0xFFFF,
+        "race", n, Status.OK, Kind.BYTES, struct.pack("<Q", n) * (1 + n % 500), n & 0xFFFF,
         float(n), float(n),
     )  # fmt: skip
 
@@ -785,9 +785,9 @@ def test_a_lock_free_read_racing_a_writer_never_accepts_a_torn_record(rig: Rig) 
     """A child process rewrites a two-slot ring as fast as ResultStore.put can while this
     process reads it with find_unlocked: every result the unlocked read accepts is one
     the writer wrote whole (each field and each 8 data bytes name the same write)."""
-    store = rig.create(size=64 + 2 * 512, slot_size=512)
+    store = rig.create(size=64 + 2 * 4096, slot_size=4096)
     reader = rig.open()
-    writes = 60_000
+    writes = 200_000
     ready_r, ready_w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the writer

@@ -70,12 +70,14 @@ RECORD_SIZE = 64
 _NEXT_SEQ_OFFSET = 24
 _COUNTS_OFFSET = 48
 _PID_OFFSET = 32
+_LENGTH_OFFSET = 44  # of a record's ``length``
 _WAITING_OFFSET = 36
 _STARTED_OFFSET = 40
 #: The furthest ahead (ms) a waiter's stamp is believed: a later one is no ipcd
 #: client's (garbage, or a clock stepped back) and counts as nobody waiting.
 WAIT_HORIZON_MS = 60_000
 _MS_MASK = 0xFFFFFFFF
+_U32 = struct.Struct("<I")
 _CRC_FROM = 8  # the CRC covers the record header from ``seq`` on, then the data
 #: The kind byte's flag for a result kept in a segment of its own.
 SPILLED_FLAG = 0x80
@@ -275,9 +277,13 @@ def mark_waiting(buf: memoryview, until: float, now: float) -> None:
 
 
 def someone_waits(buf: memoryview, now: float) -> bool:
-    """Whether a client said it waits on the gate at Unix time ``now`` (:func:`mark_waiting`)."""
-    stamp = int.from_bytes(buf[_WAITING_OFFSET : _WAITING_OFFSET + 4], "little")
-    return stamp != 0 and _ahead(stamp, _ms(now)) <= WAIT_HORIZON_MS
+    """Whether a client said it waits on the gate at Unix time ``now`` (:func:`mark_waiting`).
+
+    Asked after every result, so written out flat (as _ahead(stamp, _ms(now)); a ``now``
+    whose ms count is 0 reads as 0, not 1: a stamp of 1 then lies 1 ms ahead, no harm).
+    """
+    stamp: int = _U32.unpack_from(buf, _WAITING_OFFSET)[0]
+    return stamp != 0 and (stamp - int(now * 1000)) & _MS_MASK <= WAIT_HORIZON_MS
 
 
 def write_result(buf: memoryview, header: Header, result: Result) -> int:
@@ -342,9 +348,10 @@ def find_unlocked(buf: memoryview, job_id: str) -> tuple[bool, Result | None]:
     """:func:`find_result` without the lock, where the bytes prove themselves: (True, the
     result or None), or (False, None) when only a read under the lock can tell.
 
-    Per slot whose id matches, newest first: copy the record header, check ``state``
-    and ``length``, copy the data, check the CRC over both copies, then read ``state``,
-    ``crc`` and ``seq`` again and require them unchanged.  A writer that took the slot
+    Per slot whose id matches, newest first: copy the record (its header and as much
+    data as ``length`` said just before), check ``state`` and that ``length`` in the
+    copy, check the CRC over the copy, then read ``state``, ``crc`` and ``seq`` again
+    and require them unchanged.  A writer that took the slot
     while it was copied has by then set ``state`` to 1 and written a new ``seq`` (one
     no record ever had before), so the second look differs; the CRC also fails for any
     mixture of two records (all but one in 2**32, on a machine that reorders loads
@@ -368,19 +375,21 @@ def find_unlocked(buf: memoryview, job_id: str) -> tuple[bool, Result | None]:
         offset = HEADER_SIZE + (seq % count) * size
         if buf[offset + 16 : offset + 32] != wanted:
             continue
-        head = bytes(buf[offset : offset + RECORD_SIZE])
-        fields = RECORD.unpack(head)
-        state, crc, length = fields[0], fields[1], fields[8]
+        (length,) = _U32.unpack_from(buf, offset + _LENGTH_OFFSET)
+        if length > size - RECORD_SIZE:
+            return False, None
+        record = bytes(buf[offset : offset + RECORD_SIZE + length])  # one copy, then checks
+        fields = RECORD.unpack_from(record)
+        state, crc = fields[0], fields[1]
         if state == SlotState.EMPTY:
             continue
-        if state != SlotState.VALID or length > size - RECORD_SIZE or fields[6] & SPILLED_FLAG:
+        if state != SlotState.VALID or fields[8] != length or fields[6] & SPILLED_FLAG:
             return False, None
-        start = offset + RECORD_SIZE
-        data = bytes(buf[start : start + length])
-        if zlib.crc32(data, zlib.crc32(head[_CRC_FROM:])) != crc:
+        if zlib.crc32(memoryview(record)[_CRC_FROM:]) != crc:
             return False, None
-        if buf[offset : offset + 16] != head[:16] or head[16:32] != wanted:
+        if buf[offset : offset + 16] != record[:16] or record[16:32] != wanted:
             return False, None
+        data = record[RECORD_SIZE:]
         result = _record(fields, data)
         return (False, None) if result is None else (True, result)
     # No record found: sure only if no write began meanwhile.  A record being written
@@ -428,16 +437,21 @@ def _record(fields: tuple[Any, ...], data: bytes) -> Result | None:
         return Result(
             job_id=raw_id.rstrip(b"\0").decode("ascii"),
             type=type_,
-            status=Status(status),
-            kind=Kind(kind & ~SPILLED_FLAG),
+            status=_STATUSES[status],
+            kind=_KINDS[kind & ~SPILLED_FLAG],
             data=data,
             attempt=attempt,
             submitted=submitted,
             finished=finished,
             spill=spill,
         )
-    except (ValueError, UnicodeDecodeError):
+    except (IndexError, UnicodeDecodeError):
         return None
+
+
+#: The enums by value: a tuple lookup costs a fortieth of an enum call, on every read.
+_STATUSES = tuple(Status)
+_KINDS = tuple(Kind)
 
 
 def spilled_at(buf: memoryview, header: Header, seq: int) -> Result | None:

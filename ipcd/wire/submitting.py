@@ -8,7 +8,7 @@ envelopes on every call; here both are cut to what really differs per job.
   and one format per job instead of a ``getrandom(2)`` call.  The format is unchanged, 16
   lowercase hex digits.  Two submitters' ids collide only if the ranges they counted
   through overlap, which for submitters of ``a`` and ``b`` jobs happens with probability
-  about ``(a + b) / 2**64``; over all the submitters a store ever sees that is at most
+  about ``(a + b) / 2**63``; over all the submitters a store ever sees that is at most
   twice the chance of a collision among as many ids drawn at random each (and far less
   when few processes submit many jobs).  Nothing about a pid, a host or a restart enters
   the id, so none of them can make two ids meet.
@@ -30,8 +30,9 @@ from typing import Any
 
 from ipcd.errors import PayloadError
 
-#: Job ids are 16 hex digits: the counter wraps at 2**64.
-_ID_MASK = (1 << 64) - 1
+#: Bits of a counter's random start: below 2**63, it stays within 16 hex digits for
+#: 2**63 jobs, so it needs no wrapping.
+_START_BITS = 63
 
 
 class JobIds:
@@ -48,9 +49,9 @@ class JobIds:
 
     def __call__(self, pid: int) -> str:
         if pid != self._pid:
-            self._ids = itertools.count(int.from_bytes(os.urandom(8), "little"))
+            self._ids = itertools.count(int.from_bytes(os.urandom(8), "little") >> 64 - _START_BITS)
             self._pid = pid
-        return f"{next(self._ids) & _ID_MASK:016x}"
+        return "%016x" % next(self._ids)  # noqa: UP031 - a third quicker than an f-string
 
 
 class Template:
