@@ -311,6 +311,37 @@ def test_record_left_in_writing_state_is_not_read() -> None:
     assert ids(buf) == ["before", "after"]
 
 
+def test_the_unlocked_read_finds_what_the_locked_one_finds() -> None:
+    """Without a writer at work, find_unlocked is sure and agrees with find_result: the
+    newest record of an id, None for an id never stored or cleared."""
+    buf = ring()
+    for i in range(6):
+        put(buf, text(f"job{i % 3}", bytes([i]) * i))
+    for job_id in ("job0", "job1", "job2", "job9", ""):
+        assert results.find_unlocked(buf, job_id) == (True, find(buf, job_id))
+    results.clear_result(buf, header_of(buf), "job1")
+    assert results.find_unlocked(buf, "job1") == (True, None)
+
+
+def test_the_unlocked_read_leaves_to_the_lock_what_it_cannot_vouch_for() -> None:
+    """A matching record being written, failing its CRC, or spilled (whose segment only
+    the lock keeps), and a header that does not read, make find_unlocked unsure."""
+    buf = ring()
+    seq = put(buf, text("torn", b"data"))
+    offset = slot_offset(header_of(buf), seq)
+    struct.pack_into("<I", buf, offset, SlotState.WRITING)
+    assert results.find_unlocked(buf, "torn") == (False, None)
+    struct.pack_into("<I", buf, offset, SlotState.VALID)
+    assert results.find_unlocked(buf, "torn") == (True, text("torn", b"data"))
+    buf[offset + RECORD_SIZE] ^= 0x01
+    assert results.find_unlocked(buf, "torn") == (False, None)
+    put(buf, text("spilled")._replace(spill=results.Spilled(7, 1, 1000)))
+    assert find(buf, "spilled") is not None
+    assert results.find_unlocked(buf, "spilled") == (False, None)
+    buf[:8] = b"PHP_SM\0\0"
+    assert results.find_unlocked(buf, "spilled") == (False, None)
+
+
 def test_record_with_a_flipped_data_byte_is_not_read() -> None:
     """A record whose data no longer matches its CRC is never returned."""
     buf = ring()
@@ -401,6 +432,7 @@ def _check_safe_reads(buf: memoryview, job_ids: list[str]) -> None:
         return
     returned = results.iter_results(buf, header)
     returned += [r for r in (results.find_result(buf, header, i) for i in job_ids) if r]
+    returned += [r for r in (results.find_unlocked(buf, i)[1] for i in job_ids) if r]
     for result in returned:
         assert len(result.data) <= results.capacity(header.slot_size)
         assert any(
@@ -738,3 +770,157 @@ def test_a_daemon_store_mends_an_overwritten_header_keeping_its_records(rig: Rig
     assert store.take_mends() == []  # taken once
     store.put(Result("next", 2, Status.OK, Kind.TEXT, b"after"))
     assert [r.job_id for r in store.all()] == ["kept", "next"]
+
+
+def _race_result(n: int) -> Result:
+    """Write number ``n`` of the race: every field says ``n``, and so does every 8 bytes
+    of its data, whose length also follows from ``n``."""
+    return Result(
+        "race", n, Status.OK, Kind.BYTES, struct.pack("<Q", n) * (1 + n % 500), n & 0xFFFF,
+        float(n), float(n),
+    )  # fmt: skip
+
+
+def test_a_lock_free_read_racing_a_writer_never_accepts_a_torn_record(rig: Rig) -> None:
+    """A child process rewrites a two-slot ring as fast as ResultStore.put can while this
+    process reads it with find_unlocked: every result the unlocked read accepts is one
+    the writer wrote whole (each field and each 8 data bytes name the same write)."""
+    store = rig.create(size=64 + 2 * 4096, slot_size=4096)
+    reader = rig.open()
+    writes = 200_000
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the writer
+        try:
+            os.close(ready_r)
+            store.put(_race_result(1))
+            os.write(ready_w, b"w")
+            for n in range(2, writes + 1):
+                store.put(_race_result(n))
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    assert os.read(ready_r, 1) == b"w"
+    os.close(ready_r)
+    accepted = unsure = torn = 0
+    last = 0
+    try:
+        while last < writes:
+            sure, found = results.find_unlocked(reader.segment.buf, "race")
+            if not sure:
+                unsure += 1
+                continue
+            assert found is not None
+            accepted += 1
+            if found != _race_result(found.type):
+                torn += 1
+            last = max(last, found.type)
+    finally:
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    print(f"lock-free reads: {accepted} accepted, {unsure} left to the lock, {torn} torn")
+    assert torn == 0
+    assert accepted > 0
+    assert store.get("race") == _race_result(writes)
+
+
+# --- waiters in the header -------------------------------------------------------------------
+
+T0 = 1_700_000_000.0
+
+
+def test_a_waiters_stamp_holds_until_its_end_and_then_lapses() -> None:
+    """A stamp says someone waits from now until its end, not a millisecond after."""
+    buf = ring()
+    assert not results.someone_waits(buf, T0)
+    results.mark_waiting(buf, T0 + 0.25, T0)
+    assert results.someone_waits(buf, T0)
+    assert results.someone_waits(buf, T0 + 0.25)
+    assert not results.someone_waits(buf, T0 + 0.252)
+    assert not results.someone_waits(buf, T0 + 3600)
+
+
+def test_a_later_stamp_is_kept_and_an_earlier_one_replaced() -> None:
+    """A waiter whose wait ends sooner leaves another's later end; a lapsed end is
+    replaced by any new one."""
+    buf = ring()
+    results.mark_waiting(buf, T0 + 5, T0)
+    results.mark_waiting(buf, T0 + 1, T0 + 0.5)
+    assert results.someone_waits(buf, T0 + 4.9)
+    results.mark_waiting(buf, T0 + 11, T0 + 10)
+    assert results.someone_waits(buf, T0 + 10.9)
+    assert not results.someone_waits(buf, T0 + 11.1)
+
+
+def test_stamps_wrap_round_the_32_bit_millisecond_count() -> None:
+    """Across the moment the millisecond count wraps to 0, a stamp still holds until its
+    end and lapses after it."""
+    wrap = (2**32) / 1000 * 397_000  # a Unix time whose ms count is 0 modulo 2**32
+    buf = ring()
+    results.mark_waiting(buf, wrap + 0.1, wrap - 0.1)
+    assert results.someone_waits(buf, wrap - 0.1)
+    assert results.someone_waits(buf, wrap + 0.05)
+    assert not results.someone_waits(buf, wrap + 0.2)
+
+
+def test_a_stamp_beyond_the_horizon_counts_as_nobody() -> None:
+    """No stamp is written further ahead than WAIT_HORIZON_MS, and one found there (no
+    ipcd client's) is not believed."""
+    buf = ring()
+    results.mark_waiting(buf, T0 + 3600, T0)
+    assert results.someone_waits(buf, T0 + results.WAIT_HORIZON_MS / 1000 - 0.01)
+    assert not results.someone_waits(buf, T0 + results.WAIT_HORIZON_MS / 1000 + 0.01)
+    struct.pack_into("<I", buf, 36, (int(T0 * 1000) + results.WAIT_HORIZON_MS + 5) & 0xFFFFFFFF)
+    assert not results.someone_waits(buf, T0)
+
+
+def test_set_daemon_leaves_the_waiters_stamp() -> None:
+    """Recording the daemon does not erase a waiter's stamp (it shares a header word's
+    neighbourhood)."""
+    buf = ring()
+    results.mark_waiting(buf, T0 + 1, T0)
+    results.set_daemon(buf, 4321, T0)
+    assert results.someone_waits(buf, T0 + 0.5)
+    assert header_of(buf).daemon_pid == 4321
+
+
+def _gate_waiter(store: ResultStore, stamp: bool, pause: float) -> int:
+    """Fork a child that waits on the gate for ``pause`` seconds (after stamping its wait
+    when ``stamp``); it exits 0 when a pulse woke it, 1 when none came."""
+    gate = store.gate
+    assert gate is not None
+    pid = os.fork()
+    if pid == 0:
+        try:
+            if stamp:
+                store.waiting(pause)
+            os._exit(0 if gate.wait(pause) else 1)
+        finally:
+            os._exit(2)
+    while not gate._sem.waiting_for_zero:  # until the child is in its semop
+        time.sleep(0.001)
+    return pid
+
+
+@pytest.mark.parametrize("stamp", [True, False], ids=["stamped", "unstamped"])
+def test_a_result_pulses_the_gate_only_for_a_waiter_that_said_so(rig: Rig, stamp: bool) -> None:
+    """A put wakes a process waiting on the gate that stamped its wait in the header;
+    one that did not is not pulsed (the daemon no longer asks the kernel)."""
+    store = rig.create()
+    pid = _gate_waiter(store, stamp, 3.0 if stamp else 0.5)
+    store.put(text("news"))
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == (0 if stamp else 1)
+
+
+def test_a_waiter_killed_while_waiting_leaves_a_stamp_that_lapses(rig: Rig) -> None:
+    """A waiter SIGKILLed in its wait leaves its stamp, which stops counting once its
+    wait would have ended: nothing to undo, and the daemon's pulses stop by themselves."""
+    store = rig.create()
+    pid = _gate_waiter(store, True, 5.0)
+    stamped = time.time()
+    os.kill(pid, signal.SIGKILL)
+    assert _wait_for(pid) == signal.SIGKILL
+    buf = store.segment.buf
+    assert results.someone_waits(buf, stamped)
+    assert not results.someone_waits(buf, stamped + 5.0 + 0.05)

@@ -35,10 +35,11 @@ from ipcd.kernel.procs import SPIN_SECONDS as SPIN_SECONDS
 from ipcd.kernel.procs import alive, poll_seconds
 from ipcd.kernel.queues import Queue, QueueStats
 from ipcd.kernel.segments import Gate, Segment
-from ipcd.layout.results import Header, Result
+from ipcd.layout.results import WAIT_HORIZON_MS, Header, Result
 from ipcd.tables.results import ResultStore
 from ipcd.wire import protocol
 from ipcd.wire.protocol import Payload
+from ipcd.wire.submitting import JobIds, Template
 
 if TYPE_CHECKING:
     # Imported where used: the submit path that cron scripts take does not need them.
@@ -101,6 +102,9 @@ class Client:
         self._notified: set[bytes] = set()
         #: Segments status() attached, for close().
         self._attached: list[Segment] = []
+        #: This client's job ids and envelope templates (ipcd.wire.submitting).
+        self._ids = JobIds()
+        self._templates: dict[tuple[bool, bool], Template] = {}
 
     @property
     def keys(self) -> Keys:
@@ -166,21 +170,28 @@ class Client:
             raise UsageError(
                 f"expire {expire} is outside 0..{protocol.MAX_EXPIRE:.0f} seconds (not 0)"
             )
-        job_id = protocol.new_job_id()
+        pid = os.getpid()
+        job_id = self._ids(pid)
         if notify or confirm:
             self.queue  # noqa: B018 - no job queue is the first thing to say
             self._reply_queue()  # fail before sending when no one could wake us
-        pid = os.getpid()
         reply_to = pid if notify else None
         asks = pid if confirm else None
         due = time.time() + delay if delay else None
         body = None
         if not _surely_too_large(payload, self.queue):
-            body = protocol.encode(
-                payload, job_id=job_id, reply_to=reply_to, timeout=job_timeout, unique=unique,
-                confirm=asks, due=due, priority=priority, expire=expire,
-                after=waits_for,
-            )  # fmt: skip
+            if (
+                job_timeout is None and unique is None and due is None and not priority
+                and expire is None and not waits_for
+            ):  # fmt: skip
+                # The common case: only the id, the time and the payload change per job.
+                body = self._template(pid, notify, confirm).encode(payload, job_id, time.time())
+            else:
+                body = protocol.encode(
+                    payload, job_id=job_id, reply_to=reply_to, timeout=job_timeout,
+                    unique=unique, confirm=asks, due=due, priority=priority, expire=expire,
+                    after=waits_for,
+                )  # fmt: skip
             if not self.queue.fits(len(body)):
                 body = None
             elif len(body) > self.config.jobs.max_payload:  # a tiny limit; rare, so exact now
@@ -330,13 +341,15 @@ class Client:
         gate = self._result_gate()
         deadline = time.monotonic() + timeout
         while True:
+            pause = min(max(deadline - time.monotonic(), 0.0), GATE_RECHECK)
+            self.store.waiting(pause)  # before the look: a result stored after it is pulsed
             result = self.result(job_id)
             if result is not None:
                 return result
             left = deadline - time.monotonic()
             if left <= 0:
                 raise self._timeout(job_id, timeout)
-            gate.wait(min(left, GATE_RECHECK))
+            gate.wait(min(left, pause))
 
     def await_news(self, timeout: float) -> None:
         """Sleep until the daemon announces a stored result (the result gate) or
@@ -345,7 +358,10 @@ class Client:
         job store in a tight loop.  Without a gate to wait on (no daemon, or a gate this
         user may not read) it simply sleeps."""
         try:
-            self._result_gate().wait(timeout)
+            gate = self._result_gate()
+            timeout = min(timeout, WAIT_HORIZON_MS / 1000)
+            self.store.waiting(timeout)
+            gate.wait(timeout)
         except IpcdError:
             time.sleep(timeout)
 
@@ -441,6 +457,14 @@ class Client:
         from ipcd.tables.failed import FailedList
 
         return FailedList.open(self.keys.failed)
+
+    def _template(self, pid: int, reply: bool, confirm: bool) -> Template:
+        """The envelope template for these options, made anew in a forked child."""
+        template = self._templates.get((reply, confirm))
+        if template is None or template.pid != pid:
+            template = protocol.template(pid, reply=reply, confirm=confirm)
+            self._templates[reply, confirm] = template
+        return template
 
     def _reply_queue(self) -> Queue:
         if self._replies is None:

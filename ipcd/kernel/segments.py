@@ -335,14 +335,14 @@ class Gate(_Semaphore):
         return gate
 
     def pulse(self) -> None:
-        """Wake every waiter; with nobody waiting (the usual case) one semctl, not two.
+        """Wake every waiter: two semctls.  The daemon asks first whether anyone waits
+        (the result segment's ``waiting_until``, ipcd.layout.results), not the kernel.
 
-        A waiter that starts waiting just after the count was read misses this pulse, as
-        one that starts just after a pulse always did: waiters look again every 0.25 s.
+        A waiter that starts waiting just after the pulse misses it, as one always did:
+        waiters look again every 0.25 s.
         """
-        if self._sem.waiting_for_zero:
-            self._sem.value = 0
-            self._sem.value = 1
+        self._sem.value = 0
+        self._sem.value = 1
 
     def wait(self, timeout: float) -> bool:
         """Wait for the next pulse, at most ``timeout`` seconds; False when none came."""

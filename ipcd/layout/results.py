@@ -10,7 +10,8 @@ Layout (all integers little-endian; documented for other languages in docs/proto
       slot_size    u32
       next_seq     u64  sequence number the next result gets; its slot is seq % slot_count
       daemon_pid   u32  0 while no daemon serves the segment
-      reserved     u32
+      waiting_until u32 until when (Unix time in ms, modulo 2**32; 0: never) some client
+                        waits on the result gate: the daemon pulses it only then
       started      f64  when that daemon started (Unix time)
       ok_count     u64  results written with status ok since the segment was made
       error_count  u64  results written with status error
@@ -31,6 +32,17 @@ Layout (all integers little-endian; documented for other languages in docs/proto
       submitted    f64
       finished     f64
 
+Waiters say so in the header, not to the kernel: a writer that asked the gate how many
+wait (``semctl(GETZCNT)``) spent a system call per result, nearly always to hear "none".
+A waiter instead writes the time its wait ends into ``waiting_until`` before it looks
+for its result (:func:`mark_waiting`), and the daemon pulses the gate after a result
+only while that time lies ahead (:func:`someone_waits`).  A stamp, not a count, so that
+nothing needs undoing: a waiter killed while it waits leaves a time that passes by
+itself (ipcd's waits last at most a quarter of a second, and no stamp counts further
+ahead than WAIT_HORIZON_MS), after which the daemon saves its pulses again.  Two
+waiters writing at once can leave the earlier end; the other then sleeps out its own
+short wait, as one does whose pulse fell between its look and its wait.
+
 Why this shape: fixed slots make eviction trivial (the ring overwrites the oldest record)
 and let a reader find a job by comparing 16 bytes per slot.  Every write and read holds
 the semaphore (SEM_UNDO, with a timeout); a writer killed mid-record leaves ``state`` at
@@ -45,7 +57,7 @@ from __future__ import annotations
 import enum
 import struct
 import zlib
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ipcd.errors import NoResultError
 
@@ -58,6 +70,14 @@ RECORD_SIZE = 64
 _NEXT_SEQ_OFFSET = 24
 _COUNTS_OFFSET = 48
 _PID_OFFSET = 32
+_LENGTH_OFFSET = 44  # of a record's ``length``
+_WAITING_OFFSET = 36
+_STARTED_OFFSET = 40
+#: The furthest ahead (ms) a waiter's stamp is believed: a later one is no ipcd
+#: client's (garbage, or a clock stepped back) and counts as nobody waiting.
+WAIT_HORIZON_MS = 60_000
+_MS_MASK = 0xFFFFFFFF
+_U32 = struct.Struct("<I")
 _CRC_FROM = 8  # the CRC covers the record header from ``seq`` on, then the data
 #: The kind byte's flag for a result kept in a segment of its own.
 SPILLED_FLAG = 0x80
@@ -227,7 +247,43 @@ def read_header(buf: memoryview) -> Header | None:
 
 
 def set_daemon(buf: memoryview, pid: int, started: float) -> None:
-    struct.pack_into("<IId", buf, _PID_OFFSET, pid, 0, started)
+    """Record the serving daemon (its pid and start time), leaving ``waiting_until``."""
+    struct.pack_into("<I", buf, _PID_OFFSET, pid)
+    struct.pack_into("<d", buf, _STARTED_OFFSET, started)
+
+
+def _ms(when: float) -> int:
+    """Unix time ``when`` as waiting_until counts it: milliseconds modulo 2**32, never 0."""
+    return (int(when * 1000) & _MS_MASK) or 1
+
+
+def _ahead(stamp: int, now_ms: int) -> int:
+    """How many ms ``stamp`` lies after ``now_ms``, modulo 2**32 (a past one: huge)."""
+    return (stamp - now_ms) & _MS_MASK
+
+
+def mark_waiting(buf: memoryview, until: float, now: float) -> None:
+    """Say that this client waits on the result gate until Unix time ``until`` (at most
+    WAIT_HORIZON_MS after ``now``): written before it looks for its result, so that a
+    result stored after that look finds the stamp and is pulsed.  An end already
+    stamped further ahead (another waiter's) is kept.  One aligned 4-byte store, no
+    lock: see the module docstring for what a race costs."""
+    stamp = _ms(min(until, now + WAIT_HORIZON_MS / 1000))
+    now_ms = _ms(now)
+    current = int.from_bytes(buf[_WAITING_OFFSET : _WAITING_OFFSET + 4], "little")
+    if current and _ahead(stamp, now_ms) < _ahead(current, now_ms) <= WAIT_HORIZON_MS:
+        return
+    buf[_WAITING_OFFSET : _WAITING_OFFSET + 4] = stamp.to_bytes(4, "little")
+
+
+def someone_waits(buf: memoryview, now: float) -> bool:
+    """Whether a client said it waits on the gate at Unix time ``now`` (:func:`mark_waiting`).
+
+    Asked after every result, so written out flat (as _ahead(stamp, _ms(now)); a ``now``
+    whose ms count is 0 reads as 0, not 1: a stamp of 1 then lies 1 ms ahead, no harm).
+    """
+    stamp: int = _U32.unpack_from(buf, _WAITING_OFFSET)[0]
+    return stamp != 0 and (stamp - int(now * 1000)) & _MS_MASK <= WAIT_HORIZON_MS
 
 
 def write_result(buf: memoryview, header: Header, result: Result) -> int:
@@ -288,6 +344,62 @@ def find_result(buf: memoryview, header: Header, job_id: str) -> Result | None:
     return None
 
 
+def find_unlocked(buf: memoryview, job_id: str) -> tuple[bool, Result | None]:
+    """:func:`find_result` without the lock, where the bytes prove themselves: (True, the
+    result or None), or (False, None) when only a read under the lock can tell.
+
+    Per slot whose id matches, newest first: copy the record (its header and as much
+    data as ``length`` said just before), check ``state`` and that ``length`` in the
+    copy, check the CRC over the copy, then read ``state``, ``crc`` and ``seq`` again
+    and require them unchanged.  A writer that took the slot
+    while it was copied has by then set ``state`` to 1 and written a new ``seq`` (one
+    no record ever had before), so the second look differs; the CRC also fails for any
+    mixture of two records (all but one in 2**32, on a machine that reorders loads
+    too).  Not sure, and so left to the locked read: an unreadable header (a restart
+    formatting the segment, another program's header), a matching slot that is being
+    written or does not check, and a spilled result, whose segment only the lock keeps
+    from being removed while it is copied; and no record found while ``next_seq``
+    moved (a record that was being written meanwhile may have looked empty or of
+    another id).  A result returned is one a writer wrote whole and that was in the
+    ring during the read; with ids that are not reused (the client's), it is the one a
+    locked read would return.
+    """
+    header = read_header(buf)
+    if header is None or header.next_seq == 0:
+        # 0 is also what a writer's pack_into leaves for a moment (it clears a field
+        # before it fills it); a ring with no result yet is as well read under the lock.
+        return False, None
+    wanted = job_id.encode("ascii", "replace")[:16].ljust(16, b"\0")
+    newest, count, size = header.next_seq, header.slot_count, header.slot_size
+    for seq in range(newest - 1, max(newest - count, 0) - 1, -1):
+        offset = HEADER_SIZE + (seq % count) * size
+        if buf[offset + 16 : offset + 32] != wanted:
+            continue
+        (length,) = _U32.unpack_from(buf, offset + _LENGTH_OFFSET)
+        if length > size - RECORD_SIZE:
+            return False, None
+        record = bytes(buf[offset : offset + RECORD_SIZE + length])  # one copy, then checks
+        fields = RECORD.unpack_from(record)
+        state, crc = fields[0], fields[1]
+        if state == SlotState.EMPTY:
+            continue
+        if state != SlotState.VALID or fields[8] != length or fields[6] & SPILLED_FLAG:
+            return False, None
+        if zlib.crc32(memoryview(record)[_CRC_FROM:]) != crc:
+            return False, None
+        if buf[offset : offset + 16] != record[:16] or record[16:32] != wanted:
+            return False, None
+        data = record[RECORD_SIZE:]
+        result = _record(fields, data)
+        return (False, None) if result is None else (True, result)
+    # No record found: sure only if no write began meanwhile.  A record being written
+    # is zeros for a moment (struct's pack_into clears the 64 bytes before it fills
+    # them), which reads as an empty slot or another id; a writer counts next_seq up
+    # before it touches the record, so the count tells.  (The one moment before that,
+    # when it marks the slot it takes, empties the oldest record: gone either way.)
+    return struct.unpack_from("<Q", buf, _NEXT_SEQ_OFFSET)[0] == newest, None
+
+
 def clear_result(buf: memoryview, header: Header, job_id: str) -> int:
     """Mark every record of ``job_id`` empty (the failed list's retry); returns how many."""
     wanted = job_id.encode("ascii", "replace")[:16].ljust(16, b"\0")
@@ -302,16 +414,21 @@ def clear_result(buf: memoryview, header: Header, job_id: str) -> int:
 
 def read_slot(buf: memoryview, offset: int, slot_size: int) -> Result | None:
     """Decode the record at ``offset``; ``None`` for empty, torn or corrupt records."""
-    state, crc, _seq, raw_id, type_, status, kind, attempt, length, submitted, finished = (
-        RECORD.unpack_from(buf, offset)
-    )
+    fields = RECORD.unpack_from(buf, offset)
+    state, crc, length = fields[0], fields[1], fields[8]
     if state != SlotState.VALID or length > slot_size - RECORD_SIZE:
         return None
     start = offset + RECORD_SIZE
     if zlib.crc32(buf[offset + _CRC_FROM : start + length]) != crc:
         return None
+    return _record(fields, bytes(buf[start : start + length]))
+
+
+def _record(fields: tuple[Any, ...], data: bytes) -> Result | None:
+    """The Result of a record's unpacked header and its data; None when a field is out
+    of range (a record no ipcd wrote)."""
+    _, _, _, raw_id, type_, status, kind, attempt, length, submitted, finished = fields
     spill = None
-    data = bytes(buf[start : start + length])
     if kind & SPILLED_FLAG:
         if length != SPILLED.size:
             return None
@@ -320,16 +437,21 @@ def read_slot(buf: memoryview, offset: int, slot_size: int) -> Result | None:
         return Result(
             job_id=raw_id.rstrip(b"\0").decode("ascii"),
             type=type_,
-            status=Status(status),
-            kind=Kind(kind & ~SPILLED_FLAG),
+            status=_STATUSES[status],
+            kind=_KINDS[kind & ~SPILLED_FLAG],
             data=data,
             attempt=attempt,
             submitted=submitted,
             finished=finished,
             spill=spill,
         )
-    except (ValueError, UnicodeDecodeError):
+    except (IndexError, UnicodeDecodeError):
         return None
+
+
+#: The enums by value: a tuple lookup costs a fortieth of an enum call, on every read.
+_STATUSES = tuple(Status)
+_KINDS = tuple(Kind)
 
 
 def spilled_at(buf: memoryview, header: Header, seq: int) -> Result | None:

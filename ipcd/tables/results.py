@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 #: How long any process waits for the semaphore before giving up: far longer than any
 #: critical section (a memcpy of one slot), far shorter than a wedge would need to last.
 LOCK_TIMEOUT = 5.0
+#: Seconds a waiter's stamp reaches past its wait: the look before the wait takes time.
+_WAKE_MARGIN = 0.01
 
 
 class ResultStore:
@@ -161,9 +163,19 @@ class ResultStore:
                 self.spills.mark(result.spill.entry, State.RESULT, result.spill.shmid)
         finally:
             self.lock.release()
-        if self.gate is not None:
-            self.gate.pulse()
+        if self.gate is not None and results.someone_waits(self.segment.buf, time.time()):
+            self.gate.pulse()  # only when a client said it waits: no semctl per result
         return seq
+
+    def waiting(self, seconds: float) -> None:
+        """Say in the header that this process waits on the result gate for the next
+        ``seconds``, so that each result stored meanwhile pulses it (results.mark_waiting);
+        call it before looking for the result.  Nothing is written into a header that is
+        not ipcd's."""
+        buf = self.segment.buf
+        if results.read_header(buf) is not None:
+            now = time.time()
+            results.mark_waiting(buf, now + seconds + _WAKE_MARGIN, now)
 
     def capacity(self) -> int | None:
         """Bytes of data one result may have, or None if the segment is not readable.
@@ -191,7 +203,16 @@ class ResultStore:
 
     def get(self, job_id: str) -> Result | None:
         """The newest result for ``job_id``; a spilled one is copied out of its segment
-        under the lock (one copy), so eviction cannot remove it halfway."""
+        under the lock (one copy), so eviction cannot remove it halfway.
+
+        Read first without the lock, where the record's CRC and sequence number prove
+        the copy whole (results.find_unlocked): a waiting client's usual read then costs
+        no semaphore round trip.  Whatever that read cannot vouch for is read again
+        under the lock.
+        """
+        sure, found = results.find_unlocked(self.segment.buf, job_id)
+        if sure:
+            return found
         self.lock.acquire(self.lock_timeout)
         try:
             found = results.find_result(self.segment.buf, self.header(), job_id)

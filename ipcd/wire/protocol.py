@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 from ipcd.errors import MessageError, PayloadError, RefusedPayloadError
 from ipcd.wire import jsoncodec
+from ipcd.wire.submitting import Template
 
 if TYPE_CHECKING:
     from ipcd.wire.phpserial import PhpValue
@@ -213,6 +214,13 @@ def encode(
         return _encode(doc).encode()
     except (TypeError, ValueError, RecursionError) as exc:
         raise PayloadError(f"payload cannot be encoded as JSON: {exc}") from None
+
+
+def template(pid: int, *, reply: bool = False, confirm: bool = False) -> Template:
+    """The envelope of a plain job from ``pid`` as a template (ipcd.wire.submitting):
+    byte for byte :func:`encode`'s with ``reply`` and ``confirm`` set to ``pid`` when
+    asked for, and none of the other optional fields."""
+    return Template(pid, reply=reply, confirm=confirm, encode_json=_encode)
 
 
 def decode(body: bytes, type_: int, *, received: float | None = None) -> Job:
