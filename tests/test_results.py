@@ -924,3 +924,55 @@ def test_a_waiter_killed_while_waiting_leaves_a_stamp_that_lapses(rig: Rig) -> N
     buf = store.segment.buf
     assert results.someone_waits(buf, stamped)
     assert not results.someone_waits(buf, stamped + 5.0 + 0.05)
+
+
+def test_a_write_in_progress_never_shows_an_empty_slot_or_a_cleared_count(rig: Rig) -> None:
+    """While a child process writes results for fresh ids as fast as ResultStore.put can,
+    a reader probing the header and the newest slot never sees ``next_seq`` go back (to
+    0: struct's pack_into clears a field before it fills it) nor a record whose write
+    began (its id is there) read as an empty slot.  The unlocked read takes both for
+    "surely no result" (docs/protocol.md; the PHP client trusts them always), so either
+    would make a waiter that looked during the write sleep through the pulse after it,
+    or a PHP waiter, already told the job ended, wait until its timeout."""
+    slots = 64
+    store = rig.create(size=64 + slots * 512, slot_size=512)
+    reader = rig.open()
+    buf = reader.segment.buf
+    writes = 100_000
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the writer
+        try:
+            os.close(ready_r)
+            store.put(text("w0000000"))
+            os.write(ready_w, b"w")
+            for n in range(1, writes):
+                store.put(text(f"w{n:07d}", b"x" * (n % 200)))
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    assert os.read(ready_r, 1) == b"w"
+    os.close(ready_r)
+    probes = went_back = emptied = 0
+    last = 1
+    seq_of = struct.Struct("<Q").unpack_from
+    state_of = struct.Struct("<I").unpack_from
+    try:
+        while last < writes:
+            probes += 1
+            count = seq_of(buf, 24)[0]
+            if count < last:
+                went_back += 1
+                continue
+            last = count
+            offset = HEADER_SIZE + ((count - 1) % slots) * 512
+            if buf[offset + 16 : offset + 24] != f"w{count - 1:07d}".encode():
+                continue  # the writer has not reached the id yet
+            state = state_of(buf, offset)[0]
+            if state == SlotState.EMPTY and seq_of(buf, 24)[0] - count < slots // 2:
+                emptied += 1  # begun, not yet overwritten, and yet "empty"
+    finally:
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    print(f"{probes} probes: next_seq went back {went_back}, a begun record empty {emptied}")
+    assert (went_back, emptied) == (0, 0)

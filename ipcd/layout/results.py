@@ -92,6 +92,11 @@ class SlotState(enum.IntEnum):
     VALID = 2
 
 
+#: A record's ``state`` word as write_result stores it: one 4-byte store each.
+_WRITING = SlotState.WRITING.to_bytes(4, "little")
+_VALID = SlotState.VALID.to_bytes(4, "little")
+
+
 class Status(enum.IntEnum):
     OK = 0
     ERROR = 1
@@ -302,8 +307,11 @@ def write_result(buf: memoryview, header: Header, result: Result) -> int:
     if len(data) > capacity(header.slot_size):
         raise ValueError(f"{len(data)} bytes do not fit a {header.slot_size}-byte slot")
     raw_id = result.job_id.encode("ascii")[:16].ljust(16, b"\0")  # fails before any write
-    struct.pack_into("<I", buf, offset, SlotState.WRITING)
-    struct.pack_into("<Q", buf, _NEXT_SEQ_OFFSET, seq + 1)
+    # The words a reader without the lock trusts (state, next_seq) change in one store
+    # each (a slice copy), never by struct's pack_into, which clears a field before it
+    # fills it: a reader would see an empty slot or a count of 0 in between.
+    buf[offset : offset + 4] = _WRITING
+    buf[_NEXT_SEQ_OFFSET : _NEXT_SEQ_OFFSET + 8] = (seq + 1).to_bytes(8, "little")
     RECORD.pack_into(
         buf,
         offset,
@@ -323,7 +331,7 @@ def write_result(buf: memoryview, header: Header, result: Result) -> int:
     buf[start : start + len(data)] = data
     crc = zlib.crc32(buf[offset + _CRC_FROM : start + len(data)])
     struct.pack_into("<I", buf, offset + 4, crc)
-    struct.pack_into("<I", buf, offset, SlotState.VALID)
+    buf[offset : offset + 4] = _VALID
     counter = _COUNTS_OFFSET + (8 if result.status is Status.ERROR else 0)
     (count,) = struct.unpack_from("<Q", buf, counter)
     struct.pack_into("<Q", buf, counter, count + 1)
