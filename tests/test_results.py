@@ -781,6 +781,26 @@ def _race_result(n: int) -> Result:
     )  # fmt: skip
 
 
+def _writer(store: ResultStore, writes: Iterator[Result]) -> int:
+    """Fork a child that puts ``writes`` into ``store`` as fast as it can; returns once
+    the first is stored (the child's PID)."""
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the writer
+        try:
+            os.close(ready_r)
+            store.put(next(writes))
+            os.write(ready_w, b"w")
+            for result in writes:
+                store.put(result)
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    assert os.read(ready_r, 1) == b"w"
+    os.close(ready_r)
+    return pid
+
+
 def test_a_lock_free_read_racing_a_writer_never_accepts_a_torn_record(rig: Rig) -> None:
     """A child process rewrites a two-slot ring as fast as ResultStore.put can while this
     process reads it with find_unlocked: every result the unlocked read accepts is one
@@ -788,20 +808,7 @@ def test_a_lock_free_read_racing_a_writer_never_accepts_a_torn_record(rig: Rig) 
     store = rig.create(size=64 + 2 * 4096, slot_size=4096)
     reader = rig.open()
     writes = 200_000
-    ready_r, ready_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the writer
-        try:
-            os.close(ready_r)
-            store.put(_race_result(1))
-            os.write(ready_w, b"w")
-            for n in range(2, writes + 1):
-                store.put(_race_result(n))
-        finally:
-            os._exit(0)
-    os.close(ready_w)
-    assert os.read(ready_r, 1) == b"w"
-    os.close(ready_r)
+    pid = _writer(store, (_race_result(n) for n in range(1, writes + 1)))
     accepted = unsure = torn = 0
     last = 0
     try:
@@ -939,20 +946,7 @@ def test_a_write_in_progress_never_shows_an_empty_slot_or_a_cleared_count(rig: R
     reader = rig.open()
     buf = reader.segment.buf
     writes = 100_000
-    ready_r, ready_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the writer
-        try:
-            os.close(ready_r)
-            store.put(text("w0000000"))
-            os.write(ready_w, b"w")
-            for n in range(1, writes):
-                store.put(text(f"w{n:07d}", b"x" * (n % 200)))
-        finally:
-            os._exit(0)
-    os.close(ready_w)
-    assert os.read(ready_r, 1) == b"w"
-    os.close(ready_r)
+    pid = _writer(store, (text(f"w{n:07d}", b"x" * (n % 200)) for n in range(writes)))
     probes = went_back = emptied = 0
     last = 1
     seq_of = struct.Struct("<Q").unpack_from
