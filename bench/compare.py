@@ -1,5 +1,5 @@
-"""``python -m bench.compare [REV] [--rounds N] [--seconds S]``: today's daemon against
-commit REV's (default: the job store before issue 13, run.STORE_BASELINE_REV), on jobs
+"""``python -m bench.compare [REV] [--rounds N] [--seconds S] [--no-capture]``: today's daemon
+against commit REV's (default: the job store before issue 13, run.STORE_BASELINE_REV), on jobs
 completed per second alone, confirmed and unconfirmed, unpinned and pinned.
 
 ``make bench`` has the same rows among fifty others, three rounds each; this runs only
@@ -34,11 +34,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("rev", nargs="?", default=STORE_BASELINE_REV, help="the other commit")
     parser.add_argument("--rounds", type=int, default=25, help="interleaved rounds (25)")
     parser.add_argument("--seconds", type=float, default=0.3, help="one sample's length (0.3)")
+    parser.add_argument(
+        "--no-capture",
+        action="store_true",
+        help="today's daemon with [jobs] max_output = 0: what the dispatcher's decisions "
+        "alone cost, without capturing each job's output",
+    )
     args = parser.parse_args(argv)
     with contextlib.ExitStack() as stack:
         source = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ipcd-base-")))
         short = export(args.rev, source)
-        today = BenchDaemon("today", workers=1).start()
+        extra = "\n[jobs]\nmax_output = 0\n" if args.no_capture else ""
+        today = BenchDaemon("today", workers=1, extra=extra).start()
         stack.callback(today.stop)
         other = BenchDaemon("other", workers=1, source=source).start()
         stack.callback(other.stop)

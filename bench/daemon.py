@@ -106,9 +106,10 @@ class BenchDaemon:
         log_level: str = "info",
         source: Path | None = None,
         store: str = "",
+        extra: str = "",
     ) -> None:
         """``source``: a directory with another commit's ``ipcd/`` for the daemon (export);
-        ``store``: more ``[store]`` settings, TOML lines."""
+        ``store``: more ``[store]`` settings, TOML lines; ``extra``: more sections."""
         self.name = name
         self.workers = workers
         self.source = source
@@ -139,6 +140,7 @@ class BenchDaemon:
             )
             + (STORE_SECTION + store if has_store(source) else "")
             + HANDLERS
+            + extra
         )
         self.config = config_mod.load(self.config_path)
         self.keys: Keys | None = None
