@@ -167,6 +167,18 @@ def test_concurrency_and_rate_together_take_the_smaller_room(path: str) -> None:
         assert state == LimitState(1, Limit(1, 10.0, 10), running=1, tokens=8, queued=3)
 
 
+def test_a_limited_types_queue_counts_no_job_past_its_expiry(path: str) -> None:
+    """What ``ipcctl status`` shows as waiting behind a limit: the jobs that may still
+    start, not one past its expiry that the master has yet to cancel."""
+    with _opened(path, {1: Limit(concurrency=1)}) as store:
+        store.add([_job("late", 1, NOW, expires=NOW + 1.0), _job("fine", 1, NOW + 0.5)])
+        [state] = store.limited(NOW)
+        assert state.queued == 2
+        [state] = store.limited(NOW + 2.0)
+        assert state.queued == 1
+        assert _ids(store.claim(5, NOW + 2.0)) == ["fine"]
+
+
 def test_tokens_refill_to_the_burst_and_a_clock_gone_back_adds_none() -> None:
     """The bucket's arithmetic: full when never written, refilled at the rate, capped."""
     limit = Limit(rate=0.5, burst=3)

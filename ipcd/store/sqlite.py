@@ -100,13 +100,14 @@ _INSERT = (
     f"INSERT INTO jobs ({', '.join(_INSERT_COLUMNS)}) "
     f"VALUES ({', '.join('?' * len(_INSERT_COLUMNS))}) ON CONFLICT (id) DO NOTHING"
 )
+# A queued job that may still start at ? (now): one past its expiry that was never
+# started is skipped (the master cancels it), a test of the row already read.
+_STARTABLE = "state = 'queued' AND (expires IS NULL OR expires > ? OR attempts > 0)"
 # The literal 'queued' lets SQLite use the partial index jobs_claim. The record and its
-# body in the one statement: a claim is a job's hot path.  A job past its expiry that was
-# never started is skipped (the master cancels it): a test of the row already read.
+# body in the one statement: a claim is a job's hot path.
 _CLAIM = (
     f"SELECT {_COLUMNS}, COALESCE(file, body) FROM jobs LEFT JOIN bodies ON job_id = id "
-    "WHERE state = 'queued' AND type BETWEEN ? AND ? "
-    f"AND (expires IS NULL OR expires > ? OR attempts > 0) {_DISPATCH} LIMIT ?"
+    f"WHERE {_STARTABLE} AND type BETWEEN ? AND ? {_DISPATCH} LIMIT ?"
 )
 _SCHEDULE_SELECT = f"SELECT {', '.join(ScheduleState._fields)} FROM schedules"
 _SCHEDULE_SAVE = (
@@ -650,7 +651,7 @@ class SqliteStore:
         ranges = _claim_ranges(skipped, capped) if skipped or capped else _EVERY_TYPE
         for low, high, cap in ranges:
             first = 1 if batches is not None else min(n - len(rows), cap)
-            rows += db.execute(_CLAIM, (low, high, now, first)).fetchall()
+            rows += db.execute(_CLAIM, (now, low, high, first)).fetchall()
             if len(rows) >= n or (batches is not None and rows):
                 break
         if batches is not None and rows:
@@ -662,7 +663,7 @@ class SqliteStore:
                 # would take the places of the handler's other workers while it waits.
                 size = 1
             if size > 1:  # the first job again, and more of its type after it
-                rows = db.execute(_CLAIM, (type_, type_, now, size)).fetchall()
+                rows = db.execute(_CLAIM, (now, type_, type_, size)).fetchall()
         for chunk in _chunks([row[0] for row in rows]):
             db.execute(
                 "UPDATE jobs SET state = 'running', attempts = attempts + 1, "
@@ -764,12 +765,11 @@ class SqliteStore:
 
     @staticmethod
     def _waiting(db: sqlite3.Connection, type_: int, now: float) -> bool:
-        """Whether a job of ``type_`` waits to be claimed (from the index jobs_claim)."""
+        """Whether a job of ``type_`` waits to be claimed and may still start."""
         return (
             db.execute(
-                "SELECT 1 FROM jobs WHERE state = 'queued' AND type = ? "
-                "AND (expires IS NULL OR expires > ? OR attempts > 0) LIMIT 1",
-                (type_, now),
+                f"SELECT 1 FROM jobs WHERE {_STARTABLE} AND type = ? LIMIT 1",
+                (now, type_),
             ).fetchone()
             is not None
         )
@@ -783,7 +783,7 @@ class SqliteStore:
             held = self._buckets(db)
             for type_, limit in sorted(self._limits.items()):
                 queued = db.execute(
-                    "SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND type = ?", (type_,)
+                    f"SELECT COUNT(*) FROM jobs WHERE {_STARTABLE} AND type = ?", (now, type_)
                 ).fetchone()[0]
                 left = None
                 if limit.rate is not None:
