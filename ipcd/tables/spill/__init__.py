@@ -20,7 +20,7 @@ from ipcd.kernel.segments import Segment
 from ipcd.layout.results import Kind, Result, Spilled, Status
 from ipcd.tables.spill.segment import ANOTHER_JOB, DATA, NOT_SPILL, Role, exists, mismatch
 from ipcd.tables.spill.table import Entry, SpillTable, State
-from ipcd.wire import protocol
+from ipcd.wire import protocol, split
 from ipcd.wire.protocol import Job, Payload
 
 #: The kind of a spilled payload, by the name the envelope gives it (``SpillRef.kind``).
@@ -54,38 +54,25 @@ def _as_data(payload: Payload) -> tuple[str, bytes]:
 
 
 def load(job: Job, table: SpillTable | None, max_payload: int) -> Job:
-    """The job with its payload read from its segment.
+    """The job with its payload read from its segment (:func:`attach`, then one copy).
 
-    MessageError when the payload is too large or the segment is gone or not this job's:
-    the job fails for good (a retry would find the same), so its entry goes at once.
+    MessageError when the payload is too large, the segment is gone or not this job's,
+    or its text or JSON is not valid: the job fails for good (a retry would find the
+    same), so its entry goes at once.
     """
+    ref = job.spill
+    segment = attach(job, table, max_payload)
+    if ref is None or segment is None:
+        return job
     try:
-        return _load(job, max_payload)
+        raw = bytes(segment.buf[DATA : DATA + ref.size])
+    finally:
+        segment.close()
+    try:
+        return job._replace(payload=split.payload(raw, ref.kind, job.id))
     except MessageError:
         settle(table, job)
         raise
-
-
-def _load(job: Job, max_payload: int) -> Job:
-    ref = job.spill
-    if ref is None:
-        return job
-    if ref.size > max_payload:
-        raise _bad(job, f"spilled payload of {ref.size} bytes exceeds [jobs] max_payload")
-    raw = _read(ref.shmid, job.id, ref.size, Role.PAYLOAD, KINDS[ref.kind])
-    if isinstance(raw, str):
-        raise _bad(job, raw)
-    payload: Payload = raw
-    try:
-        if ref.kind == "text":
-            payload = raw.decode("utf-8")
-        elif ref.kind == "json":
-            payload = protocol.payload_from_json(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        if isinstance(exc, MessageError):
-            raise
-        raise _bad(job, f"spilled payload is not valid {ref.kind}") from None
-    return job._replace(payload=payload)
 
 
 def attach(job: Job, table: SpillTable | None, max_payload: int) -> Segment | None:
@@ -240,7 +227,11 @@ def _attached(shmid: int, job_id: str, size: int, role: Role, kind: Kind) -> Seg
         if not exists(shmid):
             return _Gone(f"segment {shmid} does not exist")
         return f"segment {shmid} does not exist (or may not be read)"
-    why = _refused(segment, shmid, job_id, size, role, kind)
+    try:
+        why = _refused(segment, shmid, job_id, size, role, kind)
+    except BaseException:
+        segment.close()
+        raise
     if why:
         segment.close()
         return why
