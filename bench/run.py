@@ -82,10 +82,13 @@ BEANSTALKD_HINT = "apt-get install beanstalkd"
 #: The daemon the jobs-completed rows compare with (--baseline): main before the job
 #: store of issue 12, whose jobs go from the kernel queue straight to a worker.
 BASELINE_REV = "79c7d5f8461d93eb8be1a15f5ac6be574e7df640"
-#: The job store's daemon before issue 13's dispatcher (limits, dependencies, schedules,
-#: hooks, captured output) (--store-baseline): issue 13 may cost its common path, a job
-#: that uses none of them, at most 5 % of confirmed jobs completed per second.
-STORE_BASELINE_REV = "cf94030595f1ab4a5eafee3e6f599df7e3f8f068"
+#: The job store's daemon just before issue 13's dispatcher (limits, dependencies,
+#: schedules, hooks, captured output) reached it (--store-baseline): issue 13 may cost its
+#: common path, a job that uses none of them, at most 5 % of confirmed jobs completed per
+#: second.  This is the store with its own speed-ups (1 KiB pages, the backlog read in
+#: the intake's commit), so that they do not hide what issue 13 costs; its ``ipcctl
+#: wait`` changes no daemon code.
+STORE_BASELINE_REV = "e51d90dee63b4a8dbf8f54002477c82f6cf128ba"
 #: What the store baseline's rows ask of today's figures (issue 13).
 OVER_STORE_BASELINE = Target(">=", 0.95)
 
