@@ -15,7 +15,9 @@ killed after its send leaves an entry that says its job is queued.  One killed b
 mark and the send, or while blocked on a full queue, leaves a QUEUED entry for a job that
 was never sent: the sweep frees it once the sender is dead, the queue empty and no
 in-flight slot names the segment, at two sweeps in a row (one at start, when nothing
-moves jobs).  At start it also frees RESULT entries the ring no longer holds.
+moves jobs).  At start it also frees RESULT entries the ring no longer holds, and keeps
+the pool's spares (ipcd.tables.spill.table) a killed daemon left, up to [results]
+pool_bytes: they are reused.  ``ipcd stop`` removes the spares (:func:`drop_pool`).
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ class Sweeper:
                     taken = {e.shmid for e in table if e.state is not State.FREE}
                     taken = (taken | flying) - {entry.shmid}
                     found = orphans(
-                        shm, entry.pid, entry.shmid, entry.claimed_at, entry.size, taken
+                        shm, entry.pid, entry.shmid, entry.claimed_at, entry.capacity, taken
                     )
                     segments += sum(remove_id(shmid) for shmid in found)
                 elif entry in unsent:
@@ -87,6 +89,7 @@ class Sweeper:
                     segments += removed
                 elif (
                     entry.state is State.RESULT
+                    and not entry.spare  # the pool's: no record names it
                     and referenced is not None
                     and entry.shmid not in referenced
                 ):
@@ -96,8 +99,15 @@ class Sweeper:
                 self.table.clear(entry.slot)
                 entries += 1
             by_payloads = self.table.counters()[1]
+        if store is not None:  # a killed daemon's spares serve, within today's pool
+            segments += self.table.drop_spares(self.table.pool_bytes())
         seen, self._seen_evicted = self._seen_evicted, by_payloads
         return Swept(entries, segments, by_payloads - seen if seen is not None else 0)
+
+    def drop_pool(self) -> int:
+        """Remove every spare (at stop: a stopped daemon keeps no memory for results it
+        will not make); how many went."""
+        return self.table.drop_spares(0)
 
     def _nowhere(self, table: list[Entry], *, at_start: bool) -> list[Entry]:
         """The QUEUED entries whose job was never sent (its sender died between marking

@@ -4,13 +4,20 @@ It is made with IPC_PRIVATE (key 0), so only its id names it, and it starts with
 header that says whose it is; ipcd.tables.spill.table records every one.  Layout
 (little-endian)::
 
-    magic 8s b"IPCDSPD\0", version u32, role u32 (0 payload, 1 result), kind u32 (0 bytes,
-    1 text, 2 JSON), reserved u32, size u64, job_id 16s, zeros to 64 bytes; then the data
+    magic 8s b"IPCDSPD\0", version u32, role u32 (0 payload, 1 result, 2 spare), kind u32
+    (0 bytes, 1 text, 2 JSON), reserved u32, size u64, job_id 16s, zeros to 64 bytes; then
+    the data
 
 Data is copied once in (the producer writes straight into the segment) and once out (the
 reader copies it into a bytes object): no base64, no JSON, no CRC over the data.  Before
 anything removes a segment by id it checks this header, so a forged or stale id cannot
 make ipcd remove a segment that is not that job's.
+
+A *spare* is a result's segment kept after its result was evicted, for the next large
+result (ipcd.tables.spill.table, "The pool"): its header keeps the last job's id, so
+that whatever removes it by that id still may, but says role 2, so that a reader of
+that job's result finds no result (:data:`SPARE`) rather than bytes about to be
+overwritten.  Reusing it writes the new job's header first, then the data.
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ from ipcd.layout.results import Kind
 MAGIC = b"IPCDSPD\0"
 VERSION = 1
 HEADER = struct.Struct("<8sIIIIQ16s")
+#: The role in the header, on its own (:func:`make_spare`).
+ROLE = struct.Struct("<I")
+ROLE_OFFSET = 12
 #: Where a spill segment's data starts.
 DATA = 64
 #: How long after claiming a dead creator's segment may have been made (clock skew).
@@ -37,9 +47,14 @@ NOT_SPILL = "is not a spill segment"
 ANOTHER_JOB = "belongs to another job, not "
 
 
+SPARE = "was evicted (kept as a spare)"
+
+
 class Role(enum.IntEnum):
     PAYLOAD = 0
     RESULT = 1
+    #: A result's segment kept for the next result (the pool).
+    SPARE = 2
 
 
 def write(segment: Segment, data: bytes, *, job_id: str, role: Role, kind: Kind) -> None:
@@ -59,11 +74,18 @@ def mismatch(segment: Segment, job_id: str, size: int | None, role: Role | None,
         return NOT_SPILL
     if raw_id.rstrip(b"\0").decode("ascii", "replace") != job_id:
         return ANOTHER_JOB
+    if s_role == Role.SPARE and role is not None and role != Role.SPARE:
+        return SPARE
     if size is not None and (s_size != size or segment.size < DATA + size):
         return f"holds {s_size} bytes, not {size}"
     if (role is not None and s_role != role) or (kind is not None and s_kind != kind):
         return "holds another kind of data"
     return ""
+
+
+def make_spare(segment: Segment) -> None:
+    """Mark a result's segment spare: only the role changes (the caller checked whose it is)."""
+    ROLE.pack_into(segment.buf, ROLE_OFFSET, Role.SPARE)
 
 
 def remove_checked(shmid: int, job_id: str) -> bool:
