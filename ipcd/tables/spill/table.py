@@ -442,21 +442,10 @@ class SpillTable:
             if index is None:
                 return None
             self._write(Entry(index, State.CLAIMING, os.getpid(), time.time(), -1, 0, "", pages))
-        shmid = -1
-        try:
-            segment = Segment.create_private(DATA + pages * PAGE, 0o600 | (self.mode & 0o044))
-            shmid = segment.id
-            self.record(index, shmid)
-            try:
-                write(segment, b"", job_id="", role=Role.SPARE, kind=Kind.BYTES)
-                segment.give_to(None, self.gid)
-            finally:
-                segment.close()
-        except BaseException:
-            if shmid >= 0:
-                remove_id(shmid)
-            self.free(index)
-            raise
+        shmid = self._written(
+            index, None, pages * PAGE, b"", job_id="", role=Role.SPARE, kind=Kind.BYTES,
+            mode=0o600 | (self.mode & 0o044), owner=None, faulted=DATA + pages * PAGE,
+        )  # fmt: skip
         with self.lock.held(LOCK_TIMEOUT):
             entry = self.entry(index)
             if entry.state is State.CLAIMING and entry.shmid == shmid:
@@ -616,16 +605,41 @@ class SpillTable:
         pooled = role is Role.RESULT and size >= POOL_FROM and self.pool_bytes() > 0
         claim, pages, spare = self._claim(job_id, size, role=role, refused=refused, pooled=pooled)
         index, evicted = claim
+        shmid = self._written(
+            index, spare, pages * PAGE or size, data, job_id=job_id, role=role, kind=kind,
+            mode=mode, owner=owner, faulted=DATA + size,
+        )  # fmt: skip
+        return index, shmid, evicted
+
+    def _written(
+        self,
+        index: int,
+        spare: Entry | None,
+        capacity: int,
+        data: bytes,
+        *,
+        job_id: str,
+        role: Role,
+        kind: Kind,
+        mode: int,
+        owner: int | None,
+        faulted: int,
+    ) -> int:
+        """For the claimed entry ``index``: the spare's segment, else a new one with room
+        for ``capacity`` bytes (its id recorded at once, its first ``faulted`` bytes
+        mapped in); header and data written; handed to ``owner`` (and a result's to the
+        daemon's group).  On any failure the segment is removed and the entry freed
+        before the error goes on.  Returns the segment's id."""
         shmid = -1
         try:
-            segment = _reused(spare, size) if spare is not None else None
+            segment = _reused(spare, len(data)) if spare is not None else None
             if segment is None:
-                segment = Segment.create_private(DATA + (pages * PAGE or size), mode, DATA + size)
+                segment = Segment.create_private(DATA + capacity, mode, faulted)
                 self.record(index, segment.id)
             shmid = segment.id
             try:
                 write(segment, data, job_id=job_id, role=role, kind=kind)
-                segment.give_to(owner, self.gid if role is Role.RESULT else None)
+                segment.give_to(owner, self.gid if role is not Role.PAYLOAD else None)
             finally:
                 segment.close()
         except BaseException:
@@ -633,7 +647,7 @@ class SpillTable:
                 remove_id(shmid)
             self.free(index)
             raise
-        return index, shmid, evicted
+        return shmid
 
 
 def _reused(spare: Entry, size: int) -> Segment | None:
