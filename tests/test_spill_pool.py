@@ -154,3 +154,116 @@ def test_spares_of_a_killed_daemon_are_reused_by_the_next(instance: Instance) ->
         assert held[result.job_id].shmid == spare.shmid
     finally:
         assert instance.ipcd("stop").returncode == 0
+
+
+class _NoFlight:
+    """An in-flight table with no slots (the sweep looks there for envelopes)."""
+
+    workers = 0
+    parked = 0
+
+
+def _table_with_spare(instance: Instance, mode: int, entries: int) -> tuple[SpillTable, int]:
+    """A spill table at the instance's key holding one spare of 100 KiB (a pooled result
+    the ring evicted), and the spare's shmid."""
+    from ipcd.layout.results import Kind
+    from ipcd.tables.spill.segment import Role
+
+    table = SpillTable.create(instance.keys.spill, mode, entries, pool_bytes=MIB)
+    index, shmid, _ = table.put(
+        b"a" * (100 << 10), job_id="joba", kind=Kind.BYTES, role=Role.RESULT,
+        mode=mode & 0o640, owner=None, refused="not stored",
+    )  # fmt: skip
+    table.mark(index, State.RESULT, shmid)
+    table.retire(shmid, "joba", index)
+    assert table.entry(index).spare
+    return table, shmid
+
+
+def _unnamed(table: SpillTable, shmid: int) -> bool:
+    """Whether the segment exists with no entry naming it (and remove it if so)."""
+    from ipcd.kernel.segments import remove_id
+    from ipcd.tables.spill.segment import exists
+
+    named = {e.shmid for e in table.entries() if e.state is not State.FREE}
+    if exists(shmid) and shmid not in named:
+        remove_id(shmid)
+        return True
+    return False
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another user")
+def test_a_spare_another_users_client_evicts_is_swept(instance: Instance) -> None:
+    """A client of another user than the daemon whose payload claim evicts a spare may
+    not remove it and frees its entry: the master's next sweep removes it."""
+    from ipcd.daemon.sweep import Sweeper
+    from ipcd.tables.spill.segment import Role
+
+    table, shmid = _table_with_spare(instance, 0o660, 1)
+    key = instance.keys.spill
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the client, as uid 1 in the table's group
+        code = 1
+        try:
+            os.setgroups([0])
+            os.setgid(0)
+            os.setuid(1)
+            SpillTable.open(key).claim("jobp", 200 << 10, role=Role.PAYLOAD, refused="no")
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    try:
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        assert [e.state for e in table.entries()] == [State.CLAIMING]  # the client's
+        Sweeper(table, None, _NoFlight()).sweep()  # type: ignore[arg-type]
+        assert not _unnamed(table, shmid), "the evicted spare was left behind"
+    finally:
+        table.segment.close()
+
+
+def test_the_sweep_leaves_another_tables_spare_alone(instance: Instance) -> None:
+    """A spare no entry names is removed only by the sweep of the table it was made for
+    (another daemon of the same user keeps its own)."""
+    from ipcd.daemon.sweep import Sweeper
+    from ipcd.kernel.segments import remove_id
+    from ipcd.tables.purge import remove_all
+    from ipcd.tables.spill.segment import exists
+
+    other_key = instance.keys.spill ^ 0x5A5A0000
+    theirs, spare = _table_with_spare(instance, 0o600, 1)  # at the instance's key...
+    ours = SpillTable.create(other_key, 0o600, 1, pool_bytes=MIB)  # ...and ours beside
+    try:
+        theirs.clear(0)  # unnamed in its own table, never named in ours
+        Sweeper(ours, None, _NoFlight()).sweep()  # type: ignore[arg-type]
+        assert exists(spare), "another table's spare was removed"
+    finally:
+        remove_id(spare)
+        theirs.segment.close()
+        ours.segment.close()
+        remove_all((other_key,))
+
+
+def test_a_dead_claimer_of_a_reused_spare_leaves_nothing(instance: Instance) -> None:
+    """A worker killed while writing a result into a spare another process made: the
+    master's sweep frees its entry and removes the segment (orphans() alone looks only
+    at what the dead claimer made)."""
+    from ipcd.daemon.sweep import Sweeper
+    from ipcd.tables.spill.segment import Role
+
+    table, shmid = _table_with_spare(instance, 0o600, 2)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - a worker that dies after claiming the spare
+        try:
+            table._claim("jobb", 90 << 10, role=Role.RESULT, refused="no", pooled=True)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    try:
+        (claiming,) = [e for e in table.entries() if e.state is State.CLAIMING]
+        assert claiming.shmid == shmid and claiming.pid == pid
+        Sweeper(table, None, _NoFlight()).sweep()  # type: ignore[arg-type]
+        assert [e.state for e in table.entries()] == [State.FREE, State.FREE]
+        assert not _unnamed(table, shmid), "the reused spare was left behind"
+    finally:
+        table.segment.close()

@@ -62,8 +62,9 @@ Layout (little-endian)::
                             pages u32 (a pooled segment's capacity in 4 KiB pages; 0:
                             exactly size bytes), size u64, job_id 16s
     spill segment:          magic 8s b"IPCDSPD\\0", version u32, role u32 (0 payload,
-                            1 result, 2 spare), kind u32 (0 bytes, 1 text, 2 JSON), reserved u32,
-                            size u64, job_id 16s, zeros to 64 bytes; then the raw data
+                            1 result, 2 spare), kind u32 (0 bytes, 1 text, 2 JSON),
+                            table u32 (the table's key; 0 from an older ipcd), size u64,
+                            job_id 16s, zeros to 64 bytes; then the raw data
 
 Data is copied once in (the producer writes straight into the segment) and once out (the
 reader copies it into a bytes object): no base64, no JSON, no CRC over the data.
@@ -638,7 +639,7 @@ class SpillTable:
                 self.record(index, segment.id)
             shmid = segment.id
             try:
-                write(segment, data, job_id=job_id, role=role, kind=kind)
+                write(segment, data, job_id=job_id, role=role, kind=kind, table=self.segment.key)
                 segment.give_to(owner, self.gid if role is not Role.PAYLOAD else None)
             finally:
                 segment.close()
