@@ -267,3 +267,34 @@ def test_a_dead_claimer_of_a_reused_spare_leaves_nothing(instance: Instance) -> 
         assert not _unnamed(table, shmid), "the reused spare was left behind"
     finally:
         table.segment.close()
+
+
+def test_a_spare_more_open_than_the_mode_is_not_reused(instance: Instance) -> None:
+    """A spare a daemon with a looser ``[ipc] mode`` left (group-readable) is not written
+    into by a daemon whose results are owner-only: the result gets a new segment of the
+    tighter mode, and the master's sweep removes the old spare."""
+    from ipcd.daemon.sweep import Sweeper
+    from ipcd.kernel.segments import Segment, remove_id
+    from ipcd.layout.results import Kind
+    from ipcd.tables.spill.segment import Role
+
+    table, spare = _table_with_spare(instance, 0o660, 2)  # its results 0o640
+    made = -1
+    try:
+        _, made, _ = table.put(
+            b"b" * (90 << 10), job_id="jobb", kind=Kind.BYTES, role=Role.RESULT,
+            mode=0o600, owner=None, refused="not stored",
+        )  # fmt: skip
+        assert made != spare, "the group-readable spare took an owner-only result"
+        segment = Segment.attach_id(made)
+        assert segment is not None
+        try:
+            assert segment.info().mode == 0o600
+        finally:
+            segment.close()
+        Sweeper(table, None, _NoFlight()).sweep()  # type: ignore[arg-type]
+        assert not _unnamed(table, spare), "the passed-over spare was left behind"
+    finally:
+        if made >= 0:
+            remove_id(made)
+        table.segment.close()

@@ -409,7 +409,8 @@ class SpillTable:
         if segment is None:
             return False
         try:
-            if mismatch(segment, entry.job_id, None, Role.RESULT) or not _ours(segment):
+            mode = 0o600 | (self.mode & 0o044)  # as a result's segment is made
+            if mismatch(segment, entry.job_id, None, Role.RESULT) or not _ours(segment, mode):
                 return False
             make_spare(segment)
             return True
@@ -633,7 +634,7 @@ class SpillTable:
         before the error goes on.  Returns the segment's id."""
         shmid = -1
         try:
-            segment = _reused(spare, len(data)) if spare is not None else None
+            segment = _reused(spare, len(data), mode) if spare is not None else None
             if segment is None:
                 segment = Segment.create_private(DATA + capacity, mode, faulted)
                 self.record(index, segment.id)
@@ -651,15 +652,16 @@ class SpillTable:
         return shmid
 
 
-def _reused(spare: Entry, size: int) -> Segment | None:
+def _reused(spare: Entry, size: int, mode: int) -> Segment | None:
     """The spare's segment, attached to be written, if it still is that spare (one removed
-    meanwhile may have left its id to another segment); None: make a new one instead."""
+    meanwhile may have left its id to another segment) and opens it to no more than
+    ``mode`` would; None: make a new one instead (the master's sweep removes the spare)."""
     segment = Segment.attach_id(spare.shmid)
     if segment is None:
         return None
     if (
         mismatch(segment, spare.job_id, None, Role.SPARE)
-        or not _ours(segment)
+        or not _ours(segment, mode)
         or segment.size < DATA + size
     ):
         segment.close()
@@ -668,11 +670,13 @@ def _reused(spare: Entry, size: int) -> Segment | None:
     return segment
 
 
-def _ours(segment: Segment) -> bool:
-    """Whether this process's user made the segment and still owns it: only then does a
-    pooled result go into it (a planted one could be read by its maker)."""
+def _ours(segment: Segment, mode: int) -> bool:
+    """Whether this process's user made the segment, still owns it, and it grants no
+    permission beyond ``mode``: only then does a pooled result go into it (a planted one
+    could be read by its maker; one a daemon with a looser ``[ipc] mode`` left, by
+    users the configuration now keeps out)."""
     info = segment.info()
-    return info.cuid == info.uid == os.geteuid()
+    return info.cuid == info.uid == os.geteuid() and not info.mode & 0o777 & ~mode
 
 
 def usage(key: int) -> Usage | None:
