@@ -36,7 +36,6 @@ from ipcd.tables.spill.segment import (
     orphans,
     proc_shm,
     remove_checked,
-    remove_reused,
 )
 from ipcd.tables.spill.table import LOCK_TIMEOUT, Entry, SpillTable, State
 from ipcd.wire import protocol
@@ -92,7 +91,7 @@ class Sweeper:
                     segments += sum(remove_id(shmid) for shmid in found)
                     if entry.pages and entry.shmid not in found:
                         # a spare another process made, which the dead claimer reused
-                        segments += remove_reused(entry.shmid, entry.job_id)
+                        segments += remove_checked(entry.shmid, entry.job_id, or_spare=True)
                 elif entry in unsent:
                     removed = remove_checked(entry.shmid, entry.job_id)
                     if not removed and exists(entry.shmid):

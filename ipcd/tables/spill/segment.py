@@ -104,23 +104,6 @@ def is_spare(segment: Segment, table: int | None = None) -> bool:
     return bool(magic == MAGIC and version == VERSION and role == Role.SPARE)
 
 
-def remove_reused(shmid: int, job_id: str) -> bool:
-    """Remove a spare that a claimer died reusing for ``job_id``: its header names that
-    job (rewritten already) or still says spare (not yet).  Another process may have made
-    it, so :func:`orphans`, which trusts only what the dead claimer made, misses it."""
-    if shmid < 0:
-        return False
-    segment = Segment.attach_id(shmid, readonly=True)
-    if segment is None:
-        return False
-    try:
-        if mismatch(segment, job_id, None, None) and not is_spare(segment):
-            return False
-    finally:
-        segment.close()
-    return remove_id(shmid)
-
-
 def lost_spares(shm: list[list[str]], uid: int, listed: set[int], table: int) -> set[int]:
     """Spares no entry names (``listed``: the ids the table names; the caller holds the
     table's lock): key 0, made and owned by ``uid``, unattached, header spare and of the
@@ -145,15 +128,18 @@ def lost_spares(shm: list[list[str]], uid: int, listed: set[int], table: int) ->
     return found
 
 
-def remove_checked(shmid: int, job_id: str) -> bool:
-    """Remove the segment if its header says it is this job's spill segment."""
+def remove_checked(shmid: int, job_id: str, *, or_spare: bool = False) -> bool:
+    """Remove the segment if its header says it is this job's spill segment, or with
+    ``or_spare`` still a spare: a claimer that died reusing a spare for ``job_id`` left it
+    either rewritten or not yet.  Another process may have made such a spare, so
+    :func:`orphans`, which trusts only what the dead claimer made, misses it."""
     if shmid < 0:
         return False
     segment = Segment.attach_id(shmid, readonly=True)
     if segment is None:
         return False
     try:
-        if mismatch(segment, job_id, None, None):
+        if mismatch(segment, job_id, None, None) and not (or_spare and is_spare(segment)):
             return False
     finally:
         segment.close()
