@@ -142,6 +142,10 @@ class FakeSpills:
         if self.segments.get(shmid) == job_id:  # only this job's, as the real table
             del self.segments[shmid]
 
+    def refill(self, size: int) -> int | None:
+        self.journal.append(f"spill.refill {size}")
+        return None
+
     def hold_failed(self, shmid: int, job_id: str, hint: int | None = None) -> bool:
         self.journal.append(f"spill.hold_failed {shmid}")
         self.failed.add(shmid)
@@ -344,7 +348,12 @@ def test_a_result_larger_than_a_slot_is_spilled_before_it_is_stored() -> None:
     f.spills.evicts = (Entry(1, SpillState.RESULT, 1, 0.0, 70, 512, "old1"),)
     job = _job(spill=None, unique=None)
     f.finish(job, _ok(job, b"x" * 9000))
-    assert f.journal == ["spill.put job1 9000", "store job1 OK", f"reply {REPLY_TO} job1"]
+    assert f.journal == [  # the pool's spare is made after the reply, not before it
+        "spill.put job1 9000",
+        "store job1 OK",
+        f"reply {REPLY_TO} job1",
+        "spill.refill 9000",
+    ]
     stored = f.store.stored["job1"]
     assert (stored.data, stored.spill) == (b"", SPILLED)
     assert f.log.events == [

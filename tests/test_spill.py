@@ -88,8 +88,9 @@ def _stop(instance: Instance) -> None:
 
 
 def _in_use(instance: Instance) -> list[spilltable.Entry]:
+    """The entries naming a payload or result (not the pool's spares: tests/test_pool.py)."""
     table = SpillTable.open(instance.keys.spill)
-    return [e for e in table.entries() if e.state is not State.FREE]
+    return [e for e in table.entries() if e.state is not State.FREE and not e.spare]
 
 
 def _digest(data: bytes) -> dict[str, object]:
@@ -238,8 +239,9 @@ def test_result_above_max_result_is_an_error(instance: Instance) -> None:
 
 
 def test_ring_eviction_removes_a_spilled_result(instance: Instance) -> None:
-    """When the ring overwrites a spilled result, its segment and entry go with it."""
-    client = _start(instance, size=64 + 4 * 2048)  # four slots
+    """When the ring overwrites a spilled result, its segment and entry go with it (with
+    no pool to keep it as a spare)."""
+    client = _start(instance, size=64 + 4 * 2048, results="pool_bytes = 0")  # four slots
     try:
         big = client.call("big", str(MIB), timeout=30)
         assert big.ok and len(big.data) == MIB
@@ -768,19 +770,22 @@ def test_queued_payloads_leave_the_results_their_share(instance: Instance, tmp_p
 
 
 def test_status_and_stats_show_the_spill_table(instance: Instance) -> None:
-    """``ipcctl status`` (text and JSON) and ``stats --prometheus`` show the table's use."""
+    """``ipcctl status`` (text and JSON) and ``stats --prometheus`` show the table's use,
+    the pool's spare (made after the 1 MiB result's reply) among the slots used."""
     client = _start(instance)
     try:
         assert client.call("big", str(MIB), timeout=30).ok
         doc = json.loads(instance.ipcctl("status", "--json").stdout)["spill"]
-        assert (doc["slots"], doc["used"], doc["results"], doc["bytes"]) == (64, 1, 1, MIB)
+        assert (doc["slots"], doc["used"], doc["results"], doc["bytes"]) == (64, 2, 1, MIB)
+        assert (doc["spares"], doc["spare_bytes"], doc["pool_bytes"]) == (1, MIB, 64 * MIB)
         text = instance.ipcctl("status").stdout
         assert (
-            f"spill      1 of 64 slots used (1 results, 0 payloads, 0 failed), {MIB} bytes" in text
+            f"spill      2 of 64 slots used (1 results, 0 payloads, 0 failed), {MIB} bytes" in text
         )
+        assert f"pool: 1 spare segments, {MIB} of {64 * MIB} bytes" in text
         prom = instance.ipcctl("stats", "--prometheus").stdout.splitlines()
-        assert "ipcd_spill_slots_used 1" in prom and f"ipcd_spill_bytes {MIB}" in prom
-        assert "ipcd_spill_slots 64" in prom
+        assert "ipcd_spill_slots_used 2" in prom and f"ipcd_spill_bytes {MIB}" in prom
+        assert "ipcd_spill_slots 64" in prom and f"ipcd_spill_spare_bytes {MIB}" in prom
     finally:
         _stop(instance)
 

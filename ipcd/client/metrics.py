@@ -204,6 +204,9 @@ def spill_doc(spill: Usage) -> dict[str, int]:
         "bytes": spill.bytes,
         "result_bytes": spill.result_bytes,
         "evicted": spill.evicted,
+        "spares": spill.spares,
+        "spare_bytes": spill.spare_bytes,
+        "pool_bytes": spill.pool_bytes,
     }
 
 
@@ -212,7 +215,8 @@ def spill_text(spill: Usage) -> str:
     return (
         f"{spill.used} of {spill.slots} slots used ({spill.results} results, "
         f"{spill.payloads} payloads, {spill.failed} failed), {spill.bytes} bytes; "
-        f"{spill.evicted} results evicted for room"
+        f"{spill.evicted} results evicted for room; pool: {spill.spares} spare segments, "
+        f"{spill.spare_bytes} of {spill.pool_bytes} bytes"
     )
 
 
@@ -339,6 +343,11 @@ def prometheus(reading: Reading) -> str:
             spill.used,
         )
         out.gauge("ipcd_spill_bytes", "Bytes in large payloads and results.", spill.bytes)
+        out.gauge(
+            "ipcd_spill_spare_bytes",
+            "Bytes of spare segments kept for large results ([results] pool_bytes).",
+            spill.spare_bytes,
+        )
         out.counter(
             "ipcd_spill_evicted_total",
             "Large results evicted from the spill table to make room.",

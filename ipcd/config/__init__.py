@@ -82,6 +82,10 @@ class ResultsConfig(NamedTuple):
     #: Entries of the spill table large payloads may not take: kept for large results,
     #: so that queued payloads never make a result fail (a quarter of [jobs] spill_slots).
     spill_reserved: int = 16
+    #: Segments of evicted large results kept to hold the next ones (their pages stay
+    #: allocated, so the next result skips the kernel's zeroing): at most this many bytes,
+    #: counted within spill_bytes; 0 turns the pool off (ipcd.tables.spill.table).
+    pool_bytes: int = 64 << 20
 
 
 class JobsConfig(NamedTuple):
@@ -361,7 +365,9 @@ def parse(raw: Mapping[str, Any], path: Path) -> Config:
 
     results = reader.table(raw, "results")
     reader.allow(
-        results, "results", {"size", "slot_size", "max_result", "spill_bytes", "spill_reserved"}
+        results,
+        "results",
+        {"size", "slot_size", "max_result", "spill_bytes", "spill_reserved", "pool_bytes"},
     )
     slot_size = reader.get(results, "results.slot_size", int, 4096)
     size = reader.get(results, "results.size", int, 1 << 20)
@@ -375,6 +381,16 @@ def parse(raw: Mapping[str, Any], path: Path) -> Config:
         max_result=reader.bounded(results, "results.max_result", 256 << 20, 0, 1 << 40),
         spill_bytes=reader.bounded(results, "results.spill_bytes", 1 << 30, 0, 1 << 44),
     )
+    spill_bytes = results_config.spill_bytes
+    pool_bytes = reader.bounded(
+        results, "results.pool_bytes", min(64 << 20, spill_bytes), 0, 1 << 44
+    )
+    if pool_bytes > spill_bytes:
+        raise reader.error(
+            f"results.pool_bytes ({pool_bytes}) must not exceed results.spill_bytes "
+            f"({spill_bytes}): the pool's segments count within it"
+        )
+    results_config = results_config._replace(pool_bytes=pool_bytes)
 
     jobs = reader.table(raw, "jobs")
     reader.allow(

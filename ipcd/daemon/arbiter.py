@@ -1079,6 +1079,10 @@ class Arbiter:
                     self.recovery.keep_for_next_start(held, "killed at stop after graceful_timeout")
                 self._requeue_claimed(gone.pid, held.job_id if held is not None else None)
                 self._release_slot(gone.slot)
+        try:  # every worker is gone: no result takes a spare now
+            self.spill_sweeper.drop_pool()
+        except IpcdError as exc:
+            self.log.error("spill.sweep_failed", error=str(exc))
 
 
 def _wake_only(signum: int, frame: FrameType | None) -> None:

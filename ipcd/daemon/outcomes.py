@@ -156,6 +156,8 @@ class Outcomes:
         if not stored:
             fields["stored"] = False
         self.announce(job, result, body=body, handler=handler, started=started, **fields)
+        if result.spill is not None and stored:
+            self._refill(result.spill.size)
 
     def unstarted(self, record: JobRecord, reason: str, **fields: Any) -> None:
         """A job that ended before any worker started it (cancelled by an operator or for
@@ -364,6 +366,16 @@ class Outcomes:
                 bytes=sum(e.size for e in evicted),
             )
         return result
+
+    def _refill(self, size: int) -> None:
+        """After a pooled result, its waiter told: a spare for the next one of its size
+        (SpillTable.refill), so that one does not wait for the kernel's fresh pages."""
+        if self.store.spills is None:
+            return
+        try:
+            self.store.spills.refill(size)
+        except IpcdError as exc:
+            self.log.warning("spill.refill_failed", bytes=size, error=str(exc))
 
     def _store(self, result: Result) -> bool:
         try:

@@ -191,6 +191,7 @@ def _objects(
         max_result=config.results.max_result,
         gid=who.object_gid,
         spill_bytes=config.results.spill_bytes,
+        pool_bytes=config.results.pool_bytes,
     )
     store = ResultStore.create(
         keys.results,

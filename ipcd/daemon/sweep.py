@@ -15,19 +15,28 @@ killed after its send leaves an entry that says its job is queued.  One killed b
 mark and the send, or while blocked on a full queue, leaves a QUEUED entry for a job that
 was never sent: the sweep frees it once the sender is dead, the queue empty and no
 in-flight slot names the segment, at two sweeps in a row (one at start, when nothing
-moves jobs).  At start it also frees RESULT entries the ring no longer holds.
+moves jobs).  At start it also frees RESULT entries the ring no longer holds, and keeps
+the pool's spares (ipcd.tables.spill.table) a killed daemon left, up to [results]
+pool_bytes: they are reused.  ``ipcd stop`` removes the spares (:func:`drop_pool`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import TYPE_CHECKING, NamedTuple
 
 from ipcd.errors import IpcdError, MessageError
 from ipcd.kernel.procs import alive
 from ipcd.kernel.segments import remove_id
 from ipcd.tables.results import ResultStore
-from ipcd.tables.spill.segment import exists, orphans, proc_shm, remove_checked
+from ipcd.tables.spill.segment import (
+    exists,
+    lost_spares,
+    orphans,
+    proc_shm,
+    remove_checked,
+)
 from ipcd.tables.spill.table import LOCK_TIMEOUT, Entry, SpillTable, State
 from ipcd.wire import protocol
 
@@ -77,9 +86,12 @@ class Sweeper:
                     taken = {e.shmid for e in table if e.state is not State.FREE}
                     taken = (taken | flying) - {entry.shmid}
                     found = orphans(
-                        shm, entry.pid, entry.shmid, entry.claimed_at, entry.size, taken
+                        shm, entry.pid, entry.shmid, entry.claimed_at, entry.capacity, taken
                     )
                     segments += sum(remove_id(shmid) for shmid in found)
+                    if entry.pages and entry.shmid not in found:
+                        # a spare another process made, which the dead claimer reused
+                        segments += remove_checked(entry.shmid, entry.job_id, or_spare=True)
                 elif entry in unsent:
                     removed = remove_checked(entry.shmid, entry.job_id)
                     if not removed and exists(entry.shmid):
@@ -87,6 +99,7 @@ class Sweeper:
                     segments += removed
                 elif (
                     entry.state is State.RESULT
+                    and not entry.spare  # the pool's: no record names it
                     and referenced is not None
                     and entry.shmid not in referenced
                 ):
@@ -96,8 +109,26 @@ class Sweeper:
                 self.table.clear(entry.slot)
                 entries += 1
             by_payloads = self.table.counters()[1]
+            segments += self._drop_lost_spares(shm or proc_shm())
+        if store is not None:  # a killed daemon's spares serve, within today's pool
+            segments += self.table.drop_spares(self.table.pool_bytes())
         seen, self._seen_evicted = self._seen_evicted, by_payloads
         return Swept(entries, segments, by_payloads - seen if seen is not None else 0)
+
+    def drop_pool(self) -> int:
+        """Remove every spare (at stop: a stopped daemon keeps no memory for results it
+        will not make); how many went."""
+        with self.table.lock.held(LOCK_TIMEOUT):
+            lost = self._drop_lost_spares(proc_shm())
+        return self.table.drop_spares(0) + lost
+
+    def _drop_lost_spares(self, shm: list[list[str]]) -> int:
+        """Remove the spares no entry names any more (segment.lost_spares: a client of
+        another user evicted them for room but could not remove them); the caller holds
+        the table's lock, so none is being listed or reused meanwhile."""
+        listed = {e.shmid for e in self.table.entries() if e.state is not State.FREE}
+        lost = lost_spares(shm, os.geteuid(), listed, self.table.segment.key)
+        return sum(remove_id(shmid) for shmid in lost)
 
     def _nowhere(self, table: list[Entry], *, at_start: bool) -> list[Entry]:
         """The QUEUED entries whose job was never sent (its sender died between marking

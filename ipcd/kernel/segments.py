@@ -70,8 +70,10 @@ class Segment:
         return segment, created
 
     @classmethod
-    def create_private(cls, size: int, mode: int) -> Segment:
-        """A new IPC_PRIVATE segment (key 0), attached; only its id names it.
+    def create_private(cls, size: int, mode: int, written: int | None = None) -> Segment:
+        """A new IPC_PRIVATE segment (key 0), attached; only its id names it.  ``written``:
+        the bytes about to be written, when fewer than ``size`` (a pooled segment's size
+        class is larger than its first result).
 
         Made with libc's shmget, not sysv_ipc's constructor: that one fills a new segment
         with a space character, a memset that faults in every page (some 15 ms for
@@ -95,8 +97,9 @@ class Segment:
         # The whole segment is about to be written: fault its pages in with one call
         # (MADV_POPULATE_WRITE, Linux 5.14) rather than one page fault per 4 KiB, about
         # a fifth faster for 16 MiB; older kernels refuse it and the writes fault instead.
-        _madvise(shm.address, size, _MADV_POPULATE_WRITE)
-        return cls(shm, 0, what="spill segment")
+        segment = cls(shm, 0, what="spill segment")
+        segment.populate(size if written is None else written)
+        return segment
 
     @classmethod
     def attach_id(
@@ -117,6 +120,13 @@ class Segment:
     @property
     def id(self) -> int:
         return int(self._shm.id)
+
+    def populate(self, length: int) -> None:
+        """Map the first ``length`` bytes for writing with one call (MADV_POPULATE_WRITE,
+        Linux 5.14) rather than one page fault per 4 KiB; an older kernel refuses it and
+        the writes fault instead.  For a reused segment the pages exist already: this
+        only maps them."""
+        _madvise(self.address, min(length, self.size), _MADV_POPULATE_WRITE)
 
     def give_to(self, uid: int | None, gid: int | None = None) -> None:
         """Make ``uid`` the owner and ``gid`` the group (IPC_SET; the creator or owner may,

@@ -148,7 +148,8 @@ class ResultStore:
         """Store a result (an error result in its place if it does not fit).
 
         The record the ring overwrites goes first: a spilled one takes its segment with
-        it, under this lock, so that no reader can be copying it out meanwhile.
+        it (or leaves it to the pool as a spare, SpillTable.retire), under this lock, so
+        that no reader can be copying it out meanwhile.
         """
         self.lock.acquire(self.lock_timeout)
         try:
@@ -199,7 +200,10 @@ class ResultStore:
             return
         spilled = results.spilled_at(self.segment.buf, header, header.next_seq)
         if spilled is not None and spilled.spill is not None:
-            _release(self.spills, spilled)
+            if self.spills is not None:
+                self.spills.retire(spilled.spill.shmid, spilled.job_id, spilled.spill.entry)
+            else:
+                _release(self.spills, spilled)
 
     def get(self, job_id: str) -> Result | None:
         """The newest result for ``job_id``; a spilled one is copied out of its segment

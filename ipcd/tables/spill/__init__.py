@@ -18,7 +18,15 @@ from __future__ import annotations
 from ipcd.errors import IpcdError, MessageError, PayloadError, QueueFullError
 from ipcd.kernel.segments import Segment
 from ipcd.layout.results import Kind, Result, Spilled, Status
-from ipcd.tables.spill.segment import ANOTHER_JOB, DATA, NOT_SPILL, Role, exists, mismatch
+from ipcd.tables.spill.segment import (
+    ANOTHER_JOB,
+    DATA,
+    NOT_SPILL,
+    SPARE,
+    Role,
+    exists,
+    mismatch,
+)
 from ipcd.tables.spill.table import Entry, SpillTable, State
 from ipcd.wire import protocol, split
 from ipcd.wire.protocol import Job, Payload
@@ -245,7 +253,7 @@ def _refused(segment: Segment, shmid: int, job_id: str, size: int, role: Role, k
         # was planted (vetting.refuse_untrusted).  A payload's is its client's.
         return f"segment {shmid} is {info.who()}: not ipcd's, refusing to read it"
     why = mismatch(segment, job_id, size, role, kind)
-    if why in (NOT_SPILL, ANOTHER_JOB):
+    if why in (NOT_SPILL, ANOTHER_JOB, SPARE):
         return _Gone(f"segment {shmid} {why}{job_id if why == ANOTHER_JOB else ''}")
     if why:
         return f"segment {shmid} {why}"

@@ -4,13 +4,20 @@ It is made with IPC_PRIVATE (key 0), so only its id names it, and it starts with
 header that says whose it is; ipcd.tables.spill.table records every one.  Layout
 (little-endian)::
 
-    magic 8s b"IPCDSPD\0", version u32, role u32 (0 payload, 1 result), kind u32 (0 bytes,
-    1 text, 2 JSON), reserved u32, size u64, job_id 16s, zeros to 64 bytes; then the data
+    magic 8s b"IPCDSPD\0", version u32, role u32 (0 payload, 1 result, 2 spare), kind u32
+    (0 bytes, 1 text, 2 JSON), table u32 (the spill table's key; 0 from an older ipcd),
+    size u64, job_id 16s, zeros to 64 bytes; then the data
 
 Data is copied once in (the producer writes straight into the segment) and once out (the
 reader copies it into a bytes object): no base64, no JSON, no CRC over the data.  Before
 anything removes a segment by id it checks this header, so a forged or stale id cannot
 make ipcd remove a segment that is not that job's.
+
+A *spare* is a result's segment kept after its result was evicted, for the next large
+result (ipcd.tables.spill.table, "The pool"): its header keeps the last job's id, so
+that whatever removes it by that id still may, but says role 2, so that a reader of
+that job's result finds no result (:data:`SPARE`) rather than bytes about to be
+overwritten.  Reusing it writes the new job's header first, then the data.
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ from ipcd.layout.results import Kind
 MAGIC = b"IPCDSPD\0"
 VERSION = 1
 HEADER = struct.Struct("<8sIIIIQ16s")
+#: The role in the header, on its own (:func:`make_spare`).
+ROLE = struct.Struct("<I")
+ROLE_OFFSET = 12
 #: Where a spill segment's data starts.
 DATA = 64
 #: How long after claiming a dead creator's segment may have been made (clock skew).
@@ -37,16 +47,26 @@ NOT_SPILL = "is not a spill segment"
 ANOTHER_JOB = "belongs to another job, not "
 
 
+SPARE = "was evicted (kept as a spare)"
+
+
 class Role(enum.IntEnum):
     PAYLOAD = 0
     RESULT = 1
+    #: A result's segment kept for the next result (the pool).
+    SPARE = 2
 
 
-def write(segment: Segment, data: bytes, *, job_id: str, role: Role, kind: Kind) -> None:
-    """Header, then the data: the producer's one copy."""
+def write(
+    segment: Segment, data: bytes, *, job_id: str, role: Role, kind: Kind, table: int = 0
+) -> None:
+    """Header, then the data: the producer's one copy.  ``table``: the spill table's key,
+    in the reserved field, so that a spare no entry names is known to be this table's
+    (:func:`lost_spares`; another daemon of the same user has its own)."""
     HEADER.pack_into(
-        segment.buf, 0, MAGIC, VERSION, role, kind, 0, len(data), job_id.encode("ascii")[:16]
-    )
+        segment.buf, 0, MAGIC, VERSION, role, kind, table, len(data),
+        job_id.encode("ascii")[:16],
+    )  # fmt: skip
     segment.buf[DATA : DATA + len(data)] = data
 
 
@@ -59,6 +79,8 @@ def mismatch(segment: Segment, job_id: str, size: int | None, role: Role | None,
         return NOT_SPILL
     if raw_id.rstrip(b"\0").decode("ascii", "replace") != job_id:
         return ANOTHER_JOB
+    if s_role == Role.SPARE and role is not None and role != Role.SPARE:
+        return SPARE
     if size is not None and (s_size != size or segment.size < DATA + size):
         return f"holds {s_size} bytes, not {size}"
     if (role is not None and s_role != role) or (kind is not None and s_kind != kind):
@@ -66,15 +88,58 @@ def mismatch(segment: Segment, job_id: str, size: int | None, role: Role | None,
     return ""
 
 
-def remove_checked(shmid: int, job_id: str) -> bool:
-    """Remove the segment if its header says it is this job's spill segment."""
+def make_spare(segment: Segment) -> None:
+    """Mark a result's segment spare: only the role changes (the caller checked whose it is)."""
+    ROLE.pack_into(segment.buf, ROLE_OFFSET, Role.SPARE)
+
+
+def is_spare(segment: Segment, table: int | None = None) -> bool:
+    """Whether the header says spare (whichever job it last held), and with ``table``
+    that it was written for the spill table at that key."""
+    if segment.key != 0 or segment.size < DATA:
+        return False
+    magic, version, role, _, key = struct.unpack_from("<8sIIII", segment.buf, 0)
+    if table is not None and key != table:
+        return False
+    return bool(magic == MAGIC and version == VERSION and role == Role.SPARE)
+
+
+def lost_spares(shm: list[list[str]], uid: int, listed: set[int], table: int) -> set[int]:
+    """Spares no entry names (``listed``: the ids the table names; the caller holds the
+    table's lock): key 0, made and owned by ``uid``, unattached, header spare and of the
+    spill table at key ``table``.  A client of another user than the daemon that evicts
+    a spare for room (a payload's claim, an older ipcd's too) may not remove it, and
+    frees its entry anyway: with no ring record naming it, only this finds it again."""
+    found: set[int] = set()
+    for f in shm:
+        key, shmid, nattch = int(f[0]), int(f[1]), int(f[6])
+        owner, creator = int(f[7]), int(f[9])
+        if key != 0 or nattch != 0 or shmid in listed or owner != uid or creator != uid:
+            continue
+        segment = Segment.attach_id(shmid, readonly=True)
+        if segment is None:
+            continue
+        try:
+            info = segment.info()
+            if table and info.cuid == info.uid == uid and is_spare(segment, table):
+                found.add(shmid)
+        finally:
+            segment.close()
+    return found
+
+
+def remove_checked(shmid: int, job_id: str, *, or_spare: bool = False) -> bool:
+    """Remove the segment if its header says it is this job's spill segment, or with
+    ``or_spare`` still a spare: a claimer that died reusing a spare for ``job_id`` left it
+    either rewritten or not yet.  Another process may have made such a spare, so
+    :func:`orphans`, which trusts only what the dead claimer made, misses it."""
     if shmid < 0:
         return False
     segment = Segment.attach_id(shmid, readonly=True)
     if segment is None:
         return False
     try:
-        if mismatch(segment, job_id, None, None):
+        if mismatch(segment, job_id, None, None) and not (or_spare and is_spare(segment)):
             return False
     finally:
         segment.close()

@@ -32,19 +32,39 @@ a free entry or a result to evict.  The failed list holds at most half the entri
 The master sweeps entries left CLAIMING by a dead process (ipcd.daemon.sweep).  QUEUED
 entries belong to the queue, FAILED ones to the failed list, RESULT entries to the ring.
 
+The pool.  Most of the cost of a fresh 16 MiB segment is the kernel's: allocating and
+zeroing its pages, mapping and unmapping them.  So a result of at least ``POOL_FROM``
+bytes gets a segment of its size class (:func:`size_class`, a quarter of a power of two
+at most, in pages), and when the ring evicts it (:meth:`SpillTable.retire`) the segment
+is kept as a *spare* while the spares' bytes stay within ``[results] pool_bytes`` (in
+the table header): its header's role becomes spare (so a reader of the evicted result
+finds none) and its entry stays RESULT with pid 0 and claimed_at 0, the job id kept.  A
+later result's claim takes the smallest spare that fits (entry and segment at once,
+under the lock), writes its own header, then its data.  A spare is a result to everyone
+else, the oldest of them: a payload's claim evicts spares first and never counts them
+against its share, a client of an older ipcd does the same (it never sees an entry
+state it does not know), and whatever removes a result by its id removes a spare.  The
+spares count within ``spill_bytes`` (results and spares by their segments' capacity)
+and go first when a result needs room.  No process keeps a spare attached: their pages
+are the kernel's shared memory, in no process's RSS.  The master's sweep keeps spares at
+start (up to ``pool_bytes``) and removes them at stop.
+
 Layout (little-endian)::
 
     table header, 64 bytes: magic 8s b"IPCDSPT\\0", version u32, header_size u32,
                             entries u32, entry_size u32, evicted u64 (results evicted
                             for room), evicted_by_payloads u64 (of those, by a payload's
                             claim), reserved u32 (entries payloads may not take: kept
-                            for results; 0 in a table made before it), then zeros
-    entry, 48 bytes:        state u32, pid u32 (the claimer, or the sender once QUEUED),
-                            claimed_at f64, shmid i32 (-1: none yet),
-                            reserved u32, size u64, job_id 16s
+                            for results; 0 in a table made before it), zeros u32,
+                            pool_bytes u64 ([results] pool_bytes: 0, no pool), zeros
+    entry, 48 bytes:        state u32, pid u32 (the claimer, or the sender once QUEUED;
+                            0 for a spare), claimed_at f64, shmid i32 (-1: none yet),
+                            pages u32 (a pooled segment's capacity in 4 KiB pages; 0:
+                            exactly size bytes), size u64, job_id 16s
     spill segment:          magic 8s b"IPCDSPD\\0", version u32, role u32 (0 payload,
-                            1 result), kind u32 (0 bytes, 1 text, 2 JSON), reserved u32,
-                            size u64, job_id 16s, zeros to 64 bytes; then the raw data
+                            1 result, 2 spare), kind u32 (0 bytes, 1 text, 2 JSON),
+                            table u32 (the table's key; 0 from an older ipcd), size u64,
+                            job_id 16s, zeros to 64 bytes; then the raw data
 
 Data is copied once in (the producer writes straight into the segment) and once out (the
 reader copies it into a bytes object): no base64, no JSON, no CRC over the data.
@@ -63,7 +83,15 @@ from typing import TYPE_CHECKING, NamedTuple
 from ipcd.errors import IpcdError, QueueFullError
 from ipcd.kernel.segments import Lock, Segment, create_formatted, remove_id
 from ipcd.layout.results import Kind
-from ipcd.tables.spill.segment import DATA, Role, exists, remove_checked, write
+from ipcd.tables.spill.segment import (
+    DATA,
+    Role,
+    exists,
+    make_spare,
+    mismatch,
+    remove_checked,
+    write,
+)
 
 if TYPE_CHECKING:
     pass
@@ -81,6 +109,13 @@ COUNTERS_OFFSET = 24
 #: The entries kept for results, after the counters (zero in a table made before it).
 RESERVED = struct.Struct("<I")
 RESERVED_OFFSET = 40
+#: [results] pool_bytes, after the reserve (zero in a table made before it: no pool).
+POOL = struct.Struct("<Q")
+POOL_OFFSET = 48
+#: The unit of a pooled segment's capacity.
+PAGE = 4096
+#: Results this large go through the pool; a fresh segment for a smaller one costs little.
+POOL_FROM = 64 << 10
 
 assert ENTRY.size == ENTRY_SIZE
 
@@ -102,6 +137,18 @@ class Entry(NamedTuple):
     shmid: int
     size: int
     job_id: str
+    #: A pooled segment's capacity in pages (0: the segment holds exactly ``size`` bytes).
+    pages: int = 0
+
+    @property
+    def spare(self) -> bool:
+        """A result's segment kept for the next result: RESULT, and no claimer."""
+        return self.state is State.RESULT and self.pid == 0
+
+    @property
+    def capacity(self) -> int:
+        """Bytes of data the segment holds room for."""
+        return self.pages * PAGE if self.pages else self.size
 
 
 class Claim(NamedTuple):
@@ -126,10 +173,25 @@ class Usage(NamedTuple):
     result_bytes: int
     #: Results evicted for room since the table was made.
     evicted: int
+    #: Spare segments kept for the next large results (the pool), and their capacity.
+    spares: int = 0
+    spare_bytes: int = 0
+    #: [results] pool_bytes (0: no pool).
+    pool_bytes: int = 0
 
 
 def segment_size(entries: int) -> int:
     return HEADER_SIZE + entries * ENTRY_SIZE
+
+
+def size_class(size: int) -> int:
+    """The pages of a pooled segment for ``size`` bytes of data: rounded up to a multiple
+    of a power of two with at most two more bits after the leading one (4, 5, 6 or 7
+    times it), so a class is at most a quarter larger than what it holds and results of
+    similar sizes share segments."""
+    pages = -(-size // PAGE)
+    step = 1 << max(0, pages.bit_length() - 3)
+    return -(-pages // step) * step
 
 
 class SpillTable:
@@ -174,10 +236,12 @@ class SpillTable:
         max_result: int = 0,
         gid: int | None = None,
         spill_bytes: int | None = None,
+        pool_bytes: int = 0,
     ) -> SpillTable:
         """Create the table, or keep the one a previous daemon left (its entries still
         name live segments); one of another size is rebuilt with its entries carried.
-        ``reserved`` entries are kept for results (payloads may take the rest)."""
+        ``reserved`` entries are kept for results (payloads may take the rest);
+        ``pool_bytes`` of spare segments may be kept for results (0: none)."""
         lock = Lock.create(key, mode, trusted=trusted)
         carried: list[Entry] = []
 
@@ -214,6 +278,7 @@ class SpillTable:
         )
         with lock.held(LOCK_TIMEOUT):
             RESERVED.pack_into(table.buf, RESERVED_OFFSET, min(reserved, entries))
+            POOL.pack_into(table.buf, POOL_OFFSET, pool_bytes)
         return table
 
     @classmethod
@@ -223,7 +288,7 @@ class SpillTable:
     # --- entries --------------------------------------------------------------------------
 
     def entry(self, index: int) -> Entry:
-        state, pid, claimed, shmid, _, size, raw_id = ENTRY.unpack_from(
+        state, pid, claimed, shmid, pages, size, raw_id = ENTRY.unpack_from(
             self.buf, HEADER_SIZE + index * ENTRY_SIZE
         )
         try:
@@ -231,7 +296,7 @@ class SpillTable:
         except ValueError:
             st = State.FREE
         job_id = raw_id.rstrip(b"\0").decode("ascii", "replace")
-        return Entry(index, st, pid, claimed, shmid, size, job_id)
+        return Entry(index, st, pid, claimed, shmid, size, job_id, pages)
 
     def entries(self) -> list[Entry]:
         return [self.entry(i) for i in range(self.count)]
@@ -239,7 +304,7 @@ class SpillTable:
     def _write(self, e: Entry) -> None:
         ENTRY.pack_into(
             self.buf, HEADER_SIZE + e.slot * ENTRY_SIZE, e.state, e.pid, e.claimed_at,
-            e.shmid, 0, e.size, e.job_id.encode("ascii", "replace")[:16],
+            e.shmid, e.pages, e.size, e.job_id.encode("ascii", "replace")[:16],
         )  # fmt: skip
 
     def clear(self, index: int) -> None:
@@ -256,6 +321,17 @@ class SpillTable:
         payload never makes a later result fail.  QueueFullError when refused;
         ``refused`` (from the caller, which knows what was refused) ends its message.
         """
+        return self._claim(job_id, size, role=role, refused=refused)[0]
+
+    def _claim(
+        self, job_id: str, size: int, *, role: Role, refused: str, pooled: bool = False
+    ) -> tuple[Claim, int, Entry | None]:
+        """:meth:`claim`, and for a ``pooled`` result (the pool): the smallest spare that
+        fits is taken, entry and segment (returned third; the claim records its shmid),
+        else the new entry records the pages of its size class (returned second).
+
+        Spares are the oldest results (claimed_at 0), so room is made from them first.
+        """
         with self.lock.held(LOCK_TIMEOUT):
             entries = self.entries()
             if role is Role.PAYLOAD:
@@ -264,27 +340,136 @@ class SpillTable:
                 payloads = sum(1 for e in entries if e.state not in (State.FREE, State.RESULT))
                 if payloads >= self.count - self.reserved():
                     raise QueueFullError(self._full(entries, refused))
+            spare = self._fitting(entries, size) if pooled else None
+            pages = size_class(size) if pooled and spare is None else 0
+            if pages and self.spill_bytes is not None and pages * PAGE > self.spill_bytes:
+                pages = 0  # its class would not fit: a segment of its own size
             stored = sorted(
-                (e for e in entries if e.state is State.RESULT), key=lambda e: e.claimed_at
+                (e for e in entries if e.state is State.RESULT and e is not spare),
+                key=lambda e: e.claimed_at,
             )
-            evicted: list[Entry] = []
+            dropped: list[Entry] = []
             if role is Role.RESULT and self.spill_bytes is not None:
-                kept = sum(e.size for e in stored)
-                while stored and kept + size > self.spill_bytes:
-                    evicted.append(self._evict(stored.pop(0)))
-                    kept -= evicted[-1].size
+                kept = sum(e.capacity for e in stored)
+                need = spare.capacity if spare is not None else pages * PAGE or size
+                while stored and kept + need > self.spill_bytes:
+                    dropped.append(self._evict(stored.pop(0)))
+                    kept -= dropped[-1].capacity
             free = next((e.slot for e in entries if e.state is State.FREE), None)
-            if free is None and evicted:
-                free = evicted[0].slot
+            if spare is not None:
+                free = spare.slot
+            if free is None and dropped:
+                free = dropped[0].slot
             if free is None and stored:
-                evicted.append(self._evict(stored.pop(0)))
-                free = evicted[-1].slot
+                dropped.append(self._evict(stored.pop(0)))
+                free = dropped[-1].slot
             if free is None:  # only other claims just now (or a table with no reserve)
                 raise QueueFullError(f"every spill slot is taken, none by a result: {refused}")
-            self._write(Entry(free, State.CLAIMING, os.getpid(), time.time(), -1, size, job_id))
+            shmid, pages = (spare.shmid, spare.pages) if spare is not None else (-1, pages)
+            self._write(
+                Entry(free, State.CLAIMING, os.getpid(), time.time(), shmid, size, job_id, pages)
+            )
+            evicted = tuple(e for e in dropped if not e.spare)  # a spare held no result
             if evicted:
                 self._count_evicted(len(evicted), by_payload=role is Role.PAYLOAD)
-            return Claim(free, tuple(evicted))
+            return Claim(free, evicted), pages, spare
+
+    def _fitting(self, entries: list[Entry], size: int) -> Entry | None:
+        """The smallest spare with room for ``size`` bytes."""
+        spares = [e for e in entries if e.spare and e.capacity >= size]
+        return min(spares, key=lambda e: e.capacity, default=None)
+
+    def pool_bytes(self) -> int:
+        """[results] pool_bytes as the daemon set it (0: no pool)."""
+        return int(POOL.unpack_from(self.buf, POOL_OFFSET)[0])
+
+    def retire(self, shmid: int, job_id: str, hint: int | None = None) -> None:
+        """The ring evicts this result: a pooled segment becomes a spare while the spares
+        stay within ``pool_bytes`` (its header's role first, then its entry: a reader of
+        the evicted result meanwhile finds none); otherwise it goes (:meth:`release`)."""
+        with self.lock.held(LOCK_TIMEOUT):
+            entry = self._match(shmid, job_id, hint)
+            if entry is not None and self._keep_spare(entry):
+                self._write(entry._replace(pid=0, claimed_at=0.0, size=0))
+                return
+            if not remove_checked(shmid, job_id) and exists(shmid):
+                return  # not ours to remove (a client's process): leave it recorded
+            if entry is not None:
+                self.clear(entry.slot)
+
+    def _keep_spare(self, entry: Entry) -> bool:
+        """Mark a pooled result's segment spare if the pool has room for it; the caller
+        holds the lock."""
+        if entry.state is not State.RESULT or entry.spare or not entry.pages:
+            return False
+        spares = sum(e.capacity for e in self.entries() if e.spare)
+        if spares + entry.capacity > self.pool_bytes():
+            return False
+        segment = Segment.attach_id(entry.shmid)
+        if segment is None:
+            return False
+        try:
+            mode = 0o600 | (self.mode & 0o044)  # as a result's segment is made
+            if mismatch(segment, entry.job_id, None, Role.RESULT) or not _ours(segment, mode):
+                return False
+            make_spare(segment)
+            return True
+        finally:
+            segment.close()
+
+    def refill(self, size: int) -> int | None:
+        """After a pooled result of ``size`` bytes was stored and its waiter told: make a
+        spare of its class, pages faulted in, when no spare fits such a result, the pool
+        has room, the spares and results stay within spill_bytes and an entry is free
+        (a spare never takes a result's or payload's place).  The kernel's zeroing is then
+        paid here, after the reply, not by the next such result.  The shmid made, or None.
+
+        Crash-safe as a result's claim: the entry is CLAIMING with its pages (so the
+        master's sweep knows the segment's size) until the spare is whole."""
+        if size < POOL_FROM or not self.pool_bytes():
+            return None
+        pages = size_class(size)
+        with self.lock.held(LOCK_TIMEOUT):
+            entries = self.entries()
+            if self._fitting(entries, size) is not None:
+                return None
+            spares = sum(e.capacity for e in entries if e.spare)
+            held = sum(e.capacity for e in entries if e.state in (State.RESULT, State.CLAIMING))
+            limit = self.spill_bytes
+            if spares + pages * PAGE > self.pool_bytes() or (
+                limit is not None and held + pages * PAGE > limit
+            ):
+                return None
+            index = next((e.slot for e in entries if e.state is State.FREE), None)
+            if index is None:
+                return None
+            self._write(Entry(index, State.CLAIMING, os.getpid(), time.time(), -1, 0, "", pages))
+        shmid = self._written(
+            index, None, pages * PAGE, b"", job_id="", role=Role.SPARE, kind=Kind.BYTES,
+            mode=0o600 | (self.mode & 0o044), owner=None, faulted=DATA + pages * PAGE,
+        )  # fmt: skip
+        with self.lock.held(LOCK_TIMEOUT):
+            entry = self.entry(index)
+            if entry.state is State.CLAIMING and entry.shmid == shmid:
+                self._write(entry._replace(state=State.RESULT, pid=0, claimed_at=0.0))
+                return shmid
+        remove_id(shmid)  # its entry was taken from us meanwhile: nothing names it
+        return None
+
+    def drop_spares(self, keep: int = 0) -> int:
+        """Remove spares, largest first, until those kept hold at most ``keep`` bytes
+        (the master: at start, to [results] pool_bytes; at stop, all); how many went."""
+        with self.lock.held(LOCK_TIMEOUT):
+            spares = sorted((e for e in self.entries() if e.spare), key=lambda e: e.capacity)
+            held = sum(e.capacity for e in spares)
+            dropped = 0
+            while spares and held > keep:
+                entry = spares.pop()
+                remove_checked(entry.shmid, entry.job_id)
+                self.clear(entry.slot)
+                held -= entry.capacity
+                dropped += 1
+            return dropped
 
     def _evict(self, entry: Entry) -> Entry:
         """Drop a stored result for room (the caller holds the lock).  Its segment goes
@@ -322,12 +507,14 @@ class SpillTable:
     def usage(self) -> Usage:
         """What the entries hold now (read without the lock: a look, not a decision)."""
         entries = [e for e in self.entries() if e.state is not State.FREE]
-        results = [e for e in entries if e.state is State.RESULT]
+        spares = [e for e in entries if e.spare]
+        results = [e for e in entries if e.state is State.RESULT and not e.spare]
         failed = sum(1 for e in entries if e.state is State.FAILED)
         return Usage(
-            self.count, len(entries), len(results), len(entries) - len(results) - failed,
-            failed, sum(e.size for e in entries), sum(e.size for e in results),
-            self.counters()[0],
+            self.count, len(entries), len(results),
+            len(entries) - len(results) - len(spares) - failed, failed,
+            sum(e.size for e in entries), sum(e.size for e in results), self.counters()[0],
+            len(spares), sum(e.capacity for e in spares), self.pool_bytes(),
         )  # fmt: skip
 
     def hold_failed(self, shmid: int, job_id: str, hint: int | None = None) -> bool:
@@ -413,16 +600,48 @@ class SpillTable:
         Returns (entry, shmid, the results evicted for room); the entry is still
         CLAIMING.  On any failure the segment is removed and the entry freed before the
         error goes on.  ``refused`` ends the message of a claim that finds no room.
+        A result of at least POOL_FROM bytes, with the pool on, goes into a spare that
+        fits, else into a new segment of its size class (the pool, above).
         """
-        index, evicted = self.claim(job_id, len(data), role=role, refused=refused)
+        size = len(data)
+        pooled = role is Role.RESULT and size >= POOL_FROM and self.pool_bytes() > 0
+        claim, pages, spare = self._claim(job_id, size, role=role, refused=refused, pooled=pooled)
+        index, evicted = claim
+        shmid = self._written(
+            index, spare, pages * PAGE or size, data, job_id=job_id, role=role, kind=kind,
+            mode=mode, owner=owner, faulted=DATA + size,
+        )  # fmt: skip
+        return index, shmid, evicted
+
+    def _written(
+        self,
+        index: int,
+        spare: Entry | None,
+        capacity: int,
+        data: bytes,
+        *,
+        job_id: str,
+        role: Role,
+        kind: Kind,
+        mode: int,
+        owner: int | None,
+        faulted: int,
+    ) -> int:
+        """For the claimed entry ``index``: the spare's segment, else a new one with room
+        for ``capacity`` bytes (its id recorded at once, its first ``faulted`` bytes
+        mapped in); header and data written; handed to ``owner`` (and a result's to the
+        daemon's group).  On any failure the segment is removed and the entry freed
+        before the error goes on.  Returns the segment's id."""
         shmid = -1
         try:
-            segment = Segment.create_private(DATA + len(data), mode)
+            segment = _reused(spare, len(data), mode) if spare is not None else None
+            if segment is None:
+                segment = Segment.create_private(DATA + capacity, mode, faulted)
+                self.record(index, segment.id)
             shmid = segment.id
-            self.record(index, shmid)
             try:
-                write(segment, data, job_id=job_id, role=role, kind=kind)
-                segment.give_to(owner, self.gid if role is Role.RESULT else None)
+                write(segment, data, job_id=job_id, role=role, kind=kind, table=self.segment.key)
+                segment.give_to(owner, self.gid if role is not Role.PAYLOAD else None)
             finally:
                 segment.close()
         except BaseException:
@@ -430,7 +649,34 @@ class SpillTable:
                 remove_id(shmid)
             self.free(index)
             raise
-        return index, shmid, evicted
+        return shmid
+
+
+def _reused(spare: Entry, size: int, mode: int) -> Segment | None:
+    """The spare's segment, attached to be written, if it still is that spare (one removed
+    meanwhile may have left its id to another segment) and opens it to no more than
+    ``mode`` would; None: make a new one instead (the master's sweep removes the spare)."""
+    segment = Segment.attach_id(spare.shmid)
+    if segment is None:
+        return None
+    if (
+        mismatch(segment, spare.job_id, None, Role.SPARE)
+        or not _ours(segment, mode)
+        or segment.size < DATA + size
+    ):
+        segment.close()
+        return None
+    segment.populate(DATA + size)
+    return segment
+
+
+def _ours(segment: Segment, mode: int) -> bool:
+    """Whether this process's user made the segment, still owns it, and it grants no
+    permission beyond ``mode``: only then does a pooled result go into it (a planted one
+    could be read by its maker; one a daemon with a looser ``[ipc] mode`` left, by
+    users the configuration now keeps out)."""
+    info = segment.info()
+    return info.cuid == info.uid == os.geteuid() and not info.mode & 0o777 & ~mode
 
 
 def usage(key: int) -> Usage | None:
