@@ -118,9 +118,7 @@ class Sink:
         The line has the same shape as every other event (timestamp, level, event, the
         bound context, then the fields in order); only the work of getting there is shorter.
         """
-        line = {"timestamp": self._clock.now(), "level": level, "event": event}
-        line.update(context)
-        line.update(fields)
+        line = {"timestamp": self._clock.now(), "level": level, "event": event, **context, **fields}
         self._put(level, line)
 
     def _put(self, method: str, ordered: dict[str, Any]) -> None:

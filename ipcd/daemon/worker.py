@@ -64,7 +64,11 @@ class Exit:
 
 def execute(registry: Registry, job: Job, log: Logger) -> tuple[Result | Retry, str]:
     """Run the job's handler: its result (or a retry request) and the handler's name."""
-    registration = registry.lookup(job.type)
+    return call(registry.lookup(job.type), job, log)
+
+
+def call(registration: Registration | None, job: Job, log: Logger) -> tuple[Result | Retry, str]:
+    """:func:`execute` with the job's handler looked up (None: it has none)."""
     if registration is None:
         return error_result(job, f"no handler for message type {job.type}"), "-"
     try:
@@ -249,19 +253,19 @@ class Worker:
             self.handle(*taken)
         return Exit.STOPPED
 
-    def _take(self) -> tuple[int, handoff.Handoff] | None:
+    def _take(self) -> tuple[int, int, handoff.Handoff] | None:
         """The next job claimed from the store (in batches, ipcd.daemon.ledger) into this
         worker's slot, as the hand-off message (ipcd.wire.handoff) the master's recovery
-        reads back should the worker die; its length and what it holds (so that the
-        worker need not read it back), or None when the store has no job for us now
-        (StoreError when the store refuses the claim)."""
+        reads back should the worker die; its length, message type and what it holds (so
+        that the worker need not read any of it back), or None when the store has no job
+        for us now (StoreError when the store refuses the claim)."""
         claimed = self.ledger.next()  # within the stop and max_jobs_per_worker
         if claimed is None:
             return None
         record, body = claimed
         message = handoff.encode(record.id, record.attempts, body, self.table.text_size)
         self.table.deliver(self.slot, record.type, message)
-        return len(message), handoff.Handoff(record.id, record.attempts, body)
+        return len(message), record.type, handoff.Handoff(record.id, record.attempts, body)
 
     def _record_kept(self) -> None:
         """Record the outcomes the ledger keeps now; a store that refuses is left to the
@@ -291,12 +295,12 @@ class Worker:
                 self.log.error("store.claim_failed", error=str(exc), then="try again")
         time.sleep(CLAIM_BACKOFF)
 
-    def handle(self, length: int, given: handoff.Handoff) -> None:
+    def handle(self, length: int, type_: int, given: handoff.Handoff) -> None:
         """Everything that happens to one handed-over job: ``given`` is what the slot
-        holds (``length`` bytes of hand-off message), as the worker wrote it there."""
+        holds (``length`` bytes of hand-off message of type ``type_``), as the worker
+        wrote it there."""
         started = time.monotonic()
         received = time.time()
-        type_ = self.table.message_type(self.slot)
         body = given.body or b""
         try:
             job, body = job_from(given, type_, received, self.jobs, self._reporter)
@@ -373,7 +377,7 @@ class Worker:
         capture = self.capture
         if capture is not None:
             capture.begin(job.id)  # job_from gave the job its reporter (handle)
-        outcome, handler = execute(self.registry, job, self.log)
+        outcome, handler = call(registration, job, self.log)
         captured = capture.end() if capture is not None else None
         if not isinstance(outcome, Retry):
             self.outcomes.finish(

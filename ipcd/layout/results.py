@@ -78,6 +78,7 @@ _STARTED_OFFSET = 40
 WAIT_HORIZON_MS = 60_000
 _MS_MASK = 0xFFFFFFFF
 _U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
 _CRC_FROM = 8  # the CRC covers the record header from ``seq`` on, then the data
 #: The kind byte's flag for a result kept in a segment of its own.
 SPILLED_FLAG = 0x80
@@ -304,8 +305,9 @@ def write_result(buf: memoryview, header: Header, result: Result) -> int:
     if result.spill is not None:
         data = SPILLED.pack(*result.spill)
         kind |= SPILLED_FLAG
-    if len(data) > capacity(header.slot_size):
-        raise ValueError(f"{len(data)} bytes do not fit a {header.slot_size}-byte slot")
+    length = len(data)
+    if length > header.slot_size - RECORD_SIZE:  # capacity()
+        raise ValueError(f"{length} bytes do not fit a {header.slot_size}-byte slot")
     raw_id = result.job_id.encode("ascii")[:16].ljust(16, b"\0")  # fails before any write
     # The words a reader without the lock trusts (state, next_seq) change in one store
     # each (a slice copy), never by struct's pack_into, which clears a field before it
@@ -323,18 +325,17 @@ def write_result(buf: memoryview, header: Header, result: Result) -> int:
         result.status,
         kind,
         min(result.attempt, 0xFFFF),
-        len(data),
+        length,
         result.submitted,
         result.finished,
     )
     start = offset + RECORD_SIZE
-    buf[start : start + len(data)] = data
-    crc = zlib.crc32(buf[offset + _CRC_FROM : start + len(data)])
-    struct.pack_into("<I", buf, offset + 4, crc)
+    end = start + length
+    buf[start:end] = data
+    _U32.pack_into(buf, offset + 4, zlib.crc32(buf[offset + _CRC_FROM : end]))
     buf[offset : offset + 4] = _VALID
     counter = _COUNTS_OFFSET + (8 if result.status is Status.ERROR else 0)
-    (count,) = struct.unpack_from("<Q", buf, counter)
-    struct.pack_into("<Q", buf, counter, count + 1)
+    _U64.pack_into(buf, counter, _U64.unpack_from(buf, counter)[0] + 1)
     return seq
 
 
