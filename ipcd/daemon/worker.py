@@ -90,7 +90,7 @@ def call(registration: Registration | None, job: Job, log: Logger) -> tuple[Resu
 
 def _ok(job: Job, value: HandlerResult) -> Result:
     """The handler's value as a result, or an error result naming why it cannot be one."""
-    if isinstance(value, bytes | bytearray | memoryview):
+    if isinstance(value, _BINARY):
         kind, data = Kind.BYTES, bytes(value)
     elif isinstance(value, str):
         try:
@@ -114,6 +114,9 @@ def _ok(job: Job, value: HandlerResult) -> Result:
 
 
 _encode_result = jsoncodec.encoder(ensure_ascii=True, allow_nan=False)
+#: What a handler returns as bytes: a tuple, not ``bytes | bytearray | memoryview``, which
+#: builds a union object on every call.
+_BINARY = (bytes, bytearray, memoryview)
 
 
 def _started_fields(job: Job, registration: Registration | None) -> dict[str, object]:
