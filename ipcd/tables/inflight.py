@@ -109,7 +109,7 @@ class InflightTable:
 
     def offset(self, index: int) -> int:
         """Where slot ``index`` starts (Shape.offset's sum, one call fewer: a worker asks
-        for its slot's five times a job)."""
+        for its slot's four times a job)."""
         return _HEADER + index * self.slot_size
 
     def msgbuf_address(self, index: int) -> int:
