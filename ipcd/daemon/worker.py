@@ -91,7 +91,7 @@ def call(registration: Registration | None, job: Job, log: Logger) -> tuple[Resu
 def _ok(job: Job, value: HandlerResult) -> Result:
     """The handler's value as a result, or an error result naming why it cannot be one."""
     if isinstance(value, _BINARY):
-        kind, data = Kind.BYTES, bytes(value)
+        kind, data = _BYTES, bytes(value)
     elif isinstance(value, str):
         try:
             # surrogateescape: text decoded from bytes that way gets its bytes back.
@@ -99,7 +99,7 @@ def _ok(job: Job, value: HandlerResult) -> Result:
         except UnicodeEncodeError as exc:
             where = f"lone surrogate U+{ord(value[exc.start]):04X} at index {exc.start}"
             return error_result(job, f"handler returned text that is not valid Unicode: {where}")
-        kind = Kind.TEXT
+        kind = _TEXT
     else:
         try:
             data = _encode_result(value).encode()
@@ -109,14 +109,16 @@ def _ok(job: Job, value: HandlerResult) -> Result:
         # json_decode, a UTF-8 print) refuses: look only when an escape is there at all.
         if b"\\ud" in data and (lone := protocol.lone_surrogate(value)):
             return error_result(job, f"handler returned a value that is not valid Unicode: {lone}")
-        kind = Kind.JSON
-    return Result(job.id, job.type, Status.OK, kind, data, job.attempt, job.submitted, time.time())
+        kind = _JSON
+    return Result(job.id, job.type, _OK, kind, data, job.attempt, job.submitted, time.time())
 
 
 _encode_result = jsoncodec.encoder(ensure_ascii=True, allow_nan=False)
 #: What a handler returns as bytes: a tuple, not ``bytes | bytearray | memoryview``, which
 #: builds a union object on every call.
 _BINARY = (bytes, bytearray, memoryview)
+#: The members _ok reads for every job, bound once (ipcd.layout.results says why).
+_BYTES, _TEXT, _JSON, _OK = Kind.BYTES, Kind.TEXT, Kind.JSON, Status.OK
 
 
 def _started_fields(job: Job, registration: Registration | None) -> dict[str, object]:
