@@ -44,6 +44,7 @@ wrote anything, else it is counted to the next job.
 from __future__ import annotations
 
 import contextlib
+import math
 import mmap
 import os
 import sys
@@ -59,6 +60,8 @@ from ipcd.store import Captured
 
 #: The most times per second a job's progress reaches its run file's header.
 PUBLISH_INTERVAL = 0.25
+#: When a job that published no progress yet last published it.
+_NEVER = -math.inf
 #: Name of a worker slot's run file in the run directory.
 _SLOT_FILE = "slot-{}"
 #: The most bytes one live read returns (a control answer must stay small).
@@ -123,7 +126,7 @@ class Capture:
         self._job_id = ""
         self._started = 0.0
         self._latest: tuple[float, str] | None = None
-        self._published_at = -float("inf")
+        self._published_at = _NEVER
         self._unpublished = False
         #: The file holds output after its header (the last job wrote some).
         self._dirty = False
@@ -178,7 +181,7 @@ class Capture:
                 self._dirty = False
             self._job_id, self._started = job_id, self._clock()
             self._latest, self._unpublished = None, False
-            self._published_at = -float("inf")
+            self._published_at = _NEVER
             self._dropped = 0
             self._publish(None, 0.0, "")
 

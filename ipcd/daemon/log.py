@@ -118,9 +118,7 @@ class Sink:
         The line has the same shape as every other event (timestamp, level, event, the
         bound context, then the fields in order); only the work of getting there is shorter.
         """
-        line = {"timestamp": self._clock.now(), "level": level, "event": event}
-        line.update(context)
-        line.update(fields)
+        line = {"timestamp": self._clock.now(), "level": level, "event": event, **context, **fields}
         self._put(level, line)
 
     def _put(self, method: str, ordered: dict[str, Any]) -> None:
@@ -192,8 +190,11 @@ class Sink:
 def _for_console(ordered: dict[str, Any]) -> dict[str, Any]:
     """The event for structlog's console renderer, which takes an ``exception`` as text:
     dict_tracebacks made it a list of stacks for the JSON line (a list here made every
-    event logged with ``exc_info`` raise TypeError under ``ipcd run``)."""
-    event = dict(ordered)
+    event logged with ``exc_info`` raise TypeError under ``ipcd run``).
+
+    Changed in place: the line is encoded for the file before, the renderer pops what it
+    renders anyway, and the dict is the sink's own (a copy cost every event a dict)."""
+    event = ordered
     stacks = event.get("exception")
     if isinstance(stacks, list):
         lines = []

@@ -94,6 +94,8 @@ class Outcomes:
         ``ipc.recreated`` event, and the records lost counted.  Called after this class's
         own use of the rings, and by the process's loop for the other users of them
         (recovery, the spill sweep)."""
+        if not (self.store.mends or self.failed.store.mends):
+            return  # the usual case, twice per job: nothing mended
         for name, store in (("result segment", self.store), ("failed list", self.failed.store)):
             for kept, lost in store.take_mends():
                 self.stats.bump(RESULTS_LOST, lost)
@@ -136,14 +138,15 @@ class Outcomes:
         if room is not None and len(result.data) > room:
             # Decided here, so the log says error (or the size of what was spilled).
             result = self._spill(result) if self.store.spills else too_large(result, room + 64)
-        if not result.ok and listed:
+        ok = result.ok
+        if not ok and listed:
             self._list_failed(job, body, result.error)
         stored = self._store(result)
         # The store keeps the result whole (not the ring's reference to its spill segment),
         # unless it became an error here (too large): then the job failed, there as well.
         self.record(
             job.id,
-            whole if result.ok else result,
+            whole if ok else result,
             waiter=job.reply_to is not None,
             captured=captured,
         )
@@ -230,9 +233,10 @@ class Outcomes:
         job cancelled meanwhile stays cancelled) or was not written."""
         if self.jobs is None:
             return False
+        ok = result.ok
         outcome = Outcome(
-            job_id, result.ok, result.finished or time.time(), int(result.kind), result.data,
-            None if result.ok else result.error, captured,
+            job_id, ok, result.finished or time.time(), int(result.kind), result.data,
+            None if ok else result.error, captured,
         )  # fmt: skip
         jobs, ledger = self.jobs, self.ledger
         if ledger is None:
@@ -335,12 +339,13 @@ class Outcomes:
         """
         if job.reply_to is not None:
             self.notify(job.reply_to, job.id)
-        self.stats.done(handler, result.ok, started)
+        ok = result.ok
+        self.stats.done(handler, ok, started)
         event: dict[str, Any] = {
             "job_id": job.id,
             "type": job.type,
             "handler": handler,
-            "outcome": "ok" if result.ok else "error",
+            "outcome": "ok" if ok else "error",
             "ms": round((time.monotonic() - started) * 1000, 3),
             "attempt": job.attempt,
             "bytes_in": job.spill.size if job.spill else len(body),
@@ -350,9 +355,10 @@ class Outcomes:
             event["bare"] = True
         if job.sender_pid:
             event["sender_pid"] = job.sender_pid
-        if not result.ok:
+        if not ok:
             event["error"] = result.error
-        event.update(fields)
+        if fields:
+            event.update(fields)
         self.events.info("job.done", event)
 
     def _spill(self, result: Result) -> Result:

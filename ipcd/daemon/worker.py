@@ -64,7 +64,11 @@ class Exit:
 
 def execute(registry: Registry, job: Job, log: Logger) -> tuple[Result | Retry, str]:
     """Run the job's handler: its result (or a retry request) and the handler's name."""
-    registration = registry.lookup(job.type)
+    return call(registry.lookup(job.type), job, log)
+
+
+def call(registration: Registration | None, job: Job, log: Logger) -> tuple[Result | Retry, str]:
+    """:func:`execute` with the job's handler looked up (None: it has none)."""
     if registration is None:
         return error_result(job, f"no handler for message type {job.type}"), "-"
     try:
@@ -86,8 +90,8 @@ def execute(registry: Registry, job: Job, log: Logger) -> tuple[Result | Retry, 
 
 def _ok(job: Job, value: HandlerResult) -> Result:
     """The handler's value as a result, or an error result naming why it cannot be one."""
-    if isinstance(value, bytes | bytearray | memoryview):
-        kind, data = Kind.BYTES, bytes(value)
+    if isinstance(value, _BINARY):
+        kind, data = _BYTES, bytes(value)
     elif isinstance(value, str):
         try:
             # surrogateescape: text decoded from bytes that way gets its bytes back.
@@ -95,7 +99,7 @@ def _ok(job: Job, value: HandlerResult) -> Result:
         except UnicodeEncodeError as exc:
             where = f"lone surrogate U+{ord(value[exc.start]):04X} at index {exc.start}"
             return error_result(job, f"handler returned text that is not valid Unicode: {where}")
-        kind = Kind.TEXT
+        kind = _TEXT
     else:
         try:
             data = _encode_result(value).encode()
@@ -105,11 +109,16 @@ def _ok(job: Job, value: HandlerResult) -> Result:
         # json_decode, a UTF-8 print) refuses: look only when an escape is there at all.
         if b"\\ud" in data and (lone := protocol.lone_surrogate(value)):
             return error_result(job, f"handler returned a value that is not valid Unicode: {lone}")
-        kind = Kind.JSON
-    return Result(job.id, job.type, Status.OK, kind, data, job.attempt, job.submitted, time.time())
+        kind = _JSON
+    return Result(job.id, job.type, _OK, kind, data, job.attempt, job.submitted, time.time())
 
 
 _encode_result = jsoncodec.encoder(ensure_ascii=True, allow_nan=False)
+#: What a handler returns as bytes: a tuple, not ``bytes | bytearray | memoryview``, which
+#: builds a union object on every call.
+_BINARY = (bytes, bytearray, memoryview)
+#: The members _ok reads for every job, bound once (ipcd.layout.results says why).
+_BYTES, _TEXT, _JSON, _OK = Kind.BYTES, Kind.TEXT, Kind.JSON, Status.OK
 
 
 def _started_fields(job: Job, registration: Registration | None) -> dict[str, object]:
@@ -249,19 +258,19 @@ class Worker:
             self.handle(*taken)
         return Exit.STOPPED
 
-    def _take(self) -> tuple[int, handoff.Handoff] | None:
+    def _take(self) -> tuple[int, int, handoff.Handoff] | None:
         """The next job claimed from the store (in batches, ipcd.daemon.ledger) into this
         worker's slot, as the hand-off message (ipcd.wire.handoff) the master's recovery
-        reads back should the worker die; its length and what it holds (so that the
-        worker need not read it back), or None when the store has no job for us now
-        (StoreError when the store refuses the claim)."""
+        reads back should the worker die; its length, message type and what it holds (so
+        that the worker need not read any of it back), or None when the store has no job
+        for us now (StoreError when the store refuses the claim)."""
         claimed = self.ledger.next()  # within the stop and max_jobs_per_worker
         if claimed is None:
             return None
         record, body = claimed
         message = handoff.encode(record.id, record.attempts, body, self.table.text_size)
         self.table.deliver(self.slot, record.type, message)
-        return len(message), handoff.Handoff(record.id, record.attempts, body)
+        return len(message), record.type, handoff.Handoff(record.id, record.attempts, body)
 
     def _record_kept(self) -> None:
         """Record the outcomes the ledger keeps now; a store that refuses is left to the
@@ -291,12 +300,12 @@ class Worker:
                 self.log.error("store.claim_failed", error=str(exc), then="try again")
         time.sleep(CLAIM_BACKOFF)
 
-    def handle(self, length: int, given: handoff.Handoff) -> None:
+    def handle(self, length: int, type_: int, given: handoff.Handoff) -> None:
         """Everything that happens to one handed-over job: ``given`` is what the slot
-        holds (``length`` bytes of hand-off message), as the worker wrote it there."""
+        holds (``length`` bytes of hand-off message of type ``type_``), as the worker
+        wrote it there."""
         started = time.monotonic()
         received = time.time()
-        type_ = self.table.message_type(self.slot)
         body = given.body or b""
         try:
             job, body = job_from(given, type_, received, self.jobs, self._reporter)
@@ -373,7 +382,7 @@ class Worker:
         capture = self.capture
         if capture is not None:
             capture.begin(job.id)  # job_from gave the job its reporter (handle)
-        outcome, handler = execute(self.registry, job, self.log)
+        outcome, handler = call(registration, job, self.log)
         captured = capture.end() if capture is not None else None
         if not isinstance(outcome, Retry):
             self.outcomes.finish(

@@ -78,6 +78,7 @@ _STARTED_OFFSET = 40
 WAIT_HORIZON_MS = 60_000
 _MS_MASK = 0xFFFFFFFF
 _U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
 _CRC_FROM = 8  # the CRC covers the record header from ``seq`` on, then the data
 #: The kind byte's flag for a result kept in a segment of its own.
 SPILLED_FLAG = 0x80
@@ -93,13 +94,19 @@ class SlotState(enum.IntEnum):
 
 
 #: A record's ``state`` word as write_result stores it: one 4-byte store each.
-_WRITING = SlotState.WRITING.to_bytes(4, "little")
+_WRITING_STATE = SlotState.WRITING
+_WRITING = _WRITING_STATE.to_bytes(4, "little")
 _VALID = SlotState.VALID.to_bytes(4, "little")
 
 
 class Status(enum.IntEnum):
     OK = 0
     ERROR = 1
+
+
+#: The members read for every result, bound once: EnumType defines ``__getattr__``, which
+#: puts every attribute read on an enum class on a slower path (some 90 ns, a global 7).
+_OK, _ERROR = Status.OK, Status.ERROR
 
 
 class Kind(enum.IntEnum):
@@ -135,7 +142,7 @@ class Result(NamedTuple):
 
     @property
     def ok(self) -> bool:
-        return self.status is Status.OK
+        return self.status is _OK
 
     @property
     def error(self) -> str:
@@ -304,8 +311,9 @@ def write_result(buf: memoryview, header: Header, result: Result) -> int:
     if result.spill is not None:
         data = SPILLED.pack(*result.spill)
         kind |= SPILLED_FLAG
-    if len(data) > capacity(header.slot_size):
-        raise ValueError(f"{len(data)} bytes do not fit a {header.slot_size}-byte slot")
+    length = len(data)
+    if length > header.slot_size - RECORD_SIZE:  # capacity()
+        raise ValueError(f"{length} bytes do not fit a {header.slot_size}-byte slot")
     raw_id = result.job_id.encode("ascii")[:16].ljust(16, b"\0")  # fails before any write
     # The words a reader without the lock trusts (state, next_seq) change in one store
     # each (a slice copy), never by struct's pack_into, which clears a field before it
@@ -315,7 +323,7 @@ def write_result(buf: memoryview, header: Header, result: Result) -> int:
     RECORD.pack_into(
         buf,
         offset,
-        SlotState.WRITING,
+        _WRITING_STATE,
         0,
         seq,
         raw_id,
@@ -323,18 +331,17 @@ def write_result(buf: memoryview, header: Header, result: Result) -> int:
         result.status,
         kind,
         min(result.attempt, 0xFFFF),
-        len(data),
+        length,
         result.submitted,
         result.finished,
     )
     start = offset + RECORD_SIZE
-    buf[start : start + len(data)] = data
-    crc = zlib.crc32(buf[offset + _CRC_FROM : start + len(data)])
-    struct.pack_into("<I", buf, offset + 4, crc)
+    end = start + length
+    buf[start:end] = data
+    _U32.pack_into(buf, offset + 4, zlib.crc32(buf[offset + _CRC_FROM : end]))
     buf[offset : offset + 4] = _VALID
-    counter = _COUNTS_OFFSET + (8 if result.status is Status.ERROR else 0)
-    (count,) = struct.unpack_from("<Q", buf, counter)
-    struct.pack_into("<Q", buf, counter, count + 1)
+    counter = _COUNTS_OFFSET + (8 if result.status is _ERROR else 0)
+    _U64.pack_into(buf, counter, _U64.unpack_from(buf, counter)[0] + 1)
     return seq
 
 

@@ -59,8 +59,9 @@ class ResultStore:
         #: The serving daemon (pid, started) as set_daemon recorded it, for such a mend.
         self._daemon: tuple[int, float] | None = None
         #: (records kept, records lost) of each such mend this process made and its owner
-        #: has not yet taken (take_mends).
-        self._mends: list[tuple[int, int]] = []
+        #: has not yet taken (take_mends); empty, the usual case, when there is none to
+        #: say (a look its owner makes for every job, without a call).
+        self.mends: list[tuple[int, int]] = []
 
     @classmethod
     def open(cls, key: int) -> ResultStore:
@@ -125,9 +126,7 @@ class ResultStore:
         if header is None and self.slot_size is not None:
             # Overwritten (PHP's shm_attach): the daemon's processes know the layout and
             # mend it at once, under the lock the caller holds, keeping the records.
-            self._mends.append(
-                results.repair_header(self.segment.buf, self.slot_size, self._daemon)
-            )
+            self.mends.append(results.repair_header(self.segment.buf, self.slot_size, self._daemon))
             header = results.read_header(self.segment.buf)
         if header is None:
             raise OverwrittenError(
@@ -141,7 +140,7 @@ class ResultStore:
         """(records kept, records lost) of each overwritten header this process mended
         since the last call, oldest first: for its owner to log and count (the store is
         shared by every part of a process, and cannot know whose log that is)."""
-        mends, self._mends = self._mends, []
+        mends, self.mends = self.mends, []
         return mends
 
     def put(self, result: Result) -> int:

@@ -16,6 +16,7 @@ The layout itself (header, handler table, records) is in :mod:`ipcd.layout.stats
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections.abc import Collection, Iterable
 from typing import NamedTuple
 
@@ -38,7 +39,6 @@ from ipcd.layout.stats import (
     STORE_ERRORS,
     WORKER_RESTARTS,
     WORKERS_STARTED,
-    bucket_index,
     column_struct,
     columns_for,
     format_segment,
@@ -68,6 +68,10 @@ __all__ = [
     "read_record",
     "snapshot",
 ]
+
+
+#: Where a column's bucket counts start (after its outcome counts).
+_BUCKETS = len(OUTCOMES)
 
 
 class Recorder:
@@ -110,7 +114,7 @@ class Recorder:
         values[OK if ok else ERROR] += 1
         if self._timed:
             seconds = time.monotonic() - started
-            values[len(OUTCOMES) + bucket_index(self._bounds, seconds)] += 1
+            values[_BUCKETS + bisect_left(self._bounds, seconds)] += 1  # bucket_index()
             values[-1] += seconds
         self._write(column, values)
 
