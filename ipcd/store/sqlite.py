@@ -34,7 +34,6 @@ How it is used, and why:
 from __future__ import annotations
 
 import builtins
-import contextlib
 import fcntl
 import heapq
 import itertools
@@ -42,6 +41,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from types import TracebackType
 from typing import Any
 
 from ipcd.errors import (
@@ -96,9 +96,17 @@ _INSERT_COLUMNS = (
     "accepted", "due", "finished", "sender_pid", "sender_uid", "reply_to", "timeout", "bare",
     "size", "preview", "error", "body_size", "expires", "after_ids", "held_due",
 )  # fmt: skip
-_INSERT = (
-    f"INSERT INTO jobs ({', '.join(_INSERT_COLUMNS)}) "
-    f"VALUES ({', '.join('?' * len(_INSERT_COLUMNS))}) ON CONFLICT (id) DO NOTHING"
+#: The INSERTs of new jobs by the NULLs they hold (True for a column's NULL): see _insert.
+_INSERTS: dict[tuple[bool, ...], str] = {}
+_INSERT_BODY = "INSERT INTO bodies (job_id, body, file) VALUES (?, ?, ?)"
+_INSERT_BODY_INLINE = "INSERT INTO bodies (job_id, body, file) VALUES (?, ?, NULL)"
+#: The backlog: each waiting state's row of ``tally`` found by its key, where ``state
+#: IN (...)`` makes SQLite build a temporary index of the list on every run (some
+#: 30,000 instructions more, paid by every commit of the intake).
+_BACKLOG = (
+    "SELECT COALESCE(SUM(jobs), 0), COALESCE(SUM(bytes), 0) FROM ("
+    "SELECT jobs, bytes FROM tally WHERE state = 'queued' UNION ALL "
+    "SELECT jobs, bytes FROM tally WHERE state = 'scheduled')"
 )
 # A queued job that may still start at ? (now): one past its expiry that was never
 # started is skipped (the master cancels it), a test of the row already read.
@@ -161,6 +169,24 @@ def _claimed(row: Sequence[Any], now: float, worker_pid: int) -> JobRecord:
     values[_FINISHED] = None
     values[_WORKER_PID] = worker_pid or None
     return JobRecord._make(values)
+
+
+def _insert(values: Sequence[Any]) -> tuple[str, builtins.list[Any]]:
+    """The INSERT of a new job's row ``values`` (of _INSERT_COLUMNS), and its parameters:
+    the values but the Nones, which the statement names as NULL.  A None bound as a
+    parameter costs sqlite3 an adapter look-up (some 3,000 instructions, a formatted
+    AttributeError inside) where a NULL in the text costs nothing, and a plain job's row
+    has seven.  One text per set of NULLs (a handful in use: only the optional columns
+    vary), each prepared once and then reused from sqlite3's statement cache."""
+    nulls = tuple([value is None for value in values])
+    sql = _INSERTS.get(nulls)
+    if sql is None:
+        marks = ", ".join("NULL" if null else "?" for null in nulls)
+        sql = _INSERTS[nulls] = (
+            f"INSERT INTO jobs ({', '.join(_INSERT_COLUMNS)}) VALUES ({marks}) "
+            "ON CONFLICT (id) DO NOTHING"
+        )
+    return sql, [value for value in values if value is not None]
 
 
 def _claim_ranges(
@@ -340,6 +366,8 @@ class SqliteStore:
         self._blobs = blobs or BlobDir.beside(path, sync=False)
         self._pid = os.getpid()
         self._lock = -1
+        self._writing = _Transaction(self, "BEGIN IMMEDIATE", locked=True)
+        self._reading = _Transaction(self, "BEGIN", locked=False)
         self._limits: dict[int, Limit] = {}
         self.set_limits(limits or {})
 
@@ -363,39 +391,10 @@ class SqliteStore:
             )
         return self._conn
 
-    @contextlib.contextmanager
-    def _transaction(self, begin: str) -> Iterator[sqlite3.Connection]:
-        """``begin`` ... ``COMMIT``, rolled back on any error; sqlite3 errors become
-        StoreErrors. (SQLite may have rolled back already, after SQLITE_FULL say.)"""
-        conn = self._own()
-        try:
-            conn.execute(begin)
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise store_error(self._path, exc) from exc
-
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction: the write lock is taken before the first read.
-
-        Writers first queue on an advisory lock of their own (``flock`` on
-        ``PATH.lock``), which the kernel hands to the next waiter the moment it is
-        released: SQLite's own wait for a busy database sleeps 1, 2, 5 ... ms between
-        tries, which would cost the daemon's processes (intake, master, workers, all
-        writing) milliseconds per job.  A killed process's lock goes with it."""
-        fd = self._lock_fd()
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            with self._transaction("BEGIN IMMEDIATE") as db:
-                yield db
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+    def _write(self) -> _Transaction:
+        """A write transaction: the write lock is taken before the first read (see
+        :class:`_Transaction`)."""
+        return self._writing
 
     def _lock_fd(self) -> int:
         if self._lock < 0:
@@ -410,9 +409,9 @@ class SqliteStore:
                 ) from None
         return self._lock
 
-    def _read(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+    def _read(self) -> _Transaction:
         """A read transaction: its statements see one snapshot."""
-        return self._transaction("BEGIN")
+        return self._reading
 
     @staticmethod
     def _get(db: sqlite3.Connection, job_id: str) -> JobRecord | None:
@@ -457,24 +456,24 @@ class SqliteStore:
             state, due, held_due, error = job.state, job.due, 0.0, job.error
             if job.after and state is not State.FAILED:
                 state, due, held_due, error, pending = chains.decide(db, job)
-            if state is State.QUEUED and due > job.accepted:
+            if due > job.accepted and state is State.QUEUED:
                 state = State.SCHEDULED
-            if state not in (State.QUEUED, State.SCHEDULED, State.FAILED, State.CANCELLED):
+            if state not in _NEW:
                 raise InternalError(f"job {job.id}: a new job cannot be {state}")
-            finished = job.accepted if state in (State.FAILED, State.CANCELLED) else None
+            finished = job.accepted if state in _ENDED_NEW else None
             values = (
-                job.id, job.type, job.handler, state.value, job.attempts, job.priority,
+                job.id, job.type, job.handler, _TEXT[state], job.attempts, job.priority,
                 job.unique, job.submitted or job.accepted, job.accepted, due, finished,
                 job.sender_pid, job.sender_uid, job.reply_to, job.timeout, int(job.bare),
                 job.size, job.preview, error, len(job.body) + len(job.tail), job.expires,
                 ",".join(job.after) if job.after else None, held_due,
             )  # fmt: skip
-            if db.execute(_INSERT, values).rowcount == 1:
+            if db.execute(*_insert(values)).rowcount == 1:
                 body, file = self._keep(job.id, job.body, written, job.tail)
-                db.execute(
-                    "INSERT INTO bodies (job_id, body, file) VALUES (?, ?, ?)",
-                    (job.id, body, file),
-                )
+                if file is None:
+                    db.execute(_INSERT_BODY_INLINE, (job.id, body))
+                else:
+                    db.execute(_INSERT_BODY, (job.id, body, file))
                 if pending:
                     chains.hold(db, job.id, pending)
                 inserted.append(Admitted(job.id, state, error))
@@ -1143,10 +1142,7 @@ class SqliteStore:
 
     @staticmethod
     def _backlog(db: sqlite3.Connection) -> Backlog:
-        jobs, size = db.execute(
-            "SELECT COALESCE(SUM(jobs), 0), COALESCE(SUM(bytes), 0) FROM tally "
-            "WHERE state IN ('queued', 'scheduled')"
-        ).fetchone()
+        jobs, size = db.execute(_BACKLOG).fetchone()
         return Backlog(int(jobs), int(size))
 
     # -- keeping the store bounded ------------------------------------------------------
@@ -1326,7 +1322,83 @@ class SqliteStore:
                 self._lock = -1
 
 
+class _Transaction:
+    """One transaction of a store's connection, as a ``with`` block: ``begin`` ...
+    ``COMMIT``, rolled back on any error; sqlite3 errors become StoreErrors.  (SQLite may
+    have rolled back already, after SQLITE_FULL say.)
+
+    With ``locked`` (the write transactions), the writer first queues on an advisory lock
+    of the store's own (``flock`` on ``PATH.lock``), which the kernel hands to the next
+    waiter the moment it is released: SQLite's own wait for a busy database sleeps 1, 2,
+    5 ... ms between tries, which would cost the daemon's processes (intake, master,
+    workers, all writing) milliseconds per job.  A killed process's lock goes with it.
+
+    A class made once per store, not a ``contextlib.contextmanager``: a generator's
+    context manager is made anew for every transaction, and two of them nested cost
+    some 20,000 instructions a commit, a tenth of a lone job's in the intake.  It holds
+    no state of its own between ``__enter__`` and ``__exit__`` (transactions never nest).
+    """
+
+    __slots__ = ("_begin", "_locked", "_store")
+
+    def __init__(self, store: SqliteStore, begin: str, *, locked: bool) -> None:
+        self._store = store
+        self._begin = begin
+        self._locked = locked
+
+    def __enter__(self) -> sqlite3.Connection:
+        store = self._store
+        if self._locked:
+            fcntl.flock(store._lock_fd(), fcntl.LOCK_EX)
+        try:
+            conn = store._own()
+            conn.execute(self._begin)
+        except BaseException as exc:
+            self._unlock()
+            if isinstance(exc, sqlite3.Error):
+                raise store_error(store._path, exc) from exc
+            raise
+        return conn
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Commit, or roll back after ``exc``; then unlock.  ``exc`` goes on (a sqlite3
+        error as a StoreError), as does an error of the commit or the rollback."""
+        store = self._store
+        conn = store._conn
+        try:
+            try:
+                if exc is None:
+                    conn.execute("COMMIT")
+                    return
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        except sqlite3.Error as error:
+            raise store_error(store._path, error) from error
+        finally:
+            self._unlock()
+        if isinstance(exc, sqlite3.Error):
+            raise store_error(store._path, exc) from exc
+
+    def _unlock(self) -> None:
+        if self._locked:
+            fcntl.flock(self._store._lock, fcntl.LOCK_UN)
+
+
 _NOT_FINAL = (State.QUEUED, State.SCHEDULED, State.RUNNING)
+#: A state's text as the store records it, looked up: the enum's ``value`` is a property.
+_TEXT = {state: state.value for state in State}
+#: The states a new job can have, and those of them it ends in at once.
+_NEW = frozenset({State.QUEUED, State.SCHEDULED, State.FAILED, State.CANCELLED})
+_ENDED_NEW = frozenset({State.FAILED, State.CANCELLED})
 
 
 def _distinct(values: Iterable[Any]) -> builtins.list[Any]:
