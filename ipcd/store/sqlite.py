@@ -91,10 +91,12 @@ _COLUMNS = ", ".join(_NAMES.get(f, f) for f in JobRecord._fields)
 _SELECT = f"SELECT {_COLUMNS} FROM jobs"
 _NEWEST = "ORDER BY accepted DESC, id DESC LIMIT ?"
 _DISPATCH = "ORDER BY type, priority DESC, accepted, id"
+#: A new job's columns: those that always have a value, then those that may be NULL.
 _INSERT_COLUMNS = (
-    "id", "type", "handler", "state", "attempts", "priority", "unique_key", "submitted",
-    "accepted", "due", "finished", "sender_pid", "sender_uid", "reply_to", "timeout", "bare",
-    "size", "preview", "error", "body_size", "expires", "after_ids", "held_due",
+    "id", "type", "handler", "state", "attempts", "priority", "submitted", "accepted", "due",
+    "sender_pid", "bare", "size", "preview", "body_size", "held_due",
+    "unique_key", "finished", "sender_uid", "reply_to", "timeout", "error", "expires",
+    "after_ids",
 )  # fmt: skip
 #: The INSERTs of new jobs by the NULLs they hold (True for a column's NULL): see _insert.
 _INSERTS: dict[tuple[bool, ...], str] = {}
@@ -171,22 +173,23 @@ def _claimed(row: Sequence[Any], now: float, worker_pid: int) -> JobRecord:
     return JobRecord._make(values)
 
 
-def _insert(values: Sequence[Any]) -> tuple[str, builtins.list[Any]]:
-    """The INSERT of a new job's row ``values`` (of _INSERT_COLUMNS), and its parameters:
-    the values but the Nones, which the statement names as NULL.  A None bound as a
-    parameter costs sqlite3 an adapter look-up (some 3,000 instructions, a formatted
-    AttributeError inside) where a NULL in the text costs nothing, and a plain job's row
-    has seven.  One text per set of NULLs (a handful in use: only the optional columns
-    vary), each prepared once and then reused from sqlite3's statement cache."""
-    nulls = tuple([value is None for value in values])
+def _insert(values: Sequence[Any], nullable: Sequence[Any]) -> tuple[str, builtins.list[Any]]:
+    """The INSERT of a new job's row, ``values`` and then ``nullable`` (the columns of
+    _INSERT_COLUMNS in its order), and its parameters: those values but the nullable
+    ones that are None, which the statement names as NULL.  A None bound as a parameter
+    costs sqlite3 an adapter look-up (some 3,000 instructions, a formatted AttributeError
+    inside) where a NULL in the text costs nothing, and a plain job's row has seven.
+    One text per set of NULLs (a handful in use), each prepared once and then reused
+    from sqlite3's statement cache."""
+    nulls = tuple([value is None for value in nullable])
     sql = _INSERTS.get(nulls)
     if sql is None:
-        marks = ", ".join("NULL" if null else "?" for null in nulls)
+        marks = ["?"] * len(values) + ["NULL" if null else "?" for null in nulls]
         sql = _INSERTS[nulls] = (
-            f"INSERT INTO jobs ({', '.join(_INSERT_COLUMNS)}) VALUES ({marks}) "
+            f"INSERT INTO jobs ({', '.join(_INSERT_COLUMNS)}) VALUES ({', '.join(marks)}) "
             "ON CONFLICT (id) DO NOTHING"
         )
-    return sql, [value for value in values if value is not None]
+    return sql, [*values, *[value for value in nullable if value is not None]]
 
 
 def _claim_ranges(
@@ -463,12 +466,14 @@ class SqliteStore:
             finished = job.accepted if state in _ENDED_NEW else None
             values = (
                 job.id, job.type, job.handler, _TEXT[state], job.attempts, job.priority,
-                job.unique, job.submitted or job.accepted, job.accepted, due, finished,
-                job.sender_pid, job.sender_uid, job.reply_to, job.timeout, int(job.bare),
-                job.size, job.preview, error, len(job.body) + len(job.tail), job.expires,
-                ",".join(job.after) if job.after else None, held_due,
+                job.submitted or job.accepted, job.accepted, due, job.sender_pid,
+                int(job.bare), job.size, job.preview, len(job.body) + len(job.tail), held_due,
             )  # fmt: skip
-            if db.execute(*_insert(values)).rowcount == 1:
+            nullable = (
+                job.unique, finished, job.sender_uid, job.reply_to, job.timeout, error,
+                job.expires, ",".join(job.after) if job.after else None,
+            )  # fmt: skip
+            if db.execute(*_insert(values, nullable)).rowcount == 1:
                 body, file = self._keep(job.id, job.body, written, job.tail)
                 if file is None:
                     db.execute(_INSERT_BODY_INLINE, (job.id, body))
