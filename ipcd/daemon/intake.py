@@ -56,6 +56,8 @@ SLOTS = 64
 MAX_BACKOFF = 5.0
 #: How often a full store is looked at again.
 FULL_RECHECK = 0.2
+#: The states a vetted job ends in at once (one look-up: an enum member's is two).
+_ENDED = frozenset({State.FAILED, State.CANCELLED})
 #: Seconds a commit's backlog stands for the store's (see Intake._room): under load
 #: every batch reads it in its own commit; after a quiet spell one read is paid again.
 BACKLOG_FRESH = 1.0
@@ -295,7 +297,7 @@ class Intake:
                 continue
             assert job is not None
             state, error = vetted.record.state, vetted.record.error or ""
-            if state is State.FAILED or state is State.CANCELLED:
+            if state in _ENDED:
                 # No handler, an unknown dependency, or a dependency that failed already:
                 # it ended at once, its error result stored, and no confirmation.
                 result = error_result(job, error)
@@ -309,7 +311,7 @@ class Intake:
                     else:
                         self.outcomes.notify(job.confirm, job.id)
                 continue
-            if vetted.record.state is State.SCHEDULED:
+            if state is State.SCHEDULED:
                 scheduled += 1
             else:
                 queued += 1

@@ -1332,12 +1332,15 @@ class _Transaction:
     no state of its own between ``__enter__`` and ``__exit__`` (transactions never nest).
     """
 
-    __slots__ = ("_begin", "_locked", "_store")
+    __slots__ = ("_begin", "_cursor", "_locked", "_store")
 
     def __init__(self, store: SqliteStore, begin: str, *, locked: bool) -> None:
         self._store = store
         self._begin = begin
         self._locked = locked
+        #: For ``begin``, COMMIT and ROLLBACK, which read nothing: ``Connection.execute``
+        #: makes a cursor for every statement.
+        self._cursor = store._conn.cursor()
 
     def __enter__(self) -> sqlite3.Connection:
         store = self._store
@@ -1345,7 +1348,7 @@ class _Transaction:
             fcntl.flock(store._lock_fd(), fcntl.LOCK_EX)
         try:
             conn = store._own()
-            conn.execute(self._begin)
+            self._cursor.execute(self._begin)
         except BaseException as exc:
             self._unlock()
             if isinstance(exc, sqlite3.Error):
@@ -1362,18 +1365,18 @@ class _Transaction:
         """Commit, or roll back after ``exc``; then unlock.  ``exc`` goes on (a sqlite3
         error as a StoreError), as does an error of the commit or the rollback."""
         store = self._store
-        conn = store._conn
+        conn, cursor = store._conn, self._cursor
         try:
             try:
                 if exc is None:
-                    conn.execute("COMMIT")
+                    cursor.execute("COMMIT")
                     return
             except BaseException:
                 if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                    cursor.execute("ROLLBACK")
                 raise
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                cursor.execute("ROLLBACK")
         except sqlite3.Error as error:
             raise store_error(store._path, error) from error
         finally:
