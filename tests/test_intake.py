@@ -170,6 +170,29 @@ def test_a_batch_of_messages_is_committed_in_one_add(instance: Instance) -> None
     assert rig.queue.depth() == 0
 
 
+def test_every_field_of_a_vetted_envelope_lands_in_its_own_record_field(
+    instance: Instance,
+) -> None:
+    """An envelope with every optional field set, each to a value of its own, is vetted
+    into the NewJob those values name (vet builds the record positionally)."""
+    due = time.time() + 60
+    body = protocol.encode(
+        "payload", job_id="all", reply_to=11, submitted=1700000000.5, pid=os.getpid(),
+        attempt=13, timeout=14.5, unique="u", confirm=15, due=due, priority=17,
+        expire=18.5, after=("a1", "a2"),
+    )  # fmt: skip
+    record = Rig(instance).intake().vet(body, TYPE).record
+    assert record == NewJob(
+        id="all", type=TYPE, handler="echo", body=body, bare=False,
+        accepted=record.accepted, size=7, preview="payload", submitted=1700000000.5,
+        due=round(due, 6), priority=17, unique="u", sender_pid=os.getpid(),
+        sender_uid=os.getuid(), reply_to=11, timeout=14.5, attempts=12,
+        state=State.SCHEDULED, error=None, expires=round(due, 6) + 18.5,
+        after=("a1", "a2"), tail=b"",
+    )  # fmt: skip
+    assert time.time() - 5 < record.accepted <= time.time()
+
+
 def test_an_unwritable_store_keeps_the_messages_in_the_slots_until_it_takes_them(
     instance: Instance,
 ) -> None:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from ipcd.errors import MessageError, PayloadError, RefusedPayloadError
 from ipcd.wire import protocol
-from ipcd.wire.protocol import MAX_DEPTH, Job, Payload, decode, encode, new_job_id
+from ipcd.wire.protocol import MAX_DEPTH, Job, Payload, SpillRef, decode, encode, new_job_id
 
 JOB_ID_FORMAT = re.compile(r"[0-9a-f]{16}\Z")
 
@@ -137,6 +137,23 @@ def test_new_job_id_is_16_random_hex_digits() -> None:
         assert JOB_ID_FORMAT.match(job_id)
     job_id = ids.pop()
     assert decode(encode("x", job_id=job_id), 2).id == job_id
+
+
+def test_every_envelope_field_lands_in_its_own_job_field() -> None:
+    """An envelope with every optional field set, each to a value of its own, decodes to
+    the Job those values name (decode builds the Job positionally)."""
+    body = encode(
+        "p", job_id="all", reply_to=11, submitted=1700000000.5, pid=12, attempt=13,
+        timeout=14.5, unique="u", confirm=15, due=1700000016.0, priority=17, expire=18.5,
+        after=("a1", "a2"),
+    )  # fmt: skip
+    assert decode(body, 19) == Job(
+        id="all", type=19, payload="p", attempt=13, submitted=1700000000.5, sender_pid=12,
+        reply_to=11, bare=False, timeout=14.5, unique="u", spill=None, confirm=15,
+        due=1700000016.0, priority=17, expire=18.5, after=("a1", "a2"), reporter=None,
+    )  # fmt: skip
+    spilled = encode(None, job_id="big", spill=SpillRef(20, 21, 22, "json"), pid=23)
+    assert decode(spilled, 24).spill == SpillRef(20, 21, 22, "json")
 
 
 def test_envelope_fields_default_when_absent() -> None:

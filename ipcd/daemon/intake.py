@@ -56,6 +56,8 @@ SLOTS = 64
 MAX_BACKOFF = 5.0
 #: How often a full store is looked at again.
 FULL_RECHECK = 0.2
+#: The states a vetted job ends in at once (one look-up: an enum member's is two).
+_ENDED = frozenset({State.FAILED, State.CANCELLED})
 #: Seconds a commit's backlog stands for the store's (see Intake._room): under load
 #: every batch reads it in its own commit; after a quiet spell one read is paid again.
 BACKLOG_FRESH = 1.0
@@ -295,7 +297,7 @@ class Intake:
                 continue
             assert job is not None
             state, error = vetted.record.state, vetted.record.error or ""
-            if state is State.FAILED or state is State.CANCELLED:
+            if state in _ENDED:
                 # No handler, an unknown dependency, or a dependency that failed already:
                 # it ended at once, its error result stored, and no confirmation.
                 result = error_result(job, error)
@@ -309,7 +311,7 @@ class Intake:
                     else:
                         self.outcomes.notify(job.confirm, job.id)
                 continue
-            if vetted.record.state is State.SCHEDULED:
+            if state is State.SCHEDULED:
                 scheduled += 1
             else:
                 queued += 1
@@ -344,28 +346,31 @@ class Intake:
             return self._rejected(error, body, type_, now, given_id)
         registration = self.registry.lookup(job.type)
         due = job.due if job.due > now else 0.0
+        # NewJob's fields in their order, positionally: a call with keywords first builds
+        # a dict of them, which doubles what making the record costs, on every job.
         record = NewJob(
-            id=job.id,
-            type=job.type,
-            handler=registration.name if registration else "-",
-            body=body,
-            bare=job.bare,
-            accepted=now,
-            size=_size(job.payload) if tail is None else len(tail),
-            preview=protocol.preview(job.payload),
-            submitted=job.submitted or now,
-            due=due,
-            priority=job.priority,
-            unique=job.unique,
-            sender_pid=job.sender_pid,
-            sender_uid=_uid_of(job.sender_pid),
-            reply_to=job.reply_to,
-            timeout=job.timeout,
-            attempts=job.attempt - 1,
-            state=State.SCHEDULED if due else State.QUEUED,
-            expires=None if job.expire is None else (due or now) + job.expire,
-            after=job.after,
-            tail=b"" if tail is None else tail,
+            job.id,
+            job.type,
+            registration.name if registration else "-",  # handler
+            body,
+            job.bare,
+            now,  # accepted
+            _size(job.payload) if tail is None else len(tail),  # size
+            protocol.preview(job.payload),
+            job.submitted or now,  # submitted
+            due,
+            job.priority,
+            job.unique,
+            job.sender_pid,
+            _uid_of(job.sender_pid),  # sender_uid
+            job.reply_to,
+            job.timeout,
+            job.attempt - 1,  # attempts
+            State.SCHEDULED if due else State.QUEUED,  # state
+            None,  # error
+            None if job.expire is None else (due or now) + job.expire,  # expires
+            job.after,
+            b"" if tail is None else tail,  # tail
         )
         if registration is None:
             message = f"no handler for message type {job.type}"

@@ -34,7 +34,6 @@ How it is used, and why:
 from __future__ import annotations
 
 import builtins
-import contextlib
 import fcntl
 import heapq
 import itertools
@@ -42,6 +41,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from types import TracebackType
 from typing import Any
 
 from ipcd.errors import (
@@ -91,14 +91,24 @@ _COLUMNS = ", ".join(_NAMES.get(f, f) for f in JobRecord._fields)
 _SELECT = f"SELECT {_COLUMNS} FROM jobs"
 _NEWEST = "ORDER BY accepted DESC, id DESC LIMIT ?"
 _DISPATCH = "ORDER BY type, priority DESC, accepted, id"
+#: A new job's columns: those that always have a value, then those that may be NULL.
 _INSERT_COLUMNS = (
-    "id", "type", "handler", "state", "attempts", "priority", "unique_key", "submitted",
-    "accepted", "due", "finished", "sender_pid", "sender_uid", "reply_to", "timeout", "bare",
-    "size", "preview", "error", "body_size", "expires", "after_ids", "held_due",
+    "id", "type", "handler", "state", "attempts", "priority", "submitted", "accepted", "due",
+    "sender_pid", "bare", "size", "preview", "body_size", "held_due",
+    "unique_key", "finished", "sender_uid", "reply_to", "timeout", "error", "expires",
+    "after_ids",
 )  # fmt: skip
-_INSERT = (
-    f"INSERT INTO jobs ({', '.join(_INSERT_COLUMNS)}) "
-    f"VALUES ({', '.join('?' * len(_INSERT_COLUMNS))}) ON CONFLICT (id) DO NOTHING"
+#: The INSERTs of new jobs by the NULLs they hold (True for a column's NULL): see _insert.
+_INSERTS: dict[tuple[bool, ...], str] = {}
+_INSERT_BODY = "INSERT INTO bodies (job_id, body, file) VALUES (?, ?, ?)"
+_INSERT_BODY_INLINE = "INSERT INTO bodies (job_id, body, file) VALUES (?, ?, NULL)"
+#: The backlog: each waiting state's row of ``tally`` found by its key, where ``state
+#: IN (...)`` makes SQLite build a temporary index of the list on every run (some
+#: 30,000 instructions more, paid by every commit of the intake).
+_BACKLOG = (
+    "SELECT COALESCE(SUM(jobs), 0), COALESCE(SUM(bytes), 0) FROM ("
+    "SELECT jobs, bytes FROM tally WHERE state = 'queued' UNION ALL "
+    "SELECT jobs, bytes FROM tally WHERE state = 'scheduled')"
 )
 # A queued job that may still start at ? (now): one past its expiry that was never
 # started is skipped (the master cancels it), a test of the row already read.
@@ -144,7 +154,7 @@ def _fields(row: Sequence[Any]) -> builtins.list[Any]:
     list, which is made into the record once (a NamedTuple's ``_replace`` builds it
     again, field by field: four times the cost, paid by every claimed job)."""
     values = list(row)
-    values[_STATE] = State(values[_STATE])
+    values[_STATE] = _STATE_OF.get(values[_STATE]) or State(values[_STATE])
     values[_BARE] = bool(values[_BARE])
     ids: str | None = values[_AFTER]  # the column: comma-separated, or NULL
     values[_AFTER] = tuple(ids.split(",")) if ids else ()
@@ -161,6 +171,25 @@ def _claimed(row: Sequence[Any], now: float, worker_pid: int) -> JobRecord:
     values[_FINISHED] = None
     values[_WORKER_PID] = worker_pid or None
     return JobRecord._make(values)
+
+
+def _insert(values: Sequence[Any], nullable: Sequence[Any]) -> tuple[str, builtins.list[Any]]:
+    """The INSERT of a new job's row, ``values`` and then ``nullable`` (the columns of
+    _INSERT_COLUMNS in its order), and its parameters: those values but the nullable
+    ones that are None, which the statement names as NULL.  A None bound as a parameter
+    costs sqlite3 an adapter look-up (some 3,000 instructions, a formatted AttributeError
+    inside) where a NULL in the text costs nothing, and a plain job's row has seven.
+    One text per set of NULLs (a handful in use), each prepared once and then reused
+    from sqlite3's statement cache."""
+    nulls = tuple([value is None for value in nullable])
+    sql = _INSERTS.get(nulls)
+    if sql is None:
+        marks = ["?"] * len(values) + ["NULL" if null else "?" for null in nulls]
+        sql = _INSERTS[nulls] = (
+            f"INSERT INTO jobs ({', '.join(_INSERT_COLUMNS)}) VALUES ({', '.join(marks)}) "
+            "ON CONFLICT (id) DO NOTHING"
+        )
+    return sql, [*values, *[value for value in nullable if value is not None]]
 
 
 def _claim_ranges(
@@ -340,6 +369,8 @@ class SqliteStore:
         self._blobs = blobs or BlobDir.beside(path, sync=False)
         self._pid = os.getpid()
         self._lock = -1
+        self._writing = _Transaction(self, "BEGIN IMMEDIATE", locked=True)
+        self._reading = _Transaction(self, "BEGIN", locked=False)
         self._limits: dict[int, Limit] = {}
         self.set_limits(limits or {})
 
@@ -363,39 +394,10 @@ class SqliteStore:
             )
         return self._conn
 
-    @contextlib.contextmanager
-    def _transaction(self, begin: str) -> Iterator[sqlite3.Connection]:
-        """``begin`` ... ``COMMIT``, rolled back on any error; sqlite3 errors become
-        StoreErrors. (SQLite may have rolled back already, after SQLITE_FULL say.)"""
-        conn = self._own()
-        try:
-            conn.execute(begin)
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise store_error(self._path, exc) from exc
-
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction: the write lock is taken before the first read.
-
-        Writers first queue on an advisory lock of their own (``flock`` on
-        ``PATH.lock``), which the kernel hands to the next waiter the moment it is
-        released: SQLite's own wait for a busy database sleeps 1, 2, 5 ... ms between
-        tries, which would cost the daemon's processes (intake, master, workers, all
-        writing) milliseconds per job.  A killed process's lock goes with it."""
-        fd = self._lock_fd()
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            with self._transaction("BEGIN IMMEDIATE") as db:
-                yield db
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+    def _write(self) -> _Transaction:
+        """A write transaction: the write lock is taken before the first read (see
+        :class:`_Transaction`)."""
+        return self._writing
 
     def _lock_fd(self) -> int:
         if self._lock < 0:
@@ -410,9 +412,9 @@ class SqliteStore:
                 ) from None
         return self._lock
 
-    def _read(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+    def _read(self) -> _Transaction:
         """A read transaction: its statements see one snapshot."""
-        return self._transaction("BEGIN")
+        return self._reading
 
     @staticmethod
     def _get(db: sqlite3.Connection, job_id: str) -> JobRecord | None:
@@ -457,24 +459,26 @@ class SqliteStore:
             state, due, held_due, error = job.state, job.due, 0.0, job.error
             if job.after and state is not State.FAILED:
                 state, due, held_due, error, pending = chains.decide(db, job)
-            if state is State.QUEUED and due > job.accepted:
+            if due > job.accepted and state is State.QUEUED:
                 state = State.SCHEDULED
-            if state not in (State.QUEUED, State.SCHEDULED, State.FAILED, State.CANCELLED):
+            if state not in _NEW:
                 raise InternalError(f"job {job.id}: a new job cannot be {state}")
-            finished = job.accepted if state in (State.FAILED, State.CANCELLED) else None
+            finished = job.accepted if state in _ENDED_NEW else None
             values = (
-                job.id, job.type, job.handler, state.value, job.attempts, job.priority,
-                job.unique, job.submitted or job.accepted, job.accepted, due, finished,
-                job.sender_pid, job.sender_uid, job.reply_to, job.timeout, int(job.bare),
-                job.size, job.preview, error, len(job.body) + len(job.tail), job.expires,
-                ",".join(job.after) if job.after else None, held_due,
+                job.id, job.type, job.handler, _TEXT[state], job.attempts, job.priority,
+                job.submitted or job.accepted, job.accepted, due, job.sender_pid,
+                int(job.bare), job.size, job.preview, len(job.body) + len(job.tail), held_due,
             )  # fmt: skip
-            if db.execute(_INSERT, values).rowcount == 1:
+            nullable = (
+                job.unique, finished, job.sender_uid, job.reply_to, job.timeout, error,
+                job.expires, ",".join(job.after) if job.after else None,
+            )  # fmt: skip
+            if db.execute(*_insert(values, nullable)).rowcount == 1:
                 body, file = self._keep(job.id, job.body, written, job.tail)
-                db.execute(
-                    "INSERT INTO bodies (job_id, body, file) VALUES (?, ?, ?)",
-                    (job.id, body, file),
-                )
+                if file is None:
+                    db.execute(_INSERT_BODY_INLINE, (job.id, body))
+                else:
+                    db.execute(_INSERT_BODY, (job.id, body, file))
                 if pending:
                     chains.hold(db, job.id, pending)
                 inserted.append(Admitted(job.id, state, error))
@@ -868,39 +872,27 @@ class SqliteStore:
         job, once final, is added to ``chain.ended``: the caller settles what follows it
         (:meth:`_follow`) before it claims."""
         data = outcome.data
-        changed = db.execute(
-            "UPDATE jobs SET state = ?, finished = ?, error = ?, result_kind = ?, "
-            "result_size = ?, worker_pid = NULL WHERE id = ? AND state IN (?, ?, ?)",
-            (
-                State.DONE.value if outcome.ok else State.FAILED.value,
-                outcome.finished,
-                outcome.error,
-                outcome.result_kind,
-                None if data is None else len(data),
-                outcome.job_id,
-                *_values(_NOT_FINAL),
-            ),
-        ).rowcount
+        state = State.DONE if outcome.ok else State.FAILED
+        params = (_TEXT[state], outcome.finished, outcome.result_kind)
+        size = None if data is None else len(data)
+        if outcome.error is None:  # a NULL in the text, not a None bound (see _insert)
+            changed = db.execute(_FINISH_NO_ERROR, (*params, size, outcome.job_id)).rowcount
+        else:
+            changed = db.execute(_FINISH, (*params, size, outcome.error, outcome.job_id)).rowcount
         if changed != 1:
             return False
-        chain.ended.append((outcome.job_id, State.DONE if outcome.ok else State.FAILED))
+        chain.ended.append((outcome.job_id, state))
         # One statement either way: the result kept (replacing any earlier one), or any
         # earlier one removed. A large result is a file (an earlier one's goes by the
         # schema's triggers); the caller removes it should the transaction fail.
         if data is not None and len(data) <= self._max_result:
             kept, file = self._keep(outcome.job_id, data, written)
             self._settle(written)
-            db.execute(
-                "INSERT INTO results (job_id, kind, data, file) VALUES (?, ?, ?, ?) ON "
-                "CONFLICT (job_id) DO UPDATE SET kind = excluded.kind, data = excluded.data, "
-                "file = excluded.file",
-                (
-                    outcome.job_id,
-                    0 if outcome.result_kind is None else outcome.result_kind,
-                    kept,
-                    file,
-                ),
-            )
+            kind = 0 if outcome.result_kind is None else outcome.result_kind
+            if file is None:
+                db.execute(_KEEP_RESULT_INLINE, (outcome.job_id, kind, kept))
+            else:
+                db.execute(_KEEP_RESULT_FILE, (outcome.job_id, kind, kept, file))
         else:
             db.execute("DELETE FROM results WHERE job_id = ?", (outcome.job_id,))
         if outcome.captured is not None:
@@ -1143,10 +1135,7 @@ class SqliteStore:
 
     @staticmethod
     def _backlog(db: sqlite3.Connection) -> Backlog:
-        jobs, size = db.execute(
-            "SELECT COALESCE(SUM(jobs), 0), COALESCE(SUM(bytes), 0) FROM tally "
-            "WHERE state IN ('queued', 'scheduled')"
-        ).fetchone()
+        jobs, size = db.execute(_BACKLOG).fetchone()
         return Backlog(int(jobs), int(size))
 
     # -- keeping the store bounded ------------------------------------------------------
@@ -1326,7 +1315,103 @@ class SqliteStore:
                 self._lock = -1
 
 
+class _Transaction:
+    """One transaction of a store's connection, as a ``with`` block: ``begin`` ...
+    ``COMMIT``, rolled back on any error; sqlite3 errors become StoreErrors.  (SQLite may
+    have rolled back already, after SQLITE_FULL say.)
+
+    With ``locked`` (the write transactions), the writer first queues on an advisory lock
+    of the store's own (``flock`` on ``PATH.lock``), which the kernel hands to the next
+    waiter the moment it is released: SQLite's own wait for a busy database sleeps 1, 2,
+    5 ... ms between tries, which would cost the daemon's processes (intake, master,
+    workers, all writing) milliseconds per job.  A killed process's lock goes with it.
+
+    A class made once per store, not a ``contextlib.contextmanager``: a generator's
+    context manager is made anew for every transaction, and two of them nested cost
+    some 20,000 instructions a commit, a tenth of a lone job's in the intake.  It holds
+    no state of its own between ``__enter__`` and ``__exit__`` (transactions never nest).
+    """
+
+    __slots__ = ("_begin", "_cursor", "_locked", "_store")
+
+    def __init__(self, store: SqliteStore, begin: str, *, locked: bool) -> None:
+        self._store = store
+        self._begin = begin
+        self._locked = locked
+        #: For ``begin``, COMMIT and ROLLBACK, which read nothing: ``Connection.execute``
+        #: makes a cursor for every statement.
+        self._cursor = store._conn.cursor()
+
+    def __enter__(self) -> sqlite3.Connection:
+        store = self._store
+        if self._locked:
+            fcntl.flock(store._lock_fd(), fcntl.LOCK_EX)
+        try:
+            conn = store._own()
+            self._cursor.execute(self._begin)
+        except BaseException as exc:
+            self._unlock()
+            if isinstance(exc, sqlite3.Error):
+                raise store_error(store._path, exc) from exc
+            raise
+        return conn
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Commit, or roll back after ``exc``; then unlock.  ``exc`` goes on (a sqlite3
+        error as a StoreError), as does an error of the commit or the rollback."""
+        store = self._store
+        conn, cursor = store._conn, self._cursor
+        try:
+            try:
+                if exc is None:
+                    cursor.execute("COMMIT")
+                    return
+            except BaseException:
+                if conn.in_transaction:
+                    cursor.execute("ROLLBACK")
+                raise
+            if conn.in_transaction:
+                cursor.execute("ROLLBACK")
+        except sqlite3.Error as error:
+            raise store_error(store._path, error) from error
+        finally:
+            self._unlock()
+        if isinstance(exc, sqlite3.Error):
+            raise store_error(store._path, exc) from exc
+
+    def _unlock(self) -> None:
+        if self._locked:
+            fcntl.flock(self._store._lock, fcntl.LOCK_UN)
+
+
 _NOT_FINAL = (State.QUEUED, State.SCHEDULED, State.RUNNING)
+#: A job not final (_NOT_FINAL), as a test of the row a statement found by its key:
+#: ``state IN (...)`` builds a temporary index of its list on every run, some 30,000
+#: instructions more on every job a worker finishes.
+_UNFINISHED = "(" + " OR ".join(f"state = '{state.value}'" for state in _NOT_FINAL) + ")"
+#: A job's outcome (then its ``error``, unless the text says NULL, and its id).
+_FINISH_COLUMNS = "state = ?, finished = ?, result_kind = ?, result_size = ?, worker_pid = NULL"
+_FINISH = f"UPDATE jobs SET {_FINISH_COLUMNS}, error = ? WHERE id = ? AND {_UNFINISHED}"
+_FINISH_NO_ERROR = f"UPDATE jobs SET {_FINISH_COLUMNS}, error = NULL WHERE id = ? AND {_UNFINISHED}"
+#: A job's result kept, replacing an earlier one: held in its row, or in a file it names.
+_KEEP_RESULT = (
+    "INSERT INTO results (job_id, kind, data, file) VALUES (?, ?, ?, {}) ON CONFLICT (job_id) "
+    "DO UPDATE SET kind = excluded.kind, data = excluded.data, file = excluded.file"
+)
+_KEEP_RESULT_INLINE, _KEEP_RESULT_FILE = _KEEP_RESULT.format("NULL"), _KEEP_RESULT.format("?")
+#: A state's text as the store records it, and back, looked up: the enum's ``value`` is a
+#: property, and ``State(text)`` a call of the enum class (ValueError for a text that is
+#: no state's), each several times a dict's look-up.
+_TEXT = {state: state.value for state in State}
+_STATE_OF = {state.value: state for state in State}
+#: The states a new job can have, and those of them it ends in at once.
+_NEW = frozenset({State.QUEUED, State.SCHEDULED, State.FAILED, State.CANCELLED})
+_ENDED_NEW = frozenset({State.FAILED, State.CANCELLED})
 
 
 def _distinct(values: Iterable[Any]) -> builtins.list[Any]:
