@@ -98,8 +98,6 @@ _INSERT_COLUMNS = (
     "unique_key", "finished", "sender_uid", "reply_to", "timeout", "error", "expires",
     "after_ids",
 )  # fmt: skip
-#: The INSERTs of new jobs by the NULLs they hold (True for a column's NULL): see _insert.
-_INSERTS: dict[tuple[bool, ...], str] = {}
 _INSERT_BODY = "INSERT INTO bodies (job_id, body, file) VALUES (?, ?, ?)"
 _INSERT_BODY_INLINE = "INSERT INTO bodies (job_id, body, file) VALUES (?, ?, NULL)"
 #: The backlog: each waiting state's row of ``tally`` found by its key, where ``state
@@ -173,23 +171,14 @@ def _claimed(row: Sequence[Any], now: float, worker_pid: int) -> JobRecord:
     return JobRecord._make(values)
 
 
-def _insert(values: Sequence[Any], nullable: Sequence[Any]) -> tuple[str, builtins.list[Any]]:
-    """The INSERT of a new job's row, ``values`` and then ``nullable`` (the columns of
-    _INSERT_COLUMNS in its order), and its parameters: those values but the nullable
-    ones that are None, which the statement names as NULL.  A None bound as a parameter
-    costs sqlite3 an adapter look-up (some 3,000 instructions, a formatted AttributeError
-    inside) where a NULL in the text costs nothing, and a plain job's row has seven.
-    One text per set of NULLs (a handful in use), each prepared once and then reused
-    from sqlite3's statement cache."""
-    nulls = tuple([value is None for value in nullable])
-    sql = _INSERTS.get(nulls)
-    if sql is None:
-        marks = ["?"] * len(values) + ["NULL" if null else "?" for null in nulls]
-        sql = _INSERTS[nulls] = (
-            f"INSERT INTO jobs ({', '.join(_INSERT_COLUMNS)}) VALUES ({', '.join(marks)}) "
-            "ON CONFLICT (id) DO NOTHING"
-        )
-    return sql, [*values, *[value for value in nullable if value is not None]]
+def _insert_sql(nulls: tuple[bool, ...]) -> str:
+    """The INSERT of a new job's row whose nullable columns (the last of
+    _INSERT_COLUMNS) are NULL where ``nulls`` says True: see SqliteStore._insert."""
+    marks = ["?"] * (len(_INSERT_COLUMNS) - len(nulls)) + ["NULL" if n else "?" for n in nulls]
+    return (
+        f"INSERT INTO jobs ({', '.join(_INSERT_COLUMNS)}) VALUES ({', '.join(marks)}) "
+        "ON CONFLICT (id) DO NOTHING"
+    )
 
 
 def _claim_ranges(
@@ -369,6 +358,9 @@ class SqliteStore:
         self._blobs = blobs or BlobDir.beside(path, sync=False)
         self._pid = os.getpid()
         self._lock = -1
+        #: The INSERTs of new jobs by the NULLs they hold (True for a column's NULL),
+        #: made as first needed (see _insert).
+        self._inserts: dict[tuple[bool, ...], str] = {}
         self._writing = _Transaction(self, "BEGIN IMMEDIATE", locked=True)
         self._reading = _Transaction(self, "BEGIN", locked=False)
         self._limits: dict[int, Limit] = {}
@@ -411,6 +403,22 @@ class SqliteStore:
                     f"{exc.strerror}"
                 ) from None
         return self._lock
+
+    def _insert(
+        self, values: Sequence[Any], nullable: Sequence[Any]
+    ) -> tuple[str, builtins.list[Any]]:
+        """The INSERT of a new job's row, ``values`` and then ``nullable`` (the columns of
+        _INSERT_COLUMNS in its order), and its parameters: those values but the nullable
+        ones that are None, which the statement names as NULL.  A None bound as a
+        parameter costs sqlite3 an adapter look-up (some 3,000 instructions, a formatted
+        AttributeError inside) where a NULL in the text costs nothing, and a plain job's
+        row has seven.  One text per set of NULLs (a handful in use), each prepared once
+        and then reused from sqlite3's statement cache."""
+        nulls = tuple([value is None for value in nullable])
+        sql = self._inserts.get(nulls)
+        if sql is None:
+            sql = self._inserts[nulls] = _insert_sql(nulls)
+        return sql, [*values, *[value for value in nullable if value is not None]]
 
     def _read(self) -> _Transaction:
         """A read transaction: its statements see one snapshot."""
@@ -473,7 +481,7 @@ class SqliteStore:
                 job.unique, finished, job.sender_uid, job.reply_to, job.timeout, error,
                 job.expires, ",".join(job.after) if job.after else None,
             )  # fmt: skip
-            if db.execute(*_insert(values, nullable)).rowcount == 1:
+            if db.execute(*self._insert(values, nullable)).rowcount == 1:
                 body, file = self._keep(job.id, job.body, written, job.tail)
                 if file is None:
                     db.execute(_INSERT_BODY_INLINE, (job.id, body))
