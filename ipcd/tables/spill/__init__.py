@@ -27,7 +27,7 @@ from ipcd.tables.spill.segment import (
     exists,
     mismatch,
 )
-from ipcd.tables.spill.table import Entry, SpillTable, State
+from ipcd.tables.spill.table import Entry, SpillTable, State, result_mode
 from ipcd.wire import protocol, split
 from ipcd.wire.protocol import Job, Payload
 
@@ -125,7 +125,6 @@ def spill_result(table: SpillTable, result: Result) -> tuple[Result, tuple[Entry
     descriptor), or an error result when it exceeds [results] max_result or
     spill_bytes or cannot be made; and the older results evicted to make room.
     Clients in the daemon's group may read the segment, as they read the ring."""
-    mode = table.mode
     size = len(result.data)
     checked = within_max_result(result, table.max_result)
     if checked is not result:
@@ -136,7 +135,7 @@ def spill_result(table: SpillTable, result: Result) -> tuple[Result, tuple[Entry
     try:
         index, shmid, evicted = table.put(
             result.data, job_id=result.job_id, kind=result.kind, role=Role.RESULT,
-            mode=0o600 | (mode & 0o044), owner=None,
+            mode=result_mode(table.mode), owner=None,
             refused=f"the result of {size} bytes was not stored",
         )  # fmt: skip
     except QueueFullError as exc:

@@ -409,7 +409,7 @@ class SpillTable:
         if segment is None:
             return False
         try:
-            mode = 0o600 | (self.mode & 0o044)  # as a result's segment is made
+            mode = result_mode(self.mode)
             if mismatch(segment, entry.job_id, None, Role.RESULT) or not _ours(segment, mode):
                 return False
             make_spare(segment)
@@ -446,7 +446,7 @@ class SpillTable:
             self._write(Entry(index, State.CLAIMING, os.getpid(), time.time(), -1, 0, "", pages))
         shmid = self._written(
             index, None, pages * PAGE, b"", job_id="", role=Role.SPARE, kind=Kind.BYTES,
-            mode=0o600 | (self.mode & 0o044), owner=None, faulted=DATA + pages * PAGE,
+            mode=result_mode(self.mode), owner=None, faulted=DATA + pages * PAGE,
         )  # fmt: skip
         with self.lock.held(LOCK_TIMEOUT):
             entry = self.entry(index)
@@ -650,6 +650,12 @@ class SpillTable:
             self.free(index)
             raise
         return shmid
+
+
+def result_mode(ipc_mode: int) -> int:
+    """A result segment's mode under ``[ipc] mode``: the daemon's user reads and writes
+    it; whoever that mode lets read the ring may read it, nobody else may write it."""
+    return 0o600 | (ipc_mode & 0o044)
 
 
 def _reused(spare: Entry, size: int, mode: int) -> Segment | None:
