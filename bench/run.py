@@ -44,7 +44,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from bench import cpu, intake, measure, peers, raw, report, startup
+from bench import cpu, floors, intake, measure, peers, raw, report, startup
 from bench import store as job_store
 from bench.daemon import IPCCTL, ROOT, BenchDaemon, child_env, export
 from bench.measure import interleave, median, place
@@ -76,6 +76,9 @@ INTAKE_TARGET = Target("<=", 1.0)
 LIST_TYPES = (3, 4, 5)
 #: The issue asks ipcd's request/reply for twice beanstalkd's (issue 12; 2.4x before it).
 PEER_RT_TARGET = Target(">=", 2.0)
+#: Issue 14's own targets for the round trip (pinned) and fire-and-forget (with the job
+#: store in the path), against which the store's floors are set (Bench.floors).
+ISSUE14_RT, ISSUE14_FF = 0.3, 0.2
 BEANSTALKD_HINT = "apt-get install beanstalkd"
 
 
@@ -137,6 +140,8 @@ class Bench:
         self.jobs_daemon: BenchDaemon | None = None
         self.store_baseline_rev = ""
         self.loaded: dict[str, Memory] = {}
+        #: The raw pair's medians by placement: "round trip" and "one-way", per second.
+        self.raw_rates: dict[str, dict[str, float]] = {}
 
     # --- the parts, in order ----------------------------------------------------------
 
@@ -169,6 +174,7 @@ class Bench:
             for workers, daemon in self.daemons.items():
                 subjects.append((f"{workers}w", self._rt(daemon)))
             samples = interleave(subjects, self.args.rounds)
+            self.raw_rates.setdefault(placement, {})["round trip"] = median(samples["raw"])
             for workers in self.daemons:
                 self._ratio_row(
                     f"round trip, Client.call, {_w(workers)}",
@@ -197,6 +203,7 @@ class Bench:
             for workers, daemon in self.daemons.items():
                 subjects.append((f"{workers}w", self._ff(daemon)))
             samples = interleave(subjects, self.args.rounds)
+            self.raw_rates[placement]["one-way"] = median(samples["raw"])
             for workers in self.daemons:
                 self._ratio_row(
                     f"fire-and-forget, Client.submit, {_w(workers)}",
@@ -710,6 +717,87 @@ class Bench:
             "through_rate": passed.rate,
         }
 
+    def floors(self) -> None:
+        """What SQLite alone costs per job (bench.floors), and the ceilings it sets under
+        issue 14's ratios now that the job store is in every job's path: the raw pair's
+        rate of this run with that cost added and nothing of ipcd's own.  A round trip
+        waits for each write (latency adds up, on one CPU or two); fire-and-forget
+        pinned adds the store's CPU to the raw pair's on one CPU, and unpinned is held
+        to what one CPU can store (the raw pair's rate at most)."""
+        say("floors: a SQLite write transaction, a minimal job table, ipcd's store")
+        place([os.getpid()], self.one_cpu)  # CPU time, and a cache to itself
+        try:
+            found = floors.measure(max(3, self.args.rounds // 2))
+        finally:
+            place([os.getpid()], self.allowed)
+        us = {
+            "floor: one SQLite write transaction (an UPDATE of one integer)": (
+                found.write_transaction,
+                "WAL, synchronous=NORMAL, 1 KiB pages, as the store; per transaction",
+            ),
+            "floor: a minimal job table, insert + claim + finish per job": (
+                found.minimal_table,
+                f"integer key, state, body; executemany in batches of {floors.BATCH:,}; "
+                "three transactions per batch",
+            ),
+            "ipcd store: add, one job per transaction": (found.add, "store.add([job])"),
+            "ipcd store: claim, one job per transaction": (found.claim, "store.claim(1)"),
+            "ipcd store: finish, one job per transaction": (found.finish, "store.finish"),
+            "ipcd store: add + claim + finish per job, batches of 1,000": (
+                found.store_batched,
+                "add, claim and one exchange per batch",
+            ),
+        }
+        for what, (value, note) in us.items():
+            self.rows.append(Row(what, "pinned", "", None, value, "us", note=f"{note}; CPU time"))
+        steps = found.add + found.claim + found.finish
+        for placement, rates in self.raw_rates.items():
+            round_trip, one_way = rates["round trip"], rates["one-way"]
+            ceilings = (
+                (
+                    "round trip",
+                    "one write transaction per job",
+                    round_trip,
+                    1 / (1 / round_trip + found.write_transaction / 1e6),
+                    ISSUE14_RT,
+                ),
+                (
+                    "round trip",
+                    "ipcd store's add, claim and finish per job",
+                    round_trip,
+                    1 / (1 / round_trip + steps / 1e6),
+                    ISSUE14_RT,
+                ),
+                (
+                    "fire-and-forget",
+                    "the minimal job table",
+                    one_way,
+                    ff_ceiling(placement, one_way, found.minimal_table),
+                    ISSUE14_FF,
+                ),
+                (
+                    "fire-and-forget",
+                    "ipcd store in batches",
+                    one_way,
+                    ff_ceiling(placement, one_way, found.store_batched),
+                    ISSUE14_FF,
+                ),
+            )
+            for kind, cost, base, ceiling, wanted in ceilings:
+                self.rows.append(
+                    Row(
+                        f"ceiling: {kind} with {cost}",
+                        placement,
+                        f"raw {'one-way' if kind != 'round trip' else 'ping-pong+shm'}",
+                        base,
+                        ceiling,
+                        "rate",
+                        note=f"the raw pair's rate plus the floor above and no other code; "
+                        f"issue 14 asks {wanted:g}x",
+                    )
+                )
+        self.extra["floors"] = found._asdict()
+
     def memory_rows(self) -> None:
         idle: dict[str, Memory] = self.extra["memory_idle"]
         for when, table in (("idle", idle), ("under load", self.loaded)):
@@ -875,6 +963,15 @@ class Bench:
         self.rows.append(Row(what, "-", "", None, None, "none", note=f"skipped: {reason}"))
 
 
+def ff_ceiling(placement: str, raw_rate: float, store_us: float) -> float:
+    """Jobs per second the raw one-way pair could complete with ``store_us`` of CPU per
+    job added: on one CPU both costs add up; unpinned the store could run beside the pair
+    on the other CPU, so the slower of the two holds."""
+    if placement == "pinned":
+        return 1 / (1 / raw_rate + store_us / 1e6)
+    return min(raw_rate, 1e6 / store_us)
+
+
 def _w(workers: int) -> str:
     return f"{workers} worker{'s' if workers > 1 else ''}"
 
@@ -964,6 +1061,7 @@ def main(argv: list[str] | None = None) -> int:
             bench.intake_keeps_up()
             bench.list_command()
             bench.store_alone()
+            bench.floors()
             bench.memory_rows()
         finally:
             left = bench.teardown()
@@ -990,6 +1088,7 @@ def main(argv: list[str] | None = None) -> int:
             "memory_under_load": bench.loaded,
             "store": bench.extra.get("store"),
             "intake": bench.extra.get("intake"),
+            "floors": bench.extra.get("floors"),
             "leftovers": left,
         },
     )

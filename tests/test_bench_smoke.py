@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 from conftest import Instance
 
-from bench import intake, measure, peers
+from bench import floors, intake, measure, peers
 from bench import store as job_store
 from bench.daemon import IPCCTL, child_env
 from bench.intake import Sample
-from bench.run import BEANSTALKD_HINT, LIST_TYPES, SUBMISSIONS, Bench, parse_args
+from bench.run import BEANSTALKD_HINT, LIST_TYPES, SUBMISSIONS, Bench, ff_ceiling, parse_args
 from ipcd.client import Client
 from ipcd.store import open_store
 
@@ -177,6 +177,17 @@ def test_store_bench_fills_mixed_states_and_applies_retention() -> None:
     ]
     assert all(size.db > 0 for size in passed.sizes)
     assert not path.parent.exists()
+
+
+def test_floors_pass_every_job_and_bound_the_raw_rates() -> None:
+    """bench.floors times what it says (it raises when a batch claims fewer jobs than it
+    added), and the ceilings it sets are the raw rate with the floor's cost added: on
+    one CPU the costs add up, on two the slower side holds."""
+    found = floors.measure(rounds=1)
+    assert all(value > 0 for value in found), found
+    assert ff_ceiling("pinned", 1e6, 4.0) == pytest.approx(2e5)
+    assert ff_ceiling("unpinned", 1e6, 4.0) == pytest.approx(2.5e5)
+    assert ff_ceiling("unpinned", 1e5, 4.0) == pytest.approx(1e5)
 
 
 def test_intake_full_stretches_run_between_the_samples_around_them() -> None:

@@ -1,0 +1,211 @@
+"""What a job store in the path costs at the least: the floors under issue 14's targets.
+
+Issue 14's round-trip and fire-and-forget targets are ratios to a raw ``sysv_ipc`` pair
+that does nothing but move messages: 5.9 us per round trip and 1.1 us per one-way
+message pinned on this kind of machine.  Issue 12 puts the job store in every job's
+path (a job is committed before it is confirmed, claimed from the store, and its outcome
+recorded there).  Whatever ipcd's own code costs, each job then costs at least what
+SQLite needs for those writes, and these measure that, with nothing of ipcd around it:
+
+- ``write_transaction``: one SQLite write transaction with the store's settings (WAL,
+  ``synchronous = NORMAL``, 1 KiB pages) that changes one integer: ``BEGIN IMMEDIATE``,
+  one ``UPDATE``, ``COMMIT``.  A job that must be recorded before its client hears of it
+  (a confirmation, a reply that means "recorded") pays at least one of these.
+- ``minimal_table``: the least a job table can do per job, in batches of 1,000 in one
+  process: ``executemany`` of an ``INSERT`` (integer key, state, body), a claim
+  (``SELECT`` of the queued by a partial index, ``UPDATE`` of their state) and a finish
+  (``UPDATE`` of the state), three transactions per batch.
+- ``store_steps``: ipcd's own store (``ipcd.store``, the real schema and code) for one job
+  per transaction, each step alone (``add``, ``claim``, ``finish``), and in batches of
+  1,000 (``add``, ``claim`` and one ``exchange`` that finishes them all).
+
+Every figure is CPU time of this process (user and system, ``time.process_time``) per
+job, the median of ``rounds`` repetitions: the same on one CPU or several.  ``python -m
+bench.floors`` prints them as JSON; ``make bench`` turns them into the ceilings its table
+shows beside the targets (bench.run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+from bench import store as job_store
+from ipcd.layout.results import Kind
+from ipcd.store import Outcome, open_store
+from ipcd.store.sqlite import PAGE_SIZE
+
+#: Jobs per batch in the batched floors, and how many batches one repetition passes.
+BATCH = 1000
+BATCHES = 10
+#: Single transactions per repetition.
+SINGLE = 2000
+#: Jobs in ipcd's store before the steps are timed: a store in use is never empty.
+WARM_JOBS = 2000
+
+
+class Floors(NamedTuple):
+    """CPU microseconds per job (per transaction for ``write_transaction``)."""
+
+    write_transaction: float
+    minimal_table: float
+    add: float
+    claim: float
+    finish: float
+    store_batched: float
+
+
+def _cpu_per(run: Callable[[], int], rounds: int) -> float:
+    """Median CPU microseconds per item of ``run``, which returns how many it did."""
+    samples = []
+    for _ in range(rounds):
+        start = time.process_time()
+        done = run()
+        samples.append(_since(start, done))
+    return statistics.median(samples)
+
+
+def _since(start: float, jobs: int) -> float:
+    """CPU microseconds per job since ``start`` (``time.process_time``)."""
+    return (time.process_time() - start) / jobs * 1e6
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """A connection with the job store's settings (ipcd.store.sqlite.connect)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute(f"PRAGMA page_size = {PAGE_SIZE:d}")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    return conn
+
+
+def write_transaction(tmp: Path, rounds: int) -> float:
+    conn = _connect(tmp / "txn.db")
+    try:
+        conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)")
+        conn.execute("INSERT INTO t VALUES (1, 0)")
+        cursor = conn.cursor()
+
+        def run() -> int:
+            for _ in range(SINGLE):
+                cursor.execute("BEGIN IMMEDIATE")
+                cursor.execute("UPDATE t SET n = n + 1 WHERE id = 1")
+                cursor.execute("COMMIT")
+            return SINGLE
+
+        run()  # the WAL file grown to its size
+        return _cpu_per(run, rounds)
+    finally:
+        conn.close()
+
+
+def minimal_table(tmp: Path, rounds: int) -> float:
+    conn = _connect(tmp / "minimal.db")
+    body = b'{"ipcd":1,"id":"0123456789abcdef","p":"' + b"p" * 64 + b'"}'
+    next_id = 0
+    try:
+        conn.execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY, state INTEGER, body BLOB)")
+        conn.execute("CREATE INDEX queued ON jobs (id) WHERE state = 0")
+
+        def run() -> int:
+            nonlocal next_id
+            for _ in range(BATCHES):
+                rows = [(next_id + i, 0, body) for i in range(BATCH)]
+                next_id += BATCH
+                conn.execute("BEGIN IMMEDIATE")
+                conn.executemany("INSERT INTO jobs VALUES (?, ?, ?)", rows)
+                conn.execute("COMMIT")
+                conn.execute("BEGIN IMMEDIATE")
+                claimed = conn.execute(
+                    "SELECT id FROM jobs WHERE state = 0 ORDER BY id LIMIT ?", (BATCH,)
+                ).fetchall()
+                if len(claimed) != BATCH:
+                    raise RuntimeError(f"minimal table: claimed {len(claimed)} of {BATCH}")
+                conn.executemany("UPDATE jobs SET state = 1 WHERE id = ?", claimed)
+                conn.execute("COMMIT")
+                conn.execute("BEGIN IMMEDIATE")
+                conn.executemany("UPDATE jobs SET state = 2 WHERE id = ?", claimed)
+                conn.execute("COMMIT")
+            return BATCHES * BATCH
+
+        run()
+        return _cpu_per(run, rounds)
+    finally:
+        conn.close()
+
+
+def store_steps(tmp: Path, rounds: int) -> tuple[float, float, float, float]:
+    """ipcd's store: CPU per job of add, claim and finish one job per transaction, and
+    of the three in batches.  The jobs are made before the clock starts."""
+    store = open_store(str(tmp / "jobs.db"), sync="normal", busy_timeout=10_000)
+    now = time.time()
+    try:
+        store.add(job_store.new_jobs(WARM_JOBS, now))
+        for record, _ in store.claim(WARM_JOBS, now):
+            job_store.finish(store, record.id, now, ok=True)
+        add, claim, finish, batched = [], [], [], []
+        for _ in range(rounds):  # in this order: each step takes what the one before left
+            jobs = job_store.new_jobs(SINGLE, now)
+            start = time.process_time()
+            for job in jobs:
+                store.add([job])
+            add.append(_since(start, SINGLE))
+            start = time.process_time()
+            claimed = [record.id for _ in range(SINGLE) for record, _ in store.claim(1, now)]
+            claim.append(_since(start, SINGLE))
+            if len(claimed) != SINGLE:
+                raise RuntimeError(f"ipcd store: claimed {len(claimed)} of {SINGLE}")
+            start = time.process_time()
+            for job_id in claimed:
+                job_store.finish(store, job_id, now, ok=True)
+            finish.append(_since(start, SINGLE))
+            made = [job_store.new_jobs(BATCH, now) for _ in range(BATCHES)]
+            start = time.process_time()
+            for jobs in made:
+                store.add(jobs)
+                outcomes = [
+                    Outcome(record.id, True, now, Kind.BYTES, job_store.RESULT, None, None)
+                    for record, _ in store.claim(BATCH, now)
+                ]
+                if len(outcomes) != BATCH:
+                    raise RuntimeError(f"ipcd store: claimed {len(outcomes)} of {BATCH}")
+                store.exchange(outcomes, 0, now)
+            batched.append(_since(start, BATCHES * BATCH))
+        return (
+            statistics.median(add),
+            statistics.median(claim),
+            statistics.median(finish),
+            statistics.median(batched),
+        )
+    finally:
+        store.close()
+
+
+def measure(rounds: int) -> Floors:
+    with tempfile.TemporaryDirectory(prefix="ipcd-bench-floors-") as name:
+        tmp = Path(name)
+        txn = write_transaction(tmp, rounds)
+        minimal = minimal_table(tmp, rounds)
+        add, claim, finish, batched = store_steps(tmp, rounds)
+    return Floors(txn, minimal, add, claim, finish, batched)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.floors", description=__doc__)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args(argv)
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    print(json.dumps(measure(args.rounds)._asdict(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
