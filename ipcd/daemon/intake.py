@@ -49,6 +49,7 @@ from ipcd.tables.spill.table import SpillTable
 from ipcd.tables.stats import STORE_ERRORS, Recorder
 from ipcd.wire import protocol, split
 from ipcd.wire.protocol import Job, Payload
+from ipcd.wire.submitting import JobIds
 
 #: Messages the intake takes per batch: its slots (each the size of the kernel's msgmax).
 SLOTS = 64
@@ -118,6 +119,9 @@ class Intake:
         self.doorbell = doorbell
         self.pid = os.getpid()
         self._lengths = [0] * slots.workers
+        #: Ids for messages without one of their own, counted (a getrandom(2) call per
+        #: message otherwise, though most messages bring their own id).
+        self._ids = JobIds()
         #: The backlog as the last commit left it (None: not known), which the next
         #: batch's room is reckoned from while it is below the bounds.
         self._backlog: Backlog | None = None
@@ -221,7 +225,7 @@ class Intake:
             # envelope) is stored under: in the slot, so that an intake killed after its
             # commit and before freeing the slot stores it under the same id again
             # (the store skips ids it has), not twice.
-            self.slots.received(index, length, 0, protocol.new_job_id(), 0.0)
+            self.slots.received(index, length, 0, self._ids(self.pid), 0.0)
             count += 1
         return count
 
