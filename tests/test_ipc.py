@@ -318,6 +318,26 @@ def test_ipcd_spin_us_sets_or_turns_off_the_reply_poll(monkeypatch: pytest.Monke
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs a process on 2+ CPUs")
+def test_a_client_polls_only_while_its_replies_come_quickly(
+    daemon: Instance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client whose last reply took longer than SPIN_PAYS sleeps at once for the next
+    (its poll would take a CPU the daemon needs); one whose replies come quickly polls;
+    IPCD_SPIN_US, when set, decides either way."""
+    from ipcd.client import Client, api
+
+    monkeypatch.delenv("IPCD_SPIN_US", raising=False)
+    client = Client(daemon.config)
+    assert api._spin_seconds(client._last_wait) == api.SPIN_SECONDS  # nothing waited yet
+    assert client.call("sleep", "0.05", timeout=10).ok
+    assert client._last_wait >= 0.05
+    assert api._spin_seconds(client._last_wait) == 0
+    assert api._spin_seconds(api.SPIN_PAYS / 2) == api.SPIN_SECONDS
+    monkeypatch.setenv("IPCD_SPIN_US", "250")
+    assert api._spin_seconds(client._last_wait) == 0.00025
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs a process on 2+ CPUs")
 def test_a_client_on_one_cpu_does_not_poll_for_its_reply() -> None:
     """Pinned to one CPU (taskset), a waiting client sleeps at once: its poll would take
     the CPU the daemon's processes need; IPCD_SPIN_US still decides when set."""

@@ -56,9 +56,20 @@ GATE_RECHECK = 0.25
 REPAIR_WAIT = 3.0
 
 
-def _spin_seconds() -> float:
-    """How long to poll the reply queue first (ipcd.kernel.procs.poll_seconds)."""
-    return poll_seconds(SPIN_SECONDS)
+#: A client whose last reply took longer than this sleeps at once for the next one
+#: instead of polling (unless ``IPCD_SPIN_US`` says to).  Polling saves the wake-up of a
+#: sleeping process, tens of microseconds; since the job store, a round trip is three
+#: write transactions away, hundreds of microseconds, and a client polling all that
+#: time takes a CPU the intake and the worker need: on 2 CPUs with other work about,
+#: round trips ran at 0.75x of a client that slept at once (issue 14's notes).  A client
+#: that sleeps still measures its waits, and polls again once replies come quickly.
+SPIN_PAYS = 0.0002
+
+
+def _spin_seconds(last_wait: float = 0.0) -> float:
+    """How long to poll the reply queue first (ipcd.kernel.procs.poll_seconds): not at
+    all after a reply that took longer than SPIN_PAYS (``last_wait`` seconds)."""
+    return poll_seconds(SPIN_SECONDS if last_wait <= SPIN_PAYS else 0.0)
 
 
 class Status(NamedTuple):
@@ -105,6 +116,8 @@ class Client:
         #: This client's job ids and envelope templates (ipcd.wire.submitting).
         self._ids = JobIds()
         self._templates: dict[tuple[bool, bool], Template] = {}
+        #: How long the last reply this client waited for took (SPIN_PAYS).
+        self._last_wait = 0.0
 
     @property
     def keys(self) -> Keys:
@@ -301,7 +314,8 @@ class Client:
             deadline = time.monotonic() + timeout
         wanted = job_id.encode("ascii")
         pid = os.getpid()
-        spin = _spin_seconds()
+        spin = _spin_seconds(self._last_wait)
+        started = time.monotonic()
         if wanted in self._notified:
             self._notified.discard(wanted)
             result = self.result(job_id)
@@ -310,7 +324,7 @@ class Client:
         while True:
             left = deadline - time.monotonic()
             try:
-                # The reply is usually microseconds away: poll for it before sleeping.
+                # The last reply came within microseconds: poll for this one first.
                 got = replies.receive_spinning(pid, spin) if spin else None
                 body, _ = got or replies.receive(pid, timeout=max(left, 0.0))
             except WaitTimeoutError:
@@ -323,6 +337,7 @@ class Client:
                 # wait for its result in the result segment instead.
                 return self.wait(job_id, max(deadline - time.monotonic(), 0.0))
             if body == wanted:
+                self._last_wait = time.monotonic() - started
                 result = self.result(job_id)
                 if result is not None:
                     return result
