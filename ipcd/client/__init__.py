@@ -8,6 +8,7 @@ what submitting a job needs (``make lint`` checks it).
 from ipcd.client.api import (
     GATE_RECHECK,
     REPAIR_WAIT,
+    SPIN_PAYS,
     SPIN_SECONDS,
     Client,
     Status,
@@ -18,6 +19,7 @@ from ipcd.client.api import (
 __all__ = [
     "GATE_RECHECK",
     "REPAIR_WAIT",
+    "SPIN_PAYS",
     "SPIN_SECONDS",
     "Client",
     "Status",
