@@ -15,6 +15,9 @@ SQLite needs for those writes, and these measure that, with nothing of ipcd arou
   process: ``executemany`` of an ``INSERT`` (integer key, state, body), a claim
   (``SELECT`` of the queued by a partial index, ``UPDATE`` of their state) and a finish
   (``UPDATE`` of the state), three transactions per batch.
+- ``file_write``: a large result as the store keeps it, a file of its own beside the
+  database, written and (later, by retention) removed: with a segment's write and read,
+  the least a recorded 16 MiB result costs (make bench's 16 MiB step).
 - ``store_steps``: ipcd's own store (``ipcd.store``, the real schema and code) for one job
   per transaction, each step alone (``add``, ``claim``, ``finish``), and in batches of
   1,000 (``add``, ``claim`` and one ``exchange`` that finishes them all).
@@ -187,6 +190,24 @@ def store_steps(tmp: Path, rounds: int) -> tuple[float, float, float, float]:
         )
     finally:
         store.close()
+
+
+def file_write(data: bytes, directory: Path) -> float:
+    """Seconds to write ``data`` to a new file in ``directory``, as the job store keeps a
+    result above 64 KiB (ipcd.store.blobs, ``sync = "normal"``: no fsync); the file is
+    removed afterwards, its pages with it, as retention removes a result's file."""
+    path = directory / "result.blob"
+    started = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+    elapsed = time.perf_counter() - started
+    path.unlink()
+    return elapsed
 
 
 def measure(rounds: int) -> Floors:
