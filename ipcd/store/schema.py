@@ -97,7 +97,7 @@ import sqlite3
 from ipcd.errors import StoreCorruptError
 
 #: The schema version this ipcd writes and reads.
-VERSION = 6
+VERSION = 7
 
 _V1 = (
     """
@@ -279,6 +279,13 @@ _V6_OUTPUT = (
     """,
 )
 
+_V7_INDEXES = (
+    "DROP INDEX jobs_state",
+    "DROP INDEX jobs_type",
+    "CREATE INDEX jobs_accepted ON jobs (accepted, id)",
+    "CREATE INDEX jobs_running ON jobs (type) WHERE state = 'running'",
+)
+
 #: ``MIGRATIONS[i]`` takes a file from version ``i`` to ``i + 1``.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V1,
@@ -287,6 +294,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V4_LIMITS,
     _V5_CHAINS,
     _V6_OUTPUT,
+    _V7_INDEXES,
 )
 
 assert len(MIGRATIONS) == VERSION

@@ -117,6 +117,19 @@ _CLAIM = (
     f"SELECT {_COLUMNS}, COALESCE(file, body) FROM jobs LEFT JOIN bodies ON job_id = id "
     f"WHERE {_STARTABLE} AND type BETWEEN ? AND ? {_DISPATCH} LIMIT ?"
 )
+#: How many jobs of a state ``list`` reads from the state's own partial index and sorts
+#: (see :meth:`SqliteStore.list`); a state with more is found by walking jobs_accepted.
+_FEW = 2000
+#: The partial index that holds each state's jobs, and the condition that selects it.
+_STATE_RANGES = {
+    "queued": "INDEXED BY jobs_claim WHERE state = 'queued'",
+    "scheduled": "INDEXED BY jobs_due WHERE state = 'scheduled'",
+    "running": "INDEXED BY jobs_running WHERE state = 'running'",
+    **{
+        final: f"INDEXED BY jobs_finished WHERE state = '{final}' AND finished IS NOT NULL"
+        for final in ("done", "failed", "cancelled")
+    },
+}
 _SCHEDULE_SELECT = f"SELECT {', '.join(ScheduleState._fields)} FROM schedules"
 _SCHEDULE_SAVE = (
     f"INSERT INTO schedules ({', '.join(ScheduleState._fields)}) "
@@ -706,7 +719,7 @@ class SqliteStore:
         return rooms
 
     def _running_counts(self, db: sqlite3.Connection) -> dict[int, int]:
-        """The limited types' RUNNING jobs (read from the index jobs_type)."""
+        """The limited types' RUNNING jobs (read from the partial index jobs_running)."""
         types = builtins.list(self._limits)
         return {
             int(t): int(c)
@@ -966,10 +979,13 @@ class SqliteStore:
                         (*_values(wanted), *chunk, *types),
                     )
             else:
+                # Each state by its literal, so that its partial index serves it (jobs_claim,
+                # jobs_due, jobs_running): no index has both a job's type and its state.
                 for type_ in _distinct(types):
-                    found += self._records(
-                        db, f"{_SELECT} WHERE type = ? AND {where}", (type_, *_values(wanted))
-                    )
+                    for state in wanted:
+                        found += self._records(
+                            db, f"{_SELECT} WHERE state = '{_TEXT[state]}' AND type = ?", (type_,)
+                        )
             chain, cancelled = self._cancel_found(db, found, now)
         self._chain(chain, cancelled)
         return sorted(found, key=lambda job: (job.accepted, job.id))
@@ -1075,14 +1091,25 @@ class SqliteStore:
                     if len(found) >= limit:
                         break
                 return found
+            type_filter = f" AND type IN ({_marks(types)})" if types else ""
+            counts = dict(db.execute("SELECT state, jobs FROM tally").fetchall())
             ranges: list[list[JobRecord]] = []
-            for state in _values(states or State):
-                if not types:
-                    sql = f"{_SELECT} WHERE state = ? {_NEWEST}"
-                    ranges.append(self._records(db, sql, (state, limit)))
-                for type_ in types:
-                    sql = f"{_SELECT} WHERE type = ? AND state = ? {_NEWEST}"
-                    ranges.append(self._records(db, sql, (type_, state, limit)))
+            walked: list[str] = []
+            for state in _values(states):
+                if counts.get(state, 0) > _FEW:
+                    walked.append(state)
+                    continue
+                # Few jobs: all of them from the partial index that holds this state's
+                # jobs alone, sorted (walking jobs_accepted for them could read every job).
+                sql = f"{_SELECT} {_STATE_RANGES[state]}{type_filter} {_NEWEST}"
+                ranges.append(self._records(db, sql, (*types, limit)))
+            if walked or not states:
+                # Newest first along jobs_accepted, each row tested, until ``limit`` pass.
+                tests = [f"state IN ({_marks(walked)})"] if walked else []
+                tests += [f"type IN ({_marks(types)})"] if types else []
+                where = f" WHERE {' AND '.join(tests)}" if tests else ""
+                sql = f"{_SELECT}{where} {_NEWEST}"
+                ranges.append(self._records(db, sql, (*walked, *types, limit)))
         newest = heapq.merge(*ranges, key=lambda job: (job.accepted, job.id), reverse=True)
         return builtins.list(itertools.islice(newest, limit))
 
@@ -1158,8 +1185,12 @@ class SqliteStore:
         removed = 0
         with self._write() as db:
             for state in _values(_distinct(states)):
+                # ``finished IS NOT NULL`` (true of every final job: each way of ending one
+                # sets it) lets the index jobs_finished find them.
                 if older_than is None:
-                    cursor = db.execute("DELETE FROM jobs WHERE state = ?", (state,))
+                    cursor = db.execute(
+                        "DELETE FROM jobs WHERE state = ? AND finished IS NOT NULL", (state,)
+                    )
                 else:
                     cursor = db.execute(
                         "DELETE FROM jobs WHERE state = ? AND finished < ?",
