@@ -88,6 +88,20 @@ Version 6 (captured output: what a job wrote to stdout and stderr, ipcd.daemon.c
   segment may be held *split* (ipcd.wire.split: its envelope, then the payload's raw
   bytes), which an ipcd of version 5 or older would read as a bare message; the version
   number is what keeps such an ipcd from opening the file.
+
+Version 7 (fewer index entries per change of state):
+
+- ``jobs_state`` (state, accepted, id) and ``jobs_type`` (type, state, accepted, id)
+  dropped: every claim and every outcome moved a job in both (an entry deleted and one
+  inserted in each), besides the partial ``jobs_claim`` and ``jobs_finished``.
+- ``jobs_accepted`` (accepted, id), with no state in it: a change of state leaves it
+  alone. Listing newest first walks it and tests each row, as far as ``LIMIT`` asks;
+  a state that holds few jobs is read from the partial index that holds that state's
+  jobs alone (``jobs_claim``, ``jobs_due``, ``jobs_running``, ``jobs_finished``) and
+  sorted, which the ``tally`` row's count decides (ipcd.store.sqlite).
+- ``jobs_running`` (type), partial over RUNNING jobs: the running jobs of the limited
+  types, counted at every claim when limits are configured, and those ``running`` and
+  the recovery at start-up read, without reading the others.
 """
 
 from __future__ import annotations

@@ -1060,8 +1060,13 @@ class SqliteStore:
         limit: int = 50,
     ) -> builtins.list[JobRecord]:
         """Each query below reads one index range in the order wanted, at most ``limit``
-        rows; several ranges (states, types) are merged here. No query sorts or scans the
-        whole table, whatever the store holds."""
+        rows, or the few jobs of a state from its partial index, sorted; the results are
+        merged here.  Newest first, a state with more than _FEW jobs (its ``tally`` row
+        says) is found by walking jobs_accepted (schema version 7) and testing each row:
+        with N jobs in all, about ``limit * N / count`` rows are read when the state's
+        jobs are spread over time.  The walk is long only when the jobs asked for are
+        rare among the newer ones: a type with few jobs (``--type``), or a large state
+        whose jobs are all older than many others."""
         if limit <= 0:
             return []
         states = _distinct(states)
