@@ -184,7 +184,7 @@ def test_a_file_from_before_the_state_free_indexes_is_migrated_and_lists_as_befo
 ) -> None:
     """A file of the schema version before jobs_accepted (jobs in every state, written
     as that version's ipcd did) is migrated at open: jobs_state and jobs_type are gone,
-    jobs_accepted and jobs_running are there, and every form of list, running() and the
+    jobs_accepted, jobs_kind and jobs_running are there, and every form of list, running() and the
     counters answer from the jobs as they were."""
     before = next(
         index
@@ -228,7 +228,7 @@ def test_a_file_from_before_the_state_free_indexes_is_migrated_and_lists_as_befo
     with contextlib.closing(_raw(path)) as raw:
         indexes = {str(row[0]) for row in raw.execute("SELECT name FROM sqlite_master")}
         assert raw.execute("PRAGMA user_version").fetchone() == (schema.VERSION,)
-    assert {"jobs_accepted", "jobs_running"} <= indexes
+    assert {"jobs_accepted", "jobs_kind", "jobs_running"} <= indexes
     assert not {"jobs_state", "jobs_type"} & indexes
 
 

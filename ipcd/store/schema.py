@@ -99,6 +99,12 @@ Version 7 (fewer index entries per change of state):
   a state that holds few jobs is read from the partial index that holds that state's
   jobs alone (``jobs_claim``, ``jobs_due``, ``jobs_running``, ``jobs_finished``) and
   sorted, which the ``tally`` row's count decides (ipcd.store.sqlite).
+- ``jobs_kind`` (type, accepted, id), with no state in it either: listing one type's
+  jobs newest first walks that type's entries alone, so that a type with few jobs is
+  not looked for among all the others.  Like ``jobs_accepted``, only a new job (and
+  ``retry``, a deletion) writes it: the intake writes as many entries per job as
+  before (``jobs_accepted`` and ``jobs_kind`` for ``jobs_state`` and ``jobs_type``), a
+  claim and an outcome one partial entry each instead of four general ones.
 - ``jobs_running`` (type), partial over RUNNING jobs: the running jobs of the limited
   types, counted at every claim when limits are configured, and those ``running`` and
   the recovery at start-up read, without reading the others.
@@ -298,6 +304,7 @@ _V7_INDEXES = (
     "DROP INDEX jobs_type",
     "CREATE INDEX jobs_accepted ON jobs (accepted, id)",
     "CREATE INDEX jobs_running ON jobs (type) WHERE state = 'running'",
+    "CREATE INDEX jobs_kind ON jobs (type, accepted, id)",
 )
 
 #: ``MIGRATIONS[i]`` takes a file from version ``i`` to ``i + 1``.

@@ -980,7 +980,8 @@ class SqliteStore:
                     )
             else:
                 # Each state by its literal, so that its partial index serves it (jobs_claim,
-                # jobs_due, jobs_running): no index has both a job's type and its state.
+                # jobs_due or jobs_kind, jobs_running): no index has both a job's type and
+                # its state.
                 for type_ in _distinct(types):
                     for state in wanted:
                         found += self._records(
@@ -1062,11 +1063,11 @@ class SqliteStore:
         """Each query below reads one index range in the order wanted, at most ``limit``
         rows, or the few jobs of a state from its partial index, sorted; the results are
         merged here.  Newest first, a state with more than _FEW jobs (its ``tally`` row
-        says) is found by walking jobs_accepted (schema version 7) and testing each row:
-        with N jobs in all, about ``limit * N / count`` rows are read when the state's
-        jobs are spread over time.  The walk is long only when the jobs asked for are
-        rare among the newer ones: a type with few jobs (``--type``), or a large state
-        whose jobs are all older than many others."""
+        says) is found by walking jobs_accepted, or each type's jobs in jobs_kind (schema
+        version 7), and testing each row: with N jobs in all (of the type), about ``limit
+        * N / count`` rows are read when the state's jobs are spread over time.  The walk
+        is long only when the jobs asked for are rare among the newer ones of the types
+        asked: a large state whose jobs are all older than many others."""
         if limit <= 0:
             return []
         states = _distinct(states)
@@ -1109,12 +1110,17 @@ class SqliteStore:
                 sql = f"{_SELECT} {_STATE_RANGES[state]}{type_filter} {_NEWEST}"
                 ranges.append(self._records(db, sql, (*types, limit)))
             if walked or not states:
-                # Newest first along jobs_accepted, each row tested, until ``limit`` pass.
-                tests = [f"state IN ({_marks(walked)})"] if walked else []
-                tests += [f"type IN ({_marks(types)})"] if types else []
-                where = f" WHERE {' AND '.join(tests)}" if tests else ""
-                sql = f"{_SELECT}{where} {_NEWEST}"
-                ranges.append(self._records(db, sql, (*walked, *types, limit)))
+                # Newest first along jobs_accepted (one type's jobs: along jobs_kind), each
+                # row tested, until ``limit`` pass.
+                state_test = f"state IN ({_marks(walked)})" if walked else ""
+                if not types:
+                    where = f" WHERE {state_test}" if walked else ""
+                    sql = f"{_SELECT}{where} {_NEWEST}"
+                    ranges.append(self._records(db, sql, (*walked, limit)))
+                for type_ in types:
+                    where = f"type = ? AND {state_test}" if walked else "type = ?"
+                    sql = f"{_SELECT} WHERE {where} {_NEWEST}"
+                    ranges.append(self._records(db, sql, (type_, *walked, limit)))
         newest = heapq.merge(*ranges, key=lambda job: (job.accepted, job.id), reverse=True)
         return builtins.list(itertools.islice(newest, limit))
 
