@@ -184,8 +184,8 @@ def test_a_file_from_before_the_state_free_indexes_is_migrated_and_lists_as_befo
 ) -> None:
     """A file of the schema version before jobs_accepted (jobs in every state, written
     as that version's ipcd did) is migrated at open: jobs_state and jobs_type are gone,
-    jobs_accepted, jobs_kind and jobs_running are there, and every form of list, running() and the
-    counters answer from the jobs as they were."""
+    jobs_accepted, jobs_kind and jobs_running are there, and every form of list,
+    running() and the counters answer from the jobs as they were."""
     before = next(
         index
         for index, steps in enumerate(schema.MIGRATIONS)

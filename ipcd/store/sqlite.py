@@ -1114,12 +1114,12 @@ class SqliteStore:
                 # row tested, until ``limit`` pass.
                 state_test = f"state IN ({_marks(walked)})" if walked else ""
                 if not types:
-                    where = f" WHERE {state_test}" if walked else ""
-                    sql = f"{_SELECT}{where} {_NEWEST}"
+                    sql = f"{_SELECT}{' WHERE ' if walked else ''}{state_test} {_NEWEST}"
                     ranges.append(self._records(db, sql, (*walked, limit)))
                 for type_ in types:
-                    where = f"type = ? AND {state_test}" if walked else "type = ?"
-                    sql = f"{_SELECT} WHERE {where} {_NEWEST}"
+                    sql = (
+                        f"{_SELECT} WHERE type = ?{' AND ' if walked else ''}{state_test} {_NEWEST}"
+                    )
                     ranges.append(self._records(db, sql, (type_, *walked, limit)))
         newest = heapq.merge(*ranges, key=lambda job: (job.accepted, job.id), reverse=True)
         return builtins.list(itertools.islice(newest, limit))
