@@ -34,7 +34,7 @@ from ipcd.errors import (
     UsageError,
 )
 from ipcd.store import JobRecord, JobStore, NewJob, Retention, State, open_store, schema
-from ipcd.store.sqlite import _FEW, PAGE_SIZE, SqliteStore, connect
+from ipcd.store.sqlite import PAGE_SIZE, SqliteStore, connect
 
 NOW = 1_700_000_000.0
 NOBODY = 65534
@@ -138,134 +138,6 @@ def test_migrations_reach_the_version_once_and_keep_the_jobs(path: str) -> None:
     again.close()
     with contextlib.closing(_raw(path)) as raw:
         assert raw.execute("PRAGMA user_version").fetchone() == (schema.VERSION,)
-
-
-#: The forms of ``ipcctl list`` a store answers (the keyword arguments of list).
-_LIST_FORMS: list[dict[str, Any]] = [
-    {},
-    *({"states": [state]} for state in State),
-    {"types": [2]},
-    {"types": [9]},
-    {"states": [State.DONE], "types": [3]},
-    {"states": [State.QUEUED], "types": [3]},
-    {"states": [State.RUNNING, State.FAILED], "types": [2, 3]},
-    {"states": [State.QUEUED, State.DONE, State.CANCELLED]},
-    {"states": [State.SCHEDULED, State.RUNNING]},
-    {"unique": "k1"},
-    {"unique": "k1", "states": [State.DONE]},
-]
-
-
-def _listed(jobs: Sequence[JobRecord], form: dict[str, Any], limit: int) -> list[str]:
-    """What list(**form, limit=limit) answers, worked out from every job's record: the
-    queued ones alone in dispatch order, else newest first."""
-    found = [
-        job
-        for job in jobs
-        if (not form.get("states") or job.state in form["states"])
-        and (not form.get("types") or job.type in form["types"])
-        and ("unique" not in form or job.unique == form["unique"])
-    ]
-    if form.get("states") == [State.QUEUED]:
-        found.sort(key=lambda job: (job.type, -job.priority, job.accepted, job.id))
-    else:
-        found.sort(key=lambda job: (job.accepted, job.id), reverse=True)
-    return _ids(found[:limit])
-
-
-def _all_records(path: str, store: JobStore) -> list[JobRecord]:
-    with contextlib.closing(_raw(path)) as raw:
-        ids = [str(row[0]) for row in raw.execute("SELECT id FROM jobs")]
-    return list(store.records(ids).values())
-
-
-def test_a_file_from_before_the_state_free_indexes_is_migrated_and_lists_as_before(
-    path: str,
-) -> None:
-    """A file of the schema version before jobs_accepted (jobs in every state, written
-    as that version's ipcd did) is migrated at open: jobs_state and jobs_type are gone,
-    jobs_accepted, jobs_kind and jobs_running are there, and every form of list,
-    running() and the counters answer from the jobs as they were."""
-    before = next(
-        index
-        for index, steps in enumerate(schema.MIGRATIONS)
-        if any("jobs_accepted" in statement for statement in steps)
-    )
-    states = list(State)
-    with contextlib.closing(_raw(path)) as raw:
-        for steps in schema.MIGRATIONS[:before]:
-            for statement in steps:
-                raw.execute(statement)
-        raw.execute(f"PRAGMA user_version = {before:d}")
-        for i in range(60):
-            state = states[i % len(states)]
-            final = state in (State.DONE, State.FAILED, State.CANCELLED)
-            raw.execute(
-                "INSERT INTO jobs (id, type, handler, state, priority, unique_key, submitted, "
-                "accepted, started, finished, size, body_size) "
-                "VALUES (?, ?, 'echo', ?, ?, ?, ?, ?, ?, ?, 1, 1)",
-                (
-                    f"j{i:02d}", 2 + i % 3, state.value, i % 4 - 2, f"k{i % 5}", NOW,
-                    NOW + (i * 7) % 23, NOW if state is State.RUNNING or final else None,
-                    NOW + i if final else None,
-                ),
-            )  # fmt: skip
-            raw.execute("INSERT INTO bodies (job_id, body) VALUES (?, X'00')", (f"j{i:02d}",))
-    store = open_store(path)
-    try:
-        jobs = _all_records(path, store)
-        assert len(jobs) == 60
-        for form in _LIST_FORMS:
-            for limit in (5, 50):
-                assert _ids(store.list(**form, limit=limit)) == _listed(jobs, form, limit), form
-        assert _ids(store.running([3])) == sorted(
-            job.id for job in jobs if job.state is State.RUNNING and job.type == 3
-        )
-        assert store.counts() == {state: 10 for state in State}
-        assert store.check() == []
-    finally:
-        store.close()
-    with contextlib.closing(_raw(path)) as raw:
-        indexes = {str(row[0]) for row in raw.execute("SELECT name FROM sqlite_master")}
-        assert raw.execute("PRAGMA user_version").fetchone() == (schema.VERSION,)
-    assert {"jobs_accepted", "jobs_kind", "jobs_running"} <= indexes
-    assert not {"jobs_state", "jobs_type"} & indexes
-
-
-def test_list_answers_alike_from_a_walk_and_from_a_state_s_own_index(path: str) -> None:
-    """Newest first, a state with more than sqlite._FEW jobs is found by walking
-    jobs_accepted, one with fewer from its own partial index: every form of list
-    answers the same jobs in the same order either way, mixed in one answer too."""
-    store = open_store(path)
-    try:
-        many = _FEW + 50
-        store.add(
-            [
-                _job(f"d{i:05d}", 2 + i % 3, NOW + i % 97, unique=f"k{i % 4}", priority=i % 3)
-                for i in range(many)
-            ]
-        )
-        for record, _ in store.claim(many, NOW):
-            ok = record.id >= "d00100" or not record.id.endswith("7")  # ten fail
-            store.finish(record.id, ok=ok, finished=NOW, result_kind=1, data=b"", error=None)
-        store.add(
-            [
-                _job(f"w{i:02d}", 2 + i % 4, NOW + i % 13, unique=f"k{i % 4}", priority=i % 3)
-                for i in range(40)
-            ]
-            + [_job(f"s{i}", 3, NOW + i, due=NOW + 3600) for i in range(5)]
-        )
-        store.claim(6, NOW)
-        store.cancel(["w30", "w31", "w32"], now=NOW)
-        jobs = _all_records(path, store)
-        counts = store.counts()
-        assert counts[State.DONE] > _FEW >= counts[State.FAILED] > 0
-        assert min(counts.values()) > 0
-        for form in _LIST_FORMS:
-            for limit in (7, 50, 400):
-                assert _ids(store.list(**form, limit=limit)) == _listed(jobs, form, limit), form
-    finally:
-        store.close()
 
 
 def test_a_newer_schema_is_refused(path: str) -> None:
@@ -973,24 +845,15 @@ def test_list_claim_and_retention_read_index_ranges_never_the_whole_table(path: 
     conn.set_trace_callback(None)
     plans = _plans(path, statements)
     assert len(plans) >= 20
-    # A scan only walks jobs_accepted newest first (as far as LIMIT asks), or reads the
-    # running jobs' partial index.
-    walks = ("SCAN jobs USING INDEX jobs_accepted", "SCAN jobs USING INDEX jobs_running")
     scans = {
-        sql: plan
-        for sql, plan in plans.items()
-        if any(s.startswith("SCAN jobs") and s not in walks for s in plan)
+        sql: plan for sql, plan in plans.items() if any(s.startswith("SCAN jobs") for s in plan)
     }
     assert scans == {}
-    assert any("jobs_accepted" in step for plan in plans.values() for step in plan)
-    # Only a few jobs are sorted: running() 's (at most one per worker), or those of a
-    # state that has at most sqlite._FEW, read from the state's partial index.
+    # running() sorts its rows: at most one per worker.
     sorts = {
         sql: plan
         for sql, plan in plans.items()
-        if "ORDER BY started" not in sql
-        and "INDEXED BY" not in sql
-        and any("TEMP B-TREE" in s for s in plan)
+        if "ORDER BY started" not in sql and any("TEMP B-TREE" in s for s in plan)
     }
     assert sorts == {}
     claim = next(plan for sql, plan in plans.items() if "type BETWEEN" in sql)

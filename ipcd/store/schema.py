@@ -88,26 +88,6 @@ Version 6 (captured output: what a job wrote to stdout and stderr, ipcd.daemon.c
   segment may be held *split* (ipcd.wire.split: its envelope, then the payload's raw
   bytes), which an ipcd of version 5 or older would read as a bare message; the version
   number is what keeps such an ipcd from opening the file.
-
-Version 7 (fewer index entries per change of state):
-
-- ``jobs_state`` (state, accepted, id) and ``jobs_type`` (type, state, accepted, id)
-  dropped: every claim and every outcome moved a job in both (an entry deleted and one
-  inserted in each), besides the partial ``jobs_claim`` and ``jobs_finished``.
-- ``jobs_accepted`` (accepted, id), with no state in it: a change of state leaves it
-  alone. Listing newest first walks it and tests each row, as far as ``LIMIT`` asks;
-  a state that holds few jobs is read from the partial index that holds that state's
-  jobs alone (``jobs_claim``, ``jobs_due``, ``jobs_running``, ``jobs_finished``) and
-  sorted, which the ``tally`` row's count decides (ipcd.store.sqlite).
-- ``jobs_kind`` (type, accepted, id), with no state in it either: listing one type's
-  jobs newest first walks that type's entries alone, so that a type with few jobs is
-  not looked for among all the others.  Like ``jobs_accepted``, only a new job (and
-  ``retry``, a deletion) writes it: the intake writes as many entries per job as
-  before (``jobs_accepted`` and ``jobs_kind`` for ``jobs_state`` and ``jobs_type``), a
-  claim and an outcome one partial entry each instead of four general ones.
-- ``jobs_running`` (type), partial over RUNNING jobs: the running jobs of the limited
-  types, counted at every claim when limits are configured, and those ``running`` and
-  the recovery at start-up read, without reading the others.
 """
 
 from __future__ import annotations
@@ -117,7 +97,7 @@ import sqlite3
 from ipcd.errors import StoreCorruptError
 
 #: The schema version this ipcd writes and reads.
-VERSION = 7
+VERSION = 6
 
 _V1 = (
     """
@@ -299,14 +279,6 @@ _V6_OUTPUT = (
     """,
 )
 
-_V7_INDEXES = (
-    "DROP INDEX jobs_state",
-    "DROP INDEX jobs_type",
-    "CREATE INDEX jobs_accepted ON jobs (accepted, id)",
-    "CREATE INDEX jobs_running ON jobs (type) WHERE state = 'running'",
-    "CREATE INDEX jobs_kind ON jobs (type, accepted, id)",
-)
-
 #: ``MIGRATIONS[i]`` takes a file from version ``i`` to ``i + 1``.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V1,
@@ -315,7 +287,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V4_LIMITS,
     _V5_CHAINS,
     _V6_OUTPUT,
-    _V7_INDEXES,
 )
 
 assert len(MIGRATIONS) == VERSION

@@ -117,19 +117,6 @@ _CLAIM = (
     f"SELECT {_COLUMNS}, COALESCE(file, body) FROM jobs LEFT JOIN bodies ON job_id = id "
     f"WHERE {_STARTABLE} AND type BETWEEN ? AND ? {_DISPATCH} LIMIT ?"
 )
-#: How many jobs of a state ``list`` reads from the state's own partial index and sorts
-#: (see :meth:`SqliteStore.list`); a state with more is found by walking jobs_accepted.
-_FEW = 2000
-#: The partial index that holds each state's jobs, and the condition that selects it.
-_STATE_RANGES = {
-    "queued": "INDEXED BY jobs_claim WHERE state = 'queued'",
-    "scheduled": "INDEXED BY jobs_due WHERE state = 'scheduled'",
-    "running": "INDEXED BY jobs_running WHERE state = 'running'",
-    **{
-        final: f"INDEXED BY jobs_finished WHERE state = '{final}' AND finished IS NOT NULL"
-        for final in ("done", "failed", "cancelled")
-    },
-}
 _SCHEDULE_SELECT = f"SELECT {', '.join(ScheduleState._fields)} FROM schedules"
 _SCHEDULE_SAVE = (
     f"INSERT INTO schedules ({', '.join(ScheduleState._fields)}) "
@@ -719,7 +706,7 @@ class SqliteStore:
         return rooms
 
     def _running_counts(self, db: sqlite3.Connection) -> dict[int, int]:
-        """The limited types' RUNNING jobs (read from the partial index jobs_running)."""
+        """The limited types' RUNNING jobs (read from the index jobs_type)."""
         types = builtins.list(self._limits)
         return {
             int(t): int(c)
@@ -979,14 +966,10 @@ class SqliteStore:
                         (*_values(wanted), *chunk, *types),
                     )
             else:
-                # Each state by its literal, so that its partial index serves it (jobs_claim,
-                # jobs_due or jobs_kind, jobs_running): no index has both a job's type and
-                # its state.
                 for type_ in _distinct(types):
-                    for state in wanted:
-                        found += self._records(
-                            db, f"{_SELECT} WHERE state = '{_TEXT[state]}' AND type = ?", (type_,)
-                        )
+                    found += self._records(
+                        db, f"{_SELECT} WHERE type = ? AND {where}", (type_, *_values(wanted))
+                    )
             chain, cancelled = self._cancel_found(db, found, now)
         self._chain(chain, cancelled)
         return sorted(found, key=lambda job: (job.accepted, job.id))
@@ -1061,13 +1044,8 @@ class SqliteStore:
         limit: int = 50,
     ) -> builtins.list[JobRecord]:
         """Each query below reads one index range in the order wanted, at most ``limit``
-        rows, or the few jobs of a state from its partial index, sorted; the results are
-        merged here.  Newest first, a state with more than _FEW jobs (its ``tally`` row
-        says) is found by walking jobs_accepted, or each type's jobs in jobs_kind (schema
-        version 7), and testing each row: with N jobs in all (of the type), about ``limit
-        * N / count`` rows are read when the state's jobs are spread over time.  The walk
-        is long only when the jobs asked for are rare among the newer ones of the types
-        asked: a large state whose jobs are all older than many others."""
+        rows; several ranges (states, types) are merged here. No query sorts or scans the
+        whole table, whatever the store holds."""
         if limit <= 0:
             return []
         states = _distinct(states)
@@ -1097,30 +1075,14 @@ class SqliteStore:
                     if len(found) >= limit:
                         break
                 return found
-            type_filter = f" AND type IN ({_marks(types)})" if types else ""
-            counts = dict(db.execute("SELECT state, jobs FROM tally").fetchall())
             ranges: list[list[JobRecord]] = []
-            walked: list[str] = []
-            for state in _values(states):
-                if counts.get(state, 0) > _FEW:
-                    walked.append(state)
-                    continue
-                # Few jobs: all of them from the partial index that holds this state's
-                # jobs alone, sorted (walking jobs_accepted for them could read every job).
-                sql = f"{_SELECT} {_STATE_RANGES[state]}{type_filter} {_NEWEST}"
-                ranges.append(self._records(db, sql, (*types, limit)))
-            if walked or not states:
-                # Newest first along jobs_accepted (one type's jobs: along jobs_kind), each
-                # row tested, until ``limit`` pass.
-                state_test = f"state IN ({_marks(walked)})" if walked else ""
+            for state in _values(states or State):
                 if not types:
-                    sql = f"{_SELECT}{' WHERE ' if walked else ''}{state_test} {_NEWEST}"
-                    ranges.append(self._records(db, sql, (*walked, limit)))
+                    sql = f"{_SELECT} WHERE state = ? {_NEWEST}"
+                    ranges.append(self._records(db, sql, (state, limit)))
                 for type_ in types:
-                    sql = (
-                        f"{_SELECT} WHERE type = ?{' AND ' if walked else ''}{state_test} {_NEWEST}"
-                    )
-                    ranges.append(self._records(db, sql, (type_, *walked, limit)))
+                    sql = f"{_SELECT} WHERE type = ? AND state = ? {_NEWEST}"
+                    ranges.append(self._records(db, sql, (type_, state, limit)))
         newest = heapq.merge(*ranges, key=lambda job: (job.accepted, job.id), reverse=True)
         return builtins.list(itertools.islice(newest, limit))
 
@@ -1196,12 +1158,8 @@ class SqliteStore:
         removed = 0
         with self._write() as db:
             for state in _values(_distinct(states)):
-                # ``finished IS NOT NULL`` (true of every final job: each way of ending one
-                # sets it) lets the index jobs_finished find them.
                 if older_than is None:
-                    cursor = db.execute(
-                        "DELETE FROM jobs WHERE state = ? AND finished IS NOT NULL", (state,)
-                    )
+                    cursor = db.execute("DELETE FROM jobs WHERE state = ?", (state,))
                 else:
                     cursor = db.execute(
                         "DELETE FROM jobs WHERE state = ? AND finished < ?",
