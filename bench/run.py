@@ -683,7 +683,8 @@ class Bench:
         with job_store.scratch_store("list.db") as (store, _):
             listed = job_store.list_times(store, listed_jobs, self.args.rounds)
         states = ", ".join(f"{n:,} {state}" for state, n in listed.states.items() if n)
-        for what, times in (("newest first", listed.newest), ("queued", listed.queued)):
+        forms = [("newest first", listed.newest), ("queued", listed.queued)]
+        for what, times in (*forms, *listed.forms.items()):
             self.rows.append(
                 Row(
                     f"store.list(limit=50), {what}, {listed_jobs:,} jobs",

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ipcd.layout.results import Kind
 from ipcd.store import JobStore, NewJob, Retention, State, open_store
@@ -41,13 +41,33 @@ PAYLOAD = "p" * 64
 RESULT = b"r" * 64
 
 
+#: The other forms of ``ipcctl list -n 50`` timed over the filled store (fill): each
+#: state alone, a type, a type with no jobs (the walk of jobs_accepted reads every job),
+#: a unique key, and combinations.  Keyword arguments of JobStore.list by name.
+LIST_FORMS: dict[str, dict[str, Any]] = {
+    **{f"--state {state}": {"states": (state,)} for state in State if state is not State.QUEUED},
+    "--type 4": {"types": (4,)},
+    "--type 9 (no jobs)": {"types": (9,)},
+    "--unique u3": {"unique": "u3"},
+    "--state done --type 3": {"states": (State.DONE,), "types": (3,)},
+    "--state queued --type 5": {"states": (State.QUEUED,), "types": (5,)},
+    "--state failed,cancelled --type 2,3": {
+        "states": (State.FAILED, State.CANCELLED),
+        "types": (2, 3),
+    },
+    "--state queued,scheduled,running": {"states": (State.QUEUED, State.SCHEDULED, State.RUNNING)},
+}
+
+
 class ListTimes(NamedTuple):
-    """Seconds per ``list`` call over a store of ``jobs`` jobs, and the states they had."""
+    """Seconds per ``list`` call over a store of ``jobs`` jobs, and the states they had;
+    ``forms``: those of each of LIST_FORMS."""
 
     jobs: int
     states: dict[str, int]
     newest: list[float]
     queued: list[float]
+    forms: dict[str, list[float]]
 
 
 class Size(NamedTuple):
@@ -73,10 +93,16 @@ class Through(NamedTuple):
 
 
 def new_jobs(
-    count: int, now: float, *, scheduled_every: int = 0, types: Sequence[int] = TYPES
+    count: int,
+    now: float,
+    *,
+    scheduled_every: int = 0,
+    types: Sequence[int] = TYPES,
+    unique_every: int = 0,
 ) -> list[NewJob]:
     """``count`` jobs as the intake makes them, with real ids and envelopes, of ``types``
-    in turn; every ``scheduled_every``-th one is due an hour from ``now``."""
+    in turn; every ``scheduled_every``-th one is due an hour from ``now``, and every
+    ``unique_every``-th one has a unique key of ten (``u0`` to ``u9``)."""
     jobs = []
     for index in range(count):
         job_id = protocol.new_job_id()
@@ -96,6 +122,9 @@ def new_jobs(
                 due=now + 3600 if later else 0.0,
                 priority=index % 7 - 3,
                 sender_pid=os.getpid(),
+                unique=f"u{index // unique_every % 10}"
+                if unique_every and index % unique_every == 0
+                else None,
             )
         )
     return jobs
@@ -112,10 +141,13 @@ def fill(
     store: JobStore, jobs: int, *, batch: int = 1000, types: Sequence[int] = TYPES
 ) -> dict[str, int]:
     """Add ``jobs`` jobs of ``types`` in mixed states, per batch of 1000: 450 done, 50
-    failed, 50 cancelled, 100 scheduled and the rest queued. Returns the store's counts."""
+    failed, 50 cancelled, 100 scheduled and the rest queued; one in a hundred with a
+    unique key. Returns the store's counts."""
     for start in range(0, jobs, batch):
         now = time.time()
-        added = new_jobs(min(batch, jobs - start), now, scheduled_every=10, types=types)
+        added = new_jobs(
+            min(batch, jobs - start), now, scheduled_every=10, types=types, unique_every=100
+        )
         store.add(added)
         claimed = store.claim(len(added) // 2, now)
         for index, (record, _) in enumerate(claimed):
@@ -128,8 +160,8 @@ def fill(
 
 def list_times(store: JobStore, jobs: int, rounds: int) -> ListTimes:
     """Fill ``store`` with ``jobs`` jobs (fill), then time ``rounds`` calls each of the
-    two lists ``ipcctl list -n 50`` makes: newest first, and the queued ones in dispatch
-    order."""
+    two lists ``ipcctl list -n 50`` makes by default: newest first, and the queued ones
+    in dispatch order; and of LIST_FORMS."""
     states = fill(store, jobs)
     newest: list[float] = []
     queued: list[float] = []
@@ -140,7 +172,13 @@ def list_times(store: JobStore, jobs: int, rounds: int) -> ListTimes:
             times.append(time.perf_counter() - started)
             if len(found) != 50:
                 raise RuntimeError(f"store.list(states={states_asked}) gave {len(found)} jobs")
-    return ListTimes(jobs, states, newest, queued)
+    forms: dict[str, list[float]] = {name: [] for name in LIST_FORMS}
+    for _ in range(rounds):
+        for name, asked in LIST_FORMS.items():
+            started = time.perf_counter()
+            store.list(**asked, limit=50)
+            forms[name].append(time.perf_counter() - started)
+    return ListTimes(jobs, states, newest, queued, forms)
 
 
 def through(
@@ -218,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             **listed._asdict(),
             "newest_median": statistics.median(listed.newest),
             "queued_median": statistics.median(listed.queued),
+            "forms_median": {name: statistics.median(t) for name, t in listed.forms.items()},
         },
         "through": {"rate": passed.rate, "sizes": [s._asdict() for s in passed.sizes]},
     }

@@ -167,6 +167,9 @@ def test_store_bench_fills_mixed_states_and_applies_retention() -> None:
         "cancelled": 150,
     }
     assert len(listed.newest) == len(listed.queued) == 2
+    assert {name: len(times) for name, times in listed.forms.items()} == dict.fromkeys(
+        job_store.LIST_FORMS, 2
+    )
     with job_store.scratch_store("through.db") as (store, path):
         passed = job_store.through(store, path, 12_000, retain_every=5000, sizes_every=5000)
     # One job in a hundred fails; retain() keeps the newest 1000 done at 5000 and 10000.
