@@ -57,11 +57,15 @@ def _files(path: str) -> list[str]:
         return []
 
 
-def _rows(path: str, table: str) -> list[tuple[str, int, str | None]]:
-    """(job id, length of the bytes held in the row, file) of each row of ``table``."""
-    column = "body" if table == "bodies" else "data"
+def _rows(path: str, kept: str) -> list[tuple[str, int, str | None]]:
+    """(job id, length of the bytes held in the row, file) of each job holding a ``kept``
+    (``body`` or ``result``)."""
+    data, file = ("body", "body_file") if kept == "body" else ("result_data", "result_file")
     with contextlib.closing(sqlite3.connect(path)) as raw:
-        rows = raw.execute(f"SELECT job_id, length({column}), file FROM {table} ORDER BY job_id")
+        rows = raw.execute(
+            f"SELECT id, COALESCE(length({data}), 0), {file} FROM jobs "
+            f"WHERE {data} IS NOT NULL OR {file} IS NOT NULL ORDER BY id"
+        )
         return [(str(i), int(n), f) for i, n, f in rows]
 
 
@@ -71,7 +75,7 @@ def test_a_large_body_is_a_file_and_comes_back_whole(path: str, store: JobStore)
     store.add([_job("big", _big(1)), _job("edge", _big(2)[:THRESHOLD])])
     (name,) = _files(path)
     assert name.startswith("big~")
-    assert _rows(path, "bodies") == [("big", 0, name), ("edge", THRESHOLD, None)]
+    assert _rows(path, "body") == [("big", 0, name), ("edge", THRESHOLD, None)]
     with open(os.path.join(path + SUFFIX, name), "rb") as file:
         assert file.read() == _big(1)
     claimed = {record.id: body for record, body in store.claim(2, NOW)}
@@ -109,7 +113,7 @@ def test_a_large_result_is_a_file_and_goes_when_retried_or_replaced(
     store.claim(1, NOW)
     assert store.finish("r", ok=False, finished=NOW, result_kind=2, data=_big(3), error="x")
     (name,) = _files(path)
-    assert _rows(path, "results") == [("r", 0, name)]
+    assert _rows(path, "result") == [("r", 0, name)]
     assert store.result("r") == (2, _big(3))
     assert store.retry("r", NOW + 1) is not None
     assert store.result("r") is None

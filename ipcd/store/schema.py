@@ -88,6 +88,28 @@ Version 6 (captured output: what a job wrote to stdout and stderr, ipcd.daemon.c
   segment may be held *split* (ipcd.wire.split: its envelope, then the payload's raw
   bytes), which an ipcd of version 5 or older would read as a bare message; the version
   number is what keeps such an ipcd from opening the file.
+
+Version 7 (bodies and results in the jobs row):
+
+- ``jobs.body`` and ``jobs.body_file``, ``jobs.result_data`` and ``jobs.result_file``:
+  a job's body and its kept result (the kind is ``result_kind``, NULL read as 0), held
+  in its own row, or in a file in ``PATH.bodies/`` named by the ``_file`` column (then
+  the bytes' column is NULL). ``result_data`` and ``result_file`` both NULL: no result
+  kept. The tables ``bodies`` and ``results`` of versions 1 and 2 are gone, their rows
+  moved here, with their indexes and triggers. Why: every job had a ``bodies`` row and
+  most a ``results`` row, each a second B-tree (and its TEXT key's index) written and
+  foreign-key checked in the job's add and finish: some 20 and 17 us of a transaction's
+  45. The columns come after all of ipcd.store.JobRecord's, the body last: listing reads
+  a row's header and its first columns only, never a blob, and reading a result never
+  walks a large inline body's overflow pages. The cost moved elsewhere: a state change
+  (claim, outcome) rewrites the whole row, so a body held in the row, up to
+  ipcd.store.blobs.THRESHOLD, is written again by each of them.
+- ``jobs_body_file`` and ``jobs_result_file``: partial indexes of the file names, so
+  that the sweep and ``check`` read them without reading the table (a job without a file
+  is in neither).
+- ``jobs_unlink`` (a job deleted) and ``jobs_unlink_result`` (a result replaced or
+  forgotten: ``retry``) note the files in ``unlinked`` as the dropped tables' triggers
+  did. A body is never replaced while its job lives.
 """
 
 from __future__ import annotations
@@ -97,7 +119,7 @@ import sqlite3
 from ipcd.errors import StoreCorruptError
 
 #: The schema version this ipcd writes and reads.
-VERSION = 6
+VERSION = 7
 
 _V1 = (
     """
@@ -279,6 +301,52 @@ _V6_OUTPUT = (
     """,
 )
 
+_V7_INLINE = (
+    # Before the data: the body last, after the columns ipcd.store.JobRecord reads.
+    "ALTER TABLE jobs ADD COLUMN body_file TEXT",
+    "ALTER TABLE jobs ADD COLUMN result_file TEXT",
+    "ALTER TABLE jobs ADD COLUMN result_data BLOB",
+    "ALTER TABLE jobs ADD COLUMN body BLOB",
+    """
+    UPDATE jobs SET (body, body_file) = (
+        SELECT CASE WHEN file IS NULL THEN body END, file FROM bodies WHERE job_id = jobs.id
+    )
+    """,
+    # Only the jobs with a kept result: one whose result was too large to keep has its
+    # result_kind and result_size, and no row.
+    """
+    UPDATE jobs SET (result_kind, result_data, result_file) = (
+        SELECT COALESCE(jobs.result_kind, kind), CASE WHEN file IS NULL THEN data END, file
+        FROM results WHERE job_id = jobs.id
+    ) WHERE id IN (SELECT job_id FROM results)
+    """,
+    # The old tables' triggers first, so that dropping the tables notes no file.
+    "DROP TRIGGER bodies_unlink",
+    "DROP TRIGGER results_unlink",
+    "DROP TRIGGER results_unlink_replaced",
+    "DROP INDEX bodies_file",
+    "DROP INDEX results_file",
+    "DROP TABLE bodies",
+    "DROP TABLE results",
+    "CREATE INDEX jobs_body_file ON jobs (body_file) WHERE body_file IS NOT NULL",
+    "CREATE INDEX jobs_result_file ON jobs (result_file) WHERE result_file IS NOT NULL",
+    """
+    CREATE TRIGGER jobs_unlink AFTER DELETE ON jobs
+    WHEN OLD.body_file IS NOT NULL OR OLD.result_file IS NOT NULL BEGIN
+        INSERT INTO unlinked (file) SELECT OLD.body_file WHERE OLD.body_file IS NOT NULL
+            ON CONFLICT (file) DO NOTHING;
+        INSERT INTO unlinked (file) SELECT OLD.result_file WHERE OLD.result_file IS NOT NULL
+            ON CONFLICT (file) DO NOTHING;
+    END
+    """,
+    """
+    CREATE TRIGGER jobs_unlink_result AFTER UPDATE OF result_file ON jobs
+    WHEN OLD.result_file IS NOT NULL AND OLD.result_file IS NOT NEW.result_file BEGIN
+        INSERT INTO unlinked (file) VALUES (OLD.result_file) ON CONFLICT (file) DO NOTHING;
+    END
+    """,
+)
+
 #: ``MIGRATIONS[i]`` takes a file from version ``i`` to ``i + 1``.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V1,
@@ -287,6 +355,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V4_LIMITS,
     _V5_CHAINS,
     _V6_OUTPUT,
+    _V7_INLINE,
 )
 
 assert len(MIGRATIONS) == VERSION
