@@ -214,3 +214,99 @@ def test_a_version_1_file_is_migrated_with_its_bodies_and_results(path: str) -> 
         store.close()
     with contextlib.closing(sqlite3.connect(path)) as raw:
         assert raw.execute("PRAGMA user_version").fetchone() == (schema.VERSION,)
+
+
+def _before_inline() -> int:
+    """The schema version just before bodies and results moved into the jobs row."""
+    return next(i for i, steps in enumerate(schema.MIGRATIONS) if "DROP TABLE bodies" in steps)
+
+
+def _old_file(path: str, name: str, data: bytes) -> None:
+    os.makedirs(path + SUFFIX, mode=0o700, exist_ok=True)
+    with open(os.path.join(path + SUFFIX, name), "wb") as file:
+        file.write(data)
+
+
+def test_a_file_with_bodies_and_results_tables_is_migrated_into_the_jobs_rows(
+    path: str,
+) -> None:
+    """A store whose bodies and results were rows of their own tables: every job's body and
+    result (small ones in the row, large ones in files, a result too large to keep, a
+    result kept without result_kind) reads as before, the tables are gone, the files stay
+    named (check and the sweep keep them, an orphan goes), and a deleted or retried job's
+    files go."""
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as raw:
+        for steps in schema.MIGRATIONS[: _before_inline()]:
+            for statement in steps:
+                raw.execute(statement)
+        raw.execute(f"PRAGMA user_version = {_before_inline():d}")
+        jobs = (  # id, state, result_kind, result_size
+            ("queued-small", "queued", None, None),
+            ("queued-big", "queued", None, None),
+            ("done-small", "done", 1, 2),
+            ("done-big", "done", 2, BIG),
+            ("done-unkept", "done", 1, 10 * BIG),
+            ("done-kindless", "done", None, 3),
+            ("failed-big", "failed", 3, BIG),
+        )
+        for job_id, state, kind, size in jobs:
+            body, file = _big(1), f"{job_id}~b0dy"
+            if job_id.endswith("small"):
+                body, file = job_id.encode(), None
+            raw.execute(
+                "INSERT INTO jobs (id, type, handler, state, submitted, accepted, size, "
+                "body_size, finished, result_kind, result_size) "
+                "VALUES (?, 1, 'echo', ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, state, NOW, NOW, len(body), len(body), NOW, kind, size),
+            )
+            if file is not None:
+                _old_file(path, file, body)
+            raw.execute(
+                "INSERT INTO bodies (job_id, body, file) VALUES (?, ?, ?)",
+                (job_id, b"" if file else body, file),
+            )
+        raw.execute("INSERT INTO results (job_id, kind, data) VALUES ('done-small', 1, X'6f6b')")
+        raw.execute("INSERT INTO results (job_id, kind, data) VALUES ('done-kindless', 0, X'6b6c')")
+        for job_id, kind in (("done-big", 2), ("failed-big", 3)):
+            _old_file(path, f"{job_id}~re5ult", _big(kind))
+            raw.execute(
+                "INSERT INTO results (job_id, kind, data, file) VALUES (?, ?, X'', ?)",
+                (job_id, kind, f"{job_id}~re5ult"),
+            )
+    _old_file(path, "lost~0123456789abcdef", b"orphan")
+    store = open_store(path)
+    try:
+        assert {job_id: store.body(job_id) for job_id, *_ in jobs} == {
+            job_id: job_id.encode() if job_id.endswith("small") else _big(1) for job_id, *_ in jobs
+        }
+        assert {job_id: store.result(job_id) for job_id, *_ in jobs} == {
+            "queued-small": None,
+            "queued-big": None,
+            "done-small": (1, b"ok"),
+            "done-big": (2, _big(2)),
+            "done-unkept": None,
+            "done-kindless": (0, b"kl"),
+            "failed-big": (3, _big(3)),
+        }
+        done = store.get("done-unkept")
+        assert done is not None and (done.result_kind, done.result_size) == (1, 10 * BIG)
+        assert store.check() == []
+        store.reset_running()
+        assert "lost~0123456789abcdef" not in _files(path)
+        assert len(_files(path)) == 5 + 2  # the large bodies and results
+        assert store.retry("failed-big", NOW + 1) is not None
+        assert "failed-big~re5ult" not in _files(path)
+        assert store.purge([State.DONE], None, NOW + 1) == 4
+        assert sorted(_files(path)) == ["failed-big~b0dy", "queued-big~b0dy"]
+        assert {record.id: body for record, body in store.claim(3, NOW + 2)} == {
+            "queued-small": b"queued-small",
+            "queued-big": _big(1),
+            "failed-big": _big(1),
+        }
+        assert store.check() == []
+    finally:
+        store.close()
+    with contextlib.closing(sqlite3.connect(path)) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone() == (schema.VERSION,)
+        tables = {row[0] for row in raw.execute("SELECT name FROM sqlite_schema")}
+        assert tables.isdisjoint({"bodies", "results", "bodies_file", "results_unlink"})
