@@ -857,7 +857,12 @@ def test_list_claim_and_retention_read_index_ranges_never_the_whole_table(path: 
     }
     assert sorts == {}
     claim = next(plan for sql, plan in plans.items() if "type BETWEEN" in sql)
-    assert claim == ["SEARCH jobs USING INDEX jobs_claim (state=? AND type>? AND type<?)"]
+    assert claim == [
+        "SEARCH jobs USING INDEX jobs_claim (state=? AND type>? AND type<?)",
+        # Run only for a body neither in the row nor in a file (above INLINE_BODY).
+        "CORRELATED SCALAR SUBQUERY 1",
+        "SEARCH bodies USING INDEX sqlite_autoindex_bodies_1 (job_id=?)",
+    ]
     store.close()
 
 

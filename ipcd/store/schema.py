@@ -91,25 +91,30 @@ Version 6 (captured output: what a job wrote to stdout and stderr, ipcd.daemon.c
 
 Version 7 (bodies and results in the jobs row):
 
-- ``jobs.body`` and ``jobs.body_file``, ``jobs.result_data`` and ``jobs.result_file``:
-  a job's body and its kept result (the kind is ``result_kind``, NULL read as 0), held
-  in its own row, or in a file in ``PATH.bodies/`` named by the ``_file`` column (then
-  the bytes' column is NULL). ``result_data`` and ``result_file`` both NULL: no result
-  kept. The tables ``bodies`` and ``results`` of versions 1 and 2 are gone, their rows
-  moved here, with their indexes and triggers. Why: every job had a ``bodies`` row and
-  most a ``results`` row, each a second B-tree (and its TEXT key's index) written and
-  foreign-key checked in the job's add and finish: some 20 and 17 us of a transaction's
-  45. The columns come after all of ipcd.store.JobRecord's, the body last: listing reads
-  a row's header and its first columns only, never a blob, and reading a result never
-  walks a large inline body's overflow pages. The cost moved elsewhere: a state change
-  (claim, outcome) rewrites the whole row, so a body held in the row, up to
-  ipcd.store.blobs.THRESHOLD, is written again by each of them.
-- ``jobs_body_file`` and ``jobs_result_file``: partial indexes of the file names, so
-  that the sweep and ``check`` read them without reading the table (a job without a file
-  is in neither).
+- ``jobs.body``, ``jobs.body_file``, ``jobs.result_data`` and ``jobs.result_file``: a
+  job's body and its kept result (its kind is ``result_kind``, NULL read as 0) held in
+  its own row, or in a file in ``PATH.bodies/`` named by the ``_file`` column (then the
+  bytes' column is NULL); ``result_data`` and ``result_file`` both NULL: no result kept.
+  Why: every job had a ``bodies`` row and most a ``results`` row, each in a B-tree of its
+  own with a TEXT key's index, written and foreign-key checked in the job's add and its
+  finish (some 20 and 17 us of a lone job's transactions). The table ``results`` is gone
+  (its rows moved), with its index and triggers.
+- ``bodies`` stays, for the bodies of more than 1 KiB up to ipcd.store.blobs.THRESHOLD
+  (ipcd.store.sqlite.INLINE_BODY; ``jobs.body`` and ``body_file`` NULL): a claim and an
+  outcome rewrite the whole row, overflow pages included, so that a body of 16 KiB held
+  in the row cost its claim and its finish twice what the row in ``bodies``, written
+  once, costs its add. A result is written once, by the outcome, and stays in the row at
+  any size up to THRESHOLD. ``bodies.file`` is NULL from this version on (large bodies'
+  files are named by ``jobs.body_file``; the index ``bodies_file`` and the trigger
+  ``bodies_unlink`` are gone).
+- The new columns come after all of ipcd.store.JobRecord's, the body last: a listing
+  reads the row's first columns only, and reading a result never walks an inline body.
+- ``jobs_body_file`` and ``jobs_result_file``: partial indexes of the file names, so that
+  the sweep and ``check`` read them without reading the table (a job without a file is in
+  neither).
 - ``jobs_unlink`` (a job deleted) and ``jobs_unlink_result`` (a result replaced or
-  forgotten: ``retry``) note the files in ``unlinked`` as the dropped tables' triggers
-  did. A body is never replaced while its job lives.
+  forgotten: ``retry``) note the files in ``unlinked`` as the old tables' triggers did. A
+  body is never replaced while its job lives.
 """
 
 from __future__ import annotations
@@ -307,11 +312,17 @@ _V7_INLINE = (
     "ALTER TABLE jobs ADD COLUMN result_file TEXT",
     "ALTER TABLE jobs ADD COLUMN result_data BLOB",
     "ALTER TABLE jobs ADD COLUMN body BLOB",
+    # A body of up to 1 KiB, or its file's name, into the row; larger ones stay in bodies.
+    "DROP TRIGGER bodies_unlink",
+    "DROP INDEX bodies_file",
     """
     UPDATE jobs SET (body, body_file) = (
         SELECT CASE WHEN file IS NULL THEN body END, file FROM bodies WHERE job_id = jobs.id
+    ) WHERE id IN (
+        SELECT job_id FROM bodies WHERE file IS NOT NULL OR length(body) <= 1024
     )
     """,
+    "DELETE FROM bodies WHERE file IS NOT NULL OR length(body) <= 1024",
     # Only the jobs with a kept result: one whose result was too large to keep has its
     # result_kind and result_size, and no row.
     """
@@ -320,13 +331,10 @@ _V7_INLINE = (
         FROM results WHERE job_id = jobs.id
     ) WHERE id IN (SELECT job_id FROM results)
     """,
-    # The old tables' triggers first, so that dropping the tables notes no file.
-    "DROP TRIGGER bodies_unlink",
+    # The triggers first, so that dropping the table notes no file.
     "DROP TRIGGER results_unlink",
     "DROP TRIGGER results_unlink_replaced",
-    "DROP INDEX bodies_file",
     "DROP INDEX results_file",
-    "DROP TABLE bodies",
     "DROP TABLE results",
     "CREATE INDEX jobs_body_file ON jobs (body_file) WHERE body_file IS NOT NULL",
     "CREATE INDEX jobs_result_file ON jobs (result_file) WHERE result_file IS NOT NULL",

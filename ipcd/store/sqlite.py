@@ -86,6 +86,12 @@ PAGE_SIZE = 1024
 #: How many ids one ``IN (...)`` list holds (SQLite allows 32766 parameters).
 CHUNK = chains.CHUNK
 _LOWEST, _HIGHEST = -(2**63), 2**63 - 1
+#: A body of up to this many bytes is held in its job's row (``jobs.body``); a larger one,
+#: up to ipcd.store.blobs.THRESHOLD, in a row of ``bodies``.  Every claim and outcome
+#: rewrites the job's whole row, its overflow pages included: a body in the row is
+#: written three times, where the row in ``bodies`` costs one insert more, once (some
+#: 20 us).  Up to about 1 KiB the row keeps it on its page, or on one overflow page.
+INLINE_BODY = 1024
 
 _NAMES = {"unique": "unique_key", "after": "after_ids"}
 _COLUMNS = ", ".join(_NAMES.get(f, f) for f in JobRecord._fields)
@@ -99,6 +105,10 @@ _INSERT_COLUMNS = (
     "unique_key", "finished", "sender_uid", "reply_to", "timeout", "error", "expires",
     "after_ids", "body", "body_file",
 )  # fmt: skip
+_INSERT_BODY = "INSERT INTO bodies (job_id, body) VALUES (?, ?)"
+#: A job's body: the name of its file, the bytes held in its row, or its row of ``bodies``
+#: (looked up only when the row holds neither: COALESCE stops at the first not NULL).
+_BODY = "COALESCE(body_file, body, (SELECT bodies.body FROM bodies WHERE job_id = jobs.id))"
 #: The backlog: each waiting state's row of ``tally`` found by its key, where ``state
 #: IN (...)`` makes SQLite build a temporary index of the list on every run (some
 #: 30,000 instructions more, paid by every commit of the intake).
@@ -113,7 +123,7 @@ _STARTABLE = "state = 'queued' AND (expires IS NULL OR expires > ? OR attempts >
 # The literal 'queued' lets SQLite use the partial index jobs_claim. The record and its
 # body in the one statement, from the one row: a claim is a job's hot path.
 _CLAIM = (
-    f"SELECT {_COLUMNS}, COALESCE(body_file, body) FROM jobs "
+    f"SELECT {_COLUMNS}, {_BODY} FROM jobs "
     f"WHERE {_STARTABLE} AND type BETWEEN ? AND ? {_DISPATCH} LIMIT ?"
 )
 _SCHEDULE_SELECT = f"SELECT {', '.join(ScheduleState._fields)} FROM schedules"
@@ -458,7 +468,8 @@ class SqliteStore:
         written: builtins.list[str],
     ) -> None:
         """``add``'s inserts; a large body's file is written (``written``) and made
-        durable before its row, whose commit follows.  A job with ``after`` is decided
+        durable before its row, whose commit follows; a body above INLINE_BODY is a row
+        of ``bodies``.  A job with ``after`` is decided
         from the jobs it names (ipcd.store.chains); nothing can wait for a new job yet,
         so only its own state is decided."""
         for job in jobs:
@@ -476,14 +487,18 @@ class SqliteStore:
                 job.submitted or job.accepted, job.accepted, due, job.sender_pid,
                 int(job.bare), job.size, job.preview, len(job.body) + len(job.tail), held_due,
             )  # fmt: skip
+            body, file = self._keep(job.id, job.body, written, job.tail)
+            apart = body is not None and len(body) > INLINE_BODY
             nullable = (
                 job.unique, finished, job.sender_uid, job.reply_to, job.timeout, error,
                 job.expires, ",".join(job.after) if job.after else None,
-                *self._keep(job.id, job.body, written, job.tail),
+                None if apart else body, file,
             )  # fmt: skip
             if db.execute(*self._insert(values, nullable)).rowcount != 1:
-                self._unwrite(written, nullable[-1])  # a job of that id is held already
+                self._unwrite(written, file)  # a job of that id is held already
             else:
+                if apart:
+                    db.execute(_INSERT_BODY, (job.id, body))
                 if pending:
                     chains.hold(db, job.id, pending)
                 inserted.append(Admitted(job.id, state, error))
@@ -1013,9 +1028,7 @@ class SqliteStore:
 
     def body(self, job_id: str) -> bytes | None:
         with self._read() as db:
-            row = db.execute(
-                "SELECT COALESCE(body_file, body) FROM jobs WHERE id = ?", (job_id,)
-            ).fetchone()
+            row = db.execute(f"SELECT {_BODY} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return None if row is None else self._bytes(row[0])
 
     def output(self, job_id: str) -> Captured | None:
