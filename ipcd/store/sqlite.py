@@ -25,8 +25,9 @@ How it is used, and why:
   the database file's mode: only the daemon's user reads jobs; clients ask the daemon.
 - **Large bodies and results are files** in ``PATH.bodies/`` (ipcd.store.blobs says why
   and how they stay in step with their rows); a row names its file in ``body_file`` (or
-  ``result_file``, ``outputs.file``), and ``COALESCE(body_file, body)`` reads either kind
-  in one column: a name (text) or the bytes.
+  ``result_file``, ``outputs.file``), and ``COALESCE(body_file, body, ...)`` reads any
+  kind in one column: a name (text) or the bytes. Smaller bodies and results are held in
+  the job's row, but for bodies above INLINE_BODY: a row of ``bodies`` (see there).
 - **Errors** become ipcd's: :func:`store_error` names the path, SQLite's cause and what
   an operator can do, and chooses StoreUnavailableError, StoreCorruptError or
   StoreFullError by SQLite's (extended) error name.
@@ -469,9 +470,9 @@ class SqliteStore:
     ) -> None:
         """``add``'s inserts; a large body's file is written (``written``) and made
         durable before its row, whose commit follows; a body above INLINE_BODY is a row
-        of ``bodies``.  A job with ``after`` is decided
-        from the jobs it names (ipcd.store.chains); nothing can wait for a new job yet,
-        so only its own state is decided."""
+        of ``bodies``.  A job with ``after`` is decided from the jobs it names
+        (ipcd.store.chains); nothing can wait for a new job yet, so only its own state is
+        decided."""
         for job in jobs:
             pending: tuple[str, ...] = ()
             state, due, held_due, error = job.state, job.due, 0.0, job.error
