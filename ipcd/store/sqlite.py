@@ -940,7 +940,8 @@ class SqliteStore:
             "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (job_id) DO UPDATE SET "
             "data = excluded.data, file = excluded.file, size = excluded.size, "
             "fraction = excluded.fraction, message = excluded.message",
-            (job_id, kept, file, captured.size, captured.fraction, captured.message),
+            # outputs.data is NOT NULL: empty beside a file.
+            (job_id, kept or b"", file, captured.size, captured.fraction, captured.message),
         )
 
     def requeue(self, job_id: str, *, due: float, attempts: int | None = None) -> bool:
