@@ -22,6 +22,7 @@ import pytest
 from ipcd.errors import InternalError
 from ipcd.store import JobStore, NewJob, Retention, State, open_store, schema
 from ipcd.store.blobs import SUFFIX, THRESHOLD
+from ipcd.store.sqlite import INLINE_BODY
 
 NOW = 1_700_000_000.0
 BIG = THRESHOLD + 1
@@ -57,11 +58,18 @@ def _files(path: str) -> list[str]:
         return []
 
 
-def _rows(path: str, table: str) -> list[tuple[str, int, str | None]]:
-    """(job id, length of the bytes held in the row, file) of each row of ``table``."""
-    column = "body" if table == "bodies" else "data"
+def _rows(path: str, kept: str) -> list[tuple[str, int, str | None]]:
+    """(job id, length of the bytes held in the row, file) of each job holding a ``kept``
+    (``body`` or ``result``)."""
+    data, file = ("body", "body_file") if kept == "body" else ("result_data", "result_file")
+    if kept == "body":  # in the row, or (above INLINE_BODY) in bodies
+        data = "COALESCE(jobs.body, bodies.body)"
     with contextlib.closing(sqlite3.connect(path)) as raw:
-        rows = raw.execute(f"SELECT job_id, length({column}), file FROM {table} ORDER BY job_id")
+        rows = raw.execute(
+            f"SELECT id, COALESCE(length({data}), 0), {file} FROM jobs "
+            f"LEFT JOIN bodies ON job_id = id WHERE {data} IS NOT NULL OR {file} IS NOT NULL "
+            "ORDER BY id"
+        )
         return [(str(i), int(n), f) for i, n, f in rows]
 
 
@@ -71,7 +79,7 @@ def test_a_large_body_is_a_file_and_comes_back_whole(path: str, store: JobStore)
     store.add([_job("big", _big(1)), _job("edge", _big(2)[:THRESHOLD])])
     (name,) = _files(path)
     assert name.startswith("big~")
-    assert _rows(path, "bodies") == [("big", 0, name), ("edge", THRESHOLD, None)]
+    assert _rows(path, "body") == [("big", 0, name), ("edge", THRESHOLD, None)]
     with open(os.path.join(path + SUFFIX, name), "rb") as file:
         assert file.read() == _big(1)
     claimed = {record.id: body for record, body in store.claim(2, NOW)}
@@ -80,6 +88,26 @@ def test_a_large_body_is_a_file_and_comes_back_whole(path: str, store: JobStore)
     assert store.get("big") is not None
     assert store.backlog().bytes == 0  # both running: the tally counts the bodies' sizes
     assert store.counts()[State.RUNNING] == 2
+
+
+def test_a_body_up_to_inline_body_is_in_its_row_and_a_larger_one_in_bodies(
+    path: str, store: JobStore
+) -> None:
+    """A body of INLINE_BODY bytes is held in the job's row, one byte more in a row of
+    bodies (a claim and an outcome rewrite the job's row); both come back whole."""
+    row, apart = b"r" * INLINE_BODY, b"a" * (INLINE_BODY + 1)
+    store.add([_job("row", row), _job("apart", apart)])
+    with contextlib.closing(sqlite3.connect(path)) as raw:
+        held = raw.execute("SELECT id, length(body) FROM jobs ORDER BY id").fetchall()
+        assert held == [("apart", None), ("row", INLINE_BODY)]
+        assert raw.execute("SELECT job_id FROM bodies").fetchall() == [("apart",)]
+    assert {record.id: body for record, body in store.claim(2, NOW)} == {"row": row, "apart": apart}
+    assert (store.body("row"), store.body("apart")) == (row, apart)
+    assert store.purge([State.DONE], None, NOW) == 0
+    for job_id in ("row", "apart"):
+        store.finish(job_id, ok=True, finished=NOW, result_kind=1, data=b"r", error=None)
+    assert store.purge([State.DONE], None, NOW) == 2
+    assert _rows(path, "body") == []
 
 
 @pytest.mark.parametrize("sync", ["normal", "full"])
@@ -109,7 +137,7 @@ def test_a_large_result_is_a_file_and_goes_when_retried_or_replaced(
     store.claim(1, NOW)
     assert store.finish("r", ok=False, finished=NOW, result_kind=2, data=_big(3), error="x")
     (name,) = _files(path)
-    assert _rows(path, "results") == [("r", 0, name)]
+    assert _rows(path, "result") == [("r", 0, name)]
     assert store.result("r") == (2, _big(3))
     assert store.retry("r", NOW + 1) is not None
     assert store.result("r") is None
@@ -210,3 +238,112 @@ def test_a_version_1_file_is_migrated_with_its_bodies_and_results(path: str) -> 
         store.close()
     with contextlib.closing(sqlite3.connect(path)) as raw:
         assert raw.execute("PRAGMA user_version").fetchone() == (schema.VERSION,)
+
+
+def _before_inline() -> int:
+    """The schema version just before results moved into the jobs row."""
+    return next(i for i, steps in enumerate(schema.MIGRATIONS) if "DROP TABLE results" in steps)
+
+
+def _old_file(path: str, name: str, data: bytes) -> None:
+    os.makedirs(path + SUFFIX, mode=0o700, exist_ok=True)
+    with open(os.path.join(path + SUFFIX, name), "wb") as file:
+        file.write(data)
+
+
+def _body(job_id: str) -> bytes:
+    """The body of a job of the migration's test, its size told by its name."""
+    sizes = {"small": len(job_id), "1k": 1024, "medium": THRESHOLD // 4, "big": BIG}
+    size = next(n for suffix, n in sizes.items() if job_id.endswith(suffix))
+    return (job_id.encode() * size)[:size]
+
+
+def test_a_file_with_bodies_and_results_tables_is_migrated_into_the_jobs_rows(
+    path: str,
+) -> None:
+    """A store whose bodies and results were rows of their own tables: every job's body and
+    result (small ones in the row, large ones in files, a body between in bodies, a result
+    too large to keep, one kept without result_kind) reads as before; results is gone and
+    bodies holds only the bodies above INLINE_BODY; the files stay named (check and the
+    sweep keep them, an orphan goes), and a deleted or retried job's files go."""
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as raw:
+        for steps in schema.MIGRATIONS[: _before_inline()]:
+            for statement in steps:
+                raw.execute(statement)
+        raw.execute(f"PRAGMA user_version = {_before_inline():d}")
+        jobs = (  # id, state, result_kind, result_size
+            ("queued-small", "queued", None, None),
+            ("queued-1k", "queued", None, None),
+            ("queued-medium", "queued", None, None),
+            ("queued-big", "queued", None, None),
+            ("done-small", "done", 1, 2),
+            ("done-big", "done", 2, BIG),
+            ("done-unkept-big", "done", 1, 10 * BIG),
+            ("done-kindless-small", "done", None, 3),
+            ("failed-big", "failed", 3, BIG),
+        )
+        for job_id, state, kind, size in jobs:
+            body = _body(job_id)
+            file = f"{job_id}~b0dy" if len(body) > THRESHOLD else None
+            raw.execute(
+                "INSERT INTO jobs (id, type, handler, state, submitted, accepted, size, "
+                "body_size, finished, result_kind, result_size) "
+                "VALUES (?, 1, 'echo', ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, state, NOW, NOW, len(body), len(body), NOW, kind, size),
+            )
+            if file is not None:
+                _old_file(path, file, body)
+            raw.execute(
+                "INSERT INTO bodies (job_id, body, file) VALUES (?, ?, ?)",
+                (job_id, b"" if file else body, file),
+            )
+        for job_id, kind, data in (("done-small", 1, b"ok"), ("done-kindless-small", 0, b"kl")):
+            raw.execute(
+                "INSERT INTO results (job_id, kind, data) VALUES (?, ?, ?)", (job_id, kind, data)
+            )
+        for job_id, kind in (("done-big", 2), ("failed-big", 3)):
+            _old_file(path, f"{job_id}~re5ult", _big(kind))
+            raw.execute(
+                "INSERT INTO results (job_id, kind, data, file) VALUES (?, ?, X'', ?)",
+                (job_id, kind, f"{job_id}~re5ult"),
+            )
+    _old_file(path, "lost~0123456789abcdef", b"orphan")
+    ids = [job_id for job_id, *_ in jobs]
+    store = open_store(path)
+    try:
+        assert {job_id: store.body(job_id) for job_id in ids} == {
+            job_id: _body(job_id) for job_id in ids
+        }
+        assert {job_id: store.result(job_id) for job_id in ids} == {
+            "queued-small": None,
+            "queued-1k": None,
+            "queued-medium": None,
+            "queued-big": None,
+            "done-small": (1, b"ok"),
+            "done-big": (2, _big(2)),
+            "done-unkept-big": None,
+            "done-kindless-small": (0, b"kl"),
+            "failed-big": (3, _big(3)),
+        }
+        done = store.get("done-unkept-big")
+        assert done is not None and (done.result_kind, done.result_size) == (1, 10 * BIG)
+        assert store.check() == []
+        store.reset_running()
+        assert "lost~0123456789abcdef" not in _files(path)
+        assert len(_files(path)) == 4 + 2  # the large bodies and results
+        assert store.retry("failed-big", NOW + 1) is not None
+        assert "failed-big~re5ult" not in _files(path)
+        assert store.purge([State.DONE], None, NOW + 1) == 4
+        assert _files(path) == ["failed-big~b0dy", "queued-big~b0dy"]
+        waiting = [job_id for job_id in ids if job_id.startswith(("queued", "failed"))]
+        claimed = {record.id: body for record, body in store.claim(9, NOW + 2)}
+        assert claimed == {job_id: _body(job_id) for job_id in waiting}
+        assert store.check() == []
+    finally:
+        store.close()
+    with contextlib.closing(sqlite3.connect(path)) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone() == (schema.VERSION,)
+        names = {row[0] for row in raw.execute("SELECT name FROM sqlite_schema")}
+        assert names.isdisjoint({"results", "bodies_file", "bodies_unlink", "results_unlink"})
+        kept = raw.execute("SELECT job_id, file FROM bodies").fetchall()
+        assert kept == [("queued-medium", None)]

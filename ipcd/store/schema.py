@@ -88,6 +88,34 @@ Version 6 (captured output: what a job wrote to stdout and stderr, ipcd.daemon.c
   segment may be held *split* (ipcd.wire.split: its envelope, then the payload's raw
   bytes), which an ipcd of version 5 or older would read as a bare message; the version
   number is what keeps such an ipcd from opening the file.
+
+Version 7 (bodies and results in the jobs row):
+
+- ``jobs.body``, ``jobs.body_file``, ``jobs.result_data`` and ``jobs.result_file``: a
+  job's body and its kept result (its kind is ``result_kind``, NULL read as 0) held in
+  its own row, or in a file in ``PATH.bodies/`` named by the ``_file`` column (then the
+  bytes' column is NULL); ``result_data`` and ``result_file`` both NULL: no result kept.
+  Why: every job had a ``bodies`` row and most a ``results`` row, each in a B-tree of its
+  own with a TEXT key's index, written and foreign-key checked in the job's add and its
+  finish: a lone job's add, claim and finish wrote 29 pages, now 25. The table
+  ``results`` is gone (its rows moved), with its index and triggers.
+- ``bodies`` stays, for the bodies of more than 1 KiB up to ipcd.store.blobs.THRESHOLD
+  (ipcd.store.sqlite.INLINE_BODY; ``jobs.body`` and ``body_file`` NULL): a claim and an
+  outcome rewrite the whole row, overflow pages included, so that a body of 16 KiB held
+  in the row cost its claim and its finish three times what they cost beside a row in
+  ``bodies``, written once. A result is written once, by the outcome (a final job's row
+  is only deleted, or cleared by ``retry``), and stays in the row at any size up to
+  THRESHOLD. ``bodies.file`` is NULL from this version on (large bodies'
+  files are named by ``jobs.body_file``; the index ``bodies_file`` and the trigger
+  ``bodies_unlink`` are gone).
+- The new columns come after all of ipcd.store.JobRecord's, the body last: a listing
+  reads the row's first columns only, and reading a result never walks an inline body.
+- ``jobs_body_file`` and ``jobs_result_file``: partial indexes of the file names, so that
+  the sweep and ``check`` read them without reading the table (a job without a file is in
+  neither).
+- ``jobs_unlink`` (a job deleted) and ``jobs_unlink_result`` (a result replaced or
+  forgotten: ``retry``) note the files in ``unlinked`` as the old tables' triggers did. A
+  body is never replaced while its job lives.
 """
 
 from __future__ import annotations
@@ -97,7 +125,7 @@ import sqlite3
 from ipcd.errors import StoreCorruptError
 
 #: The schema version this ipcd writes and reads.
-VERSION = 6
+VERSION = 7
 
 _V1 = (
     """
@@ -279,6 +307,55 @@ _V6_OUTPUT = (
     """,
 )
 
+_V7_INLINE = (
+    # Before the data: the body last, after the columns ipcd.store.JobRecord reads.
+    "ALTER TABLE jobs ADD COLUMN body_file TEXT",
+    "ALTER TABLE jobs ADD COLUMN result_file TEXT",
+    "ALTER TABLE jobs ADD COLUMN result_data BLOB",
+    "ALTER TABLE jobs ADD COLUMN body BLOB",
+    # A body of up to 1 KiB, or its file's name, into the row; larger ones stay in bodies.
+    "DROP TRIGGER bodies_unlink",
+    "DROP INDEX bodies_file",
+    """
+    UPDATE jobs SET (body, body_file) = (
+        SELECT CASE WHEN file IS NULL THEN body END, file FROM bodies WHERE job_id = jobs.id
+    ) WHERE id IN (
+        SELECT job_id FROM bodies WHERE file IS NOT NULL OR length(body) <= 1024
+    )
+    """,
+    "DELETE FROM bodies WHERE file IS NOT NULL OR length(body) <= 1024",
+    # Only the jobs with a kept result: one whose result was too large to keep has its
+    # result_kind and result_size, and no row.
+    """
+    UPDATE jobs SET (result_kind, result_data, result_file) = (
+        SELECT COALESCE(jobs.result_kind, kind), CASE WHEN file IS NULL THEN data END, file
+        FROM results WHERE job_id = jobs.id
+    ) WHERE id IN (SELECT job_id FROM results)
+    """,
+    # The triggers first, so that dropping the table notes no file.
+    "DROP TRIGGER results_unlink",
+    "DROP TRIGGER results_unlink_replaced",
+    "DROP INDEX results_file",
+    "DROP TABLE results",
+    "CREATE INDEX jobs_body_file ON jobs (body_file) WHERE body_file IS NOT NULL",
+    "CREATE INDEX jobs_result_file ON jobs (result_file) WHERE result_file IS NOT NULL",
+    """
+    CREATE TRIGGER jobs_unlink AFTER DELETE ON jobs
+    WHEN OLD.body_file IS NOT NULL OR OLD.result_file IS NOT NULL BEGIN
+        INSERT INTO unlinked (file) SELECT OLD.body_file WHERE OLD.body_file IS NOT NULL
+            ON CONFLICT (file) DO NOTHING;
+        INSERT INTO unlinked (file) SELECT OLD.result_file WHERE OLD.result_file IS NOT NULL
+            ON CONFLICT (file) DO NOTHING;
+    END
+    """,
+    """
+    CREATE TRIGGER jobs_unlink_result AFTER UPDATE OF result_file ON jobs
+    WHEN OLD.result_file IS NOT NULL AND OLD.result_file IS NOT NEW.result_file BEGIN
+        INSERT INTO unlinked (file) VALUES (OLD.result_file) ON CONFLICT (file) DO NOTHING;
+    END
+    """,
+)
+
 #: ``MIGRATIONS[i]`` takes a file from version ``i`` to ``i + 1``.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V1,
@@ -287,6 +364,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _V4_LIMITS,
     _V5_CHAINS,
     _V6_OUTPUT,
+    _V7_INLINE,
 )
 
 assert len(MIGRATIONS) == VERSION

@@ -24,8 +24,10 @@ How it is used, and why:
 - **The file is made 0600** (under umask 077), and SQLite gives its ``-wal`` and ``-shm``
   the database file's mode: only the daemon's user reads jobs; clients ask the daemon.
 - **Large bodies and results are files** in ``PATH.bodies/`` (ipcd.store.blobs says why
-  and how they stay in step with their rows); a row names its file in ``file``, and
-  ``COALESCE(file, body)`` reads either kind in one column: a name (text) or the bytes.
+  and how they stay in step with their rows); a row names its file in ``body_file`` (or
+  ``result_file``, ``outputs.file``), and ``COALESCE(body_file, body, ...)`` reads any
+  kind in one column: a name (text) or the bytes. Smaller bodies and results are held in
+  the job's row, but for bodies above INLINE_BODY: a row of ``bodies`` (see there).
 - **Errors** become ipcd's: :func:`store_error` names the path, SQLite's cause and what
   an operator can do, and chooses StoreUnavailableError, StoreCorruptError or
   StoreFullError by SQLite's (extended) error name.
@@ -85,6 +87,12 @@ PAGE_SIZE = 1024
 #: How many ids one ``IN (...)`` list holds (SQLite allows 32766 parameters).
 CHUNK = chains.CHUNK
 _LOWEST, _HIGHEST = -(2**63), 2**63 - 1
+#: A body of up to this many bytes is held in its job's row (``jobs.body``); a larger one,
+#: up to ipcd.store.blobs.THRESHOLD, in a row of ``bodies``.  Every claim and outcome
+#: rewrites the job's whole row, its overflow pages included: a body in the row is
+#: written three times, where the row in ``bodies`` costs one insert more, once (some
+#: 20 us).  Up to about 1 KiB the row keeps it on its page, or on one overflow page.
+INLINE_BODY = 1024
 
 _NAMES = {"unique": "unique_key", "after": "after_ids"}
 _COLUMNS = ", ".join(_NAMES.get(f, f) for f in JobRecord._fields)
@@ -96,10 +104,12 @@ _INSERT_COLUMNS = (
     "id", "type", "handler", "state", "attempts", "priority", "submitted", "accepted", "due",
     "sender_pid", "bare", "size", "preview", "body_size", "held_due",
     "unique_key", "finished", "sender_uid", "reply_to", "timeout", "error", "expires",
-    "after_ids",
+    "after_ids", "body", "body_file",
 )  # fmt: skip
-_INSERT_BODY = "INSERT INTO bodies (job_id, body, file) VALUES (?, ?, ?)"
-_INSERT_BODY_INLINE = "INSERT INTO bodies (job_id, body, file) VALUES (?, ?, NULL)"
+_INSERT_BODY = "INSERT INTO bodies (job_id, body) VALUES (?, ?)"
+#: A job's body: the name of its file, the bytes held in its row, or its row of ``bodies``
+#: (looked up only when the row holds neither: COALESCE stops at the first not NULL).
+_BODY = "COALESCE(body_file, body, (SELECT bodies.body FROM bodies WHERE job_id = jobs.id))"
 #: The backlog: each waiting state's row of ``tally`` found by its key, where ``state
 #: IN (...)`` makes SQLite build a temporary index of the list on every run (some
 #: 30,000 instructions more, paid by every commit of the intake).
@@ -112,9 +122,9 @@ _BACKLOG = (
 # started is skipped (the master cancels it), a test of the row already read.
 _STARTABLE = "state = 'queued' AND (expires IS NULL OR expires > ? OR attempts > 0)"
 # The literal 'queued' lets SQLite use the partial index jobs_claim. The record and its
-# body in the one statement: a claim is a job's hot path.
+# body in the one statement, from the one row: a claim is a job's hot path.
 _CLAIM = (
-    f"SELECT {_COLUMNS}, COALESCE(file, body) FROM jobs LEFT JOIN bodies ON job_id = id "
+    f"SELECT {_COLUMNS}, {_BODY} FROM jobs "
     f"WHERE {_STARTABLE} AND type BETWEEN ? AND ? {_DISPATCH} LIMIT ?"
 )
 _SCHEDULE_SELECT = f"SELECT {', '.join(ScheduleState._fields)} FROM schedules"
@@ -459,9 +469,10 @@ class SqliteStore:
         written: builtins.list[str],
     ) -> None:
         """``add``'s inserts; a large body's file is written (``written``) and made
-        durable before its row, whose commit follows.  A job with ``after`` is decided
-        from the jobs it names (ipcd.store.chains); nothing can wait for a new job yet,
-        so only its own state is decided."""
+        durable before its row, whose commit follows; a body above INLINE_BODY is a row
+        of ``bodies``.  A job with ``after`` is decided from the jobs it names
+        (ipcd.store.chains); nothing can wait for a new job yet, so only its own state is
+        decided."""
         for job in jobs:
             pending: tuple[str, ...] = ()
             state, due, held_due, error = job.state, job.due, 0.0, job.error
@@ -477,16 +488,18 @@ class SqliteStore:
                 job.submitted or job.accepted, job.accepted, due, job.sender_pid,
                 int(job.bare), job.size, job.preview, len(job.body) + len(job.tail), held_due,
             )  # fmt: skip
+            body, file = self._keep(job.id, job.body, written, job.tail)
+            apart = body is not None and len(body) > INLINE_BODY
             nullable = (
                 job.unique, finished, job.sender_uid, job.reply_to, job.timeout, error,
                 job.expires, ",".join(job.after) if job.after else None,
+                None if apart else body, file,
             )  # fmt: skip
-            if db.execute(*self._insert(values, nullable)).rowcount == 1:
-                body, file = self._keep(job.id, job.body, written, job.tail)
-                if file is None:
-                    db.execute(_INSERT_BODY_INLINE, (job.id, body))
-                else:
-                    db.execute(_INSERT_BODY, (job.id, body, file))
+            if db.execute(*self._insert(values, nullable)).rowcount != 1:
+                self._unwrite(written, file)  # a job of that id is held already
+            else:
+                if apart:
+                    db.execute(_INSERT_BODY, (job.id, body))
                 if pending:
                     chains.hold(db, job.id, pending)
                 inserted.append(Admitted(job.id, state, error))
@@ -541,9 +554,9 @@ class SqliteStore:
         data: bytes,
         written: builtins.list[str],
         tail: bytes | memoryview = b"",
-    ) -> tuple[bytes, str | None]:
-        """What a row holds for ``data`` and then ``tail``: the bytes, or (above
-        THRESHOLD) nothing and the name of the file now holding them, added to
+    ) -> tuple[bytes | None, str | None]:
+        """What a row holds for ``data`` and then ``tail``: the bytes and no file, or
+        (above THRESHOLD) no bytes and the name of the file now holding them, added to
         ``written``."""
         if len(data) + len(tail) <= THRESHOLD:
             return data + tail, None
@@ -552,7 +565,14 @@ class SqliteStore:
         except OSError as exc:
             raise _os_error(self._blobs.path, exc) from exc
         written.append(name)
-        return b"", name
+        return None, name
+
+    def _unwrite(self, written: builtins.list[str], name: str | None) -> None:
+        """The file ``name`` (of ``written``) removed at once: the row that was to name
+        it was not written (an id held already, an outcome for a job already ended)."""
+        if name is not None:
+            written.remove(name)
+            self._blobs.remove([name])
 
     def _settle(self, written: Sequence[str]) -> None:
         """The new files' directory entries made durable (``sync = "full"``)."""
@@ -562,8 +582,8 @@ class SqliteStore:
             raise _os_error(self._blobs.path, exc) from exc
 
     def _bytes(self, held: bytes | str | None) -> bytes | None:
-        """A ``COALESCE(file, body)`` column as bytes: the bytes held, or the named
-        file's (None when the file or the row is gone)."""
+        """A ``COALESCE(body_file, body)`` column (or a result's, an output's) as bytes:
+        the bytes held, or the named file's (None when the file or the row is gone)."""
         if held is None or isinstance(held, bytes):
             return held
         try:
@@ -881,28 +901,27 @@ class SqliteStore:
         (:meth:`_follow`) before it claims."""
         data = outcome.data
         state = State.DONE if outcome.ok else State.FAILED
-        params = (_TEXT[state], outcome.finished, outcome.result_kind)
-        size = None if data is None else len(data)
-        if outcome.error is None:  # a NULL in the text, not a None bound (see _insert)
-            changed = db.execute(_FINISH_NO_ERROR, (*params, size, outcome.job_id)).rowcount
-        else:
-            changed = db.execute(_FINISH, (*params, size, outcome.error, outcome.job_id)).rowcount
-        if changed != 1:
-            return False
-        chain.ended.append((outcome.job_id, state))
-        # One statement either way: the result kept (replacing any earlier one), or any
-        # earlier one removed. A large result is a file (an earlier one's goes by the
-        # schema's triggers); the caller removes it should the transaction fail.
+        params: list[Any] = [_TEXT[state], outcome.finished, outcome.result_kind]
+        params.append(None if data is None else len(data))
+        # One statement: the outcome and the result kept in the row (replacing any earlier
+        # one), or none. A large result is a file, written first: the row names it (an
+        # earlier one's goes by the schema's trigger); the caller removes it should the
+        # transaction fail. NULLs are in the text, not Nones bound (see _insert).
+        kept: bytes | None = None
+        file: str | None = None
         if data is not None and len(data) <= self._max_result:
             kept, file = self._keep(outcome.job_id, data, written)
-            self._settle(written)
-            kind = 0 if outcome.result_kind is None else outcome.result_kind
-            if file is None:
-                db.execute(_KEEP_RESULT_INLINE, (outcome.job_id, kind, kept))
-            else:
-                db.execute(_KEEP_RESULT_FILE, (outcome.job_id, kind, kept, file))
-        else:
-            db.execute("DELETE FROM results WHERE job_id = ?", (outcome.job_id,))
+            if file is not None:
+                self._settle(written)
+        for value in (kept, file, outcome.error):
+            if value is not None:
+                params.append(value)
+        params.append(outcome.job_id)
+        sql = _FINISHES[kept is not None, file is not None, outcome.error is not None]
+        if db.execute(sql, params).rowcount != 1:
+            self._unwrite(written, file)
+            return False
+        chain.ended.append((outcome.job_id, state))
         if outcome.captured is not None:
             self._keep_output(db, outcome.job_id, outcome.captured, written)
         return True
@@ -921,7 +940,8 @@ class SqliteStore:
             "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (job_id) DO UPDATE SET "
             "data = excluded.data, file = excluded.file, size = excluded.size, "
             "fraction = excluded.fraction, message = excluded.message",
-            (job_id, kept, file, captured.size, captured.fraction, captured.message),
+            # outputs.data is NOT NULL: empty beside a file.
+            (job_id, kept or b"", file, captured.size, captured.fraction, captured.message),
         )
 
     def requeue(self, job_id: str, *, due: float, attempts: int | None = None) -> bool:
@@ -1010,9 +1030,7 @@ class SqliteStore:
 
     def body(self, job_id: str) -> bytes | None:
         with self._read() as db:
-            row = db.execute(
-                "SELECT COALESCE(file, body) FROM bodies WHERE job_id = ?", (job_id,)
-            ).fetchone()
+            row = db.execute(f"SELECT {_BODY} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return None if row is None else self._bytes(row[0])
 
     def output(self, job_id: str) -> Captured | None:
@@ -1030,7 +1048,9 @@ class SqliteStore:
     def result(self, job_id: str) -> tuple[int, bytes] | None:
         with self._read() as db:
             row = db.execute(
-                "SELECT kind, COALESCE(file, data) FROM results WHERE job_id = ?", (job_id,)
+                "SELECT COALESCE(result_kind, 0), COALESCE(result_file, result_data) FROM jobs "
+                "WHERE id = ? AND (result_file IS NOT NULL OR result_data IS NOT NULL)",
+                (job_id,),
             ).fetchone()
         data = None if row is None else self._bytes(row[1])
         return None if row is None or data is None else (int(row[0]), data)
@@ -1091,13 +1111,12 @@ class SqliteStore:
             changed = db.execute(
                 "UPDATE jobs SET state = 'queued', attempts = 0, accepted = ?, started = NULL, "
                 "finished = NULL, worker_pid = NULL, error = NULL, result_kind = NULL, "
-                "result_size = NULL, expires = NULL "
+                "result_size = NULL, result_data = NULL, result_file = NULL, expires = NULL "
                 "WHERE id = ? AND state IN ('failed', 'cancelled')",
                 (now, job_id),
             ).rowcount
             if changed != 1:
                 return None
-            db.execute("DELETE FROM results WHERE job_id = ?", (job_id,))
             db.execute("DELETE FROM outputs WHERE job_id = ?", (job_id,))
             found = self._get(db, job_id)
             gone = self._drop_unlinked(db)
@@ -1265,14 +1284,18 @@ class SqliteStore:
         """The names of every file a row names (read from the partial indexes only)."""
         return {
             str(row[0])
-            for table in ("bodies", "results", "outputs")
-            for row in db.execute(f"SELECT file FROM {table} WHERE file IS NOT NULL")
+            for table, column in (
+                ("jobs", "body_file"),
+                ("jobs", "result_file"),
+                ("outputs", "file"),
+            )
+            for row in db.execute(f"SELECT {column} FROM {table} WHERE {column} IS NOT NULL")
         }
 
     def check(self) -> builtins.list[str]:
-        """In order: the schema version, SQLite's ``quick_check`` of every page, bodies
-        and results without their job, the files of bodies and results that rows name
-        and are missing, and the counters against the jobs they count."""
+        """In order: the schema version, SQLite's ``quick_check`` of every page, rows
+        without their job (``PRAGMA foreign_key_check``), the files of bodies and results
+        that rows name and are missing, and the counters against the jobs they count."""
         where = f"job store {self._path}"
         problems: list[str] = []
         try:
@@ -1287,7 +1310,7 @@ class SqliteStore:
                     problems += [f"{where}: {line}" for line in checked]
                 orphans = db.execute("PRAGMA foreign_key_check").fetchall()
                 if orphans:
-                    problems.append(f"{where}: {len(orphans)} bodies or results without a job")
+                    problems.append(f"{where}: {len(orphans)} rows without their job")
                 missing = sorted(f for f in self._files(db) if not self._blobs.exists(f))
                 if missing:
                     problems.append(
@@ -1402,16 +1425,21 @@ _NOT_FINAL = (State.QUEUED, State.SCHEDULED, State.RUNNING)
 #: ``state IN (...)`` builds a temporary index of its list on every run, some 30,000
 #: instructions more on every job a worker finishes.
 _UNFINISHED = "(" + " OR ".join(f"state = '{state.value}'" for state in _NOT_FINAL) + ")"
-#: A job's outcome (then its ``error``, unless the text says NULL, and its id).
-_FINISH_COLUMNS = "state = ?, finished = ?, result_kind = ?, result_size = ?, worker_pid = NULL"
-_FINISH = f"UPDATE jobs SET {_FINISH_COLUMNS}, error = ? WHERE id = ? AND {_UNFINISHED}"
-_FINISH_NO_ERROR = f"UPDATE jobs SET {_FINISH_COLUMNS}, error = NULL WHERE id = ? AND {_UNFINISHED}"
-#: A job's result kept, replacing an earlier one: held in its row, or in a file it names.
-_KEEP_RESULT = (
-    "INSERT INTO results (job_id, kind, data, file) VALUES (?, ?, ?, {}) ON CONFLICT (job_id) "
-    "DO UPDATE SET kind = excluded.kind, data = excluded.data, file = excluded.file"
-)
-_KEEP_RESULT_INLINE, _KEEP_RESULT_FILE = _KEEP_RESULT.format("NULL"), _KEEP_RESULT.format("?")
+#: A job's outcome: its state, when, its result's kind and size, then the result kept
+#: (its bytes, or the file holding them) and the error, each ``?`` or NULL as the key
+#: (bytes?, file?, error?) says, and its id. The result's columns replace an earlier
+#: result's (a file of it goes by the trigger jobs_unlink_result).
+_FINISHES = {
+    (data, file, error): (
+        "UPDATE jobs SET state = ?, finished = ?, result_kind = ?, result_size = ?, "
+        f"worker_pid = NULL, result_data = {'?' if data else 'NULL'}, "
+        f"result_file = {'?' if file else 'NULL'}, error = {'?' if error else 'NULL'} "
+        f"WHERE id = ? AND {_UNFINISHED}"
+    )
+    for data in (False, True)
+    for file in (False, True)
+    for error in (False, True)
+}
 #: A state's text as the store records it, and back, looked up: the enum's ``value`` is a
 #: property, and ``State(text)`` a call of the enum class (ValueError for a text that is
 #: no state's), each several times a dict's look-up.
