@@ -393,6 +393,46 @@ def test_start_refuses_a_broken_store_and_check_says_why(
     assert cause in checked.stdout + checked.stderr
 
 
+def test_check_leaves_an_older_store_to_the_next_start(instance: Instance) -> None:
+    """`ipcd check` beside a running daemon of the version before (`ipcd check &&
+    systemctl reload ipcd`) must not convert the store under it: it checks a store of an
+    older schema version as it is and says that `ipcd start` brings it up to date, which
+    the next start does."""
+    import contextlib
+    import sqlite3
+
+    from ipcd.store import schema
+
+    older = schema.VERSION - 1
+    db = instance.dir / "jobs.db"
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as raw:
+        for steps in schema.MIGRATIONS[:older]:
+            for statement in steps:
+                raw.execute(statement)
+        raw.execute(f"PRAGMA user_version = {older:d}")
+    instance.write('[store]\npath = "jobs.db"\n')
+
+    def version() -> int:
+        with contextlib.closing(sqlite3.connect(db)) as raw:
+            return int(raw.execute("PRAGMA user_version").fetchone()[0])
+
+    checked = instance.ipcd("check")
+    assert checked.returncode == 0, (checked.stdout, checked.stderr)
+    assert f"job store {db}: ok, schema version {older}: ipcd start brings it to version " in (
+        checked.stdout
+    )
+    assert version() == older
+    started = instance.ipcd("start")
+    try:
+        assert started.returncode == 0, started.stderr
+        assert version() == schema.VERSION
+        assert instance.ipcctl("submit", "echo", "after", "--wait").stdout == "after\n"
+    finally:
+        instance.ipcd("stop")
+    checked = instance.ipcd("check")
+    assert checked.stdout.endswith(f"job store {db}: ok\n"), checked.stdout
+
+
 # --- 8. a full disk at run time ---------------------------------------------------------
 
 

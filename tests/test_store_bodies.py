@@ -327,6 +327,8 @@ def test_a_file_with_bodies_and_results_tables_is_migrated_into_the_jobs_rows(
         }
         done = store.get("done-unkept-big")
         assert done is not None and (done.result_kind, done.result_size) == (1, 10 * BIG)
+        kindless = store.get("done-kindless-small")  # version 6 wrote its NULL kind as 0
+        assert kindless is not None and kindless.result_kind is None
         assert store.check() == []
         store.reset_running()
         assert "lost~0123456789abcdef" not in _files(path)

@@ -281,12 +281,13 @@ def free_lost_keys(unique: UniqueTable, queue: Queue, table: InflightTable, jobs
             unique.claim(key, job_id, 0, UniqueState.QUEUED)
 
 
-def open_jobs(config: Config) -> JobStore:
+def open_jobs(config: Config, *, migrate: bool = True) -> JobStore:
     """A connection to the configuration's job store (ipcd.store), its claims held to
-    the handlers' limits, which queues the configuration's completion hooks."""
+    the handlers' limits, which queues the configuration's completion hooks; ``migrate``
+    as ipcd.store.open_store's."""
     return open_store(
         str(config.store.path), sync=config.store.sync, max_result=config.store.max_result,
-        limits=limits_of(config.handlers), hooks=hooks_of(config),
+        limits=limits_of(config.handlers), hooks=hooks_of(config), migrate=migrate,
     )  # fmt: skip
 
 
@@ -311,7 +312,11 @@ def check_store(
     """Open the job store once before detaching: made if missing (its directory must
     exist), migrated, checked; StoreError (exit 74) when it cannot serve.  Without
     ``create`` (``ipcd check``) a missing store is only said to be made at the first
-    start.  Returns what was found, for ``ipcd check``.
+    start, and a store of an older schema version is checked as it is and said to be
+    brought up to date at the next start: ``ipcd check`` runs beside a daemon (``ipcd
+    check && systemctl reload ipcd``), and converting the file under a running daemon of
+    the older version would have it write rows the new schema no longer reads.  Returns
+    what was found, for ``ipcd check``.
 
     A daemon that drops privileges (``who``) gets the file handed to its user, and the
     store is opened once more as that user, in a child process: SQLite makes its ``-wal``
@@ -323,9 +328,10 @@ def check_store(
         raise StoreUnavailableError(f"job store {path}: directory {path.parent} does not exist")
     if not create and not path.exists():
         return f"job store {path}: none yet, made at the first start"
-    jobs = open_jobs(config)
+    jobs = open_jobs(config, migrate=create)
     try:
         problems = jobs.check()
+        found, known = jobs.schema()
     finally:
         jobs.close()
     if problems:
@@ -335,11 +341,16 @@ def check_store(
         )
     if who is not None and who.drops:
         identity.hand_over(who, [path])
-        _open_as(who, config)
+        _open_as(who, config, migrate=create)
+    if found < known:
+        return (
+            f"job store {path}: ok, schema version {found}: ipcd start brings it to "
+            f"version {known} (a daemon running now is left its version)"
+        )
     return f"job store {path}: ok"
 
 
-def _open_as(who: identity.Identity, config: Config) -> None:
+def _open_as(who: identity.Identity, config: Config, *, migrate: bool) -> None:
     """Open the job store in a child process that became ``who``; StoreUnavailableError
     with the child's reason when it could not."""
     read_end, write_end = os.pipe()
@@ -349,7 +360,7 @@ def _open_as(who: identity.Identity, config: Config) -> None:
         try:
             os.close(read_end)
             identity.drop(who)
-            open_jobs(config).close()
+            open_jobs(config, migrate=migrate).close()
             code = 0
         except StoreError as exc:
             os.write(write_end, str(exc).encode("utf-8", "replace"))

@@ -82,13 +82,15 @@ def open_store(
     max_result: int = DEFAULT_MAX_RESULT,
     limits: Mapping[int, Limit] | None = None,
     hooks: Mapping[str, Hooks] | None = None,
+    migrate: bool = True,
 ) -> JobStore:
     """Open the job store at ``path`` for this process (``[store] path``, ``sync``,
     ``max_result``; ``busy_timeout`` in milliseconds; ``limits``: the handlers' concurrency
     and rate limits, ipcd.store.model.limits_of): the file and its directory's
     checks, creation, pragmas and migrations are ipcd.store.sqlite.connect's; bodies and
     results larger than 64 KiB are files in ``PATH.bodies/`` (ipcd.store.blobs).
-    ``hooks``: the completion hooks by handler name (ipcd.store.chains).
+    ``hooks``: the completion hooks by handler name (ipcd.store.chains).  ``migrate``:
+    bring an older file's schema up to date (connect; ``ipcd check`` does not).
 
     Raises StoreUnavailableError, StoreCorruptError or StoreFullError (exit status 74)
     with a message naming the path, the cause and what to do; ConfigError for a ``sync``
@@ -98,6 +100,6 @@ def open_store(
     from ipcd.store.blobs import BlobDir
     from ipcd.store.sqlite import SqliteStore, connect
 
-    conn = connect(path, sync=sync, busy_timeout=busy_timeout)
+    conn = connect(path, sync=sync, busy_timeout=busy_timeout, migrate=migrate)
     blobs = BlobDir.beside(path, sync=sync == "full")
     return SqliteStore(conn, path, max_result=max_result, blobs=blobs, limits=limits, hooks=hooks)

@@ -558,6 +558,11 @@ class JobStore(Protocol):
         the id of the unfinished job that held the key (None: ``job`` was added)."""
         ...
 
+    def schema(self) -> tuple[int, int]:
+        """The file's schema version and the one this ipcd writes (the same, unless the
+        store was opened without migrating)."""
+        ...
+
     def check(self) -> builtins.list[str]:
         """The store's problems (integrity, schema version, counters); [] when sound."""
         ...

@@ -325,10 +325,12 @@ _V7_INLINE = (
     """,
     "DELETE FROM bodies WHERE file IS NOT NULL OR length(body) <= 1024",
     # Only the jobs with a kept result: one whose result was too large to keep has its
-    # result_kind and result_size, and no row.
+    # result_kind and result_size, and no row.  A kind of 0 in results was the NULL of
+    # jobs.result_kind (version 6 wrote 0 for none), which stays NULL.
     """
     UPDATE jobs SET (result_kind, result_data, result_file) = (
-        SELECT COALESCE(jobs.result_kind, kind), CASE WHEN file IS NULL THEN data END, file
+        SELECT COALESCE(jobs.result_kind, NULLIF(kind, 0)),
+            CASE WHEN file IS NULL THEN data END, file
         FROM results WHERE job_id = jobs.id
     ) WHERE id IN (SELECT job_id FROM results)
     """,

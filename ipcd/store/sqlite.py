@@ -268,9 +268,16 @@ def _os_error(path: str, exc: OSError) -> StoreError:
 
 
 def connect(
-    path: str, *, sync: str = "normal", busy_timeout: int = DEFAULT_BUSY_TIMEOUT
+    path: str,
+    *,
+    sync: str = "normal",
+    busy_timeout: int = DEFAULT_BUSY_TIMEOUT,
+    migrate: bool = True,
 ) -> sqlite3.Connection:
-    """Open the store's file at ``path`` for this process, and bring its schema up to date.
+    """Open the store's file at ``path`` for this process, and bring its schema up to date
+    (unless ``migrate`` is false: then a file of an older version is left as it is, for
+    ``ipcd check``, which must not convert a file that a running daemon of that older
+    version still writes; a newer one is refused either way).
 
     In order: check ``sync``; refuse a missing directory (the daemon never makes one: its
     owner and mode are the operator's); under umask 077, create the file 0600 when it is
@@ -321,7 +328,10 @@ def connect(
         # process empties this connection's page cache, and the daemon's processes take
         # turns writing for every job.
         conn.execute("PRAGMA mmap_size = 268435456")
-        schema.migrate(conn, path)
+        if migrate:
+            schema.migrate(conn, path)
+        elif (found := schema.version(conn)) > schema.VERSION:
+            raise schema.newer_error(path, found)
     except sqlite3.Error as exc:
         if conn is not None:
             conn.close()
@@ -1292,16 +1302,22 @@ class SqliteStore:
             for row in db.execute(f"SELECT {column} FROM {table} WHERE {column} IS NOT NULL")
         }
 
+    def schema(self) -> tuple[int, int]:
+        with self._read() as db:
+            return schema.version(db), schema.VERSION
+
     def check(self) -> builtins.list[str]:
         """In order: the schema version, SQLite's ``quick_check`` of every page, rows
         without their job (``PRAGMA foreign_key_check``), the files of bodies and results
-        that rows name and are missing, and the counters against the jobs they count."""
+        that rows name and are missing, and the counters against the jobs they count.  A
+        file of an older version (opened without migrating, ``ipcd check``) is checked
+        but for its files, whose columns are this version's."""
         where = f"job store {self._path}"
         problems: list[str] = []
         try:
             with self._read() as db:
                 found = schema.version(db)
-                if found != schema.VERSION:
+                if found > schema.VERSION:
                     problems.append(
                         f"{where}: schema version {found}, this ipcd knows {schema.VERSION}"
                     )
@@ -1311,7 +1327,8 @@ class SqliteStore:
                 orphans = db.execute("PRAGMA foreign_key_check").fetchall()
                 if orphans:
                     problems.append(f"{where}: {len(orphans)} rows without their job")
-                missing = sorted(f for f in self._files(db) if not self._blobs.exists(f))
+                files = self._files(db) if found == schema.VERSION else set()
+                missing = sorted(f for f in files if not self._blobs.exists(f))
                 if missing:
                     problems.append(
                         f"{where}: {len(missing)} files of bodies or results are missing from "
