@@ -82,6 +82,15 @@ def export(rev: str, into: Path) -> str:
     return short
 
 
+def compile_bytecode(source: Path | None) -> None:
+    """Compile the bytecode of the ipcd of ``source`` (None: this checkout's), as an
+    installed copy has it: a daemon that compiles its modules at start does so in the
+    master before it forks, and the compiler's memory stays in every process's RSS
+    (some 2.5 MiB more, idle, measured), and its first jobs pay for it."""
+    where = (source or ROOT) / "ipcd"
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(where)], check=True)
+
+
 def has_store(source: Path | None) -> bool:
     """Whether the ipcd of ``source`` (None: this checkout's) has a job store, whose
     ``[store]`` section the bench's daemons then get (an older one would refuse it)."""

@@ -29,7 +29,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.daemon import IPCD, ROOT, BenchDaemon, child_env, export
+from bench.daemon import IPCD, BenchDaemon, child_env, compile_bytecode, export
 from bench.run import STORE_BASELINE_REV
 
 #: The processes counted: the one that commits each job and the one that runs it.
@@ -124,9 +124,7 @@ def _total(path: Path) -> int:
 
 def per_job(name: str, source: Path | None, short: int, long: int) -> dict[str, float]:
     """Instructions per job for each of ROLES: the slope between a SHORT and a LONG run."""
-    # Bytecode first: a run that compiles ipcd's modules counts the compiler too.
-    where = (source or ROOT) / "ipcd"
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(where)], check=True)
+    compile_bytecode(source)  # else a run that compiles ipcd's modules counts the compiler
     runs = []
     for jobs in (short, long):
         daemon = BenchDaemon(name, workers=1, source=source)

@@ -46,7 +46,7 @@ from typing import Any, NamedTuple
 
 from bench import cpu, floors, intake, measure, peers, raw, report, startup
 from bench import store as job_store
-from bench.daemon import IPCCTL, ROOT, BenchDaemon, child_env, export
+from bench.daemon import IPCCTL, ROOT, BenchDaemon, child_env, compile_bytecode, export
 from bench.measure import interleave, median, place
 from bench.memory import Memory, memory
 from bench.peers import BeanstalkPeer
@@ -147,6 +147,7 @@ class Bench:
 
     def setup(self) -> None:
         say("starting a raw sysv_ipc pair and daemons with 1, 2 and 4 workers")
+        compile_bytecode(None)
         self.raw = raw.RawPeer()
         self.stack.callback(self.raw.close)
         self.keys.update(self.raw.keys)
@@ -878,6 +879,7 @@ class Bench:
         except RuntimeError as exc:
             self.skipped(what, str(exc))
             return None, ""
+        compile_bytecode(source)
         say(f"starting a daemon with 1 worker from commit {short}")
         return self._daemon(BenchDaemon(name, workers=1, source=source)), short
 
