@@ -893,3 +893,38 @@ def test_a_job_is_claimed_in_five_statements_and_finished_in_four(path: str) -> 
     assert record.attempts == 1 and record.started == NOW + 1
     assert store.result("j1") == (1, b"r")
     store.close()
+
+
+def test_a_store_opened_without_migrating_is_left_at_its_version(path: str) -> None:
+    """open_store(migrate=False), as ``ipcd check`` opens: an empty file (a failed first
+    start's) and a file of the version before stay at their versions, pass SQLite's own
+    checks, and say what they are; opened as the daemon opens, they are brought up to
+    date.  A newer file is refused either way."""
+    open(path, "wb").close()
+    bare = open_store(path, migrate=False)
+    try:
+        assert bare.schema() == (0, schema.VERSION)
+        assert bare.check() == []
+    finally:
+        bare.close()
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as raw:
+        for steps in schema.MIGRATIONS[: schema.VERSION - 1]:
+            for statement in steps:
+                raw.execute(statement)
+        raw.execute(f"PRAGMA user_version = {schema.VERSION - 1:d}")
+    older = open_store(path, migrate=False)
+    try:
+        assert older.schema() == (schema.VERSION - 1, schema.VERSION)
+        assert older.check() == []
+    finally:
+        older.close()
+    current = open_store(path)
+    try:
+        assert current.schema() == (schema.VERSION, schema.VERSION)
+        assert current.check() == []
+    finally:
+        current.close()
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as raw:
+        raw.execute(f"PRAGMA user_version = {schema.VERSION + 1:d}")
+    with pytest.raises(StoreCorruptError, match="is newer than this ipcd knows"):
+        open_store(path, migrate=False)

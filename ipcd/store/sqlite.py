@@ -1310,8 +1310,9 @@ class SqliteStore:
         """In order: the schema version, SQLite's ``quick_check`` of every page, rows
         without their job (``PRAGMA foreign_key_check``), the files of bodies and results
         that rows name and are missing, and the counters against the jobs they count.  A
-        file of an older version (opened without migrating, ``ipcd check``) is checked
-        but for its files, whose columns are this version's."""
+        file of an older version (opened without migrating, ``ipcd check``; version 0: a
+        file a failed first start left empty) gets SQLite's own checks only: the rest
+        reads this version's tables and columns, which the next start makes."""
         where = f"job store {self._path}"
         problems: list[str] = []
         try:
@@ -1327,8 +1328,9 @@ class SqliteStore:
                 orphans = db.execute("PRAGMA foreign_key_check").fetchall()
                 if orphans:
                     problems.append(f"{where}: {len(orphans)} rows without their job")
-                files = self._files(db) if found == schema.VERSION else set()
-                missing = sorted(f for f in files if not self._blobs.exists(f))
+                if found != schema.VERSION:
+                    return problems
+                missing = sorted(f for f in self._files(db) if not self._blobs.exists(f))
                 if missing:
                     problems.append(
                         f"{where}: {len(missing)} files of bodies or results are missing from "
