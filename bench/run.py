@@ -51,7 +51,7 @@ from bench.measure import interleave, median, place
 from bench.memory import Memory, memory
 from bench.peers import BeanstalkPeer
 from bench.report import Row, Target
-from ipcd.client import SPIN_PAYS, SPIN_SECONDS, Client
+from ipcd.client import SPIN_SECONDS, Client
 from ipcd.kernel import vetting
 from ipcd.store import open_store
 
@@ -186,9 +186,9 @@ class Bench:
                     f"{workers}w",
                     RT_TARGET,
                 )
-            # ipcd's client may poll for its reply before it sleeps (ipcd.client.SPIN_SECONDS,
-            # while replies come within SPIN_PAYS); the raw pair sleeps at once.  The
-            # same pair polling:
+            # ipcd's client polls for its reply before it sleeps (ipcd.client.SPIN_SECONDS,
+            # while replies come within it); the raw pair sleeps at once.  The same
+            # pair polling the same way:
             self._ratio_row(
                 "round trip, Client.call, 1 worker (reference)",
                 placement,
@@ -198,7 +198,7 @@ class Bench:
                 "1w",
                 None,
                 note=f"the raw client polls {SPIN_SECONDS * 1e6:.0f} us before blocking, as "
-                f"ipcd's does while its replies come within {SPIN_PAYS * 1e6:.0f} us",
+                "ipcd's does while its replies come within that",
             )
 
             say(f"fire-and-forget, {placement}{label}")

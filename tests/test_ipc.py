@@ -321,9 +321,9 @@ def test_ipcd_spin_us_sets_or_turns_off_the_reply_poll(monkeypatch: pytest.Monke
 def test_a_client_polls_only_while_its_replies_come_quickly(
     daemon: Instance, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A client whose last reply took longer than SPIN_PAYS sleeps at once for the next
-    (its poll would take a CPU the daemon needs); one whose replies come quickly polls;
-    IPCD_SPIN_US, when set, decides either way."""
+    """A client whose last reply took longer than its poll sleeps at once for the next
+    (that poll could only burn the CPU); one whose replies come within it polls; the
+    poll's length is IPCD_SPIN_US's when set."""
     from ipcd.client import Client, api
 
     monkeypatch.delenv("IPCD_SPIN_US", raising=False)
@@ -332,9 +332,11 @@ def test_a_client_polls_only_while_its_replies_come_quickly(
     assert client.call("sleep", "0.05", timeout=10).ok
     assert client._last_wait >= 0.05
     assert api._spin_seconds(client._last_wait) == 0
-    assert api._spin_seconds(api.SPIN_PAYS / 2) == api.SPIN_SECONDS
+    assert api._spin_seconds(api.SPIN_SECONDS / 2) == api.SPIN_SECONDS
     monkeypatch.setenv("IPCD_SPIN_US", "250")
-    assert api._spin_seconds(client._last_wait) == 0.00025
+    assert api._spin_seconds(client._last_wait) == 0
+    assert api._spin_seconds(0.0002) == 0.00025
+    assert api._spin_seconds(0.0003) == 0
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs a process on 2+ CPUs")

@@ -8,7 +8,6 @@ what submitting a job needs (``make lint`` checks it).
 from ipcd.client.api import (
     GATE_RECHECK,
     REPAIR_WAIT,
-    SPIN_PAYS,
     SPIN_SECONDS,
     Client,
     Status,
@@ -19,7 +18,6 @@ from ipcd.client.api import (
 __all__ = [
     "GATE_RECHECK",
     "REPAIR_WAIT",
-    "SPIN_PAYS",
     "SPIN_SECONDS",
     "Client",
     "Status",
