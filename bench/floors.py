@@ -44,7 +44,7 @@ from typing import NamedTuple
 from bench import store as job_store
 from ipcd.layout.results import Kind
 from ipcd.store import Outcome, open_store
-from ipcd.store.sqlite import PAGE_SIZE
+from ipcd.store.sqlite import connect
 
 #: Jobs per batch in the batched floors, and how many batches one repetition passes.
 BATCH = 1000
@@ -82,12 +82,9 @@ def _since(start: float, jobs: int) -> float:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    """A connection with the job store's settings (ipcd.store.sqlite.connect)."""
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute(f"PRAGMA page_size = {PAGE_SIZE:d}")
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = NORMAL")
-    return conn
+    """A connection with the job store's own settings (page size, WAL, ``synchronous``),
+    made by the store's own code, but none of its tables (the schema is not applied)."""
+    return connect(str(path), migrate=False)
 
 
 def write_transaction(tmp: Path, rounds: int) -> float:

@@ -42,8 +42,8 @@ RESULT = b"r" * 64
 
 
 #: The other forms of ``ipcctl list -n 50`` timed over the filled store (fill): each
-#: state alone, a type, a type with no jobs (the walk of jobs_accepted reads every job),
-#: a unique key, and combinations.  Keyword arguments of JobStore.list by name.
+#: state alone, a type, a type with no jobs, a unique key, and combinations.  Keyword
+#: arguments of JobStore.list by name.
 LIST_FORMS: dict[str, dict[str, Any]] = {
     **{f"--state {state}": {"states": (state,)} for state in State if state is not State.QUEUED},
     "--type 4": {"types": (4,)},
