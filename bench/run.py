@@ -745,10 +745,10 @@ class Bench:
         written three times (queued by the intake, running when claimed, its outcome:
         issue 12's states, each in the store before the next step sees it).  A round trip
         waits for each write (latency adds up, on one CPU or two); fire-and-forget
-        pinned adds the store's CPU to the raw pair's on one CPU, and unpinned is held
+        pinned adds the store's time to the raw pair's on one CPU, and unpinned is held
         to what one CPU can store (the raw pair's rate at most)."""
         say("floors: a SQLite write transaction, a minimal job table, ipcd's store")
-        place([os.getpid()], self.one_cpu)  # CPU time, and a cache to itself
+        place([os.getpid()], self.one_cpu)  # one CPU, and a cache to itself
         try:
             found = floors.measure(max(3, self.args.rounds // 2))
         finally:
@@ -772,7 +772,8 @@ class Bench:
             ),
         }
         for what, (value, note) in us.items():
-            self.rows.append(Row(what, "pinned", "", None, value, "us", note=f"{note}; CPU time"))
+            note = f"{note}; wall time, pinned"
+            self.rows.append(Row(what, "pinned", "", None, value, "us", note=note))
         steps = found.add + found.claim + found.finish
         for placement, rates in self.raw_rates.items():
             round_trip, one_way = rates["round trip"], rates["one-way"]
@@ -988,7 +989,7 @@ class Bench:
 
 
 def ff_ceiling(placement: str, raw_rate: float, store_us: float) -> float:
-    """Jobs per second the raw one-way pair could complete with ``store_us`` of CPU per
+    """Jobs per second the raw one-way pair could complete with ``store_us`` of time per
     job added: on one CPU both costs add up; unpinned the store could run beside the pair
     on the other CPU, so the slower of the two holds."""
     if placement == "pinned":

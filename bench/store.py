@@ -38,6 +38,11 @@ THROUGH_JOBS = 1_000_000
 #: Message types of the bench's jobs: a few handlers, as a real configuration has.
 TYPES = (2, 3, 4, 5, 6)
 PAYLOAD = "p" * 64
+#: Seconds between two jobs' acceptance: the intake stamps each message with the time it
+#: vets it, so a batch's jobs are in the indexes on ``accepted`` in the order they came.
+#: (Jobs all stamped alike sort by their random ids there, each insert on a page of its
+#: own: that made bench.floors' batched add, claim and finish about a third dearer.)
+ARRIVAL = 1e-6
 RESULT = b"r" * 64
 
 
@@ -101,13 +106,15 @@ def new_jobs(
     unique_every: int = 0,
 ) -> list[NewJob]:
     """``count`` jobs as the intake makes them, with real ids and envelopes, of ``types``
-    in turn; every ``scheduled_every``-th one is due an hour from ``now``, and every
-    ``unique_every``-th one has a unique key of ten (``u0`` to ``u9``)."""
+    in turn, accepted ARRIVAL apart from ``now`` on; every ``scheduled_every``-th one is
+    due an hour from ``now``, and every ``unique_every``-th one has a unique key of ten
+    (``u0`` to ``u9``)."""
     jobs = []
     for index in range(count):
         job_id = protocol.new_job_id()
         body = protocol.encode(PAYLOAD, job_id=job_id)
         later = scheduled_every and index % scheduled_every == 0
+        accepted = now + index * ARRIVAL
         jobs.append(
             NewJob(
                 id=job_id,
@@ -115,10 +122,10 @@ def new_jobs(
                 handler="echo",
                 body=body,
                 bare=False,
-                accepted=now,
+                accepted=accepted,
                 size=len(PAYLOAD),
                 preview=PAYLOAD,
-                submitted=now,
+                submitted=accepted,
                 due=now + 3600 if later else 0.0,
                 priority=index % 7 - 3,
                 sender_pid=os.getpid(),
