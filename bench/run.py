@@ -2,13 +2,16 @@
 
 The steps, in the order they run:
 
-1. start a raw sysv_ipc pair (bench.raw) and three ipcd daemons with 1, 2 and 4 workers,
-   each on a private configuration, and record the daemons' idle memory; and one more
+1. start a raw sysv_ipc pair (bench.raw), the skeleton of issue 12's daemon
+   (bench.skeleton: its intake, job table and worker and nothing else, the most a Python
+   daemon of that shape can do) and three ipcd daemons with 1, 2 and 4 workers, each on
+   a private configuration, and record the daemons' idle memory; and one more
    with 1 worker running the ``--baseline`` commit's ipcd (bench.daemon.export), and
    one running the ``--store-baseline`` commit's (a job store's, for the cost of what
    later commits add to its path);
 2. for each placement, unpinned (the scheduler's choice) and pinned (every process on
-   one CPU): round trips and fire-and-forget jobs, raw and ipcd rounds interleaved;
+   one CPU): round trips and fire-and-forget jobs, raw, skeleton and ipcd rounds
+   interleaved;
 3. CPU time per round trip of each process, raw and ipcd, pinned (where the time goes);
 4. a CPU-bound handler on 1 and 2 workers, interleaved (unpinned: pinned, two workers
    share one core by construction);
@@ -18,7 +21,8 @@ The steps, in the order they run:
 7. peers when installed: beanstalkd round trips without and with its binlog (``-b``),
    fire-and-forget jobs completed per second against beanstalkd's put + reserve +
    delete with its binlog on (ipcd's figures even without beanstalkd), task-spooler
-   against ``ipcctl``;
+   against ``ipcctl``; the skeleton in the same rounds: its rates against the peers'
+   and the baseline daemon's are the ceilings under issue 12's targets;
 8. the intake keeps up (bench.intake): a daemon with 4 workers, 4 shell loops of
    ``ipcctl submit --no-confirm`` and a Python loop of ``Client.submit``; the longest
    stretch the kernel queue was full against one batch commit of the intake's size;
@@ -26,7 +30,9 @@ The steps, in the order they run:
    100,000 jobs, filled through ipcd.store before the daemon started;
 10. the job store alone (bench.store): ``list(limit=50)`` over 100,000 jobs, and the size
    of its files after 1,000,000 jobs passed through it with the default retention;
-11. stop everything, check that no IPC object of the bench is left, print the table and
+11. the floors (bench.floors): what SQLite alone costs per job, and the ceilings those
+   set under issue 14's targets; the daemons' memory rows;
+12. stop everything, check that no IPC object of the bench is left, print the table and
    write it as JSON (bench/results/latest.json).
 
 Medians of the rounds are compared; each ratio is ipcd's figure over the baseline's.
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import sys
 import tempfile
@@ -44,7 +51,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from bench import cpu, floors, intake, measure, peers, raw, report, startup
+from bench import cpu, floors, intake, measure, peers, raw, report, skeleton, startup
 from bench import store as job_store
 from bench.daemon import IPCCTL, ROOT, BenchDaemon, child_env, compile_bytecode, export
 from bench.measure import interleave, median, place
@@ -80,6 +87,10 @@ PEER_RT_TARGET = Target(">=", 2.0)
 #: store in the path), against which the store's floors are set (Bench.floors).
 ISSUE14_RT, ISSUE14_FF = 0.3, 0.2
 BEANSTALKD_HINT = "apt-get install beanstalkd"
+#: What the skeleton rows' notes say it is.
+SKELETON_NOTE = (
+    "bench.skeleton: issue 12's intake, job table and worker in Python, with nothing else"
+)
 
 
 #: The daemon the jobs-completed rows compare with (--baseline): main before the job
@@ -151,6 +162,9 @@ class Bench:
         self.raw = raw.RawPeer()
         self.stack.callback(self.raw.close)
         self.keys.update(self.raw.keys)
+        self.skeleton = skeleton.Skeleton()
+        self.stack.callback(self.skeleton.close)
+        self.keys.update(self.skeleton.keys)
         for workers in (1, 2, 4):
             self.daemons[workers] = self._daemon(BenchDaemon(f"{workers}w", workers=workers))
         self.baseline, self.baseline_rev = self._baseline_daemon(
@@ -171,6 +185,7 @@ class Bench:
             subjects: list[tuple[str, measure.Measure]] = [
                 ("raw", lambda: self.raw.round_trips(self.args.seconds)),
                 ("raw polling", lambda: self.raw.round_trips(self.args.seconds, SPIN_SECONDS)),
+                ("skeleton", lambda: self.skeleton.round_trips(self.args.seconds)),
             ]
             for workers, daemon in self.daemons.items():
                 subjects.append((f"{workers}w", self._rt(daemon)))
@@ -199,6 +214,16 @@ class Bench:
                 None,
                 note=f"the raw client polls {SPIN_SECONDS * 1e6:.0f} us before blocking, as "
                 "ipcd's does while its replies come within that",
+            )
+            self._ratio_row(
+                "round trip, Client.call, 1 worker, against the skeleton",
+                placement,
+                "skeleton of issue 12",
+                samples,
+                "skeleton",
+                "1w",
+                None,
+                note=SKELETON_NOTE,
             )
 
             say(f"fire-and-forget, {placement}{label}")
@@ -433,6 +458,12 @@ class Bench:
         assert self.jobs_daemon is not None
         jobs_daemon = self.jobs_daemon
         subjects = [(s.name, self._ff(jobs_daemon, s.options)) for s in SUBMISSIONS]
+        for submission in SUBMISSIONS:
+            confirm = bool(submission.options.get("confirm"))
+            run = functools.partial(
+                self.skeleton.jobs_completed, self.args.seconds, confirm=confirm
+            )
+            subjects.append((f"skeleton {submission.name}", run))
         bases: list[tuple[str, str, Callable[[Submission], Target | None], str]] = []
         pids: list[int] = []
         if binlog is not None:
@@ -475,6 +506,28 @@ class Bench:
                         target(submission),
                         note=note,
                     )
+                    wanted = target(submission)
+                    self._ratio_row(
+                        f"ceiling: jobs completed/s, {submission.name}, the skeleton",
+                        placement,
+                        base_label,
+                        samples,
+                        base,
+                        f"skeleton {submission.name}",
+                        None,
+                        note=f"{SKELETON_NOTE}: the most ipcd could do"
+                        + (f"; issue 12 asks ipcd {wanted.value:g}x" if wanted else ""),
+                    )
+                self._ratio_row(
+                    what,
+                    placement,
+                    f"skeleton of issue 12, {submission.name}",
+                    samples,
+                    f"skeleton {submission.name}",
+                    submission.name,
+                    None,
+                    note=SKELETON_NOTE,
+                )
                 if self.store_baseline is not None:
                     self._ratio_row(
                         what,
@@ -519,6 +572,7 @@ class Bench:
                     ("beanstalkd", lambda: plain.round_trips(self.args.seconds)),
                     ("beanstalkd -b", lambda: binlog.round_trips(self.args.seconds)),
                     ("1w", self._rt(self.daemons[1])),
+                    ("skeleton", lambda: self.skeleton.round_trips(self.args.seconds)),
                 ],
                 self.args.peer_rounds,
             )
@@ -535,6 +589,17 @@ class Bench:
                     "1w",
                     PEER_RT_TARGET,
                     note="Client.call, 1 worker; ratio is ipcd / beanstalkd",
+                )
+                self._ratio_row(
+                    f"ceiling: {what.removeprefix('peer: ')}, the skeleton",
+                    placement,
+                    name,
+                    samples,
+                    name,
+                    "skeleton",
+                    None,
+                    note=f"{SKELETON_NOTE}: the most ipcd could do; issue 12 asks ipcd "
+                    f"{PEER_RT_TARGET.value:g}x",
                 )
         self._place(self.allowed, extra=both)
         plain.close()
@@ -885,7 +950,7 @@ class Bench:
         return self._daemon(BenchDaemon(name, workers=1, source=source)), short
 
     def _place(self, cpus: set[int], extra: list[int] | None = None) -> None:
-        pids = [*self.raw.pids(), *(extra or [])]
+        pids = [*self.raw.pids(), *self.skeleton.processes(), *(extra or [])]
         for daemon in [
             *self.daemons.values(),
             *filter(None, [self.baseline, self.store_baseline, self.jobs_daemon]),

@@ -22,13 +22,15 @@ from pathlib import Path
 import pytest
 from conftest import Instance
 
-from bench import floors, intake, measure, peers
+from bench import floors, intake, measure, peers, skeleton
 from bench import store as job_store
 from bench.daemon import IPCCTL, child_env
 from bench.intake import Sample
 from bench.run import BEANSTALKD_HINT, LIST_TYPES, SUBMISSIONS, Bench, ff_ceiling, parse_args
 from ipcd.client import Client
+from ipcd.kernel import vetting
 from ipcd.store import open_store
+from ipcd.store.sqlite import connect
 
 ROOT = Path(__file__).resolve().parent.parent
 #: ipcd's round trip must stay above this fraction of the raw one.  Issue 5 asks for a
@@ -250,3 +252,26 @@ def test_list_daemon_keeps_every_filled_job_and_runs_none() -> None:
         assert len(filled("-n", "5000", "--state", "queued")) == states["queued"] == 1050
         assert len(filled("-n", "50", "--state", "queued")) == 50
         assert bench.teardown() == []
+
+
+def test_skeleton_runs_every_job_it_is_sent_and_leaves_nothing() -> None:
+    """bench.skeleton's rates count jobs that went through its table: each sent job is
+    there done, its result its body; closing it ends both processes and removes its
+    queues and its directory."""
+    with skeleton.Skeleton() as skel:
+        assert skel.round_trips(0.02) > 0
+        assert skel.jobs_completed(0.02, confirm=True) > 0
+        assert skel.jobs_completed(0.02, confirm=False) > 0
+        conn = connect(str(skel.path), migrate=False)
+        try:
+            rows = conn.execute("SELECT state, count(*), sum(result = body) FROM jobs GROUP BY 1")
+            states = rows.fetchall()
+        finally:
+            conn.close()
+        sent = skel.sent
+        pids, keys, directory = skel.pids, skel.keys, skel.dir
+    assert states == [(2, sent, sent)]
+    assert sent > 3
+    assert all(not Path(f"/proc/{pid}").exists() for pid in pids)
+    assert not [key for kind, key, _ in vetting.sysv_objects() if key in keys]
+    assert not directory.exists()

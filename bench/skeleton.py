@@ -1,0 +1,272 @@
+"""The least a Python daemon of issue 12's shape can do: a skeleton ipcd, beside the peers.
+
+Issue 12 puts a job store between the kernel queue and the workers, and asks that ipcd
+with it still beat beanstalkd (its round trip 2x, its confirmed jobs 1x) and the daemon
+before the store (unconfirmed jobs 1x).  Whether any Python daemon of that shape can, is
+what this measures: the shape with nothing else in it.
+
+- An **intake** process blocks in ``msgrcv`` on the job queue, takes whatever else waits
+  (64 at most, ipcd's batch), inserts the batch into a SQLite job table in one
+  transaction, confirms the messages that ask for it, and rings a doorbell (a message on
+  a queue of its own) for the worker.
+- A **worker** process waits for the doorbell, claims up to 64 queued jobs in one
+  transaction (``SELECT`` by a partial index, ``UPDATE`` of their state), "runs" each (its
+  result is its body), and records their outcomes in the transaction that claims the
+  next batch (as ipcd's ledger does), then replies to the messages that ask for it.  (A
+  claim in one statement, ``UPDATE ... RETURNING``, halved its round trips here.)
+- The table is the least a job table can be (integer key, state, body, result), with the
+  store's own settings (WAL, ``synchronous = NORMAL``, 1 KiB pages, made by the store's
+  ``connect``); writers take an ``flock`` first, as the store's do, so that none sleeps
+  in SQLite's busy handler.
+- The **client** (this process) sends 64-byte payloads with an 8-byte id and a flag
+  (confirm, reply, or neither), and polls for its replies for up to 1 ms before it
+  blocks, as ipcd's Client does.
+
+What it leaves out is everything issue 12 asks of a job beyond that: vetting and the
+wire format, handler look-up, recovery slots, unique keys, priorities and the indexes
+``list`` needs, limits, pauses, dependencies, retention, logs and counters.  So its rates
+are ceilings for ipcd in this shape: a real daemon does all of the skeleton's work and
+more.  ``python -m bench.skeleton`` prints its three rates as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import sysv_ipc
+
+from ipcd.store.sqlite import connect
+
+#: Messages per intake batch and jobs per claim, as ipcd's intake takes.
+BATCH = 64
+#: Bytes of payload per job, as bench.raw's.
+SIZE = 64
+#: How long the client polls for a reply before it blocks, as ipcd's Client does.
+POLL = 0.001
+#: Flags, the byte after a job's id: what the client waits for.
+NOTHING, CONFIRM, REPLY = 0, 1, 2
+#: Message types: jobs and the doorbell on their queues; confirmations and replies to
+#: the client; STOP ends a process's loop.
+JOB, RING, CONFIRMED, REPLIED, STOP = 1, 1, 2, 3, 9
+_HEAD = struct.Struct("=qB")
+
+
+class Skeleton:
+    """The three queues, the job table in a temporary directory, the intake and worker."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="ipcd-bench-skeleton-"))
+        self.path = self.dir / "jobs.db"
+        conn = connect(str(self.path), migrate=False)
+        conn.execute(
+            "CREATE TABLE jobs (id INTEGER PRIMARY KEY, state INTEGER NOT NULL, "
+            "body BLOB NOT NULL, result BLOB)"
+        )
+        conn.execute("CREATE INDEX jobs_queued ON jobs (id) WHERE state = 0")
+        conn.close()
+        self.queues: list[sysv_ipc.MessageQueue] = []
+        self.pids: list[int] = []
+        try:
+            for _ in range(3):
+                self.queues.append(sysv_ipc.MessageQueue(None, sysv_ipc.IPC_CREX, 0o600))
+            self.jobs, self.replies, self.doorbell = self.queues
+            self.pids = [self._fork(self._intake), self._fork(self._worker)]
+        except BaseException:
+            self.close()
+            raise
+        #: Jobs sent so far: their ids are 1 to this.
+        self.sent = 0
+
+    @property
+    def keys(self) -> list[int]:
+        return [queue.key for queue in self.queues]
+
+    def processes(self) -> list[int]:
+        """This process (the client), the intake and the worker."""
+        return [os.getpid(), *self.pids]
+
+    def _fork(self, serve: Callable[[], None]) -> int:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the intake or the worker
+            code = 1
+            try:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent cleans up
+                serve()
+                code = 0
+            finally:
+                os._exit(code)
+        return pid
+
+    # --- the daemon's side ------------------------------------------------------------
+
+    def _open(self) -> tuple[sqlite3.Connection, int]:
+        """A connection of this process's own (opened after fork) and its writer lock."""
+        conn = connect(str(self.path), migrate=False)
+        lock = os.open(self.dir / "jobs.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        return conn, lock
+
+    def _intake(self) -> None:  # pragma: no cover - a forked process
+        conn, lock = self._open()
+        cursor = conn.cursor()
+        jobs, replies, doorbell = self.jobs, self.replies, self.doorbell
+        unpack = _HEAD.unpack_from
+        while True:
+            body, type_ = jobs.receive(True, 0)
+            if type_ == STOP:
+                return
+            batch = [body]
+            with contextlib.suppress(sysv_ipc.BusyError):
+                while len(batch) < BATCH:
+                    batch.append(jobs.receive(False, JOB)[0])
+            rows = [(unpack(b)[0], b) for b in batch]
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            cursor.execute("BEGIN IMMEDIATE")
+            cursor.executemany("INSERT INTO jobs (id, state, body) VALUES (?, 0, ?)", rows)
+            cursor.execute("COMMIT")
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            for b in batch:
+                if b[8] == CONFIRM:
+                    replies.send(b[:8], True, CONFIRMED)
+            with contextlib.suppress(sysv_ipc.BusyError):
+                doorbell.send(b"", False, RING)
+
+    def _worker(self) -> None:  # pragma: no cover - a forked process
+        conn, lock = self._open()
+        cursor = conn.cursor()
+        replies, doorbell = self.replies, self.doorbell
+        while True:
+            _, type_ = doorbell.receive(True, 0)
+            if type_ == STOP:
+                return
+            with contextlib.suppress(sysv_ipc.BusyError):
+                while True:
+                    doorbell.receive(False, RING)
+            done: list[tuple[bytes, int]] = []
+            while True:  # a batch's outcomes recorded and the next claimed together
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                cursor.execute("BEGIN IMMEDIATE")
+                if done:
+                    cursor.executemany("UPDATE jobs SET state = 2, result = ? WHERE id = ?", done)
+                claimed = cursor.execute(
+                    "SELECT id, body FROM jobs WHERE state = 0 ORDER BY id LIMIT ?", (BATCH,)
+                ).fetchall()
+                if claimed:
+                    cursor.executemany(
+                        "UPDATE jobs SET state = 1 WHERE id = ?", [(i,) for i, _ in claimed]
+                    )
+                cursor.execute("COMMIT")
+                fcntl.flock(lock, fcntl.LOCK_UN)
+                for body, _ in done:
+                    if body[8] == REPLY:
+                        replies.send(body[:8], True, REPLIED)
+                if not claimed:
+                    break
+                done = [(body, job_id) for job_id, body in claimed]  # the "run": an echo
+
+    # --- the client's side --------------------------------------------------------------
+
+    def _send(self, flag: int) -> None:
+        self.sent += 1
+        self.jobs.send(_HEAD.pack(self.sent, flag) + b"p" * SIZE, True, JOB)
+
+    def _wait(self, type_: int) -> None:
+        """The next message of ``type_`` on the reply queue: polled for POLL, then waited."""
+        end = time.perf_counter() + POLL
+        while True:
+            try:
+                self.replies.receive(False, type_)
+                return
+            except sysv_ipc.BusyError:
+                if time.perf_counter() >= end:
+                    break
+                os.sched_yield()
+        self.replies.receive(True, type_)
+
+    def round_trips(self, seconds: float) -> float:
+        """Jobs per second, each sent and its reply (the outcome recorded) awaited."""
+        count = 0
+        started = now = time.perf_counter()
+        while now < started + seconds:
+            self._send(REPLY)
+            self._wait(REPLIED)
+            count += 1
+            now = time.perf_counter()
+        return count / (now - started)
+
+    def jobs_completed(self, seconds: float, *, confirm: bool) -> float:
+        """Jobs per second from the first send until the last is done: sent for
+        ``seconds``, each confirmed (committed) before the next with ``confirm``, then
+        one that asks for a reply (the worker takes jobs in order: its reply means every
+        job before it is done)."""
+        count = 0
+        started = time.perf_counter()
+        while time.perf_counter() < started + seconds:
+            self._send(CONFIRM if confirm else NOTHING)
+            if confirm:
+                self._wait(CONFIRMED)
+            count += 1
+        self._send(REPLY)
+        self._wait(REPLIED)
+        return (count + 1) / (time.perf_counter() - started)
+
+    def close(self) -> None:
+        """Stop both processes, remove the queues and the table."""
+        for queue in self.queues[:1] + self.queues[2:]:
+            with contextlib.suppress(sysv_ipc.Error):
+                queue.send(b"", False, STOP)
+        for pid in self.pids:
+            deadline = time.monotonic() + 5.0
+            while not os.waitpid(pid, os.WNOHANG)[0]:
+                if time.monotonic() > deadline:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    break
+                time.sleep(0.01)
+        self.pids = []
+        for queue in self.queues:
+            with contextlib.suppress(sysv_ipc.Error):
+                queue.remove()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> Skeleton:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.skeleton", description=__doc__)
+    parser.add_argument("--seconds", type=float, default=0.3)
+    parser.add_argument("--cpu", type=int, help="pin all three processes to this CPU")
+    args = parser.parse_args(argv)
+    with Skeleton() as skeleton:
+        if args.cpu is not None:
+            for pid in skeleton.processes():
+                os.sched_setaffinity(pid, {args.cpu})
+        skeleton.round_trips(0.05)  # warm-up
+        found = {
+            "round_trips": skeleton.round_trips(args.seconds),
+            "confirmed": skeleton.jobs_completed(args.seconds, confirm=True),
+            "unconfirmed": skeleton.jobs_completed(args.seconds, confirm=False),
+        }
+    json.dump(found, sys.stdout)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
