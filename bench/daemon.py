@@ -10,6 +10,7 @@ in the same run as today's code: its ``ipcd/`` comes first on the daemon's PYTHO
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -100,6 +101,19 @@ def has_store(source: Path | None) -> bool:
 def _git(*args: str) -> bytes:
     done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, check=True)
     return done.stdout
+
+
+def role_pid(log: Path, role: str) -> int:
+    """The pid of a daemon's helper ``role`` (``intake``, ``control``), from the last
+    ``ROLE.started`` event in its JSON log ``log``."""
+    found = 0
+    for line in log.read_text().splitlines():
+        event = json.loads(line)
+        if event.get("event") == f"{role}.started":
+            found = int(event["pid"])
+    if not found:
+        raise RuntimeError(f"no {role}.started event in {log}")
+    return found
 
 
 class BenchDaemon:
@@ -200,6 +214,9 @@ class BenchDaemon:
 
     def pids(self) -> list[int]:
         return [self.master_pid(), *self.worker_pids()]
+
+    def role_pid(self, role: str) -> int:
+        return role_pid(self.dir / "ipcd.log", role)
 
     def stop(self) -> None:
         """``ipcd stop``, remove every object at the daemon's keys, delete the directory."""

@@ -16,6 +16,10 @@ the daemon's own store, through the same writer lock the intake takes, under the
 load: that is one batch commit. The queue counts as full while the room left
 (``msg_qbytes - msg_cbytes``) is less than one of the Python loop's messages, the larger
 of the two kinds.
+
+Before the load, :func:`cpu_per_message` says why the queue stays full or not: the CPU a
+message costs the Python loop, ipcd's intake, and the least intake of the same shape
+(bench.skeleton's).
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from bench.cpu import run_ns
 from bench.measure import PAYLOAD
+from bench.skeleton import Skeleton
 from bench.store import new_jobs
 from ipcd import config as config_mod
 from ipcd.client import Client
@@ -252,6 +258,45 @@ def measure(
     max_bytes = client.queue.stats().max_bytes
     stretches = full_stretches(windows, max_bytes, message_size())
     return KeepsUp(stretches, commits, load, elapsed, load_average)
+
+
+class PerMessage(NamedTuple):
+    """Microseconds of CPU per message: of a Python loop of ``Client.submit``
+    (unconfirmed), of ipcd's intake taking those messages into its store, and of the
+    skeleton's intake (bench.skeleton) taking its own client's."""
+
+    submit: float
+    intake: float
+    skeleton: float
+
+
+def cpu_per_message(
+    client: Client, intake_pid: int, skeleton: Skeleton, seconds: float
+) -> PerMessage:
+    """What one message costs each side, each for about ``seconds``.
+
+    An intake keeps up with a loop that submits as fast as it goes only if it needs less
+    CPU per message than the loop does (and has a CPU to itself); this says whether
+    ipcd's does, and whether the least a Python intake of the same shape does.  CPU is
+    the run time the scheduler charged (bench.cpu.run_ns; this process's own for the
+    loop); the count ends with a confirmed submission, which the intake commits after
+    every message before it.
+    """
+    loop_before, intake_before = time.process_time(), run_ns(intake_pid)
+    sent = 0
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        client.submit(HANDLER, PAYLOAD)
+        sent += 1
+    submit = (time.process_time() - loop_before) / sent * 1e6
+    client.submit(HANDLER, PAYLOAD, confirm=True)
+    intake = (run_ns(intake_pid) - intake_before) / (sent + 1) / 1000
+    first, skeleton_before = skeleton.sent, run_ns(skeleton.intake_pid)
+    skeleton.jobs_completed(seconds, confirm=False)
+    taken = skeleton.sent - first
+    return PerMessage(
+        submit, intake, (run_ns(skeleton.intake_pid) - skeleton_before) / taken / 1000
+    )
 
 
 def submit_loop(config_path: Path, seconds: float) -> dict[str, float]:

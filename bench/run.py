@@ -644,6 +644,9 @@ class Bench:
         daemon = self._daemon(BenchDaemon("intake", workers=4))
         store = open_store(str(daemon.config.store.path), sync=daemon.config.store.sync)
         try:
+            per = intake.cpu_per_message(
+                daemon.client, daemon.role_pid("intake"), self.skeleton, seconds=1.0
+            )
             found = intake.measure(
                 daemon.client, store, seconds=seconds, ipcctl=IPCCTL, env=child_env()
             )
@@ -672,7 +675,22 @@ class Bench:
                 samples={"base": found.commits, "ipcd": full.stretches},
             )
         )
+        for who, value in (("ipcd's intake", per.intake), ("the skeleton's intake", per.skeleton)):
+            self.rows.append(
+                Row(
+                    f"intake keeps up: CPU per message, {who}",
+                    "unpinned",
+                    "Client.submit loop",
+                    per.submit,
+                    value,
+                    "us",
+                    note="scheduler run time per message taken, against the submitting "
+                    "loop's per message sent: an intake keeps up with such a loop only "
+                    "below 1x, and with a CPU of its own",
+                )
+            )
         self.extra["intake"] = {
+            "per_message": per._asdict(),
             "stretches": full._asdict(),
             "commits": found.commits,
             "load": {

@@ -94,6 +94,10 @@ class Skeleton:
     def keys(self) -> list[int]:
         return [queue.key for queue in self.queues]
 
+    @property
+    def intake_pid(self) -> int:
+        return self.pids[0]
+
     def processes(self) -> list[int]:
         """This process (the client), the intake and the worker."""
         return [os.getpid(), *self.pids]

@@ -24,7 +24,7 @@ from conftest import Instance
 
 from bench import floors, intake, measure, peers, skeleton
 from bench import store as job_store
-from bench.daemon import IPCCTL, child_env
+from bench.daemon import IPCCTL, child_env, role_pid
 from bench.intake import Sample
 from bench.run import BEANSTALKD_HINT, LIST_TYPES, SUBMISSIONS, Bench, ff_ceiling, parse_args
 from ipcd.client import Client
@@ -275,3 +275,18 @@ def test_skeleton_runs_every_job_it_is_sent_and_leaves_nothing() -> None:
     assert all(not Path(f"/proc/{pid}").exists() for pid in pids)
     assert not [key for kind, key, _ in vetting.sysv_objects() if key in keys]
     assert not directory.exists()
+
+
+def test_cpu_per_message_counts_each_intakes_messages(daemon: Instance) -> None:
+    """The intake's CPU per message is charged to ipcd's intake (found from its log) and
+    to the skeleton's, for the messages each took; the loop's is this process's own."""
+    client = Client(daemon.config)
+    intake_pid = role_pid(daemon.log_file, "intake")
+    assert intake_pid not in (0, os.getpid())
+    try:
+        with skeleton.Skeleton() as skel:
+            found = intake.cpu_per_message(client, intake_pid, skel, seconds=0.2)
+            assert skel.sent > 10
+    finally:
+        client.store.close()
+    assert all(0 < value < 10_000 for value in found), found
