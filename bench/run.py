@@ -507,17 +507,18 @@ class Bench:
                         note=note,
                     )
                     wanted = target(submission)
-                    self._ratio_row(
-                        f"ceiling: jobs completed/s, {submission.name}, the skeleton",
-                        placement,
-                        base_label,
-                        samples,
-                        base,
-                        f"skeleton {submission.name}",
-                        None,
-                        note=f"{SKELETON_NOTE}: the most ipcd could do"
-                        + (f"; issue 12 asks ipcd {wanted.value:g}x" if wanted else ""),
-                    )
+                    if wanted is not None:  # the skeleton's figure under each target
+                        self._ratio_row(
+                            f"ceiling: jobs completed/s, {submission.name}, the skeleton",
+                            placement,
+                            base_label,
+                            samples,
+                            base,
+                            f"skeleton {submission.name}",
+                            None,
+                            note=f"{SKELETON_NOTE}: the most ipcd could do; issue 12 asks "
+                            f"ipcd {wanted.value:g}x",
+                        )
                 self._ratio_row(
                     what,
                     placement,
