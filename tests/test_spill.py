@@ -88,9 +88,17 @@ def _stop(instance: Instance) -> None:
 
 
 def _in_use(instance: Instance) -> list[spilltable.Entry]:
-    """The entries naming a payload or result (not the pool's spares: tests/test_pool.py)."""
+    """The entries naming a payload or result: not the pool's spares (tests/test_pool.py),
+    nor a spare a worker is making (CLAIMING with no job id: SpillTable.refill), which it
+    does after its reply, so that a test that has its result may see it."""
     table = SpillTable.open(instance.keys.spill)
-    return [e for e in table.entries() if e.state is not State.FREE and not e.spare]
+    return [
+        e
+        for e in table.entries()
+        if e.state is not State.FREE
+        and not e.spare
+        and not (e.state is State.CLAIMING and not e.job_id)
+    ]
 
 
 def _digest(data: bytes) -> dict[str, object]:
