@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from bench.cpu import run_ns
-from bench.measure import PAYLOAD
+from bench.measure import DRAIN_TIMEOUT, PAYLOAD, completed
 from bench.skeleton import Skeleton
 from bench.store import new_jobs
 from ipcd import config as config_mod
@@ -277,11 +277,14 @@ def cpu_per_message(
 
     An intake keeps up with a loop that submits as fast as it goes only if it needs less
     CPU per message than the loop does (and has a CPU to itself); this says whether
-    ipcd's does, and whether the least a Python intake of the same shape does.  CPU is
-    the run time the scheduler charged (bench.cpu.run_ns; this process's own for the
-    loop); the count ends with a confirmed submission, which the intake commits after
-    every message before it.
+    ipcd's does, and whether the least a Python intake of the same shape does (its
+    client encodes each message as ``Client.submit`` does, so it sends at about that
+    pace).  CPU is the run time the scheduler charged (bench.cpu.run_ns; this process's
+    own for the loop); the count ends with a confirmed submission, which the intake
+    commits after every message before it.  Returns once ipcd's workers have run what
+    was submitted, so that nothing of it is left to weigh on what is measured next.
     """
+    done_before = completed(client)
     loop_before, intake_before = time.process_time(), run_ns(intake_pid)
     sent = 0
     end = time.perf_counter() + seconds
@@ -291,6 +294,11 @@ def cpu_per_message(
     submit = (time.process_time() - loop_before) / sent * 1e6
     client.submit(HANDLER, PAYLOAD, confirm=True)
     intake = (run_ns(intake_pid) - intake_before) / (sent + 1) / 1000
+    deadline = time.monotonic() + DRAIN_TIMEOUT
+    while completed(client) - done_before < sent + 1:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the daemon ran {completed(client) - done_before} of {sent + 1}")
+        time.sleep(0.01)
     first, skeleton_before = skeleton.sent, run_ns(skeleton.intake_pid)
     skeleton.jobs_completed(seconds, confirm=False)
     taken = skeleton.sent - first

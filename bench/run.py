@@ -175,6 +175,7 @@ class Bench:
         )
         self.jobs_daemon = self._daemon(BenchDaemon("jobs", workers=1))
         self.raw.round_trips(0.05)  # warm-up
+        self.skeleton.round_trips(0.05)
         self.extra["memory_idle"] = self._memory()
 
     def placements(self) -> None:

@@ -12,21 +12,28 @@ what this measures: the shape with nothing else in it.
 - A **worker** process waits for the doorbell, claims up to 64 queued jobs in one
   transaction (``SELECT`` by a partial index, ``UPDATE`` of their state), "runs" each (its
   result is its body), and records their outcomes in the transaction that claims the
-  next batch (as ipcd's ledger does), then replies to the messages that ask for it.  (A
+  next batch (as ipcd's ledger does), then replies to the jobs that ask for it.  (A
   claim in one statement, ``UPDATE ... RETURNING``, halved its round trips here.)
-- The table is the least a job table can be (integer key, state, body, result), with the
-  store's own settings (WAL, ``synchronous = NORMAL``, 1 KiB pages, made by the store's
-  ``connect``); writers take an ``flock`` first, as the store's do, so that none sleeps
-  in SQLite's busy handler.
-- The **client** (this process) sends 64-byte payloads with an 8-byte id and a flag
-  (confirm, reply, or neither), and polls for its replies for up to 1 ms before it
-  blocks, as ipcd's Client does.
+- The table is the least a job table can be (integer key, state, whether a reply is
+  due, body, result), with the store's own settings (WAL, ``synchronous = NORMAL``,
+  1 KiB pages, made by the store's ``connect``); writers take an ``flock`` first, as the
+  store's do, so that none sleeps in SQLite's busy handler.
+- The **client** (this process) encodes each job as ipcd's client does (the envelope,
+  a new job id, a 64-byte payload: ``ipcd.wire.protocol.encode``) and says by the
+  message type what it waits for: a confirmation, a reply, or nothing.  Before it
+  sleeps for one, it polls for up to 1 ms, unless it may run on one CPU only
+  (``ipcd.kernel.procs.poll_seconds``, as ipcd's client): where a poll pays, for
+  confirmations too, which ipcd's client does not poll for; a ceiling takes the faster
+  way.
 
-What it leaves out is everything issue 12 asks of a job beyond that: vetting and the
-wire format, handler look-up, recovery slots, unique keys, priorities and the indexes
-``list`` needs, limits, pauses, dependencies, retention, logs and counters.  So its rates
-are ceilings for ipcd in this shape: a real daemon does all of the skeleton's work and
-more.  ``python -m bench.skeleton`` prints its three rates as JSON.
+What it leaves out is everything issue 12 asks of a job beyond that: vetting and
+decoding the wire format, handler look-up, recovery slots, unique keys, priorities and
+the indexes ``list`` needs, limits, pauses, dependencies, retention, logs and counters
+(its done jobs are deleted between measurements, outside the clock).  So its rates are
+ceilings for ipcd in this shape: a real daemon does all of the skeleton's work and more.
+A process of it that fails prints why, sends DIED in place of every reply and removes
+the job queue, so that a waiting client raises rather than hangs.  ``python -m
+bench.skeleton`` prints its three rates as JSON.
 """
 
 from __future__ import annotations
@@ -39,29 +46,32 @@ import os
 import shutil
 import signal
 import sqlite3
-import struct
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 import sysv_ipc
 
+from ipcd.kernel.procs import poll_seconds
 from ipcd.store.sqlite import connect
+from ipcd.wire import protocol
 
 #: Messages per intake batch and jobs per claim, as ipcd's intake takes.
 BATCH = 64
-#: Bytes of payload per job, as bench.raw's.
-SIZE = 64
-#: How long the client polls for a reply before it blocks, as ipcd's Client does.
+#: Each job's payload, as bench.measure's.
+PAYLOAD = "p" * 64
+#: How long the client polls before it sleeps, as ipcd's (ipcd.client.SPIN_SECONDS).
 POLL = 0.001
-#: Flags, the byte after a job's id: what the client waits for.
-NOTHING, CONFIRM, REPLY = 0, 1, 2
-#: Message types: jobs and the doorbell on their queues; confirmations and replies to
-#: the client; STOP ends a process's loop.
-JOB, RING, CONFIRMED, REPLIED, STOP = 1, 1, 2, 3, 9
-_HEAD = struct.Struct("=qB")
+#: Job queue types, which say what the client waits for: nothing, the confirmation
+#: (the job committed), or the reply (its outcome recorded); STOP ends a loop.
+PLAIN, CONFIRM, REPLY, STOP = 1, 2, 3, 9
+#: The doorbell's type; the reply queue's: a confirmation, a reply.
+RING, CONFIRMED, REPLIED = 1, 1, 2
+#: What a process that fails sends in place of every reply.
+DIED = b"died"
 
 
 class Skeleton:
@@ -70,25 +80,26 @@ class Skeleton:
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="ipcd-bench-skeleton-"))
         self.path = self.dir / "jobs.db"
-        conn = connect(str(self.path), migrate=False)
-        conn.execute(
-            "CREATE TABLE jobs (id INTEGER PRIMARY KEY, state INTEGER NOT NULL, "
-            "body BLOB NOT NULL, result BLOB)"
-        )
-        conn.execute("CREATE INDEX jobs_queued ON jobs (id) WHERE state = 0")
-        conn.close()
         self.queues: list[sysv_ipc.MessageQueue] = []
         self.pids: list[int] = []
+        #: Jobs sent so far.
+        self.sent = 0
         try:
+            conn = connect(str(self.path), migrate=False)
+            conn.execute(
+                "CREATE TABLE jobs (id INTEGER PRIMARY KEY, state INTEGER NOT NULL, "
+                "reply INTEGER NOT NULL, body BLOB NOT NULL, result BLOB)"
+            )
+            conn.execute("CREATE INDEX jobs_queued ON jobs (id) WHERE state = 0")
+            conn.close()
             for _ in range(3):
                 self.queues.append(sysv_ipc.MessageQueue(None, sysv_ipc.IPC_CREX, 0o600))
             self.jobs, self.replies, self.doorbell = self.queues
-            self.pids = [self._fork(self._intake), self._fork(self._worker)]
+            for serve in (self._intake, self._worker):
+                self.pids.append(self._fork(serve))
         except BaseException:
             self.close()
             raise
-        #: Jobs sent so far: their ids are 1 to this.
-        self.sent = 0
 
     @property
     def keys(self) -> list[int]:
@@ -110,9 +121,21 @@ class Skeleton:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent cleans up
                 serve()
                 code = 0
+            except BaseException:
+                traceback.print_exc()
+                self._died()
             finally:
                 os._exit(code)
         return pid
+
+    def _died(self) -> None:  # pragma: no cover - a forked process
+        """Unblock the client: DIED for whatever it waits for, and no job queue to send
+        to (a send blocked on a full queue fails)."""
+        for type_ in (CONFIRMED, REPLIED):
+            with contextlib.suppress(sysv_ipc.Error, OSError):
+                self.replies.send(DIED, False, type_)
+        with contextlib.suppress(sysv_ipc.Error, OSError):
+            self.jobs.remove()
 
     # --- the daemon's side ------------------------------------------------------------
 
@@ -126,24 +149,29 @@ class Skeleton:
         conn, lock = self._open()
         cursor = conn.cursor()
         jobs, replies, doorbell = self.jobs, self.replies, self.doorbell
-        unpack = _HEAD.unpack_from
-        while True:
+        stopping = False
+        while not stopping:
             body, type_ = jobs.receive(True, 0)
-            if type_ == STOP:
-                return
-            batch = [body]
+            batch = [] if type_ == STOP else [(type_, body)]
             with contextlib.suppress(sysv_ipc.BusyError):
-                while len(batch) < BATCH:
-                    batch.append(jobs.receive(False, JOB)[0])
-            rows = [(unpack(b)[0], b) for b in batch]
+                while len(batch) < BATCH and type_ != STOP:
+                    body, type_ = jobs.receive(False, 0)
+                    if type_ != STOP:
+                        batch.append((type_, body))
+            stopping = type_ == STOP
+            if not batch:
+                continue
             fcntl.flock(lock, fcntl.LOCK_EX)
             cursor.execute("BEGIN IMMEDIATE")
-            cursor.executemany("INSERT INTO jobs (id, state, body) VALUES (?, 0, ?)", rows)
+            cursor.executemany(
+                "INSERT INTO jobs (state, reply, body) VALUES (0, ?, ?)",
+                [(type_ == REPLY, body) for type_, body in batch],
+            )
             cursor.execute("COMMIT")
             fcntl.flock(lock, fcntl.LOCK_UN)
-            for b in batch:
-                if b[8] == CONFIRM:
-                    replies.send(b[:8], True, CONFIRMED)
+            for type_, _ in batch:
+                if type_ == CONFIRM:
+                    replies.send(b"", True, CONFIRMED)
             with contextlib.suppress(sysv_ipc.BusyError):
                 doorbell.send(b"", False, RING)
 
@@ -159,53 +187,77 @@ class Skeleton:
                 while True:
                     doorbell.receive(False, RING)
             done: list[tuple[bytes, int]] = []
+            replies_due = 0
             while True:  # a batch's outcomes recorded and the next claimed together
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 cursor.execute("BEGIN IMMEDIATE")
                 if done:
                     cursor.executemany("UPDATE jobs SET state = 2, result = ? WHERE id = ?", done)
                 claimed = cursor.execute(
-                    "SELECT id, body FROM jobs WHERE state = 0 ORDER BY id LIMIT ?", (BATCH,)
+                    "SELECT id, reply, body FROM jobs WHERE state = 0 ORDER BY id LIMIT ?",
+                    (BATCH,),
                 ).fetchall()
                 if claimed:
                     cursor.executemany(
-                        "UPDATE jobs SET state = 1 WHERE id = ?", [(i,) for i, _ in claimed]
+                        "UPDATE jobs SET state = 1 WHERE id = ?", [(row[0],) for row in claimed]
                     )
                 cursor.execute("COMMIT")
                 fcntl.flock(lock, fcntl.LOCK_UN)
-                for body, _ in done:
-                    if body[8] == REPLY:
-                        replies.send(body[:8], True, REPLIED)
+                for _ in range(replies_due):
+                    replies.send(b"", True, REPLIED)
                 if not claimed:
                     break
-                done = [(body, job_id) for job_id, body in claimed]  # the "run": an echo
+                # The "run": each job's result is its body.
+                done = [(body, job_id) for job_id, _, body in claimed]
+                replies_due = sum(reply for _, reply, _ in claimed)
 
     # --- the client's side --------------------------------------------------------------
 
-    def _send(self, flag: int) -> None:
+    def _send(self, type_: int) -> None:
         self.sent += 1
-        self.jobs.send(_HEAD.pack(self.sent, flag) + b"p" * SIZE, True, JOB)
+        self.jobs.send(protocol.encode(PAYLOAD, job_id=protocol.new_job_id()), True, type_)
 
-    def _wait(self, type_: int) -> None:
-        """The next message of ``type_`` on the reply queue: polled for POLL, then waited."""
-        end = time.perf_counter() + POLL
+    def _wait(self, type_: int, poll: float) -> None:
+        """The next message of ``type_`` on the reply queue: polled for ``poll`` seconds
+        first, then waited for."""
+        end = time.perf_counter() + poll
         while True:
             try:
-                self.replies.receive(False, type_)
-                return
+                body, _ = self.replies.receive(False, type_)
+                break
             except sysv_ipc.BusyError:
                 if time.perf_counter() >= end:
+                    body, _ = self.replies.receive(True, type_)
                     break
                 os.sched_yield()
-        self.replies.receive(True, type_)
+        if body == DIED:
+            raise RuntimeError("a process of bench.skeleton failed (its traceback is above)")
+
+    def _prune(self) -> None:
+        """Delete the done jobs (outside the clock): each measurement starts with a small
+        table."""
+        conn = connect(str(self.path), migrate=False)
+        try:
+            lock = os.open(self.dir / "jobs.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("DELETE FROM jobs WHERE state = 2")
+                conn.execute("COMMIT")
+            finally:
+                os.close(lock)
+        finally:
+            conn.close()
 
     def round_trips(self, seconds: float) -> float:
         """Jobs per second, each sent and its reply (the outcome recorded) awaited."""
+        self._prune()
+        poll = poll_seconds(POLL)
         count = 0
         started = now = time.perf_counter()
         while now < started + seconds:
             self._send(REPLY)
-            self._wait(REPLIED)
+            self._wait(REPLIED, poll)
             count += 1
             now = time.perf_counter()
         return count / (now - started)
@@ -215,21 +267,24 @@ class Skeleton:
         ``seconds``, each confirmed (committed) before the next with ``confirm``, then
         one that asks for a reply (the worker takes jobs in order: its reply means every
         job before it is done)."""
+        self._prune()
+        poll = poll_seconds(POLL)
         count = 0
         started = time.perf_counter()
         while time.perf_counter() < started + seconds:
-            self._send(CONFIRM if confirm else NOTHING)
+            self._send(CONFIRM if confirm else PLAIN)
             if confirm:
-                self._wait(CONFIRMED)
+                self._wait(CONFIRMED, poll)
             count += 1
         self._send(REPLY)
-        self._wait(REPLIED)
+        self._wait(REPLIED, poll)
         return (count + 1) / (time.perf_counter() - started)
 
     def close(self) -> None:
         """Stop both processes, remove the queues and the table."""
         for queue in self.queues[:1] + self.queues[2:]:
-            with contextlib.suppress(sysv_ipc.Error):
+            # A queue removed already (by a process that failed) is EINVAL, an OSError.
+            with contextlib.suppress(sysv_ipc.Error, OSError):
                 queue.send(b"", False, STOP)
         for pid in self.pids:
             deadline = time.monotonic() + 5.0
@@ -241,7 +296,7 @@ class Skeleton:
                 time.sleep(0.01)
         self.pids = []
         for queue in self.queues:
-            with contextlib.suppress(sysv_ipc.Error):
+            with contextlib.suppress(sysv_ipc.Error, OSError):
                 queue.remove()
         shutil.rmtree(self.dir, ignore_errors=True)
 

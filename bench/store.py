@@ -158,7 +158,7 @@ def fill(
         store.add(added)
         claimed = store.claim(len(added) // 2, now)
         for index, (record, _) in enumerate(claimed):
-            finish(store, record.id, now, ok=index % 10 != 0)
+            finish(store, record.id, time.time(), ok=index % 10 != 0)
         taken = {record.id for record, _ in claimed}
         waiting = [job.id for job in added if job.id not in taken and not job.due]
         store.cancel(waiting[: len(added) // 20], now=now)
@@ -209,7 +209,7 @@ def through(
         count = min(batch, jobs - done)
         store.add(new_jobs(count, now))
         for record, _ in store.claim(count, now):
-            finish(store, record.id, now, ok=done % 100 != 0)
+            finish(store, record.id, time.time(), ok=done % 100 != 0)
             done += 1
         if _crossed(done, count, retain_every):
             store.retain(policy, now)

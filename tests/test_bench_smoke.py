@@ -255,12 +255,14 @@ def test_list_daemon_keeps_every_filled_job_and_runs_none() -> None:
 
 
 def test_skeleton_runs_every_job_it_is_sent_and_leaves_nothing() -> None:
-    """bench.skeleton's rates count jobs that went through its table: each sent job is
-    there done, its result its body; closing it ends both processes and removes its
-    queues and its directory."""
+    """bench.skeleton's rates count jobs that went through its table: each job sent in
+    the last measurement is there done, its result its body (a measurement first deletes
+    the jobs done before it); closing it ends both processes and removes its queues and
+    its directory."""
     with skeleton.Skeleton() as skel:
         assert skel.round_trips(0.02) > 0
         assert skel.jobs_completed(0.02, confirm=True) > 0
+        first = skel.sent
         assert skel.jobs_completed(0.02, confirm=False) > 0
         conn = connect(str(skel.path), migrate=False)
         try:
@@ -268,10 +270,27 @@ def test_skeleton_runs_every_job_it_is_sent_and_leaves_nothing() -> None:
             states = rows.fetchall()
         finally:
             conn.close()
-        sent = skel.sent
+        sent = skel.sent - first
         pids, keys, directory = skel.pids, skel.keys, skel.dir
     assert states == [(2, sent, sent)]
     assert sent > 3
+    assert all(not Path(f"/proc/{pid}").exists() for pid in pids)
+    assert not [key for kind, key, _ in vetting.sysv_objects() if key in keys]
+    assert not directory.exists()
+
+
+def test_skeleton_that_fails_raises_in_its_client_rather_than_hangs() -> None:
+    """An intake whose insert fails (its table no longer has the column) tells the
+    waiting client, which raises; the skeleton still closes cleanly."""
+    with skeleton.Skeleton() as skel:
+        conn = connect(str(skel.path), migrate=False)
+        try:
+            conn.execute("ALTER TABLE jobs RENAME COLUMN reply TO gone")
+        finally:
+            conn.close()
+        with pytest.raises(RuntimeError, match=r"bench\.skeleton failed"):
+            skel.round_trips(0.05)
+        pids, keys, directory = skel.pids, skel.keys, skel.dir
     assert all(not Path(f"/proc/{pid}").exists() for pid in pids)
     assert not [key for kind, key, _ in vetting.sysv_objects() if key in keys]
     assert not directory.exists()
