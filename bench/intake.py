@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from bench.cpu import run_ns
-from bench.measure import DRAIN_TIMEOUT, PAYLOAD, completed
+from bench.measure import PAYLOAD, completed, wait_completed
 from bench.skeleton import Skeleton
 from bench.store import new_jobs
 from ipcd import config as config_mod
@@ -294,11 +294,7 @@ def cpu_per_message(
     submit = (time.process_time() - loop_before) / sent * 1e6
     client.submit(HANDLER, PAYLOAD, confirm=True)
     intake = (run_ns(intake_pid) - intake_before) / (sent + 1) / 1000
-    deadline = time.monotonic() + DRAIN_TIMEOUT
-    while completed(client) - done_before < sent + 1:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the daemon ran {completed(client) - done_before} of {sent + 1}")
-        time.sleep(0.01)
+    wait_completed(client, done_before, sent + 1)
     first, skeleton_before = skeleton.sent, run_ns(skeleton.intake_pid)
     skeleton.jobs_completed(seconds, confirm=False)
     taken = skeleton.sent - first

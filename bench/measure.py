@@ -84,15 +84,21 @@ def fire_and_forget(
         client.submit(handler, payload, **keywords)
         submitted += 1
     when_loaded()
-    deadline = time.perf_counter() + DRAIN_TIMEOUT
-    while completed(client) - before < submitted:
-        if time.perf_counter() > deadline:
-            raise RuntimeError(f"{submitted} jobs did not finish within {DRAIN_TIMEOUT:g}s")
-        time.sleep(0.0002)
+    wait_completed(client, before, submitted)
     elapsed = time.perf_counter() - started
     if client.store.header().error_count:
         raise RuntimeError("bench jobs failed: see the daemon's log")
     return submitted / elapsed
+
+
+def wait_completed(client: Client, before: int, count: int) -> None:
+    """Wait until the daemon has stored ``count`` more results than ``before`` (a
+    :func:`completed` figure); RuntimeError after DRAIN_TIMEOUT."""
+    deadline = time.perf_counter() + DRAIN_TIMEOUT
+    while completed(client) - before < count:
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"{count} jobs did not finish within {DRAIN_TIMEOUT:g}s")
+        time.sleep(0.0002)
 
 
 def place(pids: Iterable[int], cpus: set[int]) -> None:

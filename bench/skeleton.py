@@ -55,6 +55,7 @@ from pathlib import Path
 
 import sysv_ipc
 
+from bench.measure import place
 from ipcd.kernel.procs import poll_seconds
 from ipcd.store.sqlite import connect
 from ipcd.wire import protocol
@@ -236,17 +237,14 @@ class Skeleton:
     def _prune(self) -> None:
         """Delete the done jobs (outside the clock): each measurement starts with a small
         table."""
-        conn = connect(str(self.path), migrate=False)
+        conn, lock = self._open()
         try:
-            lock = os.open(self.dir / "jobs.lock", os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                conn.execute("BEGIN IMMEDIATE")
-                conn.execute("DELETE FROM jobs WHERE state = 2")
-                conn.execute("COMMIT")
-            finally:
-                os.close(lock)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("DELETE FROM jobs WHERE state = 2")
+            conn.execute("COMMIT")
         finally:
+            os.close(lock)
             conn.close()
 
     def round_trips(self, seconds: float) -> float:
@@ -314,8 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with Skeleton() as skeleton:
         if args.cpu is not None:
-            for pid in skeleton.processes():
-                os.sched_setaffinity(pid, {args.cpu})
+            place(skeleton.processes(), {args.cpu})
         skeleton.round_trips(0.05)  # warm-up
         found = {
             "round_trips": skeleton.round_trips(args.seconds),
